@@ -1,0 +1,28 @@
+# The README's two commands: `make run` and `make test`. Both set up .venv on a fresh machine first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PREVIZ := $(VENV)/bin/previz
+
+.PHONY: setup run test test-all lint format bench
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(PREVIZ) generate "a man in a black trench coat leaps from a tower, flips twice, lands; explosion behind; slow motion" \
+		--model tiny --resolution 480p --duration 1 --steps 8 --upscale 720p --look film -o out/previz-demo.mp4
+
+test: setup
+	$(PY) -m ruff check pipeline serve tests loadtest
+	$(PY) -m ruff format --check pipeline serve tests loadtest
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check pipeline serve tests loadtest
+
+format: setup
+	$(PY) -m ruff format pipeline serve tests loadtest
+	$(PY) -m ruff check --fix pipeline serve tests loadtest

@@ -1,0 +1,102 @@
+"""Denoiser stage: one expert of Wan2.2 runs its share of one request's timesteps.
+
+The high-noise expert owns the timesteps t >= boundary_ratio * num_train_timesteps (a prefix of the
+schedule), the low-noise expert the rest; the request's DenoiseState (latents + solver history) is
+handed from one to the other at the boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+
+from pipeline.denoise.forward import GuidedInput, guided_forward
+from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
+from pipeline.text import PromptEmbeds, pad_embeds
+
+Expert = Literal["high", "low"]
+
+# (step index just finished, steps this expert runs for the request) -> None
+StepCallback = Callable[[int, int], None]
+
+
+def expert_for(timestep: float, boundary_timestep: float) -> Expert:
+    """The MoE switch, in one place: high-noise expert at and above the boundary."""
+    return "high" if timestep >= boundary_timestep else "low"
+
+
+def expert_step_indices(
+    template: UniPCMultistepScheduler, num_steps: int, boundary_ratio: float, expert: Expert
+) -> list[int]:
+    """Indices into the request's timestep schedule that `expert` runs."""
+    timesteps = new_solver(template, num_steps, torch.device("cpu")).timesteps
+    boundary = boundary_ratio * template.config.num_train_timesteps
+    return [index for index, t in enumerate(timesteps) if expert_for(t, boundary) == expert]
+
+
+class Denoiser:
+    """Runs one expert's steps for one request at a time."""
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        scheduler: UniPCMultistepScheduler,
+        *,
+        expert: Expert,
+        boundary_ratio: float,
+        max_sequence_length: int = 512,
+    ) -> None:
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.expert: Expert = expert
+        self.boundary_timestep = boundary_ratio * scheduler.config.num_train_timesteps
+        self.max_sequence_length = max_sequence_length
+        self.num_forwards = 0  # transformer calls so far (tests and stats count them)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def owns(self, timestep: float) -> bool:
+        return expert_for(timestep, self.boundary_timestep) == self.expert
+
+    @torch.inference_mode()
+    def run(
+        self,
+        state: DenoiseState,
+        prompt: PromptEmbeds,
+        negative_prompt: PromptEmbeds,
+        guidance: float,
+        *,
+        on_step: StepCallback | None = None,
+    ) -> DenoiseState:
+        """Continue `state` through every step this expert owns; returns the state to hand over."""
+        device = self.device
+        solver = restore_solver(self.scheduler, state, device)
+        indices = []  # the contiguous run of this expert's steps from where the state stands
+        for index in range(state.step_index, state.num_steps):
+            if not self.owns(solver.timesteps[index]):
+                break
+            indices.append(index)
+        cond, uncond = pad_embeds([prompt, negative_prompt], self.max_sequence_length).to(device)
+        latents = state.latents.to(device)
+        for done, index in enumerate(indices, start=1):
+            t = solver.timesteps[index]
+            item = GuidedInput(
+                latents=latents,
+                timestep=t,
+                cond=cond,
+                uncond=uncond if guidance > 1.0 else None,
+                guidance=guidance,
+            )
+            noise = guided_forward(self.transformer, [item])[0]
+            self.num_forwards += 1
+            latents = solver.step(noise[None], t, latents[None], return_dict=False)[0][0]
+            if on_step is not None:
+                on_step(done, len(indices))
+        if not indices:
+            return state
+        return DenoiseState(latents=latents.cpu(), num_steps=state.num_steps, history=capture_history(solver))

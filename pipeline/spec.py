@@ -1,0 +1,230 @@
+"""What the model is (ModelSpec) and what one clip asks for (RequestSpec), validated before any GPU work.
+
+Every rejection names the field, the value and what is allowed, so the CLI and the HTTP API can pass
+the message straight to the user.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The official Wan2.2 negative prompt (Chinese, as the model was trained with it).
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+# preset -> (width, height) in landscape 16:9; 9:16 swaps them.
+RESOLUTION_PRESETS: dict[str, tuple[int, int]] = {"480p": (832, 480), "720p": (1280, 720)}
+ASPECTS = ("16:9", "9:16")
+MAX_PROMPT_CHARS = 4000
+MIN_SIDE, MAX_SIDE = 32, 1920
+MIN_DURATION_S, MAX_DURATION_S = 0.25, 10.0
+MAX_STEPS = 100
+MAX_SEED = 2**63 - 1
+_EXPLICIT_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+class ModelSpec(BaseModel):
+    """Sampling facts of Wan2.2-T2V-A14B; the defaults are the official ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    boundary_ratio: float = Field(
+        0.875, gt=0.0, lt=1.0, description="Timesteps t >= boundary_ratio * 1000 go to the high-noise expert."
+    )
+    flow_shift: float = Field(
+        12.0,
+        gt=0.0,
+        description="UniPC flow shift; the Diffusers repo ships 3.0, Wan2.2 T2V samples with 12.0.",
+    )
+    num_steps: int = Field(40, ge=1, le=MAX_STEPS, description="Default number of denoising steps.")
+    guidance_high: float = Field(4.0, ge=0.0, description="CFG scale of the high-noise expert.")
+    guidance_low: float = Field(3.0, ge=0.0, description="CFG scale of the low-noise expert.")
+    fps: int = Field(16, ge=1, description="Frames per second the model generates for.")
+    max_sequence_length: int = Field(512, ge=1, description="Text tokens per prompt (umT5).")
+    vae_scale_temporal: int = Field(4, ge=1, description="VAE temporal stride.")
+    vae_scale_spatial: int = Field(8, ge=1, description="VAE spatial stride.")
+    patch_size: tuple[int, int, int] = Field((1, 2, 2), description="DiT patch size (t, h, w).")
+
+
+class RequestSpec(BaseModel):
+    """One clip: prompt, size, length, sampling settings. Resolves to exact pixels and frames."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    prompt: str = Field(description="What the shot shows.")
+    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, description="What to steer away from.")
+    resolution: str = Field("480p", description="`480p`, `720p`, or explicit `WxH` (multiples of 16).")
+    aspect: Literal["16:9", "9:16"] | None = Field(
+        None, description="Orientation of a preset resolution (default 16:9); not allowed with `WxH`."
+    )
+    duration: float = Field(5.0, description=f"Clip length in seconds ({MIN_DURATION_S}–{MAX_DURATION_S}).")
+    steps: int | None = Field(None, description=f"Denoising steps (1–{MAX_STEPS}); default from the model.")
+    seed: int | None = Field(None, description=f"Noise seed (0–{MAX_SEED}); random when omitted.")
+    guidance_high: float | None = Field(None, description="Override the high-noise expert's CFG scale.")
+    guidance_low: float | None = Field(None, description="Override the low-noise expert's CFG scale.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, prompt: str) -> str:
+        if not prompt:
+            raise ValueError("`prompt` must not be empty.")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"`prompt` has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed."
+            )
+        return prompt
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_length(cls, negative_prompt: str) -> str:
+        if len(negative_prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed."
+            )
+        return negative_prompt
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_known(cls, resolution: str) -> str:
+        resolution = resolution.lower()
+        if resolution in RESOLUTION_PRESETS:
+            return resolution
+        match = _EXPLICIT_SIZE.match(resolution)
+        if match is None:
+            raise ValueError(f"`resolution` must be 480p, 720p or WxH (e.g. 832x480) but is {resolution!r}.")
+        for name, value in zip(("width", "height"), map(int, match.groups()), strict=True):
+            if value % 16 or not MIN_SIDE <= value <= MAX_SIDE:
+                raise ValueError(
+                    f"`resolution` {name} must be a multiple of 16 between {MIN_SIDE} and {MAX_SIDE} "
+                    f"but is {value}."
+                )
+        return resolution
+
+    @field_validator("duration")
+    @classmethod
+    def _duration_in_range(cls, duration: float) -> float:
+        if not MIN_DURATION_S <= duration <= MAX_DURATION_S:
+            raise ValueError(
+                f"`duration` must be between {MIN_DURATION_S} and {MAX_DURATION_S} seconds but is {duration}."
+            )
+        return duration
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_in_range(cls, steps: int | None) -> int | None:
+        if steps is not None and not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"`steps` must be between 1 and {MAX_STEPS} but is {steps}.")
+        return steps
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int | None) -> int | None:
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"`seed` must be between 0 and {MAX_SEED} but is {seed}.")
+        return seed
+
+    @field_validator("guidance_high", "guidance_low")
+    @classmethod
+    def _guidance_in_range(cls, scale: float | None, info) -> float | None:
+        if scale is not None and not 0.0 <= scale <= 20.0:
+            raise ValueError(f"`{info.field_name}` must be between 0 and 20 but is {scale}.")
+        return scale
+
+    @model_validator(mode="after")
+    def _aspect_only_for_presets(self) -> RequestSpec:
+        if self.aspect is not None and self.resolution not in RESOLUTION_PRESETS:
+            raise ValueError(
+                f"`aspect` applies to the presets 480p/720p only; `resolution` {self.resolution} already "
+                "fixes the shape (swap WxH for portrait)."
+            )
+        return self
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        if self.resolution in RESOLUTION_PRESETS:
+            width, height = RESOLUTION_PRESETS[self.resolution]
+            return (height, width) if self.aspect == "9:16" else (width, height)
+        width, height = map(int, self.resolution.split("x"))
+        return width, height
+
+    def num_frames(self, model: ModelSpec) -> int:
+        """Frames for the duration: 4·round(duration·fps/4) + 1 (1 s → 17, 5 s → 81 at 16 fps)."""
+        stride = model.vae_scale_temporal
+        return stride * round(self.duration * model.fps / stride) + 1
+
+
+class ResolvedRequest(BaseModel):
+    """A RequestSpec with every default filled in: what the stages actually run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    steps: int
+    seed: int
+    guidance_high: float
+    guidance_low: float
+
+    def latent_shape(self, model: ModelSpec, channels: int = 16) -> tuple[int, int, int, int]:
+        """(channels, latent_frames, latent_height, latent_width) of this request's latents."""
+        return (
+            channels,
+            (self.num_frames - 1) // model.vae_scale_temporal + 1,
+            self.height // model.vae_scale_spatial,
+            self.width // model.vae_scale_spatial,
+        )
+
+    def num_tokens(self, model: ModelSpec) -> int:
+        """Transformer tokens in one forward of one sample (before CFG doubling)."""
+        _, frames, height, width = self.latent_shape(model)
+        pt, ph, pw = model.patch_size
+        return (frames // pt) * (height // ph) * (width // pw)
+
+
+def resolve(request: RequestSpec, model: ModelSpec) -> ResolvedRequest:
+    """Fill defaults from the model; a missing seed becomes a fresh random one (recorded)."""
+    width, height = request.size
+    return ResolvedRequest(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=width,
+        height=height,
+        num_frames=request.num_frames(model),
+        fps=model.fps,
+        steps=request.steps if request.steps is not None else model.num_steps,
+        seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+        guidance_high=request.guidance_high if request.guidance_high is not None else model.guidance_high,
+        guidance_low=request.guidance_low if request.guidance_low is not None else model.guidance_low,
+    )
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, without pydantic's boilerplate ("Value error, ...")."""
+    lines = []
+    for problem in error.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        field = ".".join(str(part) for part in problem["loc"])
+        if field and f"`{field}`" not in message:
+            message = f"`{field}`: {message}"
+        lines.append(message)
+    return "; ".join(lines)

@@ -1,0 +1,259 @@
+"""Where the model comes from: a Diffusers-format Wan2.2 folder, an s3:// copy of one, or a built-in
+random-weight preset made from the real diffusers/transformers classes.
+
+Presets are data (`PRESETS`) and are seeded, so `tiny` is bit-identical on every machine with the same
+torch build. `save_components` writes the Diffusers layout that `load_components` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+
+from pipeline.spec import ModelSpec
+
+DIFFUSERS_SUBFOLDERS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "previz" / "models"
+
+
+@dataclass(frozen=True, slots=True)
+class PresetConfig:
+    """Sizes of one random-weight preset; the real classes are built from these."""
+
+    transformer: dict[str, Any]  # WanTransformer3DModel kwargs (both experts)
+    vae: dict[str, Any]  # AutoencoderKLWan kwargs
+    text_encoder: dict[str, Any]  # UMT5Config kwargs
+    upscaler: dict[str, Any]  # Upscaler.compact_random kwargs
+    seed: int  # every weight tensor derives from this
+
+
+PRESETS: dict[str, PresetConfig] = {
+    "tiny": PresetConfig(
+        transformer=dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+        ),
+        vae=dict(
+            base_dim=3,
+            z_dim=16,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ),
+        text_encoder=dict(
+            d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8
+        ),
+        upscaler=dict(scale=2, num_feat=8, num_conv=2),
+        seed=20250728,
+    ),
+    "small": PresetConfig(
+        transformer=dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=4,
+            attention_head_dim=32,
+            in_channels=16,
+            out_channels=16,
+            text_dim=64,
+            freq_dim=256,
+            ffn_dim=512,
+            num_layers=4,
+        ),
+        vae=dict(
+            base_dim=8,
+            z_dim=16,
+            dim_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ),
+        text_encoder=dict(
+            d_model=64, d_kv=16, d_ff=128, num_layers=4, num_heads=4, relative_attention_num_buckets=16
+        ),
+        upscaler=dict(scale=2, num_feat=16, num_conv=4),
+        seed=20250729,
+    ),
+}
+
+
+@dataclass(slots=True)
+class WanComponents:
+    """Everything one Wan2.2 T2V model consists of, on one device."""
+
+    tokenizer: PreTrainedTokenizerBase
+    text_encoder: UMT5EncoderModel
+    vae: AutoencoderKLWan
+    scheduler: UniPCMultistepScheduler  # a template: every request gets its own copy (UniPC keeps history)
+    transformer: WanTransformer3DModel  # high-noise expert, t >= boundary
+    transformer_2: WanTransformer3DModel  # low-noise expert, t < boundary
+    model: ModelSpec  # boundary, flow shift, defaults actually in force
+    source: str  # "tiny", a folder path or an s3:// URI, for logs and job records
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`cuda` when available unless told otherwise."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (the released weights' dtype), fp32 on CPU (bf16 matmuls there are slow and inexact)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def wan_scheduler(flow_shift: float) -> UniPCMultistepScheduler:
+    """The UniPC flow solver Wan2.2 samples with."""
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        num_train_timesteps=1000,
+        flow_shift=flow_shift,
+    )
+
+
+def build_preset(name: str, model: ModelSpec | None = None) -> WanComponents:
+    """Random-weight components of preset `name`, identical for every call (seeded, fp32 on CPU)."""
+    if name not in PRESETS:
+        raise ValueError(f"`model` preset must be one of {', '.join(PRESETS)} but is {name!r}.")
+    preset = PRESETS[name]
+    model = model or ModelSpec()
+    tokenizer = ByT5Tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(preset.seed)
+        transformer = WanTransformer3DModel(**preset.transformer)
+        transformer_2 = WanTransformer3DModel(**preset.transformer)
+        vae = AutoencoderKLWan(**preset.vae)
+        text_config = UMT5Config(
+            vocab_size=len(tokenizer),
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+            **preset.text_encoder,
+        )
+        text_encoder = UMT5EncoderModel(text_config)
+    for module in (transformer, transformer_2, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return WanComponents(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=wan_scheduler(model.flow_shift),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        model=model,
+        source=name,
+    )
+
+
+def save_components(components: WanComponents, folder: Path) -> Path:
+    """Write `components` in the Diffusers Wan2.2 layout (model_index.json + one folder per component)."""
+    pipe = WanPipeline(
+        tokenizer=components.tokenizer,
+        text_encoder=components.text_encoder,
+        vae=components.vae,
+        scheduler=components.scheduler,
+        transformer=components.transformer,
+        transformer_2=components.transformer_2,
+        boundary_ratio=components.model.boundary_ratio,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def load_components(
+    source: str,
+    *,
+    model: ModelSpec | None = None,
+    keep_shipped_flow_shift: bool = False,
+    device: str | None = None,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    progress: Callable[[int, int], None] | None = None,
+) -> WanComponents:
+    """Load from a preset name, a Diffusers folder or `s3://bucket/prefix`, placed on `device`.
+
+    The Diffusers Wan2.2 repo ships `flow_shift=3.0`; T2V samples with `model.flow_shift` (12.0), which
+    replaces it unless `keep_shipped_flow_shift`.
+    """
+    target = pick_device(device)
+    if source in PRESETS:
+        return place(build_preset(source, model), target)
+    if source.startswith("s3://"):
+        from pipeline.s3sync import sync_s3_prefix
+
+        folder = sync_s3_prefix(source, cache_dir, progress=progress)
+    else:
+        folder = Path(source).expanduser()
+    components = load_folder(
+        folder, model=model, keep_shipped_flow_shift=keep_shipped_flow_shift, device=target
+    )
+    components.source = source
+    return components
+
+
+def load_folder(
+    folder: Path,
+    *,
+    model: ModelSpec | None = None,
+    keep_shipped_flow_shift: bool = False,
+    device: torch.device | None = None,
+) -> WanComponents:
+    """Read a Diffusers-format Wan2.2 T2V folder."""
+    check_diffusers_folder(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    model = model or ModelSpec()
+    if index.get("boundary_ratio") is not None:
+        model = model.model_copy(update={"boundary_ratio": float(index["boundary_ratio"])})
+    scheduler = UniPCMultistepScheduler.from_pretrained(folder / "scheduler")
+    if keep_shipped_flow_shift:
+        model = model.model_copy(update={"flow_shift": float(scheduler.config.flow_shift)})
+    else:
+        scheduler = UniPCMultistepScheduler.from_config(scheduler.config, flow_shift=model.flow_shift)
+    target = device or pick_device()
+    dtype = compute_dtype(target)
+    components = WanComponents(
+        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder=UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype),
+        vae=AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32),
+        scheduler=scheduler,
+        transformer=WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype),
+        transformer_2=WanTransformer3DModel.from_pretrained(folder / "transformer_2", torch_dtype=dtype),
+        model=model,
+        source=str(folder),
+    )
+    return place(components, target)
+
+
+def check_diffusers_folder(folder: Path) -> None:
+    """Fail early, naming what is missing, instead of deep inside from_pretrained."""
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"`model` must be a preset ({', '.join(PRESETS)}), a Diffusers folder or s3:// URI; "
+            f"{str(folder)!r} is not a folder."
+        )
+    missing = [name for name in ("model_index.json", *DIFFUSERS_SUBFOLDERS) if not (folder / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a Diffusers Wan2.2 T2V folder: missing {', '.join(missing)}."
+        )
+
+
+def place(components: WanComponents, device: torch.device) -> WanComponents:
+    """Move the networks to `device` in their compute dtype; the VAE stays fp32 (it is small and sensitive)."""
+    dtype = compute_dtype(device)
+    for module in (components.transformer, components.transformer_2, components.text_encoder):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    components.vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    return components

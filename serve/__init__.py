@@ -1,0 +1,1 @@
+"""Previz serving side: the CLI and (later) Ray Serve deployments wrapping `pipeline` stages."""
