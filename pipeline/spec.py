@@ -86,7 +86,8 @@ class RequestSpec(BaseModel):
     def _negative_prompt_length(cls, negative_prompt: str) -> str:
         if len(negative_prompt) > MAX_PROMPT_CHARS:
             raise ValueError(
-                f"`negative_prompt` has {len(negative_prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed."
+                f"`negative_prompt` has {len(negative_prompt)} characters; "
+                f"at most {MAX_PROMPT_CHARS} are allowed."
             )
         return negative_prompt
 

@@ -251,7 +251,7 @@ def check_diffusers_folder(folder: Path) -> None:
 
 
 def place(components: WanComponents, device: torch.device) -> WanComponents:
-    """Move the networks to `device` in their compute dtype; the VAE stays fp32 (it is small and sensitive)."""
+    """Move the networks to `device` in their compute dtype; the VAE stays fp32 (small, and sensitive)."""
     dtype = compute_dtype(device)
     for module in (components.transformer, components.transformer_2, components.text_encoder):
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)

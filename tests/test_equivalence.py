@@ -1,4 +1,4 @@
-"""The staged pipeline (TextEncoder → high Denoiser → low Denoiser → VAEDecoder) equals diffusers' WanPipeline."""
+"""Staged pipeline (TextEncoder → high Denoiser → low Denoiser → VAEDecoder) equals diffusers' WanPipeline."""
 
 from __future__ import annotations
 
