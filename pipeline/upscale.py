@@ -25,7 +25,7 @@ _SHORT_SIDE = {"720p": 720, "1080p": 1080}  # target -> short side in pixels
 def upscale_target_size(target: str, width: int, height: int) -> tuple[int, int]:
     """(width, height) for `target`: the short side becomes 720/1080, the long side keeps the aspect ratio."""
     if target not in UPSCALE_TARGETS:
-        raise ValueError(f"`target` must be one of {', '.join(UPSCALE_TARGETS)} but is {target!r}.")
+        raise ValueError(f"`upscale` must be one of {', '.join(UPSCALE_TARGETS)} but is {target!r}.")
     if width <= 0 or height <= 0:
         raise ValueError(f"`width` and `height` must be positive but are {width} and {height}.")
     if target == "none":
@@ -179,11 +179,23 @@ class Upscaler:
         x = x.to(self.descriptor.dtype) / 255.0
         if use_network:
             x = self.descriptor(x)
-        height, width = x.shape[-2:]
-        if (height, width) != (target_height, target_width):
-            downscaling = target_height < height or target_width < width
-            x = F.interpolate(
-                x.float(), size=(target_height, target_width), mode="bicubic", antialias=downscaling
-            )
+        x = _resize(x, target_width, target_height)
         x = (x.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
         return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def resize_frames(frames: Frames, width: int, height: int) -> Frames:
+    """Plain bicubic resize, for models configured without an SR network."""
+    if (width, height) == (frames.width, frames.height):
+        return frames
+    x = torch.from_numpy(frames.pixels).permute(0, 3, 1, 2).float() / 255.0
+    x = (_resize(x, width, height).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return Frames(pixels=x.permute(0, 2, 3, 1).contiguous().numpy(), fps=frames.fps)
+
+
+def _resize(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(n, 3, h, w) float → (n, 3, height, width); antialiased when shrinking."""
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    downscaling = height < x.shape[-2] or width < x.shape[-1]
+    return F.interpolate(x.float(), size=(height, width), mode="bicubic", antialias=downscaling)

@@ -253,7 +253,13 @@ def check_diffusers_folder(folder: Path) -> None:
 def place(components: WanComponents, device: torch.device) -> WanComponents:
     """Move the networks to `device` in their compute dtype; the VAE stays fp32 (small, and sensitive)."""
     dtype = compute_dtype(device)
-    for module in (components.transformer, components.transformer_2, components.text_encoder):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    components.vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    for module, module_dtype in (
+        (components.transformer, dtype),
+        (components.transformer_2, dtype),
+        (components.text_encoder, dtype),
+        (components.vae, torch.float32),
+    ):
+        if module.dtype != module_dtype:
+            module.to(dtype=module_dtype)
+        module.to(device=device).eval().requires_grad_(False)
     return components

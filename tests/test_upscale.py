@@ -50,7 +50,7 @@ def test_upscale_target_size_rounds_long_side_to_even() -> None:
 
 
 def test_upscale_target_size_rejects_unknown_target() -> None:
-    with pytest.raises(ValueError, match=r"`target` must be one of none, 720p, 1080p but is '4k'\."):
+    with pytest.raises(ValueError, match=r"`upscale` must be one of none, 720p, 1080p but is '4k'\."):
         upscale_target_size("4k", 832, 480)
 
 

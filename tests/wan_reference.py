@@ -1,0 +1,98 @@
+"""Reference runs shared by the equivalence tests: the stage classes vs diffusers' WanPipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import WanPipeline
+
+from pipeline.denoise import Denoiser, initial_state
+from pipeline.spec import RequestSpec, resolve
+from pipeline.text import TextEncoder
+from pipeline.vae import VAEDecoder
+from pipeline.weights import WanComponents
+
+MAX_ABS_DIFF = 1e-4
+
+
+def run_staged(components: WanComponents, request: RequestSpec) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """Frames in [0, 1] from the stage classes, and the timesteps each expert saw."""
+    model = components.model
+    resolved = resolve(request, model)
+    encoder = TextEncoder(
+        components.tokenizer, components.text_encoder, max_sequence_length=model.max_sequence_length
+    )
+    prompt, negative = encoder.encode([resolved.prompt, resolved.negative_prompt])
+    seen: dict[str, list[int]] = {"high": [], "low": []}
+    state = initial_state(resolved, model)
+    for expert, transformer, guidance in (
+        ("high", components.transformer, resolved.guidance_high),
+        ("low", components.transformer_2, resolved.guidance_low),
+    ):
+        denoiser = Denoiser(
+            transformer, components.scheduler, expert=expert, boundary_ratio=model.boundary_ratio
+        )
+        hook = transformer.register_forward_pre_hook(
+            lambda _m, _a, kw, expert=expert: seen[expert].extend(kw["timestep"].unique().tolist()),
+            with_kwargs=True,
+        )
+        try:
+            state = denoiser.run(state, prompt, negative, guidance)
+        finally:
+            hook.remove()
+    assert state.is_done
+    frames = torch.cat(list(VAEDecoder(components.vae).decode_chunks(state.latents)))
+    return frames.numpy(), seen
+
+
+def run_diffusers(components: WanComponents, request: RequestSpec) -> tuple[np.ndarray, dict[str, list[int]]]:
+    model = components.model
+    resolved = resolve(request, model)
+    pipe = WanPipeline(
+        tokenizer=components.tokenizer,
+        text_encoder=components.text_encoder,
+        vae=components.vae,
+        scheduler=type(components.scheduler).from_config(components.scheduler.config),
+        transformer=components.transformer,
+        transformer_2=components.transformer_2,
+        boundary_ratio=model.boundary_ratio,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    seen: dict[str, list[int]] = {"high": [], "low": []}
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda _m, _a, kw, expert=expert: seen[expert].extend(kw["timestep"].unique().tolist()),
+            with_kwargs=True,
+        )
+        for expert, module in (("high", components.transformer), ("low", components.transformer_2))
+    ]
+    try:
+        video = pipe(
+            prompt=resolved.prompt,
+            negative_prompt=resolved.negative_prompt,
+            height=resolved.height,
+            width=resolved.width,
+            num_frames=resolved.num_frames,
+            num_inference_steps=resolved.steps,
+            guidance_scale=resolved.guidance_high,
+            guidance_scale_2=resolved.guidance_low,
+            generator=torch.Generator("cpu").manual_seed(resolved.seed),
+            output_type="np",
+            max_sequence_length=model.max_sequence_length,
+        ).frames[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return np.asarray(video), seen
+
+
+def tiny_request(**overrides) -> RequestSpec:
+    fields = dict(
+        prompt="a man in a black trench coat leaps from a tower",
+        negative_prompt="blurry, static",
+        resolution="96x64",
+        duration=0.5,
+        steps=8,
+        seed=1234,
+    )
+    return RequestSpec(**(fields | overrides))
