@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.s3sync import upload_folder
 from pipeline.spec import ModelSpec
 from pipeline.weights import (
     WanComponents,
@@ -97,3 +98,37 @@ def test_folder_missing_a_component_is_named(tmp_path: Path, tiny_folder: Path) 
         load_components(str(broken), device="cpu")
     with pytest.raises(FileNotFoundError, match=r"is not a folder"):
         load_components(str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_s3_round_trip_downloads_once_and_passes_equivalence(
+    s3_server, tiny: WanComponents, tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = s3_server.client()
+    client.create_bucket(Bucket="previz-models")
+    assert upload_folder(tiny_folder, "s3://previz-models/wan2.2/tiny", client=client) > 0
+    # The user's path: endpoint and credentials come from the standard AWS_* environment.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    seen: list[tuple[int, int]] = []
+    loaded = load_components(
+        "s3://previz-models/wan2.2/tiny",
+        device="cpu",
+        cache_dir=tmp_path / "cache",
+        progress=lambda *p: seen.append(p),
+    )
+    assert loaded.source == "s3://previz-models/wan2.2/tiny"
+    assert seen and seen[-1][0] == seen[-1][1] > 0
+    for name in ("transformer", "transformer_2", "vae", "text_encoder"):
+        assert _state_dicts_equal(getattr(tiny, name), getattr(loaded, name)), name
+    request = tiny_request(seed=5)
+    staged, _ = run_staged(loaded, request)
+    reference, _ = run_diffusers(loaded, request)
+    assert float(np.abs(staged - reference).max()) <= MAX_ABS_DIFF
+
+    mirror = tmp_path / "cache" / "previz-models" / "wan2.2" / "tiny"
+    weights = mirror / "transformer" / "diffusion_pytorch_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    load_components("s3://previz-models/wan2.2/tiny", device="cpu", cache_dir=tmp_path / "cache")
+    assert weights.stat().st_mtime_ns == stamp  # present and verified: not downloaded again
