@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 from typer._click import exceptions as click_exceptions  # typer >= 0.29 vendors click
 
@@ -108,15 +116,32 @@ def _run_generate(
     label: bool,
     device: str | None,
 ) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from pipeline.local import STAGES, FinishOptions, LocalPipeline
+    from pipeline.s3sync import S3SyncError
     from pipeline.upscale import Upscaler
     from pipeline.weights import load_components
 
-    with console.status(f"loading model {model} …"):
+    download = Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+    )
+    with download, console.status(f"loading model {model} …"):
+        task = download.add_task("download weights", total=None, visible=model.startswith("s3://"))
         try:
-            components = load_components(model, device=device)
-        except (FileNotFoundError, ValueError) as error:
+            components = load_components(
+                model,
+                device=device,
+                progress=lambda done, total: download.update(task, completed=done, total=total),
+            )
+        except (FileNotFoundError, ValueError, S3SyncError) as error:
             raise CliError(str(error)) from None
+        except (BotoCoreError, ClientError) as error:
+            raise CliError(f"cannot read {model}: {error}") from None
         upscaler = Upscaler.from_file(sr_weights) if sr_weights is not None else None
         pipeline = LocalPipeline(components, upscaler=upscaler)
     steps = pipeline.steps_per_expert(request)
