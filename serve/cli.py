@@ -77,6 +77,7 @@ def generate(
     """Generate one clip in this process and write it as an mp4."""
     from pipeline.grade import Grader
     from pipeline.prompt import ShotSpecError, compose_prompt, load_shot_file
+    from pipeline.s3sync import parse_s3_uri
     from pipeline.spec import RequestSpec, describe_validation_error
     from pipeline.upscale import upscale_target_size
 
@@ -91,6 +92,8 @@ def generate(
         request = RequestSpec(**fields)
         upscale_target_size(upscale, *request.size)
         Grader(look)
+        if model.startswith("s3://"):
+            parse_s3_uri(model)
     except ValidationError as error:
         raise CliError(describe_validation_error(error)) from None
     except (ShotSpecError, ValueError) as error:
