@@ -190,28 +190,40 @@ def load_components(
     target = pick_device(device)
     if source in PRESETS:
         return place(build_preset(source, model), target)
+    folder = resolve_folder(source, cache_dir=cache_dir, progress=progress)
+    model, scheduler = load_sampling(folder, model=model, keep_shipped_flow_shift=keep_shipped_flow_shift)
+    tokenizer, text_encoder = load_text_encoder(folder, target)
+    components = WanComponents(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=load_vae(folder, target),
+        scheduler=scheduler,
+        transformer=load_transformer(folder, "transformer", target),
+        transformer_2=load_transformer(folder, "transformer_2", target),
+        model=model,
+        source=source,
+    )
+    return place(components, target)
+
+
+def resolve_folder(
+    source: str, *, cache_dir: Path = DEFAULT_CACHE_DIR, progress: Callable[[int, int], None] | None = None
+) -> Path:
+    """The local Diffusers folder for a folder path or an s3:// URI (synced into `cache_dir` first)."""
     if source.startswith("s3://"):
         from pipeline.s3sync import sync_s3_prefix
 
         folder = sync_s3_prefix(source, cache_dir, progress=progress)
     else:
         folder = Path(source).expanduser()
-    components = load_folder(
-        folder, model=model, keep_shipped_flow_shift=keep_shipped_flow_shift, device=target
-    )
-    components.source = source
-    return components
-
-
-def load_folder(
-    folder: Path,
-    *,
-    model: ModelSpec | None = None,
-    keep_shipped_flow_shift: bool = False,
-    device: torch.device | None = None,
-) -> WanComponents:
-    """Read a Diffusers-format Wan2.2 T2V folder."""
     check_diffusers_folder(folder)
+    return folder
+
+
+def load_sampling(
+    folder: Path, *, model: ModelSpec | None = None, keep_shipped_flow_shift: bool = False
+) -> tuple[ModelSpec, UniPCMultistepScheduler]:
+    """The model spec in force (boundary from model_index.json) and the solver template."""
     index = json.loads((folder / "model_index.json").read_text())
     model = model or ModelSpec()
     if index.get("boundary_ratio") is not None:
@@ -221,19 +233,24 @@ def load_folder(
         model = model.model_copy(update={"flow_shift": float(scheduler.config.flow_shift)})
     else:
         scheduler = UniPCMultistepScheduler.from_config(scheduler.config, flow_shift=model.flow_shift)
-    target = device or pick_device()
-    dtype = compute_dtype(target)
-    components = WanComponents(
-        tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder=UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype),
-        vae=AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32),
-        scheduler=scheduler,
-        transformer=WanTransformer3DModel.from_pretrained(folder / "transformer", torch_dtype=dtype),
-        transformer_2=WanTransformer3DModel.from_pretrained(folder / "transformer_2", torch_dtype=dtype),
-        model=model,
-        source=str(folder),
-    )
-    return place(components, target)
+    return model, scheduler
+
+
+def load_text_encoder(folder: Path, device: torch.device) -> tuple[PreTrainedTokenizerBase, UMT5EncoderModel]:
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=compute_dtype(device))
+    return tokenizer, text_encoder.to(device).eval().requires_grad_(False)
+
+
+def load_transformer(folder: Path, name: str, device: torch.device) -> WanTransformer3DModel:
+    """One expert: `transformer` (high-noise) or `transformer_2` (low-noise)."""
+    transformer = WanTransformer3DModel.from_pretrained(folder / name, torch_dtype=compute_dtype(device))
+    return transformer.to(device).eval().requires_grad_(False)
+
+
+def load_vae(folder: Path, device: torch.device) -> AutoencoderKLWan:
+    vae = AutoencoderKLWan.from_pretrained(folder / "vae", torch_dtype=torch.float32)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def check_diffusers_folder(folder: Path) -> None:
