@@ -1,0 +1,53 @@
+"""The durable job store: every video job, its state machine and its event log, in SQL.
+
+SQLite (one file, WAL) by default, PostgreSQL by URL. Several processes open the same database at once
+(the Ingress and the Scheduler replicas), so nothing here caches rows: every state change is one short
+transaction whose UPDATE is conditional on the state it expects (`status = QUEUED`, `attempt = :attempt`)
+and writes its event row in that same transaction. Methods return frozen records, never live rows.
+
+    store = JobStore("sqlite:///previz-jobs.db")
+    store.create_schema()
+    job, created = store.create("dune", "interactive", request, "832x480x81", idempotency_key="shot-12")
+    job = store.claim(job.id, "scheduler-0")                   # QUEUED -> ENCODING, attempt 1
+    store.advance(job.id, job.attempt, JobStatus.DENOISING_HIGH, stage_progress=0.5)
+    store.succeed(job.id, job.attempt, artifact_uri="s3://clips/vid_....mp4", artifact_bytes=812_331)
+
+Fencing: `attempt` counts claims. A pipeline task carries the attempt it was started under; once its job
+is requeued (scheduler restart) or claimed again, the task's updates no longer match and are ignored
+(the methods return False), so a task of an old scheduler incarnation never overwrites a newer run.
+
+Locking: on SQLite every writing transaction starts with BEGIN IMMEDIATE (one writer at a time, the
+others wait up to `busy_timeout_s`); on PostgreSQL (READ COMMITTED) rows are locked with
+SELECT ... FOR UPDATE and bounded creates serialise on a transaction-level advisory lock.
+"""
+
+from serve.jobs.models import (
+    PROGRESS_BANDS,
+    RUNNING_STATUSES,
+    ApiState,
+    CancelResult,
+    EventKind,
+    JobEvent,
+    JobRecord,
+    JobStatus,
+    Priority,
+    QueueFull,
+    new_job_id,
+)
+from serve.jobs.store import DEFAULT_URL, JobStore
+
+__all__ = [
+    "DEFAULT_URL",
+    "PROGRESS_BANDS",
+    "RUNNING_STATUSES",
+    "ApiState",
+    "CancelResult",
+    "EventKind",
+    "JobEvent",
+    "JobRecord",
+    "JobStatus",
+    "JobStore",
+    "Priority",
+    "QueueFull",
+    "new_job_id",
+]

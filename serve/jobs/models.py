@@ -1,0 +1,175 @@
+"""The job store's vocabulary: job status (an ordered state machine), records and errors, job ids.
+
+Plain Python, no database: the Scheduler, the Ingress and their tests use these without a store.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+Priority = Literal["interactive", "batch"]
+ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+EventKind = Literal["created", "claimed", "stage", "progress", "succeeded", "failed", "cancelled", "requeued"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
+
+
+class JobStatus(enum.IntEnum):
+    """Where a job is. Ordered: anything at or after SUCCEEDED is finished, and a job only moves forward,
+    except back to QUEUED when a scheduler restart requeues it.
+
+    The values are stored in the database; the gaps leave room for new stages without a migration.
+    """
+
+    QUEUED = 0
+    ENCODING = 10
+    DENOISING_HIGH = 20
+    DENOISING_LOW = 30
+    DECODING = 40
+    UPSCALING = 50
+    FINISHING = 60
+    SUCCEEDED = 70
+    CANCELLED = 80
+    FAILED = 90
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= JobStatus.SUCCEEDED
+
+    @property
+    def is_running(self) -> bool:
+        """Claimed by a scheduler and inside the pipeline."""
+        return JobStatus.ENCODING <= self < JobStatus.SUCCEEDED
+
+    @property
+    def api_state(self) -> ApiState:
+        """The state the HTTP API shows (the stage itself is exposed separately)."""
+        if self is JobStatus.QUEUED:
+            return "queued"
+        if self.is_running:
+            return "in_progress"
+        return {
+            JobStatus.SUCCEEDED: "completed",
+            JobStatus.CANCELLED: "cancelled",
+            JobStatus.FAILED: "failed",
+        }[self]
+
+
+RUNNING_STATUSES = tuple(status for status in JobStatus if status.is_running)
+
+# status -> (overall progress when the stage starts, when it ends): what advance() reports when the
+# caller gives only `stage_progress`. Denoising dominates wall time (26 high-noise + 14 low-noise steps).
+PROGRESS_BANDS: dict[JobStatus, tuple[int, int]] = {
+    JobStatus.ENCODING: (0, 5),
+    JobStatus.DENOISING_HIGH: (5, 60),
+    JobStatus.DENOISING_LOW: (60, 85),
+    JobStatus.DECODING: (85, 92),
+    JobStatus.UPSCALING: (92, 97),
+    JobStatus.FINISHING: (97, 99),  # 100 only once the clip is stored (succeed)
+}
+
+
+class CancelResult(enum.StrEnum):
+    """What cancel() did; the Ingress maps it to 200 / 409 / 404."""
+
+    CANCELLED = "cancelled"
+    ALREADY_FINISHED = "already_finished"
+    NOT_FOUND = "not_found"
+
+
+class QueueFull(Exception):
+    """create() refused a job because a queue bound is reached; nothing was written (HTTP 429)."""
+
+    def __init__(self, retry_after_s: int, scope: Literal["global", "project"], limit: int) -> None:
+        self.retry_after_s = retry_after_s  # a hint for the Retry-After header, in whole seconds
+        self.scope = scope  # which bound: all queued jobs, or the queued jobs of the caller's project
+        self.limit = limit
+        where = "The queue" if scope == "global" else "This project's queue"
+        super().__init__(f"{where} is full ({limit} jobs waiting); retry in about {retry_after_s} s.")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """One job as stored, detached from the database (a snapshot: re-read it to see changes)."""
+
+    id: str  # "vid_" + 24 hex; sorts by creation time (the paging cursor)
+    project: str  # tenant: quotas, fair share and visibility are per project
+    priority: Priority  # interactive shots overtake batch backlogs
+    request: dict[str, Any]  # the validated generation request, as JSON (validated by the API layer)
+    bucket: str  # latent shape key such as "832x480x81": jobs in one bucket can share denoiser batches
+    status: JobStatus
+    stage_progress: float  # 0..1 within the current stage
+    progress: int  # 0..100 overall; never goes down within one attempt
+    attempt: int  # number of claims so far; the fence for updates from pipeline tasks
+    claimed_by: str | None  # scheduler instance that runs it now (None while queued)
+    created_at: datetime  # all timestamps are timezone-aware UTC
+    started_at: datetime | None  # first claim
+    finished_at: datetime | None
+    updated_at: datetime
+    timings: dict[str, float]  # stage -> seconds of the latest attempt
+    error_code: str | None
+    error_message: str | None
+    artifact_uri: str | None  # where the finished clip is stored
+    artifact_bytes: int | None
+    idempotency_key: str | None  # unique per project when set
+    labels: dict[str, Any]  # free-form client labels (shot, take, artist)
+    seed: int | None  # the seed actually used, reported on success
+    deadline: datetime | None  # the scheduler prefers jobs whose deadline is nearest
+    storyboard_id: str | None  # groups the shots of one storyboard
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def api_state(self) -> ApiState:
+        return self.status.api_state
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """One entry of a job's event log; ids increase in commit order per job (the streaming cursor)."""
+
+    id: int
+    job_id: str
+    at: datetime
+    kind: EventKind
+    data: dict[str, Any]  # kind-specific details, e.g. {"status": "DENOISING_HIGH", "from": "ENCODING", ...}
+
+
+class _IdClock:
+    """Job ids `vid_` + 12 hex of Unix milliseconds + 12 hex of randomness, like a monotonic ULID:
+    they sort by creation time, and within one millisecond of one process the random part counts up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = (0, 0)  # (milliseconds, random part) of the previous id
+        os.register_at_fork(after_in_child=self._reseed)  # a forked child must not continue our sequence
+
+    def _reseed(self) -> None:
+        self._lock = threading.Lock()
+        self._last = (0, 0)
+
+    def next_id(self) -> str:
+        with self._lock:
+            now_ms = time.time_ns() // 1_000_000
+            last_ms, last_random = self._last
+            if now_ms <= last_ms:  # same millisecond, or the clock stepped back: stay after the last id
+                now_ms, random_part = last_ms, last_random + 1
+            else:
+                random_part = secrets.randbits(47)  # headroom below 2**48 for counting up
+            self._last = (now_ms, random_part)
+        return f"vid_{now_ms:012x}{random_part:012x}"
+
+
+new_job_id = _IdClock().next_id
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,120 @@
+"""The job store's tables (SQLAlchemy Core): `jobs`, one row per job, and `job_events`, its log.
+
+Statuses are stored as integers so SQL can compare stages; timestamps come back timezone-aware UTC on
+both backends; JSON columns are JSONB on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from serve.jobs.models import JobStatus
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out on both backends (SQLite keeps naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"Timestamps must be timezone-aware but {value.isoformat()} is naive.")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class StatusType(TypeDecorator[JobStatus]):
+    """JobStatus stored as its integer, so SQL can compare stages (`status < SUCCEEDED`)."""
+
+    impl = SmallInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Any) -> int | None:
+        return None if value is None else int(JobStatus(value))
+
+    def process_result_value(self, value: int | None, dialect: Any) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
+
+
+JSONDoc = JSON().with_variant(JSONB(), "postgresql")
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("project", String(200), nullable=False),
+    Column("priority", String(16), nullable=False),
+    Column("request", JSONDoc, nullable=False),
+    Column("bucket", String(64), nullable=False),
+    Column("status", StatusType, nullable=False),
+    Column("stage_progress", Float, nullable=False),
+    Column("progress", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("claimed_by", String(200)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("timings", JSONDoc, nullable=False),
+    Column("error_code", String(64)),
+    Column("error_message", Text),
+    Column("artifact_uri", Text),
+    Column("artifact_bytes", BigInteger),
+    Column("idempotency_key", String(255)),
+    Column("labels", JSONDoc, nullable=False),
+    Column("seed", BigInteger),
+    Column("deadline", UTCDateTime),
+    Column("storyboard_id", String(200), index=True),
+    UniqueConstraint("project", "idempotency_key", name="uq_jobs_project_idempotency_key"),
+    Index("ix_jobs_status_id", "status", "id"),  # queued(), counts, requeue
+    Index("ix_jobs_project_id", "project", "id"),  # list(project=...) pages
+    CheckConstraint("priority IN ('interactive', 'batch')", name="ck_jobs_priority"),
+    CheckConstraint("progress BETWEEN 0 AND 100", name="ck_jobs_progress"),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    # INTEGER PRIMARY KEY AUTOINCREMENT on SQLite: ids are never reused, so stream cursors stay valid.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("data", JSONDoc, nullable=False),
+    Index("ix_job_events_job_id_id", "job_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+# Keys of PostgreSQL transaction-level advisory locks (any int64; these spell ASCII tags).
+SCHEMA_LOCK_KEY = int.from_bytes(b"pvz-schm")
+QUEUE_LOCK_KEY = int.from_bytes(b"pvz-queu")

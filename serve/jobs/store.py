@@ -1,0 +1,604 @@
+"""JobStore: every read and state change of jobs, one short transaction each (see the package docstring)."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+
+from serve.jobs.models import (
+    PRIORITIES,
+    PROGRESS_BANDS,
+    RUNNING_STATUSES,
+    CancelResult,
+    EventKind,
+    JobEvent,
+    JobRecord,
+    JobStatus,
+    Priority,
+    QueueFull,
+    new_job_id,
+    utcnow,
+)
+from serve.jobs.schema import QUEUE_LOCK_KEY, SCHEMA_LOCK_KEY, job_events, jobs, metadata
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:///previz-jobs.db"
+DEFAULT_RETRY_AFTER_S = 30  # Retry-After when no job has finished yet to estimate from
+MAX_RETRY_AFTER_S = 600
+MAX_PAGE = 1000  # most rows one list()/queued()/events() call returns
+
+
+class JobStore:
+    """All reads and state changes of jobs. Thread-safe and multi-process-safe; holds only an engine."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, busy_timeout_s: float = 30.0) -> None:
+        """Connect lazily to `url`: `sqlite:///path.db` (file; its folder is created) or
+        `postgresql+psycopg://user@host/db` (`postgresql://` means psycopg 3 too).
+
+        `busy_timeout_s`: how long a SQLite writer waits for another one before failing.
+        """
+        self._engine = _create_engine(url, busy_timeout_s)
+        self.backend: Literal["sqlite", "postgresql"] = self._engine.dialect.name  # type: ignore[assignment]
+        # Writers: SQLite takes the write lock at BEGIN, so a read-then-write transaction never fails
+        # half-way with SQLITE_BUSY; readers use plain BEGIN (WAL readers do not block the writer).
+        self._writer = self._engine.execution_options(previz_sqlite_begin="BEGIN IMMEDIATE")
+
+    def create_schema(self) -> None:
+        """Create the tables and indexes that do not exist yet. Idempotent, and safe when the Ingress and
+        the Scheduler call it at the same time. (No migrations yet: a changed schema needs a new database.)"""
+        with self._write() as conn:
+            if self.backend == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
+            metadata.create_all(conn)
+
+    def close(self) -> None:
+        """Close the pooled connections (the store can still be used afterwards: it reconnects)."""
+        self._engine.dispose()
+
+    # -- creating and reading ---------------------------------------------------------------------------
+
+    def create(
+        self,
+        project: str,
+        priority: Priority,
+        request: dict[str, Any],
+        bucket: str,
+        *,
+        idempotency_key: str | None = None,
+        labels: dict[str, Any] | None = None,
+        deadline: datetime | None = None,
+        storyboard_id: str | None = None,
+        max_queued: int | None = None,
+        max_queued_per_project: int | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Queue a new job and return `(job, True)`.
+
+        With an `idempotency_key` already used by this project, return `(existing job, False)` instead
+        and write nothing (whatever the bounds say: a retried request is not a new job). Concurrent
+        creates with the same key make one job: the unique (project, idempotency_key) constraint decides.
+
+        `max_queued` bounds the QUEUED jobs of all projects, `max_queued_per_project` those of `project`;
+        a create that would exceed either raises QueueFull and writes nothing. A bound holds against
+        concurrent bounded creates (their count and insert are serialised); creates that pass no bound
+        are not held back and can push the queue past it.
+        """
+        if priority not in PRIORITIES:
+            raise ValueError(f"`priority` must be 'interactive' or 'batch' but is {priority!r}.")
+        if not project:
+            raise ValueError("`project` must be a non-empty string.")
+        if deadline is not None and deadline.tzinfo is None:
+            raise ValueError(f"`deadline` must be timezone-aware but is naive ({deadline.isoformat()}).")
+        for name, bound in (("max_queued", max_queued), ("max_queued_per_project", max_queued_per_project)):
+            if bound is not None and bound < 0:
+                raise ValueError(f"`{name}` must be >= 0 but is {bound}.")
+        now = utcnow()
+        row = {
+            "id": new_job_id(),
+            "project": project,
+            "priority": priority,
+            "request": request,
+            "bucket": bucket,
+            "status": JobStatus.QUEUED,
+            "stage_progress": 0.0,
+            "progress": 0,
+            "attempt": 0,
+            "claimed_by": None,
+            "created_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "updated_at": now,
+            "timings": {},
+            "error_code": None,
+            "error_message": None,
+            "artifact_uri": None,
+            "artifact_bytes": None,
+            "idempotency_key": idempotency_key,
+            "labels": dict(labels or {}),
+            "seed": None,
+            "deadline": deadline,
+            "storyboard_id": storyboard_id,
+        }
+        try:
+            with self._write() as conn:
+                bounded = max_queued is not None or max_queued_per_project is not None
+                if bounded and self.backend == "postgresql":
+                    # Serialise bounded creates until commit; statements after this see every row
+                    # committed before it (READ COMMITTED takes a fresh snapshot per statement).
+                    conn.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
+                if idempotency_key is not None:
+                    existing = _by_idempotency_key(conn, project, idempotency_key)
+                    if existing is not None:
+                        return existing, False
+                if bounded:
+                    self._check_queue_bounds(conn, project, max_queued, max_queued_per_project)
+                job = _record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
+                _log_event(conn, job.id, "created", {"priority": priority, "bucket": bucket}, now)
+        except IntegrityError:
+            # Lost a race on (project, idempotency_key): the winner's job is committed by now.
+            if idempotency_key is None:
+                raise
+            with self._read() as conn:
+                existing = _by_idempotency_key(conn, project, idempotency_key)
+            if existing is None:
+                raise
+            return existing, False
+        return job, True
+
+    def get(self, job_id: str, *, project: str | None = None) -> JobRecord | None:
+        """The job, or None; with `project`, a job of another project is None too (no existence leak)."""
+        query = select(jobs).where(jobs.c.id == job_id)
+        if project is not None:
+            query = query.where(jobs.c.project == project)
+        with self._read() as conn:
+            row = conn.execute(query).one_or_none()
+        return None if row is None else _record(row)
+
+    def list(
+        self,
+        *,
+        project: str | None = None,
+        statuses: Iterable[JobStatus] | None = None,
+        storyboard_id: str | None = None,
+        after: str | None = None,
+        limit: int = 50,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> builtins.list[JobRecord]:
+        """One page of jobs ordered by id (= creation time), newest first by default.
+
+        `after` is the cursor: the last id of the previous page; the next page holds the ids after it
+        in `order`. Filters combine with AND; `statuses` is any collection of JobStatus.
+        """
+        if order not in ("asc", "desc"):
+            raise ValueError(f"`order` must be 'asc' or 'desc' but is {order!r}.")
+        _check_limit(limit)
+        query = select(jobs)
+        if project is not None:
+            query = query.where(jobs.c.project == project)
+        if statuses is not None:
+            query = query.where(jobs.c.status.in_([JobStatus(status) for status in statuses]))
+        if storyboard_id is not None:
+            query = query.where(jobs.c.storyboard_id == storyboard_id)
+        if after is not None:
+            query = query.where(jobs.c.id < after if order == "desc" else jobs.c.id > after)
+        query = query.order_by(jobs.c.id.desc() if order == "desc" else jobs.c.id.asc()).limit(limit)
+        with self._read() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def queued(self, limit: int = 200) -> builtins.list[JobRecord]:
+        """Queued jobs, oldest first: the scheduler's candidates (it applies priority and fair share)."""
+        _check_limit(limit)
+        query = select(jobs).where(jobs.c.status == JobStatus.QUEUED).order_by(jobs.c.id).limit(limit)
+        with self._read() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def count_by_status(self, project: str | None = None) -> dict[JobStatus, int]:
+        """Number of jobs in each status (every status present, zeros included), for metrics and quotas."""
+        query = select(jobs.c.status, func.count()).group_by(jobs.c.status)
+        if project is not None:
+            query = query.where(jobs.c.project == project)
+        counts = dict.fromkeys(JobStatus, 0)
+        with self._read() as conn:
+            counts.update({status: count for status, count in conn.execute(query)})
+        return counts
+
+    def running_by_project(self) -> dict[str, int]:
+        """project -> number of jobs claimed and not finished (the fair-share input); idle projects absent."""
+        query = (
+            select(jobs.c.project, func.count())
+            .where(jobs.c.status.in_(RUNNING_STATUSES))
+            .group_by(jobs.c.project)
+        )
+        with self._read() as conn:
+            return {project: count for project, count in conn.execute(query)}
+
+    def events(self, job_id: str, *, after_id: int = 0, limit: int = MAX_PAGE) -> builtins.list[JobEvent]:
+        """The job's events with id > `after_id`, oldest first (poll with the last id seen to stream)."""
+        _check_limit(limit)
+        query = (
+            select(job_events)
+            .where(job_events.c.job_id == job_id, job_events.c.id > after_id)
+            .order_by(job_events.c.id)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [JobEvent(**row._asdict()) for row in conn.execute(query)]
+
+    # -- state changes ------------------------------------------------------------------------------------
+
+    def claim(self, job_id: str, scheduler_id: str) -> JobRecord | None:
+        """Start a queued job: QUEUED -> ENCODING, `attempt` + 1, `claimed_by` = `scheduler_id`,
+        `started_at` set on the first claim. None if it is not queued any more (another scheduler took it,
+        or it was cancelled) or does not exist. Run the pipeline with the returned record's `attempt`."""
+        now = utcnow()
+        with self._write() as conn:
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED)
+                .values(
+                    status=JobStatus.ENCODING,
+                    attempt=jobs.c.attempt + 1,
+                    claimed_by=scheduler_id,
+                    started_at=func.coalesce(jobs.c.started_at, now),
+                    updated_at=now,
+                    stage_progress=0.0,
+                    progress=0,
+                )
+                .returning(jobs)
+            ).one_or_none()
+            if row is None:
+                return None
+            _log_event(conn, job_id, "claimed", {"scheduler_id": scheduler_id, "attempt": row.attempt}, now)
+        return _record(row)
+
+    def advance(
+        self,
+        job_id: str,
+        attempt: int,
+        status: JobStatus,
+        *,
+        stage_progress: float = 0.0,
+        progress: int | None = None,
+        timing: tuple[str, float] | None = None,
+    ) -> bool:
+        """Report where a running job is: its (running) `status`, `stage_progress` 0..1 within that stage,
+        and the overall `progress` 0..100 (default: derived from PROGRESS_BANDS). `timing` =
+        (stage, seconds) is recorded in `timings`.
+
+        Returns False and changes nothing when the update is stale or late: `attempt` is not the job's
+        current attempt, the job is not running (queued again, or finished: cancelled in the meantime,
+        for instance: stop working on it), or `status` is behind the job's status. Overall progress never
+        goes down. Writes a "stage" event when the status changes and a "progress" event only when the
+        progress crosses a multiple of 10, so per-step updates do not flood the log.
+        """
+        status = JobStatus(status)
+        if not status.is_running:
+            raise ValueError(
+                f"advance() moves a job between running stages (ENCODING..FINISHING) but got {status.name}; "
+                "use succeed(), fail() or cancel() to finish a job."
+            )
+        if not 0.0 <= stage_progress <= 1.0:
+            raise ValueError(f"`stage_progress` must be within 0..1 but is {stage_progress}.")
+        if progress is not None and not 0 <= progress <= 100:
+            raise ValueError(f"`progress` must be within 0..100 but is {progress}.")
+        if progress is None:
+            start, end = PROGRESS_BANDS[status]
+            progress = int(start + stage_progress * (end - start))
+        now = utcnow()
+        fence = _fence(job_id, attempt), jobs.c.status <= status
+        with self._write() as conn:
+            current = conn.execute(
+                select(jobs.c.status, jobs.c.progress, jobs.c.timings).where(*fence).with_for_update()
+            ).one_or_none()
+            if current is None:
+                return False
+            progress = max(progress, current.progress)
+            values: dict[str, Any] = {
+                "status": status,
+                "stage_progress": stage_progress,
+                "progress": progress,
+                "updated_at": now,
+            }
+            if timing is not None:
+                values["timings"] = {**current.timings, timing[0]: float(timing[1])}
+            conn.execute(update(jobs).where(*fence).values(values))
+            if status != current.status:
+                stage = {"status": _name(status), "from": _name(current.status), "attempt": attempt}
+                _log_event(conn, job_id, "stage", {**stage, "progress": progress}, now)
+            elif progress // 10 > current.progress // 10:
+                data = {"status": _name(status), "progress": progress, "stage_progress": stage_progress}
+                _log_event(conn, job_id, "progress", data, now)
+        return True
+
+    def succeed(
+        self,
+        job_id: str,
+        attempt: int,
+        *,
+        artifact_uri: str,
+        artifact_bytes: int,
+        seed: int | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> bool:
+        """Finish a running job with its stored clip: SUCCEEDED, progress 100, `timings` merged into the
+        recorded ones. False (nothing changed) if `attempt` is stale or the job is not running."""
+        now = utcnow()
+        with self._write() as conn:
+            current = conn.execute(
+                select(jobs.c.timings).where(_fence(job_id, attempt)).with_for_update()
+            ).one_or_none()
+            if current is None:
+                return False
+            values: dict[str, Any] = {
+                "status": JobStatus.SUCCEEDED,
+                "stage_progress": 1.0,
+                "progress": 100,
+                "finished_at": now,
+                "updated_at": now,
+                "artifact_uri": artifact_uri,
+                "artifact_bytes": artifact_bytes,
+                "timings": {**current.timings, **(timings or {})},
+            }
+            if seed is not None:
+                values["seed"] = seed
+            conn.execute(update(jobs).where(_fence(job_id, attempt)).values(values))
+            data = {"attempt": attempt, "artifact_uri": artifact_uri, "artifact_bytes": artifact_bytes}
+            _log_event(conn, job_id, "succeeded", data, now)
+        return True
+
+    def fail(self, job_id: str, attempt: int, code: str, message: str) -> bool:
+        """Finish a running job as FAILED with a machine-readable `code` and a human `message`.
+        False (nothing changed) if `attempt` is stale or the job is not running. To fail a queued job
+        (e.g. its deadline passed), claim it first."""
+        now = utcnow()
+        with self._write() as conn:
+            done = conn.execute(
+                update(jobs)
+                .where(_fence(job_id, attempt))
+                .values(
+                    status=JobStatus.FAILED,
+                    finished_at=now,
+                    updated_at=now,
+                    error_code=code,
+                    error_message=message,
+                )
+            ).rowcount
+            if done:
+                _log_event(
+                    conn, job_id, "failed", {"attempt": attempt, "code": code, "message": message}, now
+                )
+        return bool(done)
+
+    def cancel(self, job_id: str, *, project: str | None = None) -> CancelResult:
+        """Cancel a queued or running job (a running job's pipeline notices: its next advance() returns
+        False). With `project`, another project's job is NOT_FOUND. A finished job stays as it is."""
+        now = utcnow()
+        query = select(jobs.c.status).where(jobs.c.id == job_id)
+        if project is not None:
+            query = query.where(jobs.c.project == project)
+        with self._write() as conn:
+            current = conn.execute(query.with_for_update()).one_or_none()
+            if current is None:
+                return CancelResult.NOT_FOUND
+            if current.status.is_finished:
+                return CancelResult.ALREADY_FINISHED
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status < JobStatus.SUCCEEDED)
+                .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now)
+            )
+            _log_event(conn, job_id, "cancelled", {"from": _name(current.status)}, now)
+        return CancelResult.CANCELLED
+
+    def requeue(self, job_id: str, attempt: int, *, max_attempts: int = 3) -> JobStatus | None:
+        """Give one running job back to the queue, e.g. when its pipeline lost a replica: as in
+        requeue_in_flight(), it fails instead with "too_many_attempts" once claimed `max_attempts` times.
+
+        Fenced like advance(): returns the job's new status (QUEUED or FAILED), or None and changes
+        nothing if `attempt` is stale or the job is not running.
+        """
+        _check_max_attempts(max_attempts)
+        query = select(jobs.c.id, jobs.c.status, jobs.c.attempt, jobs.c.claimed_by).where(
+            _fence(job_id, attempt)
+        )
+        with self._write() as conn:
+            job = conn.execute(query.with_for_update()).one_or_none()
+            return None if job is None else _requeue_or_fail(conn, job, max_attempts, utcnow())
+
+    def requeue_in_flight(
+        self, scheduler_id: str | None = None, *, max_attempts: int = 3
+    ) -> builtins.list[str]:
+        """Recover after a scheduler (re)start: every running job (of `scheduler_id`, or of any scheduler)
+        goes back to QUEUED with progress reset, keeping its `attempt` so that updates from the old
+        pipeline tasks stay fenced off. A job already claimed `max_attempts` times fails instead with
+        code "too_many_attempts" (logged; visible in its events). Queued and finished jobs are untouched.
+
+        Returns the ids of the requeued jobs, oldest first.
+        """
+        _check_max_attempts(max_attempts)
+        now = utcnow()
+        query = select(jobs.c.id, jobs.c.status, jobs.c.attempt, jobs.c.claimed_by).where(
+            jobs.c.status.in_(RUNNING_STATUSES)
+        )
+        if scheduler_id is not None:
+            query = query.where(jobs.c.claimed_by == scheduler_id)
+        with self._write() as conn:
+            in_flight = conn.execute(query.order_by(jobs.c.id).with_for_update()).all()
+            outcomes = {job.id: _requeue_or_fail(conn, job, max_attempts, now) for job in in_flight}
+        requeued = [job_id for job_id, status in outcomes.items() if status == JobStatus.QUEUED]
+        if requeued:
+            logger.info("requeued %d in-flight jobs: %s", len(requeued), ", ".join(requeued))
+        return requeued
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """One writing transaction: commit on exit, roll back on an exception."""
+        with self._writer.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.begin() as conn:
+            yield conn
+
+    def _check_queue_bounds(
+        self, conn: Connection, project: str, max_queued: int | None, max_queued_per_project: int | None
+    ) -> None:
+        queued = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
+        if max_queued is not None and conn.scalar(queued) >= max_queued:
+            raise QueueFull(_retry_after_s(conn), "global", max_queued)
+        if (
+            max_queued_per_project is not None
+            and conn.scalar(queued.where(jobs.c.project == project)) >= max_queued_per_project
+        ):
+            raise QueueFull(_retry_after_s(conn), "project", max_queued_per_project)
+
+
+def _create_engine(url: str, busy_timeout_s: float) -> Engine:
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(parsed, pool_pre_ping=True)
+    if backend != "sqlite":
+        raise ValueError(
+            f"The job store runs on SQLite or PostgreSQL but got a {backend!r} URL; "
+            "use sqlite:///path/jobs.db or postgresql+psycopg://user@host:5432/db."
+        )
+    if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+        raise ValueError(
+            f"The job store needs a SQLite file shared by all processes but {url!r} is in memory; "
+            "use sqlite:///path/jobs.db."
+        )
+    Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed)
+    busy_timeout_ms = int(busy_timeout_s * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN (below) instead of the sqlite3 module, which would defer it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        _enable_wal(cursor, busy_timeout_s)  # readers and one writer concurrently
+        cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: a power loss can only drop the tail
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("previz_sqlite_begin", "BEGIN"))
+
+    return engine
+
+
+def _enable_wal(cursor: sqlite3.Cursor, timeout_s: float) -> None:
+    """Switch the database file to WAL (persistent; a no-op once done). The first switch needs the file
+    to itself and SQLite reports "locked" at once instead of waiting, e.g. when the Ingress and the
+    Scheduler open a new file at the same moment: retry until `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    if mode != "wal":  # e.g. a network file system: still correct, but readers wait for writers
+        logger.warning("SQLite job store runs in journal mode %r: WAL is not available here", mode)
+
+
+def _requeue_or_fail(conn: Connection, job: Any, max_attempts: int, now: datetime) -> JobStatus:
+    """Move one running job (`job`: id, status, attempt, claimed_by; locked by the caller) back to
+    QUEUED, or to FAILED once it has been claimed `max_attempts` times. Returns the new status."""
+    still_running = (jobs.c.id == job.id, jobs.c.status.in_(RUNNING_STATUSES))
+    data = {"from": _name(job.status), "attempt": job.attempt, "claimed_by": job.claimed_by}
+    if job.attempt >= max_attempts:
+        message = f"The job was interrupted on each of its {job.attempt} attempts."
+        conn.execute(
+            update(jobs)
+            .where(*still_running)
+            .values(
+                status=JobStatus.FAILED,
+                finished_at=now,
+                updated_at=now,
+                error_code="too_many_attempts",
+                error_message=message,
+            )
+        )
+        _log_event(conn, job.id, "failed", {**data, "code": "too_many_attempts", "message": message}, now)
+        logger.warning("job %s failed: interrupted on all %d attempts", job.id, job.attempt)
+        return JobStatus.FAILED
+    conn.execute(
+        update(jobs)
+        .where(*still_running)
+        .values(status=JobStatus.QUEUED, claimed_by=None, stage_progress=0.0, progress=0, updated_at=now)
+    )
+    _log_event(conn, job.id, "requeued", data, now)
+    return JobStatus.QUEUED
+
+
+def _fence(job_id: str, attempt: int) -> Any:
+    """The rows a pipeline task of `attempt` may still change: its job, this attempt, running."""
+    return (jobs.c.id == job_id) & (jobs.c.attempt == attempt) & jobs.c.status.in_(RUNNING_STATUSES)
+
+
+def _log_event(conn: Connection, job_id: str, kind: EventKind, data: dict[str, Any], at: datetime) -> None:
+    conn.execute(insert(job_events).values(job_id=job_id, at=at, kind=kind, data=data))
+
+
+def _by_idempotency_key(conn: Connection, project: str, key: str) -> JobRecord | None:
+    query = select(jobs).where(jobs.c.project == project, jobs.c.idempotency_key == key)
+    row = conn.execute(query).one_or_none()
+    return None if row is None else _record(row)
+
+
+def _retry_after_s(conn: Connection) -> int:
+    """When a queue slot is likely to free: mean run time of recent successes / jobs running now."""
+    recent = conn.execute(
+        select(jobs.c.started_at, jobs.c.finished_at)
+        .where(jobs.c.status == JobStatus.SUCCEEDED)
+        .order_by(jobs.c.id.desc())
+        .limit(20)
+    ).all()
+    runs = [(finished - started).total_seconds() for started, finished in recent if started and finished]
+    if not runs:
+        return DEFAULT_RETRY_AFTER_S
+    running = conn.scalar(select(func.count()).select_from(jobs).where(jobs.c.status.in_(RUNNING_STATUSES)))
+    estimate = sum(runs) / len(runs) / max(1, running or 0)
+    return min(MAX_RETRY_AFTER_S, max(1, math.ceil(estimate)))
+
+
+def _record(row: Any) -> JobRecord:
+    return JobRecord(**row._asdict())
+
+
+def _name(status: JobStatus) -> str:
+    """How event data names a status: the JobStatus member name (JobStatus[name] reads it back)."""
+    return status.name
+
+
+def _check_max_attempts(max_attempts: int) -> None:
+    if max_attempts < 1:
+        raise ValueError(f"`max_attempts` must be >= 1 but is {max_attempts}.")
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"`limit` must be within 1..{MAX_PAGE} but is {limit}.")
