@@ -1,0 +1,1 @@
+"""Load generators and benchmarks (run as modules: python -m loadtest.<name>)."""

@@ -1,0 +1,155 @@
+"""The engine's planner: which live requests share the next forward. Pure Python, no tensors.
+
+One iteration serves one bucket (latent shape), because only same-shape latents stack into one
+forward. The bucket is the one holding the most urgent request; the batch is filled from it, most
+urgent first, until the token budget or the batch-size cap is reached. Urgency is priority class,
+then deadline (earliest first, none last), then arrival. A request whose own tokens exceed the
+budget still runs, alone, so an oversized request is slow but never starves.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+Priority = Literal["interactive", "batch"]
+PRIORITY_RANK: dict[str, int] = {"interactive": 0, "batch": 1}  # priority -> rank, lower runs first
+
+# Latent shape (channels, frames, height, width): requests batch together only when it matches.
+Bucket = tuple[int, ...]
+
+
+class RequestStatus(enum.IntEnum):
+    """Where a request stands in one engine; anything at or after FINISHED is a finished status."""
+
+    WAITING = enum.auto()  # admitted, has not run a step in this engine yet
+    RUNNING = enum.auto()  # has run at least one step in this engine
+    FINISHED = enum.auto()  # all steps this expert owns are done; its state was handed back
+    CANCELLED = enum.auto()
+    FAILED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """The planner's view of one live request: what ordering and the budget need, no tensors."""
+
+    request_id: str
+    bucket: Bucket
+    priority: Priority
+    arrival_time: float  # seconds on the engine's clock; older runs first within a class
+    deadline: float | None  # same clock; None sorts after every deadline
+    num_tokens: int  # tokens this request adds to a forward (x2 when it uses CFG)
+    guidance: float  # CFG scale, copied into the plan
+    timesteps: list[int]  # timesteps still to run in this expert, in order
+    num_steps_total: int  # steps this expert runs for the request (for progress reports)
+    seq: int = 0  # admission order; last tie-break so the ordering is total
+    status: RequestStatus = RequestStatus.WAITING
+
+    @property
+    def urgency(self) -> tuple[int, bool, float, float, int]:
+        """Sort key, smallest most urgent."""
+        return (
+            PRIORITY_RANK[self.priority],
+            self.deadline is None,
+            self.deadline or 0.0,
+            self.arrival_time,
+            self.seq,
+        )
+
+    @property
+    def num_steps_done(self) -> int:
+        return self.num_steps_total - len(self.timesteps)
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """One iteration's plan: which requests go through the next forward, and with what."""
+
+    expert: str  # "high" or "low": the expert this engine runs (the plan never mixes experts)
+    bucket: Bucket | None  # latent shape shared by every member; None when empty
+    request_ids: list[str] = field(default_factory=list)  # members, most urgent first
+    timesteps: list[int] = field(default_factory=list)  # member -> its current timestep (aligned)
+    guidance: list[float] = field(default_factory=list)  # member -> its CFG scale (aligned)
+    num_tokens: int = 0  # tokens of the whole forward, CFG rows included
+    num_skipped: int = 0  # same-bucket requests left out by the budget or the size cap
+
+    @classmethod
+    def make_empty(cls, expert: str) -> StepBatch:
+        return cls(expert=expert, bucket=None)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.request_ids
+
+
+class StepScheduler:
+    """Holds the live requests of one engine and plans one step at a time."""
+
+    def __init__(self, expert: str, *, max_num_tokens: int, max_batch_size: int) -> None:
+        if max_num_tokens < 1 or max_batch_size < 1:
+            raise ValueError(
+                f"`max_num_tokens` and `max_batch_size` must be >= 1 but are {max_num_tokens} and "
+                f"{max_batch_size}."
+            )
+        self.expert = expert
+        self.max_num_tokens = max_num_tokens
+        self.max_batch_size = max_batch_size
+        self.requests: dict[str, ScheduledRequest] = {}  # req_id -> planner view
+        self._num_admitted = 0
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.requests
+
+    def add(self, request: ScheduledRequest) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request {request.request_id!r} is already in the engine.")
+        if not request.timesteps:
+            raise ValueError(f"request {request.request_id!r} has no steps left for this expert.")
+        request.seq = self._num_admitted
+        self._num_admitted += 1
+        self.requests[request.request_id] = request
+
+    def remove(self, request_id: str) -> ScheduledRequest:
+        return self.requests.pop(request_id)
+
+    def schedule(self) -> StepBatch:
+        """Plan the next forward: the most urgent request's bucket, filled most urgent first."""
+        if not self.requests:
+            return StepBatch.make_empty(self.expert)
+        ordered = sorted(self.requests.values(), key=lambda request: request.urgency)
+        bucket = ordered[0].bucket
+        plan = StepBatch(expert=self.expert, bucket=bucket)
+        for request in (request for request in ordered if request.bucket == bucket):
+            fits = plan.num_tokens + request.num_tokens <= self.max_num_tokens
+            if plan.num_requests >= self.max_batch_size or not (fits or plan.is_empty):
+                plan.num_skipped += 1
+                continue  # a smaller (no-CFG) request further down may still fit
+            plan.request_ids.append(request.request_id)
+            plan.timesteps.append(request.timesteps[0])
+            plan.guidance.append(request.guidance)
+            plan.num_tokens += request.num_tokens
+        return plan
+
+    def advance(self, request_id: str) -> bool:
+        """Record one finished step; True when the request has no steps left for this expert."""
+        request = self.requests[request_id]
+        request.timesteps.pop(0)
+        request.status = RequestStatus.RUNNING
+        return not request.timesteps
+
+    def num_requests_by_bucket(self) -> dict[Bucket, int]:
+        """bucket -> live requests in it (the queue each bucket holds)."""
+        return dict(Counter(request.bucket for request in self.requests.values()))

@@ -1,0 +1,528 @@
+"""DenoiseEngine: step-level continuous batching of many requests through one expert.
+
+Each iteration is three verbs, as in vLLM v1: `plan = schedule()` picks the requests that share the next
+forward (batching.StepScheduler, pure), `output = run(plan)` does ONE guided forward for all of them
+(cond + uncond rows, per-sample timesteps and guidance), `update(plan, output)` steps every member's own
+UniPC solver and releases the requests whose steps for this expert are done. Requests join, leave and are
+cancelled only at these step boundaries, so a newly arrived interactive request runs in the very next
+iteration.
+
+Threads: one engine thread (`start()`) runs iterations and owns every tensor and the planner; other
+threads only touch the inbox, the cancel set and the published stats, under `_lock`. Tests drive the
+engine with `step()` instead, for deterministic join times. `submit` returns a concurrent Future, `add`
+an asyncio future on the caller's loop (resolved through `loop.call_soon_threadsafe`).
+
+A request whose next step this expert does not own is resolved at once with its state unchanged, as
+`Denoiser.run` does, so a caller can hand every request to both experts in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+
+from pipeline.denoise.batching import (
+    PRIORITY_RANK,
+    Bucket,
+    Priority,
+    RequestStatus,
+    ScheduledRequest,
+    StepBatch,
+    StepScheduler,
+)
+from pipeline.denoise.denoiser import Expert, expert_for
+from pipeline.denoise.forward import GuidedInput, guided_forward
+from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
+from pipeline.text import PromptEmbeds, pad_embeds
+
+logger = logging.getLogger(__name__)
+
+# (steps done, steps this expert runs for the request) -> None. Called on the engine thread after each
+# step (asyncio users hop back with loop.call_soon_threadsafe); if it raises, that request fails.
+ProgressCallback = Callable[[int, int], None]
+
+DEFAULT_MAX_NUM_TOKENS = 65_536  # one 480p x 81-frame request with CFG (2 x 32,760), or many small drafts
+DEFAULT_MAX_BATCH_SIZE = 16
+STATS_WINDOW = 256  # iterations the rate and mean figures look back over
+
+
+class EngineError(RuntimeError):
+    """The denoise engine did not produce a result for a request."""
+
+
+class RequestCancelled(EngineError):
+    """The request was cancelled; it left the engine at a step boundary."""
+
+
+class RequestFailed(EngineError):
+    """This request failed (non-finite latents, or its forward or solver step raised); others went on."""
+
+
+class EngineShutdown(EngineError):
+    """The engine was shut down before the request finished."""
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One request handed to an expert's engine."""
+
+    request_id: str
+    state: DenoiseState  # from the previous expert, or initial_state() for the high expert
+    prompt: PromptEmbeds
+    negative_prompt: PromptEmbeds
+    guidance: float  # this expert's CFG scale; <= 1 runs without the negative prompt
+    priority: Priority = "batch"
+    arrival_time: float | None = None  # engine clock (time.monotonic by default); None: time of submit
+    deadline: float | None = None  # engine clock; earlier deadlines run first within a priority class
+    on_progress: ProgressCallback | None = None
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one forward produced, per member of the plan."""
+
+    noise: dict[str, torch.Tensor] = field(default_factory=dict)  # req_id -> guided noise prediction
+    errors: dict[str, Exception] = field(default_factory=dict)  # req_id -> why its forward failed
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot for metrics; rates and means cover the last STATS_WINDOW iterations."""
+
+    expert: str
+    num_queued_by_bucket: dict[Bucket, int]  # bucket -> unfinished requests (waiting or running)
+    num_waiting: int  # submitted, not yet stepped by this engine
+    num_running: int  # stepped at least once, not finished
+    num_iterations: int
+    num_forwards: int  # transformer calls, one-by-one retries after a failed batch included
+    num_finished: int
+    num_cancelled: int
+    num_failed: int
+    batch_size_histogram: dict[int, int]  # batch size -> iterations that ran with it (since start)
+    mean_batch_size: float
+    mean_num_tokens: float  # tokens per iteration, CFG rows included
+    max_num_tokens: int  # the token budget, to read mean_num_tokens against
+    iterations_per_second: float  # over time spent iterating (idle time excluded)
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: EngineRequest
+    future: Future
+    bucket: Bucket
+    arrival_time: float  # the request's, or the engine clock at submit
+    timesteps: list[int]  # the timesteps this expert owns, from the state's step index on
+
+
+@dataclass(slots=True)
+class _Live:
+    """Tensors of an admitted request; only the engine thread touches them."""
+
+    request: EngineRequest
+    future: Future
+    solver: UniPCMultistepScheduler
+    latents: torch.Tensor  # on the model's device
+    cond: torch.Tensor  # (max_sequence_length, text_dim) on device
+    uncond: torch.Tensor | None  # None without CFG
+    index: int  # index into the request's full schedule of its next step
+
+
+class DenoiseEngine:
+    """Runs one expert for many requests, one batched forward per iteration."""
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        solver_template: UniPCMultistepScheduler,
+        *,
+        expert: Expert,
+        boundary_ratio: float,
+        max_sequence_length: int = 512,
+        max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.transformer = transformer
+        self.solver_template = solver_template
+        self.expert: Expert = expert
+        self.boundary_timestep = boundary_ratio * solver_template.config.num_train_timesteps
+        self.max_sequence_length = max_sequence_length
+        self.clock = clock
+        self.scheduler = StepScheduler(expert, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size)
+        self.device = next(transformer.parameters()).device
+        self._live: dict[str, _Live] = {}  # req_id -> tensors (engine thread only)
+        self._schedules: dict[int, list[int]] = {}  # num_steps -> full timestep schedule
+        self._lock = threading.Condition()  # guards everything below; wakes the engine thread
+        self._inbox: dict[str, _Pending] = {}  # req_id -> submitted, admitted at the next boundary
+        self._known: set[str] = set()  # ids submitted and not yet resolved
+        self._cancel_requested: set[str] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._published_queue: dict[Bucket, int] = {}  # bucket -> admitted unfinished requests
+        self._published_running = 0
+        self._counts: Counter[str] = Counter()  # iterations, forwards, finished, cancelled, failed
+        self._histogram: Counter[int] = Counter()  # batch size -> iterations
+        self._recent: deque[tuple[float, int, int]] = deque(maxlen=STATS_WINDOW)  # (secs, size, tokens)
+
+    # ---- public API -------------------------------------------------------------------------------
+
+    @property
+    def num_forwards(self) -> int:
+        return self._counts["forwards"]
+
+    def submit(self, request: EngineRequest) -> Future[DenoiseState]:
+        """Queue `request` for the next step boundary; the Future resolves to its DenoiseState."""
+        self._validate(request)
+        future: Future[DenoiseState] = Future()
+        future.set_running_or_notify_cancel()  # only `cancel(id)` cancels, at a step boundary
+        timesteps = self._owned_timesteps(request.state)
+        if not timesteps:
+            future.set_result(request.state)
+            return future
+        arrival_time = self.clock() if request.arrival_time is None else request.arrival_time
+        with self._lock:
+            if self._stopping:
+                raise EngineShutdown(
+                    f"the {self.expert} engine is shut down; request {request.request_id!r} was not accepted."
+                )
+            if request.request_id in self._known:
+                raise ValueError(f"request {request.request_id!r} is already in the {self.expert} engine.")
+            self._known.add(request.request_id)
+            bucket = tuple(request.state.latents.shape)
+            self._inbox[request.request_id] = _Pending(request, future, bucket, arrival_time, timesteps)
+            self._lock.notify_all()
+        return future
+
+    def add(self, request: EngineRequest) -> asyncio.Future[DenoiseState]:
+        """`submit` for asyncio callers: await the result; cancelling the awaitable cancels the request."""
+        loop = asyncio.get_running_loop()
+        awaitable = asyncio.wrap_future(self.submit(request), loop=loop)
+        request_id = request.request_id
+        awaitable.add_done_callback(lambda done: self.cancel(request_id) if done.cancelled() else None)
+        return awaitable
+
+    def cancel(self, request_id: str) -> bool:
+        """Mark `request_id`; it leaves at the next step boundary. False when it is not in the engine."""
+        with self._lock:
+            if request_id not in self._known:
+                return False
+            self._cancel_requested.add(request_id)
+            self._lock.notify_all()
+        return True
+
+    def start(self) -> None:
+        """Run iterations on an engine thread until `shutdown()`."""
+        with self._lock:
+            if self._stopping:
+                raise EngineShutdown(f"the {self.expert} engine is shut down and cannot start again.")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(
+                target=self._serve_forever, name=f"denoise-{self.expert}", daemon=True
+            )
+            self._thread.start()
+
+    def is_alive(self) -> bool:
+        """Whether the engine thread is running (health checks of the replica read this)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop after the current iteration; every unfinished request fails with EngineShutdown."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is None:
+            self._fail_unfinished()
+        elif self._thread is not threading.current_thread():
+            self._thread.join(timeout)  # the thread fails what is unfinished on its way out
+
+    def step(self) -> StepBatch:
+        """One iteration on the calling thread (for tests and embedding); returns the plan it ran."""
+        if self._thread is not None:
+            raise RuntimeError("step() drives an engine without its thread; this one was start()ed.")
+        return self._iterate()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            queued = Counter(self._published_queue)
+            queued.update(item.bucket for item in self._inbox.values())
+            recent = list(self._recent)
+            busy = sum(seconds for seconds, _, _ in recent)
+            return EngineStats(
+                expert=self.expert,
+                num_queued_by_bucket=dict(queued),
+                num_waiting=sum(queued.values()) - self._published_running,
+                num_running=self._published_running,
+                num_iterations=self._counts["iterations"],
+                num_forwards=self._counts["forwards"],
+                num_finished=self._counts["finished"],
+                num_cancelled=self._counts["cancelled"],
+                num_failed=self._counts["failed"],
+                batch_size_histogram=dict(sorted(self._histogram.items())),
+                mean_batch_size=sum(size for _, size, _ in recent) / len(recent) if recent else 0.0,
+                mean_num_tokens=sum(tokens for _, _, tokens in recent) / len(recent) if recent else 0.0,
+                max_num_tokens=self.scheduler.max_num_tokens,
+                iterations_per_second=len(recent) / busy if busy > 0 else 0.0,
+            )
+
+    # ---- the three verbs -----------------------------------------------------------------------------
+
+    def schedule(self) -> StepBatch:
+        return self.scheduler.schedule()
+
+    @torch.inference_mode()
+    def run(self, plan: StepBatch) -> StepOutput:
+        """ONE forward for the whole plan; if it raises, members are retried alone to find the culprit."""
+        inputs = [self._guided_input(request_id) for request_id in plan.request_ids]
+        try:
+            return StepOutput(noise=dict(zip(plan.request_ids, self._forward(inputs), strict=True)))
+        except Exception as error:
+            if len(inputs) == 1:
+                return StepOutput(errors={plan.request_ids[0]: error})
+            logger.warning(
+                "%s engine: batched forward of %d failed (%r); retrying one by one",
+                self.expert,
+                len(inputs),
+                error,
+            )
+        output = StepOutput()
+        for request_id, item in zip(plan.request_ids, inputs, strict=True):
+            try:
+                output.noise[request_id] = self._forward([item])[0]
+            except Exception as error:
+                output.errors[request_id] = error
+        return output
+
+    @torch.inference_mode()
+    def update(self, plan: StepBatch, output: StepOutput) -> None:
+        """Step each member's solver; release the finished, fail the broken, report progress."""
+        for request_id in plan.request_ids:
+            if request_id in output.errors:
+                error = output.errors[request_id]
+                self._fail(request_id, f"its forward raised {type(error).__name__}: {error}", error)
+                continue
+            try:
+                self._advance(request_id, output.noise[request_id])
+            except Exception as error:
+                self._fail(request_id, f"{type(error).__name__}: {error}", error)
+
+    # ---- iteration internals -----------------------------------------------------------------------
+
+    def _iterate(self) -> StepBatch:
+        self._boundary()
+        plan = self.schedule()
+        if plan.is_empty:
+            return plan
+        started = time.perf_counter()
+        output = self.run(plan)
+        self.update(plan, output)
+        with self._lock:
+            self._counts["iterations"] += 1
+            self._histogram[plan.num_requests] += 1
+            self._recent.append((time.perf_counter() - started, plan.num_requests, plan.num_tokens))
+        self._publish()
+        return plan
+
+    def _serve_forever(self) -> None:
+        while self._wait_for_work():
+            try:
+                self._iterate()
+            except Exception as error:  # a bug, not one request's fault: fail what is live, keep serving
+                logger.exception("%s engine iteration crashed", self.expert)
+                for request_id in list(self._live):
+                    self._fail(request_id, f"the engine iteration crashed: {error!r}", error)
+        self._fail_unfinished()
+
+    def _fail_unfinished(self) -> None:
+        """After shutdown: fail what is still queued or live (on the thread that owns `_live`)."""
+        with self._lock:
+            pending, self._inbox = list(self._inbox.values()), {}
+        for item in pending:
+            request_id = item.request.request_id
+            self._resolve(request_id, item.future, self._shutdown_error(request_id), "failed")
+        for request_id in list(self._live):
+            self._finish(request_id, RequestStatus.FAILED, self._shutdown_error(request_id))
+        self._publish()
+
+    def _wait_for_work(self) -> bool:
+        with self._lock:
+            while not (self._stopping or self._inbox or self._cancel_requested or self._live):
+                self._lock.wait()
+            return not self._stopping
+
+    def _boundary(self) -> None:
+        """Apply cancellations and admit new requests, between two forwards."""
+        with self._lock:
+            cancelled, self._cancel_requested = self._cancel_requested, set()
+            dropped = [self._inbox.pop(request_id) for request_id in cancelled if request_id in self._inbox]
+            arrived, self._inbox = list(self._inbox.values()), {}
+        for item in dropped:
+            request_id = item.request.request_id
+            self._resolve(request_id, item.future, self._cancelled_error(request_id), "cancelled")
+        for request_id in cancelled & self._live.keys():
+            self._finish(request_id, RequestStatus.CANCELLED, self._cancelled_error(request_id))
+        for item in arrived:
+            try:
+                self._admit(item)
+            except Exception as error:
+                request_id = item.request.request_id
+                failure = RequestFailed(f"request {request_id!r} could not be admitted: {error!r}")
+                self._resolve(request_id, item.future, failure, "failed")
+        self._publish()
+
+    def _admit(self, item: _Pending) -> None:
+        request = item.request
+        use_cfg = request.guidance > 1.0
+        cond, uncond = pad_embeds([request.prompt, request.negative_prompt], self.max_sequence_length).to(
+            self.device
+        )
+        live = _Live(
+            request=request,
+            future=item.future,
+            solver=restore_solver(self.solver_template, request.state, self.device),
+            latents=request.state.latents.to(self.device),
+            cond=cond,
+            uncond=uncond if use_cfg else None,
+            index=request.state.step_index,
+        )
+        self.scheduler.add(
+            ScheduledRequest(
+                request_id=request.request_id,
+                bucket=item.bucket,
+                priority=request.priority,
+                arrival_time=item.arrival_time,
+                deadline=request.deadline,
+                num_tokens=self._num_tokens(item.bucket) * (2 if use_cfg else 1),
+                guidance=request.guidance,
+                timesteps=item.timesteps,
+                num_steps_total=len(item.timesteps),
+            )
+        )
+        self._live[request.request_id] = live  # only once the planner took it, so a failure leaks nothing
+
+    def _guided_input(self, request_id: str) -> GuidedInput:
+        live = self._live[request_id]
+        return GuidedInput(
+            latents=live.latents,
+            timestep=live.solver.timesteps[live.index],
+            cond=live.cond,
+            uncond=live.uncond,
+            guidance=live.request.guidance,
+        )
+
+    def _forward(self, inputs: list[GuidedInput]) -> list[torch.Tensor]:
+        with self._lock:
+            self._counts["forwards"] += 1
+        return guided_forward(self.transformer, inputs)
+
+    def _advance(self, request_id: str, noise: torch.Tensor) -> None:
+        live = self._live[request_id]
+        t = live.solver.timesteps[live.index]
+        latents = live.solver.step(noise[None], t, live.latents[None], return_dict=False)[0][0]
+        if not bool(torch.isfinite(latents).all()):
+            raise FloatingPointError(f"latents are not finite after the step at t={int(t)}")
+        live.latents = latents
+        live.index += 1
+        done = self.scheduler.advance(request_id)
+        if live.request.on_progress is not None:
+            planned = self.scheduler.requests[request_id]
+            live.request.on_progress(planned.num_steps_done, planned.num_steps_total)
+        if done:
+            state = DenoiseState(
+                latents=latents.cpu(),
+                num_steps=live.request.state.num_steps,
+                history=capture_history(live.solver),
+            )
+            self._finish(request_id, RequestStatus.FINISHED, state)
+
+    def _fail(self, request_id: str, why: str, cause: BaseException) -> None:
+        error = RequestFailed(f"request {request_id!r} failed in the {self.expert} engine: {why}")
+        error.__cause__ = cause
+        logger.warning("%s", error)
+        self._finish(request_id, RequestStatus.FAILED, error)
+
+    def _finish(self, request_id: str, status: RequestStatus, outcome: DenoiseState | BaseException) -> None:
+        """Drop the request's tensors and planner entry, then resolve its future."""
+        live = self._live.pop(request_id)
+        if request_id in self.scheduler:
+            self.scheduler.remove(request_id).status = status
+        self._resolve(request_id, live.future, outcome, status.name.lower())
+
+    def _resolve(
+        self, request_id: str, future: Future, outcome: DenoiseState | BaseException, count: str = "finished"
+    ) -> None:
+        with self._lock:
+            self._known.discard(request_id)
+            self._counts[count] += 1
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def _publish(self) -> None:
+        queue = self.scheduler.num_requests_by_bucket()
+        running = sum(request.status == RequestStatus.RUNNING for request in self.scheduler.requests.values())
+        with self._lock:
+            self._published_queue, self._published_running = queue, running
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+
+    def _shutdown_error(self, request_id: str) -> EngineShutdown:
+        return EngineShutdown(f"the {self.expert} engine shut down before request {request_id!r} finished.")
+
+    def _cancelled_error(self, request_id: str) -> RequestCancelled:
+        return RequestCancelled(f"request {request_id!r} was cancelled in the {self.expert} engine.")
+
+    def _num_tokens(self, bucket: Bucket) -> int:
+        """Transformer tokens of one sample of this latent shape (before CFG doubling)."""
+        pt, ph, pw = self.transformer.config.patch_size
+        _, frames, height, width = bucket
+        return (frames // pt) * (height // ph) * (width // pw)
+
+    def _owned_timesteps(self, state: DenoiseState) -> list[int]:
+        """The contiguous run of this expert's timesteps from where `state` stands (as Denoiser.run)."""
+        schedule = self._schedules.get(state.num_steps)
+        if schedule is None:
+            solver = new_solver(self.solver_template, state.num_steps, torch.device("cpu"))
+            schedule = self._schedules[state.num_steps] = [int(t) for t in solver.timesteps]
+        upcoming = schedule[state.step_index :]
+        owned = lambda t: expert_for(t, self.boundary_timestep) == self.expert  # noqa: E731
+        return list(itertools.takewhile(owned, upcoming))
+
+    def _validate(self, request: EngineRequest) -> None:
+        """Reject malformed requests at submit, naming the field, before they can join a batch."""
+        config, name = self.transformer.config, f"request {request.request_id!r}"
+        shape = tuple(request.state.latents.shape)
+        pt, ph, pw = config.patch_size
+        if (
+            len(shape) != 4
+            or shape[0] != config.in_channels
+            or shape[1] % pt
+            or shape[2] % ph
+            or shape[3] % pw
+        ):
+            raise ValueError(
+                f"{name}: `state.latents` must be (channels={config.in_channels}, frames, height, width), "
+                f"frames/height/width divisible by the patch size {tuple(config.patch_size)}, but is {shape}."
+            )
+        for field_name, prompt in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+            rows, dim = prompt.embeds.shape if prompt.embeds.ndim == 2 else (-1, -1)
+            if dim != config.text_dim or not 0 < rows <= self.max_sequence_length:
+                raise ValueError(
+                    f"{name}: `{field_name}` embeddings must be (1..{self.max_sequence_length}, "
+                    f"{config.text_dim}) but are {tuple(prompt.embeds.shape)}."
+                )
+        if request.priority not in PRIORITY_RANK:
+            raise ValueError(
+                f"{name}: `priority` must be 'interactive' or 'batch' but is {request.priority!r}."
+            )
