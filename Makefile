@@ -9,8 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	$(PREVIZ) generate "a man in a black trench coat leaps from a tower, flips twice, lands; explosion behind; slow motion" \
-		--model tiny --resolution 480p --duration 1 --steps 8 --upscale 720p --look film -o out/previz-demo.mp4
+	$(PREVIZ) up --config deploy/local.yaml --demo out/previz-demo.mp4
 
 test: setup
 	$(PY) -m ruff check pipeline serve tests loadtest

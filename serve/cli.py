@@ -183,6 +183,81 @@ def _run_generate(
     Console().print(table)
 
 
+DEMO_PROMPT = (
+    "a man in a black trench coat leaps from a tower, flips twice, lands; explosion behind; slow motion"
+)
+
+
+@app.command()
+def up(
+    config: Annotated[Path, typer.Option(help="Serve config YAML.")] = Path("deploy/local.yaml"),
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: the config's).")] = None,
+    model: Annotated[str | None, typer.Option(help="Override the config's model.")] = None,
+    demo: Annotated[
+        Path | None, typer.Option(help="Once ready, generate the demo shot into this mp4.")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Keep serving until Ctrl-C.")] = True,
+) -> None:
+    """Start a local Ray instance with the Previz app and print its URL."""
+    import time
+
+    from serve import launch
+
+    started = time.monotonic()
+    overrides = {"model": model} if model is not None else None
+    try:
+        cluster_config = launch.load_config(config, port=port, args_overrides=overrides)
+    except (FileNotFoundError, ValidationError) as error:
+        raise CliError(str(error).splitlines()[0]) from None
+    with console.status("starting Ray and the Previz deployments …") as status:
+        url = launch.deploy(cluster_config)
+        launch.wait_ready(url, on_wait=lambda state: status.update(f"deploying Previz ({state.lower()}) …"))
+    console.print(f"Previz is ready at [bold]{url}[/] ({time.monotonic() - started:.1f} s after start)")
+    if demo is not None:
+        from serve.client import PrevizClient
+
+        client = PrevizClient(url)
+        job = client.create(
+            {"prompt": DEMO_PROMPT, "duration": 1, "steps": 8, "upscale": "720p", "look": "film"}
+        )
+        job = _follow(client, job["id"])
+        if job["status"] != "completed":
+            raise CliError(f"demo job {job['id']} {job['status']}: {job.get('error')}")
+        client.download(job["id"], demo)
+        console.print(
+            f"demo clip: {demo} (job {job['id']}, {sum(job['timings'].values()):.1f} s of stage compute)"
+        )
+    if wait:
+        console.print("serving; Ctrl-C stops the cluster")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    launch.shutdown()
+
+
+def _follow(client, job_id: str) -> dict:
+    """Poll a job with a progress bar until it finishes."""
+    import time
+
+    progress = Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task(job_id, total=100)
+        while True:
+            job = client.get(job_id)
+            progress.update(task, completed=job["progress"], description=f"{job_id[:12]} {job['stage']}")
+            if job["status"] in ("completed", "failed", "cancelled"):
+                return job
+            time.sleep(0.5)
+
+
 def main() -> None:
     """Entry point: usage and input errors are one line on stderr and a non-zero exit."""
     try:

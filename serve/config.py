@@ -1,0 +1,55 @@
+"""PrevizArgs: the one typed config of the Serve application (from Python, `serve run` or a YAML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.spec import ModelSpec
+from serve.storage import StorageSettings
+
+
+class EngineSettings(BaseModel):
+    """Step-level batching inside each denoiser replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_tokens: int = Field(
+        262_144, ge=1, description="Token budget of one batched forward (CFG doubles a request's tokens)."
+    )
+    max_batch_size: int = Field(16, ge=1, description="Most requests in one batched forward.")
+
+
+class PrevizArgs(BaseModel):
+    """Everything the application needs; per-deployment replicas and resources live in the Serve config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "tiny", description="`tiny`, `small`, a Diffusers Wan2.2 folder or `s3://bucket/prefix`."
+    )
+    device: str | None = Field(None, description="`cpu` or `cuda`; default: cuda when available.")
+    model_cache_dir: Path = Field(
+        Path.home() / ".cache" / "previz" / "models", description="Where s3:// models are mirrored."
+    )
+    sampling: ModelSpec = Field(
+        default_factory=ModelSpec,
+        description="Sampling settings (boundary, flow shift, default steps and CFG).",
+    )
+    sr_weights: Path | None = Field(None, description="Real-ESRGAN-family weights for the Upscaler.")
+    database_url: str = Field(
+        "sqlite:///previz-data/jobs.db",
+        description="Job store: SQLite file (default) or postgresql+psycopg://...",
+    )
+    storage: StorageSettings = Field(default_factory=StorageSettings, description="Where finished clips go.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Denoiser batching.")
+    max_jobs_in_flight: int = Field(
+        8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."
+    )
+    max_queued_jobs: int = Field(1000, ge=1, description="Bound of the queue; beyond it new jobs get 429.")
+    max_attempts: int = Field(
+        3, ge=1, description="Runs of one job before it fails for good (restarts, crashes)."
+    )
+    poll_interval_s: float = Field(0.5, gt=0, description="How often the Scheduler looks for queued jobs.")
+    text_cache_size: int = Field(1024, ge=0, description="Prompt embeddings kept per TextEncoder replica.")

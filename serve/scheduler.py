@@ -1,0 +1,247 @@
+"""The Scheduler deployment (one replica): the brain that moves jobs from the store through the stages.
+
+It pulls queued jobs (priority class, project fair share, deadline, age), keeps at most
+`max_jobs_in_flight` inside the pipeline, and writes every transition to the job store. Nothing lives
+only in its memory: on (re)start it requeues the jobs a previous incarnation had claimed, and the store's
+attempt fence makes any stale work of that incarnation unable to record a result. A finished job is never
+run again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
+
+from pipeline.denoise.state import initial_state
+from pipeline.spec import ModelSpec, RequestSpec, resolve
+from pipeline.upscale import upscale_target_size
+from serve.config import PrevizArgs
+from serve.deployments import DenoiseCall, FinishCall
+from serve.fair_share import Candidate, pick_next
+from serve.jobs import JobRecord, JobStatus, JobStore
+from serve.transfer import pack_state
+
+logger = logging.getLogger("ray.serve")
+
+# Share of overall progress (0–100) each stage accounts for.
+STAGE_WEIGHTS: dict[JobStatus, float] = {
+    JobStatus.ENCODING: 2,
+    JobStatus.DENOISING_HIGH: 50,
+    JobStatus.DENOISING_LOW: 30,
+    JobStatus.DECODING: 8,
+    JobStatus.UPSCALING: 5,
+    JobStatus.FINISHING: 5,
+}
+# Errors that mean a replica died under the job: run it again rather than fail it.
+REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+@dataclass(frozen=True, slots=True)
+class StageHandles:
+    text_encoder: DeploymentHandle
+    high: DeploymentHandle
+    low: DeploymentHandle
+    vae: DeploymentHandle
+    upscaler: DeploymentHandle
+    finisher: DeploymentHandle
+
+
+def overall_progress(status: JobStatus, stage_fraction: float) -> int:
+    """0–100 across the whole pipeline for a job in `status`, `stage_fraction` of the way through it."""
+    done = sum(weight for stage, weight in STAGE_WEIGHTS.items() if stage < status)
+    total = sum(STAGE_WEIGHTS.values())
+    return int(100 * (done + STAGE_WEIGHTS.get(status, 0) * stage_fraction) / total)
+
+
+@serve.deployment(name="Scheduler", num_replicas=1, max_ongoing_requests=1000, health_check_period_s=10)
+class Scheduler:
+    def __init__(
+        self,
+        args: PrevizArgs,
+        model: ModelSpec,
+        text_encoder: DeploymentHandle,
+        high: DeploymentHandle,
+        low: DeploymentHandle,
+        vae: DeploymentHandle,
+        upscaler: DeploymentHandle,
+        finisher: DeploymentHandle,
+    ) -> None:
+        self.args = args
+        self.model = model
+        self.stages = StageHandles(text_encoder, high, low, vae, upscaler, finisher)
+        self.store = JobStore(args.database_url)
+        self.store.create_schema()
+        self.scheduler_id = f"scheduler-{uuid.uuid4().hex[:12]}"
+        requeued = self.store.requeue_in_flight(max_attempts=args.max_attempts)
+        if requeued:
+            logger.info("requeued %d jobs left in flight by a previous scheduler", len(requeued))
+        self._running: dict[str, tuple[str, asyncio.Task]] = {}  # job_id -> (project, task)
+        self._wake = asyncio.Event()
+        self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
+
+    async def wake(self) -> None:
+        """A job was queued or cancelled: look at the queue now instead of at the next poll."""
+        self._wake.set()
+
+    async def cancel(self, job_id: str) -> bool:
+        """Stop a running job's pipeline (the store already marks it cancelled)."""
+        entry = self._running.get(job_id)
+        if entry is None:
+            return False
+        entry[1].cancel()
+        return True
+
+    async def in_flight(self) -> list[str]:
+        return list(self._running)
+
+    def check_health(self) -> None:
+        if self._loop_task.done():
+            raise RuntimeError(f"the scheduling loop stopped: {self._loop_task.exception()!r}")
+
+    async def _serve_forever(self) -> None:
+        while True:
+            try:
+                await self._start_jobs()
+            except Exception:
+                logger.exception("scheduling pass failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.args.poll_interval_s)
+            self._wake.clear()
+
+    async def _start_jobs(self) -> None:
+        free = self.args.max_jobs_in_flight - len(self._running)
+        if free <= 0:
+            return
+        queued = await asyncio.to_thread(self.store.queued, 500)
+        if not queued:
+            return
+        running: dict[str, int] = {}
+        for project, _task in self._running.values():
+            running[project] = running.get(project, 0) + 1
+        candidates = [
+            Candidate(job.id, job.project, job.priority, job.created_at, job.deadline) for job in queued
+        ]
+        for candidate in pick_next(candidates, running, free):
+            job = await asyncio.to_thread(self.store.claim, candidate.job_id, self.scheduler_id)
+            if job is None:  # cancelled meanwhile
+                continue
+            task = asyncio.get_running_loop().create_task(self._run_job(job))
+            self._running[job.id] = (job.project, task)
+            task.add_done_callback(lambda _t, job_id=job.id: self._job_left(job_id))
+
+    def _job_left(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self._wake.set()
+
+    async def _run_job(self, job: JobRecord) -> None:
+        try:
+            await self._pipeline(job)
+        except asyncio.CancelledError:
+            logger.info("job %s cancelled while running", job.id)
+        except REPLICA_LOST as error:
+            logger.warning("job %s lost a replica (%s); it goes back to the queue", job.id, error)
+            await asyncio.to_thread(
+                self.store.requeue, job.id, job.attempt, max_attempts=self.args.max_attempts
+            )
+        except Exception as error:
+            logger.exception("job %s failed", job.id)
+            await asyncio.to_thread(self.store.fail, job.id, job.attempt, "pipeline_error", _describe(error))
+
+    async def _pipeline(self, job: JobRecord) -> None:
+        spec = RequestSpec.model_validate(job.request["spec"])
+        finish = job.request.get("finish", {})
+        resolved = resolve(spec, self.model)
+        stages = self.stages
+        timings: dict[str, float] = {}
+
+        await self._advance(job, JobStatus.ENCODING, 0.0)
+        started = time.perf_counter()
+        prompt, negative = await asyncio.gather(
+            stages.text_encoder.encode.remote(resolved.prompt),
+            stages.text_encoder.encode.remote(resolved.negative_prompt),
+        )
+        timings["encode"] = time.perf_counter() - started
+
+        state = pack_state(initial_state(resolved, self.model))
+        bucket = f"{resolved.width}x{resolved.height}x{resolved.num_frames}"
+        for status, handle, guidance, name in (
+            (JobStatus.DENOISING_HIGH, stages.high, resolved.guidance_high, "denoise_high"),
+            (JobStatus.DENOISING_LOW, stages.low, resolved.guidance_low, "denoise_low"),
+        ):
+            await self._advance(job, status, 0.0)
+            call = DenoiseCall(
+                request_id=f"{job.id}:{job.attempt}",
+                state=state,
+                prompt=prompt,
+                negative_prompt=negative,
+                guidance=guidance,
+                priority=job.priority,
+                deadline=job.deadline,
+            )
+            async for event in handle.options(stream=True).denoise.remote(call, bucket=bucket):
+                if "state" in event:
+                    state, timings[name] = event["state"], event["seconds"]
+                else:
+                    await self._advance(job, status, event["done"] / max(event["total"], 1))
+
+        await self._advance(job, JobStatus.DECODING, 0.0)
+        frames = await stages.vae.decode.remote(state.latents, resolved.fps)
+        timings["decode"] = frames.seconds
+
+        await self._advance(job, JobStatus.UPSCALING, 0.0)
+        width, height = upscale_target_size(finish.get("upscale", "none"), resolved.width, resolved.height)
+        frames = await stages.upscaler.upscale.remote(frames, width, height)
+        timings["upscale"] = frames.seconds
+
+        await self._advance(job, JobStatus.FINISHING, 0.0)
+        clip = await stages.finisher.finish.remote(
+            frames,
+            FinishCall(
+                project=job.project,
+                job_id=job.id,
+                attempt=job.attempt,
+                seed=resolved.seed,
+                look=finish.get("look", "none"),
+                label=finish.get("label", "AI-generated draft"),
+                metadata={
+                    "title": resolved.prompt[:200],
+                    "previz_job": job.id,
+                    "previz_seed": str(resolved.seed),
+                },
+            ),
+        )
+        timings["finish"] = clip.seconds
+        await asyncio.to_thread(
+            self.store.succeed,
+            job.id,
+            job.attempt,
+            artifact_uri=clip.key,
+            artifact_bytes=clip.size_bytes,
+            seed=resolved.seed,
+            timings=timings,
+        )
+
+    async def _advance(self, job: JobRecord, status: JobStatus, fraction: float) -> None:
+        ok = await asyncio.to_thread(
+            self.store.advance,
+            job.id,
+            job.attempt,
+            status,
+            stage_progress=fraction,
+            progress=overall_progress(status, fraction),
+        )
+        if not ok:  # cancelled, or this run was superseded: stop spending compute on it
+            raise asyncio.CancelledError(f"job {job.id} attempt {job.attempt} is no longer current")
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"[:2000]

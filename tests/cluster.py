@@ -1,0 +1,104 @@
+"""The Previz app on a real local Ray instance, deployed from deploy/local.yaml with test overrides.
+
+One cluster per test session (Ray start-up costs a minute on this CPU); tests isolate themselves by
+project names and job ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serve import launch
+from serve.client import PrevizClient
+from serve.jobs import JobStore
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_CONFIG = REPO / "deploy" / "local.yaml"
+ARTIFACT_BUCKET = "previz-test-artifacts"
+
+
+@dataclass(slots=True)
+class Cluster:
+    url: str
+    config: dict[str, Any]  # what is deployed now
+    database_url: str
+
+    def client(self) -> PrevizClient:
+        return PrevizClient(self.url, timeout_s=60)
+
+    def store(self) -> JobStore:
+        return JobStore(self.database_url)
+
+    def redeploy(self, config: dict[str, Any]) -> None:
+        launch.deploy(config)
+        self.config = config
+        time.sleep(1)  # let the controller pick up the new config before polling its status
+        launch.wait_ready(self.url, timeout_s=600)
+
+    def wait_for(self, job_ids: list[str], timeout_s: float = 600) -> dict[str, dict]:
+        client = self.client()
+        deadline = time.monotonic() + timeout_s
+        jobs: dict[str, dict] = {}
+        while time.monotonic() < deadline:
+            jobs = {job_id: client.get(job_id) for job_id in job_ids}
+            if all(job["status"] in ("completed", "failed", "cancelled") for job in jobs.values()):
+                return jobs
+            time.sleep(0.5)
+        stuck = {job_id: (job["status"], job["stage"]) for job_id, job in jobs.items()}
+        raise TimeoutError(f"jobs not finished after {timeout_s} s: {stuck}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def with_replicas(config: dict[str, Any], deployment: str, num_replicas: int) -> dict[str, Any]:
+    changed = copy.deepcopy(config)
+    for entry in changed["applications"][0]["deployments"]:
+        if entry["name"] == deployment:
+            entry["num_replicas"] = num_replicas
+    return changed
+
+
+@contextmanager
+def previz_cluster(workdir: Path, s3_server) -> Iterator[Cluster]:
+    """Deploy the app with SQLite in `workdir` and artifacts on the test S3 server."""
+    s3_server.client().create_bucket(Bucket=ARTIFACT_BUCKET)
+    # Replicas inherit the driver's environment when this process starts Ray: S3 credentials go there.
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=s3_server.access_key,
+        AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
+        AWS_DEFAULT_REGION=s3_server.region,
+    )
+    database_url = f"sqlite:///{workdir / 'jobs.db'}"
+    config = launch.load_config(
+        LOCAL_CONFIG,
+        port=free_port(),
+        args_overrides={
+            "database_url": database_url,
+            "storage": {
+                "kind": "s3",
+                "s3_uri": f"s3://{ARTIFACT_BUCKET}/clips",
+                "s3_endpoint_url": s3_server.endpoint_url,
+                "s3_region": s3_server.region,
+            },
+            "max_jobs_in_flight": 8,
+            "poll_interval_s": 0.2,
+        },
+    )
+    url = launch.deploy(config)
+    try:
+        launch.wait_ready(url, timeout_s=900)
+        yield Cluster(url=url, config=config, database_url=database_url)
+    finally:
+        launch.shutdown()

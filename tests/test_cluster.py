@@ -1,0 +1,128 @@
+"""The Serve cluster end to end on a real local Ray instance: stages, batching, scaling, restarts, S3."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from pipeline.video import read_video_info
+from serve.jobs import JobStatus
+from tests.cluster import Cluster, previz_cluster, with_replicas
+
+pytestmark = pytest.mark.cluster
+
+SMALL = {"resolution": "96x64", "duration": 0.5, "steps": 4}  # 9 frames, latent 3x8x12
+OTHER_BUCKET = {"resolution": "64x96", "duration": 0.25, "steps": 4}  # 5 frames
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Cluster:
+    with previz_cluster(tmp_path_factory.mktemp("cluster"), s3_server) as running:
+        yield running
+
+
+def submit(cluster: Cluster, project: str, prompt: str, **fields) -> str:
+    return cluster.client().create({"prompt": prompt, "project": project, **SMALL, **fields})["id"]
+
+
+def replica_actor_names(deployment: str) -> list[str]:
+    return sorted(
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(f"SERVE_REPLICA::previz#{deployment}#")
+    )
+
+
+def test_six_jobs_from_two_projects_in_two_buckets_complete(cluster: Cluster, tmp_path: Path) -> None:
+    jobs = {}
+    for index in range(3):
+        jobs[submit(cluster, "dune", f"a sandworm rises, take {index}", seed=index)] = (9, 96, 64)
+        jobs[submit(cluster, "heat", f"a bank heist, take {index}", seed=10 + index, **OTHER_BUCKET)] = (
+            5,
+            64,
+            96,
+        )
+    finished = cluster.wait_for(list(jobs))
+    client = cluster.client()
+    store = cluster.store()
+    for job_id, (frames, width, height) in jobs.items():
+        job = finished[job_id]
+        assert job["status"] == "completed", job
+        info = read_video_info(client.download(job_id, tmp_path / f"{job_id}.mp4"))
+        assert (info.num_frames, info.width, info.height) == (frames, width, height)
+        assert set(job["timings"]) == {"encode", "denoise_high", "denoise_low", "decode", "upscale", "finish"}
+        stages = [event.data.get("status") for event in store.events(job_id) if event.kind == "stage"]
+        assert stages == [
+            "DENOISING_HIGH", "DENOISING_LOW", "DECODING", "UPSCALING", "FINISHING",
+        ]  # fmt: skip
+        kinds = [event.kind for event in store.events(job_id)]
+        assert kinds[0] == "created" and "claimed" in kinds and kinds[-1] == "succeeded"
+
+
+def test_same_bucket_jobs_share_denoiser_iterations(cluster: Cluster) -> None:
+    high = serve.get_deployment_handle("HighNoiseDenoiser", app_name="previz")
+    before = high.stats.remote().result()
+    ids = [submit(cluster, "batching", f"shot {index}", seed=100 + index, steps=8) for index in range(4)]
+    finished = cluster.wait_for(ids)
+    assert all(job["status"] == "completed" for job in finished.values())
+    after = high.stats.remote().result()
+    new_batches = Counter(after.batch_size_histogram) - Counter(before.batch_size_histogram)
+    assert max(new_batches) > 1, f"no iteration served more than one request: {dict(new_batches)}"
+
+
+def test_content_redirects_to_a_presigned_s3_url_that_serves_the_mp4(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    job_id = submit(cluster, "dune", "a presigned shot", seed=7)
+    assert cluster.wait_for([job_id])[job_id]["status"] == "completed"
+    response = httpx.get(f"{cluster.url}/v1/videos/{job_id}/content", follow_redirects=False)
+    assert response.status_code == 307
+    presigned = response.headers["location"]
+    assert "X-Amz-Signature=" in presigned and "X-Amz-Expires=" in presigned
+    clip = tmp_path / "presigned.mp4"
+    clip.write_bytes(httpx.get(presigned).raise_for_status().content)
+    assert read_video_info(clip).num_frames == 9
+
+
+def test_scaling_the_upscaler_to_two_replicas_changes_nothing_else(cluster: Cluster) -> None:
+    others = ["TextEncoder", "HighNoiseDenoiser", "LowNoiseDenoiser", "VAEDecoder", "Finisher", "Scheduler"]
+    before = {name: replica_actor_names(name) for name in others}
+    cluster.redeploy(with_replicas(cluster.config, "Upscaler", 2))
+    assert len(replica_actor_names("Upscaler")) == 2
+    assert {name: replica_actor_names(name) for name in others} == before
+    ids = [
+        submit(cluster, "scale", f"after scaling {index}", seed=200 + index, upscale="720p")
+        for index in range(3)
+    ]
+    finished = cluster.wait_for(ids)
+    assert all(job["status"] == "completed" for job in finished.values())
+
+
+def test_killing_the_scheduler_loses_no_job_and_runs_none_twice(cluster: Cluster) -> None:
+    ids = [
+        submit(cluster, f"chaos-{index % 2}", f"chaos shot {index}", seed=300 + index, steps=12)
+        for index in range(8)
+    ]
+    store = cluster.store()
+    # Wait until some are in flight and some still queued, then kill the Scheduler replica.
+    for _ in range(600):
+        statuses = [store.get(job_id).status for job_id in ids]
+        if any(JobStatus.QUEUED < status < JobStatus.SUCCEEDED for status in statuses):
+            break
+        time.sleep(0.1)
+    (scheduler,) = replica_actor_names("Scheduler")
+    ray.kill(ray.get_actor(scheduler, namespace="serve"), no_restart=True)
+    finished = cluster.wait_for(ids, timeout_s=900)
+    assert all(job["status"] == "completed" for job in finished.values()), finished
+    for job_id in ids:
+        kinds = Counter(event.kind for event in store.events(job_id))
+        assert kinds["succeeded"] == 1, (job_id, kinds)
+    assert any(finished[job_id]["attempt"] >= 2 for job_id in ids), (
+        "no job was in flight when the scheduler died"
+    )
