@@ -171,16 +171,18 @@ def _run_generate(
         for stage in STAGES:  # stages with nothing to do (no upscale, zero low steps) still show as done
             progress.update(tasks[stage], completed=progress.tasks[tasks[stage]].total)
 
-    table = Table(
-        title=f"{result.path} — {result.width}x{result.height}, {result.num_frames} frames, "
+    out = Console()
+    out.print(
+        f"{result.path}: {result.width}x{result.height}, {result.num_frames} frames, "
         f"seed {result.request.seed}"
     )
+    table = Table()
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     for stage in STAGES:
         table.add_row(STAGE_LABELS[stage], f"{result.stage_seconds.get(stage, 0.0):.2f}")
     table.add_row("total", f"{sum(result.stage_seconds.values()):.2f}", style="bold")
-    Console().print(table)
+    out.print(table)
 
 
 DEMO_PROMPT = (
