@@ -1,6 +1,18 @@
-"""Shared fixtures: real servers started once per test session."""
+"""Shared fixtures: real servers (and the Ray cluster) started once per test session."""
 
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster import Cluster, previz_cluster
 from tests.servers.fixtures import s3_server
 from tests.servers.postgres import postgres_server
 
-__all__ = ["postgres_server", "s3_server"]
+__all__ = ["cluster", "postgres_server", "s3_server"]
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Iterator[Cluster]:
+    """The Previz app on one local Ray instance for the whole session."""
+    with previz_cluster(tmp_path_factory.mktemp("cluster"), s3_server) as running:
+        yield running

@@ -13,18 +13,12 @@ from ray import serve
 
 from pipeline.video import read_video_info
 from serve.jobs import JobStatus
-from tests.cluster import Cluster, previz_cluster, with_replicas
+from tests.cluster import Cluster, with_replicas
 
 pytestmark = pytest.mark.cluster
 
 SMALL = {"resolution": "96x64", "duration": 0.5, "steps": 4}  # 9 frames, latent 3x8x12
 OTHER_BUCKET = {"resolution": "64x96", "duration": 0.25, "steps": 4}  # 5 frames
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Cluster:
-    with previz_cluster(tmp_path_factory.mktemp("cluster"), s3_server) as running:
-        yield running
 
 
 def submit(cluster: Cluster, project: str, prompt: str, **fields) -> str:
@@ -67,11 +61,11 @@ def test_six_jobs_from_two_projects_in_two_buckets_complete(cluster: Cluster, tm
 
 def test_same_bucket_jobs_share_denoiser_iterations(cluster: Cluster) -> None:
     high = serve.get_deployment_handle("HighNoiseDenoiser", app_name="previz")
-    before = high.stats.remote().result()
+    _, before = high.stats.remote().result()
     ids = [submit(cluster, "batching", f"shot {index}", seed=100 + index, steps=8) for index in range(4)]
     finished = cluster.wait_for(ids)
     assert all(job["status"] == "completed" for job in finished.values())
-    after = high.stats.remote().result()
+    _, after = high.stats.remote().result()
     new_batches = Counter(after.batch_size_histogram) - Counter(before.batch_size_histogram)
     assert max(new_batches) > 1, f"no iteration served more than one request: {dict(new_batches)}"
 
@@ -102,6 +96,33 @@ def test_scaling_the_upscaler_to_two_replicas_changes_nothing_else(cluster: Clus
     ]
     finished = cluster.wait_for(ids)
     assert all(job["status"] == "completed" for job in finished.values())
+
+
+def test_same_bucket_calls_go_to_the_same_denoiser_replica(cluster: Cluster) -> None:
+    cluster.redeploy(with_replicas(cluster.config, "HighNoiseDenoiser", 2))
+    assert len(replica_actor_names("HighNoiseDenoiser")) == 2
+    high = serve.get_deployment_handle("HighNoiseDenoiser", app_name="previz")
+    buckets = {"96x64x9": SMALL, "64x96x5": OTHER_BUCKET, "64x64x5": {**OTHER_BUCKET, "resolution": "64x64"}}
+    before = {bucket: high.stats.remote(bucket=bucket).result() for bucket in buckets}
+    ids = {
+        bucket: [
+            submit(cluster, "affinity", f"{bucket} take {take}", seed=400 + take, **fields)
+            for take in range(3)
+        ]
+        for bucket, fields in buckets.items()
+    }
+    finished = cluster.wait_for([job_id for group in ids.values() for job_id in group])
+    assert all(job["status"] == "completed" for job in finished.values())
+    after = {bucket: high.stats.remote(bucket=bucket).result() for bucket in buckets}
+    # Every bucket's work landed on the replica its stats call was routed to, and nowhere else.
+    jobs_by_replica = Counter({after[bucket][0]: 0 for bucket in buckets})
+    for bucket in buckets:
+        jobs_by_replica[after[bucket][0]] += len(ids[bucket])
+    for bucket in buckets:
+        replica, stats = after[bucket]
+        assert replica == before[bucket][0]
+        assert stats.num_finished - before[bucket][1].num_finished == jobs_by_replica[replica]
+    cluster.redeploy(with_replicas(cluster.config, "HighNoiseDenoiser", 1))
 
 
 def test_killing_the_scheduler_loses_no_job_and_runs_none_twice(cluster: Cluster) -> None:
