@@ -171,8 +171,9 @@ class DenoiserDeployment:
             if not result.done():  # the caller went away (cancel, scheduler restart): free the slot
                 self.engine.cancel(call.request_id)
 
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
+    def stats(self, bucket: str | None = None) -> tuple[str, EngineStats]:
+        """(replica id, engine stats). Given a `bucket`, the router sends this to that bucket's replica."""
+        return serve.get_replica_context().replica_id.unique_id, self.engine.stats()
 
     def check_health(self) -> None:
         if not self.engine.is_alive():
