@@ -1,61 +1,202 @@
-"""HTTP schemas: what clients send and get back (they become the OpenAPI page), and the one error shape."""
+"""HTTP schemas: what clients send and get back (they become the OpenAPI page), and the one error shape.
+
+The video objects follow the OpenAI Videos API (`openai.types.Video`, `VideoCreateParams`, ...) field
+for field, so the official `openai` package works against Previz unchanged; studio extensions are extra
+fields next to them. Differences from OpenAI, on purpose:
+
+- `model` names the served model (`wan2.2-t2v-a14b`, aliases in SERVED_MODEL_ALIASES); any other name
+  (e.g. `sora-2`) is rejected with `unknown_model` rather than silently mapped.
+- `seconds` is any length from 0.25 to 10 s (string or number), default 5; `size` is any `WxH` in
+  multiples of 16 (32–1920), default 832x480. Wan2.2's own sizes are 1280x720, 720x1280, 832x480, 480x832.
+- Status `cancelled` exists besides queued / in_progress / completed / failed.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+import math
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from pipeline.prompt import ShotSpec
-from pipeline.spec import DEFAULT_NEGATIVE_PROMPT
+from pipeline.spec import MAX_DURATION_S, MAX_PROMPT_CHARS, MIN_DURATION_S
+
+SERVED_MODEL = "wan2.2-t2v-a14b"
+# lower-cased names a client may send for the served model
+SERVED_MODEL_ALIASES = frozenset(
+    {
+        SERVED_MODEL,
+        "wan2.2",
+        "wan-2.2",
+        "previz",
+        "wan-ai/wan2.2-t2v-a14b",
+        "wan-ai/wan2.2-t2v-a14b-diffusers",
+    }
+)
+PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_LABELS = 32
+_SIZE = re.compile(r"^\d{1,5}x\d{1,5}$")
+
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+LabelValue = Annotated[str, StringConstraints(max_length=256)] | int | bool
+Project = Annotated[str, StringConstraints(pattern=PROJECT_PATTERN)]
+VideoState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 
 
-class JobCreate(BaseModel):
-    """A clip to generate."""
+class GenerationSettings(BaseModel):
+    """How one clip is generated: the fields a video and a storyboard shot share."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, description="What the shot shows (or give `shot`).")
-    shot: ShotSpec | None = Field(None, description="Structured shot fields, compiled into the prompt.")
-    negative_prompt: str = Field(DEFAULT_NEGATIVE_PROMPT, description="What to steer away from.")
-    project: str = Field(
-        "default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Project the shot belongs to."
+    prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="What the shot shows (or give `shot`, or both)."
     )
-    priority: Literal["interactive", "batch"] = Field(
-        "batch", description="Interactive shots overtake batch work."
+    shot: ShotSpec | None = Field(
+        None,
+        description="Structured shot (character, action, environment, camera, style) compiled into the "
+        "prompt; a `prompt` given as well is appended.",
     )
-    resolution: str = Field("480p", description="`480p`, `720p` or `WxH` (multiples of 16).")
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="What to steer away from (default: Wan2.2's own)."
+    )
+    seconds: str | float | None = Field(
+        None,
+        description='Clip length in seconds, as in OpenAI ("4", 4 or 2.5): '
+        f"{MIN_DURATION_S}–{MAX_DURATION_S}; default 5. Same as `duration`; give one of them.",
+    )
+    duration: float | None = Field(None, description="Clip length in seconds (alias of `seconds`).")
+    size: str | None = Field(
+        None,
+        description="`WxH` as in OpenAI, multiples of 16 (Wan2.2: 1280x720, 720x1280, 832x480, 480x832). "
+        "Give `size` or `resolution`.",
+    )
+    resolution: str | None = Field(
+        None, description="Preset `480p` (default) or `720p` (with `aspect`), or `WxH`."
+    )
     aspect: Literal["16:9", "9:16"] | None = Field(None, description="Orientation of a preset resolution.")
-    duration: float = Field(5.0, description="Clip length in seconds (0.25–10).")
     steps: int | None = Field(None, description="Denoising steps (1–100); default 40.")
-    seed: int | None = Field(None, description="Noise seed; random (and reported) when omitted.")
-    upscale: Literal["none", "720p", "1080p"] = Field("none", description="Super-resolve the draft.")
+    seed: int | None = Field(
+        None, description="Noise seed (0 – 2**63-1); random (and reported) when omitted."
+    )
+    upscale: Literal["none", "720p", "1080p"] = Field("none", description="Super-resolve the draft to this.")
     look: Literal["none", "film"] = Field("none", description="Colour grade.")
     label: bool = Field(True, description="Burn the 'AI-generated draft' label into the frames.")
 
+    @field_validator("seconds")
+    @classmethod
+    def _seconds_is_a_number(cls, seconds: str | float | None) -> str | float | None:
+        if isinstance(seconds, str):
+            try:
+                value = float(seconds)
+            except ValueError:
+                raise ValueError(f"`seconds` must be a number of seconds but is {seconds!r}.") from None
+            if not math.isfinite(value):
+                raise ValueError(f"`seconds` must be a number of seconds but is {seconds!r}.")
+        return seconds
 
-class JobPublic(BaseModel):
-    """A job as clients see it."""
+    @field_validator("size")
+    @classmethod
+    def _size_is_wxh(cls, size: str | None) -> str | None:
+        if size is not None and not _SIZE.match(size):
+            raise ValueError(f"`size` must be WxH such as 1280x720 or 480x832 but is {size!r}.")
+        return size
 
-    id: str = Field(description="Job id.")
+
+class VideoCreate(GenerationSettings):
+    """A clip to generate (`POST /v1/videos`, JSON or multipart form as the openai package sends it)."""
+
+    model: str = Field(
+        SERVED_MODEL, description=f"The served model: `{SERVED_MODEL}` (also `previz`, `wan2.2`)."
+    )
+    project: Project = Field("default", description="Project the shot belongs to (until API keys name it).")
+    priority: Literal["interactive", "batch"] = Field(
+        "batch", description="`interactive` shots overtake `batch` work."
+    )
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=MAX_LABELS,
+        description='Free-form labels, e.g. {"scene": "12", "shot": "12A", "take": 3}.',
+    )
+    callback_url: AnyHttpUrl | None = Field(
+        None,
+        description="Recorded and returned with the job; calling it on finish comes with the webhooks work.",
+    )
+    input_reference: str | None = Field(None, description="Not supported: Previz is text-to-video only.")
+
+
+class VideoRemix(BaseModel):
+    """A new take of an existing video: same seed, size, length and settings; a new prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="The new prompt.")
+    shot: ShotSpec | None = Field(None, description="A new structured shot instead of (or with) `prompt`.")
+    priority: Literal["interactive", "batch"] | None = Field(None, description="Default: the source's.")
+    labels: dict[LabelKey, LabelValue] | None = Field(
+        None, max_length=MAX_LABELS, description="Default: the source's labels."
+    )
+
+
+class VideoError(BaseModel):
+    code: str = Field(description="Machine-readable error code.")
+    message: str = Field(description="What went wrong, for a person.")
+    param: str | None = Field(None, description="The request field at fault, if one is.")
+
+
+class Video(BaseModel):
+    """A video job: the OpenAI `video` object plus studio fields."""
+
+    id: str = Field(description="Video id (`vid_…`, sorts by creation time).")
     object: Literal["video"] = "video"
+    model: str = Field(description="The model that generates it.")
+    status: VideoState = Field(description="queued, in_progress, completed, failed or cancelled.")
+    progress: int = Field(description="Approximate completion, 0–100.")
+    created_at: int = Field(description="Unix seconds.")
+    completed_at: int | None = Field(None, description="Unix seconds when it finished (any outcome).")
+    expires_at: int | None = Field(None, description="Unix seconds when its assets expire; never (null).")
+    prompt: str = Field(description="The prompt it is generated from (a `shot` compiled in).")
+    seconds: str = Field(description="Clip length in seconds.")
+    size: str = Field(description="`WxH` of the generated draft (before upscaling).")
+    remixed_from_video_id: str | None = Field(None, description="The source video of a remix.")
+    error: VideoError | None = Field(None, description="Why it failed.")
+    # studio extensions
     project: str
     priority: str
-    status: str = Field(description="queued, in_progress, completed, failed or cancelled.")
-    stage: str = Field(description="Pipeline stage (queued, encoding, denoising_high, … succeeded).")
-    progress: int = Field(description="0–100.")
-    prompt: str
-    size: str = Field(description="`WxH` of the generated draft (before upscaling).")
-    num_frames: int
+    stage: str = Field(description="Pipeline stage: queued, encoding, denoising_high, … succeeded.")
     seed: int
+    steps: int
+    num_frames: int
+    upscale: str
+    look: str
+    labels: dict[str, LabelValue]
+    storyboard_id: str | None = None
+    callback_url: str | None = None
     attempt: int = Field(description="How many times the job was started (restarts re-run it).")
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    started_at: int | None = Field(None, description="Unix seconds of the first start.")
     timings: dict[str, float] = Field(description="Stage -> compute seconds.")
-    error: ErrorBody | None = None
-    content_url: str | None = Field(None, description="Where the mp4 is, once completed.")
+    content_url: str | None = Field(None, description="The mp4, once completed.")
+    thumbnail_url: str | None = Field(None, description="A JPEG poster frame, once completed.")
+    events_url: str = Field(description="Server-sent events of its stage and step progress.")
+
+
+class VideoList(BaseModel):
+    """One page of videos; pass `last_id` as `after` for the next."""
+
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    """`DELETE /v1/videos/{id}`: the job was cancelled (its record stays, with status `cancelled`)."""
+
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+    status: VideoState = "cancelled"
 
 
 class ErrorBody(BaseModel):
@@ -65,7 +206,6 @@ class ErrorBody(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """The one error shape of every non-2xx answer."""
+
     error: ErrorBody
-
-
-JobPublic.model_rebuild()

@@ -1,26 +1,30 @@
-"""A small HTTP client of the Previz API (the CLI's and the tests')."""
+"""A small HTTP client of the Previz API (the CLI's and the tests'). Any OpenAI client works too; this one
+knows the studio extensions: storyboards, listing filters, the thumbnail variant, idempotency keys."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 
 class PrevizApiError(RuntimeError):
-    """An error answer from the API, with its machine-readable code."""
+    """An error answer from the API, with its machine-readable code and the field at fault."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.param = status, code, message, param
 
 
 class PrevizClient:
     def __init__(self, base_url: str, *, api_key: str = "previz-local", timeout_s: float = 30) -> None:
+        self.base_url = base_url.rstrip("/")
         self.http = httpx.Client(
-            base_url=base_url, timeout=timeout_s, headers={"Authorization": f"Bearer {api_key}"}
+            base_url=self.base_url, timeout=timeout_s, headers={"Authorization": f"Bearer {api_key}"}
         )
+
+    # -- videos -------------------------------------------------------------------------------------------
 
     def create(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -29,9 +33,30 @@ class PrevizClient:
     def get(self, job_id: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/v1/videos/{job_id}"))
 
-    def download(self, job_id: str, path: Path) -> Path:
+    def list(
+        self,
+        *,
+        project: str | None = None,
+        status: str | None = None,
+        storyboard_id: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+    ) -> dict[str, Any]:
+        """One page: {"data": [...], "last_id", "has_more"}; pass `last_id` as `after` for the next."""
+        params = {"project": project, "status": status, "storyboard_id": storyboard_id, "after": after}
+        params = {key: value for key, value in params.items() if value is not None}
+        return self._json(self.http.get("/v1/videos", params={**params, "limit": limit}))
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._json(self.http.delete(f"/v1/videos/{job_id}"))
+
+    def remix(self, job_id: str, prompt: str, **fields: Any) -> dict[str, Any]:
+        return self._json(self.http.post(f"/v1/videos/{job_id}/remix", json={"prompt": prompt, **fields}))
+
+    def download(self, job_id: str, path: Path, *, variant: Literal["video", "thumbnail"] = "video") -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self.http.stream("GET", f"/v1/videos/{job_id}/content", follow_redirects=True) as response:
+        url = f"/v1/videos/{job_id}/content"
+        with self.http.stream("GET", url, params={"variant": variant}, follow_redirects=True) as response:
             if response.status_code != 200:
                 response.read()
                 self._json(response)
@@ -40,12 +65,23 @@ class PrevizClient:
                     out.write(chunk)
         return path
 
+    # -- storyboards --------------------------------------------------------------------------------------
+
+    def create_storyboard(
+        self, body: dict[str, Any], *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._json(self.http.post("/v1/storyboards", json=body, headers=headers))
+
+    def get_storyboard(self, storyboard_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/storyboards/{storyboard_id}"))
+
     @staticmethod
     def _json(response: httpx.Response) -> dict[str, Any]:
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError):
                 error = {"code": "http_error", "message": response.text[:500]}
-            raise PrevizApiError(response.status_code, error["code"], error["message"])
+            raise PrevizApiError(response.status_code, error["code"], error["message"], error.get("param"))
         return response.json()

@@ -48,6 +48,9 @@ class PrevizArgs(BaseModel):
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."
     )
     max_queued_jobs: int = Field(1000, ge=1, description="Bound of the queue; beyond it new jobs get 429.")
+    max_queued_jobs_per_project: int | None = Field(
+        None, ge=1, description="Bound of one project's queued jobs (none by default); beyond it 429."
+    )
     max_attempts: int = Field(
         3, ge=1, description="Runs of one job before it fails for good (restarts, crashes)."
     )

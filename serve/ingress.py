@@ -1,18 +1,37 @@
-"""The HTTP Ingress: accepts jobs durably (job store first), reports state, serves finished clips.
+"""The HTTP Ingress: the OpenAI-compatible Videos API plus studio extensions (storyboards, live events).
 
 A job is accepted once its row is committed; the Scheduler is only nudged, so a job posted while the
-Scheduler restarts is still picked up.
+Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code", "message", "param"}}`.
+
+    POST   /v1/videos                   create (JSON, or multipart form as the openai package sends it)
+    GET    /v1/videos                   list, cursor paged (after, limit, order; project, status filters)
+    GET    /v1/videos/{id}              one video (sends `openai-poll-after-ms` while it runs)
+    DELETE /v1/videos/{id}              cancel a queued or running video (409 once finished)
+    GET    /v1/videos/{id}/content      the mp4 (`variant=thumbnail`: a JPEG poster frame)
+    POST   /v1/videos/{id}/remix        same seed and settings, new prompt
+    GET    /v1/videos/{id}/events       server-sent events: stage and step progress
+    POST   /v1/storyboards              shots × variants, all created at once
+    GET    /v1/storyboards/{id}         every shot's videos, states and links
+
+Keys: `Authorization: Bearer KEY` is accepted with any key (or none) and names no project until
+per-project keys exist; a request names its project in the body (`project`, default "default").
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
-from typing import Annotated, ClassVar
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, ClassVar, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -20,53 +39,93 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.prompt import compose_prompt
 from pipeline.spec import ModelSpec, RequestSpec, describe_validation_error, resolve
-from serve.api import ErrorBody, ErrorResponse, JobCreate, JobPublic
+from pipeline.upscale import upscale_target_size
+from serve.api import (
+    SERVED_MODEL,
+    SERVED_MODEL_ALIASES,
+    ErrorResponse,
+    GenerationSettings,
+    Video,
+    VideoCreate,
+    VideoDeleted,
+    VideoError,
+    VideoList,
+    VideoRemix,
+    VideoState,
+)
 from serve.config import PrevizArgs
-from serve.jobs import JobRecord, JobStatus, JobStore, QueueFull
+from serve.errors import ApiError, error_response, invalid
+from serve.forms import read_fields
+from serve.jobs import CancelResult, JobEvent, JobRecord, JobStatus, JobStore, QueueFull, new_storyboard_id
 from serve.storage import ArtifactNotFoundError, ArtifactStore, make_store
+from serve.storyboards import (
+    MAX_STORYBOARD_VIDEOS,
+    Storyboard,
+    StoryboardCreate,
+    StoryboardShotState,
+    StoryboardVideo,
+    board_status,
+    expand,
+)
 
 logger = logging.getLogger("ray.serve")
+
+MAX_UPSCALED_SIDE = 3840
+POLL_AFTER_MS: dict[str, int] = {"queued": 1000, "in_progress": 500}  # what `openai-poll-after-ms` says
+EVENTS_POLL_S = 0.25  # how often an event stream looks at the job store
+EVENTS_KEEPALIVE_S = 15.0
+FINISHED: tuple[str, ...] = ("completed", "failed", "cancelled")
+API_STATE_STATUSES: dict[str, list[JobStatus]] = {
+    state: [status for status in JobStatus if status.api_state == state]
+    for state in ("queued", "in_progress", "completed", "failed", "cancelled")
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Bad input; `param` names the field."),
+        (404, "No such id."),
+        (409, "Conflicts with the video's state."),
+        (429, "The queue is full; see Retry-After."),
+        (503, "Not ready."),
+    )
+}
+_POSTER = re.compile(r"clip-a(\d+)\.mp4$")
+
 app = FastAPI(
     title="Previz",
-    summary="Studio text-to-video drafts on Wan2.2",
-    responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    summary="Studio text-to-video drafts on Wan2.2: an OpenAI-compatible Videos API with studio extensions.",
+    version="1.0",
+    responses=ERROR_RESPONSES,
 )
 
 
-class ApiError(Exception):
-    """An error answered with the one error shape."""
-
-    def __init__(self, status: int, code: str, message: str, param: str | None = None, headers=None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
-
-
-def _error_response(
-    status: int, code: str, message: str, param: str | None = None, headers=None
-) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(code=code, message=message, param=param))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+# -- errors ----------------------------------------------------------------------------------------------
 
 
 @app.exception_handler(ApiError)
 async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
-    return _error_response(error.status, error.code, error.message, error.param, error.headers)
+    return error_response(error.status, error.code, error.message, error.param, error.headers)
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
-    first = error.errors()[0]
-    location = [str(part) for part in first["loc"] if part != "body"]
-    param = ".".join(location) or None
-    message = str(first["msg"]).removeprefix("Value error, ")
-    code = "invalid_json" if first["type"] == "json_invalid" else "invalid_request"
-    return _error_response(400 if code == "invalid_json" else 422, code, message, param)
+    problem = invalid(list(error.errors()))
+    return error_response(problem.status, problem.code, problem.message, problem.param)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-    return _error_response(error.status_code, code, str(error.detail))
+    return error_response(error.status_code, code, str(error.detail), headers=getattr(error, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _internal_error(_request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unhandled error in the Ingress")
+    return error_response(500, "internal_error", f"internal error: {type(error).__name__}")
+
+
+# -- state and dependencies ------------------------------------------------------------------------------
 
 
 class IngressState:
@@ -93,7 +152,29 @@ def _current_state() -> IngressState:
     return IngressState.current
 
 
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="Any key is accepted for now (per-project keys come with the security work).",
+)
+
+
+def _api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str | None:
+    """The caller's key, if any. It names no project yet: every key (or none) may use any project."""
+    return None if credentials is None else credentials.credentials
+
+
 StateDep = Annotated[IngressState, Depends(_current_state)]
+ApiKeyDep = Annotated[str | None, Depends(_api_key)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="A retried POST with the same key (and project) returns the first job, never a second.",
+    ),
+]
 
 
 async def _job_or_404(video_id: str, state: IngressState) -> JobRecord:
@@ -103,47 +184,192 @@ async def _job_or_404(video_id: str, state: IngressState) -> JobRecord:
     return job
 
 
-def _request_spec(body: JobCreate, model: ModelSpec) -> RequestSpec:
+# -- request bodies --------------------------------------------------------------------------------------
+
+
+def _check_model(model: str) -> None:
+    if model.lower() not in SERVED_MODEL_ALIASES:
+        raise ApiError(
+            400,
+            "unknown_model",
+            f"Previz serves {SERVED_MODEL} only; `model` must be {SERVED_MODEL!r} (or omitted) "
+            f"but is {model!r}",
+            "model",
+        )
+
+
+def _job_request(
+    settings: GenerationSettings, model: ModelSpec, prefix: str = ""
+) -> tuple[dict[str, Any], str]:
+    """The stored request of one video and its bucket; an ApiError (400) names the field at fault."""
+    if settings.seconds is not None and settings.duration is not None:
+        raise ApiError(400, "invalid_value", "give `seconds` or `duration`, not both", f"{prefix}seconds")
+    if settings.size is not None and settings.resolution is not None:
+        raise ApiError(400, "invalid_value", "give `size` or `resolution`, not both", f"{prefix}size")
     try:
-        prompt = compose_prompt(body.prompt, body.shot)
+        prompt = compose_prompt(settings.prompt, settings.shot)
     except ValueError as error:
-        raise ApiError(422, "invalid_request", str(error), param="prompt") from None
-    fields = body.model_dump(include={"negative_prompt", "resolution", "aspect", "duration", "steps", "seed"})
+        raise ApiError(400, "missing_field", str(error), f"{prefix}prompt") from None
+    duration = settings.duration if settings.duration is not None else 5.0
+    if settings.seconds is not None:
+        duration = float(settings.seconds)
+    fields: dict[str, Any] = {
+        "resolution": settings.size or settings.resolution or "480p",
+        "aspect": settings.aspect,
+        "duration": duration,
+        "steps": settings.steps,
+        "seed": settings.seed,
+    }
+    if settings.negative_prompt is not None:
+        fields["negative_prompt"] = settings.negative_prompt
     try:
         spec = RequestSpec(prompt=prompt, **fields)
     except ValidationError as error:
-        first = error.errors()[0]
-        raise ApiError(
-            422, "invalid_request", describe_validation_error(error), param=str(first["loc"][0])
-        ) from None
+        location = error.errors()[0]["loc"]
+        field = str(location[0]) if location else "aspect"  # RequestSpec's one cross-field rule: aspect
+        renamed = {"duration": "seconds" if settings.seconds is not None else "duration"}
+        renamed["resolution"] = "size" if settings.size is not None else "resolution"
+        param = renamed.get(field, field)
+        message = describe_validation_error(error).replace(f"`{field}`", f"`{param}`")
+        raise ApiError(400, "invalid_value", message, prefix + param) from None
     if spec.seed is None:  # fix the seed now, so a re-run after a restart makes the same clip
         spec = spec.model_copy(update={"seed": resolve(spec, model).seed})
-    return spec
+    resolved = resolve(spec, model)
+    upscaled = upscale_target_size(settings.upscale, resolved.width, resolved.height)
+    if max(upscaled) > MAX_UPSCALED_SIDE:
+        raise ApiError(
+            400,
+            "invalid_value",
+            f"`upscale` {settings.upscale} of {resolved.width}x{resolved.height} gives "
+            f"{upscaled[0]}x{upscaled[1]}; at most {MAX_UPSCALED_SIDE} pixels a side",
+            f"{prefix}upscale",
+        )
+    request = {
+        "spec": spec.model_dump(mode="json"),
+        "finish": {
+            "upscale": settings.upscale,
+            "look": settings.look,
+            "label": "AI-generated draft" if settings.label else None,
+        },
+        "model": SERVED_MODEL,
+        "source": {
+            "prompt": settings.prompt,
+            "shot": settings.shot.model_dump(exclude_none=True) if settings.shot else None,
+        },
+    }
+    return request, f"{resolved.width}x{resolved.height}x{resolved.num_frames}"
 
 
-def _public(job: JobRecord, state: IngressState) -> JobPublic:
+def _fingerprint(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _queue_full(full: QueueFull) -> ApiError:
+    return ApiError(429, "queue_full", str(full), headers={"Retry-After": str(full.retry_after_s)})
+
+
+def _check_replay(kind: str, key: str | None, stored: dict[str, Any], fingerprint: str) -> None:
+    if stored.get("body_sha256") not in (None, fingerprint):
+        raise ApiError(
+            409,
+            "idempotency_key_reused",
+            f"Idempotency-Key {key!r} was already used for a different {kind} request in this project",
+            "Idempotency-Key",
+        )
+
+
+# -- responses -------------------------------------------------------------------------------------------
+
+
+def _unix(moment: Any) -> int | None:
+    return None if moment is None else int(moment.timestamp())
+
+
+def _video(job: JobRecord, model: ModelSpec) -> Video:
     spec = RequestSpec.model_validate(job.request["spec"])
-    resolved = resolve(spec, state.model)
-    error = ErrorBody(code=job.error_code, message=job.error_message or "") if job.error_code else None
-    return JobPublic(
+    resolved = resolve(spec, model)
+    finish = job.request.get("finish", {})
+    state = job.status.api_state
+    completed = job.status == JobStatus.SUCCEEDED
+    error = None
+    if job.status == JobStatus.FAILED:
+        error = VideoError(code=job.error_code or "failed", message=job.error_message or "")
+    elif job.status == JobStatus.CANCELLED:
+        error = VideoError(code="cancelled", message="the video was cancelled")
+    base = f"/v1/videos/{job.id}"
+    return Video(
         id=job.id,
+        model=job.request.get("model", SERVED_MODEL),
+        status=state,
+        progress=job.progress,
+        created_at=_unix(job.created_at),
+        completed_at=_unix(job.finished_at),
+        prompt=spec.prompt,
+        seconds=f"{spec.duration:g}",
+        size=f"{resolved.width}x{resolved.height}",
+        remixed_from_video_id=job.request.get("remixed_from"),
+        error=error,
         project=job.project,
         priority=job.priority,
-        status=job.status.api_state,
         stage=job.status.name.lower(),
-        progress=job.progress,
-        prompt=spec.prompt,
-        size=f"{resolved.width}x{resolved.height}",
-        num_frames=resolved.num_frames,
         seed=resolved.seed,
+        steps=resolved.steps,
+        num_frames=resolved.num_frames,
+        upscale=finish.get("upscale", "none"),
+        look=finish.get("look", "none"),
+        labels=job.labels,
+        storyboard_id=job.storyboard_id,
+        callback_url=job.request.get("callback_url"),
         attempt=job.attempt,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
+        started_at=_unix(job.started_at),
         timings=job.timings or {},
-        error=error,
-        content_url=f"/v1/videos/{job.id}/content" if job.status == JobStatus.SUCCEEDED else None,
+        content_url=f"{base}/content" if completed else None,
+        thumbnail_url=f"{base}/content?variant=thumbnail" if completed else None,
+        events_url=f"{base}/events",
     )
+
+
+def _video_response(
+    job: JobRecord, state: IngressState, status_code: int = 200, **headers: str
+) -> JSONResponse:
+    video = _video(job, state.model)
+    poll_after = POLL_AFTER_MS.get(video.status)
+    if poll_after is not None:
+        headers["openai-poll-after-ms"] = str(poll_after)
+    return JSONResponse(video.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+
+async def _create(
+    state: IngressState,
+    project: str,
+    priority: str,
+    request: dict[str, Any],
+    bucket: str,
+    labels: dict[str, Any],
+    idempotency_key: str | None,
+) -> JSONResponse:
+    try:
+        job, created = await asyncio.to_thread(
+            state.store.create,
+            project,
+            priority,
+            request,
+            bucket,
+            idempotency_key=idempotency_key,
+            labels=labels,
+            max_queued=state.args.max_queued_jobs,
+            max_queued_per_project=state.args.max_queued_jobs_per_project,
+        )
+    except QueueFull as full:
+        raise _queue_full(full) from None
+    if not created:
+        _check_replay("video", idempotency_key, job.request, request["body_sha256"])
+        return _video_response(job, state, 200, **{"Idempotent-Replayed": "true"})
+    state.scheduler.wake.remote()
+    return _video_response(job, state, 201)
+
+
+# -- routes: health --------------------------------------------------------------------------------------
 
 
 @app.get("/healthz", include_in_schema=False)
@@ -156,68 +382,418 @@ async def readyz(state: StateDep) -> Response:
     try:
         await asyncio.to_thread(state.store.count_by_status)
     except Exception as error:  # the job store is the one thing the Ingress cannot work without
-        return _error_response(503, "not_ready", f"job store unavailable: {error}")
+        return error_response(503, "not_ready", f"job store unavailable: {error}")
     return JSONResponse({"status": "ready"})
 
 
-@app.post("/v1/videos", status_code=201, response_model=JobPublic)
-async def create_video(body: JobCreate, state: StateDep) -> JSONResponse:
-    spec = _request_spec(body, state.model)
-    request = {
-        "spec": spec.model_dump(mode="json"),
-        "finish": {
-            "upscale": body.upscale,
-            "look": body.look,
-            "label": "AI-generated draft" if body.label else None,
-        },
-    }
-    resolved = resolve(spec, state.model)
-    bucket = f"{resolved.width}x{resolved.height}x{resolved.num_frames}"
-    try:
-        job, created = await asyncio.to_thread(
-            state.store.create,
-            body.project,
-            body.priority,
-            request,
-            bucket,
-            max_queued=state.args.max_queued_jobs,
-        )
-    except QueueFull as full:
+# -- routes: videos --------------------------------------------------------------------------------------
+
+_CREATE_BODY = {
+    "required": True,
+    "content": {
+        media: {"schema": {"$ref": "#/components/schemas/VideoCreate"}}
+        for media in ("application/json", "multipart/form-data")
+    },
+}
+
+
+@app.post(
+    "/v1/videos",
+    status_code=201,
+    response_model=Video,
+    openapi_extra={"requestBody": _CREATE_BODY},
+    responses={200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."}},
+    summary="Create a video",
+)
+async def create_video(
+    request: Request, state: StateDep, _key: ApiKeyDep, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    """Queue one clip. JSON or multipart form (what `openai.videos.create` sends); extra studio fields
+    are listed in the VideoCreate schema. 201 when created, 200 for a replayed Idempotency-Key."""
+    fields = await read_fields(request)
+    if fields.get("input_reference") not in (None, ""):
         raise ApiError(
-            429,
-            "queue_full",
-            f"the {full.scope} queue is full; retry in {full.retry_after_s} s",
-            headers={"Retry-After": str(full.retry_after_s)},
-        ) from None
+            400,
+            "unsupported",
+            "`input_reference` is not supported: Previz is text-to-video",
+            "input_reference",
+        )
+    fields.pop("input_reference", None)
+    try:
+        body = VideoCreate.model_validate(fields)
+    except ValidationError as error:
+        raise invalid(list(error.errors())) from None
+    _check_model(body.model)
+    job_request, bucket = _job_request(body, state.model)
+    job_request["callback_url"] = str(body.callback_url) if body.callback_url else None
+    job_request["body_sha256"] = _fingerprint(body.model_dump(mode="json"))
+    return await _create(
+        state, body.project, body.priority, job_request, bucket, body.labels, idempotency_key
+    )
+
+
+@app.get("/v1/videos", response_model=VideoList, summary="List videos")
+async def list_videos(
+    state: StateDep,
+    _key: ApiKeyDep,
+    after: Annotated[
+        str | None, Query(max_length=64, description="The last id of the previous page.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Videos per page.")] = 20,
+    order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
+    project: Annotated[str | None, Query(max_length=64, description="Only this project's videos.")] = None,
+    status: Annotated[VideoState | None, Query(description="Only videos in this state.")] = None,
+    storyboard_id: Annotated[str | None, Query(max_length=64, description="Only this storyboard's.")] = None,
+) -> VideoList:
+    jobs = await asyncio.to_thread(
+        state.store.list,
+        project=project,
+        statuses=API_STATE_STATUSES[status] if status else None,
+        storyboard_id=storyboard_id,
+        after=after,
+        limit=limit + 1,
+        order=order,
+    )
+    page = [_video(job, state.model) for job in jobs[:limit]]
+    return VideoList(
+        data=page,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(jobs) > limit,
+    )
+
+
+@app.get("/v1/videos/{video_id}", response_model=Video, summary="Retrieve a video")
+async def get_video(video_id: str, state: StateDep, _key: ApiKeyDep) -> JSONResponse:
+    return _video_response(await _job_or_404(video_id, state), state)
+
+
+@app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, summary="Cancel a video")
+async def delete_video(video_id: str, state: StateDep, _key: ApiKeyDep) -> VideoDeleted:
+    """Cancel a queued or running video and free its slot in the pipeline (the record stays, status
+    `cancelled`). A finished video cannot be cancelled: 409 `already_finished`."""
+    result = await asyncio.to_thread(state.store.cancel, video_id)
+    if result == CancelResult.NOT_FOUND:
+        raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
+    if result == CancelResult.ALREADY_FINISHED:
+        job = await _job_or_404(video_id, state)
+        raise ApiError(
+            409,
+            "already_finished",
+            f"video {video_id} is already {job.status.api_state}; "
+            "only queued or running videos can be cancelled",
+            param="video_id",
+        )
+    state.scheduler.cancel.remote(video_id)  # stop its pipeline now; the slot frees and the queue moves
     state.scheduler.wake.remote()
-    return JSONResponse(_public(job, state).model_dump(mode="json"), status_code=201 if created else 200)
-
-
-@app.get("/v1/videos/{video_id}", response_model=JobPublic)
-async def get_video(video_id: str, state: StateDep) -> JobPublic:
-    return _public(await _job_or_404(video_id, state), state)
+    return VideoDeleted(id=video_id)
 
 
 @app.get(
     "/v1/videos/{video_id}/content",
     response_class=FileResponse,
-    responses={200: {"content": {"video/mp4": {}}}},
+    responses={
+        200: {"content": {"video/mp4": {}, "image/jpeg": {}}, "description": "The mp4 or the poster frame."},
+        307: {"description": "Redirect to the artifact store (presigned URL)."},
+    },
+    summary="Download a video's content",
 )
-async def get_video_content(video_id: str, state: StateDep) -> Response:
+async def get_video_content(
+    video_id: str,
+    state: StateDep,
+    _key: ApiKeyDep,
+    variant: Annotated[
+        Literal["video", "thumbnail", "spritesheet"],
+        Query(description="`video` (mp4) or `thumbnail` (JPEG)."),
+    ] = "video",
+) -> Response:
     job = await _job_or_404(video_id, state)
+    if variant == "spritesheet":
+        raise ApiError(
+            400, "unsupported", "the `spritesheet` variant is not available; use `thumbnail`", "variant"
+        )
     if job.status != JobStatus.SUCCEEDED or job.artifact_uri is None:
         raise ApiError(
             409,
-            "not_ready",
+            "video_not_ready",
             f"video {video_id} is {job.status.api_state}; its content exists once completed",
+            param="video_id",
+        )
+    key, media_type, filename = job.artifact_uri, "video/mp4", f"{job.id}.mp4"
+    if variant == "thumbnail":
+        key, media_type, filename = _POSTER.sub(r"poster-a\1.jpg", key), "image/jpeg", f"{job.id}.jpg"
+        if key == job.artifact_uri:
+            raise ApiError(404, "artifact_missing", f"video {video_id} has no poster frame")
+    try:
+        path = state.artifacts.local_path(key)
+    except ArtifactNotFoundError:
+        raise ApiError(
+            404, "artifact_missing", f"the {variant} of video {video_id} is no longer stored"
+        ) from None
+    if path is not None:
+        return FileResponse(path, media_type=media_type, filename=filename)
+    return RedirectResponse(state.artifacts.url(key), status_code=307)
+
+
+@app.post(
+    "/v1/videos/{video_id}/remix",
+    status_code=201,
+    response_model=Video,
+    responses={200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."}},
+    summary="Remix a video",
+)
+async def remix_video(
+    video_id: str, body: VideoRemix, state: StateDep, _key: ApiKeyDep, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    """A new video with the source's seed, size, length, steps and finish, and a new prompt
+    ("what if he wore a blue coat"). The source may be in any state."""
+    source = await _job_or_404(video_id, state)
+    try:
+        prompt = compose_prompt(body.prompt, body.shot)
+    except ValueError as error:
+        raise ApiError(400, "missing_field", str(error), "prompt") from None
+    try:
+        spec = RequestSpec.model_validate({**source.request["spec"], "prompt": prompt})
+    except ValidationError as error:
+        raise ApiError(400, "invalid_value", describe_validation_error(error), "prompt") from None
+    request = {
+        **source.request,
+        "spec": spec.model_dump(mode="json"),
+        "source": {
+            "prompt": body.prompt,
+            "shot": body.shot.model_dump(exclude_none=True) if body.shot else None,
+        },
+        "remixed_from": source.id,
+        "storyboard": None,
+        "body_sha256": _fingerprint({"remix_of": source.id, **body.model_dump(mode="json")}),
+    }
+    labels = body.labels if body.labels is not None else source.labels
+    return await _create(
+        state,
+        source.project,
+        body.priority or source.priority,
+        request,
+        source.bucket,
+        labels,
+        idempotency_key,
+    )
+
+
+@app.get(
+    "/v1/videos/{video_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."}},
+    summary="Stream a video's progress",
+)
+async def video_events(
+    video_id: str,
+    state: StateDep,
+    _key: ApiKeyDep,
+    last_event_id: Annotated[
+        int | None, Header(alias="Last-Event-ID", ge=0, description="Resume after this event id.")
+    ] = None,
+) -> StreamingResponse:
+    """Server-sent events until the video finishes. `event:` is the kind: the job's log (`created`,
+    `claimed`, `stage`, `progress`, `requeued`, `succeeded`, `failed`, `cancelled`, each with an `id:`
+    to resume from), `status` whenever its stage or step progress moves
+    (`{"status", "stage", "progress", "stage_progress"}`), and a last `done` carrying the video object."""
+    await _job_or_404(video_id, state)
+    return StreamingResponse(
+        _event_stream(video_id, state, last_event_id or 0),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _sse(kind: str, data: dict[str, Any], event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+def _event_data(event: JobEvent) -> dict[str, Any]:
+    data = {"id": event.id, "type": event.kind, "at": event.at.isoformat(), **event.data}
+    if "status" in event.data:
+        data["stage"] = str(event.data["status"]).lower()
+    return data
+
+
+async def _event_stream(video_id: str, state: IngressState, after_id: int) -> AsyncIterator[str]:
+    last_status: tuple[Any, ...] | None = None
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    yield "retry: 1000\n\n"
+    while True:
+        # Read the job first: when it is finished, every event it will ever have is committed already.
+        job = await asyncio.to_thread(state.store.get, video_id)
+        if job is None:
+            return
+        events = await asyncio.to_thread(state.store.events, video_id, after_id=after_id)
+        for event in events:
+            after_id = event.id
+            yield _sse(event.kind, _event_data(event), event.id)
+        status = (job.status, job.progress, round(job.stage_progress, 3))
+        if status != last_status:
+            last_status = status
+            yield _sse(
+                "status",
+                {
+                    "status": job.status.api_state,
+                    "stage": job.status.name.lower(),
+                    "progress": job.progress,
+                    "stage_progress": job.stage_progress,
+                },
+            )
+            quiet_since = loop.time()
+        if job.is_finished:
+            yield _sse("done", _video(job, state.model).model_dump(mode="json"))
+            return
+        if events:
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since > EVENTS_KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            quiet_since = loop.time()
+        await asyncio.sleep(EVENTS_POLL_S)
+
+
+# -- routes: storyboards ---------------------------------------------------------------------------------
+
+
+@app.post(
+    "/v1/storyboards",
+    status_code=201,
+    response_model=Storyboard,
+    responses={200: {"model": Storyboard, "description": "A replay of an Idempotency-Key."}},
+    summary="Create a storyboard",
+)
+async def create_storyboard(
+    body: StoryboardCreate, state: StateDep, _key: ApiKeyDep, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    """Every shot × variant (seeds × grid) becomes a video of the board's project, all created in one
+    transaction (a full queue refuses all of them: 429). They share the project's fair share."""
+    _check_model(body.model)
+    if body.num_videos > MAX_STORYBOARD_VIDEOS:
+        raise ApiError(
+            400,
+            "too_many_videos",
+            f"the board asks for {body.num_videos} videos ({len(body.shots)} shots × "
+            f"{body.variants.num_variants} variants); at most {MAX_STORYBOARD_VIDEOS} in one storyboard",
+            "variants",
         )
     try:
-        path = state.artifacts.local_path(job.artifact_uri)
-    except ArtifactNotFoundError:
-        raise ApiError(404, "artifact_missing", f"the clip of video {video_id} is no longer stored") from None
-    if path is not None:
-        return FileResponse(path, media_type="video/mp4", filename=f"{job.id}.mp4")
-    return RedirectResponse(state.artifacts.url(job.artifact_uri), status_code=307)
+        planned = expand(body)
+    except ValidationError as error:
+        raise invalid(list(error.errors()), "variants.grid.") from None
+    storyboard_id = new_storyboard_id()
+    videos = []
+    for video in planned:
+        request, bucket = _job_request(video.settings, state.model, f"shots.{video.shot_index}.")
+        shot = body.shots[video.shot_index]
+        request["callback_url"] = str(body.callback_url) if body.callback_url else None
+        request["storyboard"] = {
+            "id": storyboard_id,
+            "shot": video.shot_index,
+            "variant": video.variant_index,
+            "name": shot.name,
+            "grid": video.grid,
+        }
+        videos.append((body.priority, request, bucket, {**body.labels, **shot.labels}))
+    board_request = {
+        **body.model_dump(mode="json"),
+        "body_sha256": _fingerprint(body.model_dump(mode="json")),
+    }
+    try:
+        record, created = await asyncio.to_thread(
+            state.store.create_storyboard,
+            storyboard_id,
+            body.project,
+            body.title,
+            board_request,
+            videos,
+            idempotency_key=idempotency_key,
+            max_queued=state.args.max_queued_jobs,
+            max_queued_per_project=state.args.max_queued_jobs_per_project,
+        )
+    except QueueFull as full:
+        raise _queue_full(full) from None
+    if created:
+        state.scheduler.wake.remote()
+    else:
+        _check_replay("storyboard", idempotency_key, record.request, board_request["body_sha256"])
+    board = await _storyboard(record.id, state)
+    headers = {} if created else {"Idempotent-Replayed": "true"}
+    return JSONResponse(board.model_dump(mode="json"), status_code=201 if created else 200, headers=headers)
+
+
+@app.get("/v1/storyboards/{storyboard_id}", response_model=Storyboard, summary="Retrieve a storyboard")
+async def get_storyboard(storyboard_id: str, state: StateDep, _key: ApiKeyDep) -> Storyboard:
+    return await _storyboard(storyboard_id, state)
+
+
+async def _storyboard(storyboard_id: str, state: IngressState) -> Storyboard:
+    record = await asyncio.to_thread(state.store.get_storyboard, storyboard_id)
+    if record is None:
+        raise ApiError(404, "not_found", f"no storyboard with id {storyboard_id!r}", param="storyboard_id")
+    jobs = await asyncio.to_thread(
+        state.store.list, storyboard_id=storyboard_id, order="asc", limit=max(1, min(record.num_jobs, 1000))
+    )
+    shots = [
+        StoryboardShotState(index=index, name=shot.get("name"), prompt="", videos=[])
+        for index, shot in enumerate(record.request["shots"])
+    ]
+    counts: dict[str, int] = {}
+    for job in jobs:
+        video = _video(job, state.model)
+        place = job.request.get("storyboard") or {}
+        shot = shots[place.get("shot", 0)]
+        shot.prompt = shot.prompt or video.prompt
+        counts[video.status] = counts.get(video.status, 0) + 1
+        shot.videos.append(
+            StoryboardVideo(
+                video_id=job.id,
+                variant=place.get("variant", 0),
+                seed=video.seed,
+                grid=place.get("grid", {}),
+                status=video.status,
+                stage=video.stage,
+                progress=video.progress,
+                url=f"/v1/videos/{job.id}",
+                content_url=video.content_url,
+                thumbnail_url=video.thumbnail_url,
+                error=video.error.model_dump() if video.error else None,
+            )
+        )
+    states = [video.status for shot in shots for video in shot.videos]
+    return Storyboard(
+        id=record.id,
+        project=record.project,
+        title=record.title,
+        created_at=_unix(record.created_at),
+        status=board_status(states) if states else "queued",
+        progress=round(sum(job.progress for job in jobs) / len(jobs)) if jobs else 0,
+        num_videos=len(jobs),
+        counts=counts,
+        shots=shots,
+    )
+
+
+# -- OpenAPI: the create body is read by hand (JSON or form), so its schema is added here -----------------
+
+
+def _openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, description=__doc__, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        generated = VideoCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in generated.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components["VideoCreate"] = generated
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=512, health_check_period_s=10)

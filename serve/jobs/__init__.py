@@ -32,7 +32,9 @@ from serve.jobs.models import (
     JobStatus,
     Priority,
     QueueFull,
+    StoryboardRecord,
     new_job_id,
+    new_storyboard_id,
 )
 from serve.jobs.store import DEFAULT_URL, JobStore
 
@@ -49,5 +51,7 @@ __all__ = [
     "JobStore",
     "Priority",
     "QueueFull",
+    "StoryboardRecord",
     "new_job_id",
+    "new_storyboard_id",
 ]

@@ -133,6 +133,19 @@ class JobRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class StoryboardRecord:
+    """One storyboard as stored: what was asked for; its videos are the jobs with its `storyboard_id`."""
+
+    id: str  # "sb_" + 24 hex; sorts by creation time
+    project: str
+    title: str | None
+    request: dict[str, Any]  # the validated storyboard request, as JSON
+    num_jobs: int  # videos created with it
+    idempotency_key: str | None  # unique per project when set
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class JobEvent:
     """One entry of a job's event log; ids increase in commit order per job (the streaming cursor)."""
 
@@ -169,6 +182,11 @@ class _IdClock:
 
 
 new_job_id = _IdClock().next_id
+
+
+def new_storyboard_id() -> str:
+    """`sb_` + the same time-ordered 24 hex as job ids."""
+    return "sb_" + new_job_id().removeprefix("vid_")
 
 
 def utcnow() -> datetime:

@@ -115,6 +115,19 @@ job_events = Table(
     sqlite_autoincrement=True,
 )
 
+storyboards = Table(
+    "storyboards",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("project", String(200), nullable=False),
+    Column("title", String(200)),
+    Column("request", JSONDoc, nullable=False),
+    Column("num_jobs", Integer, nullable=False),
+    Column("idempotency_key", String(255)),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("project", "idempotency_key", name="uq_storyboards_project_idempotency_key"),
+)
+
 # Keys of PostgreSQL transaction-level advisory locks (any int64; these spell ASCII tags).
 SCHEMA_LOCK_KEY = int.from_bytes(b"pvz-schm")
 QUEUE_LOCK_KEY = int.from_bytes(b"pvz-queu")

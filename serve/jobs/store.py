@@ -28,10 +28,11 @@ from serve.jobs.models import (
     JobStatus,
     Priority,
     QueueFull,
+    StoryboardRecord,
     new_job_id,
     utcnow,
 )
-from serve.jobs.schema import QUEUE_LOCK_KEY, SCHEMA_LOCK_KEY, job_events, jobs, metadata
+from serve.jobs.schema import QUEUE_LOCK_KEY, SCHEMA_LOCK_KEY, job_events, jobs, metadata, storyboards
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +236,75 @@ class JobStore:
         )
         with self._read() as conn:
             return [JobEvent(**row._asdict()) for row in conn.execute(query)]
+
+    # -- storyboards --------------------------------------------------------------------------------------
+
+    def create_storyboard(
+        self,
+        storyboard_id: str,
+        project: str,
+        title: str | None,
+        request: dict[str, Any],
+        videos: builtins.list[tuple[Priority, dict[str, Any], str, dict[str, Any]]],
+        *,
+        idempotency_key: str | None = None,
+        max_queued: int | None = None,
+        max_queued_per_project: int | None = None,
+    ) -> tuple[StoryboardRecord, bool]:
+        """Store a storyboard and queue all its `videos` (priority, request, bucket, labels) in ONE
+        transaction, as jobs of `project` with this `storyboard_id`; return `(storyboard, True)`.
+
+        All or nothing: when the jobs would push a queue past `max_queued` / `max_queued_per_project`,
+        raise QueueFull and write nothing. An `idempotency_key` already used for a storyboard of this
+        project returns `(existing storyboard, False)` and writes nothing.
+        """
+        if not videos:
+            raise ValueError("A storyboard needs at least one video.")
+        for priority, *_ in videos:
+            if priority not in PRIORITIES:
+                raise ValueError(f"`priority` must be 'interactive' or 'batch' but is {priority!r}.")
+        now = utcnow()
+        board = {
+            "id": storyboard_id,
+            "project": project,
+            "title": title,
+            "request": request,
+            "num_jobs": len(videos),
+            "idempotency_key": idempotency_key,
+            "created_at": now,
+        }
+        try:
+            with self._write() as conn:
+                bounded = max_queued is not None or max_queued_per_project is not None
+                if bounded and self.backend == "postgresql":
+                    conn.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
+                if idempotency_key is not None:
+                    existing = _storyboard_by_idempotency_key(conn, project, idempotency_key)
+                    if existing is not None:
+                        return existing, False
+                if bounded:
+                    self._check_room(conn, project, len(videos), max_queued, max_queued_per_project)
+                record = StoryboardRecord(
+                    **conn.execute(insert(storyboards).values(board).returning(storyboards)).one()._asdict()
+                )
+                for priority, job_request, bucket, labels in videos:
+                    row = _new_job_row(project, priority, job_request, bucket, labels, now)
+                    conn.execute(insert(jobs).values({**row, "storyboard_id": storyboard_id}))
+                    _log_event(conn, row["id"], "created", {"priority": priority, "bucket": bucket}, now)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            with self._read() as conn:
+                existing = _storyboard_by_idempotency_key(conn, project, idempotency_key)
+            if existing is None:
+                raise
+            return existing, False
+        return record, True
+
+    def get_storyboard(self, storyboard_id: str) -> StoryboardRecord | None:
+        with self._read() as conn:
+            row = conn.execute(select(storyboards).where(storyboards.c.id == storyboard_id)).one_or_none()
+        return None if row is None else StoryboardRecord(**row._asdict())
 
     # -- state changes ------------------------------------------------------------------------------------
 
@@ -466,6 +536,67 @@ class JobStore:
             and conn.scalar(queued.where(jobs.c.project == project)) >= max_queued_per_project
         ):
             raise QueueFull(_retry_after_s(conn), "project", max_queued_per_project)
+
+    def _check_room(
+        self,
+        conn: Connection,
+        project: str,
+        num_new: int,
+        max_queued: int | None,
+        max_queued_per_project: int | None,
+    ) -> None:
+        """Like _check_queue_bounds, for `num_new` jobs at once."""
+        queued = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
+        if max_queued is not None and conn.scalar(queued) + num_new > max_queued:
+            raise QueueFull(_retry_after_s(conn), "global", max_queued)
+        if (
+            max_queued_per_project is not None
+            and conn.scalar(queued.where(jobs.c.project == project)) + num_new > max_queued_per_project
+        ):
+            raise QueueFull(_retry_after_s(conn), "project", max_queued_per_project)
+
+
+def _new_job_row(
+    project: str,
+    priority: Priority,
+    request: dict[str, Any],
+    bucket: str,
+    labels: dict[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    """A fresh QUEUED job row (as create() writes one)."""
+    return {
+        "id": new_job_id(),
+        "project": project,
+        "priority": priority,
+        "request": request,
+        "bucket": bucket,
+        "status": JobStatus.QUEUED,
+        "stage_progress": 0.0,
+        "progress": 0,
+        "attempt": 0,
+        "claimed_by": None,
+        "created_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": now,
+        "timings": {},
+        "error_code": None,
+        "error_message": None,
+        "artifact_uri": None,
+        "artifact_bytes": None,
+        "idempotency_key": None,
+        "labels": dict(labels),
+        "seed": None,
+        "deadline": None,
+        "storyboard_id": None,
+    }
+
+
+def _storyboard_by_idempotency_key(conn: Connection, project: str, key: str) -> StoryboardRecord | None:
+    query = select(storyboards).where(storyboards.c.project == project, storyboards.c.idempotency_key == key)
+    row = conn.execute(query).one_or_none()
+    return None if row is None else StoryboardRecord(**row._asdict())
 
 
 def _create_engine(url: str, busy_timeout_s: float) -> Engine:

@@ -1,0 +1,66 @@
+"""The one error shape of the HTTP API: `{"error": {"code", "message", "param"}}`, and how pydantic's
+validation errors map onto it (400 with the field named)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from serve.api import ErrorBody, ErrorResponse
+
+
+class ApiError(Exception):
+    """An error answered with the one error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
+
+
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, param=param))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def error_code(pydantic_type: str) -> str:
+    """Our error code for a pydantic error type."""
+    if pydantic_type == "missing":
+        return "missing_field"
+    if pydantic_type == "extra_forbidden":
+        return "unknown_field"
+    if pydantic_type == "json_invalid":
+        return "invalid_json"
+    if pydantic_type.endswith(("_type", "_parsing")) or pydantic_type in ("int_from_float", "url_scheme"):
+        return "invalid_type" if pydantic_type != "url_scheme" else "invalid_value"
+    return "invalid_value"
+
+
+def is_type_tag(part: str) -> bool:
+    """Pydantic puts the tried member of a union into the error location (`seconds.float`)."""
+    return part in ("str", "float", "int", "bool", "constrained-str", "constrained-int") or "[" in part
+
+
+def invalid(errors: list[dict[str, Any]], prefix: str = "") -> ApiError:
+    """A 400 for the first of pydantic's `errors`, naming its field (dotted, after `prefix`)."""
+    first = errors[0]
+    parts = [str(part) for part in first["loc"] if part not in ("body", "query", "path", "header", "cookie")]
+    # unions add their member's type to the location (`seconds.str`): drop those
+    parts = [part for part in parts if not is_type_tag(part)]
+    param = prefix + ".".join(parts) if parts else (prefix.rstrip(".") or None)
+    if first["type"] == "json_invalid":  # its location is a character offset, not a field
+        param = None
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if param and first["type"] != "json_invalid" and f"`{param}`" not in message:
+        message = f"`{param}`: {message}"
+    code = error_code(first["type"])
+    return ApiError(400, code, message, param)

@@ -1,0 +1,128 @@
+"""Reading a create request's body: JSON, a multipart form (what the openai package sends) or a
+urlencoded form, with bracketed keys (`shot[camera]`) nested the way the openai package writes them."""
+
+from __future__ import annotations
+
+import json
+import re
+from email import policy
+from email.parser import BytesParser
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import Request
+
+from serve.errors import ApiError
+
+MAX_BODY_BYTES = 1 << 20  # a create request is a few KB; 1 MiB leaves room for long shot specs
+
+
+async def read_fields(request: Request) -> dict[str, Any]:
+    """The create request's fields, from JSON, a multipart form (the openai package) or a urlencoded form.
+
+    Form keys in bracket notation nest as the openai package writes them: `shot[camera]`, `labels[take]`."""
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(
+            413, "request_too_large", f"the request body has {len(body):,} bytes; at most {MAX_BODY_BYTES:,}"
+        )
+    content_type = request.headers.get("content-type", "application/json")
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        fields = unflatten(multipart_items(content_type, body))
+    elif media_type == "application/x-www-form-urlencoded":
+        try:
+            items = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise ApiError(400, "invalid_form", f"the form body cannot be read: {error}") from None
+        fields = unflatten(items)
+    elif media_type == "application/json" or media_type.endswith("+json"):
+        if not body.strip():
+            raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object")
+        try:
+            fields = json.loads(body)
+        except (ValueError, RecursionError) as error:
+            raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {error}") from None
+        if not isinstance(fields, dict):
+            raise ApiError(
+                400, "invalid_json", f"the request body must be a JSON object, not {type(fields).__name__}"
+            )
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send application/json or multipart/form-data, not {media_type!r}",
+        )
+    check_text(fields, "")
+    return fields
+
+
+def check_text(value: Any, where: str) -> None:
+    """Reject text no database can store: NUL characters and unpaired surrogates."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ApiError(
+                400, "invalid_value", f"`{where or 'body'}` contains a NUL character", where or None
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(
+                400, "invalid_value", f"`{where or 'body'}` is not valid Unicode", where or None
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, where)
+            check_text(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_text(item, f"{where}.{index}")
+
+
+def multipart_items(content_type: str, body: bytes) -> list[tuple[str, Any]]:
+    header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    message = BytesParser(policy=policy.HTTP).parsebytes(header + body)
+    if not message.is_multipart():
+        raise ApiError(400, "invalid_form", "the multipart body cannot be read (check its boundary)")
+    items: list[tuple[str, Any]] = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "invalid_form", "a multipart part has no field name")
+        if part.get_filename() is not None:
+            items.append((name, {"filename": part.get_filename()}))  # an upload: rejected by the schema
+            continue
+        payload = part.get_payload(decode=True) or b""
+        try:
+            items.append((name, payload.decode("utf-8")))
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_form", f"form field {name!r} is not UTF-8 text", name) from None
+    return items
+
+
+def unflatten(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`[("shot[camera]", "dolly"), ("seeds[]", "1"), ("seeds[]", "2")]` -> {"shot": {"camera": ...}, ...}."""
+    fields: dict[str, Any] = {}
+    for key, value in items:
+        match = re.fullmatch(r"([^\[\]]+)((?:\[[^\[\]]*\])*)", key)
+        if match is None:
+            raise ApiError(400, "invalid_form", f"form field name {key!r} is malformed", key)
+        path = [match.group(1), *re.findall(r"\[([^\[\]]*)\]", match.group(2))]
+        target: Any = fields
+        for part, following in zip(path, [*path[1:], None], strict=True):
+            valid = part != "" if isinstance(target, dict) else part == "" and following is None
+            if not valid:
+                raise ApiError(400, "invalid_form", f"form field name {key!r} is not supported", key)
+            if following is None:
+                if isinstance(target, list):
+                    target.append(value)
+                elif part in target:
+                    raise ApiError(400, "invalid_form", f"form field {key!r} is given twice", key)
+                else:
+                    target[part] = value
+                break
+            child = target.setdefault(part, [] if following == "" else {})
+            if not isinstance(child, list if following == "" else dict):
+                raise ApiError(400, "invalid_form", f"form field {key!r} conflicts with another field", key)
+            target = child
+    return fields

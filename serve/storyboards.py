@@ -1,0 +1,206 @@
+"""Storyboards: many shots, each in several variants (seeds, a small grid over shot fields), as one request.
+
+    {"project": "dune", "title": "act 1",
+     "shots": [{"name": "1A", "shot": {"character": "a fremen", "action": "runs"}}, ...],
+     "variants": {"seeds": 2,
+                  "grid": {"camera": ["dolly-in", "crane up", "handheld"], "look": ["none", "film"]}}}
+
+`expand()` turns it into one planned video per shot × seed × grid point (plain data, no store); the
+Ingress creates them all in one transaction under one storyboard id, so the Scheduler sees them as one
+project's jobs (one fair share) and a queue bound refuses all of them or none.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.prompt import ShotSpec
+from pipeline.spec import MAX_SEED
+from serve.api import (
+    MAX_LABELS,
+    SERVED_MODEL,
+    GenerationSettings,
+    LabelKey,
+    LabelValue,
+    Project,
+    VideoState,
+)
+
+MAX_SHOTS = 100
+MAX_SEEDS = 16
+MAX_STORYBOARD_VIDEOS = 200
+SHOT_FIELDS = ("character", "action", "environment", "camera", "style")
+GridField = Literal["character", "action", "environment", "camera", "style", "look"]
+
+
+class StoryboardShot(GenerationSettings):
+    """One shot of a storyboard: the settings of a video, plus a name."""
+
+    name: str | None = Field(None, max_length=64, description="The shot's name on the board, e.g. `12A`.")
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=MAX_LABELS, description="Labels of this shot's videos."
+    )
+
+
+class VariantPlan(BaseModel):
+    """Which variants of every shot to generate: seeds × the grid's combinations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seeds: int | list[int] = Field(
+        1,
+        description=f"How many seeds per shot (1–{MAX_SEEDS}: the shot's `seed`, then +1, +2 …; random "
+        "when it has none), or the exact seeds.",
+    )
+    grid: dict[GridField, list[str]] = Field(
+        default_factory=dict,
+        description="Shot fields (or `look`) to vary, each over a few values: every combination is a "
+        'variant, e.g. {"camera": ["dolly-in", "crane up", "handheld"], "look": ["none", "film"]}.',
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> VariantPlan:
+        if isinstance(self.seeds, int) and not 1 <= self.seeds <= MAX_SEEDS:
+            raise ValueError(f"`seeds` must be between 1 and {MAX_SEEDS} but is {self.seeds}.")
+        if isinstance(self.seeds, list):
+            if not 1 <= len(self.seeds) <= MAX_SEEDS:
+                raise ValueError(f"`seeds` must list 1 to {MAX_SEEDS} seeds but lists {len(self.seeds)}.")
+            if any(not 0 <= seed <= MAX_SEED for seed in self.seeds):
+                raise ValueError(f"every seed in `seeds` must be between 0 and {MAX_SEED}.")
+        for field, values in self.grid.items():
+            if not 1 <= len(values) <= 8 or any(not value.strip() or len(value) > 2000 for value in values):
+                raise ValueError(
+                    f"`grid.{field}` must list 1 to 8 non-empty values (each ≤ 2000 characters)."
+                )
+        if "look" in self.grid and set(self.grid["look"]) - {"none", "film"}:
+            raise ValueError(f"`grid.look` values must be 'none' or 'film' but are {self.grid['look']}.")
+        return self
+
+    @property
+    def num_variants(self) -> int:
+        num_seeds = self.seeds if isinstance(self.seeds, int) else len(self.seeds)
+        combinations = 1
+        for values in self.grid.values():
+            combinations *= len(values)
+        return num_seeds * combinations
+
+
+class StoryboardCreate(BaseModel):
+    """Shots and a variant plan: every shot × variant becomes a video, all created at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(SERVED_MODEL, description="The served model (as for videos).")
+    project: Project = Field("default", description="Project of every video of the board.")
+    title: str | None = Field(None, max_length=200, description="A name for people.")
+    priority: Literal["interactive", "batch"] = Field("batch", description="Priority of every video.")
+    shots: list[StoryboardShot] = Field(
+        min_length=1, max_length=MAX_SHOTS, description="The shots, in order."
+    )
+    variants: VariantPlan = Field(default_factory=VariantPlan, description="Variants of every shot.")
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=MAX_LABELS, description="Labels of every video (shots add theirs)."
+    )
+    callback_url: AnyHttpUrl | None = Field(None, description="Recorded with every video of the board.")
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.shots) * self.variants.num_variants
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedVideo:
+    """One video of a storyboard before it is a job."""
+
+    shot_index: int  # position of its shot in `shots`
+    variant_index: int  # position among the shot's variants
+    settings: GenerationSettings  # the shot's settings with this variant's seed and grid values applied
+    grid: dict[str, str]  # grid field -> value of this variant
+
+
+def expand(board: StoryboardCreate) -> list[PlannedVideo]:
+    """Every shot × seed × grid combination, shot by shot, in a stable order.
+
+    Raises ValueError (naming the shot) when a grid value makes a shot invalid."""
+    grid_fields = list(board.variants.grid)
+    combinations = list(itertools.product(*(board.variants.grid[field] for field in grid_fields)))
+    planned = []
+    for shot_index, shot in enumerate(board.shots):
+        seeds = board.variants.seeds
+        if isinstance(seeds, int):
+            base = shot.seed if shot.seed is not None else secrets.randbelow(2**31)
+            seeds = [min(base + offset, MAX_SEED) for offset in range(seeds)]
+        variant_index = 0
+        for combination in combinations:
+            grid = dict(zip(grid_fields, combination, strict=True))
+            update: dict[str, Any] = {}
+            shot_fields = {field: value for field, value in grid.items() if field in SHOT_FIELDS}
+            if shot_fields:
+                base_shot = shot.shot.model_dump(exclude_none=True) if shot.shot is not None else {}
+                update["shot"] = ShotSpec.model_validate({**base_shot, **shot_fields})
+            if "look" in grid:
+                update["look"] = grid["look"]
+            for seed in seeds:
+                settings = GenerationSettings.model_validate(
+                    {**shot.model_dump(include=set(GenerationSettings.model_fields)), **update, "seed": seed}
+                )
+                planned.append(PlannedVideo(shot_index, variant_index, settings, grid))
+                variant_index += 1
+    return planned
+
+
+class StoryboardVideo(BaseModel):
+    """One variant of one shot."""
+
+    video_id: str
+    variant: int = Field(description="Index among the shot's variants.")
+    seed: int
+    grid: dict[str, str] = Field(description="Grid field -> value of this variant.")
+    status: VideoState
+    stage: str
+    progress: int
+    url: str = Field(description="The video object.")
+    content_url: str | None = Field(None, description="The mp4, once completed.")
+    thumbnail_url: str | None = Field(None, description="A JPEG poster frame, once completed.")
+    error: dict[str, Any] | None = None
+
+
+class StoryboardShotState(BaseModel):
+    index: int
+    name: str | None
+    prompt: str
+    videos: list[StoryboardVideo]
+
+
+class Storyboard(BaseModel):
+    """A storyboard and the state of every shot's videos."""
+
+    id: str
+    object: Literal["storyboard"] = "storyboard"
+    project: str
+    title: str | None
+    created_at: int = Field(description="Unix seconds.")
+    status: Literal["queued", "in_progress", "completed", "failed"] = Field(
+        description="completed once every video is; failed once all are finished and some failed or "
+        "were cancelled; queued while none started."
+    )
+    progress: int = Field(description="Mean progress of its videos, 0–100.")
+    num_videos: int
+    counts: dict[str, int] = Field(description="Video status -> number of videos.")
+    shots: list[StoryboardShotState]
+
+
+def board_status(states: list[str]) -> Literal["queued", "in_progress", "completed", "failed"]:
+    """The storyboard's status from its videos' statuses."""
+    if all(state == "completed" for state in states):
+        return "completed"
+    if all(state in ("completed", "failed", "cancelled") for state in states):
+        return "failed"
+    if all(state == "queued" for state in states):
+        return "queued"
+    return "in_progress"

@@ -1,0 +1,62 @@
+"""The Ingress's FastAPI app in this process, without Ray: a real SQLite job store, a local artifact
+folder and a stand-in Scheduler handle that records what the routes ask of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from serve.config import PrevizArgs
+from serve.ingress import IngressState, app
+from serve.jobs import JobStore
+
+TINY = {"size": "96x64", "seconds": "0.5", "steps": 4}
+
+
+@dataclass
+class RecordingScheduler:
+    """Stands in for the Scheduler's DeploymentHandle: `handle.wake.remote()` etc. are recorded."""
+
+    calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        calls = self.calls
+
+        class _Method:
+            @staticmethod
+            def remote(*args: Any) -> None:
+                calls.append((name, args))
+
+        return _Method()
+
+
+@dataclass
+class LocalApi:
+    client: TestClient
+    store: JobStore
+    state: IngressState
+    scheduler: Any
+    artifacts_root: Path
+
+
+@contextmanager
+def local_api(tmp_path: Path, scheduler: Any = None, **overrides: Any) -> Iterator[LocalApi]:
+    args = PrevizArgs(
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+        storage={"kind": "local", "local_root": str(tmp_path / "artifacts")},
+        **overrides,
+    )
+    scheduler = scheduler if scheduler is not None else RecordingScheduler()
+    state = IngressState(args, args.sampling, scheduler)
+    previous, IngressState.current = IngressState.current, state
+    try:
+        with TestClient(app, headers={"Authorization": "Bearer test-key"}) as client:
+            yield LocalApi(client, state.store, state, scheduler, tmp_path / "artifacts")
+    finally:
+        IngressState.current = previous
+        state.store.close()
