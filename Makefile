@@ -12,6 +12,7 @@ run: setup
 	$(PREVIZ) up --config deploy/local.yaml --demo out/previz-demo.mp4
 
 test: setup
+	bash scripts/install_prometheus.sh
 	$(PY) -m ruff check pipeline serve tests loadtest
 	$(PY) -m ruff format --check pipeline serve tests loadtest
 	$(PY) -m pytest -m "not slow" -q

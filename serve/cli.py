@@ -199,6 +199,10 @@ def up(
         Path | None, typer.Option(help="Once ready, generate the demo shot into this mp4.")
     ] = None,
     wait: Annotated[bool, typer.Option(help="Keep serving until Ctrl-C.")] = True,
+    with_monitoring: Annotated[
+        bool, typer.Option(help="Also start a local Prometheus (Debian package) scraping the cluster.")
+    ] = False,
+    prometheus_port: Annotated[int, typer.Option(help="Port of that Prometheus.")] = 9090,
 ) -> None:
     """Start a local Ray instance with the Previz app and print its URL."""
     import time
@@ -215,6 +219,12 @@ def up(
         url = launch.deploy(cluster_config)
         launch.wait_ready(url, on_wait=lambda state: status.update(f"deploying Previz ({state.lower()}) …"))
     console.print(f"Previz is ready at [bold]{url}[/] ({time.monotonic() - started:.1f} s after start)")
+    prometheus = None
+    if with_monitoring:
+        from serve.monitoring import ray_session_dir, start_prometheus
+
+        prometheus = start_prometheus(ray_session_dir(), prometheus_port)
+        console.print(f"Prometheus is at [bold]{prometheus.url}[/]")
     if demo is not None:
         from serve.client import PrevizClient
 
@@ -236,6 +246,8 @@ def up(
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+    if prometheus is not None:
+        prometheus.stop()
     launch.shutdown()
 
 

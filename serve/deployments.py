@@ -41,7 +41,8 @@ from pipeline.weights import (
     resolve_folder,
 )
 from serve.config import PrevizArgs
-from serve.storage import artifact_key, make_store
+from serve.metrics import CacheReporter, ReplicaReporter, record_artifact_write
+from serve.storage import StoredArtifact, artifact_key, make_store
 from serve.transfer import PackedState, pack_embeds, pack_state, unpack_embeds, unpack_state
 
 # Minute-long work: let in-flight calls finish on shutdown, and give slow model loads time.
@@ -108,10 +109,13 @@ class TextEncoderDeployment:
             max_sequence_length=parts["model"].max_sequence_length,
             cache_size=args.text_cache_size,
         )
+        self._cache_metrics = CacheReporter()
+        self._metrics = ReplicaReporter().start()  # GPU gauges where there is a GPU
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def encode(self, texts: list[str]) -> list[np.ndarray]:
         embeds = await asyncio.to_thread(self.encoder.encode, texts)
+        self._cache_metrics.publish(self.encoder.num_cache_hits, self.encoder.num_cache_misses)
         return [pack_embeds(e) for e in embeds]
 
     def cache_stats(self) -> dict[str, int]:
@@ -136,6 +140,7 @@ class DenoiserDeployment:
             max_batch_size=args.engine.max_batch_size,
         )
         self.engine.start()
+        self._metrics = ReplicaReporter(self.engine).start()
 
     async def denoise(self, call: DenoiseCall, bucket: str) -> AsyncIterator[dict[str, Any]]:
         """Streams {"done", "total"} progress per step, then {"state": PackedState, "seconds"}.
@@ -180,6 +185,9 @@ class DenoiserDeployment:
             raise RuntimeError(f"the {self.engine.expert} engine thread has stopped")
 
     def __del__(self) -> None:
+        reporter = getattr(self, "_metrics", None)
+        if reporter is not None:
+            reporter.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(timeout=5)
@@ -195,6 +203,7 @@ def _engine_deadline(deadline: datetime | None, clock) -> float | None:
 class VAEDecoderDeployment:
     def __init__(self, args: PrevizArgs) -> None:
         self.decoder = VAEDecoder(_components(args, "vae")["vae"])
+        self._metrics = ReplicaReporter().start()
         self._lock = asyncio.Lock()  # one decode at a time per replica: it is memory-bound
 
     async def decode(self, latents: np.ndarray, fps: int) -> FrameBatch:
@@ -217,6 +226,7 @@ class UpscalerDeployment:
             if self.upscaler is not None:
                 self.upscaler.descriptor.to(device)
         self._lock = asyncio.Lock()
+        self._metrics = ReplicaReporter().start()
 
     async def upscale(self, frames: FrameBatch, width: int, height: int) -> FrameBatch:
         pixels = await frames.ref[0]
@@ -264,6 +274,7 @@ class FinisherDeployment:
 
     def __init__(self, args: PrevizArgs) -> None:
         self.store = make_store(args.storage)
+        self._backend = args.storage.kind
 
     async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         pixels = await frames.ref[0]
@@ -281,8 +292,8 @@ class FinisherDeployment:
             # The attempt is in the key: a stale run of the same job never overwrites the winning clip.
             key = artifact_key(call.project, call.job_id, f"clip-a{call.attempt}.mp4")
             poster_key = artifact_key(call.project, call.job_id, f"poster-a{call.attempt}.jpg")
-            stored = self.store.put_file(key, clip, "video/mp4")
-            self.store.put_file(poster_key, poster, "image/jpeg")
+            stored = self._put(key, clip, "video/mp4", kind="clip")
+            self._put(poster_key, poster, "image/jpeg", kind="poster")
         return FinishedClip(
             uri=stored.uri,
             key=key,
@@ -293,3 +304,12 @@ class FinisherDeployment:
             height=graded.height,
             seconds=time.perf_counter() - started,
         )
+
+    def _put(self, key: str, path: Path, content_type: str, *, kind: str) -> StoredArtifact:
+        try:
+            stored = self.store.put_file(key, path, content_type)
+        except Exception:
+            record_artifact_write(self._backend, kind, None, ok=False)
+            raise
+        record_artifact_write(self._backend, kind, stored.size_bytes, ok=True)
+        return stored

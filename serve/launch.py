@@ -21,7 +21,11 @@ from ray import serve
 from ray.serve._private import api as serve_api  # the same entry `serve run CONFIG` uses
 from ray.serve.schema import ServeDeploySchema
 
+from serve.monitoring import ServiceDiscoveryWriter, ray_session_dir
+
 APP_NAME = "previz"
+# Ray's dashboard writes the Prometheus discovery file; without the dashboard this driver writes it.
+_discovery: ServiceDiscoveryWriter | None = None
 
 
 def load_config(path: Path, *, port: int | None = None, args_overrides: dict[str, Any] | None = None) -> dict:
@@ -67,6 +71,8 @@ def deploy(config: dict, *, num_cpus: int | None = None) -> str:
         num_cpus = max(8, os.cpu_count() or 1)
     if not ray.is_initialized():
         ray.init(namespace="serve", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        global _discovery
+        _discovery = ServiceDiscoveryWriter(ray_session_dir()).start()
     schema = ServeDeploySchema.model_validate(config)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
@@ -100,5 +106,9 @@ def wait_ready(url: str, *, timeout_s: float = 600, on_wait: Callable[[str], Non
 
 
 def shutdown() -> None:
+    global _discovery
+    if _discovery is not None:
+        _discovery.stop()
+        _discovery = None
     serve.shutdown()
     ray.shutdown()

@@ -26,7 +26,14 @@ from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
 from serve.deployments import DenoiseCall, FinishCall
 from serve.fair_share import Candidate, pick_next
-from serve.jobs import JobRecord, JobStatus, JobStore
+from serve.jobs import RUNNING_STATUSES, JobRecord, JobStatus, JobStore
+from serve.metrics import (
+    REPORT_INTERVAL_S,
+    QueueReporter,
+    record_job_claimed,
+    record_job_finished,
+    record_scheduler_pass,
+)
 from serve.transfer import pack_state
 
 logger = logging.getLogger("ray.serve")
@@ -86,6 +93,8 @@ class Scheduler:
         self._running: dict[str, tuple[str, asyncio.Task]] = {}  # job_id -> (project, task)
         self._wake = asyncio.Event()
         self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
+        self._queue_reporter = QueueReporter()
+        self._metrics_task = asyncio.get_running_loop().create_task(self._report_forever())
 
     async def wake(self) -> None:
         """A job was queued or cancelled: look at the queue now instead of at the next poll."""
@@ -110,8 +119,10 @@ class Scheduler:
         while True:
             try:
                 await self._start_jobs()
+                record_scheduler_pass(ok=True)
             except Exception:
                 logger.exception("scheduling pass failed; retrying")
+                record_scheduler_pass(ok=False)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.args.poll_interval_s)
             self._wake.clear()
@@ -133,6 +144,7 @@ class Scheduler:
             job = await asyncio.to_thread(self.store.claim, candidate.job_id, self.scheduler_id)
             if job is None:  # cancelled meanwhile
                 continue
+            record_job_claimed(job)
             task = asyncio.get_running_loop().create_task(self._run_job(job))
             self._running[job.id] = (job.project, task)
             task.add_done_callback(lambda _t, job_id=job.id: self._job_left(job_id))
@@ -146,14 +158,21 @@ class Scheduler:
             await self._pipeline(job)
         except asyncio.CancelledError:
             logger.info("job %s cancelled while running", job.id)
+            record_job_finished(job, "cancelled")
         except REPLICA_LOST as error:
             logger.warning("job %s lost a replica (%s); it goes back to the queue", job.id, error)
-            await asyncio.to_thread(
+            status = await asyncio.to_thread(
                 self.store.requeue, job.id, job.attempt, max_attempts=self.args.max_attempts
             )
+            if status == JobStatus.FAILED:
+                record_job_finished(job, "failed")
         except Exception as error:
             logger.exception("job %s failed", job.id)
-            await asyncio.to_thread(self.store.fail, job.id, job.attempt, "pipeline_error", _describe(error))
+            failed = await asyncio.to_thread(
+                self.store.fail, job.id, job.attempt, "pipeline_error", _describe(error)
+            )
+            if failed:
+                record_job_finished(job, "failed")
 
     async def _pipeline(self, job: JobRecord) -> None:
         spec = RequestSpec.model_validate(job.request["spec"])
@@ -219,7 +238,7 @@ class Scheduler:
             ),
         )
         timings["finish"] = clip.seconds
-        await asyncio.to_thread(
+        succeeded = await asyncio.to_thread(
             self.store.succeed,
             job.id,
             job.attempt,
@@ -228,6 +247,22 @@ class Scheduler:
             seed=resolved.seed,
             timings=timings,
         )
+        if succeeded:
+            record_job_finished(job, "succeeded", timings)
+
+    async def _report_forever(self) -> None:
+        """Refresh the jobs and queue gauges from the store (the store, not memory, is the truth)."""
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL_S)
+            try:
+                counts, unfinished = await asyncio.to_thread(self._snapshot)
+                self._queue_reporter.publish(counts, unfinished)
+            except Exception:
+                logger.warning("refreshing queue metrics failed", exc_info=True)
+
+    def _snapshot(self) -> tuple[dict[JobStatus, int], list[JobRecord]]:
+        unfinished = self.store.queued(1000) + self.store.list(statuses=RUNNING_STATUSES, limit=1000)
+        return self.store.count_by_status(), unfinished
 
     async def _advance(self, job: JobRecord, status: JobStatus, fraction: float) -> None:
         ok = await asyncio.to_thread(

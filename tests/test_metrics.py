@@ -1,0 +1,212 @@
+"""Metrics, dashboards and alert rules, verified against a real Prometheus scraping the live cluster."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.metrics import GPU_ONLY_METRICS, exported_name
+from serve.monitoring import PROMETHEUS_DIR, PrometheusServer, prometheus_config, ray_session_dir
+from tests.cluster import Cluster
+from tests.servers.prometheus import prometheus_server, promtool
+
+REPO = Path(__file__).resolve().parents[1]
+GRAFANA_DIR = REPO / "deploy" / "grafana"
+DASHBOARDS = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
+ALERTS = PROMETHEUS_DIR / "alerts.yml"
+SMALL = {"resolution": "96x64", "duration": 0.5, "steps": 4}
+NUM_JOBS = 3
+STAGES = {"encode", "denoise_high", "denoise_low", "decode", "upscale", "finish"}
+# Grafana template variables -> what they stand for when evaluated outside Grafana.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$project": ".*"}
+METRIC_NAME = re.compile(r"\b((?:ray|previz)_[a-zA-Z0-9_:]+)")
+EXPORT_TIMEOUT_S = 90.0  # Ray's agents export every few seconds, then Prometheus scrapes every second
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    """(where, PromQL) for every target and query variable of every dashboard."""
+    found = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        for panel in dashboard["panels"]:
+            for target in panel.get("targets", []):
+                found.append((f"{path.name} / {panel['title']} / {target['refId']}", target["expr"]))
+        for variable in dashboard.get("templating", {}).get("list", []):
+            query = variable.get("definition", "")
+            match = re.fullmatch(r"label_values\((.+),\s*\w+\)", query)
+            if match:
+                found.append((f"{path.name} / variable {variable['name']}", match.group(1)))
+    return found
+
+
+def alert_expressions() -> list[tuple[str, str]]:
+    rules = yaml.safe_load(ALERTS.read_text())
+    return [
+        (f"alerts.yml / {rule['alert']}", rule["expr"])
+        for group in rules["groups"]
+        for rule in group["rules"]
+    ]
+
+
+def grafana_to_promql(expr: str) -> str:
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def referenced_metrics(expr: str) -> set[str]:
+    return set(METRIC_NAME.findall(expr))
+
+
+def value(result: list[dict]) -> float:
+    assert len(result) == 1, result
+    return float(result[0]["value"][1])
+
+
+def wait_for_value(prometheus: PrometheusServer, expr: str, expected: float) -> float:
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    seen: list[dict] = []
+    while time.monotonic() < deadline:
+        seen = prometheus.query(expr)
+        if seen and value(seen) == expected:
+            return expected
+        time.sleep(1)
+    raise AssertionError(f"{expr} never became {expected} in {EXPORT_TIMEOUT_S:.0f} s (last: {seen})")
+
+
+# ---- files alone -------------------------------------------------------------------------------------
+
+
+def test_promtool_accepts_alert_rules_and_scrape_config(tmp_path: Path) -> None:
+    tool = str(promtool())
+    rules = subprocess.run([tool, "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    # The shipped config as it is (rule path relative to it) and as start_prometheus writes it.
+    shipped = subprocess.run(
+        [tool, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")], capture_output=True, text=True
+    )
+    assert shipped.returncode == 0, shipped.stdout + shipped.stderr
+    generated = tmp_path / "prometheus.yml"
+    generated.write_text(yaml.safe_dump(prometheus_config(tmp_path / "sd.json", scrape_interval="1s")))
+    checked = subprocess.run([tool, "check", "config", str(generated)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_scrape_config_discovers_targets_from_rays_service_discovery_file() -> None:
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["file_sd_configs"] == [{"files": ["/tmp/ray/prom_metrics_service_discovery.json"]}]
+
+
+def test_dashboards_are_valid_grafana_dashboard_json() -> None:
+    datasource = yaml.safe_load((GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    (source,) = datasource["datasources"]
+    assert {path.stem for path in DASHBOARDS} == {"studio-overview", "stages", "projects"}
+    uids = set()
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        assert isinstance(dashboard["schemaVersion"], int) and dashboard["schemaVersion"] >= 36, path.name
+        assert dashboard["uid"] not in uids and len(dashboard["uid"]) <= 40
+        uids.add(dashboard["uid"])
+        assert dashboard["title"] and dashboard["panels"], path.name
+        ids = [panel["id"] for panel in dashboard["panels"]]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids {ids}"
+        for panel in dashboard["panels"]:
+            where = f"{path.name} / {panel['title']}"
+            assert panel["datasource"] == {"type": "prometheus", "uid": source["uid"]}, where
+            grid = panel["gridPos"]
+            assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, where
+            assert panel["targets"], where
+            ref_ids = [target["refId"] for target in panel["targets"]]
+            assert len(ref_ids) == len(set(ref_ids)), where
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == source["uid"] and target["expr"].strip(), where
+    provider = yaml.safe_load((GRAFANA_DIR / "provisioning" / "dashboards" / "previz.yml").read_text())
+    assert provider["providers"][0]["type"] == "file"
+
+
+# ---- against the live cluster -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus(cluster: Cluster) -> Iterator[PrometheusServer]:
+    with prometheus_server(ray_session_dir()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def project(cluster: Cluster, prometheus: PrometheusServer) -> str:
+    """A project of its own whose NUM_JOBS tiny jobs have finished and been scraped."""
+    name = f"metrics-{uuid.uuid4().hex[:8]}"
+    client = cluster.client()
+    ids = [
+        client.create(
+            {"prompt": f"a monitored lighthouse, take {index}", "project": name, "seed": index, **SMALL}
+        )["id"]
+        for index in range(NUM_JOBS)
+    ]
+    finished = cluster.wait_for(ids)
+    assert all(job["status"] == "completed" for job in finished.values()), finished
+    wait_for_value(prometheus, f'sum(ray_previz_jobs_finished_total{{project="{name}"}})', NUM_JOBS)
+    return name
+
+
+@pytest.mark.cluster
+def test_prometheus_counts_the_finished_jobs_by_status_and_project(
+    prometheus: PrometheusServer, project: str
+) -> None:
+    by_status = prometheus.query(f'sum by (status) (ray_previz_jobs_finished_total{{project="{project}"}})')
+    assert {row["metric"]["status"]: float(row["value"][1]) for row in by_status} == {"succeeded": NUM_JOBS}
+    stored = value(prometheus.query('sum(ray_previz_jobs_stored{status="succeeded"})'))
+    assert stored >= NUM_JOBS
+    assert (
+        value(prometheus.query(f'sum(ray_previz_queue_wait_seconds_count{{project="{project}"}})'))
+        == NUM_JOBS
+    )
+
+
+@pytest.mark.cluster
+def test_latency_histograms_have_the_jobs_and_every_stage(prometheus: PrometheusServer, project: str) -> None:
+    assert value(prometheus.query('sum(ray_previz_job_seconds_count{resolution="96x64"})')) >= NUM_JOBS
+    stages = prometheus.query('sum by (stage) (ray_previz_stage_seconds_count{resolution="96x64"})')
+    assert {row["metric"]["stage"] for row in stages} == STAGES
+    assert all(float(row["value"][1]) >= NUM_JOBS for row in stages)
+    # Buckets reach 30 minutes; a quantile over the cumulative buckets is a finite number of seconds.
+    buckets = prometheus.query('max(ray_previz_stage_seconds_bucket{le="1800.0"})')
+    assert value(buckets) >= NUM_JOBS
+    p95 = prometheus.query(
+        'histogram_quantile(0.95, sum by (le) (ray_previz_job_seconds_bucket{resolution="96x64"}))'
+    )
+    assert 0 < value(p95) < 1800 and not math.isnan(value(p95))
+    assert value(prometheus.query("sum(ray_previz_denoise_iterations_total)")) > 0
+    assert value(prometheus.query("sum(ray_previz_artifact_bytes_written_total)")) > 0
+
+
+@pytest.mark.cluster
+def test_every_dashboard_and_alert_expression_evaluates_on_metrics_that_exist(
+    prometheus: PrometheusServer, project: str
+) -> None:
+    expressions = dashboard_expressions() + alert_expressions()
+    assert len(expressions) > 40
+    allowed_absent = {exported_name(name) for name in GPU_ONLY_METRICS}  # no GPU on CI machines
+    wanted = set().union(*(referenced_metrics(expr) for _, expr in expressions)) - allowed_absent
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    while (missing := wanted - prometheus.metric_names()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not missing, f"dashboards or alerts use metrics Prometheus does not have: {sorted(missing)}"
+    errors = []
+    for where, expr in expressions:
+        try:
+            prometheus.query(grafana_to_promql(expr))
+        except ValueError as error:
+            errors.append(f"{where}: {error}")
+    assert not errors, "\n".join(errors)
