@@ -106,29 +106,8 @@ class JobStore:
             if bound is not None and bound < 0:
                 raise ValueError(f"`{name}` must be >= 0 but is {bound}.")
         now = utcnow()
-        row = {
-            "id": new_job_id(),
-            "project": project,
-            "priority": priority,
-            "request": request,
-            "bucket": bucket,
-            "status": JobStatus.QUEUED,
-            "stage_progress": 0.0,
-            "progress": 0,
-            "attempt": 0,
-            "claimed_by": None,
-            "created_at": now,
-            "started_at": None,
-            "finished_at": None,
-            "updated_at": now,
-            "timings": {},
-            "error_code": None,
-            "error_message": None,
-            "artifact_uri": None,
-            "artifact_bytes": None,
+        row = _new_job_row(project, priority, request, bucket, dict(labels or {}), now) | {
             "idempotency_key": idempotency_key,
-            "labels": dict(labels or {}),
-            "seed": None,
             "deadline": deadline,
             "storyboard_id": storyboard_id,
         }
@@ -564,7 +543,7 @@ def _new_job_row(
     labels: dict[str, Any],
     now: datetime,
 ) -> dict[str, Any]:
-    """A fresh QUEUED job row (as create() writes one)."""
+    """A fresh QUEUED job row; create() adds its idempotency key, deadline and storyboard."""
     return {
         "id": new_job_id(),
         "project": project,
