@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import os
@@ -12,6 +13,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import pytest
@@ -359,10 +361,12 @@ def test_presigned_url_expiry_follows_settings(s3_settings: StorageSettings, s3_
 
 def test_expired_or_tampered_presigned_urls_are_refused(s3: S3ArtifactStore, tmp_path: Path) -> None:
     s3.put_file(POSTER_KEY, _write(tmp_path / "poster.jpg", b"\xff\xd8 poster"), "image/jpeg")
-    short_lived = s3.url(POSTER_KEY, expires_in_s=1)
-    assert httpx.get(short_lived).status_code == 200
-    time.sleep(2.1)
-    expired = httpx.get(short_lived)
+    assert httpx.get(s3.url(POSTER_KEY, expires_in_s=60)).status_code == 200
+    # A URL signed two minutes ago for 60 s: expired, whatever the machine's load (no sleeping race).
+    signed_earlier = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=120)
+    with mock.patch("botocore.auth.get_current_datetime", return_value=signed_earlier):
+        expired_url = s3.url(POSTER_KEY, expires_in_s=60)
+    expired = httpx.get(expired_url)
     assert expired.status_code == 403 and "expired" in expired.text
 
     url = s3.url(POSTER_KEY)
