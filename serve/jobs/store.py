@@ -123,7 +123,7 @@ class JobStore:
                     if existing is not None:
                         return existing, False
                 if bounded:
-                    self._check_queue_bounds(conn, project, max_queued, max_queued_per_project)
+                    self._check_room(conn, project, 1, max_queued, max_queued_per_project)
                 job = _record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
                 _log_event(conn, job.id, "created", {"priority": priority, "bucket": bucket}, now)
         except IntegrityError:
@@ -504,18 +504,6 @@ class JobStore:
         with self._engine.begin() as conn:
             yield conn
 
-    def _check_queue_bounds(
-        self, conn: Connection, project: str, max_queued: int | None, max_queued_per_project: int | None
-    ) -> None:
-        queued = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
-        if max_queued is not None and conn.scalar(queued) >= max_queued:
-            raise QueueFull(_retry_after_s(conn), "global", max_queued)
-        if (
-            max_queued_per_project is not None
-            and conn.scalar(queued.where(jobs.c.project == project)) >= max_queued_per_project
-        ):
-            raise QueueFull(_retry_after_s(conn), "project", max_queued_per_project)
-
     def _check_room(
         self,
         conn: Connection,
@@ -524,7 +512,7 @@ class JobStore:
         max_queued: int | None,
         max_queued_per_project: int | None,
     ) -> None:
-        """Like _check_queue_bounds, for `num_new` jobs at once."""
+        """Raise QueueFull unless `num_new` more queued jobs fit both bounds."""
         queued = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
         if max_queued is not None and conn.scalar(queued) + num_new > max_queued:
             raise QueueFull(_retry_after_s(conn), "global", max_queued)
