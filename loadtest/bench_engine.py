@@ -28,12 +28,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from diffusers import WanPipeline
 
 from pipeline.denoise import DenoiseEngine, Denoiser, DenoiseState, EngineRequest, EngineStats, initial_state
 from pipeline.spec import RequestSpec, ResolvedRequest, resolve
 from pipeline.text import PromptEmbeds, TextEncoder, pad_embeds
-from pipeline.weights import WanComponents, build_preset
+from pipeline.weights import WanComponents, build_preset, wan_pipeline
 
 EXPERTS = ("high", "low")
 
@@ -129,15 +128,7 @@ def run_denoiser(components: WanComponents, jobs: list[Job]) -> tuple[list[float
 
 def run_diffusers(components: WanComponents, jobs: list[Job]) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = components.model
-    pipe = WanPipeline(
-        tokenizer=components.tokenizer,
-        text_encoder=components.text_encoder,
-        vae=components.vae,
-        scheduler=type(components.scheduler).from_config(components.scheduler.config),
-        transformer=components.transformer,
-        transformer_2=components.transformer_2,
-        boundary_ratio=model.boundary_ratio,
-    )
+    pipe = wan_pipeline(components)
     pipe.set_progress_bar_config(disable=True)
     durations, latents = [], {}
     for job in jobs:

@@ -158,18 +158,22 @@ def build_preset(name: str, model: ModelSpec | None = None) -> WanComponents:
     )
 
 
-def save_components(components: WanComponents, folder: Path) -> Path:
-    """Write `components` in the Diffusers Wan2.2 layout (model_index.json + one folder per component)."""
-    pipe = WanPipeline(
+def wan_pipeline(components: WanComponents) -> WanPipeline:
+    """diffusers' own WanPipeline over `components`, with a fresh solver (the reference and the saver)."""
+    return WanPipeline(
         tokenizer=components.tokenizer,
         text_encoder=components.text_encoder,
         vae=components.vae,
-        scheduler=components.scheduler,
+        scheduler=UniPCMultistepScheduler.from_config(components.scheduler.config),
         transformer=components.transformer,
         transformer_2=components.transformer_2,
         boundary_ratio=components.model.boundary_ratio,
     )
-    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def save_components(components: WanComponents, folder: Path) -> Path:
+    """Write `components` in the Diffusers Wan2.2 layout (model_index.json + one folder per component)."""
+    wan_pipeline(components).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

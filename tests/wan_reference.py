@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import WanPipeline
 
 from pipeline.denoise import Denoiser, initial_state
 from pipeline.spec import RequestSpec, resolve
 from pipeline.text import TextEncoder
 from pipeline.vae import VAEDecoder
-from pipeline.weights import WanComponents
+from pipeline.weights import WanComponents, wan_pipeline
 
 MAX_ABS_DIFF = 1e-4
 
@@ -48,15 +47,7 @@ def run_staged(components: WanComponents, request: RequestSpec) -> tuple[np.ndar
 def run_diffusers(components: WanComponents, request: RequestSpec) -> tuple[np.ndarray, dict[str, list[int]]]:
     model = components.model
     resolved = resolve(request, model)
-    pipe = WanPipeline(
-        tokenizer=components.tokenizer,
-        text_encoder=components.text_encoder,
-        vae=components.vae,
-        scheduler=type(components.scheduler).from_config(components.scheduler.config),
-        transformer=components.transformer,
-        transformer_2=components.transformer_2,
-        boundary_ratio=model.boundary_ratio,
-    )
+    pipe = wan_pipeline(components)
     pipe.set_progress_bar_config(disable=True)
     seen: dict[str, list[int]] = {"high": [], "low": []}
     hooks = [
