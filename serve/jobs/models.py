@@ -122,6 +122,8 @@ class JobRecord:
     seed: int | None  # the seed actually used, reported on success
     deadline: datetime | None  # the scheduler prefers jobs whose deadline is nearest
     storyboard_id: str | None  # groups the shots of one storyboard
+    gpu_seconds: float | None  # accelerator seconds spent (denoise, decode, upscale), once finished
+    checkpoint_uri: str | None  # denoise state saved at the expert boundary; a rerun resumes from it
 
     @property
     def is_finished(self) -> bool:

@@ -95,6 +95,10 @@ jobs = Table(
     Column("seed", BigInteger),
     Column("deadline", UTCDateTime),
     Column("storyboard_id", String(200), index=True),
+    # Accelerator seconds the job spent (denoise, decode, upscale), written when it finishes: GPU quotas.
+    Column("gpu_seconds", Float),
+    # Denoise state saved at the expert boundary (key in the artifact store): a rerun resumes from it.
+    Column("checkpoint_uri", Text),
     UniqueConstraint("project", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     Index("ix_jobs_status_id", "status", "id"),  # queued(), counts, requeue
     Index("ix_jobs_project_id", "project", "id"),  # list(project=...) pages
@@ -126,6 +130,53 @@ storyboards = Table(
     Column("idempotency_key", String(255)),
     Column("created_at", UTCDateTime, nullable=False),
     UniqueConstraint("project", "idempotency_key", name="uq_storyboards_project_idempotency_key"),
+)
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    # Quotas and policy: {"max_queued_jobs": int|None, "gpu_seconds_per_day": float|None,
+    # "burn_label": bool}; absent keys mean the defaults.
+    Column("settings", JSONDoc, nullable=False),
+    Column("webhook_secret", String(128), nullable=False),  # HMAC-SHA256 key of this project's webhooks
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),  # public part of the key, safe to log and show
+    Column("project", String(64), ForeignKey("projects.name", ondelete="CASCADE"), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("key_hash", String(128), nullable=False),  # sha256 of the key; the key is never stored
+    Column("name", String(200)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime),
+    Column("last_used_at", UTCDateTime),
+    Index("ix_api_keys_project", "project"),
+    CheckConstraint("role IN ('member', 'admin')", name="ck_api_keys_role"),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    # One row per (job, event) to deliver: written in the transaction that finishes the job (an outbox).
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("event", String(64), nullable=False),  # video.completed | video.failed | video.cancelled
+    Column("url", Text, nullable=False),
+    Column("payload", JSONDoc, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", UTCDateTime),
+    Column("leased_until", UTCDateTime),  # a dispatcher owns the row until then
+    Column("log", JSONDoc, nullable=False),  # [{at, status_code, error, seconds}] per attempt
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("delivered_at", UTCDateTime),
+    Index("ix_webhook_deliveries_job_id", "job_id"),
+    Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    sqlite_autoincrement=True,
 )
 
 # Keys of PostgreSQL transaction-level advisory locks (any int64; these spell ASCII tags).

@@ -557,6 +557,8 @@ def _new_job_row(
         "seed": None,
         "deadline": None,
         "storyboard_id": None,
+        "gpu_seconds": None,
+        "checkpoint_uri": None,
     }
 
 
