@@ -43,6 +43,10 @@ class LocalApi:
     scheduler: Any
     artifacts_root: Path
 
+    def client_for(self, project: str) -> TestClient:
+        """A client acting for `project` (bodies that name a project must name this one)."""
+        return self.client
+
 
 @contextmanager
 def local_api(tmp_path: Path, scheduler: Any = None, **overrides: Any) -> Iterator[LocalApi]:

@@ -31,7 +31,8 @@ class Cluster:
     config: dict[str, Any]  # what is deployed now
     database_url: str
 
-    def client(self) -> PrevizClient:
+    def client(self, project: str = "default") -> PrevizClient:
+        """A client acting for `project` (bodies that name a project must name this one)."""
         return PrevizClient(self.url, timeout_s=60)
 
     def store(self) -> JobStore:
