@@ -109,7 +109,9 @@ class VideoCreate(GenerationSettings):
     model: str = Field(
         SERVED_MODEL, description=f"The served model: `{SERVED_MODEL}` (also `previz`, `wan2.2`)."
     )
-    project: Project = Field("default", description="Project the shot belongs to (until API keys name it).")
+    project: Project | None = Field(
+        None, description="The API key's project (default); naming another one is 403 `project_mismatch`."
+    )
     priority: Literal["interactive", "batch"] = Field(
         "batch", description="`interactive` shots overtake `batch` work."
     )

@@ -18,11 +18,11 @@ class PrevizApiError(RuntimeError):
 
 
 class PrevizClient:
-    def __init__(self, base_url: str, *, api_key: str = "previz-local", timeout_s: float = 30) -> None:
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 30) -> None:
+        """`api_key`: sent as `Authorization: Bearer KEY`; it names the project the client acts for."""
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(
-            base_url=self.base_url, timeout=timeout_s, headers={"Authorization": f"Bearer {api_key}"}
-        )
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers)
 
     # -- videos -------------------------------------------------------------------------------------------
 
@@ -75,6 +75,35 @@ class PrevizClient:
 
     def get_storyboard(self, storyboard_id: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/v1/storyboards/{storyboard_id}"))
+
+    # -- admin (admin keys) -------------------------------------------------------------------------------
+
+    def create_project(
+        self, name: str, settings: dict[str, Any] | None = None, *, admin_key: bool = False
+    ) -> dict[str, Any]:
+        """The new project, with its `webhook_secret` (and `api_key` with `admin_key`), shown once."""
+        body = {"name": name, "settings": settings or {}, "admin_key": admin_key}
+        return self._json(self.http.post("/v1/admin/projects", json=body))
+
+    def list_projects(self) -> dict[str, Any]:
+        return self._json(self.http.get("/v1/admin/projects"))
+
+    def get_project(self, name: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/admin/projects/{name}"))
+
+    def update_project(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        return self._json(self.http.patch(f"/v1/admin/projects/{name}", json=settings))
+
+    def create_key(self, project: str, role: str = "member", name: str | None = None) -> dict[str, Any]:
+        """The new key's record; its `key` is in this answer only."""
+        body = {"role": role, "name": name}
+        return self._json(self.http.post(f"/v1/admin/projects/{project}/keys", json=body))
+
+    def list_keys(self, project: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/admin/projects/{project}/keys"))
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return self._json(self.http.delete(f"/v1/admin/keys/{key_id}"))
 
     @staticmethod
     def _json(response: httpx.Response) -> dict[str, Any]:

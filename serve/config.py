@@ -55,4 +55,10 @@ class PrevizArgs(BaseModel):
         3, ge=1, description="Runs of one job before it fails for good (restarts, crashes)."
     )
     poll_interval_s: float = Field(0.5, gt=0, description="How often the Scheduler looks for queued jobs.")
+    artifact_url_ttl_s: int = Field(
+        3600,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="Lifetime of the signed links `/v1/videos/{id}/content` redirects to (S3 or local).",
+    )
     text_cache_size: int = Field(1024, ge=0, description="Prompt embeddings kept per TextEncoder replica.")

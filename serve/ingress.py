@@ -12,9 +12,14 @@ Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code
     GET    /v1/videos/{id}/events       server-sent events: stage and step progress
     POST   /v1/storyboards              shots × variants, all created at once
     GET    /v1/storyboards/{id}         every shot's videos, states and links
+    GET    /v1/artifacts/{key}          a signed, expiring link to a stored clip (no key needed)
+    ...    /v1/admin/...                projects, their quotas and keys (admin keys; serve/admin_routes.py)
 
-Keys: `Authorization: Bearer KEY` is accepted with any key (or none) and names no project until
-per-project keys exist; a request names its project in the body (`project`, default "default").
+Keys: every /v1 route but /v1/artifacts needs `Authorization: Bearer KEY` (401 `missing_api_key`,
+`invalid_api_key`, `revoked_api_key`). The key names the project: a request sees only that project's
+videos and storyboards (another project's ids are 404 like unknown ones), and a body or query `project`
+naming another project is 403 `project_mismatch`. Quotas: 429 `queue_full`, `project_queue_full`,
+`gpu_quota_exceeded`, each with Retry-After.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.prompt import compose_prompt
 from pipeline.spec import ModelSpec, RequestSpec, describe_validation_error, resolve
 from pipeline.upscale import upscale_target_size
+from serve.admin_routes import admin_router
 from serve.api import (
     SERVED_MODEL,
     SERVED_MODEL_ALIASES,
@@ -53,6 +59,7 @@ from serve.api import (
     VideoRemix,
     VideoState,
 )
+from serve.auth import LABEL_TEXT, ArtifactSigner, Caller, ProjectSettings, seconds_to_utc_midnight
 from serve.config import PrevizArgs
 from serve.errors import ApiError, error_response, invalid
 from serve.forms import read_fields
@@ -83,9 +90,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
         (400, "Bad input; `param` names the field."),
+        (401, "No API key, or not a valid one; see WWW-Authenticate."),
+        (403, "The key may not do this (another project, or an admin route)."),
         (404, "No such id."),
         (409, "Conflicts with the video's state."),
-        (429, "The queue is full; see Retry-After."),
+        (429, "A queue or quota is full; see Retry-After."),
         (503, "Not ready."),
     )
 }
@@ -144,6 +153,9 @@ class IngressState:
         self.store = JobStore(args.database_url)
         self.store.create_schema()
         self.artifacts: ArtifactStore = make_store(args.storage)
+        # Local artifacts are handed out as signed, expiring links to /v1/artifacts (S3 presigns its own).
+        local = args.storage.kind == "local"
+        self.signer = ArtifactSigner.for_folder(args.storage.local_root) if local else None
 
 
 def _current_state() -> IngressState:
@@ -154,17 +166,43 @@ def _current_state() -> IngressState:
 
 _bearer = HTTPBearer(
     auto_error=False,
-    description="Any key is accepted for now (per-project keys come with the security work).",
+    description="An API key `pvz_<keyid>_<secret>`: it names the project (and role) of the request.",
 )
 
 
-def _api_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str | None:
-    """The caller's key, if any. It names no project yet: every key (or none) may use any project."""
-    return None if credentials is None else credentials.credentials
+def _unauthorized(code: str, message: str) -> ApiError:
+    return ApiError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _caller(
+    state: Annotated[IngressState, Depends(_current_state)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """The project and role of the request's key; 401 without a usable one."""
+    if credentials is None:
+        raise _unauthorized("missing_api_key", "send an API key as `Authorization: Bearer KEY`")
+    found = await asyncio.to_thread(state.store.authenticate, credentials.credentials)
+    if found == "unknown":
+        raise _unauthorized("invalid_api_key", "the API key is not valid")
+    if found == "revoked":
+        raise _unauthorized("revoked_api_key", "the API key was revoked; ask an admin for a new one")
+    return found
+
+
+def _project_of(caller: Caller, requested: str | None) -> str:
+    """The caller's project; a request that names another one is refused (403)."""
+    if requested is not None and requested != caller.project:
+        raise ApiError(
+            403,
+            "project_mismatch",
+            f"the API key belongs to project {caller.project!r}, not {requested!r}",
+            "project",
+        )
+    return caller.project
 
 
 StateDep = Annotated[IngressState, Depends(_current_state)]
-ApiKeyDep = Annotated[str | None, Depends(_api_key)]
+CallerDep = Annotated[Caller, Depends(_caller)]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -177,8 +215,8 @@ IdempotencyKey = Annotated[
 ]
 
 
-async def _job_or_404(video_id: str, state: IngressState) -> JobRecord:
-    job = await asyncio.to_thread(state.store.get, video_id)
+async def _job_or_404(video_id: str, state: IngressState, caller: Caller) -> JobRecord:
+    job = await asyncio.to_thread(state.store.get, video_id, project=caller.project)
     if job is None:
         raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
     return job
@@ -265,7 +303,43 @@ def _fingerprint(body: dict[str, Any]) -> str:
 
 
 def _queue_full(full: QueueFull) -> ApiError:
-    return ApiError(429, "queue_full", str(full), headers={"Retry-After": str(full.retry_after_s)})
+    code = "queue_full" if full.scope == "global" else "project_queue_full"
+    return ApiError(429, code, str(full), headers={"Retry-After": str(full.retry_after_s)})
+
+
+async def _project_settings(state: IngressState, project: str) -> ProjectSettings:
+    record = await asyncio.to_thread(state.store.get_project, project)
+    return record.settings if record is not None else ProjectSettings()
+
+
+def _project_bound(state: IngressState, settings: ProjectSettings) -> int | None:
+    """The smaller of the deployment's per-project queue bound and the project's own."""
+    bounds = [bound for bound in (state.args.max_queued_jobs_per_project, settings.max_queued_jobs) if bound]
+    return min(bounds) if bounds else None
+
+
+async def _check_gpu_quota(state: IngressState, project: str, settings: ProjectSettings) -> None:
+    if settings.gpu_seconds_per_day is None:
+        return
+    used = await asyncio.to_thread(state.store.gpu_seconds_today, project)
+    if used >= settings.gpu_seconds_per_day:
+        raise ApiError(
+            429,
+            "gpu_quota_exceeded",
+            f"project {project!r} used {used:.1f} of its {settings.gpu_seconds_per_day:g} GPU seconds today; "
+            "the quota resets at 00:00 UTC",
+            headers={"Retry-After": str(seconds_to_utc_midnight())},
+        )
+
+
+def _check_label(label: bool, settings: ProjectSettings, param: str = "label") -> None:
+    if not label and settings.burn_label:
+        raise ApiError(
+            400,
+            "label_required",
+            f"this project burns the {LABEL_TEXT!r} label into every clip; `label: false` is not allowed",
+            param,
+        )
 
 
 def _check_replay(kind: str, key: str | None, stored: dict[str, Any], fingerprint: str) -> None:
@@ -342,12 +416,14 @@ def _video_response(
 async def _create(
     state: IngressState,
     project: str,
+    settings: ProjectSettings,
     priority: str,
     request: dict[str, Any],
     bucket: str,
     labels: dict[str, Any],
     idempotency_key: str | None,
 ) -> JSONResponse:
+    await _check_gpu_quota(state, project, settings)
     try:
         job, created = await asyncio.to_thread(
             state.store.create,
@@ -358,7 +434,7 @@ async def _create(
             idempotency_key=idempotency_key,
             labels=labels,
             max_queued=state.args.max_queued_jobs,
-            max_queued_per_project=state.args.max_queued_jobs_per_project,
+            max_queued_per_project=_project_bound(state, settings),
         )
     except QueueFull as full:
         raise _queue_full(full) from None
@@ -406,7 +482,7 @@ _CREATE_BODY = {
     summary="Create a video",
 )
 async def create_video(
-    request: Request, state: StateDep, _key: ApiKeyDep, idempotency_key: IdempotencyKey = None
+    request: Request, state: StateDep, caller: CallerDep, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Queue one clip. JSON or multipart form (what `openai.videos.create` sends); extra studio fields
     are listed in the VideoCreate schema. 201 when created, 200 for a replayed Idempotency-Key."""
@@ -424,18 +500,21 @@ async def create_video(
     except ValidationError as error:
         raise invalid(list(error.errors())) from None
     _check_model(body.model)
+    project = _project_of(caller, body.project)
+    settings = await _project_settings(state, project)
+    _check_label(body.label, settings)
     job_request, bucket = _job_request(body, state.model)
     job_request["callback_url"] = str(body.callback_url) if body.callback_url else None
     job_request["body_sha256"] = _fingerprint(body.model_dump(mode="json"))
     return await _create(
-        state, body.project, body.priority, job_request, bucket, body.labels, idempotency_key
+        state, project, settings, body.priority, job_request, bucket, body.labels, idempotency_key
     )
 
 
 @app.get("/v1/videos", response_model=VideoList, summary="List videos")
 async def list_videos(
     state: StateDep,
-    _key: ApiKeyDep,
+    caller: CallerDep,
     after: Annotated[
         str | None, Query(max_length=64, description="The last id of the previous page.")
     ] = None,
@@ -447,7 +526,7 @@ async def list_videos(
 ) -> VideoList:
     jobs = await asyncio.to_thread(
         state.store.list,
-        project=project,
+        project=_project_of(caller, project),
         statuses=API_STATE_STATUSES[status] if status else None,
         storyboard_id=storyboard_id,
         after=after,
@@ -464,19 +543,19 @@ async def list_videos(
 
 
 @app.get("/v1/videos/{video_id}", response_model=Video, summary="Retrieve a video")
-async def get_video(video_id: str, state: StateDep, _key: ApiKeyDep) -> JSONResponse:
-    return _video_response(await _job_or_404(video_id, state), state)
+async def get_video(video_id: str, state: StateDep, caller: CallerDep) -> JSONResponse:
+    return _video_response(await _job_or_404(video_id, state, caller), state)
 
 
 @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, summary="Cancel a video")
-async def delete_video(video_id: str, state: StateDep, _key: ApiKeyDep) -> VideoDeleted:
+async def delete_video(video_id: str, state: StateDep, caller: CallerDep) -> VideoDeleted:
     """Cancel a queued or running video and free its slot in the pipeline (the record stays, status
     `cancelled`). A finished video cannot be cancelled: 409 `already_finished`."""
-    result = await asyncio.to_thread(state.store.cancel, video_id)
+    result = await asyncio.to_thread(state.store.cancel, video_id, project=caller.project)
     if result == CancelResult.NOT_FOUND:
         raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
     if result == CancelResult.ALREADY_FINISHED:
-        job = await _job_or_404(video_id, state)
+        job = await _job_or_404(video_id, state, caller)
         raise ApiError(
             409,
             "already_finished",
@@ -494,20 +573,20 @@ async def delete_video(video_id: str, state: StateDep, _key: ApiKeyDep) -> Video
     response_class=FileResponse,
     responses={
         200: {"content": {"video/mp4": {}, "image/jpeg": {}}, "description": "The mp4 or the poster frame."},
-        307: {"description": "Redirect to the artifact store (presigned URL)."},
+        307: {"description": "Redirect to a signed link that expires (S3 presigned, or /v1/artifacts)."},
     },
     summary="Download a video's content",
 )
 async def get_video_content(
     video_id: str,
     state: StateDep,
-    _key: ApiKeyDep,
+    caller: CallerDep,
     variant: Annotated[
         Literal["video", "thumbnail", "spritesheet"],
         Query(description="`video` (mp4) or `thumbnail` (JPEG)."),
     ] = "video",
 ) -> Response:
-    job = await _job_or_404(video_id, state)
+    job = await _job_or_404(video_id, state, caller)
     if variant == "spritesheet":
         raise ApiError(
             400, "unsupported", "the `spritesheet` variant is not available; use `thumbnail`", "variant"
@@ -519,20 +598,50 @@ async def get_video_content(
             f"video {video_id} is {job.status.api_state}; its content exists once completed",
             param="video_id",
         )
-    key, media_type, filename = job.artifact_uri, "video/mp4", f"{job.id}.mp4"
+    key = job.artifact_uri
     if variant == "thumbnail":
-        key, media_type, filename = _POSTER.sub(r"poster-a\1.jpg", key), "image/jpeg", f"{job.id}.jpg"
+        key = _POSTER.sub(r"poster-a\1.jpg", key)
         if key == job.artifact_uri:
             raise ApiError(404, "artifact_missing", f"video {video_id} has no poster frame")
+    ttl_s = state.args.artifact_url_ttl_s
+    if state.signer is None:
+        return RedirectResponse(state.artifacts.url(key, expires_in_s=ttl_s), status_code=307)
+    if not await asyncio.to_thread(state.artifacts.exists, key):
+        raise ApiError(404, "artifact_missing", f"the {variant} of video {video_id} is no longer stored")
+    base = (state.args.storage.public_base_url or "").rstrip("/")
+    return RedirectResponse(base + state.signer.url(key, ttl_s), status_code=307)
+
+
+@app.get(
+    "/v1/artifacts/{key:path}",
+    response_class=FileResponse,
+    responses={200: {"content": {"video/mp4": {}, "image/jpeg": {}}, "description": "The stored file."}},
+    summary="Download through a signed link",
+)
+async def get_artifact(
+    key: str,
+    state: StateDep,
+    expires: Annotated[int, Query(description="Unix seconds after which the link is refused.")],
+    signature: Annotated[str, Query(max_length=128, description="HMAC-SHA256 of the key and expiry.")],
+) -> FileResponse:
+    """What `/v1/videos/{id}/content` redirects to: no API key needed, until `expires` (then 403
+    `url_expired`; a changed key, expiry or signature is 403 `bad_signature`)."""
+    if state.signer is None:
+        raise ApiError(404, "not_found", "this deployment hands out its store's own links")
+    problem = state.signer.check(key, expires, signature)
+    if problem == "bad_signature":
+        raise ApiError(403, problem, "the link's signature does not match; ask the API for a new link")
+    if problem == "url_expired":
+        raise ApiError(403, problem, "the link has expired; ask the API for the content again")
     try:
         path = state.artifacts.local_path(key)
-    except ArtifactNotFoundError:
-        raise ApiError(
-            404, "artifact_missing", f"the {variant} of video {video_id} is no longer stored"
-        ) from None
-    if path is not None:
-        return FileResponse(path, media_type=media_type, filename=filename)
-    return RedirectResponse(state.artifacts.url(key), status_code=307)
+    except (ArtifactNotFoundError, ValueError):
+        raise ApiError(404, "artifact_missing", "the file is no longer stored") from None
+    parts = key.split("/")
+    job_id = parts[-2] if len(parts) > 1 else "artifact"
+    if key.endswith(".jpg"):
+        return FileResponse(path, media_type="image/jpeg", filename=f"{job_id}.jpg")
+    return FileResponse(path, media_type="video/mp4", filename=f"{job_id}.mp4")
 
 
 @app.post(
@@ -543,11 +652,16 @@ async def get_video_content(
     summary="Remix a video",
 )
 async def remix_video(
-    video_id: str, body: VideoRemix, state: StateDep, _key: ApiKeyDep, idempotency_key: IdempotencyKey = None
+    video_id: str,
+    body: VideoRemix,
+    state: StateDep,
+    caller: CallerDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """A new video with the source's seed, size, length, steps and finish, and a new prompt
     ("what if he wore a blue coat"). The source may be in any state."""
-    source = await _job_or_404(video_id, state)
+    source = await _job_or_404(video_id, state, caller)
+    settings = await _project_settings(state, source.project)
     try:
         prompt = compose_prompt(body.prompt, body.shot)
     except ValueError as error:
@@ -564,6 +678,10 @@ async def remix_video(
             "shot": body.shot.model_dump(exclude_none=True) if body.shot else None,
         },
         "remixed_from": source.id,
+        "finish": {
+            **source.request.get("finish", {}),
+            **({"label": LABEL_TEXT} if settings.burn_label else {}),
+        },
         "storyboard": None,
         "body_sha256": _fingerprint({"remix_of": source.id, **body.model_dump(mode="json")}),
     }
@@ -571,6 +689,7 @@ async def remix_video(
     return await _create(
         state,
         source.project,
+        settings,
         body.priority or source.priority,
         request,
         source.bucket,
@@ -588,7 +707,7 @@ async def remix_video(
 async def video_events(
     video_id: str,
     state: StateDep,
-    _key: ApiKeyDep,
+    caller: CallerDep,
     last_event_id: Annotated[
         int | None, Header(alias="Last-Event-ID", ge=0, description="Resume after this event id.")
     ] = None,
@@ -597,7 +716,7 @@ async def video_events(
     `claimed`, `stage`, `progress`, `requeued`, `succeeded`, `failed`, `cancelled`, each with an `id:`
     to resume from), `status` whenever its stage or step progress moves
     (`{"status", "stage", "progress", "stage_progress"}`), and a last `done` carrying the video object."""
-    await _job_or_404(video_id, state)
+    await _job_or_404(video_id, state, caller)
     return StreamingResponse(
         _event_stream(video_id, state, last_event_id or 0),
         media_type="text/event-stream",
@@ -666,11 +785,13 @@ async def _event_stream(video_id: str, state: IngressState, after_id: int) -> As
     summary="Create a storyboard",
 )
 async def create_storyboard(
-    body: StoryboardCreate, state: StateDep, _key: ApiKeyDep, idempotency_key: IdempotencyKey = None
+    body: StoryboardCreate, state: StateDep, caller: CallerDep, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Every shot × variant (seeds × grid) becomes a video of the board's project, all created in one
     transaction (a full queue refuses all of them: 429). They share the project's fair share."""
     _check_model(body.model)
+    project = _project_of(caller, body.project)
+    settings = await _project_settings(state, project)
     if body.num_videos > MAX_STORYBOARD_VIDEOS:
         raise ApiError(
             400,
@@ -686,6 +807,7 @@ async def create_storyboard(
     storyboard_id = new_storyboard_id()
     videos = []
     for video in planned:
+        _check_label(video.settings.label, settings, f"shots.{video.shot_index}.label")
         request, bucket = _job_request(video.settings, state.model, f"shots.{video.shot_index}.")
         shot = body.shots[video.shot_index]
         request["callback_url"] = str(body.callback_url) if body.callback_url else None
@@ -701,17 +823,18 @@ async def create_storyboard(
         **body.model_dump(mode="json"),
         "body_sha256": _fingerprint(body.model_dump(mode="json")),
     }
+    await _check_gpu_quota(state, project, settings)
     try:
         record, created = await asyncio.to_thread(
             state.store.create_storyboard,
             storyboard_id,
-            body.project,
+            project,
             body.title,
             board_request,
             videos,
             idempotency_key=idempotency_key,
             max_queued=state.args.max_queued_jobs,
-            max_queued_per_project=state.args.max_queued_jobs_per_project,
+            max_queued_per_project=_project_bound(state, settings),
         )
     except QueueFull as full:
         raise _queue_full(full) from None
@@ -719,22 +842,26 @@ async def create_storyboard(
         state.scheduler.wake.remote()
     else:
         _check_replay("storyboard", idempotency_key, record.request, board_request["body_sha256"])
-    board = await _storyboard(record.id, state)
+    board = await _storyboard(record.id, state, caller)
     headers = {} if created else {"Idempotent-Replayed": "true"}
     return JSONResponse(board.model_dump(mode="json"), status_code=201 if created else 200, headers=headers)
 
 
 @app.get("/v1/storyboards/{storyboard_id}", response_model=Storyboard, summary="Retrieve a storyboard")
-async def get_storyboard(storyboard_id: str, state: StateDep, _key: ApiKeyDep) -> Storyboard:
-    return await _storyboard(storyboard_id, state)
+async def get_storyboard(storyboard_id: str, state: StateDep, caller: CallerDep) -> Storyboard:
+    return await _storyboard(storyboard_id, state, caller)
 
 
-async def _storyboard(storyboard_id: str, state: IngressState) -> Storyboard:
+async def _storyboard(storyboard_id: str, state: IngressState, caller: Caller) -> Storyboard:
     record = await asyncio.to_thread(state.store.get_storyboard, storyboard_id)
-    if record is None:
+    if record is None or record.project != caller.project:
         raise ApiError(404, "not_found", f"no storyboard with id {storyboard_id!r}", param="storyboard_id")
     jobs = await asyncio.to_thread(
-        state.store.list, storyboard_id=storyboard_id, order="asc", limit=max(1, min(record.num_jobs, 1000))
+        state.store.list,
+        project=caller.project,
+        storyboard_id=storyboard_id,
+        order="asc",
+        limit=max(1, min(record.num_jobs, 1000)),
     )
     shots = [
         StoryboardShotState(index=index, name=shot.get("name"), prompt="", videos=[])
@@ -774,6 +901,9 @@ async def _storyboard(storyboard_id: str, state: IngressState) -> Storyboard:
         counts=counts,
         shots=shots,
     )
+
+
+app.include_router(admin_router(_current_state, _caller))
 
 
 # -- OpenAPI: the create body is read by hand (JSON or form), so its schema is added here -----------------

@@ -96,7 +96,9 @@ class StoryboardCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(SERVED_MODEL, description="The served model (as for videos).")
-    project: Project = Field("default", description="Project of every video of the board.")
+    project: Project | None = Field(
+        None, description="Project of every video: the API key's (naming another one is 403)."
+    )
     title: str | None = Field(None, max_length=200, description="A name for people.")
     priority: Literal["interactive", "batch"] = Field("batch", description="Priority of every video.")
     shots: list[StoryboardShot] = Field(

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from serve.auth import Role
 from serve.config import PrevizArgs
 from serve.ingress import IngressState, app
 from serve.jobs import JobStore
@@ -37,15 +38,29 @@ class RecordingScheduler:
 
 @dataclass
 class LocalApi:
-    client: TestClient
+    client: TestClient  # acts for project "default" with an admin key
     store: JobStore
     state: IngressState
     scheduler: Any
     artifacts_root: Path
+    admin_key: str
+    clients: dict[str, TestClient] = field(default_factory=dict)  # project -> a member's client
 
     def client_for(self, project: str) -> TestClient:
-        """A client acting for `project` (bodies that name a project must name this one)."""
-        return self.client
+        """A client acting for `project` with a member key (the project is created when new)."""
+        if project not in self.clients:
+            self.clients[project] = self.client_with(self.key_for(project))
+        return self.clients[project]
+
+    def key_for(self, project: str, role: Role = "member") -> str:
+        """A new key of `project` (created when new)."""
+        if self.store.get_project(project) is None:
+            self.store.create_project(project)
+        return self.store.create_key(project, role, "test")[1]
+
+    def client_with(self, key: str | None) -> TestClient:
+        """A client sending `key` (none: no Authorization header)."""
+        return TestClient(app, headers={"Authorization": f"Bearer {key}"} if key else {})
 
 
 @contextmanager
@@ -59,8 +74,9 @@ def local_api(tmp_path: Path, scheduler: Any = None, **overrides: Any) -> Iterat
     state = IngressState(args, args.sampling, scheduler)
     previous, IngressState.current = IngressState.current, state
     try:
-        with TestClient(app, headers={"Authorization": "Bearer test-key"}) as client:
-            yield LocalApi(client, state.store, state, scheduler, tmp_path / "artifacts")
+        admin_key = state.store.ensure_default_project("default")
+        with TestClient(app, headers={"Authorization": f"Bearer {admin_key}"}) as client:
+            yield LocalApi(client, state.store, state, scheduler, tmp_path / "artifacts", admin_key)
     finally:
         IngressState.current = previous
         state.store.close()

@@ -6,19 +6,22 @@ project names and job ids.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from serve import launch
+from serve.auth import Role
 from serve.client import PrevizClient
 from serve.jobs import JobStore
+from serve.jobs.projects import ProjectExists
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_CONFIG = REPO / "deploy" / "local.yaml"
@@ -30,10 +33,24 @@ class Cluster:
     url: str
     config: dict[str, Any]  # what is deployed now
     database_url: str
+    keys: dict[str, str] = field(default_factory=dict)  # project -> a member key of it
 
     def client(self, project: str = "default") -> PrevizClient:
-        """A client acting for `project` (bodies that name a project must name this one)."""
-        return PrevizClient(self.url, timeout_s=60)
+        """A client acting for `project` with a member key (the project is created when new)."""
+        if project not in self.keys:
+            self.keys[project] = self.key_for(project)
+        return PrevizClient(self.url, api_key=self.keys[project], timeout_s=60)
+
+    def key_for(self, project: str, role: Role = "member") -> str:
+        """A new key of `project` (created when new), written straight into the cluster's job store."""
+        store = self.store()
+        try:
+            if store.get_project(project) is None:
+                with contextlib.suppress(ProjectExists):
+                    store.create_project(project)
+            return store.create_key(project, role, "test")[1]
+        finally:
+            store.close()
 
     def store(self) -> JobStore:
         return JobStore(self.database_url)
@@ -45,11 +62,15 @@ class Cluster:
         launch.wait_ready(self.url, timeout_s=600)
 
     def wait_for(self, job_ids: list[str], timeout_s: float = 600) -> dict[str, dict]:
-        client = self.client()
+        store = self.store()
+        try:
+            clients = {job_id: self.client(store.get(job_id).project) for job_id in job_ids}
+        finally:
+            store.close()
         deadline = time.monotonic() + timeout_s
         jobs: dict[str, dict] = {}
         while time.monotonic() < deadline:
-            jobs = {job_id: client.get(job_id) for job_id in job_ids}
+            jobs = {job_id: clients[job_id].get(job_id) for job_id in job_ids}
             if all(job["status"] in ("completed", "failed", "cancelled") for job in jobs.values()):
                 return jobs
             time.sleep(0.5)

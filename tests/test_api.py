@@ -32,7 +32,8 @@ def api(tmp_path: Path):
 
 
 def create(api: LocalApi, **fields: Any) -> dict[str, Any]:
-    response = api.client.post("/v1/videos", json={"prompt": "a lighthouse in a storm", **TINY, **fields})
+    client = api.client_for(fields["project"]) if "project" in fields else api.client
+    response = client.post("/v1/videos", json={"prompt": "a lighthouse in a storm", **TINY, **fields})
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -462,15 +463,16 @@ def test_not_ready_until_the_replica_is_initialised(api: LocalApi) -> None:
 def test_same_post_twice_with_one_idempotency_key_makes_one_job(api: LocalApi) -> None:
     headers = {"Idempotency-Key": "shot-12A-take-3"}
     body = {**GOOD, "project": "dune"}
-    first = api.client.post("/v1/videos", json=body, headers=headers)
-    second = api.client.post("/v1/videos", json=body, headers=headers)
+    dune = api.client_for("dune")
+    first = dune.post("/v1/videos", json=body, headers=headers)
+    second = dune.post("/v1/videos", json=body, headers=headers)
     assert (first.status_code, second.status_code) == (201, 200)
     assert first.json()["id"] == second.json()["id"] and second.headers["Idempotent-Replayed"] == "true"
     assert first.json()["seed"] == second.json()["seed"]
     assert [job.id for job in api.store.list()] == [first.json()["id"]]
-    other = api.client.post("/v1/videos", json={**body, "prompt": "another shot"}, headers=headers)
+    other = dune.post("/v1/videos", json={**body, "prompt": "another shot"}, headers=headers)
     assert (other.status_code, other.json()["error"]["code"]) == (409, "idempotency_key_reused")
-    elsewhere = api.client.post("/v1/videos", json={**body, "project": "heat"}, headers=headers)
+    elsewhere = api.client_for("heat").post("/v1/videos", json={**body, "project": "heat"}, headers=headers)
     assert elsewhere.status_code == 201  # keys are per project
     assert len(api.store.list()) == 2
 
@@ -478,17 +480,18 @@ def test_same_post_twice_with_one_idempotency_key_makes_one_job(api: LocalApi) -
 def test_full_queue_answers_429_with_retry_after_and_drops_nothing(tmp_path: Path) -> None:
     with local_api(tmp_path, max_queued_jobs=4, max_queued_jobs_per_project=2) as api:
         accepted = [create(api, project="dune")["id"] for _ in range(2)]
-        full = api.client.post("/v1/videos", json={**GOOD, "project": "dune"})
+        full = api.client_for("dune").post("/v1/videos", json={**GOOD, "project": "dune"})
         assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1
-        assert full.json()["error"]["code"] == "queue_full"
+        assert full.json()["error"]["code"] == "project_queue_full"
         accepted += [create(api, project="heat")["id"] for _ in range(2)]
         board = {"project": "noir", "shots": [GOOD], "variants": {"seeds": 1}}
-        refused = api.client.post("/v1/storyboards", json=board)
+        refused = api.client_for("noir").post("/v1/storyboards", json=board)
         assert refused.status_code == 429 and "Retry-After" in refused.headers  # global bound: 4 queued
+        assert refused.json()["error"]["code"] == "queue_full"
         assert sorted(job.id for job in api.store.list()) == sorted(accepted)
         assert all(job.status == JobStatus.QUEUED for job in api.store.list())
         # A retried POST with a known key is answered even when the queue is full.
-        api.client.delete(f"/v1/videos/{accepted[0]}")
+        api.client_for("dune").delete(f"/v1/videos/{accepted[0]}")
         keyed = api.client.post("/v1/videos", json=GOOD, headers={"Idempotency-Key": "k1"})
         assert keyed.status_code == 201
         replay = api.client.post("/v1/videos", json=GOOD, headers={"Idempotency-Key": "k1"})
@@ -498,11 +501,12 @@ def test_full_queue_answers_429_with_retry_after_and_drops_nothing(tmp_path: Pat
 def test_a_storyboard_that_does_not_fit_is_refused_whole(tmp_path: Path) -> None:
     with local_api(tmp_path, max_queued_jobs_per_project=5) as api:
         board = {"project": "dune", "shots": [GOOD, GOOD, GOOD], "variants": {"seeds": 2}}
-        response = api.client.post("/v1/storyboards", json=board)
+        dune = api.client_for("dune")
+        response = dune.post("/v1/storyboards", json=board)
         assert response.status_code == 429, response.text
         assert api.store.list() == []
         board["variants"]["seeds"] = 1
-        assert api.client.post("/v1/storyboards", json=board).status_code == 201
+        assert dune.post("/v1/storyboards", json=board).status_code == 201
         assert len(api.store.list()) == 3
 
 
@@ -521,7 +525,8 @@ def test_storyboard_grid_makes_every_combination_and_groups_them_by_shot(api: Lo
         },
         "labels": {"scene": "4"},
     }
-    response = api.client.post("/v1/storyboards", json=board)
+    dune = api.client_for("dune")
+    response = dune.post("/v1/storyboards", json=board)
     assert response.status_code == 201, response.text
     state = response.json()
     assert (state["num_videos"], state["counts"], state["status"]) == (12, {"queued": 12}, "queued")
@@ -531,7 +536,7 @@ def test_storyboard_grid_makes_every_combination_and_groups_them_by_shot(api: Lo
         {"camera": "dolly-in", "look": "film"},
     ]
     assert {video["seed"] for video in second["videos"]} == {100}
-    video = api.client.get(first["videos"][1]["url"]).json()
+    video = dune.get(first["videos"][1]["url"]).json()
     assert video["prompt"] == "a rider gallops. Camera: dolly-in."
     assert (video["look"], video["priority"], video["labels"], video["storyboard_id"]) == (
         "film",
@@ -539,11 +544,12 @@ def test_storyboard_grid_makes_every_combination_and_groups_them_by_shot(api: Lo
         {"scene": "4"},
         state["id"],
     )
-    assert api.client.get(f"/v1/storyboards/{state['id']}").json() == state
+    assert dune.get(f"/v1/storyboards/{state['id']}").json() == state
 
 
 def test_openai_package_wire_format_multipart_create_and_cursor_paging(api: LocalApi) -> None:
-    client = openai.OpenAI(base_url=f"{api.client.base_url}/v1", api_key="any", http_client=api.client)
+    key = api.key_for("noir")
+    client = openai.OpenAI(base_url=f"{api.client.base_url}/v1", api_key=key, http_client=api.client)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         video = client.videos.create(
@@ -594,7 +600,8 @@ def test_content_serves_the_mp4_and_its_poster_frame(api: LocalApi) -> None:
 
 def test_remix_keeps_seed_and_settings_with_a_new_prompt(api: LocalApi) -> None:
     video = create(api, seed=42, look="film", upscale="720p", project="noir", labels={"take": 1})
-    remix = api.client.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "what if he wore a blue coat"})
+    noir = api.client_for("noir")
+    remix = noir.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "what if he wore a blue coat"})
     assert remix.status_code == 201
     remix = remix.json()
     kept = ("seed", "size", "seconds", "steps", "look", "upscale", "project", "labels", "num_frames")
@@ -715,8 +722,12 @@ def test_cancel_frees_the_slot_and_the_next_queued_job_starts(tmp_path: Path) ->
         state = IngressState(args, args.sampling, InProcessHandle(scheduler))
         previous, IngressState.current = IngressState.current, state
         transport = httpx.ASGITransport(app=app)
+        key = state.store.ensure_default_project("default")
         try:
-            async with httpx.AsyncClient(transport=transport, base_url="http://previz") as http:
+            headers = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://previz", headers=headers
+            ) as http:
                 first, second = [(await http.post("/v1/videos", json=GOOD)).json()["id"] for _ in range(2)]
                 await wait_until(lambda: state.store.get(first).status == JobStatus.ENCODING)
                 await asyncio.sleep(0.5)  # several scheduling passes: the one slot stays taken

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, insert, s
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
+from serve.auth import gpu_seconds
 from serve.jobs.models import (
     PRIORITIES,
     PROGRESS_BANDS,
@@ -32,6 +33,7 @@ from serve.jobs.models import (
     new_job_id,
     utcnow,
 )
+from serve.jobs.projects import ProjectStoreMixin
 from serve.jobs.schema import QUEUE_LOCK_KEY, SCHEMA_LOCK_KEY, job_events, jobs, metadata, storyboards
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ MAX_RETRY_AFTER_S = 600
 MAX_PAGE = 1000  # most rows one list()/queued()/events() call returns
 
 
-class JobStore:
+class JobStore(ProjectStoreMixin):
     """All reads and state changes of jobs. Thread-safe and multi-process-safe; holds only an engine."""
 
     def __init__(self, url: str = DEFAULT_URL, *, busy_timeout_s: float = 30.0) -> None:
@@ -400,6 +402,7 @@ class JobStore:
                 "artifact_bytes": artifact_bytes,
                 "timings": {**current.timings, **(timings or {})},
             }
+            values["gpu_seconds"] = gpu_seconds(values["timings"])
             if seed is not None:
                 values["seed"] = seed
             conn.execute(update(jobs).where(_fence(job_id, attempt)).values(values))
@@ -413,11 +416,13 @@ class JobStore:
         (e.g. its deadline passed), claim it first."""
         now = utcnow()
         with self._write() as conn:
+            timings = conn.scalar(select(jobs.c.timings).where(_fence(job_id, attempt)).with_for_update())
             done = conn.execute(
                 update(jobs)
                 .where(_fence(job_id, attempt))
                 .values(
                     status=JobStatus.FAILED,
+                    gpu_seconds=gpu_seconds(timings or {}),
                     finished_at=now,
                     updated_at=now,
                     error_code=code,

@@ -1,0 +1,188 @@
+"""`/v1/admin`: projects, their settings (quotas, label policy) and API keys. Admin keys only (403
+`forbidden` for member keys); an admin key of any project manages every project.
+
+    POST   /v1/admin/projects                  create (409 `project_exists`); its webhook secret, once
+    GET    /v1/admin/projects                  list
+    GET    /v1/admin/projects/{name}           one project and its settings
+    PATCH  /v1/admin/projects/{name}           change settings (only the fields sent)
+    POST   /v1/admin/projects/{name}/keys      a new key: the key is in this answer only
+    GET    /v1/admin/projects/{name}/keys      its keys (ids, roles, names; never the keys)
+    DELETE /v1/admin/keys/{key_id}             revoke a key (at once: its next request is 401)
+"""
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.auth import PROJECT_NAME, ApiKeyRecord, Caller, ProjectRecord, ProjectSettings, Role
+from serve.errors import ApiError
+from serve.jobs.projects import ProjectExists
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=PROJECT_NAME.pattern,
+        description="Lower-case slug: letters, digits, '.', '_', '-'; at most 64 characters.",
+    )
+    settings: ProjectSettings = Field(default_factory=ProjectSettings, description="Quotas and policy.")
+    admin_key: bool = Field(False, description="Also create a first admin key of the project (shown once).")
+
+
+class ProjectSettingsUpdate(BaseModel):
+    """The settings to change; fields left out keep their value (`null` clears a quota)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_queued_jobs: int | None = Field(None, ge=1)
+    gpu_seconds_per_day: float | None = Field(None, gt=0)
+    burn_label: bool | None = None
+
+
+class Project(BaseModel):
+    object: str = "project"
+    name: str
+    created_at: int = Field(description="Unix seconds.")
+    settings: ProjectSettings
+
+
+class ApiKey(BaseModel):
+    object: str = "api_key"
+    id: str = Field(description="The key's public id (the `keyid` of `pvz_<keyid>_<secret>`).")
+    project: str
+    role: Role
+    name: str | None
+    created_at: int
+    revoked_at: int | None
+    last_used_at: int | None
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role = Field("member", description="`member` (videos) or `admin` (also /v1/admin).")
+    name: str | None = Field(None, max_length=200, description="Whose key it is, for people.")
+
+
+class ApiKeyCreated(ApiKey):
+    key: str = Field(description="The key itself. It is not stored and is never shown again.")
+
+
+class ProjectCreated(Project):
+    webhook_secret: str = Field(description="HMAC-SHA256 secret of the project's webhooks; shown once.")
+    api_key: ApiKeyCreated | None = Field(None, description="The first admin key, when asked for.")
+
+
+class ProjectList(BaseModel):
+    object: str = "list"
+    data: list[Project]
+
+
+class ApiKeyList(BaseModel):
+    object: str = "list"
+    data: list[ApiKey]
+
+
+def _unix(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp())
+
+
+def _project(record: ProjectRecord) -> Project:
+    return Project(name=record.name, created_at=_unix(record.created_at), settings=record.settings)
+
+
+def _key(record: ApiKeyRecord) -> ApiKey:
+    return ApiKey(
+        id=record.id,
+        project=record.project,
+        role=record.role,
+        name=record.name,
+        created_at=_unix(record.created_at),
+        revoked_at=_unix(record.revoked_at),
+        last_used_at=_unix(record.last_used_at),
+    )
+
+
+def _no_project(name: str) -> ApiError:
+    return ApiError(404, "not_found", f"no project named {name!r}", "name")
+
+
+def admin_router(current_state: Callable[[], Any], caller: Callable[..., Any]) -> APIRouter:
+    """The admin routes over the Ingress's state and caller dependencies (passed in: no import cycle)."""
+
+    async def admin(who: Annotated[Caller, Depends(caller)]) -> Caller:
+        if who.role != "admin":
+            raise ApiError(403, "forbidden", f"this needs an admin key; key {who.key_id} is a member key")
+        return who
+
+    def job_store(state: Annotated[Any, Depends(current_state)]) -> Any:
+        return state.store
+
+    Store = Annotated[Any, Depends(job_store)]
+    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
+
+    @router.post("/projects", status_code=201, response_model=ProjectCreated, summary="Create a project")
+    async def create_project(body: ProjectCreate, store: Store) -> ProjectCreated:
+        try:
+            record = await asyncio.to_thread(store.create_project, body.name, body.settings)
+        except ProjectExists:
+            raise ApiError(409, "project_exists", f"project {body.name!r} exists already", "name") from None
+        created = None
+        if body.admin_key:
+            key, secret = await asyncio.to_thread(store.create_key, record.name, "admin", "first admin key")
+            created = ApiKeyCreated(**_key(key).model_dump(exclude={"object"}), key=secret)
+        return ProjectCreated(
+            **_project(record).model_dump(exclude={"object"}),
+            webhook_secret=record.webhook_secret,
+            api_key=created,
+        )
+
+    @router.get("/projects", response_model=ProjectList, summary="List projects")
+    async def list_projects(store: Store) -> ProjectList:
+        return ProjectList(data=[_project(record) for record in await asyncio.to_thread(store.list_projects)])
+
+    @router.get("/projects/{name}", response_model=Project, summary="Retrieve a project")
+    async def get_project(name: str, store: Store) -> Project:
+        record = await asyncio.to_thread(store.get_project, name)
+        if record is None:
+            raise _no_project(name)
+        return _project(record)
+
+    @router.patch("/projects/{name}", response_model=Project, summary="Change a project's settings")
+    async def update_project(name: str, body: ProjectSettingsUpdate, store: Store) -> Project:
+        changes = body.model_dump(exclude_unset=True)
+        if changes.get("burn_label", True) is None:
+            raise ApiError(400, "invalid_value", "`burn_label` must be true or false", "burn_label")
+        record = await asyncio.to_thread(store.update_project, name, changes)
+        if record is None:
+            raise _no_project(name)
+        return _project(record)
+
+    @router.post(
+        "/projects/{name}/keys", status_code=201, response_model=ApiKeyCreated, summary="Create an API key"
+    )
+    async def create_key(name: str, body: ApiKeyCreate, store: Store) -> ApiKeyCreated:
+        if await asyncio.to_thread(store.get_project, name) is None:
+            raise _no_project(name)
+        record, key = await asyncio.to_thread(store.create_key, name, body.role, body.name)
+        return ApiKeyCreated(**_key(record).model_dump(exclude={"object"}), key=key)
+
+    @router.get("/projects/{name}/keys", response_model=ApiKeyList, summary="List a project's API keys")
+    async def list_keys(name: str, store: Store) -> ApiKeyList:
+        if await asyncio.to_thread(store.get_project, name) is None:
+            raise _no_project(name)
+        return ApiKeyList(data=[_key(record) for record in await asyncio.to_thread(store.list_keys, name)])
+
+    @router.delete("/keys/{key_id}", response_model=ApiKey, summary="Revoke an API key")
+    async def revoke_key(key_id: str, store: Store) -> ApiKey:
+        record = await asyncio.to_thread(store.revoke_key, key_id)
+        if record is None:
+            raise ApiError(404, "not_found", f"no API key with id {key_id!r}", "key_id")
+        return _key(record)
+
+    return router

@@ -1,0 +1,179 @@
+"""Who is calling: projects, their API keys and roles, and signed links to stored artifacts.
+
+A key looks like `pvz_<keyid>_<secret>`: `keyid` (12 hex) is its public name (shown in listings, safe to
+log), `secret` is `secrets.token_urlsafe(32)`. The store keeps only the key's sha256, so a key is shown
+once, when it is created. Every key belongs to one project and has a role:
+
+    member   the project's videos, storyboards and artifacts (and nothing of other projects)
+    admin    the same, plus /v1/admin: projects, their settings (quotas, label policy) and keys
+
+Artifact links of a local store are signed (HMAC-SHA256 over key and expiry) so that a browser or the
+openai package can follow the 307 of `/v1/videos/{id}/content` without a bearer key until the link expires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["member", "admin"]
+ROLES: tuple[Role, ...] = ("member", "admin")
+PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+KEY_FORM = re.compile(r"^pvz_([0-9a-f]{12})_([A-Za-z0-9_-]{16,})$")
+LABEL_TEXT = "AI-generated draft"  # what the Finisher burns into the frames of a labelled clip
+# Timings of the stages that run on an accelerator: their sum is a job's `gpu_seconds` (GPU quotas).
+GPU_STAGES: tuple[str, ...] = ("denoise_high", "denoise_low", "decode", "upscale")
+
+
+class ProjectSettings(BaseModel):
+    """A project's quotas and policy (`PATCH /v1/admin/projects/{name}` changes them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_queued_jobs: int | None = Field(
+        None,
+        ge=1,
+        description="Most queued videos of the project at once; beyond it 429 `project_queue_full`.",
+    )
+    gpu_seconds_per_day: float | None = Field(
+        None,
+        gt=0,
+        description="Accelerator seconds the project's videos may use per UTC day; beyond it 429 "
+        "`gpu_quota_exceeded` until midnight UTC.",
+    )
+    burn_label: bool = Field(
+        True,
+        description="Burn 'AI-generated draft' into every clip; while true, `label: false` is refused "
+        "(400 `label_required`).",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The authenticated caller of one request."""
+
+    project: str  # every job it creates or sees is this project's
+    role: Role
+    key_id: str  # the key's public id (logs, revocation)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectRecord:
+    name: str
+    created_at: datetime
+    settings: ProjectSettings
+    webhook_secret: str  # HMAC-SHA256 key of the project's webhooks
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """One API key as stored: never the key itself, only its hash."""
+
+    id: str  # the public `keyid` part of the key
+    project: str
+    role: Role
+    name: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+AuthFailure = Literal["unknown", "revoked"]
+
+
+def new_api_key() -> tuple[str, str]:
+    """A fresh `(key_id, key)`."""
+    key_id = secrets.token_hex(6)
+    return key_id, f"pvz_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def key_id_of(key: str) -> str:
+    """The id a key is stored under: the `keyid` of a `pvz_` key, else (a key chosen by an operator, e.g.
+    PREVIZ_API_KEY) 12 hex of its sha256."""
+    match = KEY_FORM.match(key)
+    return match.group(1) if match else hash_key(key)[:12]
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def keys_match(key: str, key_hash: str) -> bool:
+    return hmac.compare_digest(hash_key(key), key_hash)
+
+
+def gpu_seconds(timings: dict[str, float]) -> float:
+    """Accelerator seconds of one job's run, from its stage timings."""
+    return float(sum(timings.get(stage, 0.0) for stage in GPU_STAGES))
+
+
+def seconds_to_utc_midnight(now: datetime | None = None) -> int:
+    now = now or datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1, int((midnight - now).total_seconds() + 0.999))
+
+
+# -- signed artifact links ---------------------------------------------------------------------------------
+
+SIGNING_KEY_FILE = ".url-signing-key"  # in the local artifact root; a hidden name is never an artifact key
+
+
+class ArtifactSigner:
+    """Signs `/v1/artifacts/{key}?expires=..&signature=..` links with a secret shared by every Ingress
+    replica that serves the same artifact folder."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    @classmethod
+    def for_folder(cls, root: Path) -> ArtifactSigner:
+        """The signer whose secret lives in `root` (created once, mode 0600; concurrent replicas agree)."""
+        return cls(_shared_secret(Path(root) / SIGNING_KEY_FILE))
+
+    def signature(self, key: str, expires: int) -> str:
+        return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def url(self, key: str, ttl_s: int, *, now: float | None = None) -> str:
+        expires = int(now if now is not None else datetime.now(UTC).timestamp()) + ttl_s
+        return f"/v1/artifacts/{quote(key)}?expires={expires}&signature={self.signature(key, expires)}"
+
+    def check(self, key: str, expires: int, signature: str) -> Literal["bad_signature", "url_expired"] | None:
+        """None for a genuine, unexpired link; else what is wrong with it."""
+        if not hmac.compare_digest(self.signature(key, expires).encode(), signature.encode()):
+            return "bad_signature"
+        if datetime.now(UTC).timestamp() > expires:
+            return "url_expired"
+        return None
+
+
+def _shared_secret(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        pass
+    # Write a candidate under a private name, then link it into place: the first replica's link wins and
+    # every replica reads the winner.
+    candidate = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        os.link(candidate, path)
+    except FileExistsError:
+        pass
+    finally:
+        candidate.unlink()
+    return bytes.fromhex(path.read_text().strip())
