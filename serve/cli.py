@@ -215,6 +215,7 @@ def up(
         cluster_config = launch.load_config(config, port=port, args_overrides=overrides)
     except (FileNotFoundError, ValidationError) as error:
         raise CliError(str(error).splitlines()[0]) from None
+    api_key = bootstrap_default_project(cluster_config["applications"][0]["args"]["database_url"])
     with console.status("starting Ray and the Previz deployments …") as status:
         url = launch.deploy(cluster_config)
         launch.wait_ready(url, on_wait=lambda state: status.update(f"deploying Previz ({state.lower()}) …"))
@@ -228,7 +229,8 @@ def up(
     if demo is not None:
         from serve.client import PrevizClient
 
-        client = PrevizClient(url)
+        demo_key = api_key or _demo_key(cluster_config["applications"][0]["args"]["database_url"])
+        client = PrevizClient(url, api_key=demo_key)
         job = client.create(
             {"prompt": DEMO_PROMPT, "duration": 1, "steps": 8, "upscale": "720p", "look": "film"}
         )
@@ -249,6 +251,45 @@ def up(
     if prometheus is not None:
         prometheus.stop()
     launch.shutdown()
+
+
+def bootstrap_default_project(database_url: str) -> str | None:
+    """Before the first deploy: make sure the job store has project `default` with an admin key. The key
+    is PREVIZ_API_KEY when set (stored unless it is already); otherwise one is generated, once, and shown
+    in a panel. Returns the key when it is known here (from the environment or just generated)."""
+    import os
+
+    from rich.panel import Panel
+
+    from serve.jobs import JobStore
+
+    env_key = os.environ.get("PREVIZ_API_KEY") or None
+    store = JobStore(database_url)
+    try:
+        store.create_schema()
+        generated = store.ensure_default_project("default", env_key)
+    finally:
+        store.close()
+    if generated is not None:
+        console.print(
+            Panel(
+                f"[bold]{generated}[/]\n\nAdmin key of project [bold]default[/]: save this key, it is not "
+                "shown again.\nUse it as `export PREVIZ_API_KEY=...` or `Authorization: Bearer ...`.",
+                title="Previz API key",
+            )
+        )
+    return env_key or generated
+
+
+def _demo_key(database_url: str) -> str:
+    """A member key of project `default` for the demo shot, when no key is at hand."""
+    from serve.jobs import JobStore
+
+    store = JobStore(database_url)
+    try:
+        return store.create_key("default", "member", "previz up --demo")[1]
+    finally:
+        store.close()
 
 
 def _follow(client, job_id: str) -> dict:
@@ -276,13 +317,18 @@ def _follow(client, job_id: str) -> dict:
 
 ServerOption = Annotated[str, typer.Option("--server", envvar="PREVIZ_SERVER", help="Previz server URL.")]
 ApiKeyOption = Annotated[
-    str, typer.Option("--api-key", envvar="PREVIZ_API_KEY", help="Sent as `Authorization: Bearer KEY`.")
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="PREVIZ_API_KEY",
+        help="Sent as `Authorization: Bearer KEY`; it names the project.",
+    ),
 ]
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 FINISHED_STATES = ("completed", "failed", "cancelled")
 
 
-def _client(server: str, api_key: str):
+def _client(server: str, api_key: str | None):
     from serve.client import PrevizClient
 
     return PrevizClient(server, api_key=api_key, timeout_s=60)
@@ -338,7 +384,7 @@ def submit(
     storyboard: Annotated[
         Path | None, typer.Option(help="Storyboard (YAML/JSON): shots and a variant plan.")
     ] = None,
-    project: Annotated[str | None, typer.Option(help="Project (default: `default`).")] = None,
+    project: Annotated[str | None, typer.Option(help="Project (default: the API key's).")] = None,
     priority: Annotated[str | None, typer.Option(help="interactive | batch (default batch).")] = None,
     size: Annotated[str | None, typer.Option(help="WxH, e.g. 832x480 (or use --resolution).")] = None,
     resolution: Annotated[str | None, typer.Option(help="480p | 720p | WxH.")] = None,
@@ -362,7 +408,7 @@ def submit(
         typer.Option("--output", "-o", help="Folder to download the clips into (implies --wait)."),
     ] = None,
     server: ServerOption = DEFAULT_SERVER,
-    api_key: ApiKeyOption = "previz-cli",
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Send a shot (or a storyboard) to a Previz server; with --wait, show live progress bars."""
     from pipeline.prompt import ShotSpecError, load_shot_file
@@ -473,7 +519,7 @@ def _follow_storyboard(client, storyboard_id: str, output: Path | None) -> None:
 def status(
     video_id: Annotated[str, typer.Argument(help="A video id (vid_…) or a storyboard id (sb_…).")],
     server: ServerOption = DEFAULT_SERVER,
-    api_key: ApiKeyOption = "previz-cli",
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Show a video's (or storyboard's) state, progress and links."""
     client = _client(server, api_key)
@@ -514,7 +560,7 @@ def fetch(
     ] = None,
     thumbnail: Annotated[bool, typer.Option(help="Fetch the JPEG poster frame instead.")] = False,
     server: ServerOption = DEFAULT_SERVER,
-    api_key: ApiKeyOption = "previz-cli",
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Download a completed video's mp4 (or its poster frame)."""
     client = _client(server, api_key)
@@ -527,7 +573,7 @@ def fetch(
 def cancel(
     video_id: Annotated[str, typer.Argument(help="A queued or running video's id.")],
     server: ServerOption = DEFAULT_SERVER,
-    api_key: ApiKeyOption = "previz-cli",
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Cancel a queued or running video (its slot goes to the next queued one)."""
     _api_call(_client(server, api_key).cancel, video_id)
@@ -542,7 +588,7 @@ def list_videos(
     ] = None,
     limit: Annotated[int, typer.Option(help="How many (newest first).")] = 20,
     server: ServerOption = DEFAULT_SERVER,
-    api_key: ApiKeyOption = "previz-cli",
+    api_key: ApiKeyOption = None,
 ) -> None:
     """List videos, newest first."""
     page = _api_call(_client(server, api_key).list, project=project, status=state, limit=limit)
@@ -558,6 +604,115 @@ def list_videos(
             video["prompt"][:48],
         )
     Console(width=200).print(table)
+
+
+# -- admin commands: projects and API keys (an admin key) ----------------------------------------------
+
+admin_app = typer.Typer(help="Projects and API keys (needs an admin key).", no_args_is_help=True)
+project_app = typer.Typer(help="Create and list projects.", no_args_is_help=True)
+key_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+admin_app.add_typer(project_app, name="project")
+admin_app.add_typer(key_app, name="key")
+app.add_typer(admin_app, name="admin")
+UrlOption = Annotated[
+    str, typer.Option("--url", "--server", envvar="PREVIZ_SERVER", help="Previz server URL.")
+]
+stdout = Console()
+
+
+def _date(unix: int | None) -> str:
+    from datetime import UTC, datetime
+
+    return "" if unix is None else datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+@project_app.command("create")
+def project_create(
+    name: Annotated[str, typer.Argument(help="Lower-case slug: letters, digits, '.', '_', '-'.")],
+    max_queued_jobs: Annotated[int | None, typer.Option(help="Most queued videos at once.")] = None,
+    gpu_seconds_per_day: Annotated[float | None, typer.Option(help="GPU seconds per UTC day.")] = None,
+    burn_label: Annotated[
+        bool, typer.Option(help="Burn 'AI-generated draft' into every clip (--no-burn-label allows off).")
+    ] = True,
+    admin_key: Annotated[bool, typer.Option(help="Also create a first admin key of the project.")] = False,
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Create a project; prints its webhook secret (shown once)."""
+    settings = {
+        "max_queued_jobs": max_queued_jobs,
+        "gpu_seconds_per_day": gpu_seconds_per_day,
+        "burn_label": burn_label,
+    }
+    created = _api_call(_client(url, api_key).create_project, name, settings, admin_key=admin_key)
+    stdout.print(f"project {created['name']}", highlight=False)
+    stdout.print(f"webhook_secret {created['webhook_secret']}", highlight=False)
+    if created.get("api_key"):
+        stdout.print(f"admin key {created['api_key']['id']}: {created['api_key']['key']}", highlight=False)
+    console.print("save the secret (and key): they are not shown again")
+
+
+@project_app.command("list")
+def project_list(url: UrlOption = DEFAULT_SERVER, api_key: ApiKeyOption = None) -> None:
+    """Every project and its quotas."""
+    page = _api_call(_client(url, api_key).list_projects)
+    table = Table("project", "created", "max queued", "GPU s/day", "burn label", box=None)
+    for project in page["data"]:
+        settings = project["settings"]
+        table.add_row(
+            project["name"],
+            _date(project["created_at"]),
+            str(settings["max_queued_jobs"] or "-"),
+            f"{settings['gpu_seconds_per_day']:g}" if settings["gpu_seconds_per_day"] else "-",
+            "yes" if settings["burn_label"] else "no",
+        )
+    Console(width=200).print(table)
+
+
+@key_app.command("create")
+def key_create(
+    project: Annotated[str, typer.Option(help="The key's project.")],
+    role: Annotated[str, typer.Option(help="member | admin.")] = "member",
+    name: Annotated[str | None, typer.Option(help="Whose key it is.")] = None,
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Create a key; prints it once (only its hash is stored)."""
+    created = _api_call(_client(url, api_key).create_key, project, role, name)
+    stdout.print(created["key"], highlight=False)
+    console.print(f"{created['role']} key {created['id']} of project {created['project']} (not shown again)")
+
+
+@key_app.command("list")
+def key_list(
+    project: Annotated[str, typer.Option(help="Whose keys.")],
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """A project's keys (ids, roles, names; never the keys)."""
+    page = _api_call(_client(url, api_key).list_keys, project)
+    table = Table("key id", "role", "name", "created", "last used", "revoked", box=None)
+    for key in page["data"]:
+        table.add_row(
+            key["id"],
+            key["role"],
+            key["name"] or "",
+            _date(key["created_at"]),
+            _date(key["last_used_at"]),
+            _date(key["revoked_at"]),
+        )
+    Console(width=200).print(table)
+
+
+@key_app.command("revoke")
+def key_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (`keyid` of pvz_<keyid>_...).")],
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Revoke a key at once: its next request gets 401."""
+    revoked = _api_call(_client(url, api_key).revoke_key, key_id)
+    stdout.print(f"revoked {revoked['id']} ({revoked['role']} key of {revoked['project']})", highlight=False)
 
 
 def main() -> None:

@@ -3,12 +3,16 @@ folder and a stand-in Scheduler handle that records what the routes ask of it.""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi.testclient import TestClient
 
 from serve.auth import Role
@@ -80,3 +84,22 @@ def local_api(tmp_path: Path, scheduler: Any = None, **overrides: Any) -> Iterat
     finally:
         IngressState.current = previous
         state.store.close()
+
+
+@contextmanager
+def http_server() -> Iterator[str]:
+    """The app (with whatever IngressState is current) behind a real uvicorn server on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the test HTTP server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()

@@ -7,7 +7,6 @@ import time
 import warnings
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -19,12 +18,13 @@ pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore:The Sora A
 TINY = {"steps": 4}  # with size 96x64 and seconds "0.5": 9 frames, latent 3x8x12
 
 
-def openai_client(cluster: Cluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="sk-any-key-works", max_retries=0)
+def openai_client(cluster: Cluster, project: str) -> openai.OpenAI:
+    """The official package with a member key of `project`."""
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key=cluster.key_for(project), max_retries=0)
 
 
 def test_openai_package_creates_polls_downloads_remixes_and_deletes(cluster: Cluster, tmp_path: Path) -> None:
-    client = openai_client(cluster)
+    client = openai_client(cluster, "openai-flow")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         video = client.videos.create_and_poll(
@@ -76,7 +76,7 @@ def test_six_shot_storyboard_with_two_seeds_each_completes_with_links(
         "variants": {"seeds": 2},
         "labels": {"scene": "7"},
     }
-    http = httpx.Client(base_url=cluster.url, timeout=60)
+    http = cluster.client("dune-board").http
     created = http.post("/v1/storyboards", json=board, headers={"Idempotency-Key": "board-act-one"})
     assert created.status_code == 201, created.text
     board_id = created.json()["id"]
@@ -106,7 +106,7 @@ def test_six_shot_storyboard_with_two_seeds_each_completes_with_links(
 
 
 def test_events_stream_stage_and_step_progress_until_done(cluster: Cluster) -> None:
-    http = httpx.Client(base_url=cluster.url, timeout=60)
+    http = cluster.client("events").http
     body = {"prompt": "a train crosses a bridge", "project": "events", "size": "96x64", "seconds": 0.5}
     video = http.post("/v1/videos", json={**body, "steps": 8}).json()
     kinds, statuses, stage_events = [], [], []

@@ -35,6 +35,7 @@ def test_submit_wait_status_fetch_ls_and_cancel(
     cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PREVIZ_SERVER", cluster.url)
+    monkeypatch.setenv("PREVIZ_API_KEY", cluster.key_for("cli-test"))
     shot = tmp_path / "shot.yaml"
     shot.write_text(yaml.safe_dump({"character": "a courier", "action": "runs across a rooftop"}))
     code, out, err = previz(
@@ -79,6 +80,7 @@ def test_submit_a_storyboard_and_download_every_clip(
             }
         )
     )
+    monkeypatch.setenv("PREVIZ_API_KEY", cluster.key_for("cli-board"))
     args = ["submit", "--storyboard", str(board), "--size", "96x64", "--seconds", "0.25", "--steps", "3"]
     code, out, err = previz(
         [*args, "--project", "cli-board", "--server", cluster.url, "-o", str(tmp_path / "board")],

@@ -22,7 +22,7 @@ OTHER_BUCKET = {"resolution": "64x96", "duration": 0.25, "steps": 4}  # 5 frames
 
 
 def submit(cluster: Cluster, project: str, prompt: str, **fields) -> str:
-    return cluster.client().create({"prompt": prompt, "project": project, **SMALL, **fields})["id"]
+    return cluster.client(project).create({"prompt": prompt, "project": project, **SMALL, **fields})["id"]
 
 
 def replica_actor_names(deployment: str) -> list[str]:
@@ -43,12 +43,11 @@ def test_six_jobs_from_two_projects_in_two_buckets_complete(cluster: Cluster, tm
             96,
         )
     finished = cluster.wait_for(list(jobs))
-    client = cluster.client()
     store = cluster.store()
     for job_id, (frames, width, height) in jobs.items():
         job = finished[job_id]
         assert job["status"] == "completed", job
-        info = read_video_info(client.download(job_id, tmp_path / f"{job_id}.mp4"))
+        info = read_video_info(cluster.client(job["project"]).download(job_id, tmp_path / f"{job_id}.mp4"))
         assert (info.num_frames, info.width, info.height) == (frames, width, height)
         assert set(job["timings"]) == {"encode", "denoise_high", "denoise_low", "decode", "upscale", "finish"}
         stages = [event.data.get("status") for event in store.events(job_id) if event.kind == "stage"]

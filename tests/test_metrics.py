@@ -147,7 +147,7 @@ def prometheus(cluster: Cluster) -> Iterator[PrometheusServer]:
 def project(cluster: Cluster, prometheus: PrometheusServer) -> str:
     """A project of its own whose NUM_JOBS tiny jobs have finished and been scraped."""
     name = f"metrics-{uuid.uuid4().hex[:8]}"
-    client = cluster.client()
+    client = cluster.client(name)
     ids = [
         client.create(
             {"prompt": f"a monitored lighthouse, take {index}", "project": name, "seed": index, **SMALL}
