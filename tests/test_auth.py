@@ -16,13 +16,15 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from sqlalchemy import update
 
-from serve.auth import ArtifactSigner, seconds_to_utc_midnight
+from serve.auth import ArtifactSigner, ProjectSettings, seconds_to_utc_midnight
 from serve.cli import bootstrap_default_project, main
 from serve.client import PrevizClient
 from serve.ingress import IngressState
 from serve.jobs import JobStatus, JobStore
+from serve.jobs.projects import ProjectExists
 from serve.jobs.schema import api_keys, jobs
 from tests.api_app import TINY, LocalApi, http_server, local_api
+from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 from tests.test_api import finish
 
 GOOD = {"prompt": "a lighthouse in a storm", **TINY}
@@ -36,6 +38,48 @@ def api(tmp_path: Path):
 
 def error(response: Any) -> tuple[int, str]:
     return response.status_code, response.json()["error"]["code"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    """An empty job store on each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        url = server.create_schema(server.create_database())
+    store = JobStore(url)
+    store.create_schema()
+    yield store
+    store.close()
+
+
+# -- the store -------------------------------------------------------------------------------------------
+
+
+def test_store_projects_keys_and_usage_on_both_backends(store: JobStore) -> None:
+    created = store.create_project("heist", ProjectSettings(max_queued_jobs=3))
+    assert len(created.webhook_secret) == 64 and store.webhook_secret("heist") == created.webhook_secret
+    assert store.webhook_secret("nope") is None
+    with pytest.raises(ProjectExists):
+        store.create_project("heist")
+    updated = store.update_project("heist", {"gpu_seconds_per_day": 5.0})
+    assert updated.settings == ProjectSettings(max_queued_jobs=3, gpu_seconds_per_day=5.0)
+    assert store.get_project("heist").settings == updated.settings and store.update_project("x", {}) is None
+    record, key = store.create_key("heist", "admin", "lead")
+    assert store.authenticate(key).role == "admin" and [k.id for k in store.list_keys("heist")] == [record.id]
+    first = store.revoke_key(record.id).revoked_at
+    assert store.authenticate(key) == "revoked" and store.revoke_key(record.id).revoked_at == first
+    assert store.authenticate("pvz_000000000000_" + "A" * 43) == "unknown"
+    job, _ = store.create("heist", "batch", {"spec": {}}, "96x64x9")
+    job = store.claim(job.id, "s")
+    store.advance(job.id, job.attempt, JobStatus.DECODING, timing=("decode", 1.5))
+    store.succeed(job.id, job.attempt, artifact_uri="a", artifact_bytes=1, timings={"denoise_high": 2.0})
+    assert store.gpu_seconds_today("heist") == 3.5 and store.gpu_seconds_today("default") == 0.0
+    assert store.gpu_seconds_today("heist", now=datetime.now(UTC) + timedelta(days=1)) == 0.0
+    generated = store.ensure_default_project()
+    assert generated is not None and store.ensure_default_project() is None
+    assert [p.name for p in store.list_projects()] == ["default", "heist"]
 
 
 # -- keys ------------------------------------------------------------------------------------------------
