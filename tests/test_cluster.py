@@ -74,10 +74,10 @@ def test_content_redirects_to_a_presigned_s3_url_that_serves_the_mp4(
 ) -> None:
     job_id = submit(cluster, "dune", "a presigned shot", seed=7)
     assert cluster.wait_for([job_id])[job_id]["status"] == "completed"
-    response = httpx.get(f"{cluster.url}/v1/videos/{job_id}/content", follow_redirects=False)
+    response = cluster.client("dune").http.get(f"/v1/videos/{job_id}/content", follow_redirects=False)
     assert response.status_code == 307
     presigned = response.headers["location"]
-    assert "X-Amz-Signature=" in presigned and "X-Amz-Expires=" in presigned
+    assert "X-Amz-Signature=" in presigned and "X-Amz-Expires=3600" in presigned  # artifact_url_ttl_s
     clip = tmp_path / "presigned.mp4"
     clip.write_bytes(httpx.get(presigned).raise_for_status().content)
     assert read_video_info(clip).num_frames == 9
