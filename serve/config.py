@@ -21,6 +21,20 @@ class EngineSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Most requests in one batched forward.")
 
 
+class WebhookSettings(BaseModel):
+    """Delivery of `callback_url` webhooks by the Scheduler: retries with exponential backoff."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(8, ge=1, description="HTTP attempts per webhook before it is marked failed.")
+    retry_base_s: float = Field(
+        2.0, gt=0, description="Delay after the first failed attempt; doubles per attempt (with jitter)."
+    )
+    retry_cap_s: float = Field(600.0, gt=0, description="Longest delay between two attempts.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-attempt HTTP timeout; redirects are not followed.")
+    poll_interval_s: float = Field(1.0, gt=0, description="How often the dispatcher looks for due webhooks.")
+
+
 class PrevizArgs(BaseModel):
     """Everything the application needs; per-deployment replicas and resources live in the Serve config."""
 
@@ -56,3 +70,4 @@ class PrevizArgs(BaseModel):
     )
     poll_interval_s: float = Field(0.5, gt=0, description="How often the Scheduler looks for queued jobs.")
     text_cache_size: int = Field(1024, ge=0, description="Prompt embeddings kept per TextEncoder replica.")
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings, description="callback_url delivery.")

@@ -10,6 +10,7 @@ Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code
     GET    /v1/videos/{id}/content      the mp4 (`variant=thumbnail`: a JPEG poster frame)
     POST   /v1/videos/{id}/remix        same seed and settings, new prompt
     GET    /v1/videos/{id}/events       server-sent events: stage and step progress
+    GET    /v1/videos/{id}/webhooks     deliveries of its callback_url webhook and their attempts
     POST   /v1/storyboards              shots × variants, all created at once
     GET    /v1/storyboards/{id}         every shot's videos, states and links
 
@@ -52,6 +53,9 @@ from serve.api import (
     VideoList,
     VideoRemix,
     VideoState,
+    WebhookAttempt,
+    WebhookDeliveryInfo,
+    WebhookDeliveryList,
 )
 from serve.config import PrevizArgs
 from serve.errors import ApiError, error_response, invalid
@@ -653,6 +657,32 @@ async def _event_stream(video_id: str, state: IngressState, after_id: int) -> As
             yield ": keep-alive\n\n"
             quiet_since = loop.time()
         await asyncio.sleep(EVENTS_POLL_S)
+
+
+@app.get(
+    "/v1/videos/{video_id}/webhooks", response_model=WebhookDeliveryList, summary="List a video's webhooks"
+)
+async def video_webhooks(video_id: str, state: StateDep, _key: ApiKeyDep) -> WebhookDeliveryList:
+    """The POSTs to the video's `callback_url` (one per outcome) with every attempt: status code, error
+    and duration. Empty when the video has no `callback_url` or is not finished yet."""
+    job = await _job_or_404(video_id, state)
+    deliveries = await asyncio.to_thread(state.store.webhook_deliveries, job.id)
+    return WebhookDeliveryList(
+        data=[
+            WebhookDeliveryInfo(
+                id=delivery.id,
+                event=delivery.event,
+                url=delivery.url,
+                status=delivery.status,
+                attempts=delivery.attempts,
+                next_attempt_at=_unix(delivery.next_attempt_at),
+                delivered_at=_unix(delivery.delivered_at),
+                created_at=_unix(delivery.created_at),
+                log=[WebhookAttempt.model_validate(entry) for entry in delivery.log],
+            )
+            for delivery in deliveries
+        ]
+    )
 
 
 # -- routes: storyboards ---------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from serve.metrics import (
     record_scheduler_pass,
 )
 from serve.transfer import pack_state
+from serve.webhooks import WebhookDispatcher
 
 logger = logging.getLogger("ray.serve")
 
@@ -95,6 +96,8 @@ class Scheduler:
         self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
         self._queue_reporter = QueueReporter()
         self._metrics_task = asyncio.get_running_loop().create_task(self._report_forever())
+        self._webhooks = WebhookDispatcher(self.store, args.webhooks)  # callback_url POSTs from the outbox
+        self._webhooks_task = asyncio.get_running_loop().create_task(self._webhooks.run_forever())
 
     async def wake(self) -> None:
         """A job was queued or cancelled: look at the queue now instead of at the next poll."""
@@ -152,6 +155,7 @@ class Scheduler:
     def _job_left(self, job_id: str) -> None:
         self._running.pop(job_id, None)
         self._wake.set()
+        self._webhooks.wake()  # its outcome may have queued a webhook
 
     async def _run_job(self, job: JobRecord) -> None:
         try:
