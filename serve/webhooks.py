@@ -123,7 +123,7 @@ def verify_signature(
 def retry_delay_s(attempt: int, settings: WebhookSettings, rng: random.Random | None = None) -> float:
     """Seconds to wait after failed attempt number `attempt` (1-based): min(cap, base·2^(attempt-1)),
     scaled by a jitter in [0.75, 1] so that receivers recovering from an outage are not hit in lockstep
-    (the jitter never lets a later delay undercut an earlier one)."""
+    (below the cap, a later delay still never undercuts an earlier one)."""
     delay = min(settings.retry_cap_s, settings.retry_base_s * 2 ** (attempt - 1))
     return delay * (rng or random).uniform(0.75, 1.0)
 
