@@ -62,7 +62,7 @@ class PrevizMetrics:
     text_embedding_cache_misses_total: Counter
     artifact_bytes_written_total: Counter
     artifact_store_operations_total: Counter  # by outcome ok | error: disk or S3 trouble shows here
-    webhook_deliveries_total: Counter  # by outcome; recorded by the webhooks work (not wired yet)
+    webhook_deliveries_total: Counter  # per attempt, by outcome delivered | failed (retried) | gave_up
     gpu_utilization_ratio: Gauge  # per replica, only where a GPU exists
     gpu_memory_used_bytes: Gauge
 
@@ -347,7 +347,7 @@ def record_artifact_write(backend: str, kind: str, size_bytes: int | None, ok: b
 
 @_safely
 def record_webhook_delivery(outcome: str) -> None:
-    """For the webhooks work: `outcome` is delivered | failed | gave_up."""
+    """One webhook attempt: `outcome` is delivered (2xx), failed (to be retried) or gave_up (the last one)."""
     metrics().webhook_deliveries_total.inc(1, tags={"outcome": outcome})
 
 

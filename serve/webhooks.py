@@ -146,11 +146,11 @@ class WebhookDispatcher:
         ) as client:
             while True:
                 try:
-                    num_sent = await self.run_once(client)
+                    num_due = await self.run_once(client)
                 except Exception:
                     logger.warning("webhook dispatch pass failed; retrying", exc_info=True)
-                    num_sent = 0
-                if num_sent < BATCH_SIZE:  # a full batch: more may be due at once
+                    num_due = 0
+                if num_due < BATCH_SIZE:  # after a full batch more may be due: go again at once
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=self.settings.poll_interval_s)
                     self._wake.clear()
@@ -159,7 +159,12 @@ class WebhookDispatcher:
         """Lease the due deliveries and attempt each once, concurrently. Returns how many were due."""
         lease_s = self.settings.timeout_s + LEASE_SLACK_S
         due = await asyncio.to_thread(self.store.due_webhooks, BATCH_SIZE, lease_s)
-        await asyncio.gather(*(self._attempt(client, delivery) for delivery in due))
+        outcomes = await asyncio.gather(*(self._attempt(client, d) for d in due), return_exceptions=True)
+        for delivery, outcome in zip(due, outcomes, strict=True):
+            if isinstance(
+                outcome, Exception
+            ):  # e.g. the store was unreachable: its lease runs out, it retries
+                logger.warning("webhook %s: attempt not recorded", delivery.id, exc_info=outcome)
         return len(due)
 
     async def _attempt(self, client: httpx.AsyncClient, delivery: WebhookDelivery) -> None:
@@ -179,7 +184,7 @@ class WebhookDispatcher:
             status_code = response.status_code
             ok = response.is_success
             error = None if ok else f"HTTP {status_code}: {response.text[:200]}".strip()
-        except httpx.HTTPError as failure:
+        except (httpx.HTTPError, httpx.InvalidURL) as failure:
             ok, error = False, f"{type(failure).__name__}: {failure}".strip()
         seconds = round(time.perf_counter() - started, 3)
         final = ok or attempt >= self.settings.max_attempts
