@@ -428,6 +428,16 @@ def test_failed_attempts_are_retried_with_growing_gaps_until_delivered(
     )
 
 
+def test_a_receiver_that_fails_twice_gets_the_third_try(sqlite_store: JobStore, receiver: Receiver) -> None:
+    receiver.statuses = [500, 502, 200]
+    job = finished_job(sqlite_store, receiver.url)
+    settings = WebhookSettings(max_attempts=3, retry_base_s=0.05, retry_cap_s=0.2, poll_interval_s=0.02)
+    delivery = dispatch_until_settled(sqlite_store, settings, job.id)
+    assert (delivery.status, delivery.attempts) == ("delivered", 3)
+    assert [entry["status_code"] for entry in delivery.log] == [500, 502, 200]
+    assert len(receiver.requests) == 3 and all(request.verified for request in receiver.requests)
+
+
 def test_a_receiver_that_keeps_failing_gets_max_attempts_then_the_delivery_fails(
     sqlite_store: JobStore, receiver: Receiver
 ) -> None:
