@@ -1,7 +1,8 @@
 """The HTTP Ingress: the OpenAI-compatible Videos API plus studio extensions (storyboards, live events).
 
 A job is accepted once its row is committed; the Scheduler is only nudged, so a job posted while the
-Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code", "message", "param"}}`.
+Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code", "message", "param"}}`;
+a prompt the content policy refuses gets 422 `content_blocked` with the policy's `category` added.
 
     POST   /v1/videos                   create (JSON, or multipart form as the openai package sends it)
     GET    /v1/videos                   list, cursor paged (after, limit, order; project, status filters)
