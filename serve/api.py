@@ -237,6 +237,9 @@ class ErrorBody(BaseModel):
     code: str = Field(description="Machine-readable error code.")
     message: str = Field(description="What went wrong, for a person.")
     param: str | None = Field(None, description="The request field at fault, if one is.")
+    category: str | None = Field(
+        None, description="With `content_blocked` only: the content-policy category, e.g. `hate`."
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.safety import SafetySettings
 from pipeline.spec import ModelSpec
 from serve.storage import StorageSettings
 
@@ -71,3 +72,7 @@ class PrevizArgs(BaseModel):
     poll_interval_s: float = Field(0.5, gt=0, description="How often the Scheduler looks for queued jobs.")
     text_cache_size: int = Field(1024, ge=0, description="Prompt embeddings kept per TextEncoder replica.")
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings, description="callback_url delivery.")
+    safety: SafetySettings = Field(
+        default_factory=SafetySettings,
+        description="Content policy: term lists, prompt classifier and frame-check hooks.",
+    )

@@ -1,7 +1,8 @@
 """The HTTP Ingress: the OpenAI-compatible Videos API plus studio extensions (storyboards, live events).
 
 A job is accepted once its row is committed; the Scheduler is only nudged, so a job posted while the
-Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code", "message", "param"}}`.
+Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code", "message", "param"}}`;
+a prompt the content policy refuses gets 422 `content_blocked` with the policy's `category` added.
 
     POST   /v1/videos                   create (JSON, or multipart form as the openai package sends it)
     GET    /v1/videos                   list, cursor paged (after, limit, order; project, status filters)
@@ -38,7 +39,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.prompt import compose_prompt
+from pipeline.prompt import ShotSpec, compose_prompt
+from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
 from pipeline.spec import ModelSpec, RequestSpec, describe_validation_error, resolve
 from pipeline.upscale import upscale_target_size
 from serve.api import (
@@ -61,6 +63,7 @@ from serve.config import PrevizArgs
 from serve.errors import ApiError, error_response, invalid
 from serve.forms import read_fields
 from serve.jobs import CancelResult, JobEvent, JobRecord, JobStatus, JobStore, QueueFull, new_storyboard_id
+from serve.metrics import record_safety_block
 from serve.storage import ArtifactNotFoundError, ArtifactStore, make_store
 from serve.storyboards import (
     MAX_STORYBOARD_VIDEOS,
@@ -93,6 +96,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (503, "Not ready."),
     )
 }
+BLOCKED: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorResponse, "description": "Refused by the content policy: `content_blocked`."}
+}
 _POSTER = re.compile(r"clip-a(\d+)\.mp4$")
 
 app = FastAPI(
@@ -108,7 +114,7 @@ app = FastAPI(
 
 @app.exception_handler(ApiError)
 async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
-    return error_response(error.status, error.code, error.message, error.param, error.headers)
+    return error_response(error.status, error.code, error.message, error.param, error.headers, error.category)
 
 
 @app.exception_handler(RequestValidationError)
@@ -148,6 +154,7 @@ class IngressState:
         self.store = JobStore(args.database_url)
         self.store.create_schema()
         self.artifacts: ArtifactStore = make_store(args.storage)
+        self.safety = PromptPolicy.from_settings(args.safety)
 
 
 def _current_state() -> IngressState:
@@ -262,6 +269,33 @@ def _job_request(
         },
     }
     return request, f"{resolved.width}x{resolved.height}x{resolved.num_frames}"
+
+
+async def _check_content(
+    state: IngressState, prompt: str | None, shot: ShotSpec | None, prefix: str = ""
+) -> None:
+    """Refuse a prompt the content policy blocks (422 `content_blocked`, `category` set) before any job
+    exists. The message names the category, never the matched term; a failing classifier refuses too
+    (503 `safety_unavailable`): the policy fails closed."""
+    param = f"{prefix}prompt"
+    try:
+        verdict = await asyncio.to_thread(state.safety.check, compose_prompt(prompt, shot))
+        if verdict is not None and shot is not None:  # name the field at fault: the shot or the prompt
+            in_shot = not prompt or await asyncio.to_thread(state.safety.check, shot.to_prompt())
+            param = f"{prefix}shot" if in_shot else param
+    except SafetyCheckError:
+        logger.exception("the content check failed; refusing the request")
+        raise ApiError(
+            503,
+            "safety_unavailable",
+            "the content check is unavailable, so nothing was queued; try again later",
+            param,
+        ) from None
+    if verdict is not None:
+        logger.info("refused a prompt: category %s at %s", verdict.category, param)
+        record_safety_block("prompt", verdict.category)
+        message = f"{ContentBlocked.of(verdict)}; nothing was queued"
+        raise ApiError(422, "content_blocked", message, param, category=verdict.category)
 
 
 def _fingerprint(body: dict[str, Any]) -> str:
@@ -406,7 +440,10 @@ _CREATE_BODY = {
     status_code=201,
     response_model=Video,
     openapi_extra={"requestBody": _CREATE_BODY},
-    responses={200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."}},
+    responses={
+        200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."},
+        **BLOCKED,
+    },
     summary="Create a video",
 )
 async def create_video(
@@ -429,6 +466,7 @@ async def create_video(
         raise invalid(list(error.errors())) from None
     _check_model(body.model)
     job_request, bucket = _job_request(body, state.model)
+    await _check_content(state, body.prompt, body.shot)
     job_request["callback_url"] = str(body.callback_url) if body.callback_url else None
     job_request["body_sha256"] = _fingerprint(body.model_dump(mode="json"))
     return await _create(
@@ -543,7 +581,10 @@ async def get_video_content(
     "/v1/videos/{video_id}/remix",
     status_code=201,
     response_model=Video,
-    responses={200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."}},
+    responses={
+        200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."},
+        **BLOCKED,
+    },
     summary="Remix a video",
 )
 async def remix_video(
@@ -560,6 +601,7 @@ async def remix_video(
         spec = RequestSpec.model_validate({**source.request["spec"], "prompt": prompt})
     except ValidationError as error:
         raise ApiError(400, "invalid_value", describe_validation_error(error), "prompt") from None
+    await _check_content(state, body.prompt, body.shot)
     request = {
         **source.request,
         "spec": spec.model_dump(mode="json"),
@@ -692,7 +734,7 @@ async def video_webhooks(video_id: str, state: StateDep, _key: ApiKeyDep) -> Web
     "/v1/storyboards",
     status_code=201,
     response_model=Storyboard,
-    responses={200: {"model": Storyboard, "description": "A replay of an Idempotency-Key."}},
+    responses={200: {"model": Storyboard, "description": "A replay of an Idempotency-Key."}, **BLOCKED},
     summary="Create a storyboard",
 )
 async def create_storyboard(
@@ -717,6 +759,7 @@ async def create_storyboard(
     videos = []
     for video in planned:
         request, bucket = _job_request(video.settings, state.model, f"shots.{video.shot_index}.")
+        await _check_content(state, video.settings.prompt, video.settings.shot, f"shots.{video.shot_index}.")
         shot = body.shots[video.shot_index]
         request["callback_url"] = str(body.callback_url) if body.callback_url else None
         request["storyboard"] = {

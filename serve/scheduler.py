@@ -21,6 +21,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.denoise.state import initial_state
+from pipeline.safety import ContentBlocked
 from pipeline.spec import ModelSpec, RequestSpec, resolve
 from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
@@ -163,6 +164,11 @@ class Scheduler:
         except asyncio.CancelledError:
             logger.info("job %s cancelled while running", job.id)
             record_job_finished(job, "cancelled")
+        except ContentBlocked as error:  # the Finisher refused the clip: final, never retried
+            blocked = getattr(error, "cause", error)  # Ray wraps the replica's exception
+            logger.info("job %s: clip blocked by the content policy (%s)", job.id, blocked.category)
+            if await asyncio.to_thread(self.store.fail, job.id, job.attempt, "content_blocked", str(blocked)):
+                record_job_finished(job, "failed")
         except REPLICA_LOST as error:
             logger.warning("job %s lost a replica (%s); it goes back to the queue", job.id, error)
             status = await asyncio.to_thread(
