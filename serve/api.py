@@ -122,7 +122,8 @@ class VideoCreate(GenerationSettings):
     )
     callback_url: AnyHttpUrl | None = Field(
         None,
-        description="Recorded and returned with the job; calling it on finish comes with the webhooks work.",
+        description="Called (a signed POST) when the video completes, fails or is cancelled; see "
+        "`GET /v1/videos/{id}/webhooks`.",
     )
     input_reference: str | None = Field(None, description="Not supported: Previz is text-to-video only.")
 
@@ -201,10 +202,46 @@ class VideoDeleted(BaseModel):
     status: VideoState = "cancelled"
 
 
+class WebhookAttempt(BaseModel):
+    """One HTTP attempt of a webhook delivery."""
+
+    at: float = Field(description="Unix seconds (millisecond precision) when the attempt ended.")
+    status_code: int | None = Field(description="The receiver's HTTP status; null if none was received.")
+    error: str | None = Field(description="Why the attempt failed; null when it succeeded.")
+    seconds: float = Field(description="How long the attempt took.")
+
+
+class WebhookDeliveryInfo(BaseModel):
+    """One webhook of a video (the POST to its `callback_url`) and its attempts so far."""
+
+    id: str = Field(description="Delivery id (`whd_…`): the payload's `id` and the Previz-Delivery header.")
+    object: Literal["webhook_delivery"] = "webhook_delivery"
+    event: Literal["video.completed", "video.failed", "video.cancelled"]
+    url: str = Field(description="Where it is sent.")
+    status: Literal["pending", "delivered", "failed"] = Field(
+        description="`pending` while attempts remain, `delivered` after a 2xx, `failed` after the last one."
+    )
+    attempts: int = Field(description="HTTP attempts made so far.")
+    next_attempt_at: int | None = Field(description="Unix seconds of the next attempt while pending.")
+    delivered_at: int | None = Field(description="Unix seconds of the 2xx answer.")
+    created_at: int = Field(description="Unix seconds when the video finished and the webhook was queued.")
+    log: list[WebhookAttempt] = Field(description="Every attempt, oldest first.")
+
+
+class WebhookDeliveryList(BaseModel):
+    """A video's webhook deliveries, oldest first."""
+
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryInfo]
+
+
 class ErrorBody(BaseModel):
     code: str = Field(description="Machine-readable error code.")
     message: str = Field(description="What went wrong, for a person.")
     param: str | None = Field(None, description="The request field at fault, if one is.")
+    category: str | None = Field(
+        None, description="With `content_blocked` only: the content-policy category, e.g. `hate`."
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -78,12 +78,16 @@ def generate(
     from pipeline.grade import Grader
     from pipeline.prompt import ShotSpecError, compose_prompt, load_shot_file
     from pipeline.s3sync import parse_s3_uri
+    from pipeline.safety import ContentBlocked, PromptPolicy, SafetySettings
     from pipeline.spec import RequestSpec, describe_validation_error
     from pipeline.upscale import upscale_target_size
 
     try:
         shot_spec = load_shot_file(shot) if shot is not None else None
         text = compose_prompt(prompt, shot_spec)
+        verdict = PromptPolicy.from_settings(SafetySettings()).check(text)  # the server's default policy
+        if verdict is not None:
+            raise CliError(str(ContentBlocked.of(verdict)))
         fields = dict(
             prompt=text, resolution=resolution, aspect=aspect, duration=duration, steps=steps, seed=seed
         )

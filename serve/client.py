@@ -50,6 +50,10 @@ class PrevizClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json(self.http.delete(f"/v1/videos/{job_id}"))
 
+    def webhooks(self, job_id: str) -> dict[str, Any]:
+        """The video's callback_url deliveries: {"data": [{id, event, status, attempts, log, ...}]}."""
+        return self._json(self.http.get(f"/v1/videos/{job_id}/webhooks"))
+
     def remix(self, job_id: str, prompt: str, **fields: Any) -> dict[str, Any]:
         return self._json(self.http.post(f"/v1/videos/{job_id}/remix", json={"prompt": prompt, **fields}))
 

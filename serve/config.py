@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.safety import SafetySettings
 from pipeline.spec import ModelSpec
 from serve.storage import StorageSettings
 
@@ -19,6 +20,20 @@ class EngineSettings(BaseModel):
         262_144, ge=1, description="Token budget of one batched forward (CFG doubles a request's tokens)."
     )
     max_batch_size: int = Field(16, ge=1, description="Most requests in one batched forward.")
+
+
+class WebhookSettings(BaseModel):
+    """Delivery of `callback_url` webhooks by the Scheduler: retries with exponential backoff."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(8, ge=1, description="HTTP attempts per webhook before it is marked failed.")
+    retry_base_s: float = Field(
+        2.0, gt=0, description="Delay after the first failed attempt; doubles per attempt (with jitter)."
+    )
+    retry_cap_s: float = Field(600.0, gt=0, description="Longest delay between two attempts.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-attempt HTTP timeout; redirects are not followed.")
+    poll_interval_s: float = Field(1.0, gt=0, description="How often the dispatcher looks for due webhooks.")
 
 
 class PrevizArgs(BaseModel):
@@ -62,3 +77,8 @@ class PrevizArgs(BaseModel):
         description="Lifetime of the signed links `/v1/videos/{id}/content` redirects to (S3 or local).",
     )
     text_cache_size: int = Field(1024, ge=0, description="Prompt embeddings kept per TextEncoder replica.")
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings, description="callback_url delivery.")
+    safety: SafetySettings = Field(
+        default_factory=SafetySettings,
+        description="Content policy: term lists, prompt classifier and frame-check hooks.",
+    )

@@ -25,6 +25,7 @@ from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
 from pipeline.frames import Frames
 from pipeline.grade import Grader
 from pipeline.local import default_upscaler
+from pipeline.safety import ContentBlocked, FrameCheck
 from pipeline.text import TextEncoder
 from pipeline.upscale import Upscaler, resize_frames
 from pipeline.vae import VAEDecoder
@@ -41,7 +42,7 @@ from pipeline.weights import (
     resolve_folder,
 )
 from serve.config import PrevizArgs
-from serve.metrics import CacheReporter, ReplicaReporter, record_artifact_write
+from serve.metrics import CacheReporter, ReplicaReporter, record_artifact_write, record_safety_block
 from serve.storage import StoredArtifact, artifact_key, make_store
 from serve.transfer import PackedState, pack_embeds, pack_state, unpack_embeds, unpack_state
 
@@ -270,11 +271,13 @@ class FinishedClip:
 
 @serve.deployment(name="Finisher", max_ongoing_requests=8, **STAGE_OPTIONS)
 class FinisherDeployment:
-    """Grade, mark as an AI-generated draft, encode the mp4 and store it with a poster frame."""
+    """Grade, check the frames against the content policy, mark as an AI-generated draft, encode the mp4
+    and store it with a poster frame. A blocked clip raises ContentBlocked and nothing is stored."""
 
     def __init__(self, args: PrevizArgs) -> None:
         self.store = make_store(args.storage)
         self._backend = args.storage.kind
+        self.frame_check = FrameCheck.from_settings(args.safety)
 
     async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         pixels = await frames.ref[0]
@@ -283,6 +286,10 @@ class FinisherDeployment:
     def _finish(self, frames: Frames, call: FinishCall) -> FinishedClip:
         started = time.perf_counter()
         graded = Grader(call.look).grade(frames, seed=call.seed)
+        verdict = self.frame_check.check(graded.pixels) if self.frame_check is not None else None
+        if verdict is not None:
+            record_safety_block("frames", verdict.category)
+            raise ContentBlocked.of(verdict)
         with tempfile.TemporaryDirectory(prefix="previz-finish-") as scratch:
             clip = VideoWriter(label=call.label).write(
                 graded, Path(scratch) / "clip.mp4", metadata=call.metadata

@@ -1,5 +1,6 @@
-"""The one error shape of the HTTP API: `{"error": {"code", "message", "param"}}`, and how pydantic's
-validation errors map onto it (400 with the field named)."""
+"""The one error shape of the HTTP API: `{"error": {"code", "message", "param"}}` (plus `category` on
+`content_blocked` answers only), and how pydantic's validation errors map onto it (400 with the field
+named)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,26 @@ class ApiError(Exception):
         message: str,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        category: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
+        self.category = category  # the content-policy category of a `content_blocked` answer
 
 
 def error_response(
-    status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    category: str | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(code=code, message=message, param=param))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, param=param, category=category))
+    content = body.model_dump()
+    if category is None:  # only content-policy answers carry it
+        del content["error"]["category"]
+    return JSONResponse(content, status_code=status, headers=headers)
 
 
 def error_code(pydantic_type: str) -> str:

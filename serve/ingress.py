@@ -1,7 +1,8 @@
 """The HTTP Ingress: the OpenAI-compatible Videos API plus studio extensions (storyboards, live events).
 
 A job is accepted once its row is committed; the Scheduler is only nudged, so a job posted while the
-Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code", "message", "param"}}`.
+Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code", "message", "param"}}`;
+a prompt the content policy refuses gets 422 `content_blocked` with the policy's `category` added.
 
     POST   /v1/videos                   create (JSON, or multipart form as the openai package sends it)
     GET    /v1/videos                   list, cursor paged (after, limit, order; project, status filters)
@@ -10,6 +11,7 @@ Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code
     GET    /v1/videos/{id}/content      the mp4 (`variant=thumbnail`: a JPEG poster frame)
     POST   /v1/videos/{id}/remix        same seed and settings, new prompt
     GET    /v1/videos/{id}/events       server-sent events: stage and step progress
+    GET    /v1/videos/{id}/webhooks     deliveries of its callback_url webhook and their attempts
     POST   /v1/storyboards              shots × variants, all created at once
     GET    /v1/storyboards/{id}         every shot's videos, states and links
     GET    /v1/artifacts/{key}          a signed, expiring link to a stored clip (no key needed)
@@ -42,7 +44,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.prompt import compose_prompt
+from pipeline.prompt import ShotSpec, compose_prompt
+from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
 from pipeline.spec import ModelSpec, RequestSpec, describe_validation_error, resolve
 from pipeline.upscale import upscale_target_size
 from serve.admin_routes import admin_router
@@ -58,12 +61,16 @@ from serve.api import (
     VideoList,
     VideoRemix,
     VideoState,
+    WebhookAttempt,
+    WebhookDeliveryInfo,
+    WebhookDeliveryList,
 )
 from serve.auth import LABEL_TEXT, ArtifactSigner, Caller, ProjectSettings, seconds_to_utc_midnight
 from serve.config import PrevizArgs
 from serve.errors import ApiError, error_response, invalid
 from serve.forms import read_fields
 from serve.jobs import CancelResult, JobEvent, JobRecord, JobStatus, JobStore, QueueFull, new_storyboard_id
+from serve.metrics import record_safety_block
 from serve.storage import ArtifactNotFoundError, ArtifactStore, make_store
 from serve.storyboards import (
     MAX_STORYBOARD_VIDEOS,
@@ -98,6 +105,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (503, "Not ready."),
     )
 }
+BLOCKED: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorResponse, "description": "Refused by the content policy: `content_blocked`."}
+}
 _POSTER = re.compile(r"clip-a(\d+)\.mp4$")
 
 app = FastAPI(
@@ -113,7 +123,7 @@ app = FastAPI(
 
 @app.exception_handler(ApiError)
 async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
-    return error_response(error.status, error.code, error.message, error.param, error.headers)
+    return error_response(error.status, error.code, error.message, error.param, error.headers, error.category)
 
 
 @app.exception_handler(RequestValidationError)
@@ -156,6 +166,7 @@ class IngressState:
         # Local artifacts are handed out as signed, expiring links to /v1/artifacts (S3 presigns its own).
         local = args.storage.kind == "local"
         self.signer = ArtifactSigner.for_folder(args.storage.local_root) if local else None
+        self.safety = PromptPolicy.from_settings(args.safety)
 
 
 def _current_state() -> IngressState:
@@ -296,6 +307,33 @@ def _job_request(
         },
     }
     return request, f"{resolved.width}x{resolved.height}x{resolved.num_frames}"
+
+
+async def _check_content(
+    state: IngressState, prompt: str | None, shot: ShotSpec | None, prefix: str = ""
+) -> None:
+    """Refuse a prompt the content policy blocks (422 `content_blocked`, `category` set) before any job
+    exists. The message names the category, never the matched term; a failing classifier refuses too
+    (503 `safety_unavailable`): the policy fails closed."""
+    param = f"{prefix}prompt"
+    try:
+        verdict = await asyncio.to_thread(state.safety.check, compose_prompt(prompt, shot))
+        if verdict is not None and shot is not None:  # name the field at fault: the shot or the prompt
+            in_shot = not prompt or await asyncio.to_thread(state.safety.check, shot.to_prompt())
+            param = f"{prefix}shot" if in_shot else param
+    except SafetyCheckError:
+        logger.exception("the content check failed; refusing the request")
+        raise ApiError(
+            503,
+            "safety_unavailable",
+            "the content check is unavailable, so nothing was queued; try again later",
+            param,
+        ) from None
+    if verdict is not None:
+        logger.info("refused a prompt: category %s at %s", verdict.category, param)
+        record_safety_block("prompt", verdict.category)
+        message = f"{ContentBlocked.of(verdict)}; nothing was queued"
+        raise ApiError(422, "content_blocked", message, param, category=verdict.category)
 
 
 def _fingerprint(body: dict[str, Any]) -> str:
@@ -478,7 +516,10 @@ _CREATE_BODY = {
     status_code=201,
     response_model=Video,
     openapi_extra={"requestBody": _CREATE_BODY},
-    responses={200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."}},
+    responses={
+        200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."},
+        **BLOCKED,
+    },
     summary="Create a video",
 )
 async def create_video(
@@ -504,6 +545,7 @@ async def create_video(
     settings = await _project_settings(state, project)
     _check_label(body.label, settings)
     job_request, bucket = _job_request(body, state.model)
+    await _check_content(state, body.prompt, body.shot)
     job_request["callback_url"] = str(body.callback_url) if body.callback_url else None
     job_request["body_sha256"] = _fingerprint(body.model_dump(mode="json"))
     return await _create(
@@ -648,7 +690,10 @@ async def get_artifact(
     "/v1/videos/{video_id}/remix",
     status_code=201,
     response_model=Video,
-    responses={200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."}},
+    responses={
+        200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."},
+        **BLOCKED,
+    },
     summary="Remix a video",
 )
 async def remix_video(
@@ -670,6 +715,7 @@ async def remix_video(
         spec = RequestSpec.model_validate({**source.request["spec"], "prompt": prompt})
     except ValidationError as error:
         raise ApiError(400, "invalid_value", describe_validation_error(error), "prompt") from None
+    await _check_content(state, body.prompt, body.shot)
     request = {
         **source.request,
         "spec": spec.model_dump(mode="json"),
@@ -774,6 +820,32 @@ async def _event_stream(video_id: str, state: IngressState, after_id: int) -> As
         await asyncio.sleep(EVENTS_POLL_S)
 
 
+@app.get(
+    "/v1/videos/{video_id}/webhooks", response_model=WebhookDeliveryList, summary="List a video's webhooks"
+)
+async def video_webhooks(video_id: str, state: StateDep, caller: CallerDep) -> WebhookDeliveryList:
+    """The POSTs to the video's `callback_url` (one per outcome) with every attempt: status code, error
+    and duration. Empty when the video has no `callback_url` or is not finished yet."""
+    job = await _job_or_404(video_id, state, caller)
+    deliveries = await asyncio.to_thread(state.store.webhook_deliveries, job.id)
+    return WebhookDeliveryList(
+        data=[
+            WebhookDeliveryInfo(
+                id=delivery.id,
+                event=delivery.event,
+                url=delivery.url,
+                status=delivery.status,
+                attempts=delivery.attempts,
+                next_attempt_at=_unix(delivery.next_attempt_at),
+                delivered_at=_unix(delivery.delivered_at),
+                created_at=_unix(delivery.created_at),
+                log=[WebhookAttempt.model_validate(entry) for entry in delivery.log],
+            )
+            for delivery in deliveries
+        ]
+    )
+
+
 # -- routes: storyboards ---------------------------------------------------------------------------------
 
 
@@ -781,7 +853,7 @@ async def _event_stream(video_id: str, state: IngressState, after_id: int) -> As
     "/v1/storyboards",
     status_code=201,
     response_model=Storyboard,
-    responses={200: {"model": Storyboard, "description": "A replay of an Idempotency-Key."}},
+    responses={200: {"model": Storyboard, "description": "A replay of an Idempotency-Key."}, **BLOCKED},
     summary="Create a storyboard",
 )
 async def create_storyboard(
@@ -809,6 +881,7 @@ async def create_storyboard(
     for video in planned:
         _check_label(video.settings.label, settings, f"shots.{video.shot_index}.label")
         request, bucket = _job_request(video.settings, state.model, f"shots.{video.shot_index}.")
+        await _check_content(state, video.settings.prompt, video.settings.shot, f"shots.{video.shot_index}.")
         shot = body.shots[video.shot_index]
         request["callback_url"] = str(body.callback_url) if body.callback_url else None
         request["storyboard"] = {

@@ -62,7 +62,8 @@ class PrevizMetrics:
     text_embedding_cache_misses_total: Counter
     artifact_bytes_written_total: Counter
     artifact_store_operations_total: Counter  # by outcome ok | error: disk or S3 trouble shows here
-    webhook_deliveries_total: Counter  # by outcome; recorded by the webhooks work (not wired yet)
+    webhook_deliveries_total: Counter  # per attempt, by outcome delivered | failed (retried) | gave_up
+    safety_blocks_total: Counter  # content refused, by stage (prompt | frames) and policy category
     gpu_utilization_ratio: Gauge  # per replica, only where a GPU exists
     gpu_memory_used_bytes: Gauge
 
@@ -175,6 +176,11 @@ def metrics() -> PrevizMetrics:
         ),
         webhook_deliveries_total=Counter(
             "previz_webhook_deliveries_total", "Webhook deliveries by outcome.", tag_keys=("outcome",)
+        ),
+        safety_blocks_total=Counter(
+            "previz_safety_blocks_total",
+            "Prompts (stage=prompt) and finished clips (stage=frames) refused by the content policy.",
+            tag_keys=("stage", "category"),
         ),
         gpu_utilization_ratio=Gauge(
             "previz_gpu_utilization_ratio",
@@ -347,8 +353,14 @@ def record_artifact_write(backend: str, kind: str, size_bytes: int | None, ok: b
 
 @_safely
 def record_webhook_delivery(outcome: str) -> None:
-    """For the webhooks work: `outcome` is delivered | failed | gave_up."""
+    """One webhook attempt: `outcome` is delivered (2xx), failed (to be retried) or gave_up (the last one)."""
     metrics().webhook_deliveries_total.inc(1, tags={"outcome": outcome})
+
+
+@_safely
+def record_safety_block(stage: str, category: str) -> None:
+    """`stage` is prompt (the Ingress refused a request) | frames (the Finisher refused a clip)."""
+    metrics().safety_blocks_total.inc(1, tags={"stage": stage, "category": category})
 
 
 class ReplicaReporter:

@@ -21,6 +21,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.denoise.state import initial_state
+from pipeline.safety import ContentBlocked
 from pipeline.spec import ModelSpec, RequestSpec, resolve
 from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
@@ -35,6 +36,7 @@ from serve.metrics import (
     record_scheduler_pass,
 )
 from serve.transfer import pack_state
+from serve.webhooks import WebhookDispatcher
 
 logger = logging.getLogger("ray.serve")
 
@@ -95,6 +97,8 @@ class Scheduler:
         self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
         self._queue_reporter = QueueReporter()
         self._metrics_task = asyncio.get_running_loop().create_task(self._report_forever())
+        self._webhooks = WebhookDispatcher(self.store, args.webhooks)  # callback_url POSTs from the outbox
+        self._webhooks_task = asyncio.get_running_loop().create_task(self._webhooks.run_forever())
 
     async def wake(self) -> None:
         """A job was queued or cancelled: look at the queue now instead of at the next poll."""
@@ -152,6 +156,7 @@ class Scheduler:
     def _job_left(self, job_id: str) -> None:
         self._running.pop(job_id, None)
         self._wake.set()
+        self._webhooks.wake()  # its outcome may have queued a webhook
 
     async def _run_job(self, job: JobRecord) -> None:
         try:
@@ -159,6 +164,11 @@ class Scheduler:
         except asyncio.CancelledError:
             logger.info("job %s cancelled while running", job.id)
             record_job_finished(job, "cancelled")
+        except ContentBlocked as error:  # the Finisher refused the clip: final, never retried
+            blocked = getattr(error, "cause", error)  # Ray wraps the replica's exception
+            logger.info("job %s: clip blocked by the content policy (%s)", job.id, blocked.category)
+            if await asyncio.to_thread(self.store.fail, job.id, job.attempt, "content_blocked", str(blocked)):
+                record_job_finished(job, "failed")
         except REPLICA_LOST as error:
             logger.warning("job %s lost a replica (%s); it goes back to the queue", job.id, error)
             status = await asyncio.to_thread(

@@ -115,7 +115,10 @@ def previz_cluster(workdir: Path, s3_server) -> Iterator[Cluster]:
                 "s3_region": s3_server.region,
             },
             "max_jobs_in_flight": 8,
+            "max_queued_jobs": 50,  # test_load's burst must meet the bound; other tests queue far fewer
             "poll_interval_s": 0.2,
+            # refuses only clips tests.safety_hooks.BLOCKED_WIDTH wide (test_safety): no redeploy needed
+            "safety": {"frame_check": "tests.safety_hooks:block_test_width"},
         },
     )
     url = launch.deploy(config)

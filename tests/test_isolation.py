@@ -31,6 +31,7 @@ def video_routes(video_id: str) -> list[tuple[str, str, dict[str, Any]]]:
         ("GET", f"/v1/videos/{video_id}/content", {}),
         ("GET", f"/v1/videos/{video_id}/content?variant=thumbnail", {}),
         ("GET", f"/v1/videos/{video_id}/events", {}),
+        ("GET", f"/v1/videos/{video_id}/webhooks", {}),
         ("POST", f"/v1/videos/{video_id}/remix", {"json": {"prompt": "a blue coat"}}),
         ("DELETE", f"/v1/videos/{video_id}", {}),
     ]

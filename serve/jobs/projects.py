@@ -82,10 +82,6 @@ class ProjectStoreMixin:
             )
         return _project({**row._asdict(), "settings": settings.model_dump()})
 
-    def webhook_secret(self, project: str) -> str | None:
-        with self._read() as conn:
-            return conn.scalar(select(projects.c.webhook_secret).where(projects.c.name == project))
-
     def create_key(
         self, project: str, role: Role = "member", name: str | None = None, *, key: str | None = None
     ) -> tuple[ApiKeyRecord, str]:

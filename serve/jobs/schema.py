@@ -162,7 +162,7 @@ webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,
     # One row per (job, event) to deliver: written in the transaction that finishes the job (an outbox).
-    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("id", String(40), primary_key=True),  # "whd_" + 24 hex, sorts by creation; Previz-Delivery
     Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
     Column("event", String(64), nullable=False),  # video.completed | video.failed | video.cancelled
     Column("url", Text, nullable=False),
@@ -176,7 +176,6 @@ webhook_deliveries = Table(
     Column("delivered_at", UTCDateTime),
     Index("ix_webhook_deliveries_job_id", "job_id"),
     Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
-    sqlite_autoincrement=True,
 )
 
 # Keys of PostgreSQL transaction-level advisory locks (any int64; these spell ASCII tags).

@@ -33,6 +33,14 @@ from serve.jobs.models import (
     new_job_id,
     utcnow,
 )
+from serve.jobs.outbox import (
+    WebhookDelivery,
+    claim_due,
+    deliveries_of,
+    enqueue_webhook,
+    record_attempt,
+    secret_of,
+)
 from serve.jobs.projects import ProjectStoreMixin
 from serve.jobs.schema import QUEUE_LOCK_KEY, SCHEMA_LOCK_KEY, job_events, jobs, metadata, storyboards
 
@@ -405,9 +413,12 @@ class JobStore(ProjectStoreMixin):
             values["gpu_seconds"] = gpu_seconds(values["timings"])
             if seed is not None:
                 values["seed"] = seed
-            conn.execute(update(jobs).where(_fence(job_id, attempt)).values(values))
+            row = conn.execute(
+                update(jobs).where(_fence(job_id, attempt)).values(values).returning(jobs)
+            ).one()
             data = {"attempt": attempt, "artifact_uri": artifact_uri, "artifact_bytes": artifact_bytes}
             _log_event(conn, job_id, "succeeded", data, now)
+            enqueue_webhook(conn, _record(row), now)
         return True
 
     def fail(self, job_id: str, attempt: int, code: str, message: str) -> bool:
@@ -417,7 +428,7 @@ class JobStore(ProjectStoreMixin):
         now = utcnow()
         with self._write() as conn:
             timings = conn.scalar(select(jobs.c.timings).where(_fence(job_id, attempt)).with_for_update())
-            done = conn.execute(
+            row = conn.execute(
                 update(jobs)
                 .where(_fence(job_id, attempt))
                 .values(
@@ -428,12 +439,14 @@ class JobStore(ProjectStoreMixin):
                     error_code=code,
                     error_message=message,
                 )
-            ).rowcount
-            if done:
+                .returning(jobs)
+            ).one_or_none()
+            if row is not None:
                 _log_event(
                     conn, job_id, "failed", {"attempt": attempt, "code": code, "message": message}, now
                 )
-        return bool(done)
+                enqueue_webhook(conn, _record(row), now)
+        return row is not None
 
     def cancel(self, job_id: str, *, project: str | None = None) -> CancelResult:
         """Cancel a queued or running job (a running job's pipeline notices: its next advance() returns
@@ -448,12 +461,14 @@ class JobStore(ProjectStoreMixin):
                 return CancelResult.NOT_FOUND
             if current.status.is_finished:
                 return CancelResult.ALREADY_FINISHED
-            conn.execute(
+            row = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.status < JobStatus.SUCCEEDED)
                 .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now)
-            )
+                .returning(jobs)
+            ).one()
             _log_event(conn, job_id, "cancelled", {"from": _name(current.status)}, now)
+            enqueue_webhook(conn, _record(row), now)
         return CancelResult.CANCELLED
 
     def requeue(self, job_id: str, attempt: int, *, max_attempts: int = 3) -> JobStatus | None:
@@ -495,6 +510,55 @@ class JobStore(ProjectStoreMixin):
         if requeued:
             logger.info("requeued %d in-flight jobs: %s", len(requeued), ", ".join(requeued))
         return requeued
+
+    # -- webhook outbox (see serve/jobs/outbox.py) -------------------------------------------------------
+
+    def due_webhooks(self, limit: int = 32, lease_s: float = 60.0) -> builtins.list[WebhookDelivery]:
+        """Claim up to `limit` pending deliveries whose next attempt is due, leased for `lease_s`: no other
+        caller gets them until the lease ends or record_webhook_attempt() is called."""
+        _check_limit(limit)
+        if lease_s <= 0:
+            raise ValueError(f"`lease_s` must be > 0 but is {lease_s}.")
+        with self._write() as conn:
+            return claim_due(conn, utcnow(), limit, lease_s)
+
+    def record_webhook_attempt(
+        self,
+        delivery_id: str,
+        *,
+        ok: bool,
+        status_code: int | None,
+        error: str | None,
+        seconds: float,
+        next_attempt_at: datetime | None,
+    ) -> WebhookDelivery | None:
+        """Log one attempt: `ok` -> delivered; else pending again at `next_attempt_at`, or failed for good
+        when it is None. Returns the updated delivery, or None if it was not pending (nothing changed)."""
+        if next_attempt_at is not None and next_attempt_at.tzinfo is None:
+            raise ValueError(
+                f"`next_attempt_at` must be timezone-aware but is {next_attempt_at.isoformat()}."
+            )
+        with self._write() as conn:
+            return record_attempt(
+                conn,
+                delivery_id,
+                utcnow(),
+                ok=ok,
+                status_code=status_code,
+                error=error,
+                seconds=seconds,
+                next_attempt_at=next_attempt_at,
+            )
+
+    def webhook_deliveries(self, job_id: str) -> builtins.list[WebhookDelivery]:
+        """The job's webhook deliveries, oldest first (none if it asked for no callback)."""
+        with self._read() as conn:
+            return deliveries_of(conn, job_id)
+
+    def webhook_secret(self, project: str) -> str | None:
+        """The project's webhook signing secret, or None when the project has no row."""
+        with self._read() as conn:
+            return secret_of(conn, project)
 
     # -- internals ----------------------------------------------------------------------------------------
 
@@ -636,7 +700,7 @@ def _requeue_or_fail(conn: Connection, job: Any, max_attempts: int, now: datetim
     data = {"from": _name(job.status), "attempt": job.attempt, "claimed_by": job.claimed_by}
     if job.attempt >= max_attempts:
         message = f"The job was interrupted on each of its {job.attempt} attempts."
-        conn.execute(
+        row = conn.execute(
             update(jobs)
             .where(*still_running)
             .values(
@@ -646,8 +710,10 @@ def _requeue_or_fail(conn: Connection, job: Any, max_attempts: int, now: datetim
                 error_code="too_many_attempts",
                 error_message=message,
             )
-        )
+            .returning(jobs)
+        ).one()
         _log_event(conn, job.id, "failed", {**data, "code": "too_many_attempts", "message": message}, now)
+        enqueue_webhook(conn, _record(row), now)
         logger.warning("job %s failed: interrupted on all %d attempts", job.id, job.attempt)
         return JobStatus.FAILED
     conn.execute(

@@ -1,0 +1,217 @@
+"""The webhook outbox: one `webhook_deliveries` row per finished job that asked for a `callback_url`.
+
+The row is written in the same transaction as the job's final transition (succeed, fail, cancel), so a
+job outcome is announced exactly once: the attempt fence lets only one transition happen. Dispatchers
+(serve/webhooks.py) lease due rows, POST them and record each attempt here; the rows are the truth, so
+deliveries survive restarts (an unfinished lease simply expires).
+
+    store.due_webhooks(limit=32, lease_s=40)        # claim pending rows whose next attempt is due
+    store.record_webhook_attempt(delivery.id, ok=False, status_code=500, error="HTTP 500", seconds=0.02,
+                                 next_attempt_at=utcnow() + timedelta(seconds=4))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import Connection, insert, select, update
+
+from serve.jobs.models import JobRecord, JobStatus, new_job_id
+from serve.jobs.schema import jobs, projects, webhook_deliveries
+
+WebhookEvent = Literal["video.completed", "video.failed", "video.cancelled"]
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+# final job status -> the event announcing it
+EVENTS: dict[JobStatus, WebhookEvent] = {
+    JobStatus.SUCCEEDED: "video.completed",
+    JobStatus.FAILED: "video.failed",
+    JobStatus.CANCELLED: "video.cancelled",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """One webhook to deliver (or delivered), detached from the database."""
+
+    id: str  # "whd_" + 24 hex; the payload's `id` and the Previz-Delivery header
+    job_id: str
+    project: str  # whose webhook secret signs it
+    event: WebhookEvent
+    url: str
+    payload: dict[str, Any]  # the JSON body, fixed when the job finished: every attempt sends the same
+    status: DeliveryStatus
+    attempts: int  # HTTP attempts made so far
+    next_attempt_at: datetime | None  # None once delivered or failed
+    leased_until: datetime | None  # a dispatcher is sending it until then
+    log: list[dict[str, Any]]  # per attempt: {at (unix s), status_code, error, seconds}
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+def new_delivery_id() -> str:
+    """`whd_` + the same time-ordered 24 hex as job ids."""
+    return "whd_" + new_job_id().removeprefix("vid_")
+
+
+def enqueue_webhook(conn: Connection, job: JobRecord, now: datetime) -> None:
+    """Inside the transaction that just finished `job`: queue its webhook, if it asked for one."""
+    url = job.request.get("callback_url")
+    if not url:
+        return
+    delivery_id = new_delivery_id()
+    event = EVENTS[job.status]
+    payload = {"id": delivery_id, "type": event, "created_at": int(now.timestamp()), "data": video_data(job)}
+    conn.execute(
+        insert(webhook_deliveries).values(
+            id=delivery_id,
+            job_id=job.id,
+            event=event,
+            url=url,
+            payload=payload,
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            leased_until=None,
+            log=[],
+            created_at=now,
+            delivered_at=None,
+        )
+    )
+
+
+def video_data(job: JobRecord) -> dict[str, Any]:
+    """The finished job as the API's video object shows it (serve.api.Video), from the job row alone.
+
+    Written by the store, which knows no model: `size` and `num_frames` come from the job's bucket and
+    `steps` is null when the request left it to the model's default.
+    """
+    spec = job.request.get("spec", {})
+    finish = job.request.get("finish", {})
+    width, height, num_frames = (int(part) for part in job.bucket.split("x"))
+    completed = job.status == JobStatus.SUCCEEDED
+    error = None
+    if job.status == JobStatus.FAILED:
+        error = {"code": job.error_code or "failed", "message": job.error_message or "", "param": None}
+    elif job.status == JobStatus.CANCELLED:
+        error = {"code": "cancelled", "message": "the video was cancelled", "param": None}
+    base = f"/v1/videos/{job.id}"
+    return {
+        "id": job.id,
+        "object": "video",
+        "model": job.request.get("model"),
+        "status": job.status.api_state,
+        "progress": job.progress,
+        "created_at": _unix(job.created_at),
+        "completed_at": _unix(job.finished_at),
+        "prompt": spec.get("prompt"),
+        "seconds": f"{spec['duration']:g}" if "duration" in spec else None,
+        "size": f"{width}x{height}",
+        "remixed_from_video_id": job.request.get("remixed_from"),
+        "error": error,
+        "project": job.project,
+        "priority": job.priority,
+        "stage": job.status.name.lower(),
+        "seed": job.seed if job.seed is not None else spec.get("seed"),
+        "steps": spec.get("steps"),
+        "num_frames": num_frames,
+        "upscale": finish.get("upscale", "none"),
+        "look": finish.get("look", "none"),
+        "labels": job.labels,
+        "storyboard_id": job.storyboard_id,
+        "callback_url": job.request.get("callback_url"),
+        "attempt": job.attempt,
+        "started_at": _unix(job.started_at),
+        "timings": job.timings or {},
+        "content_url": f"{base}/content" if completed else None,
+        "thumbnail_url": f"{base}/content?variant=thumbnail" if completed else None,
+        "events_url": f"{base}/events",
+    }
+
+
+def claim_due(conn: Connection, now: datetime, limit: int, lease_s: float) -> list[WebhookDelivery]:
+    """Lease up to `limit` pending deliveries due at `now` (oldest due first) until now + `lease_s`.
+
+    The caller's transaction serialises claims: BEGIN IMMEDIATE on SQLite; on PostgreSQL the rows are
+    locked FOR UPDATE SKIP LOCKED, so concurrent claimers take disjoint rows without waiting."""
+    query = (
+        select(webhook_deliveries.c.id)
+        .where(
+            webhook_deliveries.c.status == "pending",
+            webhook_deliveries.c.next_attempt_at <= now,
+            (webhook_deliveries.c.leased_until.is_(None)) | (webhook_deliveries.c.leased_until <= now),
+        )
+        .order_by(webhook_deliveries.c.next_attempt_at, webhook_deliveries.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = list(conn.scalars(query))
+    if not ids:
+        return []
+    conn.execute(
+        update(webhook_deliveries)
+        .where(webhook_deliveries.c.id.in_(ids))
+        .values(leased_until=now + timedelta(seconds=lease_s))
+    )
+    return _deliveries(conn, webhook_deliveries.c.id.in_(ids))
+
+
+def record_attempt(
+    conn: Connection,
+    delivery_id: str,
+    now: datetime,
+    *,
+    ok: bool,
+    status_code: int | None,
+    error: str | None,
+    seconds: float,
+    next_attempt_at: datetime | None,
+) -> WebhookDelivery | None:
+    """Append one attempt to a pending delivery and move it on: delivered when `ok`, pending again at
+    `next_attempt_at`, or failed for good when there is no next attempt. None if it is not pending."""
+    current = conn.execute(
+        select(webhook_deliveries.c.log)
+        .where(webhook_deliveries.c.id == delivery_id, webhook_deliveries.c.status == "pending")
+        .with_for_update()
+    ).one_or_none()
+    if current is None:
+        return None
+    entry = {"at": round(now.timestamp(), 3), "status_code": status_code, "error": error, "seconds": seconds}
+    values: dict[str, Any] = {
+        "attempts": webhook_deliveries.c.attempts + 1,
+        "log": [*current.log, entry],
+        "leased_until": None,
+        "next_attempt_at": None,
+    }
+    if ok:
+        values.update(status="delivered", delivered_at=now)
+    elif next_attempt_at is None:
+        values.update(status="failed")
+    else:
+        values.update(next_attempt_at=next_attempt_at)
+    conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.id == delivery_id).values(values))
+    return _deliveries(conn, webhook_deliveries.c.id == delivery_id)[0]
+
+
+def deliveries_of(conn: Connection, job_id: str) -> list[WebhookDelivery]:
+    """A job's deliveries, oldest first."""
+    return _deliveries(conn, webhook_deliveries.c.job_id == job_id)
+
+
+def secret_of(conn: Connection, project: str) -> str | None:
+    return conn.scalar(select(projects.c.webhook_secret).where(projects.c.name == project))
+
+
+def _deliveries(conn: Connection, where: Any) -> list[WebhookDelivery]:
+    query = (
+        select(webhook_deliveries, jobs.c.project)
+        .join(jobs, jobs.c.id == webhook_deliveries.c.job_id)
+        .where(where)
+        .order_by(webhook_deliveries.c.id)
+    )
+    return [WebhookDelivery(**row._asdict()) for row in conn.execute(query)]
+
+
+def _unix(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp())
