@@ -233,15 +233,19 @@ def up(
     if demo is not None:
         from serve.client import PrevizClient
 
-        demo_key = api_key or _demo_key(cluster_config["applications"][0]["args"]["database_url"])
-        client = PrevizClient(url, api_key=demo_key)
-        job = client.create(
-            {"prompt": DEMO_PROMPT, "duration": 1, "steps": 8, "upscale": "720p", "look": "film"}
-        )
-        job = _follow(client, job["id"])
-        if job["status"] != "completed":
-            raise CliError(f"demo job {job['id']} {job['status']}: {job.get('error')}")
-        client.download(job["id"], demo)
+        database_url = cluster_config["applications"][0]["args"]["database_url"]
+        client = PrevizClient(url, api_key=api_key or _demo_key(database_url))
+        try:
+            job = client.create(
+                {"prompt": DEMO_PROMPT, "duration": 1, "steps": 8, "upscale": "720p", "look": "film"}
+            )
+            job = _follow(client, job["id"])
+            if job["status"] != "completed":
+                raise CliError(f"demo job {job['id']} {job['status']}: {job.get('error')}")
+            client.download(job["id"], demo)
+        finally:
+            if api_key is None:  # the demo's own key: done with it
+                _revoke_demo_key(database_url, client.http.headers["Authorization"].removeprefix("Bearer "))
         console.print(
             f"demo clip: {demo} (job {job['id']}, {sum(job['timings'].values()):.1f} s of stage compute)"
         )
@@ -292,6 +296,17 @@ def _demo_key(database_url: str) -> str:
     store = JobStore(database_url)
     try:
         return store.create_key("default", "member", "previz up --demo")[1]
+    finally:
+        store.close()
+
+
+def _revoke_demo_key(database_url: str, key: str) -> None:
+    from serve.auth import key_id_of
+    from serve.jobs import JobStore
+
+    store = JobStore(database_url)
+    try:
+        store.revoke_key(key_id_of(key))
     finally:
         store.close()
 
