@@ -174,15 +174,16 @@ class Scheduler:
         try:
             await self._pipeline(job)
         except asyncio.CancelledError:
-            logger.info("job %s cancelled while running", job.id)
-            record_job_finished(job, "cancelled")
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # cancelled by its user, or this scheduler is stopping
+                logger.info("job %s cancelled while running", job.id)
+                record_job_finished(job, "cancelled")
+                return
+            # Raised inside: this run was superseded (the fenced requeue does nothing), or a stage call was
+            # cancelled under it (a replica shutting down): never fail the job for that.
+            await self._requeue(job, "a stage call was cancelled")
         except REPLICA_LOST as error:
-            logger.warning("job %s lost a replica (%s); it goes back to the queue", job.id, error)
-            status = await asyncio.to_thread(
-                self.store.requeue, job.id, job.attempt, max_attempts=self.args.max_attempts
-            )
-            if status == JobStatus.FAILED:
-                record_job_finished(job, "failed")
+            await self._requeue(job, f"lost a replica ({error})")
         except StageFailed:
             record_job_finished(job, "failed")  # the store has the code and the message already
         except Exception as error:
@@ -192,6 +193,14 @@ class Scheduler:
             )
             if failed:
                 record_job_finished(job, "failed")
+
+    async def _requeue(self, job: JobRecord, why: str) -> None:
+        logger.warning("job %s %s; it goes back to the queue", job.id, why)
+        status = await asyncio.to_thread(
+            self.store.requeue, job.id, job.attempt, max_attempts=self.args.max_attempts
+        )
+        if status == JobStatus.FAILED:
+            record_job_finished(job, "failed")
 
     async def _pipeline(self, job: JobRecord) -> None:
         spec = RequestSpec.model_validate(job.request["spec"])
