@@ -5,6 +5,10 @@ It pulls queued jobs (priority class, project fair share, deadline, age), keeps 
 only in its memory: on (re)start it requeues the jobs a previous incarnation had claimed, and the store's
 attempt fence makes any stale work of that incarnation unable to record a result. A finished job is never
 run again.
+
+Faults: a job that loses a replica goes back to the queue; the denoise state saved at the expert boundary
+(serve.checkpoint) lets its next attempt skip the high-noise expert and give the same clip. The Finisher
+is retried with backoff (`finish_attempts`), then the job fails with `storage_failed` or `finish_failed`.
 """
 
 from __future__ import annotations
