@@ -205,6 +205,23 @@ def test_a_storage_outage_shorter_than_the_retries_still_stores_the_clip(tmp_pat
     assert len(retries) == 1 and retries[0]["error"].startswith("StorageError: could not store artifact")
 
 
+def test_a_finisher_that_keeps_raising_fails_the_job_with_finish_failed(tmp_path: Path) -> None:
+    store, job = _running_job(tmp_path)
+    finisher = FinisherDeployment.func_or_class(PrevizArgs(storage=StorageSettings(local_root=tmp_path)))
+    calls: list[int] = []
+    finish = _finish_call(finisher, job, calls, look="sepia")  # a look the grader does not know
+
+    with pytest.raises(StageFailed, match="failed on all 2 tries"):
+        asyncio.run(finish_with_retries(finish, store, job, attempts=2, base_s=0.0))
+
+    failed = store.get(job.id)
+    assert len(calls) == 2 and failed.error_code == "finish_failed"
+    assert failed.error_message == (
+        "Finishing the clip failed on all 2 tries; the last error: "
+        "ValueError: `look` must be one of none, film but is 'sepia'."
+    )
+
+
 # --- on the cluster --------------------------------------------------------------------------------
 
 
@@ -331,11 +348,15 @@ def _finisher(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, bucket: str)
 
 
 def _finish_call(
-    finisher: Any, job: JobRecord, calls: list[int], before_try: Callable[[int], None] | None = None
+    finisher: Any,
+    job: JobRecord,
+    calls: list[int],
+    before_try: Callable[[int], None] | None = None,
+    look: str = "none",
 ) -> Callable[[], Awaitable[FinishedClip]]:
     """The Finisher's work on a small clip of `job`, as the Scheduler awaits it; counts tries in `calls`."""
     frames = Frames(pixels=np.full((5, 64, 96, 3), 90, dtype=np.uint8), fps=16)
-    call = FinishCall(project=job.project, job_id=job.id, attempt=job.attempt, seed=1, look="none",
+    call = FinishCall(project=job.project, job_id=job.id, attempt=job.attempt, seed=1, look=look,
                       label="AI-generated draft", metadata={})  # fmt: skip
 
     async def finish() -> FinishedClip:
