@@ -69,6 +69,12 @@ class PrevizArgs(BaseModel):
     max_attempts: int = Field(
         3, ge=1, description="Runs of one job before it fails for good (restarts, crashes)."
     )
+    finish_attempts: int = Field(
+        3, ge=1, description="Calls of the Finisher for one clip before the job fails (storage down, crash)."
+    )
+    finish_retry_base_s: float = Field(
+        1.0, ge=0, description="Wait before the 2nd Finisher call; doubled before each later one."
+    )
     poll_interval_s: float = Field(0.5, gt=0, description="How often the Scheduler looks for queued jobs.")
     artifact_url_ttl_s: int = Field(
         3600,

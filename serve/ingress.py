@@ -759,8 +759,8 @@ async def video_events(
     ] = None,
 ) -> StreamingResponse:
     """Server-sent events until the video finishes. `event:` is the kind: the job's log (`created`,
-    `claimed`, `stage`, `progress`, `requeued`, `succeeded`, `failed`, `cancelled`, each with an `id:`
-    to resume from), `status` whenever its stage or step progress moves
+    `claimed`, `stage`, `progress`, `checkpoint`, `requeued`, `resumed`, `retry`, `succeeded`, `failed`,
+    `cancelled`, each with an `id:` to resume from), `status` whenever its stage or step progress moves
     (`{"status", "stage", "progress", "stage_progress"}`), and a last `done` carrying the video object."""
     await _job_or_404(video_id, state, caller)
     return StreamingResponse(

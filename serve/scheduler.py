@@ -5,6 +5,10 @@ It pulls queued jobs (priority class, project fair share, deadline, age), keeps 
 only in its memory: on (re)start it requeues the jobs a previous incarnation had claimed, and the store's
 attempt fence makes any stale work of that incarnation unable to record a result. A finished job is never
 run again.
+
+Faults: a job that loses a replica goes back to the queue; the denoise state saved at the expert boundary
+(serve.checkpoint) lets its next attempt skip the high-noise expert and give the same clip. The Finisher
+is retried with backoff (`finish_attempts`), then the job fails with `storage_failed` or `finish_failed`.
 """
 
 from __future__ import annotations
@@ -14,18 +18,22 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.denoise.state import initial_state
 from pipeline.safety import ContentBlocked
 from pipeline.spec import ModelSpec, RequestSpec, resolve
 from pipeline.upscale import upscale_target_size
+from serve.checkpoint import CheckpointError, checkpoint_key, read_checkpoint, write_checkpoint
 from serve.config import PrevizArgs
-from serve.deployments import DenoiseCall, FinishCall
+from serve.deployments import DenoiseCall, FinishCall, FinishedClip, FrameBatch
 from serve.fair_share import Candidate, pick_next
 from serve.jobs import RUNNING_STATUSES, JobRecord, JobStatus, JobStore
 from serve.metrics import (
@@ -35,7 +43,8 @@ from serve.metrics import (
     record_job_finished,
     record_scheduler_pass,
 )
-from serve.transfer import pack_state
+from serve.storage import StorageError, make_store
+from serve.transfer import PackedState, pack_state
 from serve.webhooks import WebhookDispatcher
 
 logger = logging.getLogger("ray.serve")
@@ -49,8 +58,19 @@ STAGE_WEIGHTS: dict[JobStatus, float] = {
     JobStatus.UPSCALING: 5,
     JobStatus.FINISHING: 5,
 }
-# Errors that mean a replica died under the job: run it again rather than fail it.
-REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+# Errors that mean a replica died under the job: run it again rather than fail it. A replica killed during
+# a (streaming) call raises ActorDiedError (a RayActorError) from the call; a replica gone between being
+# picked and being sent the call raises ReplicaUnavailableError.
+REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
+T = TypeVar("T")
+
+
+class StageFailed(Exception):
+    """A stage failed for good after its retries; the job is already marked FAILED with `code`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # error_code of the job: storage_failed | finish_failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +108,7 @@ class Scheduler:
         self.stages = StageHandles(text_encoder, high, low, vae, upscaler, finisher)
         self.store = JobStore(args.database_url)
         self.store.create_schema()
+        self.artifacts = make_store(args.storage)  # denoise checkpoints live beside the clips
         self.scheduler_id = f"scheduler-{uuid.uuid4().hex[:12]}"
         requeued = self.store.requeue_in_flight(max_attempts=args.max_attempts)
         if requeued:
@@ -162,20 +183,23 @@ class Scheduler:
         try:
             await self._pipeline(job)
         except asyncio.CancelledError:
-            logger.info("job %s cancelled while running", job.id)
-            record_job_finished(job, "cancelled")
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # cancelled by its user, or this scheduler is stopping
+                logger.info("job %s cancelled while running", job.id)
+                record_job_finished(job, "cancelled")
+                return
+            # Raised inside: this run was superseded (the fenced requeue does nothing), or a stage call was
+            # cancelled under it (a replica shutting down): never fail the job for that.
+            await self._requeue(job, "a stage call was cancelled")
         except ContentBlocked as error:  # the Finisher refused the clip: final, never retried
             blocked = getattr(error, "cause", error)  # Ray wraps the replica's exception
             logger.info("job %s: clip blocked by the content policy (%s)", job.id, blocked.category)
             if await asyncio.to_thread(self.store.fail, job.id, job.attempt, "content_blocked", str(blocked)):
                 record_job_finished(job, "failed")
         except REPLICA_LOST as error:
-            logger.warning("job %s lost a replica (%s); it goes back to the queue", job.id, error)
-            status = await asyncio.to_thread(
-                self.store.requeue, job.id, job.attempt, max_attempts=self.args.max_attempts
-            )
-            if status == JobStatus.FAILED:
-                record_job_finished(job, "failed")
+            await self._requeue(job, f"lost a replica ({error})")
+        except StageFailed:
+            record_job_finished(job, "failed")  # the store has the code and the message already
         except Exception as error:
             logger.exception("job %s failed", job.id)
             failed = await asyncio.to_thread(
@@ -183,6 +207,14 @@ class Scheduler:
             )
             if failed:
                 record_job_finished(job, "failed")
+
+    async def _requeue(self, job: JobRecord, why: str) -> None:
+        logger.warning("job %s %s; it goes back to the queue", job.id, why)
+        status = await asyncio.to_thread(
+            self.store.requeue, job.id, job.attempt, max_attempts=self.args.max_attempts
+        )
+        if status == JobStatus.FAILED:
+            record_job_finished(job, "failed")
 
     async def _pipeline(self, job: JobRecord) -> None:
         spec = RequestSpec.model_validate(job.request["spec"])
@@ -201,10 +233,14 @@ class Scheduler:
 
         state = pack_state(initial_state(resolved, self.model))
         bucket = f"{resolved.width}x{resolved.height}x{resolved.num_frames}"
-        for status, handle, guidance, name in (
+        experts = [
             (JobStatus.DENOISING_HIGH, stages.high, resolved.guidance_high, "denoise_high"),
             (JobStatus.DENOISING_LOW, stages.low, resolved.guidance_low, "denoise_low"),
-        ):
+        ]
+        resumed = await self._resume(job, resolved.steps)
+        if resumed is not None:  # an earlier attempt got past the high-noise expert
+            state, experts = resumed, experts[1:]
+        for status, handle, guidance, name in experts:
             await self._advance(job, status, 0.0)
             call = DenoiseCall(
                 request_id=f"{job.id}:{job.attempt}",
@@ -220,6 +256,8 @@ class Scheduler:
                     state, timings[name] = event["state"], event["seconds"]
                 else:
                     await self._advance(job, status, event["done"] / max(event["total"], 1))
+            if status == JobStatus.DENOISING_HIGH:
+                await self._checkpoint(job, state)
 
         await self._advance(job, JobStatus.DECODING, 0.0)
         frames = await stages.vae.decode.remote(state.latents, resolved.fps)
@@ -231,7 +269,8 @@ class Scheduler:
         timings["upscale"] = frames.seconds
 
         await self._advance(job, JobStatus.FINISHING, 0.0)
-        clip = await stages.finisher.finish.remote(
+        clip = await self._finish(
+            job,
             frames,
             FinishCall(
                 project=job.project,
@@ -259,6 +298,56 @@ class Scheduler:
         )
         if succeeded:
             record_job_finished(job, "succeeded", timings)
+            await asyncio.to_thread(self._drop_checkpoint, job)
+
+    async def _finish(self, job: JobRecord, frames: FrameBatch, call: FinishCall) -> FinishedClip:
+        """The Finisher's clip, retried with backoff; after `finish_attempts` tries the job fails."""
+        return await finish_with_retries(
+            lambda: self.stages.finisher.finish.remote(frames, call),
+            self.store,
+            job,
+            attempts=self.args.finish_attempts,
+            base_s=self.args.finish_retry_base_s,
+        )
+
+    async def _resume(self, job: JobRecord, num_steps: int) -> PackedState | None:
+        """The state an earlier attempt saved at the expert boundary, or None: start from scratch."""
+        if job.checkpoint_uri is None:
+            return None
+        try:
+            state = await asyncio.to_thread(read_checkpoint, self.artifacts, job.checkpoint_uri, num_steps)
+        except CheckpointError as error:
+            logger.warning("job %s starts from scratch: %s", job.id, error)
+            return None
+        data = {
+            "message": "resumed from checkpoint",
+            "uri": job.checkpoint_uri,
+            "step_index": state.step_index,
+        }
+        await asyncio.to_thread(self.store.log_event, job.id, job.attempt, "resumed", data)
+        logger.info("job %s attempt %d resumed from checkpoint %s", job.id, job.attempt, job.checkpoint_uri)
+        return state
+
+    async def _checkpoint(self, job: JobRecord, state: PackedState) -> None:
+        """Save the state at the expert boundary, so that a rerun skips the high-noise expert (best effort:
+        without it a rerun starts from scratch)."""
+        key = checkpoint_key(job.project, job.id)
+        try:
+            await asyncio.to_thread(write_checkpoint, self.artifacts, key, state)
+        except StorageError as error:
+            logger.warning("job %s: no checkpoint saved, a rerun starts from scratch: %s", job.id, error)
+            return
+        await asyncio.to_thread(
+            self.store.save_checkpoint, job.id, job.attempt, key, step_index=state.step_index
+        )
+
+    def _drop_checkpoint(self, job: JobRecord) -> None:
+        """The clip is stored: the checkpoint is garbage (best effort)."""
+        try:
+            self.artifacts.delete(checkpoint_key(job.project, job.id))
+            self.store.clear_checkpoint(job.id)
+        except Exception:
+            logger.warning("job %s: deleting its checkpoint failed", job.id, exc_info=True)
 
     async def _report_forever(self) -> None:
         """Refresh the jobs and queue gauges from the store (the store, not memory, is the truth)."""
@@ -285,6 +374,48 @@ class Scheduler:
         )
         if not ok:  # cancelled, or this run was superseded: stop spending compute on it
             raise asyncio.CancelledError(f"job {job.id} attempt {job.attempt} is no longer current")
+
+
+async def finish_with_retries(
+    finish: Callable[[], Awaitable[T]], store: JobStore, job: JobRecord, *, attempts: int, base_s: float
+) -> T:
+    """`await finish()` up to `attempts` times, waiting `base_s`, 2 x `base_s`, ... between tries and logging
+    a "retry" event for each. When every try failed, FAIL the job (`storage_failed` when the artifact store
+    was the cause, else `finish_failed`; the message names the cause and the number of tries) and raise
+    StageFailed: a clip that cannot be stored is never left running nor dropped silently."""
+    for number in range(1, attempts + 1):
+        try:
+            return await finish()
+        except ContentBlocked:
+            raise  # the frame check refused the clip: trying again gives the same answer
+        except Exception as error:  # CancelledError (job cancelled, scheduler stopping) is not retried
+            cause = _describe(_cause(error))
+            if number == attempts:
+                code = "storage_failed" if isinstance(error, StorageError) else "finish_failed"
+                message = f"Finishing the clip failed on all {attempts} tries; the last error: {cause}"
+                logger.warning("job %s failed: %s", job.id, message)
+                await asyncio.to_thread(store.fail, job.id, job.attempt, code, message)
+                raise StageFailed(code, message) from error
+            delay_s = base_s * 2 ** (number - 1)
+            logger.warning(
+                "job %s: finishing failed (try %d of %d), retry in %.1f s: %s",
+                job.id,
+                number,
+                attempts,
+                delay_s,
+                cause,
+            )
+            data = {"stage": "finish", "try": number, "of": attempts, "error": cause, "retry_in_s": delay_s}
+            await asyncio.to_thread(store.log_event, job.id, job.attempt, "retry", data)
+            await asyncio.sleep(delay_s)
+    raise ValueError(f"`attempts` must be >= 1 but is {attempts}.")
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The replica's own exception inside the RayTaskError a handle call raises."""
+    if isinstance(error, RayTaskError) and error.cause is not None:
+        return error.cause
+    return error
 
 
 def _describe(error: BaseException) -> str:

@@ -313,6 +313,19 @@ class ArtifactStore(ABC):
     def local_path(self, key: str) -> Path | None:
         """The file on this machine (local store), None where bytes must be streamed or linked (S3)."""
 
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> StoredArtifact:
+        """Store `data` under `key` (small artifacts such as denoise checkpoints), as `put_file` does."""
+        validate_key(key)
+        with tempfile.TemporaryDirectory(prefix="previz-put-") as scratch:
+            path = Path(scratch) / "artifact"
+            path.write_bytes(data)
+            return self.put_file(key, path, content_type)
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole stored content (small artifacts only); ArtifactNotFoundError if nothing is stored."""
+        with self.open(key) as stream:
+            return stream.read()
+
 
 # --- local folder -------------------------------------------------------------------------------
 

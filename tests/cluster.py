@@ -115,6 +115,7 @@ def previz_cluster(workdir: Path, s3_server) -> Iterator[Cluster]:
                 "s3_region": s3_server.region,
             },
             "max_jobs_in_flight": 8,
+            "max_attempts": 5,  # test_faults kills a denoiser and the Scheduler under the same jobs: headroom
             "max_queued_jobs": 50,  # test_load's burst must meet the bound; other tests queue far fewer
             "poll_interval_s": 0.2,
             # refuses only clips tests.safety_hooks.BLOCKED_WIDTH wide (test_safety): no redeploy needed

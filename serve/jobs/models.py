@@ -16,7 +16,10 @@ from typing import Any, Literal
 
 Priority = Literal["interactive", "batch"]
 ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
-EventKind = Literal["created", "claimed", "stage", "progress", "succeeded", "failed", "cancelled", "requeued"]
+EventKind = Literal[
+    "created", "claimed", "stage", "progress", "succeeded", "failed", "cancelled", "requeued",
+    "checkpoint", "resumed", "retry",
+]  # fmt: skip
 PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 
 

@@ -486,6 +486,37 @@ class JobStore(ProjectStoreMixin):
             job = conn.execute(query.with_for_update()).one_or_none()
             return None if job is None else _requeue_or_fail(conn, job, max_attempts, utcnow())
 
+    def save_checkpoint(self, job_id: str, attempt: int, uri: str, *, step_index: int) -> bool:
+        """Record where the running job's denoise state at the expert boundary is stored (`uri`, a key
+        of the artifact store): a later attempt resumes from it. Writes a "checkpoint" event.
+        Fenced like advance(): False and nothing changed if `attempt` is stale or the job is not running."""
+        now = utcnow()
+        with self._write() as conn:
+            done = conn.execute(
+                update(jobs).where(_fence(job_id, attempt)).values(checkpoint_uri=uri, updated_at=now)
+            ).rowcount
+            if done:
+                data = {"attempt": attempt, "uri": uri, "step_index": step_index}
+                _log_event(conn, job_id, "checkpoint", data, now)
+        return bool(done)
+
+    def clear_checkpoint(self, job_id: str) -> None:
+        """Forget the job's checkpoint (once its clip is stored, or when it cannot be read)."""
+        with self._write() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(checkpoint_uri=None))
+
+    def log_event(self, job_id: str, attempt: int, kind: EventKind, data: dict[str, Any]) -> bool:
+        """Add an event ("resumed", "retry", ...) to a running job's log, fenced like advance()."""
+        now = utcnow()
+        with self._write() as conn:
+            current = conn.execute(
+                select(jobs.c.id).where(_fence(job_id, attempt)).with_for_update()
+            ).one_or_none()
+            if current is None:
+                return False
+            _log_event(conn, job_id, kind, {"attempt": attempt, **data}, now)
+        return True
+
     def requeue_in_flight(
         self, scheduler_id: str | None = None, *, max_attempts: int = 3
     ) -> builtins.list[str]:
