@@ -11,15 +11,16 @@
 """
 
 import asyncio
-from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.auth import PROJECT_NAME, ApiKeyRecord, Caller, ProjectRecord, ProjectSettings, Role
 from serve.errors import ApiError
+from serve.ingress_deps import StateDep, authenticated_caller
+from serve.jobs import JobStore
 from serve.jobs.projects import ProjectExists
 
 
@@ -112,77 +113,81 @@ def _no_project(name: str) -> ApiError:
     return ApiError(404, "not_found", f"no project named {name!r}", "name")
 
 
-def admin_router(current_state: Callable[[], Any], caller: Callable[..., Any]) -> APIRouter:
-    """The admin routes over the Ingress's state and caller dependencies (passed in: no import cycle)."""
+async def _admin(who: Annotated[Caller, Depends(authenticated_caller)]) -> Caller:
+    if who.role != "admin":
+        raise ApiError(403, "forbidden", f"this needs an admin key; key {who.key_id} is a member key")
+    return who
 
-    async def admin(who: Annotated[Caller, Depends(caller)]) -> Caller:
-        if who.role != "admin":
-            raise ApiError(403, "forbidden", f"this needs an admin key; key {who.key_id} is a member key")
-        return who
 
-    def job_store(state: Annotated[Any, Depends(current_state)]) -> Any:
-        return state.store
+def _job_store(state: StateDep) -> JobStore:
+    return state.store
 
-    Store = Annotated[Any, Depends(job_store)]
-    router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(admin)])
 
-    @router.post("/projects", status_code=201, response_model=ProjectCreated, summary="Create a project")
-    async def create_project(body: ProjectCreate, store: Store) -> ProjectCreated:
-        try:
-            record = await asyncio.to_thread(store.create_project, body.name, body.settings)
-        except ProjectExists:
-            raise ApiError(409, "project_exists", f"project {body.name!r} exists already", "name") from None
-        created = None
-        if body.admin_key:
-            key, secret = await asyncio.to_thread(store.create_key, record.name, "admin", "first admin key")
-            created = ApiKeyCreated(**_key(key).model_dump(exclude={"object"}), key=secret)
-        return ProjectCreated(
-            **_project(record).model_dump(exclude={"object"}),
-            webhook_secret=record.webhook_secret,
-            api_key=created,
-        )
+Store = Annotated[JobStore, Depends(_job_store)]
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(_admin)])
 
-    @router.get("/projects", response_model=ProjectList, summary="List projects")
-    async def list_projects(store: Store) -> ProjectList:
-        return ProjectList(data=[_project(record) for record in await asyncio.to_thread(store.list_projects)])
 
-    @router.get("/projects/{name}", response_model=Project, summary="Retrieve a project")
-    async def get_project(name: str, store: Store) -> Project:
-        record = await asyncio.to_thread(store.get_project, name)
-        if record is None:
-            raise _no_project(name)
-        return _project(record)
-
-    @router.patch("/projects/{name}", response_model=Project, summary="Change a project's settings")
-    async def update_project(name: str, body: ProjectSettingsUpdate, store: Store) -> Project:
-        changes = body.model_dump(exclude_unset=True)
-        if changes.get("burn_label", True) is None:
-            raise ApiError(400, "invalid_value", "`burn_label` must be true or false", "burn_label")
-        record = await asyncio.to_thread(store.update_project, name, changes)
-        if record is None:
-            raise _no_project(name)
-        return _project(record)
-
-    @router.post(
-        "/projects/{name}/keys", status_code=201, response_model=ApiKeyCreated, summary="Create an API key"
+@router.post("/projects", status_code=201, response_model=ProjectCreated, summary="Create a project")
+async def create_project(body: ProjectCreate, store: Store) -> ProjectCreated:
+    try:
+        record = await asyncio.to_thread(store.create_project, body.name, body.settings)
+    except ProjectExists:
+        raise ApiError(409, "project_exists", f"project {body.name!r} exists already", "name") from None
+    created = None
+    if body.admin_key:
+        key, secret = await asyncio.to_thread(store.create_key, record.name, "admin", "first admin key")
+        created = ApiKeyCreated(**_key(key).model_dump(exclude={"object"}), key=secret)
+    return ProjectCreated(
+        **_project(record).model_dump(exclude={"object"}),
+        webhook_secret=record.webhook_secret,
+        api_key=created,
     )
-    async def create_key(name: str, body: ApiKeyCreate, store: Store) -> ApiKeyCreated:
-        if await asyncio.to_thread(store.get_project, name) is None:
-            raise _no_project(name)
-        record, key = await asyncio.to_thread(store.create_key, name, body.role, body.name)
-        return ApiKeyCreated(**_key(record).model_dump(exclude={"object"}), key=key)
 
-    @router.get("/projects/{name}/keys", response_model=ApiKeyList, summary="List a project's API keys")
-    async def list_keys(name: str, store: Store) -> ApiKeyList:
-        if await asyncio.to_thread(store.get_project, name) is None:
-            raise _no_project(name)
-        return ApiKeyList(data=[_key(record) for record in await asyncio.to_thread(store.list_keys, name)])
 
-    @router.delete("/keys/{key_id}", response_model=ApiKey, summary="Revoke an API key")
-    async def revoke_key(key_id: str, store: Store) -> ApiKey:
-        record = await asyncio.to_thread(store.revoke_key, key_id)
-        if record is None:
-            raise ApiError(404, "not_found", f"no API key with id {key_id!r}", "key_id")
-        return _key(record)
+@router.get("/projects", response_model=ProjectList, summary="List projects")
+async def list_projects(store: Store) -> ProjectList:
+    return ProjectList(data=[_project(record) for record in await asyncio.to_thread(store.list_projects)])
 
-    return router
+
+@router.get("/projects/{name}", response_model=Project, summary="Retrieve a project")
+async def get_project(name: str, store: Store) -> Project:
+    record = await asyncio.to_thread(store.get_project, name)
+    if record is None:
+        raise _no_project(name)
+    return _project(record)
+
+
+@router.patch("/projects/{name}", response_model=Project, summary="Change a project's settings")
+async def update_project(name: str, body: ProjectSettingsUpdate, store: Store) -> Project:
+    changes = body.model_dump(exclude_unset=True)
+    if changes.get("burn_label", True) is None:
+        raise ApiError(400, "invalid_value", "`burn_label` must be true or false", "burn_label")
+    record = await asyncio.to_thread(store.update_project, name, changes)
+    if record is None:
+        raise _no_project(name)
+    return _project(record)
+
+
+@router.post(
+    "/projects/{name}/keys", status_code=201, response_model=ApiKeyCreated, summary="Create an API key"
+)
+async def create_key(name: str, body: ApiKeyCreate, store: Store) -> ApiKeyCreated:
+    if await asyncio.to_thread(store.get_project, name) is None:
+        raise _no_project(name)
+    record, key = await asyncio.to_thread(store.create_key, name, body.role, body.name)
+    return ApiKeyCreated(**_key(record).model_dump(exclude={"object"}), key=key)
+
+
+@router.get("/projects/{name}/keys", response_model=ApiKeyList, summary="List a project's API keys")
+async def list_keys(name: str, store: Store) -> ApiKeyList:
+    if await asyncio.to_thread(store.get_project, name) is None:
+        raise _no_project(name)
+    return ApiKeyList(data=[_key(record) for record in await asyncio.to_thread(store.list_keys, name)])
+
+
+@router.delete("/keys/{key_id}", response_model=ApiKey, summary="Revoke an API key")
+async def revoke_key(key_id: str, store: Store) -> ApiKey:
+    record = await asyncio.to_thread(store.revoke_key, key_id)
+    if record is None:
+        raise ApiError(404, "not_found", f"no API key with id {key_id!r}", "key_id")
+    return _key(record)

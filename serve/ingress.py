@@ -27,28 +27,33 @@ naming another project is 403 `project_mismatch`. Quotas: 429 `queue_full`, `pro
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import re
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.prompt import ShotSpec, compose_prompt
-from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
+from pipeline.prompt import compose_prompt
 from pipeline.spec import ModelSpec, RequestSpec, describe_validation_error, resolve
 from pipeline.upscale import upscale_target_size
-from serve.admin_routes import admin_router
+from serve.admin_routes import router as admin_router
+from serve.admission import (
+    check_content,
+    check_gpu_quota,
+    check_label,
+    check_replay,
+    fingerprint,
+    project_queue_bound,
+    project_settings,
+    queue_full_error,
+)
 from serve.api import (
     SERVED_MODEL,
     SERVED_MODEL_ALIASES,
@@ -65,29 +70,33 @@ from serve.api import (
     WebhookDeliveryInfo,
     WebhookDeliveryList,
 )
-from serve.auth import LABEL_TEXT, ArtifactSigner, Caller, ProjectSettings, seconds_to_utc_midnight
+from serve.auth import LABEL_TEXT, Caller, ProjectSettings
 from serve.config import PrevizArgs
 from serve.errors import ApiError, error_response, invalid
+from serve.event_stream import event_stream
 from serve.forms import read_fields
-from serve.jobs import CancelResult, JobEvent, JobRecord, JobStatus, JobStore, QueueFull, new_storyboard_id
-from serve.metrics import record_safety_block
-from serve.storage import ArtifactNotFoundError, ArtifactStore, make_store
+from serve.ingress_deps import (
+    CallerDep,
+    IdempotencyKey,
+    IngressState,
+    StateDep,
+    job_or_404,
+    project_of,
+)
+from serve.jobs import CancelResult, JobRecord, JobStatus, QueueFull, new_storyboard_id
+from serve.storage import ArtifactNotFoundError
 from serve.storyboards import (
     MAX_STORYBOARD_VIDEOS,
     Storyboard,
     StoryboardCreate,
-    StoryboardShotState,
-    StoryboardVideo,
-    board_status,
     expand,
+    storyboard_view,
 )
 
 logger = logging.getLogger("ray.serve")
 
 MAX_UPSCALED_SIDE = 3840
 POLL_AFTER_MS: dict[str, int] = {"queued": 1000, "in_progress": 500}  # what `openai-poll-after-ms` says
-EVENTS_POLL_S = 0.25  # how often an event stream looks at the job store
-EVENTS_KEEPALIVE_S = 15.0
 FINISHED: tuple[str, ...] = ("completed", "failed", "cancelled")
 API_STATE_STATUSES: dict[str, list[JobStatus]] = {
     state: [status for status in JobStatus if status.api_state == state]
@@ -142,95 +151,6 @@ async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONR
 async def _internal_error(_request: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error in the Ingress")
     return error_response(500, "internal_error", f"internal error: {type(error).__name__}")
-
-
-# -- state and dependencies ------------------------------------------------------------------------------
-
-
-class IngressState:
-    """What the routes of one Ingress replica share.
-
-    Held as a class attribute: Serve ships the deployment class and the FastAPI app as separate pickled
-    copies, but this class is imported by name in both, so both see the same `current`.
-    """
-
-    current: ClassVar[IngressState | None] = None
-
-    def __init__(self, args: PrevizArgs, model: ModelSpec, scheduler: DeploymentHandle) -> None:
-        self.args = args
-        self.model = model
-        self.scheduler = scheduler
-        self.store = JobStore(args.database_url)
-        self.store.create_schema()
-        self.artifacts: ArtifactStore = make_store(args.storage)
-        # Local artifacts are handed out as signed, expiring links to /v1/artifacts (S3 presigns its own).
-        local = args.storage.kind == "local"
-        self.signer = ArtifactSigner.for_folder(args.storage.local_root) if local else None
-        self.safety = PromptPolicy.from_settings(args.safety)
-
-
-def _current_state() -> IngressState:
-    if IngressState.current is None:
-        raise ApiError(503, "not_ready", "the Ingress is still starting")
-    return IngressState.current
-
-
-_bearer = HTTPBearer(
-    auto_error=False,
-    description="An API key `pvz_<keyid>_<secret>`: it names the project (and role) of the request.",
-)
-
-
-def _unauthorized(code: str, message: str) -> ApiError:
-    return ApiError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
-
-
-async def _caller(
-    state: Annotated[IngressState, Depends(_current_state)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Caller:
-    """The project and role of the request's key; 401 without a usable one."""
-    if credentials is None:
-        raise _unauthorized("missing_api_key", "send an API key as `Authorization: Bearer KEY`")
-    found = await asyncio.to_thread(state.store.authenticate, credentials.credentials)
-    if found == "unknown":
-        raise _unauthorized("invalid_api_key", "the API key is not valid")
-    if found == "revoked":
-        raise _unauthorized("revoked_api_key", "the API key was revoked; ask an admin for a new one")
-    return found
-
-
-def _project_of(caller: Caller, requested: str | None) -> str:
-    """The caller's project; a request that names another one is refused (403)."""
-    if requested is not None and requested != caller.project:
-        raise ApiError(
-            403,
-            "project_mismatch",
-            f"the API key belongs to project {caller.project!r}, not {requested!r}",
-            "project",
-        )
-    return caller.project
-
-
-StateDep = Annotated[IngressState, Depends(_current_state)]
-CallerDep = Annotated[Caller, Depends(_caller)]
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=255,
-        pattern=r"^[\x21-\x7e]+$",
-        description="A retried POST with the same key (and project) returns the first job, never a second.",
-    ),
-]
-
-
-async def _job_or_404(video_id: str, state: IngressState, caller: Caller) -> JobRecord:
-    job = await asyncio.to_thread(state.store.get, video_id, project=caller.project)
-    if job is None:
-        raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
-    return job
 
 
 # -- request bodies --------------------------------------------------------------------------------------
@@ -309,87 +229,6 @@ def _job_request(
     return request, f"{resolved.width}x{resolved.height}x{resolved.num_frames}"
 
 
-async def _check_content(
-    state: IngressState, prompt: str | None, shot: ShotSpec | None, prefix: str = ""
-) -> None:
-    """Refuse a prompt the content policy blocks (422 `content_blocked`, `category` set) before any job
-    exists. The message names the category, never the matched term; a failing classifier refuses too
-    (503 `safety_unavailable`): the policy fails closed."""
-    param = f"{prefix}prompt"
-    try:
-        verdict = await asyncio.to_thread(state.safety.check, compose_prompt(prompt, shot))
-        if verdict is not None and shot is not None:  # name the field at fault: the shot or the prompt
-            in_shot = not prompt or await asyncio.to_thread(state.safety.check, shot.to_prompt())
-            param = f"{prefix}shot" if in_shot else param
-    except SafetyCheckError:
-        logger.exception("the content check failed; refusing the request")
-        raise ApiError(
-            503,
-            "safety_unavailable",
-            "the content check is unavailable, so nothing was queued; try again later",
-            param,
-        ) from None
-    if verdict is not None:
-        logger.info("refused a prompt: category %s at %s", verdict.category, param)
-        record_safety_block("prompt", verdict.category)
-        message = f"{ContentBlocked.of(verdict)}; nothing was queued"
-        raise ApiError(422, "content_blocked", message, param, category=verdict.category)
-
-
-def _fingerprint(body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _queue_full(full: QueueFull) -> ApiError:
-    code = "queue_full" if full.scope == "global" else "project_queue_full"
-    return ApiError(429, code, str(full), headers={"Retry-After": str(full.retry_after_s)})
-
-
-async def _project_settings(state: IngressState, project: str) -> ProjectSettings:
-    record = await asyncio.to_thread(state.store.get_project, project)
-    return record.settings if record is not None else ProjectSettings()
-
-
-def _project_bound(state: IngressState, settings: ProjectSettings) -> int | None:
-    """The smaller of the deployment's per-project queue bound and the project's own."""
-    bounds = [bound for bound in (state.args.max_queued_jobs_per_project, settings.max_queued_jobs) if bound]
-    return min(bounds) if bounds else None
-
-
-async def _check_gpu_quota(state: IngressState, project: str, settings: ProjectSettings) -> None:
-    if settings.gpu_seconds_per_day is None:
-        return
-    used = await asyncio.to_thread(state.store.gpu_seconds_today, project)
-    if used >= settings.gpu_seconds_per_day:
-        raise ApiError(
-            429,
-            "gpu_quota_exceeded",
-            f"project {project!r} used {used:.1f} of its {settings.gpu_seconds_per_day:g} GPU seconds today; "
-            "the quota resets at 00:00 UTC",
-            headers={"Retry-After": str(seconds_to_utc_midnight())},
-        )
-
-
-def _check_label(label: bool, settings: ProjectSettings, param: str = "label") -> None:
-    if not label and settings.burn_label:
-        raise ApiError(
-            400,
-            "label_required",
-            f"this project burns the {LABEL_TEXT!r} label into every clip; `label: false` is not allowed",
-            param,
-        )
-
-
-def _check_replay(kind: str, key: str | None, stored: dict[str, Any], fingerprint: str) -> None:
-    if stored.get("body_sha256") not in (None, fingerprint):
-        raise ApiError(
-            409,
-            "idempotency_key_reused",
-            f"Idempotency-Key {key!r} was already used for a different {kind} request in this project",
-            "Idempotency-Key",
-        )
-
-
 # -- responses -------------------------------------------------------------------------------------------
 
 
@@ -461,7 +300,7 @@ async def _create(
     labels: dict[str, Any],
     idempotency_key: str | None,
 ) -> JSONResponse:
-    await _check_gpu_quota(state, project, settings)
+    await check_gpu_quota(state.store, project, settings)
     try:
         job, created = await asyncio.to_thread(
             state.store.create,
@@ -472,12 +311,12 @@ async def _create(
             idempotency_key=idempotency_key,
             labels=labels,
             max_queued=state.args.max_queued_jobs,
-            max_queued_per_project=_project_bound(state, settings),
+            max_queued_per_project=project_queue_bound(state.args.max_queued_jobs_per_project, settings),
         )
     except QueueFull as full:
-        raise _queue_full(full) from None
+        raise queue_full_error(full) from None
     if not created:
-        _check_replay("video", idempotency_key, job.request, request["body_sha256"])
+        check_replay("video", idempotency_key, job.request, request["body_sha256"])
         return _video_response(job, state, 200, **{"Idempotent-Replayed": "true"})
     state.scheduler.wake.remote()
     return _video_response(job, state, 201)
@@ -541,13 +380,13 @@ async def create_video(
     except ValidationError as error:
         raise invalid(list(error.errors())) from None
     _check_model(body.model)
-    project = _project_of(caller, body.project)
-    settings = await _project_settings(state, project)
-    _check_label(body.label, settings)
+    project = project_of(caller, body.project)
+    settings = await project_settings(state.store, project)
+    check_label(body.label, settings)
     job_request, bucket = _job_request(body, state.model)
-    await _check_content(state, body.prompt, body.shot)
+    await check_content(state.safety, body.prompt, body.shot)
     job_request["callback_url"] = str(body.callback_url) if body.callback_url else None
-    job_request["body_sha256"] = _fingerprint(body.model_dump(mode="json"))
+    job_request["body_sha256"] = fingerprint(body.model_dump(mode="json"))
     return await _create(
         state, project, settings, body.priority, job_request, bucket, body.labels, idempotency_key
     )
@@ -568,7 +407,7 @@ async def list_videos(
 ) -> VideoList:
     jobs = await asyncio.to_thread(
         state.store.list,
-        project=_project_of(caller, project),
+        project=project_of(caller, project),
         statuses=API_STATE_STATUSES[status] if status else None,
         storyboard_id=storyboard_id,
         after=after,
@@ -586,7 +425,7 @@ async def list_videos(
 
 @app.get("/v1/videos/{video_id}", response_model=Video, summary="Retrieve a video")
 async def get_video(video_id: str, state: StateDep, caller: CallerDep) -> JSONResponse:
-    return _video_response(await _job_or_404(video_id, state, caller), state)
+    return _video_response(await job_or_404(video_id, state, caller), state)
 
 
 @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, summary="Cancel a video")
@@ -597,7 +436,7 @@ async def delete_video(video_id: str, state: StateDep, caller: CallerDep) -> Vid
     if result == CancelResult.NOT_FOUND:
         raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
     if result == CancelResult.ALREADY_FINISHED:
-        job = await _job_or_404(video_id, state, caller)
+        job = await job_or_404(video_id, state, caller)
         raise ApiError(
             409,
             "already_finished",
@@ -628,7 +467,7 @@ async def get_video_content(
         Query(description="`video` (mp4) or `thumbnail` (JPEG)."),
     ] = "video",
 ) -> Response:
-    job = await _job_or_404(video_id, state, caller)
+    job = await job_or_404(video_id, state, caller)
     if variant == "spritesheet":
         raise ApiError(
             400, "unsupported", "the `spritesheet` variant is not available; use `thumbnail`", "variant"
@@ -705,8 +544,8 @@ async def remix_video(
 ) -> JSONResponse:
     """A new video with the source's seed, size, length, steps and finish, and a new prompt
     ("what if he wore a blue coat"). The source may be in any state."""
-    source = await _job_or_404(video_id, state, caller)
-    settings = await _project_settings(state, source.project)
+    source = await job_or_404(video_id, state, caller)
+    settings = await project_settings(state.store, source.project)
     try:
         prompt = compose_prompt(body.prompt, body.shot)
     except ValueError as error:
@@ -715,7 +554,7 @@ async def remix_video(
         spec = RequestSpec.model_validate({**source.request["spec"], "prompt": prompt})
     except ValidationError as error:
         raise ApiError(400, "invalid_value", describe_validation_error(error), "prompt") from None
-    await _check_content(state, body.prompt, body.shot)
+    await check_content(state.safety, body.prompt, body.shot)
     request = {
         **source.request,
         "spec": spec.model_dump(mode="json"),
@@ -729,7 +568,7 @@ async def remix_video(
             **({"label": LABEL_TEXT} if settings.burn_label else {}),
         },
         "storyboard": None,
-        "body_sha256": _fingerprint({"remix_of": source.id, **body.model_dump(mode="json")}),
+        "body_sha256": fingerprint({"remix_of": source.id, **body.model_dump(mode="json")}),
     }
     labels = body.labels if body.labels is not None else source.labels
     return await _create(
@@ -762,62 +601,17 @@ async def video_events(
     `claimed`, `stage`, `progress`, `checkpoint`, `requeued`, `resumed`, `retry`, `succeeded`, `failed`,
     `cancelled`, each with an `id:` to resume from), `status` whenever its stage or step progress moves
     (`{"status", "stage", "progress", "stage_progress"}`), and a last `done` carrying the video object."""
-    await _job_or_404(video_id, state, caller)
+    await job_or_404(video_id, state, caller)
     return StreamingResponse(
-        _event_stream(video_id, state, last_event_id or 0),
+        event_stream(
+            state.store,
+            video_id,
+            last_event_id or 0,
+            lambda job: _video(job, state.model).model_dump(mode="json"),
+        ),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-
-
-def _sse(kind: str, data: dict[str, Any], event_id: int | None = None) -> str:
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
-
-
-def _event_data(event: JobEvent) -> dict[str, Any]:
-    data = {"id": event.id, "type": event.kind, "at": event.at.isoformat(), **event.data}
-    if "status" in event.data:
-        data["stage"] = str(event.data["status"]).lower()
-    return data
-
-
-async def _event_stream(video_id: str, state: IngressState, after_id: int) -> AsyncIterator[str]:
-    last_status: tuple[Any, ...] | None = None
-    loop = asyncio.get_running_loop()
-    quiet_since = loop.time()
-    yield "retry: 1000\n\n"
-    while True:
-        # Read the job first: when it is finished, every event it will ever have is committed already.
-        job = await asyncio.to_thread(state.store.get, video_id)
-        if job is None:
-            return
-        events = await asyncio.to_thread(state.store.events, video_id, after_id=after_id)
-        for event in events:
-            after_id = event.id
-            yield _sse(event.kind, _event_data(event), event.id)
-        status = (job.status, job.progress, round(job.stage_progress, 3))
-        if status != last_status:
-            last_status = status
-            yield _sse(
-                "status",
-                {
-                    "status": job.status.api_state,
-                    "stage": job.status.name.lower(),
-                    "progress": job.progress,
-                    "stage_progress": job.stage_progress,
-                },
-            )
-            quiet_since = loop.time()
-        if job.is_finished:
-            yield _sse("done", _video(job, state.model).model_dump(mode="json"))
-            return
-        if events:
-            quiet_since = loop.time()
-        elif loop.time() - quiet_since > EVENTS_KEEPALIVE_S:
-            yield ": keep-alive\n\n"
-            quiet_since = loop.time()
-        await asyncio.sleep(EVENTS_POLL_S)
 
 
 @app.get(
@@ -826,7 +620,7 @@ async def _event_stream(video_id: str, state: IngressState, after_id: int) -> As
 async def video_webhooks(video_id: str, state: StateDep, caller: CallerDep) -> WebhookDeliveryList:
     """The POSTs to the video's `callback_url` (one per outcome) with every attempt: status code, error
     and duration. Empty when the video has no `callback_url` or is not finished yet."""
-    job = await _job_or_404(video_id, state, caller)
+    job = await job_or_404(video_id, state, caller)
     deliveries = await asyncio.to_thread(state.store.webhook_deliveries, job.id)
     return WebhookDeliveryList(
         data=[
@@ -862,8 +656,8 @@ async def create_storyboard(
     """Every shot × variant (seeds × grid) becomes a video of the board's project, all created in one
     transaction (a full queue refuses all of them: 429). They share the project's fair share."""
     _check_model(body.model)
-    project = _project_of(caller, body.project)
-    settings = await _project_settings(state, project)
+    project = project_of(caller, body.project)
+    settings = await project_settings(state.store, project)
     if body.num_videos > MAX_STORYBOARD_VIDEOS:
         raise ApiError(
             400,
@@ -879,9 +673,11 @@ async def create_storyboard(
     storyboard_id = new_storyboard_id()
     videos = []
     for video in planned:
-        _check_label(video.settings.label, settings, f"shots.{video.shot_index}.label")
+        check_label(video.settings.label, settings, f"shots.{video.shot_index}.label")
         request, bucket = _job_request(video.settings, state.model, f"shots.{video.shot_index}.")
-        await _check_content(state, video.settings.prompt, video.settings.shot, f"shots.{video.shot_index}.")
+        await check_content(
+            state.safety, video.settings.prompt, video.settings.shot, f"shots.{video.shot_index}."
+        )
         shot = body.shots[video.shot_index]
         request["callback_url"] = str(body.callback_url) if body.callback_url else None
         request["storyboard"] = {
@@ -894,9 +690,9 @@ async def create_storyboard(
         videos.append((body.priority, request, bucket, {**body.labels, **shot.labels}))
     board_request = {
         **body.model_dump(mode="json"),
-        "body_sha256": _fingerprint(body.model_dump(mode="json")),
+        "body_sha256": fingerprint(body.model_dump(mode="json")),
     }
-    await _check_gpu_quota(state, project, settings)
+    await check_gpu_quota(state.store, project, settings)
     try:
         record, created = await asyncio.to_thread(
             state.store.create_storyboard,
@@ -907,14 +703,14 @@ async def create_storyboard(
             videos,
             idempotency_key=idempotency_key,
             max_queued=state.args.max_queued_jobs,
-            max_queued_per_project=_project_bound(state, settings),
+            max_queued_per_project=project_queue_bound(state.args.max_queued_jobs_per_project, settings),
         )
     except QueueFull as full:
-        raise _queue_full(full) from None
+        raise queue_full_error(full) from None
     if created:
         state.scheduler.wake.remote()
     else:
-        _check_replay("storyboard", idempotency_key, record.request, board_request["body_sha256"])
+        check_replay("storyboard", idempotency_key, record.request, board_request["body_sha256"])
     board = await _storyboard(record.id, state, caller)
     headers = {} if created else {"Idempotent-Replayed": "true"}
     return JSONResponse(board.model_dump(mode="json"), status_code=201 if created else 200, headers=headers)
@@ -936,47 +732,10 @@ async def _storyboard(storyboard_id: str, state: IngressState, caller: Caller) -
         order="asc",
         limit=max(1, min(record.num_jobs, 1000)),
     )
-    shots = [
-        StoryboardShotState(index=index, name=shot.get("name"), prompt="", videos=[])
-        for index, shot in enumerate(record.request["shots"])
-    ]
-    counts: dict[str, int] = {}
-    for job in jobs:
-        video = _video(job, state.model)
-        place = job.request.get("storyboard") or {}
-        shot = shots[place.get("shot", 0)]
-        shot.prompt = shot.prompt or video.prompt
-        counts[video.status] = counts.get(video.status, 0) + 1
-        shot.videos.append(
-            StoryboardVideo(
-                video_id=job.id,
-                variant=place.get("variant", 0),
-                seed=video.seed,
-                grid=place.get("grid", {}),
-                status=video.status,
-                stage=video.stage,
-                progress=video.progress,
-                url=f"/v1/videos/{job.id}",
-                content_url=video.content_url,
-                thumbnail_url=video.thumbnail_url,
-                error=video.error.model_dump() if video.error else None,
-            )
-        )
-    states = [video.status for shot in shots for video in shot.videos]
-    return Storyboard(
-        id=record.id,
-        project=record.project,
-        title=record.title,
-        created_at=_unix(record.created_at),
-        status=board_status(states) if states else "queued",
-        progress=round(sum(job.progress for job in jobs) / len(jobs)) if jobs else 0,
-        num_videos=len(jobs),
-        counts=counts,
-        shots=shots,
-    )
+    return storyboard_view(record, [(job, _video(job, state.model)) for job in jobs])
 
 
-app.include_router(admin_router(_current_state, _caller))
+app.include_router(admin_router)
 
 
 # -- OpenAPI: the create body is read by hand (JSON or form), so its schema is added here -----------------

@@ -28,8 +28,10 @@ from serve.api import (
     LabelKey,
     LabelValue,
     Project,
+    Video,
     VideoState,
 )
+from serve.jobs import JobRecord, StoryboardRecord
 
 MAX_SHOTS = 100
 MAX_SEEDS = 16
@@ -206,3 +208,44 @@ def board_status(states: list[str]) -> Literal["queued", "in_progress", "complet
     if all(state == "queued" for state in states):
         return "queued"
     return "in_progress"
+
+
+def storyboard_view(record: StoryboardRecord, videos: list[tuple[JobRecord, Video]]) -> Storyboard:
+    """The board as the API shows it: its jobs (with their API view) grouped by shot, in creation order."""
+    shots = [
+        StoryboardShotState(index=index, name=shot.get("name"), prompt="", videos=[])
+        for index, shot in enumerate(record.request["shots"])
+    ]
+    counts: dict[str, int] = {}
+    for job, video in videos:
+        place = job.request.get("storyboard") or {}
+        shot = shots[place.get("shot", 0)]
+        shot.prompt = shot.prompt or video.prompt
+        counts[video.status] = counts.get(video.status, 0) + 1
+        shot.videos.append(
+            StoryboardVideo(
+                video_id=job.id,
+                variant=place.get("variant", 0),
+                seed=video.seed,
+                grid=place.get("grid", {}),
+                status=video.status,
+                stage=video.stage,
+                progress=video.progress,
+                url=f"/v1/videos/{job.id}",
+                content_url=video.content_url,
+                thumbnail_url=video.thumbnail_url,
+                error=video.error.model_dump() if video.error else None,
+            )
+        )
+    states = [video.status for shot in shots for video in shot.videos]
+    return Storyboard(
+        id=record.id,
+        project=record.project,
+        title=record.title,
+        created_at=int(record.created_at.timestamp()),
+        status=board_status(states) if states else "queued",
+        progress=round(sum(job.progress for job, _ in videos) / len(videos)) if videos else 0,
+        num_videos=len(videos),
+        counts=counts,
+        shots=shots,
+    )

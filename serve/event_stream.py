@@ -1,0 +1,68 @@
+"""The `/v1/videos/{id}/events` stream: a job's event log and status changes as server-sent events, read
+from the job store (so any Ingress replica can serve any stream, and a restart loses no event)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from serve.jobs import JobEvent, JobRecord, JobStore
+
+EVENTS_POLL_S = 0.25  # how often an event stream looks at the job store
+EVENTS_KEEPALIVE_S = 15.0
+
+
+def _sse(kind: str, data: dict[str, Any], event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+def _event_data(event: JobEvent) -> dict[str, Any]:
+    data = {"id": event.id, "type": event.kind, "at": event.at.isoformat(), **event.data}
+    if "status" in event.data:
+        data["stage"] = str(event.data["status"]).lower()
+    return data
+
+
+async def event_stream(
+    store: JobStore, video_id: str, after_id: int, final: Callable[[JobRecord], dict[str, Any]]
+) -> AsyncIterator[str]:
+    """Server-sent events of one video: its logged events after `after_id` (ids let a client resume with
+    Last-Event-ID), a `status` event on each change, and `done` with `final(job)` once it is finished."""
+    last_status: tuple[Any, ...] | None = None
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    yield "retry: 1000\n\n"
+    while True:
+        # Read the job first: when it is finished, every event it will ever have is committed already.
+        job = await asyncio.to_thread(store.get, video_id)
+        if job is None:
+            return
+        events = await asyncio.to_thread(store.events, video_id, after_id=after_id)
+        for event in events:
+            after_id = event.id
+            yield _sse(event.kind, _event_data(event), event.id)
+        status = (job.status, job.progress, round(job.stage_progress, 3))
+        if status != last_status:
+            last_status = status
+            yield _sse(
+                "status",
+                {
+                    "status": job.status.api_state,
+                    "stage": job.status.name.lower(),
+                    "progress": job.progress,
+                    "stage_progress": job.stage_progress,
+                },
+            )
+            quiet_since = loop.time()
+        if job.is_finished:
+            yield _sse("done", final(job))
+            return
+        if events:
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since > EVENTS_KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            quiet_since = loop.time()
+        await asyncio.sleep(EVENTS_POLL_S)

@@ -1,0 +1,105 @@
+"""What every Ingress route depends on: the replica's shared state, the caller's API key (its project and
+role), and the lookups that keep a project to its own videos."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, ClassVar
+
+from fastapi import Depends, Header
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray.serve.handle import DeploymentHandle
+
+from pipeline.safety import PromptPolicy
+from pipeline.spec import ModelSpec
+from serve.auth import ArtifactSigner, Caller
+from serve.config import PrevizArgs
+from serve.errors import ApiError
+from serve.jobs import JobRecord, JobStore
+from serve.storage import ArtifactStore, make_store
+
+
+class IngressState:
+    """What the routes of one Ingress replica share.
+
+    Held as a class attribute: Serve ships the deployment class and the FastAPI app as separate pickled
+    copies, but this class is imported by name in both, so both see the same `current`.
+    """
+
+    current: ClassVar[IngressState | None] = None
+
+    def __init__(self, args: PrevizArgs, model: ModelSpec, scheduler: DeploymentHandle) -> None:
+        self.args = args
+        self.model = model
+        self.scheduler = scheduler
+        self.store = JobStore(args.database_url)
+        self.store.create_schema()
+        self.artifacts: ArtifactStore = make_store(args.storage)
+        # Local artifacts are handed out as signed, expiring links to /v1/artifacts (S3 presigns its own).
+        local = args.storage.kind == "local"
+        self.signer = ArtifactSigner.for_folder(args.storage.local_root) if local else None
+        self.safety = PromptPolicy.from_settings(args.safety)
+
+
+def current_state() -> IngressState:
+    if IngressState.current is None:
+        raise ApiError(503, "not_ready", "the Ingress is still starting")
+    return IngressState.current
+
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key `pvz_<keyid>_<secret>`: it names the project (and role) of the request.",
+)
+
+
+def _unauthorized(code: str, message: str) -> ApiError:
+    return ApiError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def authenticated_caller(
+    state: Annotated[IngressState, Depends(current_state)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """The project and role of the request's key; 401 without a usable one."""
+    if credentials is None:
+        raise _unauthorized("missing_api_key", "send an API key as `Authorization: Bearer KEY`")
+    found = await asyncio.to_thread(state.store.authenticate, credentials.credentials)
+    if found == "unknown":
+        raise _unauthorized("invalid_api_key", "the API key is not valid")
+    if found == "revoked":
+        raise _unauthorized("revoked_api_key", "the API key was revoked; ask an admin for a new one")
+    return found
+
+
+def project_of(caller: Caller, requested: str | None) -> str:
+    """The caller's project; a request that names another one is refused (403)."""
+    if requested is not None and requested != caller.project:
+        raise ApiError(
+            403,
+            "project_mismatch",
+            f"the API key belongs to project {caller.project!r}, not {requested!r}",
+            "project",
+        )
+    return caller.project
+
+
+StateDep = Annotated[IngressState, Depends(current_state)]
+CallerDep = Annotated[Caller, Depends(authenticated_caller)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="A retried POST with the same key (and project) returns the first job, never a second.",
+    ),
+]
+
+
+async def job_or_404(video_id: str, state: IngressState, caller: Caller) -> JobRecord:
+    job = await asyncio.to_thread(state.store.get, video_id, project=caller.project)
+    if job is None:
+        raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
+    return job
