@@ -181,6 +181,12 @@ class Scheduler:
 
     async def _run_job(self, job: JobRecord) -> None:
         try:
+            await self._run_attempt(job)
+        finally:  # however the job ended for good (stored, failed, refused, cancelled): drop its checkpoint
+            await asyncio.to_thread(self._drop_checkpoint_if_finished, job)
+
+    async def _run_attempt(self, job: JobRecord) -> None:
+        try:
             await self._pipeline(job)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -298,7 +304,6 @@ class Scheduler:
         )
         if succeeded:
             record_job_finished(job, "succeeded", timings)
-            await asyncio.to_thread(self._drop_checkpoint, job)
 
     async def _finish(self, job: JobRecord, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         """The Finisher's clip, retried with backoff; after `finish_attempts` tries the job fails."""
@@ -341,10 +346,13 @@ class Scheduler:
             self.store.save_checkpoint, job.id, job.attempt, key, step_index=state.step_index
         )
 
-    def _drop_checkpoint(self, job: JobRecord) -> None:
-        """The clip is stored: the checkpoint is garbage (best effort)."""
+    def _drop_checkpoint_if_finished(self, job: JobRecord) -> None:
+        """A finished job's checkpoint is garbage; a requeued one keeps it for its next run (best effort)."""
         try:
-            self.artifacts.delete(checkpoint_key(job.project, job.id))
+            current = self.store.get(job.id)
+            if current is None or not current.is_finished or current.checkpoint_uri is None:
+                return
+            self.artifacts.delete(current.checkpoint_uri)
             self.store.clear_checkpoint(job.id)
         except Exception:
             logger.warning("job %s: deleting its checkpoint failed", job.id, exc_info=True)
