@@ -11,9 +11,9 @@ from typing import Any
 
 from pipeline.prompt import ShotSpec, compose_prompt
 from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
-from serve.auth import LABEL_TEXT, ProjectSettings, seconds_to_utc_midnight
+from serve.auth import LABEL_TEXT, ProjectSettings
 from serve.errors import ApiError
-from serve.jobs import JobStore, QueueFull
+from serve.jobs import GpuQuotaExceeded, JobStore, QueueFull
 from serve.metrics import record_safety_block
 
 logger = logging.getLogger("ray.serve")
@@ -66,18 +66,10 @@ def project_queue_bound(deployment_bound: int | None, settings: ProjectSettings)
     return min(bounds) if bounds else None
 
 
-async def check_gpu_quota(store: JobStore, project: str, settings: ProjectSettings) -> None:
-    if settings.gpu_seconds_per_day is None:
-        return
-    used = await asyncio.to_thread(store.gpu_seconds_today, project)
-    if used >= settings.gpu_seconds_per_day:
-        raise ApiError(
-            429,
-            "gpu_quota_exceeded",
-            f"project {project!r} used {used:.1f} of its {settings.gpu_seconds_per_day:g} GPU seconds today; "
-            "the quota resets at 00:00 UTC",
-            headers={"Retry-After": str(seconds_to_utc_midnight())},
-        )
+def gpu_quota_error(exceeded: GpuQuotaExceeded) -> ApiError:
+    return ApiError(
+        429, "gpu_quota_exceeded", str(exceeded), headers={"Retry-After": str(exceeded.retry_after_s)}
+    )
 
 
 def check_label(label: bool, settings: ProjectSettings, param: str = "label") -> None:

@@ -46,10 +46,10 @@ from pipeline.upscale import upscale_target_size
 from serve.admin_routes import router as admin_router
 from serve.admission import (
     check_content,
-    check_gpu_quota,
     check_label,
     check_replay,
     fingerprint,
+    gpu_quota_error,
     project_queue_bound,
     project_settings,
     queue_full_error,
@@ -83,7 +83,7 @@ from serve.ingress_deps import (
     job_or_404,
     project_of,
 )
-from serve.jobs import CancelResult, JobRecord, JobStatus, QueueFull, new_storyboard_id
+from serve.jobs import CancelResult, GpuQuotaExceeded, JobRecord, JobStatus, QueueFull, new_storyboard_id
 from serve.storage import ArtifactNotFoundError
 from serve.storyboards import (
     MAX_STORYBOARD_VIDEOS,
@@ -300,7 +300,6 @@ async def _create(
     labels: dict[str, Any],
     idempotency_key: str | None,
 ) -> JSONResponse:
-    await check_gpu_quota(state.store, project, settings)
     try:
         job, created = await asyncio.to_thread(
             state.store.create,
@@ -312,9 +311,12 @@ async def _create(
             labels=labels,
             max_queued=state.args.max_queued_jobs,
             max_queued_per_project=project_queue_bound(state.args.max_queued_jobs_per_project, settings),
+            gpu_seconds_per_day=settings.gpu_seconds_per_day,
         )
     except QueueFull as full:
         raise queue_full_error(full) from None
+    except GpuQuotaExceeded as exceeded:
+        raise gpu_quota_error(exceeded) from None
     if not created:
         check_replay("video", idempotency_key, job.request, request["body_sha256"])
         return _video_response(job, state, 200, **{"Idempotent-Replayed": "true"})
@@ -692,7 +694,6 @@ async def create_storyboard(
         **body.model_dump(mode="json"),
         "body_sha256": fingerprint(body.model_dump(mode="json")),
     }
-    await check_gpu_quota(state.store, project, settings)
     try:
         record, created = await asyncio.to_thread(
             state.store.create_storyboard,
@@ -704,9 +705,12 @@ async def create_storyboard(
             idempotency_key=idempotency_key,
             max_queued=state.args.max_queued_jobs,
             max_queued_per_project=project_queue_bound(state.args.max_queued_jobs_per_project, settings),
+            gpu_seconds_per_day=settings.gpu_seconds_per_day,
         )
     except QueueFull as full:
         raise queue_full_error(full) from None
+    except GpuQuotaExceeded as exceeded:
+        raise gpu_quota_error(exceeded) from None
     if created:
         state.scheduler.wake.remote()
     else:

@@ -238,7 +238,8 @@ def test_gpu_quota_counts_todays_finished_jobs_and_resets_at_utc_midnight(api: L
     api.store.create_project("heist")
     api.store.update_project("heist", {"gpu_seconds_per_day": 10})
     heist = api.client_for("heist")
-    first, second = (heist.post("/v1/videos", json=GOOD).json()["id"] for _ in range(2))
+    first = heist.post("/v1/videos", json=GOOD, headers={"Idempotency-Key": "take-1"}).json()["id"]
+    second = heist.post("/v1/videos", json=GOOD).json()["id"]
     run_to_end(api.store, first, {"encode": 50.0, "denoise_high": 3.0, "denoise_low": 2.0, "decode": 1.0})
     run_to_end(api.store, second, {"denoise_high": 3.0, "upscale": 0.5}, fail=True)
     assert (api.store.get(first).gpu_seconds, api.store.get(second).gpu_seconds) == (6.0, 3.5)
@@ -252,6 +253,8 @@ def test_gpu_quota_counts_todays_finished_jobs_and_resets_at_utc_midnight(api: L
     assert abs(int(refused.headers["Retry-After"]) - seconds_to_utc_midnight()) <= 5
     assert error(heist.post("/v1/storyboards", json={"shots": [GOOD]})) == (429, "gpu_quota_exceeded")
     assert error(heist.post(f"/v1/videos/{first}/remix", json={"prompt": "x"})) == (429, "gpu_quota_exceeded")
+    replay = heist.post("/v1/videos", json=GOOD, headers={"Idempotency-Key": "take-1"})
+    assert (replay.status_code, replay.json()["id"]) == (200, first)  # a retried create is not a new job
     assert api.client.post("/v1/videos", json=GOOD).status_code == 201  # other projects are not held
     # Jobs that finished yesterday do not count.
     yesterday = datetime.now(UTC) - timedelta(days=1)

@@ -18,6 +18,7 @@ import pytest
 
 from serve.jobs import (
     CancelResult,
+    GpuQuotaExceeded,
     JobRecord,
     JobStatus,
     JobStore,
@@ -281,6 +282,28 @@ def test_per_project_bound_refuses_only_that_project(store: JobStore) -> None:
     assert refused.value.scope == "project"
     assert str(refused.value).startswith("This project's queue is full (2 jobs waiting)")
     assert store.count_by_status(project="dune")[JobStatus.QUEUED] == 2
+
+
+def test_gpu_quota_refuses_new_jobs_of_that_project_but_answers_retries(store: JobStore) -> None:
+    job, _ = store.create("dune", "batch", REQUEST, BUCKET, idempotency_key="shot-1", gpu_seconds_per_day=5)
+    job = store.claim(job.id, "scheduler-a")
+    store.succeed(job.id, job.attempt, artifact_uri="k", artifact_bytes=1, timings={"denoise_high": 6.0})
+
+    with pytest.raises(GpuQuotaExceeded) as refused:
+        store.create("dune", "batch", REQUEST, BUCKET, gpu_seconds_per_day=5)
+    again, created = store.create(
+        "dune", "batch", REQUEST, BUCKET, idempotency_key="shot-1", gpu_seconds_per_day=5
+    )
+    with pytest.raises(GpuQuotaExceeded):
+        store.create_storyboard(
+            "sb_1", "dune", None, {}, [("batch", REQUEST, BUCKET, {})], gpu_seconds_per_day=5
+        )
+    make_job(store, "arrival", gpu_seconds_per_day=5)
+
+    assert str(refused.value).startswith("project 'dune' used 6.0 of its 5 GPU seconds today")
+    assert 1 <= refused.value.retry_after_s <= 86_400
+    assert (again.id, created) == (job.id, False)
+    assert store.count_by_status(project="dune")[JobStatus.QUEUED] == 0
 
 
 def test_retried_request_is_answered_even_when_the_queue_is_full(store: JobStore) -> None:

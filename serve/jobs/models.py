@@ -97,6 +97,17 @@ class QueueFull(Exception):
         super().__init__(f"{where} is full ({limit} jobs waiting); retry in about {retry_after_s} s.")
 
 
+class GpuQuotaExceeded(Exception):
+    """create() refused a job: the project used its GPU seconds of today (UTC); nothing was written."""
+
+    def __init__(self, project: str, used_s: float, limit_s: float, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s  # until 00:00 UTC, when the day's count starts again
+        super().__init__(
+            f"project {project!r} used {used_s:.1f} of its {limit_s:g} GPU seconds today; "
+            "the quota resets at 00:00 UTC"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class JobRecord:
     """One job as stored, detached from the database (a snapshot: re-read it to see changes)."""

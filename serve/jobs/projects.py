@@ -8,7 +8,7 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from serve.auth import (
@@ -161,15 +161,19 @@ class ProjectStoreMixin:
 
     def gpu_seconds_today(self, project: str, *, now: datetime | None = None) -> float:
         """Accelerator seconds of the project's jobs that finished since 00:00 UTC today."""
-        now = now or datetime.now(UTC)
-        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        query = select(func.coalesce(func.sum(jobs.c.gpu_seconds), 0.0)).where(
-            jobs.c.project == project,
-            jobs.c.status >= JobStatus.SUCCEEDED,
-            jobs.c.finished_at >= midnight,
-        )
         with self._read() as conn:
-            return float(conn.scalar(query) or 0.0)
+            return gpu_seconds_today(conn, project, now or datetime.now(UTC))
+
+
+def gpu_seconds_today(conn: Connection, project: str, now: datetime) -> float:
+    """Accelerator seconds of the project's jobs that finished since 00:00 UTC of `now`'s day."""
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    query = select(func.coalesce(func.sum(jobs.c.gpu_seconds), 0.0)).where(
+        jobs.c.project == project,
+        jobs.c.status >= JobStatus.SUCCEEDED,
+        jobs.c.finished_at >= midnight,
+    )
+    return float(conn.scalar(query) or 0.0)
 
 
 def _project(row: dict[str, Any]) -> ProjectRecord:

@@ -17,13 +17,14 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, insert, s
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
-from serve.auth import gpu_seconds
+from serve.auth import gpu_seconds, seconds_to_utc_midnight
 from serve.jobs.models import (
     PRIORITIES,
     PROGRESS_BANDS,
     RUNNING_STATUSES,
     CancelResult,
     EventKind,
+    GpuQuotaExceeded,
     JobEvent,
     JobRecord,
     JobStatus,
@@ -41,7 +42,7 @@ from serve.jobs.outbox import (
     record_attempt,
     secret_of,
 )
-from serve.jobs.projects import ProjectStoreMixin
+from serve.jobs.projects import ProjectStoreMixin, gpu_seconds_today
 from serve.jobs.schema import QUEUE_LOCK_KEY, SCHEMA_LOCK_KEY, job_events, jobs, metadata, storyboards
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class JobStore(ProjectStoreMixin):
         storyboard_id: str | None = None,
         max_queued: int | None = None,
         max_queued_per_project: int | None = None,
+        gpu_seconds_per_day: float | None = None,
     ) -> tuple[JobRecord, bool]:
         """Queue a new job and return `(job, True)`.
 
@@ -123,7 +125,9 @@ class JobStore(ProjectStoreMixin):
         }
         try:
             with self._write() as conn:
-                bounded = max_queued is not None or max_queued_per_project is not None
+                bounded = any(
+                    bound is not None for bound in (max_queued, max_queued_per_project, gpu_seconds_per_day)
+                )
                 if bounded and self.backend == "postgresql":
                     # Serialise bounded creates until commit; statements after this see every row
                     # committed before it (READ COMMITTED takes a fresh snapshot per statement).
@@ -133,7 +137,9 @@ class JobStore(ProjectStoreMixin):
                     if existing is not None:
                         return existing, False
                 if bounded:
-                    self._check_room(conn, project, 1, max_queued, max_queued_per_project)
+                    self._check_room(
+                        conn, project, 1, max_queued, max_queued_per_project, gpu_seconds_per_day, now
+                    )
                 job = _record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
                 _log_event(conn, job.id, "created", {"priority": priority, "bucket": bucket}, now)
         except IntegrityError:
@@ -239,6 +245,7 @@ class JobStore(ProjectStoreMixin):
         idempotency_key: str | None = None,
         max_queued: int | None = None,
         max_queued_per_project: int | None = None,
+        gpu_seconds_per_day: float | None = None,
     ) -> tuple[StoryboardRecord, bool]:
         """Store a storyboard and queue all its `videos` (priority, request, bucket, labels) in ONE
         transaction, as jobs of `project` with this `storyboard_id`; return `(storyboard, True)`.
@@ -264,7 +271,9 @@ class JobStore(ProjectStoreMixin):
         }
         try:
             with self._write() as conn:
-                bounded = max_queued is not None or max_queued_per_project is not None
+                bounded = any(
+                    bound is not None for bound in (max_queued, max_queued_per_project, gpu_seconds_per_day)
+                )
                 if bounded and self.backend == "postgresql":
                     conn.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
                 if idempotency_key is not None:
@@ -272,7 +281,15 @@ class JobStore(ProjectStoreMixin):
                     if existing is not None:
                         return existing, False
                 if bounded:
-                    self._check_room(conn, project, len(videos), max_queued, max_queued_per_project)
+                    self._check_room(
+                        conn,
+                        project,
+                        len(videos),
+                        max_queued,
+                        max_queued_per_project,
+                        gpu_seconds_per_day,
+                        now,
+                    )
                 record = StoryboardRecord(
                     **conn.execute(insert(storyboards).values(board).returning(storyboards)).one()._asdict()
                 )
@@ -611,8 +628,11 @@ class JobStore(ProjectStoreMixin):
         num_new: int,
         max_queued: int | None,
         max_queued_per_project: int | None,
+        gpu_seconds_per_day: float | None,
+        now: datetime,
     ) -> None:
-        """Raise QueueFull unless `num_new` more queued jobs fit both bounds."""
+        """Raise QueueFull unless `num_new` more queued jobs fit both bounds, and GpuQuotaExceeded once the
+        project used its GPU seconds of today."""
         queued = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
         if max_queued is not None and conn.scalar(queued) + num_new > max_queued:
             raise QueueFull(_retry_after_s(conn), "global", max_queued)
@@ -621,6 +641,10 @@ class JobStore(ProjectStoreMixin):
             and conn.scalar(queued.where(jobs.c.project == project)) + num_new > max_queued_per_project
         ):
             raise QueueFull(_retry_after_s(conn), "project", max_queued_per_project)
+        if gpu_seconds_per_day is not None:
+            used = gpu_seconds_today(conn, project, now)
+            if used >= gpu_seconds_per_day:
+                raise GpuQuotaExceeded(project, used, gpu_seconds_per_day, seconds_to_utc_midnight(now))
 
 
 def _new_job_row(
