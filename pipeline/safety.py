@@ -33,7 +33,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
@@ -185,13 +185,13 @@ def load_hook(path: str, what: str) -> Callable[..., object]:
     return hook
 
 
-def _category_of(answer: object, hook: str) -> str | None:
+def _category_of(answer: object, what: str) -> str | None:
     if answer is None:
         return None
     if isinstance(answer, str) and _CATEGORY.match(answer):
         return answer
     raise SafetyCheckError(
-        f"the safety hook `{hook}` answered {answer!r}; it must return None or a category name "
+        f"{what} answered {answer!r}; it must return None or a category name "
         f"(lowercase letters, digits and _)"
     )
 
@@ -236,14 +236,7 @@ class PromptPolicy:
                 return SafetyVerdict(category=category, stage="prompt", term=term)
         if self.classifier is None:
             return None
-        try:
-            answer = self.classifier(text)
-        except Exception as error:
-            raise SafetyCheckError(
-                f"the prompt classifier `{self.classifier_name}` failed: {type(error).__name__}: {error}"
-            ) from error
-        category = _category_of(answer, self.classifier_name)
-        return None if category is None else SafetyVerdict(category=category, stage="prompt")
+        return _ask_hook(self.classifier, text, f"the prompt classifier `{self.classifier_name}`", "prompt")
 
 
 class FrameCheck:
@@ -262,11 +255,14 @@ class FrameCheck:
 
     def check(self, pixels: np.ndarray) -> SafetyVerdict | None:
         """`pixels`: (F, H, W, 3) uint8. Raises SafetyCheckError if the hook fails."""
-        try:
-            answer = self.hook(pixels)
-        except Exception as error:
-            raise SafetyCheckError(
-                f"the frame check `{self.name}` failed: {type(error).__name__}: {error}"
-            ) from error
-        category = _category_of(answer, self.name)
-        return None if category is None else SafetyVerdict(category=category, stage="frames")
+        return _ask_hook(self.hook, pixels, f"the frame check `{self.name}`", "frames")
+
+
+def _ask_hook(hook: Callable[[Any], str | None], value: Any, what: str, stage: Stage) -> SafetyVerdict | None:
+    """The hook's verdict on `value`; a hook that raises or answers nonsense fails closed."""
+    try:
+        answer = hook(value)
+    except Exception as error:
+        raise SafetyCheckError(f"{what} failed: {type(error).__name__}: {error}") from error
+    category = _category_of(answer, what)
+    return None if category is None else SafetyVerdict(category=category, stage=stage)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,13 +16,14 @@ import pytest
 from sqlalchemy import update
 
 from serve.auth import ArtifactSigner, ProjectSettings, seconds_to_utc_midnight
-from serve.cli import bootstrap_default_project, main
+from serve.cli import bootstrap_default_project
 from serve.client import PrevizClient
 from serve.ingress import IngressState
 from serve.jobs import JobStatus, JobStore
 from serve.jobs.projects import ProjectExists
 from serve.jobs.schema import api_keys, jobs
 from tests.api_app import TINY, LocalApi, http_server, local_api
+from tests.cli_run import previz
 from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 from tests.test_api import finish
 
@@ -38,20 +38,6 @@ def api(tmp_path: Path):
 
 def error(response: Any) -> tuple[int, str]:
     return response.status_code, response.json()["error"]["code"]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path):
-    """An empty job store on each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        url = server.create_schema(server.create_database())
-    store = JobStore(url)
-    store.create_schema()
-    yield store
-    store.close()
 
 
 # -- the store -------------------------------------------------------------------------------------------
@@ -354,19 +340,6 @@ def test_client_download_follows_the_signed_redirect_over_http(api: LocalApi, tm
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------
-
-
-def previz(
-    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["previz", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exited:
-        code = int(exited.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_admin_cli_creates_lists_and_revokes(

@@ -3,32 +3,17 @@ fetch, ls, cancel; errors are one line and exit 2."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.video import read_video_info
-from serve.cli import main
+from tests.cli_run import previz
 from tests.cluster import Cluster
 
 pytestmark = pytest.mark.cluster
 TINY = ["--size", "96x64", "--seconds", "0.5", "--steps", "4"]
-
-
-def previz(
-    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of `main()` run in this process."""
-    monkeypatch.setattr(sys, "argv", ["previz", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exited:
-        code = int(exited.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_submit_wait_status_fetch_ls_and_cancel(

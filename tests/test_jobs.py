@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -30,29 +29,6 @@ T = TypeVar("T")
 REQUEST = {"prompt": "a lighthouse in a storm, slow push-in", "width": 832, "height": 480, "num_frames": 81}
 BUCKET = "832x480x81"
 NUM_THREADS = 8
-
-
-@pytest.fixture(scope="module")
-def postgres_database(postgres_server: PostgresServer) -> str:  # noqa: F811
-    """One throwaway database for this module; each test gets its own schema in it."""
-    return postgres_server.create_database()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of an empty database of each backend (a fresh SQLite file, a fresh PostgreSQL schema)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'data' / 'jobs.db'}"
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    return server.create_schema(request.getfixturevalue("postgres_database"))
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[JobStore]:
-    store = JobStore(store_url)
-    store.create_schema()
-    yield store
-    store.close()
 
 
 def make_job(store: JobStore, project: str = "dune", **options: Any) -> JobRecord:

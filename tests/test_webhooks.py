@@ -151,27 +151,6 @@ def test_retry_delays_double_with_jitter_up_to_the_cap() -> None:
 # -- the outbox, on both backends ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def postgres_database(postgres_server: PostgresServer) -> str:  # noqa: F811
-    return postgres_server.create_database()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'data' / 'jobs.db'}"
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    return server.create_schema(request.getfixturevalue("postgres_database"))
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[JobStore]:
-    store = JobStore(store_url)
-    store.create_schema()
-    yield store
-    store.close()
-
-
 def test_succeeding_a_job_with_a_callback_queues_one_signed_payload(store: JobStore) -> None:
     job = finished_job(store, "https://hooks.example.com/previz")
     [delivery] = store.webhook_deliveries(job.id)
