@@ -33,6 +33,8 @@ REPORT_INTERVAL_S = 2.0  # replica-side sampling of engine and GPU state
 PRIORITIES = ("interactive", "batch")  # serve.jobs.PRIORITIES (not imported: this module stays light)
 RUNNING_STATUS_NAMES = ("encoding", "denoising_high", "denoising_low", "decoding", "upscaling", "finishing")
 GPU_ONLY_METRICS = ("previz_gpu_utilization_ratio", "previz_gpu_memory_used_bytes")
+# Counters that exist only after their first event (a webhook sent, a prompt or clip refused).
+FIRST_EVENT_METRICS = ("previz_webhook_deliveries_total", "previz_safety_blocks_total")
 
 
 @dataclass(frozen=True, slots=True)
