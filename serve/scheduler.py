@@ -126,9 +126,11 @@ class Scheduler:
         self._wake.set()
 
     async def cancel(self, job_id: str) -> bool:
-        """Stop a running job's pipeline (the store already marks it cancelled)."""
+        """Stop a running job's pipeline (the store already marks it cancelled). A job cancelled while
+        queued has no pipeline, but may hold a checkpoint of an earlier run: that goes now."""
         entry = self._running.get(job_id)
         if entry is None:
+            await asyncio.to_thread(self._drop_checkpoint_if_finished, job_id)
             return False
         entry[1].cancel()
         return True
@@ -183,7 +185,7 @@ class Scheduler:
         try:
             await self._run_attempt(job)
         finally:  # however the job ended for good (stored, failed, refused, cancelled): drop its checkpoint
-            await asyncio.to_thread(self._drop_checkpoint_if_finished, job)
+            await asyncio.to_thread(self._drop_checkpoint_if_finished, job.id)
 
     async def _run_attempt(self, job: JobRecord) -> None:
         try:
@@ -346,16 +348,16 @@ class Scheduler:
             self.store.save_checkpoint, job.id, job.attempt, key, step_index=state.step_index
         )
 
-    def _drop_checkpoint_if_finished(self, job: JobRecord) -> None:
+    def _drop_checkpoint_if_finished(self, job_id: str) -> None:
         """A finished job's checkpoint is garbage; a requeued one keeps it for its next run (best effort)."""
         try:
-            current = self.store.get(job.id)
+            current = self.store.get(job_id)
             if current is None or not current.is_finished or current.checkpoint_uri is None:
                 return
             self.artifacts.delete(current.checkpoint_uri)
-            self.store.clear_checkpoint(job.id)
+            self.store.clear_checkpoint(job_id)
         except Exception:
-            logger.warning("job %s: deleting its checkpoint failed", job.id, exc_info=True)
+            logger.warning("job %s: deleting its checkpoint failed", job_id, exc_info=True)
 
     async def _report_forever(self) -> None:
         """Refresh the jobs and queue gauges from the store (the store, not memory, is the truth)."""
