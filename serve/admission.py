@@ -12,6 +12,7 @@ from typing import Any
 from pipeline.prompt import ShotSpec, compose_prompt
 from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
 from serve.auth import LABEL_TEXT, ProjectSettings
+from serve.config import PrevizArgs
 from serve.errors import ApiError
 from serve.jobs import GpuQuotaExceeded, JobStore, QueueFull
 from serve.metrics import record_safety_block
@@ -50,26 +51,29 @@ def fingerprint(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def queue_full_error(full: QueueFull) -> ApiError:
-    code = "queue_full" if full.scope == "global" else "project_queue_full"
-    return ApiError(429, code, str(full), headers={"Retry-After": str(full.retry_after_s)})
-
-
 async def project_settings(store: JobStore, project: str) -> ProjectSettings:
     record = await asyncio.to_thread(store.get_project, project)
     return record.settings if record is not None else ProjectSettings()
 
 
-def project_queue_bound(deployment_bound: int | None, settings: ProjectSettings) -> int | None:
-    """The smaller of the deployment's per-project queue bound and the project's own."""
-    bounds = [bound for bound in (deployment_bound, settings.max_queued_jobs) if bound]
-    return min(bounds) if bounds else None
+def queue_bounds(args: PrevizArgs, settings: ProjectSettings) -> dict[str, Any]:
+    """The bounds JobStore.create / create_storyboard hold a new job to: the deployment's queue bounds,
+    the smaller of its and the project's per-project bound, and the project's GPU seconds per day."""
+    per_project = [bound for bound in (args.max_queued_jobs_per_project, settings.max_queued_jobs) if bound]
+    return {
+        "max_queued": args.max_queued_jobs,
+        "max_queued_per_project": min(per_project) if per_project else None,
+        "gpu_seconds_per_day": settings.gpu_seconds_per_day,
+    }
 
 
-def gpu_quota_error(exceeded: GpuQuotaExceeded) -> ApiError:
-    return ApiError(
-        429, "gpu_quota_exceeded", str(exceeded), headers={"Retry-After": str(exceeded.retry_after_s)}
-    )
+def refusal_error(refused: QueueFull | GpuQuotaExceeded) -> ApiError:
+    """The 429 of a create the store refused: `queue_full`, `project_queue_full` or `gpu_quota_exceeded`."""
+    if isinstance(refused, GpuQuotaExceeded):
+        code = "gpu_quota_exceeded"
+    else:
+        code = "queue_full" if refused.scope == "global" else "project_queue_full"
+    return ApiError(429, code, str(refused), headers={"Retry-After": str(refused.retry_after_s)})
 
 
 def check_label(label: bool, settings: ProjectSettings, param: str = "label") -> None:

@@ -49,10 +49,9 @@ from serve.admission import (
     check_label,
     check_replay,
     fingerprint,
-    gpu_quota_error,
-    project_queue_bound,
     project_settings,
-    queue_full_error,
+    queue_bounds,
+    refusal_error,
 )
 from serve.api import (
     SERVED_MODEL,
@@ -309,14 +308,10 @@ async def _create(
             bucket,
             idempotency_key=idempotency_key,
             labels=labels,
-            max_queued=state.args.max_queued_jobs,
-            max_queued_per_project=project_queue_bound(state.args.max_queued_jobs_per_project, settings),
-            gpu_seconds_per_day=settings.gpu_seconds_per_day,
+            **queue_bounds(state.args, settings),
         )
-    except QueueFull as full:
-        raise queue_full_error(full) from None
-    except GpuQuotaExceeded as exceeded:
-        raise gpu_quota_error(exceeded) from None
+    except (QueueFull, GpuQuotaExceeded) as refused:
+        raise refusal_error(refused) from None
     if not created:
         check_replay("video", idempotency_key, job.request, request["body_sha256"])
         return _video_response(job, state, 200, **{"Idempotent-Replayed": "true"})
@@ -703,14 +698,10 @@ async def create_storyboard(
             board_request,
             videos,
             idempotency_key=idempotency_key,
-            max_queued=state.args.max_queued_jobs,
-            max_queued_per_project=project_queue_bound(state.args.max_queued_jobs_per_project, settings),
-            gpu_seconds_per_day=settings.gpu_seconds_per_day,
+            **queue_bounds(state.args, settings),
         )
-    except QueueFull as full:
-        raise queue_full_error(full) from None
-    except GpuQuotaExceeded as exceeded:
-        raise gpu_quota_error(exceeded) from None
+    except (QueueFull, GpuQuotaExceeded) as refused:
+        raise refusal_error(refused) from None
     if created:
         state.scheduler.wake.remote()
     else:

@@ -125,21 +125,13 @@ class JobStore(ProjectStoreMixin):
         }
         try:
             with self._write() as conn:
-                bounded = any(
-                    bound is not None for bound in (max_queued, max_queued_per_project, gpu_seconds_per_day)
-                )
-                if bounded and self.backend == "postgresql":
-                    # Serialise bounded creates until commit; statements after this see every row
-                    # committed before it (READ COMMITTED takes a fresh snapshot per statement).
-                    conn.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
                 if idempotency_key is not None:
                     existing = _by_idempotency_key(conn, project, idempotency_key)
                     if existing is not None:
                         return existing, False
-                if bounded:
-                    self._check_room(
-                        conn, project, 1, max_queued, max_queued_per_project, gpu_seconds_per_day, now
-                    )
+                self._check_room(
+                    conn, project, 1, now, max_queued, max_queued_per_project, gpu_seconds_per_day
+                )
                 job = _record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
                 _log_event(conn, job.id, "created", {"priority": priority, "bucket": bucket}, now)
         except IntegrityError:
@@ -271,25 +263,13 @@ class JobStore(ProjectStoreMixin):
         }
         try:
             with self._write() as conn:
-                bounded = any(
-                    bound is not None for bound in (max_queued, max_queued_per_project, gpu_seconds_per_day)
-                )
-                if bounded and self.backend == "postgresql":
-                    conn.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
                 if idempotency_key is not None:
                     existing = _storyboard_by_idempotency_key(conn, project, idempotency_key)
                     if existing is not None:
                         return existing, False
-                if bounded:
-                    self._check_room(
-                        conn,
-                        project,
-                        len(videos),
-                        max_queued,
-                        max_queued_per_project,
-                        gpu_seconds_per_day,
-                        now,
-                    )
+                self._check_room(
+                    conn, project, len(videos), now, max_queued, max_queued_per_project, gpu_seconds_per_day
+                )
                 record = StoryboardRecord(
                     **conn.execute(insert(storyboards).values(board).returning(storyboards)).one()._asdict()
                 )
@@ -626,13 +606,19 @@ class JobStore(ProjectStoreMixin):
         conn: Connection,
         project: str,
         num_new: int,
+        now: datetime,
         max_queued: int | None,
         max_queued_per_project: int | None,
         gpu_seconds_per_day: float | None,
-        now: datetime,
     ) -> None:
-        """Raise QueueFull unless `num_new` more queued jobs fit both bounds, and GpuQuotaExceeded once the
-        project used its GPU seconds of today."""
+        """Raise QueueFull unless `num_new` more queued jobs fit both queue bounds, and GpuQuotaExceeded once
+        the project used its GPU seconds of today. With any bound set on PostgreSQL, first serialise
+        bounded creates until commit: the count and the insert that follows see every row committed before
+        (READ COMMITTED takes a fresh snapshot per statement)."""
+        if max_queued is None and max_queued_per_project is None and gpu_seconds_per_day is None:
+            return
+        if self.backend == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
         queued = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED)
         if max_queued is not None and conn.scalar(queued) + num_new > max_queued:
             raise QueueFull(_retry_after_s(conn), "global", max_queued)
