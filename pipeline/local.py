@@ -18,7 +18,7 @@ from pipeline.spec import RequestSpec, ResolvedRequest, resolve
 from pipeline.text import TextEncoder
 from pipeline.upscale import Upscaler, resize_frames, upscale_target_size
 from pipeline.vae import VAEDecoder
-from pipeline.video import VideoWriter
+from pipeline.video import DRAFT_LABEL, VideoWriter
 from pipeline.weights import PRESETS, WanComponents
 
 STAGES = ("encode", "denoise_high", "denoise_low", "decode", "upscale", "grade", "encode_video")
@@ -33,9 +33,7 @@ class FinishOptions:
 
     upscale: str = "none"  # none | 720p | 1080p
     look: str = "none"  # none | film
-    label: str | None = (
-        "AI-generated draft"  # burned-in text; None leaves frames unmarked (metadata still marks)
-    )
+    label: str | None = DRAFT_LABEL  # burned-in text; None leaves frames unmarked (metadata still marks)
 
 
 @dataclass(slots=True)

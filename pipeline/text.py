@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
+
+from pipeline._compat import prompt_clean
 
 
 @dataclass(frozen=True, slots=True)

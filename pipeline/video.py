@@ -32,8 +32,9 @@ X264_PRESETS = (
     "veryslow",
     "placebo",
 )
+DRAFT_LABEL = "AI-generated draft"  # the burned-in label and the metadata marker: the one spelling of it
 # container tags that mark every file as an AI-generated draft; callers cannot override them
-AI_MARKER: dict[str, str] = {"comment": "AI-generated draft", "previz_ai_generated": "true"}
+AI_MARKER: dict[str, str] = {"comment": DRAFT_LABEL, "previz_ai_generated": "true"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +52,7 @@ class VideoInfo:
 class VideoWriter:
     """Encodes `Frames` to H.264 yuv420p mp4, writing atomically (temp file in the same dir, then rename)."""
 
-    def __init__(
-        self, crf: int = 18, preset: str = "medium", label: str | None = "AI-generated draft"
-    ) -> None:
+    def __init__(self, crf: int = 18, preset: str = "medium", label: str | None = DRAFT_LABEL) -> None:
         if not 0 <= crf <= 51:
             raise ValueError(f"`crf` must be between 0 and 51 but is {crf}.")
         if preset not in X264_PRESETS:

@@ -8,7 +8,7 @@ torch build. `save_components` writes the Diffusers layout that `load_components
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from pipeline.spec import ModelSpec
 
 DIFFUSERS_SUBFOLDERS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "previz" / "models"
+NETWORKS = ("transformer", "transformer_2", "vae", "text_encoder")  # what load_components(parts=...) names
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +91,15 @@ PRESETS: dict[str, PresetConfig] = {
 
 @dataclass(slots=True)
 class WanComponents:
-    """Everything one Wan2.2 T2V model consists of, on one device."""
+    """Everything one Wan2.2 T2V model consists of, on one device. A serving stage loads only its own
+    networks (`load_components(..., parts=...)`: real experts are 28.6 GB each); the others are None."""
 
-    tokenizer: PreTrainedTokenizerBase
-    text_encoder: UMT5EncoderModel
-    vae: AutoencoderKLWan
+    tokenizer: PreTrainedTokenizerBase | None
+    text_encoder: UMT5EncoderModel | None
+    vae: AutoencoderKLWan | None
     scheduler: UniPCMultistepScheduler  # a template: every request gets its own copy (UniPC keeps history)
-    transformer: WanTransformer3DModel  # high-noise expert, t >= boundary
-    transformer_2: WanTransformer3DModel  # low-noise expert, t < boundary
+    transformer: WanTransformer3DModel | None  # high-noise expert, t >= boundary
+    transformer_2: WanTransformer3DModel | None  # low-noise expert, t < boundary
     model: ModelSpec  # boundary, flow shift, defaults actually in force
     source: str  # "tiny", a folder path or an s3:// URI, for logs and job records
 
@@ -185,25 +187,35 @@ def load_components(
     device: str | None = None,
     cache_dir: Path = DEFAULT_CACHE_DIR,
     progress: Callable[[int, int], None] | None = None,
+    parts: Collection[str] = NETWORKS,
 ) -> WanComponents:
-    """Load from a preset name, a Diffusers folder or `s3://bucket/prefix`, placed on `device`.
+    """Load from a preset name, a Diffusers folder or `s3://bucket/prefix`, placed on `device`; only the
+    networks named in `parts` (of NETWORKS; `text_encoder` brings its tokenizer) are loaded.
 
     The Diffusers Wan2.2 repo ships `flow_shift=3.0`; T2V samples with `model.flow_shift` (12.0), which
     replaces it unless `keep_shipped_flow_shift`.
     """
+    unknown = set(parts) - set(NETWORKS)
+    if unknown:
+        raise ValueError(f"`parts` must be among {', '.join(NETWORKS)} but has {', '.join(sorted(unknown))}.")
     target = pick_device(device)
     if source in PRESETS:
-        return place(build_preset(source, model), target)
+        preset = build_preset(source, model)
+        for name in set(NETWORKS) - set(parts):
+            setattr(preset, name, None)
+        if "text_encoder" not in parts:
+            preset.tokenizer = None
+        return place(preset, target)
     folder = resolve_folder(source, cache_dir=cache_dir, progress=progress)
     model, scheduler = load_sampling(folder, model=model, keep_shipped_flow_shift=keep_shipped_flow_shift)
-    tokenizer, text_encoder = load_text_encoder(folder, target)
+    tokenizer, text_encoder = load_text_encoder(folder, target) if "text_encoder" in parts else (None, None)
     components = WanComponents(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
-        vae=load_vae(folder, target),
+        vae=load_vae(folder, target) if "vae" in parts else None,
         scheduler=scheduler,
-        transformer=load_transformer(folder, "transformer", target),
-        transformer_2=load_transformer(folder, "transformer_2", target),
+        transformer=load_transformer(folder, "transformer", target) if "transformer" in parts else None,
+        transformer_2=load_transformer(folder, "transformer_2", target) if "transformer_2" in parts else None,
         model=model,
         source=source,
     )
@@ -280,6 +292,8 @@ def place(components: WanComponents, device: torch.device) -> WanComponents:
         (components.text_encoder, dtype),
         (components.vae, torch.float32),
     ):
+        if module is None:  # not loaded by this stage
+            continue
         if module.dtype != module_dtype:
             module.to(dtype=module_dtype)
         module.to(device=device).eval().requires_grad_(False)

@@ -7,32 +7,28 @@ once, when it is created. Every key belongs to one project and has a role:
     member   the project's videos, storyboards and artifacts (and nothing of other projects)
     admin    the same, plus /v1/admin: projects, their settings (quotas, label policy) and keys
 
-Artifact links of a local store are signed (HMAC-SHA256 over key and expiry) so that a browser or the
-openai package can follow the 307 of `/v1/videos/{id}/content` without a bearer key until the link expires.
+(Signed links to stored artifacts are the artifact store's: serve.storage.ArtifactSigner.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Literal
-from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Role = Literal["member", "admin"]
 ROLES: tuple[Role, ...] = ("member", "admin")
-PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+PROJECT_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # a project's name: a lower-case slug, everywhere
+PROJECT_NAME = re.compile(PROJECT_PATTERN)
 KEY_FORM = re.compile(r"^pvz_([0-9a-f]{12})_([A-Za-z0-9_-]{16,})$")
-LABEL_TEXT = "AI-generated draft"  # what the Finisher burns into the frames of a labelled clip
 # Timings of the stages that run on an accelerator: their sum is a job's `gpu_seconds` (GPU quotas).
-GPU_STAGES: tuple[str, ...] = ("denoise_high", "denoise_low", "decode", "upscale")
+GPU_TIMINGS: tuple[str, ...] = ("denoise_high", "denoise_low", "decode", "upscale")
 
 
 class ProjectSettings(BaseModel):
@@ -114,66 +110,10 @@ def keys_match(key: str, key_hash: str) -> bool:
 
 def gpu_seconds(timings: dict[str, float]) -> float:
     """Accelerator seconds of one job's run, from its stage timings."""
-    return float(sum(timings.get(stage, 0.0) for stage in GPU_STAGES))
+    return float(sum(timings.get(stage, 0.0) for stage in GPU_TIMINGS))
 
 
 def seconds_to_utc_midnight(now: datetime | None = None) -> int:
     now = now or datetime.now(UTC)
     midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     return max(1, int((midnight - now).total_seconds() + 0.999))
-
-
-# -- signed artifact links ---------------------------------------------------------------------------------
-
-SIGNING_KEY_FILE = ".url-signing-key"  # in the local artifact root; a hidden name is never an artifact key
-
-
-class ArtifactSigner:
-    """Signs `/v1/artifacts/{key}?expires=..&signature=..` links with a secret shared by every Ingress
-    replica that serves the same artifact folder."""
-
-    def __init__(self, secret: bytes) -> None:
-        self._secret = secret
-
-    @classmethod
-    def for_folder(cls, root: Path) -> ArtifactSigner:
-        """The signer whose secret lives in `root` (created once, mode 0600; concurrent replicas agree)."""
-        return cls(_shared_secret(Path(root) / SIGNING_KEY_FILE))
-
-    def signature(self, key: str, expires: int) -> str:
-        return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
-
-    def url(self, key: str, ttl_s: int, *, now: float | None = None) -> str:
-        expires = int(now if now is not None else datetime.now(UTC).timestamp()) + ttl_s
-        return f"/v1/artifacts/{quote(key)}?expires={expires}&signature={self.signature(key, expires)}"
-
-    def check(self, key: str, expires: int, signature: str) -> Literal["bad_signature", "url_expired"] | None:
-        """None for a genuine, unexpired link; else what is wrong with it."""
-        if not hmac.compare_digest(self.signature(key, expires).encode(), signature.encode()):
-            return "bad_signature"
-        if datetime.now(UTC).timestamp() > expires:
-            return "url_expired"
-        return None
-
-
-def _shared_secret(path: Path) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        pass
-    # Write a candidate under a private name, then link it into place: the first replica's link wins and
-    # every replica reads the winner.
-    candidate = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(32))
-        out.flush()
-        os.fsync(out.fileno())
-    try:
-        os.link(candidate, path)
-    except FileExistsError:
-        pass
-    finally:
-        candidate.unlink()
-    return bytes.fromhex(path.read_text().strip())

@@ -3,8 +3,8 @@
 Two backends behind one interface, chosen by `StorageSettings.kind`:
 
     local   files under `local_root`, written atomically (temp file in the same folder, fsync,
-            os.replace) and served by the ingress under `/artifacts/<key>` (`local_path` hands the
-            HTTP layer the file, so FileResponse can answer range requests);
+            os.replace) and served by the Ingress as signed `/v1/artifacts/<key>` links
+            (`local_path` hands the HTTP layer the file, so FileResponse can answer range requests);
     s3      objects under `s3_uri` (boto3, multipart for big files, the content's SHA-256 stored as
             `x-amz-meta-sha256`), handed out as presigned GET URLs.
 
@@ -22,14 +22,18 @@ exponential backoff) before it is reported.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import mimetypes
 import os
 import re
+import secrets
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, Self
@@ -49,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 CHUNK_BYTES = 1 * MiB  # read/hash/stream granularity: memory per open artifact stays at one chunk
-LOCAL_URL_PREFIX = "/artifacts"  # where the ingress serves a LocalArtifactStore
+LOCAL_URL_PREFIX = "/v1/artifacts"  # the Ingress route that serves a LocalArtifactStore's signed links
+DEFAULT_LINK_TTL_S = 3600  # lifetime of a local link when the caller names none
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer than 7 days
 S3_MAX_ATTEMPTS = 5  # total tries of one S3 request (first one included) before StorageError
 S3_CONNECT_TIMEOUT_S = 5.0
@@ -87,7 +92,7 @@ class StorageSettings(BaseModel):
 
     kind: Literal["local", "s3"] = Field(
         default="local",
-        description="`local`: a folder on this machine, served by the ingress under /artifacts. "
+        description="`local`: a folder on this machine, served by the Ingress as signed /v1/artifacts links. "
         "`s3`: an S3 bucket (AWS, SeaweedFS, MinIO), handed out as presigned URLs.",
     )
     local_root: Path = Field(
@@ -115,7 +120,7 @@ class StorageSettings(BaseModel):
     public_base_url: str | None = Field(
         default=None,
         description="Scheme and host that local-store links start with (e.g. `https://previz.studio`); "
-        "None gives host-relative links (`/artifacts/<key>`).",
+        "None gives host-relative links (`/v1/artifacts/<key>?...`).",
     )
 
     @field_validator("s3_uri")
@@ -140,6 +145,62 @@ class StorageSettings(BaseModel):
                 "or use kind 'local' to keep clips in a folder"
             )
         return self
+
+
+# --- signed links of the local store -------------------------------------------------------------
+
+SIGNING_KEY_FILE = ".url-signing-key"  # in the local artifact root; a hidden name is never an artifact key
+
+
+class ArtifactSigner:
+    """Signs `/v1/artifacts/{key}?expires=..&signature=..` links with a secret shared by every Ingress
+    replica that serves the same artifact folder."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    @classmethod
+    def for_folder(cls, root: Path) -> ArtifactSigner:
+        """The signer whose secret lives in `root` (created once, mode 0600; concurrent replicas agree)."""
+        return cls(_shared_secret(Path(root) / SIGNING_KEY_FILE))
+
+    def signature(self, key: str, expires: int) -> str:
+        return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def url(self, key: str, ttl_s: int, *, now: float | None = None) -> str:
+        expires = int(now if now is not None else datetime.now(UTC).timestamp()) + ttl_s
+        return f"{LOCAL_URL_PREFIX}/{quote(key)}?expires={expires}&signature={self.signature(key, expires)}"
+
+    def check(self, key: str, expires: int, signature: str) -> Literal["bad_signature", "url_expired"] | None:
+        """None for a genuine, unexpired link; else what is wrong with it."""
+        if not hmac.compare_digest(self.signature(key, expires).encode(), signature.encode()):
+            return "bad_signature"
+        if datetime.now(UTC).timestamp() > expires:
+            return "url_expired"
+        return None
+
+
+def _shared_secret(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        pass
+    # Write a candidate under a private name, then link it into place: the first replica's link wins and
+    # every replica reads the winner.
+    candidate = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        os.link(candidate, path)
+    except FileExistsError:
+        pass
+    finally:
+        candidate.unlink()
+    return bytes.fromhex(path.read_text().strip())
 
 
 # --- what is stored -----------------------------------------------------------------------------
@@ -218,6 +279,28 @@ def validate_key(key: str) -> str:
     if problem is not None:
         raise ValueError(f"invalid artifact key {key!r}: {problem}; expected {_KEY_FORM}")
     return key
+
+
+@dataclass(frozen=True, slots=True)
+class JobArtifacts:
+    """Where one job's files live: the one home of the key layout (`<project>/<job_id>/<name>`).
+
+    The attempt is in the clip's and the poster's names, so a stale run of a job never overwrites the
+    winning clip; the checkpoint is one per job, overwritten by each attempt. The Finisher writes the clip
+    and the poster here, the job row records both keys, and readers use the recorded keys."""
+
+    project: str
+    job_id: str
+
+    def clip(self, attempt: int) -> str:
+        return artifact_key(self.project, self.job_id, f"clip-a{attempt}.mp4")
+
+    def poster(self, attempt: int) -> str:
+        return artifact_key(self.project, self.job_id, f"poster-a{attempt}.jpg")
+
+    @property
+    def checkpoint(self) -> str:
+        return artifact_key(self.project, self.job_id, "checkpoint-boundary.npz")
 
 
 def artifact_key(project: str, job_id: str, name: str) -> str:
@@ -331,16 +414,15 @@ class ArtifactStore(ABC):
 
 
 class LocalArtifactStore(ArtifactStore):
-    """Files under `root`; `root/<key>` is the artifact. Links are `<public_base_url>/artifacts/<key>`.
-
-    Local links carry no signature and do not expire (`expires_in_s` is ignored): whoever can reach
-    the ingress route can fetch them, so the ingress is where access is checked.
-    """
+    """Files under `root`; `root/<key>` is the artifact. Links are signed and expire:
+    `<public_base_url>/v1/artifacts/<key>?expires=..&signature=..`, the Ingress route that serves them
+    (checking the signature with `signer`, whose secret every replica on the same folder shares)."""
 
     def __init__(self, root: Path | str, *, public_base_url: str | None = None) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._base_url = public_base_url.rstrip("/") if public_base_url else ""
+        self.signer = ArtifactSigner.for_folder(self.root)
 
     def path_for(self, key: str) -> Path:
         """Where `key` lives (whether or not it exists); the key is validated, so it stays under root."""
@@ -415,9 +497,8 @@ class LocalArtifactStore(ArtifactStore):
 
     def url(self, key: str, *, expires_in_s: int | None = None) -> str:
         validate_key(key)
-        if expires_in_s is not None:
-            _check_expiry(expires_in_s)
-        return f"{self._base_url}{LOCAL_URL_PREFIX}/{quote(key)}"
+        ttl_s = _check_expiry(expires_in_s) if expires_in_s is not None else DEFAULT_LINK_TTL_S
+        return f"{self._base_url}{self.signer.url(key, ttl_s)}"
 
     def local_path(self, key: str) -> Path:
         """The artifact's file; ArtifactNotFoundError if nothing is stored under `key`."""

@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 
 from serve.auth import Role
 from serve.config import PrevizArgs
-from serve.ingress import IngressState, app
+from serve.http.app import app
+from serve.http.deps import IngressState
 from serve.jobs import JobStore
 
 TINY = {"size": "96x64", "seconds": "0.5", "steps": 4}

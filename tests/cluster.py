@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve import launch
 from serve.auth import Role
-from serve.client import PrevizClient
+from serve.cli import launch
+from serve.cli.client import PrevizClient
 from serve.jobs import JobStore
 from serve.jobs.projects import ProjectExists
 

@@ -16,9 +16,10 @@ import openai
 import pytest
 
 from serve.config import PrevizArgs
-from serve.ingress import IngressState, app
+from serve.http.app import app
+from serve.http.deps import IngressState
 from serve.jobs import JobStatus
-from serve.scheduler import Scheduler
+from serve.scheduling.scheduler import Scheduler
 from serve.storage import artifact_key
 from tests.api_app import TINY, LocalApi, local_api
 

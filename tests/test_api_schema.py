@@ -8,7 +8,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from serve.ingress import app
+from serve.http.app import app
 from tests.api_app import local_api
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)

@@ -17,8 +17,8 @@ from sqlalchemy import update
 
 from serve.auth import ArtifactSigner, ProjectSettings, seconds_to_utc_midnight
 from serve.cli import bootstrap_default_project
-from serve.client import PrevizClient
-from serve.ingress import IngressState
+from serve.cli.client import PrevizClient
+from serve.http.deps import IngressState
 from serve.jobs import JobStatus, JobStore
 from serve.jobs.projects import ProjectExists
 from serve.jobs.schema import api_keys, jobs

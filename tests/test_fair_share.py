@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from serve.fair_share import Candidate, pick_next
+from serve.scheduling.fair_share import Candidate, pick_next
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from serve.stages.deployments import FinishCall, FinishedClip, FinisherDeployment
 
 from pipeline.denoise import Denoiser, initial_state
 from pipeline.frames import Frames
@@ -30,8 +31,10 @@ from pipeline.spec import resolve
 from pipeline.text import TextEncoder
 from pipeline.vae import VAEDecoder
 from pipeline.weights import WanComponents, build_preset
-from serve import launch
-from serve.checkpoint import (
+from serve.cli import launch
+from serve.config import PrevizArgs
+from serve.jobs import JobRecord, JobStatus, JobStore
+from serve.scheduling.checkpoints import (
     CheckpointError,
     checkpoint_key,
     decode_state,
@@ -39,12 +42,9 @@ from serve.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from serve.config import PrevizArgs
-from serve.deployments import FinishCall, FinishedClip, FinisherDeployment
-from serve.jobs import JobRecord, JobStatus, JobStore
-from serve.scheduler import StageFailed, finish_with_retries
+from serve.scheduling.scheduler import StageFailed, finish_with_retries
+from serve.stages.transfer import pack_state, unpack_state
 from serve.storage import LocalArtifactStore, S3ArtifactStore, StorageSettings, make_store
-from serve.transfer import pack_state, unpack_state
 from tests.cluster import Cluster, free_port
 from tests.servers.seaweedfs import S3Server
 from tests.test_cluster import replica_actor_names

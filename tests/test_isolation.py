@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.client import PrevizApiError
+from serve.cli.client import PrevizApiError
 from tests.api_app import TINY, LocalApi, local_api
 from tests.cluster import Cluster
 from tests.test_api import finish

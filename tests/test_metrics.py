@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serve._compat import ray_session_dir
+from serve.cli.monitoring import PROMETHEUS_DIR, PrometheusServer, prometheus_config
 from serve.metrics import FIRST_EVENT_METRICS, GPU_ONLY_METRICS, exported_name
-from serve.monitoring import PROMETHEUS_DIR, PrometheusServer, prometheus_config, ray_session_dir
 from tests.cluster import Cluster
 from tests.servers.prometheus import prometheus_server, promtool
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serve.router import rendezvous_rank
+from serve.stages.router import rendezvous_rank
 
 REPLICAS = ["r-a", "r-b", "r-c", "r-d"]
 BUCKETS = [

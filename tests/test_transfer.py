@@ -11,7 +11,7 @@ from pipeline.denoise import Denoiser, initial_state
 from pipeline.spec import resolve
 from pipeline.text import TextEncoder
 from pipeline.weights import build_preset
-from serve.transfer import pack_embeds, pack_state, unpack_embeds, unpack_state
+from serve.stages.transfer import pack_embeds, pack_state, unpack_embeds, unpack_state
 from tests.wan_reference import tiny_request
 
 

@@ -1,4 +1,5 @@
-"""The job store's vocabulary: job status (an ordered state machine), records and errors, job ids.
+"""The job store's vocabulary: job status (an ordered state machine), priorities, the bucket key, records
+and errors, job ids and the time helpers (timezone-aware UTC; Unix seconds for the API).
 
 Plain Python, no database: the Scheduler, the Ingress and their tests use these without a store.
 """
@@ -12,7 +13,10 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from serve.jobs.request import JobRequest
 
 Priority = Literal["interactive", "batch"]
 ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
@@ -78,6 +82,33 @@ PROGRESS_BANDS: dict[JobStatus, tuple[int, int]] = {
 }
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class Bucket:
+    """The latent shape key: jobs of one bucket can share a denoiser batch, and the bucket-affinity router
+    sends them to the same replica. Stored with every job as `"WxHxF"` (`str(bucket)`)."""
+
+    width: int
+    height: int
+    num_frames: int
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}x{self.num_frames}"
+
+    @classmethod
+    def parse(cls, text: str) -> Bucket:
+        """`"832x480x81"` -> Bucket(832, 480, 81); ValueError naming the text otherwise."""
+        parts = text.split("x")
+        if len(parts) != 3 or not all(part.isascii() and part.isdigit() for part in parts):
+            raise ValueError(f"a bucket is WIDTHxHEIGHTxFRAMES such as '832x480x81', not {text!r}")
+        width, height, num_frames = (int(part) for part in parts)
+        return cls(width, height, num_frames)
+
+    @property
+    def size(self) -> str:
+        """`"WxH"`: the clip's size before upscaling (the dashboards' resolution label)."""
+        return f"{self.width}x{self.height}"
+
+
 class CancelResult(enum.StrEnum):
     """What cancel() did; the Ingress maps it to 200 / 409 / 404."""
 
@@ -115,8 +146,8 @@ class JobRecord:
     id: str  # "vid_" + 24 hex; sorts by creation time (the paging cursor)
     project: str  # tenant: quotas, fair share and visibility are per project
     priority: Priority  # interactive shots overtake batch backlogs
-    request: dict[str, Any]  # the validated generation request, as JSON (validated by the API layer)
-    bucket: str  # latent shape key such as "832x480x81": jobs in one bucket can share denoiser batches
+    request: JobRequest  # what to generate and how to finish it (typed; old rows are upgraded on read)
+    bucket: str  # str(Bucket), e.g. "832x480x81": jobs in one bucket can share denoiser batches
     status: JobStatus
     stage_progress: float  # 0..1 within the current stage
     progress: int  # 0..100 overall; never goes down within one attempt
@@ -138,6 +169,7 @@ class JobRecord:
     storyboard_id: str | None  # groups the shots of one storyboard
     gpu_seconds: float | None  # accelerator seconds spent (denoise, decode, upscale), once finished
     checkpoint_uri: str | None  # denoise state saved at the expert boundary; a rerun resumes from it
+    poster_uri: str | None  # key of the clip's JPEG poster frame, stored beside `artifact_uri`
 
     @property
     def is_finished(self) -> bool:
@@ -206,4 +238,10 @@ def new_storyboard_id() -> str:
 
 
 def utcnow() -> datetime:
+    """Now, timezone-aware UTC: every timestamp the store writes."""
     return datetime.now(UTC)
+
+
+def unix(moment: datetime | None) -> int | None:
+    """Whole Unix seconds of `moment` (None stays None): how the API shows every timestamp."""
+    return None if moment is None else int(moment.timestamp())

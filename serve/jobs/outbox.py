@@ -3,7 +3,8 @@
 The row is written in the same transaction as the job's final transition (succeed, fail, cancel), so a
 job outcome is announced exactly once: the attempt fence lets only one transition happen. Dispatchers
 (serve/webhooks.py) lease due rows, POST them and record each attempt here; the rows are the truth, so
-deliveries survive restarts (an unfinished lease simply expires).
+deliveries survive restarts (an unfinished lease simply expires). The payload's `data` is the API's own
+video object (serve.http.views), so a webhook and `GET /v1/videos/{id}` never disagree.
 
     store.due_webhooks(limit=32, lease_s=40)        # claim pending rows whose next attempt is due
     store.record_webhook_attempt(delivery.id, ok=False, status_code=500, error="HTTP 500", seconds=0.02,
@@ -57,12 +58,20 @@ def new_delivery_id() -> str:
 
 def enqueue_webhook(conn: Connection, job: JobRecord, now: datetime) -> None:
     """Inside the transaction that just finished `job`: queue its webhook, if it asked for one."""
-    url = job.request.get("callback_url")
+    url = job.request.callback_url
     if not url:
         return
+    # Imported here: the view imports the API schemas, which import this package's vocabulary.
+    from serve.http.views import video_payload
+
     delivery_id = new_delivery_id()
     event = EVENTS[job.status]
-    payload = {"id": delivery_id, "type": event, "created_at": int(now.timestamp()), "data": video_data(job)}
+    payload = {
+        "id": delivery_id,
+        "type": event,
+        "created_at": int(now.timestamp()),
+        "data": video_payload(job),
+    }
     conn.execute(
         insert(webhook_deliveries).values(
             id=delivery_id,
@@ -79,55 +88,6 @@ def enqueue_webhook(conn: Connection, job: JobRecord, now: datetime) -> None:
             delivered_at=None,
         )
     )
-
-
-def video_data(job: JobRecord) -> dict[str, Any]:
-    """The finished job as the API's video object shows it (serve.api.Video), from the job row alone.
-
-    Written by the store, which knows no model: `size` and `num_frames` come from the job's bucket and
-    `steps` is null when the request left it to the model's default.
-    """
-    spec = job.request.get("spec", {})
-    finish = job.request.get("finish", {})
-    width, height, num_frames = (int(part) for part in job.bucket.split("x"))
-    completed = job.status == JobStatus.SUCCEEDED
-    error = None
-    if job.status == JobStatus.FAILED:
-        error = {"code": job.error_code or "failed", "message": job.error_message or "", "param": None}
-    elif job.status == JobStatus.CANCELLED:
-        error = {"code": "cancelled", "message": "the video was cancelled", "param": None}
-    base = f"/v1/videos/{job.id}"
-    return {
-        "id": job.id,
-        "object": "video",
-        "model": job.request.get("model"),
-        "status": job.status.api_state,
-        "progress": job.progress,
-        "created_at": _unix(job.created_at),
-        "completed_at": _unix(job.finished_at),
-        "prompt": spec.get("prompt"),
-        "seconds": f"{spec['duration']:g}" if "duration" in spec else None,
-        "size": f"{width}x{height}",
-        "remixed_from_video_id": job.request.get("remixed_from"),
-        "error": error,
-        "project": job.project,
-        "priority": job.priority,
-        "stage": job.status.name.lower(),
-        "seed": job.seed if job.seed is not None else spec.get("seed"),
-        "steps": spec.get("steps"),
-        "num_frames": num_frames,
-        "upscale": finish.get("upscale", "none"),
-        "look": finish.get("look", "none"),
-        "labels": job.labels,
-        "storyboard_id": job.storyboard_id,
-        "callback_url": job.request.get("callback_url"),
-        "attempt": job.attempt,
-        "started_at": _unix(job.started_at),
-        "timings": job.timings or {},
-        "content_url": f"{base}/content" if completed else None,
-        "thumbnail_url": f"{base}/content?variant=thumbnail" if completed else None,
-        "events_url": f"{base}/events",
-    }
 
 
 def claim_due(conn: Connection, now: datetime, limit: int, lease_s: float) -> list[WebhookDelivery]:
@@ -211,7 +171,3 @@ def _deliveries(conn: Connection, where: Any) -> list[WebhookDelivery]:
         .order_by(webhook_deliveries.c.id)
     )
     return [WebhookDelivery(**row._asdict()) for row in conn.execute(query)]
-
-
-def _unix(moment: datetime | None) -> int | None:
-    return None if moment is None else int(moment.timestamp())

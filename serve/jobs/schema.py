@@ -99,12 +99,18 @@ jobs = Table(
     Column("gpu_seconds", Float),
     # Denoise state saved at the expert boundary (key in the artifact store): a rerun resumes from it.
     Column("checkpoint_uri", Text),
+    # The clip's JPEG poster frame (key in the artifact store), written with the clip.
+    Column("poster_uri", Text),
     UniqueConstraint("project", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     Index("ix_jobs_status_id", "status", "id"),  # queued(), counts, requeue
     Index("ix_jobs_project_id", "project", "id"),  # list(project=...) pages
     CheckConstraint("priority IN ('interactive', 'batch')", name="ck_jobs_priority"),
     CheckConstraint("progress BETWEEN 0 AND 100", name="ck_jobs_progress"),
 )
+
+# Nullable columns added to `jobs` after its first release: create_schema() adds the ones an older database
+# lacks (ALTER TABLE ... ADD COLUMN), so a store made by an earlier version keeps working.
+ADDED_JOB_COLUMNS: tuple[str, ...] = ("poster_uri",)
 
 job_events = Table(
     "job_events",

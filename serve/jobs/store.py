@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, inspect, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -43,7 +43,16 @@ from serve.jobs.outbox import (
     secret_of,
 )
 from serve.jobs.projects import ProjectStoreMixin, gpu_seconds_today
-from serve.jobs.schema import QUEUE_LOCK_KEY, SCHEMA_LOCK_KEY, job_events, jobs, metadata, storyboards
+from serve.jobs.request import JobRequest
+from serve.jobs.schema import (
+    ADDED_JOB_COLUMNS,
+    QUEUE_LOCK_KEY,
+    SCHEMA_LOCK_KEY,
+    job_events,
+    jobs,
+    metadata,
+    storyboards,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +78,19 @@ class JobStore(ProjectStoreMixin):
         self._writer = self._engine.execution_options(previz_sqlite_begin="BEGIN IMMEDIATE")
 
     def create_schema(self) -> None:
-        """Create the tables and indexes that do not exist yet. Idempotent, and safe when the Ingress and
-        the Scheduler call it at the same time. (No migrations yet: a changed schema needs a new database.)"""
+        """Create the tables and indexes that do not exist yet, and add the nullable columns a database of
+        an earlier version lacks (ADDED_JOB_COLUMNS). Idempotent, and safe when the Ingress and the
+        Scheduler call it at the same time."""
         with self._write() as conn:
             if self.backend == "postgresql":
                 conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
             metadata.create_all(conn)
+            present = {column["name"] for column in inspect(conn).get_columns("jobs")}
+            for name in ADDED_JOB_COLUMNS:
+                if name not in present:
+                    column = jobs.c[name]
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {kind}"))
 
     def close(self) -> None:
         """Close the pooled connections (the store can still be used afterwards: it reconnects)."""
@@ -86,8 +102,7 @@ class JobStore(ProjectStoreMixin):
         self,
         project: str,
         priority: Priority,
-        request: dict[str, Any],
-        bucket: str,
+        request: JobRequest,
         *,
         idempotency_key: str | None = None,
         labels: dict[str, Any] | None = None,
@@ -118,7 +133,7 @@ class JobStore(ProjectStoreMixin):
             if bound is not None and bound < 0:
                 raise ValueError(f"`{name}` must be >= 0 but is {bound}.")
         now = utcnow()
-        row = _new_job_row(project, priority, request, bucket, dict(labels or {}), now) | {
+        row = _new_job_row(project, priority, request, dict(labels or {}), now) | {
             "idempotency_key": idempotency_key,
             "deadline": deadline,
             "storyboard_id": storyboard_id,
@@ -133,7 +148,7 @@ class JobStore(ProjectStoreMixin):
                     conn, project, 1, now, max_queued, max_queued_per_project, gpu_seconds_per_day
                 )
                 job = _record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
-                _log_event(conn, job.id, "created", {"priority": priority, "bucket": bucket}, now)
+                _log_event(conn, job.id, "created", {"priority": priority, "bucket": job.bucket}, now)
         except IntegrityError:
             # Lost a race on (project, idempotency_key): the winner's job is committed by now.
             if idempotency_key is None:
@@ -232,14 +247,14 @@ class JobStore(ProjectStoreMixin):
         project: str,
         title: str | None,
         request: dict[str, Any],
-        videos: builtins.list[tuple[Priority, dict[str, Any], str, dict[str, Any]]],
+        videos: builtins.list[tuple[Priority, JobRequest, dict[str, Any]]],
         *,
         idempotency_key: str | None = None,
         max_queued: int | None = None,
         max_queued_per_project: int | None = None,
         gpu_seconds_per_day: float | None = None,
     ) -> tuple[StoryboardRecord, bool]:
-        """Store a storyboard and queue all its `videos` (priority, request, bucket, labels) in ONE
+        """Store a storyboard and queue all its `videos` (priority, request, labels) in ONE
         transaction, as jobs of `project` with this `storyboard_id`; return `(storyboard, True)`.
 
         All or nothing: when the jobs would push a queue past `max_queued` / `max_queued_per_project`,
@@ -273,10 +288,12 @@ class JobStore(ProjectStoreMixin):
                 record = StoryboardRecord(
                     **conn.execute(insert(storyboards).values(board).returning(storyboards)).one()._asdict()
                 )
-                for priority, job_request, bucket, labels in videos:
-                    row = _new_job_row(project, priority, job_request, bucket, labels, now)
+                for priority, job_request, labels in videos:
+                    row = _new_job_row(project, priority, job_request, labels, now)
                     conn.execute(insert(jobs).values({**row, "storyboard_id": storyboard_id}))
-                    _log_event(conn, row["id"], "created", {"priority": priority, "bucket": bucket}, now)
+                    _log_event(
+                        conn, row["id"], "created", {"priority": priority, "bucket": row["bucket"]}, now
+                    )
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -385,6 +402,7 @@ class JobStore(ProjectStoreMixin):
         *,
         artifact_uri: str,
         artifact_bytes: int,
+        poster_uri: str | None = None,
         seed: int | None = None,
         timings: dict[str, float] | None = None,
     ) -> bool:
@@ -405,6 +423,7 @@ class JobStore(ProjectStoreMixin):
                 "updated_at": now,
                 "artifact_uri": artifact_uri,
                 "artifact_bytes": artifact_bytes,
+                "poster_uri": poster_uri,
                 "timings": {**current.timings, **(timings or {})},
             }
             values["gpu_seconds"] = gpu_seconds(values["timings"])
@@ -636,8 +655,7 @@ class JobStore(ProjectStoreMixin):
 def _new_job_row(
     project: str,
     priority: Priority,
-    request: dict[str, Any],
-    bucket: str,
+    request: JobRequest,
     labels: dict[str, Any],
     now: datetime,
 ) -> dict[str, Any]:
@@ -646,8 +664,8 @@ def _new_job_row(
         "id": new_job_id(),
         "project": project,
         "priority": priority,
-        "request": request,
-        "bucket": bucket,
+        "request": request.to_stored(),
+        "bucket": str(request.bucket),
         "status": JobStatus.QUEUED,
         "stage_progress": 0.0,
         "progress": 0,
@@ -669,6 +687,7 @@ def _new_job_row(
         "storyboard_id": None,
         "gpu_seconds": None,
         "checkpoint_uri": None,
+        "poster_uri": None,
     }
 
 
@@ -798,7 +817,8 @@ def _retry_after_s(conn: Connection) -> int:
 
 
 def _record(row: Any) -> JobRecord:
-    return JobRecord(**row._asdict())
+    values = row._asdict()
+    return JobRecord(**{**values, "request": JobRequest.from_stored(values["request"])})
 
 
 def _name(status: JobStatus) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from serve.monitoring import INSTALL_SCRIPT, PrometheusServer, start_prometheus
+from serve.cli.monitoring import INSTALL_SCRIPT, PrometheusServer, start_prometheus
 from tests.cluster import free_port
 
 TARGETS_TIMEOUT_S = 60.0

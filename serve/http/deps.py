@@ -12,11 +12,11 @@ from ray.serve.handle import DeploymentHandle
 
 from pipeline.safety import PromptPolicy
 from pipeline.spec import ModelSpec
-from serve.auth import ArtifactSigner, Caller
+from serve.auth import Caller
 from serve.config import PrevizArgs
-from serve.errors import ApiError
+from serve.http.errors import ApiError
 from serve.jobs import JobRecord, JobStore
-from serve.storage import ArtifactStore, make_store
+from serve.storage import ArtifactSigner, ArtifactStore, LocalArtifactStore, make_store
 
 
 class IngressState:
@@ -36,8 +36,8 @@ class IngressState:
         self.store.create_schema()
         self.artifacts: ArtifactStore = make_store(args.storage)
         # Local artifacts are handed out as signed, expiring links to /v1/artifacts (S3 presigns its own).
-        local = args.storage.kind == "local"
-        self.signer = ArtifactSigner.for_folder(args.storage.local_root) if local else None
+        local = isinstance(self.artifacts, LocalArtifactStore)
+        self.signer: ArtifactSigner | None = self.artifacts.signer if local else None
         self.safety = PromptPolicy.from_settings(args.safety)
 
 

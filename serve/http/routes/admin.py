@@ -18,8 +18,8 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.auth import PROJECT_NAME, ApiKeyRecord, Caller, ProjectRecord, ProjectSettings, Role
-from serve.errors import ApiError
-from serve.ingress_deps import StateDep, authenticated_caller
+from serve.http.deps import StateDep, authenticated_caller
+from serve.http.errors import ApiError
 from serve.jobs import JobStore
 from serve.jobs.projects import ProjectExists
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from serve.api import ErrorBody, ErrorResponse
+from serve.http.schemas import ErrorBody, ErrorResponse
 
 
 class ApiError(Exception):
@@ -75,3 +75,21 @@ def invalid(errors: list[dict[str, Any]], prefix: str = "") -> ApiError:
         message = f"`{param}`: {message}"
     code = error_code(first["type"])
     return ApiError(400, code, message, param)
+
+
+# The documented error answers of every route (the OpenAPI page), and the content policy's 422.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Bad input; `param` names the field."),
+        (401, "No API key, or not a valid one; see WWW-Authenticate."),
+        (403, "The key may not do this (another project, or an admin route)."),
+        (404, "No such id."),
+        (409, "Conflicts with the video's state."),
+        (429, "A queue or quota is full; see Retry-After."),
+        (503, "Not ready."),
+    )
+}
+BLOCKED: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorResponse, "description": "Refused by the content policy: `content_blocked`."}
+}

@@ -21,17 +21,16 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.prompt import ShotSpec
 from pipeline.spec import MAX_SEED
-from serve.api import (
+from serve.http.schemas import (
     MAX_LABELS,
     SERVED_MODEL,
     GenerationSettings,
     LabelKey,
     LabelValue,
     Project,
-    Video,
     VideoState,
 )
-from serve.jobs import JobRecord, StoryboardRecord
+from serve.jobs.models import Priority
 
 MAX_SHOTS = 100
 MAX_SEEDS = 16
@@ -102,7 +101,7 @@ class StoryboardCreate(BaseModel):
         None, description="Project of every video: the API key's (naming another one is 403)."
     )
     title: str | None = Field(None, max_length=200, description="A name for people.")
-    priority: Literal["interactive", "batch"] = Field("batch", description="Priority of every video.")
+    priority: Priority = Field("batch", description="Priority of every video.")
     shots: list[StoryboardShot] = Field(
         min_length=1, max_length=MAX_SHOTS, description="The shots, in order."
     )
@@ -208,44 +207,3 @@ def board_status(states: list[str]) -> Literal["queued", "in_progress", "complet
     if all(state == "queued" for state in states):
         return "queued"
     return "in_progress"
-
-
-def storyboard_view(record: StoryboardRecord, videos: list[tuple[JobRecord, Video]]) -> Storyboard:
-    """The board as the API shows it: its jobs (with their API view) grouped by shot, in creation order."""
-    shots = [
-        StoryboardShotState(index=index, name=shot.get("name"), prompt="", videos=[])
-        for index, shot in enumerate(record.request["shots"])
-    ]
-    counts: dict[str, int] = {}
-    for job, video in videos:
-        place = job.request.get("storyboard") or {}
-        shot = shots[place.get("shot", 0)]
-        shot.prompt = shot.prompt or video.prompt
-        counts[video.status] = counts.get(video.status, 0) + 1
-        shot.videos.append(
-            StoryboardVideo(
-                video_id=job.id,
-                variant=place.get("variant", 0),
-                seed=video.seed,
-                grid=place.get("grid", {}),
-                status=video.status,
-                stage=video.stage,
-                progress=video.progress,
-                url=f"/v1/videos/{job.id}",
-                content_url=video.content_url,
-                thumbnail_url=video.thumbnail_url,
-                error=video.error.model_dump() if video.error else None,
-            )
-        )
-    states = [video.status for shot in shots for video in shot.videos]
-    return Storyboard(
-        id=record.id,
-        project=record.project,
-        title=record.title,
-        created_at=int(record.created_at.timestamp()),
-        status=board_status(states) if states else "queued",
-        progress=round(sum(job.progress for job, _ in videos) / len(videos)) if videos else 0,
-        num_videos=len(videos),
-        counts=counts,
-        shots=shots,
-    )

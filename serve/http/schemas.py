@@ -21,8 +21,11 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StringConstraints
 
 from pipeline.prompt import ShotSpec
 from pipeline.spec import MAX_DURATION_S, MAX_PROMPT_CHARS, MIN_DURATION_S
+from pipeline.video import DRAFT_LABEL
+from serve.auth import PROJECT_PATTERN
+from serve.jobs.models import Priority
+from serve.jobs.request import SERVED_MODEL, Upscale
 
-SERVED_MODEL = "wan2.2-t2v-a14b"
 # lower-cased names a client may send for the served model
 SERVED_MODEL_ALIASES = frozenset(
     {
@@ -34,7 +37,6 @@ SERVED_MODEL_ALIASES = frozenset(
         "wan-ai/wan2.2-t2v-a14b-diffusers",
     }
 )
-PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_LABELS = 32
 _SIZE = re.compile(r"^\d{1,5}x\d{1,5}$")
 
@@ -79,9 +81,9 @@ class GenerationSettings(BaseModel):
     seed: int | None = Field(
         None, description="Noise seed (0 – 2**63-1); random (and reported) when omitted."
     )
-    upscale: Literal["none", "720p", "1080p"] = Field("none", description="Super-resolve the draft to this.")
+    upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
     look: Literal["none", "film"] = Field("none", description="Colour grade.")
-    label: bool = Field(True, description="Burn the 'AI-generated draft' label into the frames.")
+    label: bool = Field(True, description=f"Burn the {DRAFT_LABEL!r} label into the frames.")
 
     @field_validator("seconds")
     @classmethod
@@ -112,9 +114,7 @@ class VideoCreate(GenerationSettings):
     project: Project | None = Field(
         None, description="The API key's project (default); naming another one is 403 `project_mismatch`."
     )
-    priority: Literal["interactive", "batch"] = Field(
-        "batch", description="`interactive` shots overtake `batch` work."
-    )
+    priority: Priority = Field("batch", description="`interactive` shots overtake `batch` work.")
     labels: dict[LabelKey, LabelValue] = Field(
         default_factory=dict,
         max_length=MAX_LABELS,
@@ -135,7 +135,7 @@ class VideoRemix(BaseModel):
 
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="The new prompt.")
     shot: ShotSpec | None = Field(None, description="A new structured shot instead of (or with) `prompt`.")
-    priority: Literal["interactive", "batch"] | None = Field(None, description="Default: the source's.")
+    priority: Priority | None = Field(None, description="Default: the source's.")
     labels: dict[LabelKey, LabelValue] | None = Field(
         None, max_length=MAX_LABELS, description="Default: the source's labels."
     )

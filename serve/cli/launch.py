@@ -18,10 +18,10 @@ import httpx
 import ray
 import yaml
 from ray import serve
-from ray.serve._private import api as serve_api  # the same entry `serve run CONFIG` uses
 from ray.serve.schema import ServeDeploySchema
 
-from serve.monitoring import ServiceDiscoveryWriter, ray_session_dir
+from serve._compat import ray_session_dir, serve_start
+from serve.cli.monitoring import ServiceDiscoveryWriter
 
 APP_NAME = "previz"
 # Ray's dashboard writes the Prometheus discovery file; without the dashboard this driver writes it.
@@ -74,9 +74,7 @@ def deploy(config: dict, *, num_cpus: int | None = None) -> str:
         global _discovery
         _discovery = ServiceDiscoveryWriter(ray_session_dir()).start()
     schema = ServeDeploySchema.model_validate(config)
-    client = serve_api.serve_start(
-        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
-    )
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
     host = schema.http_options.host
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host

@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import Request
 
-from serve.errors import ApiError
+from serve.http.errors import ApiError
 
 MAX_BODY_BYTES = 1 << 20  # a create request is a few KB; 1 MiB leaves room for long shot specs
 

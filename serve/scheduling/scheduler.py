@@ -7,8 +7,9 @@ attempt fence makes any stale work of that incarnation unable to record a result
 run again.
 
 Faults: a job that loses a replica goes back to the queue; the denoise state saved at the expert boundary
-(serve.checkpoint) lets its next attempt skip the high-noise expert and give the same clip. The Finisher
-is retried with backoff (`finish_attempts`), then the job fails with `storage_failed` or `finish_failed`.
+(serve.scheduling.checkpoints) lets its next attempt skip the high-noise expert and give the same clip.
+The Finisher is retried with backoff (`finish_attempts`), then the job fails with `storage_failed` or
+`finish_failed`; a run whose update the store refuses is `Superseded` and stops (serve.scheduling.faults).
 """
 
 from __future__ import annotations
@@ -18,23 +19,16 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.denoise.state import initial_state
 from pipeline.safety import ContentBlocked
-from pipeline.spec import ModelSpec, RequestSpec, resolve
+from pipeline.spec import ModelSpec
 from pipeline.upscale import upscale_target_size
-from serve.checkpoint import CheckpointError, checkpoint_key, read_checkpoint, write_checkpoint
 from serve.config import PrevizArgs
-from serve.deployments import DenoiseCall, FinishCall, FinishedClip, FrameBatch
-from serve.fair_share import Candidate, pick_next
 from serve.jobs import RUNNING_STATUSES, JobRecord, JobStatus, JobStore
 from serve.metrics import (
     REPORT_INTERVAL_S,
@@ -43,8 +37,19 @@ from serve.metrics import (
     record_job_finished,
     record_scheduler_pass,
 )
-from serve.storage import StorageError, make_store
-from serve.transfer import PackedState, pack_state
+from serve.scheduling.checkpoints import CheckpointError, read_checkpoint, write_checkpoint
+from serve.scheduling.fair_share import Candidate, pick_next
+from serve.scheduling.faults import REPLICA_LOST, StageFailed, Superseded, describe, finish_with_retries
+from serve.stages.payloads import (
+    DenoiseCall,
+    DenoiseDone,
+    DenoiseProgress,
+    FinishCall,
+    FinishedClip,
+    FrameBatch,
+)
+from serve.stages.transfer import PackedState, pack_state
+from serve.storage import JobArtifacts, StorageError, make_store
 from serve.webhooks import WebhookDispatcher
 
 logger = logging.getLogger("ray.serve")
@@ -58,19 +63,6 @@ STAGE_WEIGHTS: dict[JobStatus, float] = {
     JobStatus.UPSCALING: 5,
     JobStatus.FINISHING: 5,
 }
-# Errors that mean a replica died under the job: run it again rather than fail it. A replica killed during
-# a (streaming) call raises ActorDiedError (a RayActorError) from the call; a replica gone between being
-# picked and being sent the call raises ReplicaUnavailableError.
-REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
-T = TypeVar("T")
-
-
-class StageFailed(Exception):
-    """A stage failed for good after its retries; the job is already marked FAILED with `code`."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code  # error_code of the job: storage_failed | finish_failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,14 +182,16 @@ class Scheduler:
     async def _run_attempt(self, job: JobRecord) -> None:
         try:
             await self._pipeline(job)
+        except Superseded as superseded:  # cancelled, or a newer run owns the job: record nothing
+            logger.info("job %s: %s; this run stops", job.id, superseded)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # cancelled by its user, or this scheduler is stopping
                 logger.info("job %s cancelled while running", job.id)
                 record_job_finished(job, "cancelled")
                 return
-            # Raised inside: this run was superseded (the fenced requeue does nothing), or a stage call was
-            # cancelled under it (a replica shutting down): never fail the job for that.
+            # Raised inside: a stage call was cancelled under it (a replica shutting down); never fail the
+            # job for that.
             await self._requeue(job, "a stage call was cancelled")
         except ContentBlocked as error:  # the Finisher refused the clip: final, never retried
             blocked = getattr(error, "cause", error)  # Ray wraps the replica's exception
@@ -211,7 +205,7 @@ class Scheduler:
         except Exception as error:
             logger.exception("job %s failed", job.id)
             failed = await asyncio.to_thread(
-                self.store.fail, job.id, job.attempt, "pipeline_error", _describe(error)
+                self.store.fail, job.id, job.attempt, "pipeline_error", describe(error)
             )
             if failed:
                 record_job_finished(job, "failed")
@@ -225,9 +219,7 @@ class Scheduler:
             record_job_finished(job, "failed")
 
     async def _pipeline(self, job: JobRecord) -> None:
-        spec = RequestSpec.model_validate(job.request["spec"])
-        finish = job.request.get("finish", {})
-        resolved = resolve(spec, self.model)
+        resolved, finish = job.request.resolved, job.request.finish
         stages = self.stages
         timings: dict[str, float] = {}
 
@@ -240,7 +232,7 @@ class Scheduler:
         timings["encode"] = time.perf_counter() - started
 
         state = pack_state(initial_state(resolved, self.model))
-        bucket = f"{resolved.width}x{resolved.height}x{resolved.num_frames}"
+        bucket = str(job.request.bucket)
         experts = [
             (JobStatus.DENOISING_HIGH, stages.high, resolved.guidance_high, "denoise_high"),
             (JobStatus.DENOISING_LOW, stages.low, resolved.guidance_low, "denoise_low"),
@@ -260,10 +252,11 @@ class Scheduler:
                 deadline=job.deadline,
             )
             async for event in handle.options(stream=True).denoise.remote(call, bucket=bucket):
-                if "state" in event:
-                    state, timings[name] = event["state"], event["seconds"]
-                else:
-                    await self._advance(job, status, event["done"] / max(event["total"], 1))
+                match event:
+                    case DenoiseProgress(done=done, total=total):
+                        await self._advance(job, status, done / max(total, 1))
+                    case DenoiseDone():
+                        state, timings[name] = event.state, event.seconds
             if status == JobStatus.DENOISING_HIGH:
                 await self._checkpoint(job, state)
 
@@ -272,7 +265,7 @@ class Scheduler:
         timings["decode"] = frames.seconds
 
         await self._advance(job, JobStatus.UPSCALING, 0.0)
-        width, height = upscale_target_size(finish.get("upscale", "none"), resolved.width, resolved.height)
+        width, height = upscale_target_size(finish.upscale, resolved.width, resolved.height)
         frames = await stages.upscaler.upscale.remote(frames, width, height)
         timings["upscale"] = frames.seconds
 
@@ -285,8 +278,8 @@ class Scheduler:
                 job_id=job.id,
                 attempt=job.attempt,
                 seed=resolved.seed,
-                look=finish.get("look", "none"),
-                label=finish.get("label", "AI-generated draft"),
+                look=finish.look,
+                label=finish.label,
                 metadata={
                     "title": resolved.prompt[:200],
                     "previz_job": job.id,
@@ -301,6 +294,7 @@ class Scheduler:
             job.attempt,
             artifact_uri=clip.key,
             artifact_bytes=clip.size_bytes,
+            poster_uri=clip.poster_key,
             seed=resolved.seed,
             timings=timings,
         )
@@ -338,7 +332,7 @@ class Scheduler:
     async def _checkpoint(self, job: JobRecord, state: PackedState) -> None:
         """Save the state at the expert boundary, so that a rerun skips the high-noise expert (best effort:
         without it a rerun starts from scratch)."""
-        key = checkpoint_key(job.project, job.id)
+        key = JobArtifacts(job.project, job.id).checkpoint
         try:
             await asyncio.to_thread(write_checkpoint, self.artifacts, key, state)
         except StorageError as error:
@@ -383,51 +377,4 @@ class Scheduler:
             progress=overall_progress(status, fraction),
         )
         if not ok:  # cancelled, or this run was superseded: stop spending compute on it
-            raise asyncio.CancelledError(f"job {job.id} attempt {job.attempt} is no longer current")
-
-
-async def finish_with_retries(
-    finish: Callable[[], Awaitable[T]], store: JobStore, job: JobRecord, *, attempts: int, base_s: float
-) -> T:
-    """`await finish()` up to `attempts` times, waiting `base_s`, 2 x `base_s`, ... between tries and logging
-    a "retry" event for each. When every try failed, FAIL the job (`storage_failed` when the artifact store
-    was the cause, else `finish_failed`; the message names the cause and the number of tries) and raise
-    StageFailed: a clip that cannot be stored is never left running nor dropped silently."""
-    for number in range(1, attempts + 1):
-        try:
-            return await finish()
-        except ContentBlocked:
-            raise  # the frame check refused the clip: trying again gives the same answer
-        except Exception as error:  # CancelledError (job cancelled, scheduler stopping) is not retried
-            cause = _describe(_cause(error))
-            if number == attempts:
-                code = "storage_failed" if isinstance(error, StorageError) else "finish_failed"
-                message = f"Finishing the clip failed on all {attempts} tries; the last error: {cause}"
-                logger.warning("job %s failed: %s", job.id, message)
-                await asyncio.to_thread(store.fail, job.id, job.attempt, code, message)
-                raise StageFailed(code, message) from error
-            delay_s = base_s * 2 ** (number - 1)
-            logger.warning(
-                "job %s: finishing failed (try %d of %d), retry in %.1f s: %s",
-                job.id,
-                number,
-                attempts,
-                delay_s,
-                cause,
-            )
-            data = {"stage": "finish", "try": number, "of": attempts, "error": cause, "retry_in_s": delay_s}
-            await asyncio.to_thread(store.log_event, job.id, job.attempt, "retry", data)
-            await asyncio.sleep(delay_s)
-    raise ValueError(f"`attempts` must be >= 1 but is {attempts}.")
-
-
-def _cause(error: BaseException) -> BaseException:
-    """The replica's own exception inside the RayTaskError a handle call raises."""
-    if isinstance(error, RayTaskError) and error.cause is not None:
-        return error.cause
-    return error
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[-1] if text else ''}"[:2000]
+            raise Superseded(job.id, job.attempt)

@@ -37,11 +37,6 @@ INSTALL_SCRIPT = REPO / "scripts" / "install_prometheus.sh"
 logger = logging.getLogger(__name__)
 
 
-def ray_session_dir() -> Path:
-    """The connected Ray instance's session dir (/tmp/ray/session_...); Ray has no public API for it."""
-    return Path(ray._private.worker.global_worker.node.get_session_dir_path())
-
-
 class ServiceDiscoveryWriter:
     """Keeps Ray's service discovery file current (every alive node's metrics agent) from the driver."""
 

@@ -5,7 +5,7 @@ The state is the PackedState the high-noise replica streamed back (latents + Uni
 uncompressed `.npz` (arrays bit for bit, plus the scalars as JSON), so a resumed run hands the low-noise
 expert exactly what an uninterrupted run would have handed it, and the clip is the same.
 
-    key = checkpoint_key(job.project, job.id)
+    key = JobArtifacts(job.project, job.id).checkpoint
     write_checkpoint(store, key, state)          # after the high-noise expert
     state = read_checkpoint(store, key, steps)   # on a later attempt; CheckpointError if unusable
 """
@@ -17,20 +17,14 @@ import json
 
 import numpy as np
 
-from serve.storage import ArtifactStore, StorageError, artifact_key
-from serve.transfer import PackedState
+from serve.stages.transfer import PackedState
+from serve.storage import ArtifactStore, StorageError
 
-CHECKPOINT_NAME = "checkpoint-boundary.npz"
 CHECKPOINT_FORMAT = 1  # bump when the layout changes; other versions are not read
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read or does not fit the job; the job starts from scratch instead."""
-
-
-def checkpoint_key(project: str, job_id: str) -> str:
-    """`<project>/<job_id>/checkpoint-boundary.npz`: one per job, overwritten by each attempt."""
-    return artifact_key(project, job_id, CHECKPOINT_NAME)
 
 
 def encode_state(state: PackedState) -> bytes:

@@ -1,0 +1,36 @@
+"""Every private API of Ray and Typer that Previz uses, in one place, with the versions it was checked
+against (pyproject pins them: ray[serve]==2.60.*, typer>=0.29,<0.30). An upgrade reads this file first.
+
+- `ray_session_dir`: Ray has no public API for the session folder (/tmp/ray/session_...), where its
+  metrics agents write the Prometheus service-discovery file. Checked with ray 2.60.0.
+- `serve_start`: `serve run CONFIG` deploys through `ray.serve._private.api.serve_start(...)
+  .deploy_apps(schema)`; `previz up` does exactly that, so a config behaves the same under both.
+  Checked with ray 2.60.0.
+- `click_exceptions`: typer >= 0.29 vendors click as `typer._click`; its UsageError is what a bad flag
+  raises. Checked with typer 0.29.2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from typer._click import exceptions as click_exceptions
+
+CHECKED_VERSIONS: dict[str, str] = {"ray": "2.60.0", "typer": "0.29.2"}
+
+__all__ = ["CHECKED_VERSIONS", "click_exceptions", "ray_session_dir", "serve_start"]
+
+
+def ray_session_dir() -> Path:
+    """The connected Ray instance's session folder."""
+    import ray
+
+    return Path(ray._private.worker.global_worker.node.get_session_dir_path())
+
+
+def serve_start(http_options: dict[str, Any], proxy_location: Any) -> Any:
+    """The Serve controller client `serve run` deploys through (started if it is not running)."""
+    from ray.serve._private import api as serve_api
+
+    return serve_api.serve_start(http_options=http_options, proxy_location=proxy_location)

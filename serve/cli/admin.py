@@ -1,0 +1,117 @@
+"""`previz admin`: projects and API keys, over HTTP with an admin key."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from serve.cli.common import (
+    DEFAULT_SERVER,
+    ApiKeyOption,
+    UrlOption,
+    api_call,
+    app,
+    client_for,
+    console,
+    date_of,
+    stdout,
+)
+
+admin_app = typer.Typer(help="Projects and API keys (needs an admin key).", no_args_is_help=True)
+project_app = typer.Typer(help="Create and list projects.", no_args_is_help=True)
+key_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+admin_app.add_typer(project_app, name="project")
+admin_app.add_typer(key_app, name="key")
+app.add_typer(admin_app, name="admin")
+
+
+@project_app.command("create")
+def project_create(
+    name: Annotated[str, typer.Argument(help="Lower-case slug: letters, digits, '.', '_', '-'.")],
+    max_queued_jobs: Annotated[int | None, typer.Option(help="Most queued videos at once.")] = None,
+    gpu_seconds_per_day: Annotated[float | None, typer.Option(help="GPU seconds per UTC day.")] = None,
+    burn_label: Annotated[
+        bool, typer.Option(help="Burn 'AI-generated draft' into every clip (--no-burn-label allows off).")
+    ] = True,
+    admin_key: Annotated[bool, typer.Option(help="Also create a first admin key of the project.")] = False,
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Create a project; prints its webhook secret (shown once)."""
+    settings = {
+        "max_queued_jobs": max_queued_jobs,
+        "gpu_seconds_per_day": gpu_seconds_per_day,
+        "burn_label": burn_label,
+    }
+    created = api_call(client_for(url, api_key).create_project, name, settings, admin_key=admin_key)
+    stdout.print(f"project {created['name']}", highlight=False)
+    stdout.print(f"webhook_secret {created['webhook_secret']}", highlight=False)
+    if created.get("api_key"):
+        stdout.print(f"admin key {created['api_key']['id']}: {created['api_key']['key']}", highlight=False)
+    console.print("save the secret (and key): they are not shown again")
+
+
+@project_app.command("list")
+def project_list(url: UrlOption = DEFAULT_SERVER, api_key: ApiKeyOption = None) -> None:
+    """Every project and its quotas."""
+    page = api_call(client_for(url, api_key).list_projects)
+    table = Table("project", "created", "max queued", "GPU s/day", "burn label", box=None)
+    for project in page["data"]:
+        settings = project["settings"]
+        table.add_row(
+            project["name"],
+            date_of(project["created_at"]),
+            str(settings["max_queued_jobs"] or "-"),
+            f"{settings['gpu_seconds_per_day']:g}" if settings["gpu_seconds_per_day"] else "-",
+            "yes" if settings["burn_label"] else "no",
+        )
+    Console(width=200).print(table)
+
+
+@key_app.command("create")
+def key_create(
+    project: Annotated[str, typer.Option(help="The key's project.")],
+    role: Annotated[str, typer.Option(help="member | admin.")] = "member",
+    name: Annotated[str | None, typer.Option(help="Whose key it is.")] = None,
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Create a key; prints it once (only its hash is stored)."""
+    created = api_call(client_for(url, api_key).create_key, project, role, name)
+    stdout.print(created["key"], highlight=False)
+    console.print(f"{created['role']} key {created['id']} of project {created['project']} (not shown again)")
+
+
+@key_app.command("list")
+def key_list(
+    project: Annotated[str, typer.Option(help="Whose keys.")],
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """A project's keys (ids, roles, names; never the keys)."""
+    page = api_call(client_for(url, api_key).list_keys, project)
+    table = Table("key id", "role", "name", "created", "last used", "revoked", box=None)
+    for key in page["data"]:
+        table.add_row(
+            key["id"],
+            key["role"],
+            key["name"] or "",
+            date_of(key["created_at"]),
+            date_of(key["last_used_at"]),
+            date_of(key["revoked_at"]),
+        )
+    Console(width=200).print(table)
+
+
+@key_app.command("revoke")
+def key_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (`keyid` of pvz_<keyid>_...).")],
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Revoke a key at once: its next request gets 401."""
+    revoked = api_call(client_for(url, api_key).revoke_key, key_id)
+    stdout.print(f"revoked {revoked['id']} ({revoked['role']} key of {revoked['project']})", highlight=False)

@@ -1,0 +1,133 @@
+"""`previz up`: a local Ray instance with the Previz app, the bootstrap of project `default`, the demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from serve.cli.common import CliError, app, console, follow
+
+DEMO_PROMPT = (
+    "a man in a black trench coat leaps from a tower, flips twice, lands; explosion behind; slow motion"
+)
+
+
+@app.command()
+def up(
+    config: Annotated[Path, typer.Option(help="Serve config YAML.")] = Path("deploy/local.yaml"),
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: the config's).")] = None,
+    model: Annotated[str | None, typer.Option(help="Override the config's model.")] = None,
+    demo: Annotated[
+        Path | None, typer.Option(help="Once ready, generate the demo shot into this mp4.")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Keep serving until Ctrl-C.")] = True,
+    with_monitoring: Annotated[
+        bool, typer.Option(help="Also start a local Prometheus (Debian package) scraping the cluster.")
+    ] = False,
+    prometheus_port: Annotated[int, typer.Option(help="Port of that Prometheus.")] = 9090,
+) -> None:
+    """Start a local Ray instance with the Previz app and print its URL."""
+    import time
+
+    from serve.cli import launch
+
+    started = time.monotonic()
+    overrides = {"model": model} if model is not None else None
+    try:
+        cluster_config = launch.load_config(config, port=port, args_overrides=overrides)
+    except (FileNotFoundError, ValidationError) as error:
+        raise CliError(str(error).splitlines()[0]) from None
+    api_key = bootstrap_default_project(cluster_config["applications"][0]["args"]["database_url"])
+    with console.status("starting Ray and the Previz deployments …") as status:
+        url = launch.deploy(cluster_config)
+        launch.wait_ready(url, on_wait=lambda state: status.update(f"deploying Previz ({state.lower()}) …"))
+    console.print(f"Previz is ready at [bold]{url}[/] ({time.monotonic() - started:.1f} s after start)")
+    prometheus = None
+    if with_monitoring:
+        from serve._compat import ray_session_dir
+        from serve.cli.monitoring import start_prometheus
+
+        prometheus = start_prometheus(ray_session_dir(), prometheus_port)
+        console.print(f"Prometheus is at [bold]{prometheus.url}[/]")
+    if demo is not None:
+        from serve.cli.client import PrevizClient
+
+        database_url = cluster_config["applications"][0]["args"]["database_url"]
+        client = PrevizClient(url, api_key=api_key or _demo_key(database_url))
+        try:
+            job = client.create(
+                {"prompt": DEMO_PROMPT, "duration": 1, "steps": 8, "upscale": "720p", "look": "film"}
+            )
+            job = follow(client, job["id"])
+            if job["status"] != "completed":
+                raise CliError(f"demo job {job['id']} {job['status']}: {job.get('error')}")
+            client.download(job["id"], demo)
+        finally:
+            if api_key is None:  # the demo's own key: done with it
+                _revoke_demo_key(database_url, client.http.headers["Authorization"].removeprefix("Bearer "))
+        console.print(
+            f"demo clip: {demo} (job {job['id']}, {sum(job['timings'].values()):.1f} s of stage compute)"
+        )
+    if wait:
+        console.print("serving; Ctrl-C stops the cluster")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    if prometheus is not None:
+        prometheus.stop()
+    launch.shutdown()
+
+
+def bootstrap_default_project(database_url: str) -> str | None:
+    """Before the first deploy: make sure the job store has project `default` with an admin key. The key
+    is PREVIZ_API_KEY when set (stored unless it is already); otherwise one is generated, once, and shown
+    in a panel. Returns the key when it is known here (from the environment or just generated)."""
+    import os
+
+    from rich.panel import Panel
+
+    from serve.jobs import JobStore
+
+    env_key = os.environ.get("PREVIZ_API_KEY") or None
+    store = JobStore(database_url)
+    try:
+        store.create_schema()
+        generated = store.ensure_default_project("default", env_key)
+    finally:
+        store.close()
+    if generated is not None:
+        console.print(
+            Panel(
+                f"[bold]{generated}[/]\n\nAdmin key of project [bold]default[/]: save this key, it is not "
+                "shown again.\nUse it as `export PREVIZ_API_KEY=...` or `Authorization: Bearer ...`.",
+                title="Previz API key",
+            )
+        )
+    return env_key or generated
+
+
+def _demo_key(database_url: str) -> str:
+    """A member key of project `default` for the demo shot, when no key is at hand."""
+    from serve.jobs import JobStore
+
+    store = JobStore(database_url)
+    try:
+        return store.create_key("default", "member", "previz up --demo")[1]
+    finally:
+        store.close()
+
+
+def _revoke_demo_key(database_url: str, key: str) -> None:
+    from serve.auth import key_id_of
+    from serve.jobs import JobStore
+
+    store = JobStore(database_url)
+    try:
+        store.revoke_key(key_id_of(key))
+    finally:
+        store.close()

@@ -1,0 +1,122 @@
+"""What every `previz` command shares: the Typer app, the consoles, the one-line CLI error, the client
+options and the calls that turn API and connection errors into CLI errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(
+    name="previz",
+    help="Previz: studio text-to-video drafts on Wan2.2.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)  # progress, notes and errors
+stdout = Console()  # what a script may capture: ids, keys, secrets
+
+
+@app.callback()
+def root() -> None:
+    """Previz: studio text-to-video drafts on Wan2.2."""
+
+
+class CliError(Exception):
+    """A user-facing problem: printed as one line, exit code 2."""
+
+
+ServerOption = Annotated[str, typer.Option("--server", envvar="PREVIZ_SERVER", help="Previz server URL.")]
+UrlOption = Annotated[
+    str, typer.Option("--url", "--server", envvar="PREVIZ_SERVER", help="Previz server URL.")
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="PREVIZ_API_KEY",
+        help="Sent as `Authorization: Bearer KEY`; it names the project.",
+    ),
+]
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+FINISHED_STATES = ("completed", "failed", "cancelled")
+
+
+def client_for(server: str, api_key: str | None):
+    from serve.cli.client import PrevizClient
+
+    return PrevizClient(server, api_key=api_key, timeout_s=60)
+
+
+def api_call(call, *args, **kwargs):
+    """Run one client call; API and connection errors become one-line CLI errors."""
+    import httpx
+
+    from serve.cli.client import PrevizApiError
+
+    try:
+        return call(*args, **kwargs)
+    except PrevizApiError as error:
+        where = f" ({error.param})" if error.param else ""
+        raise CliError(f"{error.code}{where}: {error.message}") from None
+    except httpx.HTTPError as error:
+        raise CliError(f"cannot reach the Previz server: {error}") from None
+
+
+def read_mapping(path: Path, what: str) -> dict:
+    import json
+
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CliError(f"cannot read {what} {str(path)!r}: {error.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:
+        raise CliError(f"{what} {str(path)!r} is not valid JSON/YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise CliError(f"{what} {str(path)!r} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def labels_of(pairs: list[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"`--tag` must be KEY=VALUE but is {pair!r}")
+        labels[key] = value
+    return labels
+
+
+def follow(client, job_id: str) -> dict:
+    """Poll a job with a progress bar until it finishes."""
+    import time
+
+    progress = Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task(job_id, total=100)
+        while True:
+            job = client.get(job_id)
+            progress.update(task, completed=job["progress"], description=f"{job_id[:12]} {job['stage']}")
+            if job["status"] in FINISHED_STATES:
+                return job
+            time.sleep(0.5)
+
+
+def date_of(unix: int | None) -> str:
+    from datetime import UTC, datetime
+
+    return "" if unix is None else datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M")

@@ -1,0 +1,172 @@
+"""`previz generate`: one clip in this process, no cluster (the artist's and the benchmark's path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from serve.cli.common import CliError, app, console
+
+STAGE_LABELS = {
+    "encode": "text encoder",
+    "denoise_high": "denoise (high-noise expert)",
+    "denoise_low": "denoise (low-noise expert)",
+    "decode": "VAE decode",
+    "upscale": "upscale",
+    "grade": "grade",
+    "encode_video": "mp4 encode",
+}
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="What the shot shows.", show_default=False)] = None,
+    shot: Annotated[Path | None, typer.Option(help="Structured shot spec (YAML/JSON).")] = None,
+    negative_prompt: Annotated[
+        str | None, typer.Option(help="What to avoid (default: Wan2.2's own).")
+    ] = None,
+    resolution: Annotated[str, typer.Option(help="480p, 720p or WxH (multiples of 16).")] = "480p",
+    aspect: Annotated[str | None, typer.Option(help="16:9 or 9:16, for 480p/720p.")] = None,
+    duration: Annotated[float, typer.Option(help="Clip length in seconds.")] = 5.0,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default 40).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Noise seed (random when omitted).")] = None,
+    model: Annotated[
+        str, typer.Option(help="tiny | small | Diffusers folder | s3://bucket/prefix.")
+    ] = "tiny",
+    upscale: Annotated[str, typer.Option(help="none | 720p | 1080p.")] = "none",
+    look: Annotated[str, typer.Option(help="none | film.")] = "none",
+    sr_weights: Annotated[
+        Path | None, typer.Option(help="Real-ESRGAN-family weights file for upscaling.")
+    ] = None,
+    label: Annotated[bool, typer.Option(help="Burn the 'AI-generated draft' label into frames.")] = True,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the mp4.")] = Path("out.mp4"),
+) -> None:
+    """Generate one clip in this process and write it as an mp4."""
+    from pipeline.grade import Grader
+    from pipeline.prompt import ShotSpecError, compose_prompt, load_shot_file
+    from pipeline.s3sync import parse_s3_uri
+    from pipeline.safety import ContentBlocked, PromptPolicy, SafetySettings
+    from pipeline.spec import RequestSpec, describe_validation_error
+    from pipeline.upscale import upscale_target_size
+
+    try:
+        shot_spec = load_shot_file(shot) if shot is not None else None
+        text = compose_prompt(prompt, shot_spec)
+        verdict = PromptPolicy.from_settings(SafetySettings()).check(text)  # the server's default policy
+        if verdict is not None:
+            raise CliError(str(ContentBlocked.of(verdict)))
+        fields = dict(
+            prompt=text, resolution=resolution, aspect=aspect, duration=duration, steps=steps, seed=seed
+        )
+        if negative_prompt is not None:
+            fields["negative_prompt"] = negative_prompt
+        request = RequestSpec(**fields)
+        upscale_target_size(upscale, *request.size)
+        Grader(look)
+        if model.startswith("s3://"):
+            parse_s3_uri(model)
+    except ValidationError as error:
+        raise CliError(describe_validation_error(error)) from None
+    except (ShotSpecError, ValueError) as error:
+        raise CliError(str(error)) from None
+    if output.suffix.lower() != ".mp4":
+        raise CliError(f"`--output` must end in .mp4 but is {str(output)!r}.")
+    if sr_weights is not None and not sr_weights.is_file():
+        raise CliError(f"`--sr-weights` {str(sr_weights)!r} is not a file.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _run_generate(
+        request, model, output, upscale=upscale, look=look, sr_weights=sr_weights, label=label, device=device
+    )
+
+
+def _run_generate(
+    request,
+    model: str,
+    output: Path,
+    *,
+    upscale: str,
+    look: str,
+    sr_weights: Path | None,
+    label: bool,
+    device: str | None,
+) -> None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from pipeline.local import STAGES, FinishOptions, LocalPipeline
+    from pipeline.s3sync import S3SyncError
+    from pipeline.upscale import Upscaler
+    from pipeline.video import DRAFT_LABEL
+    from pipeline.weights import load_components
+
+    download = Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+    )
+    with download, console.status(f"loading model {model} …"):
+        task = download.add_task("download weights", total=None, visible=model.startswith("s3://"))
+        try:
+            components = load_components(
+                model,
+                device=device,
+                progress=lambda done, total: download.update(task, completed=done, total=total),
+            )
+        except (FileNotFoundError, ValueError, S3SyncError) as error:
+            raise CliError(str(error)) from None
+        except (BotoCoreError, ClientError) as error:
+            raise CliError(f"cannot read {model}: {error}") from None
+        upscaler = Upscaler.from_file(sr_weights) if sr_weights is not None else None
+        pipeline = LocalPipeline(components, upscaler=upscaler)
+    steps = pipeline.steps_per_expert(request)
+    progress = Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    totals = {"denoise_high": steps["high"], "denoise_low": steps["low"]}
+    tasks = {stage: progress.add_task(STAGE_LABELS[stage], total=totals.get(stage, 1)) for stage in STAGES}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        progress.update(tasks[stage], completed=done, total=total)
+
+    with progress:
+        result = pipeline.generate(
+            request,
+            output,
+            finish=FinishOptions(upscale=upscale, look=look, label=DRAFT_LABEL if label else None),
+            progress=on_progress,
+        )
+        for stage in STAGES:  # stages with nothing to do (no upscale, zero low steps) still show as done
+            progress.update(tasks[stage], completed=progress.tasks[tasks[stage]].total)
+
+    out = Console()
+    out.print(
+        f"{result.path}: {result.width}x{result.height}, {result.num_frames} frames, "
+        f"seed {result.request.seed}"
+    )
+    table = Table()
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage in STAGES:
+        table.add_row(STAGE_LABELS[stage], f"{result.stage_seconds.get(stage, 0.0):.2f}")
+    table.add_row("total", f"{sum(result.stage_seconds.values()):.2f}", style="bold")
+    out.print(table)

@@ -1,0 +1,254 @@
+"""The client commands of artists and pipelines: submit, status, fetch, cancel, ls (a running server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from serve.cli.common import (
+    DEFAULT_SERVER,
+    ApiKeyOption,
+    CliError,
+    ServerOption,
+    api_call,
+    app,
+    client_for,
+    console,
+    follow,
+    labels_of,
+    read_mapping,
+)
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str | None, typer.Argument(help="What the shot shows.", show_default=False)] = None,
+    shot: Annotated[Path | None, typer.Option(help="Structured shot spec (YAML/JSON).")] = None,
+    storyboard: Annotated[
+        Path | None, typer.Option(help="Storyboard (YAML/JSON): shots and a variant plan.")
+    ] = None,
+    project: Annotated[str | None, typer.Option(help="Project (default: the API key's).")] = None,
+    priority: Annotated[str | None, typer.Option(help="interactive | batch (default batch).")] = None,
+    size: Annotated[str | None, typer.Option(help="WxH, e.g. 832x480 (or use --resolution).")] = None,
+    resolution: Annotated[str | None, typer.Option(help="480p | 720p | WxH.")] = None,
+    aspect: Annotated[str | None, typer.Option(help="16:9 or 9:16, for 480p/720p.")] = None,
+    seconds: Annotated[float | None, typer.Option(help="Clip length in seconds (default 5).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default 40).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Noise seed (random when omitted).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="What to avoid.")] = None,
+    upscale: Annotated[str | None, typer.Option(help="none | 720p | 1080p.")] = None,
+    look: Annotated[str | None, typer.Option(help="none | film.")] = None,
+    label: Annotated[bool, typer.Option(help="Burn the 'AI-generated draft' label into frames.")] = True,
+    tag: Annotated[
+        list[str] | None, typer.Option(help="Label KEY=VALUE (repeatable): scene, shot, take.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retrying with the same key makes no new job.")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Follow progress until every video finishes.")] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Folder to download the clips into (implies --wait)."),
+    ] = None,
+    server: ServerOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Send a shot (or a storyboard) to a Previz server; with --wait, show live progress bars."""
+    from pipeline.prompt import ShotSpecError, load_shot_file
+
+    settings = {
+        "size": size,
+        "resolution": resolution,
+        "aspect": aspect,
+        "seconds": seconds,
+        "steps": steps,
+        "seed": seed,
+        "negative_prompt": negative_prompt,
+        "upscale": upscale,
+        "look": look,
+    }
+    settings = {key: value for key, value in settings.items() if value is not None}
+    if not label:
+        settings["label"] = False
+    common = {
+        key: value for key, value in (("project", project), ("priority", priority)) if value is not None
+    }
+    labels = labels_of(tag or [])
+    client = client_for(server, api_key)
+    if storyboard is not None:
+        if prompt is not None or shot is not None:
+            raise CliError("give a PROMPT/--shot or a --storyboard, not both")
+        board = {**read_mapping(storyboard, "storyboard"), **common}
+        if settings:  # command-line settings apply to every shot that does not set them itself
+            board["shots"] = [
+                {**settings, **entry} for entry in board.get("shots", []) if isinstance(entry, dict)
+            ]
+        if labels:
+            board["labels"] = {**board.get("labels", {}), **labels}
+        created = api_call(client.create_storyboard, board, idempotency_key=idempotency_key)
+        console.print(f"storyboard {created['id']}: {created['num_videos']} videos queued", highlight=False)
+        Console().print(created["id"])
+        if wait or output is not None:
+            _follow_storyboard(client, created["id"], output)
+        return
+    body: dict = {**settings, **common}
+    if prompt is not None:
+        body["prompt"] = prompt
+    if shot is not None:
+        try:
+            body["shot"] = load_shot_file(shot).model_dump(exclude_none=True)
+        except ShotSpecError as error:
+            raise CliError(str(error)) from None
+    if labels:
+        body["labels"] = labels
+    video = api_call(client.create, body, idempotency_key=idempotency_key)
+    console.print(
+        f"video {video['id']} {video['status']} ({video['size']}, {video['seconds']} s)", highlight=False
+    )
+    Console().print(video["id"])
+    if wait or output is not None:
+        video = follow(client, video["id"])
+        if video["status"] != "completed":
+            raise CliError(
+                f"video {video['id']} {video['status']}: {(video.get('error') or {}).get('message')}"
+            )
+        if output is not None:
+            path = api_call(client.download, video["id"], output / f"{video['id']}.mp4")
+            console.print(f"saved {path}", highlight=False)
+
+
+def _follow_storyboard(client, storyboard_id: str, output: Path | None) -> None:
+    """One progress bar per video of the board until all finish; then download the completed ones."""
+    import time
+
+    progress = Progress(
+        TextColumn("{task.description:<40}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    tasks: dict[str, int] = {}
+    with progress:
+        while True:
+            board = api_call(client.get_storyboard, storyboard_id)
+            for shot in board["shots"]:
+                for video in shot["videos"]:
+                    shot_name = shot["name"] or f"shot {shot['index'] + 1}"
+                    name = f"{shot_name} v{video['variant']}"
+                    if video["video_id"] not in tasks:
+                        tasks[video["video_id"]] = progress.add_task(name, total=100)
+                    progress.update(
+                        tasks[video["video_id"]],
+                        completed=video["progress"],
+                        description=f"{name} {video['stage']}",
+                    )
+            if board["status"] in ("completed", "failed"):
+                break
+            time.sleep(0.5)
+    console.print(f"storyboard {storyboard_id} {board['status']}: {board['counts']}", highlight=False)
+    if output is not None:
+        for shot in board["shots"]:
+            for video in shot["videos"]:
+                if video["status"] == "completed":
+                    name = f"{shot['index'] + 1:02d}-{shot['name'] or 'shot'}-v{video['variant']}.mp4"
+                    api_call(client.download, video["video_id"], output / name)
+        console.print(f"saved {board['counts'].get('completed', 0)} clips in {output}", highlight=False)
+    if board["status"] != "completed":
+        raise CliError(f"storyboard {storyboard_id} {board['status']}: {board['counts']}")
+
+
+@app.command()
+def status(
+    video_id: Annotated[str, typer.Argument(help="A video id (vid_…) or a storyboard id (sb_…).")],
+    server: ServerOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Show a video's (or storyboard's) state, progress and links."""
+    client = client_for(server, api_key)
+    out = Console()
+    if video_id.startswith("sb_"):
+        board = api_call(client.get_storyboard, video_id)
+        out.print(f"{board['id']} {board['status']} {board['progress']}% {board['counts']}", highlight=False)
+        table = Table("shot", "variant", "video", "status", "progress", "content")
+        for shot in board["shots"]:
+            for video in shot["videos"]:
+                table.add_row(
+                    shot["name"] or str(shot["index"] + 1),
+                    str(video["variant"]),
+                    video["video_id"],
+                    video["status"],
+                    f"{video['progress']}%",
+                    video["content_url"] or "",
+                )
+        out.print(table)
+        return
+    video = api_call(client.get, video_id)
+    out.print(
+        f"{video['id']} {video['status']} ({video['stage']}) {video['progress']}%  "
+        f"project {video['project']}, {video['size']}, {video['seconds']} s, seed {video['seed']}",
+        highlight=False,
+    )
+    if video.get("error"):
+        out.print(f"error: {video['error']['code']}: {video['error']['message']}", highlight=False)
+    if video.get("content_url"):
+        out.print(f"content: {client.base_url}{video['content_url']}", highlight=False)
+
+
+@app.command()
+def fetch(
+    video_id: Annotated[str, typer.Argument(help="A completed video's id.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="File to write (default ID.mp4).")
+    ] = None,
+    thumbnail: Annotated[bool, typer.Option(help="Fetch the JPEG poster frame instead.")] = False,
+    server: ServerOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Download a completed video's mp4 (or its poster frame)."""
+    client = client_for(server, api_key)
+    path = output or Path(f"{video_id}.{'jpg' if thumbnail else 'mp4'}")
+    api_call(client.download, video_id, path, variant="thumbnail" if thumbnail else "video")
+    Console().print(str(path), highlight=False)
+
+
+@app.command()
+def cancel(
+    video_id: Annotated[str, typer.Argument(help="A queued or running video's id.")],
+    server: ServerOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Cancel a queued or running video (its slot goes to the next queued one)."""
+    api_call(client_for(server, api_key).cancel, video_id)
+    Console().print(f"{video_id} cancelled", highlight=False)
+
+
+@app.command("ls")
+def list_videos(
+    project: Annotated[str | None, typer.Option(help="Only this project's videos.")] = None,
+    state: Annotated[
+        str | None, typer.Option("--status", help="queued | in_progress | completed | failed | cancelled.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="How many (newest first).")] = 20,
+    server: ServerOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """List videos, newest first."""
+    page = api_call(client_for(server, api_key).list, project=project, status=state, limit=limit)
+    table = Table("id", "project", "status", "progress", "size", "seconds", "prompt")
+    for video in page["data"]:
+        table.add_row(
+            video["id"],
+            video["project"],
+            video["status"],
+            f"{video['progress']}%",
+            video["size"],
+            video["seconds"],
+            video["prompt"][:48],
+        )
+    Console(width=200).print(table)

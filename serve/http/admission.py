@@ -1,0 +1,299 @@
+"""The one admission path: what every create (a video, a remix, a storyboard's videos) passes before its
+rows are committed, in this order, and the one place that commits them.
+
+    model -> project -> project settings -> label policy -> typed request -> content policy -> callback
+    -> fingerprint -> create (quotas checked inside the transaction) -> 429 on refusal -> wake -> replay
+
+Each check raises the ApiError the client gets; nothing is written until every video of the create passed
+them all, so a refusal loses nothing and a storyboard is queued whole or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from pipeline.prompt import ShotSpec, compose_prompt
+from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
+from pipeline.spec import ModelSpec, RequestSpec, describe_validation_error
+from pipeline.upscale import upscale_target_size
+from pipeline.video import DRAFT_LABEL
+from serve.auth import ProjectSettings
+from serve.config import PrevizArgs
+from serve.http.deps import IngressState
+from serve.http.errors import ApiError
+from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings
+from serve.jobs import GpuQuotaExceeded, JobRecord, JobStore, QueueFull, StoryboardRecord
+from serve.jobs.models import Priority
+from serve.jobs.request import SERVED_MODEL, FinishSettings, JobRequest, RequestSource, StoryboardPlace
+from serve.metrics import record_safety_block
+
+logger = logging.getLogger("ray.serve")
+
+MAX_UPSCALED_SIDE = 3840
+
+
+@dataclass(frozen=True, slots=True)
+class VideoDraft:
+    """One video a create asks for, before admission."""
+
+    settings: GenerationSettings  # how to generate it (a remix fills these from its source)
+    priority: Priority
+    labels: dict[str, Any]
+    prefix: str = ""  # where its fields sit in the body, for error `param`s (e.g. "shots.3.")
+    callback_url: str | None = None
+    storyboard: StoryboardPlace | None = None
+    remixed_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BoardDraft:
+    """The storyboard row a storyboard create writes with its videos."""
+
+    id: str
+    title: str | None
+    request: dict[str, Any]  # the validated board, as JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What a create committed, or found already committed under its Idempotency-Key (`created` False)."""
+
+    created: bool
+    job: JobRecord | None = None  # a video create or remix
+    storyboard: StoryboardRecord | None = None  # a storyboard create
+    requests: list[JobRequest] = field(default_factory=list)
+
+
+def check_model(model: str) -> None:
+    if model.lower() not in SERVED_MODEL_ALIASES:
+        raise ApiError(
+            400,
+            "unknown_model",
+            f"Previz serves {SERVED_MODEL} only; `model` must be {SERVED_MODEL!r} (or omitted) "
+            f"but is {model!r}",
+            "model",
+        )
+
+
+async def admit(
+    state: IngressState,
+    project: str,
+    drafts: list[VideoDraft],
+    *,
+    body: dict[str, Any],
+    idempotency_key: str | None,
+    board: BoardDraft | None = None,
+) -> Admitted:
+    """Check every draft, then create its job (or the board and all its jobs) in one transaction.
+
+    `body` is the request as the client sent it (JSON): its fingerprint tells a replay of the same
+    Idempotency-Key (200, the first result) from a different request under that key (409)."""
+    settings = await project_settings(state.store, project)
+    body_sha256 = fingerprint(body)
+    requests = []
+    for draft in drafts:
+        check_label(draft.settings.label, settings, f"{draft.prefix}label")
+        request = job_request(draft, state.model, body_sha256 if board is None else None)
+        await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
+        requests.append(request)
+    bounds = queue_bounds(state.args, settings)
+    try:
+        if board is None:
+            (draft,) = drafts
+            job, created = await asyncio.to_thread(
+                state.store.create,
+                project,
+                draft.priority,
+                requests[0],
+                idempotency_key=idempotency_key,
+                labels=draft.labels,
+                **bounds,
+            )
+            if not created:
+                check_replay("video", idempotency_key, job.request.body_sha256, body_sha256)
+            admitted = Admitted(created, job=job, requests=requests)
+        else:
+            videos = [
+                (draft.priority, request, draft.labels)
+                for draft, request in zip(drafts, requests, strict=True)
+            ]
+            record, created = await asyncio.to_thread(
+                state.store.create_storyboard,
+                board.id,
+                project,
+                board.title,
+                {**board.request, "body_sha256": body_sha256},
+                videos,
+                idempotency_key=idempotency_key,
+                **bounds,
+            )
+            if not created:
+                check_replay("storyboard", idempotency_key, record.request.get("body_sha256"), body_sha256)
+            admitted = Admitted(created, storyboard=record, requests=requests)
+    except (QueueFull, GpuQuotaExceeded) as refused:
+        raise refusal_error(refused) from None
+    if admitted.created:
+        state.scheduler.wake.remote()
+    return admitted
+
+
+def job_request(draft: VideoDraft, model: ModelSpec, body_sha256: str | None) -> JobRequest:
+    """The typed stored request of one draft; an ApiError (400) names the field at fault."""
+    settings, prefix = draft.settings, draft.prefix
+    if settings.seconds is not None and settings.duration is not None:
+        raise ApiError(400, "invalid_value", "give `seconds` or `duration`, not both", f"{prefix}seconds")
+    if settings.size is not None and settings.resolution is not None:
+        raise ApiError(400, "invalid_value", "give `size` or `resolution`, not both", f"{prefix}size")
+    try:
+        prompt = compose_prompt(settings.prompt, settings.shot)
+    except ValueError as error:
+        raise ApiError(400, "missing_field", str(error), f"{prefix}prompt") from None
+    duration = settings.duration if settings.duration is not None else 5.0
+    if settings.seconds is not None:
+        duration = float(settings.seconds)
+    fields: dict[str, Any] = {
+        "resolution": settings.size or settings.resolution or "480p",
+        "aspect": settings.aspect,
+        "duration": duration,
+        "steps": settings.steps,
+        "seed": settings.seed,
+    }
+    if settings.negative_prompt is not None:
+        fields["negative_prompt"] = settings.negative_prompt
+    try:
+        spec = RequestSpec(prompt=prompt, **fields)
+    except ValidationError as error:
+        location = error.errors()[0]["loc"]
+        name = str(location[0]) if location else "aspect"  # RequestSpec's one cross-field rule: aspect
+        renamed = {"duration": "seconds" if settings.seconds is not None else "duration"}
+        renamed["resolution"] = "size" if settings.size is not None else "resolution"
+        param = renamed.get(name, name)
+        message = describe_validation_error(error).replace(f"`{name}`", f"`{param}`")
+        raise ApiError(400, "invalid_value", message, prefix + param) from None
+    request = JobRequest.of(
+        spec,
+        model,
+        finish=FinishSettings(
+            upscale=settings.upscale, look=settings.look, label=DRAFT_LABEL if settings.label else None
+        ),
+        source=RequestSource(prompt=settings.prompt, shot=settings.shot),
+        callback_url=draft.callback_url,
+        storyboard=draft.storyboard,
+        remixed_from=draft.remixed_from,
+        body_sha256=body_sha256,
+    )
+    resolved = request.resolved
+    upscaled = upscale_target_size(settings.upscale, resolved.width, resolved.height)
+    if max(upscaled) > MAX_UPSCALED_SIDE:
+        raise ApiError(
+            400,
+            "invalid_value",
+            f"`upscale` {settings.upscale} of {resolved.width}x{resolved.height} gives "
+            f"{upscaled[0]}x{upscaled[1]}; at most {MAX_UPSCALED_SIDE} pixels a side",
+            f"{prefix}upscale",
+        )
+    return request
+
+
+def remix_settings(
+    source: JobRequest, prompt: str | None, shot: ShotSpec | None, burn_label: bool
+) -> GenerationSettings:
+    """A remix's settings: the source's size, length, steps, seed, negative prompt and finish, with a new
+    prompt; the label stays on where the source had it or the project burns it."""
+    spec = source.spec
+    return GenerationSettings(
+        prompt=prompt,
+        shot=shot,
+        negative_prompt=spec.negative_prompt,
+        duration=spec.duration,
+        resolution=spec.resolution,
+        aspect=spec.aspect,
+        steps=spec.steps,
+        seed=spec.seed,
+        upscale=source.finish.upscale,
+        look=source.finish.look,
+        label=source.finish.label is not None or burn_label,
+    )
+
+
+async def check_content(
+    policy: PromptPolicy, prompt: str | None, shot: ShotSpec | None, prefix: str = ""
+) -> None:
+    """Refuse a prompt the content policy blocks (422 `content_blocked`, `category` set) before any job
+    exists. The message names the category, never the matched term; a failing classifier refuses too
+    (503 `safety_unavailable`): the policy fails closed."""
+    param = f"{prefix}prompt"
+    try:
+        verdict = await asyncio.to_thread(policy.check, compose_prompt(prompt, shot))
+        if verdict is not None and shot is not None:  # name the field at fault: the shot or the prompt
+            in_shot = not prompt or await asyncio.to_thread(policy.check, shot.to_prompt())
+            param = f"{prefix}shot" if in_shot else param
+    except SafetyCheckError:
+        logger.exception("the content check failed; refusing the request")
+        raise ApiError(
+            503,
+            "safety_unavailable",
+            "the content check is unavailable, so nothing was queued; try again later",
+            param,
+        ) from None
+    if verdict is not None:
+        logger.info("refused a prompt: category %s at %s", verdict.category, param)
+        record_safety_block("prompt", verdict.category)
+        message = f"{ContentBlocked.of(verdict)}; nothing was queued"
+        raise ApiError(422, "content_blocked", message, param, category=verdict.category)
+
+
+def fingerprint(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+async def project_settings(store: JobStore, project: str) -> ProjectSettings:
+    record = await asyncio.to_thread(store.get_project, project)
+    return record.settings if record is not None else ProjectSettings()
+
+
+def queue_bounds(args: PrevizArgs, settings: ProjectSettings) -> dict[str, Any]:
+    """The bounds JobStore.create / create_storyboard hold a new job to: the deployment's queue bounds,
+    the smaller of its and the project's per-project bound, and the project's GPU seconds per day."""
+    per_project = [bound for bound in (args.max_queued_jobs_per_project, settings.max_queued_jobs) if bound]
+    return {
+        "max_queued": args.max_queued_jobs,
+        "max_queued_per_project": min(per_project) if per_project else None,
+        "gpu_seconds_per_day": settings.gpu_seconds_per_day,
+    }
+
+
+def refusal_error(refused: QueueFull | GpuQuotaExceeded) -> ApiError:
+    """The 429 of a create the store refused: `queue_full`, `project_queue_full` or `gpu_quota_exceeded`."""
+    if isinstance(refused, GpuQuotaExceeded):
+        code = "gpu_quota_exceeded"
+    else:
+        code = "queue_full" if refused.scope == "global" else "project_queue_full"
+    return ApiError(429, code, str(refused), headers={"Retry-After": str(refused.retry_after_s)})
+
+
+def check_label(label: bool, settings: ProjectSettings, param: str = "label") -> None:
+    if not label and settings.burn_label:
+        raise ApiError(
+            400,
+            "label_required",
+            f"this project burns the {DRAFT_LABEL!r} label into every clip; `label: false` is not allowed",
+            param,
+        )
+
+
+def check_replay(kind: str, key: str | None, stored: str | None, body_sha256: str) -> None:
+    if stored not in (None, body_sha256):
+        raise ApiError(
+            409,
+            "idempotency_key_reused",
+            f"Idempotency-Key {key!r} was already used for a different {kind} request in this project",
+            "Idempotency-Key",
+        )

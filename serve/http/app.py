@@ -1,0 +1,103 @@
+"""The HTTP Ingress: the OpenAI-compatible Videos API plus studio extensions (storyboards, live events).
+
+A job is accepted once its row is committed; the Scheduler is only nudged, so a job posted while the
+Scheduler restarts is still picked up. Every non-2xx answer is `{"error": {"code", "message", "param"}}`;
+a prompt the content policy refuses gets 422 `content_blocked` with the policy's `category` added.
+
+    POST   /v1/videos                   create (JSON, or multipart form as the openai package sends it)
+    GET    /v1/videos                   list, cursor paged (after, limit, order; project, status filters)
+    GET    /v1/videos/{id}              one video (sends `openai-poll-after-ms` while it runs)
+    DELETE /v1/videos/{id}              cancel a queued or running video (409 once finished)
+    GET    /v1/videos/{id}/content      the mp4 (`variant=thumbnail`: a JPEG poster frame)
+    POST   /v1/videos/{id}/remix        same seed and settings, new prompt
+    GET    /v1/videos/{id}/events       server-sent events: stage and step progress
+    GET    /v1/videos/{id}/webhooks     deliveries of its callback_url webhook and their attempts
+    POST   /v1/storyboards              shots × variants, all created at once
+    GET    /v1/storyboards/{id}         every shot's videos, states and links
+    GET    /v1/artifacts/{key}          a signed, expiring link to a stored clip (no key needed)
+    ...    /v1/admin/...                projects, their quotas and keys (admin keys)
+
+One APIRouter per resource lives in serve/http/routes/; every create goes through serve/http/admission.py;
+every job is rendered by serve/http/views.py. The Ingress deployment that serves this app is
+serve/http/ingress.py.
+
+Keys: every /v1 route but /v1/artifacts needs `Authorization: Bearer KEY` (401 `missing_api_key`,
+`invalid_api_key`, `revoked_api_key`). The key names the project: a request sees only that project's
+videos and storyboards (another project's ids are 404 like unknown ones), and a body or query `project`
+naming another project is 403 `project_mismatch`. Quotas: 429 `queue_full`, `project_queue_full`,
+`gpu_quota_exceeded`, each with Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.http.errors import ERROR_RESPONSES, ApiError, error_response, invalid
+from serve.http.routes import admin, artifacts, health, storyboards, videos
+from serve.http.schemas import VideoCreate
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(
+    title="Previz",
+    summary="Studio text-to-video drafts on Wan2.2: an OpenAI-compatible Videos API with studio extensions.",
+    version="1.0",
+    responses=ERROR_RESPONSES,
+)
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
+    return error_response(error.status, error.code, error.message, error.param, error.headers, error.category)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
+    problem = invalid(list(error.errors()))
+    return error_response(problem.status, problem.code, problem.message, problem.param)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    return error_response(error.status_code, code, str(error.detail), headers=getattr(error, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _internal_error(_request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unhandled error in the Ingress")
+    return error_response(500, "internal_error", f"internal error: {type(error).__name__}")
+
+
+for module in (health, videos, artifacts, storyboards, admin):
+    app.include_router(module.router)
+
+
+# -- OpenAPI: the create body is read by hand (JSON or form), so its schema is added here -----------------
+
+
+def _openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, description=__doc__, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        generated = VideoCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in generated.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components["VideoCreate"] = generated
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]

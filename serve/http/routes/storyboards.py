@@ -1,0 +1,93 @@
+"""`/v1/storyboards`: shots × variants created at once through the one admission path, and their state."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from serve.auth import Caller
+from serve.http.admission import BoardDraft, VideoDraft, admit, check_model
+from serve.http.deps import CallerDep, IdempotencyKey, IngressState, StateDep, project_of
+from serve.http.errors import BLOCKED, ApiError, invalid
+from serve.http.storyboards import MAX_STORYBOARD_VIDEOS, Storyboard, StoryboardCreate, expand
+from serve.http.views import storyboard_view
+from serve.jobs import new_storyboard_id
+from serve.jobs.request import StoryboardPlace
+
+router = APIRouter(prefix="/v1/storyboards", tags=["storyboards"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Storyboard,
+    responses={200: {"model": Storyboard, "description": "A replay of an Idempotency-Key."}, **BLOCKED},
+    summary="Create a storyboard",
+)
+async def create_storyboard(
+    body: StoryboardCreate, state: StateDep, caller: CallerDep, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    """Every shot × variant (seeds × grid) becomes a video of the board's project, all created in one
+    transaction (a full queue refuses all of them: 429). They share the project's fair share."""
+    check_model(body.model)
+    project = project_of(caller, body.project)
+    if body.num_videos > MAX_STORYBOARD_VIDEOS:
+        raise ApiError(
+            400,
+            "too_many_videos",
+            f"the board asks for {body.num_videos} videos ({len(body.shots)} shots × "
+            f"{body.variants.num_variants} variants); at most {MAX_STORYBOARD_VIDEOS} in one storyboard",
+            "variants",
+        )
+    try:
+        planned = expand(body)
+    except ValidationError as error:
+        raise invalid(list(error.errors()), "variants.grid.") from None
+    board = BoardDraft(id=new_storyboard_id(), title=body.title, request=body.model_dump(mode="json"))
+    callback_url = str(body.callback_url) if body.callback_url else None
+    drafts = []
+    for video in planned:
+        shot = body.shots[video.shot_index]
+        place = StoryboardPlace(
+            id=board.id, shot=video.shot_index, variant=video.variant_index, name=shot.name, grid=video.grid
+        )
+        drafts.append(
+            VideoDraft(
+                settings=video.settings,
+                priority=body.priority,
+                labels={**body.labels, **shot.labels},
+                prefix=f"shots.{video.shot_index}.",
+                callback_url=callback_url,
+                storyboard=place,
+            )
+        )
+    admitted = await admit(
+        state, project, drafts, body=board.request, idempotency_key=idempotency_key, board=board
+    )
+    view = await storyboard_of(admitted.storyboard.id, state, caller)
+    headers = {} if admitted.created else {"Idempotent-Replayed": "true"}
+    return JSONResponse(
+        view.model_dump(mode="json"), status_code=201 if admitted.created else 200, headers=headers
+    )
+
+
+@router.get("/{storyboard_id}", response_model=Storyboard, summary="Retrieve a storyboard")
+async def get_storyboard(storyboard_id: str, state: StateDep, caller: CallerDep) -> Storyboard:
+    return await storyboard_of(storyboard_id, state, caller)
+
+
+async def storyboard_of(storyboard_id: str, state: IngressState, caller: Caller) -> Storyboard:
+    record = await asyncio.to_thread(state.store.get_storyboard, storyboard_id)
+    if record is None or record.project != caller.project:
+        raise ApiError(404, "not_found", f"no storyboard with id {storyboard_id!r}", param="storyboard_id")
+    jobs = await asyncio.to_thread(
+        state.store.list,
+        project=caller.project,
+        storyboard_id=storyboard_id,
+        order="asc",
+        limit=max(1, min(record.num_jobs, 1000)),
+    )
+    return storyboard_view(record, jobs)

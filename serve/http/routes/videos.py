@@ -1,0 +1,286 @@
+"""`/v1/videos`: create, list, retrieve, cancel, content, remix, events, webhooks. Thin: each route reads
+its input, calls the one admission path or the store, and renders with the one video view."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from serve.http.admission import VideoDraft, admit, check_model, project_settings, remix_settings
+from serve.http.deps import CallerDep, IdempotencyKey, StateDep, job_or_404, project_of
+from serve.http.errors import BLOCKED, ApiError, invalid
+from serve.http.events import event_stream
+from serve.http.forms import read_fields
+from serve.http.schemas import (
+    Video,
+    VideoCreate,
+    VideoDeleted,
+    VideoList,
+    VideoRemix,
+    VideoState,
+    WebhookAttempt,
+    WebhookDeliveryInfo,
+    WebhookDeliveryList,
+)
+from serve.http.views import video_payload, video_view
+from serve.jobs import CancelResult, JobRecord, JobStatus
+from serve.jobs.models import unix
+
+router = APIRouter(prefix="/v1/videos", tags=["videos"])
+
+POLL_AFTER_MS: dict[str, int] = {"queued": 1000, "in_progress": 500}  # what `openai-poll-after-ms` says
+API_STATE_STATUSES: dict[str, list[JobStatus]] = {
+    state: [status for status in JobStatus if status.api_state == state]
+    for state in ("queued", "in_progress", "completed", "failed", "cancelled")
+}
+REPLAYED = {200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."}}
+# The create body is read by hand (JSON or form); its schema is added to the OpenAPI page by serve.http.app.
+CREATE_BODY = {
+    "required": True,
+    "content": {
+        media: {"schema": {"$ref": "#/components/schemas/VideoCreate"}}
+        for media in ("application/json", "multipart/form-data")
+    },
+}
+
+
+def video_response(job: JobRecord, status_code: int = 200, **headers: str) -> JSONResponse:
+    video = video_view(job)
+    poll_after = POLL_AFTER_MS.get(video.status)
+    if poll_after is not None:
+        headers["openai-poll-after-ms"] = str(poll_after)
+    return JSONResponse(video.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+
+def admitted_response(job: JobRecord, created: bool) -> JSONResponse:
+    if created:
+        return video_response(job, 201)
+    return video_response(job, 200, **{"Idempotent-Replayed": "true"})
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Video,
+    openapi_extra={"requestBody": CREATE_BODY},
+    responses={**REPLAYED, **BLOCKED},
+    summary="Create a video",
+)
+async def create_video(
+    request: Request, state: StateDep, caller: CallerDep, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    """Queue one clip. JSON or multipart form (what `openai.videos.create` sends); extra studio fields
+    are listed in the VideoCreate schema. 201 when created, 200 for a replayed Idempotency-Key."""
+    fields = await read_fields(request)
+    if fields.get("input_reference") not in (None, ""):
+        raise ApiError(
+            400,
+            "unsupported",
+            "`input_reference` is not supported: Previz is text-to-video",
+            "input_reference",
+        )
+    fields.pop("input_reference", None)
+    try:
+        body = VideoCreate.model_validate(fields)
+    except ValidationError as error:
+        raise invalid(list(error.errors())) from None
+    check_model(body.model)
+    draft = VideoDraft(
+        settings=body,
+        priority=body.priority,
+        labels=body.labels,
+        callback_url=str(body.callback_url) if body.callback_url else None,
+    )
+    admitted = await admit(
+        state,
+        project_of(caller, body.project),
+        [draft],
+        body=body.model_dump(mode="json"),
+        idempotency_key=idempotency_key,
+    )
+    return admitted_response(admitted.job, admitted.created)
+
+
+@router.get("", response_model=VideoList, summary="List videos")
+async def list_videos(
+    state: StateDep,
+    caller: CallerDep,
+    after: Annotated[
+        str | None, Query(max_length=64, description="The last id of the previous page.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Videos per page.")] = 20,
+    order: Annotated[Literal["asc", "desc"], Query(description="By creation time.")] = "desc",
+    project: Annotated[str | None, Query(max_length=64, description="Only this project's videos.")] = None,
+    status: Annotated[VideoState | None, Query(description="Only videos in this state.")] = None,
+    storyboard_id: Annotated[str | None, Query(max_length=64, description="Only this storyboard's.")] = None,
+) -> VideoList:
+    jobs = await asyncio.to_thread(
+        state.store.list,
+        project=project_of(caller, project),
+        statuses=API_STATE_STATUSES[status] if status else None,
+        storyboard_id=storyboard_id,
+        after=after,
+        limit=limit + 1,
+        order=order,
+    )
+    page = [video_view(job) for job in jobs[:limit]]
+    return VideoList(
+        data=page,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(jobs) > limit,
+    )
+
+
+@router.get("/{video_id}", response_model=Video, summary="Retrieve a video")
+async def get_video(video_id: str, state: StateDep, caller: CallerDep) -> JSONResponse:
+    return video_response(await job_or_404(video_id, state, caller))
+
+
+@router.delete("/{video_id}", response_model=VideoDeleted, summary="Cancel a video")
+async def delete_video(video_id: str, state: StateDep, caller: CallerDep) -> VideoDeleted:
+    """Cancel a queued or running video and free its slot in the pipeline (the record stays, status
+    `cancelled`). A finished video cannot be cancelled: 409 `already_finished`."""
+    result = await asyncio.to_thread(state.store.cancel, video_id, project=caller.project)
+    if result == CancelResult.NOT_FOUND:
+        raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
+    if result == CancelResult.ALREADY_FINISHED:
+        job = await job_or_404(video_id, state, caller)
+        raise ApiError(
+            409,
+            "already_finished",
+            f"video {video_id} is already {job.status.api_state}; "
+            "only queued or running videos can be cancelled",
+            param="video_id",
+        )
+    state.scheduler.cancel.remote(video_id)  # stop its pipeline now; the slot frees and the queue moves
+    state.scheduler.wake.remote()
+    return VideoDeleted(id=video_id)
+
+
+@router.get(
+    "/{video_id}/content",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"video/mp4": {}, "image/jpeg": {}}, "description": "The mp4 or the poster frame."},
+        307: {"description": "Redirect to a signed link that expires (S3 presigned, or /v1/artifacts)."},
+    },
+    summary="Download a video's content",
+)
+async def get_video_content(
+    video_id: str,
+    state: StateDep,
+    caller: CallerDep,
+    variant: Annotated[
+        Literal["video", "thumbnail", "spritesheet"],
+        Query(description="`video` (mp4) or `thumbnail` (JPEG)."),
+    ] = "video",
+) -> Response:
+    job = await job_or_404(video_id, state, caller)
+    if variant == "spritesheet":
+        raise ApiError(
+            400, "unsupported", "the `spritesheet` variant is not available; use `thumbnail`", "variant"
+        )
+    if job.status != JobStatus.SUCCEEDED or job.artifact_uri is None:
+        raise ApiError(
+            409,
+            "video_not_ready",
+            f"video {video_id} is {job.status.api_state}; its content exists once completed",
+            param="video_id",
+        )
+    key = job.artifact_uri if variant == "video" else job.poster_uri
+    if key is None:
+        raise ApiError(404, "artifact_missing", f"video {video_id} has no poster frame")
+    if not await asyncio.to_thread(state.artifacts.exists, key):
+        raise ApiError(404, "artifact_missing", f"the {variant} of video {video_id} is no longer stored")
+    link = await asyncio.to_thread(state.artifacts.url, key, expires_in_s=state.args.artifact_url_ttl_s)
+    return RedirectResponse(link, status_code=307)
+
+
+@router.post(
+    "/{video_id}/remix",
+    status_code=201,
+    response_model=Video,
+    responses={**REPLAYED, **BLOCKED},
+    summary="Remix a video",
+)
+async def remix_video(
+    video_id: str,
+    body: VideoRemix,
+    state: StateDep,
+    caller: CallerDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """A new video with the source's seed, size, length, steps and finish, and a new prompt
+    ("what if he wore a blue coat"). The source may be in any state."""
+    source = await job_or_404(video_id, state, caller)
+    settings = await project_settings(state.store, source.project)
+    draft = VideoDraft(
+        settings=remix_settings(source.request, body.prompt, body.shot, settings.burn_label),
+        priority=body.priority or source.priority,
+        labels=body.labels if body.labels is not None else source.labels,
+        callback_url=source.request.callback_url,
+        remixed_from=source.id,
+    )
+    admitted = await admit(
+        state,
+        source.project,
+        [draft],
+        body={"remix_of": source.id, **body.model_dump(mode="json")},
+        idempotency_key=idempotency_key,
+    )
+    return admitted_response(admitted.job, admitted.created)
+
+
+@router.get(
+    "/{video_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."}},
+    summary="Stream a video's progress",
+)
+async def video_events(
+    video_id: str,
+    state: StateDep,
+    caller: CallerDep,
+    last_event_id: Annotated[
+        int | None, Header(alias="Last-Event-ID", ge=0, description="Resume after this event id.")
+    ] = None,
+) -> StreamingResponse:
+    """Server-sent events until the video finishes. `event:` is the kind: the job's log (`created`,
+    `claimed`, `stage`, `progress`, `checkpoint`, `requeued`, `resumed`, `retry`, `succeeded`, `failed`,
+    `cancelled`, each with an `id:` to resume from), `status` whenever its stage or step progress moves
+    (`{"status", "stage", "progress", "stage_progress"}`), and a last `done` carrying the video object."""
+    await job_or_404(video_id, state, caller)
+    return StreamingResponse(
+        event_stream(state.store, video_id, last_event_id or 0, video_payload),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/{video_id}/webhooks", response_model=WebhookDeliveryList, summary="List a video's webhooks")
+async def video_webhooks(video_id: str, state: StateDep, caller: CallerDep) -> WebhookDeliveryList:
+    """The POSTs to the video's `callback_url` (one per outcome) with every attempt: status code, error
+    and duration. Empty when the video has no `callback_url` or is not finished yet."""
+    job = await job_or_404(video_id, state, caller)
+    deliveries = await asyncio.to_thread(state.store.webhook_deliveries, job.id)
+    return WebhookDeliveryList(
+        data=[
+            WebhookDeliveryInfo(
+                id=delivery.id,
+                event=delivery.event,
+                url=delivery.url,
+                status=delivery.status,
+                attempts=delivery.attempts,
+                next_attempt_at=unix(delivery.next_attempt_at),
+                delivered_at=unix(delivery.delivered_at),
+                created_at=unix(delivery.created_at),
+                log=[WebhookAttempt.model_validate(entry) for entry in delivery.log],
+            )
+            for delivery in deliveries
+        ]
+    )

@@ -1,0 +1,105 @@
+"""The API's views of stored records: one `Video` per job, one `Storyboard` per board.
+
+`video_view` is the only rendering of a job: `GET /v1/videos/{id}`, lists, the events stream's `done`, the
+storyboard view and the webhook payload (written by the job store's outbox) all use it, so they never
+disagree. It needs nothing but the job row: the request carries its resolved size, frames and steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve.http.schemas import Video, VideoError
+from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVideo, board_status
+from serve.jobs.models import JobRecord, JobStatus, StoryboardRecord, unix
+
+
+def video_view(job: JobRecord) -> Video:
+    request = job.request
+    resolved = request.resolved
+    completed = job.status == JobStatus.SUCCEEDED
+    error = None
+    if job.status == JobStatus.FAILED:
+        error = VideoError(code=job.error_code or "failed", message=job.error_message or "")
+    elif job.status == JobStatus.CANCELLED:
+        error = VideoError(code="cancelled", message="the video was cancelled")
+    base = f"/v1/videos/{job.id}"
+    return Video(
+        id=job.id,
+        model=request.model,
+        status=job.status.api_state,
+        progress=job.progress,
+        created_at=unix(job.created_at),
+        completed_at=unix(job.finished_at),
+        prompt=request.spec.prompt,
+        seconds=f"{request.spec.duration:g}",
+        size=job.request.bucket.size,
+        remixed_from_video_id=request.remixed_from,
+        error=error,
+        project=job.project,
+        priority=job.priority,
+        stage=job.status.name.lower(),
+        seed=job.seed if job.seed is not None else resolved.seed,
+        steps=resolved.steps,
+        num_frames=resolved.num_frames,
+        upscale=request.finish.upscale,
+        look=request.finish.look,
+        labels=job.labels,
+        storyboard_id=job.storyboard_id,
+        callback_url=request.callback_url,
+        attempt=job.attempt,
+        started_at=unix(job.started_at),
+        timings=job.timings or {},
+        content_url=f"{base}/content" if completed else None,
+        thumbnail_url=f"{base}/content?variant=thumbnail" if completed and job.poster_uri else None,
+        events_url=f"{base}/events",
+    )
+
+
+def video_payload(job: JobRecord) -> dict[str, Any]:
+    """`video_view` as JSON: the webhook's `data` and the events stream's `done`."""
+    return video_view(job).model_dump(mode="json")
+
+
+def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboard:
+    """The board as the API shows it: its jobs grouped by shot, in creation order."""
+    shots = [
+        StoryboardShotState(index=index, name=shot.get("name"), prompt="", videos=[])
+        for index, shot in enumerate(record.request["shots"])
+    ]
+    counts: dict[str, int] = {}
+    progress = 0
+    for job in jobs:
+        video = video_view(job)
+        place = job.request.storyboard
+        shot = shots[place.shot if place is not None else 0]
+        shot.prompt = shot.prompt or video.prompt
+        counts[video.status] = counts.get(video.status, 0) + 1
+        progress += video.progress
+        shot.videos.append(
+            StoryboardVideo(
+                video_id=job.id,
+                variant=place.variant if place is not None else 0,
+                seed=video.seed,
+                grid=place.grid if place is not None else {},
+                status=video.status,
+                stage=video.stage,
+                progress=video.progress,
+                url=f"/v1/videos/{job.id}",
+                content_url=video.content_url,
+                thumbnail_url=video.thumbnail_url,
+                error=video.error.model_dump() if video.error else None,
+            )
+        )
+    states = [video.status for shot in shots for video in shot.videos]
+    return Storyboard(
+        id=record.id,
+        project=record.project,
+        title=record.title,
+        created_at=unix(record.created_at),
+        status=board_status(states) if states else "queued",
+        progress=round(progress / len(jobs)) if jobs else 0,
+        num_videos=len(jobs),
+        counts=counts,
+        shots=shots,
+    )

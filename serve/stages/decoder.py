@@ -1,0 +1,39 @@
+"""The VAEDecoder deployment: latents to uint8 frames, which stay in the object store as a ref."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+
+from pipeline.vae import VAEDecoder
+from serve.config import PrevizArgs
+from serve.metrics import ReplicaReporter
+from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
+from serve.stages.payloads import FrameBatch
+
+NAME = "VAEDecoder"
+
+
+def default_options(args: PrevizArgs) -> dict[str, Any]:
+    return {"name": NAME, **gpu_options(args)}
+
+
+@serve.deployment(name="VAEDecoder", max_ongoing_requests=8, **STAGE_OPTIONS)
+class VAEDecoderDeployment:
+    def __init__(self, args: PrevizArgs) -> None:
+        self.decoder = VAEDecoder(stage_components(args, "vae").vae)
+        self._metrics = ReplicaReporter().start()
+        self._lock = asyncio.Lock()  # one decode at a time per replica: it is memory-bound
+
+    async def decode(self, latents: np.ndarray, fps: int) -> FrameBatch:
+        import torch
+
+        async with self._lock:
+            started = time.perf_counter()
+            frames = await asyncio.to_thread(self.decoder.decode, torch.from_numpy(latents.copy()), fps=fps)
+            return FrameBatch(ref=[ray.put(frames.pixels)], fps=fps, seconds=time.perf_counter() - started)

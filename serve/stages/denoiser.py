@@ -1,0 +1,104 @@
+"""The denoiser deployments: one expert each with its step-level batching engine, bound twice
+(HighNoiseDenoiser, LowNoiseDenoiser); the bucket-affinity router sends same-shape calls to one replica."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any, Literal
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
+from serve.config import PrevizArgs
+from serve.metrics import ReplicaReporter
+from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
+from serve.stages.payloads import DenoiseCall, DenoiseDone, DenoiseEvent, DenoiseProgress
+from serve.stages.transfer import pack_state, unpack_embeds, unpack_state
+
+Expert = Literal["high", "low"]
+NAMES: dict[Expert, str] = {"high": "HighNoiseDenoiser", "low": "LowNoiseDenoiser"}
+BUCKET_ROUTER = RequestRouterConfig(request_router_class="serve.stages.router:BucketAffinityRouter")
+
+
+def default_options(args: PrevizArgs, expert: Expert) -> dict[str, Any]:
+    return {"name": NAMES[expert], "request_router_config": BUCKET_ROUTER, **gpu_options(args)}
+
+
+@serve.deployment(max_ongoing_requests=256, **STAGE_OPTIONS)
+class DenoiserDeployment:
+    """One expert with its step-level batching engine; bound twice (HighNoiseDenoiser, LowNoiseDenoiser)."""
+
+    def __init__(self, args: PrevizArgs, expert: Expert) -> None:
+        parts = stage_components(args, "transformer" if expert == "high" else "transformer_2")
+        model = parts.model
+        self.engine = DenoiseEngine(
+            parts.transformer if expert == "high" else parts.transformer_2,
+            parts.scheduler,
+            expert=expert,
+            boundary_ratio=model.boundary_ratio,
+            max_sequence_length=model.max_sequence_length,
+            max_num_tokens=args.engine.max_num_tokens,
+            max_batch_size=args.engine.max_batch_size,
+        )
+        self.engine.start()
+        self._metrics = ReplicaReporter(self.engine).start()
+
+    async def denoise(self, call: DenoiseCall, bucket: str) -> AsyncIterator[DenoiseEvent]:
+        """Streams a DenoiseProgress per step, then one DenoiseDone with the state.
+
+        `bucket` is read by the BucketAffinityRouter so same-shape calls meet on one replica.
+        """
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        started = time.perf_counter()
+        request = EngineRequest(
+            request_id=call.request_id,
+            state=unpack_state(call.state),
+            prompt=unpack_embeds(call.prompt),
+            negative_prompt=unpack_embeds(call.negative_prompt),
+            guidance=call.guidance,
+            priority=call.priority,
+            deadline=_engine_deadline(call.deadline, self.engine.clock),
+            on_progress=lambda done, total: loop.call_soon_threadsafe(progress.put_nowait, (done, total)),
+        )
+        result = self.engine.add(request)
+        try:
+            while not result.done():
+                waiter = asyncio.ensure_future(progress.get())
+                await asyncio.wait({waiter, result}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    done, total = waiter.result()
+                    yield DenoiseProgress(done=done, total=total)
+                else:
+                    waiter.cancel()
+            state = result.result()
+            yield DenoiseDone(state=pack_state(state), seconds=time.perf_counter() - started)
+        finally:
+            if not result.done():  # the caller went away (cancel, scheduler restart): free the slot
+                self.engine.cancel(call.request_id)
+
+    def stats(self, bucket: str | None = None) -> tuple[str, EngineStats]:
+        """(replica id, engine stats). Given a `bucket`, the router sends this to that bucket's replica."""
+        return serve.get_replica_context().replica_id.unique_id, self.engine.stats()
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError(f"the {self.engine.expert} engine thread has stopped")
+
+    def __del__(self) -> None:
+        reporter = getattr(self, "_metrics", None)
+        if reporter is not None:
+            reporter.stop()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=5)
+
+
+def _engine_deadline(deadline: datetime | None, clock: Callable[[], float]) -> float | None:
+    if deadline is None:
+        return None
+    return clock() + (deadline.timestamp() - time.time())

@@ -1,0 +1,79 @@
+"""The Finisher deployment: grade, frame check, label, mp4 encode and store the clip with its poster."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from pipeline.frames import Frames
+from pipeline.grade import Grader
+from pipeline.safety import ContentBlocked, FrameCheck
+from pipeline.video import VideoWriter, poster_frame_jpeg
+from serve.config import PrevizArgs
+from serve.metrics import record_artifact_write, record_safety_block
+from serve.stages.common import STAGE_OPTIONS
+from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
+from serve.storage import JobArtifacts, StoredArtifact, make_store
+
+NAME = "Finisher"
+
+
+def default_options(args: PrevizArgs) -> dict[str, Any]:
+    return {"name": NAME}  # CPU work: encoding and uploads
+
+
+@serve.deployment(name="Finisher", max_ongoing_requests=8, **STAGE_OPTIONS)
+class FinisherDeployment:
+    """Grade, check the frames against the content policy, mark as an AI-generated draft, encode the mp4
+    and store it with a poster frame. A blocked clip raises ContentBlocked and nothing is stored."""
+
+    def __init__(self, args: PrevizArgs) -> None:
+        self.store = make_store(args.storage)
+        self._backend = args.storage.kind
+        self.frame_check = FrameCheck.from_settings(args.safety)
+
+    async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
+        pixels = await frames.ref[0]
+        return await asyncio.to_thread(self._finish, Frames(pixels=pixels, fps=frames.fps), call)
+
+    def _finish(self, frames: Frames, call: FinishCall) -> FinishedClip:
+        started = time.perf_counter()
+        graded = Grader(call.look).grade(frames, seed=call.seed)
+        verdict = self.frame_check.check(graded.pixels) if self.frame_check is not None else None
+        if verdict is not None:
+            record_safety_block("frames", verdict.category)
+            raise ContentBlocked.of(verdict)
+        with tempfile.TemporaryDirectory(prefix="previz-finish-") as scratch:
+            clip = VideoWriter(label=call.label).write(
+                graded, Path(scratch) / "clip.mp4", metadata=call.metadata
+            )
+            poster = Path(scratch) / "poster.jpg"
+            poster.write_bytes(poster_frame_jpeg(clip))
+            keys = JobArtifacts(call.project, call.job_id)
+            key, poster_key = keys.clip(call.attempt), keys.poster(call.attempt)
+            stored = self._put(key, clip, "video/mp4", kind="clip")
+            self._put(poster_key, poster, "image/jpeg", kind="poster")
+        return FinishedClip(
+            uri=stored.uri,
+            key=key,
+            size_bytes=stored.size_bytes,
+            poster_key=poster_key,
+            num_frames=graded.num_frames,
+            width=graded.width,
+            height=graded.height,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _put(self, key: str, path: Path, content_type: str, *, kind: str) -> StoredArtifact:
+        try:
+            stored = self.store.put_file(key, path, content_type)
+        except Exception:
+            record_artifact_write(self._backend, kind, None, ok=False)
+            raise
+        record_artifact_write(self._backend, kind, stored.size_bytes, ok=True)
+        return stored
