@@ -422,7 +422,15 @@ class LocalArtifactStore(ArtifactStore):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._base_url = public_base_url.rstrip("/") if public_base_url else ""
-        self.signer = ArtifactSigner.for_folder(self.root)
+        self._signer: ArtifactSigner | None = None
+
+    @property
+    def signer(self) -> ArtifactSigner:
+        """The link signer; its secret file is made on first use, so a store that hands out no link
+        leaves its folder untouched."""
+        if self._signer is None:
+            self._signer = ArtifactSigner.for_folder(self.root)
+        return self._signer
 
     def path_for(self, key: str) -> Path:
         """Where `key` lives (whether or not it exists); the key is validated, so it stays under root."""

@@ -20,6 +20,7 @@ from serve.config import PrevizArgs
 from serve.http.app import app
 from serve.http.deps import IngressState
 from serve.jobs import JobStore
+from serve.storage import JobArtifacts
 
 TINY = {"size": "96x64", "seconds": "0.5", "steps": 4}
 
@@ -66,6 +67,19 @@ class LocalApi:
     def client_with(self, key: str | None) -> TestClient:
         """A client sending `key` (none: no Authorization header)."""
         return TestClient(app, headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+def finish(api: LocalApi, video_id: str) -> None:
+    """Run a queued job to SUCCEEDED by hand, with a stored clip and poster as the Finisher writes them."""
+    job = api.store.claim(video_id, "test-scheduler")
+    assert job is not None
+    keys = JobArtifacts(job.project, job.id)
+    clip, poster = keys.clip(job.attempt), keys.poster(job.attempt)
+    for key, data in ((clip, b"\x00\x00\x00\x18ftypmp42 fake mp4"), (poster, b"\xff\xd8\xff fake")):
+        path = api.artifacts_root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    assert api.store.succeed(job.id, job.attempt, artifact_uri=clip, artifact_bytes=30, poster_uri=poster)
 
 
 @contextmanager

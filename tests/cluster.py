@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from serve.auth import Role
 from serve.cli import launch
 from serve.cli.client import PrevizClient
@@ -128,3 +130,11 @@ def previz_cluster(workdir: Path, s3_server) -> Iterator[Cluster]:
         yield Cluster(url=url, config=config, database_url=database_url)
     finally:
         launch.shutdown()
+
+
+def replica_actor_names(deployment: str) -> list[str]:
+    return sorted(
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(f"SERVE_REPLICA::previz#{deployment}#")
+    )

@@ -20,8 +20,7 @@ from serve.http.app import app
 from serve.http.deps import IngressState
 from serve.jobs import JobStatus
 from serve.scheduling.scheduler import Scheduler
-from serve.storage import artifact_key
-from tests.api_app import TINY, LocalApi, local_api
+from tests.api_app import TINY, LocalApi, finish, local_api
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
@@ -37,21 +36,6 @@ def create(api: LocalApi, **fields: Any) -> dict[str, Any]:
     response = client.post("/v1/videos", json={"prompt": "a lighthouse in a storm", **TINY, **fields})
     assert response.status_code == 201, response.text
     return response.json()
-
-
-def finish(api: LocalApi, video_id: str) -> None:
-    """Run a queued job to SUCCEEDED by hand, with a stored clip and poster as the Finisher writes them."""
-    job = api.store.claim(video_id, "test-scheduler")
-    assert job is not None
-    for name, data in (
-        ("clip-a1.mp4", b"\x00\x00\x00\x18ftypmp42 fake mp4"),
-        ("poster-a1.jpg", b"\xff\xd8\xff fake"),
-    ):
-        path = api.artifacts_root / artifact_key(job.project, job.id, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    key = artifact_key(job.project, job.id, "clip-a1.mp4")
-    assert api.store.succeed(job.id, job.attempt, artifact_uri=key, artifact_bytes=30)
 
 
 GOOD = {"prompt": "a lighthouse in a storm", **TINY}

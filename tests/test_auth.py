@@ -15,17 +15,18 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from sqlalchemy import update
 
-from serve.auth import ArtifactSigner, ProjectSettings, seconds_to_utc_midnight
+from serve.auth import ProjectSettings, seconds_to_utc_midnight
 from serve.cli import bootstrap_default_project
 from serve.cli.client import PrevizClient
 from serve.http.deps import IngressState
 from serve.jobs import JobStatus, JobStore
 from serve.jobs.projects import ProjectExists
 from serve.jobs.schema import api_keys, jobs
-from tests.api_app import TINY, LocalApi, http_server, local_api
+from serve.storage import ArtifactSigner
+from tests.api_app import TINY, LocalApi, finish, http_server, local_api
 from tests.cli_run import previz
+from tests.job_requests import job_request
 from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
-from tests.test_api import finish
 
 GOOD = {"prompt": "a lighthouse in a storm", **TINY}
 
@@ -57,7 +58,7 @@ def test_store_projects_keys_and_usage_on_both_backends(store: JobStore) -> None
     first = store.revoke_key(record.id).revoked_at
     assert store.authenticate(key) == "revoked" and store.revoke_key(record.id).revoked_at == first
     assert store.authenticate("pvz_000000000000_" + "A" * 43) == "unknown"
-    job, _ = store.create("heist", "batch", {"spec": {}}, "96x64x9")
+    job, _ = store.create("heist", "batch", job_request())
     job = store.claim(job.id, "s")
     store.advance(job.id, job.attempt, JobStatus.DECODING, timing=("decode", 1.5))
     store.succeed(job.id, job.attempt, artifact_uri="a", artifact_bytes=1, timings={"denoise_high": 2.0})
@@ -265,20 +266,20 @@ def test_the_label_is_required_unless_the_project_allows_it_off(api: LocalApi) -
     board = api.client.post("/v1/storyboards", json={"shots": [GOOD, {**GOOD, "label": False}]})
     assert error(board) == (400, "label_required") and board.json()["error"]["param"] == "shots.1.label"
     labelled = api.client.post("/v1/videos", json=GOOD).json()
-    assert api.store.get(labelled["id"]).request["finish"]["label"] == "AI-generated draft"
+    assert api.store.get(labelled["id"]).request.finish.label == "AI-generated draft"
     assert api.store.list() and all(job.id == labelled["id"] for job in api.store.list())
 
     api.store.create_project("internal")
     api.store.update_project("internal", {"burn_label": False})
     internal = api.client_for("internal")
     unlabelled = internal.post("/v1/videos", json={**GOOD, "label": False}).json()
-    assert api.store.get(unlabelled["id"]).request["finish"]["label"] is None
+    assert api.store.get(unlabelled["id"]).request.finish.label is None
     still = internal.post("/v1/videos", json=GOOD).json()
-    assert api.store.get(still["id"]).request["finish"]["label"] == "AI-generated draft"
+    assert api.store.get(still["id"]).request.finish.label == "AI-generated draft"
     # Once the project requires the label again, a remix of an unlabelled video is labelled.
     api.store.update_project("internal", {"burn_label": True})
     remix = internal.post(f"/v1/videos/{unlabelled['id']}/remix", json={"prompt": "again"}).json()
-    assert api.store.get(remix["id"]).request["finish"]["label"] == "AI-generated draft"
+    assert api.store.get(remix["id"]).request.finish.label == "AI-generated draft"
 
 
 # -- signed artifact links -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from ray import serve
 
 from pipeline.video import read_video_info
 from serve.jobs import JobStatus
-from tests.cluster import Cluster, with_replicas
+from tests.cluster import Cluster, replica_actor_names, with_replicas
 
 pytestmark = pytest.mark.cluster
 
@@ -23,14 +23,6 @@ OTHER_BUCKET = {"resolution": "64x96", "duration": 0.25, "steps": 4}  # 5 frames
 
 def submit(cluster: Cluster, project: str, prompt: str, **fields) -> str:
     return cluster.client(project).create({"prompt": prompt, "project": project, **SMALL, **fields})["id"]
-
-
-def replica_actor_names(deployment: str) -> list[str]:
-    return sorted(
-        actor["name"]
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith(f"SERVE_REPLICA::previz#{deployment}#")
-    )
 
 
 def test_six_jobs_from_two_projects_in_two_buckets_complete(cluster: Cluster, tmp_path: Path) -> None:

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import ray
 import torch
-from serve.stages.deployments import FinishCall, FinishedClip, FinisherDeployment
 
 from pipeline.denoise import Denoiser, initial_state
 from pipeline.frames import Frames
@@ -36,18 +35,19 @@ from serve.config import PrevizArgs
 from serve.jobs import JobRecord, JobStatus, JobStore
 from serve.scheduling.checkpoints import (
     CheckpointError,
-    checkpoint_key,
     decode_state,
     encode_state,
     read_checkpoint,
     write_checkpoint,
 )
-from serve.scheduling.scheduler import StageFailed, finish_with_retries
+from serve.scheduling.faults import StageFailed, finish_with_retries
+from serve.stages.finisher import FinisherDeployment
+from serve.stages.payloads import FinishCall, FinishedClip
 from serve.stages.transfer import pack_state, unpack_state
-from serve.storage import LocalArtifactStore, S3ArtifactStore, StorageSettings, make_store
-from tests.cluster import Cluster, free_port
+from serve.storage import JobArtifacts, LocalArtifactStore, S3ArtifactStore, StorageSettings, make_store
+from tests.cluster import Cluster, free_port, replica_actor_names
+from tests.job_requests import job_request
 from tests.servers.seaweedfs import S3Server
-from tests.test_cluster import replica_actor_names
 from tests.wan_reference import tiny_request
 
 CHAOS = {"resolution": "96x64", "duration": 0.5, "steps": 100}  # 64 high-noise + 36 low-noise steps
@@ -77,7 +77,7 @@ def test_a_run_resumed_from_the_boundary_checkpoint_gives_the_same_clip(
 
     # The attempt that saved the checkpoint is gone; a new one re-encodes the text and reads the state.
     store = LocalArtifactStore(tmp_path / "artifacts")
-    key = checkpoint_key("dune", "vid_resume")
+    key = JobArtifacts("dune", "vid_resume").checkpoint
     write_checkpoint(store, key, pack_state(at_boundary))
     prompt_again, negative_again = TextEncoder(tiny.tokenizer, tiny.text_encoder).encode(
         [resolved.prompt, resolved.negative_prompt]
@@ -112,7 +112,7 @@ def test_an_unusable_checkpoint_is_refused_with_an_error_naming_it(
     tiny: WanComponents, tmp_path: Path
 ) -> None:
     store = LocalArtifactStore(tmp_path)
-    key = checkpoint_key("dune", "vid_broken")
+    key = JobArtifacts("dune", "vid_broken").checkpoint
     with pytest.raises(
         CheckpointError, match=r"checkpoint 'dune/vid_broken/checkpoint-boundary.npz'.*no artifact"
     ):
@@ -137,7 +137,7 @@ def test_checkpoint_bytes_round_trip_through_s3(s3_server: S3Server, monkeypatch
 
 def test_checkpoint_and_retry_records_are_fenced_by_the_attempt(tmp_path: Path) -> None:
     store, job = _running_job(tmp_path)
-    key = checkpoint_key(job.project, job.id)
+    key = JobArtifacts(job.project, job.id).checkpoint
     assert not store.save_checkpoint(job.id, job.attempt - 1, key, step_index=6)  # a stale run
     assert store.get(job.id).checkpoint_uri is None
     assert store.save_checkpoint(job.id, job.attempt, key, step_index=6)
@@ -331,7 +331,7 @@ def test_shutting_down_with_work_in_flight_and_starting_again_loses_no_accepted_
 def _running_job(tmp_path: Path) -> tuple[JobStore, JobRecord]:
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
     store.create_schema()
-    job, _ = store.create("dune", "batch", {"spec": {"prompt": "a dune"}}, "96x64x9")
+    job, _ = store.create("dune", "batch", job_request("a dune"))
     return store, store.claim(job.id, "scheduler-a")
 
 

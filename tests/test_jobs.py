@@ -23,16 +23,17 @@ from serve.jobs import (
     JobStore,
     QueueFull,
 )
+from tests.job_requests import job_request
 from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 
 T = TypeVar("T")
-REQUEST = {"prompt": "a lighthouse in a storm, slow push-in", "width": 832, "height": 480, "num_frames": 81}
+REQUEST = job_request("a lighthouse in a storm, slow push-in", resolution="832x480", duration=5.0, steps=None)
 BUCKET = "832x480x81"
 NUM_THREADS = 8
 
 
 def make_job(store: JobStore, project: str = "dune", **options: Any) -> JobRecord:
-    job, created = store.create(project, options.pop("priority", "batch"), REQUEST, BUCKET, **options)
+    job, created = store.create(project, options.pop("priority", "batch"), REQUEST, **options)
     assert created
     return job
 
@@ -109,7 +110,6 @@ def test_create_queues_a_job_that_get_returns(store: JobStore) -> None:
         "dune",
         "interactive",
         REQUEST,
-        BUCKET,
         labels={"shot": "12A", "take": 3},
         deadline=deadline,
         storyboard_id="sb-7",
@@ -145,9 +145,9 @@ def test_timestamps_are_timezone_aware_utc(store: JobStore) -> None:
 
 def test_create_rejects_bad_arguments_with_actionable_messages(store: JobStore) -> None:
     with pytest.raises(ValueError, match="`priority` must be 'interactive' or 'batch' but is 'urgent'"):
-        store.create("dune", "urgent", REQUEST, BUCKET)  # type: ignore[arg-type]
+        store.create("dune", "urgent", REQUEST)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`deadline` must be timezone-aware"):
-        store.create("dune", "batch", REQUEST, BUCKET, deadline=datetime(2031, 1, 1))
+        store.create("dune", "batch", REQUEST, deadline=datetime(2031, 1, 1))
     assert store.count_by_status()[JobStatus.QUEUED] == 0
 
 
@@ -200,11 +200,9 @@ def test_list_pages_oldest_first_and_filters_by_status_and_storyboard(store: Job
 
 
 def test_same_idempotency_key_returns_the_existing_job(store: JobStore) -> None:
-    first, created_first = store.create("dune", "batch", REQUEST, BUCKET, idempotency_key="shot-12")
-    again, created_again = store.create("dune", "batch", REQUEST, BUCKET, idempotency_key="shot-12")
-    other_project, created_other = store.create(
-        "arrival", "batch", REQUEST, BUCKET, idempotency_key="shot-12"
-    )
+    first, created_first = store.create("dune", "batch", REQUEST, idempotency_key="shot-12")
+    again, created_again = store.create("dune", "batch", REQUEST, idempotency_key="shot-12")
+    other_project, created_other = store.create("arrival", "batch", REQUEST, idempotency_key="shot-12")
 
     assert (created_first, created_again, created_other) == (True, False, True)
     assert again == first
@@ -214,9 +212,7 @@ def test_same_idempotency_key_returns_the_existing_job(store: JobStore) -> None:
 
 
 def test_concurrent_creates_with_one_idempotency_key_make_one_job(store: JobStore) -> None:
-    results = in_threads(
-        lambda _: store.create("dune", "interactive", REQUEST, BUCKET, idempotency_key="take-3")
-    )
+    results = in_threads(lambda _: store.create("dune", "interactive", REQUEST, idempotency_key="take-3"))
 
     assert sum(created for _, created in results) == 1
     assert len({job.id for job, _ in results}) == 1
@@ -228,7 +224,7 @@ def test_queue_bound_refuses_beyond_max_queued_and_writes_nothing(store: JobStor
     make_job(store, "arrival", max_queued=2)
 
     with pytest.raises(QueueFull) as refused:
-        store.create("dune", "batch", REQUEST, BUCKET, max_queued=2)
+        store.create("dune", "batch", REQUEST, max_queued=2)
 
     assert (refused.value.scope, refused.value.limit) == ("global", 2)
     assert refused.value.retry_after_s >= 1
@@ -252,7 +248,7 @@ def test_per_project_bound_refuses_only_that_project(store: JobStore) -> None:
         make_job(store, "dune", max_queued_per_project=2)
 
     with pytest.raises(QueueFull) as refused:
-        store.create("dune", "batch", REQUEST, BUCKET, max_queued=100, max_queued_per_project=2)
+        store.create("dune", "batch", REQUEST, max_queued=100, max_queued_per_project=2)
     make_job(store, "arrival", max_queued=100, max_queued_per_project=2)
 
     assert refused.value.scope == "project"
@@ -261,19 +257,15 @@ def test_per_project_bound_refuses_only_that_project(store: JobStore) -> None:
 
 
 def test_gpu_quota_refuses_new_jobs_of_that_project_but_answers_retries(store: JobStore) -> None:
-    job, _ = store.create("dune", "batch", REQUEST, BUCKET, idempotency_key="shot-1", gpu_seconds_per_day=5)
+    job, _ = store.create("dune", "batch", REQUEST, idempotency_key="shot-1", gpu_seconds_per_day=5)
     job = store.claim(job.id, "scheduler-a")
     store.succeed(job.id, job.attempt, artifact_uri="k", artifact_bytes=1, timings={"denoise_high": 6.0})
 
     with pytest.raises(GpuQuotaExceeded) as refused:
-        store.create("dune", "batch", REQUEST, BUCKET, gpu_seconds_per_day=5)
-    again, created = store.create(
-        "dune", "batch", REQUEST, BUCKET, idempotency_key="shot-1", gpu_seconds_per_day=5
-    )
+        store.create("dune", "batch", REQUEST, gpu_seconds_per_day=5)
+    again, created = store.create("dune", "batch", REQUEST, idempotency_key="shot-1", gpu_seconds_per_day=5)
     with pytest.raises(GpuQuotaExceeded):
-        store.create_storyboard(
-            "sb_1", "dune", None, {}, [("batch", REQUEST, BUCKET, {})], gpu_seconds_per_day=5
-        )
+        store.create_storyboard("sb_1", "dune", None, {}, [("batch", REQUEST, {})], gpu_seconds_per_day=5)
     make_job(store, "arrival", gpu_seconds_per_day=5)
 
     assert str(refused.value).startswith("project 'dune' used 6.0 of its 5 GPU seconds today")
@@ -283,9 +275,9 @@ def test_gpu_quota_refuses_new_jobs_of_that_project_but_answers_retries(store: J
 
 
 def test_retried_request_is_answered_even_when_the_queue_is_full(store: JobStore) -> None:
-    job, _ = store.create("dune", "batch", REQUEST, BUCKET, idempotency_key="shot-1", max_queued=1)
+    job, _ = store.create("dune", "batch", REQUEST, idempotency_key="shot-1", max_queued=1)
 
-    again, created = store.create("dune", "batch", REQUEST, BUCKET, idempotency_key="shot-1", max_queued=1)
+    again, created = store.create("dune", "batch", REQUEST, idempotency_key="shot-1", max_queued=1)
 
     assert (again.id, created) == (job.id, False)
 
@@ -293,7 +285,7 @@ def test_retried_request_is_answered_even_when_the_queue_is_full(store: JobStore
 def test_concurrent_creates_never_overshoot_the_queue_bound(store: JobStore) -> None:
     def create(index: int) -> str:
         try:
-            store.create(f"project-{index % 3}", "batch", REQUEST, BUCKET, max_queued=5)
+            store.create(f"project-{index % 3}", "batch", REQUEST, max_queued=5)
         except QueueFull as refused:
             assert refused.scope == "global" and refused.retry_after_s >= 1
             return "refused"

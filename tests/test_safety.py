@@ -12,7 +12,6 @@ import av
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from serve.stages.deployments import FinishCall, FinisherDeployment
 
 from pipeline.frames import Frames
 from pipeline.safety import (
@@ -27,6 +26,8 @@ from pipeline.safety import (
 from pipeline.video import AI_MARKER, read_video_info
 from serve.cli import main
 from serve.config import PrevizArgs
+from serve.stages.finisher import FinisherDeployment
+from serve.stages.payloads import FinishCall
 from serve.storage import artifact_key
 from tests.api_app import TINY, LocalApi, local_api
 from tests.cluster import ARTIFACT_BUCKET, Cluster

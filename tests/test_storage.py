@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 from unittest import mock
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -171,7 +172,7 @@ def test_every_settings_field_is_documented() -> None:
 def test_make_store_builds_the_kind_the_settings_name(tmp_path: Path) -> None:
     local = make_store(StorageSettings(local_root=tmp_path / "clips", public_base_url="https://previz.test/"))
     assert isinstance(local, LocalArtifactStore) and local.root == tmp_path / "clips"
-    assert local.url(CLIP_KEY) == f"https://previz.test/artifacts/{CLIP_KEY}"
+    assert local.url(CLIP_KEY).startswith(f"https://previz.test/v1/artifacts/{CLIP_KEY}?expires=")
     s3 = make_store(StorageSettings(kind="s3", s3_uri="s3://previz-clips/prod", s3_region="us-east-1"))
     assert isinstance(s3, S3ArtifactStore)
     assert s3.object_uri(CLIP_KEY) == f"s3://previz-clips/prod/{CLIP_KEY}"
@@ -250,10 +251,15 @@ def test_reading_a_missing_local_artifact_raises_not_found_naming_the_key(
     assert not local.exists(CLIP_KEY)
 
 
-def test_local_urls_are_ingress_paths(tmp_path: Path) -> None:
-    assert LocalArtifactStore(tmp_path).url(CLIP_KEY) == f"{LOCAL_URL_PREFIX}/{CLIP_KEY}"
+def test_local_urls_are_signed_links_to_the_ingress_artifact_route(tmp_path: Path) -> None:
+    local = LocalArtifactStore(tmp_path)
+    link = urlsplit(local.url(CLIP_KEY, expires_in_s=60))
+    query = dict(parse_qsl(link.query))
+    assert link.path == f"{LOCAL_URL_PREFIX}/{CLIP_KEY}" == f"/v1/artifacts/{CLIP_KEY}"
+    assert local.signer.check(CLIP_KEY, int(query["expires"]), query["signature"]) is None
+    assert int(query["expires"]) - time.time() <= 60
     hosted = LocalArtifactStore(tmp_path, public_base_url="https://previz.studio/")
-    assert hosted.url(CLIP_KEY, expires_in_s=60) == f"https://previz.studio/artifacts/{CLIP_KEY}"
+    assert hosted.url(CLIP_KEY).startswith(f"https://previz.studio/v1/artifacts/{CLIP_KEY}?expires=")
 
 
 # --- S3 (SeaweedFS) ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from serve.config import WebhookSettings
 from serve.jobs import JobRecord, JobStore
 from serve.jobs.models import utcnow
 from serve.jobs.outbox import WebhookDelivery
+from serve.jobs.request import JobRequest
 from serve.jobs.schema import projects
 from serve.webhooks import (
     WebhookDispatcher,
@@ -32,20 +33,16 @@ from serve.webhooks import (
 )
 from tests.api_app import TINY, local_api
 from tests.cluster import Cluster
+from tests.job_requests import job_request
 from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 
 SECRET = "whsec_test_0123456789abcdef"
 BUCKET = "96x64x9"
 
 
-def request_body(callback_url: str | None) -> dict[str, Any]:
+def request_body(callback_url: str | None) -> JobRequest:
     """A stored job request as the Ingress writes it (what the webhook's video object is built from)."""
-    return {
-        "spec": {"prompt": "a lighthouse in a storm", "duration": 0.5, "steps": 4, "seed": 7},
-        "finish": {"upscale": "none", "look": "none", "label": "AI-generated draft"},
-        "model": "wan2.2-t2v-a14b",
-        "callback_url": callback_url,
-    }
+    return job_request(resolution="96x64", duration=0.5, steps=4, seed=7, callback_url=callback_url)
 
 
 def ensure_project(database_url: str, name: str, secret: str | None = SECRET) -> None:
@@ -64,7 +61,7 @@ def ensure_project(database_url: str, name: str, secret: str | None = SECRET) ->
 
 
 def running_job(store: JobStore, callback_url: str | None, project: str = "dune") -> JobRecord:
-    job, _ = store.create(project, "batch", request_body(callback_url), BUCKET, labels={"shot": "12A"})
+    job, _ = store.create(project, "batch", request_body(callback_url), labels={"shot": "12A"})
     claimed = store.claim(job.id, "scheduler-0")
     assert claimed is not None
     return claimed
@@ -193,7 +190,7 @@ def test_failing_and_cancelling_queue_their_events(store: JobStore) -> None:
         "message": "RuntimeError: boom",
         "param": None,
     }
-    cancelled, _ = store.create("dune", "batch", request_body("https://hooks.example.com/b"), BUCKET)
+    cancelled, _ = store.create("dune", "batch", request_body("https://hooks.example.com/b"))
     store.cancel(cancelled.id)
     [delivery] = store.webhook_deliveries(cancelled.id)
     assert (delivery.event, delivery.payload["data"]["status"]) == ("video.cancelled", "cancelled")

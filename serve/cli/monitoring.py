@@ -25,7 +25,7 @@ import httpx
 import ray
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 RULE_FILES = (PROMETHEUS_DIR / "alerts.yml",)
 SERVICE_DISCOVERY_FILE = (
