@@ -1,0 +1,152 @@
+"""Stand-in stage handles for running the real Scheduler without a Ray cluster: each answers like its stage
+deployment (the typed payloads of serve.stages.payloads) and records what it was asked."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serve.config import PrevizArgs
+from serve.jobs import JobRecord, JobStore
+from serve.scheduling.scheduler import Scheduler
+from serve.stages.payloads import (
+    DenoiseCall,
+    DenoiseDone,
+    DenoiseProgress,
+    FinishCall,
+    FinishedClip,
+    FrameBatch,
+)
+from serve.storage import JobArtifacts
+
+
+class Method:
+    """`handle.<method>.remote(...)` and `handle.options(stream=True).<method>.remote(...)` of a Serve
+    handle, answered by a local function (a coroutine, or an async generator for streams)."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+
+@dataclass
+class FakeStages:
+    """The six stage handles; each records its calls. `fail` maps a stage to an exception it raises."""
+
+    calls: dict[str, list[Any]] = field(default_factory=dict)
+    fail: dict[str, BaseException] = field(default_factory=dict)
+    fail_once: set[str] = field(default_factory=set)  # stages whose failure is gone after one call
+    hold_low: asyncio.Event | None = None  # the low-noise expert waits for this before its first step
+
+    def handles(self) -> list[Any]:
+        return [
+            Handle(encode=Method(self.encode)),
+            Handle(denoise=Method(self.denoiser("high"))),
+            Handle(denoise=Method(self.denoiser("low"))),
+            Handle(decode=Method(self.decode)),
+            Handle(upscale=Method(self.upscale)),
+            Handle(finish=Method(self.finish)),
+        ]
+
+    def record(self, stage: str, value: Any) -> None:
+        self.calls.setdefault(stage, []).append(value)
+        if stage in self.fail:
+            error = self.fail.pop(stage) if stage in self.fail_once else self.fail[stage]
+            raise error
+
+    async def encode(self, text: str) -> np.ndarray:
+        self.record("encode", text)
+        return np.full((4, 8), float(len(text)), dtype=np.float32)
+
+    def denoiser(self, expert: str) -> Callable[..., AsyncIterator[Any]]:
+        async def denoise(call: DenoiseCall, bucket: str) -> AsyncIterator[Any]:
+            self.record(expert, (call.request_id, bucket, call.state.step_index))
+            if expert == "low" and self.hold_low is not None:
+                await self.hold_low.wait()
+            state = call.state
+            steps = 3 if expert == "high" else state.num_steps - state.step_index
+            for done in range(1, steps + 1):
+                yield DenoiseProgress(done=done, total=steps)
+            latents = state.latents + (1.0 if expert == "high" else 10.0)
+            yield DenoiseDone(
+                state=replace(state, latents=latents, step_index=state.step_index + steps), seconds=0.01
+            )
+
+        return denoise
+
+    async def decode(self, latents: np.ndarray, fps: int) -> FrameBatch:
+        self.record("decode", float(latents.mean()))
+        return FrameBatch(ref=[np.zeros((9, 64, 96, 3), np.uint8)], fps=fps, seconds=0.01)
+
+    async def upscale(self, frames: FrameBatch, width: int, height: int) -> FrameBatch:
+        self.record("upscale", (width, height))
+        return frames
+
+    async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
+        self.record("finish", call)
+        keys = JobArtifacts(call.project, call.job_id)
+        return FinishedClip(
+            uri=f"file:///{keys.clip(call.attempt)}",
+            key=keys.clip(call.attempt),
+            size_bytes=1234,
+            poster_key=keys.poster(call.attempt),
+            num_frames=9,
+            width=96,
+            height=64,
+            seconds=0.01,
+        )
+
+
+class Handle:
+    def __init__(self, **methods: Method) -> None:
+        self._methods = methods
+
+    def __getattr__(self, name: str) -> Method:
+        return self._methods[name]
+
+    def options(self, **_options: Any) -> Handle:
+        return self
+
+
+def scheduler_args(tmp_path: Path, **overrides: Any) -> PrevizArgs:
+    """A fast-polling Scheduler config on a SQLite file and a local artifact folder under `tmp_path`."""
+    fields: dict[str, Any] = {
+        "database_url": f"sqlite:///{tmp_path / 'jobs.db'}",
+        "storage": {"kind": "local", "local_root": str(tmp_path / "artifacts")},
+        "poll_interval_s": 0.02,
+        "finish_retry_base_s": 0.0,
+    }
+    return PrevizArgs(**{**fields, **overrides})
+
+
+async def wait_for(
+    store: JobStore, job_id: str, done: Callable[[JobRecord], bool], timeout_s: float = 20
+) -> JobRecord:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = store.get(job_id)
+        if done(job):
+            return job
+        assert time.monotonic() < deadline, f"timed out; job is {job.status.name}"
+        await asyncio.sleep(0.02)
+
+
+def run(scenario: Callable[[], Any]) -> None:
+    asyncio.run(scenario())
+
+
+def start(args: PrevizArgs, stages: FakeStages) -> Scheduler:
+    return Scheduler.func_or_class(args, args.sampling, *stages.handles())
+
+
+def stop(scheduler: Scheduler) -> None:
+    for task in (scheduler._loop_task, scheduler._metrics_task, scheduler._webhooks_task):
+        task.cancel()

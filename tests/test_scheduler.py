@@ -1,0 +1,148 @@
+"""The Scheduler's job pipeline on the CPU without a Ray cluster: the real Scheduler class, a real SQLite job
+store and local artifact folder, and stand-in stage handles that answer like the stage deployments
+(typed payloads) and record what they were asked. Happy path, resume from the expert-boundary checkpoint,
+a lost replica, a superseded attempt and a Finisher that keeps failing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from ray.exceptions import ActorDiedError
+
+from serve.jobs import JobStatus, JobStore
+from serve.storage import JobArtifacts, StorageError
+from tests.fake_stages import FakeStages, run, scheduler_args, start, stop, wait_for
+from tests.job_requests import job_request
+
+
+def test_a_job_runs_through_every_stage_and_records_its_clip_and_poster(tmp_path: Path) -> None:
+    args = scheduler_args(tmp_path)
+    stages = FakeStages()
+    store = JobStore(args.database_url)
+    store.create_schema()
+    job, _ = store.create("dune", "interactive", job_request(steps=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            done = await wait_for(store, job.id, lambda j: j.is_finished)
+            # a finished job's checkpoint is dropped once its run has left the pipeline
+            await wait_for(store, job.id, lambda j: j.checkpoint_uri is None)
+        finally:
+            stop(scheduler)
+        keys = JobArtifacts("dune", job.id)
+        assert done.status == JobStatus.SUCCEEDED and done.progress == 100 and done.attempt == 1
+        assert (done.artifact_uri, done.poster_uri) == (keys.clip(1), keys.poster(1))
+        assert set(done.timings) == {"encode", "denoise_high", "denoise_low", "decode", "upscale", "finish"}
+        assert stages.calls["high"] == [(f"{job.id}:1", "96x64x9", 0)]
+        assert stages.calls["low"] == [(f"{job.id}:1", "96x64x9", 3)]  # the high expert's 3 steps
+        assert stages.calls["decode"] == [pytest.approx(11.0, abs=5)]  # both experts' changes reached it
+        assert stages.calls["upscale"] == [(96, 64)]
+        (call,) = stages.calls["finish"]
+        assert (call.label, call.look, call.seed) == ("AI-generated draft", "none", 7)
+        kinds = [event.kind for event in store.events(job.id)]
+        assert kinds[:2] == ["created", "claimed"] and kinds[-1] == "succeeded" and "checkpoint" in kinds
+
+    run(scenario)
+
+
+def test_a_lost_low_noise_replica_requeues_and_the_rerun_resumes_from_the_checkpoint(tmp_path: Path) -> None:
+    args = scheduler_args(tmp_path)
+    stages = FakeStages(fail={"low": ActorDiedError()}, fail_once={"low"})  # Serve replaces the replica
+    store = JobStore(args.database_url)
+    store.create_schema()
+    job, _ = store.create("dune", "batch", job_request(steps=8))
+    checkpoint = JobArtifacts("dune", job.id).checkpoint
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            done = await wait_for(store, job.id, lambda j: j.is_finished)
+        finally:
+            stop(scheduler)
+        assert done.status == JobStatus.SUCCEEDED and done.attempt == 2
+        kinds = [event.kind for event in store.events(job.id)]
+        assert kinds.index("checkpoint") < kinds.index("requeued") < kinds.index("resumed")
+        resumed = next(event for event in store.events(job.id) if event.kind == "resumed")
+        assert (resumed.data["uri"], resumed.data["step_index"]) == (checkpoint, 3)
+        assert len(stages.calls["high"]) == 1  # the rerun skipped the high-noise expert
+        assert [call[0] for call in stages.calls["low"]] == [f"{job.id}:1", f"{job.id}:2"]
+        assert stages.calls["low"][1][2] == 3  # and started the low expert where the checkpoint left off
+
+    run(scenario)
+
+
+def test_a_lost_high_noise_replica_reruns_from_scratch_without_a_checkpoint(tmp_path: Path) -> None:
+    args = scheduler_args(tmp_path, max_attempts=2)
+    stages = FakeStages(fail={"high": ActorDiedError()})
+    store = JobStore(args.database_url)
+    store.create_schema()
+    job, _ = store.create("dune", "batch", job_request(steps=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            failed = await wait_for(store, job.id, lambda j: j.is_finished)
+        finally:
+            stop(scheduler)
+        # both runs lost the replica before any checkpoint: the second was the last allowed
+        assert failed.status == JobStatus.FAILED and failed.attempt == 2
+        assert len(stages.calls["high"]) == 2 and "low" not in stages.calls
+        assert failed.checkpoint_uri is None
+
+    run(scenario)
+
+
+def test_a_superseded_attempt_records_nothing_and_the_newer_run_wins(tmp_path: Path) -> None:
+    args = scheduler_args(tmp_path, max_jobs_in_flight=1)  # this scheduler cannot claim the job back
+    stages = FakeStages(hold_low=asyncio.Event())
+    store = JobStore(args.database_url)
+    store.create_schema()
+    job, _ = store.create("dune", "batch", job_request(steps=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            await wait_for(store, job.id, lambda j: j.status == JobStatus.DENOISING_LOW)
+            # another scheduler incarnation takes the job over: this run's updates are now refused
+            assert store.requeue(job.id, 1) == JobStatus.QUEUED
+            newer = store.claim(job.id, "scheduler-newer")
+            assert newer is not None and newer.attempt == 2
+            stages.hold_low.set()  # the old run goes on and tries to record its progress
+            await wait_for(store, job.id, lambda _j: job.id not in scheduler._running)
+        finally:
+            stop(scheduler)
+        current = store.get(job.id)
+        assert (current.status, current.attempt, current.claimed_by) == (
+            JobStatus.ENCODING,
+            2,
+            "scheduler-newer",
+        )
+        assert current.artifact_uri is None and "finish" not in stages.calls
+
+    run(scenario)
+
+
+def test_a_finisher_that_keeps_failing_fails_the_job_after_the_bounded_retries(tmp_path: Path) -> None:
+    args = scheduler_args(tmp_path, finish_attempts=3)
+    stages = FakeStages(fail={"finish": StorageError("artifact 'dune/x/clip-a1.mp4': bucket unreachable")})
+    store = JobStore(args.database_url)
+    store.create_schema()
+    job, _ = store.create("dune", "batch", job_request(steps=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            failed = await wait_for(store, job.id, lambda j: j.is_finished)
+        finally:
+            stop(scheduler)
+        assert failed.status == JobStatus.FAILED and failed.error_code == "storage_failed"
+        assert (
+            "failed on all 3 tries" in failed.error_message and "bucket unreachable" in failed.error_message
+        )
+        assert len(stages.calls["finish"]) == 3 and failed.attempt == 1  # retried in place, not requeued
+        assert [event.kind for event in store.events(job.id)].count("retry") == 2
+
+    run(scenario)
