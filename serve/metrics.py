@@ -22,6 +22,8 @@ from typing import Any
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from serve.jobs.models import Bucket
+
 logger = logging.getLogger("ray.serve")
 
 EXPORTED_PREFIX = "ray_"  # Ray 2.60 prefixes user metrics on export: previz_x -> ray_previz_x
@@ -210,7 +212,10 @@ def _safely(record: Callable[..., None]) -> Callable[..., None]:
 
 def resolution_of(bucket: str) -> str:
     """ "832x480x81" -> "832x480": the dashboards' latency-by-resolution label (bounded cardinality)."""
-    return bucket.rsplit("x", 1)[0] if bucket.count("x") == 2 else bucket
+    try:
+        return Bucket.parse(bucket).size
+    except ValueError:
+        return bucket
 
 
 # ---- Scheduler side ----------------------------------------------------------------------------------

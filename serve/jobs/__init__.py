@@ -7,7 +7,7 @@ and writes its event row in that same transaction. Methods return frozen records
 
     store = JobStore("sqlite:///previz-jobs.db")
     store.create_schema()
-    job, created = store.create("dune", "interactive", request, "832x480x81", idempotency_key="shot-12")
+    job, created = store.create("dune", "interactive", request, idempotency_key="shot-12")  # a JobRequest
     job = store.claim(job.id, "scheduler-0")                   # QUEUED -> ENCODING, attempt 1
     store.advance(job.id, job.attempt, JobStatus.DENOISING_HIGH, stage_progress=0.5)
     store.succeed(job.id, job.attempt, artifact_uri="s3://clips/vid_....mp4", artifact_bytes=812_331)
@@ -37,6 +37,7 @@ from serve.jobs.models import (
     new_job_id,
     new_storyboard_id,
 )
+from serve.jobs.request import JobRequest
 from serve.jobs.store import DEFAULT_URL, JobStore
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "GpuQuotaExceeded",
     "JobEvent",
     "JobRecord",
+    "JobRequest",
     "JobStatus",
     "JobStore",
     "Priority",

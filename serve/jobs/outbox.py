@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, insert, select, update
 
-from serve.jobs.models import JobRecord, JobStatus, new_job_id
+from serve.jobs.models import JobRecord, JobStatus, new_job_id, unix
 from serve.jobs.schema import jobs, projects, webhook_deliveries
 
 WebhookEvent = Literal["video.completed", "video.failed", "video.cancelled"]
@@ -69,7 +69,7 @@ def enqueue_webhook(conn: Connection, job: JobRecord, now: datetime) -> None:
     payload = {
         "id": delivery_id,
         "type": event,
-        "created_at": int(now.timestamp()),
+        "created_at": unix(now),
         "data": video_payload(job),
     }
     conn.execute(

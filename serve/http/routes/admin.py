@@ -11,7 +11,6 @@
 """
 
 import asyncio
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -21,6 +20,7 @@ from serve.auth import PROJECT_NAME, ApiKeyRecord, Caller, ProjectRecord, Projec
 from serve.http.deps import StateDep, authenticated_caller
 from serve.http.errors import ApiError
 from serve.jobs import JobStore
+from serve.jobs.models import unix
 from serve.jobs.projects import ProjectExists
 
 
@@ -89,12 +89,8 @@ class ApiKeyList(BaseModel):
     data: list[ApiKey]
 
 
-def _unix(moment: datetime | None) -> int | None:
-    return None if moment is None else int(moment.timestamp())
-
-
 def _project(record: ProjectRecord) -> Project:
-    return Project(name=record.name, created_at=_unix(record.created_at), settings=record.settings)
+    return Project(name=record.name, created_at=unix(record.created_at), settings=record.settings)
 
 
 def _key(record: ApiKeyRecord) -> ApiKey:
@@ -103,9 +99,9 @@ def _key(record: ApiKeyRecord) -> ApiKey:
         project=record.project,
         role=record.role,
         name=record.name,
-        created_at=_unix(record.created_at),
-        revoked_at=_unix(record.revoked_at),
-        last_used_at=_unix(record.last_used_at),
+        created_at=unix(record.created_at),
+        revoked_at=unix(record.revoked_at),
+        last_used_at=unix(record.last_used_at),
     )
 
 
