@@ -26,15 +26,35 @@ from serve.stages.payloads import (
 from serve.storage import JobArtifacts
 
 
+class Response:
+    """A DeploymentResponse (awaitable) or DeploymentResponseGenerator (async iterable) of a local call,
+    with `cancel()` recording that the Scheduler cancelled it on its replica."""
+
+    def __init__(self, call: Any, name: str, cancelled: list[str]) -> None:
+        self._call, self._name, self._cancelled = call, name, cancelled
+
+    def __await__(self) -> Any:
+        return self._call.__await__()
+
+    def __aiter__(self) -> Response:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._call.__anext__()
+
+    def cancel(self) -> None:
+        self._cancelled.append(self._name)
+
+
 class Method:
     """`handle.<method>.remote(...)` and `handle.options(stream=True).<method>.remote(...)` of a Serve
     handle, answered by a local function (a coroutine, or an async generator for streams)."""
 
-    def __init__(self, function: Callable[..., Any]) -> None:
-        self.function = function
+    def __init__(self, function: Callable[..., Any], name: str, cancelled: list[str]) -> None:
+        self.function, self.name, self.cancelled = function, name, cancelled
 
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self.function(*args, **kwargs)
+    def remote(self, *args: Any, **kwargs: Any) -> Response:
+        return Response(self.function(*args, **kwargs), self.name, self.cancelled)
 
 
 @dataclass
@@ -45,15 +65,20 @@ class FakeStages:
     fail: dict[str, BaseException] = field(default_factory=dict)
     fail_once: set[str] = field(default_factory=set)  # stages whose failure is gone after one call
     hold_low: asyncio.Event | None = None  # the low-noise expert waits for this before its first step
+    hold_decode: asyncio.Event | None = None  # the decoder waits for this before it answers
+    cancelled: list[str] = field(default_factory=list)  # stages whose call the Scheduler cancelled
 
     def handles(self) -> list[Any]:
+        def method(function: Callable[..., Any], name: str) -> Method:
+            return Method(function, name, self.cancelled)
+
         return [
-            Handle(encode=Method(self.encode)),
-            Handle(denoise=Method(self.denoiser("high"))),
-            Handle(denoise=Method(self.denoiser("low"))),
-            Handle(decode=Method(self.decode)),
-            Handle(upscale=Method(self.upscale)),
-            Handle(finish=Method(self.finish)),
+            Handle(encode=method(self.encode, "encode")),
+            Handle(denoise=method(self.denoiser("high"), "high")),
+            Handle(denoise=method(self.denoiser("low"), "low")),
+            Handle(decode=method(self.decode, "decode")),
+            Handle(upscale=method(self.upscale, "upscale")),
+            Handle(finish=method(self.finish, "finish")),
         ]
 
     def record(self, stage: str, value: Any) -> None:
@@ -84,6 +109,8 @@ class FakeStages:
 
     async def decode(self, latents: np.ndarray, fps: int) -> FrameBatch:
         self.record("decode", float(latents.mean()))
+        if self.hold_decode is not None:
+            await self.hold_decode.wait()
         return FrameBatch(ref=[np.zeros((9, 64, 96, 3), np.uint8)], fps=fps, seconds=0.01)
 
     async def upscale(self, frames: FrameBatch, width: int, height: int) -> FrameBatch:

@@ -146,3 +146,28 @@ def test_a_finisher_that_keeps_failing_fails_the_job_after_the_bounded_retries(t
         assert [event.kind for event in store.events(job.id)].count("retry") == 2
 
     run(scenario)
+
+
+@pytest.mark.parametrize("stage", ["low", "decode"])
+def test_a_cancel_while_a_stage_runs_cancels_that_call_on_its_replica(tmp_path: Path, stage: str) -> None:
+    args = scheduler_args(tmp_path)
+    holds = {"low": "hold_low", "decode": "hold_decode"}
+    stages = FakeStages(**{holds[stage]: asyncio.Event()})
+    store = JobStore(args.database_url)
+    store.create_schema()
+    job, _ = store.create("dune", "batch", job_request(steps=8))
+    waiting = {"low": JobStatus.DENOISING_LOW, "decode": JobStatus.DECODING}[stage]
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            await wait_for(store, job.id, lambda j: j.status == waiting and stage in stages.calls)
+            assert store.cancel(job.id, project="dune") == "cancelled"  # what DELETE does, then:
+            assert await scheduler.cancel(job.id)
+            await wait_for(store, job.id, lambda _j: job.id not in scheduler._running)
+        finally:
+            stop(scheduler)
+        assert stages.cancelled == [stage]  # the running call itself was cancelled, nothing else ran
+        assert store.get(job.id).status == JobStatus.CANCELLED and "finish" not in stages.calls
+
+    run(scenario)

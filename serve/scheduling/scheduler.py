@@ -20,9 +20,10 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from pipeline.denoise.state import initial_state
 from pipeline.safety import ContentBlocked
@@ -73,6 +74,16 @@ class StageHandles:
     vae: DeploymentHandle
     upscaler: DeploymentHandle
     finisher: DeploymentHandle
+
+
+async def stage_call(response: DeploymentResponse) -> Any:
+    """Await one stage call; when the job's task is cancelled meanwhile, cancel the call on its replica
+    too (a running decode, upscale or finish stops instead of finishing for nobody)."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 
 
 def overall_progress(status: JobStatus, stage_fraction: float) -> int:
@@ -226,8 +237,8 @@ class Scheduler:
         await self._advance(job, JobStatus.ENCODING, 0.0)
         started = time.perf_counter()
         prompt, negative = await asyncio.gather(
-            stages.text_encoder.encode.remote(resolved.prompt),
-            stages.text_encoder.encode.remote(resolved.negative_prompt),
+            stage_call(stages.text_encoder.encode.remote(resolved.prompt)),
+            stage_call(stages.text_encoder.encode.remote(resolved.negative_prompt)),
         )
         timings["encode"] = time.perf_counter() - started
 
@@ -251,22 +262,30 @@ class Scheduler:
                 priority=job.priority,
                 deadline=job.deadline,
             )
-            async for event in handle.options(stream=True).denoise.remote(call, bucket=bucket):
-                match event:
-                    case DenoiseProgress(done=done, total=total):
-                        await self._advance(job, status, done / max(total, 1))
-                    case DenoiseDone():
-                        state, timings[name] = event.state, event.seconds
+            stream = handle.options(stream=True).denoise.remote(call, bucket=bucket)
+            try:
+                async for event in stream:
+                    match event:
+                        case DenoiseProgress(done=done, total=total):
+                            await self._advance(job, status, done / max(total, 1))
+                        case DenoiseDone():
+                            state, timings[name] = event.state, event.seconds
+            except BaseException:
+                # Cancelled, superseded or failed before the expert's last step: take the request out of
+                # the replica's engine now. Leaving the stream does not cancel it: the engine would keep
+                # stepping an orphan (Ray Serve 2.60 cancels a call only through `cancel()`).
+                stream.cancel()
+                raise
             if status == JobStatus.DENOISING_HIGH:
                 await self._checkpoint(job, state)
 
         await self._advance(job, JobStatus.DECODING, 0.0)
-        frames = await stages.vae.decode.remote(state.latents, resolved.fps)
+        frames = await stage_call(stages.vae.decode.remote(state.latents, resolved.fps))
         timings["decode"] = frames.seconds
 
         await self._advance(job, JobStatus.UPSCALING, 0.0)
         width, height = upscale_target_size(finish.upscale, resolved.width, resolved.height)
-        frames = await stages.upscaler.upscale.remote(frames, width, height)
+        frames = await stage_call(stages.upscaler.upscale.remote(frames, width, height))
         timings["upscale"] = frames.seconds
 
         await self._advance(job, JobStatus.FINISHING, 0.0)
@@ -304,7 +323,7 @@ class Scheduler:
     async def _finish(self, job: JobRecord, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         """The Finisher's clip, retried with backoff; after `finish_attempts` tries the job fails."""
         return await finish_with_retries(
-            lambda: self.stages.finisher.finish.remote(frames, call),
+            lambda: stage_call(self.stages.finisher.finish.remote(frames, call)),
             self.store,
             job,
             attempts=self.args.finish_attempts,
