@@ -34,6 +34,14 @@ class WebhookSettings(BaseModel):
     retry_cap_s: float = Field(600.0, gt=0, description="Longest delay between two attempts.")
     timeout_s: float = Field(10.0, gt=0, description="Per-attempt HTTP timeout; redirects are not followed.")
     poll_interval_s: float = Field(1.0, gt=0, description="How often the dispatcher looks for due webhooks.")
+    allow_http: bool = Field(
+        False, description="Accept `http://` callback URLs too (default: `https://` only)."
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Internal receivers allowed despite the SSRF rules: host names, or networks such as "
+        "`10.20.0.0/16` whose addresses may be called. Everything else must be a public address.",
+    )
 
 
 class PrevizArgs(BaseModel):

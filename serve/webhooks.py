@@ -27,9 +27,11 @@ import time
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
+from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import WebhookSettings
 from serve.jobs import JobStore
 from serve.jobs.models import utcnow
@@ -128,12 +130,31 @@ def retry_delay_s(attempt: int, settings: WebhookSettings, rng: random.Random | 
     return delay * (rng or random).uniform(0.75, 1.0)
 
 
+def callback_policy(settings: WebhookSettings) -> CallbackPolicy:
+    return CallbackPolicy(allow_http=settings.allow_http, allowed_hosts=settings.allowed_hosts)
+
+
+def _error_class(failure: Exception) -> str:
+    """A short, fixed description of a failed attempt: which kind of failure, never the socket's message
+    (those texts map ports and hosts of the network the receiver is in)."""
+    if isinstance(failure, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(failure, httpx.ConnectError):
+        return "connection failed"
+    if isinstance(failure, httpx.RemoteProtocolError):
+        return "protocol error"
+    return "request failed"
+
+
 class WebhookDispatcher:
     """Sends due webhooks from the outbox. Any number may run against one store (leases keep them apart)."""
 
-    def __init__(self, store: JobStore, settings: WebhookSettings) -> None:
+    def __init__(
+        self, store: JobStore, settings: WebhookSettings, policy: CallbackPolicy | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.policy = policy or callback_policy(settings)
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -174,18 +195,29 @@ class WebhookDispatcher:
             error = f"project {delivery.project!r} has no webhook secret; the webhook cannot be signed"
             await self._record(delivery, ok=False, status_code=None, error=error, seconds=0.0, final=True)
             return
+        try:  # the rules again, on the addresses the host resolves to now (DNS rebinding)
+            target = await self.policy.target(delivery.url)
+        except CallbackRefused as refused:
+            await self._record(
+                delivery, ok=False, status_code=None, error=str(refused), seconds=0.0, final=True
+            )
+            return
         body = encode_payload(delivery.payload)
         headers = signature_headers(secret, delivery.id, delivery.event, body, int(time.time()))
         headers["Content-Type"] = "application/json"
+        headers["Host"] = urlsplit(delivery.url).netloc
         started = time.perf_counter()
         status_code: int | None = None
-        try:
-            response = await client.post(delivery.url, content=body, headers=headers)
+        try:  # to the address just checked; TLS still verifies the host's name
+            response = await client.post(
+                target.connect_url, content=body, headers=headers, extensions={"sni_hostname": target.host}
+            )
             status_code = response.status_code
             ok = response.is_success
-            error = None if ok else f"HTTP {status_code}: {response.text[:200]}".strip()
+            # Only the status: the receiver's body never reaches the API (it may be an internal service's).
+            error = None if ok else f"HTTP {status_code}"
         except (httpx.HTTPError, httpx.InvalidURL) as failure:
-            ok, error = False, f"{type(failure).__name__}: {failure}".strip()
+            ok, error = False, _error_class(failure)
         seconds = round(time.perf_counter() - started, 3)
         final = ok or attempt >= self.settings.max_attempts
         if not ok and final:

@@ -25,6 +25,7 @@ from pipeline.spec import ModelSpec, RequestSpec, describe_validation_error
 from pipeline.upscale import upscale_target_size
 from pipeline.video import DRAFT_LABEL
 from serve.auth import ProjectSettings
+from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import PrevizArgs
 from serve.http.deps import IngressState
 from serve.http.errors import ApiError
@@ -100,6 +101,9 @@ async def admit(
     requests = []
     for draft in drafts:
         check_label(draft.settings.label, settings, f"{draft.prefix}label")
+        check_callback(
+            state.callbacks, draft.callback_url, "callback_url" if board else f"{draft.prefix}callback_url"
+        )
         request = job_request(draft, state.model, body_sha256 if board is None else None)
         await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
         requests.append(request)
@@ -287,6 +291,15 @@ def check_label(label: bool, settings: ProjectSettings, param: str = "label") ->
             f"this project burns the {DRAFT_LABEL!r} label into every clip; `label: false` is not allowed",
             param,
         )
+
+
+def check_callback(policy: CallbackPolicy, url: str | None, param: str) -> None:
+    if url is None:
+        return
+    try:
+        policy.check_url(url)
+    except CallbackRefused as refused:
+        raise ApiError(400, "invalid_callback_url", str(refused), param) from None
 
 
 def check_replay(kind: str, key: str | None, stored: str | None, body_sha256: str) -> None:

@@ -17,6 +17,7 @@ from serve.config import PrevizArgs
 from serve.http.errors import ApiError
 from serve.jobs import JobRecord, JobStore
 from serve.storage import ArtifactSigner, ArtifactStore, LocalArtifactStore, make_store
+from serve.webhooks import callback_policy
 
 
 class IngressState:
@@ -39,6 +40,7 @@ class IngressState:
         local = isinstance(self.artifacts, LocalArtifactStore)
         self.signer: ArtifactSigner | None = self.artifacts.signer if local else None
         self.safety = PromptPolicy.from_settings(args.safety)
+        self.callbacks = callback_policy(args.webhooks)
 
 
 def current_state() -> IngressState:

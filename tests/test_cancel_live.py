@@ -1,0 +1,85 @@
+"""Cancels on the live session cluster really stop work: jobs cancelled early in the high-noise expert leave
+its engine as cancelled requests (not orphans stepped to the end), and an interactive job that comes after
+them finds the engines empty."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from ray import serve
+
+from serve.jobs import JobStatus
+from tests.cluster import Cluster
+
+LONG = {"resolution": "96x64", "duration": 0.5, "steps": 100}  # 64 high-noise steps: minutes of orphans
+WAIT_S = 600  # bound of every wait (a loaded 2-core CI box); no timing is asserted
+
+pytestmark = pytest.mark.cluster
+
+
+def engine_stats(expert: str):
+    handle = serve.get_deployment_handle(f"{expert}NoiseDenoiser", app_name="previz")
+    return handle.stats.remote().result()[1]
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_jobs_cancelled_early_in_the_high_noise_expert_leave_its_engine(cluster: Cluster) -> None:
+    client, store = cluster.client("cancels"), cluster.store()
+    before = engine_stats("High")
+    ids = []
+    for index in range(8):
+        ids.append(
+            client.create({"prompt": f"an early cancel, take {index}", "seed": 90 + index, **LONG})["id"]
+        )
+        time.sleep(0.3)
+    cancelled_at: dict[str, float] = {}
+
+    def cancel_the_ones_denoising() -> bool:
+        for job_id in ids:
+            job = store.get(job_id)
+            if job_id not in cancelled_at and (job.status >= JobStatus.DENOISING_HIGH or job.is_finished):
+                if job.status == JobStatus.DENOISING_HIGH:
+                    client.cancel(job_id)
+                cancelled_at[job_id] = time.monotonic()
+        return len(cancelled_at) == len(ids)
+
+    wait_until(cancel_the_ones_denoising, "not every job reached the high-noise expert")
+    cancelled = [job_id for job_id in ids if store.get(job_id).status == JobStatus.CANCELLED]
+    assert len(cancelled) >= 6, [store.get(job_id).status for job_id in ids]
+
+    def engine_empty() -> bool:
+        stats = engine_stats("High")
+        return stats.num_waiting + stats.num_running == 0
+
+    started = time.monotonic()
+    wait_until(engine_empty, "the high-noise engine still holds requests of cancelled jobs")
+    emptied_s = time.monotonic() - started
+    after = engine_stats("High")
+    # the cancelled jobs' requests were dropped as cancelled, not stepped to their end for nobody
+    assert after.num_cancelled - before.num_cancelled >= len(cancelled)
+    assert after.num_finished - before.num_finished <= len(ids) - len(cancelled)
+
+    interactive_started = time.monotonic()
+    job = client.create(
+        {
+            "prompt": "an interactive shot after the cancels",
+            "priority": "interactive",
+            "seed": 5,
+            "resolution": "96x64",
+            "duration": 0.5,
+            "steps": 4,
+        }
+    )
+    done = cluster.wait_for([job["id"]], timeout_s=WAIT_S)[job["id"]]
+    assert done["status"] == "completed"
+    print(
+        f"\nhigh-noise engine empty {emptied_s:.2f} s after {len(cancelled)} cancels; "
+        f"an interactive job then took {time.monotonic() - interactive_started:.2f} s"
+    )
