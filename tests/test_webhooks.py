@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,10 +14,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import create_engine, insert, select
 
+from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import WebhookSettings
 from serve.jobs import JobRecord, JobStore
 from serve.jobs.models import utcnow
@@ -37,6 +40,8 @@ from tests.job_requests import job_request
 from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 
 SECRET = "whsec_test_0123456789abcdef"
+# the receivers of these tests listen on loopback: an internal receiver the deployment allows explicitly
+LOOPBACK: dict[str, Any] = {"allow_http": True, "allowed_hosts": ["127.0.0.1/32"]}
 BUCKET = "96x64x9"
 
 
@@ -307,6 +312,7 @@ class Receiver:
     secret: str = SECRET
     requests: list[Received] = field(default_factory=list)
     url: str = ""
+    body: bytes = b"ok"  # what every answer carries
 
     @property
     def codes_sent(self) -> list[int]:
@@ -331,9 +337,9 @@ def receiver() -> Iterator[Receiver]:
             self.send_response(status)
             if 300 <= status < 400:
                 self.send_header("Location", "/elsewhere")
-            self.send_header("Content-Length", "2")
+            self.send_header("Content-Length", str(len(state.body)))
             self.end_headers()
-            self.wfile.write(b"ok")
+            self.wfile.write(state.body)
 
         def log_message(self, *_: Any) -> None:
             pass
@@ -358,11 +364,13 @@ def sqlite_store(tmp_path: Path) -> Iterator[JobStore]:
     store.close()
 
 
-def dispatch_until_settled(store: JobStore, settings: WebhookSettings, job_id: str) -> WebhookDelivery:
+def dispatch_until_settled(
+    store: JobStore, settings: WebhookSettings, job_id: str, policy: CallbackPolicy | None = None
+) -> WebhookDelivery:
     """Run a dispatcher until the job's delivery is no longer pending (a hang guard, not a timing check)."""
 
     async def main() -> WebhookDelivery:
-        dispatcher = WebhookDispatcher(store, settings)
+        dispatcher = WebhookDispatcher(store, settings, policy)
         task = asyncio.create_task(dispatcher.run_forever())
         try:
             while True:
@@ -383,7 +391,7 @@ def test_failed_attempts_are_retried_with_growing_gaps_until_delivered(
 ) -> None:
     receiver.statuses = [500, 500, 500, 200]
     job = finished_job(sqlite_store, receiver.url)
-    settings = WebhookSettings(retry_base_s=0.5, retry_cap_s=10, poll_interval_s=0.05)
+    settings = WebhookSettings(retry_base_s=0.5, retry_cap_s=10, poll_interval_s=0.05, **LOOPBACK)
     delivery = dispatch_until_settled(sqlite_store, settings, job.id)
     assert (delivery.status, delivery.attempts) == ("delivered", 4)
     assert [entry["status_code"] for entry in delivery.log] == [500, 500, 500, 200]
@@ -407,7 +415,9 @@ def test_failed_attempts_are_retried_with_growing_gaps_until_delivered(
 def test_a_receiver_that_fails_twice_gets_the_third_try(sqlite_store: JobStore, receiver: Receiver) -> None:
     receiver.statuses = [500, 502, 200]
     job = finished_job(sqlite_store, receiver.url)
-    settings = WebhookSettings(max_attempts=3, retry_base_s=0.05, retry_cap_s=0.2, poll_interval_s=0.02)
+    settings = WebhookSettings(
+        max_attempts=3, retry_base_s=0.05, retry_cap_s=0.2, poll_interval_s=0.02, **LOOPBACK
+    )
     delivery = dispatch_until_settled(sqlite_store, settings, job.id)
     assert (delivery.status, delivery.attempts) == ("delivered", 3)
     assert [entry["status_code"] for entry in delivery.log] == [500, 502, 200]
@@ -419,7 +429,9 @@ def test_a_receiver_that_keeps_failing_gets_max_attempts_then_the_delivery_fails
 ) -> None:
     receiver.statuses = [503]
     job = finished_job(sqlite_store, receiver.url)
-    settings = WebhookSettings(max_attempts=3, retry_base_s=0.05, retry_cap_s=0.1, poll_interval_s=0.02)
+    settings = WebhookSettings(
+        max_attempts=3, retry_base_s=0.05, retry_cap_s=0.1, poll_interval_s=0.02, **LOOPBACK
+    )
     delivery = dispatch_until_settled(sqlite_store, settings, job.id)
     assert (delivery.status, delivery.attempts, len(receiver.requests)) == ("failed", 3, 3)
     assert delivery.next_attempt_at is None and delivery.delivered_at is None
@@ -430,7 +442,7 @@ def test_redirects_are_not_followed(sqlite_store: JobStore, receiver: Receiver) 
     receiver.statuses = [307, 200]
     job = finished_job(sqlite_store, receiver.url)
     delivery = dispatch_until_settled(
-        sqlite_store, WebhookSettings(max_attempts=1, poll_interval_s=0.02), job.id
+        sqlite_store, WebhookSettings(max_attempts=1, poll_interval_s=0.02, **LOOPBACK), job.id
     )
     assert (delivery.status, delivery.log[0]["status_code"], len(receiver.requests)) == ("failed", 307, 1)
 
@@ -439,7 +451,7 @@ def test_a_project_without_a_secret_fails_its_delivery_without_sending(
     sqlite_store: JobStore, receiver: Receiver
 ) -> None:
     job = finished_job(sqlite_store, receiver.url, project="nobody")
-    delivery = dispatch_until_settled(sqlite_store, WebhookSettings(poll_interval_s=0.02), job.id)
+    delivery = dispatch_until_settled(sqlite_store, WebhookSettings(poll_interval_s=0.02, **LOOPBACK), job.id)
     assert delivery.status == "failed" and receiver.requests == []
     assert delivery.log[0]["error"] == "project 'nobody' has no webhook secret; the webhook cannot be signed"
 
@@ -513,3 +525,121 @@ def test_a_finished_job_calls_back_signed_and_shows_the_delivery(
         "completed",
     )
     assert payload["data"]["project"] == "hooks-e2e"
+
+
+# -- SSRF: where a callback may point ---------------------------------------------------------------------
+
+REFUSED_CALLBACKS = [
+    "http://169.254.169.254/latest/meta-data/",
+    "http://[fd00:ec2::254]/",
+    "http://127.0.0.1:6379/",
+    "http://localhost:8100/v1/admin/projects",
+    "http://0.0.0.0:22/",
+    "http://[::1]:8100/",
+    "http://2130706433/",
+    "http://0x7f.1/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://user:pass@example.com/",
+    "https://10.0.0.8/hooks",
+    "https://224.0.0.1/",
+    "https://metadata.google.internal/computeMetadata/v1/",
+    "https://receiver.localhost/",
+    "https://intranet/hooks",
+]
+
+
+@pytest.mark.parametrize("url", REFUSED_CALLBACKS)
+def test_a_callback_to_an_internal_address_is_refused_at_create_naming_the_rule(
+    tmp_path: Path, url: str
+) -> None:
+    with local_api(tmp_path, webhooks={"allow_http": True}) as api:  # http allowed: the host rule refuses
+        response = api.client.post("/v1/videos", json={"prompt": "a storm", **TINY, "callback_url": url})
+        board = api.client.post(
+            "/v1/storyboards", json={"shots": [{"prompt": "a storm", **TINY}], "callback_url": url}
+        )
+        for refused in (response, board):
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert (error["code"], error["param"]) == ("invalid_callback_url", "callback_url")
+            assert error["message"].startswith("`callback_url` ")
+        assert api.store.list(limit=10) == []
+
+
+def test_an_http_callback_is_refused_unless_the_deployment_allows_http(tmp_path: Path) -> None:
+    body = {"prompt": "a storm", **TINY, "callback_url": "http://hooks.example.com/previz"}
+    with local_api(tmp_path) as api:
+        refused = api.client.post("/v1/videos", json=body)
+        assert refused.status_code == 400 and "must use https" in refused.json()["error"]["message"]
+        assert (
+            api.client.post(
+                "/v1/videos", json={**body, "callback_url": "https://hooks.example.com/p"}
+            ).status_code
+            == 201
+        )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://hooks.example.com/previz",
+        "https://hooks.example.com:8443/a?b=c",
+        "https://8.8.8.8.nip.example/",
+    ],
+)
+def test_a_public_https_callback_passes_the_create_time_check(url: str) -> None:
+    assert CallbackPolicy().check_url(url) == urlsplit(url).hostname
+
+
+def test_a_name_that_resolves_to_loopback_at_send_time_is_refused_and_never_called(
+    sqlite_store: JobStore, receiver: Receiver
+) -> None:
+    port = urlsplit(receiver.url).port
+    job = finished_job(sqlite_store, f"http://rebind.example.com:{port}/hooks/previz")
+
+    async def rebinding(host: str, _port: int) -> list[str]:  # public at create time, loopback now
+        return ["127.0.0.1"] if host == "rebind.example.com" else []
+
+    policy = CallbackPolicy(allow_http=True, resolver=rebinding)
+    delivery = dispatch_until_settled(sqlite_store, WebhookSettings(poll_interval_s=0.02), job.id, policy)
+    assert (delivery.status, delivery.attempts) == ("failed", 1)
+    assert "resolves to a non-public address" in delivery.log[0]["error"]
+    assert receiver.requests == []  # nothing was sent
+
+
+def test_localhost_is_refused_at_send_time_even_in_a_row_that_skipped_the_create_check(
+    sqlite_store: JobStore,
+) -> None:
+    job = finished_job(sqlite_store, "http://localhost.:9/")  # a row written past the create-time check
+    delivery = dispatch_until_settled(
+        sqlite_store, WebhookSettings(poll_interval_s=0.02, allow_http=True), job.id
+    )
+    assert delivery.status == "failed" and "local or internal name" in delivery.log[0]["error"]
+
+
+def test_a_receivers_answer_never_reaches_the_deliveries_log(
+    sqlite_store: JobStore, receiver: Receiver
+) -> None:
+    receiver.statuses, receiver.body = [500], b"INTERNAL-ONLY: db_password=hunter2"
+    job = finished_job(sqlite_store, receiver.url)
+    settings = WebhookSettings(max_attempts=2, retry_base_s=0.05, poll_interval_s=0.02, **LOOPBACK)
+    delivery = dispatch_until_settled(sqlite_store, settings, job.id)
+    assert [entry["error"] for entry in delivery.log] == ["HTTP 500", "HTTP 500 (gave up after 2 attempts)"]
+    assert "hunter2" not in repr(delivery) and "INTERNAL" not in repr(delivery.log)
+
+
+def test_a_connection_failure_is_recorded_as_its_kind_only(sqlite_store: JobStore) -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    job = finished_job(sqlite_store, f"http://127.0.0.1:{port}/x")
+    delivery = dispatch_until_settled(sqlite_store, WebhookSettings(max_attempts=1, **LOOPBACK), job.id)
+    assert delivery.log[0]["error"] == "connection failed (gave up after 1 attempts)"
+    assert str(port) not in delivery.log[0]["error"]
+
+
+def test_an_allowed_network_lets_an_internal_receiver_through() -> None:
+    policy = CallbackPolicy(allowed_hosts=["10.20.0.0/16", "hooks.studio.internal"])
+    assert policy.check_url("https://10.20.3.4/hooks") == "10.20.3.4"
+    assert policy.check_url("https://hooks.studio.internal/x") == "hooks.studio.internal"
+    with pytest.raises(CallbackRefused, match="DNS name"):
+        policy.check_url("https://10.21.0.1/hooks")
