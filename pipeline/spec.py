@@ -27,7 +27,7 @@ MIN_SIDE, MAX_SIDE = 32, 1920
 MIN_DURATION_S, MAX_DURATION_S = 0.25, 10.0
 MAX_STEPS = 100
 MAX_SEED = 2**63 - 1
-_EXPLICIT_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_EXPLICIT_SIZE = re.compile(r"^([0-9]+)x([0-9]+)$")  # ASCII digits only
 
 
 class ModelSpec(BaseModel):
@@ -51,6 +51,44 @@ class ModelSpec(BaseModel):
     vae_scale_temporal: int = Field(4, ge=1, description="VAE temporal stride.")
     vae_scale_spatial: int = Field(8, ge=1, description="VAE spatial stride.")
     patch_size: tuple[int, int, int] = Field((1, 2, 2), description="DiT patch size (t, h, w).")
+
+
+class SizeEnvelope(BaseModel):
+    """The clip sizes a deployment serves: Wan2.2's presets (480p and 720p, either aspect) and custom sizes
+    between `min_pixels` and `max_pixels`, up to `max_frames`. Past 720p the model leaves what it was
+    trained for and one clip can hold an accelerator for many minutes; below the minimum a clip is useless
+    as a draft."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_pixels: int = Field(256 * 256, ge=1, description="Fewest pixels of a frame (width × height).")
+    max_pixels: int = Field(1280 * 720, ge=1, description="Most pixels of a frame (720p).")
+    max_frames: int = Field(161, ge=1, description="Most frames of a clip (10 s at 16 fps).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SizeEnvelope:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"`min_pixels` ({self.min_pixels}) must not exceed `max_pixels` ({self.max_pixels})."
+            )
+        return self
+
+    def problem(self, width: int, height: int, num_frames: int) -> str | None:
+        """Why a clip of this size is outside the envelope (None when it is inside)."""
+        pixels = width * height
+        if pixels > self.max_pixels:
+            return (
+                f"{width}x{height} has {pixels:,} pixels a frame; this deployment serves at most "
+                f"{self.max_pixels:,} (1280x720 = 921,600): generate smaller and use `upscale`"
+            )
+        if pixels < self.min_pixels:
+            return (
+                f"{width}x{height} has {pixels:,} pixels a frame; "
+                f"this deployment needs at least {self.min_pixels:,}"
+            )
+        if num_frames > self.max_frames:
+            return f"the clip has {num_frames} frames; this deployment serves at most {self.max_frames}"
+        return None
 
 
 class RequestSpec(BaseModel):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 Role = Literal["member", "admin"]
 ROLES: tuple[Role, ...] = ("member", "admin")
@@ -47,7 +47,7 @@ class ProjectSettings(BaseModel):
         description="Accelerator seconds the project's videos may use per UTC day; beyond it 429 "
         "`gpu_quota_exceeded` until midnight UTC.",
     )
-    burn_label: bool = Field(
+    burn_label: StrictBool = Field(
         True,
         description="Burn 'AI-generated draft' into every clip; while true, `label: false` is refused "
         "(400 `label_required`).",

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.safety import SafetySettings
-from pipeline.spec import ModelSpec
+from pipeline.spec import ModelSpec, SizeEnvelope
 from serve.storage import StorageSettings
 
 
@@ -59,6 +59,10 @@ class PrevizArgs(BaseModel):
     sampling: ModelSpec = Field(
         default_factory=ModelSpec,
         description="Sampling settings (boundary, flow shift, default steps and CFG).",
+    )
+    envelope: SizeEnvelope = Field(
+        default_factory=SizeEnvelope,
+        description="Clip sizes served (min/max pixels a frame, max frames); shown in GET /v1/models.",
     )
     sr_weights: Path | None = Field(None, description="Real-ESRGAN-family weights for the Upscaler.")
     database_url: str = Field(

@@ -23,6 +23,8 @@ from serve.jobs import JobStore
 from serve.storage import JobArtifacts
 
 TINY = {"size": "96x64", "seconds": "0.5", "steps": 4}
+# the tests' clips are tiny (96x64): a deployment of the tiny preset serves sizes from 64x64
+TEST_ENVELOPE = {"min_pixels": 64 * 64}
 
 
 @dataclass
@@ -84,11 +86,12 @@ def finish(api: LocalApi, video_id: str) -> None:
 
 @contextmanager
 def local_api(tmp_path: Path, scheduler: Any = None, **overrides: Any) -> Iterator[LocalApi]:
-    args = PrevizArgs(
-        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
-        storage={"kind": "local", "local_root": str(tmp_path / "artifacts")},
-        **overrides,
-    )
+    fields: dict[str, Any] = {
+        "database_url": f"sqlite:///{tmp_path / 'jobs.db'}",
+        "storage": {"kind": "local", "local_root": str(tmp_path / "artifacts")},
+        "envelope": TEST_ENVELOPE,
+    }
+    args = PrevizArgs(**{**fields, **overrides})
     scheduler = scheduler if scheduler is not None else RecordingScheduler()
     state = IngressState(args, args.sampling, scheduler)
     previous, IngressState.current = IngressState.current, state

@@ -120,6 +120,7 @@ def previz_cluster(workdir: Path, s3_server) -> Iterator[Cluster]:
             "max_attempts": 5,  # test_faults kills a denoiser and the Scheduler under the same jobs: headroom
             "max_queued_jobs": 50,  # test_load's burst must meet the bound; other tests queue far fewer
             "poll_interval_s": 0.2,
+            "envelope": {"min_pixels": 64 * 64},  # the tests' clips are tiny (96x64)
             # test_webhooks' receiver listens on loopback: an internal receiver allowed explicitly
             "webhooks": {"allow_http": True, "allowed_hosts": ["127.0.0.1/32"]},
             # refuses only clips tests.safety_hooks.BLOCKED_WIDTH wide (test_safety): no redeploy needed

@@ -697,6 +697,7 @@ class InProcessHandle:
 def test_cancel_frees_the_slot_and_the_next_queued_job_starts(tmp_path: Path) -> None:
     async def scenario() -> None:
         args = PrevizArgs(
+            envelope={"min_pixels": 64 * 64},
             database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
             storage={"kind": "local", "local_root": str(tmp_path / "artifacts")},
             max_jobs_in_flight=1,

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from pipeline.prompt import ShotSpec, compose_prompt
 from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
-from pipeline.spec import ModelSpec, RequestSpec, describe_validation_error
+from pipeline.spec import ModelSpec, RequestSpec, SizeEnvelope, describe_validation_error
 from pipeline.upscale import upscale_target_size
 from pipeline.video import DRAFT_LABEL
 from serve.auth import ProjectSettings
@@ -104,7 +104,7 @@ async def admit(
         check_callback(
             state.callbacks, draft.callback_url, "callback_url" if board else f"{draft.prefix}callback_url"
         )
-        request = job_request(draft, state.model, body_sha256 if board is None else None)
+        request = job_request(draft, state.model, body_sha256 if board is None else None, state.args.envelope)
         await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
         requests.append(request)
     bounds = queue_bounds(state.args, settings)
@@ -148,7 +148,9 @@ async def admit(
     return admitted
 
 
-def job_request(draft: VideoDraft, model: ModelSpec, body_sha256: str | None) -> JobRequest:
+def job_request(
+    draft: VideoDraft, model: ModelSpec, body_sha256: str | None, envelope: SizeEnvelope
+) -> JobRequest:
     """The typed stored request of one draft; an ApiError (400) names the field at fault."""
     settings, prefix = draft.settings, draft.prefix
     if settings.seconds is not None and settings.duration is not None:
@@ -194,7 +196,22 @@ def job_request(draft: VideoDraft, model: ModelSpec, body_sha256: str | None) ->
         body_sha256=body_sha256,
     )
     resolved = request.resolved
+    size_param = prefix + ("size" if settings.size is not None else "resolution")
+    outside = envelope.problem(resolved.width, resolved.height, resolved.num_frames)
+    if outside is not None:
+        param = (
+            size_param if "pixels" in outside else prefix + ("seconds" if settings.seconds else "duration")
+        )
+        raise ApiError(400, "outside_envelope", outside, param)
     upscaled = upscale_target_size(settings.upscale, resolved.width, resolved.height)
+    if settings.upscale != "none" and min(upscaled) <= min(resolved.width, resolved.height):
+        raise ApiError(
+            400,
+            "invalid_value",
+            f"`upscale` {settings.upscale} only enlarges: {resolved.width}x{resolved.height} is already "
+            f"{min(resolved.width, resolved.height)} pixels on its short side; use `upscale: none`",
+            f"{prefix}upscale",
+        )
     if max(upscaled) > MAX_UPSCALED_SIDE:
         raise ApiError(
             400,

@@ -40,7 +40,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.http.errors import ERROR_RESPONSES, ApiError, error_response, invalid
-from serve.http.routes import admin, artifacts, health, storyboards, videos
+from serve.http.limits import BodyPolicy
+from serve.http.routes import admin, artifacts, health, models, storyboards, videos
 from serve.http.schemas import VideoCreate
 
 logger = logging.getLogger("ray.serve")
@@ -79,8 +80,9 @@ async def _internal_error(_request: Request, error: Exception) -> JSONResponse:
     return error_response(500, "internal_error", f"internal error: {type(error).__name__}")
 
 
-for module in (health, videos, artifacts, storyboards, admin):
+for module in (health, models, videos, artifacts, storyboards, admin):
     app.include_router(module.router)
+app.add_middleware(BodyPolicy)
 
 
 # -- OpenAPI: the create body is read by hand (JSON or form), so its schema is added here -----------------

@@ -29,13 +29,13 @@ async def read_fields(request: Request) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "application/json")
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        fields = unflatten(multipart_items(content_type, body))
+        fields = typed_form_fields(unflatten(multipart_items(content_type, body)))
     elif media_type == "application/x-www-form-urlencoded":
         try:
             items = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
         except (UnicodeDecodeError, ValueError) as error:
             raise ApiError(400, "invalid_form", f"the form body cannot be read: {error}") from None
-        fields = unflatten(items)
+        fields = typed_form_fields(unflatten(items))
     elif media_type == "application/json" or media_type.endswith("+json"):
         if not body.strip():
             raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object")
@@ -57,12 +57,44 @@ async def read_fields(request: Request) -> dict[str, Any]:
     return fields
 
 
+# A form sends every value as text; these create fields are numbers or booleans (JSON must send them as such).
+FORM_INTEGERS = ("steps", "seed")
+FORM_NUMBERS = ("duration",)
+FORM_BOOLEANS = {"true": True, "false": False}
+# Control characters no stored text may hold (tab, newline and carriage return are text): C0, DEL, C1.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def typed_form_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The form's text values of numeric and boolean fields as numbers and booleans, where they read as
+    such (ASCII digits only); anything else stays text, for the schema to refuse with its own message."""
+    typed = dict(fields)
+    for name in FORM_INTEGERS:
+        value = typed.get(name)
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
+            typed[name] = int(value)
+    for name in FORM_NUMBERS:
+        value = typed.get(name)
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", value.strip()):
+            typed[name] = float(value)
+    if isinstance(typed.get("label"), str) and typed["label"].strip().lower() in FORM_BOOLEANS:
+        typed["label"] = FORM_BOOLEANS[typed["label"].strip().lower()]
+    return typed
+
+
 def check_text(value: Any, where: str) -> None:
-    """Reject text no database can store: NUL characters and unpaired surrogates."""
+    """Reject text no database should store: control characters (NUL among them; PostgreSQL refuses it)
+    and unpaired surrogates. Every JSON body passes here (serve.http.limits), and every create form."""
     if isinstance(value, str):
-        if "\x00" in value:
+        control = CONTROL_CHARACTERS.search(value)
+        if control is not None:
+            name = where or "body"
             raise ApiError(
-                400, "invalid_value", f"`{where or 'body'}` contains a NUL character", where or None
+                400,
+                "invalid_value",
+                f"`{name}` contains the control character U+{ord(control.group()):04X} at position "
+                f"{control.start()}; text may hold printable characters, tabs and line breaks",
+                where or None,
             )
         try:
             value.encode("utf-8")

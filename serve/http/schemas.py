@@ -17,7 +17,20 @@ import math
 import re
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from pipeline.prompt import ShotSpec
 from pipeline.spec import MAX_DURATION_S, MAX_PROMPT_CHARS, MIN_DURATION_S
@@ -38,10 +51,27 @@ SERVED_MODEL_ALIASES = frozenset(
     }
 )
 MAX_LABELS = 32
-_SIZE = re.compile(r"^\d{1,5}x\d{1,5}$")
+_SIZE = re.compile(r"^[0-9]{1,5}x[0-9]{1,5}$")  # ASCII digits only (int() reads other scripts' too)
 
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-LabelValue = Annotated[str, StringConstraints(max_length=256)] | int | bool
+MAX_LABEL_VALUE_CHARS = 256
+
+
+def _label_value(value: object) -> object:
+    if isinstance(value, bool | int) or (isinstance(value, str) and len(value) <= MAX_LABEL_VALUE_CHARS):
+        return value
+    if isinstance(value, str):
+        raise ValueError(f"a label value has at most {MAX_LABEL_VALUE_CHARS} characters, not {len(value)}")
+    raise PydanticCustomError(
+        "label_value_type",  # `invalid_type` in the API's error codes
+        "a label value is text, a whole number or true/false, not {kind} {value}",
+        {"kind": type(value).__name__, "value": repr(value)},
+    )
+
+
+# text (≤ 256 characters), a whole number or a bool; anything else is refused with that rule, not pydantic's
+# list of union members
+LabelValue = Annotated[StrictStr | StrictBool | StrictInt, BeforeValidator(_label_value)]
 Project = Annotated[str, StringConstraints(pattern=PROJECT_PATTERN)]
 VideoState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 
@@ -62,12 +92,14 @@ class GenerationSettings(BaseModel):
     negative_prompt: str | None = Field(
         None, max_length=MAX_PROMPT_CHARS, description="What to steer away from (default: Wan2.2's own)."
     )
-    seconds: str | float | None = Field(
+    seconds: StrictStr | StrictFloat | StrictInt | None = Field(
         None,
         description='Clip length in seconds, as in OpenAI ("4", 4 or 2.5): '
         f"{MIN_DURATION_S}–{MAX_DURATION_S}; default 5. Same as `duration`; give one of them.",
     )
-    duration: float | None = Field(None, description="Clip length in seconds (alias of `seconds`).")
+    duration: StrictFloat | StrictInt | None = Field(
+        None, description="Clip length in seconds (alias of `seconds`)."
+    )
     size: str | None = Field(
         None,
         description="`WxH` as in OpenAI, multiples of 16 (Wan2.2: 1280x720, 720x1280, 832x480, 480x832). "
@@ -77,13 +109,13 @@ class GenerationSettings(BaseModel):
         None, description="Preset `480p` (default) or `720p` (with `aspect`), or `WxH`."
     )
     aspect: Literal["16:9", "9:16"] | None = Field(None, description="Orientation of a preset resolution.")
-    steps: int | None = Field(None, description="Denoising steps (1–100); default 40.")
-    seed: int | None = Field(
+    steps: StrictInt | None = Field(None, description="Denoising steps (1–100); default 40.")
+    seed: StrictInt | None = Field(
         None, description="Noise seed (0 – 2**63-1); random (and reported) when omitted."
     )
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
     look: Literal["none", "film"] = Field("none", description="Colour grade.")
-    label: bool = Field(True, description=f"Burn the {DRAFT_LABEL!r} label into the frames.")
+    label: StrictBool = Field(True, description=f"Burn the {DRAFT_LABEL!r} label into the frames.")
 
     @field_validator("seconds")
     @classmethod

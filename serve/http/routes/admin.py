@@ -14,7 +14,7 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from serve.auth import PROJECT_NAME, ApiKeyRecord, Caller, ProjectRecord, ProjectSettings, Role
 from serve.http.deps import StateDep, authenticated_caller
@@ -40,9 +40,9 @@ class ProjectSettingsUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_queued_jobs: int | None = Field(None, ge=1)
-    gpu_seconds_per_day: float | None = Field(None, gt=0)
-    burn_label: bool | None = None
+    max_queued_jobs: StrictInt | None = Field(None, ge=1)
+    gpu_seconds_per_day: StrictFloat | StrictInt | None = Field(None, gt=0)
+    burn_label: StrictBool | None = None
 
 
 class Project(BaseModel):

@@ -118,9 +118,17 @@ async def list_videos(
     status: Annotated[VideoState | None, Query(description="Only videos in this state.")] = None,
     storyboard_id: Annotated[str | None, Query(max_length=64, description="Only this storyboard's.")] = None,
 ) -> VideoList:
+    project = project_of(caller, project)
+    if after is not None and await asyncio.to_thread(state.store.get, after, project=project) is None:
+        raise ApiError(
+            400,
+            "invalid_cursor",
+            f"`after` must be the id of one of the project's videos, not {after!r}",
+            "after",
+        )
     jobs = await asyncio.to_thread(
         state.store.list,
-        project=project_of(caller, project),
+        project=project,
         statuses=API_STATE_STATUSES[status] if status else None,
         storyboard_id=storyboard_id,
         after=after,

@@ -1,0 +1,196 @@
+"""Regression tests from the hostile pass: the model's size envelope, one text policy for every stored string,
+bodies refused before they are read, strict types, honest cursors, and the root and models routes."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from serve.http.limits import MAX_BODY_BYTES
+from tests.api_app import TINY, LocalApi, http_server, local_api
+
+GOOD = {"prompt": "a lighthouse in a storm", **TINY}
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[LocalApi]:
+    with local_api(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+def studio_api(tmp_path: Path) -> Iterator[LocalApi]:
+    """The API with the default envelope (Wan2.2's sizes), not the tests' tiny one."""
+    with local_api(tmp_path, envelope={}) as running:
+        yield running
+
+
+def refusal(response: httpx.Response) -> tuple[int, str, str | None]:
+    error = response.json()["error"]
+    return response.status_code, error["code"], error["param"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "param"),
+    [
+        ({"size": "1920x1920"}, "outside_envelope", "size"),
+        ({"size": "1920x1088"}, "outside_envelope", "size"),
+        ({"size": "32x32"}, "outside_envelope", "size"),
+        ({"resolution": "128x128"}, "outside_envelope", "resolution"),
+        ({"size": "1280x720", "upscale": "720p"}, "invalid_value", "upscale"),
+        ({"size": "1280x720", "upscale": "1080p", "seconds": "0.5"}, None, None),
+        ({"size": "832x480", "upscale": "720p", "seconds": "0.5"}, None, None),
+        ({"resolution": "720p", "aspect": "9:16", "seconds": "0.5"}, None, None),
+        ({"size": "512x512", "seconds": "10"}, None, None),
+    ],
+    ids=repr,
+)
+def test_sizes_outside_the_models_envelope_are_refused(
+    studio_api: LocalApi, fields: dict[str, Any], code: str | None, param: str | None
+) -> None:
+    response = studio_api.client.post("/v1/videos", json={"prompt": "a lighthouse", "steps": 4, **fields})
+    if code is None:
+        assert response.status_code == 201, response.text
+    else:
+        assert refusal(response) == (400, code, param)
+        assert studio_api.store.list(limit=5) == []
+
+
+def test_the_envelope_is_in_the_models_list(studio_api: LocalApi) -> None:
+    (model,) = studio_api.client.get("/v1/models").json()["data"]
+    assert model["id"] == "wan2.2-t2v-a14b" and model["presets"] == {"480p": "832x480", "720p": "1280x720"}
+    assert model["envelope"] == {"min_pixels": 65536, "max_pixels": 921600, "max_frames": 161}
+
+
+@pytest.mark.parametrize("character", ["\x00", "\x07", "\x1b", "\x7f", "\x85"], ids=repr)
+def test_control_characters_are_refused_in_every_stored_string(api: LocalApi, character: str) -> None:
+    source = api.client.post("/v1/videos", json=GOOD).json()["id"]
+    bad = f"a storm{character}at sea"
+    cases = [
+        ("/v1/videos", {**GOOD, "prompt": bad}, "prompt"),
+        ("/v1/videos", {**GOOD, "labels": {bad: "x"}}, "labels"),
+        ("/v1/videos", {**GOOD, "labels": {"take": bad}}, "labels.take"),
+        (f"/v1/videos/{source}/remix", {"prompt": bad}, "prompt"),
+        ("/v1/storyboards", {"title": bad, "shots": [GOOD]}, "title"),
+        ("/v1/storyboards", {"shots": [{**GOOD, "prompt": bad}]}, "shots.0.prompt"),
+        ("/v1/storyboards", {"shots": [{**GOOD, "shot": {"action": bad}}]}, "shots.0.shot.action"),
+    ]
+    for path, body, param in cases:
+        response = api.client.post(path, json=body)
+        assert refusal(response) == (400, "invalid_value", param), (path, response.text)
+        assert f"U+{ord(character):04X}" in response.json()["error"]["message"]
+    assert len(api.store.list(limit=10)) == 1  # only the source video exists
+
+
+def test_tabs_and_line_breaks_are_text(api: LocalApi) -> None:
+    assert api.client.post("/v1/videos", json={**GOOD, "prompt": "a storm\n\tat sea\r\n"}).status_code == 201
+
+
+def test_a_body_declared_too_large_is_refused_before_it_is_read(api: LocalApi) -> None:
+    with http_server() as url:
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        with socket.create_connection((host, port), timeout=30) as connection:
+            head = (
+                "POST /v1/videos HTTP/1.1\r\nHost: previz\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {api.admin_key}\r\nContent-Length: {50 << 20}\r\n\r\n"
+            )
+            connection.sendall(head.encode() + b'{"prompt": "')  # 12 of the 52,428,800 bytes announced
+            answer = connection.recv(65536).decode()  # the answer comes without the rest being sent
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert '"request_too_large"' in answer and "52,428,800 bytes" in answer
+
+
+def test_a_streamed_body_is_cut_off_at_the_limit(api: LocalApi) -> None:
+    sent = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal sent
+        chunk = b" " * (256 << 10)
+        for _ in range(64):  # 16 MiB, without a Content-Length
+            sent += len(chunk)
+            yield chunk
+
+    headers = {"Authorization": f"Bearer {api.admin_key}"}
+    with http_server() as url, httpx.Client(base_url=url, headers=headers) as client:
+        try:
+            response = client.post("/v1/videos", content=body(), headers={"Content-Type": "application/json"})
+        except httpx.HTTPError:  # the server answered and closed while the client was still sending
+            response = None
+    if response is not None:
+        assert refusal(response) == (413, "request_too_large", None)
+    assert sent < 16 << 20 and api.store.list(limit=5) == []
+    assert MAX_BODY_BYTES < 16 << 20
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"seconds": True}, "seconds"),
+        ({"steps": True}, "steps"),
+        ({"steps": 4.0}, "steps"),
+        ({"seed": "7"}, "seed"),
+        ({"label": 0}, "label"),
+        ({"duration": "1", "seconds": None}, "duration"),
+        ({"size": "٩٦x٦٤"}, "size"),
+        ({"size": "９６x６４"}, "size"),
+    ],
+    ids=repr,
+)
+def test_strict_types_refuse_what_only_looks_like_the_type(
+    api: LocalApi, fields: dict[str, Any], param: str
+) -> None:
+    body = {key: value for key, value in {**GOOD, **fields}.items() if value is not None}
+    status, _code, got = refusal(api.client.post("/v1/videos", json=body))
+    assert (status, got) == (400, param)
+
+
+def test_a_label_of_the_wrong_type_says_what_a_label_may_be(api: LocalApi) -> None:
+    response = api.client.post("/v1/videos", json={**GOOD, "labels": {"a": 1.5}})
+    assert refusal(response) == (400, "invalid_type", "labels.a")
+    assert (
+        "a label value is text, a whole number or true/false, not float 1.5"
+        in response.json()["error"]["message"]
+    )
+
+
+def test_a_form_still_sends_numbers_as_text(api: LocalApi) -> None:
+    form = {
+        "prompt": "a storm",
+        "size": "96x64",
+        "seconds": "0.5",
+        "steps": "4",
+        "seed": "7",
+        "label": "true",
+    }
+    created = api.client.post("/v1/videos", data=form)
+    assert created.status_code == 201, created.text
+    assert (created.json()["steps"], created.json()["seed"]) == (4, 7)
+
+
+def test_burn_label_must_be_a_boolean(api: LocalApi) -> None:
+    response = api.client.patch("/v1/admin/projects/default", json={"burn_label": 0})
+    assert refusal(response)[:2] == (400, "invalid_type")
+
+
+@pytest.mark.parametrize("after", ["bogus", "vid_000000000000000000000000"])
+def test_a_cursor_that_is_not_one_of_the_projects_videos_is_refused(api: LocalApi, after: str) -> None:
+    api.client.post("/v1/videos", json=GOOD)
+    response = api.client.get("/v1/videos", params={"after": after})
+    assert refusal(response) == (400, "invalid_cursor", "after")
+
+
+def test_a_real_cursor_pages_on(api: LocalApi) -> None:
+    first, second = (api.client.post("/v1/videos", json=GOOD).json()["id"] for _ in range(2))
+    page = api.client.get("/v1/videos", params={"after": second, "limit": 1}).json()
+    assert [video["id"] for video in page["data"]] == [first]
+
+
+def test_the_root_points_at_the_docs(api: LocalApi) -> None:
+    response = api.client.get("/")
+    assert response.status_code == 200 and response.json()["docs"] == "/docs"
