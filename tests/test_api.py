@@ -429,7 +429,7 @@ def test_state_bound_errors_name_the_video(api: LocalApi) -> None:
     no_prompt = api.client.post(f"/v1/videos/{video['id']}/remix", json={})
     assert (no_prompt.status_code, no_prompt.json()["error"]["code"]) == (400, "missing_field")
     assert api.client.delete(f"/v1/videos/{video['id']}").status_code == 200
-    again = api.client.delete(f"/v1/videos/{video['id']}")
+    again = api.client.delete(f"/v1/videos/{video['id']}", params={"cancel_only": True})
     assert (again.status_code, again.json()["error"]["code"]) == (409, "already_finished")
 
 

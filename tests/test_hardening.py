@@ -4,6 +4,7 @@ bodies refused before they are read, strict types, honest cursors, and the root 
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import httpx
 import pytest
 
 from serve.http.limits import MAX_BODY_BYTES
-from tests.api_app import TINY, LocalApi, http_server, local_api
+from tests.api_app import TINY, LocalApi, finish, http_server, local_api
 
 GOOD = {"prompt": "a lighthouse in a storm", **TINY}
 
@@ -194,3 +195,56 @@ def test_a_real_cursor_pages_on(api: LocalApi) -> None:
 def test_the_root_points_at_the_docs(api: LocalApi) -> None:
     response = api.client.get("/")
     assert response.status_code == 200 and response.json()["docs"] == "/docs"
+
+
+def finished_video(api: LocalApi) -> dict[str, Any]:
+    video = api.client.post("/v1/videos", json=GOOD).json()
+    finish(api, video["id"])
+    return api.client.get(f"/v1/videos/{video['id']}").json()
+
+
+def assert_deleted(api: LocalApi, video: dict[str, Any]) -> None:
+    job = api.store.get(video["id"])
+    keys = (job.artifact_uri, job.poster_uri)
+    assert all(api.state.artifacts.exists(key) for key in keys)
+    response = api.client.delete(f"/v1/videos/{video['id']}")
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "id": video["id"],
+        "object": "video.deleted",
+        "deleted": True,
+        "status": "completed",
+    }
+    assert not any(api.state.artifacts.exists(key) for key in keys)  # gone from the store
+    for path in (f"/v1/videos/{video['id']}", f"/v1/videos/{video['id']}/content"):
+        assert refusal(api.client.get(path))[:2] == (404, "not_found")
+    assert video["id"] not in [listed["id"] for listed in api.client.get("/v1/videos").json()["data"]]
+    assert refusal(api.client.delete(f"/v1/videos/{video['id']}"))[:2] == (404, "not_found")
+
+
+def test_deleting_a_finished_video_removes_its_clip_and_poster_locally(api: LocalApi) -> None:
+    assert_deleted(api, finished_video(api))
+
+
+def test_deleting_a_finished_video_removes_its_clip_and_poster_from_s3(
+    tmp_path: Path, s3_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = f"delete-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    storage = {
+        "kind": "s3",
+        "s3_uri": f"s3://{bucket}/clips",
+        "s3_endpoint_url": s3_server.endpoint_url,
+        "s3_region": s3_server.region,
+    }
+    with local_api(tmp_path, storage=storage) as s3_api:
+        assert_deleted(s3_api, finished_video(s3_api))
+
+
+def test_cancel_only_leaves_a_finished_video_alone(api: LocalApi) -> None:
+    video = finished_video(api)
+    response = api.client.delete(f"/v1/videos/{video['id']}", params={"cancel_only": True})
+    assert refusal(response) == (409, "already_finished", "video_id")
+    assert api.client.get(f"/v1/videos/{video['id']}/content", follow_redirects=False).status_code == 307

@@ -18,7 +18,7 @@ from serve.http.views import video_view
 from serve.jobs import JobStatus, JobStore
 from serve.jobs.models import Bucket
 from serve.jobs.request import JobRequest
-from serve.jobs.schema import jobs
+from serve.jobs.schema import ADDED_JOB_COLUMNS, jobs
 from tests.fake_stages import FakeStages, run, scheduler_args, start, stop, wait_for
 from tests.job_requests import job_request
 
@@ -108,7 +108,7 @@ def test_a_format_1_row_in_postgresql_loads_and_runs(
     url = postgres_server.create_schema(postgres_database)
     store = JobStore(url)
     store.create_schema()
-    old_columns = [column for column in jobs.c if column.name != "poster_uri"]
+    old_columns = [column for column in jobs.c if column.name not in ADDED_JOB_COLUMNS]
     old = create_engine(f"sqlite:///{FORMAT_1_DB}")
     with old.connect() as conn:  # the row as the previous version stored it, typed by today's columns
         row = conn.execute(select(*old_columns).where(jobs.c.id == OLD_VIDEO)).mappings().one()
@@ -116,7 +116,8 @@ def test_a_format_1_row_in_postgresql_loads_and_runs(
     assert "format" not in row["request"] and "resolved" not in row["request"]
     engine = create_engine(url)
     with engine.begin() as conn:  # the previous version's table: no poster_uri column, a format-1 request
-        conn.execute(text("ALTER TABLE jobs DROP COLUMN poster_uri"))
+        for name in ADDED_JOB_COLUMNS:
+            conn.execute(text(f"ALTER TABLE jobs DROP COLUMN {name}"))
         conn.execute(insert(jobs).values(dict(row)))
     engine.dispose()
     store.create_schema()  # what the new version does on start: adds the missing column

@@ -48,6 +48,11 @@ class PrevizClient:
         return self._json(self.http.get("/v1/videos", params={**params, "limit": limit}))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running video; a finished one is left alone (409 `already_finished`)."""
+        return self._json(self.http.delete(f"/v1/videos/{job_id}", params={"cancel_only": "true"}))
+
+    def delete(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running video, or delete a finished one with its clip and poster."""
         return self._json(self.http.delete(f"/v1/videos/{job_id}"))
 
     def webhooks(self, job_id: str) -> dict[str, Any]:

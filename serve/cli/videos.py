@@ -228,6 +228,19 @@ def cancel(
     Console().print(f"{video_id} cancelled", highlight=False)
 
 
+@app.command()
+def delete(
+    video_id: Annotated[str, typer.Argument(help="The video's id.")],
+    server: ServerOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Delete a finished video with its clip and poster (a queued or running one is cancelled)."""
+    answer = api_call(client_for(server, api_key).delete, video_id)
+    Console().print(
+        f"{video_id} {'deleted' if answer['status'] != 'cancelled' else 'cancelled'}", highlight=False
+    )
+
+
 @app.command("ls")
 def list_videos(
     project: Annotated[str | None, typer.Option(help="Only this project's videos.")] = None,

@@ -226,12 +226,13 @@ class VideoList(BaseModel):
 
 
 class VideoDeleted(BaseModel):
-    """`DELETE /v1/videos/{id}`: the job was cancelled (its record stays, with status `cancelled`)."""
+    """`DELETE /v1/videos/{id}`: a queued or running video is cancelled (`status: cancelled`, the record
+    stays); a finished one is deleted (its clip and poster removed, the video 404 from then on)."""
 
     id: str
     object: Literal["video.deleted"] = "video.deleted"
     deleted: bool = True
-    status: VideoState = "cancelled"
+    status: VideoState = Field("cancelled", description="The video's state when it was deleted or cancelled.")
 
 
 class WebhookAttempt(BaseModel):

@@ -22,7 +22,7 @@ Priority = Literal["interactive", "batch"]
 ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 EventKind = Literal[
     "created", "claimed", "stage", "progress", "succeeded", "failed", "cancelled", "requeued",
-    "checkpoint", "resumed", "retry",
+    "checkpoint", "resumed", "retry", "deleted",
 ]  # fmt: skip
 PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 
@@ -170,6 +170,7 @@ class JobRecord:
     gpu_seconds: float | None  # accelerator seconds spent (denoise, decode, upscale), once finished
     checkpoint_uri: str | None  # denoise state saved at the expert boundary; a rerun resumes from it
     poster_uri: str | None  # key of the clip's JPEG poster frame, stored beside `artifact_uri`
+    deleted_at: datetime | None  # a finished job deleted by its owner: hidden, its artifacts removed
 
     @property
     def is_finished(self) -> bool:

@@ -101,6 +101,8 @@ jobs = Table(
     Column("checkpoint_uri", Text),
     # The clip's JPEG poster frame (key in the artifact store), written with the clip.
     Column("poster_uri", Text),
+    # Set when a finished job is deleted (DELETE /v1/videos/{id}): the row stays for quotas and audit.
+    Column("deleted_at", UTCDateTime),
     UniqueConstraint("project", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     Index("ix_jobs_status_id", "status", "id"),  # queued(), counts, requeue
     Index("ix_jobs_project_id", "project", "id"),  # list(project=...) pages
@@ -110,7 +112,7 @@ jobs = Table(
 
 # Nullable columns added to `jobs` after its first release: create_schema() adds the ones an older database
 # lacks (ALTER TABLE ... ADD COLUMN), so a store made by an earlier version keeps working.
-ADDED_JOB_COLUMNS: tuple[str, ...] = ("poster_uri",)
+ADDED_JOB_COLUMNS: tuple[str, ...] = ("poster_uri", "deleted_at")
 
 job_events = Table(
     "job_events",

@@ -161,8 +161,9 @@ class JobStore(ProjectStoreMixin):
         return job, True
 
     def get(self, job_id: str, *, project: str | None = None) -> JobRecord | None:
-        """The job, or None; with `project`, a job of another project is None too (no existence leak)."""
-        query = select(jobs).where(jobs.c.id == job_id)
+        """The job, or None; with `project`, a job of another project is None too (no existence leak).
+        A deleted job is None."""
+        query = select(jobs).where(jobs.c.id == job_id, jobs.c.deleted_at.is_(None))
         if project is not None:
             query = query.where(jobs.c.project == project)
         with self._read() as conn:
@@ -187,7 +188,7 @@ class JobStore(ProjectStoreMixin):
         if order not in ("asc", "desc"):
             raise ValueError(f"`order` must be 'asc' or 'desc' but is {order!r}.")
         _check_limit(limit)
-        query = select(jobs)
+        query = select(jobs).where(jobs.c.deleted_at.is_(None))
         if project is not None:
             query = query.where(jobs.c.project == project)
         if statuses is not None:
@@ -487,6 +488,26 @@ class JobStore(ProjectStoreMixin):
             enqueue_webhook(conn, _record(row), now)
         return CancelResult.CANCELLED
 
+    def mark_deleted(self, job_id: str, *, project: str) -> JobRecord | None:
+        """Hide a finished job of `project` for good (its artifacts are the caller's to remove first) and
+        forget its artifact keys; the job as it was, or None when there is no such finished job."""
+        now = utcnow()
+        with self._write() as conn:
+            current = conn.execute(
+                select(jobs)
+                .where(jobs.c.id == job_id, jobs.c.project == project, jobs.c.deleted_at.is_(None))
+                .with_for_update()
+            ).one_or_none()
+            if current is None or not current.status.is_finished:
+                return None
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(deleted_at=now, updated_at=now, artifact_uri=None, poster_uri=None)
+            )
+            _log_event(conn, job_id, "deleted", {"status": _name(current.status)}, now)
+        return _record(current)
+
     def requeue(self, job_id: str, attempt: int, *, max_attempts: int = 3) -> JobStatus | None:
         """Give one running job back to the queue, e.g. when its pipeline lost a replica: as in
         requeue_in_flight(), it fails instead with "too_many_attempts" once claimed `max_attempts` times.
@@ -688,6 +709,7 @@ def _new_job_row(
         "gpu_seconds": None,
         "checkpoint_uri": None,
         "poster_uri": None,
+        "deleted_at": None,
     }
 
 

@@ -29,6 +29,7 @@ from serve.http.schemas import (
 from serve.http.views import video_payload, video_view
 from serve.jobs import CancelResult, JobRecord, JobStatus
 from serve.jobs.models import unix
+from serve.storage import StorageError
 
 router = APIRouter(prefix="/v1/videos", tags=["videos"])
 
@@ -149,22 +150,45 @@ async def get_video(video_id: str, state: StateDep, caller: CallerDep) -> JSONRe
     return video_response(await job_or_404(video_id, state, caller))
 
 
-@router.delete("/{video_id}", response_model=VideoDeleted, summary="Cancel a video")
-async def delete_video(video_id: str, state: StateDep, caller: CallerDep) -> VideoDeleted:
+@router.delete("/{video_id}", response_model=VideoDeleted, summary="Cancel or delete a video")
+async def delete_video(
+    video_id: str,
+    state: StateDep,
+    caller: CallerDep,
+    cancel_only: Annotated[
+        bool, Query(description="Only cancel: a finished video is then 409 `already_finished`, not deleted.")
+    ] = False,
+) -> VideoDeleted:
     """Cancel a queued or running video and free its slot in the pipeline (the record stays, status
-    `cancelled`). A finished video cannot be cancelled: 409 `already_finished`."""
+    `cancelled`); delete a finished one: its clip and poster are removed from the artifact store and the
+    video answers 404 from then on (503 `storage_unavailable`, nothing deleted, if the store fails)."""
     result = await asyncio.to_thread(state.store.cancel, video_id, project=caller.project)
     if result == CancelResult.NOT_FOUND:
         raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
     if result == CancelResult.ALREADY_FINISHED:
         job = await job_or_404(video_id, state, caller)
-        raise ApiError(
-            409,
-            "already_finished",
-            f"video {video_id} is already {job.status.api_state}; "
-            "only queued or running videos can be cancelled",
-            param="video_id",
-        )
+        if cancel_only:
+            raise ApiError(
+                409,
+                "already_finished",
+                f"video {video_id} is already {job.status.api_state}; only queued or running videos can be "
+                "cancelled (DELETE without `cancel_only` deletes it)",
+                param="video_id",
+            )
+        for key in (job.artifact_uri, job.poster_uri):  # the files first: a failure leaves the video whole
+            if key is not None:
+                try:
+                    await asyncio.to_thread(state.artifacts.delete, key)
+                except StorageError:
+                    raise ApiError(
+                        503,
+                        "storage_unavailable",
+                        "the artifact store failed; nothing was deleted, try again",
+                    ) from None
+        deleted = await asyncio.to_thread(state.store.mark_deleted, video_id, project=caller.project)
+        if deleted is None:  # deleted meanwhile by another request
+            raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
+        return VideoDeleted(id=video_id, status=deleted.status.api_state)
     state.scheduler.cancel.remote(video_id)  # stop its pipeline now; the slot frees and the queue moves
     state.scheduler.wake.remote()
     return VideoDeleted(id=video_id)
