@@ -171,3 +171,32 @@ def test_a_cancel_while_a_stage_runs_cancels_that_call_on_its_replica(tmp_path: 
         assert store.get(job.id).status == JobStatus.CANCELLED and "finish" not in stages.calls
 
     run(scenario)
+
+
+def test_a_job_cancelled_while_queued_is_counted_as_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finished: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        "serve.scheduling.scheduler.record_job_finished",
+        lambda job, status, *_: finished.append((job.id, status)),
+    )
+    args = scheduler_args(tmp_path, max_jobs_in_flight=1)
+    stages = FakeStages(hold_low=asyncio.Event())
+    store = JobStore(args.database_url)
+    store.create_schema()
+    running, _ = store.create("dune", "batch", job_request(steps=8))
+    queued, _ = store.create("dune", "batch", job_request(steps=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            await wait_for(store, running.id, lambda j: j.status == JobStatus.DENOISING_LOW)
+            assert store.cancel(queued.id, project="dune") == "cancelled"
+            assert not await scheduler.cancel(queued.id)  # it had no run to stop
+        finally:
+            stages.hold_low.set()
+            stop(scheduler)
+        assert finished == [(queued.id, "cancelled")]
+
+    run(scenario)

@@ -132,7 +132,10 @@ class Scheduler:
         """Stop a running job's pipeline (the store already marks it cancelled). A job cancelled while
         queued has no pipeline, but may hold a checkpoint of an earlier run: that goes now."""
         entry = self._running.get(job_id)
-        if entry is None:
+        if entry is None:  # cancelled while queued: no run will count it, so count it here
+            job = await asyncio.to_thread(self.store.get, job_id)
+            if job is not None and job.status == JobStatus.CANCELLED:
+                record_job_finished(job, "cancelled")
             await asyncio.to_thread(self._drop_checkpoint_if_finished, job_id)
             return False
         entry[1].cancel()
