@@ -248,3 +248,14 @@ def test_cancel_only_leaves_a_finished_video_alone(api: LocalApi) -> None:
     response = api.client.delete(f"/v1/videos/{video['id']}", params={"cancel_only": True})
     assert refusal(response) == (409, "already_finished", "video_id")
     assert api.client.get(f"/v1/videos/{video['id']}/content", follow_redirects=False).status_code == 307
+
+
+def test_a_queued_video_shows_how_many_are_ahead_of_it(api: LocalApi) -> None:
+    batch = [api.client.post("/v1/videos", json=GOOD).json()["id"] for _ in range(3)]
+    urgent = api.client.post("/v1/videos", json={**GOOD, "priority": "interactive"}).json()["id"]
+    positions = [api.client.get(f"/v1/videos/{video_id}").json()["queue_position"] for video_id in batch]
+    assert positions == [1, 2, 3]  # the interactive one goes first
+    assert api.client.get(f"/v1/videos/{urgent}").json()["queue_position"] == 0
+    finish(api, batch[0])
+    assert api.client.get(f"/v1/videos/{batch[0]}").json()["queue_position"] is None
+    assert api.client.get(f"/v1/videos/{batch[2]}").json()["queue_position"] == 2

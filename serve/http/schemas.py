@@ -199,6 +199,9 @@ class Video(BaseModel):
     project: str
     priority: str
     stage: str = Field(description="Pipeline stage: queued, encoding, denoising_high, … succeeded.")
+    queue_position: int | None = Field(
+        None, description="While queued (`GET /v1/videos/{id}`): how many queued videos are ahead of it."
+    )
     seed: int
     steps: int
     num_frames: int

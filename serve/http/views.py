@@ -14,7 +14,7 @@ from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVi
 from serve.jobs.models import JobRecord, JobStatus, StoryboardRecord, unix
 
 
-def video_view(job: JobRecord) -> Video:
+def video_view(job: JobRecord, queue_position: int | None = None) -> Video:
     request = job.request
     resolved = request.resolved
     completed = job.status == JobStatus.SUCCEEDED
@@ -39,6 +39,7 @@ def video_view(job: JobRecord) -> Video:
         project=job.project,
         priority=job.priority,
         stage=job.status.name.lower(),
+        queue_position=queue_position if job.status == JobStatus.QUEUED else None,
         seed=job.seed if job.seed is not None else resolved.seed,
         steps=resolved.steps,
         num_frames=resolved.num_frames,

@@ -201,6 +201,16 @@ class JobStore(ProjectStoreMixin):
         with self._read() as conn:
             return [_record(row) for row in conn.execute(query)]
 
+    def queue_position(self, job: JobRecord) -> int:
+        """How many queued jobs are ahead of a queued `job`: every queued interactive job before a batch
+        one, and the older ones of its own priority (what the Scheduler's pick looks at first)."""
+        ahead = (jobs.c.priority == job.priority) & (jobs.c.id < job.id)
+        if job.priority == "batch":
+            ahead = ahead | (jobs.c.priority == "interactive")
+        query = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED, ahead)
+        with self._read() as conn:
+            return int(conn.scalar(query) or 0)
+
     def queued(self, limit: int = 200) -> builtins.list[JobRecord]:
         """Queued jobs, oldest first: the scheduler's candidates (it applies priority and fair share)."""
         _check_limit(limit)

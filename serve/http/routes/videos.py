@@ -49,8 +49,10 @@ CREATE_BODY = {
 }
 
 
-def video_response(job: JobRecord, status_code: int = 200, **headers: str) -> JSONResponse:
-    video = video_view(job)
+def video_response(
+    job: JobRecord, status_code: int = 200, queue_position: int | None = None, **headers: str
+) -> JSONResponse:
+    video = video_view(job, queue_position)
     poll_after = POLL_AFTER_MS.get(video.status)
     if poll_after is not None:
         headers["openai-poll-after-ms"] = str(poll_after)
@@ -147,7 +149,11 @@ async def list_videos(
 
 @router.get("/{video_id}", response_model=Video, summary="Retrieve a video")
 async def get_video(video_id: str, state: StateDep, caller: CallerDep) -> JSONResponse:
-    return video_response(await job_or_404(video_id, state, caller))
+    job = await job_or_404(video_id, state, caller)
+    position = (
+        await asyncio.to_thread(state.store.queue_position, job) if job.status == JobStatus.QUEUED else None
+    )
+    return video_response(job, queue_position=position)
 
 
 @router.delete("/{video_id}", response_model=VideoDeleted, summary="Cancel or delete a video")
