@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -72,7 +73,9 @@ def up(
             f"demo clip: {demo} (job {job['id']}, {sum(job['timings'].values()):.1f} s of stage compute)"
         )
     if wait:
-        console.print("serving; Ctrl-C stops the cluster")
+        console.print("serving; Ctrl-C (or SIGTERM) stops the cluster")
+        # Ray's own handler would kill this process on SIGTERM without stopping Serve: stop as on Ctrl-C.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             while True:
                 time.sleep(3600)
@@ -81,6 +84,11 @@ def up(
     if prometheus is not None:
         prometheus.stop()
     launch.shutdown()
+    console.print("Previz stopped")
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def bootstrap_default_project(database_url: str) -> str | None:
