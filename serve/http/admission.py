@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -69,7 +69,6 @@ class Admitted:
     created: bool
     job: JobRecord | None = None  # a video create or remix
     storyboard: StoryboardRecord | None = None  # a storyboard create
-    requests: list[JobRequest] = field(default_factory=list)
 
 
 def check_model(model: str) -> None:
@@ -122,7 +121,7 @@ async def admit(
             )
             if not created:
                 check_replay("video", idempotency_key, job.request.body_sha256, body_sha256)
-            admitted = Admitted(created, job=job, requests=requests)
+            admitted = Admitted(created, job=job)
         else:
             videos = [
                 (draft.priority, request, draft.labels)
@@ -140,7 +139,7 @@ async def admit(
             )
             if not created:
                 check_replay("storyboard", idempotency_key, record.request.get("body_sha256"), body_sha256)
-            admitted = Admitted(created, storyboard=record, requests=requests)
+            admitted = Admitted(created, storyboard=record)
     except (QueueFull, GpuQuotaExceeded) as refused:
         raise refusal_error(refused) from None
     if admitted.created:
