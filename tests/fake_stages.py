@@ -177,3 +177,23 @@ def start(args: PrevizArgs, stages: FakeStages) -> Scheduler:
 def stop(scheduler: Scheduler) -> None:
     for task in (scheduler._loop_task, scheduler._metrics_task, scheduler._webhooks_task):
         task.cancel()
+
+
+def empty_store(args: PrevizArgs) -> JobStore:
+    """The job store of `args`, its tables created."""
+    store = JobStore(args.database_url)
+    store.create_schema()
+    return store
+
+
+def run_until_finished(args: PrevizArgs, stages: FakeStages, store: JobStore, job_id: str) -> JobRecord:
+    """Run a Scheduler on `stages` until the job is finished; the job as it ended."""
+
+    async def scenario() -> JobRecord:
+        scheduler = start(args, stages)
+        try:
+            return await wait_for(store, job_id, lambda job: job.is_finished)
+        finally:
+            stop(scheduler)
+
+    return asyncio.run(scenario())

@@ -19,7 +19,7 @@ from serve.jobs import JobStatus, JobStore
 from serve.jobs.models import Bucket
 from serve.jobs.request import JobRequest
 from serve.jobs.schema import ADDED_JOB_COLUMNS, jobs
-from tests.fake_stages import FakeStages, run, scheduler_args, start, stop, wait_for
+from tests.fake_stages import FakeStages, run, run_until_finished, scheduler_args, start, stop, wait_for
 from tests.job_requests import job_request
 
 FORMAT_1_DB = Path(__file__).parent / "data" / "jobs-format1.db"
@@ -126,15 +126,8 @@ def test_a_format_1_row_in_postgresql_loads_and_runs(
     args = scheduler_args(tmp_path, database_url=url)
     stages = FakeStages()
 
-    async def scenario() -> None:
-        scheduler = start(args, stages)
-        try:
-            done = await wait_for(store, OLD_VIDEO, lambda j: j.is_finished)
-        finally:
-            stop(scheduler)
-        assert done.status == JobStatus.SUCCEEDED and done.poster_uri.endswith("poster-a1.jpg")
-
-    run(scenario)
+    done = run_until_finished(args, stages, store, OLD_VIDEO)
+    assert done.status == JobStatus.SUCCEEDED and done.poster_uri.endswith("poster-a1.jpg")
     store.close()
 
 

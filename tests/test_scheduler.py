@@ -11,17 +11,25 @@ from pathlib import Path
 import pytest
 from ray.exceptions import ActorDiedError
 
-from serve.jobs import JobStatus, JobStore
+from serve.jobs import JobStatus
 from serve.storage import JobArtifacts, StorageError
-from tests.fake_stages import FakeStages, run, scheduler_args, start, stop, wait_for
+from tests.fake_stages import (
+    FakeStages,
+    empty_store,
+    run,
+    run_until_finished,
+    scheduler_args,
+    start,
+    stop,
+    wait_for,
+)
 from tests.job_requests import job_request
 
 
 def test_a_job_runs_through_every_stage_and_records_its_clip_and_poster(tmp_path: Path) -> None:
     args = scheduler_args(tmp_path)
     stages = FakeStages()
-    store = JobStore(args.database_url)
-    store.create_schema()
+    store = empty_store(args)
     job, _ = store.create("dune", "interactive", job_request(steps=8))
 
     async def scenario() -> None:
@@ -51,8 +59,7 @@ def test_a_job_runs_through_every_stage_and_records_its_clip_and_poster(tmp_path
 def test_a_lost_low_noise_replica_requeues_and_the_rerun_resumes_from_the_checkpoint(tmp_path: Path) -> None:
     args = scheduler_args(tmp_path)
     stages = FakeStages(fail={"low": ActorDiedError()}, fail_once={"low"})  # Serve replaces the replica
-    store = JobStore(args.database_url)
-    store.create_schema()
+    store = empty_store(args)
     job, _ = store.create("dune", "batch", job_request(steps=8))
     checkpoint = JobArtifacts("dune", job.id).checkpoint
 
@@ -77,29 +84,20 @@ def test_a_lost_low_noise_replica_requeues_and_the_rerun_resumes_from_the_checkp
 def test_a_lost_high_noise_replica_reruns_from_scratch_without_a_checkpoint(tmp_path: Path) -> None:
     args = scheduler_args(tmp_path, max_attempts=2)
     stages = FakeStages(fail={"high": ActorDiedError()})
-    store = JobStore(args.database_url)
-    store.create_schema()
+    store = empty_store(args)
     job, _ = store.create("dune", "batch", job_request(steps=8))
 
-    async def scenario() -> None:
-        scheduler = start(args, stages)
-        try:
-            failed = await wait_for(store, job.id, lambda j: j.is_finished)
-        finally:
-            stop(scheduler)
-        # both runs lost the replica before any checkpoint: the second was the last allowed
-        assert failed.status == JobStatus.FAILED and failed.attempt == 2
-        assert len(stages.calls["high"]) == 2 and "low" not in stages.calls
-        assert failed.checkpoint_uri is None
-
-    run(scenario)
+    failed = run_until_finished(args, stages, store, job.id)
+    # both runs lost the replica before any checkpoint: the second was the last allowed
+    assert failed.status == JobStatus.FAILED and failed.attempt == 2
+    assert len(stages.calls["high"]) == 2 and "low" not in stages.calls
+    assert failed.checkpoint_uri is None
 
 
 def test_a_superseded_attempt_records_nothing_and_the_newer_run_wins(tmp_path: Path) -> None:
     args = scheduler_args(tmp_path, max_jobs_in_flight=1)  # this scheduler cannot claim the job back
     stages = FakeStages(hold_low=asyncio.Event())
-    store = JobStore(args.database_url)
-    store.create_schema()
+    store = empty_store(args)
     job, _ = store.create("dune", "batch", job_request(steps=8))
 
     async def scenario() -> None:
@@ -128,24 +126,14 @@ def test_a_superseded_attempt_records_nothing_and_the_newer_run_wins(tmp_path: P
 def test_a_finisher_that_keeps_failing_fails_the_job_after_the_bounded_retries(tmp_path: Path) -> None:
     args = scheduler_args(tmp_path, finish_attempts=3)
     stages = FakeStages(fail={"finish": StorageError("artifact 'dune/x/clip-a1.mp4': bucket unreachable")})
-    store = JobStore(args.database_url)
-    store.create_schema()
+    store = empty_store(args)
     job, _ = store.create("dune", "batch", job_request(steps=8))
 
-    async def scenario() -> None:
-        scheduler = start(args, stages)
-        try:
-            failed = await wait_for(store, job.id, lambda j: j.is_finished)
-        finally:
-            stop(scheduler)
-        assert failed.status == JobStatus.FAILED and failed.error_code == "storage_failed"
-        assert (
-            "failed on all 3 tries" in failed.error_message and "bucket unreachable" in failed.error_message
-        )
-        assert len(stages.calls["finish"]) == 3 and failed.attempt == 1  # retried in place, not requeued
-        assert [event.kind for event in store.events(job.id)].count("retry") == 2
-
-    run(scenario)
+    failed = run_until_finished(args, stages, store, job.id)
+    assert failed.status == JobStatus.FAILED and failed.error_code == "storage_failed"
+    assert "failed on all 3 tries" in failed.error_message and "bucket unreachable" in failed.error_message
+    assert len(stages.calls["finish"]) == 3 and failed.attempt == 1  # retried in place, not requeued
+    assert [event.kind for event in store.events(job.id)].count("retry") == 2
 
 
 @pytest.mark.parametrize("stage", ["low", "decode"])
@@ -153,8 +141,7 @@ def test_a_cancel_while_a_stage_runs_cancels_that_call_on_its_replica(tmp_path: 
     args = scheduler_args(tmp_path)
     holds = {"low": "hold_low", "decode": "hold_decode"}
     stages = FakeStages(**{holds[stage]: asyncio.Event()})
-    store = JobStore(args.database_url)
-    store.create_schema()
+    store = empty_store(args)
     job, _ = store.create("dune", "batch", job_request(steps=8))
     waiting = {"low": JobStatus.DENOISING_LOW, "decode": JobStatus.DECODING}[stage]
 
@@ -183,8 +170,7 @@ def test_a_job_cancelled_while_queued_is_counted_as_cancelled(
     )
     args = scheduler_args(tmp_path, max_jobs_in_flight=1)
     stages = FakeStages(hold_low=asyncio.Event())
-    store = JobStore(args.database_url)
-    store.create_schema()
+    store = empty_store(args)
     running, _ = store.create("dune", "batch", job_request(steps=8))
     queued, _ = store.create("dune", "batch", job_request(steps=8))
 
