@@ -90,12 +90,14 @@ async def admit(
     body: dict[str, Any],
     idempotency_key: str | None,
     board: BoardDraft | None = None,
+    settings: ProjectSettings | None = None,
 ) -> Admitted:
     """Check every draft, then create its job (or the board and all its jobs) in one transaction.
 
     `body` is the request as the client sent it (JSON): its fingerprint tells a replay of the same
     Idempotency-Key (200, the first result) from a different request under that key (409)."""
-    settings = await project_settings(state.store, project)
+    if settings is None:  # a remix has read them already
+        settings = await project_settings(state.store, project)
     body_sha256 = fingerprint(body)
     requests = []
     for draft in drafts:

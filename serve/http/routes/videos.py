@@ -270,6 +270,7 @@ async def remix_video(
         [draft],
         body={"remix_of": source.id, **body.model_dump(mode="json")},
         idempotency_key=idempotency_key,
+        settings=settings,
     )
     return admitted_response(admitted.job, admitted.created)
 
