@@ -53,8 +53,10 @@ def test_store_projects_keys_and_usage_on_both_backends(store: JobStore) -> None
     updated = store.update_project("heist", {"gpu_seconds_per_day": 5.0})
     assert updated.settings == ProjectSettings(max_queued_jobs=3, gpu_seconds_per_day=5.0)
     assert store.get_project("heist").settings == updated.settings and store.update_project("x", {}) is None
-    record, key = store.create_key("heist", "admin", "lead")
-    assert store.authenticate(key).role == "admin" and [k.id for k in store.list_keys("heist")] == [record.id]
+    record, key = store.create_key("heist", "member", "lead")
+    assert store.authenticate(key).role == "member" and [k.id for k in store.list_keys("heist")] == [
+        record.id
+    ]
     first = store.revoke_key(record.id).revoked_at
     assert store.authenticate(key) == "revoked" and store.revoke_key(record.id).revoked_at == first
     assert store.authenticate("pvz_000000000000_" + "A" * 43) == "unknown"
@@ -183,9 +185,9 @@ def test_admin_creates_a_project_and_a_key_that_works_until_revoked(api: LocalAp
     assert revoked.status_code == 200 and revoked.json()["revoked_at"] is not None
     assert error(member.get("/v1/videos")) == (401, "revoked_api_key")
     assert error(admin.delete("/v1/admin/keys/000000000000")) == (404, "not_found")
-    # The project's own admin key manages projects too.
+    # The project's own admin key sees its own project only (tests/test_admin_scope.py has the rest).
     other_admin = api.client_with(project["api_key"]["key"])
-    assert other_admin.get("/v1/admin/projects").status_code == 200
+    assert [item["name"] for item in other_admin.get("/v1/admin/projects").json()["data"]] == ["heist"]
 
 
 # -- quotas ----------------------------------------------------------------------------------------------
@@ -391,7 +393,7 @@ def test_admin_cli_creates_lists_and_revokes(
 # -- `previz up` bootstrap -------------------------------------------------------------------------------
 
 
-def test_up_bootstrap_generates_an_admin_key_once(
+def test_up_bootstrap_generates_a_studio_admin_key_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("PREVIZ_API_KEY", raising=False)
@@ -401,13 +403,16 @@ def test_up_bootstrap_generates_an_admin_key_once(
     assert key is not None and key in shown and "save this key, it is not shown again" in shown
     store = JobStore(url)
     caller = store.authenticate(key)
-    assert (caller.project, caller.role) == ("default", "admin")
+    assert (caller.project, caller.role) == ("default", "studio_admin")
     assert bootstrap_default_project(url) is None and capsys.readouterr().err == ""
     assert len(store.list_keys("default")) == 1
-    # A revoked bootstrap key leaves no admin: the next start makes a new one.
-    store.revoke_key(caller.key_id)
+    # The API never revokes the last studio_admin key; an operator who did it in SQL gets a new one.
+    with store._write() as conn:
+        conn.execute(
+            update(api_keys).where(api_keys.c.id == caller.key_id).values(revoked_at=datetime.now(UTC))
+        )
     again = bootstrap_default_project(url)
-    assert again not in (None, key) and store.authenticate(again).role == "admin"
+    assert again not in (None, key) and store.authenticate(again).role == "studio_admin"
 
 
 def test_up_bootstrap_honours_previz_api_key(
@@ -420,7 +425,7 @@ def test_up_bootstrap_honours_previz_api_key(
     assert capsys.readouterr().err == ""
     store = JobStore(url)
     caller = store.authenticate("studio-chosen-secret-key")
-    assert (caller.project, caller.role) == ("default", "admin")
+    assert (caller.project, caller.role) == ("default", "studio_admin")
     assert len(store.list_keys("default")) == 1
     _, generated = store.create_key("default", "admin")
     monkeypatch.setenv("PREVIZ_API_KEY", generated)

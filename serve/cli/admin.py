@@ -11,6 +11,7 @@ from rich.table import Table
 from serve.cli.common import (
     DEFAULT_SERVER,
     ApiKeyOption,
+    CliError,
     UrlOption,
     api_call,
     app,
@@ -21,8 +22,8 @@ from serve.cli.common import (
 )
 
 admin_app = typer.Typer(help="Projects and API keys (needs an admin key).", no_args_is_help=True)
-project_app = typer.Typer(help="Create and list projects.", no_args_is_help=True)
-key_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+project_app = typer.Typer(help="Create, list and change projects.", no_args_is_help=True)
+key_app = typer.Typer(help="Create, list, rotate and revoke API keys.", no_args_is_help=True)
 admin_app.add_typer(project_app, name="project")
 admin_app.add_typer(key_app, name="key")
 app.add_typer(admin_app, name="admin")
@@ -54,6 +55,45 @@ def project_create(
     console.print("save the secret (and key): they are not shown again")
 
 
+@project_app.command("update")
+def project_update(
+    name: Annotated[str, typer.Argument(help="The project to change.")],
+    max_queued_jobs: Annotated[int | None, typer.Option(help="Most queued videos at once.")] = None,
+    gpu_seconds_per_day: Annotated[float | None, typer.Option(help="GPU seconds per UTC day.")] = None,
+    burn_label: Annotated[
+        bool | None,
+        typer.Option(help="Burn 'AI-generated draft' into every clip (--no-burn-label allows off)."),
+    ] = None,
+    clear_max_queued_jobs: Annotated[bool, typer.Option(help="Remove the queued-videos bound.")] = False,
+    clear_gpu_seconds_per_day: Annotated[bool, typer.Option(help="Remove the GPU-seconds quota.")] = False,
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Change a project's quotas and label policy (needs a studio_admin key); options left out keep
+    their value."""
+    changes: dict[str, object] = {}
+    for field, value, clear in (
+        ("max_queued_jobs", max_queued_jobs, clear_max_queued_jobs),
+        ("gpu_seconds_per_day", gpu_seconds_per_day, clear_gpu_seconds_per_day),
+    ):
+        if clear and value is not None:
+            option = field.replace("_", "-")
+            raise CliError(f"--{option} and --clear-{option} contradict each other")
+        if clear or value is not None:
+            changes[field] = value
+    if burn_label is not None:
+        changes["burn_label"] = burn_label
+    if not changes:
+        raise CliError("nothing to change: give at least one option (see --help)")
+    updated = api_call(client_for(url, api_key).update_project, name, changes)
+    settings = updated["settings"]
+    stdout.print(
+        f"project {updated['name']}: max queued {settings['max_queued_jobs'] or '-'}, GPU s/day "
+        f"{settings['gpu_seconds_per_day'] or '-'}, burn label {'yes' if settings['burn_label'] else 'no'}",
+        highlight=False,
+    )
+
+
 @project_app.command("list")
 def project_list(url: UrlOption = DEFAULT_SERVER, api_key: ApiKeyOption = None) -> None:
     """Every project and its quotas."""
@@ -74,7 +114,7 @@ def project_list(url: UrlOption = DEFAULT_SERVER, api_key: ApiKeyOption = None) 
 @key_app.command("create")
 def key_create(
     project: Annotated[str, typer.Option(help="The key's project.")],
-    role: Annotated[str, typer.Option(help="member | admin.")] = "member",
+    role: Annotated[str, typer.Option(help="member | admin | studio_admin.")] = "member",
     name: Annotated[str | None, typer.Option(help="Whose key it is.")] = None,
     url: UrlOption = DEFAULT_SERVER,
     api_key: ApiKeyOption = None,
@@ -115,3 +155,19 @@ def key_revoke(
     """Revoke a key at once: its next request gets 401."""
     revoked = api_call(client_for(url, api_key).revoke_key, key_id)
     stdout.print(f"revoked {revoked['id']} ({revoked['role']} key of {revoked['project']})", highlight=False)
+
+
+@key_app.command("rotate")
+def key_rotate(
+    key_id: Annotated[str, typer.Argument(help="The key's id (`keyid` of pvz_<keyid>_...).")],
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Replace a key by a new one (same project, role and name) and revoke the old one at once; prints the
+    new key once. Rotating the bootstrap key: set PREVIZ_API_KEY to the new key afterwards."""
+    rotated = api_call(client_for(url, api_key).rotate_key, key_id)
+    stdout.print(rotated["key"], highlight=False)
+    console.print(
+        f"{rotated['role']} key {rotated['id']} of project {rotated['project']} replaces {key_id}, now "
+        "revoked (the new key is not shown again)"
+    )

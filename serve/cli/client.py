@@ -114,6 +114,11 @@ class PrevizClient:
     def revoke_key(self, key_id: str) -> dict[str, Any]:
         return self._json(self.http.delete(f"/v1/admin/keys/{key_id}"))
 
+    def rotate_key(self, key_id: str) -> dict[str, Any]:
+        """A new key in place of `key_id` (same project, role, name), which is revoked; the key is shown
+        in this answer only."""
+        return self._json(self.http.post(f"/v1/admin/keys/{key_id}/rotate"))
+
     @staticmethod
     def _json(response: httpx.Response) -> dict[str, Any]:
         if response.status_code >= 400:

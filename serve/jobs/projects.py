@@ -8,10 +8,11 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, func, insert, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from serve.auth import (
+    ADMIN_ROLES,
     ROLES,
     ApiKeyRecord,
     AuthFailure,
@@ -25,13 +26,26 @@ from serve.auth import (
     new_api_key,
 )
 from serve.jobs.models import JobStatus, utcnow
-from serve.jobs.schema import api_keys, jobs, projects
+from serve.jobs.schema import ROLE_CHECK, api_keys, jobs, projects
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # `last_used_at` is written at most this often per key
 
 
+BOOTSTRAP_KEY_NAMES = ("bootstrap", "bootstrap (PREVIZ_API_KEY)")
+
+
 class ProjectExists(Exception):
     """create_project() found the name taken (HTTP 409)."""
+
+
+class LastAdminKey(Exception):
+    """revoke_key() would leave a project without a usable admin key, or the studio without a usable
+    studio_admin key (HTTP 409)."""
+
+    def __init__(self, key: ApiKeyRecord, scope: str) -> None:
+        super().__init__(key.id)
+        self.key = key
+        self.scope = scope  # what would be left without one, for people: "project 'x'" or "the studio"
 
 
 class ProjectStoreMixin:
@@ -88,7 +102,7 @@ class ProjectStoreMixin:
         """A new key of `project` (which must exist): `(record, key)`; the key is not stored, only its hash.
         `key` sets the key instead of generating one (an operator's PREVIZ_API_KEY)."""
         if role not in ROLES:
-            raise ValueError(f"`role` must be 'member' or 'admin' but is {role!r}.")
+            raise ValueError(f"`role` must be one of {', '.join(ROLES)} but is {role!r}.")
         if key is None:
             _, key = new_api_key()
         row = {
@@ -116,16 +130,49 @@ class ProjectStoreMixin:
         return None if row is None else _key(row._asdict())
 
     def revoke_key(self, key_id: str) -> ApiKeyRecord | None:
-        """Revoke a key for good (idempotent: the first revocation time stays); None if no such key."""
+        """Revoke a key for good (idempotent: the first revocation time stays); None if no such key.
+        LastAdminKey if it is the last usable admin key of its project or studio_admin key of the studio."""
         now = utcnow()
         with self._write() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one_or_none()
+            if row is None:
+                return None
+            if row.revoked_at is None and row.role in ADMIN_ROLES:
+                _refuse_last_admin(conn, _key(row._asdict()))
             conn.execute(
                 update(api_keys)
                 .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                 .values(revoked_at=now)
             )
-            row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one_or_none()
-        return None if row is None else _key(row._asdict())
+            row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one()
+        return _key(row._asdict())
+
+    def rotate_key(self, key_id: str) -> tuple[ApiKeyRecord, str] | None:
+        """Replace a usable key by a new one of the same project, role and name, and revoke the old one, in
+        one transaction: `(new record, new key)`; None if no usable key has that id."""
+        now = utcnow()
+        with self._write() as conn:
+            row = conn.execute(
+                select(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                return None
+            new_id, key = new_api_key()
+            fresh = {
+                "id": new_id,
+                "project": row.project,
+                "role": row.role,
+                "key_hash": hash_key(key),
+                "name": row.name,
+                "created_at": now,
+                "revoked_at": None,
+                "last_used_at": None,
+            }
+            conn.execute(insert(api_keys).values(fresh))
+            conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(revoked_at=now))
+        return _key(fresh), key
 
     def authenticate(self, key: str) -> Caller | AuthFailure:
         """The caller a key stands for, or why not: "unknown" (no such key) or "revoked"."""
@@ -143,21 +190,38 @@ class ProjectStoreMixin:
         return Caller(project=row.project, role=row.role, key_id=row.id)
 
     def ensure_default_project(self, name: str = "default", key: str | None = None) -> str | None:
-        """Bootstrap: make sure project `name` exists with an admin key. With `key` (PREVIZ_API_KEY), that
-        key becomes an admin key of the project unless it is stored already. Without one, an admin key is
-        generated only when the project has no usable admin key. Returns a key generated now (show it
-        once), else None."""
+        """Bootstrap: make sure project `name` exists and the studio has a studio_admin key. With `key`
+        (PREVIZ_API_KEY), that key becomes a studio_admin key of the project unless it is stored already.
+        Without one, a studio_admin key is generated only when the studio has no usable one. Returns a
+        key generated now (show it once), else None.
+
+        A database of an earlier version knew no studio_admin role: its bootstrap keys (admin keys of
+        `name` that the bootstrap made) become studio_admin keys, so the operator's key keeps managing
+        every project."""
         if self.get_project(name) is None:
             with contextlib.suppress(ProjectExists):  # another process bootstrapped it meanwhile
                 self.create_project(name)
+        with self._write() as conn:
+            if not _studio_admin_keys(conn):
+                conn.execute(
+                    update(api_keys)
+                    .where(
+                        api_keys.c.project == name,
+                        api_keys.c.role == "admin",
+                        api_keys.c.name.in_(BOOTSTRAP_KEY_NAMES),
+                        api_keys.c.revoked_at.is_(None),
+                    )
+                    .values(role="studio_admin")
+                )
         if key is not None:
             stored = self.get_key(key_id_of(key))
             if stored is None:
-                self.create_key(name, "admin", "bootstrap (PREVIZ_API_KEY)", key=key)
+                self.create_key(name, "studio_admin", BOOTSTRAP_KEY_NAMES[1], key=key)
             return None
-        if any(k.role == "admin" and k.revoked_at is None for k in self.list_keys(name)):
-            return None
-        return self.create_key(name, "admin", "bootstrap")[1]
+        with self._read() as conn:
+            if _studio_admin_keys(conn):
+                return None
+        return self.create_key(name, "studio_admin", BOOTSTRAP_KEY_NAMES[0])[1]
 
     def gpu_seconds_today(self, project: str, *, now: datetime | None = None) -> float:
         """Accelerator seconds of the project's jobs that finished since 00:00 UTC today."""
@@ -174,6 +238,44 @@ def gpu_seconds_today(conn: Connection, project: str, now: datetime) -> float:
         jobs.c.finished_at >= midnight,
     )
     return float(conn.scalar(query) or 0.0)
+
+
+def widen_role_check(conn: Connection) -> None:
+    """Replace the role check of an earlier version's `api_keys` (member, admin) by ROLE_CHECK. SQLite
+    cannot alter a constraint, so there the table is copied into one made by today's schema."""
+    checks = inspect(conn).get_check_constraints("api_keys")
+    if any("studio_admin" in check["sqltext"] for check in checks):
+        return
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("ALTER TABLE api_keys DROP CONSTRAINT IF EXISTS ck_api_keys_role"))
+        conn.execute(text(f"ALTER TABLE api_keys ADD CONSTRAINT ck_api_keys_role CHECK ({ROLE_CHECK})"))
+        return
+    columns = ", ".join(column.name for column in api_keys.columns)
+    conn.execute(text("ALTER TABLE api_keys RENAME TO api_keys_before_roles"))
+    conn.execute(text("DROP INDEX IF EXISTS ix_api_keys_project"))
+    api_keys.create(conn)
+    conn.execute(text(f"INSERT INTO api_keys ({columns}) SELECT {columns} FROM api_keys_before_roles"))
+    conn.execute(text("DROP TABLE api_keys_before_roles"))
+
+
+def _studio_admin_keys(conn: Connection) -> builtins.list[str]:
+    query = select(api_keys.c.id).where(api_keys.c.role == "studio_admin", api_keys.c.revoked_at.is_(None))
+    return list(conn.scalars(query))
+
+
+def _refuse_last_admin(conn: Connection, key: ApiKeyRecord) -> None:
+    """LastAdminKey unless another usable key keeps `key`'s project (and, for a studio_admin key, the
+    studio) administered. The rows read are locked (PostgreSQL), so two revocations cannot both pass."""
+    usable = api_keys.c.revoked_at.is_(None)
+    project_admins = select(api_keys.c.id).where(
+        usable, api_keys.c.project == key.project, api_keys.c.role.in_(ADMIN_ROLES)
+    )
+    if list(conn.scalars(project_admins.with_for_update())) == [key.id]:
+        raise LastAdminKey(key, f"project {key.project!r}")
+    if key.role == "studio_admin":
+        studio_admins = select(api_keys.c.id).where(usable, api_keys.c.role == "studio_admin")
+        if list(conn.scalars(studio_admins.with_for_update())) == [key.id]:
+            raise LastAdminKey(key, "the studio")
 
 
 def _project(row: dict[str, Any]) -> ProjectRecord:

@@ -151,6 +151,9 @@ projects = Table(
     Column("webhook_secret", String(128), nullable=False),  # HMAC-SHA256 key of this project's webhooks
 )
 
+# A database of an earlier version checks `role IN ('member', 'admin')`: create_schema replaces it.
+ROLE_CHECK = "role IN ('member', 'admin', 'studio_admin')"
+
 api_keys = Table(
     "api_keys",
     metadata,
@@ -163,7 +166,7 @@ api_keys = Table(
     Column("revoked_at", UTCDateTime),
     Column("last_used_at", UTCDateTime),
     Index("ix_api_keys_project", "project"),
-    CheckConstraint("role IN ('member', 'admin')", name="ck_api_keys_role"),
+    CheckConstraint(ROLE_CHECK, name="ck_api_keys_role"),
 )
 
 webhook_deliveries = Table(

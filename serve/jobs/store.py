@@ -42,7 +42,7 @@ from serve.jobs.outbox import (
     record_attempt,
     secret_of,
 )
-from serve.jobs.projects import ProjectStoreMixin, gpu_seconds_today
+from serve.jobs.projects import ProjectStoreMixin, gpu_seconds_today, widen_role_check
 from serve.jobs.request import JobRequest
 from serve.jobs.schema import (
     ADDED_JOB_COLUMNS,
@@ -78,9 +78,9 @@ class JobStore(ProjectStoreMixin):
         self._writer = self._engine.execution_options(previz_sqlite_begin="BEGIN IMMEDIATE")
 
     def create_schema(self) -> None:
-        """Create the tables and indexes that do not exist yet, and add the nullable columns a database of
-        an earlier version lacks (ADDED_JOB_COLUMNS). Idempotent, and safe when the Ingress and the
-        Scheduler call it at the same time."""
+        """Create the tables and indexes that do not exist yet, and add what a database of an earlier
+        version lacks: nullable columns (ADDED_JOB_COLUMNS) and key roles. Idempotent, and safe when the
+        Ingress and the Scheduler call it at the same time."""
         with self._write() as conn:
             if self.backend == "postgresql":
                 conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
@@ -91,6 +91,7 @@ class JobStore(ProjectStoreMixin):
                     column = jobs.c[name]
                     kind = column.type.compile(dialect=conn.dialect)
                     conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {kind}"))
+            widen_role_check(conn)
 
     def close(self) -> None:
         """Close the pooled connections (the store can still be used afterwards: it reconnects)."""

@@ -1,13 +1,18 @@
 """`/v1/admin`: projects, their settings (quotas, label policy) and API keys. Admin keys only (403
-`forbidden` for member keys); an admin key of any project manages every project.
+`forbidden` for member keys). An `admin` key manages its own project's keys and reads its settings;
+other projects are 404 to it, as their videos are. A `studio_admin` key manages every project (S below).
 
-    POST   /v1/admin/projects                  create (409 `project_exists`); its webhook secret, once
-    GET    /v1/admin/projects                  list
-    GET    /v1/admin/projects/{name}           one project and its settings
-    PATCH  /v1/admin/projects/{name}           change settings (only the fields sent)
-    POST   /v1/admin/projects/{name}/keys      a new key: the key is in this answer only
-    GET    /v1/admin/projects/{name}/keys      its keys (ids, roles, names; never the keys)
-    DELETE /v1/admin/keys/{key_id}             revoke a key (at once: its next request is 401)
+    POST   /v1/admin/projects                  S  create (409 `project_exists`); its webhook secret, once
+    GET    /v1/admin/projects                     list (an admin key: its own project)
+    GET    /v1/admin/projects/{name}              one project and its settings
+    PATCH  /v1/admin/projects/{name}           S  change settings (only the fields sent)
+    POST   /v1/admin/projects/{name}/keys         a new key: the key is in this answer only
+    GET    /v1/admin/projects/{name}/keys         its keys (ids, roles, names; never the keys)
+    POST   /v1/admin/keys/{key_id}/rotate         a new key of the same project, role and name; the old
+                                                  one revoked at once (the bootstrap key's rotation)
+    DELETE /v1/admin/keys/{key_id}                revoke a key (at once: its next request is 401); 409
+                                                  `last_admin_key` for the last admin key of a project
+                                                  or the last studio_admin key
 """
 
 import asyncio
@@ -16,12 +21,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
-from serve.auth import PROJECT_NAME, ApiKeyRecord, Caller, ProjectRecord, ProjectSettings, Role
+from serve.auth import ADMIN_ROLES, PROJECT_NAME, ApiKeyRecord, Caller, ProjectRecord, ProjectSettings, Role
 from serve.http.deps import StateDep, authenticated_caller
 from serve.http.errors import ApiError
 from serve.jobs import JobStore
 from serve.jobs.models import unix
-from serve.jobs.projects import ProjectExists
+from serve.jobs.projects import LastAdminKey, ProjectExists
 
 
 class ProjectCreate(BaseModel):
@@ -66,7 +71,11 @@ class ApiKey(BaseModel):
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Role = Field("member", description="`member` (videos) or `admin` (also /v1/admin).")
+    role: Role = Field(
+        "member",
+        description="`member` (videos), `admin` (also the project's keys) or `studio_admin` (every "
+        "project; only a studio_admin key creates one).",
+    )
     name: str | None = Field(None, max_length=200, description="Whose key it is, for people.")
 
 
@@ -110,9 +119,25 @@ def _no_project(name: str) -> ApiError:
 
 
 async def _admin(who: Annotated[Caller, Depends(authenticated_caller)]) -> Caller:
-    if who.role != "admin":
+    if who.role not in ADMIN_ROLES:
         raise ApiError(403, "forbidden", f"this needs an admin key; key {who.key_id} is a member key")
     return who
+
+
+Admin = Annotated[Caller, Depends(_admin)]
+
+
+def _studio_admin(who: Admin) -> Caller:
+    if not who.is_studio_admin:
+        raise ApiError(
+            403,
+            "forbidden",
+            f"this needs a studio_admin key; key {who.key_id} is an admin key of {who.project!r}",
+        )
+    return who
+
+
+StudioAdmin = Annotated[Caller, Depends(_studio_admin)]
 
 
 def _job_store(state: StateDep) -> JobStore:
@@ -123,8 +148,23 @@ Store = Annotated[JobStore, Depends(_job_store)]
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(_admin)])
 
 
+async def _managed_project(name: str, who: Caller, store: JobStore) -> ProjectRecord:
+    """The project `name` if `who` manages it; another project's existence is not told (404)."""
+    record = await asyncio.to_thread(store.get_project, name) if who.manages(name) else None
+    if record is None:
+        raise _no_project(name)
+    return record
+
+
+async def _managed_key(key_id: str, who: Caller, store: JobStore) -> ApiKeyRecord:
+    record = await asyncio.to_thread(store.get_key, key_id)
+    if record is None or not who.manages(record.project):
+        raise ApiError(404, "not_found", f"no API key with id {key_id!r}", "key_id")
+    return record
+
+
 @router.post("/projects", status_code=201, response_model=ProjectCreated, summary="Create a project")
-async def create_project(body: ProjectCreate, store: Store) -> ProjectCreated:
+async def create_project(body: ProjectCreate, store: Store, who: StudioAdmin) -> ProjectCreated:
     try:
         record = await asyncio.to_thread(store.create_project, body.name, body.settings)
     except ProjectExists:
@@ -141,20 +181,18 @@ async def create_project(body: ProjectCreate, store: Store) -> ProjectCreated:
 
 
 @router.get("/projects", response_model=ProjectList, summary="List projects")
-async def list_projects(store: Store) -> ProjectList:
-    return ProjectList(data=[_project(record) for record in await asyncio.to_thread(store.list_projects)])
+async def list_projects(store: Store, who: Admin) -> ProjectList:
+    records = await asyncio.to_thread(store.list_projects)
+    return ProjectList(data=[_project(record) for record in records if who.manages(record.name)])
 
 
 @router.get("/projects/{name}", response_model=Project, summary="Retrieve a project")
-async def get_project(name: str, store: Store) -> Project:
-    record = await asyncio.to_thread(store.get_project, name)
-    if record is None:
-        raise _no_project(name)
-    return _project(record)
+async def get_project(name: str, store: Store, who: Admin) -> Project:
+    return _project(await _managed_project(name, who, store))
 
 
 @router.patch("/projects/{name}", response_model=Project, summary="Change a project's settings")
-async def update_project(name: str, body: ProjectSettingsUpdate, store: Store) -> Project:
+async def update_project(name: str, body: ProjectSettingsUpdate, store: Store, who: StudioAdmin) -> Project:
     changes = body.model_dump(exclude_unset=True)
     if changes.get("burn_label", True) is None:
         raise ApiError(400, "invalid_value", "`burn_label` must be true or false", "burn_label")
@@ -167,23 +205,53 @@ async def update_project(name: str, body: ProjectSettingsUpdate, store: Store) -
 @router.post(
     "/projects/{name}/keys", status_code=201, response_model=ApiKeyCreated, summary="Create an API key"
 )
-async def create_key(name: str, body: ApiKeyCreate, store: Store) -> ApiKeyCreated:
-    if await asyncio.to_thread(store.get_project, name) is None:
-        raise _no_project(name)
+async def create_key(name: str, body: ApiKeyCreate, store: Store, who: Admin) -> ApiKeyCreated:
+    await _managed_project(name, who, store)
+    if body.role == "studio_admin" and not who.is_studio_admin:
+        raise ApiError(403, "forbidden", "only a studio_admin key creates studio_admin keys", "role")
     record, key = await asyncio.to_thread(store.create_key, name, body.role, body.name)
     return ApiKeyCreated(**_key(record).model_dump(exclude={"object"}), key=key)
 
 
 @router.get("/projects/{name}/keys", response_model=ApiKeyList, summary="List a project's API keys")
-async def list_keys(name: str, store: Store) -> ApiKeyList:
-    if await asyncio.to_thread(store.get_project, name) is None:
-        raise _no_project(name)
+async def list_keys(name: str, store: Store, who: Admin) -> ApiKeyList:
+    await _managed_project(name, who, store)
     return ApiKeyList(data=[_key(record) for record in await asyncio.to_thread(store.list_keys, name)])
 
 
+@router.post(
+    "/keys/{key_id}/rotate", status_code=201, response_model=ApiKeyCreated, summary="Rotate an API key"
+)
+async def rotate_key(key_id: str, store: Store, who: Admin) -> ApiKeyCreated:
+    """A new key with the old one's project, role and name; the old key is revoked in the same transaction
+    (its next request is 401). The new key is in this answer only."""
+    old = await _managed_key(key_id, who, store)
+    if old.role == "studio_admin" and not who.is_studio_admin:
+        raise ApiError(403, "forbidden", "only a studio_admin key rotates a studio_admin key", "key_id")
+    rotated = await asyncio.to_thread(store.rotate_key, key_id)
+    if rotated is None:
+        raise ApiError(
+            409, "key_revoked", f"API key {key_id!r} is revoked; create a new one instead", "key_id"
+        )
+    record, key = rotated
+    return ApiKeyCreated(**_key(record).model_dump(exclude={"object"}), key=key)
+
+
 @router.delete("/keys/{key_id}", response_model=ApiKey, summary="Revoke an API key")
-async def revoke_key(key_id: str, store: Store) -> ApiKey:
-    record = await asyncio.to_thread(store.revoke_key, key_id)
+async def revoke_key(key_id: str, store: Store, who: Admin) -> ApiKey:
+    old = await _managed_key(key_id, who, store)
+    if old.role == "studio_admin" and not who.is_studio_admin:
+        raise ApiError(403, "forbidden", "only a studio_admin key revokes a studio_admin key", "key_id")
+    try:
+        record = await asyncio.to_thread(store.revoke_key, key_id)
+    except LastAdminKey as refused:
+        raise ApiError(
+            409,
+            "last_admin_key",
+            f"key {key_id} is the last usable {'studio_admin' if refused.scope == 'the studio' else 'admin'} "
+            f"key of {refused.scope}; create another one first, or rotate this one",
+            "key_id",
+        ) from None
     if record is None:
         raise ApiError(404, "not_found", f"no API key with id {key_id!r}", "key_id")
     return _key(record)
