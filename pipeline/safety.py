@@ -23,7 +23,8 @@ prompt, so folding can only add blocks. The Latin reading folds, in this order:
   data (the `confusable-homoglyphs` package) is spelled in Latin letters. A word with any other letter
   is a real word of its script and stays as it is: "Алексей" is not folded.
 - Spelled-out words: MIN_SPELLED_OUT or more single letters or digits in a row, split by spaces or
-  punctuation, are joined ("t o p" -> "top"); "t o" and whole words ("top less") are not.
+  punctuation, are joined ("t o p" -> "top"); "t o" and whole words ("top less") are not. A run that
+  starts with "a" or "i" is read both with it and with it as a word ("a t o p" -> "atop", "a top").
 - Punctuation inside a word (up to MAX_SEPARATOR marks, no space) is dropped: "nu.de" and "top-less"
   read "nude" and "topless".
 - Leetspeak: in a word that has letters, the digits and symbols of _LEET read as letters (0 -> o,
@@ -167,13 +168,16 @@ def readings(text: str) -> list[str]:
     if not visible.isascii():
         visible = _WORD.sub(_fold_homoglyphs, visible)
     latin = " ".join(visible.casefold().split())
-    latin = _SPELLED_OUT.sub(lambda spelled: _NOT_LATIN.sub("", spelled[0]), latin)
-    latin = _INNER_MARKS.sub("", latin)
+    joined = [_SPELLED_OUT.sub(functools.partial(_join, article=False), latin)]
+    if joined[0] != latin:  # something was spelled out: a leading "a" may be the article
+        joined.append(_SPELLED_OUT.sub(functools.partial(_join, article=True), latin))
     found = [normalized]
-    for table in (_LEET_I, _LEET_L):
-        reading = _LEET_WORD.sub(functools.partial(_read_leet, table=table), latin)
-        if reading not in found:
-            found.append(reading)
+    for text in joined:
+        text = _INNER_MARKS.sub("", text)
+        for table in (_LEET_I, _LEET_L):
+            reading = _LEET_WORD.sub(functools.partial(_read_leet, table=table), text)
+            if reading not in found:
+                found.append(reading)
     return found
 
 
@@ -210,6 +214,14 @@ def _fold_homoglyphs(word: re.Match[str]) -> str:
 @functools.lru_cache(maxsize=4096)
 def _is_latin(char: str) -> bool:
     return char.isascii() or categories.alias(char) == "LATIN"
+
+
+def _join(spelled: re.Match[str], article: bool) -> str:
+    """Spelled-out letters as one word; with `article`, a leading "a" or "i" as a word of its own."""
+    letters = _NOT_LATIN.sub("", spelled[0])
+    if article and letters[0] in "ai":
+        return f"{letters[0]} {letters[1:]}"
+    return letters
 
 
 def _read_leet(word: re.Match[str], table: dict[int, str]) -> str:
@@ -327,8 +339,9 @@ class PromptPolicy:
         """None when `text` may run, else the verdict. Raises SafetyCheckError if the classifier fails."""
         texts = readings(text)
         for category, term, pattern in self._patterns:
-            if any(pattern.search(reading) for reading in texts):
-                return SafetyVerdict(category=category, stage="prompt", term=term)
+            for reading in texts:
+                if pattern.search(reading):
+                    return SafetyVerdict(category=category, stage="prompt", term=term)
         if self.classifier is None:
             return None
         return _ask_hook(self.classifier, text, f"the prompt classifier `{self.classifier_name}`", "prompt")
