@@ -21,7 +21,10 @@ from pipeline.safety import (
     PromptPolicy,
     SafetyCheckError,
     SafetySettings,
+    homoglyphs,
     load_terms,
+    normalize,
+    readings,
 )
 from pipeline.video import AI_MARKER, read_video_info
 from serve.cli import main
@@ -124,6 +127,122 @@ def test_latin_terms_match_whole_words_only() -> None:
 def test_simple_evasions_are_caught(policy: PromptPolicy, evasion: str) -> None:
     verdict = policy.check(evasion)
     assert verdict is not None and verdict.category in ("sexual_explicit", "self_harm")
+
+
+@pytest.mark.parametrize(
+    ("evasion", "category"),
+    [
+        ("a t o p l e s s model", "sexual_explicit"),  # spelled out
+        ("a t-o-p-l-e-s-s model", "sexual_explicit"),  # letters split by punctuation
+        ("t.o.p.l.e.s.s", "sexual_explicit"),
+        ("t_o_p_l_e_s_s", "sexual_explicit"),
+        ("t*o*p*l*e*s*s", "sexual_explicit"),
+        ("t - o - p - l - e - s - s", "sexual_explicit"),
+        ("a nu.de model", "sexual_explicit"),  # punctuation inside a word
+        ("a top-less model", "sexual_explicit"),
+        ("g o r e everywhere", "violence_graphic"),
+        ("c h i l d porn", "sexual_minors"),  # spelled out next to a whole word of the phrase
+        ("w h i t e power rally", "hate"),
+        ("s e l f h a r m", "self_harm"),
+        ("x i j i n p i n g waves", "real_person_likeness"),
+        ("a t\u043e\u0440less model", "sexual_explicit"),  # Cyrillic о and р
+        ("\u0422\u041e\u0420L\u0415SS", "sexual_explicit"),  # Cyrillic Т, О, Р, Е in capitals
+        ("\u0455\u0435\u0445 scene", "sexual_explicit"),  # a word all in Cyrillic lookalikes
+        ("a n\u03c5de model", "sexual_explicit"),  # Greek υ
+        ("a g\u03bfry scene", "violence_graphic"),  # Greek ο
+        ("SU\u0406C\u0406DE METHOD", "self_harm"),  # Cyrillic І, read as I
+        ("𝐭𝐨𝐩𝐥𝐞𝐬𝐬 and 𝓽𝓸𝓹𝓵𝓮𝓼𝓼", "sexual_explicit"),  # mathematical letters (NFKC)
+        ("a t0pl3ss model", "sexual_explicit"),  # leetspeak
+        ("a t0p1ess model", "sexual_explicit"),  # 1 as l
+        ("su1c1de method", "self_harm"),  # 1 as i
+        ("$ex scene", "sexual_explicit"),
+        ("a 5ex act", "sexual_explicit"),
+        ("p0rn0graphy", "sexual_explicit"),
+        ("d3c4p1t4t3d", "violence_graphic"),
+        ("self-h4rm", "self_harm"),
+        ("h31l h1tl3r", "hate"),
+        ("a d33pf4k3 of 3lon mu$k", "real_person_likeness"),
+        ("t 0 p l 3 s s", "sexual_explicit"),  # spelled out and leet
+        ("t\u043ep-l3ss", "sexual_explicit"),  # a homoglyph, punctuation and leet in one word
+    ],
+)
+def test_latin_evasions_are_caught(policy: PromptPolicy, evasion: str, category: str) -> None:
+    verdict = policy.check(evasion)
+    assert verdict is not None and verdict.category == category, evasion
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "stop less, say more",
+        "top less, bottom more",  # two words stay two words
+        "a top lesson in the director's cut",
+        "the class assembles in the hall",
+        "3 shots at 10 am",
+        "I am 5 ft tall and 40 years old",
+        "a b52 bomber over the sea",
+        "35mm lens, 4k, 24fps, 1080p, f/2.8, 16:9, 1/50 s",
+        "t o p",
+        "scene 3: a, b and c on a 5 x 5 grid",
+        "e.g. a 2-shot of Dr. J. R. Smith",
+        "wow!!! a rain-soaked street",
+        "Алексей идёт по улице",  # Russian: Alexei walks down the street
+        "Москва ночью, камера на плече, а потом общий план",  # Moscow at night, handheld, then a wide shot
+        "Αλέξης στην παραλία",  # Greek: Alexis on the beach
+        "一个女孩在雨中奔跑，4K画质，24帧",
+        "暴雨中的城市街头，一个侦探慢慢走向霓虹灯",
+    ],
+)
+def test_ordinary_prompts_do_not_fold_into_terms(policy: PromptPolicy, prompt: str) -> None:
+    assert policy.check(prompt) is None
+
+
+def test_leetspeak_never_reads_numbers_as_words() -> None:
+    policy = PromptPolicy({"test_words": ["ass", "sos", "eat"]})
+    for clean in ("a $455 budget", "the class of 2024", "call 505 now", "at 3:47 pm"):
+        assert policy.check(clean) is None, clean
+    for blocked in ("4ss", "@ss", "a-s-s", "a s s", "5o5", "e47"):
+        assert policy.check(blocked) is not None, blocked
+
+
+@pytest.mark.parametrize(
+    ("text", "latin"),
+    [
+        ("t o p l e s s", ["topless"]),
+        ("t o a", ["toa"]),
+        ("t o", []),  # two single letters are not a word
+        ("a t o p", ["atop", "a top"]),  # a leading "a" may be the article
+        ("top less", []),
+        ("rain-soaked", ["rainsoaked"]),
+        ("t0p1ess", ["topiess", "topless"]),  # 1 read as i, then as l
+        ("3 shots at 10 am", []),
+        ("b52 bomber", ["bs2 bomber"]),
+        ("t\u043e\u0440less Алексей", ["topless алексей"]),  # Cyrillic о, р; a real name stays
+        ("\u0422\u041e\u0420L\u0415SS", ["topless"]),  # Cyrillic capitals
+        ("裸 体", []),
+    ],
+)
+def test_the_latin_reading_folds_only_what_hides_a_word(text: str, latin: list[str]) -> None:
+    assert readings(text) == [normalize(text), *latin]
+
+
+def test_homoglyphs_come_from_unicode_confusables() -> None:
+    table = homoglyphs()
+    assert len(table) > 1000
+    # Cyrillic о, р, Р, ѕ and Greek ο, ν, υ
+    expected = {
+        "\u043e": "o",
+        "\u0440": "p",
+        "\u0420": "p",
+        "\u0455": "s",
+        "\u03bf": "o",
+        "\u03bd": "v",
+        "\u03c5": "u",
+    }
+    assert {char: table[ord(char)] for char in expected} == expected
+    assert table[ord("\u0406")] == table[ord("\u0399")] == "1"  # Cyrillic І, Greek Ι: read as i and as l
+    assert not any(chr(code).isascii() for code in table)
+    assert set(table.values()) <= set("abcdefghijklmnopqrstuvwxyz1")
 
 
 def test_config_terms_extend_the_shipped_lists_or_replace_them(tmp_path: Path) -> None:
@@ -236,8 +355,17 @@ def _video(**fields: Any) -> dict[str, Any]:
             "real_person_likeness",
             "fake",
         ),
+        (_video(prompt="a t\u043e\u0440l3ss model on a beach"), "prompt", "sexual_explicit", "topless"),
     ],
-    ids=["english-prompt", "chinese-prompt", "english-shot", "chinese-shot", "shot-beside-prompt", "prompt"],
+    ids=[
+        "english-prompt",
+        "chinese-prompt",
+        "english-shot",
+        "chinese-shot",
+        "shot-beside-prompt",
+        "prompt",
+        "latin-evasion",
+    ],
 )
 def test_a_blocked_video_is_refused_with_422_and_nothing_is_stored(
     tmp_path: Path, body: dict[str, Any], param: str, category: str, term: str
