@@ -22,6 +22,9 @@ class EngineSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Most requests in one batched forward.")
 
 
+PUBLIC_URL_PATTERN = r"^https?://[^\s/?#@]+(/[^\s?#]*)?$"  # scheme and host, maybe a path; no query
+
+
 class WebhookSettings(BaseModel):
     """Delivery of `callback_url` webhooks by the Scheduler: retries with exponential backoff."""
 
@@ -96,6 +99,13 @@ class PrevizArgs(BaseModel):
     )
     text_cache_size: int = Field(1024, ge=0, description="Prompt embeddings kept per TextEncoder replica.")
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings, description="callback_url delivery.")
+    public_url: str | None = Field(
+        None,
+        pattern=PUBLIC_URL_PATTERN,
+        description="The API's address as clients and webhook receivers reach it, e.g. "
+        "`https://previz.studio.example`: webhook payloads carry absolute `content_url` and `thumbnail_url` "
+        "made with it. Unset: they are paths (`/v1/videos/{id}/content`).",
+    )
     safety: SafetySettings = Field(
         default_factory=SafetySettings,
         description="Content policy: term lists, prompt classifier and frame-check hooks.",

@@ -51,6 +51,9 @@ LEASE_SLACK_S = 30.0  # a lease outlives one attempt's timeout by this much
 MAX_ERROR_CHARS = 500
 
 
+LINK_FIELDS = ("content_url", "thumbnail_url")  # the video's links a receiver follows
+
+
 class WebhookSignatureError(ValueError):
     """verify_signature() refused a request: missing or malformed headers, a stale timestamp, or a
     signature that does not match the body."""
@@ -130,6 +133,21 @@ def retry_delay_s(attempt: int, settings: WebhookSettings, rng: random.Random | 
     return delay * (rng or random).uniform(0.75, 1.0)
 
 
+def absolute_links(payload: dict[str, Any], public_url: str | None) -> dict[str, Any]:
+    """The payload with its video's links (`content_url`, `thumbnail_url`: paths in the outbox) made
+    absolute with the deployment's `public_url`; unchanged without one."""
+    video = payload.get("data")
+    if public_url is None or not isinstance(video, dict):
+        return payload
+    base = public_url.rstrip("/")
+    links = {
+        name: base + link
+        for name in LINK_FIELDS
+        if isinstance(link := video.get(name), str) and link.startswith("/")
+    }
+    return {**payload, "data": {**video, **links}}
+
+
 def callback_policy(settings: WebhookSettings) -> CallbackPolicy:
     return CallbackPolicy(allow_http=settings.allow_http, allowed_hosts=settings.allowed_hosts)
 
@@ -150,11 +168,17 @@ class WebhookDispatcher:
     """Sends due webhooks from the outbox. Any number may run against one store (leases keep them apart)."""
 
     def __init__(
-        self, store: JobStore, settings: WebhookSettings, policy: CallbackPolicy | None = None
+        self,
+        store: JobStore,
+        settings: WebhookSettings,
+        policy: CallbackPolicy | None = None,
+        *,
+        public_url: str | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.policy = policy or callback_policy(settings)
+        self.public_url = public_url
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -202,7 +226,7 @@ class WebhookDispatcher:
                 delivery, ok=False, status_code=None, error=str(refused), seconds=0.0, final=True
             )
             return
-        body = encode_payload(delivery.payload)
+        body = encode_payload(absolute_links(delivery.payload, self.public_url))
         headers = signature_headers(secret, delivery.id, delivery.event, body, int(time.time()))
         headers["Content-Type"] = "application/json"
         headers["Host"] = urlsplit(delivery.url).netloc

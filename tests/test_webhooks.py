@@ -17,10 +17,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import create_engine, insert, select
 
 from serve.callbacks import CallbackPolicy, CallbackRefused
-from serve.config import WebhookSettings
+from serve.config import PrevizArgs, WebhookSettings
 from serve.jobs import JobRecord, JobStore
 from serve.jobs.models import utcnow
 from serve.jobs.outbox import WebhookDelivery
@@ -365,12 +366,16 @@ def sqlite_store(tmp_path: Path) -> Iterator[JobStore]:
 
 
 def dispatch_until_settled(
-    store: JobStore, settings: WebhookSettings, job_id: str, policy: CallbackPolicy | None = None
+    store: JobStore,
+    settings: WebhookSettings,
+    job_id: str,
+    policy: CallbackPolicy | None = None,
+    public_url: str | None = None,
 ) -> WebhookDelivery:
     """Run a dispatcher until the job's delivery is no longer pending (a hang guard, not a timing check)."""
 
     async def main() -> WebhookDelivery:
-        dispatcher = WebhookDispatcher(store, settings, policy)
+        dispatcher = WebhookDispatcher(store, settings, policy, public_url=public_url)
         task = asyncio.create_task(dispatcher.run_forever())
         try:
             while True:
@@ -384,6 +389,29 @@ def dispatch_until_settled(
             task.cancel()
 
     return asyncio.run(asyncio.wait_for(main(), timeout=300))
+
+
+def test_the_payload_links_are_absolute_with_the_public_url(
+    sqlite_store: JobStore, receiver: Receiver
+) -> None:
+    job = finished_job(sqlite_store, receiver.url)
+    settings = WebhookSettings(poll_interval_s=0.05, **LOOPBACK)
+    delivery = dispatch_until_settled(
+        sqlite_store, settings, job.id, public_url="https://previz.studio.example/"
+    )
+    assert delivery.status == "delivered"
+    [request] = receiver.requests
+    video = json.loads(request.body)["data"]
+    assert video["content_url"] == f"https://previz.studio.example/v1/videos/{job.id}/content"
+    assert request.verified and delivery.payload["data"]["content_url"] == f"/v1/videos/{job.id}/content"
+
+
+@pytest.mark.parametrize(
+    "bad", ["previz.studio.example", "ftp://x.example", "https://x.example/?a=1", "https://u@x"]
+)
+def test_a_public_url_that_is_not_a_base_url_is_refused(bad: str) -> None:
+    with pytest.raises(ValidationError, match="public_url"):
+        PrevizArgs(public_url=bad)
 
 
 def test_failed_attempts_are_retried_with_growing_gaps_until_delivered(

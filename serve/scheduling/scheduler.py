@@ -121,7 +121,8 @@ class Scheduler:
         self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
         self._queue_reporter = QueueReporter()
         self._metrics_task = asyncio.get_running_loop().create_task(self._report_forever())
-        self._webhooks = WebhookDispatcher(self.store, args.webhooks)  # callback_url POSTs from the outbox
+        # callback_url POSTs from the outbox
+        self._webhooks = WebhookDispatcher(self.store, args.webhooks, public_url=args.public_url)
         self._webhooks_task = asyncio.get_running_loop().create_task(self._webhooks.run_forever())
 
     async def wake(self) -> None:
