@@ -55,6 +55,13 @@ class ProjectSettings(BaseModel):
         description="Accelerator seconds the project's videos may use per UTC day; beyond it 429 "
         "`gpu_quota_exceeded` until midnight UTC.",
     )
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        le=3650,
+        description="Finished videos are deleted (clip, poster and record) this many days after they "
+        "finish; their `expires_at` says when. Unset: kept until deleted.",
+    )
     burn_label: StrictBool = Field(
         True,
         description="Burn 'AI-generated draft' into every clip; while true, `label: false` is refused "

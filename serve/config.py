@@ -91,6 +91,9 @@ class PrevizArgs(BaseModel):
         1.0, ge=0, description="Wait before the 2nd Finisher call; doubled before each later one."
     )
     poll_interval_s: float = Field(0.5, gt=0, description="How often the Scheduler looks for queued jobs.")
+    retention_sweep_s: float = Field(
+        300.0, gt=0, description="How often the Scheduler deletes the videos past their project's retention."
+    )
     artifact_url_ttl_s: int = Field(
         3600,
         ge=1,

@@ -34,6 +34,9 @@ def project_create(
     name: Annotated[str, typer.Argument(help="Lower-case slug: letters, digits, '.', '_', '-'.")],
     max_queued_jobs: Annotated[int | None, typer.Option(help="Most queued videos at once.")] = None,
     gpu_seconds_per_day: Annotated[float | None, typer.Option(help="GPU seconds per UTC day.")] = None,
+    retention_days: Annotated[
+        int | None, typer.Option(help="Delete finished videos this many days after they finish.")
+    ] = None,
     burn_label: Annotated[
         bool, typer.Option(help="Burn 'AI-generated draft' into every clip (--no-burn-label allows off).")
     ] = True,
@@ -45,6 +48,7 @@ def project_create(
     settings = {
         "max_queued_jobs": max_queued_jobs,
         "gpu_seconds_per_day": gpu_seconds_per_day,
+        "retention_days": retention_days,
         "burn_label": burn_label,
     }
     created = api_call(client_for(url, api_key).create_project, name, settings, admin_key=admin_key)
@@ -64,8 +68,12 @@ def project_update(
         bool | None,
         typer.Option(help="Burn 'AI-generated draft' into every clip (--no-burn-label allows off)."),
     ] = None,
+    retention_days: Annotated[
+        int | None, typer.Option(help="Delete finished videos this many days after they finish.")
+    ] = None,
     clear_max_queued_jobs: Annotated[bool, typer.Option(help="Remove the queued-videos bound.")] = False,
     clear_gpu_seconds_per_day: Annotated[bool, typer.Option(help="Remove the GPU-seconds quota.")] = False,
+    clear_retention_days: Annotated[bool, typer.Option(help="Keep finished videos until deleted.")] = False,
     url: UrlOption = DEFAULT_SERVER,
     api_key: ApiKeyOption = None,
 ) -> None:
@@ -75,6 +83,7 @@ def project_update(
     for field, value, clear in (
         ("max_queued_jobs", max_queued_jobs, clear_max_queued_jobs),
         ("gpu_seconds_per_day", gpu_seconds_per_day, clear_gpu_seconds_per_day),
+        ("retention_days", retention_days, clear_retention_days),
     ):
         if clear and value is not None:
             option = field.replace("_", "-")
@@ -89,7 +98,8 @@ def project_update(
     settings = updated["settings"]
     stdout.print(
         f"project {updated['name']}: max queued {settings['max_queued_jobs'] or '-'}, GPU s/day "
-        f"{settings['gpu_seconds_per_day'] or '-'}, burn label {'yes' if settings['burn_label'] else 'no'}",
+        f"{settings['gpu_seconds_per_day'] or '-'}, retention {settings['retention_days'] or '-'} days, burn "
+        f"label {'yes' if settings['burn_label'] else 'no'}",
         highlight=False,
     )
 
@@ -98,7 +108,7 @@ def project_update(
 def project_list(url: UrlOption = DEFAULT_SERVER, api_key: ApiKeyOption = None) -> None:
     """Every project and its quotas."""
     page = api_call(client_for(url, api_key).list_projects)
-    table = Table("project", "created", "max queued", "GPU s/day", "burn label", box=None)
+    table = Table("project", "created", "max queued", "GPU s/day", "retention", "burn label", box=None)
     for project in page["data"]:
         settings = project["settings"]
         table.add_row(
@@ -106,6 +116,7 @@ def project_list(url: UrlOption = DEFAULT_SERVER, api_key: ApiKeyOption = None) 
             date_of(project["created_at"]),
             str(settings["max_queued_jobs"] or "-"),
             f"{settings['gpu_seconds_per_day']:g}" if settings["gpu_seconds_per_day"] else "-",
+            f"{settings['retention_days']} d" if settings.get("retention_days") else "-",
             "yes" if settings["burn_label"] else "no",
         )
     Console(width=200).print(table)

@@ -189,7 +189,11 @@ class Video(BaseModel):
     progress: int = Field(description="Approximate completion, 0–100.")
     created_at: int = Field(description="Unix seconds.")
     completed_at: int | None = Field(None, description="Unix seconds when it finished (any outcome).")
-    expires_at: int | None = Field(None, description="Unix seconds when its assets expire; never (null).")
+    expires_at: int | None = Field(
+        None,
+        description="Unix seconds when the finished video is deleted under its project's `retention_days`; "
+        "null: kept until deleted.",
+    )
     prompt: str = Field(description="The prompt it is generated from (a `shot` compiled in).")
     seconds: str = Field(description="Clip length in seconds.")
     size: str = Field(description="`WxH` of the generated draft (before upscaling).")

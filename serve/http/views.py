@@ -2,11 +2,13 @@
 
 `video_view` is the only rendering of a job: `GET /v1/videos/{id}`, lists, the events stream's `done`, the
 storyboard view and the webhook payload (written by the job store's outbox) all use it, so they never
-disagree. It needs nothing but the job row: the request carries its resolved size, frames and steps.
+disagree. It needs the job row (the request carries its resolved size, frames and steps) and, for
+`expires_at`, the project's retention.
 """
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from serve.http.schemas import Video, VideoError
@@ -14,7 +16,10 @@ from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVi
 from serve.jobs.models import JobRecord, JobStatus, StoryboardRecord, unix
 
 
-def video_view(job: JobRecord, queue_position: int | None = None) -> Video:
+def video_view(
+    job: JobRecord, queue_position: int | None = None, *, retention_days: int | None = None
+) -> Video:
+    """The video as the API shows it; `retention_days` is its project's (it sets `expires_at`)."""
     request = job.request
     resolved = request.resolved
     completed = job.status == JobStatus.SUCCEEDED
@@ -31,6 +36,7 @@ def video_view(job: JobRecord, queue_position: int | None = None) -> Video:
         progress=job.progress,
         created_at=unix(job.created_at),
         completed_at=unix(job.finished_at),
+        expires_at=unix(expiry(job, retention_days)),
         prompt=request.spec.prompt,
         seconds=f"{request.spec.duration:g}",
         size=job.request.bucket.size,
@@ -57,9 +63,16 @@ def video_view(job: JobRecord, queue_position: int | None = None) -> Video:
     )
 
 
-def video_payload(job: JobRecord) -> dict[str, Any]:
+def video_payload(job: JobRecord, retention_days: int | None = None) -> dict[str, Any]:
     """`video_view` as JSON: the webhook's `data` and the events stream's `done`."""
-    return video_view(job).model_dump(mode="json")
+    return video_view(job, retention_days=retention_days).model_dump(mode="json")
+
+
+def expiry(job: JobRecord, retention_days: int | None) -> datetime | None:
+    """When a finished job is deleted under its project's retention (None: kept)."""
+    if retention_days is None or job.finished_at is None:
+        return None
+    return job.finished_at + timedelta(days=retention_days)
 
 
 def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboard:

@@ -63,6 +63,7 @@ def enqueue_webhook(conn: Connection, job: JobRecord, now: datetime) -> None:
         return
     # Imported here: the view imports the API schemas, which import this package's vocabulary.
     from serve.http.views import video_payload
+    from serve.jobs.projects import retention_of
 
     delivery_id = new_delivery_id()
     event = EVENTS[job.status]
@@ -70,7 +71,7 @@ def enqueue_webhook(conn: Connection, job: JobRecord, now: datetime) -> None:
         "id": delivery_id,
         "type": event,
         "created_at": unix(now),
-        "data": video_payload(job),
+        "data": video_payload(job, retention_of(conn, job.project)),
     }
     conn.execute(
         insert(webhook_deliveries).values(

@@ -240,6 +240,12 @@ def gpu_seconds_today(conn: Connection, project: str, now: datetime) -> float:
     return float(conn.scalar(query) or 0.0)
 
 
+def retention_of(conn: Connection, project: str) -> int | None:
+    """The project's `retention_days` (None: keep finished videos until deleted)."""
+    settings = conn.scalar(select(projects.c.settings).where(projects.c.name == project))
+    return ProjectSettings.model_validate(settings or {}).retention_days
+
+
 def widen_role_check(conn: Connection) -> None:
     """Replace the role check of an earlier version's `api_keys` (member, admin) by ROLE_CHECK. SQLite
     cannot alter a constraint, so there the table is copied into one made by today's schema."""

@@ -499,9 +499,30 @@ class JobStore(ProjectStoreMixin):
             enqueue_webhook(conn, _record(row), now)
         return CancelResult.CANCELLED
 
-    def mark_deleted(self, job_id: str, *, project: str) -> JobRecord | None:
+    def expired(self, project: str, finished_before: datetime, limit: int = 100) -> builtins.list[JobRecord]:
+        """The project's finished, not yet deleted jobs that finished before `finished_before` (oldest
+        first): what its retention deletes."""
+        _check_limit(limit)
+        query = (
+            select(jobs)
+            .where(
+                jobs.c.project == project,
+                jobs.c.deleted_at.is_(None),
+                jobs.c.status >= JobStatus.SUCCEEDED,
+                jobs.c.finished_at < finished_before,
+            )
+            .order_by(jobs.c.finished_at)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def mark_deleted(
+        self, job_id: str, *, project: str, reason: Literal["deleted", "expired"] = "deleted"
+    ) -> JobRecord | None:
         """Hide a finished job of `project` for good (its artifacts are the caller's to remove first) and
-        forget its artifact keys; the job as it was, or None when there is no such finished job."""
+        forget its artifact keys; the job as it was, or None when there is no such finished job. `reason`:
+        its user deleted it, or its project's retention did."""
         now = utcnow()
         with self._write() as conn:
             current = conn.execute(
@@ -516,7 +537,7 @@ class JobStore(ProjectStoreMixin):
                 .where(jobs.c.id == job_id)
                 .values(deleted_at=now, updated_at=now, artifact_uri=None, poster_uri=None)
             )
-            _log_event(conn, job_id, "deleted", {"status": _name(current.status)}, now)
+            _log_event(conn, job_id, "deleted", {"status": _name(current.status), "reason": reason}, now)
         return _record(current)
 
     def requeue(self, job_id: str, attempt: int, *, max_attempts: int = 3) -> JobStatus | None:

@@ -31,6 +31,7 @@ from pipeline.spec import ModelSpec
 from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
 from serve.jobs import RUNNING_STATUSES, JobRecord, JobStatus, JobStore
+from serve.jobs.retention import RetentionSweeper
 from serve.metrics import (
     REPORT_INTERVAL_S,
     QueueReporter,
@@ -124,6 +125,8 @@ class Scheduler:
         # callback_url POSTs from the outbox
         self._webhooks = WebhookDispatcher(self.store, args.webhooks, public_url=args.public_url)
         self._webhooks_task = asyncio.get_running_loop().create_task(self._webhooks.run_forever())
+        self._retention = RetentionSweeper(self.store, self.artifacts, args.retention_sweep_s)
+        self._retention_task = asyncio.get_running_loop().create_task(self._retention.run_forever())
 
     async def wake(self) -> None:
         """A job was queued or cancelled: look at the queue now instead of at the next poll."""

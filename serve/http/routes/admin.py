@@ -47,6 +47,7 @@ class ProjectSettingsUpdate(BaseModel):
 
     max_queued_jobs: StrictInt | None = Field(None, ge=1)
     gpu_seconds_per_day: StrictFloat | StrictInt | None = Field(None, gt=0)
+    retention_days: StrictInt | None = Field(None, ge=1, le=3650)
     burn_label: StrictBool | None = None
 
 

@@ -4,6 +4,7 @@ its input, calls the one admission path or the store, and renders with the one v
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request
@@ -50,9 +51,13 @@ CREATE_BODY = {
 
 
 def video_response(
-    job: JobRecord, status_code: int = 200, queue_position: int | None = None, **headers: str
+    job: JobRecord,
+    status_code: int = 200,
+    queue_position: int | None = None,
+    retention_days: int | None = None,
+    **headers: str,
 ) -> JSONResponse:
-    video = video_view(job, queue_position)
+    video = video_view(job, queue_position, retention_days=retention_days)
     poll_after = POLL_AFTER_MS.get(video.status)
     if poll_after is not None:
         headers["openai-poll-after-ms"] = str(poll_after)
@@ -138,7 +143,8 @@ async def list_videos(
         limit=limit + 1,
         order=order,
     )
-    page = [video_view(job) for job in jobs[:limit]]
+    retention_days = (await project_settings(state.store, project)).retention_days
+    page = [video_view(job, retention_days=retention_days) for job in jobs[:limit]]
     return VideoList(
         data=page,
         first_id=page[0].id if page else None,
@@ -153,7 +159,8 @@ async def get_video(video_id: str, state: StateDep, caller: CallerDep) -> JSONRe
     position = (
         await asyncio.to_thread(state.store.queue_position, job) if job.status == JobStatus.QUEUED else None
     )
-    return video_response(job, queue_position=position)
+    retention_days = (await project_settings(state.store, job.project)).retention_days
+    return video_response(job, queue_position=position, retention_days=retention_days)
 
 
 @router.delete("/{video_id}", response_model=VideoDeleted, summary="Cancel or delete a video")
@@ -293,9 +300,12 @@ async def video_events(
     `claimed`, `stage`, `progress`, `checkpoint`, `requeued`, `resumed`, `retry`, `succeeded`, `failed`,
     `cancelled`, each with an `id:` to resume from), `status` whenever its stage or step progress moves
     (`{"status", "stage", "progress", "stage_progress"}`), and a last `done` carrying the video object."""
-    await job_or_404(video_id, state, caller)
+    job = await job_or_404(video_id, state, caller)
+    retention_days = (await project_settings(state.store, job.project)).retention_days
     return StreamingResponse(
-        event_stream(state.store, video_id, last_event_id or 0, video_payload),
+        event_stream(
+            state.store, video_id, last_event_id or 0, partial(video_payload, retention_days=retention_days)
+        ),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
