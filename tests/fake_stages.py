@@ -175,7 +175,12 @@ def start(args: PrevizArgs, stages: FakeStages) -> Scheduler:
 
 
 def stop(scheduler: Scheduler) -> None:
-    for task in (scheduler._loop_task, scheduler._metrics_task, scheduler._webhooks_task):
+    for task in (
+        scheduler._loop_task,
+        scheduler._metrics_task,
+        scheduler._webhooks_task,
+        scheduler._retention_task,
+    ):
         task.cancel()
 
 

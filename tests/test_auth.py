@@ -147,7 +147,12 @@ def test_admin_creates_a_project_and_a_key_that_works_until_revoked(api: LocalAp
     assert created.status_code == 201, created.text
     project = created.json()
     assert project["name"] == "heist" and len(project["webhook_secret"]) == 64
-    assert project["settings"] == {"max_queued_jobs": 5, "gpu_seconds_per_day": None, "burn_label": True}
+    assert project["settings"] == {
+        "max_queued_jobs": 5,
+        "gpu_seconds_per_day": None,
+        "retention_days": None,
+        "burn_label": True,
+    }
     assert project["api_key"]["role"] == "admin" and project["api_key"]["key"].startswith("pvz_")
     assert api.store.webhook_secret("heist") == project["webhook_secret"]
     assert error(admin.post("/v1/admin/projects", json={"name": "heist"})) == (409, "project_exists")
@@ -160,6 +165,7 @@ def test_admin_creates_a_project_and_a_key_that_works_until_revoked(api: LocalAp
     assert patched.json()["settings"] == {
         "max_queued_jobs": 5,
         "gpu_seconds_per_day": 600.0,
+        "retention_days": None,
         "burn_label": False,
     }
     assert admin.get("/v1/admin/projects/heist").json()["settings"]["burn_label"] is False

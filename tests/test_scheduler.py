@@ -186,3 +186,33 @@ def test_a_job_cancelled_while_queued_is_counted_as_cancelled(
         assert finished == [(queued.id, "cancelled")]
 
     run(scenario)
+
+
+def test_the_work_of_a_running_and_then_cancelled_job_counts_against_its_quota(tmp_path: Path) -> None:
+    """Issue 12, point 1: in-flight work counts before it has left, and a cancel does not erase it."""
+    args = scheduler_args(tmp_path)
+    stages = FakeStages(hold_decode=asyncio.Event())
+    store = empty_store(args)
+    job, _ = store.create("dune", "batch", job_request(steps=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            await wait_for(
+                store, job.id, lambda j: j.status == JobStatus.DECODING and "decode" in stages.calls
+            )
+            # Both experts are done (0.01 s each, as their replicas report): counted while it runs.
+            assert store.gpu_seconds_today("dune") == pytest.approx(0.02)
+            await asyncio.sleep(0.2)  # the decode runs a while before the cancel
+            assert store.cancel(job.id, project="dune") == "cancelled"
+            assert await scheduler.cancel(job.id)
+            await wait_for(store, job.id, lambda _j: job.id not in scheduler._running)
+        finally:
+            stop(scheduler)
+        cancelled = store.get(job.id)
+        assert cancelled.status == JobStatus.CANCELLED
+        # The experts' seconds and the part of the decode that ran before the cancel.
+        assert cancelled.gpu_seconds >= 0.02 + 0.2
+        assert store.gpu_seconds_today("dune") == pytest.approx(cancelled.gpu_seconds)
+
+    run(scenario)

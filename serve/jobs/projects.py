@@ -20,12 +20,13 @@ from serve.auth import (
     ProjectRecord,
     ProjectSettings,
     Role,
+    gpu_seconds,
     hash_key,
     key_id_of,
     keys_match,
     new_api_key,
 )
-from serve.jobs.models import JobStatus, utcnow
+from serve.jobs.models import RUNNING_STATUSES, JobStatus, utcnow
 from serve.jobs.schema import ROLE_CHECK, api_keys, jobs, projects
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # `last_used_at` is written at most this often per key
@@ -230,14 +231,18 @@ class ProjectStoreMixin:
 
 
 def gpu_seconds_today(conn: Connection, project: str, now: datetime) -> float:
-    """Accelerator seconds of the project's jobs that finished since 00:00 UTC of `now`'s day."""
+    """Accelerator seconds the project used since 00:00 UTC of `now`'s day: those of its jobs that finished
+    then (cancelled ones included, with the work done before the cancel), plus the stages its running jobs
+    have completed so far (in-flight work counts before it has left)."""
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    query = select(func.coalesce(func.sum(jobs.c.gpu_seconds), 0.0)).where(
+    finished = select(func.coalesce(func.sum(jobs.c.gpu_seconds), 0.0)).where(
         jobs.c.project == project,
         jobs.c.status >= JobStatus.SUCCEEDED,
         jobs.c.finished_at >= midnight,
     )
-    return float(conn.scalar(query) or 0.0)
+    running = select(jobs.c.timings).where(jobs.c.project == project, jobs.c.status.in_(RUNNING_STATUSES))
+    in_flight = sum(gpu_seconds(timings or {}) for timings in conn.scalars(running))
+    return float(conn.scalar(finished) or 0.0) + in_flight
 
 
 def retention_of(conn: Connection, project: str) -> int | None:

@@ -480,7 +480,7 @@ class JobStore(ProjectStoreMixin):
         """Cancel a queued or running job (a running job's pipeline notices: its next advance() returns
         False). With `project`, another project's job is NOT_FOUND. A finished job stays as it is."""
         now = utcnow()
-        query = select(jobs.c.status).where(jobs.c.id == job_id)
+        query = select(jobs.c.status, jobs.c.timings).where(jobs.c.id == job_id)
         if project is not None:
             query = query.where(jobs.c.project == project)
         with self._write() as conn:
@@ -492,7 +492,12 @@ class JobStore(ProjectStoreMixin):
             row = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.status < JobStatus.SUCCEEDED)
-                .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now)
+                .values(
+                    status=JobStatus.CANCELLED,
+                    gpu_seconds=gpu_seconds(current.timings or {}),  # the stages it completed count
+                    finished_at=now,
+                    updated_at=now,
+                )
                 .returning(jobs)
             ).one()
             _log_event(conn, job_id, "cancelled", {"from": _name(current.status)}, now)
@@ -516,6 +521,19 @@ class JobStore(ProjectStoreMixin):
         )
         with self._read() as conn:
             return [_record(row) for row in conn.execute(query)]
+
+    def add_gpu_seconds(self, job_id: str, seconds: float) -> bool:
+        """Count `seconds` more accelerator time on a finished job: the part of a stage that ran before the
+        job was cancelled under it. False if the job is not finished."""
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"`seconds` must be a finite number >= 0 but is {seconds!r}.")
+        with self._write() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status >= JobStatus.SUCCEEDED)
+                .values(gpu_seconds=func.coalesce(jobs.c.gpu_seconds, 0.0) + seconds)
+            )
+        return result.rowcount == 1
 
     def mark_deleted(
         self, job_id: str, *, project: str, reason: Literal["deleted", "expired"] = "deleted"

@@ -87,6 +87,24 @@ async def stage_call(response: DeploymentResponse) -> Any:
         raise
 
 
+class StageClock:
+    """When the accelerator stage that a job's attempt is in began, so a cancel can count the part that ran
+    (a finished stage's seconds come from its replica)."""
+
+    def __init__(self) -> None:
+        self._began: float | None = None
+
+    def begin(self) -> None:
+        self._began = time.perf_counter()
+
+    def end(self) -> None:
+        self._began = None
+
+    def open_seconds(self) -> float:
+        """Seconds the current stage has run so far; 0 between stages."""
+        return 0.0 if self._began is None else time.perf_counter() - self._began
+
+
 def overall_progress(status: JobStatus, stage_fraction: float) -> int:
     """0–100 across the whole pipeline for a job in `status`, `stage_fraction` of the way through it."""
     done = sum(weight for stage, weight in STAGE_WEIGHTS.items() if stage < status)
@@ -198,8 +216,9 @@ class Scheduler:
             await asyncio.to_thread(self._drop_checkpoint_if_finished, job.id)
 
     async def _run_attempt(self, job: JobRecord) -> None:
+        clock = StageClock()
         try:
-            await self._pipeline(job)
+            await self._pipeline(job, clock)
         except Superseded as superseded:  # cancelled, or a newer run owns the job: record nothing
             logger.info("job %s: %s; this run stops", job.id, superseded)
         except asyncio.CancelledError:
@@ -207,6 +226,9 @@ class Scheduler:
             if task is not None and task.cancelling():  # cancelled by its user, or this scheduler is stopping
                 logger.info("job %s cancelled while running", job.id)
                 record_job_finished(job, "cancelled")
+                # The GPU time of the stage it was in counts against the project's quota (a stopping
+                # scheduler's jobs are requeued, not finished: add_gpu_seconds leaves those alone).
+                await asyncio.to_thread(self.store.add_gpu_seconds, job.id, clock.open_seconds())
                 return
             # Raised inside: a stage call was cancelled under it (a replica shutting down); never fail the
             # job for that.
@@ -236,7 +258,7 @@ class Scheduler:
         if status == JobStatus.FAILED:
             record_job_finished(job, "failed")
 
-    async def _pipeline(self, job: JobRecord) -> None:
+    async def _pipeline(self, job: JobRecord, clock: StageClock) -> None:
         resolved, finish = job.request.resolved, job.request.finish
         stages = self.stages
         timings: dict[str, float] = {}
@@ -259,7 +281,7 @@ class Scheduler:
         if resumed is not None:  # an earlier attempt got past the high-noise expert
             state, experts = resumed, experts[1:]
         for status, handle, guidance, name in experts:
-            await self._advance(job, status, 0.0)
+            await self._advance(job, status, 0.0, timings)
             call = DenoiseCall(
                 request_id=f"{job.id}:{job.attempt}",
                 state=state,
@@ -274,9 +296,12 @@ class Scheduler:
                 async for event in stream:
                     match event:
                         case DenoiseProgress(done=done, total=total):
+                            if done == 1:  # stepping began (before, the request waited in the engine)
+                                clock.begin()
                             await self._advance(job, status, done / max(total, 1))
                         case DenoiseDone():
                             state, timings[name] = event.state, event.seconds
+                            clock.end()
             except BaseException:
                 # Cancelled, superseded or failed before the expert's last step: take the request out of
                 # the replica's engine now. Leaving the stream does not cancel it: the engine would keep
@@ -286,16 +311,20 @@ class Scheduler:
             if status == JobStatus.DENOISING_HIGH:
                 await self._checkpoint(job, state)
 
-        await self._advance(job, JobStatus.DECODING, 0.0)
+        await self._advance(job, JobStatus.DECODING, 0.0, timings)
+        clock.begin()
         frames = await stage_call(stages.vae.decode.remote(state.latents, resolved.fps))
         timings["decode"] = frames.seconds
+        clock.end()
 
-        await self._advance(job, JobStatus.UPSCALING, 0.0)
+        await self._advance(job, JobStatus.UPSCALING, 0.0, timings)
         width, height = upscale_target_size(finish.upscale, resolved.width, resolved.height)
+        clock.begin()
         frames = await stage_call(stages.upscaler.upscale.remote(frames, width, height))
         timings["upscale"] = frames.seconds
+        clock.end()
 
-        await self._advance(job, JobStatus.FINISHING, 0.0)
+        await self._advance(job, JobStatus.FINISHING, 0.0, timings)
         clip = await self._finish(
             job,
             frames,
@@ -393,7 +422,12 @@ class Scheduler:
         unfinished = self.store.queued(1000) + self.store.list(statuses=RUNNING_STATUSES, limit=1000)
         return self.store.count_by_status(), unfinished
 
-    async def _advance(self, job: JobRecord, status: JobStatus, fraction: float) -> None:
+    async def _advance(
+        self, job: JobRecord, status: JobStatus, fraction: float, timings: dict[str, float] | None = None
+    ) -> None:
+        """Move the job on. Entering a stage with `timings` stores the last one (the stage just done), so the
+        GPU seconds of a running job's finished stages count against its project's quota at once."""
+        last = next(reversed(timings.items())) if timings else None
         ok = await asyncio.to_thread(
             self.store.advance,
             job.id,
@@ -401,6 +435,7 @@ class Scheduler:
             status,
             stage_progress=fraction,
             progress=overall_progress(status, fraction),
+            timing=last,
         )
         if not ok:  # cancelled, or this run was superseded: stop spending compute on it
             raise Superseded(job.id, job.attempt)
