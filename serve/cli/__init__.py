@@ -18,7 +18,7 @@ __all__ = ["app", "bootstrap_default_project", "main"]
 def main() -> None:
     """Entry point: usage and input errors are one line on stderr and a non-zero exit."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
     except typer.Abort:
         console.print("aborted")
         sys.exit(130)
@@ -28,6 +28,8 @@ def main() -> None:
     except CliError as error:
         console.print(f"previz: error: {error}", highlight=False, soft_wrap=True, markup=False)
         sys.exit(2)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
