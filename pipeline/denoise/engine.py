@@ -43,6 +43,7 @@ from pipeline.denoise.batching import (
 from pipeline.denoise.denoiser import Expert, expert_for
 from pipeline.denoise.forward import GuidedInput, guided_forward
 from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
+from pipeline.determinism import make_batch_invariant
 from pipeline.text import PromptEmbeds, pad_embeds
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class DenoiseEngine:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.transformer = transformer
+        self.transformer = make_batch_invariant(transformer)  # a request's rows: same bits in any batch
         self.solver_template = solver_template
         self.expert: Expert = expert
         self.boundary_timestep = boundary_ratio * solver_template.config.num_train_timesteps
