@@ -28,6 +28,9 @@ algorithms only, fp32 matmuls in full precision (no TF32) and bf16/fp16 GEMMs wi
 reductions. cuDNN convolutions (the fp32 VAE) keep TF32: it is deterministic, and a 720p decode is
 several times slower without it.
 
+The encoder is the third source: pipeline/video.py encodes without x264's MB-tree, which gave identical
+frames different bitstreams (the tiny take above: decoded pixels up to 25/255 apart, mean 0.21).
+
 Noise is per request: `initial_state` draws it from a generator seeded with the request's seed, never
 from the global RNG. What this does not give: the same bits on another torch build, CPU ISA, thread count
 or GPU model; measured CUDA batch invariance (there is no GPU here: it follows from the per-row shapes,
