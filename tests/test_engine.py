@@ -305,6 +305,28 @@ def test_interactive_arrival_joins_the_running_batch_when_the_budget_allows(
     assert plan.request_ids == ["urgent", "batch0"] and plan.num_tokens == 2 * TOKENS_WITH_CFG
 
 
+def test_a_request_waiting_for_its_first_step_hears_its_place_in_the_queue(
+    tiny: WanComponents, encoder: TextEncoder
+) -> None:
+    engine = engine_for(tiny, max_num_tokens=TOKENS_WITH_CFG)  # the budget fits one request
+    heard: dict[str, list[int]] = {}  # req_id -> the places it was told, in order
+
+    def submit(name: str, **fields) -> Future:
+        report = lambda num_ahead, name=name: heard.setdefault(name, []).append(num_ahead)  # noqa: E731
+        return engine.submit(engine_request(make_case(tiny, encoder, name), on_waiting=report, **fields))
+
+    futures = [submit(name) for name in ("a", "b", "c")]
+    assert engine.step().request_ids == ["a"]
+    assert heard == {"b": [1], "c": [2]}
+    futures.append(submit("urgent", priority="interactive"))
+    assert engine.step().request_ids == ["urgent"]
+    assert heard == {"b": [1, 2], "c": [2, 3]}  # "a" has started: it is running, not queued
+    while not all(future.done() for future in futures):
+        engine.step()
+    assert heard == {"b": [1, 2, 1], "c": [2, 3, 2, 1]}  # told again only when the place changed
+    assert "a" not in heard and "urgent" not in heard
+
+
 def test_cancelled_request_leaves_at_next_boundary_and_frees_its_tensors(
     tiny: WanComponents, encoder: TextEncoder
 ) -> None:
