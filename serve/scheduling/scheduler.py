@@ -45,6 +45,7 @@ from serve.stages.payloads import (
     DenoiseCall,
     DenoiseDone,
     DenoiseProgress,
+    DenoiseWaiting,
     FinishCall,
     FinishedClip,
     FrameBatch,
@@ -269,6 +270,8 @@ class Scheduler:
             try:
                 async for event in stream:
                     match event:
+                        case DenoiseWaiting(num_ahead=num_ahead):  # queued in the engine, not stalled
+                            await self._advance(job, status, 0.0, engine_queue_position=num_ahead)
                         case DenoiseProgress(done=done, total=total):
                             await self._advance(job, status, done / max(total, 1))
                         case DenoiseDone():
@@ -389,7 +392,9 @@ class Scheduler:
         unfinished = self.store.queued(1000) + self.store.list(statuses=RUNNING_STATUSES, limit=1000)
         return self.store.count_by_status(), unfinished
 
-    async def _advance(self, job: JobRecord, status: JobStatus, fraction: float) -> None:
+    async def _advance(
+        self, job: JobRecord, status: JobStatus, fraction: float, *, engine_queue_position: int | None = None
+    ) -> None:
         ok = await asyncio.to_thread(
             self.store.advance,
             job.id,
@@ -397,6 +402,7 @@ class Scheduler:
             status,
             stage_progress=fraction,
             progress=overall_progress(status, fraction),
+            engine_queue_position=engine_queue_position,
         )
         if not ok:  # cancelled, or this run was superseded: stop spending compute on it
             raise Superseded(job.id, job.attempt)
