@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from pipeline._compat import prompt_clean
+from pipeline.determinism import make_batch_invariant
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +45,7 @@ class TextEncoder:
         cache_size: int = 512,
     ) -> None:
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+        self.text_encoder = make_batch_invariant(text_encoder)  # a prompt's embeds do not depend on its batch
         self.max_sequence_length = max_sequence_length
         self.cache_size = cache_size
         self._cache: OrderedDict[str, PromptEmbeds] = OrderedDict()  # cleaned text -> embeds

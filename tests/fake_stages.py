@@ -19,6 +19,7 @@ from serve.stages.payloads import (
     DenoiseCall,
     DenoiseDone,
     DenoiseProgress,
+    DenoiseWaiting,
     FinishCall,
     FinishedClip,
     FrameBatch,
@@ -65,6 +66,8 @@ class FakeStages:
     fail: dict[str, BaseException] = field(default_factory=dict)
     fail_once: set[str] = field(default_factory=set)  # stages whose failure is gone after one call
     hold_low: asyncio.Event | None = None  # the low-noise expert waits for this before its first step
+    waiting_high: tuple[int, ...] = ()  # queue places the high expert's engine reports before its first step
+    hold_high: asyncio.Event | None = None  # after those reports, the high expert waits for this
     hold_decode: asyncio.Event | None = None  # the decoder waits for this before it answers
     cancelled: list[str] = field(default_factory=list)  # stages whose call the Scheduler cancelled
 
@@ -96,6 +99,11 @@ class FakeStages:
             self.record(expert, (call.request_id, bucket, call.state.step_index))
             if expert == "low" and self.hold_low is not None:
                 await self.hold_low.wait()
+            if expert == "high":
+                for num_ahead in self.waiting_high:
+                    yield DenoiseWaiting(num_ahead=num_ahead)
+                if self.hold_high is not None:
+                    await self.hold_high.wait()
             state = call.state
             steps = 3 if expert == "high" else state.num_steps - state.step_index
             for done in range(1, steps + 1):

@@ -30,7 +30,7 @@ from pipeline.spec import RequestSpec, resolve
 from pipeline.text import PromptEmbeds, TextEncoder
 from pipeline.weights import WanComponents, build_preset
 
-MAX_ABS_DIFF = 1e-4
+MAX_ABS_DIFF = 0.0  # batch-invariant layers (pipeline.determinism): engine == Denoiser, bit for bit
 WIDE, TALL = "96x64", "64x96"  # two buckets: latents (16, 3, 8, 12) and (16, 3, 12, 8)
 TOKENS_WITH_CFG = 2 * 3 * 4 * 6  # latent frames x (h/16) x (w/16), doubled for CFG
 
@@ -303,6 +303,28 @@ def test_interactive_arrival_joins_the_running_batch_when_the_budget_allows(
     engine.submit(engine_request(make_case(tiny, encoder, "urgent"), priority="interactive"))
     plan = engine.step()
     assert plan.request_ids == ["urgent", "batch0"] and plan.num_tokens == 2 * TOKENS_WITH_CFG
+
+
+def test_a_request_waiting_for_its_first_step_hears_its_place_in_the_queue(
+    tiny: WanComponents, encoder: TextEncoder
+) -> None:
+    engine = engine_for(tiny, max_num_tokens=TOKENS_WITH_CFG)  # the budget fits one request
+    heard: dict[str, list[int]] = {}  # req_id -> the places it was told, in order
+
+    def submit(name: str, **fields) -> Future:
+        report = lambda num_ahead, name=name: heard.setdefault(name, []).append(num_ahead)  # noqa: E731
+        return engine.submit(engine_request(make_case(tiny, encoder, name), on_waiting=report, **fields))
+
+    futures = [submit(name) for name in ("a", "b", "c")]
+    assert engine.step().request_ids == ["a"]
+    assert heard == {"b": [1], "c": [2]}
+    futures.append(submit("urgent", priority="interactive"))
+    assert engine.step().request_ids == ["urgent"]
+    assert heard == {"b": [1, 2], "c": [2, 3]}  # "a" has started: it is running, not queued
+    while not all(future.done() for future in futures):
+        engine.step()
+    assert heard == {"b": [1, 2, 1], "c": [2, 3, 2, 1]}  # told again only when the place changed
+    assert "a" not in heard and "urgent" not in heard
 
 
 def test_cancelled_request_leaves_at_next_boundary_and_frees_its_tensors(

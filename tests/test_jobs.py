@@ -365,6 +365,24 @@ def test_advance_moves_a_running_job_through_its_stages(store: JobStore) -> None
     assert stored.updated_at >= job.updated_at
 
 
+def test_engine_queue_position_shows_while_it_waits_and_the_next_advance_or_claim_clears_it(
+    store: JobStore,
+) -> None:
+    job = running_job(store)
+    assert store.advance(job.id, 1, JobStatus.DENOISING_HIGH, engine_queue_position=3)
+    waiting = store.get(job.id)
+    assert (waiting.engine_queue_position, waiting.num_ahead_in_engine, waiting.stage) == (3, 3, "queued")
+    assert store.advance(job.id, 1, JobStatus.DENOISING_HIGH, stage_progress=0.1)
+    running = store.get(job.id)
+    assert (running.num_ahead_in_engine, running.stage) == (None, "denoising_high")
+    assert store.advance(job.id, 1, JobStatus.DENOISING_HIGH, engine_queue_position=1)
+    assert store.requeue(job.id, 1) == JobStatus.QUEUED
+    assert store.get(job.id).num_ahead_in_engine is None  # an ended run's place is never shown
+    assert store.claim(job.id, "scheduler-1").engine_queue_position is None
+    with pytest.raises(ValueError, match=r"`engine_queue_position` must be >= 0 but is -1\."):
+        store.advance(job.id, 2, JobStatus.DENOISING_HIGH, engine_queue_position=-1)
+
+
 def test_progress_defaults_to_the_stage_band_and_never_goes_down(store: JobStore) -> None:
     job = running_job(store)
 

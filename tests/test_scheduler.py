@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from ray.exceptions import ActorDiedError
 
+from serve.http.views import video_view
 from serve.jobs import JobStatus
 from serve.storage import JobArtifacts, StorageError
 from tests.fake_stages import (
@@ -52,6 +53,33 @@ def test_a_job_runs_through_every_stage_and_records_its_clip_and_poster(tmp_path
         assert (call.label, call.look, call.seed) == ("AI-generated draft", "none", 7)
         kinds = [event.kind for event in store.events(job.id)]
         assert kinds[:2] == ["created", "claimed"] and kinds[-1] == "succeeded" and "checkpoint" in kinds
+
+    run(scenario)
+
+
+def test_a_job_waiting_in_a_denoiser_engine_shows_queued_with_its_place_not_a_frozen_stage(
+    tmp_path: Path,
+) -> None:
+    args = scheduler_args(tmp_path)
+    stages = FakeStages(waiting_high=(3, 2), hold_high=asyncio.Event())  # two ahead of it, then it waits
+    store = empty_store(args)
+    job, _ = store.create("dune", "batch", job_request(steps=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            waiting = await wait_for(store, job.id, lambda j: j.engine_queue_position == 2)
+            video = video_view(waiting)
+            assert (video.status, video.stage, video.queue_position) == ("in_progress", "queued", 2)
+            assert waiting.status == JobStatus.DENOISING_HIGH and video.progress == 2
+            stages.hold_high.set()
+            started = await wait_for(store, job.id, lambda j: j.stage_progress > 0 or j.is_finished)
+            done = await wait_for(store, job.id, lambda j: j.is_finished)
+        finally:
+            stop(scheduler)
+        assert started.engine_queue_position is None  # its first step clears the place
+        assert video_view(started).stage in {"denoising_high", "denoising_low", "decoding", "succeeded"}
+        assert done.status == JobStatus.SUCCEEDED and video_view(done).queue_position is None
 
     run(scenario)
 

@@ -150,6 +150,17 @@ class StepScheduler:
         request.status = RequestStatus.RUNNING
         return not request.timesteps
 
+    def num_ahead(self, plan: StepBatch) -> dict[str, int]:
+        """req_id -> live requests more urgent than it, for each request that `plan` leaves waiting before
+        its first step: its place in this engine's queue (a request that has started is not queued)."""
+        members = set(plan.request_ids)
+        ordered = sorted(self.requests.values(), key=lambda request: request.urgency)
+        return {
+            request.request_id: position
+            for position, request in enumerate(ordered)
+            if request.status == RequestStatus.WAITING and request.request_id not in members
+        }
+
     def num_requests_by_bucket(self) -> dict[Bucket, int]:
         """bucket -> live requests in it (the queue each bucket holds)."""
         return dict(Counter(request.bucket for request in self.requests.values()))

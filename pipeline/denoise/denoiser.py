@@ -15,6 +15,7 @@ from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 
 from pipeline.denoise.forward import GuidedInput, guided_forward
 from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
+from pipeline.determinism import make_batch_invariant
 from pipeline.text import PromptEmbeds, pad_embeds
 
 Expert = Literal["high", "low"]
@@ -49,7 +50,7 @@ class Denoiser:
         boundary_ratio: float,
         max_sequence_length: int = 512,
     ) -> None:
-        self.transformer = transformer
+        self.transformer = make_batch_invariant(transformer)  # the same rows as the batching engine's
         self.scheduler = scheduler
         self.expert: Expert = expert
         self.boundary_timestep = boundary_ratio * scheduler.config.num_train_timesteps

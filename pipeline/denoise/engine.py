@@ -5,7 +5,8 @@ forward (batching.StepScheduler, pure), `output = run(plan)` does ONE guided for
 (cond + uncond rows, per-sample timesteps and guidance), `update(plan, output)` steps every member's own
 UniPC solver and releases the requests whose steps for this expert are done. Requests join, leave and are
 cancelled only at these step boundaries, so a newly arrived interactive request runs in the very next
-iteration.
+iteration. A request the plan leaves out before its first step is told its place in the queue
+(`on_waiting`: requests more urgent than it), so its caller can show a queue position, not a stalled stage.
 
 Threads: one engine thread (`start()`) runs iterations and owns every tensor and the planner; other
 threads only touch the inbox, the cancel set and the published stats, under `_lock`. Tests drive the
@@ -43,6 +44,7 @@ from pipeline.denoise.batching import (
 from pipeline.denoise.denoiser import Expert, expert_for
 from pipeline.denoise.forward import GuidedInput, guided_forward
 from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
+from pipeline.determinism import make_batch_invariant
 from pipeline.text import PromptEmbeds, pad_embeds
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ logger = logging.getLogger(__name__)
 # (steps done, steps this expert runs for the request) -> None. Called on the engine thread after each
 # step (asyncio users hop back with loop.call_soon_threadsafe); if it raises, that request fails.
 ProgressCallback = Callable[[int, int], None]
+# (requests ahead of it in this engine's queue) -> None. Called on the engine thread at each step boundary
+# where the request, not yet started, is left out of the batch and its place changed; if it raises, that
+# request fails.
+WaitingCallback = Callable[[int], None]
 
 DEFAULT_MAX_NUM_TOKENS = 65_536  # one 480p x 81-frame request with CFG (2 x 32,760), or many small drafts
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -85,6 +91,7 @@ class EngineRequest:
     arrival_time: float | None = None  # engine clock (time.monotonic by default); None: time of submit
     deadline: float | None = None  # engine clock; earlier deadlines run first within a priority class
     on_progress: ProgressCallback | None = None
+    on_waiting: WaitingCallback | None = None
 
 
 @dataclass(slots=True)
@@ -135,6 +142,7 @@ class _Live:
     cond: torch.Tensor  # (max_sequence_length, text_dim) on device
     uncond: torch.Tensor | None  # None without CFG
     index: int  # index into the request's full schedule of its next step
+    num_ahead: int | None = None  # the queue place last reported to `on_waiting`; None: none reported
 
 
 class DenoiseEngine:
@@ -152,7 +160,7 @@ class DenoiseEngine:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.transformer = transformer
+        self.transformer = make_batch_invariant(transformer)  # a request's rows: same bits in any batch
         self.solver_template = solver_template
         self.expert: Expert = expert
         self.boundary_timestep = boundary_ratio * solver_template.config.num_train_timesteps
@@ -321,6 +329,7 @@ class DenoiseEngine:
     def _iterate(self) -> StepBatch:
         self._boundary()
         plan = self.schedule()
+        self._report_waiting(plan)
         if plan.is_empty:
             return plan
         started = time.perf_counter()
@@ -409,6 +418,18 @@ class DenoiseEngine:
             )
         )
         self._live[request.request_id] = live  # only once the planner took it, so a failure leaks nothing
+
+    def _report_waiting(self, plan: StepBatch) -> None:
+        """Tell each request left waiting before its first step its place in the queue, when it changed."""
+        for request_id, num_ahead in self.scheduler.num_ahead(plan).items():
+            live = self._live[request_id]
+            if live.request.on_waiting is None or live.num_ahead == num_ahead:
+                continue
+            live.num_ahead = num_ahead
+            try:
+                live.request.on_waiting(num_ahead)
+            except Exception as error:
+                self._fail(request_id, f"{type(error).__name__}: {error}", error)
 
     def _guided_input(self, request_id: str) -> GuidedInput:
         live = self._live[request_id]

@@ -107,6 +107,7 @@ def _run_generate(
 ) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from pipeline.determinism import use_deterministic_kernels
     from pipeline.local import STAGES, FinishOptions, LocalPipeline
     from pipeline.s3sync import S3SyncError
     from pipeline.upscale import Upscaler
@@ -120,6 +121,7 @@ def _run_generate(
         TransferSpeedColumn(),
         console=console,
     )
+    use_deterministic_kernels()  # the same seed gives the same clip as the cluster's stages do
     with download, console.status(f"loading model {model} …"):
         task = download.add_task("download weights", total=None, visible=model.startswith("s3://"))
         try:

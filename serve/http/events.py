@@ -44,14 +44,15 @@ async def event_stream(
         for event in events:
             after_id = event.id
             yield _sse(event.kind, _event_data(event), event.id)
-        status = (job.status, job.progress, round(job.stage_progress, 3))
+        status = (job.status, job.progress, round(job.stage_progress, 3), job.num_ahead_in_engine)
         if status != last_status:
             last_status = status
             yield _sse(
                 "status",
                 {
                     "status": job.status.api_state,
-                    "stage": job.status.name.lower(),
+                    "stage": job.stage,
+                    "queue_position": job.num_ahead_in_engine,
                     "progress": job.progress,
                     "stage_progress": job.stage_progress,
                 },

@@ -171,10 +171,22 @@ class JobRecord:
     checkpoint_uri: str | None  # denoise state saved at the expert boundary; a rerun resumes from it
     poster_uri: str | None  # key of the clip's JPEG poster frame, stored beside `artifact_uri`
     deleted_at: datetime | None  # a finished job deleted by its owner: hidden, its artifacts removed
+    engine_queue_position: int | None  # requests ahead of it while it waits in a denoiser engine's queue
 
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def num_ahead_in_engine(self) -> int | None:
+        """While running but waiting in a denoiser engine's queue for its first step there: how many
+        requests are ahead of it; None otherwise (a stale value of an ended run is never shown)."""
+        return self.engine_queue_position if self.status.is_running else None
+
+    @property
+    def stage(self) -> str:
+        """The stage the API shows: `queued` while it waits in a denoiser engine, else its status."""
+        return "queued" if self.num_ahead_in_engine is not None else self.status.name.lower()
 
     @property
     def api_state(self) -> ApiState:

@@ -103,6 +103,9 @@ jobs = Table(
     Column("poster_uri", Text),
     # Set when a finished job is deleted (DELETE /v1/videos/{id}): the row stays for quotas and audit.
     Column("deleted_at", UTCDateTime),
+    # While a running job waits in a denoiser engine's queue for its first step there: how many requests
+    # are ahead of it (the API shows it as `queued` with this queue position). Every advance() rewrites it.
+    Column("engine_queue_position", Integer),
     UniqueConstraint("project", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     Index("ix_jobs_status_id", "status", "id"),  # queued(), counts, requeue
     Index("ix_jobs_project_id", "project", "id"),  # list(project=...) pages
@@ -112,7 +115,7 @@ jobs = Table(
 
 # Nullable columns added to `jobs` after its first release: create_schema() adds the ones an older database
 # lacks (ALTER TABLE ... ADD COLUMN), so a store made by an earlier version keeps working.
-ADDED_JOB_COLUMNS: tuple[str, ...] = ("poster_uri", "deleted_at")
+ADDED_JOB_COLUMNS: tuple[str, ...] = ("poster_uri", "deleted_at", "engine_queue_position")
 
 job_events = Table(
     "job_events",

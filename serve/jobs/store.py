@@ -340,6 +340,7 @@ class JobStore(ProjectStoreMixin):
                     updated_at=now,
                     stage_progress=0.0,
                     progress=0,
+                    engine_queue_position=None,
                 )
                 .returning(jobs)
             ).one_or_none()
@@ -357,10 +358,12 @@ class JobStore(ProjectStoreMixin):
         stage_progress: float = 0.0,
         progress: int | None = None,
         timing: tuple[str, float] | None = None,
+        engine_queue_position: int | None = None,
     ) -> bool:
         """Report where a running job is: its (running) `status`, `stage_progress` 0..1 within that stage,
         and the overall `progress` 0..100 (default: derived from PROGRESS_BANDS). `timing` =
-        (stage, seconds) is recorded in `timings`.
+        (stage, seconds) is recorded in `timings`. `engine_queue_position`: the requests ahead of it while
+        it waits in the stage's engine for its first step (None, the default, once it runs).
 
         Returns False and changes nothing when the update is stale or late: `attempt` is not the job's
         current attempt, the job is not running (queued again, or finished: cancelled in the meantime,
@@ -378,6 +381,8 @@ class JobStore(ProjectStoreMixin):
             raise ValueError(f"`stage_progress` must be within 0..1 but is {stage_progress}.")
         if progress is not None and not 0 <= progress <= 100:
             raise ValueError(f"`progress` must be within 0..100 but is {progress}.")
+        if engine_queue_position is not None and engine_queue_position < 0:
+            raise ValueError(f"`engine_queue_position` must be >= 0 but is {engine_queue_position}.")
         if progress is None:
             start, end = PROGRESS_BANDS[status]
             progress = int(start + stage_progress * (end - start))
@@ -394,6 +399,7 @@ class JobStore(ProjectStoreMixin):
                 "status": status,
                 "stage_progress": stage_progress,
                 "progress": progress,
+                "engine_queue_position": engine_queue_position,
                 "updated_at": now,
             }
             if timing is not None:

@@ -46,6 +46,7 @@ from serve.stages.payloads import (
     DenoiseCall,
     DenoiseDone,
     DenoiseProgress,
+    DenoiseWaiting,
     FinishCall,
     FinishedClip,
     FrameBatch,
@@ -295,6 +296,8 @@ class Scheduler:
             try:
                 async for event in stream:
                     match event:
+                        case DenoiseWaiting(num_ahead=num_ahead):  # queued in the engine, not stalled
+                            await self._advance(job, status, 0.0, engine_queue_position=num_ahead)
                         case DenoiseProgress(done=done, total=total):
                             if done == 1:  # stepping began (before, the request waited in the engine)
                                 clock.begin()
@@ -423,7 +426,13 @@ class Scheduler:
         return self.store.count_by_status(), unfinished
 
     async def _advance(
-        self, job: JobRecord, status: JobStatus, fraction: float, timings: dict[str, float] | None = None
+        self,
+        job: JobRecord,
+        status: JobStatus,
+        fraction: float,
+        timings: dict[str, float] | None = None,
+        *,
+        engine_queue_position: int | None = None,
     ) -> None:
         """Move the job on. Entering a stage with `timings` stores the last one (the stage just done), so the
         GPU seconds of a running job's finished stages count against its project's quota at once."""
@@ -436,6 +445,7 @@ class Scheduler:
             stage_progress=fraction,
             progress=overall_progress(status, fraction),
             timing=last,
+            engine_queue_position=engine_queue_position,
         )
         if not ok:  # cancelled, or this run was superseded: stop spending compute on it
             raise Superseded(job.id, job.attempt)

@@ -1,9 +1,11 @@
-"""What every stage deployment shares: its Serve options and how it loads its part of the model."""
+"""What every stage deployment shares: its Serve options and how it loads its part of the model (with
+deterministic kernels switched on first, so a take repeats bit for bit: pipeline.determinism)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pipeline.determinism import use_deterministic_kernels
 from pipeline.weights import WanComponents, load_components
 from serve.config import PrevizArgs
 
@@ -23,6 +25,7 @@ def gpu_options(args: PrevizArgs) -> dict[str, Any]:
 
 def stage_components(args: PrevizArgs, *parts: str) -> WanComponents:
     """Only the networks a stage needs: real experts are 28.6 GB each, so a VAE replica must not load them."""
+    use_deterministic_kernels()  # before the first CUDA op of the replica's process
     return load_components(
         args.model, model=args.sampling, device=args.device, cache_dir=args.model_cache_dir, parts=parts
     )

@@ -16,7 +16,7 @@ from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
-from serve.stages.payloads import DenoiseCall, DenoiseDone, DenoiseEvent, DenoiseProgress
+from serve.stages.payloads import DenoiseCall, DenoiseDone, DenoiseEvent, DenoiseProgress, DenoiseWaiting
 from serve.stages.transfer import pack_state, unpack_embeds, unpack_state
 
 Expert = Literal["high", "low"]
@@ -48,12 +48,17 @@ class DenoiserDeployment:
         self._metrics = ReplicaReporter(self.engine).start()
 
     async def denoise(self, call: DenoiseCall, bucket: str) -> AsyncIterator[DenoiseEvent]:
-        """Streams a DenoiseProgress per step, then one DenoiseDone with the state.
+        """Streams a DenoiseWaiting while the request queues for its first step (each time its place
+        changes), a DenoiseProgress per step, then one DenoiseDone with the state.
 
         `bucket` is read by the BucketAffinityRouter so same-shape calls meet on one replica.
         """
         loop = asyncio.get_running_loop()
-        progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        updates: asyncio.Queue[DenoiseWaiting | DenoiseProgress] = asyncio.Queue()
+
+        def report(update: DenoiseWaiting | DenoiseProgress) -> None:  # on the engine thread
+            loop.call_soon_threadsafe(updates.put_nowait, update)
+
         started = time.perf_counter()
         request = EngineRequest(
             request_id=call.request_id,
@@ -63,16 +68,16 @@ class DenoiserDeployment:
             guidance=call.guidance,
             priority=call.priority,
             deadline=_engine_deadline(call.deadline, self.engine.clock),
-            on_progress=lambda done, total: loop.call_soon_threadsafe(progress.put_nowait, (done, total)),
+            on_progress=lambda done, total: report(DenoiseProgress(done=done, total=total)),
+            on_waiting=lambda num_ahead: report(DenoiseWaiting(num_ahead=num_ahead)),
         )
         result = self.engine.add(request)
         try:
             while not result.done():
-                waiter = asyncio.ensure_future(progress.get())
+                waiter = asyncio.ensure_future(updates.get())
                 await asyncio.wait({waiter, result}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter.done():
-                    done, total = waiter.result()
-                    yield DenoiseProgress(done=done, total=total)
+                    yield waiter.result()
                 else:
                     waiter.cancel()
             state = result.result()

@@ -39,6 +39,13 @@ class FrameBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class DenoiseWaiting:
+    """Streamed by `denoise` while the request waits in the engine's queue for its first step."""
+
+    num_ahead: int  # requests more urgent than it in the replica's engine (its queue position)
+
+
+@dataclass(frozen=True, slots=True)
 class DenoiseProgress:
     """Streamed by `denoise` after each step of the call's expert."""
 
@@ -54,7 +61,7 @@ class DenoiseDone:
     seconds: float  # wall time of the call inside the replica (queueing in the engine included)
 
 
-DenoiseEvent = DenoiseProgress | DenoiseDone
+DenoiseEvent = DenoiseWaiting | DenoiseProgress | DenoiseDone
 
 
 @dataclass(frozen=True, slots=True)
