@@ -19,6 +19,7 @@ A request whose next step this expert does not own is resolved at once with its 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -41,7 +42,7 @@ from pipeline.denoise.batching import (
     StepScheduler,
 )
 from pipeline.denoise.denoiser import Expert, expert_for
-from pipeline.denoise.forward import GuidedInput, guided_forward
+from pipeline.denoise.forward import Forward, GuidedInput, guided_forward
 from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
 from pipeline.text import PromptEmbeds, pad_embeds
 
@@ -151,8 +152,11 @@ class DenoiseEngine:
         max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         clock: Callable[[], float] = time.monotonic,
+        forward: Forward | None = None,
     ) -> None:
         self.transformer = transformer
+        # inputs -> guided noise; a ShardedForward runs it over a rank group (pipeline.denoise.parallel)
+        self.forward: Forward = forward or functools.partial(guided_forward, transformer)
         self.solver_template = solver_template
         self.expert: Expert = expert
         self.boundary_timestep = boundary_ratio * solver_template.config.num_train_timesteps
@@ -423,7 +427,7 @@ class DenoiseEngine:
     def _forward(self, inputs: list[GuidedInput]) -> list[torch.Tensor]:
         with self._lock:
             self._counts["forwards"] += 1
-        return guided_forward(self.transformer, inputs)
+        return self.forward(inputs)
 
     def _advance(self, request_id: str, noise: torch.Tensor) -> None:
         live = self._live[request_id]
