@@ -12,6 +12,8 @@ import re
 import socket
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -29,6 +31,7 @@ from pipeline.denoise.parallel import (
 from pipeline.spec import ModelSpec, RequestSpec, resolve
 from pipeline.text import TextEncoder
 from pipeline.weights import WanComponents, build_preset
+from tests.test_cli import previz, previz_in_process
 
 MAX_ABS_DIFF = 1e-5  # fp32; sharding reorders no reduction but batching changes matmul shapes
 WIDE, TALL = "96x64", "64x96"  # two buckets: latents (16, 3, 8, 12) and (16, 3, 12, 8), 72 tokens each
@@ -274,3 +277,44 @@ def test_a_degree_that_does_not_divide_the_heads_allows_no_size() -> None:
 def test_bad_degrees_are_refused(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         ParallelDegree(**fields)
+
+
+# ---- previz generate --ulysses N [--cfg-parallel] ----------------------------------------------------------
+
+
+def decoded_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack(
+            [frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])]
+        )
+
+
+@pytest.mark.parametrize("flags", [["--ulysses", "2"], ["--cfg-parallel"]], ids=["ulysses2", "cfg2"])
+def test_generate_sharded_writes_the_same_frames_as_one_process(tmp_path: Path, flags: list[str]) -> None:
+    args = ["generate", "a man leaps from a tower", "--resolution", "96x64", "--duration", "0.5"]
+    args += ["--steps", "4", "--seed", "3"]
+    one, sharded = tmp_path / "one.mp4", tmp_path / "sharded.mp4"
+    for out, extra in ((one, []), (sharded, flags)):
+        result = previz(*args, *extra, "-o", str(out))
+        assert result.returncode == 0, result.stderr
+    reference = decoded_frames(one)
+    assert reference.shape == (9, 64, 96, 3)
+    assert np.array_equal(decoded_frames(sharded), reference)
+
+
+def test_generate_refuses_a_size_whose_tokens_do_not_divide_before_starting_ranks(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 80x48 at 9 frames: 3 latent frames x 3 x 5 = 45 tokens, odd
+    args = ["generate", "x", "--resolution", "80x48", "--duration", "0.5", "--steps", "2", "--ulysses", "2"]
+    code, stderr = previz_in_process(args, monkeypatch, capsys)
+    assert code == 2
+    assert "size 80x48 at 9 frames has 45 video tokens, which do not divide by the Ulysses degree 2" in stderr
+
+
+def test_generate_refuses_a_degree_the_heads_do_not_divide(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, stderr = previz_in_process(["generate", "x", "--steps", "2", "--ulysses", "3"], monkeypatch, capsys)
+    assert code == 2
+    assert "the model's 2 attention heads do not divide by the Ulysses degree 3" in stderr
