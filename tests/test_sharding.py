@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import re
 import socket
+import time
 from pathlib import Path
 
 import av
@@ -19,10 +21,12 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.denoise import DenoiseEngine, Denoiser, DenoiseState, EngineRequest, initial_state
+from pipeline.denoise.forward import GuidedInput
 from pipeline.denoise.parallel import (
     ParallelDegree,
     ShardedForward,
     ShardGroup,
+    ShardGroupError,
     allowed_sizes,
     num_video_tokens,
     shape_problem,
@@ -318,3 +322,104 @@ def test_generate_refuses_a_degree_the_heads_do_not_divide(
     code, stderr = previz_in_process(["generate", "x", "--steps", "2", "--ulysses", "3"], monkeypatch, capsys)
     assert code == 2
     assert "the model's 2 attention heads do not divide by the Ulysses degree 3" in stderr
+
+
+# ---- faults: no rank waits forever -------------------------------------------------------------------------
+
+
+def fault_rank(
+    rank: int, world_size: int, port: int, degree: ParallelDegree, out: Path, scenario: str
+) -> None:
+    """Rank 0 and rank 1 of a Ulysses-2 group acting out `scenario`; each saves what it saw."""
+    torch.set_num_threads(1)
+    group = ShardGroup.init(rank, world_size, "127.0.0.1", port, ulysses=degree.ulysses, timeout_s=3)
+    tiny = build_preset("tiny")
+    transformer = group.shard(tiny.transformer)
+    outcome = "ok"
+    if rank == 1:
+        if scenario == "worker dies":
+            os._exit(0)  # gone without a word, as a killed actor
+        started = time.monotonic()
+        try:
+            worker_loop(group, {"high": transformer})
+        except ShardGroupError as error:
+            outcome = f"{type(error).__name__}: {error}"
+        (out / "rank1.txt").write_text(f"{outcome}\n{time.monotonic() - started:.1f}")
+        os._exit(0)  # a failed gloo group cannot be destroyed cleanly
+    inputs = [
+        GuidedInput(
+            latents=torch.randn(16, 3, 8, 12),
+            timestep=torch.tensor(999),
+            cond=torch.randn(tiny.model.max_sequence_length, 32),
+            uncond=None,
+            guidance=1.0,
+        )
+    ]
+    forward = ShardedForward(group, transformer, "high")
+    if scenario == "keepalive":
+        group.start_keepalive(interval_s=1.0)
+    if scenario in ("leader silent", "keepalive"):
+        time.sleep(6)  # twice the collective timeout
+    try:
+        with torch.inference_mode():
+            forward(inputs)
+    except ShardGroupError as error:
+        outcome = f"{type(error).__name__}: {error}"
+    (out / "rank0.txt").write_text(outcome)
+    if outcome == "ok":
+        group.close()
+    os._exit(0)
+
+
+def run_fault(scenario: str, tmp_path: Path) -> dict[int, str]:
+    run_group(fault_rank, ParallelDegree(ulysses=2), tmp_path, scenario)
+    return {
+        rank: (tmp_path / f"rank{rank}.txt").read_text()
+        for rank in (0, 1)
+        if (tmp_path / f"rank{rank}.txt").exists()
+    }
+
+
+def test_a_dead_worker_makes_rank_0s_next_forward_raise(tmp_path: Path) -> None:
+    seen = run_fault("worker dies", tmp_path)
+    assert seen[0].startswith("ShardGroupError: rank 0 of 2: could not ")
+
+
+def test_a_worker_whose_rank_0_went_silent_leaves_within_the_timeout(tmp_path: Path) -> None:
+    seen = run_fault("leader silent", tmp_path)
+    outcome, seconds = seen[1].splitlines()
+    assert outcome.startswith(
+        "ShardGroupError: rank 1 of 2: could not wait for a command from rank 0 within 3 s"
+    )
+    assert float(seconds) < 6
+
+
+def test_keepalive_keeps_an_idle_group_alive_past_the_timeout(tmp_path: Path) -> None:
+    seen = run_fault("keepalive", tmp_path)
+    assert seen[0] == "ok"
+    assert seen[1].startswith("ok")
+
+
+def test_a_broken_group_fails_the_iteration_instead_of_retrying_each_request() -> None:
+    tiny = build_preset("tiny")
+    cases = request_states(tiny)
+    calls = []
+
+    def broken(inputs):
+        calls.append(len(inputs))
+        raise ShardGroupError("rank 1 of 2: could not receive the rows")
+
+    engine = DenoiseEngine(
+        tiny.transformer,
+        tiny.scheduler,
+        expert="high",
+        boundary_ratio=tiny.model.boundary_ratio,
+        max_sequence_length=tiny.model.max_sequence_length,
+        forward=broken,
+    )
+    for name in ("a", "b"):
+        state, prompt, negative, high, _ = cases[name]
+        engine.submit(EngineRequest(name, state, prompt, negative, high))
+    with pytest.raises(ShardGroupError, match="could not receive the rows"):
+        engine.step()
+    assert calls == [2]  # one batched forward, no one-by-one retries on a broken group

@@ -12,6 +12,10 @@ threads only touch the inbox, the cancel set and the published stats, under `_lo
 engine with `step()` instead, for deterministic join times. `submit` returns a concurrent Future, `add`
 an asyncio future on the caller's loop (resolved through `loop.call_soon_threadsafe`).
 
+`forward` (default: guided_forward on the transformer) is where a sharded replica plugs in a
+ShardedForward (pipeline.denoise.parallel): the engine stays the single planner on rank 0 and a failed
+rank group (ShardGroupError) propagates out of the iteration instead of being retried request by request.
+
 A request whose next step this expert does not own is resolved at once with its state unchanged, as
 `Denoiser.run` does, so a caller can hand every request to both experts in order.
 """
@@ -43,6 +47,7 @@ from pipeline.denoise.batching import (
 )
 from pipeline.denoise.denoiser import Expert, expert_for
 from pipeline.denoise.forward import Forward, GuidedInput, guided_forward
+from pipeline.denoise.parallel import ShardGroupError
 from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
 from pipeline.text import PromptEmbeds, pad_embeds
 
@@ -66,7 +71,9 @@ class RequestCancelled(EngineError):
 
 
 class RequestFailed(EngineError):
-    """This request failed (non-finite latents, or its forward or solver step raised); others went on."""
+    """This request failed (non-finite latents, or its forward or solver step raised); others went on.
+
+    A failed rank group (ShardGroupError) is not one request's fault: it fails the whole iteration."""
 
 
 class EngineShutdown(EngineError):
@@ -290,6 +297,8 @@ class DenoiseEngine:
         inputs = [self._guided_input(request_id) for request_id in plan.request_ids]
         try:
             return StepOutput(noise=dict(zip(plan.request_ids, self._forward(inputs), strict=True)))
+        except ShardGroupError:
+            raise  # the rank group is broken, not one request: retrying would wait out more timeouts
         except Exception as error:
             if len(inputs) == 1:
                 return StepOutput(errors={plan.request_ids[0]: error})
@@ -303,6 +312,8 @@ class DenoiseEngine:
         for request_id, item in zip(plan.request_ids, inputs, strict=True):
             try:
                 output.noise[request_id] = self._forward([item])[0]
+            except ShardGroupError:
+                raise
             except Exception as error:
                 output.errors[request_id] = error
         return output

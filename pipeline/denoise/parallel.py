@@ -180,6 +180,7 @@ class ShardGroup:
         self._keepalive: threading.Thread | None = None
         self._stopped = threading.Event()
         self.num_forwards = 0  # sharded forwards this rank ran
+        self.failure: str | None = None  # the first failed collective; a health check reports it
 
     @classmethod
     def init(
@@ -239,6 +240,11 @@ class ShardGroup:
     @property
     def world_size(self) -> int:
         return self.degree.world_size
+
+    @property
+    def is_healthy(self) -> bool:
+        """False once any collective of this rank failed: the group must be replaced as a whole."""
+        return self.failure is None
 
     def shard(self, transformer: WanTransformer3DModel) -> WanTransformer3DModel:
         """Apply diffusers' Ulysses plan to this rank's copy of an expert (every rank, same order).
@@ -385,10 +391,12 @@ class ShardGroup:
         except ShardGroupError:
             raise
         except (RuntimeError, dist.DistBackendError) as error:
-            raise ShardGroupError(
+            message = (
                 f"rank {self.rank} of {self.world_size}: could not {what} within {self.timeout_s:g} s "
                 f"or a peer left: {error}"
-            ) from error
+            )
+            self.failure = self.failure or message
+            raise ShardGroupError(message) from error
 
     def _require_leader(self, what: str) -> None:
         if not self.is_leader:
