@@ -26,6 +26,16 @@ Timeouts: every collective gives up after `timeout_s`. An idle worker waits in t
 so rank 0 pings the group every timeout_s / 4 while idle (`start_keepalive`); a worker whose rank 0
 died or hung leaves `worker_loop` with ShardGroupError within timeout_s, and rank 0's next forward
 raises when a worker died. The caller (a Serve replica) turns either into an unhealthy replica.
+
+How a replica with a rank group uses this (one process per rank, one group per process; a Ray actor
+per rank > 0, MASTER_ADDR = rank 0's node IP, a free port on it; every rank calls `init` at once):
+    group = ShardGroup.init(rank, U * C, master_addr, master_port, ulysses=U, cfg=C, timeout_s=300)
+    transformer = group.shard(load_components(source, parts=("transformer",)).transformer)
+    rank 0:  engine = DenoiseEngine(transformer, ..., forward=ShardedForward(group, transformer, "high"))
+             group.start_keepalive(); engine.start(); health check: engine.is_alive() and group.is_healthy
+             on shutdown: engine.shutdown(); group.close()  (tells the workers to stop)
+    rank > 0: worker_loop(group, {"high": transformer})  (returns on STOP, raises ShardGroupError on a
+             dead or silent peer: let the actor die), then group.close()
 """
 
 from __future__ import annotations
@@ -321,7 +331,7 @@ class ShardGroup:
         """Leave the group: rank 0 stops the workers first. Safe to call twice."""
         if not dist.is_initialized():
             return
-        if self.is_leader:
+        if self.is_leader and self.is_healthy:  # on a broken group STOP would only wait out a timeout
             try:
                 self.stop_workers()
             except ShardGroupError:
