@@ -35,7 +35,6 @@ from pipeline.denoise.parallel import (
 from pipeline.spec import ModelSpec, RequestSpec, resolve
 from pipeline.text import TextEncoder
 from pipeline.weights import WanComponents, build_preset
-from tests.test_cli import previz, previz_in_process
 
 MAX_ABS_DIFF = 1e-5  # fp32; sharding reorders no reduction but batching changes matmul shapes
 WIDE, TALL = "96x64", "64x96"  # two buckets: latents (16, 3, 8, 12) and (16, 3, 12, 8), 72 tokens each
@@ -295,6 +294,8 @@ def decoded_frames(path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("flags", [["--ulysses", "2"], ["--cfg-parallel"]], ids=["ulysses2", "cfg2"])
 def test_generate_sharded_writes_the_same_frames_as_one_process(tmp_path: Path, flags: list[str]) -> None:
+    from tests.test_cli import previz  # here, so that spawned ranks do not import the CLI
+
     args = ["generate", "a man leaps from a tower", "--resolution", "96x64", "--duration", "0.5"]
     args += ["--steps", "4", "--seed", "3"]
     one, sharded = tmp_path / "one.mp4", tmp_path / "sharded.mp4"
@@ -309,6 +310,8 @@ def test_generate_sharded_writes_the_same_frames_as_one_process(tmp_path: Path, 
 def test_generate_refuses_a_size_whose_tokens_do_not_divide_before_starting_ranks(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from tests.test_cli import previz_in_process
+
     # 80x48 at 9 frames: 3 latent frames x 3 x 5 = 45 tokens, odd
     args = ["generate", "x", "--resolution", "80x48", "--duration", "0.5", "--steps", "2", "--ulysses", "2"]
     code, stderr = previz_in_process(args, monkeypatch, capsys)
@@ -319,6 +322,8 @@ def test_generate_refuses_a_size_whose_tokens_do_not_divide_before_starting_rank
 def test_generate_refuses_a_degree_the_heads_do_not_divide(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from tests.test_cli import previz_in_process
+
     code, stderr = previz_in_process(["generate", "x", "--steps", "2", "--ulysses", "3"], monkeypatch, capsys)
     assert code == 2
     assert "the model's 2 attention heads do not divide by the Ulysses degree 3" in stderr

@@ -22,10 +22,11 @@ options, and the flattened ring x ulysses mesh is created here first so diffuser
 Shape rules: a bucket's video tokens must divide by U (diffusers' equal split; an uneven one needs
 `ulysses_anything`, NCCL only), and so must the model's heads (`shape_problem`, `allowed_sizes`).
 
-Timeouts: every collective gives up after `timeout_s`. An idle worker waits in the header broadcast,
-so rank 0 pings the group every timeout_s / 4 while idle (`start_keepalive`); a worker whose rank 0
-died or hung leaves `worker_loop` with ShardGroupError within timeout_s, and rank 0's next forward
-raises when a worker died. The caller (a Serve replica) turns either into an unhealthy replica.
+Timeouts: every collective gives up after `timeout_s` (on NCCL its watchdog then tears the process
+down). An idle worker waits in the header broadcast, so rank 0 pings the group every timeout_s / 4
+while idle (`start_keepalive`); a worker whose rank 0 died or hung leaves `worker_loop` with
+ShardGroupError within timeout_s, and rank 0's next forward raises when a worker died. The caller (a
+Serve replica) turns either into an unhealthy replica (`is_healthy`).
 
 How a replica with a rank group uses this (one process per rank, one group per process; a Ray actor
 per rank > 0, MASTER_ADDR = rank 0's node IP, a free port on it; every rank calls `init` at once):
@@ -313,6 +314,8 @@ class ShardGroup:
         interval = interval_s if interval_s is not None else self.timeout_s / 4
 
         def ping_while_idle() -> None:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # the current device is per thread
             while not self._stopped.wait(interval / 4):
                 with self._lock:
                     if self._stopped.is_set() or time.monotonic() - self._last_command < interval:
