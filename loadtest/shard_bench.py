@@ -3,10 +3,11 @@
     python -m loadtest.shard_bench                          # small preset, 160x96, 17 frames, CPU (gloo)
     python -m loadtest.shard_bench --size 320x192 --duration 1 --requests 2 --repeats 5
 
-Each configuration runs in freshly spawned processes: the 1-rank baseline calls guided_forward with
-every core; a 2-rank group runs ShardedForward on rank 0 and worker_loop on rank 1 with half the cores
-each, so the ratio is what a second process on the same cores buys (on this shared CPU, little or
-nothing: the point is the traffic and that it works; on GPUs each rank brings its own chip).
+Each configuration runs in freshly spawned processes: the 1-rank baselines call guided_forward with
+every core and with half of them; a 2-rank group runs ShardedForward on rank 0 and worker_loop on
+rank 1 with half the cores each. Against the all-cores baseline the ratio is what a second process on
+the same cores buys (on a shared CPU, little, and noisy); against the half-cores one it is the
+scaling a second device of its own would give, less the gloo traffic.
 "All-to-all bytes" are counted by wrapping diffusers' `_all_to_all_single` on rank 0 (the bytes that
 leave the rank: (U-1)/U of each buffer) and printed next to `ulysses_bytes_per_forward`'s formula.
 One step of a request with CFG is one forward here. Prints figures, asserts nothing.
@@ -39,10 +40,10 @@ from pipeline.weights import build_preset
 
 
 def bench_rank(
-    rank: int, degree: ParallelDegree | None, port: int, args: argparse.Namespace, out: Path
+    rank: int, degree: ParallelDegree | None, port: int, args: argparse.Namespace, out: Path, threads: int
 ) -> None:
     world_size = degree.world_size if degree is not None else 1
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(threads)
     components = build_preset(args.preset)
     transformer = components.transformer
     group = None
@@ -140,14 +141,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
-    configs = {"1 rank": None, "ulysses 2": ParallelDegree(ulysses=2), "cfg 2": ParallelDegree(cfg=2)}
+    cores = os.cpu_count() or 1
+    configs = {  # name -> (degree, threads per rank)
+        "1 rank": (None, cores),
+        "1 rank, 1/2 cores": (None, max(1, cores // 2)),
+        "ulysses 2": (ParallelDegree(ulysses=2), max(1, cores // 2)),
+        "cfg 2": (ParallelDegree(cfg=2), max(1, cores // 2)),
+    }
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, degree in configs.items():
-            out = Path(folder) / f"{name.replace(' ', '_')}.json"
+        for index, (name, (degree, threads)) in enumerate(configs.items()):
+            out = Path(folder) / f"config{index}.json"
             mp.start_processes(
                 bench_rank,
-                args=(degree, _free_port(), args, out),
+                args=(degree, _free_port(), args, out, threads),
                 nprocs=degree.world_size if degree is not None else 1,
                 join=True,
                 start_method="spawn",
@@ -159,12 +166,12 @@ def main() -> None:
         f"{args.preset} preset, {args.size}, {args.duration:g} s, {tokens} tokens/row, "
         f"{2 * args.requests} rows (CFG), {args.repeats} repeats on {os.cpu_count()} CPU cores, gloo"
     )
-    print(f"{'config':<12}{'threads/rank':>13}{'s/forward (median)':>20}{'best':>9}{'speed-up':>10}"
+    print(f"{'config':<18}{'threads/rank':>13}{'s/forward (median)':>20}{'best':>9}{'speed-up':>10}"
           f"{'all-to-all B/step':>19}{'formula B':>12}")  # fmt: skip
     for name, result in results.items():
         median = statistics.median(result["seconds"])
         print(
-            f"{name:<12}{result['threads']:>13}{median:>20.4f}{min(result['seconds']):>9.4f}"
+            f"{name:<18}{result['threads']:>13}{median:>20.4f}{min(result['seconds']):>9.4f}"
             f"{base / median:>9.2f}x{result['all_to_all_bytes']:>19,}{result['formula_bytes']:>12,}"
         )
     print(
