@@ -428,3 +428,15 @@ def test_a_broken_group_fails_the_iteration_instead_of_retrying_each_request() -
     with pytest.raises(ShardGroupError, match="could not receive the rows"):
         engine.step()
     assert calls == [2]  # one batched forward, no one-by-one retries on a broken group
+
+
+@pytest.mark.parametrize(
+    ("rank", "world_size", "message"),
+    [
+        (0, 3, "`world_size` must be ulysses x cfg = 4 but is 3."),
+        (4, 4, "`rank` must be in 0..3 but is 4."),
+    ],
+)
+def test_group_arguments_are_checked_before_joining(rank: int, world_size: int, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShardGroup.init(rank, world_size, "127.0.0.1", free_port(), ulysses=2, cfg=2, timeout_s=1)
