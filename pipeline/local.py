@@ -1,17 +1,35 @@
 """One-process run of the whole chain: TextEncoder → high Denoiser → low Denoiser → VAEDecoder →
 Upscaler → Grader → VideoWriter. The same stage classes run inside Serve replicas unchanged.
+
+`sharded_pipeline` runs the same chain with both experts sharded over U x C processes on this machine
+(gloo on CPU, NCCL with one GPU per rank): this process is rank 0 and runs every stage; the spawned
+ranks hold only the experts and serve their share of each forward (pipeline.denoise.parallel).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import torch.multiprocessing as mp
+
 from pipeline.denoise import Denoiser, initial_state
 from pipeline.denoise.denoiser import expert_step_indices
+from pipeline.denoise.forward import Forward
+from pipeline.denoise.parallel import (
+    DEFAULT_TIMEOUT_S,
+    ParallelDegree,
+    ShardedForward,
+    ShardGroup,
+    shape_problem,
+    worker_loop,
+)
 from pipeline.frames import Frames
 from pipeline.grade import Grader
 from pipeline.spec import RequestSpec, ResolvedRequest, resolve
@@ -19,7 +37,7 @@ from pipeline.text import TextEncoder
 from pipeline.upscale import Upscaler, resize_frames, upscale_target_size
 from pipeline.vae import VAEDecoder
 from pipeline.video import DRAFT_LABEL, VideoWriter
-from pipeline.weights import PRESETS, WanComponents
+from pipeline.weights import PRESETS, WanComponents, load_components
 
 STAGES = ("encode", "denoise_high", "denoise_low", "decode", "upscale", "grade", "encode_video")
 
@@ -51,8 +69,19 @@ class GenerationResult:
 class LocalPipeline:
     """All stages of one model in this process."""
 
-    def __init__(self, components: WanComponents, *, upscaler: Upscaler | None = None) -> None:
+    def __init__(
+        self,
+        components: WanComponents,
+        *,
+        upscaler: Upscaler | None = None,
+        forwards: Mapping[str, Forward] | None = None,
+        degree: ParallelDegree | None = None,
+    ) -> None:
+        """`forwards` (expert -> Forward) replaces the experts' own forward, e.g. by a ShardedForward over
+        a group of `degree`; `sharded_pipeline` builds both."""
         self.components = components
+        self.degree = degree or ParallelDegree()
+        forwards = forwards or {}
         model = components.model
         self.text_encoder = TextEncoder(
             components.tokenizer, components.text_encoder, max_sequence_length=model.max_sequence_length
@@ -64,6 +93,7 @@ class LocalPipeline:
                 expert=expert,
                 boundary_ratio=model.boundary_ratio,
                 max_sequence_length=model.max_sequence_length,
+                forward=forwards.get(expert),
             )
             for expert, transformer in (("high", components.transformer), ("low", components.transformer_2))
         }
@@ -78,6 +108,9 @@ class LocalPipeline:
         finish: FinishOptions | None = None,
         progress: ProgressCallback | None = None,
     ) -> GenerationResult:
+        problem = self.shape_problem(request)
+        if problem is not None:
+            raise ValueError(problem)
         finish = finish or FinishOptions()
         grader = Grader(finish.look)
         target_size = upscale_target_size(finish.upscale, *request.size)
@@ -120,6 +153,10 @@ class LocalPipeline:
             stage_seconds=timings,
         )
 
+    def shape_problem(self, request: RequestSpec) -> str | None:
+        """Why this pipeline's parallel degree cannot run the request's size, or None."""
+        return request_shape_problem(self.components, request, self.degree)
+
     def steps_per_expert(self, request: RequestSpec) -> dict[str, int]:
         """How many of the request's steps each expert runs (for progress bars)."""
         steps = resolve(request, self.components.model).steps
@@ -136,6 +173,115 @@ class LocalPipeline:
         if self.upscaler is None:
             return resize_frames(frames, width, height)
         return self.upscaler.upscale(frames, width, height, progress=progress)
+
+
+def request_shape_problem(
+    components: WanComponents, request: RequestSpec, degree: ParallelDegree
+) -> str | None:
+    """Why `degree` cannot run the request's size on these experts (tokens or heads), or None."""
+    resolved = resolve(request, components.model)
+    return shape_problem(
+        resolved.width,
+        resolved.height,
+        resolved.num_frames,
+        degree,
+        model=components.model,
+        num_heads=components.transformer.config.num_attention_heads,
+    )
+
+
+@contextmanager
+def sharded_pipeline(
+    components: WanComponents,
+    degree: ParallelDegree,
+    *,
+    upscaler: Upscaler | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Iterator[LocalPipeline]:
+    """A LocalPipeline whose experts run over `degree.world_size` processes on this machine.
+
+    This process is rank 0 (it already holds `components`); ranks 1.. are spawned, load the two experts
+    from `components.source` onto their own device (cuda:rank on GPUs, else cpu) and serve forwards
+    until the context exits. A worker that fails makes the next forward raise ShardGroupError."""
+    if not degree.is_sharded:
+        yield LocalPipeline(components, upscaler=upscaler)
+        return
+    device = next(components.transformer.parameters()).device
+    if device.type == "cuda" and torch.cuda.device_count() < degree.world_size:
+        raise ValueError(
+            f"{degree.world_size} ranks need as many GPUs but this machine has {torch.cuda.device_count()}."
+        )
+    world_size, port = degree.world_size, _free_port()
+    context = mp.get_context("spawn")
+    workers = [
+        context.Process(
+            target=_local_worker,
+            args=(rank, degree, port, components.source, device.type, timeout_s),
+            name=f"previz-rank{rank}",
+            daemon=True,
+        )
+        for rank in range(1, world_size)
+    ]
+    for worker in workers:
+        worker.start()
+    group = None
+    try:
+        group = ShardGroup.init(
+            0,
+            world_size,
+            "127.0.0.1",
+            port,
+            ulysses=degree.ulysses,
+            cfg=degree.cfg,
+            timeout_s=timeout_s,
+            device=device,
+        )
+        forwards = {
+            expert: ShardedForward(group, group.shard(transformer), expert)
+            for expert, transformer in (("high", components.transformer), ("low", components.transformer_2))
+        }
+        group.start_keepalive()
+        yield LocalPipeline(components, upscaler=upscaler, forwards=forwards, degree=degree)
+    finally:
+        if group is not None:
+            group.close()  # tells the workers to stop
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+
+
+def _local_worker(
+    rank: int, degree: ParallelDegree, port: int, source: str, device_type: str, timeout_s: float
+) -> None:
+    """A spawned rank of `sharded_pipeline`: the two experts, serving forwards until rank 0 says stop."""
+    device = f"cuda:{rank}" if device_type == "cuda" else "cpu"
+    if device_type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // degree.world_size))
+    group = ShardGroup.init(
+        rank,
+        degree.world_size,
+        "127.0.0.1",
+        port,
+        ulysses=degree.ulysses,
+        cfg=degree.cfg,
+        timeout_s=timeout_s,
+        device=device,
+    )
+    try:
+        components = load_components(source, device=device, parts=("transformer", "transformer_2"))
+        worker_loop(
+            group,
+            {"high": group.shard(components.transformer), "low": group.shard(components.transformer_2)},
+        )
+    finally:
+        group.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def default_upscaler(source: str) -> Upscaler | None:

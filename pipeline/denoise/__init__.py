@@ -1,4 +1,5 @@
-"""Denoising: per-request solver state, the single-request Denoiser and the batching engine."""
+"""Denoising: per-request solver state, the single-request Denoiser, the batching engine and the
+sharded forward over a rank group (parallel)."""
 
 from pipeline.denoise.batching import RequestStatus, ScheduledRequest, StepBatch, StepScheduler
 from pipeline.denoise.denoiser import Denoiser, expert_for
@@ -11,6 +12,15 @@ from pipeline.denoise.engine import (
     RequestCancelled,
     RequestFailed,
 )
+from pipeline.denoise.parallel import (
+    ParallelDegree,
+    ShardedForward,
+    ShardGroup,
+    ShardGroupError,
+    allowed_sizes,
+    shape_problem,
+    worker_loop,
+)
 from pipeline.denoise.state import DenoiseState, initial_state
 
 __all__ = [
@@ -21,12 +31,19 @@ __all__ = [
     "EngineRequest",
     "EngineShutdown",
     "EngineStats",
+    "ParallelDegree",
     "RequestCancelled",
     "RequestFailed",
     "RequestStatus",
     "ScheduledRequest",
+    "ShardGroup",
+    "ShardGroupError",
+    "ShardedForward",
     "StepBatch",
     "StepScheduler",
+    "allowed_sizes",
     "expert_for",
     "initial_state",
+    "shape_problem",
+    "worker_loop",
 ]

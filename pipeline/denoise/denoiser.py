@@ -7,13 +7,14 @@ handed from one to the other at the boundary.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 
-from pipeline.denoise.forward import GuidedInput, guided_forward
+from pipeline.denoise.forward import Forward, GuidedInput, guided_forward
 from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
 from pipeline.determinism import make_batch_invariant
 from pipeline.text import PromptEmbeds, pad_embeds
@@ -49,8 +50,11 @@ class Denoiser:
         expert: Expert,
         boundary_ratio: float,
         max_sequence_length: int = 512,
+        forward: Forward | None = None,
     ) -> None:
         self.transformer = make_batch_invariant(transformer)  # the same rows as the batching engine's
+        # inputs -> guided noise; a ShardedForward runs it over a rank group (pipeline.denoise.parallel)
+        self.forward: Forward = forward or functools.partial(guided_forward, self.transformer)
         self.scheduler = scheduler
         self.expert: Expert = expert
         self.boundary_timestep = boundary_ratio * scheduler.config.num_train_timesteps
@@ -93,7 +97,7 @@ class Denoiser:
                 uncond=uncond if guidance > 1.0 else None,
                 guidance=guidance,
             )
-            noise = guided_forward(self.transformer, [item])[0]
+            noise = self.forward([item])[0]
             self.num_forwards += 1
             latents = solver.step(noise[None], t, latents[None], return_dict=False)[0][0]
             if on_step is not None:

@@ -13,6 +13,10 @@ threads only touch the inbox, the cancel set and the published stats, under `_lo
 engine with `step()` instead, for deterministic join times. `submit` returns a concurrent Future, `add`
 an asyncio future on the caller's loop (resolved through `loop.call_soon_threadsafe`).
 
+`forward` (default: guided_forward on the transformer) is where a sharded replica plugs in a
+ShardedForward (pipeline.denoise.parallel): the engine stays the single planner on rank 0 and a failed
+rank group (ShardGroupError) propagates out of the iteration instead of being retried request by request.
+
 A request whose next step this expert does not own is resolved at once with its state unchanged, as
 `Denoiser.run` does, so a caller can hand every request to both experts in order.
 """
@@ -20,6 +24,7 @@ A request whose next step this expert does not own is resolved at once with its 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -42,7 +47,8 @@ from pipeline.denoise.batching import (
     StepScheduler,
 )
 from pipeline.denoise.denoiser import Expert, expert_for
-from pipeline.denoise.forward import GuidedInput, guided_forward
+from pipeline.denoise.forward import Forward, GuidedInput, guided_forward
+from pipeline.denoise.parallel import ShardGroupError
 from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
 from pipeline.determinism import make_batch_invariant
 from pipeline.text import PromptEmbeds, pad_embeds
@@ -71,7 +77,9 @@ class RequestCancelled(EngineError):
 
 
 class RequestFailed(EngineError):
-    """This request failed (non-finite latents, or its forward or solver step raised); others went on."""
+    """This request failed (non-finite latents, or its forward or solver step raised); others went on.
+
+    A failed rank group (ShardGroupError) is not one request's fault: it fails the whole iteration."""
 
 
 class EngineShutdown(EngineError):
@@ -159,8 +167,11 @@ class DenoiseEngine:
         max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         clock: Callable[[], float] = time.monotonic,
+        forward: Forward | None = None,
     ) -> None:
         self.transformer = make_batch_invariant(transformer)  # a request's rows: same bits in any batch
+        # inputs -> guided noise; a ShardedForward runs it over a rank group (pipeline.denoise.parallel)
+        self.forward: Forward = forward or functools.partial(guided_forward, self.transformer)
         self.solver_template = solver_template
         self.expert: Expert = expert
         self.boundary_timestep = boundary_ratio * solver_template.config.num_train_timesteps
@@ -294,6 +305,8 @@ class DenoiseEngine:
         inputs = [self._guided_input(request_id) for request_id in plan.request_ids]
         try:
             return StepOutput(noise=dict(zip(plan.request_ids, self._forward(inputs), strict=True)))
+        except ShardGroupError:
+            raise  # the rank group is broken, not one request: retrying would wait out more timeouts
         except Exception as error:
             if len(inputs) == 1:
                 return StepOutput(errors={plan.request_ids[0]: error})
@@ -307,6 +320,8 @@ class DenoiseEngine:
         for request_id, item in zip(plan.request_ids, inputs, strict=True):
             try:
                 output.noise[request_id] = self._forward([item])[0]
+            except ShardGroupError:
+                raise
             except Exception as error:
                 output.errors[request_id] = error
         return output
@@ -444,7 +459,7 @@ class DenoiseEngine:
     def _forward(self, inputs: list[GuidedInput]) -> list[torch.Tensor]:
         with self._lock:
             self._counts["forwards"] += 1
-        return guided_forward(self.transformer, inputs)
+        return self.forward(inputs)
 
     def _advance(self, request_id: str, noise: torch.Tensor) -> None:
         live = self._live[request_id]

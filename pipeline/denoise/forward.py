@@ -3,11 +3,16 @@
 Cond and uncond of every request go through ONE forward with per-sample timesteps (shape (B,)); each
 request then gets `uncond + g * (cond - uncond)` with its own guidance scale. The single-request
 Denoiser and the batching engine both call this, so batched and unbatched runs share the math.
+
+The forward is three steps so that a sharded forward (pipeline.denoise.parallel) can run the middle one
+over a rank group: `stack_rows` lays the rows out (every request's cond row first, then the uncond rows
+of the requests with CFG, so that CFG parallel puts cond and uncond on different halves), the
+transformer predicts noise for every row, `apply_guidance` combines each request's rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,31 +30,59 @@ class GuidedInput:
     guidance: float  # CFG scale applied when `uncond` is given
 
 
-def guided_forward(transformer: WanTransformer3DModel, inputs: Sequence[GuidedInput]) -> list[torch.Tensor]:
-    """Noise predictions (one per input, float32, shaped like its latents) from a single forward."""
-    dtype = transformer.dtype
-    latents, timesteps, texts = [], [], []
-    for item in inputs:
-        rows = 1 if item.uncond is None else 2
-        latents.extend([item.latents] * rows)
-        timesteps.extend([item.timestep] * rows)
-        texts.append(item.cond)
-        if item.uncond is not None:
-            texts.append(item.uncond)
-    prediction = transformer(
-        hidden_states=torch.stack(latents).to(dtype),
-        timestep=torch.stack(timesteps),
-        encoder_hidden_states=torch.stack(texts).to(dtype),
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """The transformer's inputs for one forward: one row per cond or uncond prediction."""
+
+    hidden_states: torch.Tensor  # (rows, channels, frames, height, width) in the model's dtype
+    timestep: torch.Tensor  # (rows,) int64
+    encoder_hidden_states: torch.Tensor  # (rows, max_sequence_length, text_dim) in the model's dtype
+
+    @property
+    def num_rows(self) -> int:
+        return self.hidden_states.shape[0]
+
+
+# The forward the engine and the Denoiser call: inputs -> one guided noise prediction per input.
+Forward = Callable[[Sequence[GuidedInput]], list[torch.Tensor]]
+
+
+def stack_rows(inputs: Sequence[GuidedInput], dtype: torch.dtype) -> Rows:
+    """Rows in forward order: every input's cond row, then the uncond rows of the inputs with CFG."""
+    guided = [item for item in inputs if item.uncond is not None]
+    return Rows(
+        hidden_states=torch.stack([item.latents for item in [*inputs, *guided]]).to(dtype),
+        timestep=torch.stack([item.timestep for item in [*inputs, *guided]]),
+        encoder_hidden_states=torch.stack(
+            [item.cond for item in inputs] + [item.uncond for item in guided]
+        ).to(dtype),
+    )
+
+
+def predict_rows(transformer: WanTransformer3DModel, rows: Rows) -> torch.Tensor:
+    """Noise prediction for every row, shaped like `rows.hidden_states`."""
+    return transformer(
+        hidden_states=rows.hidden_states,
+        timestep=rows.timestep,
+        encoder_hidden_states=rows.encoder_hidden_states,
         return_dict=False,
     )[0]
-    out, row = [], 0
-    for item in inputs:
+
+
+def apply_guidance(inputs: Sequence[GuidedInput], prediction: torch.Tensor) -> list[torch.Tensor]:
+    """Each input's guided noise from the rows `stack_rows` laid out."""
+    out, next_uncond = [], len(inputs)
+    for row, item in enumerate(inputs):
         cond = prediction[row]
         if item.uncond is None:
             out.append(cond)
-            row += 1
         else:
-            uncond = prediction[row + 1]
+            uncond = prediction[next_uncond]
             out.append(uncond + item.guidance * (cond - uncond))
-            row += 2
+            next_uncond += 1
     return out
+
+
+def guided_forward(transformer: WanTransformer3DModel, inputs: Sequence[GuidedInput]) -> list[torch.Tensor]:
+    """Noise predictions (one per input, float32, shaped like its latents) from a single forward."""
+    return apply_guidance(inputs, predict_rows(transformer, stack_rows(inputs, transformer.dtype)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -54,9 +55,16 @@ def generate(
     ] = None,
     label: Annotated[bool, typer.Option(help="Burn the 'AI-generated draft' label into frames.")] = True,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    ulysses: Annotated[
+        int, typer.Option(help="Shard each expert forward over N processes (sequence parallel).")
+    ] = 1,
+    cfg_parallel: Annotated[
+        bool, typer.Option(help="Run cond and uncond rows on two halves of the processes (x2).")
+    ] = False,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the mp4.")] = Path("out.mp4"),
 ) -> None:
     """Generate one clip in this process and write it as an mp4."""
+    from pipeline.denoise.parallel import ParallelDegree
     from pipeline.grade import Grader
     from pipeline.prompt import ShotSpecError, compose_prompt, load_shot_file
     from pipeline.s3sync import parse_s3_uri
@@ -80,6 +88,9 @@ def generate(
         Grader(look)
         if model.startswith("s3://"):
             parse_s3_uri(model)
+        if ulysses < 1:
+            raise ValueError(f"`--ulysses` must be >= 1 but is {ulysses}.")
+        degree = ParallelDegree(ulysses=ulysses, cfg=2 if cfg_parallel else 1)
     except ValidationError as error:
         raise CliError(describe_validation_error(error)) from None
     except (ShotSpecError, ValueError) as error:
@@ -90,7 +101,15 @@ def generate(
         raise CliError(f"`--sr-weights` {str(sr_weights)!r} is not a file.")
     output.parent.mkdir(parents=True, exist_ok=True)
     _run_generate(
-        request, model, output, upscale=upscale, look=look, sr_weights=sr_weights, label=label, device=device
+        request,
+        model,
+        output,
+        upscale=upscale,
+        look=look,
+        sr_weights=sr_weights,
+        label=label,
+        device=device,
+        degree=degree,
     )
 
 
@@ -104,14 +123,15 @@ def _run_generate(
     sr_weights: Path | None,
     label: bool,
     device: str | None,
+    degree,
 ) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from pipeline.denoise.parallel import ShardGroupError
     from pipeline.determinism import use_deterministic_kernels
-    from pipeline.local import STAGES, FinishOptions, LocalPipeline
+    from pipeline.local import request_shape_problem, sharded_pipeline
     from pipeline.s3sync import S3SyncError
     from pipeline.upscale import Upscaler
-    from pipeline.video import DRAFT_LABEL
     from pipeline.weights import load_components
 
     download = Progress(
@@ -135,7 +155,26 @@ def _run_generate(
         except (BotoCoreError, ClientError) as error:
             raise CliError(f"cannot read {model}: {error}") from None
         upscaler = Upscaler.from_file(sr_weights) if sr_weights is not None else None
-        pipeline = LocalPipeline(components, upscaler=upscaler)
+    problem = request_shape_problem(components, request, degree)
+    if problem is not None:  # before any rank starts
+        raise CliError(problem)
+    with ExitStack() as stack:
+        try:
+            with console.status(f"starting {degree.world_size} ranks …", spinner="dots"):
+                pipeline = stack.enter_context(sharded_pipeline(components, degree, upscaler=upscaler))
+        except (ValueError, ShardGroupError) as error:
+            raise CliError(str(error)) from None
+        try:
+            result = _run_stages(pipeline, request, output, upscale=upscale, look=look, label=label)
+        except ShardGroupError as error:
+            raise CliError(str(error)) from None
+    _print_result(result)
+
+
+def _run_stages(pipeline, request, output: Path, *, upscale: str, look: str, label: bool):
+    from pipeline.local import STAGES, FinishOptions
+    from pipeline.video import DRAFT_LABEL
+
     steps = pipeline.steps_per_expert(request)
     progress = Progress(
         TextColumn("{task.description:<28}"),
@@ -159,6 +198,11 @@ def _run_generate(
         )
         for stage in STAGES:  # stages with nothing to do (no upscale, zero low steps) still show as done
             progress.update(tasks[stage], completed=progress.tasks[tasks[stage]].total)
+    return result
+
+
+def _print_result(result) -> None:
+    from pipeline.local import STAGES
 
     out = Console()
     out.print(
