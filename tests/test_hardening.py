@@ -4,7 +4,6 @@ bodies refused before they are read, strict types, honest cursors, and the root 
 from __future__ import annotations
 
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -229,16 +228,9 @@ def test_deleting_a_finished_video_removes_its_clip_and_poster_locally(api: Loca
 def test_deleting_a_finished_video_removes_its_clip_and_poster_from_s3(
     tmp_path: Path, s3_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bucket = f"delete-{uuid.uuid4().hex[:8]}"
-    s3_server.client().create_bucket(Bucket=bucket)
+    storage = s3_server.fresh_storage("delete")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    storage = {
-        "kind": "s3",
-        "s3_uri": f"s3://{bucket}/clips",
-        "s3_endpoint_url": s3_server.endpoint_url,
-        "s3_region": s3_server.region,
-    }
     with local_api(tmp_path, storage=storage) as s3_api:
         assert_deleted(s3_api, finished_video(s3_api))
 

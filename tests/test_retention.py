@@ -3,7 +3,6 @@ them, locally and on S3, plus the settings and CLI that set it."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -91,16 +90,9 @@ def test_a_failing_artifact_store_leaves_the_video_whole_until_the_next_pass(
 
 
 def test_retention_on_s3(tmp_path: Path, s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
-    bucket = f"retention-{uuid.uuid4().hex[:8]}"
-    s3_server.client().create_bucket(Bucket=bucket)
+    storage = s3_server.fresh_storage("retention")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    storage = {
-        "kind": "s3",
-        "s3_uri": f"s3://{bucket}/clips",
-        "s3_endpoint_url": s3_server.endpoint_url,
-        "s3_region": s3_server.region,
-    }
     with local_api(tmp_path, storage=storage) as s3_api:
         s3_api.store.update_project("default", {"retention_days": 3})
         video = finished(s3_api)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
@@ -71,6 +72,18 @@ class S3Server:
             region_name=self.region,
             config=Config(s3={"addressing_style": "path"}, **config),
         )
+
+    def fresh_storage(self, name: str) -> dict[str, str]:
+        """A new bucket `name-<8 hex>`, as the app's `storage` settings for clips in it. The app reads
+        its credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY: set them from this server's."""
+        bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+        self.client().create_bucket(Bucket=bucket)
+        return {
+            "kind": "s3",
+            "s3_uri": f"s3://{bucket}/clips",
+            "s3_endpoint_url": self.endpoint_url,
+            "s3_region": self.region,
+        }
 
 
 def find_weed() -> Path:
