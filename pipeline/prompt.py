@@ -32,7 +32,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-MAX_FIELD_CHARS = 2_000  # per field, after stripping; the whole prompt still goes through the tokenizer
+MAX_FIELD_CHARS = 2_000  # per field, as sent; the whole prompt still goes through the tokenizer
 
 # English field name -> Chinese label; the order is the order the prompt is compiled in.
 FIELD_LABELS: dict[str, str] = {
@@ -89,7 +89,27 @@ class ShotSpec(BaseModel):
                         "`{name}` and `{label}` are the same field; give only one of them",
                         {"name": name, "label": label},
                     )
+            english = sorted(key for key in data if key in FIELD_LABELS)
+            chinese = sorted(key for key in data if key in FIELD_LABELS.values())
+            if english and chinese:  # one language of names per shot: what the published schema states
+                raise PydanticCustomError(
+                    "shot_names_mixed",
+                    "name a shot's fields all in English or all in Chinese, not {english} with {chinese}",
+                    {"english": ", ".join(english), "chinese": ", ".join(chinese)},
+                )
         return data
+
+    @field_validator(*FIELD_LABELS, mode="before")
+    @classmethod
+    def _length_as_sent(cls, value: object) -> object:
+        # str_strip_whitespace strips before max_length is checked; the limit holds for what was sent
+        if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            raise PydanticCustomError(
+                "string_too_long",
+                "a shot field has at most {max_length} characters, not {length}",
+                {"max_length": MAX_FIELD_CHARS, "length": len(value)},
+            )
+        return value
 
     @field_validator(*FIELD_LABELS, mode="after")
     @classmethod

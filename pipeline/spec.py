@@ -26,7 +26,7 @@ MAX_PROMPT_CHARS = 4000
 MIN_SIDE, MAX_SIDE = 32, 1920
 MIN_DURATION_S, MAX_DURATION_S = 0.25, 10.0
 MAX_STEPS = 100
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript too) holds exactly
 _EXPLICIT_SIZE = re.compile(r"^([0-9]+)x([0-9]+)$")  # ASCII digits only
 
 

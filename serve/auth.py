@@ -25,11 +25,15 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
+
+from serve.numbers import whole_number
 
 Role = Literal["member", "admin", "studio_admin"]
+# a number > 0 (each member carries the bound, so the JSON schema states it as exclusiveMinimum)
+PositiveSeconds = Annotated[StrictFloat, Field(gt=0)] | whole_number(gt=0)
 ROLES: tuple[Role, ...] = ("member", "admin", "studio_admin")
 ADMIN_ROLES: tuple[Role, ...] = ("admin", "studio_admin")
 PROJECT_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # a project's name: a lower-case slug, everywhere
@@ -44,21 +48,17 @@ class ProjectSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_queued_jobs: int | None = Field(
+    max_queued_jobs: whole_number(ge=1) | None = Field(
         None,
-        ge=1,
         description="Most queued videos of the project at once; beyond it 429 `project_queue_full`.",
     )
-    gpu_seconds_per_day: float | None = Field(
+    gpu_seconds_per_day: PositiveSeconds | None = Field(
         None,
-        gt=0,
         description="Accelerator seconds the project's videos may use per UTC day; beyond it 429 "
         "`gpu_quota_exceeded` until midnight UTC.",
     )
-    retention_days: int | None = Field(
+    retention_days: whole_number(ge=1, le=3650) | None = Field(
         None,
-        ge=1,
-        le=3650,
         description="Finished videos are deleted (clip, poster and record) this many days after they "
         "finish; their `expires_at` says when. Unset: kept until deleted.",
     )

@@ -58,8 +58,13 @@ def test_chinese_keys_populate_the_same_fields():
     assert shot.style == "黑色电影，高对比度"
 
 
-def test_english_and_chinese_keys_can_be_mixed():
-    shot = parse_shot({"人物": "一位侦探", "action": "lights a cigarette", "镜头": "close-up"})
+def test_a_shot_names_its_fields_in_one_language():
+    with pytest.raises(ShotSpecError) as info:
+        parse_shot({"人物": "一位侦探", "action": "lights a cigarette", "镜头": "close-up"})
+    assert str(info.value) == (
+        "shot spec: name a shot's fields all in English or all in Chinese, not action with 人物, 镜头"
+    )
+    shot = parse_shot({"人物": "一位侦探", "动作": "lights a cigarette", "镜头": "close-up"})
     assert (shot.character, shot.action, shot.camera) == ("一位侦探", "lights a cigarette", "close-up")
     assert shot.environment is None and shot.style is None
 

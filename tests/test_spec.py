@@ -74,7 +74,7 @@ def test_tokens_per_forward_match_the_model_facts() -> None:
         ({"duration": 12}, "`duration` must be between 0.25 and 10.0 seconds but is 12.0."),
         ({"steps": 0}, "`steps` must be between 1 and 100 but is 0."),
         ({"steps": 101}, "`steps` must be between 1 and 100 but is 101."),
-        ({"seed": -1}, "`seed` must be between 0 and 9223372036854775807 but is -1."),
+        ({"seed": -1}, "`seed` must be between 0 and 9007199254740991 but is -1."),
         ({"guidance_high": 25}, "`guidance_high` must be between 0 and 20 but is 25.0."),
         ({"fps": 24}, "fps"),
     ],

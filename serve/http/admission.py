@@ -183,7 +183,9 @@ def job_request(
         renamed["resolution"] = "size" if settings.size is not None else "resolution"
         param = renamed.get(name, name)
         message = describe_validation_error(error).replace(f"`{name}`", f"`{param}`")
-        raise ApiError(400, "invalid_value", message, prefix + param) from None
+        # each field is within its own limit (the schema); only the shot and prompt together can be too long
+        code = "prompt_too_long" if param == "prompt" else "invalid_value"
+        raise ApiError(400, code, message, prefix + param) from None
     request = JobRequest.of(
         spec,
         model,
@@ -208,7 +210,7 @@ def job_request(
     if settings.upscale != "none" and min(upscaled) <= min(resolved.width, resolved.height):
         raise ApiError(
             400,
-            "invalid_value",
+            "upscale_not_enlarging",
             f"`upscale` {settings.upscale} only enlarges: {resolved.width}x{resolved.height} is already "
             f"{min(resolved.width, resolved.height)} pixels on its short side; use `upscale: none`",
             f"{prefix}upscale",
@@ -216,7 +218,7 @@ def job_request(
     if max(upscaled) > MAX_UPSCALED_SIDE:
         raise ApiError(
             400,
-            "invalid_value",
+            "upscale_not_enlarging",
             f"`upscale` {settings.upscale} of {resolved.width}x{resolved.height} gives "
             f"{upscaled[0]}x{upscaled[1]}; at most {MAX_UPSCALED_SIDE} pixels a side",
             f"{prefix}upscale",

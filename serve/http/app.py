@@ -33,24 +33,30 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
+from serve.http import openapi
+from serve.http.deps import known_query_parameters
 from serve.http.errors import ERROR_RESPONSES, ApiError, error_response, invalid
 from serve.http.limits import BodyPolicy
 from serve.http.routes import admin, artifacts, health, models, storyboards, videos
-from serve.http.schemas import VideoCreate
 
 logger = logging.getLogger("ray.serve")
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
-app = FastAPI(
+# Swagger UI and ReDoc from assets inside the package: studio networks reach no CDN
+app = FastAPIOffline(
     title="Previz",
     summary="Studio text-to-video drafts on Wan2.2: an OpenAI-compatible Videos API with studio extensions.",
     version="1.0",
     responses=ERROR_RESPONSES,
+    dependencies=[Depends(known_query_parameters)],
 )
 
 
@@ -69,9 +75,22 @@ async def _invalid_request(_request: Request, error: RequestValidationError) -> 
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-    return error_response(error.status_code, code, str(error.detail), headers=getattr(error, "headers", None))
+    headers = dict(getattr(error, "headers", None) or {})
+    if error.status_code == 405:  # Starlette names only the first route of the path; name them all
+        headers["Allow"] = ", ".join(allowed_methods(request.scope))
+    return error_response(error.status_code, code, str(error.detail), headers=headers or None)
+
+
+def allowed_methods(scope: Scope) -> list[str]:
+    """Every method some route of the app answers at the request's path (RFC 9110's `Allow`), found by
+    asking the routes themselves, included routers too."""
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.routes)
+    ]
 
 
 @app.exception_handler(Exception)
@@ -85,20 +104,12 @@ for module in (health, models, videos, artifacts, storyboards, admin):
 app.add_middleware(BodyPolicy)
 
 
-# -- OpenAPI: the create body is read by hand (JSON or form), so its schema is added here -----------------
+# -- OpenAPI: made to say exactly what the server accepts (serve/http/openapi.py) --------------------------
 
 
 def _openapi() -> dict[str, Any]:
     if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title, version=app.version, summary=app.summary, description=__doc__, routes=app.routes
-        )
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        generated = VideoCreate.model_json_schema(ref_template="#/components/schemas/{model}")
-        for name, definition in generated.pop("$defs", {}).items():
-            components.setdefault(name, definition)
-        components["VideoCreate"] = generated
-        app.openapi_schema = schema
+        app.openapi_schema = openapi.build(app, __doc__)
     return app.openapi_schema
 
 

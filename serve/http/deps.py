@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, ClassVar
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray.serve.handle import DeploymentHandle
 
@@ -105,3 +106,26 @@ async def job_or_404(video_id: str, state: IngressState, caller: Caller) -> JobR
     if job is None:
         raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
     return job
+
+
+async def known_query_parameters(request: Request) -> None:
+    """Refuse a query parameter the route does not take (400 `unknown_parameter`): a misspelt `limt` or
+    `statu` would otherwise be ignored and the caller get an answer to a question they did not ask."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = query_parameters(dependant)
+    for name in request.query_params:
+        if name not in known:
+            allowed = ", ".join(f"`{parameter}`" for parameter in sorted(known)) or "none"
+            message = f"unknown query parameter {name!r}; this route takes {allowed}"
+            raise ApiError(400, "unknown_parameter", message, name)
+
+
+def query_parameters(dependant: Dependant) -> set[str]:
+    """The query parameters of a route's handler and of everything it depends on."""
+    names = {parameter.alias for parameter in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names |= query_parameters(dependency)
+    return names

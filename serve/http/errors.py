@@ -78,10 +78,30 @@ def invalid(errors: list[dict[str, Any]], prefix: str = "") -> ApiError:
 
 
 # The documented error answers of every route (the OpenAPI page), and the content policy's 422.
+# 400s that a request the OpenAPI schema allows may still get: rules of this deployment (its size envelope,
+# callback policy, sharding degrees), of the key's project, and across fields where JSON Schema has no
+# words (sums, products). Every other 400 means the request broke the published schema.
+RULES_BEYOND_SCHEMA: dict[str, str] = {
+    "outside_envelope": "the size or length is outside this deployment's envelope (`GET /v1/models`)",
+    "upscale_not_enlarging": "`upscale` must make the clip larger, within the upscaler's largest side",
+    "size_not_shardable": "the size does not split over this deployment's sharding degree",
+    "invalid_callback_url": "`callback_url` breaks this deployment's callback policy",
+    "label_required": "the project burns the draft label into every clip",
+    "invalid_cursor": "`after` names no video of this project",
+    "prompt_too_long": "the shot compiled with the prompt exceeds the prompt's 4000 characters",
+    "too_many_videos": "the board's shots × variants exceed the most videos one storyboard may hold",
+}
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
-        (400, "Bad input; `param` names the field."),
+        (
+            400,
+            "Bad input; `param` names the field. Besides breaking this schema, a request may break a rule "
+            "of the deployment or project: "
+            + "; ".join(f"`{code}`: {rule}" for code, rule in RULES_BEYOND_SCHEMA.items())
+            + ".",
+        ),
         (401, "No API key, or not a valid one; see WWW-Authenticate."),
         (403, "The key may not do this (another project, or an admin route)."),
         (404, "No such id."),

@@ -3,6 +3,7 @@ urlencoded form, with bracketed keys (`shot[camera]`) nested the way the openai 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from email import policy
@@ -29,7 +30,7 @@ async def read_fields(request: Request) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "application/json")
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        fields = typed_form_fields(unflatten(multipart_items(content_type, body)))
+        fields = typed_form_fields(json_object_parts(unflatten(multipart_items(content_type, body))))
     elif media_type == "application/x-www-form-urlencoded":
         try:
             items = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
@@ -60,9 +61,25 @@ async def read_fields(request: Request) -> dict[str, Any]:
 # A form sends every value as text; these create fields are numbers or booleans (JSON must send them as such).
 FORM_INTEGERS = ("steps", "seed")
 FORM_NUMBERS = ("duration",)
+FORM_OBJECTS = ("shot", "labels")
+FORM_FREE_TEXT = ("prompt", "negative_prompt")
 FORM_BOOLEANS = {"true": True, "false": False}
 # Control characters no stored text may hold (tab, newline and carriage return are text): C0, DEL, C1.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def json_object_parts(fields: dict[str, Any]) -> dict[str, Any]:
+    """A multipart part holds JSON where text cannot say it (OpenAPI's encoding of multipart/form-data):
+    an object field (`shot`, `labels`) may be one part of JSON, as well as bracketed parts (`shot[camera]`,
+    the openai package's way); and `null` is null in every field but the free-text ones."""
+    decoded = dict(fields)
+    for name, value in fields.items():
+        if value == "null" and name not in FORM_FREE_TEXT:
+            decoded[name] = None
+        elif name in FORM_OBJECTS and isinstance(value, str):
+            with contextlib.suppress(ValueError, RecursionError):  # else the schema refuses the text
+                decoded[name] = json.loads(value)
+    return decoded
 
 
 def typed_form_fields(fields: dict[str, Any]) -> dict[str, Any]:

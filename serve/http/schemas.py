@@ -13,7 +13,6 @@ fields next to them. Differences from OpenAI, on purpose:
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Annotated, Literal
 
@@ -38,6 +37,7 @@ from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
 from serve.jobs.request import SERVED_MODEL, Upscale
+from serve.numbers import WholeNumber, integral
 
 # lower-cased names a client may send for the served model
 SERVED_MODEL_ALIASES = frozenset(
@@ -51,13 +51,19 @@ SERVED_MODEL_ALIASES = frozenset(
     }
 )
 MAX_LABELS = 32
-_SIZE = re.compile(r"^[0-9]{1,5}x[0-9]{1,5}$")  # ASCII digits only (int() reads other scripts' too)
+# ASCII digits only (int() reads other scripts' too), no leading zeros
+_SIZE = re.compile(r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")
+_WXH = re.compile(r"^[0-9]+[xX][0-9]+$")
+# `seconds` as text: a number written plainly (no sign, exponent or leading zeros); its range is checked
+# with the request's, and the OpenAPI states both in one pattern (serve/http/openapi.py)
+SECONDS_TEXT = re.compile(r"^(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$")
 
 LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MAX_LABEL_VALUE_CHARS = 256
 
 
 def _label_value(value: object) -> object:
+    value = integral(value)
     if isinstance(value, bool | int) or (isinstance(value, str) and len(value) <= MAX_LABEL_VALUE_CHARS):
         return value
     if isinstance(value, str):
@@ -109,9 +115,9 @@ class GenerationSettings(BaseModel):
         None, description="Preset `480p` (default) or `720p` (with `aspect`), or `WxH`."
     )
     aspect: Literal["16:9", "9:16"] | None = Field(None, description="Orientation of a preset resolution.")
-    steps: StrictInt | None = Field(None, description="Denoising steps (1–100); default 40.")
-    seed: StrictInt | None = Field(
-        None, description="Noise seed (0 – 2**63-1); random (and reported) when omitted."
+    steps: WholeNumber | None = Field(None, description="Denoising steps (1–100); default 40.")
+    seed: WholeNumber | None = Field(
+        None, description="Noise seed (0 – 2**53-1); random (and reported) when omitted."
     )
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
     look: Literal["none", "film"] = Field("none", description="Colour grade.")
@@ -120,13 +126,10 @@ class GenerationSettings(BaseModel):
     @field_validator("seconds")
     @classmethod
     def _seconds_is_a_number(cls, seconds: str | float | None) -> str | float | None:
-        if isinstance(seconds, str):
-            try:
-                value = float(seconds)
-            except ValueError:
-                raise ValueError(f"`seconds` must be a number of seconds but is {seconds!r}.") from None
-            if not math.isfinite(value):
-                raise ValueError(f"`seconds` must be a number of seconds but is {seconds!r}.")
+        if isinstance(seconds, str) and not SECONDS_TEXT.match(seconds):
+            raise ValueError(
+                f'`seconds` must be a number of seconds such as "4" or "2.5" but is {seconds!r}.'
+            )
         return seconds
 
     @field_validator("size")
@@ -135,6 +138,13 @@ class GenerationSettings(BaseModel):
         if size is not None and not _SIZE.match(size):
             raise ValueError(f"`size` must be WxH such as 1280x720 or 480x832 but is {size!r}.")
         return size
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_without_leading_zeros(cls, resolution: str | None) -> str | None:
+        if resolution is not None and _WXH.match(resolution) and not _SIZE.match(resolution.lower()):
+            raise ValueError(f"`resolution` must be 480p, 720p or WxH such as 832x480 but is {resolution!r}.")
+        return resolution
 
 
 class VideoCreate(GenerationSettings):
@@ -204,7 +214,10 @@ class Video(BaseModel):
     priority: str
     stage: str = Field(description="Pipeline stage: queued, encoding, denoising_high, … succeeded.")
     queue_position: int | None = Field(
-        None, description="While queued (`GET /v1/videos/{id}`): how many queued videos are ahead of it."
+        None,
+        description="How many videos are ahead of it while it waits: in the job queue (status queued, "
+        "`GET /v1/videos/{id}`) or, with `stage: queued` while in progress, in an expert's engine before "
+        "its first step. Null once it runs.",
     )
     seed: int
     steps: int

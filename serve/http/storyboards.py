@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.prompt import ShotSpec
+from pipeline.prompt import MAX_FIELD_CHARS, ShotSpec
 from pipeline.spec import MAX_SEED
 from serve.http.schemas import (
     MAX_LABELS,
@@ -31,9 +31,11 @@ from serve.http.schemas import (
     VideoState,
 )
 from serve.jobs.models import Priority
+from serve.numbers import WholeNumber
 
 MAX_SHOTS = 100
 MAX_SEEDS = 16
+MAX_GRID_VALUES = 8
 MAX_STORYBOARD_VIDEOS = 200
 SHOT_FIELDS = ("character", "action", "environment", "camera", "style")
 GridField = Literal["character", "action", "environment", "camera", "style", "look"]
@@ -53,13 +55,37 @@ class VariantPlan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seeds: int | list[int] = Field(
+    seeds: WholeNumber | list[WholeNumber] = Field(
         1,
+        json_schema_extra={
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": MAX_SEEDS},
+                {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_SEEDS,
+                    "items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+                },
+            ]
+        },
         description=f"How many seeds per shot (1–{MAX_SEEDS}: the shot's `seed`, then +1, +2 …; random "
         "when it has none), or the exact seeds.",
     )
     grid: dict[GridField, list[str]] = Field(
         default_factory=dict,
+        json_schema_extra={
+            "type": "object",
+            "propertyNames": {"enum": list(GridField.__args__)},
+            "additionalProperties": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_GRID_VALUES,
+                "items": {"type": "string", "pattern": r"\S", "maxLength": MAX_FIELD_CHARS},
+            },
+            "properties": {
+                "look": {"type": "array", "minItems": 1, "maxItems": 2, "items": {"enum": ["none", "film"]}}
+            },
+        },
         description="Shot fields (or `look`) to vary, each over a few values: every combination is a "
         'variant, e.g. {"camera": ["dolly-in", "crane up", "handheld"], "look": ["none", "film"]}.',
     )
@@ -74,9 +100,11 @@ class VariantPlan(BaseModel):
             if any(not 0 <= seed <= MAX_SEED for seed in self.seeds):
                 raise ValueError(f"every seed in `seeds` must be between 0 and {MAX_SEED}.")
         for field, values in self.grid.items():
-            if not 1 <= len(values) <= 8 or any(not value.strip() or len(value) > 2000 for value in values):
+            too_long = any(not value.strip() or len(value) > MAX_FIELD_CHARS for value in values)
+            if not 1 <= len(values) <= MAX_GRID_VALUES or too_long:
                 raise ValueError(
-                    f"`grid.{field}` must list 1 to 8 non-empty values (each ≤ 2000 characters)."
+                    f"`grid.{field}` must list 1 to {MAX_GRID_VALUES} non-empty values "
+                    f"(each ≤ {MAX_FIELD_CHARS} characters)."
                 )
         if "look" in self.grid and set(self.grid["look"]) - {"none", "film"}:
             raise ValueError(f"`grid.look` values must be 'none' or 'film' but are {self.grid['look']}.")

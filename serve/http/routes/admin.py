@@ -19,14 +19,24 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from serve.auth import ADMIN_ROLES, PROJECT_NAME, ApiKeyRecord, Caller, ProjectRecord, ProjectSettings, Role
+from serve.auth import (
+    ADMIN_ROLES,
+    PROJECT_NAME,
+    ApiKeyRecord,
+    Caller,
+    PositiveSeconds,
+    ProjectRecord,
+    ProjectSettings,
+    Role,
+)
 from serve.http.deps import StateDep, authenticated_caller
 from serve.http.errors import ApiError
 from serve.jobs import JobStore
 from serve.jobs.models import unix
 from serve.jobs.projects import LastAdminKey, ProjectExists
+from serve.numbers import whole_number
 
 
 class ProjectCreate(BaseModel):
@@ -37,7 +47,9 @@ class ProjectCreate(BaseModel):
         description="Lower-case slug: letters, digits, '.', '_', '-'; at most 64 characters.",
     )
     settings: ProjectSettings = Field(default_factory=ProjectSettings, description="Quotas and policy.")
-    admin_key: bool = Field(False, description="Also create a first admin key of the project (shown once).")
+    admin_key: StrictBool = Field(
+        False, description="Also create a first admin key of the project (shown once)."
+    )
 
 
 class ProjectSettingsUpdate(BaseModel):
@@ -45,10 +57,11 @@ class ProjectSettingsUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_queued_jobs: StrictInt | None = Field(None, ge=1)
-    gpu_seconds_per_day: StrictFloat | StrictInt | None = Field(None, gt=0)
-    retention_days: StrictInt | None = Field(None, ge=1, le=3650)
-    burn_label: StrictBool | None = None
+    max_queued_jobs: whole_number(ge=1) | None = None
+    gpu_seconds_per_day: PositiveSeconds | None = None
+    retention_days: whole_number(ge=1, le=3650) | None = None
+    # not nullable: the label policy is on or off, it has no "unset"
+    burn_label: StrictBool = Field(None, description="Burn the draft label into every clip.")  # type: ignore[assignment]
 
 
 class Project(BaseModel):
@@ -195,8 +208,6 @@ async def get_project(name: str, store: Store, who: Admin) -> Project:
 @router.patch("/projects/{name}", response_model=Project, summary="Change a project's settings")
 async def update_project(name: str, body: ProjectSettingsUpdate, store: Store, who: StudioAdmin) -> Project:
     changes = body.model_dump(exclude_unset=True)
-    if changes.get("burn_label", True) is None:
-        raise ApiError(400, "invalid_value", "`burn_label` must be true or false", "burn_label")
     record = await asyncio.to_thread(store.update_project, name, changes)
     if record is None:
         raise _no_project(name)
