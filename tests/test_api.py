@@ -426,6 +426,7 @@ def test_state_bound_errors_name_the_video(api: LocalApi) -> None:
     assert (not_ready.status_code, not_ready.json()["error"]["code"]) == (409, "video_not_ready")
     sprites = api.client.get(f"/v1/videos/{video['id']}/content", params={"variant": "spritesheet"})
     assert (sprites.status_code, sprites.json()["error"]["param"]) == (400, "variant")
+    assert "'video' or 'thumbnail'" in sprites.json()["error"]["message"]
     no_prompt = api.client.post(f"/v1/videos/{video['id']}/remix", json={})
     assert (no_prompt.status_code, no_prompt.json()["error"]["code"]) == (400, "missing_field")
     assert api.client.delete(f"/v1/videos/{video['id']}").status_code == 200

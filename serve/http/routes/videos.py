@@ -221,15 +221,11 @@ async def get_video_content(
     state: StateDep,
     caller: CallerDep,
     variant: Annotated[
-        Literal["video", "thumbnail", "spritesheet"],
-        Query(description="`video` (mp4) or `thumbnail` (JPEG)."),
+        Literal["video", "thumbnail"],
+        Query(description="`video` (mp4) or `thumbnail` (JPEG); OpenAI's `spritesheet` is not offered."),
     ] = "video",
 ) -> Response:
     job = await job_or_404(video_id, state, caller)
-    if variant == "spritesheet":
-        raise ApiError(
-            400, "unsupported", "the `spritesheet` variant is not available; use `thumbnail`", "variant"
-        )
     if job.status != JobStatus.SUCCEEDED or job.artifact_uri is None:
         raise ApiError(
             409,
