@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -15,17 +15,22 @@ from ray.serve.config import RequestRouterConfig
 from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
+from serve.sharding import DEPLOYMENT_NAMES, Expert, placement_options
 from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
 from serve.stages.payloads import DenoiseCall, DenoiseDone, DenoiseEvent, DenoiseProgress, DenoiseWaiting
 from serve.stages.transfer import pack_state, unpack_embeds, unpack_state
 
-Expert = Literal["high", "low"]
-NAMES: dict[Expert, str] = {"high": "HighNoiseDenoiser", "low": "LowNoiseDenoiser"}
 BUCKET_ROUTER = RequestRouterConfig(request_router_class="serve.stages.router:BucketAffinityRouter")
 
 
 def default_options(args: PrevizArgs, expert: Expert) -> dict[str, Any]:
-    return {"name": NAMES[expert], "request_router_config": BUCKET_ROUTER, **gpu_options(args)}
+    placement = placement_options(args.experts.of(expert).parallel, args.device)
+    return {
+        "name": DEPLOYMENT_NAMES[expert],
+        "request_router_config": BUCKET_ROUTER,
+        **gpu_options(args),
+        **placement,
+    }
 
 
 @serve.deployment(max_ongoing_requests=256, **STAGE_OPTIONS)
