@@ -13,11 +13,13 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
+from pipeline.denoise.parallel import ShardedForward
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.sharding import DEPLOYMENT_NAMES, Expert, placement_options
-from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
+from serve.stages.common import STAGE_OPTIONS, gpu_options
 from serve.stages.payloads import DenoiseCall, DenoiseDone, DenoiseEvent, DenoiseProgress, DenoiseWaiting
+from serve.stages.shard_worker import RankGroup, load_expert
 from serve.stages.transfer import pack_state, unpack_embeds, unpack_state
 
 BUCKET_ROUTER = RequestRouterConfig(request_router_class="serve.stages.router:BucketAffinityRouter")
@@ -38,16 +40,27 @@ class DenoiserDeployment:
     """One expert with its step-level batching engine; bound twice (HighNoiseDenoiser, LowNoiseDenoiser)."""
 
     def __init__(self, args: PrevizArgs, expert: Expert) -> None:
-        parts = stage_components(args, "transformer" if expert == "high" else "transformer_2")
+        parts, transformer = load_expert(args, expert)
         model = parts.model
+        # A sharded replica is rank 0 of a rank group: the engine plans on it, every rank runs each forward.
+        self.ranks = (
+            RankGroup(args, expert, transformer, name=serve.get_replica_context().replica_id.to_full_id_str())
+            if args.experts.of(expert).parallel.degree.is_sharded
+            else None
+        )
+        forward = None
+        if self.ranks is not None:
+            transformer = self.ranks.transformer
+            forward = self.ranks.forward(ShardedForward(self.ranks.group, transformer, expert))
         self.engine = DenoiseEngine(
-            parts.transformer if expert == "high" else parts.transformer_2,
+            transformer,
             parts.scheduler,
             expert=expert,
             boundary_ratio=model.boundary_ratio,
             max_sequence_length=model.max_sequence_length,
             max_num_tokens=args.engine.max_num_tokens,
             max_batch_size=args.engine.max_batch_size,
+            forward=forward,
         )
         self.engine.start()
         self._metrics = ReplicaReporter(self.engine).start()
@@ -98,6 +111,8 @@ class DenoiserDeployment:
     def check_health(self) -> None:
         if not self.engine.is_alive():
             raise RuntimeError(f"the {self.engine.expert} engine thread has stopped")
+        if self.ranks is not None:
+            self.ranks.check()
 
     def __del__(self) -> None:
         reporter = getattr(self, "_metrics", None)
@@ -106,6 +121,9 @@ class DenoiserDeployment:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(timeout=5)
+        ranks = getattr(self, "ranks", None)
+        if ranks is not None:
+            ranks.close()
 
 
 def _engine_deadline(deadline: datetime | None, clock: Callable[[], float]) -> float | None:
