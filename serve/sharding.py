@@ -1,5 +1,6 @@
-"""How each expert deployment is split over GPUs (`experts: {high: {parallel: {ulysses, cfg}}}` in the app
-args), and the shape rules that follow from it: which sizes a deployed degree accepts (admission asks
+"""How each expert deployment runs (`experts: {high: {parallel: {ulysses, cfg}, attention_backend, compile,
+warmup}}` in the app args): its split over GPUs and the shape rules that follow from it: which sizes a
+deployed degree accepts (admission asks
 `size_problem`; `GET /v1/models` shows `accepted_sizes`), and the placement group a sharded replica reserves.
 
 The rules themselves are pipeline.denoise.parallel's (`shape_problem`, `allowed_sizes`); this module only
@@ -13,8 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.denoise.kernels import check_attention_backend
 from pipeline.denoise.parallel import (
     DEFAULT_TIMEOUT_S,
     ParallelDegree,
@@ -22,7 +24,7 @@ from pipeline.denoise.parallel import (
     heads_problem,
     shape_problem,
 )
-from pipeline.spec import ModelSpec
+from pipeline.spec import ModelSpec, RequestSpec
 from pipeline.weights import PRESETS
 
 logger = logging.getLogger("ray.serve")
@@ -58,6 +60,29 @@ class ParallelSettings(BaseModel):
         return ParallelDegree(ulysses=self.ulysses, cfg=self.cfg)
 
 
+class WarmupBucket(BaseModel):
+    """A clip shape whose forward a replica runs once before it reports healthy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: str = Field(description="`WxH` or a preset (`480p`, `720p`), as in a video request.")
+    seconds: float = Field(5.0, description="Clip length (5 s = 81 frames at 16 fps).")
+
+    @model_validator(mode="after")
+    def _a_valid_clip(self) -> WarmupBucket:
+        self.spec()  # RequestSpec's errors name the field and the rule
+        return self
+
+    def spec(self) -> RequestSpec:
+        return RequestSpec(prompt="warm-up", resolution=self.size, duration=self.seconds)
+
+    def latent_shape(self, model: ModelSpec, channels: int) -> tuple[int, int, int, int]:
+        spec = self.spec()
+        (width, height), spatial = spec.size, model.vae_scale_spatial
+        latent_frames = (spec.num_frames(model) - 1) // model.vae_scale_temporal + 1
+        return (channels, latent_frames, height // spatial, width // spatial)
+
+
 class ExpertSettings(BaseModel):
     """How one expert deployment (HighNoiseDenoiser or LowNoiseDenoiser) runs its transformer."""
 
@@ -66,6 +91,25 @@ class ExpertSettings(BaseModel):
     parallel: ParallelSettings = Field(
         default_factory=ParallelSettings, description="The rank group of each replica (default 1x1: one GPU)."
     )
+    attention_backend: str | None = Field(
+        None,
+        description="diffusers' attention backend for this expert only (`native`, `_native_cudnn`, `flash`, "
+        "`_flash_3_hub`, `sage`...); unset: diffusers' default (torch SDPA). A sharded expert needs one "
+        "that supports context parallelism.",
+    )
+    compile: bool = Field(
+        False, description="Regional torch.compile of the repeated transformer blocks (every rank)."
+    )
+    warmup: list[WarmupBucket] = Field(
+        default_factory=list,
+        description="Shapes run once (a guided forward each) before the replica reports healthy, so that "
+        "compile and kernel selection do not land on the first requests.",
+    )
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, name: str | None) -> str | None:
+        return None if name is None else check_attention_backend(name)
 
 
 class ExpertsSettings(BaseModel):
@@ -101,15 +145,26 @@ def model_num_heads(model: str, expert: Expert, cache_dir: Path) -> int:
     return int(json.loads(config.read_text())["num_attention_heads"])
 
 
-def check_degrees(experts: ExpertsSettings, model: str, cache_dir: Path) -> None:
-    """Refuse a degree no size could run at (heads not divisible), naming the expert and the rule."""
+def check_degrees(experts: ExpertsSettings, model: str, cache_dir: Path, sampling: ModelSpec) -> None:
+    """Refuse a degree no size could run at (heads not divisible) or a warm-up bucket it cannot split,
+    naming the expert and the rule."""
     for expert in ("high", "low"):
-        degree = experts.of(expert).parallel.degree
+        settings = experts.of(expert)
+        degree = settings.parallel.degree
         if degree.ulysses == 1:
             continue
-        problem = heads_problem(model_num_heads(model, expert, cache_dir), degree)
+        num_heads = model_num_heads(model, expert, cache_dir)
+        problem = heads_problem(num_heads, degree)
         if problem is not None:
             raise ValueError(f"`experts.{expert}.parallel.ulysses`: {problem}.")
+        for index, bucket in enumerate(settings.warmup):
+            spec = bucket.spec()
+            width, height = spec.size
+            problem = shape_problem(
+                width, height, spec.num_frames(sampling), degree, model=sampling, num_heads=num_heads
+            )
+            if problem is not None:
+                raise ValueError(f"`experts.{expert}.warmup.{index}`: {problem}.")
 
 
 class ShapeRules:

@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
+from pipeline.denoise.kernels import compile_blocks, warm_up
 from pipeline.denoise.parallel import ShardedForward
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
@@ -41,11 +42,11 @@ class DenoiserDeployment:
 
     def __init__(self, args: PrevizArgs, expert: Expert) -> None:
         parts, transformer = load_expert(args, expert)
-        model = parts.model
+        model, settings = parts.model, args.experts.of(expert)
         # A sharded replica is rank 0 of a rank group: the engine plans on it, every rank runs each forward.
         self.ranks = (
             RankGroup(args, expert, transformer, name=serve.get_replica_context().replica_id.to_full_id_str())
-            if args.experts.of(expert).parallel.degree.is_sharded
+            if settings.parallel.degree.is_sharded
             else None
         )
         forward = None
@@ -62,6 +63,10 @@ class DenoiserDeployment:
             max_batch_size=args.engine.max_batch_size,
             forward=forward,
         )
+        if settings.compile:  # after the engine made its layers batch-invariant: compile what runs
+            compile_blocks(self.engine.transformer)
+        shapes = [bucket.latent_shape(model, transformer.config.in_channels) for bucket in settings.warmup]
+        warm_up(self.engine.forward, self.engine.transformer, shapes, model.max_sequence_length)  # every rank
         self.engine.start()
         self._metrics = ReplicaReporter(self.engine).start()
 

@@ -30,6 +30,7 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.denoise.forward import Forward, GuidedInput
+from pipeline.denoise.kernels import compile_blocks, set_attention_backend
 from pipeline.denoise.parallel import ShardGroup, ShardGroupError, worker_loop
 from pipeline.determinism import make_batch_invariant
 from serve.config import PrevizArgs
@@ -43,9 +44,13 @@ JOIN_POLL_S = 1.0  # how often rank 0 looks for a worker that failed before the 
 
 
 def load_expert(args: PrevizArgs, expert: Expert):
-    """(components, this expert's transformer): the same weights on every rank."""
+    """(components, this expert's transformer with its attention backend): the same on every rank."""
     parts = stage_components(args, "transformer" if expert == "high" else "transformer_2")
-    return parts, parts.transformer if expert == "high" else parts.transformer_2
+    transformer = parts.transformer if expert == "high" else parts.transformer_2
+    backend = args.experts.of(expert).attention_backend
+    if backend is not None:
+        set_attention_backend(transformer, backend)
+    return parts, transformer
 
 
 @ray.remote(max_concurrency=2)  # `serve` holds one thread in worker_loop for the actor's whole life
@@ -62,6 +67,8 @@ class ShardWorker:
         _, transformer = load_expert(self.args, self.expert)
         self.group = join_group(self.args, self.expert, self.rank, master_addr, master_port)
         self.transformer = make_batch_invariant(self.group.shard(transformer))  # as rank 0's engine does
+        if self.args.experts.of(self.expert).compile:
+            compile_blocks(self.transformer)
 
     def serve(self) -> int:
         """Serve rank 0's forwards until it sends STOP; raises ShardGroupError when a peer died or hung."""
