@@ -18,12 +18,14 @@ from ray.serve import Application
 from serve.config import PrevizArgs
 from serve.http.ingress import Ingress
 from serve.scheduling.scheduler import Scheduler
+from serve.sharding import check_degrees
 from serve.stages import decoder, denoiser, finisher, text_encoder, upscaler
 
 
 def build_app(args: PrevizArgs | dict[str, Any]) -> Application:
     """Validate the args, then bind every stage, the Scheduler and the Ingress."""
     args = PrevizArgs.model_validate(args)
+    check_degrees(args.experts, args.model, args.model_cache_dir, args.sampling)
     encoder = text_encoder.TextEncoderDeployment.options(**text_encoder.default_options(args)).bind(args)
     high = denoiser.DenoiserDeployment.options(**denoiser.default_options(args, "high")).bind(args, "high")
     low = denoiser.DenoiserDeployment.options(**denoiser.default_options(args, "low")).bind(args, "low")

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.safety import SafetySettings
 from pipeline.spec import ModelSpec, SizeEnvelope
+from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
 
 
@@ -74,6 +75,10 @@ class PrevizArgs(BaseModel):
     )
     storage: StorageSettings = Field(default_factory=StorageSettings, description="Where finished clips go.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Denoiser batching.")
+    experts: ExpertsSettings = Field(
+        default_factory=ExpertsSettings,
+        description="Per expert deployment: its rank group (`parallel: {ulysses, cfg}`; default 1x1).",
+    )
     max_jobs_in_flight: int = Field(
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."
     )

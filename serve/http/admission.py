@@ -1,7 +1,8 @@
 """The one admission path: what every create (a video, a remix, a storyboard's videos) passes before its
 rows are committed, in this order, and the one place that commits them.
 
-    model -> project -> project settings -> label policy -> typed request -> content policy -> callback
+    model -> project -> project settings -> label policy -> typed request (envelope, then the shape rules
+    of sharded experts) -> content policy -> callback
     -> fingerprint -> create (quotas checked inside the transaction) -> 429 on refusal -> wake -> replay
 
 Each check raises the ApiError the client gets; nothing is written until every video of the create passed
@@ -34,6 +35,7 @@ from serve.jobs import GpuQuotaExceeded, JobRecord, JobStore, QueueFull, Storybo
 from serve.jobs.models import Priority
 from serve.jobs.request import SERVED_MODEL, FinishSettings, JobRequest, RequestSource, StoryboardPlace
 from serve.metrics import record_safety_block
+from serve.sharding import ShapeRules
 
 logger = logging.getLogger("ray.serve")
 
@@ -105,7 +107,9 @@ async def admit(
         check_callback(
             state.callbacks, draft.callback_url, "callback_url" if board else f"{draft.prefix}callback_url"
         )
-        request = job_request(draft, state.model, body_sha256 if board is None else None, state.args.envelope)
+        request = job_request(
+            draft, state.model, body_sha256 if board is None else None, state.args.envelope, state.shapes
+        )
         await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
         requests.append(request)
     bounds = queue_bounds(state.args, settings)
@@ -150,9 +154,14 @@ async def admit(
 
 
 def job_request(
-    draft: VideoDraft, model: ModelSpec, body_sha256: str | None, envelope: SizeEnvelope
+    draft: VideoDraft,
+    model: ModelSpec,
+    body_sha256: str | None,
+    envelope: SizeEnvelope,
+    shapes: ShapeRules | None = None,
 ) -> JobRequest:
-    """The typed stored request of one draft; an ApiError (400) names the field at fault."""
+    """The typed stored request of one draft; an ApiError (400) names the field at fault. `shapes`: the
+    sizes the deployed experts' rank groups accept (None: every size the envelope allows)."""
     settings, prefix = draft.settings, draft.prefix
     if settings.seconds is not None and settings.duration is not None:
         raise ApiError(400, "invalid_value", "give `seconds` or `duration`, not both", f"{prefix}seconds")
@@ -206,6 +215,11 @@ def job_request(
             size_param if "pixels" in outside else prefix + ("seconds" if settings.seconds else "duration")
         )
         raise ApiError(400, "outside_envelope", outside, param)
+    unshardable = (
+        shapes.size_problem(resolved.width, resolved.height, resolved.num_frames) if shapes else None
+    )
+    if unshardable is not None:
+        raise ApiError(400, "size_not_shardable", unshardable, size_param)
     upscaled = upscale_target_size(settings.upscale, resolved.width, resolved.height)
     if settings.upscale != "none" and min(upscaled) <= min(resolved.width, resolved.height):
         raise ApiError(

@@ -17,6 +17,7 @@ from serve.auth import Caller
 from serve.config import PrevizArgs
 from serve.http.errors import ApiError
 from serve.jobs import JobRecord, JobStore
+from serve.sharding import ShapeRules
 from serve.storage import ArtifactSigner, ArtifactStore, LocalArtifactStore, make_store
 from serve.webhooks import callback_policy
 
@@ -42,6 +43,7 @@ class IngressState:
         self.signer: ArtifactSigner | None = self.artifacts.signer if local else None
         self.safety = PromptPolicy.from_settings(args.safety)
         self.callbacks = callback_policy(args.webhooks)
+        self.shapes = ShapeRules(args.experts, args.model, model, args.model_cache_dir)
 
 
 def current_state() -> IngressState:

@@ -7,25 +7,33 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
+from pipeline.denoise.kernels import compile_blocks, warm_up
+from pipeline.denoise.parallel import ShardedForward
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
-from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
+from serve.sharding import DEPLOYMENT_NAMES, Expert, placement_options
+from serve.stages.common import STAGE_OPTIONS, gpu_options
 from serve.stages.payloads import DenoiseCall, DenoiseDone, DenoiseEvent, DenoiseProgress, DenoiseWaiting
+from serve.stages.shard_worker import RankGroup, load_expert
 from serve.stages.transfer import pack_state, unpack_embeds, unpack_state
 
-Expert = Literal["high", "low"]
-NAMES: dict[Expert, str] = {"high": "HighNoiseDenoiser", "low": "LowNoiseDenoiser"}
 BUCKET_ROUTER = RequestRouterConfig(request_router_class="serve.stages.router:BucketAffinityRouter")
 
 
 def default_options(args: PrevizArgs, expert: Expert) -> dict[str, Any]:
-    return {"name": NAMES[expert], "request_router_config": BUCKET_ROUTER, **gpu_options(args)}
+    placement = placement_options(args.experts.of(expert).parallel, args.device)
+    return {
+        "name": DEPLOYMENT_NAMES[expert],
+        "request_router_config": BUCKET_ROUTER,
+        **gpu_options(args),
+        **placement,
+    }
 
 
 @serve.deployment(max_ongoing_requests=256, **STAGE_OPTIONS)
@@ -33,17 +41,32 @@ class DenoiserDeployment:
     """One expert with its step-level batching engine; bound twice (HighNoiseDenoiser, LowNoiseDenoiser)."""
 
     def __init__(self, args: PrevizArgs, expert: Expert) -> None:
-        parts = stage_components(args, "transformer" if expert == "high" else "transformer_2")
-        model = parts.model
+        parts, transformer = load_expert(args, expert)
+        model, settings = parts.model, args.experts.of(expert)
+        # A sharded replica is rank 0 of a rank group: the engine plans on it, every rank runs each forward.
+        self.ranks = (
+            RankGroup(args, expert, transformer, name=serve.get_replica_context().replica_id.to_full_id_str())
+            if settings.parallel.degree.is_sharded
+            else None
+        )
+        forward = None
+        if self.ranks is not None:
+            transformer = self.ranks.transformer
+            forward = self.ranks.forward(ShardedForward(self.ranks.group, transformer, expert))
         self.engine = DenoiseEngine(
-            parts.transformer if expert == "high" else parts.transformer_2,
+            transformer,
             parts.scheduler,
             expert=expert,
             boundary_ratio=model.boundary_ratio,
             max_sequence_length=model.max_sequence_length,
             max_num_tokens=args.engine.max_num_tokens,
             max_batch_size=args.engine.max_batch_size,
+            forward=forward,
         )
+        if settings.compile:  # after the engine made its layers batch-invariant: compile what runs
+            compile_blocks(self.engine.transformer)
+        shapes = [bucket.latent_shape(model, transformer.config.in_channels) for bucket in settings.warmup]
+        warm_up(self.engine.forward, self.engine.transformer, shapes, model.max_sequence_length)  # every rank
         self.engine.start()
         self._metrics = ReplicaReporter(self.engine).start()
 
@@ -93,6 +116,8 @@ class DenoiserDeployment:
     def check_health(self) -> None:
         if not self.engine.is_alive():
             raise RuntimeError(f"the {self.engine.expert} engine thread has stopped")
+        if self.ranks is not None:
+            self.ranks.check()
 
     def __del__(self) -> None:
         reporter = getattr(self, "_metrics", None)
@@ -101,6 +126,9 @@ class DenoiserDeployment:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(timeout=5)
+        ranks = getattr(self, "ranks", None)
+        if ranks is not None:
+            ranks.close()
 
 
 def _engine_deadline(deadline: datetime | None, clock: Callable[[], float]) -> float | None:

@@ -8,11 +8,29 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from pipeline.spec import RESOLUTION_PRESETS, SizeEnvelope
+from pipeline.spec import RESOLUTION_PRESETS, ModelSpec, RequestSpec, SizeEnvelope
 from serve.http.deps import CallerDep, StateDep
 from serve.jobs.request import SERVED_MODEL
+from serve.sharding import DEPLOYMENT_NAMES, Expert, ShapeRules
 
 router = APIRouter(tags=["models"])
+DEFAULT_SECONDS = 5.0  # the API's default duration (81 frames at 16 fps)
+
+
+class ExpertParallel(BaseModel):
+    """How one expert deployment splits each forward, and which sizes that lets it run."""
+
+    deployment: str = Field(description="The Serve deployment: `HighNoiseDenoiser` or `LowNoiseDenoiser`.")
+    ulysses: int = Field(description="Ranks sharing each row's video tokens (1: not sequence-parallel).")
+    cfg: int = Field(description="2: cond and uncond rows run on different halves of the group.")
+    gpus_per_replica: int = Field(description="Ranks (one GPU each on CUDA) of one replica: ulysses x cfg.")
+    token_multiple: int = Field(
+        description="A clip's video tokens (latent frames x height/16 x width/16) must be a multiple of "
+        "this; other sizes are refused with `size_not_shardable`."
+    )
+    accepted_sizes: list[str] = Field(
+        description=f"The preset sizes (`WxH`, either aspect) accepted for a {DEFAULT_SECONDS:g} s clip."
+    )
 
 
 class ServedModel(BaseModel):
@@ -24,6 +42,9 @@ class ServedModel(BaseModel):
     envelope: SizeEnvelope = Field(description="The sizes this deployment serves.")
     default_steps: int
     fps: int
+    experts: dict[str, ExpertParallel] = Field(
+        description="`high` / `low` -> the expert deployment's parallel degree and the sizes it accepts."
+    )
 
 
 class ModelList(BaseModel):
@@ -40,8 +61,22 @@ async def list_models(state: StateDep, _caller: CallerDep) -> ModelList:
         envelope=state.args.envelope,
         default_steps=state.model.num_steps,
         fps=state.model.fps,
+        experts={expert: expert_parallel(state.shapes, expert, state.model) for expert in ("high", "low")},
     )
     return ModelList(data=[served])
+
+
+def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec) -> ExpertParallel:
+    degree = shapes.degrees[expert]
+    num_frames = RequestSpec(prompt="-", duration=DEFAULT_SECONDS).num_frames(model)
+    return ExpertParallel(
+        deployment=DEPLOYMENT_NAMES[expert],
+        ulysses=degree.ulysses,
+        cfg=degree.cfg,
+        gpus_per_replica=degree.world_size,
+        token_multiple=degree.ulysses,
+        accepted_sizes=shapes.accepted_sizes(expert, num_frames),
+    )
 
 
 @router.get("/", include_in_schema=False)

@@ -1,0 +1,214 @@
+"""How each expert deployment runs (`experts: {high: {parallel: {ulysses, cfg}, attention_backend, compile,
+warmup}}` in the app args): its split over GPUs and the shape rules that follow from it: which sizes a
+deployed degree accepts (admission asks
+`size_problem`; `GET /v1/models` shows `accepted_sizes`), and the placement group a sharded replica reserves.
+
+The rules themselves are pipeline.denoise.parallel's (`shape_problem`, `allowed_sizes`); this module only
+knows where the numbers come from: the degree from the config, the heads from the deployed model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.denoise.kernels import check_attention_backend
+from pipeline.denoise.parallel import (
+    DEFAULT_TIMEOUT_S,
+    ParallelDegree,
+    allowed_sizes,
+    heads_problem,
+    shape_problem,
+)
+from pipeline.spec import ModelSpec, RequestSpec
+from pipeline.weights import PRESETS
+
+logger = logging.getLogger("ray.serve")
+
+Expert = Literal["high", "low"]
+DEPLOYMENT_NAMES: dict[Expert, str] = {"high": "HighNoiseDenoiser", "low": "LowNoiseDenoiser"}
+EXPERT_FOLDERS: dict[Expert, str] = {"high": "transformer", "low": "transformer_2"}  # in a Diffusers dir
+A14B_NUM_HEADS = 40  # Wan2.2-T2V-A14B: dim 5120 = 40 heads x 128
+
+
+class ParallelSettings(BaseModel):
+    """One replica's rank group: `ulysses` x `cfg` processes (one GPU each) run every forward together."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ulysses: int = Field(
+        1,
+        ge=1,
+        description="Ranks sharing each row's video tokens (Ulysses sequence parallel). The model's heads "
+        "(40 for A14B: 1, 2, 4, 5, 8...) and every served size's token count must divide by it.",
+    )
+    cfg: Literal[1, 2] = Field(
+        1, description="2 puts the cond and the uncond rows of each forward on different halves of the group."
+    )
+    timeout_s: float = Field(
+        DEFAULT_TIMEOUT_S,
+        gt=0,
+        description="Every collective of the group gives up after this long; the replica is then replaced.",
+    )
+
+    @property
+    def degree(self) -> ParallelDegree:
+        return ParallelDegree(ulysses=self.ulysses, cfg=self.cfg)
+
+
+class WarmupBucket(BaseModel):
+    """A clip shape whose forward a replica runs once before it reports healthy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: str = Field(description="`WxH` or a preset (`480p`, `720p`), as in a video request.")
+    seconds: float = Field(5.0, description="Clip length (5 s = 81 frames at 16 fps).")
+
+    @model_validator(mode="after")
+    def _a_valid_clip(self) -> WarmupBucket:
+        self.spec()  # RequestSpec's errors name the field and the rule
+        return self
+
+    def spec(self) -> RequestSpec:
+        return RequestSpec(prompt="warm-up", resolution=self.size, duration=self.seconds)
+
+    def latent_shape(self, model: ModelSpec, channels: int) -> tuple[int, int, int, int]:
+        spec = self.spec()
+        (width, height), spatial = spec.size, model.vae_scale_spatial
+        latent_frames = (spec.num_frames(model) - 1) // model.vae_scale_temporal + 1
+        return (channels, latent_frames, height // spatial, width // spatial)
+
+
+class ExpertSettings(BaseModel):
+    """How one expert deployment (HighNoiseDenoiser or LowNoiseDenoiser) runs its transformer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    parallel: ParallelSettings = Field(
+        default_factory=ParallelSettings, description="The rank group of each replica (default 1x1: one GPU)."
+    )
+    attention_backend: str | None = Field(
+        None,
+        description="diffusers' attention backend for this expert only (`native`, `_native_cudnn`, `flash`, "
+        "`_flash_3_hub`, `sage`...); unset: diffusers' default (torch SDPA). A sharded expert needs one "
+        "that supports context parallelism.",
+    )
+    compile: bool = Field(
+        False, description="Regional torch.compile of the repeated transformer blocks (every rank)."
+    )
+    warmup: list[WarmupBucket] = Field(
+        default_factory=list,
+        description="Shapes run once (a guided forward each) before the replica reports healthy, so that "
+        "compile and kernel selection do not land on the first requests.",
+    )
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, name: str | None) -> str | None:
+        return None if name is None else check_attention_backend(name)
+
+
+class ExpertsSettings(BaseModel):
+    """Per-expert settings: the high-noise expert runs 26 of 40 steps, the low-noise one 14."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    high: ExpertSettings = Field(default_factory=ExpertSettings, description="HighNoiseDenoiser.")
+    low: ExpertSettings = Field(default_factory=ExpertSettings, description="LowNoiseDenoiser.")
+
+    def of(self, expert: Expert) -> ExpertSettings:
+        return self.high if expert == "high" else self.low
+
+
+def model_num_heads(model: str, expert: Expert, cache_dir: Path) -> int:
+    """Attention heads of one expert of the deployed model, read from its config (no weights loaded).
+
+    Presets and local Diffusers folders are read exactly; an s3:// model is read from its mirror when one
+    exists, else taken to be Wan2.2-T2V-A14B's 40 heads (the replica checks the real ones when it loads)."""
+    if model in PRESETS:
+        return int(PRESETS[model].transformer["num_attention_heads"])
+    if model.startswith("s3://"):
+        from pipeline.s3sync import S3Location, mirror_dir
+
+        folder = mirror_dir(cache_dir, S3Location.from_uri(model))
+    else:
+        folder = Path(model).expanduser()
+    config = folder / EXPERT_FOLDERS[expert] / "config.json"
+    if not config.is_file():
+        if model.startswith("s3://"):
+            return A14B_NUM_HEADS
+        raise FileNotFoundError(f"`model` {model!r} has no {EXPERT_FOLDERS[expert]}/config.json.")
+    return int(json.loads(config.read_text())["num_attention_heads"])
+
+
+def check_degrees(experts: ExpertsSettings, model: str, cache_dir: Path, sampling: ModelSpec) -> None:
+    """Refuse a degree no size could run at (heads not divisible) or a warm-up bucket it cannot split,
+    naming the expert and the rule."""
+    for expert in ("high", "low"):
+        settings = experts.of(expert)
+        degree = settings.parallel.degree
+        if degree.ulysses == 1:
+            continue
+        num_heads = model_num_heads(model, expert, cache_dir)
+        problem = heads_problem(num_heads, degree)
+        if problem is not None:
+            raise ValueError(f"`experts.{expert}.parallel.ulysses`: {problem}.")
+        for index, bucket in enumerate(settings.warmup):
+            spec = bucket.spec()
+            width, height = spec.size
+            problem = shape_problem(
+                width, height, spec.num_frames(sampling), degree, model=sampling, num_heads=num_heads
+            )
+            if problem is not None:
+                raise ValueError(f"`experts.{expert}.warmup.{index}`: {problem}.")
+
+
+class ShapeRules:
+    """Which (size, frames) each expert's deployed degree accepts; built once per Ingress replica."""
+
+    def __init__(self, experts: ExpertsSettings, model: str, sampling: ModelSpec, cache_dir: Path) -> None:
+        self.sampling = sampling
+        self.degrees: dict[Expert, ParallelDegree] = {
+            e: experts.of(e).parallel.degree for e in ("high", "low")
+        }
+        self.num_heads: dict[Expert, int] = {
+            expert: model_num_heads(model, expert, cache_dir) if degree.ulysses > 1 else 0
+            for expert, degree in self.degrees.items()
+        }
+
+    def size_problem(self, width: int, height: int, num_frames: int) -> str | None:
+        """Why a clip of this size cannot run on the deployed experts, naming the allowed sizes; or None."""
+        for expert, degree in self.degrees.items():
+            if degree.ulysses == 1:
+                continue  # CFG parallel pads rows: every size runs
+            problem = shape_problem(
+                width, height, num_frames, degree, model=self.sampling, num_heads=self.num_heads[expert]
+            )
+            if problem is not None:
+                return f"the {expert}-noise expert is sharded {degree.ulysses}x{degree.cfg}: {problem}"
+        return None
+
+    def accepted_sizes(self, expert: Expert, num_frames: int) -> list[str]:
+        """The preset sizes (`WxH`) the expert accepts at `num_frames`."""
+        sizes = allowed_sizes(
+            num_frames, self.degrees[expert], model=self.sampling, num_heads=self.num_heads[expert]
+        )
+        return [f"{width}x{height}" for width, height in sizes]
+
+
+def placement_options(settings: ParallelSettings, device: str | None) -> dict[str, Any]:
+    """The Serve options a sharded expert replica adds: a bundle per rank ({} when unsharded).
+
+    Bundle 0 holds the replica (rank 0: one GPU, Serve's default one CPU), bundles 1.. its worker actors;
+    STRICT_PACK keeps the group on one node, where NCCL runs over NVLink."""
+    if not settings.degree.is_sharded:
+        return {}
+    bundle = {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 1}
+    return {
+        "placement_group_bundles": [dict(bundle) for _ in range(settings.degree.world_size)],
+        "placement_group_strategy": "STRICT_PACK",
+    }
