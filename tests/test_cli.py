@@ -47,7 +47,7 @@ def test_generate_writes_an_upscaled_graded_mp4_with_the_requested_frames(tmp_pa
 
 def test_generate_from_a_shot_file(tmp_path: Path) -> None:
     shot = tmp_path / "shot.yaml"
-    shot.write_text("人物: 穿黑色风衣的男人\n动作: 从塔顶跃下\nstyle: slow motion\n", encoding="utf-8")
+    shot.write_text("人物: 穿黑色风衣的男人\n动作: 从塔顶跃下\n风格: slow motion\n", encoding="utf-8")
     out = tmp_path / "shot.mp4"
     result = previz(
         "generate", "--shot", str(shot), "--resolution", "64x64", "--duration", "0.25", "--steps", "2",
