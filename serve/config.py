@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -118,3 +119,14 @@ class PrevizArgs(BaseModel):
         default_factory=SafetySettings,
         description="Content policy: term lists, prompt classifier and frame-check hooks.",
     )
+
+
+# Settings a deployment may give through the environment instead of the config file: secrets, which a
+# Serve config (and the RayService that embeds it) should not hold. The environment wins.
+ENVIRONMENT_OVERRIDES = {"PREVIZ_DATABASE_URL": "database_url"}
+
+
+def with_environment(args: PrevizArgs, environ: Mapping[str, str]) -> PrevizArgs:
+    """`args` with each ENVIRONMENT_OVERRIDES variable set in `environ` taking its field's place."""
+    changes = {field: environ[name] for name, field in ENVIRONMENT_OVERRIDES.items() if environ.get(name)}
+    return PrevizArgs.model_validate({**args.model_dump(), **changes}) if changes else args

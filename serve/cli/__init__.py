@@ -8,7 +8,7 @@ import sys
 import typer
 
 from serve._compat import click_exceptions
-from serve.cli import admin, cluster, generate, videos  # noqa: F401  (each registers its commands)
+from serve.cli import admin, cluster, generate, k8s, videos  # noqa: F401  (each registers its commands)
 from serve.cli.cluster import bootstrap_default_project
 from serve.cli.common import CliError, app, console
 
