@@ -26,7 +26,8 @@ from pipeline.denoise.calibration import (
 from pipeline.denoise.denoiser import expert_step_indices
 from pipeline.denoise.forward import GuidedInput, Rows, guided_forward, predict_rows
 from pipeline.denoise.stepcache import MagnitudeCurve, RequestCache, cached_guided_forward
-from pipeline.spec import DEFAULT_FINAL_CACHE, ModelSpec, StepCacheSettings
+from pipeline.local import LocalPipeline
+from pipeline.spec import DEFAULT_FINAL_CACHE, ModelSpec, RequestSpec, StepCacheSettings
 from pipeline.text import TextEncoder
 from pipeline.weights import WanComponents, build_preset, wan_scheduler
 from tests.test_engine import Case, drive, engine_request, make_case, max_diff, planned
@@ -390,3 +391,13 @@ def test_a_cache_request_needs_a_curve_and_the_final_default_is_magcaches_settin
     with pytest.raises(ValueError, match="request 'nocurve': `cache` needs the expert's magnitude curve"):
         engine.submit(engine_request(make_case(tiny, encoder, "nocurve"), cache=CACHING))
     assert StepCacheSettings(threshold=0.06, max_skip=2, warmup_steps=10) == DEFAULT_FINAL_CACHE
+
+
+def test_one_process_generate_skips_steps_when_the_request_asks(tmp_path) -> None:
+    pipeline = LocalPipeline(build_preset("tiny"))
+    spec = RequestSpec(prompt="a crane over rooftops", resolution="96x64", duration=0.5, steps=8, seed=3)
+    plain = pipeline.generate(spec, tmp_path / "plain.mp4")
+    assert sum(denoiser.num_cached_steps for denoiser in pipeline.denoisers.values()) == 0
+    cached = pipeline.generate(spec.model_copy(update={"cache": CACHING}), tmp_path / "cached.mp4")
+    assert sum(denoiser.num_cached_steps for denoiser in pipeline.denoisers.values()) == 3 + 1
+    assert cached.path.stat().st_size > 0 and plain.request.cache is None and cached.request.cache == CACHING
