@@ -289,8 +289,12 @@ def test_requests_caching_at_different_steps_in_one_engine_equal_each_alone(
     low = {name: future.result() for name, future in futures.items()}
     for case in cases:
         name = case.request_id
-        assert max_diff(high[name].latents, high_alone[name].latents) <= MAX_ABS_DIFF, name
-        assert max_diff(low[name].latents, low_alone[name].latents) <= MAX_ABS_DIFF, name
+        diffs = [
+            max_diff(high[name].latents, high_alone[name].latents),
+            max_diff(low[name].latents, low_alone[name].latents),
+        ]
+        print(f"{name}: batched vs alone max abs diff, high {diffs[0]:.1e}, low {diffs[1]:.1e}")
+        assert max(diffs) <= MAX_ABS_DIFF, name
     mixed = [plan for plan in plans + low_plans if any(plan.skips) and not all(plan.skips)]
     assert mixed, "no forward had one member skipping while another computed"
     assert any(len(set(plan.timesteps)) > 1 for plan in plans)
