@@ -40,11 +40,13 @@ def test_a_create_with_cache_stores_it_for_the_engine_and_a_remix_keeps_it(api: 
     assert response.status_code == 201, response.text
     video = response.json()
     assert stored_cache(api, video["id"]) == (StepCacheSettings(**CACHE), StepCacheSettings(**CACHE))
+    assert video["cache"] == CACHE and api.client.get(f"/v1/videos/{video['id']}").json()["cache"] == CACHE
     remix = api.client.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "a lighthouse at night"})
     assert remix.status_code == 201, remix.text
     assert stored_cache(api, remix.json()["id"])[1] == StepCacheSettings(**CACHE)
     plain = api.client.post("/v1/videos", json={"prompt": "a lighthouse", **TINY}).json()
     assert stored_cache(api, plain["id"]) == (None, None)  # off unless asked
+    assert plain["cache"] is None
 
 
 def test_the_openai_package_form_sends_cache_as_bracketed_fields(api: LocalApi) -> None:

@@ -241,6 +241,7 @@ class Video(BaseModel):
     )
     seed: int
     steps: int
+    cache: StepCache | None = Field(None, description="Its step caching; null: every step runs.")
     num_frames: int
     upscale: str
     look: str
