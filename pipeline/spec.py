@@ -27,7 +27,7 @@ MIN_SIDE, MAX_SIDE = 32, 1920
 MIN_DURATION_S, MAX_DURATION_S = 0.25, 10.0
 MAX_STEPS = 100
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript too) holds exactly
-MAX_CACHE_THRESHOLD = 1.0  # MagCache's published runs use 0.01-0.3; past 1 every allowed step would skip
+MAX_CACHE_THRESHOLD = 1.0  # MagCache's published runs use 0.01-0.3 (an error is a sum of |1 - ratio|)
 _EXPLICIT_SIZE = re.compile(r"^([0-9]+)x([0-9]+)$")  # ASCII digits only
 
 
