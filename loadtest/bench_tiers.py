@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.denoise import DenoiseEngine, EngineRequest, initial_state
-from pipeline.denoise.calibration import calibration_curve
-from pipeline.denoise.stepcache import MagnitudeCurve
+from pipeline.denoise.calibration import WAN22_T2V_A14B_CURVE, calibration_curve
+from pipeline.denoise.denoiser import expert_step_indices
+from pipeline.denoise.stepcache import MagnitudeCurve, RequestCache
 from pipeline.spec import DEFAULT_FINAL_CACHE, RequestSpec, ResolvedRequest, StepCacheSettings, resolve
 from pipeline.text import PromptEmbeds, TextEncoder
 from pipeline.vae import VAEDecoder
@@ -125,6 +126,24 @@ def run(
     return Run(seconds, count("num_forwards"), count("num_rows"), count("num_cached_steps"), state.latents)
 
 
+def planned_skips(
+    components: WanComponents, curve: MagnitudeCurve, cache: StepCacheSettings, num_steps: int
+) -> dict[str, int]:
+    """expert -> steps a CFG request skips: the decision depends on the curve and settings only."""
+    skips = {}
+    for expert in EXPERTS:
+        indices = expert_step_indices(
+            components.scheduler, num_steps, components.model.boundary_ratio, expert
+        )
+        state = RequestCache(cache, curve.step_ratios(num_steps, use_cfg=True), max_bytes=4)
+        skips[expert] = 0
+        for index in indices:
+            decision = state.decide(index)
+            state.commit(decision, None if decision.skip else torch.zeros(1))  # a 4-byte stand-in residual
+            skips[expert] += decision.skip
+    return skips
+
+
 def psnr(frames: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     errors = [float(((a.float() - b.float()) ** 2).mean()) for a, b in zip(frames, reference, strict=True)]
     mse = statistics.fmean(errors)
@@ -167,6 +186,14 @@ def main() -> None:
             pixels = decoder.decode(done[0].latents, fps=model.fps).pixels
             frames.setdefault(tier.name, []).append(torch.from_numpy(pixels))
     print_table(args, clips, rows, runs, frames)
+    published = MagnitudeCurve.load(WAN22_T2V_A14B_CURVE)
+    for tier in rows:
+        if tier.cache is not None:
+            skips = planned_skips(components, published, tier.cache, model.num_steps)
+            print(
+                f"{tier.name}: on MagCache's published Wan2.2 T2V-A14B curve a {model.num_steps}-step "
+                f"request skips {skips['high']} high-noise + {skips['low']} low-noise steps"
+            )
 
 
 def print_table(
