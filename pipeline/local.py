@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.denoise import Denoiser, initial_state
+from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.denoiser import expert_step_indices
 from pipeline.denoise.forward import Forward
 from pipeline.denoise.parallel import (
@@ -127,11 +128,15 @@ class LocalPipeline:
             prompt, negative = self.text_encoder.encode([resolved.prompt, resolved.negative_prompt])
             report("encode", 1, 1)
         state = initial_state(resolved, model, channels=self.components.transformer.config.in_channels)
+        if resolved.cache is not None:  # calibrated on first use only: a preset measures its own curve
+            curve = calibration_curve(self.components.source, model)
+            for denoiser in self.denoisers.values():
+                denoiser.cache_curve = curve
         for expert, guidance in (("high", resolved.guidance_high), ("low", resolved.guidance_low)):
             stage = f"denoise_{expert}"
             with _timed(timings, stage):
                 state = self.denoisers[expert].run(
-                    state, prompt, negative, guidance, on_step=stage_progress(stage)
+                    state, prompt, negative, guidance, on_step=stage_progress(stage), cache=resolved.cache
                 )
         with _timed(timings, "decode"):
             frames = self.vae_decoder.decode(

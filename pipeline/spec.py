@@ -27,6 +27,7 @@ MIN_SIDE, MAX_SIDE = 32, 1920
 MIN_DURATION_S, MAX_DURATION_S = 0.25, 10.0
 MAX_STEPS = 100
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript too) holds exactly
+MAX_CACHE_THRESHOLD = 1.0  # MagCache's published runs use 0.01-0.3 (an error is a sum of |1 - ratio|)
 _EXPLICIT_SIZE = re.compile(r"^([0-9]+)x([0-9]+)$")  # ASCII digits only
 
 
@@ -91,6 +92,46 @@ class SizeEnvelope(BaseModel):
         return None
 
 
+class StepCacheSettings(BaseModel):
+    """Step caching for one request (MagCache, per request inside the engine: pipeline.denoise.stepcache).
+
+    A step is skipped (its blocks reuse the residual of the request's last computed step) while the error
+    accumulated from the model's calibrated magnitude ratios stays below `threshold`, for at most
+    `max_skip` steps in a row, never within the request's first `warmup_steps` steps and never on the
+    first step of an expert (its residual belongs to the expert that computed it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    threshold: float = Field(
+        description=f"Accumulated magnitude error allowed before a step must run (0–{MAX_CACHE_THRESHOLD:g}; "
+        "0 never skips; MagCache's Wan2.2 runs use 0.06)."
+    )
+    max_skip: int = Field(2, description=f"Most steps skipped in a row (0–{MAX_STEPS}; MagCache's K).")
+    warmup_steps: int = Field(0, description=f"The request's first steps, always computed (0–{MAX_STEPS}).")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_in_range(cls, threshold: float) -> float:
+        if not 0.0 <= threshold <= MAX_CACHE_THRESHOLD:
+            raise ValueError(
+                f"`cache.threshold` must be between 0 and {MAX_CACHE_THRESHOLD:g} but is {threshold}."
+            )
+        return threshold
+
+    @field_validator("max_skip", "warmup_steps")
+    @classmethod
+    def _steps_in_range(cls, steps: int, info) -> int:
+        if not 0 <= steps <= MAX_STEPS:
+            raise ValueError(f"`cache.{info.field_name}` must be between 0 and {MAX_STEPS} but is {steps}.")
+        return steps
+
+
+# The final tier's cache (wired into the tier recipe at merge). MagCache's setting for Wan2.2 T2V-A14B
+# (Zehong-Ma/MagCache, MagCache4Wan2.2/README.md and magcache_generate.py): threshold 0.06, K = 2,
+# retention ratio 0.4 of the 26 high-noise steps of 40, i.e. the first 10 steps always run.
+DEFAULT_FINAL_CACHE = StepCacheSettings(threshold=0.06, max_skip=2, warmup_steps=10)
+
+
 class RequestSpec(BaseModel):
     """One clip: prompt, size, length, sampling settings. Resolves to exact pixels and frames."""
 
@@ -107,6 +148,7 @@ class RequestSpec(BaseModel):
     seed: int | None = Field(None, description=f"Noise seed (0–{MAX_SEED}); random when omitted.")
     guidance_high: float | None = Field(None, description="Override the high-noise expert's CFG scale.")
     guidance_low: float | None = Field(None, description="Override the low-noise expert's CFG scale.")
+    cache: StepCacheSettings | None = Field(None, description="Step caching; None: every step runs.")
 
     @field_validator("prompt")
     @classmethod
@@ -223,6 +265,7 @@ class ResolvedRequest(BaseModel):
     seed: int
     guidance_high: float
     guidance_low: float
+    cache: StepCacheSettings | None = None  # None: every step runs (rows stored before caching have none)
 
     def latent_shape(self, model: ModelSpec, channels: int = 16) -> tuple[int, int, int, int]:
         """(channels, latent_frames, latent_height, latent_width) of this request's latents."""
@@ -254,6 +297,7 @@ def resolve(request: RequestSpec, model: ModelSpec) -> ResolvedRequest:
         seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
         guidance_high=request.guidance_high if request.guidance_high is not None else model.guidance_high,
         guidance_low=request.guidance_low if request.guidance_low is not None else model.guidance_low,
+        cache=request.cache,
     )
 
 

@@ -62,6 +62,9 @@ class PrevizMetrics:
     engine_requests: Gauge  # waiting | running requests in one engine
     engine_queue_requests: Gauge  # unfinished requests per bucket in one engine
     engine_requests_finished_total: Counter  # by outcome: finished | cancelled | failed
+    denoise_rows_total: Counter  # rows through the transformer blocks (cached steps send none)
+    denoise_cached_steps_total: Counter  # request steps served from a step cache
+    step_cache_bytes: Gauge  # held | bound: the live requests' step-cache residuals and their bound
     text_embedding_cache_hits_total: Counter
     text_embedding_cache_misses_total: Counter
     artifact_bytes_written_total: Counter
@@ -157,6 +160,22 @@ def metrics() -> PrevizMetrics:
             "previz_engine_requests_finished_total",
             "Requests an engine released, by outcome.",
             tag_keys=("expert", "outcome", *replica),
+        ),
+        denoise_rows_total=Counter(
+            "previz_denoise_rows_total",
+            "Rows (cond + uncond) the engine sent through the transformer blocks.",
+            tag_keys=("expert", *replica),
+        ),
+        denoise_cached_steps_total=Counter(
+            "previz_denoise_cached_steps_total",
+            "Request steps served from a step cache instead of the transformer blocks.",
+            tag_keys=("expert", *replica),
+        ),
+        step_cache_bytes=Gauge(
+            "previz_step_cache_bytes",
+            "Bytes of step-cache residuals the engine's live requests hold (state=held) and their bound "
+            "(state=bound, one residual per caching request).",
+            tag_keys=("expert", "state", *replica),
         ),
         text_embedding_cache_hits_total=Counter(
             "previz_text_embedding_cache_hits_total",
@@ -384,6 +403,7 @@ class ReplicaReporter:
         self._last_iterations = 0
         self._last_histogram: dict[int, int] = {}
         self._last_outcomes = {"finished": 0, "cancelled": 0, "failed": 0}
+        self._last_counts = {"rows": 0, "cached_steps": 0}  # EngineStats.num_<name> last reported
         self._queue: StaleZeroingGauge | None = None  # made on the first report (needs the expert)
         self._thread: threading.Thread | None = None
 
@@ -424,6 +444,13 @@ class ReplicaReporter:
                     total - self._last_outcomes[outcome], tags={**tags, "outcome": outcome}
                 )
                 self._last_outcomes[outcome] = total
+        for name, counter in (("rows", m.denoise_rows_total), ("cached_steps", m.denoise_cached_steps_total)):
+            total = getattr(stats, f"num_{name}")
+            if total > self._last_counts[name]:
+                counter.inc(total - self._last_counts[name], tags=tags)
+                self._last_counts[name] = total
+        m.step_cache_bytes.set(stats.num_cache_bytes, tags={**tags, "state": "held"})
+        m.step_cache_bytes.set(stats.max_cache_bytes, tags={**tags, "state": "bound"})
         m.denoise_tokens_per_iteration.set(stats.mean_num_tokens, tags=tags)
         m.denoise_iterations_per_second.set(stats.iterations_per_second, tags=tags)
         occupancy = stats.mean_num_tokens / stats.max_num_tokens if stats.max_num_tokens else 0.0

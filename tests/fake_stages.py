@@ -70,6 +70,7 @@ class FakeStages:
     hold_high: asyncio.Event | None = None  # after those reports, the high expert waits for this
     hold_decode: asyncio.Event | None = None  # the decoder waits for this before it answers
     cancelled: list[str] = field(default_factory=list)  # stages whose call the Scheduler cancelled
+    denoise_calls: list[DenoiseCall] = field(default_factory=list)  # every expert's calls, in order
 
     def handles(self) -> list[Any]:
         def method(function: Callable[..., Any], name: str) -> Method:
@@ -96,6 +97,7 @@ class FakeStages:
 
     def denoiser(self, expert: str) -> Callable[..., AsyncIterator[Any]]:
         async def denoise(call: DenoiseCall, bucket: str) -> AsyncIterator[Any]:
+            self.denoise_calls.append(call)
             self.record(expert, (call.request_id, bucket, call.state.step_index))
             if expert == "low" and self.hold_low is not None:
                 await self.hold_low.wait()

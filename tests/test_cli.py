@@ -67,6 +67,7 @@ def test_generate_from_a_shot_file(tmp_path: Path) -> None:
         (["x", "--duration", "30"], "`duration` must be between 0.25 and 10.0 seconds but is 30.0."),
         (["x", "--steps", "0"], "`steps` must be between 1 and 100 but is 0."),
         (["x", "--steps", "many"], "Invalid value for '--steps'"),
+        (["x", "--cache-threshold", "2"], "`cache.threshold` must be between 0 and 1 but is 2.0."),
         (["", "--steps", "2"], "`prompt` must not be empty"),
         (["x", "--upscale", "4k"], "`upscale` must be one of none, 720p, 1080p but is '4k'."),
         (["x", "--look", "noir"], "`look` must be one of none, film but is 'noir'."),

@@ -61,6 +61,22 @@ def test_same_bucket_jobs_share_denoiser_iterations(cluster: Cluster) -> None:
     assert max(new_batches) > 1, f"no iteration served more than one request: {dict(new_batches)}"
 
 
+def test_a_job_asking_for_step_caching_skips_steps_in_both_experts_engines(cluster: Cluster) -> None:
+    handles = {
+        expert: serve.get_deployment_handle(name, app_name="previz")
+        for expert, name in (("high", "HighNoiseDenoiser"), ("low", "LowNoiseDenoiser"))
+    }
+    before = {expert: handle.stats.remote().result()[1] for expert, handle in handles.items()}
+    cache = {"threshold": 0.03, "max_skip": 2, "warmup_steps": 1}  # tiny's curve: 3 of 6 high, 1 of 2 low
+    job_id = submit(cluster, "cached", "a crane over rooftops", seed=5, steps=8, cache=cache)
+    job = cluster.wait_for([job_id])[job_id]
+    assert job["status"] == "completed" and job["cache"] == cache, job
+    after = {expert: handle.stats.remote().result()[1] for expert, handle in handles.items()}
+    skipped = {expert: after[expert].num_cached_steps - before[expert].num_cached_steps for expert in after}
+    assert skipped == {"high": 3, "low": 1}
+    assert all(stats.num_cache_bytes == 0 for stats in after.values())  # freed once the job left
+
+
 def test_content_redirects_to_a_presigned_s3_url_that_serves_the_mp4(
     cluster: Cluster, tmp_path: Path
 ) -> None:

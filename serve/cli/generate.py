@@ -45,6 +45,10 @@ def generate(
     duration: Annotated[float, typer.Option(help="Clip length in seconds.")] = 5.0,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default 40).")] = None,
     seed: Annotated[int | None, typer.Option(help="Noise seed (random when omitted).")] = None,
+    cache_threshold: Annotated[
+        float | None,
+        typer.Option(help="Step caching (MagCache) at this threshold, e.g. 0.06; off when omitted."),
+    ] = None,
     model: Annotated[
         str, typer.Option(help="tiny | small | Diffusers folder | s3://bucket/prefix.")
     ] = "tiny",
@@ -69,7 +73,7 @@ def generate(
     from pipeline.prompt import ShotSpecError, compose_prompt, load_shot_file
     from pipeline.s3sync import parse_s3_uri
     from pipeline.safety import ContentBlocked, PromptPolicy, SafetySettings
-    from pipeline.spec import RequestSpec, describe_validation_error
+    from pipeline.spec import DEFAULT_FINAL_CACHE, RequestSpec, describe_validation_error
     from pipeline.upscale import upscale_target_size
 
     try:
@@ -83,6 +87,8 @@ def generate(
         )
         if negative_prompt is not None:
             fields["negative_prompt"] = negative_prompt
+        if cache_threshold is not None:  # the final tier's max_skip and warm-up
+            fields["cache"] = {**DEFAULT_FINAL_CACHE.model_dump(), "threshold": cache_threshold}
         request = RequestSpec(**fields)
         upscale_target_size(upscale, *request.size)
         Grader(look)

@@ -30,7 +30,7 @@ from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import PrevizArgs
 from serve.http.deps import IngressState
 from serve.http.errors import ApiError
-from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings
+from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings, StepCache
 from serve.jobs import GpuQuotaExceeded, JobRecord, JobStore, QueueFull, StoryboardRecord
 from serve.jobs.models import Priority
 from serve.jobs.request import SERVED_MODEL, FinishSettings, JobRequest, RequestSource, StoryboardPlace
@@ -180,6 +180,7 @@ def job_request(
         "duration": duration,
         "steps": settings.steps,
         "seed": settings.seed,
+        "cache": settings.cache.model_dump() if settings.cache is not None else None,
     }
     if settings.negative_prompt is not None:
         fields["negative_prompt"] = settings.negative_prompt
@@ -255,6 +256,7 @@ def remix_settings(
         aspect=spec.aspect,
         steps=spec.steps,
         seed=spec.seed,
+        cache=StepCache.model_validate(spec.cache.model_dump()) if spec.cache is not None else None,
         upscale=source.finish.upscale,
         look=source.finish.look,
         label=source.finish.label is not None or burn_label,

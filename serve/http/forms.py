@@ -61,7 +61,8 @@ async def read_fields(request: Request) -> dict[str, Any]:
 # A form sends every value as text; these create fields are numbers or booleans (JSON must send them as such).
 FORM_INTEGERS = ("steps", "seed")
 FORM_NUMBERS = ("duration",)
-FORM_OBJECTS = ("shot", "labels")
+FORM_OBJECTS = ("shot", "labels", "cache")
+FORM_CACHE_INTEGERS = ("max_skip", "warmup_steps")  # `cache[max_skip]` etc. in a form
 FORM_FREE_TEXT = ("prompt", "negative_prompt")
 FORM_BOOLEANS = {"true": True, "false": False}
 # Control characters no stored text may hold (tab, newline and carriage return are text): C0, DEL, C1.
@@ -94,6 +95,16 @@ def typed_form_fields(fields: dict[str, Any]) -> dict[str, Any]:
         value = typed.get(name)
         if isinstance(value, str) and re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", value.strip()):
             typed[name] = float(value)
+    cache = typed.get("cache")
+    if isinstance(cache, dict):
+        cache = typed["cache"] = dict(cache)
+        for name, value in cache.items():
+            if not isinstance(value, str):
+                continue
+            if name in FORM_CACHE_INTEGERS and re.fullmatch(r"-?[0-9]+", value.strip()):
+                cache[name] = int(value)
+            elif name == "threshold" and re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", value.strip()):
+                cache[name] = float(value)
     if isinstance(typed.get("label"), str) and typed["label"].strip().lower() in FORM_BOOLEANS:
         typed["label"] = FORM_BOOLEANS[typed["label"].strip().lower()]
     return typed

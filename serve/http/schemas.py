@@ -32,12 +32,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline.prompt import ShotSpec
-from pipeline.spec import MAX_DURATION_S, MAX_PROMPT_CHARS, MIN_DURATION_S
+from pipeline.spec import MAX_CACHE_THRESHOLD, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX_STEPS, MIN_DURATION_S
 from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
 from serve.jobs.request import SERVED_MODEL, Upscale
-from serve.numbers import WholeNumber, integral
+from serve.numbers import WholeNumber, integral, whole_number
 
 # lower-cased names a client may send for the served model
 SERVED_MODEL_ALIASES = frozenset(
@@ -82,6 +82,25 @@ Project = Annotated[str, StringConstraints(pattern=PROJECT_PATTERN)]
 VideoState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 
 
+CacheSteps = whole_number(ge=0, le=MAX_STEPS)
+CacheThreshold = Annotated[float, Field(strict=True, ge=0.0, le=MAX_CACHE_THRESHOLD, allow_inf_nan=False)]
+
+
+class StepCache(BaseModel):
+    """Step caching (MagCache, decided per request inside the engine): faster, at a small quality cost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: CacheThreshold = Field(
+        description="Accumulated magnitude error a step may skip under; 0 never skips, 0.06 is MagCache's "
+        "Wan2.2 setting, higher skips more."
+    )
+    max_skip: CacheSteps = Field(2, description="Most steps skipped in a row.")
+    warmup_steps: CacheSteps = Field(
+        0, description="The first steps, always computed (MagCache's default keeps 10 of 40)."
+    )
+
+
 class GenerationSettings(BaseModel):
     """How one clip is generated: the fields a video and a storyboard shot share."""
 
@@ -119,6 +138,7 @@ class GenerationSettings(BaseModel):
     seed: WholeNumber | None = Field(
         None, description="Noise seed (0 – 2**53-1); random (and reported) when omitted."
     )
+    cache: StepCache | None = Field(None, description="Step caching; omitted: every step runs.")
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
     look: Literal["none", "film"] = Field("none", description="Colour grade.")
     label: StrictBool = Field(True, description=f"Burn the {DRAFT_LABEL!r} label into the frames.")
@@ -221,6 +241,7 @@ class Video(BaseModel):
     )
     seed: int
     steps: int
+    cache: StepCache | None = Field(None, description="Its step caching; null: every step runs.")
     num_frames: int
     upscale: str
     look: str

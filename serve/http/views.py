@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from serve.http.schemas import Video, VideoError
+from serve.http.schemas import StepCache, Video, VideoError
 from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVideo, board_status
 from serve.jobs.models import JobRecord, JobStatus, StoryboardRecord, unix
 
@@ -48,6 +48,7 @@ def video_view(
         queue_position=queue_position if job.status == JobStatus.QUEUED else job.num_ahead_in_engine,
         seed=job.seed if job.seed is not None else resolved.seed,
         steps=resolved.steps,
+        cache=StepCache.model_validate(resolved.cache.model_dump()) if resolved.cache is not None else None,
         num_frames=resolved.num_frames,
         upscale=request.finish.upscale,
         look=request.finish.look,

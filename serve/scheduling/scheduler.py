@@ -291,6 +291,7 @@ class Scheduler:
                 guidance=guidance,
                 priority=job.priority,
                 deadline=job.deadline,
+                cache=resolved.cache,
             )
             stream = handle.options(stream=True).denoise.remote(call, bucket=bucket)
             try:

@@ -12,6 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
 from pipeline.denoise.kernels import compile_blocks, warm_up
 from pipeline.denoise.parallel import ShardedForward
@@ -62,6 +63,7 @@ class DenoiserDeployment:
             max_num_tokens=args.engine.max_num_tokens,
             max_batch_size=args.engine.max_batch_size,
             forward=forward,
+            cache_curve=calibration_curve(args.model, model),
         )
         if settings.compile:  # after the engine made its layers batch-invariant: compile what runs
             compile_blocks(self.engine.transformer)
@@ -93,6 +95,7 @@ class DenoiserDeployment:
             deadline=_engine_deadline(call.deadline, self.engine.clock),
             on_progress=lambda done, total: report(DenoiseProgress(done=done, total=total)),
             on_waiting=lambda num_ahead: report(DenoiseWaiting(num_ahead=num_ahead)),
+            cache=call.cache,
         )
         result = self.engine.add(request)
         try:

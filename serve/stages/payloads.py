@@ -10,6 +10,7 @@ from datetime import datetime
 import numpy as np
 import ray
 
+from pipeline.spec import StepCacheSettings
 from serve.jobs.models import Priority
 from serve.stages.transfer import PackedState
 
@@ -25,6 +26,7 @@ class DenoiseCall:
     guidance: float
     priority: Priority
     deadline: datetime | None
+    cache: StepCacheSettings | None = None  # step caching; None: every step runs
 
 
 @dataclass(frozen=True, slots=True)

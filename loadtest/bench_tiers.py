@@ -1,0 +1,239 @@
+"""Quality tiers side by side: per clip, wall time, transformer forwards and rows, against `final`.
+
+    python -m loadtest.bench_tiers --preset small
+    python -m loadtest.bench_tiers --preset small --clips 3 --thresholds 0.003,0.06 --size 256x144
+
+Each tier is one row of the table (`tiers()`): `final` (the model's steps and CFG, no cache) and `final`
+with step caching (pipeline.denoise.stepcache) at each `--thresholds` value (max_skip and warm-up from
+DEFAULT_FINAL_CACHE). Every clip runs alone through a DenoiseEngine per expert (high then low), so the
+forwards and rows counted are that clip's own; the curve is the preset's own calibration (the published
+Wan2.2 ratios only fit the real weights). PSNR is of each tier's decoded frames against final's decoded
+frames of the same clip (same seed and prompt), over all clips; `inf` means identical frames.
+Printed, not asserted: a shared CPU is noisy, so wall times are the median over `--repeats` rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.denoise import DenoiseEngine, EngineRequest, initial_state
+from pipeline.denoise.calibration import WAN22_T2V_A14B_CURVE, calibration_curve
+from pipeline.denoise.denoiser import expert_step_indices
+from pipeline.denoise.stepcache import MagnitudeCurve, RequestCache
+from pipeline.spec import DEFAULT_FINAL_CACHE, RequestSpec, ResolvedRequest, StepCacheSettings, resolve
+from pipeline.text import PromptEmbeds, TextEncoder
+from pipeline.vae import VAEDecoder
+from pipeline.weights import WanComponents, build_preset
+
+EXPERTS = ("high", "low")
+COUNTED = ("num_forwards", "num_rows", "num_cached_steps", "latents")  # the same in every round
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """One row of the table: how a clip is generated."""
+
+    name: str
+    cache: StepCacheSettings | None = None  # step caching; None: every step runs
+
+
+@dataclass(slots=True)
+class Clip:
+    resolved: ResolvedRequest
+    prompt: PromptEmbeds
+    negative: PromptEmbeds
+
+
+@dataclass(slots=True)
+class Run:
+    """One tier on one clip."""
+
+    seconds: float  # wall time of both experts
+    num_forwards: int  # transformer calls (both experts)
+    num_rows: int  # rows through the blocks (both experts)
+    num_cached_steps: int  # steps served from the step cache (both experts)
+    latents: torch.Tensor  # after the low expert
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--clips", type=int, default=2)
+    parser.add_argument("--size", default="160x96")
+    parser.add_argument("--duration", type=float, default=1.0, help="seconds of video: 1 -> 17 frames")
+    parser.add_argument("--thresholds", default="0.003,0.06", help="one cached final row per threshold")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; wall times are medians")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    return parser.parse_args()
+
+
+def tiers(args: argparse.Namespace) -> list[Tier]:
+    """The rows: final, then final with caching at each threshold (the draft tier joins here at merge)."""
+    cached = [
+        Tier(f"final + cache {threshold:g}", DEFAULT_FINAL_CACHE.model_copy(update={"threshold": threshold}))
+        for threshold in map(float, args.thresholds.split(","))
+    ]
+    return [Tier("final"), *cached]
+
+
+def make_clips(components: WanComponents, args: argparse.Namespace) -> list[Clip]:
+    encoder = TextEncoder(components.tokenizer, components.text_encoder, max_sequence_length=512)
+    clips = []
+    for index in range(args.clips):
+        spec = RequestSpec(
+            prompt=f"shot {index}: a slow crane up a foggy harbour at dawn",
+            resolution=args.size,
+            duration=args.duration,
+            seed=2000 + index,
+        )
+        resolved = resolve(spec, components.model)
+        prompt, negative = encoder.encode([resolved.prompt, resolved.negative_prompt])
+        clips.append(Clip(resolved, prompt, negative))
+    return clips
+
+
+def run(
+    components: WanComponents,
+    curve: MagnitudeCurve,
+    engines: dict[str, DenoiseEngine],
+    tier: Tier,
+    clip: Clip,
+) -> Run:
+    """One clip through both engines, counting what it alone added to their stats."""
+    before = {expert: engine.stats() for expert, engine in engines.items()}
+    started = time.perf_counter()
+    state = initial_state(clip.resolved, components.model)
+    for expert in EXPERTS:
+        guidance = clip.resolved.guidance_high if expert == "high" else clip.resolved.guidance_low
+        request_id = f"{tier.name}:{clip.resolved.seed}"
+        request = EngineRequest(request_id, state, clip.prompt, clip.negative, guidance, cache=tier.cache)
+        future = engines[expert].submit(request)
+        while not future.done():
+            engines[expert].step()
+        state = future.result()
+    seconds = time.perf_counter() - started
+    after = {expert: engine.stats() for expert, engine in engines.items()}
+    count = lambda name: sum(getattr(after[e], name) - getattr(before[e], name) for e in EXPERTS)  # noqa: E731
+    return Run(seconds, count("num_forwards"), count("num_rows"), count("num_cached_steps"), state.latents)
+
+
+def planned_skips(
+    components: WanComponents, curve: MagnitudeCurve, cache: StepCacheSettings, num_steps: int
+) -> dict[str, int]:
+    """expert -> steps a CFG request skips: the decision depends on the curve and settings only."""
+    skips = {}
+    for expert in EXPERTS:
+        indices = expert_step_indices(
+            components.scheduler, num_steps, components.model.boundary_ratio, expert
+        )
+        state = RequestCache(cache, curve.step_ratios(num_steps, use_cfg=True), max_bytes=4)
+        skips[expert] = 0
+        for index in indices:
+            decision = state.decide(index)
+            state.commit(decision, None if decision.skip else torch.zeros(1))  # a 4-byte stand-in residual
+            skips[expert] += decision.skip
+    return skips
+
+
+def psnr(frames: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    errors = [float(((a.float() - b.float()) ** 2).mean()) for a, b in zip(frames, reference, strict=True)]
+    mse = statistics.fmean(errors)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    components = build_preset(args.preset)
+    model = components.model
+    curve = calibration_curve(args.preset, model)
+    engines = {
+        expert: DenoiseEngine(
+            module,
+            components.scheduler,
+            expert=expert,
+            boundary_ratio=model.boundary_ratio,
+            max_sequence_length=model.max_sequence_length,
+            cache_curve=curve,
+        )
+        for expert, module in zip(EXPERTS, (components.transformer, components.transformer_2), strict=True)
+    }
+    decoder = VAEDecoder(components.vae)
+    clips, rows = make_clips(components, args), tiers(args)
+    rounds: dict[tuple[str, int], list[Run]] = {}  # (tier, clip) -> its run in each round
+    run(components, curve, engines, rows[0], clips[0])  # warm-up, not counted
+    for _ in range(args.repeats):
+        for tier in rows:  # rounds interleave the tiers
+            for index, clip in enumerate(clips):
+                rounds.setdefault((tier.name, index), []).append(run(components, curve, engines, tier, clip))
+    runs: dict[str, list[Run]] = {}  # tier -> per clip: its first round, with the median wall time
+    frames: dict[str, list[torch.Tensor]] = {}  # tier -> per clip: decoded (frames, height, width, 3) uint8
+    for tier in rows:
+        for index in range(len(clips)):
+            done = rounds[(tier.name, index)]
+            median = statistics.median(r.seconds for r in done)
+            runs.setdefault(tier.name, []).append(Run(median, *[getattr(done[0], f) for f in COUNTED]))
+            pixels = decoder.decode(done[0].latents, fps=model.fps).pixels
+            frames.setdefault(tier.name, []).append(torch.from_numpy(pixels))
+    print_table(args, clips, rows, runs, frames)
+    published = MagnitudeCurve.load(WAN22_T2V_A14B_CURVE)
+    for tier in rows:
+        if tier.cache is not None:
+            skips = planned_skips(components, published, tier.cache, model.num_steps)
+            print(
+                f"{tier.name}: on MagCache's published Wan2.2 T2V-A14B curve a {model.num_steps}-step "
+                f"request skips {skips['high']} high-noise + {skips['low']} low-noise steps"
+            )
+
+
+def print_table(
+    args: argparse.Namespace,
+    clips: list[Clip],
+    rows: list[Tier],
+    runs: dict[str, list[Run]],
+    frames: dict[str, list[torch.Tensor]],
+) -> None:
+    clip = clips[0].resolved
+    print(
+        f"preset {args.preset}, {len(clips)} clips of {clip.width}x{clip.height}, {clip.num_frames} frames, "
+        f"{clip.steps} steps, CFG {clip.guidance_high:g}/{clip.guidance_low:g}; per clip, median of "
+        f"{args.repeats} rounds; torch threads {torch.get_num_threads()}"
+    )
+    print(f"command: python -m loadtest.bench_tiers {' '.join(sys.argv[1:])}".rstrip())
+    header = ("tier", "wall s", "x final", "forwards", "x final", "rows", "x final", "skipped", "PSNR dB")
+    print(" | ".join(f"{h:>8}" if i else f"{h:<22}" for i, h in enumerate(header)))
+    final = runs[rows[0].name]
+    base_wall = statistics.fmean(r.seconds for r in final)
+    base_forwards = statistics.fmean(r.num_forwards for r in final)
+    base_rows = statistics.fmean(r.num_rows for r in final)
+    reference = frames[rows[0].name]
+    for tier in rows:
+        done = runs[tier.name]
+        wall = statistics.fmean(r.seconds for r in done)
+        forwards = statistics.fmean(r.num_forwards for r in done)
+        num_rows = statistics.fmean(r.num_rows for r in done)
+        cells = (
+            f"{wall:.2f}",
+            f"{wall / base_wall:.2f}",
+            f"{forwards:.1f}",
+            f"{forwards / base_forwards:.2f}",
+            f"{num_rows:.1f}",
+            f"{num_rows / base_rows:.2f}",
+            f"{statistics.fmean(r.num_cached_steps for r in done):.1f}",
+            f"{psnr(frames[tier.name], reference):.1f}",
+        )
+        print(" | ".join([f"{tier.name:<22}", *(f"{cell:>8}" for cell in cells)]))
+
+
+if __name__ == "__main__":
+    main()
