@@ -70,6 +70,11 @@ class PrevizArgs(BaseModel):
         description="Clip sizes served (min/max pixels a frame, max frames); shown in GET /v1/models.",
     )
     sr_weights: Path | None = Field(None, description="Real-ESRGAN-family weights for the Upscaler.")
+    interpolation_weights: Path | None = Field(
+        None,
+        description="A RIFE-family frame-interpolation network (`torch.export` .pt2) for the Finisher's fps "
+        "conform; unset: OpenCV DIS optical flow.",
+    )
     database_url: str = Field(
         "sqlite:///previz-data/jobs.db",
         description="Job store: SQLite file (default) or postgresql+psycopg://...",

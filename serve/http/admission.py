@@ -108,7 +108,12 @@ async def admit(
             state.callbacks, draft.callback_url, "callback_url" if board else f"{draft.prefix}callback_url"
         )
         request = job_request(
-            draft, state.model, body_sha256 if board is None else None, state.args.envelope, state.shapes
+            draft,
+            state.model,
+            body_sha256 if board is None else None,
+            state.args.envelope,
+            state.shapes,
+            default_fps=settings.default_fps,
         )
         await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
         requests.append(request)
@@ -159,9 +164,12 @@ def job_request(
     body_sha256: str | None,
     envelope: SizeEnvelope,
     shapes: ShapeRules | None = None,
+    *,
+    default_fps: int | None = None,
 ) -> JobRequest:
     """The typed stored request of one draft; an ApiError (400) names the field at fault. `shapes`: the
-    sizes the deployed experts' rank groups accept (None: every size the envelope allows)."""
+    sizes the deployed experts' rank groups accept (None: every size the envelope allows); `default_fps`:
+    the project's rate for a draft that names none (None: the model's)."""
     settings, prefix = draft.settings, draft.prefix
     if settings.seconds is not None and settings.duration is not None:
         raise ApiError(400, "invalid_value", "give `seconds` or `duration`, not both", f"{prefix}seconds")
@@ -199,7 +207,10 @@ def job_request(
         spec,
         model,
         finish=FinishSettings(
-            upscale=settings.upscale, look=settings.look, label=DRAFT_LABEL if settings.label else None
+            upscale=settings.upscale,
+            look=settings.look,
+            label=DRAFT_LABEL if settings.label else None,
+            fps=settings.fps or default_fps or model.fps,
         ),
         source=RequestSource(prompt=settings.prompt, shot=settings.shot),
         callback_url=draft.callback_url,
@@ -258,6 +269,7 @@ def remix_settings(
         upscale=source.finish.upscale,
         look=source.finish.look,
         label=source.finish.label is not None or burn_label,
+        fps=source.finish.fps,
     )
 
 

@@ -36,7 +36,7 @@ from pipeline.spec import MAX_DURATION_S, MAX_PROMPT_CHARS, MIN_DURATION_S
 from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
-from serve.jobs.request import SERVED_MODEL, Upscale
+from serve.jobs.request import SERVED_MODEL, FrameRate, Upscale
 from serve.numbers import WholeNumber, integral
 
 # lower-cased names a client may send for the served model
@@ -122,6 +122,11 @@ class GenerationSettings(BaseModel):
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
     look: Literal["none", "film"] = Field("none", description="Colour grade.")
     label: StrictBool = Field(True, description=f"Burn the {DRAFT_LABEL!r} label into the frames.")
+    fps: FrameRate | None = Field(
+        None,
+        description="Delivered frame rate: 16 (the model's), or 24 / 25 conformed by motion interpolation "
+        "after SR; default: the project's `default_fps`, else 16.",
+    )
 
     @field_validator("seconds")
     @classmethod
@@ -221,7 +226,8 @@ class Video(BaseModel):
     )
     seed: int
     steps: int
-    num_frames: int
+    num_frames: int = Field(description="Frames of the delivered clip (at `fps`).")
+    fps: int = Field(description="Frame rate of the delivered clip.")
     upscale: str
     look: str
     labels: dict[str, LabelValue]

@@ -31,6 +31,7 @@ from serve.http.schemas import (
     VideoState,
 )
 from serve.jobs.models import Priority
+from serve.jobs.request import FrameRate
 from serve.numbers import WholeNumber
 
 MAX_SHOTS = 100
@@ -138,6 +139,11 @@ class StoryboardCreate(BaseModel):
         default_factory=dict, max_length=MAX_LABELS, description="Labels of every video (shots add theirs)."
     )
     callback_url: AnyHttpUrl | None = Field(None, description="Recorded with every video of the board.")
+    fps: FrameRate | None = Field(
+        None,
+        description="Frame rate of every shot that names none (and of the cut); default: the project's "
+        "`default_fps`, else 16.",
+    )
 
     @property
     def num_videos(self) -> int:
@@ -176,6 +182,8 @@ def expand(board: StoryboardCreate) -> list[PlannedVideo]:
                 update["shot"] = ShotSpec.model_validate({**base_shot, **shot_fields})
             if "look" in grid:
                 update["look"] = grid["look"]
+            if shot.fps is None and board.fps is not None:
+                update["fps"] = board.fps
             for seed in seeds:
                 settings = GenerationSettings.model_validate(
                     {**shot.model_dump(include=set(GenerationSettings.model_fields)), **update, "seed": seed}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from pipeline.interpolate import conform_frame_count
 from serve.http.schemas import Video, VideoError
 from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVideo, board_status
 from serve.jobs.models import JobRecord, JobStatus, StoryboardRecord, unix
@@ -48,7 +49,8 @@ def video_view(
         queue_position=queue_position if job.status == JobStatus.QUEUED else job.num_ahead_in_engine,
         seed=job.seed if job.seed is not None else resolved.seed,
         steps=resolved.steps,
-        num_frames=resolved.num_frames,
+        num_frames=conform_frame_count(resolved.num_frames, resolved.fps, request.finish.fps),
+        fps=request.finish.fps,
         upscale=request.finish.upscale,
         look=request.finish.look,
         labels=job.labels,

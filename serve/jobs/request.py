@@ -24,6 +24,9 @@ from serve.jobs.models import Bucket
 SERVED_MODEL = "wan2.2-t2v-a14b"  # the name the API serves the model under
 JOB_REQUEST_FORMAT = 2  # 1: the untyped dict of earlier versions (upgraded on read)
 Upscale = Literal["none", "720p", "1080p"]
+FrameRate = Literal[
+    16, 24, 25
+]  # a clip's delivered rate: Wan2.2's 16, or conformed to 24 / 25 (pipeline.interpolate)
 
 
 class FinishSettings(BaseModel):
@@ -34,6 +37,9 @@ class FinishSettings(BaseModel):
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
     look: str = Field("none", description="Colour grade (`none`, `film`).")
     label: str | None = Field(DRAFT_LABEL, description="Text burned into the frames; None: unlabelled.")
+    fps: FrameRate = Field(
+        16, description="Delivered frame rate; other than the model's, conformed after SR."
+    )
 
 
 class RequestSource(BaseModel):

@@ -338,6 +338,7 @@ class Scheduler:
                 seed=resolved.seed,
                 look=finish.look,
                 label=finish.label,
+                fps=finish.fps,
                 metadata={
                     "title": resolved.prompt[:200],
                     "previz_job": job.id,

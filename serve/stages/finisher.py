@@ -1,4 +1,5 @@
-"""The Finisher deployment: grade, frame check, label, mp4 encode and store the clip with its poster."""
+"""The Finisher deployment: conform the frame rate, grade, frame check, label, mp4 encode and store the
+clip with its poster."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from ray import serve
 
 from pipeline.frames import Frames
 from pipeline.grade import Grader
+from pipeline.interpolate import FlowInterpolator, Interpolator, ModelInterpolator, conform
 from pipeline.safety import ContentBlocked, FrameCheck
 from pipeline.video import VideoWriter, poster_frame_jpeg
+from pipeline.weights import pick_device
 from serve.config import PrevizArgs
 from serve.metrics import record_artifact_write, record_safety_block
 from serve.stages.common import STAGE_OPTIONS
@@ -29,13 +32,15 @@ def default_options(args: PrevizArgs) -> dict[str, Any]:
 
 @serve.deployment(name="Finisher", max_ongoing_requests=8, **STAGE_OPTIONS)
 class FinisherDeployment:
-    """Grade, check the frames against the content policy, mark as an AI-generated draft, encode the mp4
-    and store it with a poster frame. A blocked clip raises ContentBlocked and nothing is stored."""
+    """Conform to the requested frame rate, grade, check the frames against the content policy, mark as an
+    AI-generated draft, encode the mp4 and store it with a poster frame. A blocked clip raises
+    ContentBlocked and nothing is stored."""
 
     def __init__(self, args: PrevizArgs) -> None:
         self.store = make_store(args.storage)
         self._backend = args.storage.kind
         self.frame_check = FrameCheck.from_settings(args.safety)
+        self.interpolator = make_interpolator(args)
 
     async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         pixels = await frames.ref[0]
@@ -43,7 +48,9 @@ class FinisherDeployment:
 
     def _finish(self, frames: Frames, call: FinishCall) -> FinishedClip:
         started = time.perf_counter()
-        graded = Grader(call.look).grade(frames, seed=call.seed)
+        # conformed before grading: the film look's grain is drawn per delivered frame, never interpolated
+        conformed = conform(frames, call.fps, self.interpolator)
+        graded = Grader(call.look).grade(conformed, seed=call.seed)
         verdict = self.frame_check.check(graded.pixels) if self.frame_check is not None else None
         if verdict is not None:
             record_safety_block("frames", verdict.category)
@@ -77,3 +84,10 @@ class FinisherDeployment:
             raise
         record_artifact_write(self._backend, kind, stored.size_bytes, ok=True)
         return stored
+
+
+def make_interpolator(args: PrevizArgs) -> Interpolator:
+    """The RIFE-family network when `interpolation_weights` are configured, else optical flow."""
+    if args.interpolation_weights is not None:
+        return ModelInterpolator.from_file(args.interpolation_weights, device=pick_device(args.device))
+    return FlowInterpolator()

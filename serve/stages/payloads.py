@@ -75,6 +75,7 @@ class FinishCall:
     look: str
     label: str | None
     metadata: dict[str, str]
+    fps: int = 16  # delivered rate: frames at another rate are conformed to it before grading
 
 
 @dataclass(frozen=True, slots=True)

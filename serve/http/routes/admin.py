@@ -36,6 +36,7 @@ from serve.http.errors import ApiError
 from serve.jobs import JobStore
 from serve.jobs.models import unix
 from serve.jobs.projects import LastAdminKey, ProjectExists
+from serve.jobs.request import FrameRate
 from serve.numbers import whole_number
 
 
@@ -62,6 +63,7 @@ class ProjectSettingsUpdate(BaseModel):
     retention_days: whole_number(ge=1, le=3650) | None = None
     # not nullable: the label policy is on or off, it has no "unset"
     burn_label: StrictBool = Field(None, description="Burn the draft label into every clip.")  # type: ignore[assignment]
+    default_fps: FrameRate | None = Field(None, description="Frame rate when a request names none.")
 
 
 class Project(BaseModel):
