@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.safety import SafetySettings
 from pipeline.spec import ModelSpec, SizeEnvelope
+from serve.luts import LutSource
 from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
 
@@ -123,6 +124,11 @@ class PrevizArgs(BaseModel):
     safety: SafetySettings = Field(
         default_factory=SafetySettings,
         description="Content policy: term lists, prompt classifier and frame-check hooks.",
+    )
+    luts: list[LutSource] = Field(
+        default_factory=list,
+        description="LUT looks registered for projects when the Ingress starts (path or s3:// each); "
+        "admins also upload them through /v1/admin/projects/{name}/luts.",
     )
 
 

@@ -50,3 +50,65 @@ def test_a_storyboard_fps_applies_to_shots_that_name_none(api: LocalApi) -> None
     created = api.client.post("/v1/storyboards", json=board).json()
     rates = [api.client.get(shot["videos"][0]["url"]).json()["fps"] for shot in created["shots"]]
     assert rates == [24, 25]
+
+
+def warm_cube() -> str:
+    """A 3³ .cube with a visible warm cast, red changing fastest."""
+    rows = []
+    for b in (0.0, 0.5, 1.0):
+        for g in (0.0, 0.5, 1.0):
+            for r in (0.0, 0.5, 1.0):
+                rows.append(f"{min(1.0, r * 0.9 + 0.1):.4f} {g:.4f} {b * 0.8:.4f}")
+    return 'TITLE "warm"\nLUT_3D_SIZE 3\n' + "\n".join(rows) + "\n"
+
+
+def test_an_admin_registers_a_lut_and_a_video_uses_it_by_name(api: LocalApi) -> None:
+    put = api.client.put("/v1/admin/projects/default/luts/warm", json={"cube": warm_cube()})
+    assert put.status_code == 201, put.text
+    assert (put.json()["size"], put.json()["interpolation"]) == (3, "tetrahedral")
+    video = api.client.post("/v1/videos", json={"prompt": "a door", **TINY, "look": "warm"}).json()
+    assert video["look"] == "warm"
+    lut = api.store.get(video["id"]).request.finish.lut
+    assert lut is not None and api.state.artifacts.read_bytes(lut.key).decode() == warm_cube()
+    listed = api.client.get("/v1/admin/projects/default/luts").json()["data"]
+    assert [item["name"] for item in listed] == ["warm"]
+    replaced = api.client.put(
+        "/v1/admin/projects/default/luts/warm", json={"cube": warm_cube(), "interpolation": "trilinear"}
+    )
+    assert replaced.status_code == 200 and replaced.json()["interpolation"] == "trilinear"
+
+
+def test_a_malformed_lut_is_refused_at_upload_naming_its_line(api: LocalApi) -> None:
+    lines = warm_cube().splitlines()
+    lines[4] = "0.1 0.2"
+    answer = api.client.put("/v1/admin/projects/default/luts/warm", json={"cube": "\n".join(lines)})
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_lut", "cube")
+    assert "line 5: expected a table row of three numbers" in error["message"]
+    assert api.store.get_lut("default", "warm") is None
+    reserved = api.client.put("/v1/admin/projects/default/luts/film", json={"cube": warm_cube()})
+    assert reserved.json()["error"]["code"] == "reserved_look_name"
+
+
+def test_an_unknown_look_is_a_400_at_create_with_nothing_stored(api: LocalApi) -> None:
+    answer = api.client.post("/v1/videos", json={"prompt": "a door", **TINY, "look": "noir"})
+    assert answer.status_code == 400
+    assert (answer.json()["error"]["code"], answer.json()["error"]["param"]) == ("unknown_look", "look")
+    board = {"shots": [{"prompt": "a door", **TINY}], "variants": {"grid": {"look": ["none", "noir"]}}}
+    refused = api.client.post("/v1/storyboards", json=board)
+    assert refused.json()["error"]["code"] == "unknown_look"
+    assert api.store.list(project="default") == []
+
+
+def test_a_project_cannot_use_or_see_another_projects_lut(api: LocalApi) -> None:
+    assert (
+        api.client.put("/v1/admin/projects/default/luts/warm", json={"cube": warm_cube()}).status_code == 201
+    )
+    other = api.client_for("other")
+    answer = other.post("/v1/videos", json={"prompt": "a door", **TINY, "look": "warm"})
+    assert answer.json()["error"]["code"] == "unknown_look"
+    other_admin = api.client_with(api.key_for("other", "admin"))
+    assert other_admin.get("/v1/admin/projects/default/luts").status_code == 404
+    assert other_admin.put("/v1/admin/projects/default/luts/x", json={"cube": warm_cube()}).status_code == 404
+    assert other_admin.get("/v1/admin/projects/other/luts").json()["data"] == []

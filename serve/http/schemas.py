@@ -36,7 +36,7 @@ from pipeline.spec import MAX_DURATION_S, MAX_PROMPT_CHARS, MIN_DURATION_S
 from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
-from serve.jobs.request import SERVED_MODEL, FrameRate, Upscale
+from serve.jobs.request import LOOK_PATTERN, SERVED_MODEL, FrameRate, Upscale
 from serve.numbers import WholeNumber, integral
 
 # lower-cased names a client may send for the served model
@@ -120,7 +120,11 @@ class GenerationSettings(BaseModel):
         None, description="Noise seed (0 – 2**53-1); random (and reported) when omitted."
     )
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
-    look: Literal["none", "film"] = Field("none", description="Colour grade.")
+    look: str = Field(
+        "none",
+        pattern=LOOK_PATTERN,
+        description="Colour grade: `none`, `film`, or the name of one of the project's .cube LUTs.",
+    )
     label: StrictBool = Field(True, description=f"Burn the {DRAFT_LABEL!r} label into the frames.")
     fps: FrameRate | None = Field(
         None,

@@ -13,6 +13,7 @@ project's jobs (one fair share) and a queue bound refuses all of them or none.
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,7 +32,7 @@ from serve.http.schemas import (
     VideoState,
 )
 from serve.jobs.models import Priority
-from serve.jobs.request import FrameRate
+from serve.jobs.request import LOOK_PATTERN, FrameRate
 from serve.numbers import WholeNumber
 
 MAX_SHOTS = 100
@@ -84,7 +85,12 @@ class VariantPlan(BaseModel):
                 "items": {"type": "string", "pattern": r"\S", "maxLength": MAX_FIELD_CHARS},
             },
             "properties": {
-                "look": {"type": "array", "minItems": 1, "maxItems": 2, "items": {"enum": ["none", "film"]}}
+                "look": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_GRID_VALUES,
+                    "items": {"type": "string", "pattern": LOOK_PATTERN},
+                }
             },
         },
         description="Shot fields (or `look`) to vary, each over a few values: every combination is a "
@@ -107,8 +113,11 @@ class VariantPlan(BaseModel):
                     f"`grid.{field}` must list 1 to {MAX_GRID_VALUES} non-empty values "
                     f"(each ≤ {MAX_FIELD_CHARS} characters)."
                 )
-        if "look" in self.grid and set(self.grid["look"]) - {"none", "film"}:
-            raise ValueError(f"`grid.look` values must be 'none' or 'film' but are {self.grid['look']}.")
+        if "look" in self.grid and not all(re.match(LOOK_PATTERN, look) for look in self.grid["look"]):
+            raise ValueError(
+                f"`grid.look` values must be look names (none, film or a project's LUT) but are "
+                f"{self.grid['look']}."
+            )
         return self
 
     @property

@@ -154,6 +154,21 @@ projects = Table(
     Column("webhook_secret", String(128), nullable=False),  # HMAC-SHA256 key of this project's webhooks
 )
 
+luts = Table(
+    "luts",
+    metadata,
+    # A project's named .cube looks; the file lives in the artifact store under `key` (its sha256 in the
+    # name, so a job keeps the version it was admitted with when the name is re-registered).
+    Column("project", String(64), ForeignKey("projects.name", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("key", Text, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", Integer, nullable=False),  # LUT_3D_SIZE
+    Column("interpolation", String(16), nullable=False),  # tetrahedral | trilinear
+    Column("created_at", UTCDateTime, nullable=False),
+    CheckConstraint("interpolation IN ('tetrahedral', 'trilinear')", name="ck_luts_interpolation"),
+)
+
 # A database of an earlier version checks `role IN ('member', 'admin')`: create_schema replaces it.
 ROLE_CHECK = "role IN ('member', 'admin', 'studio_admin')"
 

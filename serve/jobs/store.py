@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from serve.auth import gpu_seconds, seconds_to_utc_midnight
+from serve.jobs.luts import LutStoreMixin
 from serve.jobs.models import (
     PRIORITIES,
     PROGRESS_BANDS,
@@ -62,7 +63,7 @@ MAX_RETRY_AFTER_S = 600
 MAX_PAGE = 1000  # most rows one list()/queued()/events() call returns
 
 
-class JobStore(ProjectStoreMixin):
+class JobStore(ProjectStoreMixin, LutStoreMixin):
     """All reads and state changes of jobs. Thread-safe and multi-process-safe; holds only an engine."""
 
     def __init__(self, url: str = DEFAULT_URL, *, busy_timeout_s: float = 30.0) -> None:

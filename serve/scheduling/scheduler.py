@@ -339,6 +339,7 @@ class Scheduler:
                 look=finish.look,
                 label=finish.label,
                 fps=finish.fps,
+                lut=finish.lut,
                 metadata={
                     "title": resolved.prompt[:200],
                     "previz_job": job.id,

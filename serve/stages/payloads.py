@@ -11,6 +11,7 @@ import numpy as np
 import ray
 
 from serve.jobs.models import Priority
+from serve.jobs.request import LutRef
 from serve.stages.transfer import PackedState
 
 
@@ -76,6 +77,7 @@ class FinishCall:
     label: str | None
     metadata: dict[str, str]
     fps: int = 16  # delivered rate: frames at another rate are conformed to it before grading
+    lut: LutRef | None = None  # the LUT file of a look that names one (`look` is then its name)
 
 
 @dataclass(frozen=True, slots=True)
