@@ -93,6 +93,8 @@ RULES_BEYOND_SCHEMA: dict[str, str] = {
     "unknown_look": "`look` names no LUT of the project (`none` and `film` are built in)",
     "invalid_lut": "the .cube file is malformed; the message names the line at fault",
     "reserved_look_name": "`none` and `film` are the built-in looks; a LUT needs another name",
+    "invalid_shot": "a shot index beyond the storyboard's shots",
+    "invalid_take": "a selected take that is not a video of that shot of the storyboard",
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -223,6 +223,9 @@ class StoryboardShotState(BaseModel):
     name: str | None
     prompt: str
     videos: list[StoryboardVideo]
+    selected_video_id: str | None = Field(
+        None, description="The take the editor selected (PATCH); null: the cut uses the first completed one."
+    )
 
 
 class Storyboard(BaseModel):
@@ -241,6 +244,8 @@ class Storyboard(BaseModel):
     num_videos: int
     counts: dict[str, int] = Field(description="Video status -> number of videos.")
     shots: list[StoryboardShotState]
+    order: list[int] = Field(description="Shot indices in cut order (PATCH sets it; default the board's).")
+    cut_url: str | None = Field(None, description="The last rendered cut, once there is one.")
 
 
 def board_status(states: list[str]) -> Literal["queued", "in_progress", "completed", "failed"]:

@@ -107,6 +107,9 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
                 error=video.error.model_dump() if video.error else None,
             )
         )
+    edit = record.edit or {}
+    for key, video_id in (edit.get("takes") or {}).items():
+        shots[int(key)].selected_video_id = video_id
     states = [video.status for shot in shots for video in shot.videos]
     return Storyboard(
         id=record.id,
@@ -118,4 +121,6 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
         num_videos=len(jobs),
         counts=counts,
         shots=shots,
+        order=edit.get("order") if edit.get("order") is not None else list(range(len(shots))),
+        cut_url=f"/v1/storyboards/{record.id}/cut" if record.cut is not None else None,
     )

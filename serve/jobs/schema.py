@@ -140,8 +140,15 @@ storyboards = Table(
     Column("num_jobs", Integer, nullable=False),
     Column("idempotency_key", String(255)),
     Column("created_at", UTCDateTime, nullable=False),
+    # The editor's choices: {"order": [shot index, ...] | null, "takes": {"<shot index>": video id}}.
+    Column("edit", JSONDoc),
+    # The last cut rendered from them (serve.editorial.cut.CutRecord as JSON): its mp4, clips and rate.
+    Column("cut", JSONDoc),
     UniqueConstraint("project", "idempotency_key", name="uq_storyboards_project_idempotency_key"),
 )
+
+# Nullable columns added to `storyboards` after its first release (added by create_schema like the jobs').
+ADDED_STORYBOARD_COLUMNS: tuple[str, ...] = ("edit", "cut")
 
 projects = Table(
     "projects",
