@@ -326,3 +326,28 @@ def test_a_store_of_an_earlier_version_gains_the_storyboard_edit_and_cut_columns
     updated = store.update_storyboard("sb_old", edit={"order": [0], "takes": {}})
     assert updated.edit == {"order": [0], "takes": {}} and updated.cut is None
     store.close()
+
+
+def test_the_admin_cli_registers_lists_and_removes_a_lut_and_sets_the_default_fps(
+    api: LocalApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, bad = tmp_path / "warm.cube", tmp_path / "bad.cube"
+    good.write_text(warm_cube())
+    bad.write_text(warm_cube().replace("LUT_3D_SIZE 3", "LUT_3D_SIZE 4"))
+    with http_server() as url:
+        monkeypatch.setenv("PREVIZ_SERVER", url)
+        monkeypatch.setenv("PREVIZ_API_KEY", api.admin_key)
+        code, out, err = previz(["admin", "lut", "add", "default", "warm", str(good)], monkeypatch, capsys)
+        assert code == 0 and "look warm of default: 3³, tetrahedral" in out, err
+        code, out, err = previz(["admin", "lut", "add", "default", "bad", str(bad)], monkeypatch, capsys)
+        assert (
+            code == 2 and "invalid_lut (cube)" in err and "line 2: LUT_3D_SIZE 4 needs 64 table rows" in err
+        )
+        code, out, err = previz(["admin", "lut", "list", "default"], monkeypatch, capsys)
+        assert code == 0 and "warm" in out and "bad" not in out, err
+        code, out, err = previz(["admin", "lut", "remove", "default", "warm"], monkeypatch, capsys)
+        assert code == 0 and api.store.get_lut("default", "warm") is None, err
+        code, out, err = previz(
+            ["admin", "project", "update", "default", "--default-fps", "24"], monkeypatch, capsys
+        )
+        assert code == 0 and api.store.get_project("default").settings.default_fps == 24, err

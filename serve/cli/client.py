@@ -138,6 +138,18 @@ class PrevizClient:
         body = {"role": role, "name": name}
         return self._json(self.http.post(f"/v1/admin/projects/{project}/keys", json=body))
 
+    def put_lut(
+        self, project: str, name: str, cube: str, interpolation: str = "tetrahedral"
+    ) -> dict[str, Any]:
+        body = {"cube": cube, "interpolation": interpolation}
+        return self._json(self.http.put(f"/v1/admin/projects/{project}/luts/{name}", json=body))
+
+    def list_luts(self, project: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/admin/projects/{project}/luts"))
+
+    def delete_lut(self, project: str, name: str) -> dict[str, Any]:
+        return self._json(self.http.delete(f"/v1/admin/projects/{project}/luts/{name}"))
+
     def list_keys(self, project: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/v1/admin/projects/{project}/keys"))
 
