@@ -33,6 +33,7 @@ from pipeline.denoise.parallel import (
 )
 from pipeline.frames import Frames
 from pipeline.grade import Grader
+from pipeline.interpolate import CONFORM_RATES, conform
 from pipeline.spec import RequestSpec, ResolvedRequest, resolve
 from pipeline.text import TextEncoder
 from pipeline.upscale import Upscaler, resize_frames, upscale_target_size
@@ -40,7 +41,7 @@ from pipeline.vae import VAEDecoder
 from pipeline.video import DRAFT_LABEL, VideoWriter
 from pipeline.weights import PRESETS, WanComponents, load_components
 
-STAGES = ("encode", "denoise_high", "denoise_low", "decode", "upscale", "grade", "encode_video")
+STAGES = ("encode", "denoise_high", "denoise_low", "decode", "upscale", "conform", "grade", "encode_video")
 
 # (stage, units done, units total) -> None; units are steps, latent frames or frames per stage.
 ProgressCallback = Callable[[str, int, int], None]
@@ -53,6 +54,7 @@ class FinishOptions:
     upscale: str = "none"  # none | 720p | 1080p
     look: str = "none"  # none | film
     label: str | None = DRAFT_LABEL  # burned-in text; None leaves frames unmarked (metadata still marks)
+    fps: int | None = None  # delivered rate (16, 24, 25): conformed after upscaling; None keeps the model's
 
 
 @dataclass(slots=True)
@@ -113,6 +115,8 @@ class LocalPipeline:
         if problem is not None:
             raise ValueError(problem)
         finish = finish or FinishOptions()
+        if finish.fps is not None and finish.fps not in CONFORM_RATES:
+            raise ValueError(f"`fps` must be one of 16, 24, 25 but is {finish.fps}.")
         grader = Grader(finish.look)
         target_size = upscale_target_size(finish.upscale, *request.size)
         writer = VideoWriter(label=finish.label)
@@ -144,6 +148,9 @@ class LocalPipeline:
             )
         with _timed(timings, "upscale"):
             frames = self._upscale(frames, target_size, stage_progress("upscale"))
+        with _timed(timings, "conform"):
+            frames = conform(frames, finish.fps or frames.fps)
+            report("conform", 1, 1)
         with _timed(timings, "grade"):
             frames = grader.grade(frames, seed=resolved.seed)
         with _timed(timings, "encode_video"):

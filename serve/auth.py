@@ -67,6 +67,11 @@ class ProjectSettings(BaseModel):
         description="Burn 'AI-generated draft' into every clip; while true, `label: false` is refused "
         "(400 `label_required`).",
     )
+    default_fps: Literal[16, 24, 25] | None = Field(
+        None,
+        description="Frame rate of the project's clips when a request names none (the edit's rate, e.g. "
+        "24); unset: 16, the model's own.",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.safety import SafetySettings
 from pipeline.spec import ModelSpec, SizeEnvelope
+from serve.luts import LutSource
 from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
 
@@ -70,6 +71,11 @@ class PrevizArgs(BaseModel):
         description="Clip sizes served (min/max pixels a frame, max frames); shown in GET /v1/models.",
     )
     sr_weights: Path | None = Field(None, description="Real-ESRGAN-family weights for the Upscaler.")
+    interpolation_weights: Path | None = Field(
+        None,
+        description="A RIFE-family frame-interpolation network (`torch.export` .pt2) for the Finisher's fps "
+        "conform; unset: OpenCV DIS optical flow.",
+    )
     database_url: str = Field(
         "sqlite:///previz-data/jobs.db",
         description="Job store: SQLite file (default) or postgresql+psycopg://...",
@@ -118,6 +124,11 @@ class PrevizArgs(BaseModel):
     safety: SafetySettings = Field(
         default_factory=SafetySettings,
         description="Content policy: term lists, prompt classifier and frame-check hooks.",
+    )
+    luts: list[LutSource] = Field(
+        default_factory=list,
+        description="LUT looks registered for projects when the Ingress starts (path or s3:// each); "
+        "admins also upload them through /v1/admin/projects/{name}/luts.",
     )
 
 

@@ -33,11 +33,11 @@ def test_generate_writes_an_upscaled_graded_mp4_with_the_requested_frames(tmp_pa
     out = tmp_path / "clips" / "leap.mp4"
     result = previz(
         "generate", "a man leaps from a tower", "--resolution", "96x64", "--duration", "0.5",
-        "--steps", "4", "--seed", "3", "--upscale", "720p", "--look", "film", "-o", str(out),
+        "--steps", "4", "--seed", "3", "--upscale", "720p", "--look", "film", "--fps", "24", "-o", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     info = read_video_info(out)
-    assert (info.num_frames, info.width, info.height, info.fps) == (9, 1080, 720, 16.0)
+    assert (info.num_frames, info.width, info.height, info.fps) == (14, 1080, 720, 24.0)  # 9 at 16 fps
     assert info.codec == "h264"
     assert info.metadata["comment"] == "AI-generated draft"
     assert info.metadata["previz_seed"] == "3"
@@ -71,6 +71,7 @@ def test_generate_from_a_shot_file(tmp_path: Path) -> None:
         (["", "--steps", "2"], "`prompt` must not be empty"),
         (["x", "--upscale", "4k"], "`upscale` must be one of none, 720p, 1080p but is '4k'."),
         (["x", "--look", "noir"], "`look` must be one of none, film but is 'noir'."),
+        (["x", "--fps", "30"], "`--fps` must be one of 16, 24, 25 but is 30."),
         (["x", "-o", "clip.mov"], "`--output` must end in .mp4"),
         (["x", "--model", "/no/such/model"], "is not a folder"),
         (["x", "--model", "s3://"], "s3://bucket/prefix"),

@@ -28,6 +28,7 @@ STAGE_LABELS = {
     "denoise_low": "denoise (low-noise expert)",
     "decode": "VAE decode",
     "upscale": "upscale",
+    "conform": "frame-rate conform",
     "grade": "grade",
     "encode_video": "mp4 encode",
 }
@@ -54,6 +55,9 @@ def generate(
     ] = "tiny",
     upscale: Annotated[str, typer.Option(help="none | 720p | 1080p.")] = "none",
     look: Annotated[str, typer.Option(help="none | film.")] = "none",
+    fps: Annotated[
+        int | None, typer.Option(help="Delivered frame rate: 16, 24 or 25 (motion-interpolated from 16).")
+    ] = None,
     sr_weights: Annotated[
         Path | None, typer.Option(help="Real-ESRGAN-family weights file for upscaling.")
     ] = None,
@@ -70,6 +74,7 @@ def generate(
     """Generate one clip in this process and write it as an mp4."""
     from pipeline.denoise.parallel import ParallelDegree
     from pipeline.grade import Grader
+    from pipeline.interpolate import CONFORM_RATES
     from pipeline.prompt import ShotSpecError, compose_prompt, load_shot_file
     from pipeline.s3sync import parse_s3_uri
     from pipeline.safety import ContentBlocked, PromptPolicy, SafetySettings
@@ -92,6 +97,8 @@ def generate(
         request = RequestSpec(**fields)
         upscale_target_size(upscale, *request.size)
         Grader(look)
+        if fps is not None and fps not in CONFORM_RATES:
+            raise ValueError(f"`--fps` must be one of 16, 24, 25 but is {fps}.")
         if model.startswith("s3://"):
             parse_s3_uri(model)
         if ulysses < 1:
@@ -112,6 +119,7 @@ def generate(
         output,
         upscale=upscale,
         look=look,
+        fps=fps,
         sr_weights=sr_weights,
         label=label,
         device=device,
@@ -126,6 +134,7 @@ def _run_generate(
     *,
     upscale: str,
     look: str,
+    fps: int | None,
     sr_weights: Path | None,
     label: bool,
     device: str | None,
@@ -171,13 +180,13 @@ def _run_generate(
         except (ValueError, ShardGroupError) as error:
             raise CliError(str(error)) from None
         try:
-            result = _run_stages(pipeline, request, output, upscale=upscale, look=look, label=label)
+            result = _run_stages(pipeline, request, output, upscale=upscale, look=look, fps=fps, label=label)
         except ShardGroupError as error:
             raise CliError(str(error)) from None
     _print_result(result)
 
 
-def _run_stages(pipeline, request, output: Path, *, upscale: str, look: str, label: bool):
+def _run_stages(pipeline, request, output: Path, *, upscale: str, look: str, fps: int | None, label: bool):
     from pipeline.local import STAGES, FinishOptions
     from pipeline.video import DRAFT_LABEL
 
@@ -199,7 +208,7 @@ def _run_stages(pipeline, request, output: Path, *, upscale: str, look: str, lab
         result = pipeline.generate(
             request,
             output,
-            finish=FinishOptions(upscale=upscale, look=look, label=DRAFT_LABEL if label else None),
+            finish=FinishOptions(upscale=upscale, look=look, label=DRAFT_LABEL if label else None, fps=fps),
             progress=on_progress,
         )
         for stage in STAGES:  # stages with nothing to do (no upscale, zero low steps) still show as done

@@ -1,8 +1,8 @@
 """The one admission path: what every create (a video, a remix, a storyboard's videos) passes before its
 rows are committed, in this order, and the one place that commits them.
 
-    model -> project -> project settings -> label policy -> typed request (envelope, then the shape rules
-    of sharded experts) -> content policy -> callback
+    model -> project -> project settings -> label policy -> look (a project's LUT) -> typed request
+    (envelope, then the shape rules of sharded experts) -> content policy -> callback
     -> fingerprint -> create (quotas checked inside the transaction) -> 429 on refusal -> wake -> replay
 
 Each check raises the ApiError the client gets; nothing is written until every video of the create passed
@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pipeline.grade import LOOKS
 from pipeline.prompt import ShotSpec, compose_prompt
 from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
 from pipeline.spec import ModelSpec, RequestSpec, SizeEnvelope, describe_validation_error
@@ -33,7 +34,14 @@ from serve.http.errors import ApiError
 from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings, StepCache
 from serve.jobs import GpuQuotaExceeded, JobRecord, JobStore, QueueFull, StoryboardRecord
 from serve.jobs.models import Priority
-from serve.jobs.request import SERVED_MODEL, FinishSettings, JobRequest, RequestSource, StoryboardPlace
+from serve.jobs.request import (
+    SERVED_MODEL,
+    FinishSettings,
+    JobRequest,
+    LutRef,
+    RequestSource,
+    StoryboardPlace,
+)
 from serve.metrics import record_safety_block
 from serve.sharding import ShapeRules
 
@@ -101,6 +109,7 @@ async def admit(
     if settings is None:  # a remix has read them already
         settings = await project_settings(state.store, project)
     body_sha256 = fingerprint(body)
+    looks = await project_looks(state.store, project, drafts)
     requests = []
     for draft in drafts:
         check_label(draft.settings.label, settings, f"{draft.prefix}label")
@@ -108,7 +117,13 @@ async def admit(
             state.callbacks, draft.callback_url, "callback_url" if board else f"{draft.prefix}callback_url"
         )
         request = job_request(
-            draft, state.model, body_sha256 if board is None else None, state.args.envelope, state.shapes
+            draft,
+            state.model,
+            body_sha256 if board is None else None,
+            state.args.envelope,
+            state.shapes,
+            default_fps=settings.default_fps,
+            lut=looks.get(draft.settings.look),
         )
         await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
         requests.append(request)
@@ -159,9 +174,13 @@ def job_request(
     body_sha256: str | None,
     envelope: SizeEnvelope,
     shapes: ShapeRules | None = None,
+    *,
+    default_fps: int | None = None,
+    lut: LutRef | None = None,
 ) -> JobRequest:
     """The typed stored request of one draft; an ApiError (400) names the field at fault. `shapes`: the
-    sizes the deployed experts' rank groups accept (None: every size the envelope allows)."""
+    sizes the deployed experts' rank groups accept (None: every size the envelope allows); `default_fps`:
+    the project's rate for a draft that names none (None: the model's)."""
     settings, prefix = draft.settings, draft.prefix
     if settings.seconds is not None and settings.duration is not None:
         raise ApiError(400, "invalid_value", "give `seconds` or `duration`, not both", f"{prefix}seconds")
@@ -200,7 +219,11 @@ def job_request(
         spec,
         model,
         finish=FinishSettings(
-            upscale=settings.upscale, look=settings.look, label=DRAFT_LABEL if settings.label else None
+            upscale=settings.upscale,
+            look=settings.look,
+            label=DRAFT_LABEL if settings.label else None,
+            fps=settings.fps or default_fps or model.fps,
+            lut=lut,
         ),
         source=RequestSource(prompt=settings.prompt, shot=settings.shot),
         callback_url=draft.callback_url,
@@ -241,6 +264,27 @@ def job_request(
     return request
 
 
+async def project_looks(store: JobStore, project: str, drafts: list[VideoDraft]) -> dict[str, LutRef]:
+    """look name -> the project's LUT of that name, for every draft's look that is not built in; 400
+    `unknown_look` for a name the project has not registered (another project's LUTs do not count)."""
+    found: dict[str, LutRef] = {}
+    for draft in drafts:
+        look = draft.settings.look
+        if look in LOOKS or look in found:
+            continue
+        record = await asyncio.to_thread(store.get_lut, project, look)
+        if record is None:
+            raise ApiError(
+                400,
+                "unknown_look",
+                f"`look` must be none, film or one of project {project!r}'s LUTs "
+                f"(GET /v1/admin/projects/{project}/luts) but is {look!r}",
+                f"{draft.prefix}look",
+            )
+        found[look] = LutRef(key=record.key, sha256=record.sha256, interpolation=record.interpolation)
+    return found
+
+
 def remix_settings(
     source: JobRequest, prompt: str | None, shot: ShotSpec | None, burn_label: bool
 ) -> GenerationSettings:
@@ -260,6 +304,7 @@ def remix_settings(
         upscale=source.finish.upscale,
         look=source.finish.look,
         label=source.finish.label is not None or burn_label,
+        fps=source.finish.fps,
     )
 
 

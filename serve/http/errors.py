@@ -90,6 +90,11 @@ RULES_BEYOND_SCHEMA: dict[str, str] = {
     "invalid_cursor": "`after` names no video of this project",
     "prompt_too_long": "the shot compiled with the prompt exceeds the prompt's 4000 characters",
     "too_many_videos": "the board's shots × variants exceed the most videos one storyboard may hold",
+    "unknown_look": "`look` names no LUT of the project (`none` and `film` are built in)",
+    "invalid_lut": "the .cube file is malformed; the message names the line at fault",
+    "reserved_look_name": "`none` and `film` are the built-in looks; a LUT needs another name",
+    "invalid_shot": "a shot index beyond the storyboard's shots",
+    "invalid_take": "a selected take that is not a video of that shot of the storyboard",
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

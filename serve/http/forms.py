@@ -59,7 +59,7 @@ async def read_fields(request: Request) -> dict[str, Any]:
 
 
 # A form sends every value as text; these create fields are numbers or booleans (JSON must send them as such).
-FORM_INTEGERS = ("steps", "seed")
+FORM_INTEGERS = ("steps", "seed", "fps")
 FORM_NUMBERS = ("duration",)
 FORM_OBJECTS = ("shot", "labels", "cache")
 FORM_CACHE_INTEGERS = ("max_skip", "warmup_steps")  # `cache[max_skip]` etc. in a form

@@ -36,7 +36,7 @@ from pipeline.spec import MAX_CACHE_THRESHOLD, MAX_DURATION_S, MAX_PROMPT_CHARS,
 from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
-from serve.jobs.request import SERVED_MODEL, Upscale
+from serve.jobs.request import LOOK_PATTERN, SERVED_MODEL, FrameRate, Upscale
 from serve.numbers import WholeNumber, integral, whole_number
 
 # lower-cased names a client may send for the served model
@@ -140,8 +140,17 @@ class GenerationSettings(BaseModel):
     )
     cache: StepCache | None = Field(None, description="Step caching; omitted: every step runs.")
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
-    look: Literal["none", "film"] = Field("none", description="Colour grade.")
+    look: str = Field(
+        "none",
+        pattern=LOOK_PATTERN,
+        description="Colour grade: `none`, `film`, or the name of one of the project's .cube LUTs.",
+    )
     label: StrictBool = Field(True, description=f"Burn the {DRAFT_LABEL!r} label into the frames.")
+    fps: FrameRate | None = Field(
+        None,
+        description="Delivered frame rate: 16 (the model's), or 24 / 25 conformed by motion interpolation "
+        "after SR; default: the project's `default_fps`, else 16.",
+    )
 
     @field_validator("seconds")
     @classmethod
@@ -242,7 +251,8 @@ class Video(BaseModel):
     seed: int
     steps: int
     cache: StepCache | None = Field(None, description="Its step caching; null: every step runs.")
-    num_frames: int
+    num_frames: int = Field(description="Frames of the delivered clip (at `fps`).")
+    fps: int = Field(description="Frame rate of the delivered clip.")
     upscale: str
     look: str
     labels: dict[str, LabelValue]

@@ -13,6 +13,7 @@ project's jobs (one fair share) and a queue bound refuses all of them or none.
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from serve.http.schemas import (
     VideoState,
 )
 from serve.jobs.models import Priority
+from serve.jobs.request import LOOK_PATTERN, FrameRate
 from serve.numbers import WholeNumber
 
 MAX_SHOTS = 100
@@ -83,7 +85,12 @@ class VariantPlan(BaseModel):
                 "items": {"type": "string", "pattern": r"\S", "maxLength": MAX_FIELD_CHARS},
             },
             "properties": {
-                "look": {"type": "array", "minItems": 1, "maxItems": 2, "items": {"enum": ["none", "film"]}}
+                "look": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_GRID_VALUES,
+                    "items": {"type": "string", "pattern": LOOK_PATTERN},
+                }
             },
         },
         description="Shot fields (or `look`) to vary, each over a few values: every combination is a "
@@ -106,8 +113,11 @@ class VariantPlan(BaseModel):
                     f"`grid.{field}` must list 1 to {MAX_GRID_VALUES} non-empty values "
                     f"(each ≤ {MAX_FIELD_CHARS} characters)."
                 )
-        if "look" in self.grid and set(self.grid["look"]) - {"none", "film"}:
-            raise ValueError(f"`grid.look` values must be 'none' or 'film' but are {self.grid['look']}.")
+        if "look" in self.grid and not all(re.match(LOOK_PATTERN, look) for look in self.grid["look"]):
+            raise ValueError(
+                f"`grid.look` values must be look names (none, film or a project's LUT) but are "
+                f"{self.grid['look']}."
+            )
         return self
 
     @property
@@ -138,6 +148,11 @@ class StoryboardCreate(BaseModel):
         default_factory=dict, max_length=MAX_LABELS, description="Labels of every video (shots add theirs)."
     )
     callback_url: AnyHttpUrl | None = Field(None, description="Recorded with every video of the board.")
+    fps: FrameRate | None = Field(
+        None,
+        description="Frame rate of every shot that names none (and of the cut); default: the project's "
+        "`default_fps`, else 16.",
+    )
 
     @property
     def num_videos(self) -> int:
@@ -176,6 +191,8 @@ def expand(board: StoryboardCreate) -> list[PlannedVideo]:
                 update["shot"] = ShotSpec.model_validate({**base_shot, **shot_fields})
             if "look" in grid:
                 update["look"] = grid["look"]
+            if shot.fps is None and board.fps is not None:
+                update["fps"] = board.fps
             for seed in seeds:
                 settings = GenerationSettings.model_validate(
                     {**shot.model_dump(include=set(GenerationSettings.model_fields)), **update, "seed": seed}
@@ -206,6 +223,9 @@ class StoryboardShotState(BaseModel):
     name: str | None
     prompt: str
     videos: list[StoryboardVideo]
+    selected_video_id: str | None = Field(
+        None, description="The take the editor selected (PATCH); null: the cut uses the first completed one."
+    )
 
 
 class Storyboard(BaseModel):
@@ -224,6 +244,8 @@ class Storyboard(BaseModel):
     num_videos: int
     counts: dict[str, int] = Field(description="Video status -> number of videos.")
     shots: list[StoryboardShotState]
+    order: list[int] = Field(description="Shot indices in cut order (PATCH sets it; default the board's).")
+    cut_url: str | None = Field(None, description="The last rendered cut, once there is one.")
 
 
 def board_status(states: list[str]) -> Literal["queued", "in_progress", "completed", "failed"]:

@@ -24,6 +24,22 @@ from serve.jobs.models import Bucket
 SERVED_MODEL = "wan2.2-t2v-a14b"  # the name the API serves the model under
 JOB_REQUEST_FORMAT = 2  # 1: the untyped dict of earlier versions (upgraded on read)
 Upscale = Literal["none", "720p", "1080p"]
+FrameRate = Literal[
+    16, 24, 25
+]  # a clip's delivered rate: Wan2.2's 16, or conformed to 24 / 25 (pipeline.interpolate)
+
+
+LOOK_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # a look's name: `none`, `film` or a project's LUT
+
+
+class LutRef(BaseModel):
+    """The version of a project's LUT look a job was admitted with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str = Field(description="The .cube file in the artifact store.")
+    sha256: str = Field(description="Of the file's bytes: the Finisher checks what it reads.")
+    interpolation: Literal["tetrahedral", "trilinear"]
 
 
 class FinishSettings(BaseModel):
@@ -32,8 +48,12 @@ class FinishSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
-    look: str = Field("none", description="Colour grade (`none`, `film`).")
+    look: str = Field("none", description="Colour grade (`none`, `film`, or a project's LUT by name).")
+    lut: LutRef | None = Field(None, description="The LUT of a `look` that names one.")
     label: str | None = Field(DRAFT_LABEL, description="Text burned into the frames; None: unlabelled.")
+    fps: FrameRate = Field(
+        16, description="Delivered frame rate; other than the model's, conformed after SR."
+    )
 
 
 class RequestSource(BaseModel):

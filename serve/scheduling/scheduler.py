@@ -339,6 +339,8 @@ class Scheduler:
                 seed=resolved.seed,
                 look=finish.look,
                 label=finish.label,
+                fps=finish.fps,
+                lut=finish.lut,
                 metadata={
                     "title": resolved.prompt[:200],
                     "previz_job": job.id,

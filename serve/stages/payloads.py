@@ -12,6 +12,7 @@ import ray
 
 from pipeline.spec import StepCacheSettings
 from serve.jobs.models import Priority
+from serve.jobs.request import LutRef
 from serve.stages.transfer import PackedState
 
 
@@ -77,6 +78,8 @@ class FinishCall:
     look: str
     label: str | None
     metadata: dict[str, str]
+    fps: int = 16  # delivered rate: frames at another rate are conformed to it before grading
+    lut: LutRef | None = None  # the LUT file of a look that names one (`look` is then its name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from serve.http.deps import CallerDep, IdempotencyKey, IngressState, StateDep, p
 from serve.http.errors import BLOCKED, ApiError, invalid
 from serve.http.storyboards import MAX_STORYBOARD_VIDEOS, Storyboard, StoryboardCreate, expand
 from serve.http.views import storyboard_view
-from serve.jobs import new_storyboard_id
+from serve.jobs import JobRecord, StoryboardRecord, new_storyboard_id
 from serve.jobs.request import StoryboardPlace
 
 router = APIRouter(prefix="/v1/storyboards", tags=["storyboards"])
@@ -80,9 +80,18 @@ async def get_storyboard(storyboard_id: str, state: StateDep, caller: CallerDep)
 
 
 async def storyboard_of(storyboard_id: str, state: IngressState, caller: Caller) -> Storyboard:
+    return storyboard_view(*await board_and_jobs(storyboard_id, state, caller))
+
+
+async def board_and_jobs(
+    storyboard_id: str, state: IngressState, caller: Caller, *, with_jobs: bool = True
+) -> tuple[StoryboardRecord, list[JobRecord]]:
+    """The caller's project's board and (unless not wanted) its videos in creation order; 404 else."""
     record = await asyncio.to_thread(state.store.get_storyboard, storyboard_id)
     if record is None or record.project != caller.project:
         raise ApiError(404, "not_found", f"no storyboard with id {storyboard_id!r}", param="storyboard_id")
+    if not with_jobs:
+        return record, []
     jobs = await asyncio.to_thread(
         state.store.list,
         project=caller.project,
@@ -90,4 +99,4 @@ async def storyboard_of(storyboard_id: str, state: IngressState, caller: Caller)
         order="asc",
         limit=max(1, min(record.num_jobs, 1000)),
     )
-    return storyboard_view(record, jobs)
+    return record, jobs
