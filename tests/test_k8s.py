@@ -26,7 +26,8 @@ from tests.cli_run import previz
 from tests.servers.seaweedfs import S3Server
 
 KUBERNETES_VERSION = "1.32"  # the oldest Kubernetes the manifests are meant for (KubeRay 1.x supports it)
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "k8s-schemas"
+# the CRDs the manifests are written against, as published (k8s/crds/README.md says which versions)
+CRDS = k8s.K8S / "crds"
 CRD_FILES = {
     "RayService": "ray.io_rayservices.yaml",
     "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
