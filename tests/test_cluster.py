@@ -53,7 +53,16 @@ def test_six_jobs_from_two_projects_in_two_buckets_complete(cluster: Cluster, tm
 def test_same_bucket_jobs_share_denoiser_iterations(cluster: Cluster) -> None:
     high = serve.get_deployment_handle("HighNoiseDenoiser", app_name="previz")
     _, before = high.stats.remote().result()
-    ids = [submit(cluster, "batching", f"shot {index}", seed=100 + index, steps=8) for index in range(4)]
+    # One storyboard puts all four jobs in the store at once, so one Scheduler poll claims them together;
+    # 24 steps keep each job in the high expert long enough that a slow machine's staggered starts overlap.
+    board = cluster.client("batching").create_storyboard(
+        {
+            "shots": [{"prompt": "a rooftop chase", **SMALL, "steps": 24}],
+            "variants": {"seeds": [100, 101, 102, 103]},
+        }
+    )
+    ids = [video["video_id"] for shot in board["shots"] for video in shot["videos"]]
+    assert len(ids) == 4
     finished = cluster.wait_for(ids)
     assert all(job["status"] == "completed" for job in finished.values())
     _, after = high.stats.remote().result()
