@@ -68,21 +68,16 @@ def api_call(call, *args, **kwargs):
 
 
 def read_mapping(path: Path, what: str) -> dict:
-    import json
-
-    import yaml
+    from serve.documents import DocumentError, load_mapping
 
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise CliError(f"cannot read {what} {str(path)!r}: {error.strerror}") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as error:
-        raise CliError(f"{what} {str(path)!r} is not valid JSON/YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise CliError(f"{what} {str(path)!r} must hold a mapping, not {type(data).__name__}")
-    return data
+        return load_mapping(text, "json" if path.suffix.lower() == ".json" else "yaml")
+    except DocumentError as error:
+        raise CliError(f"{what} {str(path)!r} is {error}") from None
 
 
 def labels_of(pairs: list[str]) -> dict[str, str]:

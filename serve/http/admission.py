@@ -138,6 +138,7 @@ async def admit(
                 requests[0],
                 idempotency_key=idempotency_key,
                 labels=draft.labels,
+                storyboard_id=draft.storyboard.id if draft.storyboard is not None else None,
                 **bounds,
             )
             if not created:
@@ -306,6 +307,26 @@ def remix_settings(
         label=source.finish.label is not None or burn_label,
         fps=source.finish.fps,
     )
+
+
+async def remix_place(state: IngressState, source: JobRecord) -> StoryboardPlace | None:
+    """Where a remix of `source` sits: a new take (the next variant) of the source's shot on its board,
+    or None for a video of no board. Two remixes of one shot at the same moment may share a variant
+    number; each is still its own take of the shot."""
+    place = source.request.storyboard
+    if place is None:
+        return None
+    board = await asyncio.to_thread(state.store.get_storyboard, place.id)
+    if board is None:
+        return None
+    takes = await asyncio.to_thread(
+        state.store.list,
+        project=source.project,
+        storyboard_id=place.id,
+        limit=max(1, min(board.num_jobs, 1000)),
+    )
+    variants = [job.request.storyboard.variant for job in takes if job.request.storyboard.shot == place.shot]
+    return place.model_copy(update={"variant": max(variants, default=place.variant) + 1, "grid": {}})
 
 
 async def check_content(

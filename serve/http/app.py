@@ -14,7 +14,12 @@ a prompt the content policy refuses gets 422 `content_blocked` with the policy's
     GET    /v1/videos/{id}/webhooks     deliveries of its callback_url webhook and their attempts
     POST   /v1/storyboards              shots × variants, all created at once
     GET    /v1/storyboards/{id}         every shot's videos, states and links
+    GET    /v1/videos/{id}/links        its signed links as JSON (for a page's <video> and <img>)
+    GET    /v1/storyboards              the project's storyboards, newest first
     GET    /v1/artifacts/{key}          a signed, expiring link to a stored clip (no key needed)
+    GET    /v1/session                  the key's project and role (a page's sign-in)
+    POST   /v1/prompts/compile          the prompt a create would encode, from a prompt and/or a shot
+    GET    /studio/                     the studio web page (serve/web/, same origin, no CDN)
     ...    /v1/admin/...                projects, their quotas and keys (admin keys)
 
 One APIRouter per resource lives in serve/http/routes/; every create goes through serve/http/admission.py;
@@ -45,7 +50,19 @@ from serve.http import openapi
 from serve.http.deps import known_query_parameters
 from serve.http.errors import ERROR_RESPONSES, ApiError, error_response, invalid
 from serve.http.limits import BodyPolicy
-from serve.http.routes import admin, artifacts, editorial, health, luts, models, storyboards, videos
+from serve.http.routes import (
+    admin,
+    artifacts,
+    editorial,
+    health,
+    luts,
+    models,
+    prompts,
+    session,
+    storyboards,
+    videos,
+    web,
+)
 
 logger = logging.getLogger("ray.serve")
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
@@ -99,8 +116,9 @@ async def _internal_error(_request: Request, error: Exception) -> JSONResponse:
     return error_response(500, "internal_error", f"internal error: {type(error).__name__}")
 
 
-for module in (health, models, videos, artifacts, storyboards, editorial, admin, luts):
+for module in (health, models, session, prompts, videos, artifacts, storyboards, editorial, admin, luts, web):
     app.include_router(module.router)
+app.mount("/studio", web.StudioFiles(), name="studio")
 app.add_middleware(BodyPolicy)
 
 

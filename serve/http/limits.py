@@ -3,6 +3,9 @@
 - A body larger than MAX_BODY_BYTES is refused with 413 `request_too_large`: at once when its
   Content-Length says so (nothing is read), else as soon as the stream passes the limit (the rest is
   never read).
+- A YAML body (`application/yaml`) on a route of YAML_ROUTES is read by the one document reader
+  (serve.documents, as the CLI reads files) and passed on as JSON; YAML that is not a mapping is 400
+  `invalid_yaml`.
 - A JSON body is checked by the one text policy (serve.http.forms.check_text): a control character
   anywhere in it (a prompt, a title, a label key) is 400 `invalid_value` naming the field.
 A client that goes away mid-body is logged at INFO: it is the client's doing, not a server error.
@@ -15,6 +18,7 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.documents import YAML_MEDIA_TYPES, DocumentError, load_mapping
 from serve.http.errors import ApiError, error_response
 from serve.http.forms import check_text
 
@@ -22,6 +26,8 @@ logger = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 4 << 20  # the largest storyboard (100 shots of full fields) is under 2 MiB
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# routes that take a hand-written document as YAML too (a storyboard file dropped on the page)
+YAML_ROUTES = frozenset({("POST", "/v1/storyboards")})
 
 
 class ClientDisconnected(Exception):
@@ -52,7 +58,16 @@ class BodyPolicy:
         except ApiError as error:
             await self._refuse(scope, receive, send, error)
             return
-        if body and headers.get("content-type", "application/json").split(";")[0].strip().endswith("json"):
+        media_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if body and media_type in YAML_MEDIA_TYPES and (scope["method"], scope["path"]) in YAML_ROUTES:
+            try:
+                body = yaml_as_json(body)
+            except ApiError as error:
+                await self._refuse(scope, receive, send, error)
+                return
+            scope = {**scope, "headers": _json_headers(scope["headers"], len(body))}
+            media_type = "application/json"
+        if body and media_type.endswith("json"):
             try:
                 check_text(json.loads(body), "")
             except ApiError as error:
@@ -89,6 +104,22 @@ class BodyPolicy:
             error.status, error.code, error.message, error.param, {"Connection": "close"}
         )
         await response(scope, receive, send)
+
+
+def yaml_as_json(body: bytes) -> bytes:
+    """A YAML request document as the JSON the route reads (400 `invalid_yaml` when it is not one)."""
+    try:
+        document = load_mapping(body.decode("utf-8"), "yaml")
+    except UnicodeDecodeError as error:
+        raise ApiError(400, "invalid_yaml", f"the YAML body is not UTF-8 ({error.reason})") from None
+    except DocumentError as error:
+        raise ApiError(400, "invalid_yaml", f"the body is {error}") from None
+    return json.dumps(document, ensure_ascii=False).encode()
+
+
+def _json_headers(headers: list[tuple[bytes, bytes]], length: int) -> list[tuple[bytes, bytes]]:
+    kept = [(key, value) for key, value in headers if key.lower() not in (b"content-type", b"content-length")]
+    return [*kept, (b"content-type", b"application/json"), (b"content-length", str(length).encode())]
 
 
 def _replay(body: bytes) -> Receive:

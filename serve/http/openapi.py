@@ -7,7 +7,8 @@ is added here and checked by tests/test_api_schema.py (schemathesis' conformance
   number, `steps` 1–100, seeds 0 – 2**53-1, `model` one of the served model's names in any case;
 - the cross-field rules: a prompt or a shot, `seconds` or `duration`, `size` or `resolution`, `aspect`
   with a preset only, a shot's fields named all in English or all in Chinese, one of them not blank;
-- header and query parameters are absent or a value, never null.
+- header and query parameters are absent or a value, never null;
+- a storyboard may be sent as YAML too (`application/yaml`, the CLI's board file format).
 What no static schema can state (this deployment's size envelope, its callback policy, the project's
 label policy, the compiled prompt's length, a board's shots × variants) answers 400 with one of the codes
 of serve.http.errors.RULES_BEYOND_SCHEMA, listed on every 400 of the document.
@@ -202,6 +203,10 @@ def build(app: FastAPI, description: str | None) -> dict[str, Any]:
         components["VideoCreate"]["properties"]["model"]["pattern"] = MODEL_PATTERN
     if "StoryboardCreate" in components:
         components["StoryboardCreate"]["properties"]["model"]["pattern"] = MODEL_PATTERN
+    if "PromptCompile" in components:
+        components["PromptCompile"]["allOf"] = [PROMPT_OR_SHOT]
+    board_body = schema["paths"]["/v1/storyboards"]["post"]["requestBody"]["content"]
+    board_body["application/yaml"] = board_body["application/json"]  # serve/http/limits.py YAML_ROUTES
     shot_schema(components["ShotSpec"])
     for name in request_components(schema) | {"VideoCreate"}:
         refuse_control_characters(components[name])

@@ -276,6 +276,16 @@ class VideoList(BaseModel):
     has_more: bool
 
 
+class VideoLinks(BaseModel):
+    """Signed, expiring links to a completed video's mp4 and poster frame (no API key needed)."""
+
+    id: str
+    object: Literal["video.links"] = "video.links"
+    video: str = Field(description="The mp4: S3 presigned, or this server's `/v1/artifacts/…` link.")
+    thumbnail: str | None = Field(description="The JPEG poster frame; null when the video has none.")
+    expires_at: int = Field(description="Unix seconds after which the links are refused.")
+
+
 class VideoDeleted(BaseModel):
     """`DELETE /v1/videos/{id}`: a queued or running video is cancelled (`status: cancelled`, the record
     stays); a finished one is deleted (its clip and poster removed, the video 404 from then on)."""

@@ -257,3 +257,13 @@ def board_status(states: list[str]) -> Literal["queued", "in_progress", "complet
     if all(state == "queued" for state in states):
         return "queued"
     return "in_progress"
+
+
+class StoryboardList(BaseModel):
+    """One page of the project's storyboards, newest first; pass `last_id` as `after` for the next."""
+
+    object: Literal["list"] = "list"
+    data: list[Storyboard]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

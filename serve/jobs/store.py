@@ -151,6 +151,12 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
                     conn, project, 1, now, max_queued, max_queued_per_project, gpu_seconds_per_day
                 )
                 job = _record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
+                if storyboard_id is not None:  # a take added to a board later (a remix of one of its takes)
+                    conn.execute(
+                        update(storyboards)
+                        .where(storyboards.c.id == storyboard_id)
+                        .values(num_jobs=storyboards.c.num_jobs + 1)
+                    )
                 _log_event(conn, job.id, "created", {"priority": priority, "bucket": job.bucket}, now)
         except IntegrityError:
             # Lost a race on (project, idempotency_key): the winner's job is committed by now.
@@ -317,6 +323,18 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
                 raise
             return existing, False
         return record, True
+
+    def list_storyboards(
+        self, project: str, *, after: str | None = None, limit: int = 50
+    ) -> builtins.list[StoryboardRecord]:
+        """One page of the project's storyboards, newest first; `after`: the last id of the previous page."""
+        _check_limit(limit)
+        query = select(storyboards).where(storyboards.c.project == project)
+        if after is not None:
+            query = query.where(storyboards.c.id < after)
+        query = query.order_by(storyboards.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            return [StoryboardRecord(**row._asdict()) for row in conn.execute(query)]
 
     def get_storyboard(self, storyboard_id: str) -> StoryboardRecord | None:
         with self._read() as conn:

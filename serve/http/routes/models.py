@@ -77,8 +77,3 @@ def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec) -> Exp
         token_multiple=degree.ulysses,
         accepted_sizes=shapes.accepted_sizes(expert, num_frames),
     )
-
-
-@router.get("/", include_in_schema=False)
-async def root() -> dict[str, str]:
-    return {"service": "previz", "docs": "/docs", "openapi": "/openapi.json", "api": "/v1"}

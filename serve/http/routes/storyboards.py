@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -12,7 +13,13 @@ from serve.auth import Caller
 from serve.http.admission import BoardDraft, VideoDraft, admit, check_model
 from serve.http.deps import CallerDep, IdempotencyKey, IngressState, StateDep, project_of
 from serve.http.errors import BLOCKED, ApiError, invalid
-from serve.http.storyboards import MAX_STORYBOARD_VIDEOS, Storyboard, StoryboardCreate, expand
+from serve.http.storyboards import (
+    MAX_STORYBOARD_VIDEOS,
+    Storyboard,
+    StoryboardCreate,
+    StoryboardList,
+    expand,
+)
 from serve.http.views import storyboard_view
 from serve.jobs import JobRecord, StoryboardRecord, new_storyboard_id
 from serve.jobs.request import StoryboardPlace
@@ -71,6 +78,37 @@ async def create_storyboard(
     headers = {} if admitted.created else {"Idempotent-Replayed": "true"}
     return JSONResponse(
         view.model_dump(mode="json"), status_code=201 if admitted.created else 200, headers=headers
+    )
+
+
+@router.get("", response_model=StoryboardList, summary="List storyboards")
+async def list_storyboards(
+    state: StateDep,
+    caller: CallerDep,
+    after: Annotated[
+        str | None, Query(max_length=64, description="The last id of the previous page.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Storyboards per page.")] = 20,
+) -> StoryboardList:
+    """The project's storyboards, newest first, each with its shots' videos and states."""
+    if after is not None:
+        cursor = await asyncio.to_thread(state.store.get_storyboard, after)
+        if cursor is None or cursor.project != caller.project:
+            raise ApiError(
+                400,
+                "invalid_cursor",
+                f"`after` must be the id of one of the project's storyboards, not {after!r}",
+                "after",
+            )
+    records = await asyncio.to_thread(
+        state.store.list_storyboards, caller.project, after=after, limit=limit + 1
+    )
+    page = [await storyboard_of(record.id, state, caller) for record in records[:limit]]
+    return StoryboardList(
+        data=page,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+        has_more=len(records) > limit,
     )
 
 

@@ -4,6 +4,7 @@ its input, calls the one admission path or the store, and renders with the one v
 from __future__ import annotations
 
 import asyncio
+import time
 from functools import partial
 from typing import Annotated, Literal
 
@@ -11,8 +12,15 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from serve.http.admission import VideoDraft, admit, check_model, project_settings, remix_settings
-from serve.http.deps import CallerDep, IdempotencyKey, StateDep, job_or_404, project_of
+from serve.http.admission import (
+    VideoDraft,
+    admit,
+    check_model,
+    project_settings,
+    remix_place,
+    remix_settings,
+)
+from serve.http.deps import CallerDep, IdempotencyKey, IngressState, StateDep, job_or_404, project_of
 from serve.http.errors import BLOCKED, ApiError, invalid
 from serve.http.events import event_stream
 from serve.http.forms import read_fields
@@ -20,6 +28,7 @@ from serve.http.schemas import (
     Video,
     VideoCreate,
     VideoDeleted,
+    VideoLinks,
     VideoList,
     VideoRemix,
     VideoState,
@@ -226,20 +235,35 @@ async def get_video_content(
     ] = "video",
 ) -> Response:
     job = await job_or_404(video_id, state, caller)
+    return RedirectResponse(await signed_link(job, variant, state), status_code=307)
+
+
+@router.get("/{video_id}/links", response_model=VideoLinks, summary="Signed links to a video's files")
+async def get_video_links(video_id: str, state: StateDep, caller: CallerDep) -> VideoLinks:
+    """The links `/content` redirects to, as JSON: for a page's `<video>` and `<img>`, which cannot send
+    an API key. They expire after the deployment's `artifact_url_ttl_s`."""
+    job = await job_or_404(video_id, state, caller)
+    expires_at = int(time.time()) + state.args.artifact_url_ttl_s
+    video = await signed_link(job, "video", state)
+    thumbnail = await signed_link(job, "thumbnail", state) if job.poster_uri is not None else None
+    return VideoLinks(id=job.id, video=video, thumbnail=thumbnail, expires_at=expires_at)
+
+
+async def signed_link(job: JobRecord, variant: Literal["video", "thumbnail"], state: IngressState) -> str:
+    """A signed, expiring link to the job's mp4 or poster; 409 before it completed, 404 once gone."""
     if job.status != JobStatus.SUCCEEDED or job.artifact_uri is None:
         raise ApiError(
             409,
             "video_not_ready",
-            f"video {video_id} is {job.status.api_state}; its content exists once completed",
+            f"video {job.id} is {job.status.api_state}; its content exists once completed",
             param="video_id",
         )
     key = job.artifact_uri if variant == "video" else job.poster_uri
     if key is None:
-        raise ApiError(404, "artifact_missing", f"video {video_id} has no poster frame")
+        raise ApiError(404, "artifact_missing", f"video {job.id} has no poster frame")
     if not await asyncio.to_thread(state.artifacts.exists, key):
-        raise ApiError(404, "artifact_missing", f"the {variant} of video {video_id} is no longer stored")
-    link = await asyncio.to_thread(state.artifacts.url, key, expires_in_s=state.args.artifact_url_ttl_s)
-    return RedirectResponse(link, status_code=307)
+        raise ApiError(404, "artifact_missing", f"the {variant} of video {job.id} is no longer stored")
+    return await asyncio.to_thread(state.artifacts.url, key, expires_in_s=state.args.artifact_url_ttl_s)
 
 
 @router.post(
@@ -257,7 +281,8 @@ async def remix_video(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """A new video with the source's seed, size, length, steps and finish, and a new prompt
-    ("what if he wore a blue coat"). The source may be in any state."""
+    ("what if he wore a blue coat"). The source may be in any state. A remix of a storyboard's take is
+    a new take of the same shot on that board."""
     source = await job_or_404(video_id, state, caller)
     settings = await project_settings(state.store, source.project)
     draft = VideoDraft(
@@ -265,6 +290,7 @@ async def remix_video(
         priority=body.priority or source.priority,
         labels=body.labels if body.labels is not None else source.labels,
         callback_url=source.request.callback_url,
+        storyboard=await remix_place(state, source),
         remixed_from=source.id,
     )
     admitted = await admit(

@@ -1,0 +1,219 @@
+// Shot composer: shots as structured fields with a live preview of the prompt exactly as the server
+// compiles it (POST /v1/prompts/compile: one compile function, none in this file), common settings, and
+// takes per shot or a grid over one field. A YAML/JSON board file can be dropped instead.
+
+import { api, describe } from "./api.js";
+import { field, h, show } from "./dom.js";
+
+const SHOT_FIELDS = [
+  ["character", "人物", "Character", "a man in a black trench coat"],
+  ["action", "动作", "Action", "leaps from a tower, flips twice, lands"],
+  ["environment", "环境", "Environment", "a burning refinery at night"],
+  ["camera", "镜头", "Camera", "low-angle slow motion tracking shot"],
+  ["style", "风格", "Style", "gritty action film, anamorphic"],
+];
+const GRID_FIELDS = ["camera", "action", "character", "environment", "style", "look"];
+
+export function renderComposer(view) {
+  const shots = h("ol", { class: "shots" });
+  const formError = h("p", { class: "error", role: "alert", id: "compose-error" });
+  const common = {
+    title: h("input", { type: "text", name: "title", maxlength: 200 }),
+    negative_prompt: h("textarea", { name: "negative_prompt", rows: 2 }),
+    resolution: h("input", { type: "text", name: "resolution", list: "resolutions", placeholder: "480p", pattern: "^(480p|720p|[0-9]+x[0-9]+)$" }),
+    aspect: h("select", { name: "aspect" }, h("option", { value: "", text: "16:9 (landscape)" }), h("option", { value: "9:16", text: "9:16 (portrait)" })),
+    seconds: h("input", { type: "number", name: "seconds", min: 0.25, max: 10, step: 0.25, placeholder: "5" }),
+    steps: h("input", { type: "number", name: "steps", min: 1, max: 100, step: 1, placeholder: "40" }),
+    look: h("input", { type: "text", name: "look", list: "looks", placeholder: "none" }),
+    seed: h("input", { type: "number", name: "seed", min: 0, step: 1, placeholder: "random" }),
+    takes: h("input", { type: "number", name: "takes", min: 1, max: 16, step: 1, value: 1 }),
+    vary: h("select", { name: "vary" }, h("option", { value: "", text: "nothing" }), ...GRID_FIELDS.map((name) => h("option", { value: name, text: name }))),
+    values: h("textarea", { name: "values", rows: 3, placeholder: "one value per line" }),
+  };
+  const addShot = () => shots.append(shotEditor(shots.children.length));
+  addShot();
+  const submit = h("button", { type: "submit", text: "Create storyboard" });
+  const form = h(
+    "form",
+    {
+      class: "composer",
+      "aria-labelledby": "compose-title",
+      novalidate: true,
+      onsubmit: async (event) => {
+        event.preventDefault();
+        await send(form, formError, submit, () => ({ body: boardBody(shots, common) }));
+      },
+    },
+    h("h1", { id: "compose-title", text: "New storyboard" }),
+    field("Title", common.title, { param: "title" }),
+    h("h2", { text: "Shots" }),
+    shots,
+    h("button", { type: "button", class: "quiet", text: "Add a shot", onclick: addShot }),
+    h(
+      "fieldset",
+      {},
+      h("legend", { text: "Every shot" }),
+      h("div", { class: "grid" },
+        field("Resolution", common.resolution, { param: "resolution", hint: "480p, 720p or WxH" }),
+        field("Aspect", common.aspect, { param: "aspect" }),
+        field("Duration (s)", common.seconds, { param: "seconds" }),
+        field("Steps", common.steps, { param: "steps" }),
+        field("Look", common.look, { param: "look", hint: "none, film or a project LUT" }),
+        field("Seed", common.seed, { param: "seed" }),
+      ),
+      field("Negative prompt", common.negative_prompt, { param: "negative_prompt" }),
+    ),
+    h(
+      "fieldset",
+      {},
+      h("legend", { text: "Takes" }),
+      h("div", { class: "grid" },
+        field("Takes per shot (seeds)", common.takes, { param: "variants.seeds" }),
+        field("Also vary", common.vary, { param: "variants.grid" }),
+        field("Values to try", common.values, { param: "variants.grid.values" }),
+      ),
+    ),
+    h("datalist", { id: "resolutions" }, h("option", { value: "480p" }), h("option", { value: "720p" })),
+    h("datalist", { id: "looks" }, h("option", { value: "none" }), h("option", { value: "film" })),
+    formError,
+    submit,
+  );
+  show(view, form, dropZone(formError));
+}
+
+function shotEditor(index) {
+  const prefix = `shots.${index}`;
+  const name = h("input", { type: "text", name: "name", maxlength: 64, placeholder: `${index + 1}A` });
+  const prompt = h("textarea", { name: "prompt", rows: 2 });
+  const inputs = Object.fromEntries(SHOT_FIELDS.map(([key, , , example]) => [key, h("input", { type: "text", name: key, placeholder: example })]));
+  const preview = h("output", { class: "preview", "aria-live": "polite", text: "" });
+  const item = h(
+    "li",
+    { class: "card shot", dataset: { index } },
+    h("h3", { text: `Shot ${index + 1}` }),
+    field("Shot name", name, { param: `${prefix}.name` }),
+    h("div", { class: "grid" }, ...SHOT_FIELDS.map(([key, label, english]) => field(`${english} · ${label}`, inputs[key], { param: `${prefix}.shot.${key}` }))),
+    field("Free prompt", prompt, { param: `${prefix}.prompt` }),
+    h("p", { class: "preview-line" }, h("span", { class: "hint", text: "Prompt sent to the model: " }), preview),
+  );
+  item.shotValue = () => {
+    const shot = {};
+    for (const [key] of SHOT_FIELDS) if (inputs[key].value.trim()) shot[key] = inputs[key].value;
+    const value = {};
+    if (name.value.trim()) value.name = name.value.trim();
+    if (prompt.value.trim()) value.prompt = prompt.value;
+    if (Object.keys(shot).length) value.shot = shot;
+    return value;
+  };
+  let timer;
+  let asked = 0;
+  const refresh = () => {
+    clearTimeout(timer);
+    timer = setTimeout(async () => {
+      const { prompt: text, shot } = item.shotValue();
+      const ask = ++asked;
+      if (!text && !shot) { preview.textContent = ""; return; }
+      try {
+        const compiled = await api("/v1/prompts/compile", { method: "POST", body: { prompt: text, shot } });
+        if (ask === asked) preview.textContent = compiled.prompt;
+      } catch (error) {
+        if (ask === asked) preview.textContent = `(${describe(error)})`;
+      }
+    }, 200);
+  };
+  item.addEventListener("input", refresh);
+  return item;
+}
+
+function boardBody(shots, common) {
+  const every = {};
+  const text = (key) => common[key].value.trim();
+  if (text("negative_prompt")) every.negative_prompt = common.negative_prompt.value;
+  if (text("resolution")) every.resolution = text("resolution");
+  if (common.aspect.value) every.aspect = common.aspect.value;
+  if (text("seconds")) every.seconds = Number(text("seconds"));
+  if (text("steps")) every.steps = Number(text("steps"));
+  if (text("look")) every.look = text("look");
+  if (text("seed")) every.seed = Number(text("seed"));
+  const body = { shots: [...shots.children].map((item) => ({ ...item.shotValue(), ...every })) };
+  if (text("title")) body.title = text("title");
+  const variants = { seeds: Number(text("takes") || 1) };
+  const values = common.values.value.split("\n").map((line) => line.trim()).filter(Boolean);
+  if (common.vary.value && values.length) variants.grid = { [common.vary.value]: values };
+  body.variants = variants;
+  return body;
+}
+
+// Create the board; a refusal is shown next to the field it names (or above the button) and nothing is lost.
+async function send(form, formError, submit, request) {
+  for (const control of form.querySelectorAll("[aria-invalid]")) {
+    control.removeAttribute("aria-invalid");
+    const box = document.getElementById(`${control.id}-error`);
+    if (box) { box.hidden = true; box.textContent = ""; }
+  }
+  formError.textContent = "";
+  submit.disabled = true;
+  try {
+    const board = await api("/v1/storyboards", { method: "POST", ...request() });
+    location.hash = `#/boards/${board.id}`;
+  } catch (error) {
+    const control = error.param ? controlFor(form, error.param) : null;
+    if (control) {
+      const box = document.getElementById(`${control.id}-error`);
+      box.textContent = describe(error);
+      box.hidden = false;
+      control.setAttribute("aria-invalid", "true");
+      control.focus();
+    } else {
+      formError.textContent = describe(error);
+    }
+  } finally {
+    submit.disabled = false;
+  }
+}
+
+function controlFor(form, param) {
+  const candidates = [param, param.replace(/^shots\.\d+\./, ""), param.replace(/\.\d+$/, ""), param.split(".").slice(0, 2).join(".")];
+  for (const name of candidates) {
+    const control = form.querySelector(`[data-param="${CSS.escape(name)}"]`);
+    if (control) return control;
+  }
+  return null;
+}
+
+function dropZone(formError) {
+  const input = h("input", { type: "file", accept: ".yaml,.yml,.json", id: "board-file" });
+  const status = h("p", { class: "error", role: "alert" });
+  const upload = async (file) => {
+    status.textContent = "";
+    const text = await file.text();
+    try {
+      const request = file.name.toLowerCase().endsWith(".json") ? { body: JSON.parse(text) } : { yaml: text };
+      const board = await api("/v1/storyboards", { method: "POST", ...request });
+      location.hash = `#/boards/${board.id}`;
+    } catch (error) {
+      status.textContent = `${file.name}: ${error instanceof SyntaxError ? `not valid JSON (${error.message})` : describe(error)}`;
+    }
+  };
+  input.addEventListener("change", () => input.files[0] && upload(input.files[0]));
+  const zone = h(
+    "section",
+    {
+      class: "drop card",
+      "aria-labelledby": "drop-title",
+      ondragover: (event) => { event.preventDefault(); zone.classList.add("over"); },
+      ondragleave: () => zone.classList.remove("over"),
+      ondrop: (event) => {
+        event.preventDefault();
+        zone.classList.remove("over");
+        const file = event.dataTransfer.files[0];
+        if (file) upload(file);
+      },
+    },
+    h("h2", { id: "drop-title", text: "Or drop a storyboard file" }),
+    h("p", { class: "hint", text: "YAML or JSON, the same file as `previz submit --storyboard`." }),
+    field("Storyboard file", input),
+    status,
+  );
+  return zone;
+}

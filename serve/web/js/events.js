@@ -1,0 +1,48 @@
+// A video's server-sent events, read with fetch so the API key travels as a header (EventSource sends
+// none, and a key never goes in a URL). Resumes with Last-Event-ID when the stream drops, until `done`.
+
+import { session } from "./api.js";
+
+export async function followVideo(videoId, onEvent, signal) {
+  let lastId = null;
+  for (let attempt = 0; !signal.aborted; attempt += 1) {
+    const headers = { Authorization: `Bearer ${session.key()}`, Accept: "text/event-stream" };
+    if (lastId !== null) headers["Last-Event-ID"] = lastId;
+    try {
+      const response = await fetch(`/v1/videos/${encodeURIComponent(videoId)}/events`, { headers, signal });
+      if (!response.ok) return;
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const frame = parse(buffer.slice(0, end));
+          buffer = buffer.slice(end + 2);
+          if (frame.id !== null) lastId = frame.id;
+          if (frame.data !== null) onEvent(frame.event, JSON.parse(frame.data));
+          if (frame.event === "done") return;
+        }
+      }
+    } catch (error) {
+      if (signal.aborted) return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, Math.min(1000 * 2 ** attempt, 10000)));
+  }
+}
+
+function parse(block) {
+  const frame = { event: "message", data: null, id: null };
+  for (const line of block.split("\n")) {
+    if (!line || line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const name = colon < 0 ? line : line.slice(0, colon);
+    const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+    if (name === "event") frame.event = value;
+    else if (name === "data") frame.data = frame.data === null ? value : `${frame.data}\n${value}`;
+    else if (name === "id") frame.id = value;
+  }
+  return frame;
+}

@@ -1,0 +1,162 @@
+// Project home: storyboards and recent videos; admins also see projects, keys and quotas.
+
+import { api, describe } from "./api.js";
+import { h, show, toast } from "./dom.js";
+import { linksOf, stageName } from "./media.js";
+
+export async function renderHome(view, who, signal) {
+  const boards = h("ul", { class: "boards", "aria-label": "Storyboards" });
+  const videos = h("ul", { class: "videos", "aria-label": "Recent videos" });
+  const admin = who.is_admin ? h("section", { class: "admin", "aria-labelledby": "admin-title" }) : null;
+  show(
+    view,
+    h("h1", { text: `Project ${who.project}` }),
+    h("p", {}, h("a", { class: "button", href: "#/compose", text: "New storyboard" })),
+    h("section", { "aria-labelledby": "boards-title" }, h("h2", { id: "boards-title", text: "Storyboards" }), boards),
+    h("section", { "aria-labelledby": "videos-title" }, h("h2", { id: "videos-title", text: "Recent videos" }), videos),
+    admin,
+  );
+  const refresh = async () => {
+    try {
+      const [boardPage, videoPage] = await Promise.all([api("/v1/storyboards?limit=12"), api("/v1/videos?limit=12")]);
+      boards.replaceChildren(...(boardPage.data.length ? boardPage.data.map(boardItem) : [h("li", { class: "empty", text: "No storyboards yet." })]));
+      videos.replaceChildren(...(videoPage.data.length ? videoPage.data.map(videoItem) : [h("li", { class: "empty", text: "No videos yet." })]));
+      return [...boardPage.data, ...videoPage.data].some((item) => !["completed", "failed", "cancelled"].includes(item.status));
+    } catch (error) {
+      toast(describe(error));
+      return false;
+    }
+  };
+  if (admin) renderAdmin(admin, who);
+  const loop = async () => {
+    while (!signal.aborted && (await refresh())) await new Promise((resolve) => setTimeout(resolve, 3000));
+  };
+  await refresh();
+  loop();
+}
+
+function boardItem(board) {
+  return h(
+    "li",
+    { class: "card" },
+    h("a", { href: `#/boards/${board.id}` }, board.title || board.id),
+    h("p", { class: "meta", text: `${board.shots.length} shots · ${board.num_videos} takes · ${board.status} · ${board.progress} %` }),
+    h("progress", { max: 100, value: board.progress, "aria-label": `${board.title || board.id} progress` }),
+  );
+}
+
+function videoItem(video) {
+  const poster = h("div", { class: "poster" });
+  if (video.status === "completed") {
+    linksOf(video.id).then((links) => {
+      if (links.thumbnail) poster.replaceChildren(h("img", { src: links.thumbnail, alt: `Poster of ${video.id}`, loading: "lazy" }));
+    }).catch(() => {});
+  }
+  return h(
+    "li",
+    { class: "card" },
+    poster,
+    h("p", { class: "prompt", text: video.prompt }),
+    h("p", { class: "meta", text: `${stageName(video.stage, video.status)} · ${video.progress} % · ${video.size} · ${video.seconds} s` }),
+    video.storyboard_id ? h("a", { href: `#/boards/${video.storyboard_id}`, text: "Open its storyboard" }) : null,
+  );
+}
+
+async function renderAdmin(section, who) {
+  section.replaceChildren(h("h2", { id: "admin-title", text: "Administration" }));
+  try {
+    const projects = await api("/v1/admin/projects");
+    const list = h("ul", { class: "projects" });
+    for (const project of projects.data) list.append(await projectItem(project, who));
+    section.append(h("h3", { text: "Projects" }), list);
+  } catch (error) {
+    section.append(h("p", { class: "error", role: "alert", text: describe(error) }));
+  }
+}
+
+async function projectItem(project, who) {
+  const settings = project.settings;
+  const quotas = h(
+    "p",
+    { class: "meta" },
+    `Queued jobs at most: ${settings.max_queued_jobs ?? "no limit"} · GPU seconds per day: ${settings.gpu_seconds_per_day ?? "no limit"} · label burnt in: ${settings.burn_label ? "yes" : "no"}`,
+  );
+  const keys = h("ul", { class: "keys", "aria-label": `Keys of ${project.name}` });
+  const created = h("p", { class: "secret", role: "status" });
+  const loadKeys = async () => {
+    const page = await api(`/v1/admin/projects/${encodeURIComponent(project.name)}/keys`);
+    keys.replaceChildren(
+      ...page.data.map((key) =>
+        h(
+          "li",
+          {},
+          `${key.id} · ${key.role}${key.name ? ` · ${key.name}` : ""}${key.revoked_at ? " · revoked" : ""} `,
+          key.revoked_at || key.id === who.key_id
+            ? null
+            : h("button", {
+                type: "button",
+                class: "quiet",
+                text: "Revoke",
+                "aria-label": `Revoke key ${key.id}`,
+                onclick: async () => {
+                  try {
+                    await api(`/v1/admin/keys/${encodeURIComponent(key.id)}`, { method: "DELETE" });
+                    await loadKeys();
+                  } catch (error) {
+                    toast(describe(error));
+                  }
+                },
+              }),
+        ),
+      ),
+    );
+  };
+  const role = h("select", { "aria-label": `Role of a new ${project.name} key` }, h("option", { text: "member" }), h("option", { text: "admin" }));
+  const create = h("button", {
+    type: "button",
+    text: "Create key",
+    onclick: async () => {
+      try {
+        const key = await api(`/v1/admin/projects/${encodeURIComponent(project.name)}/keys`, { method: "POST", body: { role: role.value } });
+        created.textContent = `New ${key.role} key (shown once): ${key.key}`;
+        await loadKeys();
+      } catch (error) {
+        toast(describe(error));
+      }
+    },
+  });
+  const item = h("li", { class: "card" }, h("h4", { text: project.name }), quotas, keys, h("p", {}, role, " ", create), created);
+  if (who.is_studio_admin) item.append(quotaForm(project, quotas));
+  await loadKeys().catch((error) => toast(describe(error)));
+  return item;
+}
+
+function quotaForm(project, quotas) {
+  const queued = h("input", { type: "number", min: 0, step: 1, value: project.settings.max_queued_jobs ?? "", "aria-label": `Most queued jobs of ${project.name}` });
+  const gpu = h("input", { type: "number", min: 1, step: "any", value: project.settings.gpu_seconds_per_day ?? "", "aria-label": `GPU seconds per day of ${project.name}` });
+  return h(
+    "form",
+    {
+      class: "inline",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        const number = (input) => (input.value === "" ? null : Number(input.value));
+        try {
+          const changed = await api(`/v1/admin/projects/${encodeURIComponent(project.name)}`, {
+            method: "PATCH",
+            body: { max_queued_jobs: number(queued), gpu_seconds_per_day: number(gpu) },
+          });
+          quotas.textContent = `Queued jobs at most: ${changed.settings.max_queued_jobs ?? "no limit"} · GPU seconds per day: ${changed.settings.gpu_seconds_per_day ?? "no limit"}`;
+          toast(`Quotas of ${project.name} saved.`);
+        } catch (error) {
+          toast(describe(error));
+        }
+      },
+    },
+    queued,
+    " ",
+    gpu,
+    " ",
+    h("button", { type: "submit", text: "Save quotas" }),
+  );
+}

@@ -1,0 +1,36 @@
+import { api, describe, session } from "./api.js";
+import { field, h, show } from "./dom.js";
+
+export function renderSignIn(view, signedIn, previousError) {
+  const key = h("input", { type: "password", name: "key", autocomplete: "off", required: true, spellcheck: "false" });
+  const error = h("p", { class: "error", id: "sign-in-error", role: "alert", text: previousError ? describe(previousError) : "" });
+  const submit = h("button", { type: "submit", text: "Sign in" });
+  const form = h(
+    "form",
+    {
+      class: "card narrow",
+      "aria-labelledby": "sign-in-title",
+      onsubmit: async (event) => {
+        event.preventDefault();
+        submit.disabled = true;
+        error.textContent = "";
+        try {
+          await api("/v1/session", { key: key.value.trim() });
+          session.signIn(key.value.trim());
+          signedIn();
+        } catch (problem) {
+          error.textContent = describe(problem);
+          key.focus();
+        } finally {
+          submit.disabled = false;
+        }
+      },
+    },
+    h("h1", { id: "sign-in-title", text: "Sign in to Previz" }),
+    field("API key", key, { hint: "Your project's key (pvz_…). It stays in this tab only." }),
+    error,
+    submit,
+  );
+  show(view, form);
+  key.focus();
+}
