@@ -13,6 +13,7 @@ run: setup
 
 test: setup
 	bash scripts/install_prometheus.sh
+	bash scripts/install_chromium.sh
 	$(PY) -m ruff check pipeline serve tests loadtest
 	$(PY) -m ruff format --check pipeline serve tests loadtest
 	$(PY) -m pytest -m "not slow" -q

@@ -81,18 +81,18 @@ function takeCard(board, shot, take, signal, reload) {
       ? `Failed: ${take.error.message}`
       : `${stageName(state.stage, state.status)} · ${state.progress} %${FINISHED.has(state.status) ? "" : eta}`;
     card.dataset.status = state.status;
-    actions.replaceChildren(
+    const buttons = [
       h("button", { type: "button", class: "quiet", text: "Remix", onclick: () => openRemix() }),
       FINISHED.has(state.status) ? null : h("button", { type: "button", class: "quiet", text: "Cancel", onclick: cancel }),
       state.status === "completed" ? select : null,
-    );
+    ];
+    actions.replaceChildren(...buttons.filter(Boolean));
   };
   const showPlayer = async () => {
     try {
       const links = await linksOf(take.video_id);
       const video = h("video", { controls: true, preload: "metadata", src: links.video, poster: links.thumbnail || undefined, "aria-label": `Take ${take.variant + 1} of ${shot.name || "the shot"}` });
-      const poster = links.thumbnail ? h("img", { class: "poster-frame", src: links.thumbnail, alt: `Poster of take ${take.variant + 1}` }) : null;
-      media.replaceChildren(poster || "", video);
+      media.replaceChildren(video);
       actions.append(h("a", { class: "button quiet", href: links.video, download: `${take.video_id}.mp4`, text: "Download" }));
     } catch (error) {
       status.textContent = describe(error);
@@ -155,6 +155,7 @@ function takeCard(board, shot, take, signal, reload) {
         take.error = data.error;
         paint();
         if (data.status === "completed") showPlayer();
+        reload().catch(() => {}); // the board's own state and progress move with it
         return;
       } else return;
       paint();

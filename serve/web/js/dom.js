@@ -19,7 +19,7 @@ export function h(tag, props = {}, ...children) {
 }
 
 export function show(view, ...children) {
-  view.replaceChildren(...children);
+  view.replaceChildren(...children.filter((child) => child !== null && child !== undefined));
 }
 
 export function toast(message) {

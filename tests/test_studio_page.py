@@ -1,0 +1,179 @@
+"""The studio page in a real browser (Debian's Chromium, driven by Playwright) against the live session
+cluster: sign in, compose a 2-shot × 2-take board, watch it render, play, remix, select, refusals in
+words, an axe-core scan of each screen, and screenshots at 1280×800 and 390 px wide.
+
+Screenshots are written to test-artifacts/studio/ (PREVIZ_TEST_ARTIFACTS overrides the folder)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from axe_playwright_python.sync_playwright import Axe
+from playwright.sync_api import Page, expect
+
+from tests.cluster import REPO, Cluster
+
+pytestmark = pytest.mark.cluster
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("PREVIZ_TEST_ARTIFACTS", REPO / "test-artifacts")) / "studio"
+WIDTHS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+SERIOUS = {"critical", "serious"}
+TAKE_TIMEOUT_MS = 420_000  # four tiny takes through every stage on a 2-core machine
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args() -> dict[str, Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/install_chromium.sh installs Debian's chromium")
+    # the flags keep Chromium off the network it cannot reach (a closed studio network, CI)
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+    flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    return {"executable_path": CHROMIUM, "args": flags}
+
+
+@pytest.fixture(scope="session")
+def browser_context_args() -> dict[str, Any]:
+    return {"viewport": WIDTHS["desktop"]}
+
+
+def shoot(page: Page, screen: str) -> None:
+    """The screen at both widths, as test artifacts."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for width, size in WIDTHS.items():
+        page.set_viewport_size(size)
+        page.screenshot(path=ARTIFACTS / f"{screen}-{width}.png", full_page=True)
+    page.set_viewport_size(WIDTHS["desktop"])
+
+
+def assert_accessible(page: Page, screen: str) -> None:
+    violations = Axe().run(page).response["violations"]
+    bad = [f"{v['id']} ({v['impact']}): {v['help']}" for v in violations if v["impact"] in SERIOUS]
+    assert not bad, f"{screen}: {bad}"
+
+
+def sign_in(page: Page, cluster: Cluster, key: str) -> None:
+    page.goto(f"{cluster.url}/studio/")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def test_a_wrong_key_shows_the_sign_in_error(page: Page, cluster: Cluster) -> None:
+    page.goto(f"{cluster.url}/studio/")
+    assert_accessible(page, "sign-in")
+    shoot(page, "sign-in")
+    sign_in(page, cluster, "pvz_000000000000_not-a-key")
+    expect(page.get_by_role("alert").filter(has_text="the API key is not valid")).to_be_visible()
+    assert page.evaluate("sessionStorage.length") == 0  # a refused key is not kept
+    cluster.key_for("studio-page")  # the project exists
+    store = cluster.store()
+    record, revoked = store.create_key("studio-page", "member", "to revoke")
+    store.revoke_key(record.id)
+    store.close()
+    sign_in(page, cluster, revoked)
+    expect(page.get_by_role("alert").filter(has_text="revoked")).to_be_visible()
+
+
+def compose(page: Page, shots: list[dict[str, str]], *, takes: int) -> None:
+    page.get_by_role("link", name="New storyboard").first.click()
+    for index, shot in enumerate(shots):
+        if index:
+            page.get_by_role("button", name="Add a shot").click()
+        card = page.locator("li.shot").nth(index)
+        for label, text in shot.items():
+            card.get_by_label(label, exact=False).fill(text)
+    page.get_by_label("Resolution").fill("96x64")
+    page.get_by_label("Duration (s)").fill("0.5")
+    page.get_by_label("Steps").fill("4")
+    page.get_by_label("Takes per shot (seeds)").fill(str(takes))
+
+
+def test_a_storyboard_is_composed_rendered_played_remixed_and_selected(page: Page, cluster: Cluster) -> None:
+    project = "studio-page"
+    sign_in(page, cluster, cluster.key_for(project))
+    expect(page.get_by_role("heading", name=f"Project {project}")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('previz.apiKey')").startswith("pvz_")
+    compose(
+        page,
+        [
+            {"Character · 人物": "a man in a black trench coat", "Action · 动作": "leaps from a tower"},
+            {"Free prompt": "an explosion behind a refinery, slow motion"},
+        ],
+        takes=2,
+    )
+    preview = page.locator("li.shot").first.locator("output.preview")
+    expect(preview).to_have_text("a man in a black trench coat leaps from a tower.")  # compiled by the server
+    assert_accessible(page, "composer")
+    shoot(page, "composer")
+    page.get_by_role("button", name="Create storyboard").click()
+
+    expect(page).to_have_url(re.compile(r"#/boards/sb_"))
+    board_id = page.url.rsplit("/", 1)[1]
+    takes = page.locator("article.take")
+    expect(takes).to_have_count(4)
+    assert page.locator("section.shot-row").count() == 2
+    expect(page.locator("article.take .mark")).to_have_count(4)  # the AI-generated draft mark on each
+    for index in range(4):
+        expect(takes.nth(index)).to_have_attribute("data-status", "completed", timeout=TAKE_TIMEOUT_MS)
+        expect(takes.nth(index).locator("progress")).to_have_count(0)  # replaced by the player at 100 %
+        expect(takes.nth(index).locator("video")).to_have_attribute("poster", re.compile("."))
+    assert takes.first.locator(".status").inner_text().startswith("Done · 100 %")
+    assert_accessible(page, "contact sheet")
+    shoot(page, "contact-sheet")
+
+    video = takes.first.locator("video")
+    played = video.evaluate(
+        """async (video) => {
+            video.muted = true;
+            await video.play();
+            await new Promise((resolve) => setTimeout(resolve, 300));
+            return {duration: video.duration, time: video.currentTime};
+        }"""
+    )
+    assert played["duration"] > 0 and played["time"] > 0, played
+
+    first_row = page.locator("section.shot-row").first
+    first_row.locator("article.take").first.get_by_role("button", name="Remix").click()
+    page.get_by_label("Prompt of the remix").fill("a man in a blue trench coat leaps from a tower.")
+    page.get_by_role("button", name="Make the remix").click()
+    expect(first_row.locator("article.take")).to_have_count(3)
+    expect(page.locator("section.shot-row").nth(1).locator("article.take")).to_have_count(2)
+
+    rows = page.locator("section.shot-row")
+    chosen = []
+    for row_index in range(2):
+        take = rows.nth(row_index).locator("article.take").nth(1)
+        take.get_by_role("button", name="Select take").click()
+        expect(take.get_by_role("button", name="Selected take")).to_have_attribute("aria-pressed", "true")
+        chosen.append(take.get_attribute("data-video"))
+    board = cluster.client(project).get_storyboard(board_id)
+    assert [shot["selected_video_id"] for shot in board["shots"]] == chosen
+    remix = board["shots"][0]["videos"][2]
+    assert (
+        cluster.client(project).get(remix["video_id"])["prompt"]
+        == "a man in a blue trench coat leaps from a tower."
+    )
+
+
+def test_a_blocked_prompt_shows_its_category_and_creates_nothing(page: Page, cluster: Cluster) -> None:
+    project = "studio-blocked"
+    client = cluster.client(project)
+    sign_in(page, cluster, client.http.headers["Authorization"].split()[1])
+    expect(page.get_by_role("heading", name=f"Project {project}")).to_be_visible()
+    compose(page, [{"Free prompt": "the knight is decapitated in slow motion"}], takes=1)
+    page.get_by_role("button", name="Create storyboard").click()
+    error = page.locator("li.shot").first.get_by_role("alert").filter(has_text="content policy")
+    expect(error).to_contain_text("violence graphic")
+    expect(page.get_by_label("Free prompt")).to_have_attribute("aria-invalid", "true")
+    assert client.list()["data"] == []
+    page.get_by_label("Steps").fill("0")
+    page.get_by_label("Free prompt").fill("a quiet harbour")
+    page.get_by_role("button", name="Create storyboard").click()
+    expect(page.get_by_label("Steps")).to_have_attribute("aria-invalid", "true")  # the 400 names `steps`
+    shoot(page, "composer-errors")
+    assert client.list()["data"] == []
