@@ -18,6 +18,8 @@ from playwright.sync_api import Page, expect
 
 from tests.cluster import REPO, Cluster
 
+TINY = {"resolution": "96x64", "duration": 0.5, "steps": 4}
+
 pytestmark = pytest.mark.cluster
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -48,6 +50,8 @@ def shoot(page: Page, screen: str) -> None:
     for width, size in WIDTHS.items():
         page.set_viewport_size(size)
         page.screenshot(path=ARTIFACTS / f"{screen}-{width}.png", full_page=True)
+        overflow = page.evaluate("document.documentElement.scrollWidth")
+        assert overflow <= size["width"], f"{screen} is {overflow} px wide at {size['width']} px"
     page.set_viewport_size(WIDTHS["desktop"])
 
 
@@ -177,3 +181,47 @@ def test_a_blocked_prompt_shows_its_category_and_creates_nothing(page: Page, clu
     expect(page.get_by_label("Steps")).to_have_attribute("aria-invalid", "true")  # the 400 names `steps`
     shoot(page, "composer-errors")
     assert client.list()["data"] == []
+
+
+def test_a_full_queue_says_when_to_try_again(page: Page, cluster: Cluster) -> None:
+    project = "studio-full"
+    key = cluster.key_for(project)
+    store = cluster.store()
+    store.update_project(project, {"max_queued_jobs": 1})
+    store.close()
+    sign_in(page, cluster, key)
+    compose(page, [{"Free prompt": "a quiet harbour at dawn"}], takes=2)  # two takes: over the bound
+    page.get_by_role("button", name="Create storyboard").click()
+    expect(page.locator("#compose-error")).to_contain_text(
+        re.compile(r"The queue is full: .* Try again in \d+ s")
+    )
+    assert cluster.client(project).list()["data"] == []
+
+
+def test_the_home_lists_boards_and_videos_and_an_admin_manages_keys(page: Page, cluster: Cluster) -> None:
+    project = "studio-admin"
+    member = cluster.client(project)
+    board = member.create_storyboard({"title": "Heist previs", "shots": [{"prompt": "a vault", **TINY}]})
+    sign_in(page, cluster, cluster.key_for(project, "admin"))
+    expect(page.get_by_role("link", name="Heist previs")).to_be_visible()
+    videos = page.get_by_role("list", name="Recent videos").get_by_role("listitem")
+    expect(videos).to_have_count(1)
+    expect(videos.first).to_contain_text("a vault")
+    admin = page.get_by_role("region", name="Administration")
+    expect(admin.get_by_role("heading", name=project)).to_be_visible()
+    admin.get_by_role("combobox", name=f"Role of a new {project} key").select_option("member")
+    admin.get_by_role("button", name="Create key").click()
+    secret = admin.locator(".secret")
+    expect(secret).to_contain_text(re.compile(r"New member key \(shown once\): pvz_"))
+    new_key = secret.inner_text().rsplit(" ", 1)[1]
+    key_id = new_key.split("_")[1]
+    assert member.http.get("/v1/session", headers={"Authorization": f"Bearer {new_key}"}).status_code == 200
+    assert_accessible(page, "home")
+    shoot(page, "home")
+    admin.get_by_role("button", name=f"Revoke key {key_id}").click()
+    keys = admin.get_by_role("list", name=f"Keys of {project}")
+    expect(keys.get_by_role("listitem").filter(has_text=f"{key_id} · member · revoked")).to_be_visible()
+    assert member.http.get("/v1/session", headers={"Authorization": f"Bearer {new_key}"}).status_code == 401
+    page.get_by_role("link", name="Heist previs").click()
+    expect(page.get_by_role("heading", name="Heist previs")).to_be_visible()
+    assert board["id"] in page.url

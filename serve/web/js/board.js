@@ -3,7 +3,7 @@
 // "selected take". Every take carries the AI-generated draft mark.
 
 import { api, describe } from "./api.js";
-import { duration, h, show, toast } from "./dom.js";
+import { count, duration, h, show, toast } from "./dom.js";
 import { followVideo } from "./events.js";
 import { linksOf, stageName } from "./media.js";
 
@@ -18,7 +18,7 @@ export async function renderBoard(view, boardId, signal) {
   const load = async () => {
     const board = await api(`/v1/storyboards/${encodeURIComponent(boardId)}`);
     heading.textContent = board.title || board.id;
-    summary.textContent = `${board.shots.length} shots · ${board.num_videos} takes · ${board.status} · ${board.progress} %`;
+    summary.textContent = `${count(board.shots.length, "shot")} · ${count(board.num_videos, "take")} · ${board.status} · ${board.progress} %`;
     rows.replaceChildren(
       ...board.order.map((index) => {
         const shot = board.shots[index];
@@ -44,7 +44,7 @@ export async function renderBoard(view, boardId, signal) {
   try {
     await load();
   } catch (error) {
-    show(view, h("h1", { text: "Storyboard" }), h("p", { class: "error", role: "alert", text: describe(error) }));
+    if (!signal.aborted) show(view, h("h1", { text: "Storyboard" }), h("p", { class: "error", role: "alert", text: describe(error) }));
     return;
   }
   // takes added by a remix elsewhere (another tab, the CLI) appear within a few seconds

@@ -1,7 +1,7 @@
 // Project home: storyboards and recent videos; admins also see projects, keys and quotas.
 
 import { api, describe } from "./api.js";
-import { h, show, toast } from "./dom.js";
+import { count, h, show, toast } from "./dom.js";
 import { linksOf, stageName } from "./media.js";
 
 export async function renderHome(view, who, signal) {
@@ -40,7 +40,7 @@ function boardItem(board) {
     "li",
     { class: "card" },
     h("a", { href: `#/boards/${board.id}` }, board.title || board.id),
-    h("p", { class: "meta", text: `${board.shots.length} shots · ${board.num_videos} takes · ${board.status} · ${board.progress} %` }),
+    h("p", { class: "meta", text: `${count(board.shots.length, "shot")} · ${count(board.num_videos, "take")} · ${board.status} · ${board.progress} %` }),
     h("progress", { max: 100, value: board.progress, "aria-label": `${board.title || board.id} progress` }),
   );
 }
@@ -132,7 +132,7 @@ async function projectItem(project, who) {
 }
 
 function quotaForm(project, quotas) {
-  const queued = h("input", { type: "number", min: 0, step: 1, value: project.settings.max_queued_jobs ?? "", "aria-label": `Most queued jobs of ${project.name}` });
+  const queued = h("input", { type: "number", min: 1, step: 1, value: project.settings.max_queued_jobs ?? "", "aria-label": `Most queued jobs of ${project.name}` });
   const gpu = h("input", { type: "number", min: 1, step: "any", value: project.settings.gpu_seconds_per_day ?? "", "aria-label": `GPU seconds per day of ${project.name}` });
   return h(
     "form",

@@ -17,24 +17,32 @@ async function route() {
   const hash = location.hash.replace(/^#/, "") || "/";
   if (!session.key()) {
     setNav(null);
-    renderSignIn(view, () => { who = null; location.hash = "#/"; route(); });
+    renderSignIn(view, () => { who = null; go("#/"); });
     return;
   }
   try {
-    who = who || (await api("/v1/session"));
+    who = who || (await api("/v1/session", { signal }));
   } catch (error) {
+    if (signal.aborted) return; // a later route took over while this one waited
     session.signOut();
     who = null;
     setNav(null);
     renderSignIn(view, () => route(), error);
     return;
   }
+  if (signal.aborted) return;
   setNav(who);
   const board = hash.match(/^\/boards\/([\w-]+)$/);
   if (board) await renderBoard(view, board[1], signal);
   else if (hash === "/compose") renderComposer(view, who);
   else await renderHome(view, who, signal);
-  view.focus();
+  if (!signal.aborted) view.focus();
+}
+
+// Route to `hash`, also when it is the current one (no hashchange fires then).
+function go(hash) {
+  if (location.hash === hash) route();
+  else location.hash = hash;
 }
 
 function setNav(who) {
@@ -45,8 +53,7 @@ function setNav(who) {
 document.getElementById("sign-out").addEventListener("click", () => {
   session.signOut();
   who = null;
-  location.hash = "#/";
-  route();
+  go("#/");
 });
 window.addEventListener("hashchange", route);
 route();
