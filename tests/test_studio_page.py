@@ -71,7 +71,13 @@ def test_a_wrong_key_shows_the_sign_in_error(page: Page, cluster: Cluster) -> No
     page.goto(f"{cluster.url}/studio/")
     assert_accessible(page, "sign-in")
     shoot(page, "sign-in")
-    sign_in(page, cluster, "pvz_000000000000_not-a-key")
+    # by keyboard alone: the key field has the focus, visibly; Enter signs in
+    assert page.evaluate("document.activeElement.name") == "key"
+    page.keyboard.type("pvz_000000000000_not-a-key")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Sign in"
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"
+    page.keyboard.press("Enter")
     expect(page.get_by_role("alert").filter(has_text="the API key is not valid")).to_be_visible()
     assert page.evaluate("sessionStorage.length") == 0  # a refused key is not kept
     cluster.key_for("studio-page")  # the project exists
@@ -225,3 +231,19 @@ def test_the_home_lists_boards_and_videos_and_an_admin_manages_keys(page: Page, 
     page.get_by_role("link", name="Heist previs").click()
     expect(page.get_by_role("heading", name="Heist previs")).to_be_visible()
     assert board["id"] in page.url
+
+
+def test_a_board_file_dropped_on_the_page_is_created_as_the_cli_would(page: Page, cluster: Cluster) -> None:
+    project = "studio-file"
+    sign_in(page, cluster, cluster.key_for(project))
+    page.get_by_role("link", name="New storyboard").first.click()
+    chooser = page.get_by_label("Storyboard file", exact=True)
+    chooser.set_input_files({"name": "board.yaml", "mimeType": "application/yaml", "buffer": b"shots: [oops"})
+    expect(page.get_by_role("alert").filter(has_text="board.yaml")).to_contain_text("not valid YAML")
+    assert cluster.client(project).list()["data"] == []
+    board = "title: Rooftops\nshots:\n  - name: 3A\n    prompt: a chase over rooftops\n"
+    board += "    resolution: 96x64\n    duration: 0.5\n    steps: 4\nvariants:\n  seeds: [5, 6, 7]\n"
+    chooser.set_input_files({"name": "board.yaml", "mimeType": "application/yaml", "buffer": board.encode()})
+    expect(page.get_by_role("heading", name="Rooftops", exact=True)).to_be_visible()
+    expect(page.locator("article.take")).to_have_count(3)
+    assert [video["seed"] for video in cluster.client(project).list()["data"]] == [7, 6, 5]
