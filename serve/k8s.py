@@ -321,16 +321,17 @@ def render(name: str) -> dict[Path, str]:
     }
 
 
-def stale(name: str) -> list[Path]:
+def stale(name: str, rendered: dict[Path, str] | None = None) -> list[Path]:
     """The generated files of overlay `name` that differ from a fresh render (or are missing)."""
-    return [path for path, text in render(name).items() if not path.is_file() or path.read_text() != text]
+    rendered = render(name) if rendered is None else rendered
+    return [path for path, text in rendered.items() if not path.is_file() or path.read_text() != text]
 
 
 def write(name: str) -> list[Path]:
     """Write what is stale; the paths written."""
-    written = stale(name)
-    for path, text in render(name).items():
-        if path in written:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+    rendered = render(name)
+    written = stale(name, rendered)
+    for path in written:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rendered[path])
     return written
