@@ -61,6 +61,29 @@ def test_same_bucket_jobs_share_denoiser_iterations(cluster: Cluster) -> None:
     assert max(new_batches) > 1, f"no iteration served more than one request: {dict(new_batches)}"
 
 
+def test_a_draft_and_its_promoted_final_take_run_on_the_replicas_with_their_adapters(
+    cluster: Cluster,
+) -> None:
+    high = serve.get_deployment_handle("HighNoiseDenoiser", app_name="previz")
+    _, before = high.stats.remote().result()
+    fields = {"resolution": "96x64", "duration": 0.5}  # no steps: each tier's own
+    draft = cluster.client("tiers").create({"prompt": "a rooftop chase", "priority": "interactive", **fields})
+    assert draft["quality"] == "draft" and draft["steps"] == 4
+    assert cluster.wait_for([draft["id"]])[draft["id"]]["status"] == "completed"
+    final = cluster.client("tiers").promote(draft["id"], priority="interactive")
+    done = cluster.wait_for([final["id"]])[final["id"]]
+    assert (done["status"], done["quality"], done["steps"], done["seed"]) == (
+        "completed",
+        "final",
+        40,
+        draft["seed"],
+    )
+    assert cluster.client("tiers").get(draft["id"])["promoted_to"] == final["id"]
+    _, after = high.stats.remote().result()
+    forwards = Counter(after.forwards_by_adapters) - Counter(before.forwards_by_adapters)
+    assert forwards["distill"] >= 2 and forwards["base"] >= 26  # the draft's 2 high steps, the final's 26
+
+
 def test_content_redirects_to_a_presigned_s3_url_that_serves_the_mp4(
     cluster: Cluster, tmp_path: Path
 ) -> None:

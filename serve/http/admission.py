@@ -1,8 +1,9 @@
 """The one admission path: what every create (a video, a remix, a storyboard's videos) passes before its
 rows are committed, in this order, and the one place that commits them.
 
-    model -> project -> project settings -> label policy -> typed request (envelope, then the shape rules
-    of sharded experts) -> content policy -> callback
+    model -> project -> project settings -> label policy -> quality tier (the project's default, else by
+    priority) and LoRA adapters (this deployment's, the project's own or shared) -> typed request
+    (envelope, then the shape rules of sharded experts) -> content policy -> callback
     -> fingerprint -> create (quotas checked inside the transaction) -> 429 on refusal -> wake -> replay
 
 Each check raises the ApiError the client gets; nothing is written until every video of the create passed
@@ -22,7 +23,15 @@ from pydantic import ValidationError
 
 from pipeline.prompt import ShotSpec, compose_prompt
 from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
-from pipeline.spec import ModelSpec, RequestSpec, SizeEnvelope, describe_validation_error
+from pipeline.spec import (
+    DISTILL_ADAPTER,
+    LoraRef,
+    ModelSpec,
+    Quality,
+    RequestSpec,
+    SizeEnvelope,
+    describe_validation_error,
+)
 from pipeline.upscale import upscale_target_size
 from pipeline.video import DRAFT_LABEL
 from serve.auth import ProjectSettings
@@ -30,8 +39,8 @@ from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import PrevizArgs
 from serve.http.deps import IngressState
 from serve.http.errors import ApiError
-from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings
-from serve.jobs import GpuQuotaExceeded, JobRecord, JobStore, QueueFull, StoryboardRecord
+from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings, LoraUse
+from serve.jobs import AlreadyPromoted, GpuQuotaExceeded, JobRecord, JobStore, QueueFull, StoryboardRecord
 from serve.jobs.models import Priority
 from serve.jobs.request import SERVED_MODEL, FinishSettings, JobRequest, RequestSource, StoryboardPlace
 from serve.metrics import record_safety_block
@@ -53,6 +62,7 @@ class VideoDraft:
     callback_url: str | None = None
     storyboard: StoryboardPlace | None = None
     remixed_from: str | None = None
+    promoted_from: str | None = None  # the draft this final take promotes (its `promoted_to` is set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +79,9 @@ class Admitted:
     """What a create committed, or found already committed under its Idempotency-Key (`created` False)."""
 
     created: bool
-    job: JobRecord | None = None  # a video create or remix
+    job: JobRecord | None = None  # a video create, remix or promote
     storyboard: StoryboardRecord | None = None  # a storyboard create
+    jobs: tuple[JobRecord, ...] = ()  # a storyboard's promote: one final take per chosen draft
 
 
 def check_model(model: str) -> None:
@@ -107,14 +118,30 @@ async def admit(
         check_callback(
             state.callbacks, draft.callback_url, "callback_url" if board else f"{draft.prefix}callback_url"
         )
+        quality = choose_quality(state.args, draft, settings)
+        check_adapters(state.args, project, draft.settings.loras, draft.prefix)
         request = job_request(
-            draft, state.model, body_sha256 if board is None else None, state.args.envelope, state.shapes
+            draft,
+            state.model,
+            body_sha256 if board is None else None,
+            state.args.envelope,
+            state.shapes,
+            quality=quality,
         )
         await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
         requests.append(request)
     bounds = queue_bounds(state.args, settings)
     try:
-        if board is None:
+        if board is None and len(drafts) > 1:  # a storyboard's promote: every take or none
+            promotions = [
+                (draft.promoted_from, draft.priority, request, draft.labels)
+                for draft, request in zip(drafts, requests, strict=True)
+            ]
+            created_jobs = await asyncio.to_thread(
+                state.store.create_promotions, project, promotions, **bounds
+            )
+            admitted = Admitted(True, jobs=tuple(created_jobs))
+        elif board is None:
             (draft,) = drafts
             job, created = await asyncio.to_thread(
                 state.store.create,
@@ -123,6 +150,7 @@ async def admit(
                 requests[0],
                 idempotency_key=idempotency_key,
                 labels=draft.labels,
+                promotes=draft.promoted_from,
                 **bounds,
             )
             if not created:
@@ -148,6 +176,8 @@ async def admit(
             admitted = Admitted(created, storyboard=record)
     except (QueueFull, GpuQuotaExceeded) as refused:
         raise refusal_error(refused) from None
+    except AlreadyPromoted as promoted:
+        raise ApiError(409, "already_promoted", f"{promoted}; promote a take once", "video_id") from None
     if admitted.created:
         state.scheduler.wake.remote()
     return admitted
@@ -159,9 +189,12 @@ def job_request(
     body_sha256: str | None,
     envelope: SizeEnvelope,
     shapes: ShapeRules | None = None,
+    *,
+    quality: Quality = "final",
 ) -> JobRequest:
-    """The typed stored request of one draft; an ApiError (400) names the field at fault. `shapes`: the
-    sizes the deployed experts' rank groups accept (None: every size the envelope allows)."""
+    """The typed stored request of one draft, in tier `quality`; an ApiError (400) names the field at
+    fault. `shapes`: the sizes the deployed experts' rank groups accept (None: every size the envelope
+    allows)."""
     settings, prefix = draft.settings, draft.prefix
     if settings.seconds is not None and settings.duration is not None:
         raise ApiError(400, "invalid_value", "give `seconds` or `duration`, not both", f"{prefix}seconds")
@@ -180,6 +213,8 @@ def job_request(
         "duration": duration,
         "steps": settings.steps,
         "seed": settings.seed,
+        "quality": quality,
+        "loras": tuple(LoraRef(name=lora.name, weight=lora.weight) for lora in settings.loras or ()),
     }
     if settings.negative_prompt is not None:
         fields["negative_prompt"] = settings.negative_prompt
@@ -205,6 +240,7 @@ def job_request(
         callback_url=draft.callback_url,
         storyboard=draft.storyboard,
         remixed_from=draft.remixed_from,
+        promoted_from=draft.promoted_from,
         body_sha256=body_sha256,
     )
     resolved = request.resolved
@@ -240,11 +276,49 @@ def job_request(
     return request
 
 
+def choose_quality(args: PrevizArgs, draft: VideoDraft, settings: ProjectSettings) -> Quality:
+    """The draft's tier: as asked, else the project's `default_quality`, else `draft` for interactive and
+    `final` for batch work. A default of `draft` where the deployment serves no draft tier is `final`;
+    asking for `draft` there is a 400."""
+    asked = draft.settings.quality
+    if asked == "draft" and not args.serves_draft:
+        raise ApiError(
+            400,
+            "tier_unavailable",
+            "this deployment serves no `draft` tier (it has no distill LoRA, or its experts are sharded); "
+            "use `quality: final`",
+            f"{draft.prefix}quality",
+        )
+    if asked is not None:
+        return asked
+    default = settings.default_quality or ("draft" if draft.priority == "interactive" else "final")
+    return default if args.serves_draft else "final"
+
+
+def check_adapters(args: PrevizArgs, project: str, loras: list | None, prefix: str = "") -> None:
+    """Every LoRA named is loaded by this deployment and usable by `project` (its own, or shared), once."""
+    seen: set[str] = set()
+    for index, lora in enumerate(loras or ()):
+        param = f"{prefix}loras.{index}.name"
+        configured = args.lora(lora.name)
+        if lora.name == DISTILL_ADAPTER or configured is None or configured.project not in (None, project):
+            raise ApiError(
+                400,
+                "unknown_adapter",
+                f"no LoRA adapter {lora.name!r} is available to project {project!r} on this deployment "
+                "(`GET /v1/models` lists the adapters; `quality: draft` selects the distill one)",
+                param,
+            )
+        if lora.name in seen:
+            raise ApiError(400, "unknown_adapter", f"`loras` names {lora.name!r} twice", param)
+        seen.add(lora.name)
+
+
 def remix_settings(
     source: JobRequest, prompt: str | None, shot: ShotSpec | None, burn_label: bool
 ) -> GenerationSettings:
-    """A remix's settings: the source's size, length, steps, seed, negative prompt and finish, with a new
-    prompt; the label stays on where the source had it or the project burns it."""
+    """A remix's settings: the source's size, length, steps, seed, tier, LoRAs, negative prompt and
+    finish, with a new prompt; the label stays on where the source had it or the project burns it."""
     spec = source.spec
     return GenerationSettings(
         prompt=prompt,
@@ -258,6 +332,36 @@ def remix_settings(
         upscale=source.finish.upscale,
         look=source.finish.look,
         label=source.finish.label is not None or burn_label,
+        quality=source.resolved.quality,
+        loras=[LoraUse(name=lora.name, weight=lora.weight) for lora in source.resolved.loras],
+    )
+
+
+def promote_settings(
+    source: JobRequest,
+    burn_label: bool,
+    *,
+    size: str | None = None,
+    upscale: str | None = None,
+    look: str | None = None,
+) -> GenerationSettings:
+    """The final take of a draft: its seed, prompt, shot, negative prompt, length, size (unless `size`),
+    LoRAs and finish (unless changed), with the `final` tier's steps and guidance."""
+    spec = source.spec
+    return GenerationSettings(
+        prompt=source.source.prompt if source.source.shot is not None else spec.prompt,
+        shot=source.source.shot,
+        negative_prompt=spec.negative_prompt,
+        duration=spec.duration,
+        size=size,
+        resolution=None if size is not None else spec.resolution,
+        aspect=None if size is not None else spec.aspect,
+        seed=spec.seed,
+        upscale=upscale or source.finish.upscale,
+        look=look or source.finish.look,
+        label=source.finish.label is not None or burn_label,
+        quality="final",
+        loras=[LoraUse(name=lora.name, weight=lora.weight) for lora in source.resolved.loras],
     )
 
 

@@ -90,6 +90,9 @@ RULES_BEYOND_SCHEMA: dict[str, str] = {
     "invalid_cursor": "`after` names no video of this project",
     "prompt_too_long": "the shot compiled with the prompt exceeds the prompt's 4000 characters",
     "too_many_videos": "the board's shots × variants exceed the most videos one storyboard may hold",
+    "unknown_adapter": "`loras` names an adapter this deployment does not load for the project, or one "
+    "twice (`GET /v1/models` lists the adapters)",
+    "tier_unavailable": "`quality: draft` on a deployment without the draft tier's distill LoRA",
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

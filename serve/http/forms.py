@@ -62,6 +62,8 @@ async def read_fields(request: Request) -> dict[str, Any]:
 FORM_INTEGERS = ("steps", "seed")
 FORM_NUMBERS = ("duration",)
 FORM_OBJECTS = ("shot", "labels")
+# list fields sent as JSON: one part with the whole list, or one part per item (the field repeated)
+FORM_JSON_LISTS = ("loras",)
 FORM_FREE_TEXT = ("prompt", "negative_prompt")
 FORM_BOOLEANS = {"true": True, "false": False}
 # Control characters no stored text may hold (tab, newline and carriage return are text): C0, DEL, C1.
@@ -79,7 +81,24 @@ def json_object_parts(fields: dict[str, Any]) -> dict[str, Any]:
         elif name in FORM_OBJECTS and isinstance(value, str):
             with contextlib.suppress(ValueError, RecursionError):  # else the schema refuses the text
                 decoded[name] = json.loads(value)
+        elif name in FORM_JSON_LISTS:
+            decoded[name] = _json_list(value)
     return decoded
+
+
+def _json_list(value: Any) -> Any:
+    """A list field's parts as one list: `[{...}, {...}]` in one part, or `{...}` per repeated part."""
+    parts = value if isinstance(value, list) else [value]
+    items: list[Any] = []
+    for part in parts:
+        try:
+            decoded = json.loads(part) if isinstance(part, str) else part
+        except (ValueError, RecursionError):
+            return value  # not JSON: the schema refuses the text
+        if isinstance(decoded, list) and not isinstance(value, list):
+            return decoded
+        items.append(decoded)
+    return items
 
 
 def typed_form_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +184,9 @@ def unflatten(items: list[tuple[str, Any]]) -> dict[str, Any]:
             if following is None:
                 if isinstance(target, list):
                     target.append(value)
+                elif part in target and target is fields and part in FORM_JSON_LISTS:
+                    previous = target[part]
+                    target[part] = [*previous, value] if isinstance(previous, list) else [previous, value]
                 elif part in target:
                     raise ApiError(400, "invalid_form", f"form field {key!r} is given twice", key)
                 else:

@@ -200,6 +200,12 @@ def build(app: FastAPI, description: str | None) -> dict[str, Any]:
             component["allOf"] = [PROMPT_OR_SHOT, *SETTINGS_RULES]
     if "model" in components["VideoCreate"]["properties"]:
         components["VideoCreate"]["properties"]["model"]["pattern"] = MODEL_PATTERN
+    if "VideoPromote" in components:
+        size = components["VideoPromote"]["properties"]["size"]
+        components["VideoPromote"]["properties"]["size"] = {
+            **FIELD_SCHEMAS["size"],
+            **{key: size[key] for key in ("title", "description") if key in size},
+        }
     if "StoryboardCreate" in components:
         components["StoryboardCreate"]["properties"]["model"]["pattern"] = MODEL_PATTERN
     shot_schema(components["ShotSpec"])

@@ -17,6 +17,7 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
     BeforeValidator,
@@ -32,7 +33,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline.prompt import ShotSpec
-from pipeline.spec import MAX_DURATION_S, MAX_PROMPT_CHARS, MIN_DURATION_S
+from pipeline.spec import (
+    ADAPTER_NAME_PATTERN,
+    MAX_DURATION_S,
+    MAX_LORAS,
+    MAX_PROMPT_CHARS,
+    MIN_DURATION_S,
+    Quality,
+)
 from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
@@ -82,6 +90,27 @@ Project = Annotated[str, StringConstraints(pattern=PROJECT_PATTERN)]
 VideoState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 
 
+def _size_is_wxh(size: str) -> str:
+    if not _SIZE.match(size):
+        raise ValueError(f"`size` must be WxH such as 1280x720 or 480x832 but is {size!r}.")
+    return size
+
+
+# `WxH` in ASCII digits without leading zeros (the envelope and the multiple-of-16 rule come later)
+SizeText = Annotated[str, AfterValidator(_size_is_wxh)]
+
+
+class LoraUse(BaseModel):
+    """A style or character LoRA to run the clip with (registered for the project, or shared)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="The adapter's name (`GET /v1/models`).")
+    weight: Annotated[float, Field(strict=True, ge=-4.0, le=4.0)] = Field(
+        1.0, description="Scale of its update: 1 as trained, 0.5 half as strong."
+    )
+
+
 class GenerationSettings(BaseModel):
     """How one clip is generated: the fields a video and a storyboard shot share."""
 
@@ -106,7 +135,7 @@ class GenerationSettings(BaseModel):
     duration: StrictFloat | StrictInt | None = Field(
         None, description="Clip length in seconds (alias of `seconds`)."
     )
-    size: str | None = Field(
+    size: SizeText | None = Field(
         None,
         description="`WxH` as in OpenAI, multiples of 16 (Wan2.2: 1280x720, 720x1280, 832x480, 480x832). "
         "Give `size` or `resolution`.",
@@ -122,6 +151,15 @@ class GenerationSettings(BaseModel):
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
     look: Literal["none", "film"] = Field("none", description="Colour grade.")
     label: StrictBool = Field(True, description=f"Burn the {DRAFT_LABEL!r} label into the frames.")
+    quality: Quality | None = Field(
+        None,
+        description="`draft`: the 4-step distilled experts (no CFG), seconds for a take; `final`: the full "
+        "40-step recipe. Default: the project's `default_quality`, else `draft` for `interactive` and "
+        "`final` for `batch` priority.",
+    )
+    loras: list[LoraUse] | None = Field(
+        None, max_length=MAX_LORAS, description="Style/character LoRAs, each named once."
+    )
 
     @field_validator("seconds")
     @classmethod
@@ -131,13 +169,6 @@ class GenerationSettings(BaseModel):
                 f'`seconds` must be a number of seconds such as "4" or "2.5" but is {seconds!r}.'
             )
         return seconds
-
-    @field_validator("size")
-    @classmethod
-    def _size_is_wxh(cls, size: str | None) -> str | None:
-        if size is not None and not _SIZE.match(size):
-            raise ValueError(f"`size` must be WxH such as 1280x720 or 480x832 but is {size!r}.")
-        return size
 
     @field_validator("resolution")
     @classmethod
@@ -183,6 +214,20 @@ class VideoRemix(BaseModel):
     )
 
 
+class VideoPromote(BaseModel):
+    """The final-tier take of a draft: same seed, prompt, shot, length and size (unless `size` is given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: SizeText | None = Field(None, description="A new `WxH` (default: the draft's).")
+    upscale: Upscale | None = Field(None, description="Default: the draft's.")
+    look: Literal["none", "film"] | None = Field(None, description="Default: the draft's.")
+    priority: Priority | None = Field(None, description="Default: `batch`.")
+    labels: dict[LabelKey, LabelValue] | None = Field(
+        None, max_length=MAX_LABELS, description="Default: the draft's labels."
+    )
+
+
 class VideoError(BaseModel):
     code: str = Field(description="Machine-readable error code.")
     message: str = Field(description="What went wrong, for a person.")
@@ -221,6 +266,15 @@ class Video(BaseModel):
     )
     seed: int
     steps: int
+    quality: Quality = Field(description="`draft` (distilled, few steps) or `final` (the full recipe).")
+    loras: list[LoraUse] = Field(description="The style/character LoRAs it runs with.")
+    promoted_from: str | None = Field(None, description="The draft this final take was promoted from.")
+    promoted_to: str | None = Field(None, description="The final take promoted from this draft.")
+    eta_seconds: float | None = Field(
+        None,
+        description="While it runs: seconds until it is predicted to complete, re-predicted after each "
+        "denoising step from the step times measured for its size and tier; null otherwise.",
+    )
     num_frames: int
     upscale: str
     look: str

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from serve.http.schemas import Video, VideoError
+from serve.http.schemas import LoraUse, Video, VideoError
 from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVideo, board_status
 from serve.jobs.models import JobRecord, JobStatus, StoryboardRecord, unix
 
@@ -48,6 +48,11 @@ def video_view(
         queue_position=queue_position if job.status == JobStatus.QUEUED else job.num_ahead_in_engine,
         seed=job.seed if job.seed is not None else resolved.seed,
         steps=resolved.steps,
+        quality=resolved.quality,
+        loras=[LoraUse(name=lora.name, weight=lora.weight) for lora in resolved.loras],
+        promoted_from=request.promoted_from,
+        promoted_to=job.promoted_to,
+        eta_seconds=job.eta_seconds,
         num_frames=resolved.num_frames,
         upscale=request.finish.upscale,
         look=request.finish.look,
@@ -103,6 +108,8 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
                 content_url=video.content_url,
                 thumbnail_url=video.thumbnail_url,
                 error=video.error.model_dump() if video.error else None,
+                quality=video.quality,
+                promoted_to=video.promoted_to,
             )
         )
     states = [video.status for shot in shots for video in shot.videos]

@@ -71,6 +71,7 @@ class JobRequest(BaseModel):
     callback_url: str | None = Field(None, description="Where the outcome's webhook goes.")
     storyboard: StoryboardPlace | None = None
     remixed_from: str | None = Field(None, description="The source video of a remix.")
+    promoted_from: str | None = Field(None, description="The draft this final-tier job was promoted from.")
     body_sha256: str | None = Field(None, description="Fingerprint of the body, to tell replays apart.")
 
     @classmethod
