@@ -1,122 +1,288 @@
-"""Quality tiers side by side, in one process: per clip, wall time, transformer forwards and rows, and the
-PSNR of the decoded draft against the decoded final take of the same seed.
+"""Quality tiers side by side: per clip, wall time, transformer forwards and rows, against `final`.
 
-    python -m loadtest.bench_tiers --preset small            # 2 clips, 96x64, 1 s, CPU
-    python -m loadtest.bench_tiers --preset tiny --sizes 160x96 --clips 3
+    python -m loadtest.bench_tiers --preset small
+    python -m loadtest.bench_tiers --preset tiny --clips 3 --thresholds 0.003,0.06 --size 256x144
 
-`final` is the official recipe (40 steps, CFG 4.0/3.0, UniPC, shift 12); `draft` the 4-step distill
-recipe (Euler, shift 5, no CFG) with the preset's built-in distill LoRA. On a preset the LoRA is seeded
-random, not distilled, so the PSNR says how far the two tiers' takes are apart, not how good a real
-distilled draft is; the forward and row counts and the time ratio are what carry over. Step caching
-(final + cache) joins this table where the engine gains it.
+Each tier is one row of the table (`tiers()`): `final` (the official recipe: the model's steps and CFG,
+UniPC, no cache), `final` with step caching (pipeline.denoise.stepcache) at each `--thresholds` value
+(max_skip and warm-up from DEFAULT_FINAL_CACHE, the final tier's default), and `draft` (the 4-step
+distill recipe: Euler, shift 5, no CFG rows, with the preset's built-in distill LoRA in both experts).
+Every clip runs alone through a DenoiseEngine per expert (high then low), so the forwards and rows
+counted are that clip's own; the curve is the preset's own calibration (the published Wan2.2 ratios only
+fit the real weights). PSNR is of each tier's decoded frames against final's decoded frames of the same
+clip (same seed and prompt); `inf` means identical frames. On a preset the distill LoRA is seeded random,
+not distilled, so the draft's PSNR says how far its take is from final's, not how good a real distilled
+draft is; its forward and row counts and its time ratio are what carry over to the real model.
+Printed, not asserted: a shared CPU is noisy, so wall times are the median over `--repeats` rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.denoise import Denoiser, initial_state
+from pipeline.denoise import DenoiseEngine, EngineRequest, initial_state
 from pipeline.denoise.adapters import load_bank
+from pipeline.denoise.calibration import WAN22_T2V_A14B_CURVE, calibration_curve
+from pipeline.denoise.denoiser import expert_step_indices
 from pipeline.denoise.state import tier_solvers
-from pipeline.lora import distill_folder
-from pipeline.spec import DISTILL_ADAPTER, RequestSpec, resolve
-from pipeline.text import TextEncoder
+from pipeline.denoise.stepcache import MagnitudeCurve, RequestCache
+from pipeline.lora import BUILTIN, distill_folder
+from pipeline.spec import (
+    DEFAULT_FINAL_CACHE,
+    DISTILL_ADAPTER,
+    ModelSpec,
+    Quality,
+    RequestSpec,
+    ResolvedRequest,
+    StepCacheSettings,
+    resolve,
+)
+from pipeline.text import PromptEmbeds, TextEncoder
 from pipeline.vae import VAEDecoder
-from pipeline.weights import build_preset
+from pipeline.weights import WanComponents, build_preset
 
-TIERS = ("final", "draft")
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Of uint8 frames."""
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(255.0**2 / mse)).item()
+EXPERTS = ("high", "low")
+COUNTED = ("num_forwards", "num_rows", "num_cached_steps", "latents")  # the same in every round
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="small", choices=("tiny", "small"))
-    parser.add_argument("--sizes", default="96x64", help="Comma-separated WxH.")
-    parser.add_argument("--seconds", type=float, default=1.0)
-    parser.add_argument("--clips", type=int, default=2, help="Clips (seeds) per size.")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """One row of the table: how a clip is generated."""
+
+    name: str
+    quality: Quality = "final"  # the recipe: steps, solver, CFG and the adapter its experts run with
+    cache: StepCacheSettings | None = None  # step caching; None: every step runs
+
+
+@dataclass(slots=True)
+class Clip:
+    spec: RequestSpec  # the shot, seed fixed; each tier resolves it with its own recipe
+    prompt: PromptEmbeds
+    negative: PromptEmbeds
+
+    def resolved(self, tier: Tier, model: ModelSpec) -> ResolvedRequest:
+        spec = self.spec.model_copy(update={"quality": tier.quality, "cache": tier.cache})
+        return resolve(spec, model)
+
+
+@dataclass(slots=True)
+class Run:
+    """One tier on one clip."""
+
+    seconds: float  # wall time of both experts
+    num_forwards: int  # transformer calls (both experts)
+    num_rows: int  # rows through the blocks (both experts)
+    num_cached_steps: int  # steps served from the step cache (both experts)
+    latents: torch.Tensor  # after the low expert
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--clips", type=int, default=2)
+    parser.add_argument("--size", default="160x96")
+    parser.add_argument("--duration", type=float, default=1.0, help="seconds of video: 1 -> 17 frames")
+    parser.add_argument("--thresholds", default="0.003,0.06", help="one cached final row per threshold")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; wall times are medians")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    return parser.parse_args()
+
+
+def tiers(args: argparse.Namespace) -> list[Tier]:
+    """The rows: final (no cache), final with caching at each threshold, then draft."""
+    cached = [
+        Tier(
+            f"final + cache {threshold:g}",
+            cache=DEFAULT_FINAL_CACHE.model_copy(update={"threshold": threshold}),
+        )
+        for threshold in map(float, args.thresholds.split(","))
+    ]
+    return [Tier("final"), *cached, Tier("draft", quality="draft")]
+
+
+def make_clips(components: WanComponents, args: argparse.Namespace) -> list[Clip]:
+    encoder = TextEncoder(components.tokenizer, components.text_encoder, max_sequence_length=512)
+    clips = []
+    for index in range(args.clips):
+        spec = RequestSpec(
+            prompt=f"shot {index}: a slow crane up a foggy harbour at dawn",
+            resolution=args.size,
+            duration=args.duration,
+            seed=2000 + index,
+        )
+        resolved = resolve(spec, components.model)
+        prompt, negative = encoder.encode([resolved.prompt, resolved.negative_prompt])
+        clips.append(Clip(spec, prompt, negative))
+    return clips
+
+
+def run(
+    components: WanComponents,
+    curve: MagnitudeCurve,
+    engines: dict[str, DenoiseEngine],
+    tier: Tier,
+    clip: Clip,
+) -> Run:
+    """One clip through both engines, counting what it alone added to their stats."""
+    resolved = clip.resolved(tier, components.model)
+    before = {expert: engine.stats() for expert, engine in engines.items()}
+    started = time.perf_counter()
+    state = initial_state(resolved, components.model)
+    for expert in EXPERTS:
+        guidance = resolved.guidance_high if expert == "high" else resolved.guidance_low
+        request = EngineRequest(
+            f"{tier.name}:{resolved.seed}",
+            state,
+            clip.prompt,
+            clip.negative,
+            guidance,
+            quality=resolved.quality,
+            adapters=resolved.adapters(components.model),
+            cache=resolved.cache,
+        )
+        future = engines[expert].submit(request)
+        while not future.done():
+            engines[expert].step()
+        state = future.result()
+    seconds = time.perf_counter() - started
+    after = {expert: engine.stats() for expert, engine in engines.items()}
+    count = lambda name: sum(getattr(after[e], name) - getattr(before[e], name) for e in EXPERTS)  # noqa: E731
+    return Run(seconds, count("num_forwards"), count("num_rows"), count("num_cached_steps"), state.latents)
+
+
+def planned_skips(
+    components: WanComponents, curve: MagnitudeCurve, cache: StepCacheSettings, num_steps: int
+) -> dict[str, int]:
+    """expert -> steps a CFG request skips: the decision depends on the curve and settings only."""
+    skips = {}
+    for expert in EXPERTS:
+        indices = expert_step_indices(
+            components.scheduler, num_steps, components.model.boundary_ratio, expert
+        )
+        state = RequestCache(cache, curve.step_ratios(num_steps, use_cfg=True), max_bytes=4)
+        skips[expert] = 0
+        for index in indices:
+            decision = state.decide(index)
+            state.commit(decision, None if decision.skip else torch.zeros(1))  # a 4-byte stand-in residual
+            skips[expert] += decision.skip
+    return skips
+
+
+def psnr(frames: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    errors = [float(((a.float() - b.float()) ** 2).mean()) for a, b in zip(frames, reference, strict=True)]
+    mse = statistics.fmean(errors)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     components = build_preset(args.preset)
     model = components.model
-    encoder = TextEncoder(
-        components.tokenizer, components.text_encoder, max_sequence_length=model.max_sequence_length
-    )
-    with tempfile.TemporaryDirectory() as cache:
-        folders = {DISTILL_ADAPTER: distill_folder("builtin", args.preset, cache_dir=Path(cache))}
-        experts = {"high": components.transformer, "low": components.transformer_2}
-        solvers = tier_solvers(model, components.scheduler)
-        denoisers = {
-            expert: Denoiser(
-                transformer,
+    curve = calibration_curve(args.preset, model)
+    solvers = tier_solvers(model, components.scheduler)
+    with tempfile.TemporaryDirectory() as cache_dir:  # the preset's seeded random distill LoRA
+        folders = {DISTILL_ADAPTER: distill_folder(BUILTIN, args.preset, cache_dir=Path(cache_dir))}
+        engines = {
+            expert: DenoiseEngine(
+                module,
                 components.scheduler,
                 expert=expert,
                 boundary_ratio=model.boundary_ratio,
                 max_sequence_length=model.max_sequence_length,
+                cache_curve=curve,
                 solvers=solvers,
-                adapters=load_bank(transformer, expert, folders),
+                adapters=load_bank(module, expert, folders),
             )
-            for expert, transformer in experts.items()
+            for expert, module in zip(
+                EXPERTS, (components.transformer, components.transformer_2), strict=True
+            )
         }
-    rows: list[int] = []
-    hooks = [
-        transformer.register_forward_pre_hook(
-            lambda _m, _a, kwargs: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
-        )
-        for transformer in experts.values()
-    ]
     decoder = VAEDecoder(components.vae)
-    print(f"# python -m loadtest.bench_tiers {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"# preset {args.preset}, {torch.get_num_threads()} CPU threads")
-    print("| clip | tier | steps | forwards | rows | seconds | time / final | PSNR vs final (dB) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size in args.sizes.split(","):
-        for clip in range(args.clips):
-            results = {}
-            for quality in TIERS:
-                spec = RequestSpec(
-                    prompt="a courier runs across rooftops at dusk, handheld",
-                    resolution=size,
-                    duration=args.seconds,
-                    seed=100 + clip,
-                    quality=quality,
-                )
-                resolved = resolve(spec, model)
-                prompt, negative = encoder.encode([resolved.prompt, resolved.negative_prompt])
-                state = initial_state(resolved, model)
-                rows.clear()
-                started = time.perf_counter()
-                for expert, guidance in (("high", resolved.guidance_high), ("low", resolved.guidance_low)):
-                    state = denoisers[expert].run(
-                        state,
-                        prompt,
-                        negative,
-                        guidance,
-                        quality=quality,
-                        adapters=resolved.adapters(model),
-                    )
-                seconds = time.perf_counter() - started
-                frames = torch.from_numpy(decoder.decode(state.latents, fps=resolved.fps).pixels)
-                results[quality] = (resolved.steps, len(rows), sum(rows), seconds, frames)
-            final_seconds, final_frames = results["final"][3], results["final"][4]
-            for quality, (steps, forwards, num_rows, seconds, frames) in results.items():
-                quality_psnr = "—" if quality == "final" else f"{psnr(frames, final_frames):.1f}"
-                print(
-                    f"| {size} #{clip} | {quality} | {steps} | {forwards} | {num_rows} | {seconds:.2f} | "
-                    f"{seconds / final_seconds:.3f} | {quality_psnr} |"
-                )
-    for hook in hooks:
-        hook.remove()
+    clips, rows = make_clips(components, args), tiers(args)
+    rounds: dict[tuple[str, int], list[Run]] = {}  # (tier, clip) -> its run in each round
+    run(components, curve, engines, rows[0], clips[0])  # warm-up, not counted
+    for _ in range(args.repeats):
+        for tier in rows:  # rounds interleave the tiers
+            for index, clip in enumerate(clips):
+                rounds.setdefault((tier.name, index), []).append(run(components, curve, engines, tier, clip))
+    runs: dict[str, list[Run]] = {}  # tier -> per clip: its first round, with the median wall time
+    frames: dict[str, list[torch.Tensor]] = {}  # tier -> per clip: decoded (frames, height, width, 3) uint8
+    for tier in rows:
+        for index in range(len(clips)):
+            done = rounds[(tier.name, index)]
+            median = statistics.median(r.seconds for r in done)
+            runs.setdefault(tier.name, []).append(Run(median, *[getattr(done[0], f) for f in COUNTED]))
+            pixels = decoder.decode(done[0].latents, fps=model.fps).pixels
+            frames.setdefault(tier.name, []).append(torch.from_numpy(pixels))
+    print_table(args, model, clips, rows, runs, frames)
+    published = MagnitudeCurve.load(WAN22_T2V_A14B_CURVE)
+    for tier in rows:
+        if tier.cache is not None:
+            skips = planned_skips(components, published, tier.cache, model.num_steps)
+            print(
+                f"{tier.name}: on MagCache's published Wan2.2 T2V-A14B curve a {model.num_steps}-step "
+                f"request skips {skips['high']} high-noise + {skips['low']} low-noise steps"
+            )
+
+
+def print_table(
+    args: argparse.Namespace,
+    model: ModelSpec,
+    clips: list[Clip],
+    rows: list[Tier],
+    runs: dict[str, list[Run]],
+    frames: dict[str, list[torch.Tensor]],
+) -> None:
+    """One line per clip and tier, ratios against that clip's `final`; then the mean over the clips."""
+    final = clips[0].resolved(rows[0], model)
+    draft = clips[0].resolved(Tier("draft", quality="draft"), model)
+    print(
+        f"preset {args.preset}, {len(clips)} clips of {final.width}x{final.height}, {final.num_frames} "
+        f"frames; final {final.steps} steps, CFG {final.guidance_high:g}/{final.guidance_low:g}; draft "
+        f"{draft.steps} steps, CFG {draft.guidance_high:g}/{draft.guidance_low:g}; wall time per clip, "
+        f"median of {args.repeats} rounds; torch threads {torch.get_num_threads()}"
+    )
+    print(f"command: python -m loadtest.bench_tiers {' '.join(sys.argv[1:])}".rstrip())
+    header = ("clip", "tier", "steps", "wall s", "x final", "forwards", "x final", "rows", "x final")
+    header = (*header, "skipped")
+    print(" | ".join([f"{header[0]:<4}", f"{header[1]:<20}", *(f"{h:>8}" for h in header[2:]), "PSNR dB"]))
+    reference = frames[rows[0].name]
+    for label, picked in [*((f"#{i}", [i]) for i in range(len(clips))), ("mean", list(range(len(clips))))]:
+        base = [runs[rows[0].name][i] for i in picked]
+        base_wall = statistics.fmean(r.seconds for r in base)
+        base_forwards = statistics.fmean(r.num_forwards for r in base)
+        base_rows = statistics.fmean(r.num_rows for r in base)
+        for tier in rows:
+            done = [runs[tier.name][i] for i in picked]
+            wall = statistics.fmean(r.seconds for r in done)
+            forwards = statistics.fmean(r.num_forwards for r in done)
+            num_rows = statistics.fmean(r.num_rows for r in done)
+            steps = clips[0].resolved(tier, model).steps
+            db = psnr([frames[tier.name][i] for i in picked], [reference[i] for i in picked])
+            cells = (
+                f"{steps}",
+                f"{wall:.2f}",
+                f"{wall / base_wall:.2f}",
+                f"{forwards:g}",
+                f"{forwards / base_forwards:.2f}",
+                f"{num_rows:g}",
+                f"{num_rows / base_rows:.2f}",
+                f"{statistics.fmean(r.num_cached_steps for r in done):g}",
+            )
+            print(" | ".join([f"{label:<4}", f"{tier.name:<20}", *(f"{c:>8}" for c in cells), f"{db:.1f}"]))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Grader: named colour looks applied to decoded frames before encoding."""
+"""Grader: colour looks applied to decoded frames before encoding: the built-in `none` and `film`, or a
+project's .cube LUT (pipeline.lut)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline.frames import Frames
+from pipeline.lut import Lut
 
 LOOKS = ("none", "film")
 _CHUNK_FRAMES = 8  # frames graded per float32 pass: bounds memory to ~8 x 4 bytes x pixels x 3
@@ -20,15 +22,21 @@ _LUMA = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)  # Rec.709 luma wei
 
 
 class Grader:
-    """Applies one named look: `none` (identity) or `film` (tone curve, warm split-tone, seeded grain)."""
+    """Applies one look: `none` (identity), `film` (tone curve, warm split-tone, seeded grain), or a LUT
+    registered under the look's name (`lut`)."""
 
-    def __init__(self, look: str = "none") -> None:
-        if look not in LOOKS:
+    def __init__(self, look: str = "none", lut: Lut | None = None) -> None:
+        if lut is None and look not in LOOKS:
             raise ValueError(f"`look` must be one of {', '.join(LOOKS)} but is {look!r}.")
+        if lut is not None and look in LOOKS:
+            raise ValueError(f"`look` {look!r} is built in; a LUT cannot be given for it.")
         self.look = look
+        self.lut = lut
 
     def grade(self, frames: Frames, seed: int) -> Frames:
         """Grade `frames`; the same seed gives identical bytes, a different seed different grain."""
+        if self.lut is not None:
+            return self.lut.apply(frames)
         if self.look == "none":
             return frames
         rng = np.random.default_rng(seed)

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from pipeline.denoise import Denoiser, initial_state
 from pipeline.denoise.adapters import AdapterBank, load_bank
+from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.denoiser import expert_step_indices
 from pipeline.denoise.forward import Forward
 from pipeline.denoise.parallel import (
@@ -34,6 +35,7 @@ from pipeline.denoise.parallel import (
 from pipeline.denoise.state import tier_solvers
 from pipeline.frames import Frames
 from pipeline.grade import Grader
+from pipeline.interpolate import CONFORM_RATES, conform
 from pipeline.lora import BUILTIN, distill_folder
 from pipeline.spec import DISTILL_ADAPTER, RequestSpec, ResolvedRequest, resolve
 from pipeline.text import TextEncoder
@@ -42,7 +44,7 @@ from pipeline.vae import VAEDecoder
 from pipeline.video import DRAFT_LABEL, VideoWriter
 from pipeline.weights import DEFAULT_CACHE_DIR, PRESETS, WanComponents, load_components
 
-STAGES = ("encode", "denoise_high", "denoise_low", "decode", "upscale", "grade", "encode_video")
+STAGES = ("encode", "denoise_high", "denoise_low", "decode", "upscale", "conform", "grade", "encode_video")
 
 # (stage, units done, units total) -> None; units are steps, latent frames or frames per stage.
 ProgressCallback = Callable[[str, int, int], None]
@@ -55,6 +57,7 @@ class FinishOptions:
     upscale: str = "none"  # none | 720p | 1080p
     look: str = "none"  # none | film
     label: str | None = DRAFT_LABEL  # burned-in text; None leaves frames unmarked (metadata still marks)
+    fps: int | None = None  # delivered rate (16, 24, 25): conformed after upscaling; None keeps the model's
 
 
 @dataclass(slots=True)
@@ -137,6 +140,8 @@ class LocalPipeline:
                 "unsharded only; use `quality` final."
             )
         finish = finish or FinishOptions()
+        if finish.fps is not None and finish.fps not in CONFORM_RATES:
+            raise ValueError(f"`fps` must be one of 16, 24, 25 but is {finish.fps}.")
         grader = Grader(finish.look)
         target_size = upscale_target_size(finish.upscale, *request.size)
         writer = VideoWriter(label=finish.label)
@@ -152,6 +157,10 @@ class LocalPipeline:
             prompt, negative = self.text_encoder.encode([resolved.prompt, resolved.negative_prompt])
             report("encode", 1, 1)
         state = initial_state(resolved, model, channels=self.components.transformer.config.in_channels)
+        if resolved.cache is not None:  # calibrated on first use only: a preset measures its own curve
+            curve = calibration_curve(self.components.source, model)
+            for denoiser in self.denoisers.values():
+                denoiser.cache_curve = curve
         for expert, guidance in (("high", resolved.guidance_high), ("low", resolved.guidance_low)):
             stage = f"denoise_{expert}"
             with _timed(timings, stage):
@@ -163,6 +172,7 @@ class LocalPipeline:
                     on_step=stage_progress(stage),
                     quality=resolved.quality,
                     adapters=resolved.adapters(model),
+                    cache=resolved.cache,
                 )
         with _timed(timings, "decode"):
             frames = self.vae_decoder.decode(
@@ -170,6 +180,9 @@ class LocalPipeline:
             )
         with _timed(timings, "upscale"):
             frames = self._upscale(frames, target_size, stage_progress("upscale"))
+        with _timed(timings, "conform"):
+            frames = conform(frames, finish.fps or frames.fps)
+            report("conform", 1, 1)
         with _timed(timings, "grade"):
             frames = grader.grade(frames, seed=resolved.seed)
         with _timed(timings, "encode_video"):

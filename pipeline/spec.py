@@ -28,6 +28,7 @@ MIN_DURATION_S, MAX_DURATION_S = 0.25, 10.0
 MAX_STEPS = 100
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript too) holds exactly
 MAX_LORAS = 4  # style/character adapters one request may stack (besides its tier's distill LoRA)
+MAX_CACHE_THRESHOLD = 1.0  # MagCache's published runs use 0.01-0.3 (an error is a sum of |1 - ratio|)
 _EXPLICIT_SIZE = re.compile(r"^([0-9]+)x([0-9]+)$")  # ASCII digits only
 ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 
@@ -37,6 +38,50 @@ QUALITIES: tuple[Quality, ...] = ("draft", "final")
 DISTILL_ADAPTER = "distill"  # the adapter name a tier's distill LoRA is loaded under in each expert
 # (adapter name, weight) pairs sorted by name: what one request runs its experts with; part of the bucket key
 AdapterSet = tuple[tuple[str, float], ...]
+
+
+class StepCacheSettings(BaseModel):
+    """Step caching for one request (MagCache, per request inside the engine: pipeline.denoise.stepcache).
+
+    A step is skipped (its blocks reuse the residual of the request's last computed step) while the error
+    accumulated from the model's calibrated magnitude ratios stays below `threshold`, for at most
+    `max_skip` steps in a row, never within the request's first `warmup_steps` steps and never on the
+    first step of an expert (its residual belongs to the expert that computed it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    threshold: float = Field(
+        description=f"Accumulated magnitude error allowed before a step must run (0–{MAX_CACHE_THRESHOLD:g}; "
+        "0 never skips; MagCache's Wan2.2 runs use 0.06)."
+    )
+    max_skip: int = Field(2, description=f"Most steps skipped in a row (0–{MAX_STEPS}; MagCache's K).")
+    warmup_steps: int = Field(0, description=f"The request's first steps, always computed (0–{MAX_STEPS}).")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_in_range(cls, threshold: float) -> float:
+        if not 0.0 <= threshold <= MAX_CACHE_THRESHOLD:
+            raise ValueError(
+                f"`cache.threshold` must be between 0 and {MAX_CACHE_THRESHOLD:g} but is {threshold}."
+            )
+        return threshold
+
+    @field_validator("max_skip", "warmup_steps")
+    @classmethod
+    def _steps_in_range(cls, steps: int, info) -> int:
+        if not 0 <= steps <= MAX_STEPS:
+            raise ValueError(f"`cache.{info.field_name}` must be between 0 and {MAX_STEPS} but is {steps}.")
+        return steps
+
+
+# The final tier's default cache (ModelSpec.final_cache). MagCache's setting for Wan2.2 T2V-A14B
+# (Zehong-Ma/MagCache, MagCache4Wan2.2/README.md and magcache_generate.py): threshold 0.06, K = 2,
+# retention ratio 0.4 of the 26 high-noise steps of 40, i.e. the first 10 steps always run.
+DEFAULT_FINAL_CACHE = StepCacheSettings(threshold=0.06, max_skip=2, warmup_steps=10)
+DRAFT_CACHE_PROBLEM = (
+    "`cache` is for `quality: final` only (step caching does not help the 4-step draft recipe); omit "
+    "`cache`, or ask for `quality: final`."
+)
 
 
 class TierRecipe(BaseModel):
@@ -61,8 +106,9 @@ class TierRecipe(BaseModel):
     adapter: str | None = Field(
         None, description=f"LoRA adapter both experts run with (`{DISTILL_ADAPTER}`); None: base weights."
     )
-    # Hook for per-request step caching (developed separately): the tier's default cache settings.
-    cache: dict[str, float] | None = Field(None, description="Default step-cache settings; None: off.")
+    cache: StepCacheSettings | None = Field(
+        None, description="Step caching of a request that names none; None: every step runs."
+    )
 
     @model_validator(mode="after")
     def _split_within_steps(self) -> TierRecipe:
@@ -118,8 +164,10 @@ class ModelSpec(BaseModel):
     # `final` is the official recipe of the fields above (Wan2.2 repo, wan/configs/wan_t2v_A14B.py: 40
     # steps, shift 12, guide_scale (3.0, 4.0) low/high, UniPC); the boundary gives 26 high + 14 low steps.
     draft: TierRecipe = Field(DRAFT_RECIPE, description="The `draft` tier: few-step distilled experts.")
-    final_cache: dict[str, float] | None = Field(
-        None, description="Default step-cache settings of the `final` tier; None: off."
+    final_cache: StepCacheSettings | None = Field(
+        DEFAULT_FINAL_CACHE,
+        description="Step caching of a `final` request that names none (MagCache's Wan2.2 setting); None: "
+        "every step runs.",
     )
 
     def recipe(self, quality: Quality) -> TierRecipe:
@@ -203,6 +251,11 @@ class RequestSpec(BaseModel):
     guidance_low: float | None = Field(None, description="Override the low-noise expert's CFG scale.")
     quality: Quality | None = Field(None, description="`draft` or `final` tier; default `final`.")
     loras: tuple[LoraRef, ...] = Field((), description=f"Style/character LoRAs (at most {MAX_LORAS}).")
+    cache: StepCacheSettings | None = Field(
+        None,
+        description="Step caching; omitted: the tier's default (`final`: DEFAULT_FINAL_CACHE, `draft`: "
+        "none); None given: every step runs. Not with `quality: draft` (4-step models gain nothing).",
+    )
 
     @field_validator("loras")
     @classmethod
@@ -215,6 +268,13 @@ class RequestSpec(BaseModel):
         if DISTILL_ADAPTER in names:
             raise ValueError(f"`loras` cannot name {DISTILL_ADAPTER!r}: `quality: draft` selects it.")
         return loras
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_final_only(cls, cache: StepCacheSettings | None, info) -> StepCacheSettings | None:
+        if cache is not None and info.data.get("quality") == "draft":
+            raise ValueError(DRAFT_CACHE_PROBLEM)
+        return cache
 
     @field_validator("prompt")
     @classmethod
@@ -333,6 +393,7 @@ class ResolvedRequest(BaseModel):
     guidance_low: float
     quality: Quality = "final"  # rows stored before tiers existed ran the official recipe
     loras: tuple[LoraRef, ...] = ()
+    cache: StepCacheSettings | None = None  # None: every step runs (rows stored before caching have none)
 
     def adapters(self, model: ModelSpec) -> AdapterSet:
         """(name, weight) of every adapter the experts run this request with, sorted: its tier's distill
@@ -360,8 +421,9 @@ class ResolvedRequest(BaseModel):
 
 
 def resolve(request: RequestSpec, model: ModelSpec) -> ResolvedRequest:
-    """Fill defaults from the model and the request's tier (final when unset); a missing seed becomes a
-    fresh random one (recorded)."""
+    """Fill defaults from the model and the request's tier (final when unset): its steps, guidance and,
+    unless the request names `cache` (None included: off), its step cache; a missing seed becomes a fresh
+    random one (recorded)."""
     width, height = request.size
     quality: Quality = request.quality or "final"
     recipe = model.recipe(quality)
@@ -378,6 +440,7 @@ def resolve(request: RequestSpec, model: ModelSpec) -> ResolvedRequest:
         guidance_low=request.guidance_low if request.guidance_low is not None else recipe.guidance_low,
         quality=quality,
         loras=request.loras,
+        cache=request.cache if "cache" in request.model_fields_set else recipe.cache,
     )
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -74,46 +77,67 @@ class VideoWriter:
 
     def write(self, frames: Frames, path: Path, *, metadata: dict[str, str] | None = None) -> Path:
         """Encode `frames` to `path` at frames.fps with exactly frames.num_frames frames; returns `path`."""
+        with self.stream(path, frames.width, frames.height, frames.fps, metadata=metadata) as out:
+            out.add(frames.pixels)
+        return Path(path)
+
+    @contextmanager
+    def stream(
+        self, path: Path, width: int, height: int, fps: int, *, metadata: dict[str, str] | None = None
+    ) -> Iterator[VideoStream]:
+        """An mp4 written a batch of frames at a time (a long assembly never sits in memory whole); the
+        file appears at `path` when the block ends without an error, never half-written."""
         path = Path(path)
-        if frames.width % 2 or frames.height % 2:
+        if width % 2 or height % 2:
             raise ValueError(
-                f"Frame `width` and `height` must be even for H.264 yuv420p but are "
-                f"{frames.width} and {frames.height}."
+                f"Frame `width` and `height` must be even for H.264 yuv420p but are {width} and {height}."
             )
         tags = _merge_metadata(metadata or {})
-        overlay = _label_overlay(self.label, frames.width, frames.height) if self.label is not None else None
+        overlay = _label_overlay(self.label, width, height) if self.label is not None else None
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         os.close(fd)
         try:
-            self._encode(frames, Path(tmp_name), tags, overlay)
+            # use_metadata_tags: without it the mp4 muxer drops every key it has no atom for
+            with av.open(
+                tmp_name, mode="w", format="mp4", options={"movflags": "use_metadata_tags"}
+            ) as container:
+                container.metadata.update(tags)
+                stream = container.add_stream(CODEC, rate=fps)
+                stream.width = width
+                stream.height = height
+                stream.pix_fmt = "yuv420p"
+                stream.codec_context.time_base = Fraction(1, fps)  # pts = frame index
+                stream.options = {"crf": str(self.crf), "preset": self.preset, "x264-params": X264_PARAMS}
+                out = VideoStream(container, stream, overlay)
+                yield out
+                container.mux(stream.encode(None))
             os.replace(tmp_name, path)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-        return path
 
-    def _encode(
-        self, frames: Frames, path: Path, tags: dict[str, str], overlay: tuple[np.ndarray, np.ndarray] | None
-    ) -> None:
-        # use_metadata_tags: without it the mp4 muxer drops every key it has no atom for
-        with av.open(
-            str(path), mode="w", format="mp4", options={"movflags": "use_metadata_tags"}
-        ) as container:
-            container.metadata.update(tags)
-            stream = container.add_stream(CODEC, rate=frames.fps)
-            stream.width = frames.width
-            stream.height = frames.height
-            stream.pix_fmt = "yuv420p"
-            stream.codec_context.time_base = Fraction(1, frames.fps)  # pts = frame index
-            stream.options = {"crf": str(self.crf), "preset": self.preset, "x264-params": X264_PARAMS}
-            for index in range(frames.num_frames):
-                rgb = frames.pixels[index]
-                if overlay is not None:
-                    rgb = _burn(rgb, overlay)
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-                frame.pts = index
-                container.mux(stream.encode(frame))
-            container.mux(stream.encode(None))
+
+class VideoStream:
+    """The open encoder of VideoWriter.stream: `add` frames in order."""
+
+    def __init__(self, container: Any, stream: Any, overlay: tuple[np.ndarray, np.ndarray] | None) -> None:
+        self._container, self._stream, self._overlay = container, stream, overlay
+        self.num_frames = 0  # frames added so far
+
+    def add(self, pixels: np.ndarray) -> None:
+        """Encode (n, height, width, 3) uint8 RGB frames after those added before."""
+        if pixels.ndim != 4 or pixels.shape[1:] != (self._stream.height, self._stream.width, 3):
+            raise ValueError(
+                f"`pixels` must have shape (n, {self._stream.height}, {self._stream.width}, 3) but has "
+                f"{pixels.shape}."
+            )
+        for rgb in pixels:
+            if self._overlay is not None:
+                rgb = _burn(rgb, self._overlay)
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts = self.num_frames
+            self._container.mux(self._stream.encode(frame))
+            self.num_frames += 1
 
 
 def _merge_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -182,3 +206,14 @@ def poster_frame_jpeg(path: str | Path, quality: int = 90) -> bytes:
             frame.to_image().save(buffer, format="JPEG", quality=quality)
             return buffer.getvalue()
     raise ValueError(f"`path` {str(path)!r} has no decodable video frame.")
+
+
+def read_frames(path: str | Path) -> Frames:
+    """Every frame of `path` as RGB, at its stream's average rate (rounded to whole frames a second)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        pixels = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        rate = stream.average_rate or stream.guessed_rate
+    if not pixels:
+        raise ValueError(f"`path` {str(path)!r} has no decodable video frame.")
+    return Frames(pixels=np.stack(pixels), fps=round(float(rate)) if rate else 16)

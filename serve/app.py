@@ -11,11 +11,12 @@ Each stage declares its own default Serve options; the config YAML's `deployment
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.serve import Application
 
-from serve.config import PrevizArgs
+from serve.config import PrevizArgs, with_environment
 from serve.http.ingress import Ingress
 from serve.scheduling.scheduler import Scheduler
 from serve.sharding import check_degrees
@@ -24,7 +25,7 @@ from serve.stages import decoder, denoiser, finisher, text_encoder, upscaler
 
 def build_app(args: PrevizArgs | dict[str, Any]) -> Application:
     """Validate the args, then bind every stage, the Scheduler and the Ingress."""
-    args = PrevizArgs.model_validate(args)
+    args = with_environment(PrevizArgs.model_validate(args), os.environ)
     check_degrees(args.experts, args.model, args.model_cache_dir, args.sampling)
     encoder = text_encoder.TextEncoderDeployment.options(**text_encoder.default_options(args)).bind(args)
     high = denoiser.DenoiserDeployment.options(**denoiser.default_options(args, "high")).bind(args, "high")

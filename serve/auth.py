@@ -72,6 +72,11 @@ class ProjectSettings(BaseModel):
         description="The tier of a video that names no `quality`; unset: `draft` for `interactive` and "
         "`final` for `batch` priority.",
     )
+    default_fps: Literal[16, 24, 25] | None = Field(
+        None,
+        description="Frame rate of the project's clips when a request names none (the edit's rate, e.g. "
+        "24); unset: 16, the model's own.",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -11,6 +12,7 @@ from pipeline.lora import BUILTIN
 from pipeline.safety import SafetySettings
 from pipeline.spec import ADAPTER_NAME_PATTERN, DISTILL_ADAPTER, ModelSpec, SizeEnvelope
 from pipeline.weights import PRESETS
+from serve.luts import LutSource
 from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
 
@@ -119,6 +121,11 @@ class PrevizArgs(BaseModel):
         description="Clip sizes served (min/max pixels a frame, max frames); shown in GET /v1/models.",
     )
     sr_weights: Path | None = Field(None, description="Real-ESRGAN-family weights for the Upscaler.")
+    interpolation_weights: Path | None = Field(
+        None,
+        description="A RIFE-family frame-interpolation network (`torch.export` .pt2) for the Finisher's fps "
+        "conform; unset: OpenCV DIS optical flow.",
+    )
     database_url: str = Field(
         "sqlite:///previz-data/jobs.db",
         description="Job store: SQLite file (default) or postgresql+psycopg://...",
@@ -171,6 +178,11 @@ class PrevizArgs(BaseModel):
         default_factory=SafetySettings,
         description="Content policy: term lists, prompt classifier and frame-check hooks.",
     )
+    luts: list[LutSource] = Field(
+        default_factory=list,
+        description="LUT looks registered for projects when the Ingress starts (path or s3:// each); "
+        "admins also upload them through /v1/admin/projects/{name}/luts.",
+    )
 
     @model_validator(mode="after")
     def _builtin_lora_for_presets_only(self) -> PrevizArgs:
@@ -194,3 +206,14 @@ class PrevizArgs(BaseModel):
         if self.experts.any_sharded:
             return None
         return next((lora for lora in self.adapters.loras if lora.name == name), None)
+
+
+# Settings a deployment may give through the environment instead of the config file: secrets, which a
+# Serve config (and the RayService that embeds it) should not hold. The environment wins.
+ENVIRONMENT_OVERRIDES = {"PREVIZ_DATABASE_URL": "database_url"}
+
+
+def with_environment(args: PrevizArgs, environ: Mapping[str, str]) -> PrevizArgs:
+    """`args` with each ENVIRONMENT_OVERRIDES variable set in `environ` taking its field's place."""
+    changes = {field: environ[name] for name, field in ENVIRONMENT_OVERRIDES.items() if environ.get(name)}
+    return PrevizArgs.model_validate({**args.model_dump(), **changes}) if changes else args

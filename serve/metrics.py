@@ -68,6 +68,9 @@ class PrevizMetrics:
     engine_requests_finished_total: Counter  # by outcome: finished | cancelled | failed
     engine_adapter_switches_total: Counter  # LoRA adapter-set changes between forwards
     engine_forwards_total: Counter  # transformer forwards by adapter set (`base`, `distill+noir@0.8`)
+    denoise_rows_total: Counter  # rows through the transformer blocks (cached steps send none)
+    denoise_cached_steps_total: Counter  # request steps served from a step cache
+    step_cache_bytes: Gauge  # held | bound: the live requests' step-cache residuals and their bound
     text_embedding_cache_hits_total: Counter
     text_embedding_cache_misses_total: Counter
     artifact_bytes_written_total: Counter
@@ -173,6 +176,22 @@ def metrics() -> PrevizMetrics:
             "previz_engine_forwards_total",
             "Transformer forwards of an engine, by the LoRA adapter set they ran with.",
             tag_keys=("expert", "adapters", *replica),
+        ),
+        denoise_rows_total=Counter(
+            "previz_denoise_rows_total",
+            "Rows (cond + uncond) the engine sent through the transformer blocks.",
+            tag_keys=("expert", *replica),
+        ),
+        denoise_cached_steps_total=Counter(
+            "previz_denoise_cached_steps_total",
+            "Request steps served from a step cache instead of the transformer blocks.",
+            tag_keys=("expert", *replica),
+        ),
+        step_cache_bytes=Gauge(
+            "previz_step_cache_bytes",
+            "Bytes of step-cache residuals the engine's live requests hold (state=held) and their bound "
+            "(state=bound, one residual per caching request).",
+            tag_keys=("expert", "state", *replica),
         ),
         text_embedding_cache_hits_total=Counter(
             "previz_text_embedding_cache_hits_total",
@@ -402,6 +421,7 @@ class ReplicaReporter:
         self._last_outcomes = {"finished": 0, "cancelled": 0, "failed": 0}
         self._last_switches = 0
         self._last_forwards: dict[str, int] = {}  # adapter set -> forwards reported
+        self._last_counts = {"rows": 0, "cached_steps": 0}  # EngineStats.num_<name> last reported
         self._queue: StaleZeroingGauge | None = None  # made on the first report (needs the expert)
         self._thread: threading.Thread | None = None
 
@@ -450,6 +470,13 @@ class ReplicaReporter:
                 new = total - self._last_forwards.get(adapters, 0)
                 m.engine_forwards_total.inc(new, tags={**tags, "adapters": adapters})
                 self._last_forwards[adapters] = total
+        for name, counter in (("rows", m.denoise_rows_total), ("cached_steps", m.denoise_cached_steps_total)):
+            total = getattr(stats, f"num_{name}")
+            if total > self._last_counts[name]:
+                counter.inc(total - self._last_counts[name], tags=tags)
+                self._last_counts[name] = total
+        m.step_cache_bytes.set(stats.num_cache_bytes, tags={**tags, "state": "held"})
+        m.step_cache_bytes.set(stats.max_cache_bytes, tags={**tags, "state": "bound"})
         m.denoise_tokens_per_iteration.set(stats.mean_num_tokens, tags=tags)
         m.denoise_iterations_per_second.set(stats.iterations_per_second, tags=tags)
         occupancy = stats.mean_num_tokens / stats.max_num_tokens if stats.max_num_tokens else 0.0

@@ -71,6 +71,7 @@ class FakeStages:
     hold_decode: asyncio.Event | None = None  # the decoder waits for this before it answers
     cancelled: list[str] = field(default_factory=list)  # stages whose call the Scheduler cancelled
     seconds_per_step: float | None = None  # the step time the denoisers report with each step (ETA)
+    denoise_calls: list[DenoiseCall] = field(default_factory=list)  # every expert's calls, in order
 
     def handles(self) -> list[Any]:
         def method(function: Callable[..., Any], name: str) -> Method:
@@ -97,6 +98,7 @@ class FakeStages:
 
     def denoiser(self, expert: str) -> Callable[..., AsyncIterator[Any]]:
         async def denoise(call: DenoiseCall, bucket: str) -> AsyncIterator[Any]:
+            self.denoise_calls.append(call)
             self.record(expert, (call.request_id, bucket, call.state.step_index))
             if expert == "low" and self.hold_low is not None:
                 await self.hold_low.wait()

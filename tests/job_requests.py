@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.spec import ModelSpec, RequestSpec
+from pipeline.spec import ModelSpec, RequestSpec, StepCacheSettings
 from serve.jobs.request import JobRequest
 
 
@@ -14,6 +14,9 @@ def job_request(
     steps: int | None = 4,
     seed: int = 7,
     callback_url: str | None = None,
+    cache: StepCacheSettings | None = None,
 ) -> JobRequest:
-    spec = RequestSpec(prompt=prompt, resolution=resolution, duration=duration, steps=steps, seed=seed)
+    spec = RequestSpec(
+        prompt=prompt, resolution=resolution, duration=duration, steps=steps, seed=seed, cache=cache
+    )
     return JobRequest.of(spec, ModelSpec(), callback_url=callback_url)

@@ -153,6 +153,7 @@ def test_admin_creates_a_project_and_a_key_that_works_until_revoked(api: LocalAp
         "retention_days": None,
         "burn_label": True,
         "default_quality": None,
+        "default_fps": None,
     }
     assert project["api_key"]["role"] == "admin" and project["api_key"]["key"].startswith("pvz_")
     assert api.store.webhook_secret("heist") == project["webhook_secret"]
@@ -169,6 +170,7 @@ def test_admin_creates_a_project_and_a_key_that_works_until_revoked(api: LocalAp
         "retention_days": None,
         "burn_label": False,
         "default_quality": None,
+        "default_fps": None,
     }
     assert admin.get("/v1/admin/projects/heist").json()["settings"]["burn_label"] is False
     assert error(admin.patch("/v1/admin/projects/heist", json={"max_queued_jobs": 0}))[0] == 400

@@ -33,11 +33,11 @@ def test_generate_writes_an_upscaled_graded_mp4_with_the_requested_frames(tmp_pa
     out = tmp_path / "clips" / "leap.mp4"
     result = previz(
         "generate", "a man leaps from a tower", "--resolution", "96x64", "--duration", "0.5",
-        "--steps", "4", "--seed", "3", "--upscale", "720p", "--look", "film", "-o", str(out),
+        "--steps", "4", "--seed", "3", "--upscale", "720p", "--look", "film", "--fps", "24", "-o", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     info = read_video_info(out)
-    assert (info.num_frames, info.width, info.height, info.fps) == (9, 1080, 720, 16.0)
+    assert (info.num_frames, info.width, info.height, info.fps) == (14, 1080, 720, 24.0)  # 9 at 16 fps
     assert info.codec == "h264"
     assert info.metadata["comment"] == "AI-generated draft"
     assert info.metadata["previz_seed"] == "3"
@@ -47,7 +47,7 @@ def test_generate_writes_an_upscaled_graded_mp4_with_the_requested_frames(tmp_pa
 
 def test_generate_from_a_shot_file(tmp_path: Path) -> None:
     shot = tmp_path / "shot.yaml"
-    shot.write_text("人物: 穿黑色风衣的男人\n动作: 从塔顶跃下\nstyle: slow motion\n", encoding="utf-8")
+    shot.write_text("人物: 穿黑色风衣的男人\n动作: 从塔顶跃下\n风格: slow motion\n", encoding="utf-8")
     out = tmp_path / "shot.mp4"
     result = previz(
         "generate", "--shot", str(shot), "--resolution", "64x64", "--duration", "0.25", "--steps", "2",
@@ -67,9 +67,11 @@ def test_generate_from_a_shot_file(tmp_path: Path) -> None:
         (["x", "--duration", "30"], "`duration` must be between 0.25 and 10.0 seconds but is 30.0."),
         (["x", "--steps", "0"], "`steps` must be between 1 and 100 but is 0."),
         (["x", "--steps", "many"], "Invalid value for '--steps'"),
+        (["x", "--cache-threshold", "2"], "`cache.threshold` must be between 0 and 1 but is 2.0."),
         (["", "--steps", "2"], "`prompt` must not be empty"),
         (["x", "--upscale", "4k"], "`upscale` must be one of none, 720p, 1080p but is '4k'."),
         (["x", "--look", "noir"], "`look` must be one of none, film but is 'noir'."),
+        (["x", "--fps", "30"], "`--fps` must be one of 16, 24, 25 but is 30."),
         (["x", "-o", "clip.mov"], "`--output` must end in .mp4"),
         (["x", "--model", "/no/such/model"], "is not a folder"),
         (["x", "--model", "s3://"], "s3://bucket/prefix"),

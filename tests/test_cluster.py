@@ -11,6 +11,7 @@ import pytest
 import ray
 from ray import serve
 
+from pipeline.spec import DEFAULT_FINAL_CACHE
 from pipeline.video import read_video_info
 from serve.jobs import JobStatus
 from tests.cluster import Cluster, replica_actor_names, with_replicas
@@ -53,7 +54,16 @@ def test_six_jobs_from_two_projects_in_two_buckets_complete(cluster: Cluster, tm
 def test_same_bucket_jobs_share_denoiser_iterations(cluster: Cluster) -> None:
     high = serve.get_deployment_handle("HighNoiseDenoiser", app_name="previz")
     _, before = high.stats.remote().result()
-    ids = [submit(cluster, "batching", f"shot {index}", seed=100 + index, steps=8) for index in range(4)]
+    # One storyboard puts all four jobs in the store at once, so one Scheduler poll claims them together;
+    # 24 steps keep each job in the high expert long enough that a slow machine's staggered starts overlap.
+    board = cluster.client("batching").create_storyboard(
+        {
+            "shots": [{"prompt": "a rooftop chase", **SMALL, "steps": 24}],
+            "variants": {"seeds": [100, 101, 102, 103]},
+        }
+    )
+    ids = [video["video_id"] for shot in board["shots"] for video in shot["videos"]]
+    assert len(ids) == 4
     finished = cluster.wait_for(ids)
     assert all(job["status"] == "completed" for job in finished.values())
     _, after = high.stats.remote().result()
@@ -79,9 +89,28 @@ def test_a_draft_and_its_promoted_final_take_run_on_the_replicas_with_their_adap
         draft["seed"],
     )
     assert cluster.client("tiers").get(draft["id"])["promoted_to"] == final["id"]
+    assert done["cache"] == DEFAULT_FINAL_CACHE.model_dump()  # the final tier's default step cache
     _, after = high.stats.remote().result()
     forwards = Counter(after.forwards_by_adapters) - Counter(before.forwards_by_adapters)
-    assert forwards["distill"] >= 2 and forwards["base"] >= 26  # the draft's 2 high steps, the final's 26
+    skipped = after.num_cached_steps - before.num_cached_steps
+    # the draft's 2 high steps; the final's 26, less those its cache skipped
+    assert forwards["distill"] >= 2 and forwards["base"] + skipped >= 26
+
+
+def test_a_job_asking_for_step_caching_skips_steps_in_both_experts_engines(cluster: Cluster) -> None:
+    handles = {
+        expert: serve.get_deployment_handle(name, app_name="previz")
+        for expert, name in (("high", "HighNoiseDenoiser"), ("low", "LowNoiseDenoiser"))
+    }
+    before = {expert: handle.stats.remote().result()[1] for expert, handle in handles.items()}
+    cache = {"threshold": 0.03, "max_skip": 2, "warmup_steps": 1}  # tiny's curve: 3 of 6 high, 1 of 2 low
+    job_id = submit(cluster, "cached", "a crane over rooftops", seed=5, steps=8, cache=cache)
+    job = cluster.wait_for([job_id])[job_id]
+    assert job["status"] == "completed" and job["cache"] == cache, job
+    after = {expert: handle.stats.remote().result()[1] for expert, handle in handles.items()}
+    skipped = {expert: after[expert].num_cached_steps - before[expert].num_cached_steps for expert in after}
+    assert skipped == {"high": 3, "low": 1}
+    assert all(stats.num_cache_bytes == 0 for stats in after.values())  # freed once the job left
 
 
 def test_content_redirects_to_a_presigned_s3_url_that_serves_the_mp4(

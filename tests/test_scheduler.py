@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from ray.exceptions import ActorDiedError
 
+from pipeline.spec import StepCacheSettings
 from serve.http.views import video_view
 from serve.jobs import JobStatus
 from serve.scheduling.eta import EtaModel
@@ -55,6 +56,29 @@ def test_a_job_runs_through_every_stage_and_records_its_clip_and_poster(tmp_path
         assert (call.label, call.look, call.seed) == ("AI-generated draft", "none", 7)
         kinds = [event.kind for event in store.events(job.id)]
         assert kinds[:2] == ["created", "claimed"] and kinds[-1] == "succeeded" and "checkpoint" in kinds
+
+    run(scenario)
+
+
+def test_a_jobs_step_cache_settings_reach_both_experts(tmp_path: Path) -> None:
+    args = scheduler_args(tmp_path)
+    stages = FakeStages()
+    store = empty_store(args)
+    cache = StepCacheSettings(threshold=0.06, max_skip=2, warmup_steps=10)
+    cached, _ = store.create("dune", "batch", job_request(steps=8, cache=cache))
+    plain, _ = store.create("dune", "batch", job_request(steps=8, seed=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            for job in (cached, plain):
+                await wait_for(store, job.id, lambda j: j.is_finished)
+        finally:
+            stop(scheduler)
+        seen = [(call.request_id.split(":")[0], call.cache) for call in stages.denoise_calls]
+        assert sorted(seen, key=str) == sorted(
+            [(cached.id, cache), (cached.id, cache), (plain.id, None), (plain.id, None)], key=str
+        )
 
     run(scenario)
 

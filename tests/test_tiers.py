@@ -12,15 +12,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 
 from pipeline.denoise import DenoiseEngine, Denoiser, EngineRequest, initial_state
 from pipeline.denoise.adapters import AdapterBank, load_bank
+from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.denoiser import expert_step_indices
 from pipeline.denoise.state import tier_solvers
+from pipeline.denoise.stepcache import MagnitudeCurve
 from pipeline.determinism import RowwiseLinear
 from pipeline.lora import EXPERT_FILES, distill_folder, random_lora_state_dict, save_lora_folder
-from pipeline.spec import DISTILL_ADAPTER, LoraRef, ModelSpec, RequestSpec, resolve
+from pipeline.spec import (
+    DEFAULT_FINAL_CACHE,
+    DISTILL_ADAPTER,
+    LoraRef,
+    ModelSpec,
+    RequestSpec,
+    StepCacheSettings,
+    resolve,
+)
 from pipeline.text import TextEncoder
 from pipeline.weights import PRESETS, WanComponents, build_preset
 
@@ -55,7 +66,9 @@ def encoder(tiny: WanComponents) -> TextEncoder:
     return TextEncoder(tiny.tokenizer, tiny.text_encoder, max_sequence_length=tiny.model.max_sequence_length)
 
 
-def engine(tiny: WanComponents, banks: dict[str, AdapterBank], expert: str) -> DenoiseEngine:
+def engine(
+    tiny: WanComponents, banks: dict[str, AdapterBank], expert: str, curve: MagnitudeCurve | None = None
+) -> DenoiseEngine:
     clock = itertools.count()
     return DenoiseEngine(
         tiny.transformer if expert == "high" else tiny.transformer_2,
@@ -66,13 +79,14 @@ def engine(tiny: WanComponents, banks: dict[str, AdapterBank], expert: str) -> D
         clock=lambda: float(next(clock)),
         solvers=tier_solvers(tiny.model, tiny.scheduler),
         adapters=banks[expert],
+        cache_curve=curve,
     )
 
 
 def request(tiny: WanComponents, encoder: TextEncoder, request_id: str, expert: str = "high", **fields):
     spec = RequestSpec(
         **{"prompt": f"{request_id}: a rooftop chase at dusk", "resolution": "96x64", "duration": 0.5}
-        | {"seed": len(request_id) * 5 + 3}
+        | {"seed": len(request_id) * 5 + 3, "cache": None}  # a final runs every step unless a test caches
         | fields
     )
     resolved = resolve(spec, tiny.model)
@@ -85,6 +99,7 @@ def request(tiny: WanComponents, encoder: TextEncoder, request_id: str, expert: 
         guidance=resolved.guidance_high if expert == "high" else resolved.guidance_low,
         quality=resolved.quality,
         adapters=resolved.adapters(tiny.model),
+        cache=resolved.cache,
     )
 
 
@@ -120,6 +135,34 @@ def run_to_end(engine: DenoiseEngine, requests: list[EngineRequest]):
     while not all(future.done() for future in futures):
         plans.append(engine.step())
     return [future.result() for future in futures], plans
+
+
+def run_alone(
+    tiny: WanComponents,
+    banks: dict[str, AdapterBank],
+    expert: str,
+    item: EngineRequest,
+    curve: MagnitudeCurve | None = None,
+):
+    """`item` through a one-request Denoiser of `expert`: what the engine must give it in any batch."""
+    alone = Denoiser(
+        tiny.transformer if expert == "high" else tiny.transformer_2,
+        tiny.scheduler,
+        expert=expert,
+        boundary_ratio=tiny.model.boundary_ratio,
+        solvers=tier_solvers(tiny.model, tiny.scheduler),
+        adapters=banks[expert],
+        cache_curve=curve,
+    )
+    return alone.run(
+        item.state,
+        item.prompt,
+        item.negative_prompt,
+        item.guidance,
+        quality=item.quality,
+        adapters=item.adapters,
+        cache=item.cache,
+    )
 
 
 # ---- the recipe -------------------------------------------------------------------------------------------
@@ -276,24 +319,32 @@ def test_engine_never_shares_a_forward_between_adapter_sets(
     assert stats.forwards_by_adapters == {"distill": 2, "distill+noir@0.8": 2}
     assert stats.num_adapter_switches >= 1
     # batched with its set equals the same request alone
-    alone = Denoiser(
-        tiny.transformer_2,
-        tiny.scheduler,
-        expert="low",
-        boundary_ratio=tiny.model.boundary_ratio,
-        solvers=tier_solvers(tiny.model, tiny.scheduler),
-        adapters=banks["low"],
-    )
     for item, result in zip(items, results, strict=True):
-        expected = alone.run(
-            item.state,
-            item.prompt,
-            item.negative_prompt,
-            item.guidance,
-            quality=item.quality,
-            adapters=item.adapters,
-        )
-        assert torch.equal(result.latents, expected.latents), item.request_id
+        assert torch.equal(result.latents, run_alone(tiny, banks, "low", item).latents), item.request_id
+
+
+def test_cached_and_uncached_finals_share_forwards_and_a_draft_never_joins_them(
+    tiny: WanComponents, banks: dict[str, AdapterBank], encoder: TextEncoder
+) -> None:
+    curve = calibration_curve("tiny", tiny.model)
+    high = engine(tiny, banks, "high", curve)
+    caching = StepCacheSettings(threshold=0.03, max_skip=2, warmup_steps=1)  # tiny: skips 3 of 6 high steps
+    items = [
+        request(tiny, encoder, "cached", steps=8, quality="final", cache=caching),
+        request(tiny, encoder, "uncached", steps=8, quality="final"),
+        request(tiny, encoder, "draft", quality="draft"),
+    ]
+    results, plans = run_to_end(high, items)
+    tiers = {item.request_id: item.quality for item in items}
+    assert all(len({tiers[member] for member in plan.request_ids}) == 1 for plan in plans if plan.request_ids)
+    finals = [plan for plan in plans if "cached" in plan.request_ids]
+    assert len(finals) == 6 and all("uncached" in plan.request_ids for plan in finals)  # cache: per row
+    stats = high.stats()
+    assert stats.num_cached_steps == 3 and stats.forwards_by_adapters == {"base": 6, "distill": 2}
+    assert stats.num_rows == 6 * 2 + 3 * 2 + 2  # uncached CFG rows, the cached steps it ran, the draft's
+    for item, result in zip(items, results, strict=True):
+        expected = run_alone(tiny, banks, "high", item, curve).latents
+        assert float((result.latents - expected).abs().max()) <= 1e-5, item.request_id
 
 
 def test_progress_reports_can_read_the_measured_step_time_of_their_bucket_and_tier(
@@ -308,3 +359,13 @@ def test_progress_reports_can_read_the_measured_step_time_of_their_bucket_and_ti
     run_to_end(high, [item])
     assert len(seen) == 2 and all(seconds is not None and seconds > 0 for seconds in seen)
     assert high.seconds_per_step(bucket, "final") is None  # another tier's steps are not this one's
+
+
+def test_a_final_request_naming_no_cache_takes_the_tiers_default_and_a_draft_none() -> None:
+    model = ModelSpec()
+    final = resolve(RequestSpec(prompt="a crane over rooftops", quality="final"), model)
+    assert final.cache == DEFAULT_FINAL_CACHE == model.recipe("final").cache
+    assert resolve(RequestSpec(prompt="a crane", quality="final", cache=None), model).cache is None
+    assert resolve(RequestSpec(prompt="a crane", quality="draft"), model).cache is None
+    with pytest.raises(ValidationError, match=r"`cache` is for `quality: final` only"):
+        RequestSpec(prompt="a crane", quality="draft", cache={"threshold": 0.06})

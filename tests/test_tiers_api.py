@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.spec import DEFAULT_FINAL_CACHE
 from serve.jobs import JobStatus
 from tests.api_app import TINY, LocalApi, http_server, local_api
 from tests.cli_run import previz
@@ -104,6 +105,7 @@ def test_promote_makes_the_final_take_with_the_drafts_seed_prompt_and_size_linke
     )
     assert final["steps"] == 40 and final["priority"] == "batch"
     assert final["loras"] == draft["loras"]
+    assert draft["cache"] is None and final["cache"] == DEFAULT_FINAL_CACHE.model_dump()  # the tiers' own
     assert api.client.get(f"/v1/videos/{draft['id']}").json()["promoted_to"] == final["id"]
     again = api.client.post(f"/v1/videos/{draft['id']}/promote", json={})
     assert (again.status_code, again.json()["error"]["code"]) == (409, "already_promoted")
@@ -123,6 +125,9 @@ def test_promote_can_change_size_upscale_and_look(api: LocalApi) -> None:
         "interactive",
     )
     assert final["seed"] == draft["seed"]
+    uncached = created(post(api, quality="draft", seed=7))
+    final = created(api.client.post(f"/v1/videos/{uncached['id']}/promote", json={"cache": None}))
+    assert final["cache"] is None and final["quality"] == "final"  # null: every step runs
 
 
 def test_storyboard_promote_makes_every_chosen_take_final_or_none(api: LocalApi) -> None:
@@ -137,9 +142,13 @@ def test_storyboard_promote_makes_every_chosen_take_final_or_none(api: LocalApi)
     assert board.status_code == 201, board.text
     takes = [shot["videos"][1]["video_id"] for shot in board.json()["shots"]]
     assert all(video["quality"] == "draft" for shot in board.json()["shots"] for video in shot["videos"])
-    response = api.client.post(f"/v1/storyboards/{board.json()['id']}/promote", json={"video_ids": takes})
+    cache = {"threshold": 0.1, "max_skip": 1, "warmup_steps": 2}
+    response = api.client.post(
+        f"/v1/storyboards/{board.json()['id']}/promote", json={"video_ids": takes, "cache": cache}
+    )
     assert response.status_code == 201, response.text
     finals = response.json()["data"]
+    assert all(video["cache"] == cache for video in finals)
     assert [video["promoted_from"] for video in finals] == takes
     for take, final in zip(takes, finals, strict=True):
         draft = api.client.get(f"/v1/videos/{take}").json()

@@ -6,7 +6,8 @@ fixes the solver (and so the timestep dtype). The bucket is the one holding the 
 the batch is filled from it, most urgent first, until the token budget or the batch-size cap is
 reached. Urgency is priority class, then deadline (earliest first, none last), then arrival. A
 request whose own tokens exceed the budget still runs, alone, so an oversized request is slow but
-never starves.
+never starves. A request whose next step reuses its step cache (`skips_next`, set by the engine) takes
+no rows in the forward: it joins the batch without spending the budget.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class ScheduledRequest:
     adapters: AdapterSet = ()  # the adapters this expert runs the request with (forwards never mix sets)
     seq: int = 0  # admission order; last tie-break so the ordering is total
     status: RequestStatus = RequestStatus.WAITING
+    skips_next: bool = False  # its next step reuses its cached residual: no rows, no tokens in the forward
 
     @property
     def urgency(self) -> tuple[int, bool, float, float, int]:
@@ -90,7 +92,8 @@ class StepBatch:
     request_ids: list[str] = field(default_factory=list)  # members, most urgent first
     timesteps: list[int] = field(default_factory=list)  # member -> its current timestep (aligned)
     guidance: list[float] = field(default_factory=list)  # member -> its CFG scale (aligned)
-    num_tokens: int = 0  # tokens of the whole forward, CFG rows included
+    skips: list[bool] = field(default_factory=list)  # member -> reuses its step cache, no rows (aligned)
+    num_tokens: int = 0  # tokens of the whole forward, CFG rows included (skipping members add none)
     num_skipped: int = 0  # same-bucket requests left out by the budget or the size cap
 
     @classmethod
@@ -147,14 +150,16 @@ class StepScheduler:
         key = ordered[0].batch_key
         plan = StepBatch(expert=self.expert, bucket=key[0], quality=key[1], adapters=key[2])
         for request in (request for request in ordered if request.batch_key == key):
-            fits = plan.num_tokens + request.num_tokens <= self.max_num_tokens
+            num_tokens = 0 if request.skips_next else request.num_tokens
+            fits = plan.num_tokens + num_tokens <= self.max_num_tokens
             if plan.num_requests >= self.max_batch_size or not (fits or plan.is_empty):
                 plan.num_skipped += 1
                 continue  # a smaller (no-CFG) request further down may still fit
             plan.request_ids.append(request.request_id)
             plan.timesteps.append(request.timesteps[0])
             plan.guidance.append(request.guidance)
-            plan.num_tokens += request.num_tokens
+            plan.skips.append(request.skips_next)
+            plan.num_tokens += num_tokens
         return plan
 
     def advance(self, request_id: str) -> bool:

@@ -25,6 +25,12 @@ and its adapter set; a plan only holds requests of one (latent shape, tier, adap
 switches the expert's AdapterBank to the plan's set before the forward (set_adapters / disable_lora,
 never fuse). Each iteration's wall time is kept per (bucket, tier), so progress reports can carry a step
 time measured on this replica (`seconds_per_step`) for an ETA.
+
+Step caching (pipeline.denoise.stepcache, MagCache per request): before each plan every caching request
+decides whether its next step reuses its residual; the planner gives such a member no tokens, and `run`
+sends only the computing members' rows through the blocks (the cheap embedding and head run for all).
+Each request's residual lives in its `_Live` and goes with it. It needs the engine's own forward: with a
+custom `forward` (a ShardedForward) caching requests run every step, as uncached ones.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import itertools
 import logging
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -54,6 +61,7 @@ from pipeline.denoise.batching import (
     StepBatch,
     StepScheduler,
 )
+from pipeline.denoise.blocks import SplitTransformer
 from pipeline.denoise.denoiser import Expert, expert_for
 from pipeline.denoise.forward import Forward, GuidedInput, guided_forward
 from pipeline.denoise.parallel import ShardGroupError
@@ -65,7 +73,15 @@ from pipeline.denoise.state import (
     restore_solver,
     solver_for,
 )
+from pipeline.denoise.stepcache import (
+    CacheDecision,
+    MagnitudeCurve,
+    RequestCache,
+    cached_guided_forward,
+    new_request_cache,
+)
 from pipeline.determinism import make_batch_invariant
+from pipeline.spec import StepCacheSettings
 from pipeline.text import PromptEmbeds, pad_embeds
 
 logger = logging.getLogger(__name__)
@@ -118,6 +134,7 @@ class EngineRequest:
     adapters: AdapterSet = ()  # sorted (name, weight) LoRA adapters; names unknown to the engine: refused
     on_progress: ProgressCallback | None = None
     on_waiting: WaitingCallback | None = None
+    cache: StepCacheSettings | None = None  # step caching; None: every step runs
 
 
 @dataclass(slots=True)
@@ -126,6 +143,7 @@ class StepOutput:
 
     noise: dict[str, torch.Tensor] = field(default_factory=dict)  # req_id -> guided noise prediction
     errors: dict[str, Exception] = field(default_factory=dict)  # req_id -> why its forward failed
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # req_id -> new residual (caching)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +156,10 @@ class EngineStats:
     num_running: int  # stepped at least once, not finished
     num_iterations: int
     num_forwards: int  # transformer calls, one-by-one retries after a failed batch included
+    num_rows: int  # rows those calls sent through the blocks (cond + uncond; skipped steps send none)
+    num_cached_steps: int  # request steps served from a step cache instead of the blocks
+    num_cache_bytes: int  # residuals the live requests' step caches hold now
+    max_cache_bytes: int  # their bound: one residual of its rows per live caching request
     num_finished: int
     num_cancelled: int
     num_failed: int
@@ -172,6 +194,8 @@ class _Live:
     uncond: torch.Tensor | None  # None without CFG
     index: int  # index into the request's full schedule of its next step
     num_ahead: int | None = None  # the queue place last reported to `on_waiting`; None: none reported
+    cache: RequestCache | None = None  # its step cache in this expert; None: every step runs
+    decision: CacheDecision | None = None  # the cache's decision for step `index`, made before the plan
 
 
 class DenoiseEngine:
@@ -191,12 +215,16 @@ class DenoiseEngine:
         forward: Forward | None = None,
         solvers: Mapping[str, Solver] | None = None,
         adapters: AdapterBank | None = None,
+        cache_curve: MagnitudeCurve | None = None,
     ) -> None:
         """`solvers`: quality -> solver template of the other tiers (`final` is `solver_template`);
         `adapters`: the expert's loaded LoRA adapters (None: requests with adapters are refused)."""
         self.transformer = make_batch_invariant(transformer)  # a request's rows: same bits in any batch
         # inputs -> guided noise; a ShardedForward runs it over a rank group (pipeline.denoise.parallel)
         self.forward: Forward = forward or functools.partial(guided_forward, self.transformer)
+        # embed -> blocks -> head for step caching; None with a custom forward (caching needs the blocks)
+        self.split = SplitTransformer(self.transformer) if forward is None else None
+        self.cache_curve = cache_curve  # magnitude ratios the caching requests decide with
         self.solver_template = solver_template
         self.solvers: dict[str, Solver] = {**(solvers or {}), "final": solver_template}
         self.adapters = adapters
@@ -216,7 +244,8 @@ class DenoiseEngine:
         self._thread: threading.Thread | None = None
         self._published_queue: dict[Bucket, int] = {}  # bucket -> admitted unfinished requests
         self._published_running = 0
-        self._counts: Counter[str] = Counter()  # iterations, forwards, finished, cancelled, failed
+        self._published_cache = (0, 0)  # (bytes held, their bound) of the live step caches
+        self._counts: Counter[str] = Counter()  # iterations, forwards, rows, cached steps, outcomes
         self._histogram: Counter[int] = Counter()  # batch size -> iterations
         self._recent: deque[tuple[float, int, int]] = deque(maxlen=STATS_WINDOW)  # (secs, size, tokens)
         self._forwards_by_adapters: Counter[str] = Counter()  # adapter_label -> forwards
@@ -317,6 +346,10 @@ class DenoiseEngine:
                 num_running=self._published_running,
                 num_iterations=self._counts["iterations"],
                 num_forwards=self._counts["forwards"],
+                num_rows=self._counts["rows"],
+                num_cached_steps=self._counts["cached_steps"],
+                num_cache_bytes=self._published_cache[0],
+                max_cache_bytes=self._published_cache[1],
                 num_finished=self._counts["finished"],
                 num_cancelled=self._counts["cancelled"],
                 num_failed=self._counts["failed"],
@@ -349,7 +382,7 @@ class DenoiseEngine:
             self.adapters.activate(plan.adapters)  # the plan holds one set: switch between iterations
         label = adapter_label(plan.adapters)
         try:
-            return StepOutput(noise=dict(zip(plan.request_ids, self._forward(inputs, label), strict=True)))
+            return self._forward_members(plan.request_ids, inputs, label)
         except ShardGroupError:
             raise  # the rank group is broken, not one request: retrying would wait out more timeouts
         except Exception as error:
@@ -364,7 +397,9 @@ class DenoiseEngine:
         output = StepOutput()
         for request_id, item in zip(plan.request_ids, inputs, strict=True):
             try:
-                output.noise[request_id] = self._forward([item], label)[0]
+                alone = self._forward_members([request_id], [item], label)
+                output.noise.update(alone.noise)
+                output.residuals.update(alone.residuals)
             except ShardGroupError:
                 raise
             except Exception as error:
@@ -380,14 +415,16 @@ class DenoiseEngine:
                 self._fail(request_id, f"its forward raised {type(error).__name__}: {error}", error)
                 continue
             try:
-                self._advance(request_id, output.noise[request_id])
+                self._advance(request_id, output.noise[request_id], output.residuals.get(request_id))
             except Exception as error:
                 self._fail(request_id, f"{type(error).__name__}: {error}", error)
+        output.residuals.clear()  # they live in the caches now; a failure's traceback holds this frame
 
     # ---- iteration internals -----------------------------------------------------------------------
 
     def _iterate(self) -> StepBatch:
         self._boundary()
+        self._decide_skips()
         plan = self.schedule()
         self._report_waiting(plan)
         if plan.is_empty:
@@ -470,6 +507,20 @@ class DenoiseEngine:
             uncond=uncond if use_cfg else None,
             index=request.state.step_index,
         )
+        if request.cache is not None and self.split is not None:
+            live.cache = new_request_cache(
+                request.cache,
+                self.cache_curve,
+                self.split,
+                self._guided_input_of(live),
+                request.state.num_steps,
+            )
+        elif request.cache is not None:
+            logger.info(
+                "%s engine: request %r runs every step (caching needs the engine's own forward)",
+                self.expert,
+                request.request_id,
+            )
         self.scheduler.add(
             ScheduledRequest(
                 request_id=request.request_id,
@@ -487,6 +538,13 @@ class DenoiseEngine:
         )
         self._live[request.request_id] = live  # only once the planner took it, so a failure leaks nothing
 
+    def _decide_skips(self) -> None:
+        """Each caching request's decision for its next step, told to the planner (it costs no tokens)."""
+        for request_id, live in self._live.items():
+            if live.cache is not None:
+                live.decision = live.cache.decide(live.index)
+                self.scheduler.requests[request_id].skips_next = live.decision.skip
+
     def _report_waiting(self, plan: StepBatch) -> None:
         """Tell each request left waiting before its first step its place in the queue, when it changed."""
         for request_id, num_ahead in self.scheduler.num_ahead(plan).items():
@@ -500,7 +558,9 @@ class DenoiseEngine:
                 self._fail(request_id, f"{type(error).__name__}: {error}", error)
 
     def _guided_input(self, request_id: str) -> GuidedInput:
-        live = self._live[request_id]
+        return self._guided_input_of(self._live[request_id])
+
+    def _guided_input_of(self, live: _Live) -> GuidedInput:
         return GuidedInput(
             latents=live.latents,
             timestep=live.solver.timesteps[live.index],
@@ -509,18 +569,39 @@ class DenoiseEngine:
             guidance=live.request.guidance,
         )
 
+    def _forward_members(self, request_ids: list[str], inputs: list[GuidedInput], label: str) -> StepOutput:
+        """One forward for these members: the plain one, or the cached one when any of them caches.
+        `label` names the adapter set it runs with (forwards per adapter set)."""
+        lives = [self._live[request_id] for request_id in request_ids]
+        if all(live.cache is None for live in lives):
+            return StepOutput(noise=dict(zip(request_ids, self._forward(inputs, label), strict=True)))
+        reuse = [live.cache.residual if live.decision and live.decision.skip else None for live in lives]
+        out = cached_guided_forward(self.split, inputs, reuse, [live.cache is not None for live in lives])
+        with self._lock:
+            self._counts["forwards"] += out.num_rows > 0
+            self._counts["rows"] += out.num_rows
+            self._forwards_by_adapters[label] += out.num_rows > 0
+        residuals = {rid: res for rid, res in zip(request_ids, out.residuals, strict=True) if res is not None}
+        return StepOutput(noise=dict(zip(request_ids, out.noise, strict=True)), residuals=residuals)
+
     def _forward(self, inputs: list[GuidedInput], label: str) -> list[torch.Tensor]:
         with self._lock:
             self._counts["forwards"] += 1
+            self._counts["rows"] += sum(1 + (item.uncond is not None) for item in inputs)
             self._forwards_by_adapters[label] += 1
         return self.forward(inputs)
 
-    def _advance(self, request_id: str, noise: torch.Tensor) -> None:
+    def _advance(self, request_id: str, noise: torch.Tensor, residual: torch.Tensor | None = None) -> None:
         live = self._live[request_id]
         t = live.solver.timesteps[live.index]
         latents = live.solver.step(noise[None], t, live.latents[None], return_dict=False)[0][0]
         if not bool(torch.isfinite(latents).all()):
             raise FloatingPointError(f"latents are not finite after the step at t={int(t)}")
+        if live.cache is not None:
+            live.cache.commit(live.decision, residual)
+            if live.decision.skip:
+                with self._lock:
+                    self._counts["cached_steps"] += 1
         live.latents = latents
         live.index += 1
         done = self.scheduler.advance(request_id)
@@ -538,12 +619,14 @@ class DenoiseEngine:
     def _fail(self, request_id: str, why: str, cause: BaseException) -> None:
         error = RequestFailed(f"request {request_id!r} failed in the {self.expert} engine: {why}")
         error.__cause__ = cause
+        traceback.clear_frames(cause.__traceback__)  # finished frames would hold its tensors while it lives
         logger.warning("%s", error)
         self._finish(request_id, RequestStatus.FAILED, error)
 
     def _finish(self, request_id: str, status: RequestStatus, outcome: DenoiseState | BaseException) -> None:
         """Drop the request's tensors and planner entry, then resolve its future."""
         live = self._live.pop(request_id)
+        live.cache = None  # a failure's traceback keeps `live` alive in its frames: free the residual now
         if request_id in self.scheduler:
             self.scheduler.remove(request_id).status = status
         self._resolve(request_id, live.future, outcome, status.name.lower())
@@ -562,8 +645,13 @@ class DenoiseEngine:
     def _publish(self) -> None:
         queue = self.scheduler.num_requests_by_bucket()
         running = sum(request.status == RequestStatus.RUNNING for request in self.scheduler.requests.values())
+        caches = [live.cache for live in self._live.values() if live.cache is not None]
+        held, bound = sum(cache.nbytes for cache in caches), sum(cache.max_bytes for cache in caches)
+        if held > bound:  # one residual per caching request, dropped with it: anything more is a leak
+            raise RuntimeError(f"the {self.expert} engine's step caches hold {held} bytes, over {bound}.")
         with self._lock:
             self._published_queue, self._published_running = queue, running
+            self._published_cache = (held, bound)
 
     # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -620,6 +708,11 @@ class DenoiseEngine:
             )
         if request.adapters != tuple(sorted(request.adapters)):
             raise ValueError(f"{name}: `adapters` must be sorted by name but are {request.adapters!r}.")
+        if request.cache is not None and self.cache_curve is None:
+            raise ValueError(
+                f"{name}: `cache` needs the expert's magnitude curve, and this engine was built without "
+                "`cache_curve`."
+            )
         if request.priority not in PRIORITY_RANK:
             raise ValueError(
                 f"{name}: `priority` must be 'interactive' or 'batch' but is {request.priority!r}."

@@ -1,5 +1,6 @@
 """The `previz` command line, by audience: `generate` (one process), `up` (a local cluster), the client
-commands of artists (`submit`, `status`, `fetch`, `cancel`, `ls`) and `admin` (projects and keys)."""
+commands of artists (`submit`, `status`, `fetch`, `cancel`, `ls`), editors (`takes`, `cut`) and `admin`
+(projects and keys)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import typer
 
 from serve._compat import click_exceptions
-from serve.cli import admin, cluster, generate, videos  # noqa: F401  (each registers its commands)
+from serve.cli import admin, cluster, editorial, generate, k8s, videos  # noqa: F401  (each registers its commands)
 from serve.cli.cluster import bootstrap_default_project
 from serve.cli.common import CliError, app, console
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -26,6 +27,8 @@ project_app = typer.Typer(help="Create, list and change projects.", no_args_is_h
 key_app = typer.Typer(help="Create, list, rotate and revoke API keys.", no_args_is_help=True)
 admin_app.add_typer(project_app, name="project")
 admin_app.add_typer(key_app, name="key")
+lut_app = typer.Typer(help="A project's .cube LUT looks.", no_args_is_help=True)
+admin_app.add_typer(lut_app, name="lut")
 app.add_typer(admin_app, name="admin")
 
 
@@ -71,6 +74,9 @@ def project_update(
     retention_days: Annotated[
         int | None, typer.Option(help="Delete finished videos this many days after they finish.")
     ] = None,
+    default_fps: Annotated[
+        int | None, typer.Option(help="Frame rate of videos that name none: 16, 24 or 25.")
+    ] = None,
     clear_max_queued_jobs: Annotated[bool, typer.Option(help="Remove the queued-videos bound.")] = False,
     clear_gpu_seconds_per_day: Annotated[bool, typer.Option(help="Remove the GPU-seconds quota.")] = False,
     clear_retention_days: Annotated[bool, typer.Option(help="Keep finished videos until deleted.")] = False,
@@ -99,6 +105,8 @@ def project_update(
             changes[field] = value
     if burn_label is not None:
         changes["burn_label"] = burn_label
+    if default_fps is not None:
+        changes["default_fps"] = default_fps
     if not changes:
         raise CliError("nothing to change: give at least one option (see --help)")
     updated = api_call(client_for(url, api_key).update_project, name, changes)
@@ -190,3 +198,46 @@ def key_rotate(
         f"{rotated['role']} key {rotated['id']} of project {rotated['project']} replaces {key_id}, now "
         "revoked (the new key is not shown again)"
     )
+
+
+@lut_app.command("add")
+def lut_add(
+    project: Annotated[str, typer.Argument(help="The project that may use it.")],
+    name: Annotated[str, typer.Argument(help="The look's name in requests (`look`).")],
+    cube: Annotated[Path, typer.Argument(help="The .cube file.", exists=True, dir_okay=False)],
+    interpolation: Annotated[str, typer.Option(help="tetrahedral | trilinear.")] = "tetrahedral",
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Register (or replace) a LUT look; a malformed file is refused naming its line."""
+    lut = api_call(
+        client_for(url, api_key).put_lut, project, name, cube.read_text(encoding="utf-8"), interpolation
+    )
+    stdout.print(
+        f"look {lut['name']} of {lut['project']}: {lut['size']}³, {lut['interpolation']}", highlight=False
+    )
+
+
+@lut_app.command("list")
+def lut_list(
+    project: Annotated[str, typer.Argument(help="The project.")],
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """The project's LUT looks."""
+    table = Table("name", "size", "interpolation", "registered")
+    for lut in api_call(client_for(url, api_key).list_luts, project)["data"]:
+        table.add_row(lut["name"], str(lut["size"]), lut["interpolation"], date_of(lut["created_at"]))
+    Console(width=160).print(table)
+
+
+@lut_app.command("remove")
+def lut_remove(
+    project: Annotated[str, typer.Argument(help="The project.")],
+    name: Annotated[str, typer.Argument(help="The look.")],
+    url: UrlOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Unregister a LUT look (videos admitted with it keep their version)."""
+    api_call(client_for(url, api_key).delete_lut, project, name)
+    stdout.print(f"look {name} of {project} removed", highlight=False)

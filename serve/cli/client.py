@@ -72,9 +72,11 @@ class PrevizClient:
         return self._json(self.http.post(f"/v1/storyboards/{storyboard_id}/promote", json=body))
 
     def download(self, job_id: str, path: Path, *, variant: Literal["video", "thumbnail"] = "video") -> Path:
+        return self._stream_to(f"/v1/videos/{job_id}/content", path, {"variant": variant})
+
+    def _stream_to(self, url: str, path: Path, params: dict[str, str]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        url = f"/v1/videos/{job_id}/content"
-        with self.http.stream("GET", url, params={"variant": variant}, follow_redirects=True) as response:
+        with self.http.stream("GET", url, params=params, follow_redirects=True) as response:
             if response.status_code != 200:
                 response.read()
                 self._json(response)
@@ -93,6 +95,34 @@ class PrevizClient:
 
     def get_storyboard(self, storyboard_id: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/v1/storyboards/{storyboard_id}"))
+
+    def update_storyboard(
+        self,
+        storyboard_id: str,
+        *,
+        order: list[int] | None = None,
+        takes: dict[int, str | None] | None = None,
+    ) -> dict[str, Any]:
+        """Set the shot order and/or selected takes (shot index -> video id; None clears one)."""
+        body: dict[str, Any] = {}
+        if order is not None:
+            body["order"] = order
+        if takes:
+            body["takes"] = {str(shot): video for shot, video in takes.items()}
+        return self._json(self.http.patch(f"/v1/storyboards/{storyboard_id}", json=body))
+
+    def create_cut(self, storyboard_id: str, **fields: Any) -> dict[str, Any]:
+        """Render the board's cut (fields: fps, size, slates, slate_seconds); waits for the render."""
+        body = {key: value for key, value in fields.items() if value is not None}
+        return self._json(self.http.post(f"/v1/storyboards/{storyboard_id}/cut", json=body, timeout=None))
+
+    def get_cut(self, storyboard_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/storyboards/{storyboard_id}/cut"))
+
+    def download_package(self, storyboard_id: str, path: Path, *, format: str = "otio") -> Path:
+        """The zip of the last cut, its clips and its timeline (media as relative paths)."""
+        params = {"format": format, "package": "true"}
+        return self._stream_to(f"/v1/storyboards/{storyboard_id}/timeline", path, params)
 
     # -- admin (admin keys) -------------------------------------------------------------------------------
 
@@ -116,6 +146,18 @@ class PrevizClient:
         """The new key's record; its `key` is in this answer only."""
         body = {"role": role, "name": name}
         return self._json(self.http.post(f"/v1/admin/projects/{project}/keys", json=body))
+
+    def put_lut(
+        self, project: str, name: str, cube: str, interpolation: str = "tetrahedral"
+    ) -> dict[str, Any]:
+        body = {"cube": cube, "interpolation": interpolation}
+        return self._json(self.http.put(f"/v1/admin/projects/{project}/luts/{name}", json=body))
+
+    def list_luts(self, project: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/admin/projects/{project}/luts"))
+
+    def delete_lut(self, project: str, name: str) -> dict[str, Any]:
+        return self._json(self.http.delete(f"/v1/admin/projects/{project}/luts/{name}"))
 
     def list_keys(self, project: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/v1/admin/projects/{project}/keys"))

@@ -28,6 +28,7 @@ STAGE_LABELS = {
     "denoise_low": "denoise (low-noise expert)",
     "decode": "VAE decode",
     "upscale": "upscale",
+    "conform": "frame-rate conform",
     "grade": "grade",
     "encode_video": "mp4 encode",
 }
@@ -52,11 +53,18 @@ def generate(
         typer.Option(help="Distill LoRA folder or s3:// prefix of the draft tier (presets: built in)."),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Noise seed (random when omitted).")] = None,
+    cache_threshold: Annotated[
+        float | None,
+        typer.Option(help="Step caching (MagCache) at this threshold, e.g. 0.06; off when omitted."),
+    ] = None,
     model: Annotated[
         str, typer.Option(help="tiny | small | Diffusers folder | s3://bucket/prefix.")
     ] = "tiny",
     upscale: Annotated[str, typer.Option(help="none | 720p | 1080p.")] = "none",
     look: Annotated[str, typer.Option(help="none | film.")] = "none",
+    fps: Annotated[
+        int | None, typer.Option(help="Delivered frame rate: 16, 24 or 25 (motion-interpolated from 16).")
+    ] = None,
     sr_weights: Annotated[
         Path | None, typer.Option(help="Real-ESRGAN-family weights file for upscaling.")
     ] = None,
@@ -73,10 +81,11 @@ def generate(
     """Generate one clip in this process and write it as an mp4."""
     from pipeline.denoise.parallel import ParallelDegree
     from pipeline.grade import Grader
+    from pipeline.interpolate import CONFORM_RATES
     from pipeline.prompt import ShotSpecError, compose_prompt, load_shot_file
     from pipeline.s3sync import parse_s3_uri
     from pipeline.safety import ContentBlocked, PromptPolicy, SafetySettings
-    from pipeline.spec import RequestSpec, describe_validation_error
+    from pipeline.spec import DEFAULT_FINAL_CACHE, RequestSpec, describe_validation_error
     from pipeline.upscale import upscale_target_size
 
     try:
@@ -96,9 +105,13 @@ def generate(
         )
         if negative_prompt is not None:
             fields["negative_prompt"] = negative_prompt
+        if cache_threshold is not None:  # the final tier's max_skip and warm-up
+            fields["cache"] = {**DEFAULT_FINAL_CACHE.model_dump(), "threshold": cache_threshold}
         request = RequestSpec(**fields)
         upscale_target_size(upscale, *request.size)
         Grader(look)
+        if fps is not None and fps not in CONFORM_RATES:
+            raise ValueError(f"`--fps` must be one of 16, 24, 25 but is {fps}.")
         if model.startswith("s3://"):
             parse_s3_uri(model)
         if ulysses < 1:
@@ -119,6 +132,7 @@ def generate(
         output,
         upscale=upscale,
         look=look,
+        fps=fps,
         sr_weights=sr_weights,
         label=label,
         device=device,
@@ -134,6 +148,7 @@ def _run_generate(
     *,
     upscale: str,
     look: str,
+    fps: int | None,
     sr_weights: Path | None,
     label: bool,
     device: str | None,
@@ -182,13 +197,13 @@ def _run_generate(
         except (ValueError, FileNotFoundError, ShardGroupError) as error:
             raise CliError(str(error)) from None
         try:
-            result = _run_stages(pipeline, request, output, upscale=upscale, look=look, label=label)
+            result = _run_stages(pipeline, request, output, upscale=upscale, look=look, fps=fps, label=label)
         except ShardGroupError as error:
             raise CliError(str(error)) from None
     _print_result(result)
 
 
-def _run_stages(pipeline, request, output: Path, *, upscale: str, look: str, label: bool):
+def _run_stages(pipeline, request, output: Path, *, upscale: str, look: str, fps: int | None, label: bool):
     from pipeline.local import STAGES, FinishOptions
     from pipeline.video import DRAFT_LABEL
 
@@ -210,7 +225,7 @@ def _run_stages(pipeline, request, output: Path, *, upscale: str, look: str, lab
         result = pipeline.generate(
             request,
             output,
-            finish=FinishOptions(upscale=upscale, look=look, label=DRAFT_LABEL if label else None),
+            finish=FinishOptions(upscale=upscale, look=look, label=DRAFT_LABEL if label else None, fps=fps),
             progress=on_progress,
         )
         for stage in STAGES:  # stages with nothing to do (no upscale, zero low steps) still show as done

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
 from typing import Annotated
 
 import typer
@@ -270,16 +273,33 @@ def status(
 
 @app.command()
 def fetch(
-    video_id: Annotated[str, typer.Argument(help="A completed video's id.")],
+    video_id: Annotated[str | None, typer.Argument(help="A completed video's id.")] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="File to write (default ID.mp4).")
+        Path | None,
+        typer.Option("--output", "-o", help="File to write (default ID.mp4); with --storyboard a folder."),
     ] = None,
     thumbnail: Annotated[bool, typer.Option(help="Fetch the JPEG poster frame instead.")] = False,
+    storyboard: Annotated[
+        str | None,
+        typer.Option(help="Fetch this storyboard's last cut, its shots' clips and its timeline instead."),
+    ] = None,
+    timeline_format: Annotated[
+        str, typer.Option("--format", help="Timeline of --storyboard: otio | edl | fcpxml.")
+    ] = "otio",
     server: ServerOption = DEFAULT_SERVER,
     api_key: ApiKeyOption = None,
 ) -> None:
-    """Download a completed video's mp4 (or its poster frame)."""
+    """Download a completed video's mp4 (or its poster frame), or a storyboard's cut with its clips and
+    timeline (`--storyboard ID -o DIR`)."""
     client = client_for(server, api_key)
+    if storyboard is not None:
+        if video_id is not None:
+            raise CliError("give a video id or `--storyboard`, not both")
+        folder = fetch_storyboard(client, storyboard, output or Path(storyboard), timeline_format)
+        Console().print(str(folder), highlight=False)
+        return
+    if video_id is None:
+        raise CliError("give the id of a video to fetch, or `--storyboard ID`")
     path = output or Path(f"{video_id}.{'jpg' if thumbnail else 'mp4'}")
     api_call(client.download, video_id, path, variant="thumbnail" if thumbnail else "video")
     Console().print(str(path), highlight=False)
@@ -333,3 +353,23 @@ def list_videos(
             video["prompt"][:48],
         )
     Console(width=200).print(table)
+
+
+def fetch_storyboard(client, storyboard_id: str, folder: Path, timeline_format: str) -> Path:
+    """The board's package unpacked into `folder`: cut.mp4, clips/ and timeline.<otio|edl|xml>."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        archive = api_call(
+            client.download_package, storyboard_id, Path(scratch) / "package.zip", format=timeline_format
+        )
+        with zipfile.ZipFile(archive) as package:
+            prefix = f"{storyboard_id}/"
+            for member in package.infolist():
+                relative = PurePosixPath(member.filename.removeprefix(prefix))
+                if member.is_dir() or relative.is_absolute() or ".." in relative.parts:
+                    continue  # only the package's own files, never a path out of the folder
+                target = folder.joinpath(*relative.parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with package.open(member) as source, target.open("wb") as out:
+                    shutil.copyfileobj(source, out)
+    return folder

@@ -1,8 +1,9 @@
 """The one admission path: what every create (a video, a remix, a storyboard's videos) passes before its
 rows are committed, in this order, and the one place that commits them.
 
-    model -> project -> project settings -> label policy -> quality tier (the project's default, else by
-    priority) and LoRA adapters (this deployment's, the project's own or shared) -> typed request
+    model -> project -> project settings -> label policy -> look (a project's LUT) -> quality tier (the
+    project's default, else by priority), its step cache and LoRA adapters (this deployment's, the
+    project's own or shared) -> typed request
     (envelope, then the shape rules of sharded experts) -> content policy -> callback
     -> fingerprint -> create (quotas checked inside the transaction) -> 429 on refusal -> wake -> replay
 
@@ -21,10 +22,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pipeline.grade import LOOKS
 from pipeline.prompt import ShotSpec, compose_prompt
 from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
 from pipeline.spec import (
     DISTILL_ADAPTER,
+    DRAFT_CACHE_PROBLEM,
     LoraRef,
     ModelSpec,
     Quality,
@@ -39,10 +42,17 @@ from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import PrevizArgs
 from serve.http.deps import IngressState
 from serve.http.errors import ApiError
-from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings, LoraUse
+from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings, LoraUse, StepCache
 from serve.jobs import AlreadyPromoted, GpuQuotaExceeded, JobRecord, JobStore, QueueFull, StoryboardRecord
 from serve.jobs.models import Priority
-from serve.jobs.request import SERVED_MODEL, FinishSettings, JobRequest, RequestSource, StoryboardPlace
+from serve.jobs.request import (
+    SERVED_MODEL,
+    FinishSettings,
+    JobRequest,
+    LutRef,
+    RequestSource,
+    StoryboardPlace,
+)
 from serve.metrics import record_safety_block
 from serve.sharding import ShapeRules
 
@@ -112,6 +122,7 @@ async def admit(
     if settings is None:  # a remix has read them already
         settings = await project_settings(state.store, project)
     body_sha256 = fingerprint(body)
+    looks = await project_looks(state.store, project, drafts)
     requests = []
     for draft in drafts:
         check_label(draft.settings.label, settings, f"{draft.prefix}label")
@@ -127,6 +138,8 @@ async def admit(
             state.args.envelope,
             state.shapes,
             quality=quality,
+            default_fps=settings.default_fps,
+            lut=looks.get(draft.settings.look),
         )
         await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
         requests.append(request)
@@ -191,10 +204,12 @@ def job_request(
     shapes: ShapeRules | None = None,
     *,
     quality: Quality = "final",
+    default_fps: int | None = None,
+    lut: LutRef | None = None,
 ) -> JobRequest:
     """The typed stored request of one draft, in tier `quality`; an ApiError (400) names the field at
     fault. `shapes`: the sizes the deployed experts' rank groups accept (None: every size the envelope
-    allows)."""
+    allows); `default_fps`: the project's rate for a draft that names none (None: the model's)."""
     settings, prefix = draft.settings, draft.prefix
     if settings.seconds is not None and settings.duration is not None:
         raise ApiError(400, "invalid_value", "give `seconds` or `duration`, not both", f"{prefix}seconds")
@@ -216,6 +231,17 @@ def job_request(
         "quality": quality,
         "loras": tuple(LoraRef(name=lora.name, weight=lora.weight) for lora in settings.loras or ()),
     }
+    if "cache" in settings.model_fields_set:  # not named: the tier's default (resolve); null: off
+        if settings.cache is not None and quality == "draft":
+            why = " (`quality` not named: the project's `default_quality`, else draft for interactive work)"
+            defaulted = "" if settings.quality else why
+            raise ApiError(
+                400,
+                "cache_not_for_draft",
+                f"{DRAFT_CACHE_PROBLEM.removesuffix('.')}; this video's tier is draft{defaulted}",
+                f"{prefix}cache",
+            )
+        fields["cache"] = settings.cache.model_dump() if settings.cache is not None else None
     if settings.negative_prompt is not None:
         fields["negative_prompt"] = settings.negative_prompt
     try:
@@ -234,7 +260,11 @@ def job_request(
         spec,
         model,
         finish=FinishSettings(
-            upscale=settings.upscale, look=settings.look, label=DRAFT_LABEL if settings.label else None
+            upscale=settings.upscale,
+            look=settings.look,
+            label=DRAFT_LABEL if settings.label else None,
+            fps=settings.fps or default_fps or model.fps,
+            lut=lut,
         ),
         source=RequestSource(prompt=settings.prompt, shot=settings.shot),
         callback_url=draft.callback_url,
@@ -295,7 +325,7 @@ def choose_quality(args: PrevizArgs, draft: VideoDraft, settings: ProjectSetting
     return default if args.serves_draft else "final"
 
 
-def check_adapters(args: PrevizArgs, project: str, loras: list | None, prefix: str = "") -> None:
+def check_adapters(args: PrevizArgs, project: str, loras: list[LoraUse] | None, prefix: str = "") -> None:
     """Every LoRA named is loaded by this deployment and usable by `project` (its own, or shared), once."""
     seen: set[str] = set()
     for index, lora in enumerate(loras or ()):
@@ -312,6 +342,27 @@ def check_adapters(args: PrevizArgs, project: str, loras: list | None, prefix: s
         if lora.name in seen:
             raise ApiError(400, "unknown_adapter", f"`loras` names {lora.name!r} twice", param)
         seen.add(lora.name)
+
+
+async def project_looks(store: JobStore, project: str, drafts: list[VideoDraft]) -> dict[str, LutRef]:
+    """look name -> the project's LUT of that name, for every draft's look that is not built in; 400
+    `unknown_look` for a name the project has not registered (another project's LUTs do not count)."""
+    found: dict[str, LutRef] = {}
+    for draft in drafts:
+        look = draft.settings.look
+        if look in LOOKS or look in found:
+            continue
+        record = await asyncio.to_thread(store.get_lut, project, look)
+        if record is None:
+            raise ApiError(
+                400,
+                "unknown_look",
+                f"`look` must be none, film or one of project {project!r}'s LUTs "
+                f"(GET /v1/admin/projects/{project}/luts) but is {look!r}",
+                f"{draft.prefix}look",
+            )
+        found[look] = LutRef(key=record.key, sha256=record.sha256, interpolation=record.interpolation)
+    return found
 
 
 def remix_settings(
@@ -334,7 +385,15 @@ def remix_settings(
         label=source.finish.label is not None or burn_label,
         quality=source.resolved.quality,
         loras=[LoraUse(name=lora.name, weight=lora.weight) for lora in source.resolved.loras],
+        cache=_step_cache(source),
+        fps=source.finish.fps,
     )
+
+
+def _step_cache(source: JobRequest) -> StepCache | None:
+    """The source's step cache as it ran (None: every step ran), so a remix repeats it, default or not."""
+    cache = source.resolved.cache
+    return StepCache.model_validate(cache.model_dump()) if cache is not None else None
 
 
 def promote_settings(
@@ -344,11 +403,14 @@ def promote_settings(
     size: str | None = None,
     upscale: str | None = None,
     look: str | None = None,
+    cache: dict[str, Any] | None = None,
 ) -> GenerationSettings:
     """The final take of a draft: its seed, prompt, shot, negative prompt, length, size (unless `size`),
-    LoRAs and finish (unless changed), with the `final` tier's steps and guidance."""
+    LoRAs and finish (unless changed), with the `final` tier's steps, guidance and (unless `cache` is
+    given: {"cache": settings or None}) step cache."""
     spec = source.spec
     return GenerationSettings(
+        **(cache or {}),
         prompt=source.source.prompt if source.source.shot is not None else spec.prompt,
         shot=source.source.shot,
         negative_prompt=spec.negative_prompt,
@@ -362,6 +424,7 @@ def promote_settings(
         label=source.finish.label is not None or burn_label,
         quality="final",
         loras=[LoraUse(name=lora.name, weight=lora.weight) for lora in source.resolved.loras],
+        fps=source.finish.fps,
     )
 
 

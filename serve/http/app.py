@@ -45,7 +45,7 @@ from serve.http import openapi
 from serve.http.deps import known_query_parameters
 from serve.http.errors import ERROR_RESPONSES, ApiError, error_response, invalid
 from serve.http.limits import BodyPolicy
-from serve.http.routes import admin, artifacts, health, models, storyboards, videos
+from serve.http.routes import admin, artifacts, editorial, health, luts, models, storyboards, videos
 
 logger = logging.getLogger("ray.serve")
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
@@ -99,7 +99,7 @@ async def _internal_error(_request: Request, error: Exception) -> JSONResponse:
     return error_response(500, "internal_error", f"internal error: {type(error).__name__}")
 
 
-for module in (health, models, videos, artifacts, storyboards, admin):
+for module in (health, models, videos, artifacts, storyboards, editorial, admin, luts):
     app.include_router(module.router)
 app.add_middleware(BodyPolicy)
 

@@ -17,6 +17,7 @@ from serve.auth import Caller
 from serve.config import PrevizArgs
 from serve.http.errors import ApiError
 from serve.jobs import JobRecord, JobStore
+from serve.luts import register_configured
 from serve.sharding import ShapeRules
 from serve.storage import ArtifactSigner, ArtifactStore, LocalArtifactStore, make_store
 from serve.webhooks import callback_policy
@@ -44,6 +45,7 @@ class IngressState:
         self.safety = PromptPolicy.from_settings(args.safety)
         self.callbacks = callback_policy(args.webhooks)
         self.shapes = ShapeRules(args.experts, args.model, model, args.model_cache_dir)
+        register_configured(self.store, self.artifacts, args.luts, args.storage)
 
 
 def current_state() -> IngressState:

@@ -93,6 +93,13 @@ RULES_BEYOND_SCHEMA: dict[str, str] = {
     "unknown_adapter": "`loras` names an adapter this deployment does not load for the project, or one "
     "twice (`GET /v1/models` lists the adapters)",
     "tier_unavailable": "`quality: draft` on a deployment without the draft tier's distill LoRA",
+    "cache_not_for_draft": "`cache` on a video whose tier is draft by the project's `default_quality` or "
+    "its priority's default (`interactive`: draft); `quality: draft` with `cache` is refused by the schema",
+    "unknown_look": "`look` names no LUT of the project (`none` and `film` are built in)",
+    "invalid_lut": "the .cube file is malformed; the message names the line at fault",
+    "reserved_look_name": "`none` and `film` are the built-in looks; a LUT needs another name",
+    "invalid_shot": "a shot index beyond the storyboard's shots",
+    "invalid_take": "a selected take that is not a video of that shot of the storyboard",
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -59,9 +59,10 @@ async def read_fields(request: Request) -> dict[str, Any]:
 
 
 # A form sends every value as text; these create fields are numbers or booleans (JSON must send them as such).
-FORM_INTEGERS = ("steps", "seed")
+FORM_INTEGERS = ("steps", "seed", "fps")
 FORM_NUMBERS = ("duration",)
-FORM_OBJECTS = ("shot", "labels")
+FORM_OBJECTS = ("shot", "labels", "cache")
+FORM_CACHE_INTEGERS = ("max_skip", "warmup_steps")  # `cache[max_skip]` etc. in a form
 # list fields sent as JSON: one part with the whole list, or one part per item (the field repeated)
 FORM_JSON_LISTS = ("loras",)
 FORM_FREE_TEXT = ("prompt", "negative_prompt")
@@ -113,6 +114,16 @@ def typed_form_fields(fields: dict[str, Any]) -> dict[str, Any]:
         value = typed.get(name)
         if isinstance(value, str) and re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", value.strip()):
             typed[name] = float(value)
+    cache = typed.get("cache")
+    if isinstance(cache, dict):
+        cache = typed["cache"] = dict(cache)
+        for name, value in cache.items():
+            if not isinstance(value, str):
+                continue
+            if name in FORM_CACHE_INTEGERS and re.fullmatch(r"-?[0-9]+", value.strip()):
+                cache[name] = int(value)
+            elif name == "threshold" and re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", value.strip()):
+                cache[name] = float(value)
     if isinstance(typed.get("label"), str) and typed["label"].strip().lower() in FORM_BOOLEANS:
         typed["label"] = FORM_BOOLEANS[typed["label"].strip().lower()]
     return typed

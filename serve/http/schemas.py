@@ -35,17 +35,20 @@ from pydantic_core import PydanticCustomError
 from pipeline.prompt import ShotSpec
 from pipeline.spec import (
     ADAPTER_NAME_PATTERN,
+    DEFAULT_FINAL_CACHE,
+    MAX_CACHE_THRESHOLD,
     MAX_DURATION_S,
     MAX_LORAS,
     MAX_PROMPT_CHARS,
+    MAX_STEPS,
     MIN_DURATION_S,
     Quality,
 )
 from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
-from serve.jobs.request import SERVED_MODEL, Upscale
-from serve.numbers import WholeNumber, integral
+from serve.jobs.request import LOOK_PATTERN, SERVED_MODEL, FrameRate, Upscale
+from serve.numbers import WholeNumber, integral, whole_number
 
 # lower-cased names a client may send for the served model
 SERVED_MODEL_ALIASES = frozenset(
@@ -111,6 +114,25 @@ class LoraUse(BaseModel):
     )
 
 
+CacheSteps = whole_number(ge=0, le=MAX_STEPS)
+CacheThreshold = Annotated[float, Field(strict=True, ge=0.0, le=MAX_CACHE_THRESHOLD, allow_inf_nan=False)]
+
+
+class StepCache(BaseModel):
+    """Step caching (MagCache, decided per request inside the engine): faster, at a small quality cost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: CacheThreshold = Field(
+        description="Accumulated magnitude error a step may skip under; 0 never skips, 0.06 is MagCache's "
+        "Wan2.2 setting, higher skips more."
+    )
+    max_skip: CacheSteps = Field(2, description="Most steps skipped in a row.")
+    warmup_steps: CacheSteps = Field(
+        0, description="The first steps, always computed (MagCache's default keeps 10 of 40)."
+    )
+
+
 class GenerationSettings(BaseModel):
     """How one clip is generated: the fields a video and a storyboard shot share."""
 
@@ -144,12 +166,26 @@ class GenerationSettings(BaseModel):
         None, description="Preset `480p` (default) or `720p` (with `aspect`), or `WxH`."
     )
     aspect: Literal["16:9", "9:16"] | None = Field(None, description="Orientation of a preset resolution.")
-    steps: WholeNumber | None = Field(None, description="Denoising steps (1–100); default 40.")
+    steps: WholeNumber | None = Field(
+        None, description="Denoising steps (1–100); default: the tier's (final 40, draft 4)."
+    )
     seed: WholeNumber | None = Field(
         None, description="Noise seed (0 – 2**53-1); random (and reported) when omitted."
     )
+    cache: StepCache | None = Field(
+        None,
+        description="Step caching for `quality: final`. Omitted: the final tier's default (threshold "
+        f"{DEFAULT_FINAL_CACHE.threshold:g}, max_skip {DEFAULT_FINAL_CACHE.max_skip}, warmup_steps "
+        f"{DEFAULT_FINAL_CACHE.warmup_steps}, MagCache's Wan2.2 setting); `null`: every step runs. A draft "
+        "runs every step: `cache` with `quality: draft` is refused, and so is 400 `cache_not_for_draft` "
+        "where the tier defaults to draft.",
+    )
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
-    look: Literal["none", "film"] = Field("none", description="Colour grade.")
+    look: str = Field(
+        "none",
+        pattern=LOOK_PATTERN,
+        description="Colour grade: `none`, `film`, or the name of one of the project's .cube LUTs.",
+    )
     label: StrictBool = Field(True, description=f"Burn the {DRAFT_LABEL!r} label into the frames.")
     quality: Quality | None = Field(
         None,
@@ -158,7 +194,14 @@ class GenerationSettings(BaseModel):
         "`final` for `batch` priority.",
     )
     loras: list[LoraUse] | None = Field(
-        None, max_length=MAX_LORAS, description="Style/character LoRAs, each named once."
+        None,
+        max_length=MAX_LORAS,
+        description="Style/character LoRAs, each named once.",
+    )
+    fps: FrameRate | None = Field(
+        None,
+        description="Delivered frame rate: 16 (the model's), or 24 / 25 conformed by motion interpolation "
+        "after SR; default: the project's `default_fps`, else 16.",
     )
 
     @field_validator("seconds")
@@ -221,7 +264,14 @@ class VideoPromote(BaseModel):
 
     size: SizeText | None = Field(None, description="A new `WxH` (default: the draft's).")
     upscale: Upscale | None = Field(None, description="Default: the draft's.")
-    look: Literal["none", "film"] | None = Field(None, description="Default: the draft's.")
+    look: str | None = Field(
+        None, pattern=LOOK_PATTERN, description="`none`, `film` or a project LUT; default: the draft's."
+    )
+    cache: StepCache | None = Field(
+        None,
+        description="Step caching of the final take; omitted: the final tier's default; `null`: every step "
+        "runs.",
+    )
     priority: Priority | None = Field(None, description="Default: `batch`.")
     labels: dict[LabelKey, LabelValue] | None = Field(
         None, max_length=MAX_LABELS, description="Default: the draft's labels."
@@ -275,7 +325,9 @@ class Video(BaseModel):
         description="While it runs: seconds until it is predicted to complete, re-predicted after each "
         "denoising step from the step times measured for its size and tier; null otherwise.",
     )
-    num_frames: int
+    cache: StepCache | None = Field(None, description="Its step caching; null: every step runs.")
+    num_frames: int = Field(description="Frames of the delivered clip (at `fps`).")
+    fps: int = Field(description="Frame rate of the delivered clip.")
     upscale: str
     look: str
     labels: dict[str, LabelValue]

@@ -13,6 +13,7 @@ project's jobs (one fair share) and a queue bound refuses all of them or none.
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,11 +29,13 @@ from serve.http.schemas import (
     LabelKey,
     LabelValue,
     Project,
+    StepCache,
     Upscale,
     Video,
     VideoState,
 )
 from serve.jobs.models import Priority
+from serve.jobs.request import LOOK_PATTERN, FrameRate
 from serve.numbers import WholeNumber
 
 MAX_SHOTS = 100
@@ -85,7 +88,12 @@ class VariantPlan(BaseModel):
                 "items": {"type": "string", "pattern": r"\S", "maxLength": MAX_FIELD_CHARS},
             },
             "properties": {
-                "look": {"type": "array", "minItems": 1, "maxItems": 2, "items": {"enum": ["none", "film"]}}
+                "look": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_GRID_VALUES,
+                    "items": {"type": "string", "pattern": LOOK_PATTERN},
+                }
             },
         },
         description="Shot fields (or `look`) to vary, each over a few values: every combination is a "
@@ -108,8 +116,11 @@ class VariantPlan(BaseModel):
                     f"`grid.{field}` must list 1 to {MAX_GRID_VALUES} non-empty values "
                     f"(each ≤ {MAX_FIELD_CHARS} characters)."
                 )
-        if "look" in self.grid and set(self.grid["look"]) - {"none", "film"}:
-            raise ValueError(f"`grid.look` values must be 'none' or 'film' but are {self.grid['look']}.")
+        if "look" in self.grid and not all(re.match(LOOK_PATTERN, look) for look in self.grid["look"]):
+            raise ValueError(
+                f"`grid.look` values must be look names (none, film or a project's LUT) but are "
+                f"{self.grid['look']}."
+            )
         return self
 
     @property
@@ -143,6 +154,11 @@ class StoryboardCreate(BaseModel):
         default_factory=dict, max_length=MAX_LABELS, description="Labels of every video (shots add theirs)."
     )
     callback_url: AnyHttpUrl | None = Field(None, description="Recorded with every video of the board.")
+    fps: FrameRate | None = Field(
+        None,
+        description="Frame rate of every shot that names none (and of the cut); default: the project's "
+        "`default_fps`, else 16.",
+    )
 
     @property
     def num_videos(self) -> int:
@@ -181,10 +197,13 @@ def expand(board: StoryboardCreate) -> list[PlannedVideo]:
                 update["shot"] = ShotSpec.model_validate({**base_shot, **shot_fields})
             if "look" in grid:
                 update["look"] = grid["look"]
+            if shot.fps is None and board.fps is not None:
+                update["fps"] = board.fps
+            fields = shot.model_dump(include=set(GenerationSettings.model_fields))
+            if "cache" not in shot.model_fields_set:
+                del fields["cache"]  # not named: the tier's default (named null: every step runs)
             for seed in seeds:
-                settings = GenerationSettings.model_validate(
-                    {**shot.model_dump(include=set(GenerationSettings.model_fields)), **update, "seed": seed}
-                )
+                settings = GenerationSettings.model_validate({**fields, **update, "seed": seed})
                 planned.append(PlannedVideo(shot_index, variant_index, settings, grid))
                 variant_index += 1
     return planned
@@ -220,8 +239,15 @@ class StoryboardPromote(BaseModel):
         description="Draft videos of this board, each named once.",
     )
     upscale: Upscale | None = Field(None, description="Default: each draft's.")
-    look: Literal["none", "film"] | None = Field(None, description="Default: each draft's.")
+    look: str | None = Field(
+        None, pattern=LOOK_PATTERN, description="`none`, `film` or a project LUT; default: each draft's."
+    )
     priority: Priority | None = Field(None, description="Default: `batch`.")
+    cache: StepCache | None = Field(
+        None,
+        description="Step caching of the final takes; omitted: the final tier's default; `null`: every step "
+        "runs.",
+    )
 
     @field_validator("video_ids")
     @classmethod
@@ -243,6 +269,9 @@ class StoryboardShotState(BaseModel):
     name: str | None
     prompt: str
     videos: list[StoryboardVideo]
+    selected_video_id: str | None = Field(
+        None, description="The take the editor selected (PATCH); null: the cut uses the first completed one."
+    )
 
 
 class Storyboard(BaseModel):
@@ -261,6 +290,8 @@ class Storyboard(BaseModel):
     num_videos: int
     counts: dict[str, int] = Field(description="Video status -> number of videos.")
     shots: list[StoryboardShotState]
+    order: list[int] = Field(description="Shot indices in cut order (PATCH sets it; default the board's).")
+    cut_url: str | None = Field(None, description="The last rendered cut, once there is one.")
 
 
 def board_status(states: list[str]) -> Literal["queued", "in_progress", "completed", "failed"]:

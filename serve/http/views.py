@@ -11,7 +11,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from serve.http.schemas import LoraUse, Video, VideoError
+from pipeline.interpolate import conform_frame_count
+from serve.http.schemas import LoraUse, StepCache, Video, VideoError
 from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVideo, board_status
 from serve.jobs.models import JobRecord, JobStatus, StoryboardRecord, unix
 
@@ -53,7 +54,9 @@ def video_view(
         promoted_from=request.promoted_from,
         promoted_to=job.promoted_to,
         eta_seconds=job.eta_seconds,
-        num_frames=resolved.num_frames,
+        cache=StepCache.model_validate(resolved.cache.model_dump()) if resolved.cache is not None else None,
+        num_frames=conform_frame_count(resolved.num_frames, resolved.fps, request.finish.fps),
+        fps=request.finish.fps,
         upscale=request.finish.upscale,
         look=request.finish.look,
         labels=job.labels,
@@ -112,6 +115,9 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
                 promoted_to=video.promoted_to,
             )
         )
+    edit = record.edit or {}
+    for key, video_id in (edit.get("takes") or {}).items():
+        shots[int(key)].selected_video_id = video_id
     states = [video.status for shot in shots for video in shot.videos]
     return Storyboard(
         id=record.id,
@@ -123,4 +129,6 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
         num_videos=len(jobs),
         counts=counts,
         shots=shots,
+        order=edit.get("order") if edit.get("order") is not None else list(range(len(shots))),
+        cut_url=f"/v1/storyboards/{record.id}/cut" if record.cut is not None else None,
     )

@@ -222,6 +222,8 @@ class StoryboardRecord:
     num_jobs: int  # videos created with it
     idempotency_key: str | None  # unique per project when set
     created_at: datetime
+    edit: dict[str, Any] | None = None  # {"order": [shot index] | None, "takes": {"<shot>": video id}}
+    cut: dict[str, Any] | None = None  # the last cut rendered (serve.editorial.cut.CutRecord as JSON)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,22 @@ from serve.jobs.models import Bucket
 SERVED_MODEL = "wan2.2-t2v-a14b"  # the name the API serves the model under
 JOB_REQUEST_FORMAT = 2  # 1: the untyped dict of earlier versions (upgraded on read)
 Upscale = Literal["none", "720p", "1080p"]
+FrameRate = Literal[
+    16, 24, 25
+]  # a clip's delivered rate: Wan2.2's 16, or conformed to 24 / 25 (pipeline.interpolate)
+
+
+LOOK_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # a look's name: `none`, `film` or a project's LUT
+
+
+class LutRef(BaseModel):
+    """The version of a project's LUT look a job was admitted with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str = Field(description="The .cube file in the artifact store.")
+    sha256: str = Field(description="Of the file's bytes: the Finisher checks what it reads.")
+    interpolation: Literal["tetrahedral", "trilinear"]
 
 
 class FinishSettings(BaseModel):
@@ -32,8 +48,12 @@ class FinishSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
-    look: str = Field("none", description="Colour grade (`none`, `film`).")
+    look: str = Field("none", description="Colour grade (`none`, `film`, or a project's LUT by name).")
+    lut: LutRef | None = Field(None, description="The LUT of a `look` that names one.")
     label: str | None = Field(DRAFT_LABEL, description="Text burned into the frames; None: unlabelled.")
+    fps: FrameRate = Field(
+        16, description="Delivered frame rate; other than the model's, conformed after SR."
+    )
 
 
 class RequestSource(BaseModel):
@@ -102,7 +122,8 @@ def _upgrade_format_1(data: dict[str, Any]) -> JobRequest:
     """Format 1: {"spec", "finish": {upscale, look, label}, "model", "source": {prompt, shot}, "callback_url",
     "remixed_from", "storyboard": {id, shot, variant, name, grid}, "body_sha256"}, every key optional
     but `spec`; a missing `finish.label` meant the draft label."""
-    spec = RequestSpec.model_validate(data["spec"])
+    # cache given as None: such a row ran every step (a final tier's default cache came later)
+    spec = RequestSpec.model_validate({**data["spec"], "cache": None})
     finish = {key: value for key, value in (data.get("finish") or {}).items() if value is not None}
     if "label" in (data.get("finish") or {}):
         finish["label"] = data["finish"]["label"]  # an explicit None: unlabelled

@@ -152,8 +152,15 @@ storyboards = Table(
     Column("num_jobs", Integer, nullable=False),
     Column("idempotency_key", String(255)),
     Column("created_at", UTCDateTime, nullable=False),
+    # The editor's choices: {"order": [shot index, ...] | null, "takes": {"<shot index>": video id}}.
+    Column("edit", JSONDoc),
+    # The last cut rendered from them (serve.editorial.cut.CutRecord as JSON): its mp4, clips and rate.
+    Column("cut", JSONDoc),
     UniqueConstraint("project", "idempotency_key", name="uq_storyboards_project_idempotency_key"),
 )
+
+# Nullable columns added to `storyboards` after its first release (added by create_schema like the jobs').
+ADDED_STORYBOARD_COLUMNS: tuple[str, ...] = ("edit", "cut")
 
 projects = Table(
     "projects",
@@ -164,6 +171,21 @@ projects = Table(
     # "burn_label": bool}; absent keys mean the defaults.
     Column("settings", JSONDoc, nullable=False),
     Column("webhook_secret", String(128), nullable=False),  # HMAC-SHA256 key of this project's webhooks
+)
+
+luts = Table(
+    "luts",
+    metadata,
+    # A project's named .cube looks; the file lives in the artifact store under `key` (its sha256 in the
+    # name, so a job keeps the version it was admitted with when the name is re-registered).
+    Column("project", String(64), ForeignKey("projects.name", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("key", Text, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", Integer, nullable=False),  # LUT_3D_SIZE
+    Column("interpolation", String(16), nullable=False),  # tetrahedral | trilinear
+    Column("created_at", UTCDateTime, nullable=False),
+    CheckConstraint("interpolation IN ('tetrahedral', 'trilinear')", name="ck_luts_interpolation"),
 )
 
 # A database of an earlier version checks `role IN ('member', 'admin')`: create_schema replaces it.

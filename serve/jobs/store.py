@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from serve.auth import gpu_seconds, seconds_to_utc_midnight
+from serve.jobs.luts import LutStoreMixin
 from serve.jobs.models import (
     PRIORITIES,
     PROGRESS_BANDS,
@@ -47,6 +48,7 @@ from serve.jobs.projects import ProjectStoreMixin, gpu_seconds_today, widen_role
 from serve.jobs.request import JobRequest
 from serve.jobs.schema import (
     ADDED_JOB_COLUMNS,
+    ADDED_STORYBOARD_COLUMNS,
     QUEUE_LOCK_KEY,
     SCHEMA_LOCK_KEY,
     job_events,
@@ -63,7 +65,7 @@ MAX_RETRY_AFTER_S = 600
 MAX_PAGE = 1000  # most rows one list()/queued()/events() call returns
 
 
-class JobStore(ProjectStoreMixin):
+class JobStore(ProjectStoreMixin, LutStoreMixin):
     """All reads and state changes of jobs. Thread-safe and multi-process-safe; holds only an engine."""
 
     def __init__(self, url: str = DEFAULT_URL, *, busy_timeout_s: float = 30.0) -> None:
@@ -86,12 +88,12 @@ class JobStore(ProjectStoreMixin):
             if self.backend == "postgresql":
                 conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
             metadata.create_all(conn)
-            present = {column["name"] for column in inspect(conn).get_columns("jobs")}
-            for name in ADDED_JOB_COLUMNS:
-                if name not in present:
-                    column = jobs.c[name]
-                    kind = column.type.compile(dialect=conn.dialect)
-                    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN {name} {kind}"))
+            for table, added in ((jobs, ADDED_JOB_COLUMNS), (storyboards, ADDED_STORYBOARD_COLUMNS)):
+                present = {column["name"] for column in inspect(conn).get_columns(table.name)}
+                for name in added:
+                    if name not in present:
+                        kind = table.c[name].type.compile(dialect=conn.dialect)
+                        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
             widen_role_check(conn)
 
     def close(self) -> None:
@@ -353,6 +355,17 @@ class JobStore(ProjectStoreMixin):
 
     def get_storyboard(self, storyboard_id: str) -> StoryboardRecord | None:
         with self._read() as conn:
+            row = conn.execute(select(storyboards).where(storyboards.c.id == storyboard_id)).one_or_none()
+        return None if row is None else StoryboardRecord(**row._asdict())
+
+    def update_storyboard(
+        self, storyboard_id: str, *, edit: dict[str, Any] | None = None, cut: dict[str, Any] | None = None
+    ) -> StoryboardRecord | None:
+        """Store the board's edit (selected takes, shot order) and/or its latest cut; None if no board."""
+        changes = {name: value for name, value in (("edit", edit), ("cut", cut)) if value is not None}
+        with self._write() as conn:
+            if changes:
+                conn.execute(update(storyboards).where(storyboards.c.id == storyboard_id).values(changes))
             row = conn.execute(select(storyboards).where(storyboards.c.id == storyboard_id)).one_or_none()
         return None if row is None else StoryboardRecord(**row._asdict())
 

@@ -298,6 +298,7 @@ class Scheduler:
                 deadline=job.deadline,
                 quality=resolved.quality,
                 adapters=adapters,
+                cache=resolved.cache,
             )
             start_index = state.step_index
             stream = handle.options(stream=True).denoise.remote(call, bucket=bucket)
@@ -354,6 +355,8 @@ class Scheduler:
                 seed=resolved.seed,
                 look=finish.look,
                 label=finish.label,
+                fps=finish.fps,
+                lut=finish.lut,
                 metadata={
                     "title": resolved.prompt[:200],
                     "previz_job": job.id,

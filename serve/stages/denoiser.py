@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from pipeline.denoise.adapters import AdapterBank, load_bank
+from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
 from pipeline.denoise.kernels import compile_blocks, warm_up
 from pipeline.denoise.parallel import ShardedForward
@@ -71,6 +72,7 @@ class DenoiserDeployment:
             forward=forward,
             solvers=tier_solvers(model, parts.scheduler),
             adapters=bank,
+            cache_curve=calibration_curve(args.model, model),
         )
         if settings.compile:  # after the engine made its layers batch-invariant: compile what runs
             compile_blocks(self.engine.transformer)
@@ -110,6 +112,7 @@ class DenoiserDeployment:
             adapters=tuple(call.adapters),
             on_progress=progress,
             on_waiting=lambda num_ahead: report(DenoiseWaiting(num_ahead=num_ahead)),
+            cache=call.cache,
         )
         result = self.engine.add(request)
         try:

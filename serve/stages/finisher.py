@@ -1,8 +1,10 @@
-"""The Finisher deployment: grade, frame check, label, mp4 encode and store the clip with its poster."""
+"""The Finisher deployment: conform the frame rate, grade, frame check, label, mp4 encode and store the
+clip with its poster."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -12,15 +14,20 @@ from ray import serve
 
 from pipeline.frames import Frames
 from pipeline.grade import Grader
+from pipeline.interpolate import FlowInterpolator, Interpolator, ModelInterpolator, conform
+from pipeline.lut import Lut, read_cube
 from pipeline.safety import ContentBlocked, FrameCheck
 from pipeline.video import VideoWriter, poster_frame_jpeg
+from pipeline.weights import pick_device
 from serve.config import PrevizArgs
+from serve.jobs.request import LutRef
 from serve.metrics import record_artifact_write, record_safety_block
 from serve.stages.common import STAGE_OPTIONS
 from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
 from serve.storage import JobArtifacts, StoredArtifact, make_store
 
 NAME = "Finisher"
+MAX_CACHED_LUTS = 32  # a 65³ LUT is ~7 MB as floats
 
 
 def default_options(args: PrevizArgs) -> dict[str, Any]:
@@ -29,13 +36,16 @@ def default_options(args: PrevizArgs) -> dict[str, Any]:
 
 @serve.deployment(name="Finisher", max_ongoing_requests=8, **STAGE_OPTIONS)
 class FinisherDeployment:
-    """Grade, check the frames against the content policy, mark as an AI-generated draft, encode the mp4
-    and store it with a poster frame. A blocked clip raises ContentBlocked and nothing is stored."""
+    """Conform to the requested frame rate, grade, check the frames against the content policy, mark as an
+    AI-generated draft, encode the mp4 and store it with a poster frame. A blocked clip raises
+    ContentBlocked and nothing is stored."""
 
     def __init__(self, args: PrevizArgs) -> None:
         self.store = make_store(args.storage)
         self._backend = args.storage.kind
         self.frame_check = FrameCheck.from_settings(args.safety)
+        self.interpolator = make_interpolator(args)
+        self._luts: dict[str, Lut] = {}  # LUT key -> parsed LUT, oldest first
 
     async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         pixels = await frames.ref[0]
@@ -43,7 +53,7 @@ class FinisherDeployment:
 
     def _finish(self, frames: Frames, call: FinishCall) -> FinishedClip:
         started = time.perf_counter()
-        graded = Grader(call.look).grade(frames, seed=call.seed)
+        graded = self._grade(frames, call)
         verdict = self.frame_check.check(graded.pixels) if self.frame_check is not None else None
         if verdict is not None:
             record_safety_block("frames", verdict.category)
@@ -69,6 +79,25 @@ class FinisherDeployment:
             seconds=time.perf_counter() - started,
         )
 
+    def _grade(self, frames: Frames, call: FinishCall) -> Frames:
+        # conformed before grading: the film look's grain is drawn per delivered frame, never interpolated
+        conformed = conform(frames, call.fps, self.interpolator)
+        lut = self._lut(call.lut) if call.lut is not None else None
+        return Grader(call.look, lut=lut).grade(conformed, seed=call.seed)
+
+    def _lut(self, ref: LutRef) -> Lut:
+        """The LUT file of `ref`, read once per replica (its key names one version)."""
+        lut = self._luts.get(ref.key)
+        if lut is None:
+            data = self.store.read_bytes(ref.key)
+            if hashlib.sha256(data).hexdigest() != ref.sha256:
+                raise ValueError(f"the LUT file {ref.key!r} is not the one the job was admitted with")
+            lut = Lut(read_cube(data.decode("utf-8")), ref.interpolation)
+            if len(self._luts) >= MAX_CACHED_LUTS:
+                self._luts.pop(next(iter(self._luts)))
+            self._luts[ref.key] = lut
+        return lut
+
     def _put(self, key: str, path: Path, content_type: str, *, kind: str) -> StoredArtifact:
         try:
             stored = self.store.put_file(key, path, content_type)
@@ -77,3 +106,10 @@ class FinisherDeployment:
             raise
         record_artifact_write(self._backend, kind, stored.size_bytes, ok=True)
         return stored
+
+
+def make_interpolator(args: PrevizArgs) -> Interpolator:
+    """The RIFE-family network when `interpolation_weights` are configured, else optical flow."""
+    if args.interpolation_weights is not None:
+        return ModelInterpolator.from_file(args.interpolation_weights, device=pick_device(args.device))
+    return FlowInterpolator()

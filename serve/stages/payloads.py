@@ -10,7 +10,9 @@ from datetime import datetime
 import numpy as np
 import ray
 
+from pipeline.spec import StepCacheSettings
 from serve.jobs.models import Priority
+from serve.jobs.request import LutRef
 from serve.stages.transfer import PackedState
 
 
@@ -27,6 +29,7 @@ class DenoiseCall:
     deadline: datetime | None
     quality: str = "final"  # the tier: which solver continues the state
     adapters: tuple[tuple[str, float], ...] = ()  # sorted (name, weight) LoRA adapters of the request
+    cache: StepCacheSettings | None = None  # step caching; None: every step runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,8 @@ class FinishCall:
     look: str
     label: str | None
     metadata: dict[str, str]
+    fps: int = 16  # delivered rate: frames at another rate are conformed to it before grading
+    lut: LutRef | None = None  # the LUT file of a look that names one (`look` is then its name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from serve.http.errors import ApiError
 from serve.jobs import JobStore
 from serve.jobs.models import unix
 from serve.jobs.projects import LastAdminKey, ProjectExists
+from serve.jobs.request import FrameRate
 from serve.numbers import whole_number
 
 
@@ -66,6 +67,7 @@ class ProjectSettingsUpdate(BaseModel):
         None,
         description="Tier of videos that name none; `null`: by priority (interactive draft, batch final).",
     )
+    default_fps: FrameRate | None = Field(None, description="Frame rate when a request names none.")
 
 
 class Project(BaseModel):
@@ -166,7 +168,7 @@ Store = Annotated[JobStore, Depends(_job_store)]
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(_admin)])
 
 
-async def _managed_project(name: str, who: Caller, store: JobStore) -> ProjectRecord:
+async def managed_project(name: str, who: Caller, store: JobStore) -> ProjectRecord:
     """The project `name` if `who` manages it; another project's existence is not told (404)."""
     record = await asyncio.to_thread(store.get_project, name) if who.manages(name) else None
     if record is None:
@@ -206,7 +208,7 @@ async def list_projects(store: Store, who: Admin) -> ProjectList:
 
 @router.get("/projects/{name}", response_model=Project, summary="Retrieve a project")
 async def get_project(name: str, store: Store, who: Admin) -> Project:
-    return _project(await _managed_project(name, who, store))
+    return _project(await managed_project(name, who, store))
 
 
 @router.patch("/projects/{name}", response_model=Project, summary="Change a project's settings")
@@ -222,7 +224,7 @@ async def update_project(name: str, body: ProjectSettingsUpdate, store: Store, w
     "/projects/{name}/keys", status_code=201, response_model=ApiKeyCreated, summary="Create an API key"
 )
 async def create_key(name: str, body: ApiKeyCreate, store: Store, who: Admin) -> ApiKeyCreated:
-    await _managed_project(name, who, store)
+    await managed_project(name, who, store)
     if body.role == "studio_admin" and not who.is_studio_admin:
         raise ApiError(403, "forbidden", "only a studio_admin key creates studio_admin keys", "role")
     record, key = await asyncio.to_thread(store.create_key, name, body.role, body.name)
@@ -231,7 +233,7 @@ async def create_key(name: str, body: ApiKeyCreate, store: Store, who: Admin) ->
 
 @router.get("/projects/{name}/keys", response_model=ApiKeyList, summary="List a project's API keys")
 async def list_keys(name: str, store: Store, who: Admin) -> ApiKeyList:
-    await _managed_project(name, who, store)
+    await managed_project(name, who, store)
     return ApiKeyList(data=[_key(record) for record in await asyncio.to_thread(store.list_keys, name)])
 
 

@@ -23,7 +23,7 @@ from serve.http.storyboards import (
     expand,
 )
 from serve.http.views import storyboard_view, video_view
-from serve.jobs import new_storyboard_id
+from serve.jobs import JobRecord, StoryboardRecord, new_storyboard_id
 from serve.jobs.request import StoryboardPlace
 
 router = APIRouter(prefix="/v1/storyboards", tags=["storyboards"])
@@ -106,7 +106,10 @@ async def promote_takes(
     board = await storyboard_of(storyboard_id, state, caller)
     on_board = {video.video_id for shot in board.shots for video in shot.videos}
     settings = await project_settings(state.store, caller.project)
-    options = VideoPromote(upscale=body.upscale, look=body.look, priority=body.priority)
+    # the options each take's promote gets, as set (an unset `cache` is the final tier's default)
+    options = VideoPromote.model_validate(
+        body.model_dump(include={"upscale", "look", "priority", "cache"}, exclude_unset=True)
+    )
     drafts = []
     for index, video_id in enumerate(body.video_ids):
         param = f"video_ids.{index}"
@@ -133,9 +136,18 @@ async def get_storyboard(storyboard_id: str, state: StateDep, caller: CallerDep)
 
 
 async def storyboard_of(storyboard_id: str, state: IngressState, caller: Caller) -> Storyboard:
+    return storyboard_view(*await board_and_jobs(storyboard_id, state, caller))
+
+
+async def board_and_jobs(
+    storyboard_id: str, state: IngressState, caller: Caller, *, with_jobs: bool = True
+) -> tuple[StoryboardRecord, list[JobRecord]]:
+    """The caller's project's board and (unless not wanted) its videos in creation order; 404 else."""
     record = await asyncio.to_thread(state.store.get_storyboard, storyboard_id)
     if record is None or record.project != caller.project:
         raise ApiError(404, "not_found", f"no storyboard with id {storyboard_id!r}", param="storyboard_id")
+    if not with_jobs:
+        return record, []
     jobs = await asyncio.to_thread(
         state.store.list,
         project=caller.project,
@@ -143,4 +155,4 @@ async def storyboard_of(storyboard_id: str, state: IngressState, caller: Caller)
         order="asc",
         limit=max(1, min(record.num_jobs, 1000)),
     )
-    return storyboard_view(record, jobs)
+    return record, jobs

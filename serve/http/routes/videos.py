@@ -337,7 +337,12 @@ def promotion_draft(source: JobRecord, body: VideoPromote, burn_label: bool, pre
     """The final take of `source` as a draft for the admission path."""
     return VideoDraft(
         settings=promote_settings(
-            source.request, burn_label, size=body.size, upscale=body.upscale, look=body.look
+            source.request,
+            burn_label,
+            size=body.size,
+            upscale=body.upscale,
+            look=body.look,
+            cache={"cache": body.cache} if "cache" in body.model_fields_set else None,
         ),
         priority=body.priority or "batch",
         labels=body.labels if body.labels is not None else source.labels,

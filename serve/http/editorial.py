@@ -1,0 +1,91 @@
+"""HTTP schemas of a storyboard's edit: the selected takes and shot order, the cut, its timeline."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StringConstraints, field_validator
+
+from serve.http.storyboards import MAX_SHOTS
+from serve.jobs.request import FrameRate
+from serve.numbers import whole_number
+
+ShotKey = Annotated[str, StringConstraints(pattern=r"^(?:0|[1-9][0-9]{0,2})$")]  # a shot index as text
+VideoId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+CUT_SIZES = {"480p": 480, "720p": 720, "1080p": 1080}  # size -> short side
+
+
+class StoryboardUpdate(BaseModel):
+    """The editor's choices; fields left out keep their value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    order: list[whole_number(ge=0, lt=MAX_SHOTS)] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_SHOTS,
+        json_schema_extra={"uniqueItems": True},
+        description="Shot indices in cut order (each once; shots left out are left out of the cut); "
+        "null: the board's own order.",
+    )
+    takes: dict[ShotKey, VideoId | None] = Field(
+        default_factory=dict,
+        max_length=MAX_SHOTS,
+        json_schema_extra={"additionalProperties": False},  # keys are shot indices, nothing else
+        description='Shot index -> the video that is its selected take ({"0": "vid_…"}); null clears '
+        "the choice (the cut then uses the shot's first completed take).",
+    )
+
+    @field_validator("order")
+    @classmethod
+    def _each_shot_once(cls, order: list[int] | None) -> list[int] | None:
+        if order is not None and len(set(order)) != len(order):
+            raise ValueError(f"`order` must name each shot once but is {order}.")
+        return order
+
+
+class CutCreate(BaseModel):
+    """How to assemble the cut."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fps: FrameRate | None = Field(
+        None, description="The cut's rate; default: the board's `fps`, the project's `default_fps`, else 24."
+    )
+    size: Literal["480p", "720p", "1080p"] | None = Field(
+        None, description="Short side of the cut (the first take's aspect); default: the first take's size."
+    )
+    slates: StrictBool = Field(
+        False, description="A slate (shot name, take, 'AI-generated draft') before each shot."
+    )
+    slate_seconds: Annotated[StrictFloat, Field(ge=0.5, le=5.0)] | whole_number(
+        ge=1, le=5
+    ) = Field(1.0, description="How long each slate stays on screen.")
+
+
+class CutClipView(BaseModel):
+    shot: int = Field(description="Index of the shot in the board's `shots`.")
+    name: str = Field(description="The shot's name (or `shot N`).")
+    video_id: str = Field(description="The take used.")
+    take: int = Field(description="Its variant, counted from 1.")
+    start_frame: int = Field(description="Where it starts in the cut, in frames at the cut's rate.")
+    num_frames: int = Field(description="Its length in the cut, slate included.")
+    slate_frames: int
+    content_url: str = Field(description="A signed link to the shot's conformed clip (slate included).")
+
+
+class Cut(BaseModel):
+    """A storyboard's rendered cut."""
+
+    id: str
+    object: Literal["storyboard.cut"] = "storyboard.cut"
+    storyboard_id: str
+    fps: int
+    size: str = Field(description="`WxH` of every frame.")
+    num_frames: int
+    seconds: float
+    slates: bool
+    created_at: int = Field(description="Unix seconds.")
+    content_url: str = Field(description="A signed link to the cut's mp4.")
+    timeline_url: str = Field(description="Its timeline (`?format=otio|edl|fcpxml`, `&package=true`).")
+    clips: list[CutClipView]

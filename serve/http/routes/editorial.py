@@ -1,0 +1,261 @@
+"""A storyboard's edit: selected takes and shot order (`PATCH /v1/storyboards/{id}`), its first cut and
+the cut as a timeline.
+
+The cut is rendered in the Ingress, in a worker thread, while the POST waits: it only decodes, resizes,
+interpolates and encodes clips that are finished already (no accelerator, no model). Measured on one core
+of the 2-core dev box: a 5 s 832x480 take costs 0.3 s to decode, 4.1 s to conform 16 -> 24 fps with DIS
+flow and 1.8 s to encode, and the cut encodes each shot twice (its clip and the cut), so about 8 s a shot:
+a 10-shot board is about a minute, a 100-shot board over ten. The event loop never runs it, and at most
+MAX_CONCURRENT_CUTS render at once per replica (others wait their turn), so a render never starves the
+API. What long cuts need — a job kind the Scheduler hands to the Finisher, durable across restarts and
+polled like a video — needs a second kind of job in the store (not built); until then a render that an
+Ingress restart interrupts is asked for again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from starlette.background import BackgroundTask
+
+from pipeline.interpolate import FlowInterpolator
+from serve.auth import Caller
+from serve.editorial.cut import CutNotReady, CutRecord, StoryboardEdit, choose_takes, render_cut
+from serve.editorial.timeline import WRITERS as TIMELINE_WRITERS
+from serve.editorial.timeline import (
+    RateNotInTimecode,
+    TimelineFormat,
+    build_timeline,
+    package,
+    write_timeline,
+)
+from serve.http.admission import project_settings
+from serve.http.deps import CallerDep, IngressState, StateDep
+from serve.http.editorial import CUT_SIZES, Cut, CutClipView, CutCreate, StoryboardUpdate
+from serve.http.errors import ApiError
+from serve.http.routes.storyboards import board_and_jobs, storyboard_of
+from serve.http.storyboards import Storyboard
+from serve.jobs.models import StoryboardRecord
+from serve.storage import StorageError
+
+router = APIRouter(prefix="/v1/storyboards", tags=["storyboards"])
+MAX_CONCURRENT_CUTS = 1  # renders at once per Ingress replica (each uses a core)
+DEFAULT_CUT_FPS = 24  # editors' rate, when neither the request, the board nor the project names one
+_renders = asyncio.Semaphore(MAX_CONCURRENT_CUTS)
+TIMELINE_CONTENT = {
+    "application/json": {},
+    "text/plain": {},
+    "application/xml": {},
+    "application/zip": {},
+}
+
+
+@router.patch("/{storyboard_id}", response_model=Storyboard, summary="Select takes and order shots")
+async def update_storyboard(
+    storyboard_id: str, body: StoryboardUpdate, state: StateDep, caller: CallerDep
+) -> Storyboard:
+    """Set each shot's selected take (a video of that shot) and the order of shots in the cut."""
+    record, jobs = await board_and_jobs(storyboard_id, state, caller)
+    num_shots = len(record.request["shots"])
+    edit = StoryboardEdit.model_validate(record.edit or {})
+    if "order" in body.model_fields_set:
+        outside = [shot for shot in body.order or [] if shot >= num_shots]
+        if outside:
+            raise ApiError(
+                400,
+                "invalid_shot",
+                f"the board has {num_shots} shots (0–{num_shots - 1}), not {outside[0]}",
+                "order",
+            )
+        edit.order = body.order
+    takes = dict(edit.takes)
+    for key, video_id in body.takes.items():
+        shot = int(key)
+        if shot >= num_shots:
+            raise ApiError(
+                400, "invalid_shot", f"the board has {num_shots} shots, not shot {shot}", f"takes.{key}"
+            )
+        if video_id is None:
+            takes.pop(key, None)
+            continue
+        place = next((job.request.storyboard for job in jobs if job.id == video_id), None)
+        if place is None or place.shot != shot:
+            raise ApiError(
+                400,
+                "invalid_take",
+                f"video {video_id!r} is not a take of shot {shot} of this board",
+                f"takes.{key}",
+            )
+        takes[key] = video_id
+    edit.takes = takes
+    await asyncio.to_thread(state.store.update_storyboard, storyboard_id, edit=edit.model_dump(mode="json"))
+    return await storyboard_of(storyboard_id, state, caller)
+
+
+@router.post("/{storyboard_id}/cut", status_code=201, response_model=Cut, summary="Render the first cut")
+async def create_cut(
+    storyboard_id: str, request: Request, state: StateDep, caller: CallerDep, body: CutCreate | None = None
+) -> Cut:
+    """Assemble the selected takes (else each shot's first completed take) in the board's order, conformed
+    to one rate and size, with optional slates, into one mp4 (and one per shot for the timeline). 409
+    `cut_not_ready` while a shot of the cut has no completed take."""
+    body = body or CutCreate()
+    record, jobs = await board_and_jobs(storyboard_id, state, caller)
+    try:
+        choices = choose_takes(record, jobs)
+    except CutNotReady as error:
+        raise ApiError(
+            409, "cut_not_ready", f"the cut cannot be made yet: {error}", "storyboard_id"
+        ) from None
+    if not choices:
+        raise ApiError(409, "cut_not_ready", "the board's order has no shots", "storyboard_id")
+    settings = await project_settings(state.store, record.project)
+    fps = body.fps or record.request.get("fps") or settings.default_fps or DEFAULT_CUT_FPS
+    size = None
+    if body.size is not None:
+        first = choices[0].job.request.resolved
+        size = _short_side(first.width, first.height, CUT_SIZES[body.size])
+    async with _renders:
+        try:
+            cut = await asyncio.to_thread(
+                render_cut,
+                state.artifacts,
+                record,
+                choices,
+                fps=fps,
+                size=size,
+                slate_seconds=float(body.slate_seconds) if body.slates else None,
+                interpolator=FlowInterpolator(),
+            )
+        except StorageError:
+            raise ApiError(503, "storage_unavailable", "the artifact store failed; try again") from None
+    await asyncio.to_thread(state.store.update_storyboard, storyboard_id, cut=cut.model_dump(mode="json"))
+    return await _cut_view(record, cut, state, request)
+
+
+@router.get("/{storyboard_id}/cut", response_model=Cut, summary="Retrieve the last cut")
+async def get_cut(storyboard_id: str, request: Request, state: StateDep, caller: CallerDep) -> Cut:
+    record, cut = await _board_cut(storyboard_id, state, caller)
+    return await _cut_view(record, cut, state, request)
+
+
+@router.get(
+    "/{storyboard_id}/cut/content",
+    response_class=RedirectResponse,
+    status_code=307,
+    responses={307: {"description": "Redirect to a signed link of the cut's mp4."}},
+    summary="Download the last cut",
+)
+async def get_cut_content(
+    storyboard_id: str, request: Request, state: StateDep, caller: CallerDep
+) -> Response:
+    _record, cut = await _board_cut(storyboard_id, state, caller)
+    return RedirectResponse(await _link(cut.key, state, request), status_code=307)
+
+
+@router.get(
+    "/{storyboard_id}/timeline",
+    response_class=Response,
+    responses={200: {"content": TIMELINE_CONTENT, "description": "The timeline, or the package zip."}},
+    summary="Export the last cut as a timeline",
+)
+async def get_timeline(
+    storyboard_id: str,
+    request: Request,
+    state: StateDep,
+    caller: CallerDep,
+    format: Annotated[
+        TimelineFormat, Query(description="otio (JSON), edl (CMX 3600) or fcpxml (FCP 7 XML).")
+    ] = "otio",
+    package_zip: Annotated[
+        bool,
+        Query(
+            alias="package",
+            description="A zip with the cut, the shots' clips and the timeline, its media as relative paths "
+            "(else the timeline alone, its media as signed links).",
+        ),
+    ] = False,
+) -> Response:
+    """The last cut as a timeline: one clip per shot, named "<shot> take <n>", at the cut's rate. EDL and
+    FCP XML need a 24 or 25 fps cut (409 `timeline_rate_unsupported`: SMPTE timecode has no 16)."""
+    record, cut = await _board_cut(storyboard_id, state, caller)
+    title = record.title or record.id
+    try:
+        if package_zip:
+            fd, name = tempfile.mkstemp(prefix="previz-package-", suffix=".zip")
+            os.close(fd)
+            try:
+                path = await asyncio.to_thread(
+                    package, state.artifacts, cut, title, format, record.id, Path(name)
+                )
+            except BaseException:
+                Path(name).unlink(missing_ok=True)
+                raise
+            return FileResponse(
+                path,
+                media_type="application/zip",
+                filename=f"{record.id}.zip",
+                background=BackgroundTask(path.unlink, missing_ok=True),
+            )
+        links = [await _link(clip.key, state, request) for clip in cut.clips]
+        timeline = build_timeline(cut, title, lambda _clip, index: links[index])
+        text = write_timeline(timeline, format, cut.fps)
+    except RateNotInTimecode as error:
+        raise ApiError(409, "timeline_rate_unsupported", str(error), "format") from None
+    except StorageError:
+        raise ApiError(503, "storage_unavailable", "the artifact store failed; try again") from None
+    return Response(text, media_type=TIMELINE_WRITERS[format].media_type)
+
+
+async def _board_cut(
+    storyboard_id: str, state: IngressState, caller: Caller
+) -> tuple[StoryboardRecord, CutRecord]:
+    record, _jobs = await board_and_jobs(storyboard_id, state, caller, with_jobs=False)
+    if record.cut is None:
+        raise ApiError(
+            409,
+            "no_cut",
+            f"storyboard {storyboard_id} has no cut yet; POST /v1/storyboards/{storyboard_id}/cut",
+        )
+    return record, CutRecord.model_validate(record.cut)
+
+
+async def _link(key: str, state: IngressState, request: Request) -> str:
+    link = await asyncio.to_thread(state.artifacts.url, key, expires_in_s=state.args.artifact_url_ttl_s)
+    if link.startswith("/"):  # the local store's links are paths on this API
+        base = state.args.public_url or str(request.base_url)
+        link = base.rstrip("/") + link
+    return link
+
+
+async def _cut_view(record: StoryboardRecord, cut: CutRecord, state: IngressState, request: Request) -> Cut:
+    clips = [
+        CutClipView(**clip.model_dump(exclude={"key"}), content_url=await _link(clip.key, state, request))
+        for clip in cut.clips
+    ]
+    return Cut(
+        id=cut.id,
+        storyboard_id=record.id,
+        fps=cut.fps,
+        size=f"{cut.width}x{cut.height}",
+        num_frames=cut.num_frames,
+        seconds=cut.num_frames / cut.fps,
+        slates=cut.slates,
+        created_at=int(cut.created_at),
+        content_url=await _link(cut.key, state, request),
+        timeline_url=f"/v1/storyboards/{record.id}/timeline",
+        clips=clips,
+    )
+
+
+def _short_side(width: int, height: int, short: int) -> tuple[int, int]:
+    """(width, height) with the short side `short`, the aspect kept, both even."""
+    if width >= height:
+        return max(2, 2 * round(width * short / height / 2)), short
+    return short, max(2, 2 * round(height * short / width / 2))
