@@ -3,12 +3,14 @@ store, no Ray): defaults by priority and project, adapters checked at create tim
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline.spec import DEFAULT_FINAL_CACHE
+from serve.http.app import app
 from serve.jobs import JobStatus
 from tests.api_app import TINY, LocalApi, http_server, local_api
 from tests.cli_run import previz
@@ -221,3 +223,25 @@ def test_sharded_experts_serve_final_only_and_no_style_loras(tmp_path: Path) -> 
         assert created(post(api, priority="interactive", size="128x64"))["quality"] == "final"
         response = post(api, size="128x64", loras=[{"name": "noir"}])
         assert (response.status_code, response.json()["error"]["code"]) == (400, "unknown_adapter")
+
+
+def test_a_form_sends_loras_as_one_json_part_as_the_schema_declares_or_a_part_per_item(api: LocalApi) -> None:
+    """A lone part holding a JSON list is the whole list: the document declares that encoding, so a client
+    never sends `[[]]` as a part per item (`[]`), which the server would read as an empty list."""
+    multipart = app.openapi()["paths"]["/v1/videos"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert multipart["encoding"]["loras"] == {"contentType": "application/json"}
+    client = api.client_for("heist")
+    loras = [{"name": "noir", "weight": 0.5}, {"name": "heist-hero", "weight": 1.0}]
+    for parts in ([json.dumps(loras)], [json.dumps(lora) for lora in loras]):
+        fields = [
+            ("prompt", "a vault"),
+            ("size", "96x64"),
+            ("seconds", "0.5"),
+            *(("loras", p) for p in parts),
+        ]
+        response = client.post("/v1/videos", files=[(name, (None, value)) for name, value in fields])
+        assert created(response)["loras"] == loras
+    for part in ("[[]]", "[null]"):  # what the declared encoding sends for those lists: refused
+        fields = [("prompt", "a vault"), ("size", "96x64"), ("seconds", "0.5"), ("loras", part)]
+        refused = client.post("/v1/videos", files=[(name, (None, value)) for name, value in fields])
+        assert (refused.status_code, refused.json()["error"]["param"]) == (400, "loras.0"), part

@@ -63,7 +63,8 @@ FORM_INTEGERS = ("steps", "seed", "fps")
 FORM_NUMBERS = ("duration",)
 FORM_OBJECTS = ("shot", "labels", "cache")
 FORM_CACHE_INTEGERS = ("max_skip", "warmup_steps")  # `cache[max_skip]` etc. in a form
-# list fields sent as JSON: one part with the whole list, or one part per item (the field repeated)
+# list fields of JSON objects: one part holding the list (the document's declared encoding), or one
+# object part per item (the field repeated)
 FORM_JSON_LISTS = ("loras",)
 FORM_FREE_TEXT = ("prompt", "negative_prompt")
 FORM_BOOLEANS = {"true": True, "false": False}
@@ -88,7 +89,10 @@ def json_object_parts(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json_list(value: Any) -> Any:
-    """A list field's parts as one list: `[{...}, {...}]` in one part, or `{...}` per repeated part."""
+    """A list field's parts as one list: `[{...}, {...}]` in one part (the OpenAPI document declares this
+    encoding: serve.http.routes.videos.CREATE_BODY), or `{...}` per repeated part. A lone part holding a
+    JSON list is the whole list, so a client must not send one part per item when an item is a list
+    (no valid item is)."""
     parts = value if isinstance(value, list) else [value]
     items: list[Any] = []
     for part in parts:

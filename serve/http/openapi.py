@@ -8,6 +8,9 @@ is added here and checked by tests/test_api_schema.py (schemathesis' conformance
 - the cross-field rules: a prompt or a shot, `seconds` or `duration`, `size` or `resolution`, `aspect`
   with a preset only, a shot's fields named all in English or all in Chinese, one of them not blank, no
   `cache` with `quality: draft` (a draft runs every step);
+- a multipart create's structured fields (`shot`, `labels`, `cache`, `loras`) are declared JSON parts
+  holding the whole value (routes.videos.CREATE_BODY's `encoding`), as serve.http.forms reads them: a
+  list sent a part per item is read the same way unless an item is itself a list, which no valid one is;
 - header and query parameters are absent or a value, never null.
 What no static schema can state (this deployment's size envelope, its callback policy, the project's
 label policy, its adapters and tiers, the tier a video without `quality` defaults to, the compiled

@@ -196,7 +196,8 @@ class GenerationSettings(BaseModel):
     loras: list[LoraUse] | None = Field(
         None,
         max_length=MAX_LORAS,
-        description="Style/character LoRAs, each named once.",
+        description="Style/character LoRAs, each named once. In a multipart form: one JSON part holding "
+        "the list, or one JSON object part per item.",
     )
     fps: FrameRate | None = Field(
         None,

@@ -49,11 +49,17 @@ API_STATE_STATUSES: dict[str, list[JobStatus]] = {
 }
 REPLAYED = {200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."}}
 # The create body is read by hand (JSON or form); its schema is added to the OpenAPI page by serve.http.app.
+# A form's structured fields are JSON parts, each holding the whole value (`loras`: the list, not a part per
+# item), as serve.http.forms reads them; declared, so a client does not guess an array's encoding.
+FORM_JSON_PARTS = {name: {"contentType": "application/json"} for name in ("shot", "labels", "cache", "loras")}
 CREATE_BODY = {
     "required": True,
     "content": {
-        media: {"schema": {"$ref": "#/components/schemas/VideoCreate"}}
-        for media in ("application/json", "multipart/form-data")
+        "application/json": {"schema": {"$ref": "#/components/schemas/VideoCreate"}},
+        "multipart/form-data": {
+            "schema": {"$ref": "#/components/schemas/VideoCreate"},
+            "encoding": FORM_JSON_PARTS,
+        },
     },
 }
 
