@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from pipeline.denoise import DenoiseEngine, Denoiser, EngineRequest, initial_state
+from pipeline.denoise import engine as engine_module
 from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.denoiser import expert_step_indices
@@ -359,6 +361,33 @@ def test_progress_reports_can_read_the_measured_step_time_of_their_bucket_and_ti
     run_to_end(high, [item])
     assert len(seen) == 2 and all(seconds is not None and seconds > 0 for seconds in seen)
     assert high.seconds_per_step(bucket, "final") is None  # another tier's steps are not this one's
+
+
+def test_a_caching_requests_step_time_counts_the_steps_it_skipped(
+    tiny: WanComponents, banks: dict[str, AdapterBank], encoder: TextEncoder, monkeypatch
+) -> None:
+    """Each pass through the blocks costs one "second" of a fake timer; a skipped step costs none."""
+    seconds = [0.0]
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: seconds[0]))
+    hook = tiny.transformer.blocks[0].register_forward_pre_hook(
+        lambda *_: seconds.__setitem__(0, seconds[0] + 1)
+    )
+    try:
+        high = engine(tiny, banks, "high", calibration_curve("tiny", tiny.model))
+        caching = StepCacheSettings(threshold=0.03, max_skip=2, warmup_steps=1)  # skips 3 of its 6 high steps
+        cached = request(tiny, encoder, "cached", steps=8, quality="final", cache=caching)
+        plain = request(tiny, encoder, "plain", steps=8, quality="final")
+        bucket, seen = tuple(cached.state.latents.shape), {}
+        for item in (cached, plain):
+            item.on_progress = lambda done, total, rid=item.request_id: seen.__setitem__(
+                rid, high.seconds_per_step(bucket, "final", rid)
+            )
+            run_to_end(high, [item])  # one after the other: each alone in its iterations
+    finally:
+        hook.remove()
+    assert seen == {"cached": 0.5, "plain": 1.0}  # after its 6 steps: 3 computed of 6, 6 of 6
+    mixed = high.seconds_per_step(bucket, "final")  # the bucket's last 8 iterations: both requests'
+    assert 0.5 < mixed < 1.0 and high.seconds_per_step(bucket, "final", "cached") == mixed  # it left
 
 
 def test_a_final_request_naming_no_cache_takes_the_tiers_default_and_a_draft_none() -> None:

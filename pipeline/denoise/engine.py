@@ -23,8 +23,8 @@ A request whose next step this expert does not own is resolved at once with its 
 Tiers and LoRA: a request names its quality tier (which solver template continues its state: `solvers`)
 and its adapter set; a plan only holds requests of one (latent shape, tier, adapter set), and `run`
 switches the expert's AdapterBank to the plan's set before the forward (set_adapters / disable_lora,
-never fuse). Each iteration's wall time is kept per (bucket, tier), so progress reports can carry a step
-time measured on this replica (`seconds_per_step`) for an ETA.
+never fuse). Each iteration's wall time is kept per (bucket, tier) and per member, so progress reports
+can carry a step time measured on this replica (`seconds_per_step`) for an ETA.
 
 Step caching (pipeline.denoise.stepcache, MagCache per request): before each plan every caching request
 decides whether its next step reuses its residual; the planner gives such a member no tokens, and `run`
@@ -251,6 +251,8 @@ class DenoiseEngine:
         self._forwards_by_adapters: Counter[str] = Counter()  # adapter_label -> forwards
         # (bucket, quality) -> wall seconds of its last iterations: the step time progress reports carry
         self._step_seconds: dict[tuple[Bucket, str], deque[float]] = {}
+        # req_id -> wall seconds of the last iterations it took part in, its skipped steps included
+        self._request_seconds: dict[str, deque[float]] = {}
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -362,11 +364,16 @@ class DenoiseEngine:
                 forwards_by_adapters=dict(self._forwards_by_adapters),
             )
 
-    def seconds_per_step(self, bucket: Bucket, quality: str = "final") -> float | None:
-        """Mean wall seconds of the last iterations that ran this (bucket, tier), or None before the
-        first: what one more step of such a request costs on this replica now."""
+    def seconds_per_step(
+        self, bucket: Bucket, quality: str = "final", request_id: str | None = None
+    ) -> float | None:
+        """What one more step of a request costs on this replica now: the mean wall seconds of the last
+        iterations `request_id` took part in (a caching request's skipped steps counted as it ran them:
+        cheap alone, a whole batch's forward inside one), else of the last iterations of this (bucket,
+        tier); None before the first."""
         with self._lock:
-            recent = self._step_seconds.get((tuple(bucket), quality))
+            recent = self._request_seconds.get(request_id) if request_id is not None else None
+            recent = recent or self._step_seconds.get((tuple(bucket), quality))
             return sum(recent) / len(recent) if recent else None
 
     # ---- the three verbs -----------------------------------------------------------------------------
@@ -437,6 +444,9 @@ class DenoiseEngine:
                 (plan.bucket, plan.quality), deque(maxlen=STEP_TIME_WINDOW)
             )
             window.append(seconds)
+            for request_id in plan.request_ids:
+                own = self._request_seconds.setdefault(request_id, deque(maxlen=STEP_TIME_WINDOW))
+                own.append(seconds)
         self.update(plan, output)
         with self._lock:
             self._counts["iterations"] += 1
@@ -636,6 +646,7 @@ class DenoiseEngine:
     ) -> None:
         with self._lock:
             self._known.discard(request_id)
+            self._request_seconds.pop(request_id, None)
             self._counts[count] += 1
         if isinstance(outcome, BaseException):
             future.set_exception(outcome)

@@ -1,10 +1,11 @@
 """When will a running job finish? Re-predicted after each denoising step, from measurements only.
 
 The denoise part is the job's steps still to run (both experts) times the step time its replica measured
-for the job's bucket and tier over its last iterations (DenoiseProgress.seconds_per_step: the wall time of
-a whole batched iteration, so a busy replica predicts slower steps). What follows the denoiser (decode,
-upscale, finish) is the mean of what this Scheduler measured for the same bucket, tier and upscale; a
-stage never measured yet counts 0, so an early prediction is optimistic, never padded with a guess.
+for the job itself over the last iterations it took part in (DenoiseProgress.seconds_per_step: the wall
+time of a whole batched iteration, so a busy replica predicts slower steps; a step its cache skipped
+counts at what that iteration cost, so a caching job predicts the mix it is getting). What follows the
+denoiser (decode, upscale, finish) is the mean of what this Scheduler measured for the same bucket, tier
+and upscale; a stage never measured yet counts 0, so an early prediction is optimistic, never padded.
 """
 
 from __future__ import annotations

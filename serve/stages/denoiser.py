@@ -97,7 +97,7 @@ class DenoiserDeployment:
         engine, bucket_shape = self.engine, tuple(call.state.latents.shape)
 
         def progress(done: int, total: int) -> None:
-            seconds = engine.seconds_per_step(bucket_shape, call.quality)
+            seconds = engine.seconds_per_step(bucket_shape, call.quality, call.request_id)
             report(DenoiseProgress(done=done, total=total, seconds_per_step=seconds))
 
         request = EngineRequest(

@@ -56,7 +56,7 @@ class DenoiseProgress:
 
     done: int  # steps of this expert done so far
     total: int  # steps this expert runs for the request
-    seconds_per_step: float | None = None  # this replica's recent step time for the bucket and tier (ETA)
+    seconds_per_step: float | None = None  # this replica's recent step time for this request (ETA)
 
 
 @dataclass(frozen=True, slots=True)
