@@ -55,8 +55,12 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Noise seed (random when omitted).")] = None,
     cache_threshold: Annotated[
         float | None,
-        typer.Option(help="Step caching (MagCache) at this threshold, e.g. 0.06; off when omitted."),
+        typer.Option(
+            help="Step caching (MagCache) of a final clip at this threshold; default: the final tier's "
+            "(0.06, 10 warm-up steps); 0 never skips. Not with --quality draft."
+        ),
     ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Run every step (no step caching).")] = False,
     model: Annotated[
         str, typer.Option(help="tiny | small | Diffusers folder | s3://bucket/prefix.")
     ] = "tiny",
@@ -105,7 +109,11 @@ def generate(
         )
         if negative_prompt is not None:
             fields["negative_prompt"] = negative_prompt
-        if cache_threshold is not None:  # the final tier's max_skip and warm-up
+        if no_cache and cache_threshold is not None:
+            raise ValueError("give `--cache-threshold` or `--no-cache`, not both.")
+        if no_cache:
+            fields["cache"] = None  # named None: every step runs (omitted: the tier's default)
+        elif cache_threshold is not None:  # the final tier's max_skip and warm-up
             fields["cache"] = {**DEFAULT_FINAL_CACHE.model_dump(), "threshold": cache_threshold}
         request = RequestSpec(**fields)
         upscale_target_size(upscale, *request.size)
