@@ -1,14 +1,18 @@
 """Quality tiers side by side: per clip, wall time, transformer forwards and rows, against `final`.
 
     python -m loadtest.bench_tiers --preset small
-    python -m loadtest.bench_tiers --preset small --clips 3 --thresholds 0.003,0.06 --size 256x144
+    python -m loadtest.bench_tiers --preset tiny --clips 3 --thresholds 0.003,0.06 --size 256x144
 
-Each tier is one row of the table (`tiers()`): `final` (the model's steps and CFG, no cache) and `final`
-with step caching (pipeline.denoise.stepcache) at each `--thresholds` value (max_skip and warm-up from
-DEFAULT_FINAL_CACHE). Every clip runs alone through a DenoiseEngine per expert (high then low), so the
-forwards and rows counted are that clip's own; the curve is the preset's own calibration (the published
-Wan2.2 ratios only fit the real weights). PSNR is of each tier's decoded frames against final's decoded
-frames of the same clip (same seed and prompt), over all clips; `inf` means identical frames.
+Each tier is one row of the table (`tiers()`): `final` (the official recipe: the model's steps and CFG,
+UniPC, no cache), `final` with step caching (pipeline.denoise.stepcache) at each `--thresholds` value
+(max_skip and warm-up from DEFAULT_FINAL_CACHE, the final tier's default), and `draft` (the 4-step
+distill recipe: Euler, shift 5, no CFG rows, with the preset's built-in distill LoRA in both experts).
+Every clip runs alone through a DenoiseEngine per expert (high then low), so the forwards and rows
+counted are that clip's own; the curve is the preset's own calibration (the published Wan2.2 ratios only
+fit the real weights). PSNR is of each tier's decoded frames against final's decoded frames of the same
+clip (same seed and prompt); `inf` means identical frames. On a preset the distill LoRA is seeded random,
+not distilled, so the draft's PSNR says how far its take is from final's, not how good a real distilled
+draft is; its forward and row counts and its time ratio are what carry over to the real model.
 Printed, not asserted: a shared CPU is noisy, so wall times are the median over `--repeats` rounds.
 """
 
@@ -18,16 +22,30 @@ import argparse
 import math
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from pipeline.denoise import DenoiseEngine, EngineRequest, initial_state
+from pipeline.denoise.adapters import load_bank
 from pipeline.denoise.calibration import WAN22_T2V_A14B_CURVE, calibration_curve
 from pipeline.denoise.denoiser import expert_step_indices
+from pipeline.denoise.state import tier_solvers
 from pipeline.denoise.stepcache import MagnitudeCurve, RequestCache
-from pipeline.spec import DEFAULT_FINAL_CACHE, RequestSpec, ResolvedRequest, StepCacheSettings, resolve
+from pipeline.lora import BUILTIN, distill_folder
+from pipeline.spec import (
+    DEFAULT_FINAL_CACHE,
+    DISTILL_ADAPTER,
+    ModelSpec,
+    Quality,
+    RequestSpec,
+    ResolvedRequest,
+    StepCacheSettings,
+    resolve,
+)
 from pipeline.text import PromptEmbeds, TextEncoder
 from pipeline.vae import VAEDecoder
 from pipeline.weights import WanComponents, build_preset
@@ -41,14 +59,19 @@ class Tier:
     """One row of the table: how a clip is generated."""
 
     name: str
+    quality: Quality = "final"  # the recipe: steps, solver, CFG and the adapter its experts run with
     cache: StepCacheSettings | None = None  # step caching; None: every step runs
 
 
 @dataclass(slots=True)
 class Clip:
-    resolved: ResolvedRequest
+    spec: RequestSpec  # the shot, seed fixed; each tier resolves it with its own recipe
     prompt: PromptEmbeds
     negative: PromptEmbeds
+
+    def resolved(self, tier: Tier, model: ModelSpec) -> ResolvedRequest:
+        spec = self.spec.model_copy(update={"quality": tier.quality, "cache": tier.cache})
+        return resolve(spec, model)
 
 
 @dataclass(slots=True)
@@ -77,12 +100,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def tiers(args: argparse.Namespace) -> list[Tier]:
-    """The rows: final, then final with caching at each threshold (the draft tier joins here at merge)."""
+    """The rows: final (no cache), final with caching at each threshold, then draft."""
     cached = [
-        Tier(f"final + cache {threshold:g}", DEFAULT_FINAL_CACHE.model_copy(update={"threshold": threshold}))
+        Tier(
+            f"final + cache {threshold:g}",
+            cache=DEFAULT_FINAL_CACHE.model_copy(update={"threshold": threshold}),
+        )
         for threshold in map(float, args.thresholds.split(","))
     ]
-    return [Tier("final"), *cached]
+    return [Tier("final"), *cached, Tier("draft", quality="draft")]
 
 
 def make_clips(components: WanComponents, args: argparse.Namespace) -> list[Clip]:
@@ -97,7 +123,7 @@ def make_clips(components: WanComponents, args: argparse.Namespace) -> list[Clip
         )
         resolved = resolve(spec, components.model)
         prompt, negative = encoder.encode([resolved.prompt, resolved.negative_prompt])
-        clips.append(Clip(resolved, prompt, negative))
+        clips.append(Clip(spec, prompt, negative))
     return clips
 
 
@@ -109,13 +135,22 @@ def run(
     clip: Clip,
 ) -> Run:
     """One clip through both engines, counting what it alone added to their stats."""
+    resolved = clip.resolved(tier, components.model)
     before = {expert: engine.stats() for expert, engine in engines.items()}
     started = time.perf_counter()
-    state = initial_state(clip.resolved, components.model)
+    state = initial_state(resolved, components.model)
     for expert in EXPERTS:
-        guidance = clip.resolved.guidance_high if expert == "high" else clip.resolved.guidance_low
-        request_id = f"{tier.name}:{clip.resolved.seed}"
-        request = EngineRequest(request_id, state, clip.prompt, clip.negative, guidance, cache=tier.cache)
+        guidance = resolved.guidance_high if expert == "high" else resolved.guidance_low
+        request = EngineRequest(
+            f"{tier.name}:{resolved.seed}",
+            state,
+            clip.prompt,
+            clip.negative,
+            guidance,
+            quality=resolved.quality,
+            adapters=resolved.adapters(components.model),
+            cache=resolved.cache,
+        )
         future = engines[expert].submit(request)
         while not future.done():
             engines[expert].step()
@@ -157,17 +192,24 @@ def main() -> None:
     components = build_preset(args.preset)
     model = components.model
     curve = calibration_curve(args.preset, model)
-    engines = {
-        expert: DenoiseEngine(
-            module,
-            components.scheduler,
-            expert=expert,
-            boundary_ratio=model.boundary_ratio,
-            max_sequence_length=model.max_sequence_length,
-            cache_curve=curve,
-        )
-        for expert, module in zip(EXPERTS, (components.transformer, components.transformer_2), strict=True)
-    }
+    solvers = tier_solvers(model, components.scheduler)
+    with tempfile.TemporaryDirectory() as cache_dir:  # the preset's seeded random distill LoRA
+        folders = {DISTILL_ADAPTER: distill_folder(BUILTIN, args.preset, cache_dir=Path(cache_dir))}
+        engines = {
+            expert: DenoiseEngine(
+                module,
+                components.scheduler,
+                expert=expert,
+                boundary_ratio=model.boundary_ratio,
+                max_sequence_length=model.max_sequence_length,
+                cache_curve=curve,
+                solvers=solvers,
+                adapters=load_bank(module, expert, folders),
+            )
+            for expert, module in zip(
+                EXPERTS, (components.transformer, components.transformer_2), strict=True
+            )
+        }
     decoder = VAEDecoder(components.vae)
     clips, rows = make_clips(components, args), tiers(args)
     rounds: dict[tuple[str, int], list[Run]] = {}  # (tier, clip) -> its run in each round
@@ -185,7 +227,7 @@ def main() -> None:
             runs.setdefault(tier.name, []).append(Run(median, *[getattr(done[0], f) for f in COUNTED]))
             pixels = decoder.decode(done[0].latents, fps=model.fps).pixels
             frames.setdefault(tier.name, []).append(torch.from_numpy(pixels))
-    print_table(args, clips, rows, runs, frames)
+    print_table(args, model, clips, rows, runs, frames)
     published = MagnitudeCurve.load(WAN22_T2V_A14B_CURVE)
     for tier in rows:
         if tier.cache is not None:
@@ -198,41 +240,49 @@ def main() -> None:
 
 def print_table(
     args: argparse.Namespace,
+    model: ModelSpec,
     clips: list[Clip],
     rows: list[Tier],
     runs: dict[str, list[Run]],
     frames: dict[str, list[torch.Tensor]],
 ) -> None:
-    clip = clips[0].resolved
+    """One line per clip and tier, ratios against that clip's `final`; then the mean over the clips."""
+    final = clips[0].resolved(rows[0], model)
+    draft = clips[0].resolved(Tier("draft", quality="draft"), model)
     print(
-        f"preset {args.preset}, {len(clips)} clips of {clip.width}x{clip.height}, {clip.num_frames} frames, "
-        f"{clip.steps} steps, CFG {clip.guidance_high:g}/{clip.guidance_low:g}; per clip, median of "
-        f"{args.repeats} rounds; torch threads {torch.get_num_threads()}"
+        f"preset {args.preset}, {len(clips)} clips of {final.width}x{final.height}, {final.num_frames} "
+        f"frames; final {final.steps} steps, CFG {final.guidance_high:g}/{final.guidance_low:g}; draft "
+        f"{draft.steps} steps, CFG {draft.guidance_high:g}/{draft.guidance_low:g}; wall time per clip, "
+        f"median of {args.repeats} rounds; torch threads {torch.get_num_threads()}"
     )
     print(f"command: python -m loadtest.bench_tiers {' '.join(sys.argv[1:])}".rstrip())
-    header = ("tier", "wall s", "x final", "forwards", "x final", "rows", "x final", "skipped", "PSNR dB")
-    print(" | ".join(f"{h:>8}" if i else f"{h:<22}" for i, h in enumerate(header)))
-    final = runs[rows[0].name]
-    base_wall = statistics.fmean(r.seconds for r in final)
-    base_forwards = statistics.fmean(r.num_forwards for r in final)
-    base_rows = statistics.fmean(r.num_rows for r in final)
+    header = ("clip", "tier", "steps", "wall s", "x final", "forwards", "x final", "rows", "x final")
+    header = (*header, "skipped")
+    print(" | ".join([f"{header[0]:<4}", f"{header[1]:<20}", *(f"{h:>8}" for h in header[2:]), "PSNR dB"]))
     reference = frames[rows[0].name]
-    for tier in rows:
-        done = runs[tier.name]
-        wall = statistics.fmean(r.seconds for r in done)
-        forwards = statistics.fmean(r.num_forwards for r in done)
-        num_rows = statistics.fmean(r.num_rows for r in done)
-        cells = (
-            f"{wall:.2f}",
-            f"{wall / base_wall:.2f}",
-            f"{forwards:.1f}",
-            f"{forwards / base_forwards:.2f}",
-            f"{num_rows:.1f}",
-            f"{num_rows / base_rows:.2f}",
-            f"{statistics.fmean(r.num_cached_steps for r in done):.1f}",
-            f"{psnr(frames[tier.name], reference):.1f}",
-        )
-        print(" | ".join([f"{tier.name:<22}", *(f"{cell:>8}" for cell in cells)]))
+    for label, picked in [*((f"#{i}", [i]) for i in range(len(clips))), ("mean", list(range(len(clips))))]:
+        base = [runs[rows[0].name][i] for i in picked]
+        base_wall = statistics.fmean(r.seconds for r in base)
+        base_forwards = statistics.fmean(r.num_forwards for r in base)
+        base_rows = statistics.fmean(r.num_rows for r in base)
+        for tier in rows:
+            done = [runs[tier.name][i] for i in picked]
+            wall = statistics.fmean(r.seconds for r in done)
+            forwards = statistics.fmean(r.num_forwards for r in done)
+            num_rows = statistics.fmean(r.num_rows for r in done)
+            steps = clips[0].resolved(tier, model).steps
+            db = psnr([frames[tier.name][i] for i in picked], [reference[i] for i in picked])
+            cells = (
+                f"{steps}",
+                f"{wall:.2f}",
+                f"{wall / base_wall:.2f}",
+                f"{forwards:g}",
+                f"{forwards / base_forwards:.2f}",
+                f"{num_rows:g}",
+                f"{num_rows / base_rows:.2f}",
+                f"{statistics.fmean(r.num_cached_steps for r in done):g}",
+            )
+            print(" | ".join([f"{label:<4}", f"{tier.name:<20}", *(f"{c:>8}" for c in cells), f"{db:.1f}"]))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.denoise import Denoiser, initial_state
+from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.denoiser import expert_step_indices
 from pipeline.denoise.forward import Forward
@@ -31,15 +32,17 @@ from pipeline.denoise.parallel import (
     shape_problem,
     worker_loop,
 )
+from pipeline.denoise.state import tier_solvers
 from pipeline.frames import Frames
 from pipeline.grade import Grader
 from pipeline.interpolate import CONFORM_RATES, conform
-from pipeline.spec import RequestSpec, ResolvedRequest, resolve
+from pipeline.lora import BUILTIN, distill_folder
+from pipeline.spec import DISTILL_ADAPTER, RequestSpec, ResolvedRequest, resolve
 from pipeline.text import TextEncoder
 from pipeline.upscale import Upscaler, resize_frames, upscale_target_size
 from pipeline.vae import VAEDecoder
 from pipeline.video import DRAFT_LABEL, VideoWriter
-from pipeline.weights import PRESETS, WanComponents, load_components
+from pipeline.weights import DEFAULT_CACHE_DIR, PRESETS, WanComponents, load_components
 
 STAGES = ("encode", "denoise_high", "denoise_low", "decode", "upscale", "conform", "grade", "encode_video")
 
@@ -79,13 +82,28 @@ class LocalPipeline:
         upscaler: Upscaler | None = None,
         forwards: Mapping[str, Forward] | None = None,
         degree: ParallelDegree | None = None,
+        draft_lora: str | None = None,
+        cache_dir: Path = DEFAULT_CACHE_DIR,
     ) -> None:
         """`forwards` (expert -> Forward) replaces the experts' own forward, e.g. by a ShardedForward over
-        a group of `degree`; `sharded_pipeline` builds both."""
+        a group of `degree`; `sharded_pipeline` builds both. `draft_lora`: the distill LoRA of the `draft`
+        tier (folder, s3://, or `builtin`, the presets' default); None for a real model: no draft tier."""
         self.components = components
         self.degree = degree or ParallelDegree()
         forwards = forwards or {}
         model = components.model
+        if draft_lora is None and components.source in PRESETS:
+            draft_lora = BUILTIN
+        # the sharded ranks hold the experts without adapters: the draft tier runs unsharded only
+        self.draft_lora = draft_lora if not forwards else None
+        folders = {}
+        if self.draft_lora is not None:
+            folders[DISTILL_ADAPTER] = distill_folder(self.draft_lora, components.source, cache_dir=cache_dir)
+        self.solvers = tier_solvers(model, components.scheduler)
+        banks: dict[str, AdapterBank | None] = {
+            expert: load_bank(transformer, expert, folders) if folders else None
+            for expert, transformer in (("high", components.transformer), ("low", components.transformer_2))
+        }
         self.text_encoder = TextEncoder(
             components.tokenizer, components.text_encoder, max_sequence_length=model.max_sequence_length
         )
@@ -97,6 +115,8 @@ class LocalPipeline:
                 boundary_ratio=model.boundary_ratio,
                 max_sequence_length=model.max_sequence_length,
                 forward=forwards.get(expert),
+                solvers=self.solvers,
+                adapters=banks[expert],
             )
             for expert, transformer in (("high", components.transformer), ("low", components.transformer_2))
         }
@@ -114,6 +134,11 @@ class LocalPipeline:
         problem = self.shape_problem(request)
         if problem is not None:
             raise ValueError(problem)
+        if request.quality == "draft" and self.draft_lora is None:
+            raise ValueError(
+                "`quality` draft needs the distill LoRA (`draft_lora`: a folder or s3:// prefix), and runs "
+                "unsharded only; use `quality` final."
+            )
         finish = finish or FinishOptions()
         if finish.fps is not None and finish.fps not in CONFORM_RATES:
             raise ValueError(f"`fps` must be one of 16, 24, 25 but is {finish.fps}.")
@@ -140,7 +165,14 @@ class LocalPipeline:
             stage = f"denoise_{expert}"
             with _timed(timings, stage):
                 state = self.denoisers[expert].run(
-                    state, prompt, negative, guidance, on_step=stage_progress(stage), cache=resolved.cache
+                    state,
+                    prompt,
+                    negative,
+                    guidance,
+                    on_step=stage_progress(stage),
+                    quality=resolved.quality,
+                    adapters=resolved.adapters(model),
+                    cache=resolved.cache,
                 )
         with _timed(timings, "decode"):
             frames = self.vae_decoder.decode(
@@ -171,10 +203,11 @@ class LocalPipeline:
 
     def steps_per_expert(self, request: RequestSpec) -> dict[str, int]:
         """How many of the request's steps each expert runs (for progress bars)."""
-        steps = resolve(request, self.components.model).steps
+        resolved = resolve(request, self.components.model)
         boundary = self.components.model.boundary_ratio
+        solver = self.solvers[resolved.quality]
         return {
-            expert: len(expert_step_indices(self.components.scheduler, steps, boundary, expert))
+            expert: len(expert_step_indices(solver, resolved.steps, boundary, expert))
             for expert in ("high", "low")
         }
 
@@ -209,6 +242,7 @@ def sharded_pipeline(
     *,
     upscaler: Upscaler | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    draft_lora: str | None = None,
 ) -> Iterator[LocalPipeline]:
     """A LocalPipeline whose experts run over `degree.world_size` processes on this machine.
 
@@ -216,7 +250,7 @@ def sharded_pipeline(
     from `components.source` onto their own device (cuda:rank on GPUs, else cpu) and serve forwards
     until the context exits. A worker that fails makes the next forward raise ShardGroupError."""
     if not degree.is_sharded:
-        yield LocalPipeline(components, upscaler=upscaler)
+        yield LocalPipeline(components, upscaler=upscaler, draft_lora=draft_lora)
         return
     device = next(components.transformer.parameters()).device
     if device.type == "cuda" and torch.cuda.device_count() < degree.world_size:
@@ -310,6 +344,7 @@ def _clip_metadata(request: ResolvedRequest, source: str) -> dict[str, str]:
         "previz_model": source,
         "previz_seed": str(request.seed),
         "previz_steps": str(request.steps),
+        "previz_quality": request.quality,
     }
 
 

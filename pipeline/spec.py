@@ -27,8 +27,117 @@ MIN_SIDE, MAX_SIDE = 32, 1920
 MIN_DURATION_S, MAX_DURATION_S = 0.25, 10.0
 MAX_STEPS = 100
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client (JavaScript too) holds exactly
+MAX_LORAS = 4  # style/character adapters one request may stack (besides its tier's distill LoRA)
 MAX_CACHE_THRESHOLD = 1.0  # MagCache's published runs use 0.01-0.3 (an error is a sum of |1 - ratio|)
 _EXPLICIT_SIZE = re.compile(r"^([0-9]+)x([0-9]+)$")  # ASCII digits only
+ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+
+# `draft`: few-step distilled experts (a LoRA per expert), for quick takes; `final`: the official recipe.
+Quality = Literal["draft", "final"]
+QUALITIES: tuple[Quality, ...] = ("draft", "final")
+DISTILL_ADAPTER = "distill"  # the adapter name a tier's distill LoRA is loaded under in each expert
+# (adapter name, weight) pairs sorted by name: what one request runs its experts with; part of the bucket key
+AdapterSet = tuple[tuple[str, float], ...]
+
+
+class StepCacheSettings(BaseModel):
+    """Step caching for one request (MagCache, per request inside the engine: pipeline.denoise.stepcache).
+
+    A step is skipped (its blocks reuse the residual of the request's last computed step) while the error
+    accumulated from the model's calibrated magnitude ratios stays below `threshold`, for at most
+    `max_skip` steps in a row, never within the request's first `warmup_steps` steps and never on the
+    first step of an expert (its residual belongs to the expert that computed it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    threshold: float = Field(
+        description=f"Accumulated magnitude error allowed before a step must run (0–{MAX_CACHE_THRESHOLD:g}; "
+        "0 never skips; MagCache's Wan2.2 runs use 0.06)."
+    )
+    max_skip: int = Field(2, description=f"Most steps skipped in a row (0–{MAX_STEPS}; MagCache's K).")
+    warmup_steps: int = Field(0, description=f"The request's first steps, always computed (0–{MAX_STEPS}).")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_in_range(cls, threshold: float) -> float:
+        if not 0.0 <= threshold <= MAX_CACHE_THRESHOLD:
+            raise ValueError(
+                f"`cache.threshold` must be between 0 and {MAX_CACHE_THRESHOLD:g} but is {threshold}."
+            )
+        return threshold
+
+    @field_validator("max_skip", "warmup_steps")
+    @classmethod
+    def _steps_in_range(cls, steps: int, info) -> int:
+        if not 0 <= steps <= MAX_STEPS:
+            raise ValueError(f"`cache.{info.field_name}` must be between 0 and {MAX_STEPS} but is {steps}.")
+        return steps
+
+
+# The final tier's default cache (ModelSpec.final_cache). MagCache's setting for Wan2.2 T2V-A14B
+# (Zehong-Ma/MagCache, MagCache4Wan2.2/README.md and magcache_generate.py): threshold 0.06, K = 2,
+# retention ratio 0.4 of the 26 high-noise steps of 40, i.e. the first 10 steps always run.
+DEFAULT_FINAL_CACHE = StepCacheSettings(threshold=0.06, max_skip=2, warmup_steps=10)
+DRAFT_CACHE_PROBLEM = (
+    "`cache` is for `quality: final` only (step caching does not help the 4-step draft recipe); omit "
+    "`cache`, or ask for `quality: final`."
+)
+
+
+class TierRecipe(BaseModel):
+    """How one quality tier samples: steps, solver, shift, CFG and the adapter its experts run with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(ge=1, le=MAX_STEPS, description="Denoising steps of both experts together.")
+    num_high_steps: int | None = Field(
+        None,
+        ge=0,
+        description="How many of `steps` the high-noise expert runs, as published (the boundary routes "
+        "the steps, in one place; tests check that it gives this split). None: not fixed.",
+    )
+    solver: Literal["unipc", "euler"] = Field(
+        description="`unipc`: UniPC multistep flow solver; `euler`: flow-matching Euler (what the distill "
+        "LoRAs were distilled with)."
+    )
+    flow_shift: float = Field(gt=0.0, description="Timestep shift of the sigma schedule.")
+    guidance_high: float = Field(ge=0.0, description="CFG of the high-noise expert; <= 1: no CFG rows.")
+    guidance_low: float = Field(ge=0.0, description="CFG of the low-noise expert; <= 1: no CFG rows.")
+    adapter: str | None = Field(
+        None, description=f"LoRA adapter both experts run with (`{DISTILL_ADAPTER}`); None: base weights."
+    )
+    cache: StepCacheSettings | None = Field(
+        None, description="Step caching of a request that names none; None: every step runs."
+    )
+
+    @model_validator(mode="after")
+    def _split_within_steps(self) -> TierRecipe:
+        if self.num_high_steps is not None and self.num_high_steps > self.steps:
+            raise ValueError(
+                f"`num_high_steps` ({self.num_high_steps}) must not exceed `steps` ({self.steps})."
+            )
+        return self
+
+
+# The published Wan2.2 T2V-A14B 4-step distill recipe (lightx2v's Wan2.2-Lightning and Wan2.2-Distill-Loras):
+# - Wan2.2-Lightning `wan/configs/wan_t2v_A14B.py`: sample_steps 4, sample_shift 5.0, boundary 0.875,
+#   sample_guide_scale (1.0, 1.0) (no CFG); its generate.py defaults to `--sample_solver euler` and warns
+#   "Please use euler solver because it's used in distillation" (wan/utils/fm_solvers_euler.py: sigmas
+#   linspace(1, 0, steps + 1), shifted s' = shift*s / (1 + (shift-1)*s), x += (s_next - s) * v).
+# - ModelTC/LightX2V `configs/wan22/wan_moe_t2v_distill_lora.json`: infer_steps 4, denoising_step_list
+#   [1000, 750, 500, 250], sample_shift 5.0, enable_cfg false, boundary_step_index 2 (2 high + 2 low), LoRA
+#   strength 1.0 per expert (wan2.2_t2v_A14b_{high,low}_noise_lora_rank64_lightx2v_4step_1217.safetensors).
+# Shifted, the four timesteps are 1000, 937.5, 833.3, 625: the boundary 875 gives the same 2 + 2 split.
+DRAFT_RECIPE = TierRecipe(
+    steps=4,
+    num_high_steps=2,
+    solver="euler",
+    flow_shift=5.0,
+    guidance_high=1.0,
+    guidance_low=1.0,
+    adapter=DISTILL_ADAPTER,
+    cache=None,  # caching does not help 4-step models
+)
 
 
 class ModelSpec(BaseModel):
@@ -52,6 +161,29 @@ class ModelSpec(BaseModel):
     vae_scale_temporal: int = Field(4, ge=1, description="VAE temporal stride.")
     vae_scale_spatial: int = Field(8, ge=1, description="VAE spatial stride.")
     patch_size: tuple[int, int, int] = Field((1, 2, 2), description="DiT patch size (t, h, w).")
+    # `final` is the official recipe of the fields above (Wan2.2 repo, wan/configs/wan_t2v_A14B.py: 40
+    # steps, shift 12, guide_scale (3.0, 4.0) low/high, UniPC); the boundary gives 26 high + 14 low steps.
+    draft: TierRecipe = Field(DRAFT_RECIPE, description="The `draft` tier: few-step distilled experts.")
+    final_cache: StepCacheSettings | None = Field(
+        DEFAULT_FINAL_CACHE,
+        description="Step caching of a `final` request that names none (MagCache's Wan2.2 setting); None: "
+        "every step runs.",
+    )
+
+    def recipe(self, quality: Quality) -> TierRecipe:
+        """The sampling recipe of a quality tier; `final` is the official one this spec holds."""
+        if quality == "draft":
+            return self.draft
+        return TierRecipe(
+            steps=self.num_steps,
+            num_high_steps=26 if self.num_steps == 40 else None,
+            solver="unipc",
+            flow_shift=self.flow_shift,
+            guidance_high=self.guidance_high,
+            guidance_low=self.guidance_low,
+            adapter=None,
+            cache=self.final_cache,
+        )
 
 
 class SizeEnvelope(BaseModel):
@@ -92,44 +224,13 @@ class SizeEnvelope(BaseModel):
         return None
 
 
-class StepCacheSettings(BaseModel):
-    """Step caching for one request (MagCache, per request inside the engine: pipeline.denoise.stepcache).
-
-    A step is skipped (its blocks reuse the residual of the request's last computed step) while the error
-    accumulated from the model's calibrated magnitude ratios stays below `threshold`, for at most
-    `max_skip` steps in a row, never within the request's first `warmup_steps` steps and never on the
-    first step of an expert (its residual belongs to the expert that computed it)."""
+class LoraRef(BaseModel):
+    """A style or character LoRA a request runs with, at a weight (the adapter's scale)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    threshold: float = Field(
-        description=f"Accumulated magnitude error allowed before a step must run (0–{MAX_CACHE_THRESHOLD:g}; "
-        "0 never skips; MagCache's Wan2.2 runs use 0.06)."
-    )
-    max_skip: int = Field(2, description=f"Most steps skipped in a row (0–{MAX_STEPS}; MagCache's K).")
-    warmup_steps: int = Field(0, description=f"The request's first steps, always computed (0–{MAX_STEPS}).")
-
-    @field_validator("threshold")
-    @classmethod
-    def _threshold_in_range(cls, threshold: float) -> float:
-        if not 0.0 <= threshold <= MAX_CACHE_THRESHOLD:
-            raise ValueError(
-                f"`cache.threshold` must be between 0 and {MAX_CACHE_THRESHOLD:g} but is {threshold}."
-            )
-        return threshold
-
-    @field_validator("max_skip", "warmup_steps")
-    @classmethod
-    def _steps_in_range(cls, steps: int, info) -> int:
-        if not 0 <= steps <= MAX_STEPS:
-            raise ValueError(f"`cache.{info.field_name}` must be between 0 and {MAX_STEPS} but is {steps}.")
-        return steps
-
-
-# The final tier's cache (wired into the tier recipe at merge). MagCache's setting for Wan2.2 T2V-A14B
-# (Zehong-Ma/MagCache, MagCache4Wan2.2/README.md and magcache_generate.py): threshold 0.06, K = 2,
-# retention ratio 0.4 of the 26 high-noise steps of 40, i.e. the first 10 steps always run.
-DEFAULT_FINAL_CACHE = StepCacheSettings(threshold=0.06, max_skip=2, warmup_steps=10)
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="A registered adapter's name.")
+    weight: float = Field(1.0, ge=-4.0, le=4.0, description="Scale of the adapter's update (1: as trained).")
 
 
 class RequestSpec(BaseModel):
@@ -148,7 +249,32 @@ class RequestSpec(BaseModel):
     seed: int | None = Field(None, description=f"Noise seed (0–{MAX_SEED}); random when omitted.")
     guidance_high: float | None = Field(None, description="Override the high-noise expert's CFG scale.")
     guidance_low: float | None = Field(None, description="Override the low-noise expert's CFG scale.")
-    cache: StepCacheSettings | None = Field(None, description="Step caching; None: every step runs.")
+    quality: Quality | None = Field(None, description="`draft` or `final` tier; default `final`.")
+    loras: tuple[LoraRef, ...] = Field((), description=f"Style/character LoRAs (at most {MAX_LORAS}).")
+    cache: StepCacheSettings | None = Field(
+        None,
+        description="Step caching; omitted: the tier's default (`final`: DEFAULT_FINAL_CACHE, `draft`: "
+        "none); None given: every step runs. Not with `quality: draft` (4-step models gain nothing).",
+    )
+
+    @field_validator("loras")
+    @classmethod
+    def _loras_distinct(cls, loras: tuple[LoraRef, ...]) -> tuple[LoraRef, ...]:
+        if len(loras) > MAX_LORAS:
+            raise ValueError(f"`loras` has {len(loras)} adapters; at most {MAX_LORAS} are allowed.")
+        names = [lora.name for lora in loras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"`loras` names an adapter twice: {', '.join(names)}.")
+        if DISTILL_ADAPTER in names:
+            raise ValueError(f"`loras` cannot name {DISTILL_ADAPTER!r}: `quality: draft` selects it.")
+        return loras
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_final_only(cls, cache: StepCacheSettings | None, info) -> StepCacheSettings | None:
+        if cache is not None and info.data.get("quality") == "draft":
+            raise ValueError(DRAFT_CACHE_PROBLEM)
+        return cache
 
     @field_validator("prompt")
     @classmethod
@@ -265,7 +391,18 @@ class ResolvedRequest(BaseModel):
     seed: int
     guidance_high: float
     guidance_low: float
+    quality: Quality = "final"  # rows stored before tiers existed ran the official recipe
+    loras: tuple[LoraRef, ...] = ()
     cache: StepCacheSettings | None = None  # None: every step runs (rows stored before caching have none)
+
+    def adapters(self, model: ModelSpec) -> AdapterSet:
+        """(name, weight) of every adapter the experts run this request with, sorted: its tier's distill
+        LoRA, then its style LoRAs. Requests batch together only when this matches."""
+        recipe = model.recipe(self.quality)
+        named = [(lora.name, lora.weight) for lora in self.loras]
+        if recipe.adapter is not None:
+            named.append((recipe.adapter, 1.0))
+        return tuple(sorted(named))
 
     def latent_shape(self, model: ModelSpec, channels: int = 16) -> tuple[int, int, int, int]:
         """(channels, latent_frames, latent_height, latent_width) of this request's latents."""
@@ -284,8 +421,12 @@ class ResolvedRequest(BaseModel):
 
 
 def resolve(request: RequestSpec, model: ModelSpec) -> ResolvedRequest:
-    """Fill defaults from the model; a missing seed becomes a fresh random one (recorded)."""
+    """Fill defaults from the model and the request's tier (final when unset): its steps, guidance and,
+    unless the request names `cache` (None included: off), its step cache; a missing seed becomes a fresh
+    random one (recorded)."""
     width, height = request.size
+    quality: Quality = request.quality or "final"
+    recipe = model.recipe(quality)
     return ResolvedRequest(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
@@ -293,11 +434,13 @@ def resolve(request: RequestSpec, model: ModelSpec) -> ResolvedRequest:
         height=height,
         num_frames=request.num_frames(model),
         fps=model.fps,
-        steps=request.steps if request.steps is not None else model.num_steps,
+        steps=request.steps if request.steps is not None else recipe.steps,
         seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
-        guidance_high=request.guidance_high if request.guidance_high is not None else model.guidance_high,
-        guidance_low=request.guidance_low if request.guidance_low is not None else model.guidance_low,
-        cache=request.cache,
+        guidance_high=request.guidance_high if request.guidance_high is not None else recipe.guidance_high,
+        guidance_low=request.guidance_low if request.guidance_low is not None else recipe.guidance_low,
+        quality=quality,
+        loras=request.loras,
+        cache=request.cache if "cache" in request.model_fields_set else recipe.cache,
     )
 
 

@@ -67,6 +67,11 @@ class ProjectSettings(BaseModel):
         description="Burn 'AI-generated draft' into every clip; while true, `label: false` is refused "
         "(400 `label_required`).",
     )
+    default_quality: Literal["draft", "final"] | None = Field(
+        None,
+        description="The tier of a video that names no `quality`; unset: `draft` for `interactive` and "
+        "`final` for `batch` priority.",
+    )
     default_fps: Literal[16, 24, 25] | None = Field(
         None,
         description="Frame rate of the project's clips when a request names none (the edit's rate, e.g. "

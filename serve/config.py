@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.denoise.adapters import DEFAULT_MAX_ADAPTERS
+from pipeline.lora import BUILTIN
 from pipeline.safety import SafetySettings
-from pipeline.spec import ModelSpec, SizeEnvelope
+from pipeline.spec import ADAPTER_NAME_PATTERN, DISTILL_ADAPTER, ModelSpec, SizeEnvelope
+from pipeline.weights import PRESETS
 from serve.luts import LutSource
 from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
@@ -23,6 +26,53 @@ class EngineSettings(BaseModel):
         262_144, ge=1, description="Token budget of one batched forward (CFG doubles a request's tokens)."
     )
     max_batch_size: int = Field(16, ge=1, description="Most requests in one batched forward.")
+
+
+class LoraSettings(BaseModel):
+    """A style or character LoRA the denoiser replicas load, and who may use it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="What requests call it (`loras[].name`).")
+    source: str = Field(
+        description="A folder or s3:// prefix with high_noise_model.safetensors and/or "
+        "low_noise_model.safetensors (lightx2v / diffusers Wan LoRA files)."
+    )
+    project: str | None = Field(None, description="The one project that may use it; None: every project.")
+    description: str | None = Field(None, max_length=200, description="What it does, for `GET /v1/models`.")
+
+
+class AdapterSettings(BaseModel):
+    """LoRA adapters: the draft tier's distill LoRA and the studio's style/character LoRAs. Each denoiser
+    replica loads them once at start; requests pick theirs per step (never fused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    draft_lora: str | None = Field(
+        BUILTIN,
+        description="The `draft` tier's distill LoRA (e.g. lightx2v Wan2.2-Lightning T2V 4-step): a folder "
+        "or s3:// prefix with high_noise_model.safetensors and low_noise_model.safetensors; `builtin` (the "
+        "presets' default): their seeded random ones; None (real models' default): no draft tier, every "
+        "video is final.",
+    )
+    loras: list[LoraSettings] = Field(default_factory=list, description="Style and character LoRAs.")
+    max_adapters: int = Field(
+        DEFAULT_MAX_ADAPTERS, ge=0, description="Most adapters one expert replica loads (memory bound)."
+    )
+
+    @model_validator(mode="after")
+    def _names_distinct_and_bounded(self) -> AdapterSettings:
+        names = [lora.name for lora in self.loras]
+        if DISTILL_ADAPTER in names or len(set(names)) != len(names):
+            raise ValueError(
+                f"`adapters.loras` names must be distinct and not {DISTILL_ADAPTER!r}, but are {names}."
+            )
+        total = len(names) + (self.draft_lora is not None)
+        if total > self.max_adapters:
+            raise ValueError(
+                f"{total} adapters are configured but `adapters.max_adapters` is {self.max_adapters}."
+            )
+        return self
 
 
 PUBLIC_URL_PATTERN = r"^https?://[^\s/?#@]+(/[^\s?#]*)?$"  # scheme and host, maybe a path; no query
@@ -82,6 +132,9 @@ class PrevizArgs(BaseModel):
     )
     storage: StorageSettings = Field(default_factory=StorageSettings, description="Where finished clips go.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Denoiser batching.")
+    adapters: AdapterSettings = Field(
+        default_factory=AdapterSettings, description="LoRA adapters: the draft tier's, and style LoRAs."
+    )
     experts: ExpertsSettings = Field(
         default_factory=ExpertsSettings,
         description="Per expert deployment: its rank group (`parallel: {ulysses, cfg}`; default 1x1).",
@@ -130,6 +183,29 @@ class PrevizArgs(BaseModel):
         description="LUT looks registered for projects when the Ingress starts (path or s3:// each); "
         "admins also upload them through /v1/admin/projects/{name}/luts.",
     )
+
+    @model_validator(mode="after")
+    def _builtin_lora_for_presets_only(self) -> PrevizArgs:
+        if self.adapters.draft_lora == BUILTIN and self.model not in PRESETS:
+            if "draft_lora" not in self.adapters.model_fields_set:  # the default: no draft tier here
+                self.adapters.draft_lora = None
+                return self
+            raise ValueError(
+                f"`adapters.draft_lora: {BUILTIN}` exists for the presets ({', '.join(PRESETS)}) only; model "
+                f"{self.model!r} needs the distill LoRA's folder or s3:// prefix, or null (no draft tier)."
+            )
+        return self
+
+    @property
+    def serves_draft(self) -> bool:
+        """Whether the `draft` tier is served (it needs the distill LoRA, and unsharded experts)."""
+        return self.adapters.draft_lora is not None and not self.experts.any_sharded
+
+    def lora(self, name: str) -> LoraSettings | None:
+        """A style LoRA the replicas load (none on sharded experts: their ranks run base weights only)."""
+        if self.experts.any_sharded:
+            return None
+        return next((lora for lora in self.adapters.loras if lora.name == name), None)
 
 
 # Settings a deployment may give through the environment instead of the config file: secrets, which a

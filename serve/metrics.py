@@ -36,7 +36,11 @@ PRIORITIES = ("interactive", "batch")  # serve.jobs.PRIORITIES (not imported: th
 RUNNING_STATUS_NAMES = ("encoding", "denoising_high", "denoising_low", "decoding", "upscaling", "finishing")
 GPU_ONLY_METRICS = ("previz_gpu_utilization_ratio", "previz_gpu_memory_used_bytes")
 # Counters that exist only after their first event (a webhook sent, a prompt or clip refused).
-FIRST_EVENT_METRICS = ("previz_webhook_deliveries_total", "previz_safety_blocks_total")
+FIRST_EVENT_METRICS = (
+    "previz_webhook_deliveries_total",
+    "previz_safety_blocks_total",
+    "previz_engine_adapter_switches_total",  # none before two adapter sets met in one engine
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,8 @@ class PrevizMetrics:
     engine_requests: Gauge  # waiting | running requests in one engine
     engine_queue_requests: Gauge  # unfinished requests per bucket in one engine
     engine_requests_finished_total: Counter  # by outcome: finished | cancelled | failed
+    engine_adapter_switches_total: Counter  # LoRA adapter-set changes between forwards
+    engine_forwards_total: Counter  # transformer forwards by adapter set (`base`, `distill+noir@0.8`)
     denoise_rows_total: Counter  # rows through the transformer blocks (cached steps send none)
     denoise_cached_steps_total: Counter  # request steps served from a step cache
     step_cache_bytes: Gauge  # held | bound: the live requests' step-cache residuals and their bound
@@ -160,6 +166,16 @@ def metrics() -> PrevizMetrics:
             "previz_engine_requests_finished_total",
             "Requests an engine released, by outcome.",
             tag_keys=("expert", "outcome", *replica),
+        ),
+        engine_adapter_switches_total=Counter(
+            "previz_engine_adapter_switches_total",
+            "LoRA adapter-set changes between an engine's forwards (set_adapters or disable_lora).",
+            tag_keys=("expert", *replica),
+        ),
+        engine_forwards_total=Counter(
+            "previz_engine_forwards_total",
+            "Transformer forwards of an engine, by the LoRA adapter set they ran with.",
+            tag_keys=("expert", "adapters", *replica),
         ),
         denoise_rows_total=Counter(
             "previz_denoise_rows_total",
@@ -403,6 +419,8 @@ class ReplicaReporter:
         self._last_iterations = 0
         self._last_histogram: dict[int, int] = {}
         self._last_outcomes = {"finished": 0, "cancelled": 0, "failed": 0}
+        self._last_switches = 0
+        self._last_forwards: dict[str, int] = {}  # adapter set -> forwards reported
         self._last_counts = {"rows": 0, "cached_steps": 0}  # EngineStats.num_<name> last reported
         self._queue: StaleZeroingGauge | None = None  # made on the first report (needs the expert)
         self._thread: threading.Thread | None = None
@@ -444,6 +462,14 @@ class ReplicaReporter:
                     total - self._last_outcomes[outcome], tags={**tags, "outcome": outcome}
                 )
                 self._last_outcomes[outcome] = total
+        if stats.num_adapter_switches > self._last_switches:
+            m.engine_adapter_switches_total.inc(stats.num_adapter_switches - self._last_switches, tags=tags)
+            self._last_switches = stats.num_adapter_switches
+        for adapters, total in stats.forwards_by_adapters.items():
+            if total > self._last_forwards.get(adapters, 0):
+                new = total - self._last_forwards.get(adapters, 0)
+                m.engine_forwards_total.inc(new, tags={**tags, "adapters": adapters})
+                self._last_forwards[adapters] = total
         for name, counter in (("rows", m.denoise_rows_total), ("cached_steps", m.denoise_cached_steps_total)):
             total = getattr(stats, f"num_{name}")
             if total > self._last_counts[name]:

@@ -70,6 +70,7 @@ class FakeStages:
     hold_high: asyncio.Event | None = None  # after those reports, the high expert waits for this
     hold_decode: asyncio.Event | None = None  # the decoder waits for this before it answers
     cancelled: list[str] = field(default_factory=list)  # stages whose call the Scheduler cancelled
+    seconds_per_step: float | None = None  # the step time the denoisers report with each step (ETA)
     denoise_calls: list[DenoiseCall] = field(default_factory=list)  # every expert's calls, in order
 
     def handles(self) -> list[Any]:
@@ -109,7 +110,7 @@ class FakeStages:
             state = call.state
             steps = 3 if expert == "high" else state.num_steps - state.step_index
             for done in range(1, steps + 1):
-                yield DenoiseProgress(done=done, total=steps)
+                yield DenoiseProgress(done=done, total=steps, seconds_per_step=self.seconds_per_step)
             latents = state.latents + (1.0 if expert == "high" else 10.0)
             yield DenoiseDone(
                 state=replace(state, latents=latents, step_index=state.step_index + steps), seconds=0.01

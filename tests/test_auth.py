@@ -152,6 +152,7 @@ def test_admin_creates_a_project_and_a_key_that_works_until_revoked(api: LocalAp
         "gpu_seconds_per_day": None,
         "retention_days": None,
         "burn_label": True,
+        "default_quality": None,
         "default_fps": None,
     }
     assert project["api_key"]["role"] == "admin" and project["api_key"]["key"].startswith("pvz_")
@@ -168,6 +169,7 @@ def test_admin_creates_a_project_and_a_key_that_works_until_revoked(api: LocalAp
         "gpu_seconds_per_day": 600.0,
         "retention_days": None,
         "burn_label": False,
+        "default_quality": None,
         "default_fps": None,
     }
     assert admin.get("/v1/admin/projects/heist").json()["settings"]["burn_label"] is False

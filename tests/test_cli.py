@@ -68,6 +68,11 @@ def test_generate_from_a_shot_file(tmp_path: Path) -> None:
         (["x", "--steps", "0"], "`steps` must be between 1 and 100 but is 0."),
         (["x", "--steps", "many"], "Invalid value for '--steps'"),
         (["x", "--cache-threshold", "2"], "`cache.threshold` must be between 0 and 1 but is 2.0."),
+        (["x", "--quality", "draft", "--cache-threshold", "0.1"], "`cache` is for `quality: final` only"),
+        (
+            ["x", "--no-cache", "--cache-threshold", "0.1"],
+            "give `--cache-threshold` or `--no-cache`, not both.",
+        ),
         (["", "--steps", "2"], "`prompt` must not be empty"),
         (["x", "--upscale", "4k"], "`upscale` must be one of none, 720p, 1080p but is '4k'."),
         (["x", "--look", "noir"], "`look` must be one of none, film but is 'noir'."),

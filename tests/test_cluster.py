@@ -11,6 +11,7 @@ import pytest
 import ray
 from ray import serve
 
+from pipeline.spec import DEFAULT_FINAL_CACHE
 from pipeline.video import read_video_info
 from serve.jobs import JobStatus
 from tests.cluster import Cluster, replica_actor_names, with_replicas
@@ -68,6 +69,32 @@ def test_same_bucket_jobs_share_denoiser_iterations(cluster: Cluster) -> None:
     _, after = high.stats.remote().result()
     new_batches = Counter(after.batch_size_histogram) - Counter(before.batch_size_histogram)
     assert max(new_batches) > 1, f"no iteration served more than one request: {dict(new_batches)}"
+
+
+def test_a_draft_and_its_promoted_final_take_run_on_the_replicas_with_their_adapters(
+    cluster: Cluster,
+) -> None:
+    high = serve.get_deployment_handle("HighNoiseDenoiser", app_name="previz")
+    _, before = high.stats.remote().result()
+    fields = {"resolution": "96x64", "duration": 0.5}  # no steps: each tier's own
+    draft = cluster.client("tiers").create({"prompt": "a rooftop chase", "priority": "interactive", **fields})
+    assert draft["quality"] == "draft" and draft["steps"] == 4
+    assert cluster.wait_for([draft["id"]])[draft["id"]]["status"] == "completed"
+    final = cluster.client("tiers").promote(draft["id"], priority="interactive")
+    done = cluster.wait_for([final["id"]])[final["id"]]
+    assert (done["status"], done["quality"], done["steps"], done["seed"]) == (
+        "completed",
+        "final",
+        40,
+        draft["seed"],
+    )
+    assert cluster.client("tiers").get(draft["id"])["promoted_to"] == final["id"]
+    assert done["cache"] == DEFAULT_FINAL_CACHE.model_dump()  # the final tier's default step cache
+    _, after = high.stats.remote().result()
+    forwards = Counter(after.forwards_by_adapters) - Counter(before.forwards_by_adapters)
+    skipped = after.num_cached_steps - before.num_cached_steps
+    # the draft's 2 high steps; the final's 26, less those its cache skipped
+    assert forwards["distill"] >= 2 and forwards["base"] + skipped >= 26
 
 
 def test_a_job_asking_for_step_caching_skips_steps_in_both_experts_engines(cluster: Cluster) -> None:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from serve.jobs import (
+    AlreadyPromoted,
     CancelResult,
     GpuQuotaExceeded,
     JobRecord,
@@ -708,3 +709,23 @@ def test_two_stores_on_one_database_see_each_others_changes(store: JobStore, sto
         assert claimed is not None and not scheduler.advance(job.id, claimed.attempt, JobStatus.DECODING)
     finally:
         scheduler.close()
+
+
+def test_a_draft_is_promoted_once_and_a_refused_promotion_writes_nothing(store: JobStore) -> None:
+    draft, other = make_job(store), make_job(store)
+
+    def promote(_: int) -> str:
+        try:
+            return store.create("dune", "batch", REQUEST, promotes=draft.id)[0].id
+        except AlreadyPromoted as refused:
+            return f"refused: {refused.promoted_to}"
+
+    outcomes = in_threads(promote)
+    (winner,) = [outcome for outcome in outcomes if not outcome.startswith("refused")]
+    assert outcomes.count(f"refused: {winner}") == NUM_THREADS - 1  # each loser is told who won
+    assert store.get(draft.id).promoted_to == winner
+    with pytest.raises(AlreadyPromoted, match=winner):  # all or nothing: `other` stays unpromoted
+        store.create_promotions("dune", [(other.id, "batch", REQUEST, {}), (draft.id, "batch", REQUEST, {})])
+    assert store.get(other.id).promoted_to is None and len(store.list()) == 3
+    (promoted,) = store.create_promotions("dune", [(other.id, "interactive", REQUEST, {"take": 2})])
+    assert store.get(other.id).promoted_to == promoted.id and promoted.labels == {"take": 2}

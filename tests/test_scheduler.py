@@ -6,6 +6,7 @@ a lost replica, a superseded attempt and a Finisher that keeps failing."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from ray.exceptions import ActorDiedError
 from pipeline.spec import StepCacheSettings
 from serve.http.views import video_view
 from serve.jobs import JobStatus
+from serve.scheduling.eta import EtaModel
 from serve.storage import JobArtifacts, StorageError
 from tests.fake_stages import (
     FakeStages,
@@ -268,3 +270,39 @@ def test_the_work_of_a_running_and_then_cancelled_job_counts_against_its_quota(t
         assert store.gpu_seconds_today("dune") == pytest.approx(cancelled.gpu_seconds)
 
     run(scenario)
+
+
+def test_progress_carries_an_eta_from_the_measured_step_time_of_the_steps_left(tmp_path: Path) -> None:
+    args = scheduler_args(tmp_path)
+    stages = FakeStages(hold_low=asyncio.Event(), seconds_per_step=2.0)
+    store = empty_store(args)
+    job, _ = store.create("dune", "batch", job_request(steps=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            # the high expert ran its 3 steps at 2 s each: 5 steps left, nothing measured after the denoiser
+            low = await wait_for(store, job.id, lambda j: j.status == JobStatus.DENOISING_LOW)
+            assert low.eta_at is not None
+            predicted = (low.eta_at - low.updated_at).total_seconds()
+            assert predicted == pytest.approx(5 * 2.0, abs=0.5)
+            assert video_view(low).eta_seconds is not None
+            stages.hold_low.set()
+            done = await wait_for(store, job.id, lambda j: j.is_finished)
+        finally:
+            stop(scheduler)
+        assert done.status == JobStatus.SUCCEEDED and video_view(done).eta_seconds is None
+
+    run(scenario)
+
+
+def test_eta_is_the_steps_left_at_the_measured_step_time_then_the_measured_later_stages() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    model = EtaModel()
+    key = ("832x480x81", "draft", "none")
+    assert model.predict(key, steps_left=3, seconds_per_step=1.5, now=now) == now + timedelta(seconds=4.5)
+    model.observe(key, "decode", 2.0)
+    model.observe(key, "decode", 4.0)
+    model.observe(key, "finish", 1.0)
+    model.observe(("832x480x81", "final", "none"), "decode", 100.0)  # another tier's: not this one's
+    assert model.predict(key, steps_left=0, seconds_per_step=1.5, now=now) == now + timedelta(seconds=4.0)

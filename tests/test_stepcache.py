@@ -399,8 +399,10 @@ def test_a_cache_request_needs_a_curve_and_the_final_default_is_magcaches_settin
 
 def test_one_process_generate_skips_steps_when_the_request_asks(tmp_path) -> None:
     pipeline = LocalPipeline(build_preset("tiny"))
-    spec = RequestSpec(prompt="a crane over rooftops", resolution="96x64", duration=0.5, steps=8, seed=3)
-    plain = pipeline.generate(spec, tmp_path / "plain.mp4")
+    spec = RequestSpec(
+        prompt="a crane over rooftops", resolution="96x64", duration=0.5, steps=8, seed=3, cache=None
+    )
+    plain = pipeline.generate(spec, tmp_path / "plain.mp4")  # `cache` named None: every step runs
     assert sum(denoiser.num_cached_steps for denoiser in pipeline.denoisers.values()) == 0
     cached = pipeline.generate(spec.model_copy(update={"cache": CACHING}), tmp_path / "cached.mp4")
     assert sum(denoiser.num_cached_steps for denoiser in pipeline.denoisers.values()) == 3 + 1

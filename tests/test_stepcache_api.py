@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.spec import (
+    DEFAULT_FINAL_CACHE,
     MAX_CACHE_THRESHOLD,
     MAX_STEPS,
     RequestSpec,
@@ -44,9 +45,38 @@ def test_a_create_with_cache_stores_it_for_the_engine_and_a_remix_keeps_it(api: 
     remix = api.client.post(f"/v1/videos/{video['id']}/remix", json={"prompt": "a lighthouse at night"})
     assert remix.status_code == 201, remix.text
     assert stored_cache(api, remix.json()["id"])[1] == StepCacheSettings(**CACHE)
+    off = api.client.post("/v1/videos", json={"prompt": "a lighthouse", **TINY, "cache": None}).json()
+    assert stored_cache(api, off["id"]) == (None, None) and off["cache"] is None  # null: every step runs
+    remix = api.client.post(f"/v1/videos/{off['id']}/remix", json={"prompt": "a lighthouse at noon"})
+    assert stored_cache(api, remix.json()["id"]) == (None, None)  # a remix runs as its source ran
+
+
+def test_a_final_naming_no_cache_takes_the_final_tiers_default(api: LocalApi) -> None:
     plain = api.client.post("/v1/videos", json={"prompt": "a lighthouse", **TINY}).json()
-    assert stored_cache(api, plain["id"]) == (None, None)  # off unless asked
-    assert plain["cache"] is None
+    assert plain["quality"] == "final"  # batch priority's default tier
+    assert stored_cache(api, plain["id"]) == (None, DEFAULT_FINAL_CACHE)  # not named; resolved: the default
+    assert plain["cache"] == DEFAULT_FINAL_CACHE.model_dump()
+    remix = api.client.post(f"/v1/videos/{plain['id']}/remix", json={"prompt": "a lighthouse at dusk"})
+    assert stored_cache(api, remix.json()["id"])[1] == DEFAULT_FINAL_CACHE
+
+
+@pytest.mark.parametrize(
+    ("fields", "defaulted"),
+    [({"quality": "draft"}, False), ({"priority": "interactive"}, True)],
+)
+def test_cache_on_a_draft_is_a_400_and_nothing_is_stored(
+    api: LocalApi, fields: dict[str, str], defaulted: bool
+) -> None:
+    body = {"prompt": "a lighthouse", **TINY, **fields, "cache": CACHE}
+    response = api.client.post("/v1/videos", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("cache_not_for_draft", "cache")
+    assert error["message"].startswith("`cache` is for `quality: final` only")
+    assert ("`quality` not named" in error["message"]) is defaulted
+    assert api.client.get("/v1/videos").json()["data"] == []
+    draft = api.client.post("/v1/videos", json={**body, "cache": None})  # null: allowed, as omitted
+    assert draft.status_code == 201 and draft.json()["cache"] is None and draft.json()["quality"] == "draft"
 
 
 def test_the_openai_package_form_sends_cache_as_bracketed_fields(api: LocalApi) -> None:

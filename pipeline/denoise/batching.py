@@ -1,12 +1,13 @@
 """The engine's planner: which live requests share the next forward. Pure Python, no tensors.
 
-One iteration serves one bucket (latent shape), because only same-shape latents stack into one
-forward. The bucket is the one holding the most urgent request; the batch is filled from it, most
-urgent first, until the token budget or the batch-size cap is reached. Urgency is priority class,
-then deadline (earliest first, none last), then arrival. A request whose own tokens exceed the
-budget still runs, alone, so an oversized request is slow but never starves. A request whose next step
-reuses its step cache (`skips_next`, set by the engine) takes no rows in the forward: it joins the batch
-without spending the budget.
+One iteration serves one bucket (latent shape, quality tier and adapter set), because only
+same-shape latents stack into one forward, a forward runs with one set of LoRA adapters, and a tier
+fixes the solver (and so the timestep dtype). The bucket is the one holding the most urgent request;
+the batch is filled from it, most urgent first, until the token budget or the batch-size cap is
+reached. Urgency is priority class, then deadline (earliest first, none last), then arrival. A
+request whose own tokens exceed the budget still runs, alone, so an oversized request is slow but
+never starves. A request whose next step reuses its step cache (`skips_next`, set by the engine) takes
+no rows in the forward: it joins the batch without spending the budget.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ PRIORITY_RANK: dict[str, int] = {"interactive": 0, "batch": 1}  # priority -> ra
 
 # Latent shape (channels, frames, height, width): requests batch together only when it matches.
 Bucket = tuple[int, ...]
+# (adapter name, weight) pairs, sorted: the LoRA adapters a forward runs with (pipeline.spec.AdapterSet)
+AdapterSet = tuple[tuple[str, float], ...]
+# What must match for two requests to share a forward: (latent shape, quality tier, adapter set).
+BatchKey = tuple[Bucket, str, AdapterSet]
 
 
 class RequestStatus(enum.IntEnum):
@@ -50,6 +55,8 @@ class ScheduledRequest:
     guidance: float  # CFG scale, copied into the plan
     timesteps: list[int]  # timesteps still to run in this expert, in order
     num_steps_total: int  # steps this expert runs for the request (for progress reports)
+    quality: str = "final"  # the tier: its solver and recipe
+    adapters: AdapterSet = ()  # the adapters this expert runs the request with (forwards never mix sets)
     seq: int = 0  # admission order; last tie-break so the ordering is total
     status: RequestStatus = RequestStatus.WAITING
     skips_next: bool = False  # its next step reuses its cached residual: no rows, no tokens in the forward
@@ -69,6 +76,10 @@ class ScheduledRequest:
     def num_steps_done(self) -> int:
         return self.num_steps_total - len(self.timesteps)
 
+    @property
+    def batch_key(self) -> BatchKey:
+        return (self.bucket, self.quality, self.adapters)
+
 
 @dataclass(slots=True)
 class StepBatch:
@@ -76,6 +87,8 @@ class StepBatch:
 
     expert: str  # "high" or "low": the expert this engine runs (the plan never mixes experts)
     bucket: Bucket | None  # latent shape shared by every member; None when empty
+    quality: str = "final"  # the tier every member runs (one solver family per forward)
+    adapters: AdapterSet = ()  # the LoRA adapters the forward runs with, shared by every member
     request_ids: list[str] = field(default_factory=list)  # members, most urgent first
     timesteps: list[int] = field(default_factory=list)  # member -> its current timestep (aligned)
     guidance: list[float] = field(default_factory=list)  # member -> its CFG scale (aligned)
@@ -134,9 +147,9 @@ class StepScheduler:
         if not self.requests:
             return StepBatch.make_empty(self.expert)
         ordered = sorted(self.requests.values(), key=lambda request: request.urgency)
-        bucket = ordered[0].bucket
-        plan = StepBatch(expert=self.expert, bucket=bucket)
-        for request in (request for request in ordered if request.bucket == bucket):
+        key = ordered[0].batch_key
+        plan = StepBatch(expert=self.expert, bucket=key[0], quality=key[1], adapters=key[2])
+        for request in (request for request in ordered if request.batch_key == key):
             num_tokens = 0 if request.skips_next else request.num_tokens
             fits = plan.num_tokens + num_tokens <= self.max_num_tokens
             if plan.num_requests >= self.max_batch_size or not (fits or plan.is_empty):

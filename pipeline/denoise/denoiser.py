@@ -2,7 +2,8 @@
 
 The high-noise expert owns the timesteps t >= boundary_ratio * num_train_timesteps (a prefix of the
 schedule), the low-noise expert the rest; the request's DenoiseState (latents + solver history) is
-handed from one to the other at the boundary.
+handed from one to the other at the boundary. A request's quality tier picks the solver template that
+continues its state (`solvers`), and its adapter set the LoRA adapters its forwards run with.
 
 With `cache` (step caching, pipeline.denoise.stepcache) a run keeps one request's residual and skips the
 steps its MagCache decision allows, exactly as the batching engine does for each of its requests.
@@ -11,18 +12,26 @@ steps its MagCache decision allows, exactly as the batching engine does for each
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 
+from pipeline.denoise.adapters import AdapterBank
 from pipeline.denoise.blocks import SplitTransformer
 from pipeline.denoise.forward import Forward, GuidedInput, guided_forward
-from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
+from pipeline.denoise.state import (
+    DenoiseState,
+    Solver,
+    capture_history,
+    new_solver,
+    restore_solver,
+    solver_for,
+)
 from pipeline.denoise.stepcache import MagnitudeCurve, cached_guided_forward, new_request_cache
 from pipeline.determinism import make_batch_invariant
-from pipeline.spec import StepCacheSettings
+from pipeline.spec import AdapterSet, StepCacheSettings
 from pipeline.text import PromptEmbeds, pad_embeds
 
 Expert = Literal["high", "low"]
@@ -36,9 +45,7 @@ def expert_for(timestep: float, boundary_timestep: float) -> Expert:
     return "high" if timestep >= boundary_timestep else "low"
 
 
-def expert_step_indices(
-    template: UniPCMultistepScheduler, num_steps: int, boundary_ratio: float, expert: Expert
-) -> list[int]:
+def expert_step_indices(template: Solver, num_steps: int, boundary_ratio: float, expert: Expert) -> list[int]:
     """Indices into the request's timestep schedule that `expert` runs."""
     timesteps = new_solver(template, num_steps, torch.device("cpu")).timesteps
     boundary = boundary_ratio * template.config.num_train_timesteps
@@ -57,8 +64,12 @@ class Denoiser:
         boundary_ratio: float,
         max_sequence_length: int = 512,
         forward: Forward | None = None,
+        solvers: Mapping[str, Solver] | None = None,
+        adapters: AdapterBank | None = None,
         cache_curve: MagnitudeCurve | None = None,
     ) -> None:
+        """`solvers`: quality -> solver template of the other tiers (`final` is `scheduler`); `adapters`:
+        the expert's loaded LoRA adapters (None: a request with adapters is refused)."""
         self.transformer = make_batch_invariant(transformer)  # the same rows as the batching engine's
         # inputs -> guided noise; a ShardedForward runs it over a rank group (pipeline.denoise.parallel)
         self.forward: Forward = forward or functools.partial(guided_forward, self.transformer)
@@ -66,6 +77,8 @@ class Denoiser:
         self.split = SplitTransformer(self.transformer) if forward is None else None
         self.cache_curve = cache_curve
         self.scheduler = scheduler
+        self.solvers: dict[str, Solver] = {**(solvers or {}), "final": scheduler}
+        self.adapters = adapters
         self.expert: Expert = expert
         self.boundary_timestep = boundary_ratio * scheduler.config.num_train_timesteps
         self.max_sequence_length = max_sequence_length
@@ -88,9 +101,12 @@ class Denoiser:
         guidance: float,
         *,
         on_step: StepCallback | None = None,
+        quality: str = "final",
+        adapters: AdapterSet = (),
         cache: StepCacheSettings | None = None,
     ) -> DenoiseState:
-        """Continue `state` through every step this expert owns; returns the state to hand over.
+        """Continue `state` through every step this expert owns, with `quality`'s solver and the LoRA
+        `adapters` (sorted (name, weight) pairs); returns the state to hand over.
 
         With `cache`, steps its decision allows reuse the residual of the last computed step (needs
         `cache_curve`; with a custom `forward` every step runs, as in the engine)."""
@@ -99,7 +115,11 @@ class Denoiser:
                 "`cache` needs the expert's magnitude curve; this Denoiser has no `cache_curve`."
             )
         device = self.device
-        solver = restore_solver(self.scheduler, state, device)
+        solver = restore_solver(solver_for(self.solvers, quality), state, device)
+        if adapters and self.adapters is None:
+            raise ValueError(f"the {self.expert} Denoiser has no LoRA adapters loaded but got {adapters!r}.")
+        if self.adapters is not None:
+            self.adapters.activate(self.adapters.effective(adapters))
         indices = []  # the contiguous run of this expert's steps from where the state stands
         for index in range(state.step_index, state.num_steps):
             if not self.owns(solver.timesteps[index]):

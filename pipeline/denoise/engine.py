@@ -20,6 +20,12 @@ rank group (ShardGroupError) propagates out of the iteration instead of being re
 A request whose next step this expert does not own is resolved at once with its state unchanged, as
 `Denoiser.run` does, so a caller can hand every request to both experts in order.
 
+Tiers and LoRA: a request names its quality tier (which solver template continues its state: `solvers`)
+and its adapter set; a plan only holds requests of one (latent shape, tier, adapter set), and `run`
+switches the expert's AdapterBank to the plan's set before the forward (set_adapters / disable_lora,
+never fuse). Each iteration's wall time is kept per (bucket, tier) and per member, so progress reports
+can carry a step time measured on this replica (`seconds_per_step`) for an ETA.
+
 Step caching (pipeline.denoise.stepcache, MagCache per request): before each plan every caching request
 decides whether its next step reuses its residual; the planner gives such a member no tokens, and `run`
 sends only the computing members' rows through the blocks (the cheap embedding and head run for all).
@@ -37,15 +43,17 @@ import threading
 import time
 import traceback
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 
+from pipeline.denoise.adapters import AdapterBank, adapter_label
 from pipeline.denoise.batching import (
     PRIORITY_RANK,
+    AdapterSet,
     Bucket,
     Priority,
     RequestStatus,
@@ -57,7 +65,14 @@ from pipeline.denoise.blocks import SplitTransformer
 from pipeline.denoise.denoiser import Expert, expert_for
 from pipeline.denoise.forward import Forward, GuidedInput, guided_forward
 from pipeline.denoise.parallel import ShardGroupError
-from pipeline.denoise.state import DenoiseState, capture_history, new_solver, restore_solver
+from pipeline.denoise.state import (
+    DenoiseState,
+    Solver,
+    capture_history,
+    new_solver,
+    restore_solver,
+    solver_for,
+)
 from pipeline.denoise.stepcache import (
     CacheDecision,
     MagnitudeCurve,
@@ -82,6 +97,7 @@ WaitingCallback = Callable[[int], None]
 DEFAULT_MAX_NUM_TOKENS = 65_536  # one 480p x 81-frame request with CFG (2 x 32,760), or many small drafts
 DEFAULT_MAX_BATCH_SIZE = 16
 STATS_WINDOW = 256  # iterations the rate and mean figures look back over
+STEP_TIME_WINDOW = 8  # iterations of one (bucket, tier) its step-time estimate averages
 
 
 class EngineError(RuntimeError):
@@ -114,6 +130,8 @@ class EngineRequest:
     priority: Priority = "batch"
     arrival_time: float | None = None  # engine clock (time.monotonic by default); None: time of submit
     deadline: float | None = None  # engine clock; earlier deadlines run first within a priority class
+    quality: str = "final"  # the tier: the solver template (`solvers`) that continues its state
+    adapters: AdapterSet = ()  # sorted (name, weight) LoRA adapters; names unknown to the engine: refused
     on_progress: ProgressCallback | None = None
     on_waiting: WaitingCallback | None = None
     cache: StepCacheSettings | None = None  # step caching; None: every step runs
@@ -150,6 +168,8 @@ class EngineStats:
     mean_num_tokens: float  # tokens per iteration, CFG rows included
     max_num_tokens: int  # the token budget, to read mean_num_tokens against
     iterations_per_second: float  # over time spent iterating (idle time excluded)
+    num_adapter_switches: int = 0  # adapter-set changes between forwards (each is set_adapters/disable)
+    forwards_by_adapters: dict[str, int] = field(default_factory=dict)  # adapter_label -> forwards
 
 
 @dataclass(slots=True)
@@ -159,6 +179,7 @@ class _Pending:
     bucket: Bucket
     arrival_time: float  # the request's, or the engine clock at submit
     timesteps: list[int]  # the timesteps this expert owns, from the state's step index on
+    adapters: AdapterSet  # the part of the request's set this expert has weights for
 
 
 @dataclass(slots=True)
@@ -167,7 +188,7 @@ class _Live:
 
     request: EngineRequest
     future: Future
-    solver: UniPCMultistepScheduler
+    solver: Solver
     latents: torch.Tensor  # on the model's device
     cond: torch.Tensor  # (max_sequence_length, text_dim) on device
     uncond: torch.Tensor | None  # None without CFG
@@ -192,8 +213,12 @@ class DenoiseEngine:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         clock: Callable[[], float] = time.monotonic,
         forward: Forward | None = None,
+        solvers: Mapping[str, Solver] | None = None,
+        adapters: AdapterBank | None = None,
         cache_curve: MagnitudeCurve | None = None,
     ) -> None:
+        """`solvers`: quality -> solver template of the other tiers (`final` is `solver_template`);
+        `adapters`: the expert's loaded LoRA adapters (None: requests with adapters are refused)."""
         self.transformer = make_batch_invariant(transformer)  # a request's rows: same bits in any batch
         # inputs -> guided noise; a ShardedForward runs it over a rank group (pipeline.denoise.parallel)
         self.forward: Forward = forward or functools.partial(guided_forward, self.transformer)
@@ -201,6 +226,8 @@ class DenoiseEngine:
         self.split = SplitTransformer(self.transformer) if forward is None else None
         self.cache_curve = cache_curve  # magnitude ratios the caching requests decide with
         self.solver_template = solver_template
+        self.solvers: dict[str, Solver] = {**(solvers or {}), "final": solver_template}
+        self.adapters = adapters
         self.expert: Expert = expert
         self.boundary_timestep = boundary_ratio * solver_template.config.num_train_timesteps
         self.max_sequence_length = max_sequence_length
@@ -208,7 +235,7 @@ class DenoiseEngine:
         self.scheduler = StepScheduler(expert, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size)
         self.device = next(transformer.parameters()).device
         self._live: dict[str, _Live] = {}  # req_id -> tensors (engine thread only)
-        self._schedules: dict[int, list[int]] = {}  # num_steps -> full timestep schedule
+        self._schedules: dict[tuple[str, int], list[int]] = {}  # (quality, num_steps) -> timesteps
         self._lock = threading.Condition()  # guards everything below; wakes the engine thread
         self._inbox: dict[str, _Pending] = {}  # req_id -> submitted, admitted at the next boundary
         self._known: set[str] = set()  # ids submitted and not yet resolved
@@ -221,6 +248,11 @@ class DenoiseEngine:
         self._counts: Counter[str] = Counter()  # iterations, forwards, rows, cached steps, outcomes
         self._histogram: Counter[int] = Counter()  # batch size -> iterations
         self._recent: deque[tuple[float, int, int]] = deque(maxlen=STATS_WINDOW)  # (secs, size, tokens)
+        self._forwards_by_adapters: Counter[str] = Counter()  # adapter_label -> forwards
+        # (bucket, quality) -> wall seconds of its last iterations: the step time progress reports carry
+        self._step_seconds: dict[tuple[Bucket, str], deque[float]] = {}
+        # req_id -> wall seconds of the last iterations it took part in, its skipped steps included
+        self._request_seconds: dict[str, deque[float]] = {}
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -233,7 +265,8 @@ class DenoiseEngine:
         self._validate(request)
         future: Future[DenoiseState] = Future()
         future.set_running_or_notify_cancel()  # only `cancel(id)` cancels, at a step boundary
-        timesteps = self._owned_timesteps(request.state)
+        timesteps = self._owned_timesteps(request.state, request.quality)
+        adapters = self._effective_adapters(request)
         if not timesteps:
             future.set_result(request.state)
             return future
@@ -247,7 +280,9 @@ class DenoiseEngine:
                 raise ValueError(f"request {request.request_id!r} is already in the {self.expert} engine.")
             self._known.add(request.request_id)
             bucket = tuple(request.state.latents.shape)
-            self._inbox[request.request_id] = _Pending(request, future, bucket, arrival_time, timesteps)
+            self._inbox[request.request_id] = _Pending(
+                request, future, bucket, arrival_time, timesteps, adapters
+            )
             self._lock.notify_all()
         return future
 
@@ -325,7 +360,21 @@ class DenoiseEngine:
                 mean_num_tokens=sum(tokens for _, _, tokens in recent) / len(recent) if recent else 0.0,
                 max_num_tokens=self.scheduler.max_num_tokens,
                 iterations_per_second=len(recent) / busy if busy > 0 else 0.0,
+                num_adapter_switches=self.adapters.num_switches if self.adapters is not None else 0,
+                forwards_by_adapters=dict(self._forwards_by_adapters),
             )
+
+    def seconds_per_step(
+        self, bucket: Bucket, quality: str = "final", request_id: str | None = None
+    ) -> float | None:
+        """What one more step of a request costs on this replica now: the mean wall seconds of the last
+        iterations `request_id` took part in (a caching request's skipped steps counted as it ran them:
+        cheap alone, a whole batch's forward inside one), else of the last iterations of this (bucket,
+        tier); None before the first."""
+        with self._lock:
+            recent = self._request_seconds.get(request_id) if request_id is not None else None
+            recent = recent or self._step_seconds.get((tuple(bucket), quality))
+            return sum(recent) / len(recent) if recent else None
 
     # ---- the three verbs -----------------------------------------------------------------------------
 
@@ -336,8 +385,11 @@ class DenoiseEngine:
     def run(self, plan: StepBatch) -> StepOutput:
         """ONE forward for the whole plan; if it raises, members are retried alone to find the culprit."""
         inputs = [self._guided_input(request_id) for request_id in plan.request_ids]
+        if self.adapters is not None:
+            self.adapters.activate(plan.adapters)  # the plan holds one set: switch between iterations
+        label = adapter_label(plan.adapters)
         try:
-            return self._forward_members(plan.request_ids, inputs)
+            return self._forward_members(plan.request_ids, inputs, label)
         except ShardGroupError:
             raise  # the rank group is broken, not one request: retrying would wait out more timeouts
         except Exception as error:
@@ -352,7 +404,7 @@ class DenoiseEngine:
         output = StepOutput()
         for request_id, item in zip(plan.request_ids, inputs, strict=True):
             try:
-                alone = self._forward_members([request_id], [item])
+                alone = self._forward_members([request_id], [item], label)
                 output.noise.update(alone.noise)
                 output.residuals.update(alone.residuals)
             except ShardGroupError:
@@ -386,6 +438,15 @@ class DenoiseEngine:
             return plan
         started = time.perf_counter()
         output = self.run(plan)
+        seconds = time.perf_counter() - started
+        with self._lock:  # before update(): its progress reports read the step time this included
+            window = self._step_seconds.setdefault(
+                (plan.bucket, plan.quality), deque(maxlen=STEP_TIME_WINDOW)
+            )
+            window.append(seconds)
+            for request_id in plan.request_ids:
+                own = self._request_seconds.setdefault(request_id, deque(maxlen=STEP_TIME_WINDOW))
+                own.append(seconds)
         self.update(plan, output)
         with self._lock:
             self._counts["iterations"] += 1
@@ -450,7 +511,7 @@ class DenoiseEngine:
         live = _Live(
             request=request,
             future=item.future,
-            solver=restore_solver(self.solver_template, request.state, self.device),
+            solver=restore_solver(solver_for(self.solvers, request.quality), request.state, self.device),
             latents=request.state.latents.to(self.device),
             cond=cond,
             uncond=uncond if use_cfg else None,
@@ -481,6 +542,8 @@ class DenoiseEngine:
                 guidance=request.guidance,
                 timesteps=item.timesteps,
                 num_steps_total=len(item.timesteps),
+                quality=request.quality,
+                adapters=item.adapters,
             )
         )
         self._live[request.request_id] = live  # only once the planner took it, so a failure leaks nothing
@@ -516,23 +579,26 @@ class DenoiseEngine:
             guidance=live.request.guidance,
         )
 
-    def _forward_members(self, request_ids: list[str], inputs: list[GuidedInput]) -> StepOutput:
-        """One forward for these members: the plain one, or the cached one when any of them caches."""
+    def _forward_members(self, request_ids: list[str], inputs: list[GuidedInput], label: str) -> StepOutput:
+        """One forward for these members: the plain one, or the cached one when any of them caches.
+        `label` names the adapter set it runs with (forwards per adapter set)."""
         lives = [self._live[request_id] for request_id in request_ids]
         if all(live.cache is None for live in lives):
-            return StepOutput(noise=dict(zip(request_ids, self._forward(inputs), strict=True)))
+            return StepOutput(noise=dict(zip(request_ids, self._forward(inputs, label), strict=True)))
         reuse = [live.cache.residual if live.decision and live.decision.skip else None for live in lives]
         out = cached_guided_forward(self.split, inputs, reuse, [live.cache is not None for live in lives])
         with self._lock:
             self._counts["forwards"] += out.num_rows > 0
             self._counts["rows"] += out.num_rows
+            self._forwards_by_adapters[label] += out.num_rows > 0
         residuals = {rid: res for rid, res in zip(request_ids, out.residuals, strict=True) if res is not None}
         return StepOutput(noise=dict(zip(request_ids, out.noise, strict=True)), residuals=residuals)
 
-    def _forward(self, inputs: list[GuidedInput]) -> list[torch.Tensor]:
+    def _forward(self, inputs: list[GuidedInput], label: str) -> list[torch.Tensor]:
         with self._lock:
             self._counts["forwards"] += 1
             self._counts["rows"] += sum(1 + (item.uncond is not None) for item in inputs)
+            self._forwards_by_adapters[label] += 1
         return self.forward(inputs)
 
     def _advance(self, request_id: str, noise: torch.Tensor, residual: torch.Tensor | None = None) -> None:
@@ -580,6 +646,7 @@ class DenoiseEngine:
     ) -> None:
         with self._lock:
             self._known.discard(request_id)
+            self._request_seconds.pop(request_id, None)
             self._counts[count] += 1
         if isinstance(outcome, BaseException):
             future.set_exception(outcome)
@@ -611,12 +678,13 @@ class DenoiseEngine:
         _, frames, height, width = bucket
         return (frames // pt) * (height // ph) * (width // pw)
 
-    def _owned_timesteps(self, state: DenoiseState) -> list[int]:
+    def _owned_timesteps(self, state: DenoiseState, quality: str) -> list[int]:
         """The contiguous run of this expert's timesteps from where `state` stands (as Denoiser.run)."""
-        schedule = self._schedules.get(state.num_steps)
+        schedule = self._schedules.get((quality, state.num_steps))
         if schedule is None:
-            solver = new_solver(self.solver_template, state.num_steps, torch.device("cpu"))
-            schedule = self._schedules[state.num_steps] = [int(t) for t in solver.timesteps]
+            template = solver_for(self.solvers, quality)
+            solver = new_solver(template, state.num_steps, torch.device("cpu"))
+            schedule = self._schedules[quality, state.num_steps] = [int(t) for t in solver.timesteps]
         upcoming = schedule[state.step_index :]
         owned = lambda t: expert_for(t, self.boundary_timestep) == self.expert  # noqa: E731
         return list(itertools.takewhile(owned, upcoming))
@@ -644,6 +712,13 @@ class DenoiseEngine:
                     f"{name}: `{field_name}` embeddings must be (1..{self.max_sequence_length}, "
                     f"{config.text_dim}) but are {tuple(prompt.embeds.shape)}."
                 )
+        if request.quality not in self.solvers:
+            raise ValueError(
+                f"{name}: `quality` must be one of {', '.join(sorted(self.solvers))} but is "
+                f"{request.quality!r}."
+            )
+        if request.adapters != tuple(sorted(request.adapters)):
+            raise ValueError(f"{name}: `adapters` must be sorted by name but are {request.adapters!r}.")
         if request.cache is not None and self.cache_curve is None:
             raise ValueError(
                 f"{name}: `cache` needs the expert's magnitude curve, and this engine was built without "
@@ -653,3 +728,15 @@ class DenoiseEngine:
             raise ValueError(
                 f"{name}: `priority` must be 'interactive' or 'batch' but is {request.priority!r}."
             )
+
+    def _effective_adapters(self, request: EngineRequest) -> AdapterSet:
+        """The request's adapters this expert has weights for; ValueError naming an unknown one."""
+        if not request.adapters:
+            return ()
+        if self.adapters is None:
+            names = ", ".join(name for name, _ in request.adapters)
+            raise ValueError(
+                f"request {request.request_id!r}: the {self.expert} engine has no LoRA adapters loaded "
+                f"but the request needs {names}."
+            )
+        return self.adapters.effective(request.adapters)

@@ -80,6 +80,12 @@ def project_update(
     clear_max_queued_jobs: Annotated[bool, typer.Option(help="Remove the queued-videos bound.")] = False,
     clear_gpu_seconds_per_day: Annotated[bool, typer.Option(help="Remove the GPU-seconds quota.")] = False,
     clear_retention_days: Annotated[bool, typer.Option(help="Keep finished videos until deleted.")] = False,
+    default_quality: Annotated[
+        str | None, typer.Option(help="draft | final: tier of videos that name none.")
+    ] = None,
+    clear_default_quality: Annotated[
+        bool, typer.Option(help="Tier by priority again (interactive draft, batch final).")
+    ] = False,
     url: UrlOption = DEFAULT_SERVER,
     api_key: ApiKeyOption = None,
 ) -> None:
@@ -90,6 +96,7 @@ def project_update(
         ("max_queued_jobs", max_queued_jobs, clear_max_queued_jobs),
         ("gpu_seconds_per_day", gpu_seconds_per_day, clear_gpu_seconds_per_day),
         ("retention_days", retention_days, clear_retention_days),
+        ("default_quality", default_quality, clear_default_quality),
     ):
         if clear and value is not None:
             option = field.replace("_", "-")
@@ -107,7 +114,8 @@ def project_update(
     stdout.print(
         f"project {updated['name']}: max queued {settings['max_queued_jobs'] or '-'}, GPU s/day "
         f"{settings['gpu_seconds_per_day'] or '-'}, retention {settings['retention_days'] or '-'} days, burn "
-        f"label {'yes' if settings['burn_label'] else 'no'}",
+        f"label {'yes' if settings['burn_label'] else 'no'}, default quality "
+        f"{settings.get('default_quality') or 'by priority'}",
         highlight=False,
     )
 

@@ -62,6 +62,15 @@ class PrevizClient:
     def remix(self, job_id: str, prompt: str, **fields: Any) -> dict[str, Any]:
         return self._json(self.http.post(f"/v1/videos/{job_id}/remix", json={"prompt": prompt, **fields}))
 
+    def promote(self, job_id: str, **fields: Any) -> dict[str, Any]:
+        """The final take of a draft video (same seed, prompt, shot and size unless `size` is given)."""
+        return self._json(self.http.post(f"/v1/videos/{job_id}/promote", json=fields))
+
+    def promote_takes(self, storyboard_id: str, video_ids: list[str], **fields: Any) -> dict[str, Any]:
+        """The final takes of chosen drafts of a storyboard, all or none: {"data": [video, ...]}."""
+        body = {"video_ids": video_ids, **fields}
+        return self._json(self.http.post(f"/v1/storyboards/{storyboard_id}/promote", json=body))
+
     def download(self, job_id: str, path: Path, *, variant: Literal["video", "thumbnail"] = "video") -> Path:
         return self._stream_to(f"/v1/videos/{job_id}/content", path, {"variant": variant})
 

@@ -99,13 +99,20 @@ def follow(client, job_id: str) -> dict:
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"),
         console=console,
     )
     with progress:
-        task = progress.add_task(job_id, total=100)
+        task = progress.add_task(job_id, total=100, eta="")
         while True:
             job = client.get(job_id)
-            progress.update(task, completed=job["progress"], description=f"{job_id[:12]} {job['stage']}")
+            eta = job.get("eta_seconds")
+            progress.update(
+                task,
+                completed=job["progress"],
+                description=f"{job_id[:12]} {job['stage']}",
+                eta=f"about {eta:.0f} s left" if eta is not None else "",
+            )
             if job["status"] in FINISHED_STATES:
                 return job
             time.sleep(0.5)

@@ -44,12 +44,23 @@ def generate(
     resolution: Annotated[str, typer.Option(help="480p, 720p or WxH (multiples of 16).")] = "480p",
     aspect: Annotated[str | None, typer.Option(help="16:9 or 9:16, for 480p/720p.")] = None,
     duration: Annotated[float, typer.Option(help="Clip length in seconds.")] = 5.0,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default 40).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the tier's).")] = None,
+    quality: Annotated[
+        str, typer.Option(help="final (40 steps, CFG) or draft (4-step distill LoRA, no CFG).")
+    ] = "final",
+    draft_lora: Annotated[
+        str | None,
+        typer.Option(help="Distill LoRA folder or s3:// prefix of the draft tier (presets: built in)."),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Noise seed (random when omitted).")] = None,
     cache_threshold: Annotated[
         float | None,
-        typer.Option(help="Step caching (MagCache) at this threshold, e.g. 0.06; off when omitted."),
+        typer.Option(
+            help="Step caching (MagCache) of a final clip at this threshold; default: the final tier's "
+            "(0.06, 10 warm-up steps); 0 never skips. Not with --quality draft."
+        ),
     ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Run every step (no step caching).")] = False,
     model: Annotated[
         str, typer.Option(help="tiny | small | Diffusers folder | s3://bucket/prefix.")
     ] = "tiny",
@@ -88,11 +99,21 @@ def generate(
         if verdict is not None:
             raise CliError(str(ContentBlocked.of(verdict)))
         fields = dict(
-            prompt=text, resolution=resolution, aspect=aspect, duration=duration, steps=steps, seed=seed
+            prompt=text,
+            resolution=resolution,
+            aspect=aspect,
+            duration=duration,
+            steps=steps,
+            seed=seed,
+            quality=quality,
         )
         if negative_prompt is not None:
             fields["negative_prompt"] = negative_prompt
-        if cache_threshold is not None:  # the final tier's max_skip and warm-up
+        if no_cache and cache_threshold is not None:
+            raise ValueError("give `--cache-threshold` or `--no-cache`, not both.")
+        if no_cache:
+            fields["cache"] = None  # named None: every step runs (omitted: the tier's default)
+        elif cache_threshold is not None:  # the final tier's max_skip and warm-up
             fields["cache"] = {**DEFAULT_FINAL_CACHE.model_dump(), "threshold": cache_threshold}
         request = RequestSpec(**fields)
         upscale_target_size(upscale, *request.size)
@@ -124,6 +145,7 @@ def generate(
         label=label,
         device=device,
         degree=degree,
+        draft_lora=draft_lora,
     )
 
 
@@ -139,6 +161,7 @@ def _run_generate(
     label: bool,
     device: str | None,
     degree,
+    draft_lora: str | None = None,
 ) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -176,8 +199,10 @@ def _run_generate(
     with ExitStack() as stack:
         try:
             with console.status(f"starting {degree.world_size} ranks …", spinner="dots"):
-                pipeline = stack.enter_context(sharded_pipeline(components, degree, upscaler=upscaler))
-        except (ValueError, ShardGroupError) as error:
+                pipeline = stack.enter_context(
+                    sharded_pipeline(components, degree, upscaler=upscaler, draft_lora=draft_lora)
+                )
+        except (ValueError, FileNotFoundError, ShardGroupError) as error:
             raise CliError(str(error)) from None
         try:
             result = _run_stages(pipeline, request, output, upscale=upscale, look=look, fps=fps, label=label)

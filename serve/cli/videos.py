@@ -41,7 +41,14 @@ def submit(
     resolution: Annotated[str | None, typer.Option(help="480p | 720p | WxH.")] = None,
     aspect: Annotated[str | None, typer.Option(help="16:9 or 9:16, for 480p/720p.")] = None,
     seconds: Annotated[float | None, typer.Option(help="Clip length in seconds (default 5).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps (default 40).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the tier's).")] = None,
+    quality: Annotated[
+        str | None,
+        typer.Option(help="draft (4-step distilled) | final (40 steps); default by priority or project."),
+    ] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option(help="LoRA NAME or NAME=WEIGHT (repeatable): style/character.")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Noise seed (random when omitted).")] = None,
     negative_prompt: Annotated[str | None, typer.Option(help="What to avoid.")] = None,
     upscale: Annotated[str | None, typer.Option(help="none | 720p | 1080p.")] = None,
@@ -74,6 +81,8 @@ def submit(
         "negative_prompt": negative_prompt,
         "upscale": upscale,
         "look": look,
+        "quality": quality,
+        "loras": loras_of(lora) if lora else None,
     }
     settings = {key: value for key, value in settings.items() if value is not None}
     if not label:
@@ -123,6 +132,59 @@ def submit(
         if output is not None:
             path = api_call(client.download, video["id"], output / f"{video['id']}.mp4")
             console.print(f"saved {path}", highlight=False)
+
+
+@app.command()
+def promote(
+    video_id: Annotated[str, typer.Argument(help="A draft video (vid_…), or a storyboard (sb_…).")],
+    take: Annotated[
+        list[str] | None, typer.Option(help="With a storyboard: a draft video of it to promote (repeatable).")
+    ] = None,
+    size: Annotated[str | None, typer.Option(help="A new WxH (default: the draft's).")] = None,
+    upscale: Annotated[str | None, typer.Option(help="none | 720p | 1080p (default: the draft's).")] = None,
+    look: Annotated[str | None, typer.Option(help="none | film (default: the draft's).")] = None,
+    priority: Annotated[str | None, typer.Option(help="interactive | batch (default batch).")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow progress until the final take finishes.")] = False,
+    server: ServerOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Queue the final take of a draft (same seed, prompt, shot and size, the full 40-step recipe); with a
+    storyboard id and --take ids, the final takes of those drafts, all or none."""
+    fields = {"upscale": upscale, "look": look, "priority": priority}
+    fields = {key: value for key, value in fields.items() if value is not None}
+    client = client_for(server, api_key)
+    if video_id.startswith("sb_"):
+        if not take:
+            raise CliError("name the storyboard's drafts to promote with --take VIDEO_ID")
+        if size is not None:
+            raise CliError("--size promotes one video; a storyboard's takes keep their sizes")
+        promoted = api_call(client.promote_takes, video_id, take, **fields)["data"]
+    else:
+        if take:
+            raise CliError("--take goes with a storyboard id (sb_…)")
+        if size is not None:
+            fields["size"] = size
+        promoted = [api_call(client.promote, video_id, **fields)]
+    for video in promoted:
+        console.print(
+            f"video {video['id']} {video['status']}: final take of {video['promoted_from']}", highlight=False
+        )
+        Console().print(video["id"])
+    if wait:
+        for video in promoted:
+            follow(client, video["id"])
+
+
+def loras_of(values: list[str]) -> list[dict[str, object]]:
+    """`noir` or `noir=0.8` -> {"name": "noir", "weight": 0.8}."""
+    loras = []
+    for value in values:
+        name, _, weight = value.partition("=")
+        try:
+            loras.append({"name": name.strip(), "weight": float(weight) if weight else 1.0})
+        except ValueError:
+            raise CliError(f"--lora {value!r}: the weight must be a number, e.g. noir=0.8") from None
+    return loras
 
 
 def _follow_storyboard(client, storyboard_id: str, output: Path | None) -> None:
@@ -194,9 +256,15 @@ def status(
     video = api_call(client.get, video_id)
     out.print(
         f"{video['id']} {video['status']} ({video['stage']}) {video['progress']}%  "
-        f"project {video['project']}, {video['size']}, {video['seconds']} s, seed {video['seed']}",
+        f"project {video['project']}, {video['size']}, {video['seconds']} s, seed {video['seed']}, "
+        f"{video['quality']}",
         highlight=False,
     )
+    for link in ("promoted_from", "promoted_to"):
+        if video.get(link):
+            out.print(f"{link.replace('_', ' ')}: {video[link]}", highlight=False)
+    if video.get("eta_seconds") is not None:
+        out.print(f"about {video['eta_seconds']:.0f} s left", highlight=False)
     if video.get("error"):
         out.print(f"error: {video['error']['code']}: {video['error']['message']}", highlight=False)
     if video.get("content_url"):

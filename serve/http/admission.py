@@ -1,7 +1,9 @@
 """The one admission path: what every create (a video, a remix, a storyboard's videos) passes before its
 rows are committed, in this order, and the one place that commits them.
 
-    model -> project -> project settings -> label policy -> look (a project's LUT) -> typed request
+    model -> project -> project settings -> label policy -> look (a project's LUT) -> quality tier (the
+    project's default, else by priority), its step cache and LoRA adapters (this deployment's, the
+    project's own or shared) -> typed request
     (envelope, then the shape rules of sharded experts) -> content policy -> callback
     -> fingerprint -> create (quotas checked inside the transaction) -> 429 on refusal -> wake -> replay
 
@@ -23,7 +25,16 @@ from pydantic import ValidationError
 from pipeline.grade import LOOKS
 from pipeline.prompt import ShotSpec, compose_prompt
 from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
-from pipeline.spec import ModelSpec, RequestSpec, SizeEnvelope, describe_validation_error
+from pipeline.spec import (
+    DISTILL_ADAPTER,
+    DRAFT_CACHE_PROBLEM,
+    LoraRef,
+    ModelSpec,
+    Quality,
+    RequestSpec,
+    SizeEnvelope,
+    describe_validation_error,
+)
 from pipeline.upscale import upscale_target_size
 from pipeline.video import DRAFT_LABEL
 from serve.auth import ProjectSettings
@@ -31,8 +42,8 @@ from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import PrevizArgs
 from serve.http.deps import IngressState
 from serve.http.errors import ApiError
-from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings, StepCache
-from serve.jobs import GpuQuotaExceeded, JobRecord, JobStore, QueueFull, StoryboardRecord
+from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings, LoraUse, StepCache
+from serve.jobs import AlreadyPromoted, GpuQuotaExceeded, JobRecord, JobStore, QueueFull, StoryboardRecord
 from serve.jobs.models import Priority
 from serve.jobs.request import (
     SERVED_MODEL,
@@ -61,6 +72,7 @@ class VideoDraft:
     callback_url: str | None = None
     storyboard: StoryboardPlace | None = None
     remixed_from: str | None = None
+    promoted_from: str | None = None  # the draft this final take promotes (its `promoted_to` is set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +89,9 @@ class Admitted:
     """What a create committed, or found already committed under its Idempotency-Key (`created` False)."""
 
     created: bool
-    job: JobRecord | None = None  # a video create or remix
+    job: JobRecord | None = None  # a video create, remix or promote
     storyboard: StoryboardRecord | None = None  # a storyboard create
+    jobs: tuple[JobRecord, ...] = ()  # a storyboard's promote: one final take per chosen draft
 
 
 def check_model(model: str) -> None:
@@ -116,12 +129,15 @@ async def admit(
         check_callback(
             state.callbacks, draft.callback_url, "callback_url" if board else f"{draft.prefix}callback_url"
         )
+        quality = choose_quality(state.args, draft, settings)
+        check_adapters(state.args, project, draft.settings.loras, draft.prefix)
         request = job_request(
             draft,
             state.model,
             body_sha256 if board is None else None,
             state.args.envelope,
             state.shapes,
+            quality=quality,
             default_fps=settings.default_fps,
             lut=looks.get(draft.settings.look),
         )
@@ -129,7 +145,16 @@ async def admit(
         requests.append(request)
     bounds = queue_bounds(state.args, settings)
     try:
-        if board is None:
+        if board is None and len(drafts) > 1:  # a storyboard's promote: every take or none
+            promotions = [
+                (draft.promoted_from, draft.priority, request, draft.labels)
+                for draft, request in zip(drafts, requests, strict=True)
+            ]
+            created_jobs = await asyncio.to_thread(
+                state.store.create_promotions, project, promotions, **bounds
+            )
+            admitted = Admitted(True, jobs=tuple(created_jobs))
+        elif board is None:
             (draft,) = drafts
             job, created = await asyncio.to_thread(
                 state.store.create,
@@ -139,6 +164,7 @@ async def admit(
                 idempotency_key=idempotency_key,
                 labels=draft.labels,
                 storyboard_id=draft.storyboard.id if draft.storyboard is not None else None,
+                promotes=draft.promoted_from,
                 **bounds,
             )
             if not created:
@@ -164,6 +190,8 @@ async def admit(
             admitted = Admitted(created, storyboard=record)
     except (QueueFull, GpuQuotaExceeded) as refused:
         raise refusal_error(refused) from None
+    except AlreadyPromoted as promoted:
+        raise ApiError(409, "already_promoted", f"{promoted}; promote a take once", "video_id") from None
     if admitted.created:
         state.scheduler.wake.remote()
     return admitted
@@ -176,12 +204,13 @@ def job_request(
     envelope: SizeEnvelope,
     shapes: ShapeRules | None = None,
     *,
+    quality: Quality = "final",
     default_fps: int | None = None,
     lut: LutRef | None = None,
 ) -> JobRequest:
-    """The typed stored request of one draft; an ApiError (400) names the field at fault. `shapes`: the
-    sizes the deployed experts' rank groups accept (None: every size the envelope allows); `default_fps`:
-    the project's rate for a draft that names none (None: the model's)."""
+    """The typed stored request of one draft, in tier `quality`; an ApiError (400) names the field at
+    fault. `shapes`: the sizes the deployed experts' rank groups accept (None: every size the envelope
+    allows); `default_fps`: the project's rate for a draft that names none (None: the model's)."""
     settings, prefix = draft.settings, draft.prefix
     if settings.seconds is not None and settings.duration is not None:
         raise ApiError(400, "invalid_value", "give `seconds` or `duration`, not both", f"{prefix}seconds")
@@ -200,8 +229,20 @@ def job_request(
         "duration": duration,
         "steps": settings.steps,
         "seed": settings.seed,
-        "cache": settings.cache.model_dump() if settings.cache is not None else None,
+        "quality": quality,
+        "loras": tuple(LoraRef(name=lora.name, weight=lora.weight) for lora in settings.loras or ()),
     }
+    if "cache" in settings.model_fields_set:  # not named: the tier's default (resolve); null: off
+        if settings.cache is not None and quality == "draft":
+            why = " (`quality` not named: the project's `default_quality`, else draft for interactive work)"
+            defaulted = "" if settings.quality else why
+            raise ApiError(
+                400,
+                "cache_not_for_draft",
+                f"{DRAFT_CACHE_PROBLEM.removesuffix('.')}; this video's tier is draft{defaulted}",
+                f"{prefix}cache",
+            )
+        fields["cache"] = settings.cache.model_dump() if settings.cache is not None else None
     if settings.negative_prompt is not None:
         fields["negative_prompt"] = settings.negative_prompt
     try:
@@ -230,6 +271,7 @@ def job_request(
         callback_url=draft.callback_url,
         storyboard=draft.storyboard,
         remixed_from=draft.remixed_from,
+        promoted_from=draft.promoted_from,
         body_sha256=body_sha256,
     )
     resolved = request.resolved
@@ -265,6 +307,44 @@ def job_request(
     return request
 
 
+def choose_quality(args: PrevizArgs, draft: VideoDraft, settings: ProjectSettings) -> Quality:
+    """The draft's tier: as asked, else the project's `default_quality`, else `draft` for interactive and
+    `final` for batch work. A default of `draft` where the deployment serves no draft tier is `final`;
+    asking for `draft` there is a 400."""
+    asked = draft.settings.quality
+    if asked == "draft" and not args.serves_draft:
+        raise ApiError(
+            400,
+            "tier_unavailable",
+            "this deployment serves no `draft` tier (it has no distill LoRA, or its experts are sharded); "
+            "use `quality: final`",
+            f"{draft.prefix}quality",
+        )
+    if asked is not None:
+        return asked
+    default = settings.default_quality or ("draft" if draft.priority == "interactive" else "final")
+    return default if args.serves_draft else "final"
+
+
+def check_adapters(args: PrevizArgs, project: str, loras: list[LoraUse] | None, prefix: str = "") -> None:
+    """Every LoRA named is loaded by this deployment and usable by `project` (its own, or shared), once."""
+    seen: set[str] = set()
+    for index, lora in enumerate(loras or ()):
+        param = f"{prefix}loras.{index}.name"
+        configured = args.lora(lora.name)
+        if lora.name == DISTILL_ADAPTER or configured is None or configured.project not in (None, project):
+            raise ApiError(
+                400,
+                "unknown_adapter",
+                f"no LoRA adapter {lora.name!r} is available to project {project!r} on this deployment "
+                "(`GET /v1/models` lists the adapters; `quality: draft` selects the distill one)",
+                param,
+            )
+        if lora.name in seen:
+            raise ApiError(400, "unknown_adapter", f"`loras` names {lora.name!r} twice", param)
+        seen.add(lora.name)
+
+
 async def project_looks(store: JobStore, project: str, drafts: list[VideoDraft]) -> dict[str, LutRef]:
     """look name -> the project's LUT of that name, for every draft's look that is not built in; 400
     `unknown_look` for a name the project has not registered (another project's LUTs do not count)."""
@@ -289,8 +369,8 @@ async def project_looks(store: JobStore, project: str, drafts: list[VideoDraft])
 def remix_settings(
     source: JobRequest, prompt: str | None, shot: ShotSpec | None, burn_label: bool
 ) -> GenerationSettings:
-    """A remix's settings: the source's size, length, steps, seed, negative prompt and finish, with a new
-    prompt; the label stays on where the source had it or the project burns it."""
+    """A remix's settings: the source's size, length, steps, seed, tier, LoRAs, negative prompt and
+    finish, with a new prompt; the label stays on where the source had it or the project burns it."""
     spec = source.spec
     return GenerationSettings(
         prompt=prompt,
@@ -301,10 +381,50 @@ def remix_settings(
         aspect=spec.aspect,
         steps=spec.steps,
         seed=spec.seed,
-        cache=StepCache.model_validate(spec.cache.model_dump()) if spec.cache is not None else None,
         upscale=source.finish.upscale,
         look=source.finish.look,
         label=source.finish.label is not None or burn_label,
+        quality=source.resolved.quality,
+        loras=[LoraUse(name=lora.name, weight=lora.weight) for lora in source.resolved.loras],
+        cache=_step_cache(source),
+        fps=source.finish.fps,
+    )
+
+
+def _step_cache(source: JobRequest) -> StepCache | None:
+    """The source's step cache as it ran (None: every step ran), so a remix repeats it, default or not."""
+    cache = source.resolved.cache
+    return StepCache.model_validate(cache.model_dump()) if cache is not None else None
+
+
+def promote_settings(
+    source: JobRequest,
+    burn_label: bool,
+    *,
+    size: str | None = None,
+    upscale: str | None = None,
+    look: str | None = None,
+    cache: dict[str, Any] | None = None,
+) -> GenerationSettings:
+    """The final take of a draft: its seed, prompt, shot, negative prompt, length, size (unless `size`),
+    LoRAs and finish (unless changed), with the `final` tier's steps, guidance and (unless `cache` is
+    given: {"cache": settings or None}) step cache."""
+    spec = source.spec
+    return GenerationSettings(
+        **(cache or {}),
+        prompt=source.source.prompt if source.source.shot is not None else spec.prompt,
+        shot=source.source.shot,
+        negative_prompt=spec.negative_prompt,
+        duration=spec.duration,
+        size=size,
+        resolution=None if size is not None else spec.resolution,
+        aspect=None if size is not None else spec.aspect,
+        seed=spec.seed,
+        upscale=upscale or source.finish.upscale,
+        look=look or source.finish.look,
+        label=source.finish.label is not None or burn_label,
+        quality="final",
+        loras=[LoraUse(name=lora.name, weight=lora.weight) for lora in source.resolved.loras],
         fps=source.finish.fps,
     )
 

@@ -90,6 +90,11 @@ RULES_BEYOND_SCHEMA: dict[str, str] = {
     "invalid_cursor": "`after` names no video of this project",
     "prompt_too_long": "the shot compiled with the prompt exceeds the prompt's 4000 characters",
     "too_many_videos": "the board's shots × variants exceed the most videos one storyboard may hold",
+    "unknown_adapter": "`loras` names an adapter this deployment does not load for the project, or one "
+    "twice (`GET /v1/models` lists the adapters)",
+    "tier_unavailable": "`quality: draft` on a deployment without the draft tier's distill LoRA",
+    "cache_not_for_draft": "`cache` on a video whose tier is draft by the project's `default_quality` or "
+    "its priority's default (`interactive`: draft); `quality: draft` with `cache` is refused by the schema",
     "unknown_look": "`look` names no LUT of the project (`none` and `film` are built in)",
     "invalid_lut": "the .cube file is malformed; the message names the line at fault",
     "reserved_look_name": "`none` and `film` are the built-in looks; a LUT needs another name",

@@ -44,7 +44,7 @@ async def event_stream(
         for event in events:
             after_id = event.id
             yield _sse(event.kind, _event_data(event), event.id)
-        status = (job.status, job.progress, round(job.stage_progress, 3), job.num_ahead_in_engine)
+        status = (job.status, job.progress, round(job.stage_progress, 3), job.num_ahead_in_engine, job.eta_at)
         if status != last_status:
             last_status = status
             yield _sse(
@@ -55,6 +55,7 @@ async def event_stream(
                     "queue_position": job.num_ahead_in_engine,
                     "progress": job.progress,
                     "stage_progress": job.stage_progress,
+                    "eta_seconds": job.eta_seconds,
                 },
             )
             quiet_since = loop.time()

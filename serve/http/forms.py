@@ -63,6 +63,9 @@ FORM_INTEGERS = ("steps", "seed", "fps")
 FORM_NUMBERS = ("duration",)
 FORM_OBJECTS = ("shot", "labels", "cache")
 FORM_CACHE_INTEGERS = ("max_skip", "warmup_steps")  # `cache[max_skip]` etc. in a form
+# list fields of JSON objects: one part holding the list (the document's declared encoding), or one
+# object part per item (the field repeated)
+FORM_JSON_LISTS = ("loras",)
 FORM_FREE_TEXT = ("prompt", "negative_prompt")
 FORM_BOOLEANS = {"true": True, "false": False}
 # Control characters no stored text may hold (tab, newline and carriage return are text): C0, DEL, C1.
@@ -80,7 +83,27 @@ def json_object_parts(fields: dict[str, Any]) -> dict[str, Any]:
         elif name in FORM_OBJECTS and isinstance(value, str):
             with contextlib.suppress(ValueError, RecursionError):  # else the schema refuses the text
                 decoded[name] = json.loads(value)
+        elif name in FORM_JSON_LISTS:
+            decoded[name] = _json_list(value)
     return decoded
+
+
+def _json_list(value: Any) -> Any:
+    """A list field's parts as one list: `[{...}, {...}]` in one part (the OpenAPI document declares this
+    encoding: serve.http.routes.videos.CREATE_BODY), or `{...}` per repeated part. A lone part holding a
+    JSON list is the whole list, so a client must not send one part per item when an item is a list
+    (no valid item is)."""
+    parts = value if isinstance(value, list) else [value]
+    items: list[Any] = []
+    for part in parts:
+        try:
+            decoded = json.loads(part) if isinstance(part, str) else part
+        except (ValueError, RecursionError):
+            return value  # not JSON: the schema refuses the text
+        if isinstance(decoded, list) and not isinstance(value, list):
+            return decoded
+        items.append(decoded)
+    return items
 
 
 def typed_form_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -176,6 +199,9 @@ def unflatten(items: list[tuple[str, Any]]) -> dict[str, Any]:
             if following is None:
                 if isinstance(target, list):
                     target.append(value)
+                elif part in target and target is fields and part in FORM_JSON_LISTS:
+                    previous = target[part]
+                    target[part] = [*previous, value] if isinstance(previous, list) else [previous, value]
                 elif part in target:
                     raise ApiError(400, "invalid_form", f"form field {key!r} is given twice", key)
                 else:

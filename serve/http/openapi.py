@@ -6,16 +6,22 @@ is added here and checked by tests/test_api_schema.py (schemathesis' conformance
 - sizes are `WxH` in multiples of 16 from 32 to 1920, `seconds` a number of seconds 0.25–10 as text or a
   number, `steps` 1–100, seeds 0 – 2**53-1, `model` one of the served model's names in any case;
 - the cross-field rules: a prompt or a shot, `seconds` or `duration`, `size` or `resolution`, `aspect`
-  with a preset only, a shot's fields named all in English or all in Chinese, one of them not blank;
+  with a preset only, a shot's fields named all in English or all in Chinese, one of them not blank, no
+  `cache` with `quality: draft` (a draft runs every step);
+- a multipart create's structured fields (`shot`, `labels`, `cache`, `loras`) are declared JSON parts
+  holding the whole value (routes.videos.CREATE_BODY's `encoding`), as serve.http.forms reads them: a
+  list sent a part per item is read the same way unless an item is itself a list, which no valid one is;
 - header and query parameters are absent or a value, never null;
 - a storyboard may be sent as YAML too (`application/yaml`, the CLI's board file format).
 What no static schema can state (this deployment's size envelope, its callback policy, the project's
-label policy, the compiled prompt's length, a board's shots × variants) answers 400 with one of the codes
-of serve.http.errors.RULES_BEYOND_SCHEMA, listed on every 400 of the document.
+label policy, its adapters and tiers, the tier a video without `quality` defaults to, the compiled
+prompt's length, a board's shots × variants) answers 400 with one of the codes of
+serve.http.errors.RULES_BEYOND_SCHEMA, listed on every 400 of the document.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
@@ -73,6 +79,15 @@ SETTINGS_RULES: list[dict[str, Any]] = [
             "allOf": [
                 present("aspect"),
                 {"required": ["resolution"], "properties": {"resolution": {"pattern": WXH_PATTERN}}},
+            ]
+        }
+    },
+    # pipeline.spec.DRAFT_CACHE_PROBLEM; a tier left to its default is checked at admission
+    {
+        "not": {
+            "allOf": [
+                {"required": ["quality"], "properties": {"quality": {"const": "draft"}}},
+                present("cache"),
             ]
         }
     },
@@ -195,12 +210,18 @@ def build(app: FastAPI, description: str | None) -> dict[str, Any]:
                         key: component["properties"][field].get(key) for key in ("title", "description")
                     }
                     component["properties"][field] = {
-                        **field_schema,
+                        **copy.deepcopy(field_schema),  # each its own: the text policy adds to it in place
                         **{k: v for k, v in described.items() if v},
                     }
             component["allOf"] = [PROMPT_OR_SHOT, *SETTINGS_RULES]
     if "model" in components["VideoCreate"]["properties"]:
         components["VideoCreate"]["properties"]["model"]["pattern"] = MODEL_PATTERN
+    if "VideoPromote" in components:
+        size = components["VideoPromote"]["properties"]["size"]
+        components["VideoPromote"]["properties"]["size"] = {
+            **copy.deepcopy(FIELD_SCHEMAS["size"]),
+            **{key: size[key] for key in ("title", "description") if key in size},
+        }
     if "StoryboardCreate" in components:
         components["StoryboardCreate"]["properties"]["model"]["pattern"] = MODEL_PATTERN
     if "PromptCompile" in components:

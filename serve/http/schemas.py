@@ -17,6 +17,7 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
     BeforeValidator,
@@ -32,7 +33,17 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipeline.prompt import ShotSpec
-from pipeline.spec import MAX_CACHE_THRESHOLD, MAX_DURATION_S, MAX_PROMPT_CHARS, MAX_STEPS, MIN_DURATION_S
+from pipeline.spec import (
+    ADAPTER_NAME_PATTERN,
+    DEFAULT_FINAL_CACHE,
+    MAX_CACHE_THRESHOLD,
+    MAX_DURATION_S,
+    MAX_LORAS,
+    MAX_PROMPT_CHARS,
+    MAX_STEPS,
+    MIN_DURATION_S,
+    Quality,
+)
 from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
@@ -82,6 +93,27 @@ Project = Annotated[str, StringConstraints(pattern=PROJECT_PATTERN)]
 VideoState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 
 
+def _size_is_wxh(size: str) -> str:
+    if not _SIZE.match(size):
+        raise ValueError(f"`size` must be WxH such as 1280x720 or 480x832 but is {size!r}.")
+    return size
+
+
+# `WxH` in ASCII digits without leading zeros (the envelope and the multiple-of-16 rule come later)
+SizeText = Annotated[str, AfterValidator(_size_is_wxh)]
+
+
+class LoraUse(BaseModel):
+    """A style or character LoRA to run the clip with (registered for the project, or shared)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="The adapter's name (`GET /v1/models`).")
+    weight: Annotated[float, Field(strict=True, ge=-4.0, le=4.0)] = Field(
+        1.0, description="Scale of its update: 1 as trained, 0.5 half as strong."
+    )
+
+
 CacheSteps = whole_number(ge=0, le=MAX_STEPS)
 CacheThreshold = Annotated[float, Field(strict=True, ge=0.0, le=MAX_CACHE_THRESHOLD, allow_inf_nan=False)]
 
@@ -125,7 +157,7 @@ class GenerationSettings(BaseModel):
     duration: StrictFloat | StrictInt | None = Field(
         None, description="Clip length in seconds (alias of `seconds`)."
     )
-    size: str | None = Field(
+    size: SizeText | None = Field(
         None,
         description="`WxH` as in OpenAI, multiples of 16 (Wan2.2: 1280x720, 720x1280, 832x480, 480x832). "
         "Give `size` or `resolution`.",
@@ -134,11 +166,20 @@ class GenerationSettings(BaseModel):
         None, description="Preset `480p` (default) or `720p` (with `aspect`), or `WxH`."
     )
     aspect: Literal["16:9", "9:16"] | None = Field(None, description="Orientation of a preset resolution.")
-    steps: WholeNumber | None = Field(None, description="Denoising steps (1–100); default 40.")
+    steps: WholeNumber | None = Field(
+        None, description="Denoising steps (1–100); default: the tier's (final 40, draft 4)."
+    )
     seed: WholeNumber | None = Field(
         None, description="Noise seed (0 – 2**53-1); random (and reported) when omitted."
     )
-    cache: StepCache | None = Field(None, description="Step caching; omitted: every step runs.")
+    cache: StepCache | None = Field(
+        None,
+        description="Step caching for `quality: final`. Omitted: the final tier's default (threshold "
+        f"{DEFAULT_FINAL_CACHE.threshold:g}, max_skip {DEFAULT_FINAL_CACHE.max_skip}, warmup_steps "
+        f"{DEFAULT_FINAL_CACHE.warmup_steps}, MagCache's Wan2.2 setting); `null`: every step runs. A draft "
+        "runs every step: `cache` with `quality: draft` is refused, and so is 400 `cache_not_for_draft` "
+        "where the tier defaults to draft.",
+    )
     upscale: Upscale = Field("none", description="Super-resolve the draft to this.")
     look: str = Field(
         "none",
@@ -146,6 +187,18 @@ class GenerationSettings(BaseModel):
         description="Colour grade: `none`, `film`, or the name of one of the project's .cube LUTs.",
     )
     label: StrictBool = Field(True, description=f"Burn the {DRAFT_LABEL!r} label into the frames.")
+    quality: Quality | None = Field(
+        None,
+        description="`draft`: the 4-step distilled experts (no CFG), seconds for a take; `final`: the full "
+        "40-step recipe. Default: the project's `default_quality`, else `draft` for `interactive` and "
+        "`final` for `batch` priority.",
+    )
+    loras: list[LoraUse] | None = Field(
+        None,
+        max_length=MAX_LORAS,
+        description="Style/character LoRAs, each named once. In a multipart form: one JSON part holding "
+        "the list, or one JSON object part per item.",
+    )
     fps: FrameRate | None = Field(
         None,
         description="Delivered frame rate: 16 (the model's), or 24 / 25 conformed by motion interpolation "
@@ -160,13 +213,6 @@ class GenerationSettings(BaseModel):
                 f'`seconds` must be a number of seconds such as "4" or "2.5" but is {seconds!r}.'
             )
         return seconds
-
-    @field_validator("size")
-    @classmethod
-    def _size_is_wxh(cls, size: str | None) -> str | None:
-        if size is not None and not _SIZE.match(size):
-            raise ValueError(f"`size` must be WxH such as 1280x720 or 480x832 but is {size!r}.")
-        return size
 
     @field_validator("resolution")
     @classmethod
@@ -212,6 +258,27 @@ class VideoRemix(BaseModel):
     )
 
 
+class VideoPromote(BaseModel):
+    """The final-tier take of a draft: same seed, prompt, shot, length and size (unless `size` is given)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: SizeText | None = Field(None, description="A new `WxH` (default: the draft's).")
+    upscale: Upscale | None = Field(None, description="Default: the draft's.")
+    look: str | None = Field(
+        None, pattern=LOOK_PATTERN, description="`none`, `film` or a project LUT; default: the draft's."
+    )
+    cache: StepCache | None = Field(
+        None,
+        description="Step caching of the final take; omitted: the final tier's default; `null`: every step "
+        "runs.",
+    )
+    priority: Priority | None = Field(None, description="Default: `batch`.")
+    labels: dict[LabelKey, LabelValue] | None = Field(
+        None, max_length=MAX_LABELS, description="Default: the draft's labels."
+    )
+
+
 class VideoError(BaseModel):
     code: str = Field(description="Machine-readable error code.")
     message: str = Field(description="What went wrong, for a person.")
@@ -250,6 +317,15 @@ class Video(BaseModel):
     )
     seed: int
     steps: int
+    quality: Quality = Field(description="`draft` (distilled, few steps) or `final` (the full recipe).")
+    loras: list[LoraUse] = Field(description="The style/character LoRAs it runs with.")
+    promoted_from: str | None = Field(None, description="The draft this final take was promoted from.")
+    promoted_to: str | None = Field(None, description="The final take promoted from this draft.")
+    eta_seconds: float | None = Field(
+        None,
+        description="While it runs: seconds until it is predicted to complete, re-predicted after each "
+        "denoising step from the step times measured for its size and tier; null otherwise.",
+    )
     cache: StepCache | None = Field(None, description="Its step caching; null: every step runs.")
     num_frames: int = Field(description="Frames of the delivered clip (at `fps`).")
     fps: int = Field(description="Frame rate of the delivered clip.")

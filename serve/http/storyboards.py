@@ -18,10 +18,10 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.prompt import MAX_FIELD_CHARS, ShotSpec
-from pipeline.spec import MAX_SEED
+from pipeline.spec import MAX_SEED, Quality
 from serve.http.schemas import (
     MAX_LABELS,
     SERVED_MODEL,
@@ -29,6 +29,9 @@ from serve.http.schemas import (
     LabelKey,
     LabelValue,
     Project,
+    StepCache,
+    Upscale,
+    Video,
     VideoState,
 )
 from serve.jobs.models import Priority
@@ -140,6 +143,9 @@ class StoryboardCreate(BaseModel):
     )
     title: str | None = Field(None, max_length=200, description="A name for people.")
     priority: Priority = Field("batch", description="Priority of every video.")
+    quality: Quality | None = Field(
+        None, description="Tier of every shot that names none (default as for videos: by priority)."
+    )
     shots: list[StoryboardShot] = Field(
         min_length=1, max_length=MAX_SHOTS, description="The shots, in order."
     )
@@ -193,10 +199,11 @@ def expand(board: StoryboardCreate) -> list[PlannedVideo]:
                 update["look"] = grid["look"]
             if shot.fps is None and board.fps is not None:
                 update["fps"] = board.fps
+            fields = shot.model_dump(include=set(GenerationSettings.model_fields))
+            if "cache" not in shot.model_fields_set:
+                del fields["cache"]  # not named: the tier's default (named null: every step runs)
             for seed in seeds:
-                settings = GenerationSettings.model_validate(
-                    {**shot.model_dump(include=set(GenerationSettings.model_fields)), **update, "seed": seed}
-                )
+                settings = GenerationSettings.model_validate({**fields, **update, "seed": seed})
                 planned.append(PlannedVideo(shot_index, variant_index, settings, grid))
                 variant_index += 1
     return planned
@@ -216,6 +223,45 @@ class StoryboardVideo(BaseModel):
     content_url: str | None = Field(None, description="The mp4, once completed.")
     thumbnail_url: str | None = Field(None, description="A JPEG poster frame, once completed.")
     error: dict[str, Any] | None = None
+    quality: Quality = Field(description="`draft` or `final`.")
+    promoted_to: str | None = Field(None, description="The final take promoted from this draft.")
+
+
+class StoryboardPromote(BaseModel):
+    """Chosen takes of a board to promote to their final takes, all in one transaction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    video_ids: list[str] = Field(
+        min_length=1,
+        max_length=MAX_STORYBOARD_VIDEOS,
+        json_schema_extra={"uniqueItems": True},
+        description="Draft videos of this board, each named once.",
+    )
+    upscale: Upscale | None = Field(None, description="Default: each draft's.")
+    look: str | None = Field(
+        None, pattern=LOOK_PATTERN, description="`none`, `film` or a project LUT; default: each draft's."
+    )
+    priority: Priority | None = Field(None, description="Default: `batch`.")
+    cache: StepCache | None = Field(
+        None,
+        description="Step caching of the final takes; omitted: the final tier's default; `null`: every step "
+        "runs.",
+    )
+
+    @field_validator("video_ids")
+    @classmethod
+    def _distinct(cls, video_ids: list[str]) -> list[str]:
+        if len(set(video_ids)) != len(video_ids):
+            raise ValueError("`video_ids` must name each video once.")
+        return video_ids
+
+
+class PromotedTakes(BaseModel):
+    """The final takes a storyboard promote created, in the order of `video_ids`."""
+
+    object: Literal["list"] = "list"
+    data: list[Video]
 
 
 class StoryboardShotState(BaseModel):

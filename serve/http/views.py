@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pipeline.interpolate import conform_frame_count
-from serve.http.schemas import StepCache, Video, VideoError
+from serve.http.schemas import LoraUse, StepCache, Video, VideoError
 from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVideo, board_status
 from serve.jobs.models import JobRecord, JobStatus, StoryboardRecord, unix
 
@@ -49,6 +49,11 @@ def video_view(
         queue_position=queue_position if job.status == JobStatus.QUEUED else job.num_ahead_in_engine,
         seed=job.seed if job.seed is not None else resolved.seed,
         steps=resolved.steps,
+        quality=resolved.quality,
+        loras=[LoraUse(name=lora.name, weight=lora.weight) for lora in resolved.loras],
+        promoted_from=request.promoted_from,
+        promoted_to=job.promoted_to,
+        eta_seconds=job.eta_seconds,
         cache=StepCache.model_validate(resolved.cache.model_dump()) if resolved.cache is not None else None,
         num_frames=conform_frame_count(resolved.num_frames, resolved.fps, request.finish.fps),
         fps=request.finish.fps,
@@ -106,6 +111,8 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
                 content_url=video.content_url,
                 thumbnail_url=video.thumbnail_url,
                 error=video.error.model_dump() if video.error else None,
+                quality=video.quality,
+                promoted_to=video.promoted_to,
             )
         )
     edit = record.edit or {}

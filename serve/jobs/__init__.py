@@ -24,6 +24,7 @@ SELECT ... FOR UPDATE and bounded creates serialise on a transaction-level advis
 from serve.jobs.models import (
     PROGRESS_BANDS,
     RUNNING_STATUSES,
+    AlreadyPromoted,
     ApiState,
     CancelResult,
     EventKind,
@@ -41,6 +42,7 @@ from serve.jobs.request import JobRequest
 from serve.jobs.store import DEFAULT_URL, JobStore
 
 __all__ = [
+    "AlreadyPromoted",
     "DEFAULT_URL",
     "PROGRESS_BANDS",
     "RUNNING_STATUSES",

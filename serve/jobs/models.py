@@ -128,6 +128,15 @@ class QueueFull(Exception):
         super().__init__(f"{where} is full ({limit} jobs waiting); retry in about {retry_after_s} s.")
 
 
+class AlreadyPromoted(Exception):
+    """create() refused a promotion: the draft was promoted already (or is gone); nothing was written."""
+
+    def __init__(self, source_id: str, promoted_to: str | None) -> None:
+        self.source_id, self.promoted_to = source_id, promoted_to
+        where = f"to {promoted_to}" if promoted_to else "or deleted"
+        super().__init__(f"video {source_id} was already promoted {where}")
+
+
 class GpuQuotaExceeded(Exception):
     """create() refused a job: the project used its GPU seconds of today (UTC); nothing was written."""
 
@@ -172,10 +181,19 @@ class JobRecord:
     poster_uri: str | None  # key of the clip's JPEG poster frame, stored beside `artifact_uri`
     deleted_at: datetime | None  # a finished job deleted by its owner: hidden, its artifacts removed
     engine_queue_position: int | None  # requests ahead of it while it waits in a denoiser engine's queue
+    promoted_to: str | None  # the final-tier job promoted from this draft
+    eta_at: datetime | None  # predicted finish of a running job (re-predicted after each denoise step)
 
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds until the running job is predicted to finish (None: finished, queued or not predicted)."""
+        if self.eta_at is None or not self.status.is_running:
+            return None
+        return max(0.0, (self.eta_at - datetime.now(UTC)).total_seconds())
 
     @property
     def num_ahead_in_engine(self) -> int | None:

@@ -91,6 +91,7 @@ class JobRequest(BaseModel):
     callback_url: str | None = Field(None, description="Where the outcome's webhook goes.")
     storyboard: StoryboardPlace | None = None
     remixed_from: str | None = Field(None, description="The source video of a remix.")
+    promoted_from: str | None = Field(None, description="The draft this final-tier job was promoted from.")
     body_sha256: str | None = Field(None, description="Fingerprint of the body, to tell replays apart.")
 
     @classmethod
@@ -121,7 +122,8 @@ def _upgrade_format_1(data: dict[str, Any]) -> JobRequest:
     """Format 1: {"spec", "finish": {upscale, look, label}, "model", "source": {prompt, shot}, "callback_url",
     "remixed_from", "storyboard": {id, shot, variant, name, grid}, "body_sha256"}, every key optional
     but `spec`; a missing `finish.label` meant the draft label."""
-    spec = RequestSpec.model_validate(data["spec"])
+    # cache given as None: such a row ran every step (a final tier's default cache came later)
+    spec = RequestSpec.model_validate({**data["spec"], "cache": None})
     finish = {key: value for key, value in (data.get("finish") or {}).items() if value is not None}
     if "label" in (data.get("finish") or {}):
         finish["label"] = data["finish"]["label"]  # an explicit None: unlabelled

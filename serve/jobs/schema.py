@@ -106,6 +106,12 @@ jobs = Table(
     # While a running job waits in a denoiser engine's queue for its first step there: how many requests
     # are ahead of it (the API shows it as `queued` with this queue position). Every advance() rewrites it.
     Column("engine_queue_position", Integer),
+    # The final-tier job promoted from this draft (POST /v1/videos/{id}/promote); set once, in the
+    # transaction that creates it (the promoted job's request names its draft: `promoted_from`).
+    Column("promoted_to", String(40)),
+    # When the running job is predicted to finish, re-predicted after each denoising step from the step
+    # times measured for its bucket and tier (the API shows `eta_seconds`).
+    Column("eta_at", UTCDateTime),
     UniqueConstraint("project", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     Index("ix_jobs_status_id", "status", "id"),  # queued(), counts, requeue
     Index("ix_jobs_project_id", "project", "id"),  # list(project=...) pages
@@ -115,7 +121,13 @@ jobs = Table(
 
 # Nullable columns added to `jobs` after its first release: create_schema() adds the ones an older database
 # lacks (ALTER TABLE ... ADD COLUMN), so a store made by an earlier version keeps working.
-ADDED_JOB_COLUMNS: tuple[str, ...] = ("poster_uri", "deleted_at", "engine_queue_position")
+ADDED_JOB_COLUMNS: tuple[str, ...] = (
+    "poster_uri",
+    "deleted_at",
+    "engine_queue_position",
+    "promoted_to",
+    "eta_at",
+)
 
 job_events = Table(
     "job_events",

@@ -23,6 +23,7 @@ from serve.jobs.models import (
     PRIORITIES,
     PROGRESS_BANDS,
     RUNNING_STATUSES,
+    AlreadyPromoted,
     CancelResult,
     EventKind,
     GpuQuotaExceeded,
@@ -114,8 +115,11 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
         max_queued: int | None = None,
         max_queued_per_project: int | None = None,
         gpu_seconds_per_day: float | None = None,
+        promotes: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Queue a new job and return `(job, True)`.
+        """Queue a new job and return `(job, True)`. With `promotes` (a draft's id), the draft's
+        `promoted_to` is set to the new job in the same transaction; AlreadyPromoted, and nothing written,
+        when it was set already (two promotes of one take cannot both win).
 
         With an `idempotency_key` already used by this project, return `(existing job, False)` instead
         and write nothing (whatever the bounds say: a retried request is not a new job). Concurrent
@@ -151,13 +155,11 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
                     conn, project, 1, now, max_queued, max_queued_per_project, gpu_seconds_per_day
                 )
                 job = _record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
-                if storyboard_id is not None:  # a take added to a board later (a remix of one of its takes)
-                    conn.execute(
-                        update(storyboards)
-                        .where(storyboards.c.id == storyboard_id)
-                        .values(num_jobs=storyboards.c.num_jobs + 1)
-                    )
+                if storyboard_id is not None:  # a take added to a board later (a remix or a promote)
+                    _count_board_job(conn, storyboard_id)
                 _log_event(conn, job.id, "created", {"priority": priority, "bucket": job.bucket}, now)
+                if promotes is not None:
+                    _link_promotion(conn, promotes, job.id)
         except IntegrityError:
             # Lost a race on (project, idempotency_key): the winner's job is committed by now.
             if idempotency_key is None:
@@ -336,6 +338,42 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
         with self._read() as conn:
             return [StoryboardRecord(**row._asdict()) for row in conn.execute(query)]
 
+    def create_promotions(
+        self,
+        project: str,
+        promotions: builtins.list[tuple[str, Priority, JobRequest, dict[str, Any]]],
+        *,
+        max_queued: int | None = None,
+        max_queued_per_project: int | None = None,
+        gpu_seconds_per_day: float | None = None,
+    ) -> builtins.list[JobRecord]:
+        """Queue one final-tier job per (draft id, priority, request, labels) in ONE transaction, each
+        linked to its draft (`promoted_to`): all or nothing (QueueFull, GpuQuotaExceeded, AlreadyPromoted)."""
+        if not promotions:
+            raise ValueError("`promotions` must name at least one draft.")
+        now = utcnow()
+        created = []
+        with self._write() as conn:
+            self._check_room(
+                conn, project, len(promotions), now, max_queued, max_queued_per_project, gpu_seconds_per_day
+            )
+            for source_id, priority, job_request, labels in promotions:
+                if priority not in PRIORITIES:
+                    raise ValueError(f"`priority` must be 'interactive' or 'batch' but is {priority!r}.")
+                row = _new_job_row(project, priority, job_request, labels, now)
+                board_id = job_request.storyboard.id if job_request.storyboard is not None else None
+                job = _record(
+                    conn.execute(
+                        insert(jobs).values({**row, "storyboard_id": board_id}).returning(jobs)
+                    ).one()
+                )
+                if board_id is not None:  # the final take joins its draft's shot on the board
+                    _count_board_job(conn, board_id)
+                _log_event(conn, job.id, "created", {"priority": priority, "bucket": job.bucket}, now)
+                _link_promotion(conn, source_id, job.id)
+                created.append(job)
+        return created
+
     def get_storyboard(self, storyboard_id: str) -> StoryboardRecord | None:
         with self._read() as conn:
             row = conn.execute(select(storyboards).where(storyboards.c.id == storyboard_id)).one_or_none()
@@ -372,6 +410,7 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
                     stage_progress=0.0,
                     progress=0,
                     engine_queue_position=None,
+                    eta_at=None,  # predicted afresh from this run's steps
                 )
                 .returning(jobs)
             ).one_or_none()
@@ -390,11 +429,13 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
         progress: int | None = None,
         timing: tuple[str, float] | None = None,
         engine_queue_position: int | None = None,
+        eta_at: datetime | None = None,
     ) -> bool:
         """Report where a running job is: its (running) `status`, `stage_progress` 0..1 within that stage,
         and the overall `progress` 0..100 (default: derived from PROGRESS_BANDS). `timing` =
         (stage, seconds) is recorded in `timings`. `engine_queue_position`: the requests ahead of it while
-        it waits in the stage's engine for its first step (None, the default, once it runs).
+        it waits in the stage's engine for its first step (None, the default, once it runs). `eta_at`: when
+        the job is now predicted to finish (None keeps the last prediction).
 
         Returns False and changes nothing when the update is stale or late: `attempt` is not the job's
         current attempt, the job is not running (queued again, or finished: cancelled in the meantime,
@@ -435,6 +476,8 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
             }
             if timing is not None:
                 values["timings"] = {**current.timings, timing[0]: float(timing[1])}
+            if eta_at is not None:
+                values["eta_at"] = eta_at
             conn.execute(update(jobs).where(*fence).values(values))
             if status != current.status:
                 stage = {"status": _name(status), "from": _name(current.status), "attempt": attempt}
@@ -797,7 +840,30 @@ def _new_job_row(
         "checkpoint_uri": None,
         "poster_uri": None,
         "deleted_at": None,
+        "promoted_to": None,
+        "eta_at": None,
     }
+
+
+def _link_promotion(conn: Connection, source_id: str, job_id: str) -> None:
+    """Point the draft `source_id` at its promoted job; AlreadyPromoted (rolling the create back) when it
+    points somewhere already or is gone."""
+    linked = conn.execute(
+        update(jobs)
+        .where(jobs.c.id == source_id, jobs.c.promoted_to.is_(None), jobs.c.deleted_at.is_(None))
+        .values(promoted_to=job_id)
+    )
+    if linked.rowcount != 1:
+        current = conn.scalar(select(jobs.c.promoted_to).where(jobs.c.id == source_id))
+        raise AlreadyPromoted(source_id, current)
+
+
+def _count_board_job(conn: Connection, storyboard_id: str) -> None:
+    conn.execute(
+        update(storyboards)
+        .where(storyboards.c.id == storyboard_id)
+        .values(num_jobs=storyboards.c.num_jobs + 1)
+    )
 
 
 def _storyboard_by_idempotency_key(conn: Connection, project: str, key: str) -> StoryboardRecord | None:

@@ -20,6 +20,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ray import serve
@@ -40,6 +41,7 @@ from serve.metrics import (
     record_scheduler_pass,
 )
 from serve.scheduling.checkpoints import CheckpointError, read_checkpoint, write_checkpoint
+from serve.scheduling.eta import EtaModel
 from serve.scheduling.fair_share import Candidate, pick_next
 from serve.scheduling.faults import REPLICA_LOST, StageFailed, Superseded, describe, finish_with_retries
 from serve.stages.payloads import (
@@ -137,6 +139,7 @@ class Scheduler:
         if requeued:
             logger.info("requeued %d jobs left in flight by a previous scheduler", len(requeued))
         self._running: dict[str, tuple[str, asyncio.Task]] = {}  # job_id -> (project, task)
+        self._eta = EtaModel()  # stage times measured here: the later stages of a job's ETA
         self._wake = asyncio.Event()
         self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
         self._queue_reporter = QueueReporter()
@@ -274,6 +277,8 @@ class Scheduler:
 
         state = pack_state(initial_state(resolved, self.model))
         bucket = str(job.request.bucket)
+        eta_key = (bucket, resolved.quality, finish.upscale)
+        adapters = resolved.adapters(self.model)
         experts = [
             (JobStatus.DENOISING_HIGH, stages.high, resolved.guidance_high, "denoise_high"),
             (JobStatus.DENOISING_LOW, stages.low, resolved.guidance_low, "denoise_low"),
@@ -291,18 +296,27 @@ class Scheduler:
                 guidance=guidance,
                 priority=job.priority,
                 deadline=job.deadline,
+                quality=resolved.quality,
+                adapters=adapters,
                 cache=resolved.cache,
             )
+            start_index = state.step_index
             stream = handle.options(stream=True).denoise.remote(call, bucket=bucket)
             try:
                 async for event in stream:
                     match event:
                         case DenoiseWaiting(num_ahead=num_ahead):  # queued in the engine, not stalled
                             await self._advance(job, status, 0.0, engine_queue_position=num_ahead)
-                        case DenoiseProgress(done=done, total=total):
+                        case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
                             if done == 1:  # stepping began (before, the request waited in the engine)
                                 clock.begin()
-                            await self._advance(job, status, done / max(total, 1))
+                            eta_at = None
+                            if seconds is not None:
+                                steps_left = resolved.steps - (start_index + done)
+                                eta_at = self._eta.predict(
+                                    eta_key, steps_left=steps_left, seconds_per_step=seconds
+                                )
+                            await self._advance(job, status, done / max(total, 1), eta_at=eta_at)
                         case DenoiseDone():
                             state, timings[name] = event.state, event.seconds
                             clock.end()
@@ -319,6 +333,7 @@ class Scheduler:
         clock.begin()
         frames = await stage_call(stages.vae.decode.remote(state.latents, resolved.fps))
         timings["decode"] = frames.seconds
+        self._eta.observe(eta_key, "decode", frames.seconds)
         clock.end()
 
         await self._advance(job, JobStatus.UPSCALING, 0.0, timings)
@@ -326,6 +341,7 @@ class Scheduler:
         clock.begin()
         frames = await stage_call(stages.upscaler.upscale.remote(frames, width, height))
         timings["upscale"] = frames.seconds
+        self._eta.observe(eta_key, "upscale", frames.seconds)
         clock.end()
 
         await self._advance(job, JobStatus.FINISHING, 0.0, timings)
@@ -349,6 +365,7 @@ class Scheduler:
             ),
         )
         timings["finish"] = clip.seconds
+        self._eta.observe(eta_key, "finish", clip.seconds)
         succeeded = await asyncio.to_thread(
             self.store.succeed,
             job.id,
@@ -436,6 +453,7 @@ class Scheduler:
         timings: dict[str, float] | None = None,
         *,
         engine_queue_position: int | None = None,
+        eta_at: datetime | None = None,
     ) -> None:
         """Move the job on. Entering a stage with `timings` stores the last one (the stage just done), so the
         GPU seconds of a running job's finished stages count against its project's quota at once."""
@@ -449,6 +467,7 @@ class Scheduler:
             progress=overall_progress(status, fraction),
             timing=last,
             engine_queue_position=engine_queue_position,
+            eta_at=eta_at,
         )
         if not ok:  # cancelled, or this run was superseded: stop spending compute on it
             raise Superseded(job.id, job.attempt)

@@ -12,10 +12,14 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
 from pipeline.denoise.kernels import compile_blocks, warm_up
 from pipeline.denoise.parallel import ShardedForward
+from pipeline.denoise.state import tier_solvers
+from pipeline.lora import distill_folder, resolve_lora_folder
+from pipeline.spec import DISTILL_ADAPTER
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.sharding import DEPLOYMENT_NAMES, Expert, placement_options
@@ -51,9 +55,12 @@ class DenoiserDeployment:
             else None
         )
         forward = None
-        if self.ranks is not None:
+        bank = None
+        if self.ranks is not None:  # the ranks hold base weights only: no draft tier, no style LoRAs
             transformer = self.ranks.transformer
             forward = self.ranks.forward(ShardedForward(self.ranks.group, transformer, expert))
+        else:
+            bank = expert_adapters(args, expert, transformer)
         self.engine = DenoiseEngine(
             transformer,
             parts.scheduler,
@@ -63,6 +70,8 @@ class DenoiserDeployment:
             max_num_tokens=args.engine.max_num_tokens,
             max_batch_size=args.engine.max_batch_size,
             forward=forward,
+            solvers=tier_solvers(model, parts.scheduler),
+            adapters=bank,
             cache_curve=calibration_curve(args.model, model),
         )
         if settings.compile:  # after the engine made its layers batch-invariant: compile what runs
@@ -85,6 +94,12 @@ class DenoiserDeployment:
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
         started = time.perf_counter()
+        engine, bucket_shape = self.engine, tuple(call.state.latents.shape)
+
+        def progress(done: int, total: int) -> None:
+            seconds = engine.seconds_per_step(bucket_shape, call.quality, call.request_id)
+            report(DenoiseProgress(done=done, total=total, seconds_per_step=seconds))
+
         request = EngineRequest(
             request_id=call.request_id,
             state=unpack_state(call.state),
@@ -93,7 +108,9 @@ class DenoiserDeployment:
             guidance=call.guidance,
             priority=call.priority,
             deadline=_engine_deadline(call.deadline, self.engine.clock),
-            on_progress=lambda done, total: report(DenoiseProgress(done=done, total=total)),
+            quality=call.quality,
+            adapters=tuple(call.adapters),
+            on_progress=progress,
             on_waiting=lambda num_ahead: report(DenoiseWaiting(num_ahead=num_ahead)),
             cache=call.cache,
         )
@@ -132,6 +149,19 @@ class DenoiserDeployment:
         ranks = getattr(self, "ranks", None)
         if ranks is not None:
             ranks.close()
+
+
+def expert_adapters(args: PrevizArgs, expert: Expert, transformer) -> AdapterBank | None:
+    """The expert's adapters, loaded once: the draft tier's distill LoRA and the configured style LoRAs."""
+    settings, cache = args.adapters, args.model_cache_dir
+    folders = {}
+    if settings.draft_lora is not None:
+        folders[DISTILL_ADAPTER] = distill_folder(settings.draft_lora, args.model, cache_dir=cache)
+    for lora in settings.loras:
+        folders[lora.name] = resolve_lora_folder(lora.source, cache_dir=cache)
+    if not folders:
+        return None
+    return load_bank(transformer, expert, folders, max_adapters=settings.max_adapters)
 
 
 def _engine_deadline(deadline: datetime | None, clock: Callable[[], float]) -> float | None:

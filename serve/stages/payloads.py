@@ -27,6 +27,8 @@ class DenoiseCall:
     guidance: float
     priority: Priority
     deadline: datetime | None
+    quality: str = "final"  # the tier: which solver continues the state
+    adapters: tuple[tuple[str, float], ...] = ()  # sorted (name, weight) LoRA adapters of the request
     cache: StepCacheSettings | None = None  # step caching; None: every step runs
 
 
@@ -54,6 +56,7 @@ class DenoiseProgress:
 
     done: int  # steps of this expert done so far
     total: int  # steps this expert runs for the request
+    seconds_per_step: float | None = None  # this replica's recent step time for this request (ETA)
 
 
 @dataclass(frozen=True, slots=True)

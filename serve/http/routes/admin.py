@@ -16,7 +16,7 @@ other projects are 404 to it, as their videos are. A `studio_admin` key manages 
 """
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
@@ -63,6 +63,10 @@ class ProjectSettingsUpdate(BaseModel):
     retention_days: whole_number(ge=1, le=3650) | None = None
     # not nullable: the label policy is on or off, it has no "unset"
     burn_label: StrictBool = Field(None, description="Burn the draft label into every clip.")  # type: ignore[assignment]
+    default_quality: Literal["draft", "final"] | None = Field(
+        None,
+        description="Tier of videos that name none; `null`: by priority (interactive draft, batch final).",
+    )
     default_fps: FrameRate | None = Field(None, description="Frame rate when a request names none.")
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from pipeline.spec import RESOLUTION_PRESETS, ModelSpec, RequestSpec, SizeEnvelope
+from pipeline.spec import RESOLUTION_PRESETS, ModelSpec, RequestSpec, SizeEnvelope, TierRecipe
 from serve.http.deps import CallerDep, StateDep
 from serve.jobs.request import SERVED_MODEL
 from serve.sharding import DEPLOYMENT_NAMES, Expert, ShapeRules
@@ -33,6 +33,14 @@ class ExpertParallel(BaseModel):
     )
 
 
+class Adapter(BaseModel):
+    """A style or character LoRA the caller's project may name in `loras`."""
+
+    name: str
+    shared: bool = Field(description="True: every project may use it; false: this project's own.")
+    description: str | None = None
+
+
 class ServedModel(BaseModel):
     id: str = Field(description="The name to send as `model`.")
     object: Literal["model"] = "model"
@@ -45,6 +53,10 @@ class ServedModel(BaseModel):
     experts: dict[str, ExpertParallel] = Field(
         description="`high` / `low` -> the expert deployment's parallel degree and the sizes it accepts."
     )
+    tiers: dict[str, TierRecipe] = Field(
+        description="`quality` -> its sampling recipe; `draft` is absent where it is not served."
+    )
+    adapters: list[Adapter] = Field(description="The LoRAs the caller's project may name in `loras`.")
 
 
 class ModelList(BaseModel):
@@ -53,7 +65,7 @@ class ModelList(BaseModel):
 
 
 @router.get("/v1/models", response_model=ModelList, summary="List the served models")
-async def list_models(state: StateDep, _caller: CallerDep) -> ModelList:
+async def list_models(state: StateDep, caller: CallerDep) -> ModelList:
     presets = {name: f"{width}x{height}" for name, (width, height) in RESOLUTION_PRESETS.items()}
     served = ServedModel(
         id=SERVED_MODEL,
@@ -62,6 +74,16 @@ async def list_models(state: StateDep, _caller: CallerDep) -> ModelList:
         default_steps=state.model.num_steps,
         fps=state.model.fps,
         experts={expert: expert_parallel(state.shapes, expert, state.model) for expert in ("high", "low")},
+        tiers={
+            quality: state.model.recipe(quality)
+            for quality in ("draft", "final")
+            if quality == "final" or state.args.serves_draft
+        },
+        adapters=[
+            Adapter(name=lora.name, shared=lora.project is None, description=lora.description)
+            for lora in state.args.adapters.loras
+            if lora.project in (None, caller.project) and state.args.lora(lora.name) is not None
+        ],
     )
     return ModelList(data=[served])
 

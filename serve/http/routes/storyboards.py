@@ -10,17 +10,21 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from serve.auth import Caller
-from serve.http.admission import BoardDraft, VideoDraft, admit, check_model
+from serve.http.admission import BoardDraft, VideoDraft, admit, check_model, project_settings
 from serve.http.deps import CallerDep, IdempotencyKey, IngressState, StateDep, project_of
 from serve.http.errors import BLOCKED, ApiError, invalid
+from serve.http.routes.videos import check_promotable, promotion_draft
+from serve.http.schemas import VideoPromote
 from serve.http.storyboards import (
     MAX_STORYBOARD_VIDEOS,
+    PromotedTakes,
     Storyboard,
     StoryboardCreate,
     StoryboardList,
+    StoryboardPromote,
     expand,
 )
-from serve.http.views import storyboard_view
+from serve.http.views import storyboard_view, video_view
 from serve.jobs import JobRecord, StoryboardRecord, new_storyboard_id
 from serve.jobs.request import StoryboardPlace
 
@@ -49,6 +53,11 @@ async def create_storyboard(
             f"{body.variants.num_variants} variants); at most {MAX_STORYBOARD_VIDEOS} in one storyboard",
             "variants",
         )
+    for index, shot in enumerate(body.shots):  # as the schema says: a grid varies a shot, it makes none
+        if shot.shot is None and not (shot.prompt and shot.prompt.strip()):
+            raise ApiError(
+                400, "missing_field", "every shot needs a `prompt` or a `shot`", f"shots.{index}.prompt"
+            )
     try:
         planned = expand(body)
     except ValidationError as error:
@@ -58,12 +67,15 @@ async def create_storyboard(
     drafts = []
     for video in planned:
         shot = body.shots[video.shot_index]
+        settings = video.settings
+        if settings.quality is None and body.quality is not None:
+            settings = settings.model_copy(update={"quality": body.quality})
         place = StoryboardPlace(
             id=board.id, shot=video.shot_index, variant=video.variant_index, name=shot.name, grid=video.grid
         )
         drafts.append(
             VideoDraft(
-                settings=video.settings,
+                settings=settings,
                 priority=body.priority,
                 labels={**body.labels, **shot.labels},
                 prefix=f"shots.{video.shot_index}.",
@@ -110,6 +122,45 @@ async def list_storyboards(
         last_id=page[-1].id if page else None,
         has_more=len(records) > limit,
     )
+
+
+@router.post(
+    "/{storyboard_id}/promote",
+    status_code=201,
+    response_model=PromotedTakes,
+    responses=BLOCKED,
+    summary="Promote chosen takes of a storyboard",
+)
+async def promote_takes(
+    storyboard_id: str, body: StoryboardPromote, state: StateDep, caller: CallerDep
+) -> PromotedTakes:
+    """The final take of each chosen draft of the board (as `POST /v1/videos/{id}/promote` makes one),
+    created in one transaction: all of them or none (409 when one is final or promoted already)."""
+    board = await storyboard_of(storyboard_id, state, caller)
+    on_board = {video.video_id for shot in board.shots for video in shot.videos}
+    settings = await project_settings(state.store, caller.project)
+    # the options each take's promote gets, as set (an unset `cache` is the final tier's default)
+    options = VideoPromote.model_validate(
+        body.model_dump(include={"upscale", "look", "priority", "cache"}, exclude_unset=True)
+    )
+    drafts = []
+    for index, video_id in enumerate(body.video_ids):
+        param = f"video_ids.{index}"
+        source = await asyncio.to_thread(state.store.get, video_id, project=caller.project)
+        if source is None or video_id not in on_board:
+            raise ApiError(404, "not_found", f"storyboard {storyboard_id} has no video {video_id!r}", param)
+        check_promotable(source, param)
+        drafts.append(promotion_draft(source, options, settings.burn_label, prefix=f"{param}."))
+    admitted = await admit(
+        state,
+        caller.project,
+        drafts,
+        body={"promote_of": storyboard_id, **body.model_dump(mode="json")},
+        idempotency_key=None,
+        settings=settings,
+    )
+    jobs = admitted.jobs or ((admitted.job,) if admitted.job is not None else ())
+    return PromotedTakes(data=[video_view(job) for job in jobs])
 
 
 @router.get("/{storyboard_id}", response_model=Storyboard, summary="Retrieve a storyboard")

@@ -1,5 +1,5 @@
-"""`/v1/videos`: create, list, retrieve, cancel, content, remix, events, webhooks. Thin: each route reads
-its input, calls the one admission path or the store, and renders with the one video view."""
+"""`/v1/videos`: create, list, retrieve, cancel, content, remix, promote, events, webhooks. Thin: each
+route reads its input, calls the one admission path or the store, and renders with the one video view."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from serve.http.admission import (
     admit,
     check_model,
     project_settings,
+    promote_settings,
     remix_place,
     remix_settings,
 )
@@ -30,6 +31,7 @@ from serve.http.schemas import (
     VideoDeleted,
     VideoLinks,
     VideoList,
+    VideoPromote,
     VideoRemix,
     VideoState,
     WebhookAttempt,
@@ -50,11 +52,17 @@ API_STATE_STATUSES: dict[str, list[JobStatus]] = {
 }
 REPLAYED = {200: {"model": Video, "description": "A replay of an Idempotency-Key: the first job."}}
 # The create body is read by hand (JSON or form); its schema is added to the OpenAPI page by serve.http.app.
+# A form's structured fields are JSON parts, each holding the whole value (`loras`: the list, not a part per
+# item), as serve.http.forms reads them; declared, so a client does not guess an array's encoding.
+FORM_JSON_PARTS = {name: {"contentType": "application/json"} for name in ("shot", "labels", "cache", "loras")}
 CREATE_BODY = {
     "required": True,
     "content": {
-        media: {"schema": {"$ref": "#/components/schemas/VideoCreate"}}
-        for media in ("application/json", "multipart/form-data")
+        "application/json": {"schema": {"$ref": "#/components/schemas/VideoCreate"}},
+        "multipart/form-data": {
+            "schema": {"$ref": "#/components/schemas/VideoCreate"},
+            "encoding": FORM_JSON_PARTS,
+        },
     },
 }
 
@@ -304,6 +312,73 @@ async def remix_video(
     return admitted_response(admitted.job, admitted.created)
 
 
+@router.post(
+    "/{video_id}/promote",
+    status_code=201,
+    response_model=Video,
+    responses={**REPLAYED, **BLOCKED},
+    summary="Promote a draft to its final take",
+)
+async def promote_video(
+    video_id: str,
+    body: VideoPromote,
+    state: StateDep,
+    caller: CallerDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """The `final`-tier take of a `draft` video: its seed, prompt, shot, length and size (or a new `size`,
+    `upscale`, `look`) with the full 40-step recipe. The two link each other (`promoted_to` on the draft,
+    `promoted_from` on the final). A take is promoted once: again is 409 `already_promoted`; a final video
+    is 409 `not_a_draft`. The draft may be in any state."""
+    source = await job_or_404(video_id, state, caller)
+    check_promotable(source)
+    settings = await project_settings(state.store, source.project)
+    draft = promotion_draft(source, body, settings.burn_label)
+    admitted = await admit(
+        state,
+        source.project,
+        [draft],
+        body={"promote_of": source.id, **body.model_dump(mode="json")},
+        idempotency_key=idempotency_key,
+        settings=settings,
+    )
+    return admitted_response(admitted.job, admitted.created)
+
+
+def check_promotable(source: JobRecord, param: str = "video_id") -> None:
+    if source.request.resolved.quality != "draft":
+        raise ApiError(
+            409, "not_a_draft", f"video {source.id} is a final take already; only drafts are promoted", param
+        )
+    if source.promoted_to is not None:
+        raise ApiError(
+            409,
+            "already_promoted",
+            f"video {source.id} was already promoted to {source.promoted_to}; promote a take once",
+            param,
+        )
+
+
+def promotion_draft(source: JobRecord, body: VideoPromote, burn_label: bool, prefix: str = "") -> VideoDraft:
+    """The final take of `source` as a draft for the admission path."""
+    return VideoDraft(
+        settings=promote_settings(
+            source.request,
+            burn_label,
+            size=body.size,
+            upscale=body.upscale,
+            look=body.look,
+            cache={"cache": body.cache} if "cache" in body.model_fields_set else None,
+        ),
+        priority=body.priority or "batch",
+        labels=body.labels if body.labels is not None else source.labels,
+        prefix=prefix,
+        callback_url=source.request.callback_url,
+        storyboard=source.request.storyboard,
+        promoted_from=source.id,
+    )
+
+
 @router.get(
     "/{video_id}/events",
     response_class=StreamingResponse,
@@ -321,7 +396,9 @@ async def video_events(
     """Server-sent events until the video finishes. `event:` is the kind: the job's log (`created`,
     `claimed`, `stage`, `progress`, `checkpoint`, `requeued`, `resumed`, `retry`, `succeeded`, `failed`,
     `cancelled`, each with an `id:` to resume from), `status` whenever its stage or step progress moves
-    (`{"status", "stage", "progress", "stage_progress"}`), and a last `done` carrying the video object."""
+    (`{"status", "stage", "queue_position", "progress", "stage_progress", "eta_seconds"}`; the ETA is
+    re-predicted after each denoising step from the step times measured for the video's size and tier),
+    and a last `done` carrying the video object."""
     job = await job_or_404(video_id, state, caller)
     retention_days = (await project_settings(state.store, job.project)).retention_days
     return StreamingResponse(

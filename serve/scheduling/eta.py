@@ -1,0 +1,53 @@
+"""When will a running job finish? Re-predicted after each denoising step, from measurements only.
+
+The denoise part is the job's steps still to run (both experts) times the step time its replica measured
+for the job itself over the last iterations it took part in (DenoiseProgress.seconds_per_step: the wall
+time of a whole batched iteration, so a busy replica predicts slower steps; a step its cache skipped
+counts at what that iteration cost, so a caching job predicts the mix it is getting). What follows the
+denoiser (decode, upscale, finish) is the mean of what this Scheduler measured for the same bucket, tier
+and upscale; a stage never measured yet counts 0, so an early prediction is optimistic, never padded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from datetime import UTC, datetime, timedelta
+
+AFTER_DENOISE = ("decode", "upscale", "finish")  # the stages timed after the denoiser, in order
+WINDOW = 16  # finished stages each mean looks back over
+
+# (width x height x frames bucket, quality, upscale): what a job's later stages cost
+StageKey = tuple[str, str, str]
+
+
+class EtaModel:
+    """Stage times measured by this Scheduler, and the predictions made from them."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[tuple[StageKey, str], deque[float]] = {}  # (key, stage) -> recent seconds
+
+    def observe(self, key: StageKey, stage: str, seconds: float) -> None:
+        """A finished stage of a job with `key` took `seconds`."""
+        self._seconds.setdefault((key, stage), deque(maxlen=WINDOW)).append(seconds)
+
+    def after_denoise_s(self, key: StageKey) -> float:
+        """Predicted seconds of the stages after the denoiser (0 for a stage not measured yet)."""
+        total = 0.0
+        for stage in AFTER_DENOISE:
+            recent = self._seconds.get((key, stage))
+            if recent:
+                total += sum(recent) / len(recent)
+        return total
+
+    def predict(
+        self,
+        key: StageKey,
+        *,
+        steps_left: int,
+        seconds_per_step: float,
+        now: datetime | None = None,
+    ) -> datetime:
+        """When the job finishes: its steps left at the measured step time, then the later stages."""
+        now = now or datetime.now(UTC)
+        seconds = max(0, steps_left) * seconds_per_step + self.after_denoise_s(key)
+        return now + timedelta(seconds=seconds)
