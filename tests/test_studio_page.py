@@ -116,6 +116,7 @@ def test_a_storyboard_is_composed_rendered_played_remixed_and_selected(page: Pag
         ],
         takes=2,
     )
+    page.get_by_label("Quality").select_option("draft")  # a board is `batch` work: final unless asked
     preview = page.locator("li.shot").first.locator("output.preview")
     expect(preview).to_have_text("a man in a black trench coat leaps from a tower.")  # compiled by the server
     assert_accessible(page, "composer")
@@ -164,6 +165,20 @@ def test_a_storyboard_is_composed_rendered_played_remixed_and_selected(page: Pag
     board = cluster.client(project).get_storyboard(board_id)
     assert [shot["selected_video_id"] for shot in board["shots"]] == chosen
     remix = board["shots"][0]["videos"][2]
+    assert {video["quality"] for shot in board["shots"] for video in shot["videos"]} == {
+        "draft"
+    }  # interactive
+
+    second_row = rows.nth(1)
+    draft = second_row.locator("article.take").first
+    draft.get_by_role("button", name="Promote").click()
+    expect(draft.get_by_role("button", name="Promoted")).to_be_disabled()
+    expect(second_row.locator("article.take")).to_have_count(3)  # the final take joins the shot's row
+    final = second_row.locator("article.take").nth(2)
+    expect(final.locator(".tier")).to_have_text("final")
+    promoted = cluster.client(project).get(final.get_attribute("data-video"))
+    assert promoted["promoted_from"] == draft.get_attribute("data-video") and promoted["quality"] == "final"
+    assert promoted["seed"] == cluster.client(project).get(promoted["promoted_from"])["seed"]
     assert (
         cluster.client(project).get(remix["video_id"])["prompt"]
         == "a man in a blue trench coat leaps from a tower."

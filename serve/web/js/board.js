@@ -66,7 +66,7 @@ function takeCard(board, shot, take, signal, reload) {
   const card = h(
     "article",
     { class: "take card", role: "listitem", dataset: { video: take.video_id }, "aria-label": `Take ${take.variant + 1}, seed ${take.seed}` },
-    h("p", { class: "mark", text: "AI-generated draft" }),
+    h("p", { class: "marks" }, h("span", { class: "mark", text: "AI-generated draft" }), " ", h("span", { class: `tier ${take.quality}`, text: take.quality })),
     media,
     h("p", { class: "meta", text: `seed ${take.seed}${Object.keys(take.grid).length ? ` · ${Object.entries(take.grid).map(([k, v]) => `${k}: ${v}`).join(", ")}` : ""}` }),
     status,
@@ -74,6 +74,7 @@ function takeCard(board, shot, take, signal, reload) {
     remixBox,
   );
   let state = { status: take.status, stage: take.stage, progress: take.progress, eta: null };
+  let download = null; // the mp4's signed link, once the take completed
   const paint = () => {
     bar.value = state.progress;
     const eta = state.eta !== null && state.eta !== undefined ? ` · about ${duration(state.eta)} left` : "";
@@ -85,6 +86,10 @@ function takeCard(board, shot, take, signal, reload) {
       h("button", { type: "button", class: "quiet", text: "Remix", onclick: () => openRemix() }),
       FINISHED.has(state.status) ? null : h("button", { type: "button", class: "quiet", text: "Cancel", onclick: cancel }),
       state.status === "completed" ? select : null,
+      take.quality === "draft" && state.status === "completed"
+        ? h("button", { type: "button", class: "quiet", text: take.promoted_to ? "Promoted" : "Promote", disabled: Boolean(take.promoted_to), onclick: promote })
+        : null,
+      download,
     ];
     actions.replaceChildren(...buttons.filter(Boolean));
   };
@@ -93,9 +98,21 @@ function takeCard(board, shot, take, signal, reload) {
       const links = await linksOf(take.video_id);
       const video = h("video", { controls: true, preload: "metadata", src: links.video, poster: links.thumbnail || undefined, "aria-label": `Take ${take.variant + 1} of ${shot.name || "the shot"}` });
       media.replaceChildren(video);
-      actions.append(h("a", { class: "button quiet", href: links.video, download: `${take.video_id}.mp4`, text: "Download" }));
+      download = h("a", { class: "button quiet", href: links.video, download: `${take.video_id}.mp4`, text: "Download" });
+      paint();
     } catch (error) {
       status.textContent = describe(error);
+    }
+  };
+  // the final-tier take of this draft: same seed, prompt and size; it joins the row as a new take
+  const promote = async () => {
+    try {
+      const final = await api(`/v1/videos/${encodeURIComponent(take.video_id)}/promote`, { method: "POST", body: {} });
+      take.promoted_to = final.id;
+      paint();
+      await reload();
+    } catch (error) {
+      toast(describe(error));
     }
   };
   const cancel = async () => {

@@ -23,7 +23,14 @@ export function renderComposer(view) {
     resolution: h("input", { type: "text", name: "resolution", list: "resolutions", placeholder: "480p", pattern: "^(480p|720p|[0-9]+x[0-9]+)$" }),
     aspect: h("select", { name: "aspect" }, h("option", { value: "", text: "16:9 (landscape)" }), h("option", { value: "9:16", text: "9:16 (portrait)" })),
     seconds: h("input", { type: "number", name: "seconds", min: 0.25, max: 10, step: 0.25, placeholder: "5" }),
-    steps: h("input", { type: "number", name: "steps", min: 1, max: 100, step: 1, placeholder: "40" }),
+    quality: h(
+      "select",
+      { name: "quality" },
+      h("option", { value: "", text: "project default" }),
+      h("option", { value: "draft", text: "draft: 4 distilled steps, quick takes" }),
+      h("option", { value: "final", text: "final: the full 40-step recipe" }),
+    ),
+    steps: h("input", { type: "number", name: "steps", min: 1, max: 100, step: 1, placeholder: "the tier's" }),
     look: h("input", { type: "text", name: "look", list: "looks", placeholder: "none" }),
     seed: h("input", { type: "number", name: "seed", min: 0, step: 1, placeholder: "random" }),
     takes: h("input", { type: "number", name: "takes", min: 1, max: 16, step: 1, value: 1 }),
@@ -57,7 +64,8 @@ export function renderComposer(view) {
         field("Resolution", common.resolution, { param: "resolution", hint: "480p, 720p or WxH" }),
         field("Aspect", common.aspect, { param: "aspect" }),
         field("Duration (s)", common.seconds, { param: "seconds" }),
-        field("Steps", common.steps, { param: "steps" }),
+        field("Quality", common.quality, { param: "quality" }),
+        field("Steps", common.steps, { param: "steps", hint: "leave empty for the tier's recipe" }),
         field("Look", common.look, { param: "look", hint: "none, film or a project LUT" }),
         field("Seed", common.seed, { param: "seed" }),
       ),
@@ -132,6 +140,7 @@ function boardBody(shots, common) {
   if (text("resolution")) every.resolution = text("resolution");
   if (common.aspect.value) every.aspect = common.aspect.value;
   if (text("seconds")) every.seconds = Number(text("seconds"));
+  if (common.quality.value) every.quality = common.quality.value;
   if (text("steps")) every.steps = Number(text("steps"));
   if (text("look")) every.look = text("look");
   if (text("seed")) every.seed = Number(text("seed"));
