@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from axe_playwright_python.sync_playwright import Axe
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.cluster import REPO, Cluster
 
@@ -29,19 +29,28 @@ SERIOUS = {"critical", "serious"}
 TAKE_TIMEOUT_MS = 420_000  # four tiny takes through every stage on a 2-core machine
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args() -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """One Chromium for this module. Module-scoped, not pytest-playwright's session-long Playwright: the
+    sync API keeps an event loop on the main thread while it lives, and every later `asyncio.run()` in
+    the suite (the Scheduler and webhook tests) would fail with "cannot be called from a running loop"."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: scripts/install_chromium.sh installs Debian's chromium")
     # the flags keep Chromium off the network it cannot reach (a closed studio network, CI)
     flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
     flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    return {"executable_path": CHROMIUM, "args": flags}
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
+        yield chromium
+        chromium.close()
 
 
-@pytest.fixture(scope="session")
-def browser_context_args() -> dict[str, Any]:
-    return {"viewport": WIDTHS["desktop"]}
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport=WIDTHS["desktop"])
+    context.set_default_timeout(30_000)
+    yield context.new_page()
+    context.close()
 
 
 def shoot(page: Page, screen: str) -> None:
