@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,6 +189,22 @@ def test_a_storyboard_is_composed_rendered_played_remixed_and_selected(page: Pag
     promoted = cluster.client(project).get(final.get_attribute("data-video"))
     assert promoted["promoted_from"] == draft.get_attribute("data-video") and promoted["quality"] == "final"
     assert promoted["seed"] == cluster.client(project).get(promoted["promoted_from"])["seed"]
+
+    page.get_by_role("button", name="Render first cut").click()
+    cut = page.get_by_role("region", name="First cut")
+    expect(cut.get_by_role("heading")).to_contain_text("First cut · 2 clips", timeout=120_000)
+    assert cut.locator("video").evaluate("(video) => new URL(video.src).pathname").endswith(".mp4")
+    with page.expect_download() as download:
+        cut.get_by_role("button", name="Download OTIO package").click()
+    archive = ARTIFACTS / "first-cut-otio.zip"
+    download.value.save_as(archive)
+    with zipfile.ZipFile(archive) as package:
+        assert f"{board_id}/timeline.otio" in package.namelist()
+    assert [clip["video_id"] for clip in cluster.client(project).get_cut(board_id)["clips"]] == chosen
+
+    page.get_by_role("button", name="Promote selected takes").click()  # both selected takes are drafts
+    for row_index in range(2):
+        expect(rows.nth(row_index).locator("article.take .tier.final")).to_have_count(1 + row_index)
     assert (
         cluster.client(project).get(remix["video_id"])["prompt"]
         == "a man in a blue trench coat leaps from a tower."

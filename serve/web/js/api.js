@@ -50,3 +50,13 @@ export function describe(error) {
   }
   return error.message;
 }
+
+// A file the API serves to a key holder (a timeline, a package), as a Blob for a download link.
+export async function apiBlob(path, { key = session.key() } = {}) {
+  const response = await fetch(path, { headers: { Authorization: `Bearer ${key}` } });
+  if (!response.ok) {
+    const text = await response.text();
+    throw new ApiError(response.status, text ? JSON.parse(text) : null, response.headers);
+  }
+  return response.blob();
+}

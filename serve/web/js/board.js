@@ -2,7 +2,7 @@
 // its server-sent events, then its poster and an inline player; per take: remix, cancel, download and
 // "selected take". Every take carries the AI-generated draft mark.
 
-import { api, describe } from "./api.js";
+import { api, apiBlob, describe } from "./api.js";
 import { count, duration, h, show, toast } from "./dom.js";
 import { followVideo } from "./events.js";
 import { linksOf, stageName } from "./media.js";
@@ -13,12 +13,17 @@ export async function renderBoard(view, boardId, signal) {
   const rows = h("div", { class: "sheet", role: "list", "aria-label": "Shots" });
   const heading = h("h1", { text: "Storyboard" });
   const summary = h("p", { class: "meta", "aria-live": "polite" });
-  show(view, heading, summary, rows);
+  const toolbar = h("div", { class: "actions toolbar" });
+  const cutBox = h("section", { class: "cut", "aria-label": "First cut" });
+  show(view, heading, summary, toolbar, cutBox, rows);
+  let latest = null; // the board as last loaded
   const cards = new Map(); // video id -> take card (kept across refreshes: its stream and player stay)
   const load = async () => {
     const board = await api(`/v1/storyboards/${encodeURIComponent(boardId)}`);
     heading.textContent = board.title || board.id;
     summary.textContent = `${count(board.shots.length, "shot")} · ${count(board.num_videos, "take")} · ${board.status} · ${board.progress} %`;
+    latest = board;
+    paintToolbar();
     rows.replaceChildren(
       ...board.order.map((index) => {
         const shot = board.shots[index];
@@ -41,6 +46,39 @@ export async function renderBoard(view, boardId, signal) {
     );
     return board;
   };
+  // the board's own actions: promote the selected drafts at once, render the first cut of the selected takes
+  const promoteButton = h("button", { type: "button", class: "quiet", text: "Promote selected takes" });
+  const cutButton = h("button", { type: "button", text: "Render first cut", title: "The selected takes, else each shot's first completed take, in order" });
+  const selectedTakes = () =>
+    latest.shots.flatMap((shot) => shot.videos.filter((video) => video.video_id === shot.selected_video_id));
+  const paintToolbar = () => {
+    const selected = selectedTakes();
+    promoteButton.disabled = !selected.some((video) => video.quality === "draft" && !video.promoted_to && video.status === "completed");
+    cutButton.disabled = !latest.shots.some((shot) => shot.videos.some((video) => video.status === "completed"));
+    toolbar.replaceChildren(promoteButton, cutButton);
+  };
+  promoteButton.addEventListener("click", async () => {
+    const drafts = selectedTakes().filter((video) => video.quality === "draft" && !video.promoted_to && video.status === "completed");
+    try {
+      const promoted = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/promote`, { method: "POST", body: { video_ids: drafts.map((video) => video.video_id) } });
+      toast(`${count(promoted.data.length, "final take")} queued.`);
+      await load();
+    } catch (error) {
+      toast(describe(error));
+    }
+  });
+  cutButton.addEventListener("click", async () => {
+    cutButton.disabled = true;
+    cutBox.replaceChildren(h("p", { role: "status", text: "Rendering the first cut of the selected takes…" }));
+    try {
+      const cut = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/cut`, { method: "POST", body: {} });
+      cutBox.replaceChildren(...cutView(boardId, cut));
+    } catch (error) {
+      cutBox.replaceChildren(h("p", { class: "error", role: "alert", text: describe(error) }));
+    } finally {
+      cutButton.disabled = false;
+    }
+  });
   try {
     await load();
   } catch (error) {
@@ -54,6 +92,33 @@ export async function renderBoard(view, boardId, signal) {
       if (!signal.aborted) await load().catch(() => {});
     }
   })();
+}
+
+function cutView(boardId, cut) {
+  const error = h("p", { class: "error", role: "alert" });
+  const timeline = (format, label) =>
+    h("button", {
+      type: "button",
+      class: "quiet",
+      text: label,
+      onclick: async () => {
+        error.textContent = "";
+        try {
+          const blob = await apiBlob(`/v1/storyboards/${encodeURIComponent(boardId)}/timeline?format=${format}&package=true`);
+          const link = h("a", { href: URL.createObjectURL(blob), download: `${boardId}-${format}.zip` });
+          link.click();
+          setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+        } catch (problem) {
+          error.textContent = describe(problem);
+        }
+      },
+    });
+  return [
+    h("h2", { text: `First cut · ${cut.clips.length} clips · ${cut.seconds.toFixed(1)} s at ${cut.fps} fps` }),
+    h("video", { controls: true, preload: "metadata", src: cut.content_url, "aria-label": "The first cut" }),
+    h("div", { class: "actions" }, timeline("otio", "Download OTIO package"), timeline("edl", "Download EDL package"), timeline("fcpxml", "Download FCP XML package")),
+    error,
+  ];
 }
 
 function takeCard(board, shot, take, signal, reload) {
