@@ -40,7 +40,7 @@ from pipeline.video import DRAFT_LABEL
 from serve.auth import ProjectSettings
 from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import PrevizArgs
-from serve.http.deps import IngressState
+from serve.http.deps import IngressState, jobs_on_board
 from serve.http.errors import ApiError
 from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings, LoraUse, StepCache
 from serve.jobs import AlreadyPromoted, GpuQuotaExceeded, JobRecord, JobStore, QueueFull, StoryboardRecord
@@ -439,12 +439,7 @@ async def remix_place(state: IngressState, source: JobRecord) -> StoryboardPlace
     board = await asyncio.to_thread(state.store.get_storyboard, place.id)
     if board is None:
         return None
-    takes = await asyncio.to_thread(
-        state.store.list,
-        project=source.project,
-        storyboard_id=place.id,
-        limit=max(1, min(board.num_jobs, 1000)),
-    )
+    takes = await jobs_on_board(state, board)
     variants = [job.request.storyboard.variant for job in takes if job.request.storyboard.shot == place.shot]
     return place.model_copy(update={"variant": max(variants, default=place.variant) + 1, "grid": {}})
 

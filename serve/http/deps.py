@@ -16,7 +16,7 @@ from pipeline.spec import ModelSpec
 from serve.auth import Caller
 from serve.config import PrevizArgs
 from serve.http.errors import ApiError
-from serve.jobs import JobRecord, JobStore
+from serve.jobs import JobRecord, JobStore, StoryboardRecord
 from serve.luts import register_configured
 from serve.sharding import ShapeRules
 from serve.storage import ArtifactSigner, ArtifactStore, LocalArtifactStore, make_store
@@ -110,6 +110,17 @@ async def job_or_404(video_id: str, state: IngressState, caller: Caller) -> JobR
     if job is None:
         raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
     return job
+
+
+async def jobs_on_board(state: IngressState, board: StoryboardRecord) -> list[JobRecord]:
+    """The board's videos in creation order (its takes, remixes and promotions included)."""
+    return await asyncio.to_thread(
+        state.store.list,
+        project=board.project,
+        storyboard_id=board.id,
+        order="asc",
+        limit=max(1, min(board.num_jobs, 1000)),
+    )
 
 
 async def known_query_parameters(request: Request) -> None:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from serve.auth import Caller
 from serve.http.admission import BoardDraft, VideoDraft, admit, check_model, project_settings
-from serve.http.deps import CallerDep, IdempotencyKey, IngressState, StateDep, project_of
+from serve.http.deps import CallerDep, IdempotencyKey, IngressState, StateDep, jobs_on_board, project_of
 from serve.http.errors import BLOCKED, ApiError, invalid
 from serve.http.routes.videos import check_promotable, promotion_draft
 from serve.http.schemas import VideoPromote
@@ -115,7 +115,7 @@ async def list_storyboards(
     records = await asyncio.to_thread(
         state.store.list_storyboards, caller.project, after=after, limit=limit + 1
     )
-    page = [await storyboard_of(record.id, state, caller) for record in records[:limit]]
+    page = [storyboard_view(record, await jobs_on_board(state, record)) for record in records[:limit]]
     return StoryboardList(
         data=page,
         first_id=page[0].id if page else None,
@@ -181,11 +181,4 @@ async def board_and_jobs(
         raise ApiError(404, "not_found", f"no storyboard with id {storyboard_id!r}", param="storyboard_id")
     if not with_jobs:
         return record, []
-    jobs = await asyncio.to_thread(
-        state.store.list,
-        project=caller.project,
-        storyboard_id=storyboard_id,
-        order="asc",
-        limit=max(1, min(record.num_jobs, 1000)),
-    )
-    return record, jobs
+    return record, await jobs_on_board(state, record)
