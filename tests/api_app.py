@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 from fastapi.testclient import TestClient
@@ -103,12 +104,13 @@ def local_api(tmp_path: Path, scheduler: Any = None, **overrides: Any) -> Iterat
 
 
 @contextmanager
-def http_server() -> Iterator[str]:
-    """The app (with whatever IngressState is current) behind a real uvicorn server on loopback."""
+def http_server(asgi: Any = app) -> Iterator[str]:
+    """The app (with whatever IngressState is current), or `asgi`, behind a real uvicorn server on
+    loopback."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -119,3 +121,11 @@ def http_server() -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join()
+
+
+def send_raw(url: str, request: bytes) -> tuple[str, bool]:
+    """Send `request` as it is to the server at `url`; its first answer, and whether it then closed."""
+    with socket.create_connection((urlsplit(url).hostname, urlsplit(url).port), timeout=30) as connection:
+        connection.sendall(request)
+        answer = connection.recv(65536).decode()
+        return answer, connection.recv(65536) == b""

@@ -54,6 +54,8 @@ def current_state() -> IngressState:
     return IngressState.current
 
 
+CALLER_STATE_KEY = "previz_caller"  # scope["state"][…]: the Caller the body policy authenticated
+
 _bearer = HTTPBearer(
     auto_error=False,
     description="An API key `pvz_<keyid>_<secret>`: it names the project (and role) of the request.",
@@ -65,13 +67,28 @@ def _unauthorized(code: str, message: str) -> ApiError:
 
 
 async def authenticated_caller(
+    request: Request,
     state: Annotated[IngressState, Depends(current_state)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
-    """The project and role of the request's key; 401 without a usable one."""
-    if credentials is None:
+    """The project and role of the request's key; 401 without a usable one. A request with a body was
+    authenticated by the body policy before its body was read (serve.http.limits): that caller is used."""
+    found = request.scope.get("state", {}).get(CALLER_STATE_KEY)
+    if isinstance(found, Caller):
+        return found
+    return await caller_of_key(state, credentials.credentials if credentials is not None else None)
+
+
+async def caller_of_header(state: IngressState, authorization: str | None) -> Caller:
+    """The caller of an `Authorization: Bearer KEY` header (401 without a usable one)."""
+    scheme, _, key = (authorization or "").strip().partition(" ")
+    return await caller_of_key(state, key.strip() if scheme.lower() == "bearer" and key.strip() else None)
+
+
+async def caller_of_key(state: IngressState, key: str | None) -> Caller:
+    if key is None:
         raise _unauthorized("missing_api_key", "send an API key as `Authorization: Bearer KEY`")
-    found = await asyncio.to_thread(state.store.authenticate, credentials.credentials)
+    found = await asyncio.to_thread(state.store.authenticate, key)
     if found == "unknown":
         raise _unauthorized("invalid_api_key", "the API key is not valid")
     if found == "revoked":

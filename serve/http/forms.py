@@ -15,18 +15,12 @@ from fastapi import Request
 
 from serve.http.errors import ApiError
 
-MAX_BODY_BYTES = 1 << 20  # a create request is a few KB; 1 MiB leaves room for long shot specs
-
 
 async def read_fields(request: Request) -> dict[str, Any]:
     """The create request's fields, from JSON, a multipart form (the openai package) or a urlencoded form.
 
     Form keys in bracket notation nest as the openai package writes them: `shot[camera]`, `labels[take]`."""
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise ApiError(
-            413, "request_too_large", f"the request body has {len(body):,} bytes; at most {MAX_BODY_BYTES:,}"
-        )
+    body = await request.body()  # its size is bounded by the body policy (serve.http.limits.BODY_LIMITS)
     content_type = request.headers.get("content-type", "application/json")
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "multipart/form-data":

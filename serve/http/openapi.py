@@ -30,6 +30,7 @@ from fastapi.openapi.utils import get_openapi
 from pipeline.prompt import FIELD_LABELS, MAX_FIELD_CHARS
 from pipeline.spec import MAX_DURATION_S, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_DURATION_S, MIN_SIDE
 from serve.http.forms import CONTROL_CHARACTERS
+from serve.http.limits import body_limit
 from serve.http.schemas import SERVED_MODEL_ALIASES, VideoCreate
 
 # any text without the control characters check_text refuses
@@ -111,6 +112,7 @@ FIELD_SCHEMAS: dict[str, dict[str, Any]] = {
     "input_reference": {"enum": ["", None]},
 }
 SETTINGS_COMPONENTS = ("VideoCreate", "StoryboardShot", "GenerationSettings")
+BOARD_DEFAULTS_COMPONENT = "StoryboardCreate"  # the same fields as every shot's defaults (no prompt)
 
 
 def shot_schema(component: dict[str, Any]) -> None:
@@ -201,7 +203,7 @@ def build(app: FastAPI, description: str | None) -> dict[str, Any]:
     for name, definition in generated.pop("$defs", {}).items():
         components.setdefault(name, definition)
     components["VideoCreate"] = generated
-    for name in SETTINGS_COMPONENTS:
+    for name in (*SETTINGS_COMPONENTS, BOARD_DEFAULTS_COMPONENT):
         if name in components:
             component = components[name]
             for field, field_schema in FIELD_SCHEMAS.items():
@@ -213,7 +215,10 @@ def build(app: FastAPI, description: str | None) -> dict[str, Any]:
                         **copy.deepcopy(field_schema),  # each its own: the text policy adds to it in place
                         **{k: v for k, v in described.items() if v},
                     }
-            component["allOf"] = [PROMPT_OR_SHOT, *SETTINGS_RULES]
+            component["allOf"] = [
+                *([PROMPT_OR_SHOT] if name != BOARD_DEFAULTS_COMPONENT else []),
+                *SETTINGS_RULES,
+            ]
     if "model" in components["VideoCreate"]["properties"]:
         components["VideoCreate"]["properties"]["model"]["pattern"] = MODEL_PATTERN
     if "VideoPromote" in components:
@@ -232,4 +237,21 @@ def build(app: FastAPI, description: str | None) -> dict[str, Any]:
     for name in request_components(schema) | {"VideoCreate"}:
         refuse_control_characters(components[name])
     parameters_are_never_null(schema)
+    state_body_limits(schema)
     return schema
+
+
+def state_body_limits(schema: dict[str, Any]) -> None:
+    """Each request body's size limit (serve.http.limits.body_limit) as `x-max-body-bytes` on each of its
+    media types, and in words in its description."""
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            body = operation.get("requestBody") if isinstance(operation, dict) else None
+            if body is None:
+                continue
+            limits = {media: body_limit(method.upper(), path, media) for media in body.get("content", {})}
+            for media, max_bytes in limits.items():
+                body["content"][media]["x-max-body-bytes"] = max_bytes
+            words = ", ".join(f"{max_bytes:,} bytes as {media}" for media, max_bytes in limits.items())
+            said = body.get("description")
+            body["description"] = (f"{said} " if said else "") + f"At most {words} (413 otherwise)."

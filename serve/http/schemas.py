@@ -133,6 +133,10 @@ class StepCache(BaseModel):
     )
 
 
+SecondsValue = StrictStr | StrictFloat | StrictInt  # "4", 4 or 2.5, as OpenAI's `seconds` is sent
+DurationValue = StrictFloat | StrictInt
+
+
 class GenerationSettings(BaseModel):
     """How one clip is generated: the fields a video and a storyboard shot share."""
 
@@ -149,14 +153,12 @@ class GenerationSettings(BaseModel):
     negative_prompt: str | None = Field(
         None, max_length=MAX_PROMPT_CHARS, description="What to steer away from (default: Wan2.2's own)."
     )
-    seconds: StrictStr | StrictFloat | StrictInt | None = Field(
+    seconds: SecondsValue | None = Field(
         None,
         description='Clip length in seconds, as in OpenAI ("4", 4 or 2.5): '
         f"{MIN_DURATION_S}–{MAX_DURATION_S}; default 5. Same as `duration`; give one of them.",
     )
-    duration: StrictFloat | StrictInt | None = Field(
-        None, description="Clip length in seconds (alias of `seconds`)."
-    )
+    duration: DurationValue | None = Field(None, description="Clip length in seconds (alias of `seconds`).")
     size: SizeText | None = Field(
         None,
         description="`WxH` as in OpenAI, multiples of 16 (Wan2.2: 1280x720, 720x1280, 832x480, 480x832). "

@@ -18,17 +18,20 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from pipeline.prompt import MAX_FIELD_CHARS, ShotSpec
 from pipeline.spec import MAX_SEED, Quality
 from serve.http.schemas import (
     MAX_LABELS,
     SERVED_MODEL,
+    DurationValue,
     GenerationSettings,
     LabelKey,
     LabelValue,
     Project,
+    SecondsValue,
+    SizeText,
     StepCache,
     Upscale,
     Video,
@@ -132,8 +135,27 @@ class VariantPlan(BaseModel):
         return num_seeds * combinations
 
 
+# settings a board may give once for all its shots (a shot that gives its own keeps it)
+BOARD_DEFAULTS = ("negative_prompt", "seconds", "duration", "size", "resolution", "aspect", "steps")
+BOARD_DEFAULTS += ("upscale", "look", "label")
+# fields that say one thing together: a shot that gives any of a group keeps none of the board's group
+BOARD_DEFAULT_GROUPS = (("seconds", "duration"), ("size", "resolution", "aspect"))
+
+
+def _board_default_field(name: str) -> Any:
+    shared = GenerationSettings.model_fields[name]
+    return Field(
+        None,
+        json_schema_extra={
+            "description": f"{shared.description} The default of every shot; a shot's own wins."
+        },
+        **({"pattern": LOOK_PATTERN} if name == "look" else {}),
+    )
+
+
 class StoryboardCreate(BaseModel):
-    """Shots and a variant plan: every shot × variant becomes a video, all created at once."""
+    """Shots and a variant plan: every shot × variant becomes a video, all created at once. Settings
+    given at the board's level (`size`, `seconds`, `steps`, `look` …) are the default of every shot."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -160,9 +182,46 @@ class StoryboardCreate(BaseModel):
         "`default_fps`, else 16.",
     )
 
+    negative_prompt: str | None = _board_default_field("negative_prompt")
+    seconds: SecondsValue | None = _board_default_field("seconds")
+    duration: DurationValue | None = _board_default_field("duration")
+    size: SizeText | None = _board_default_field("size")
+    resolution: str | None = _board_default_field("resolution")
+    aspect: Literal["16:9", "9:16"] | None = _board_default_field("aspect")
+    steps: WholeNumber | None = _board_default_field("steps")
+    upscale: Upscale | None = _board_default_field("upscale")
+    look: str | None = _board_default_field("look")
+    label: StrictBool | None = _board_default_field("label")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shots_take_the_board_defaults(cls, data: Any) -> Any:
+        """Each shot (a mapping, as sent) gets the board-level settings it does not give itself; the shots
+        are then checked as if they had said them."""
+        if not isinstance(data, dict) or not isinstance(data.get("shots"), list):
+            return data
+        defaults = {name: data[name] for name in BOARD_DEFAULTS if data.get(name) is not None}
+        if not defaults:
+            return data
+        return {**data, "shots": [_with_defaults(shot, defaults) for shot in data["shots"]]}
+
     @property
     def num_videos(self) -> int:
         return len(self.shots) * self.variants.num_variants
+
+
+def _with_defaults(shot: Any, defaults: dict[str, Any]) -> Any:
+    if not isinstance(shot, dict):
+        return shot
+    taken = dict(defaults)
+    for group in BOARD_DEFAULT_GROUPS:
+        if any(shot.get(name) is not None for name in group):
+            for name in group:
+                taken.pop(name, None)
+    return {
+        **taken,
+        **{name: value for name, value in shot.items() if value is not None or name not in taken},
+    }
 
 
 @dataclass(frozen=True, slots=True)
