@@ -11,6 +11,8 @@ if [[ -f "$stamp" ]]; then
   exit 0
 fi
 
+echo "previz setup: creating $VENV and installing torch, Ray, diffusers and the test tools." >&2
+echo "previz setup: the first run downloads about 5 GB (PyPI's torch is a CUDA build); minutes on a slow link." >&2
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 
@@ -22,8 +24,11 @@ case "$(uname -m)" in
   aarch64|arm64) torch_pins=("torch==2.9.1" "torchvision==0.24.1") ;;
   *) torch_pins=("torch==2.14.1" "torchvision==0.29.1") ;;
 esac
-"$VENV/bin/python" -m pip install --quiet "${torch_pins[@]}"
+echo "previz setup: 1/2 ${torch_pins[*]} (the largest download) …" >&2
+"$VENV/bin/python" -m pip install --progress-bar on "${torch_pins[@]}"
+echo "previz setup: 2/2 the project and its test tools …" >&2
 "$VENV/bin/python" -m pip install --quiet "${torch_pins[@]}" -e ".[dev]"
+echo "previz setup: done ($VENV)" >&2
 
 rm -f "$VENV"/.previz-setup-*
 touch "$stamp"

@@ -6,6 +6,11 @@ against (pyproject pins them: ray[serve]==2.60.*, typer>=0.29,<0.30). An upgrade
 - `serve_start`: `serve run CONFIG` deploys through `ray.serve._private.api.serve_start(...)
   .deploy_apps(schema)`; `previz up` does exactly that, so a config behaves the same under both.
   Checked with ray 2.60.0.
+- `drop_serve_shutdown_notice`: Ray's ServeController kills itself at the end of `graceful_shutdown` while
+  the driver's call is still in flight, so the driver's error listener
+  (`ray._private.worker.listen_error_messages` → `print_to_stdstream`) prints "(raylet) Task
+  ServeController.graceful_shutdown failed … will be retried" on every clean stop. That one line is
+  dropped; every other line passes. Checked with ray 2.60.0.
 - `click_exceptions`: typer >= 0.29 vendors click as `typer._click`; its UsageError is what a bad flag
   raises. Checked with typer 0.29.2.
 """
@@ -19,7 +24,14 @@ from typer._click import exceptions as click_exceptions
 
 CHECKED_VERSIONS: dict[str, str] = {"ray": "2.60.0", "typer": "0.29.2"}
 
-__all__ = ["CHECKED_VERSIONS", "click_exceptions", "ray_session_dir", "serve_start"]
+__all__ = [
+    "CHECKED_VERSIONS",
+    "click_exceptions",
+    "drop_serve_shutdown_notice",
+    "ray_session_dir",
+    "serve_start",
+]
+SERVE_SHUTDOWN_NOTICE = "ServeController.graceful_shutdown failed"
 
 
 def ray_session_dir() -> Path:
@@ -34,3 +46,21 @@ def serve_start(http_options: dict[str, Any], proxy_location: Any) -> Any:
     from ray.serve._private import api as serve_api
 
     return serve_api.serve_start(http_options=http_options, proxy_location=proxy_location)
+
+
+def drop_serve_shutdown_notice() -> None:
+    """From now on, this driver does not print Ray's notice that the Serve controller's graceful shutdown
+    call "failed" (it ends by killing its own actor); any other line it prints as before."""
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "previz_filtered", False):
+        return
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = [line for line in data.get("lines", []) if SERVE_SHUTDOWN_NOTICE not in line]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    filtered.previz_filtered = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = filtered

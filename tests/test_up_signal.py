@@ -1,5 +1,6 @@
 """`previz up` stops cleanly on SIGTERM (what a process manager or `docker stop` sends), as on Ctrl-C:
-Serve and Ray are shut down and the exit status is 0, not a death in Ray's fatal-signal handler."""
+Serve and Ray are shut down and the exit status is 0, not a death in Ray's fatal-signal handler; its log
+shows each deployment as it becomes ready and no warnings."""
 
 from __future__ import annotations
 
@@ -39,3 +40,7 @@ def test_sigterm_stops_previz_up_cleanly(tmp_path: Path) -> None:
     text = log.read_text()
     assert code == 0, text
     assert "Previz stopped" in text and "Traceback" not in text
+    # a clean start and stop say what they do and nothing else: each deployment's readiness, no warnings
+    for deployment in ("Ingress", "Scheduler", "TextEncoder", "VAEDecoder", "Finisher"):
+        assert f"{deployment} ready (" in text, text
+    assert "WARNING" not in text and "graceful_shutdown failed" not in text, text

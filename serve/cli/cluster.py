@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
+from rich.status import Status
 
 from serve.cli.common import CliError, app, console, follow
+
+if TYPE_CHECKING:
+    from serve.cli.launch import DeploymentProgress
 
 DEMO_PROMPT = (
     "a man in a black trench coat leaps from a tower, flips twice, lands; explosion behind; slow motion"
@@ -44,7 +48,7 @@ def up(
     api_key = bootstrap_default_project(cluster_config["applications"][0]["args"]["database_url"])
     with console.status("starting Ray and the Previz deployments …") as status:
         url = launch.deploy(cluster_config)
-        launch.wait_ready(url, on_wait=lambda state: status.update(f"deploying Previz ({state.lower()}) …"))
+        launch.wait_ready(url, on_wait=StartProgress(status, started).update)
     console.print(f"Previz is ready at [bold]{url}[/] ({time.monotonic() - started:.1f} s after start)")
     prometheus = None
     if with_monitoring:
@@ -87,6 +91,33 @@ def up(
     console.print("Previz stopped")
 
 
+class StartProgress:
+    """What `previz up` shows while the cluster starts: a line per deployment once it is ready (so a log
+    shows it too) and, in the spinner, those still starting with their replicas up."""
+
+    def __init__(self, status: Status, started: float) -> None:
+        self.status = status
+        self.started = started
+        self.ready: set[str] = set()
+
+    def update(self, state: str, deployments: list[DeploymentProgress]) -> None:
+        import time
+
+        elapsed = time.monotonic() - self.started
+        for deployment in deployments:
+            if deployment.is_ready and deployment.name not in self.ready:
+                self.ready.add(deployment.name)
+                console.print(f"  {deployment.name} ready ({elapsed:.0f} s)", highlight=False)
+        waiting = [deployment.describe() for deployment in deployments if not deployment.is_ready]
+        if deployments:
+            summary = f"{len(self.ready)}/{len(deployments)} deployments ready"
+            self.status.update(
+                f"deploying Previz: {summary}; waiting for {', '.join(waiting) or 'the routes'} …"
+            )
+        else:
+            self.status.update(f"deploying Previz ({state.lower()}) …")
+
+
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -111,8 +142,9 @@ def bootstrap_default_project(database_url: str) -> str | None:
     if generated is not None:
         console.print(
             Panel(
-                f"[bold]{generated}[/]\n\nAdmin key of project [bold]default[/]: save this key, it is not "
-                "shown again.\nUse it as `export PREVIZ_API_KEY=...` or `Authorization: Bearer ...`.",
+                f"[bold]{generated}[/]\n\nStudio admin key (role studio_admin: every project, its keys and "
+                "quotas), made with project [bold]default[/]: save it, it is not shown again.\nUse it as "
+                "`export PREVIZ_API_KEY=...` or `Authorization: Bearer ...`.",
                 title="Previz API key",
             )
         )

@@ -8,9 +8,11 @@ the caller's working directory.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from serve._compat import ray_session_dir, serve_start
+from serve._compat import drop_serve_shutdown_notice, ray_session_dir, serve_start
 from serve.cli.monitoring import ServiceDiscoveryWriter
 
 APP_NAME = "previz"
@@ -70,6 +72,7 @@ def deploy(config: dict, *, num_cpus: int | None = None) -> str:
     if num_cpus is None:
         num_cpus = max(8, os.cpu_count() or 1)
     if not ray.is_initialized():
+        quiet_token_auth_notice()
         ray.init(namespace="serve", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         global _discovery
         _discovery = ServiceDiscoveryWriter(ray_session_dir()).start()
@@ -81,8 +84,64 @@ def deploy(config: dict, *, num_cpus: int | None = None) -> str:
     return f"http://{host}:{schema.http_options.port}"
 
 
-def wait_ready(url: str, *, timeout_s: float = 600, on_wait: Callable[[str], None] | None = None) -> float:
-    """Block until the app is RUNNING and /readyz answers; returns the seconds waited."""
+@dataclass(frozen=True, slots=True)
+class DeploymentProgress:
+    """Where one deployment of the app is while the cluster starts."""
+
+    name: str
+    status: str  # Serve's DeploymentStatus: UPDATING until its replicas are up, then HEALTHY
+    num_running: int  # replicas up and healthy
+    num_replicas: int  # replicas in any state (starting, running, …)
+    message: str  # Serve's own words, e.g. why a replica cannot be placed
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == "HEALTHY"
+
+    def describe(self) -> str:
+        if self.is_ready:
+            return f"{self.name} ready"
+        return f"{self.name} {self.num_running}/{max(self.num_replicas, 1)} up"
+
+
+def deployment_progress() -> list[DeploymentProgress]:
+    """Each deployment of the Previz app, in the order Serve lists them (empty before the app exists)."""
+    status = serve.status().applications.get(APP_NAME)
+    if status is None:
+        return []
+    return [
+        DeploymentProgress(
+            name=name,
+            status=str(getattr(overview.status, "value", overview.status)),
+            num_running=overview.replica_states.get("RUNNING", 0),
+            num_replicas=sum(overview.replica_states.values()),
+            message=overview.message,
+        )
+        for name, overview in status.deployments.items()
+    ]
+
+
+class _TokenAuthEnabledNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def quiet_token_auth_notice() -> None:
+    """Ray enables token authentication on a new local cluster by default, and warns that it did on every
+    start; the notice is dropped (a warning that it is disabled still shows)."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(existing, _TokenAuthEnabledNotice) for existing in logger.filters):
+        logger.addFilter(_TokenAuthEnabledNotice())
+
+
+def wait_ready(
+    url: str,
+    *,
+    timeout_s: float = 600,
+    on_wait: Callable[[str, list[DeploymentProgress]], None] | None = None,
+) -> float:
+    """Block until the app is RUNNING and /readyz answers; returns the seconds waited. `on_wait` hears the
+    app's state and every deployment's progress about twice a second."""
     started = time.monotonic()
     while True:
         waited = time.monotonic() - started
@@ -99,7 +158,7 @@ def wait_ready(url: str, *, timeout_s: float = 600, on_wait: Callable[[str], Non
         if waited > timeout_s:
             raise TimeoutError(f"the Previz app was not ready after {timeout_s:.0f} s (state {state})")
         if on_wait is not None:
-            on_wait(str(state))
+            on_wait(str(getattr(state, "value", state)), deployment_progress())
         time.sleep(0.5)
 
 
@@ -108,5 +167,6 @@ def shutdown() -> None:
     if _discovery is not None:
         _discovery.stop()
         _discovery = None
+    drop_serve_shutdown_notice()
     serve.shutdown()
     ray.shutdown()
