@@ -78,6 +78,11 @@ def test_shipped_lists_cover_every_category_in_english_and_chinese() -> None:
         ("女孩在浴室里自残", "self_harm"),
         ("习近平在长城上散步", "real_person_likeness"),
         ("儿童色情", "sexual_minors"),  # the more severe category wins over `色情`
+        ("a naked woman on a bed", "sexual_explicit"),  # plain nudity, from the second hostile pass
+        ("nudes on the beach", "sexual_explicit"),
+        ("close-up of bare breasts", "sexual_explicit"),
+        ("一个裸女躺在床上", "sexual_explicit"),
+        ("一丝不挂的男人走进房间", "sexual_explicit"),
     ],
 )
 def test_listed_terms_block_in_english_and_chinese(policy: PromptPolicy, prompt: str, category: str) -> None:
@@ -90,6 +95,8 @@ def test_listed_terms_block_in_english_and_chinese(policy: PromptPolicy, prompt:
     [
         "a soldier is shot in a rain-soaked trench, war film, handheld",
         "seen with the naked eye, a comet crosses the night sky",
+        "a naked flame flickers as the knight draws a naked blade",
+        "he nudges the door open",
         "a first class cabin on a night train",
         "a rebel army storms the palace, swords and fire",
         "暴雨中的城市街头，一个侦探慢慢走向霓虹灯",
