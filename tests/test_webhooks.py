@@ -797,3 +797,16 @@ def test_a_63_character_label_and_a_253_character_name_pass_the_create_time_chec
     longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 57, "com"])
     assert len(longest) == 253
     assert CallbackPolicy().check_url(f"https://{longest}/x") == longest
+
+
+def test_a_port_past_65535_is_refused_and_a_row_that_has_one_fails_instead_of_never_being_recorded(
+    sqlite_store: JobStore,
+) -> None:
+    with pytest.raises(
+        CallbackRefused, match="^`callback_url` has an invalid port in 'hooks.example.com:70000'$"
+    ):
+        CallbackPolicy().check_url("https://hooks.example.com:70000/x")
+    job = finished_job(sqlite_store, "https://hooks.example.com:70000/x")  # written past the create check
+    delivery = dispatch_until_settled(sqlite_store, WebhookSettings(poll_interval_s=0.02), job.id)
+    assert (delivery.status, delivery.attempts) == ("failed", 1)
+    assert delivery.log[0]["error"] == "`callback_url` has an invalid port in 'hooks.example.com:70000'"
