@@ -8,11 +8,22 @@ spec leaves it to the application (Resolve uses tetrahedral). So a registered LU
 interpolation (`tetrahedral` by default, or `trilinear`), applied with colour's
 `table_interpolation_tetrahedral` / `table_interpolation_trilinear`. 1D LUTs (`LUT_1D_SIZE`) are not
 looks and are refused.
+
+The format's rules, checked here (a file that broke them could turn every frame white):
+- numbers are plain ASCII decimals (`-0.5`, `1e-3`, `+.25`): Python's float() would also read `１`, `٣`,
+  `1_0`, `nan` and `inf`, which no .cube writer produces;
+- LUT_3D_SIZE 2–65 (the spec allows up to 256; 65³ is the largest grid colourists exchange);
+- DOMAIN_MIN < DOMAIN_MAX in every channel (the spec's rule; defaults 0 0 0 and 1 1 1), and Resolve's
+  LUT_3D_INPUT_RANGE low < high; domain values within ±65504, the largest half float, which is as far
+  as any image file's values reach;
+- table values within the domain widened by its width on each side ([-1, 2] for the default domain).
+  The spec puts no bound on outputs, but a look maps the domain onto itself give or take overshoot;
+  a value beyond that is a broken export, and one such corner saturates every pixel near it.
 """
 
 from __future__ import annotations
 
-import math
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +38,11 @@ Interpolation = Literal["tetrahedral", "trilinear"]
 INTERPOLATIONS: tuple[Interpolation, ...] = ("tetrahedral", "trilinear")
 MIN_SIZE, MAX_SIZE = 2, 65  # 65³ is the largest grid colourists exchange (≈ 7 MB of text)
 _INTERPOLATORS = {"tetrahedral": table_interpolation_tetrahedral, "trilinear": table_interpolation_trilinear}
+MAX_DOMAIN = 65504.0  # the largest half float: no image file carries a value beyond it
+DEFAULT_DOMAIN = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # (DOMAIN_MIN, DOMAIN_MAX) when the file gives none
+CHANNELS = ("red", "green", "blue")
+# an ASCII decimal as .cube writers print it; no digits of other scripts, `_`, `nan` or `inf`
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _CHUNK_FRAMES = 4  # frames per float pass: bounds memory to ~4 x 8 bytes x pixels x 3 x a few temporaries
 
 
@@ -44,6 +60,9 @@ def check_cube(text: str) -> int:
     size: int | None = None
     num_rows = 0
     size_line = 0
+    domain = [list(DEFAULT_DOMAIN[0]), list(DEFAULT_DOMAIN[1])]  # [DOMAIN_MIN, DOMAIN_MAX], per channel
+    domain_line = 0  # the last line that set the domain: where an inverted one is reported
+    bounds: list[tuple[float, float]] = []  # channel -> the table values it allows (known at the first row)
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -62,7 +81,7 @@ def check_cube(text: str) -> int:
                 raise CubeError(number, "LUT_3D_SIZE is given twice")
             if num_rows:
                 raise CubeError(number, "LUT_3D_SIZE must come before the table")
-            if len(values) != 1 or not values[0].isdigit():
+            if len(values) != 1 or not (values[0].isascii() and values[0].isdigit()):
                 raise CubeError(number, f"LUT_3D_SIZE must be one whole number, not {rest.strip()!r}")
             size, size_line = int(values[0]), number
             if not MIN_SIZE <= size <= MAX_SIZE:
@@ -71,23 +90,49 @@ def check_cube(text: str) -> int:
             if num_rows:
                 raise CubeError(number, f"{keyword} must come before the table")
             expected = 2 if keyword == "LUT_3D_INPUT_RANGE" else 3
-            if len(values) != expected or not all(_is_number(value) for value in values):
+            if len(values) != expected or not all(_reads_as_float(value) for value in values):
                 raise CubeError(
                     number, f"{keyword} must be followed by {expected} numbers, not {rest.strip()!r}"
                 )
+            for value in values:
+                if abs(_number(value, number)) > MAX_DOMAIN:
+                    raise CubeError(
+                        number,
+                        f"{keyword} values must lie within ±{MAX_DOMAIN:g} (the largest half float), "
+                        f"not {value}",
+                    )
+            parsed = [float(value) for value in values]
+            if keyword == "LUT_3D_INPUT_RANGE":
+                low, high = parsed
+                if not low < high:
+                    raise CubeError(number, f"{keyword} must go from low to high, not {low:g} to {high:g}")
+                domain = [[low] * 3, [high] * 3]
+            else:
+                domain[0 if keyword == "DOMAIN_MIN" else 1] = parsed
+            domain_line = number
         elif keyword[:1].isalpha() and keyword.isupper():
             raise CubeError(number, f"unknown keyword {keyword!r}")
         else:
             row = line.split()
-            if len(row) != 3 or not all(_is_number(value) for value in row):
+            if len(row) != 3 or not all(_reads_as_float(value) for value in row):
                 raise CubeError(number, f"expected a table row of three numbers (r g b), not {line[:80]!r}")
             if size is None:
                 raise CubeError(number, "the table starts before LUT_3D_SIZE")
+            if not bounds:
+                bounds = _value_bounds(domain, domain_line)
+            for value, (low, high) in zip(row, bounds, strict=True):
+                if not low <= _number(value, number) <= high:
+                    raise CubeError(
+                        number,
+                        f"table value {value} is outside {low:g} to {high:g} "
+                        "(the domain widened by its width on each side)",
+                    )
             num_rows += 1
             if num_rows > size**3:
                 raise CubeError(number, f"more than LUT_3D_SIZE³ = {size**3} table rows")
     if size is None:
         raise CubeError(None, "no LUT_3D_SIZE line: not a 3D .cube LUT")
+    _value_bounds(domain, domain_line)
     if num_rows != size**3:
         raise CubeError(
             size_line, f"LUT_3D_SIZE {size} needs {size**3} table rows but the file has {num_rows}"
@@ -95,11 +140,37 @@ def check_cube(text: str) -> int:
     return size
 
 
-def _is_number(text: str) -> bool:
+def _reads_as_float(text: str) -> bool:
+    """Whether Python reads `text` as a float at all (the ASCII rule is _number's, with its own message)."""
     try:
-        return math.isfinite(float(text))
+        float(text)
     except ValueError:
         return False
+    return True
+
+
+def _number(text: str, line: int) -> float:
+    """`text` as a float if it is written as the format writes numbers (ASCII decimal, finite)."""
+    if _NUMBER.fullmatch(text) is None:
+        raise CubeError(
+            line,
+            f"{text!r} is not a number (numbers are ASCII digits with an optional sign, point and exponent)",
+        )
+    return float(text)
+
+
+def _value_bounds(domain: list[list[float]], line: int) -> list[tuple[float, float]]:
+    """Per channel, the table values allowed: the domain widened by its width on each side. CubeError
+    (naming `line`, where the domain was last set) when a channel's DOMAIN_MIN is not below its DOMAIN_MAX."""
+    bounds = []
+    for channel, low, high in zip(CHANNELS, *domain, strict=True):
+        if not low < high:
+            raise CubeError(
+                line,
+                f"DOMAIN_MIN must be below DOMAIN_MAX in every channel, but {channel} is {low:g} to {high:g}",
+            )
+        bounds.append((low - (high - low), high + (high - low)))
+    return bounds
 
 
 def read_cube(text: str) -> colour.LUT3D:

@@ -1,4 +1,5 @@
-"""Webhooks: a signed POST to a job's `callback_url` when it finishes, retried with exponential backoff.
+"""Webhooks: a signed POST to a job's `callback_url` when it finishes, retried with exponential backoff
+(a non-2xx answer, a connection failure or a host that does not resolve; a URL a rule refuses is final).
 
 The job store's outbox (serve/jobs/outbox.py) holds one row per finished job that asked for a callback;
 the WebhookDispatcher (an asyncio task of the Scheduler replica) leases due rows, POSTs them and records
@@ -31,7 +32,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from serve.callbacks import CallbackPolicy, CallbackRefused
+from serve.callbacks import CallbackPolicy, CallbackRefused, CallbackUnresolved
 from serve.config import WebhookSettings
 from serve.jobs import JobStore
 from serve.jobs.models import utcnow
@@ -221,7 +222,12 @@ class WebhookDispatcher:
             return
         try:  # the rules again, on the addresses the host resolves to now (DNS rebinding)
             target = await self.policy.target(delivery.url)
-        except CallbackRefused as refused:
+        except CallbackUnresolved as unresolved:  # transient (a DNS blip): retried like a 5xx
+            await self._record_failure(
+                delivery, attempt, status_code=None, error=str(unresolved), seconds=0.0
+            )
+            return
+        except CallbackRefused as refused:  # a rule: final
             await self._record(
                 delivery, ok=False, status_code=None, error=str(refused), seconds=0.0, final=True
             )
@@ -243,11 +249,24 @@ class WebhookDispatcher:
         except (httpx.HTTPError, httpx.InvalidURL) as failure:
             ok, error = False, _error_class(failure)
         seconds = round(time.perf_counter() - started, 3)
-        final = ok or attempt >= self.settings.max_attempts
-        if not ok and final:
+        if ok:
+            await self._record(
+                delivery, ok=True, status_code=status_code, error=None, seconds=seconds, final=True
+            )
+        else:
+            await self._record_failure(
+                delivery, attempt, status_code=status_code, error=error, seconds=seconds
+            )
+
+    async def _record_failure(
+        self, delivery: WebhookDelivery, attempt: int, *, status_code: int | None, error: str, seconds: float
+    ) -> None:
+        """A transient failure: retried on the backoff schedule until `max_attempts`, then final."""
+        final = attempt >= self.settings.max_attempts
+        if final:
             error = f"{error} (gave up after {attempt} attempts)"
         await self._record(
-            delivery, ok=ok, status_code=status_code, error=error, seconds=seconds, final=final
+            delivery, ok=False, status_code=status_code, error=error, seconds=seconds, final=final
         )
 
     async def _record(

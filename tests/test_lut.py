@@ -11,6 +11,7 @@ from pipeline.colour_science import colour, table_interpolation_tetrahedral, tab
 from pipeline.frames import Frames
 from pipeline.grade import Grader
 from pipeline.lut import CubeError, Lut, check_cube, read_cube
+from tests.api_app import local_api
 
 
 def cube_text(table: np.ndarray, title: str = "test look") -> str:
@@ -98,3 +99,108 @@ def test_a_well_formed_cube_with_a_domain_and_comments_is_read() -> None:
     text = cube_text(identity_table(2)).replace("# made", "DOMAIN_MIN 0 0 0\nDOMAIN_MAX 1 1 1\n# made")
     assert check_cube(text) == 2
     assert read_cube(text).size == 2
+
+
+# -- the format's rules: domains, value range, ASCII numbers (a file that breaks them turned frames white)
+
+
+def two_point_cube(header: list[str], rows: list[str] | None = None) -> str:
+    """A 2³ identity .cube with `header` lines after LUT_3D_SIZE (line 2), then its eight rows (or `rows`)."""
+    table = [f"{r:.1f} {g:.1f} {b:.1f}" for b in (0, 1) for g in (0, 1) for r in (0, 1)]
+    return "\n".join(["LUT_3D_SIZE 2", *header, *(rows if rows is not None else table)]) + "\n"
+
+
+def with_row(index: int, row: str) -> list[str]:
+    """The identity rows of a 2³ cube with row `index` replaced."""
+    rows = [f"{r:.1f} {g:.1f} {b:.1f}" for b in (0, 1) for g in (0, 1) for r in (0, 1)]
+    rows[index] = row
+    return rows
+
+
+NOT_ASCII = "is not a number (numbers are ASCII digits with an optional sign, point and exponent)"
+WIDENED = "(the domain widened by its width on each side)"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        pytest.param(
+            two_point_cube(["DOMAIN_MIN 0 0 0", "DOMAIN_MAX 1 0 1"]),
+            3,
+            "DOMAIN_MIN must be below DOMAIN_MAX in every channel, but green is 0 to 0",
+            id="degenerate domain",
+        ),
+        pytest.param(
+            two_point_cube(["DOMAIN_MAX 1 1 1", "DOMAIN_MIN 0 0 2"]),
+            3,
+            "DOMAIN_MIN must be below DOMAIN_MAX in every channel, but blue is 2 to 1",
+            id="inverted domain",
+        ),
+        pytest.param(
+            two_point_cube(["LUT_3D_INPUT_RANGE 1 0"]),
+            2,
+            "LUT_3D_INPUT_RANGE must go from low to high, not 1 to 0",
+            id="inverted input range",
+        ),
+        pytest.param(
+            two_point_cube(["DOMAIN_MAX 1 1 1e300"]),
+            2,
+            "DOMAIN_MAX values must lie within ±65504 (the largest half float), not 1e300",
+            id="absurd domain",
+        ),
+        pytest.param(
+            two_point_cube([], with_row(3, "1.0 1e30 0.0")),
+            5,
+            f"table value 1e30 is outside -1 to 2 {WIDENED}",
+            id="absurd value",
+        ),
+        pytest.param(
+            two_point_cube(["DOMAIN_MIN -0.5 -0.5 -0.5", "DOMAIN_MAX 1.5 1.5 1.5"], with_row(0, "0 0 -2.6")),
+            4,
+            f"table value -2.6 is outside -2.5 to 3.5 {WIDENED}",
+            id="value outside a wider domain",
+        ),
+        pytest.param(two_point_cube([], with_row(7, "1 1 nan")), 9, f"'nan' {NOT_ASCII}", id="nan"),
+        pytest.param(two_point_cube([], with_row(2, "0 inf 0")), 4, f"'inf' {NOT_ASCII}", id="inf"),
+        # float() reads every one of these: fullwidth one, Arabic-Indic three, an underscore separator
+        pytest.param(two_point_cube([], with_row(1, "１ 0 0")), 3, f"'１' {NOT_ASCII}", id="fullwidth digit"),
+        pytest.param(
+            two_point_cube([], with_row(4, "0 0 ٣")), 6, f"'٣' {NOT_ASCII}", id="arabic-indic digit"
+        ),
+        pytest.param(two_point_cube(["DOMAIN_MAX 1 1 １"]), 2, f"'１' {NOT_ASCII}", id="fullwidth in domain"),
+        pytest.param(two_point_cube([], with_row(5, "1_0 0 0")), 7, f"'1_0' {NOT_ASCII}", id="underscore"),
+    ],
+)
+def test_a_cube_breaking_the_formats_rules_is_refused_naming_its_line(
+    text: str, line: int, message: str
+) -> None:
+    with pytest.raises(CubeError) as refused:
+        check_cube(text)
+    assert str(refused.value) == f"line {line}: {message}"
+
+
+@pytest.mark.parametrize("size", ["２", "²"])  # str.isdigit() is true for both; int("²") raises ValueError
+def test_a_lut_size_in_other_than_ascii_digits_is_refused_naming_its_line(size: str) -> None:
+    with pytest.raises(CubeError) as refused:
+        check_cube(two_point_cube([]).replace("LUT_3D_SIZE 2", f"LUT_3D_SIZE {size}"))
+    assert str(refused.value) == f"line 1: LUT_3D_SIZE must be one whole number, not {size!r}"
+
+
+def test_values_slightly_outside_the_domain_and_an_extended_domain_are_read() -> None:
+    overshoot = two_point_cube(["DOMAIN_MIN -0.25 0 0", "DOMAIN_MAX 1.25 1 1"], with_row(7, "1.02 1 -0.04"))
+    assert check_cube(overshoot) == 2
+    assert read_cube(overshoot).size == 2
+    assert check_cube(two_point_cube(["LUT_3D_INPUT_RANGE -0.5 1.5"], with_row(0, "+.5e-1 -0 1E0"))) == 2
+
+
+def test_the_admin_upload_refuses_a_lut_breaking_the_formats_rules_with_invalid_lut(tmp_path: Path) -> None:
+    with local_api(tmp_path) as api:
+        cube = two_point_cube(["DOMAIN_MIN 0 0 0", "DOMAIN_MAX 1 1 ٣"])
+        answer = api.client.put("/v1/admin/projects/default/luts/warm", json={"cube": cube})
+        assert answer.status_code == 400
+        assert answer.json()["error"] == {
+            "code": "invalid_lut",
+            "param": "cube",
+            "message": f"the .cube file is malformed: line 3: '٣' {NOT_ASCII}",
+        }
+        assert api.store.get_lut("default", "warm") is None

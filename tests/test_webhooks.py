@@ -671,3 +671,142 @@ def test_an_allowed_network_lets_an_internal_receiver_through() -> None:
     assert policy.check_url("https://hooks.studio.internal/x") == "hooks.studio.internal"
     with pytest.raises(CallbackRefused, match="DNS name"):
         policy.check_url("https://10.21.0.1/hooks")
+
+
+# -- resolution failures are transient; NAT64, 6to4 and Teredo answers; port 0 and over-long names ------
+
+
+def flaky_resolver(host: str, num_failures: int, calls: list[str]):
+    """A resolver that fails `num_failures` times for `host` (as getaddrinfo does on a DNS blip), then
+    answers loopback, where the test's receiver listens. `calls` records every lookup."""
+
+    async def resolve(name: str, _port: int) -> list[str]:
+        calls.append(name)
+        if name == host and len(calls) <= num_failures:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return ["127.0.0.1"]
+
+    return resolve
+
+
+def test_a_host_that_does_not_resolve_at_send_time_is_retried_then_delivered(
+    sqlite_store: JobStore, receiver: Receiver
+) -> None:
+    port = urlsplit(receiver.url).port
+    job = finished_job(sqlite_store, f"http://hooks.example.com:{port}/hooks/previz")
+    calls: list[str] = []
+    policy = CallbackPolicy(
+        allow_http=True,
+        allowed_hosts=["127.0.0.1/32"],
+        resolver=flaky_resolver("hooks.example.com", 2, calls),
+    )
+    settings = WebhookSettings(max_attempts=4, retry_base_s=0.05, retry_cap_s=0.2, poll_interval_s=0.02)
+    delivery = dispatch_until_settled(sqlite_store, settings, job.id, policy)
+    assert (delivery.status, delivery.attempts) == ("delivered", 3)
+    assert [entry["error"] for entry in delivery.log] == [
+        "`callback_url` host 'hooks.example.com' does not resolve",
+        "`callback_url` host 'hooks.example.com' does not resolve",
+        None,
+    ]
+    assert calls == ["hooks.example.com"] * 3
+    [request] = receiver.requests
+    assert request.verified and request.headers["Host"] == f"hooks.example.com:{port}"
+
+
+def test_a_host_that_never_resolves_gets_max_attempts_then_the_delivery_fails(
+    sqlite_store: JobStore, receiver: Receiver
+) -> None:
+    job = finished_job(sqlite_store, "https://gone.example.com/hooks")
+    calls: list[str] = []
+    policy = CallbackPolicy(resolver=flaky_resolver("gone.example.com", 1_000, calls))
+    settings = WebhookSettings(max_attempts=3, retry_base_s=0.05, retry_cap_s=0.1, poll_interval_s=0.02)
+    delivery = dispatch_until_settled(sqlite_store, settings, job.id, policy)
+    assert (delivery.status, delivery.attempts, len(calls)) == ("failed", 3, 3)
+    assert delivery.log[-1]["error"] == (
+        "`callback_url` host 'gone.example.com' does not resolve (gave up after 3 attempts)"
+    )
+    assert receiver.requests == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "64:ff9b::7f00:1",  # NAT64 (well-known prefix) of 127.0.0.1
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254, the metadata service
+        "64:ff9b::a00:8",  # NAT64 of 10.0.0.8
+        "64:ff9b:1::808:808",  # the local-use NAT64 prefix: refused whatever it embeds
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "2002:808:808::1",  # 6to4 of a public address: refused outright
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo (client 127.0.0.1)
+        "2001:0:4136:e378:8000:63bf:f7f7:f7f7",  # Teredo (client 8.8.8.8)
+        "::7f00:1",  # IPv4-compatible (deprecated) 127.0.0.1
+    ],
+)
+def test_a_name_that_resolves_to_an_ipv4_translation_address_is_refused_at_send_time(answer: str) -> None:
+    async def resolve(_host: str, _port: int) -> list[str]:
+        return ["93.184.215.14", answer]  # one public answer does not excuse another
+
+    with pytest.raises(CallbackRefused) as refused:
+        asyncio.run(CallbackPolicy(resolver=resolve).target("https://hooks.example.com/x"))
+    assert str(refused.value) == (
+        "`callback_url` host 'hooks.example.com' resolves to a non-public address; refused"
+    )
+
+
+def test_a_nat64_answer_embedding_a_public_address_is_sent_there() -> None:
+    async def resolve(_host: str, _port: int) -> list[str]:  # DNS64 on an IPv6-only cluster
+        return ["64:ff9b::5db8:d70e"]  # 93.184.215.14
+
+    target = asyncio.run(CallbackPolicy(resolver=resolve).target("https://hooks.example.com:8443/x"))
+    assert (target.address, target.connect_url) == (
+        "64:ff9b::5db8:d70e",
+        "https://[64:ff9b::5db8:d70e]:8443/x",
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("https://hooks.example.com:0/x", "`callback_url` must not use port 0"),
+        (
+            f"https://{'a' * 64}.example.com/x",
+            "`callback_url` host has a label of 64 characters; DNS allows at most 63",
+        ),
+        (
+            "https://" + ".".join(["a" * 63] * 4) + ".com/x",
+            "`callback_url` host name is 259 characters long; DNS allows at most 253",
+        ),
+        ("https://hooks..example.com/x", "`callback_url` host has an empty label"),
+    ],
+)
+def test_port_0_and_over_long_dns_names_are_refused_at_create(tmp_path: Path, url: str, message: str) -> None:
+    with pytest.raises(CallbackRefused) as refused:
+        CallbackPolicy().check_url(url)
+    assert str(refused.value) == message
+    with local_api(tmp_path) as api:
+        answer = api.client.post("/v1/videos", json={"prompt": "a storm", **TINY, "callback_url": url})
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == {
+            "code": "invalid_callback_url",
+            "message": message,
+            "param": "callback_url",
+        }
+
+
+def test_a_63_character_label_and_a_253_character_name_pass_the_create_time_check() -> None:
+    longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 57, "com"])
+    assert len(longest) == 253
+    assert CallbackPolicy().check_url(f"https://{longest}/x") == longest
+
+
+def test_a_port_past_65535_is_refused_and_a_row_that_has_one_fails_instead_of_never_being_recorded(
+    sqlite_store: JobStore,
+) -> None:
+    with pytest.raises(
+        CallbackRefused, match="^`callback_url` has an invalid port in 'hooks.example.com:70000'$"
+    ):
+        CallbackPolicy().check_url("https://hooks.example.com:70000/x")
+    job = finished_job(sqlite_store, "https://hooks.example.com:70000/x")  # written past the create check
+    delivery = dispatch_until_settled(sqlite_store, WebhookSettings(poll_interval_s=0.02), job.id)
+    assert (delivery.status, delivery.attempts) == ("failed", 1)
+    assert delivery.log[0]["error"] == "`callback_url` has an invalid port in 'hooks.example.com:70000'"

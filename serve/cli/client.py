@@ -75,11 +75,11 @@ class PrevizClient:
         return self._stream_to(f"/v1/videos/{job_id}/content", path, {"variant": variant})
 
     def _stream_to(self, url: str, path: Path, params: dict[str, str]) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with self.http.stream("GET", url, params=params, follow_redirects=True) as response:
             if response.status_code != 200:
                 response.read()
                 self._json(response)
+            path.parent.mkdir(parents=True, exist_ok=True)  # only for a file that comes
             with path.open("wb") as out:
                 for chunk in response.iter_bytes():
                     out.write(chunk)

@@ -3,6 +3,7 @@ options and the calls that turn API and connection errors into CLI errors."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -78,6 +79,36 @@ def read_mapping(path: Path, what: str) -> dict:
         return load_mapping(text, "json" if path.suffix.lower() == ".json" else "yaml")
     except DocumentError as error:
         raise CliError(f"{what} {str(path)!r} is {error}") from None
+
+
+MAX_NAME_BYTES = 120  # of a name part in a file name (ext4, APFS, NTFS: 255 for the whole name)
+WINDOWS_DEVICES = frozenset(
+    {"con", "prn", "aux", "nul", *(f"com{n}" for n in range(1, 10)), *(f"lpt{n}" for n in range(1, 10))}
+)
+
+
+def file_name(text: str, fallback: str) -> str:
+    """`text` (a shot name, a title, an id: anything a file or the server chose) as one file name part
+    that names a file in the folder it is joined to: each run of characters other than letters, digits,
+    `-`, `_` and `.` becomes `_` (so no `/`, `\\`, `:` or control character), leading and trailing `.`
+    and `_` go (no `..`, no hidden file), at most MAX_NAME_BYTES of UTF-8, and `fallback` when nothing is
+    left. `../../etc/passwd` -> `etc_passwd`, `a/b` -> `a_b`, `..` -> fallback."""
+    name = re.sub(r"[^\w.-]+", "_", text).strip("._")
+    name = name.encode()[:MAX_NAME_BYTES].decode(errors="ignore").rstrip("._")
+    if name.split(".")[0].lower() in WINDOWS_DEVICES:  # `NUL.mp4` is the null device on Windows
+        name = f"_{name}"
+    return name or fallback
+
+
+def target_in(folder: Path, *names: str) -> Path:
+    """Where the CLI writes `folder/names…`: every name made a file name part (file_name, fallback `_`),
+    and CliError when the path still lands outside `folder` (a symlink inside it pointing elsewhere).
+    Every file the CLI writes under a folder, or under the working folder by default, goes through here;
+    an explicit `-o FILE` is the user's own choice and is not."""
+    target = folder.joinpath(*(file_name(name, "_") for name in names))
+    if not target.resolve().is_relative_to(folder.resolve()):
+        raise CliError(f"refusing to write {str(target)!r}: it resolves outside {str(folder)!r}")
+    return target
 
 
 def labels_of(pairs: list[str]) -> dict[str, str]:

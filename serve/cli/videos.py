@@ -22,9 +22,11 @@ from serve.cli.common import (
     app,
     client_for,
     console,
+    file_name,
     follow,
     labels_of,
     read_mapping,
+    target_in,
 )
 
 
@@ -130,7 +132,7 @@ def submit(
                 f"video {video['id']} {video['status']}: {(video.get('error') or {}).get('message')}"
             )
         if output is not None:
-            path = api_call(client.download, video["id"], output / f"{video['id']}.mp4")
+            path = api_call(client.download, video["id"], target_in(output, f"{video['id']}.mp4"))
             console.print(f"saved {path}", highlight=False)
 
 
@@ -221,8 +223,9 @@ def _follow_storyboard(client, storyboard_id: str, output: Path | None) -> None:
         for shot in board["shots"]:
             for video in shot["videos"]:
                 if video["status"] == "completed":
-                    name = f"{shot['index'] + 1:02d}-{shot['name'] or 'shot'}-v{video['variant']}.mp4"
-                    api_call(client.download, video["video_id"], output / name)
+                    shot_name = file_name(shot["name"] or "", "shot")  # a name may say `../` or `a/b`
+                    name = f"{shot['index'] + 1:02d}-{shot_name}-v{video['variant']}.mp4"
+                    api_call(client.download, video["video_id"], target_in(output, name))
         console.print(f"saved {board['counts'].get('completed', 0)} clips in {output}", highlight=False)
     if board["status"] != "completed":
         raise CliError(f"storyboard {storyboard_id} {board['status']}: {board['counts']}")
@@ -295,12 +298,14 @@ def fetch(
     if storyboard is not None:
         if video_id is not None:
             raise CliError("give a video id or `--storyboard`, not both")
-        folder = fetch_storyboard(client, storyboard, output or Path(storyboard), timeline_format)
+        folder = fetch_storyboard(
+            client, storyboard, output or target_in(Path(), storyboard), timeline_format
+        )
         Console().print(str(folder), highlight=False)
         return
     if video_id is None:
         raise CliError("give the id of a video to fetch, or `--storyboard ID`")
-    path = output or Path(f"{video_id}.{'jpg' if thumbnail else 'mp4'}")
+    path = output or target_in(Path(), f"{video_id}.{'jpg' if thumbnail else 'mp4'}")
     api_call(client.download, video_id, path, variant="thumbnail" if thumbnail else "video")
     Console().print(str(path), highlight=False)
 
@@ -356,19 +361,19 @@ def list_videos(
 
 
 def fetch_storyboard(client, storyboard_id: str, folder: Path, timeline_format: str) -> Path:
-    """The board's package unpacked into `folder`: cut.mp4, clips/ and timeline.<otio|edl|xml>."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The board's package unpacked into `folder` (made once the package arrived): cut.mp4, clips/ and
+    timeline.<otio|edl|xml>; a member's path is the package's own, never one out of the folder."""
     with tempfile.TemporaryDirectory() as scratch:
         archive = api_call(
             client.download_package, storyboard_id, Path(scratch) / "package.zip", format=timeline_format
         )
+        folder.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(archive) as package:
             prefix = f"{storyboard_id}/"
             for member in package.infolist():
-                relative = PurePosixPath(member.filename.removeprefix(prefix))
-                if member.is_dir() or relative.is_absolute() or ".." in relative.parts:
-                    continue  # only the package's own files, never a path out of the folder
-                target = folder.joinpath(*relative.parts)
+                if member.is_dir():
+                    continue
+                target = target_in(folder, *PurePosixPath(member.filename.removeprefix(prefix)).parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with package.open(member) as source, target.open("wb") as out:
                     shutil.copyfileobj(source, out)
