@@ -63,6 +63,14 @@ class CutRecord(BaseModel):
     slates: bool
     created_at: float  # Unix seconds
     clips: list[CutClip]
+    # Why the cut is no longer served (a take in it was deleted; its files are deleted with it); None while
+    # it is the board's current cut. A stale cut is rendered again by POST /v1/storyboards/{id}/cut.
+    stale: str | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        """Every file of the cut: the assembled mp4 and each shot's clip."""
+        return [self.key, *(clip.key for clip in self.clips)]
 
 
 class CutNotReady(Exception):
