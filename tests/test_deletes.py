@@ -6,19 +6,24 @@ what a crash left behind and nothing live; storyboards and their cuts can be del
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from pipeline.frames import Frames
+from serve.config import PrevizArgs
 from serve.editorial.cut import CutRecord
-from serve.jobs import JobStatus
+from serve.jobs import JobStatus, JobStore
 from serve.jobs.models import utcnow
 from serve.jobs.retention import OrphanSweeper, RetentionSweeper
+from serve.stages.finisher import FinisherDeployment
 from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
-from serve.storage import JobArtifacts, LocalArtifactStore
+from serve.storage import JobArtifacts, LocalArtifactStore, StorageSettings
 from tests.api_app import LocalApi, http_server, local_api
 from tests.cli_run import previz
 from tests.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
@@ -286,3 +291,67 @@ def test_the_orphan_sweep_deletes_at_most_its_batch_per_pass(api: LocalApi) -> N
     sweeper = OrphanSweeper(api.store, api.state.artifacts, grace=timedelta(0), batch=3)
     later = utcnow() + timedelta(seconds=1)
     assert [sweeper.sweep_once(now=later) for _ in range(3)] == [3, 2, 0]
+
+
+def test_a_cancelled_finisher_call_publishes_nothing_though_its_thread_stores_the_clip(
+    tmp_path: Path,
+) -> None:
+    """A Serve cancel cannot stop the encode thread: the call waits for it, then deletes what it stored."""
+    finisher = FinisherDeployment.func_or_class(PrevizArgs(storage=StorageSettings(local_root=tmp_path)))
+    encode = finisher._finish
+    started, release, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_finish(frames: Frames, call: FinishCall) -> FinishedClip:
+        started.set()
+        release.wait(10)
+        try:
+            return encode(frames, call)
+        finally:
+            ended.set()
+
+    finisher._finish = slow_finish
+    call = FinishCall(project="dune", job_id="vid_0001", attempt=1, seed=1, look="none", label=None,
+                      metadata={})  # fmt: skip
+
+    async def scenario() -> None:
+        pixels = asyncio.get_running_loop().create_future()
+        pixels.set_result(np.full((5, 64, 96, 3), 90, dtype=np.uint8))
+        task = asyncio.ensure_future(finisher.finish(FrameBatch(ref=[pixels], fps=16, seconds=0.0), call))
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()  # the job was deleted while its clip was encoding
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(scenario)
+    assert ended.wait(10)  # the thread has stored whatever it was going to store
+    assert list(finisher.store.list("dune/")) == []
+
+
+def test_the_store_refuses_a_cut_of_a_deleted_take_and_replaces_cuts_only_by_id(store: JobStore) -> None:
+    board, _ = store.create_storyboard(
+        "sb_0001",
+        "dune",
+        "act 1",
+        {"shots": []},
+        [("batch", job_request(), {}), ("batch", job_request(), {})],
+    )
+    first, second = (job.id for job in store.list(project="dune", storyboard_id=board.id, order="asc"))
+    for video_id in (first, second):
+        claimed = store.claim(video_id, "test")
+        assert store.succeed(
+            video_id, claimed.attempt, artifact_uri=f"dune/{video_id}/clip-a1.mp4", artifact_bytes=1
+        )
+    cut = {"id": "cut_1", "clips": [{"video_id": first}, {"video_id": second}]}
+    assert store.save_cut(board.id, cut, [first, second])
+    assert not store.replace_cut(board.id, "cut_0", None)  # not the board's cut any more: untouched
+    assert store.mark_deleted(first, project="dune") is not None
+    assert not store.save_cut(board.id, {"id": "cut_2"}, [first, second])  # a render of a deleted take
+    assert store.get_storyboard(board.id).cut == cut
+    assert store.replace_cut(board.id, "cut_1", {**cut, "stale": "its take was deleted"})
+    jobs, boards = store.artifact_owners([first, second, board.id, "vid_unknown"])
+    assert set(jobs) == {first, second} and jobs[first].deleted_at is not None and set(boards) == {board.id}
+    assert store.delete_storyboard(board.id, project="other") is None  # another project's board
+    assert store.delete_storyboard(board.id, project="dune") is not None
+    assert store.get_storyboard(board.id) is None and store.get(second).storyboard_id is None
+    assert not store.save_cut(board.id, cut, [second])  # the board is gone
