@@ -355,3 +355,23 @@ def test_the_store_refuses_a_cut_of_a_deleted_take_and_replaces_cuts_only_by_id(
     assert store.delete_storyboard(board.id, project="dune") is not None
     assert store.get_storyboard(board.id) is None and store.get(second).storyboard_id is None
     assert not store.save_cut(board.id, cut, [second])  # the board is gone
+
+
+def test_a_cut_whose_take_is_deleted_while_it_renders_is_refused_and_leaves_no_files(
+    api: LocalApi, board: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serve.http.routes import editorial
+
+    render = editorial.render_cut
+    victim = take(board, 2, 0)
+
+    def render_then_delete(*args: Any, **kwargs: Any) -> CutRecord:
+        cut = render(*args, **kwargs)
+        assert api.client.delete(f"/v1/videos/{victim}").status_code == 200  # lands before the cut is saved
+        return cut
+
+    monkeypatch.setattr(editorial, "render_cut", render_then_delete)
+    answer = api.client.post(f"/v1/storyboards/{board['id']}/cut", json={"fps": 24})
+    assert (answer.status_code, answer.json()["error"]["code"]) == (409, "take_deleted")
+    assert api.store.get_storyboard(board["id"]).cut is None
+    assert stored_keys(api, f"default/{board['id']}/") == set()
