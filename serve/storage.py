@@ -220,6 +220,15 @@ class StoredArtifact(BaseModel):
     content_type: str = Field(description="MIME type, e.g. `video/mp4` or `image/jpeg`.")
 
 
+@dataclass(frozen=True, slots=True)
+class ListedArtifact:
+    """One stored artifact as `ArtifactStore.list` reports it."""
+
+    key: str  # the artifact's key, as put_file was given it
+    size_bytes: int
+    modified_at: datetime  # when it was last written (UTC): the orphan sweep leaves young ones alone
+
+
 class ArtifactStream:
     """The bytes of one stored artifact, read in chunks; iterating it closes it at the end.
 
@@ -302,6 +311,36 @@ class JobArtifacts:
     def checkpoint(self) -> str:
         return artifact_key(self.project, self.job_id, "checkpoint-boundary.npz")
 
+    @property
+    def folder(self) -> str:
+        """The prefix of every file of the job (every attempt's clip and poster, its checkpoint)."""
+        return artifact_key(self.project, self.job_id, "x")[:-1]  # built by artifact_key: parts checked
+
+
+@dataclass(frozen=True, slots=True)
+class CutArtifacts:
+    """Where a storyboard's cuts live: `<project>/<storyboard_id>/<cut_id>.mp4` and one clip per shot,
+    `<cut_id>-<index>-shot<shot>.mp4`; a new cut id per render, so a render never overwrites a served cut."""
+
+    project: str
+    storyboard_id: str
+
+    def cut(self, cut_id: str) -> str:
+        return artifact_key(self.project, self.storyboard_id, f"{cut_id}.mp4")
+
+    def clip(self, cut_id: str, index: int, shot: int) -> str:
+        return artifact_key(self.project, self.storyboard_id, f"{cut_id}-{index:03d}-shot{shot}.mp4")
+
+    @property
+    def folder(self) -> str:
+        return artifact_key(self.project, self.storyboard_id, "x")[:-1]
+
+
+def key_owner(key: str) -> tuple[str, str] | None:
+    """(project, owner id) of a key of the `<project>/<id>/<name>` layout, None for any other key."""
+    parts = key.split("/")
+    return (parts[0], parts[1]) if len(parts) == 3 else None
+
 
 def artifact_key(project: str, job_id: str, name: str) -> str:
     """`<project>/<job_id>/<name>`; each part must be one key segment (no '/')."""
@@ -337,6 +376,12 @@ def _key_problem(key: object) -> str | None:
     if any(len(segment) > _MAX_SEGMENT_CHARS for segment in segments):
         return f"a segment is longer than {_MAX_SEGMENT_CHARS} characters"
     return None
+
+
+def _check_prefix(prefix: str) -> str:
+    if prefix != "" and (not prefix.endswith("/") or _key_problem(prefix[:-1]) is not None):
+        raise ValueError(f"invalid artifact prefix {prefix!r}: expected '' or a folder such as 'project/'")
+    return prefix
 
 
 def _check_expiry(expires_in_s: int) -> int:
@@ -387,6 +432,11 @@ class ArtifactStore(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove what is stored under `key`; nothing stored is not an error."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ListedArtifact]:
+        """Every artifact whose key starts with `prefix` ('' for all, else a folder ending in '/', such as
+        `JobArtifacts.folder`), in no set order; uploads in progress are not listed."""
 
     @abstractmethod
     def url(self, key: str, *, expires_in_s: int | None = None) -> str:
@@ -502,6 +552,24 @@ class LocalArtifactStore(ArtifactStore):
             path.unlink(missing_ok=True)
         except OSError as error:
             raise StorageError(f"could not delete artifact {key!r} in {self.root}: {error}") from error
+
+    def list(self, prefix: str = "") -> Iterator[ListedArtifact]:
+        folder = self.root.joinpath(*_check_prefix(prefix).split("/"))
+        for parent, folders, files in os.walk(folder):
+            folders[:] = [name for name in folders if not name.startswith(".")]
+            for name in files:
+                if name.startswith("."):  # uploads in progress and the signing key
+                    continue
+                path = Path(parent) / name
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                yield ListedArtifact(
+                    key=path.relative_to(self.root).as_posix(),
+                    size_bytes=stat.st_size,
+                    modified_at=datetime.fromtimestamp(stat.st_mtime, UTC),
+                )
 
     def url(self, key: str, *, expires_in_s: int | None = None) -> str:
         validate_key(key)
@@ -629,6 +697,23 @@ class S3ArtifactStore(ArtifactStore):
         object_key = self.object_key(key)
         with self._errors("delete", key):
             self.client.delete_object(Bucket=self.location.bucket, Key=object_key)  # missing: still 204
+
+    def list(self, prefix: str = "") -> Iterator[ListedArtifact]:
+        start = self.location.folder_prefix + _check_prefix(prefix)
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.location.bucket, Prefix=start
+        )
+        try:
+            for page in pages:
+                for item in page.get("Contents", []):
+                    key = item["Key"][len(self.location.folder_prefix) :]
+                    if _key_problem(key) is None:  # not one of ours: never touched
+                        yield ListedArtifact(
+                            key=key, size_bytes=item["Size"], modified_at=item["LastModified"]
+                        )
+        except (ClientError, BotoCoreError) as error:
+            where = f"s3://{self.location.bucket}/{start}"
+            raise StorageError(f"S3 listing of artifacts under {where} failed: {error}") from error
 
     def url(self, key: str, *, expires_in_s: int | None = None) -> str:
         """A presigned GET URL on the configured endpoint, valid `expires_in_s` (default: settings)."""

@@ -25,6 +25,7 @@ from serve.storage import (
     S3_MAX_ATTEMPTS,
     ArtifactNotFoundError,
     ArtifactStore,
+    JobArtifacts,
     LocalArtifactStore,
     S3ArtifactStore,
     StorageError,
@@ -443,3 +444,50 @@ def test_unreachable_endpoint_is_retried_then_raised_naming_the_key(
     with pytest.raises(StorageError, match=f"^S3 HEAD of artifact {CLIP_KEY!r} .*Could not connect"):
         store.exists(CLIP_KEY)
     assert time.monotonic() - started < 10
+
+
+# --- listing (what deletes and the orphan sweep walk) -----------------------------------------
+
+
+def _list_case(store: ArtifactStore, tmp_path: Path) -> None:
+    source = _write(tmp_path / "bytes", b"0123456789")
+    job = JobArtifacts("dune", "vid_0001")
+    for key in (
+        job.clip(1),
+        job.poster(1),
+        job.checkpoint,
+        "dune/vid_0002/clip-a1.mp4",
+        "noir/vid_0003/x.mp4",
+    ):
+        store.put_file(key, source, "video/mp4")
+    before = datetime.datetime.now(datetime.UTC)
+    listed = {item.key: item for item in store.list(job.folder)}
+    assert set(listed) == {job.clip(1), job.poster(1), job.checkpoint}
+    assert all(item.size_bytes == 10 and item.modified_at <= before for item in listed.values())
+    assert {item.key for item in store.list("dune/")} == set(listed) | {"dune/vid_0002/clip-a1.mp4"}
+    assert len(list(store.list())) == 5 and list(store.list("nothing/")) == []
+    with pytest.raises(ValueError, match="invalid artifact prefix 'dune'"):
+        list(store.list("dune"))
+
+
+def test_local_listing_names_every_artifact_under_a_folder_and_no_upload_in_progress(
+    local: LocalArtifactStore, tmp_path: Path
+) -> None:
+    _list_case(local, tmp_path)
+    (local.root / "dune" / "vid_0001" / ".x1.tmp").write_bytes(b"half")  # an upload in progress
+    assert len(list(local.list("dune/vid_0001/"))) == 3
+
+
+def test_s3_listing_names_every_artifact_under_a_folder(
+    s3_server: S3Server, s3_credentials: None, tmp_path: Path
+) -> None:
+    name = f"previz-list-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=name)
+    s3_server.client().put_object(Bucket=name, Key="elsewhere/dune/vid_0001/x.mp4", Body=b"not ours")
+    settings = StorageSettings(
+        kind="s3",
+        s3_uri=f"s3://{name}/clips",
+        s3_endpoint_url=s3_server.endpoint_url,
+        s3_region=s3_server.region,
+    )
+    _list_case(make_store(settings), tmp_path)

@@ -111,6 +111,11 @@ class PrevizClient:
             body["takes"] = {str(shot): video for shot, video in takes.items()}
         return self._json(self.http.patch(f"/v1/storyboards/{storyboard_id}", json=body))
 
+    def delete_storyboard(self, storyboard_id: str, *, delete_videos: bool = False) -> dict[str, Any]:
+        """Delete the board and its cut; its videos are kept unless `delete_videos`."""
+        params = {"delete_videos": "true"} if delete_videos else {}
+        return self._json(self.http.delete(f"/v1/storyboards/{storyboard_id}", params=params))
+
     def create_cut(self, storyboard_id: str, **fields: Any) -> dict[str, Any]:
         """Render the board's cut (fields: fps, size, slates, slate_seconds); waits for the render."""
         body = {key: value for key, value in fields.items() if value is not None}

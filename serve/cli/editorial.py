@@ -1,5 +1,6 @@
-"""`previz takes` and `previz cut`: a storyboard's selected takes and shot order, and its first cut
-(`previz fetch --storyboard ID -o DIR` downloads the cut, its clips and its timeline)."""
+"""`previz takes`, `previz cut` and `previz delete-storyboard`: a storyboard's selected takes and shot
+order, its first cut (`previz fetch --storyboard ID -o DIR` downloads the cut, its clips and its timeline),
+and deleting a board."""
 
 from __future__ import annotations
 
@@ -75,3 +76,20 @@ def cut(
         f"({answer['seconds']:.2f} s), {len(answer['clips'])} shots",
         highlight=False,
     )
+
+
+@app.command("delete-storyboard")
+def delete_storyboard(
+    storyboard_id: Annotated[str, typer.Argument(help="The storyboard (`sb_…`).")],
+    delete_videos: Annotated[
+        bool, typer.Option(help="Delete its videos too (running ones are cancelled); default: keep them.")
+    ] = False,
+    server: ServerOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Delete a storyboard and its cut; its videos are kept as videos of no board unless --delete-videos."""
+    client = client_for(server, api_key)
+    num_videos = api_call(client.get_storyboard, storyboard_id)["num_videos"]
+    answer = api_call(client.delete_storyboard, storyboard_id, delete_videos=delete_videos)
+    fate = f"{len(answer['deleted_videos'])} videos deleted" if delete_videos else f"{num_videos} videos kept"
+    Console().print(f"{storyboard_id} deleted; its {fate}", highlight=False)

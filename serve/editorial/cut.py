@@ -25,7 +25,7 @@ from pipeline.slate import slate_frames
 from pipeline.upscale import resize_frames
 from pipeline.video import VideoWriter, read_frames
 from serve.jobs import JobRecord, JobStatus, StoryboardRecord
-from serve.storage import ArtifactStore, artifact_key
+from serve.storage import ArtifactStore, CutArtifacts
 
 
 class StoryboardEdit(BaseModel):
@@ -63,6 +63,14 @@ class CutRecord(BaseModel):
     slates: bool
     created_at: float  # Unix seconds
     clips: list[CutClip]
+    # Why the cut is no longer served (a take in it was deleted; its files are deleted with it); None while
+    # it is the board's current cut. A stale cut is rendered again by POST /v1/storyboards/{id}/cut.
+    stale: str | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        """Every file of the cut: the assembled mp4 and each shot's clip."""
+        return [self.key, *(clip.key for clip in self.clips)]
 
 
 class CutNotReady(Exception):
@@ -115,7 +123,8 @@ def render_cut(
     """Assemble `choices` into one mp4 at `fps` and `size` (None: the first take's), each shot also
     stored alone; `slate_seconds` puts a slate before each shot. Returns the stored cut."""
     cut_id = f"cut_{secrets.token_hex(8)}"
-    key = artifact_key(record.project, record.id, f"{cut_id}.mp4")
+    keys = CutArtifacts(record.project, record.id)
+    key = keys.cut(cut_id)
     writer = VideoWriter(label=None)  # the takes carry their label already; the marker stays in metadata
     metadata = {"title": (record.title or record.id)[:200], "previz_storyboard": record.id}
     clips: list[CutClip] = []
@@ -129,9 +138,7 @@ def render_cut(
                 frames = conform(resize_frames(frames, width, height), fps, interpolator)
                 take = choice.job.request.storyboard.variant + 1
                 num_slate = round(slate_seconds * fps) if slate_seconds else 0
-                clip_key = artifact_key(
-                    record.project, record.id, f"{cut_id}-{index:03d}-shot{choice.shot}.mp4"
-                )
+                clip_key = keys.clip(cut_id, index, choice.shot)
                 path = folder / f"clip-{index}.mp4"
                 with writer.stream(path, width, height, fps, metadata=metadata) as clip:
                     if num_slate:

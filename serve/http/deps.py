@@ -4,7 +4,8 @@ role), and the lookups that keep a project to its own videos."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, ClassVar
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from fastapi import Depends, Header, Request
 from fastapi.dependencies.models import Dependant
@@ -19,8 +20,10 @@ from serve.http.errors import ApiError
 from serve.jobs import JobRecord, JobStore, StoryboardRecord
 from serve.luts import register_configured
 from serve.sharding import ShapeRules
-from serve.storage import ArtifactSigner, ArtifactStore, LocalArtifactStore, make_store
+from serve.storage import ArtifactSigner, ArtifactStore, LocalArtifactStore, StorageError, make_store
 from serve.webhooks import callback_policy
+
+T = TypeVar("T")
 
 
 class IngressState:
@@ -127,6 +130,15 @@ async def job_or_404(video_id: str, state: IngressState, caller: Caller) -> JobR
     if job is None:
         raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
     return job
+
+
+async def deleting(delete: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run one of serve.jobs.deletion's deletes in a worker thread; a failing artifact store is 503
+    `storage_unavailable` (each delete leaves the record whole when its own files could not go)."""
+    try:
+        return await asyncio.to_thread(delete, *args, **kwargs)
+    except StorageError:
+        raise ApiError(503, "storage_unavailable", "the artifact store failed; delete it again") from None
 
 
 async def jobs_on_board(state: IngressState, board: StoryboardRecord) -> list[JobRecord]:

@@ -89,3 +89,12 @@ class Cut(BaseModel):
     content_url: str = Field(description="A signed link to the cut's mp4.")
     timeline_url: str = Field(description="Its timeline (`?format=otio|edl|fcpxml`, `&package=true`).")
     clips: list[CutClipView]
+
+
+class CutDeleted(BaseModel):
+    """`DELETE /v1/storyboards/{id}/cut`: the cut's mp4 and clips are gone; the takes stay."""
+
+    id: str = Field(description="The deleted cut.")
+    object: Literal["storyboard.cut.deleted"] = "storyboard.cut.deleted"
+    storyboard_id: str
+    deleted: bool = True

@@ -115,7 +115,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (401, "No API key, or not a valid one; see WWW-Authenticate."),
         (403, "The key may not do this (another project, or an admin route)."),
         (404, "No such id."),
-        (409, "Conflicts with the video's state."),
+        (
+            409,
+            "Conflicts with the state of the video, storyboard or cut; `code` says which (e.g. "
+            "`already_finished`, `no_cut`, `cut_stale`: a take of the cut was deleted, `take_deleted`).",
+        ),
         (429, "A queue or quota is full; see Retry-After."),
         (503, "Not ready."),
     )

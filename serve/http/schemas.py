@@ -366,7 +366,8 @@ class VideoLinks(BaseModel):
 
 class VideoDeleted(BaseModel):
     """`DELETE /v1/videos/{id}`: a queued or running video is cancelled (`status: cancelled`, the record
-    stays); a finished one is deleted (its clip and poster removed, the video 404 from then on)."""
+    stays); a finished one is deleted (its clip, poster and checkpoint removed, a cut holding it marked
+    stale with its files removed, the video 404 from then on)."""
 
     id: str
     object: Literal["video.deleted"] = "video.deleted"

@@ -350,7 +350,11 @@ class Storyboard(BaseModel):
     counts: dict[str, int] = Field(description="Video status -> number of videos.")
     shots: list[StoryboardShotState]
     order: list[int] = Field(description="Shot indices in cut order (PATCH sets it; default the board's).")
-    cut_url: str | None = Field(None, description="The last rendered cut, once there is one.")
+    cut_url: str | None = Field(
+        None,
+        description="The last rendered cut, once there is one; null again once a take of it was deleted "
+        "(the cut is then stale, its files gone) or the cut was deleted.",
+    )
 
 
 def board_status(states: list[str]) -> Literal["queued", "in_progress", "completed", "failed"]:
@@ -372,3 +376,15 @@ class StoryboardList(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class StoryboardDeleted(BaseModel):
+    """`DELETE /v1/storyboards/{id}`: the board and its cut are gone; its videos too with `delete_videos`."""
+
+    id: str
+    object: Literal["storyboard.deleted"] = "storyboard.deleted"
+    deleted: bool = True
+    deleted_videos: list[str] = Field(
+        description="The videos deleted with it (running ones were cancelled first); empty when they were "
+        "kept as videos of no board."
+    )

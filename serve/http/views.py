@@ -130,5 +130,6 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
         counts=counts,
         shots=shots,
         order=edit.get("order") if edit.get("order") is not None else list(range(len(shots))),
-        cut_url=f"/v1/storyboards/{record.id}/cut" if record.cut is not None else None,
+        # a stale cut (a take of it was deleted) is not served: the board shows none until rendered again
+        cut_url=f"/v1/storyboards/{record.id}/cut" if record.cut and not record.cut.get("stale") else None,
     )

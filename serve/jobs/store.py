@@ -171,10 +171,14 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
             return existing, False
         return job, True
 
-    def get(self, job_id: str, *, project: str | None = None) -> JobRecord | None:
+    def get(
+        self, job_id: str, *, project: str | None = None, include_deleted: bool = False
+    ) -> JobRecord | None:
         """The job, or None; with `project`, a job of another project is None too (no existence leak).
-        A deleted job is None."""
-        query = select(jobs).where(jobs.c.id == job_id, jobs.c.deleted_at.is_(None))
+        A deleted job is None, unless `include_deleted` (what cleans up after it needs its row)."""
+        query = select(jobs).where(jobs.c.id == job_id)
+        if not include_deleted:
+            query = query.where(jobs.c.deleted_at.is_(None))
         if project is not None:
             query = query.where(jobs.c.project == project)
         with self._read() as conn:
@@ -389,6 +393,65 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
                 conn.execute(update(storyboards).where(storyboards.c.id == storyboard_id).values(changes))
             row = conn.execute(select(storyboards).where(storyboards.c.id == storyboard_id)).one_or_none()
         return None if row is None else StoryboardRecord(**row._asdict())
+
+    def save_cut(self, storyboard_id: str, cut: dict[str, Any], video_ids: Iterable[str]) -> bool:
+        """Store a freshly rendered cut of the takes `video_ids` as the board's cut, unless one of those
+        takes was deleted meanwhile (or the board was): then False and nothing changes. The takes' rows are
+        share-locked, so a delete of one commits either before (this refuses) or after (it finds the cut)."""
+        ids = sorted(set(video_ids))
+        with self._write() as conn:
+            alive = conn.execute(
+                select(jobs.c.id)
+                .where(jobs.c.id.in_(ids), jobs.c.deleted_at.is_(None))
+                .with_for_update(read=True)
+            ).all()
+            if len(alive) != len(ids):
+                return False
+            done = conn.execute(
+                update(storyboards).where(storyboards.c.id == storyboard_id).values(cut=cut)
+            ).rowcount
+        return bool(done)
+
+    def replace_cut(self, storyboard_id: str, cut_id: str, cut: dict[str, Any] | None) -> bool:
+        """Replace the board's cut `cut_id` by `cut` (None: the board has no cut any more): marking it
+        stale, or deleting it. False, nothing changed, when the board's cut is not `cut_id` any more."""
+        with self._write() as conn:
+            current = conn.execute(
+                select(storyboards.c.cut).where(storyboards.c.id == storyboard_id).with_for_update()
+            ).one_or_none()
+            if current is None or current.cut is None or current.cut.get("id") != cut_id:
+                return False
+            conn.execute(update(storyboards).where(storyboards.c.id == storyboard_id).values(cut=cut))
+        return True
+
+    def delete_storyboard(self, storyboard_id: str, *, project: str) -> StoryboardRecord | None:
+        """Remove the board of `project` (its cut's files are the caller's to remove); the videos it still
+        has become videos of no board. The board as it was, or None when there is no such board."""
+        with self._write() as conn:
+            row = conn.execute(
+                select(storyboards)
+                .where(storyboards.c.id == storyboard_id, storyboards.c.project == project)
+                .with_for_update()
+            ).one_or_none()
+            if row is None:
+                return None
+            conn.execute(update(jobs).where(jobs.c.storyboard_id == storyboard_id).values(storyboard_id=None))
+            conn.execute(storyboards.delete().where(storyboards.c.id == storyboard_id))
+        return StoryboardRecord(**row._asdict())
+
+    def artifact_owners(self, ids: Iterable[str]) -> tuple[dict[str, JobRecord], dict[str, StoryboardRecord]]:
+        """The jobs (deleted ones included) and boards among `ids`: who owns the files the orphan sweep
+        finds (`<project>/<id>/...`). An id that is neither is in neither map."""
+        ids = sorted(set(ids))
+        with self._read() as conn:
+            found_jobs = {
+                row.id: _record(row) for row in conn.execute(select(jobs).where(jobs.c.id.in_(ids)))
+            }
+            boards = {
+                row.id: StoryboardRecord(**row._asdict())
+                for row in conn.execute(select(storyboards).where(storyboards.c.id.in_(ids)))
+            }
+        return found_jobs, boards
 
     # -- state changes ------------------------------------------------------------------------------------
 

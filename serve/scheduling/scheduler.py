@@ -19,9 +19,10 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -58,6 +59,7 @@ from serve.storage import JobArtifacts, StorageError, make_store
 from serve.webhooks import WebhookDispatcher
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
 # Share of overall progress (0–100) each stage accounts for.
 STAGE_WEIGHTS: dict[JobStatus, float] = {
@@ -87,6 +89,20 @@ async def stage_call(response: DeploymentResponse) -> Any:
         return await response
     except asyncio.CancelledError:
         response.cancel()
+        raise
+
+
+async def settled(work: Awaitable[T]) -> T:
+    """Await `work` (a worker thread's call) to its end even when the task is cancelled meanwhile, then
+    re-raise the cancel: a thread cannot be stopped, so a file it is writing lands before the run's
+    clean-up looks for it, never after."""
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        if not future.cancelled() and future.exception() is not None:
+            logger.debug("a call settled after its task was cancelled: %r", future.exception())
         raise
 
 
@@ -155,14 +171,15 @@ class Scheduler:
         self._wake.set()
 
     async def cancel(self, job_id: str) -> bool:
-        """Stop a running job's pipeline (the store already marks it cancelled). A job cancelled while
-        queued has no pipeline, but may hold a checkpoint of an earlier run: that goes now."""
+        """Stop a running job's pipeline (the store already marks it cancelled, or deleted); what the run
+        stored goes when it stops. A job cancelled while queued has no pipeline, but may hold a checkpoint
+        of an earlier run: that goes now."""
         entry = self._running.get(job_id)
         if entry is None:  # cancelled while queued: no run will count it, so count it here
             job = await asyncio.to_thread(self.store.get, job_id)
             if job is not None and job.status == JobStatus.CANCELLED:
                 record_job_finished(job, "cancelled")
-            await asyncio.to_thread(self._drop_checkpoint_if_finished, job_id)
+            await asyncio.to_thread(self._clean_up, job_id)
             return False
         entry[1].cancel()
         return True
@@ -216,8 +233,8 @@ class Scheduler:
     async def _run_job(self, job: JobRecord) -> None:
         try:
             await self._run_attempt(job)
-        finally:  # however the job ended for good (stored, failed, refused, cancelled): drop its checkpoint
-            await asyncio.to_thread(self._drop_checkpoint_if_finished, job.id)
+        finally:  # however the run ended (stored, failed, refused, cancelled, deleted): drop what it left
+            await asyncio.to_thread(self._clean_up, job.id, job.attempt)
 
     async def _run_attempt(self, job: JobRecord) -> None:
         clock = StageClock()
@@ -412,7 +429,7 @@ class Scheduler:
         without it a rerun starts from scratch)."""
         key = JobArtifacts(job.project, job.id).checkpoint
         try:
-            await asyncio.to_thread(write_checkpoint, self.artifacts, key, state)
+            await settled(asyncio.to_thread(write_checkpoint, self.artifacts, key, state))
         except StorageError as error:
             logger.warning("job %s: no checkpoint saved, a rerun starts from scratch: %s", job.id, error)
             return
@@ -420,16 +437,26 @@ class Scheduler:
             self.store.save_checkpoint, job.id, job.attempt, key, step_index=state.step_index
         )
 
-    def _drop_checkpoint_if_finished(self, job_id: str) -> None:
-        """A finished job's checkpoint is garbage; a requeued one keeps it for its next run (best effort)."""
+    def _clean_up(self, job_id: str, attempt: int | None = None) -> None:
+        """Delete what nothing will read: a finished (or deleted) job's checkpoint, and the clip and poster
+        of run `attempt` unless the job recorded them as its result (the run was cancelled, superseded or
+        requeued, or its job deleted, after the Finisher stored them). A requeued job keeps its checkpoint
+        for its next run. Deleted jobs are read too: a DELETE that lands before the run stops must not
+        leave the run's files behind. Best effort: what fails here the orphan sweep removes later."""
         try:
-            current = self.store.get(job_id)
-            if current is None or not current.is_finished or current.checkpoint_uri is None:
+            current = self.store.get(job_id, include_deleted=True)
+            if current is None:
                 return
-            self.artifacts.delete(current.checkpoint_uri)
-            self.store.clear_checkpoint(job_id)
+            keys = JobArtifacts(current.project, current.id)
+            garbage = [keys.checkpoint] if current.is_finished else []
+            if attempt is not None and current.artifact_uri != keys.clip(attempt):
+                garbage += [keys.clip(attempt), keys.poster(attempt)]
+            for key in garbage:
+                self.artifacts.delete(key)
+            if current.is_finished and current.checkpoint_uri is not None:
+                self.store.clear_checkpoint(job_id)
         except Exception:
-            logger.warning("job %s: deleting its checkpoint failed", job_id, exc_info=True)
+            logger.warning("job %s: deleting the files its run left failed", job_id, exc_info=True)
 
     async def _report_forever(self) -> None:
         """Refresh the jobs and queue gauges from the store (the store, not memory, is the truth)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +25,9 @@ from serve.jobs.request import LutRef
 from serve.metrics import record_artifact_write, record_safety_block
 from serve.stages.common import STAGE_OPTIONS
 from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
-from serve.storage import JobArtifacts, StoredArtifact, make_store
+from serve.storage import JobArtifacts, StorageError, StoredArtifact, make_store
 
+logger = logging.getLogger("ray.serve")
 NAME = "Finisher"
 MAX_CACHED_LUTS = 32  # a 65³ LUT is ~7 MB as floats
 
@@ -48,8 +50,27 @@ class FinisherDeployment:
         self._luts: dict[str, Lut] = {}  # LUT key -> parsed LUT, oldest first
 
     async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
+        """The stored clip. A call cancelled meanwhile (its job was cancelled or deleted) publishes nothing:
+        the encode thread cannot be stopped, so it is let finish and what it stored is deleted."""
         pixels = await frames.ref[0]
-        return await asyncio.to_thread(self._finish, Frames(pixels=pixels, fps=frames.fps), call)
+        work = asyncio.ensure_future(
+            asyncio.to_thread(self._finish, Frames(pixels=pixels, fps=frames.fps), call)
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait([work])
+            if work.cancelled() or work.exception() is not None:
+                raise  # it stored nothing whole (a half-written local file is never under its key)
+            keys = JobArtifacts(call.project, call.job_id)
+            try:
+                for key in (keys.clip(call.attempt), keys.poster(call.attempt)):
+                    await asyncio.to_thread(self.store.delete, key)
+            except StorageError:
+                logger.warning(
+                    "job %s: a cancelled clip could not be deleted; the orphan sweep will", call.job_id
+                )
+            raise
 
     def _finish(self, frames: Frames, call: FinishCall) -> FinishedClip:
         started = time.perf_counter()

@@ -36,11 +36,12 @@ from serve.editorial.timeline import (
     write_timeline,
 )
 from serve.http.admission import project_settings
-from serve.http.deps import CallerDep, IngressState, StateDep
-from serve.http.editorial import CUT_SIZES, Cut, CutClipView, CutCreate, StoryboardUpdate
+from serve.http.deps import CallerDep, IngressState, StateDep, deleting
+from serve.http.editorial import CUT_SIZES, Cut, CutClipView, CutCreate, CutDeleted, StoryboardUpdate
 from serve.http.errors import ApiError
 from serve.http.routes.storyboards import board_and_jobs, storyboard_of
 from serve.http.storyboards import Storyboard
+from serve.jobs import deletion
 from serve.jobs.models import StoryboardRecord
 from serve.storage import StorageError
 
@@ -135,8 +136,32 @@ async def create_cut(
             )
         except StorageError:
             raise ApiError(503, "storage_unavailable", "the artifact store failed; try again") from None
-    await asyncio.to_thread(state.store.update_storyboard, storyboard_id, cut=cut.model_dump(mode="json"))
+    takes = [choice.job.id for choice in choices]
+    saved = await asyncio.to_thread(state.store.save_cut, storyboard_id, cut.model_dump(mode="json"), takes)
+    if not saved:  # a take (or the board) was deleted while it rendered: its copy must not be served
+        await asyncio.to_thread(deletion.delete_keys_or_leave_to_sweep, state.artifacts, cut.keys, cut.id)
+        await board_and_jobs(storyboard_id, state, caller, with_jobs=False)  # 404 once the board is gone
+        raise ApiError(
+            409, "take_deleted", "a take of the cut was deleted while it rendered; render it again"
+        )
+    if record.cut is not None:  # the cut it replaces is served no more: its files go (no stale copies)
+        old = CutRecord.model_validate(record.cut).keys
+        await asyncio.to_thread(
+            deletion.delete_keys_or_leave_to_sweep, state.artifacts, old, "a replaced cut"
+        )
     return await _cut_view(record, cut, state, request)
+
+
+@router.delete("/{storyboard_id}/cut", response_model=CutDeleted, summary="Delete the last cut")
+async def delete_cut(storyboard_id: str, state: StateDep, caller: CallerDep) -> CutDeleted:
+    """Delete the board's cut: its mp4 and per-shot clips leave the artifact store (their signed links and
+    the timeline 404 / 409 from then on); the takes, the board and its edit stay. 409 `no_cut` when the
+    board has none; 503 `storage_unavailable`, nothing deleted, if the store fails."""
+    record, _jobs = await board_and_jobs(storyboard_id, state, caller, with_jobs=False)
+    cut = await deleting(deletion.delete_cut, state.store, state.artifacts, record)
+    if cut is None:
+        raise ApiError(409, "no_cut", f"storyboard {storyboard_id} has no cut", "storyboard_id")
+    return CutDeleted(id=cut.id, storyboard_id=record.id)
 
 
 @router.get("/{storyboard_id}/cut", response_model=Cut, summary="Retrieve the last cut")
@@ -223,7 +248,15 @@ async def _board_cut(
             "no_cut",
             f"storyboard {storyboard_id} has no cut yet; POST /v1/storyboards/{storyboard_id}/cut",
         )
-    return record, CutRecord.model_validate(record.cut)
+    cut = CutRecord.model_validate(record.cut)
+    if cut.stale is not None:
+        raise ApiError(
+            409,
+            "cut_stale",
+            f"the cut {cut.id} of storyboard {storyboard_id} is no longer served: {cut.stale}; "
+            f"POST /v1/storyboards/{storyboard_id}/cut renders it again",
+        )
+    return record, cut
 
 
 async def _link(key: str, state: IngressState, request: Request) -> str:

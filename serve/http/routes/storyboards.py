@@ -11,7 +11,15 @@ from pydantic import ValidationError
 
 from serve.auth import Caller
 from serve.http.admission import BoardDraft, VideoDraft, admit, check_model, project_settings
-from serve.http.deps import CallerDep, IdempotencyKey, IngressState, StateDep, jobs_on_board, project_of
+from serve.http.deps import (
+    CallerDep,
+    IdempotencyKey,
+    IngressState,
+    StateDep,
+    deleting,
+    jobs_on_board,
+    project_of,
+)
 from serve.http.errors import BLOCKED, ApiError, invalid
 from serve.http.routes.videos import check_promotable, promotion_draft
 from serve.http.schemas import VideoPromote
@@ -20,12 +28,13 @@ from serve.http.storyboards import (
     PromotedTakes,
     Storyboard,
     StoryboardCreate,
+    StoryboardDeleted,
     StoryboardList,
     StoryboardPromote,
     expand,
 )
 from serve.http.views import storyboard_view, video_view
-from serve.jobs import JobRecord, StoryboardRecord, new_storyboard_id
+from serve.jobs import JobRecord, StoryboardRecord, deletion, new_storyboard_id
 from serve.jobs.request import StoryboardPlace
 
 router = APIRouter(prefix="/v1/storyboards", tags=["storyboards"])
@@ -161,6 +170,38 @@ async def promote_takes(
     )
     jobs = admitted.jobs or ((admitted.job,) if admitted.job is not None else ())
     return PromotedTakes(data=[video_view(job) for job in jobs])
+
+
+@router.delete("/{storyboard_id}", response_model=StoryboardDeleted, summary="Delete a storyboard")
+async def delete_storyboard(
+    storyboard_id: str,
+    state: StateDep,
+    caller: CallerDep,
+    delete_videos: Annotated[
+        bool,
+        Query(
+            description="Delete the board's videos too (queued and running ones are cancelled, then deleted, "
+            "each as `DELETE /v1/videos/{id}` deletes a video). Default: they are kept, as videos of no "
+            "board."
+        ),
+    ] = False,
+) -> StoryboardDeleted:
+    """Delete the board, its edit and its cut (the cut's mp4 and clips leave the artifact store, their
+    signed links 404). Its takes are kept by default: they are videos of the project in their own right
+    (listed, remixed, promoted, downloaded by editors) and a deleted take cannot be brought back, so
+    deleting them is asked for with `delete_videos=true`. 503 `storage_unavailable` if the store fails
+    (what was deleted stays deleted; delete the board again to finish)."""
+    record, _jobs = await board_and_jobs(storyboard_id, state, caller, with_jobs=False)
+    outcome = await deleting(
+        deletion.delete_storyboard, state.store, state.artifacts, record, delete_videos=delete_videos
+    )
+    if outcome is None:  # deleted meanwhile by another request
+        raise ApiError(404, "not_found", f"no storyboard with id {storyboard_id!r}", param="storyboard_id")
+    for video_id in outcome.cancelled:  # stop their runs; each run removes what it stored
+        state.scheduler.cancel.remote(video_id)
+    if outcome.cancelled:
+        state.scheduler.wake.remote()
+    return StoryboardDeleted(id=record.id, deleted_videos=outcome.deleted_videos)
 
 
 @router.get("/{storyboard_id}", response_model=Storyboard, summary="Retrieve a storyboard")

@@ -21,7 +21,15 @@ from serve.http.admission import (
     remix_place,
     remix_settings,
 )
-from serve.http.deps import CallerDep, IdempotencyKey, IngressState, StateDep, job_or_404, project_of
+from serve.http.deps import (
+    CallerDep,
+    IdempotencyKey,
+    IngressState,
+    StateDep,
+    deleting,
+    job_or_404,
+    project_of,
+)
 from serve.http.errors import BLOCKED, ApiError, invalid
 from serve.http.events import event_stream
 from serve.http.forms import read_fields
@@ -39,9 +47,8 @@ from serve.http.schemas import (
     WebhookDeliveryList,
 )
 from serve.http.views import video_payload, video_view
-from serve.jobs import CancelResult, JobRecord, JobStatus
+from serve.jobs import CancelResult, JobRecord, JobStatus, deletion
 from serve.jobs.models import unix
-from serve.storage import StorageError
 
 router = APIRouter(prefix="/v1/videos", tags=["videos"])
 
@@ -190,8 +197,11 @@ async def delete_video(
     ] = False,
 ) -> VideoDeleted:
     """Cancel a queued or running video and free its slot in the pipeline (the record stays, status
-    `cancelled`); delete a finished one: its clip and poster are removed from the artifact store and the
-    video answers 404 from then on (503 `storage_unavailable`, nothing deleted, if the store fails)."""
+    `cancelled`; whatever its run had stored is removed when the run stops); delete a finished one
+    everywhere: its clip, poster and checkpoint leave the artifact store, the video answers 404 from
+    then on, its signed links 404, and a storyboard cut that holds it as a take is marked stale (`GET
+    /v1/storyboards/{id}/cut` and its timeline answer 409 `cut_stale`) and its files deleted: render the
+    cut again. 503 `storage_unavailable`, nothing deleted, if the store fails."""
     result = await asyncio.to_thread(state.store.cancel, video_id, project=caller.project)
     if result == CancelResult.NOT_FOUND:
         raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
@@ -205,17 +215,7 @@ async def delete_video(
                 "cancelled (DELETE without `cancel_only` deletes it)",
                 param="video_id",
             )
-        for key in (job.artifact_uri, job.poster_uri):  # the files first: a failure leaves the video whole
-            if key is not None:
-                try:
-                    await asyncio.to_thread(state.artifacts.delete, key)
-                except StorageError:
-                    raise ApiError(
-                        503,
-                        "storage_unavailable",
-                        "the artifact store failed; nothing was deleted, try again",
-                    ) from None
-        deleted = await asyncio.to_thread(state.store.mark_deleted, video_id, project=caller.project)
+        deleted = await deleting(deletion.delete_video, state.store, state.artifacts, job)
         if deleted is None:  # deleted meanwhile by another request
             raise ApiError(404, "not_found", f"no video with id {video_id!r}", param="video_id")
         return VideoDeleted(id=video_id, status=deleted.status.api_state)
@@ -374,7 +374,8 @@ def promotion_draft(source: JobRecord, body: VideoPromote, burn_label: bool, pre
         labels=body.labels if body.labels is not None else source.labels,
         prefix=prefix,
         callback_url=source.request.callback_url,
-        storyboard=source.request.storyboard,
+        # a take of a board joins its shot; one whose board was deleted is a video of no board
+        storyboard=source.request.storyboard if source.storyboard_id is not None else None,
         promoted_from=source.id,
     )
 
