@@ -152,6 +152,8 @@ def wait_ready(
         if state == "RUNNING":
             try:
                 if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    if on_wait is not None:  # the last deployments became ready since the last look
+                        on_wait("RUNNING", deployment_progress())
                     return waited
             except httpx.HTTPError:
                 pass
