@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtest.probe_report import FORMAT as PROBE_FORMAT
 from pipeline.denoise.flops import wan_forward_flops
 from pipeline.denoise.parallel import ParallelDegree, ulysses_bytes_per_forward
 
@@ -203,6 +204,8 @@ def from_probe(report: dict[str, Any], base: CostModel | None = None) -> CostMod
 
     ValueError when the report has no GPU figures (a dry run) or too few forwards to separate the two
     throughputs (two token counts are needed: 480p and 720p)."""
+    if report.get("format") != PROBE_FORMAT:
+        raise ValueError(f"need a gpu_probe report of format {PROBE_FORMAT}, not {report.get('format')!r}")
     base = base or CostModel()
     device, matmul = report["device"], report["matmul"]
     peak = device["datasheet_bf16_flops_per_s"] or matmul["bf16_flops_per_s"]

@@ -27,6 +27,7 @@ def probe_report(truth: CostModel | None, vae_s: float | None = None) -> dict:
             )
     peak = None if truth is None else truth.peak_flops
     return {
+        "format": 1,
         "device": {
             "name": "NVIDIA H100 80GB HBM3" if truth else None,
             "type": "cuda" if truth else "cpu",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import gpu_probe
+from loadtest import gpu_probe, probe_report
 from pipeline.denoise.flops import wan_forward_flops
 from tests.gpu_machine import SITECUSTOMIZE
 
@@ -92,13 +92,13 @@ def test_a_cpu_dry_run_through_the_wheels_writes_every_field_with_the_gpu_figure
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert list(report) == [f.name for f in fields(gpu_probe.Report)]
-    for key, record in [("device", gpu_probe.DeviceInfo), ("matmul", gpu_probe.MatmulRate)]:
+    assert list(report) == [f.name for f in fields(probe_report.Report)]
+    for key, record in [("device", probe_report.DeviceInfo), ("matmul", probe_report.MatmulRate)]:
         assert list(report[key]) == [f.name for f in fields(record)]
-    for key, record in [("engine", gpu_probe.EngineRecord), ("fp8", gpu_probe.Fp8Record)]:
+    for key, record in [("engine", probe_report.EngineRecord), ("fp8", probe_report.Fp8Record)]:
         assert list(report[key]) == [f.name for f in fields(record)]
-    assert list(report["vae"]) == [f.name for f in fields(gpu_probe.VaeRecord)]
-    forward_fields = [f.name for f in fields(gpu_probe.ForwardRecord)]
+    assert list(report["vae"]) == [f.name for f in fields(probe_report.VaeRecord)]
+    forward_fields = [f.name for f in fields(probe_report.ForwardRecord)]
     assert all(list(forward) == forward_fields for forward in report["forwards"])
     assert report["dry_run"] and report["wheels"] and report["packages"]["diffusers"].startswith("0.42")
 
