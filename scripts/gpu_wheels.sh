@@ -80,7 +80,10 @@ if [[ -n $target_python || -n $target_platform ]]; then
     [[ -n $target_python ]] && target+=(--python-version "$target_python")
     [[ -n $target_platform ]] && target+=(--platform "$target_platform")
     "$python" -m pip download --disable-pip-version-check --quiet --no-deps "${target[@]}" \
-        --dest "$staging/target" "${pins[@]}"
+        --dest "$staging/target" "${pins[@]}" || {
+        echo "gpu_wheels: the registry lacks a wheel of ${pins[*]} for ${target[*]}; see pip's message above." >&2
+        exit 1
+    }
 else
     for pin in "${pins[@]}"; do
         name=${pin%%==*}
