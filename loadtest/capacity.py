@@ -4,6 +4,7 @@
     python -m loadtest.capacity --rate 200 --backlog 500         # one mix on the default replica set
     python -m loadtest.capacity --rate 200 --backlog 500 --recommend --target-p95 60 --plot out/
     python -m loadtest.capacity --measured run.json              # predict a studio_load run, compare
+    python -m loadtest.capacity --from-probe loadtest/results/h100.json --rate 200   # this GPU's throughputs
 
 What is simulated, per job: the Scheduler's queue (Previz policy: interactive before batch, then the
 project with the fewest jobs in flight, then age; or FCFS), at most `max_jobs_in_flight` jobs inside the
@@ -31,7 +32,7 @@ from typing import Any, Literal
 
 import simpy
 
-from loadtest.cost_model import SIZES, CostModel, video_tokens
+from loadtest.cost_model import SIZES, CostModel, from_probe, video_tokens
 from pipeline.denoise.parallel import ParallelDegree
 
 Policy = Literal["previz", "fcfs"]
@@ -529,10 +530,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--measured", type=Path, help="a loadtest.studio_load JSON: predict it and compare")
     parser.add_argument("--json", type=Path, help="write the report(s) here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--from-probe", type=Path, help="a loadtest.gpu_probe JSON: throughputs refitted to that GPU"
+    )
     args = parser.parse_args(argv)
     model = CostModel(
         cache_skip=args.cache_skip, matmul_mfu=args.matmul_mfu, attention_mfu=args.attention_mfu
     )
+    if args.from_probe is not None:  # this hardware's measured throughputs instead of the published fit
+        model = from_probe(json.loads(args.from_probe.read_text()), model)
     if args.calibrate:
         print(calibration_table(model))
         return

@@ -1,6 +1,7 @@
 """How long a Wan2.2 A14B expert forward and a whole clip take on GPUs: FLOPs, throughput, communication.
 
     python -m loadtest.capacity --calibrate      # this model against the published official timings
+    python -m loadtest.cost_model --from-probe loadtest/results/h100.json   # refit from a GPU probe run
 
 One expert forward of `rows` rows of N video tokens on a rank group of U (Ulysses) x C (CFG) GPUs:
     compute   = (matmul FLOPs / matmul throughput + attention FLOPs / attention throughput) / U,
@@ -23,15 +24,28 @@ projections do. Fitted: matmul 30 % and attention 71 % of peak, 216 GB/s and 142
 default budget lands in a neighbouring optimum, 2.6 %; the defaults are the best of longer searches.)
 It is a model of those scripts on that machine: other
 kernels (FlashAttention 3, compile) move the throughputs, which the CLI lets you set.
+
+`from_probe` refits the same model to one loadtest.gpu_probe JSON: the two throughputs from its measured
+forwards (the fastest of each size and row count, compiled or eager, bf16), least squares on
+seconds x peak = matmul FLOPs / matmul_mfu + attention FLOPs / attention_mfu; the peak is the datasheet's
+(else the measured matmul rate); the serial part from its 720p VAE decode (text encoding, a few percent of
+it, is not measured there). Link bandwidth and collective latency keep the published fit: one GPU
+measures no collectives.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from loadtest.probe_report import FORMAT as PROBE_FORMAT
 from pipeline.denoise.flops import wan_forward_flops
 from pipeline.denoise.parallel import ParallelDegree, ulysses_bytes_per_forward
 
@@ -41,7 +55,7 @@ H100_BF16_DENSE = 989e12
 ONE_GPU = ParallelDegree()
 BF16_BYTES = 2
 PATCH = (1, 2, 2)  # latent frames, height, width per video token
-VAE_STRIDE = (4, 16, 16)  # Wan2.2's VAE: 4x in time, 16x in space (A14B uses the 8x VAE: 8x spatial)
+VAE_STRIDE = (4, 8, 8)  # the Wan2.1 VAE that A14B uses: 4x in time, 8x in space (Wan2.2's 5B VAE is 16x)
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}
 # (size, GPUs) -> seconds for 81 frames, 40 steps with CFG: the Wan2.2 README's efficiency table, H100
 PUBLISHED_H100_S = {
@@ -57,8 +71,8 @@ PUBLISHED_H100_S = {
 def video_tokens(width: int, height: int, num_frames: int) -> int:
     """Transformer tokens of a clip: latent frames x latent rows x latent columns, after 1x2x2 patches.
     The A14B's VAE compresses 4x in time and 8x in space; patches halve each spatial side again."""
-    latent_frames = (num_frames - 1) // 4 + 1
-    return latent_frames * (height // 16) * (width // 16)
+    latent_frames = (num_frames - 1) // VAE_STRIDE[0] + 1
+    return latent_frames * (height // (VAE_STRIDE[1] * PATCH[1])) * (width // (VAE_STRIDE[2] * PATCH[2]))
 
 
 def attention_flops(
@@ -66,6 +80,21 @@ def attention_flops(
 ) -> float:
     """The self-attention scores and values of wan_forward_flops: 4 N^2 d a layer and row."""
     return 4.0 * num_tokens * num_tokens * dim * num_layers * num_rows
+
+
+def split_flops(num_tokens: int, num_rows: int) -> tuple[float, float]:
+    """(matmul FLOPs other than self-attention's scores and values, those of self-attention) of one
+    A14B expert forward: the two parts run at different throughputs."""
+    total = wan_forward_flops(
+        num_tokens,
+        dim=DIM,
+        ffn_dim=FFN_DIM,
+        num_layers=NUM_LAYERS,
+        text_tokens=TEXT_TOKENS,
+        num_rows=num_rows,
+    )
+    attention = attention_flops(num_tokens, num_rows=num_rows)
+    return total - attention, attention
 
 
 @dataclass(frozen=True)
@@ -83,18 +112,9 @@ class CostModel:
     def forward_s(self, num_tokens: int, num_rows: int, degree: ParallelDegree = ONE_GPU) -> float:
         """One batched expert forward of `num_rows` rows of `num_tokens` tokens on `degree`'s group."""
         rows = math.ceil(num_rows / degree.cfg)
-        total = wan_forward_flops(
-            num_tokens,
-            dim=DIM,
-            ffn_dim=FFN_DIM,
-            num_layers=NUM_LAYERS,
-            text_tokens=TEXT_TOKENS,
-            num_rows=rows,
-        )
-        attention = attention_flops(num_tokens, num_rows=rows)
+        matmul, attention = split_flops(num_tokens, rows)
         compute = (
-            (total - attention) / (self.peak_flops * self.matmul_mfu)
-            + attention / (self.peak_flops * self.attention_mfu)
+            matmul / (self.peak_flops * self.matmul_mfu) + attention / (self.peak_flops * self.attention_mfu)
         ) / degree.ulysses
         comm = 0.0
         if degree.ulysses > 1:
@@ -167,3 +187,89 @@ def fit(seed: int = 0, samples: int = 20_000, refinements: int = 20_000) -> Cost
 
 def with_cache(model: CostModel, skip: float) -> CostModel:
     return replace(model, cache_skip=skip)
+
+
+def probe_points(report: dict[str, Any]) -> dict[tuple[str, int], float]:
+    """(size, rows) -> the fastest measured bf16 seconds of a whole 40-layer forward in a probe report."""
+    best: dict[tuple[str, int], float] = {}
+    for forward in report["forwards"]:
+        if forward["mode"] in ("compiled", "eager") and forward["seconds"] is not None:
+            key = (forward["size"], forward["rows"])
+            best[key] = min(best.get(key, math.inf), forward["seconds"])
+    return best
+
+
+def from_probe(report: dict[str, Any], base: CostModel | None = None) -> CostModel:
+    """`base` (default: the published fit) with the throughputs, peak and serial part of a probe run.
+
+    ValueError when the report has no GPU figures (a dry run) or too few forwards to separate the two
+    throughputs (two token counts are needed: 480p and 720p)."""
+    if report.get("format") != PROBE_FORMAT:
+        raise ValueError(f"need a gpu_probe report of format {PROBE_FORMAT}, not {report.get('format')!r}")
+    base = base or CostModel()
+    device, matmul = report["device"], report["matmul"]
+    peak = device["datasheet_bf16_flops_per_s"] or matmul["bf16_flops_per_s"]
+    points = probe_points(report)
+    if peak is None or not points:
+        raise ValueError("the probe report has no GPU figures (a --dry-run?); run it on a GPU machine.")
+    if len({size for size, _ in points}) < 2:
+        raise ValueError(f"the probe measured {sorted(points)} only; refitting needs both 480p and 720p.")
+    rows_of_flops, seconds_peak = [], []
+    for (size, rows), seconds in sorted(points.items()):
+        rows_of_flops.append(list(split_flops(video_tokens(*SIZES[size], 81), rows)))
+        seconds_peak.append(seconds * peak)
+    (inverse_matmul, inverse_attention), *_ = np.linalg.lstsq(
+        np.array(rows_of_flops), np.array(seconds_peak), rcond=None
+    )
+    if inverse_matmul <= 0 or inverse_attention <= 0:  # the two are not separable here: one MFU for both
+        inverse_matmul = inverse_attention = sum(seconds_peak) / sum(map(sum, rows_of_flops))
+    serial = base.serial_s_per_gigapixel
+    vae = report["vae"]
+    if vae["seconds"] is not None:
+        serial = vae["seconds"] / (SIZES[vae["size"]][0] * SIZES[vae["size"]][1] * vae["num_frames"] / 1e9)
+    return replace(
+        base,
+        peak_flops=peak,
+        matmul_mfu=1.0 / inverse_matmul,
+        attention_mfu=1.0 / inverse_attention,
+        serial_s_per_gigapixel=serial,
+    )
+
+
+def probe_table(report: dict[str, Any], model: CostModel) -> str:
+    """The refitted parameters, each measured forward against the model, and whole clips on one GPU."""
+    name = report["device"]["name"] or report["device"]["type"]
+    lines = [
+        f"cost model refitted to {name}: peak {model.peak_flops / 1e12:.0f} TFLOP/s, matmul MFU "
+        f"{model.matmul_mfu:.3f}, attention MFU {model.attention_mfu:.3f}, serial "
+        f"{model.serial_s_per_gigapixel:.1f} s per 1e9 pixel-frames",
+        "size  rows  measured s  model s",
+    ]
+    for (size, rows), seconds in sorted(probe_points(report).items()):
+        predicted = model.forward_s(video_tokens(*SIZES[size], 81), rows)
+        lines.append(f"{size:<5} {rows:>4}  {seconds:10.3f}  {predicted:7.3f}")
+    for size in SIZES:
+        published = PUBLISHED_H100_S[size, 1]
+        lines.append(
+            f"{size} clip, 40 steps CFG, 1 GPU: {model.clip_s(*SIZES[size]):7.1f} s "
+            f"(published H100: {published} s)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from-probe", type=Path, required=True, help="a loadtest.gpu_probe JSON report")
+    args = parser.parse_args(argv)
+    report = json.loads(args.from_probe.read_text())
+    try:
+        model = from_probe(report)
+    except ValueError as error:
+        print(f"cost_model: {error}", file=sys.stderr)
+        return 2
+    print(probe_table(report, model))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,28 +60,28 @@ class RowwiseLinear(nn.Linear):
     """`nn.Linear` whose output row i depends on input row i only, bit for bit, whatever the batch size."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _per_row(super().forward, input)
+        return per_row(super().forward, input)
 
 
 class RowwiseConv3d(nn.Conv3d):
     """`nn.Conv3d` (the DiT's patch embedding) computed one sample at a time, for the same reason."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _per_row(super().forward, input)
+        return per_row(super().forward, input)
 
 
 class RowwiseSiLU(nn.SiLU):
     """`nn.SiLU` one row at a time: on CPU the vectorised loop hands a tensor's tail to a scalar exp."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _per_row(super().forward, input)
+        return per_row(super().forward, input)
 
 
 class RowwiseGELU(nn.GELU):
     """`nn.GELU` one row at a time (its tanh has the same vector/scalar split as SiLU's exp)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _per_row(super().forward, input)
+        return per_row(super().forward, input)
 
 
 _ROWWISE: dict[type[nn.Module], type[nn.Module]] = {
@@ -125,7 +125,7 @@ def use_deterministic_kernels() -> None:
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
 
-def _per_row(forward, input: torch.Tensor) -> torch.Tensor:
+def per_row(forward, input: torch.Tensor) -> torch.Tensor:
     """`forward` applied to each slice input[i : i + 1], written into one output (no list + cat copy)."""
     if input.dim() < 2 or input.shape[0] == 1:
         return forward(input)

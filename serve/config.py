@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.denoise.adapters import DEFAULT_MAX_ADAPTERS
+from pipeline.denoise.fp8 import fp8_problem
 from pipeline.lora import BUILTIN
 from pipeline.safety import SafetySettings
 from pipeline.spec import ADAPTER_NAME_PATTERN, DISTILL_ADAPTER, ModelSpec, SizeEnvelope
@@ -194,6 +195,15 @@ class PrevizArgs(BaseModel):
                 f"`adapters.draft_lora: {BUILTIN}` exists for the presets ({', '.join(PRESETS)}) only; model "
                 f"{self.model!r} needs the distill LoRA's folder or s3:// prefix, or null (no draft tier)."
             )
+        return self
+
+    @model_validator(mode="after")
+    def _fp8_needs_a_gpu(self) -> PrevizArgs:
+        if self.device is None or self.device.startswith("cuda"):
+            return self  # the replica checks its GPU's compute capability when it loads the expert
+        for expert in ("high", "low"):
+            if self.experts.of(expert).fp8:
+                raise ValueError(f"`experts.{expert}.fp8`: {fp8_problem(self.device)}")
         return self
 
     @property

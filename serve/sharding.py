@@ -1,5 +1,5 @@
 """How each expert deployment runs (`experts: {high: {parallel: {ulysses, cfg}, attention_backend, compile,
-warmup}}` in the app args): its split over GPUs and the shape rules that follow from it: which sizes a
+fp8, warmup}}` in the app args): its split over GPUs and the shape rules that follow from it: which sizes a
 deployed degree accepts (admission asks
 `size_problem`; `GET /v1/models` shows `accepted_sizes`), and the placement group a sharded replica reserves.
 
@@ -99,6 +99,13 @@ class ExpertSettings(BaseModel):
     )
     compile: bool = Field(
         False, description="Regional torch.compile of the repeated transformer blocks (every rank)."
+    )
+    fp8: bool = Field(
+        False,
+        description="FP8 matmuls (torch._scaled_mm, e4m3, per-channel weights and per-token inputs) in the "
+        "transformer blocks of this expert, quantized from the bf16 weights at load (every rank). Needs a "
+        "GPU with FP8 tensor cores (compute capability 8.9+); refused on CPU and older GPUs. Faster, not the "
+        "same bits as bf16.",
     )
     warmup: list[WarmupBucket] = Field(
         default_factory=list,

@@ -1,31 +1,151 @@
-"""The GPU probe exits 0 saying so on a machine without a GPU, and counts FLOPs as the note does."""
+"""The GPU probe: its entry point imports on a machine without diffusers and pydantic, finds them in the
+wheel folder of scripts/gpu_wheels.sh, and a CPU dry run through that folder writes every field of the
+JSON (the GPU figures null); FP8 asked for on the CPU is refused; FLOPs are counted as the note does."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
+from loadtest import gpu_probe, probe_report
 from pipeline.denoise.flops import wan_forward_flops
+from tests.gpu_machine import SITECUSTOMIZE
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_WHEEL_BYTES = 64 * 2**20
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`bash scripts/gpu_wheels.sh DIR` for this interpreter's Python and platform (CI's own)."""
+    folder = tmp_path_factory.mktemp("gpu-wheels")
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_wheels.sh"), str(folder)],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpu_machine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a subprocess that sees only torch, transformers, peft, triton and their
+    requirements of this interpreter's packages (tests/gpu_machine.py)."""
+    folder = tmp_path_factory.mktemp("gpu-machine")
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return {**os.environ, "PYTHONPATH": str(folder), "CUDA_VISIBLE_DEVICES": ""}
+
+
+def run_python(code_or_args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *code_or_args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_the_wheel_set_holds_diffusers_pydantic_core_and_previz_under_64_mib(wheels: Path) -> None:
+    names = {path.name.split("-")[0].lower() for path in wheels.glob("*.whl")}
+    assert {"diffusers", "pydantic", "pydantic_core", "previz"} <= names
+    assert not names & {"torch", "transformers", "peft", "triton", "numpy", "huggingface_hub"}
+    assert sum(path.stat().st_size for path in wheels.glob("*.whl")) < MAX_WHEEL_BYTES
+
+
+def test_the_entry_point_imports_without_diffusers_and_pydantic_and_finds_them_in_the_wheels(
+    wheels: Path, gpu_machine: dict[str, str]
+) -> None:
+    code = f"""
+import importlib, sys
+from pathlib import Path
+import loadtest.gpu_probe as probe
+for name in ("diffusers", "pydantic", "pydantic_core"):
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit(f"{{name}} is importable before --wheels")
+used, project = probe.use_wheels(Path({str(wheels)!r}))
+import diffusers, pydantic, pydantic_core
+print(diffusers.__file__, pydantic.__file__, pydantic_core.__file__, project, sep="\\n")
+"""
+    done = run_python(["-c", code], gpu_machine)
+    assert done.returncode == 0, done.stderr[-3000:]
+    *modules, project = done.stdout.split()
+    assert all("previz-wheels-" in module and "site-packages" not in module for module in modules)
+    assert project == "checkout"  # the probe runs this checkout's pipeline/, not an older wheel of it
+
+
+def test_a_cpu_dry_run_through_the_wheels_writes_every_field_with_the_gpu_figures_null(
+    wheels: Path, gpu_machine: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "dry.json"
+    done = run_python(
+        ["-m", "loadtest.gpu_probe", "--dry-run", "--wheels", str(wheels), "--out", str(out)], gpu_machine
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report) == [f.name for f in fields(probe_report.Report)]
+    for key, record in [("device", probe_report.DeviceInfo), ("matmul", probe_report.MatmulRate)]:
+        assert list(report[key]) == [f.name for f in fields(record)]
+    for key, record in [("engine", probe_report.EngineRecord), ("fp8", probe_report.Fp8Record)]:
+        assert list(report[key]) == [f.name for f in fields(record)]
+    assert list(report["vae"]) == [f.name for f in fields(probe_report.VaeRecord)]
+    forward_fields = [f.name for f in fields(probe_report.ForwardRecord)]
+    assert all(list(forward) == forward_fields for forward in report["forwards"])
+    assert report["dry_run"] and report["wheels"] and report["packages"]["diffusers"].startswith("0.42")
+
+    # every planned measurement is listed: compiled first, then each default backend, each size and row count
+    planned = [(f["mode"], f["backend"], f["size"], f["rows"]) for f in report["forwards"]]
+    grid = [(size, rows) for size in ("480p", "720p") for rows in (1, 2)]
+    modes = [("compiled", "native"), ("eager", "native"), ("eager", "_native_cudnn")]
+    assert planned == [(mode, backend, size, rows) for mode, backend in modes for size, rows in grid]
+    # the figures only a GPU can give are present and null
+    assert report["matmul"]["bf16_flops_per_s"] is None and report["matmul"]["fp8_flops_per_s"] is None
+    assert all(f["seconds"] is None and f["mfu_datasheet"] is None for f in report["forwards"])
+    assert all(f["peak_memory_bytes"] is None for f in report["forwards"])
+    assert {(fit["size"], fit["weights"]) for fit in report["memory_fit"]} == {
+        (size, weights) for size in ("480p", "720p") for weights in ("one_expert", "both_experts")
+    }
+    assert all(fit["max_rows"] is None and fit["extrapolated"] for fit in report["memory_fit"])
+    assert report["engine"]["engine_seconds"] is None and report["engine"]["bare_seconds"] is None
+    assert report["vae"]["seconds"] is None and report["fp8"]["psnr_db"] is None
+    assert report["fp8"]["status"].startswith("unsupported: FP8 matmuls (torch._scaled_mm) need a CUDA GPU")
+    # ...while the code behind them ran at the tiny shape
+    checks = report["dry_run_checks"]
+    assert all(checks[f"eager native {size} x{rows} s"] > 0 for size, rows in grid)
+    assert checks["engine cached steps"] == 1 == report["engine"]["num_cached_steps"]  # the cached row served
+    assert checks["engine iteration s"] > 0 and checks["vae decode s"] > 0
+
+
+def test_fp8_asked_for_on_the_cpu_is_refused_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as refused:
+        gpu_probe.main(["--dry-run", "--fp8", "on", "--out", str(tmp_path / "never.json")])
+    assert str(refused.value) == (
+        "gpu_probe: --fp8 on: FP8 matmuls (torch._scaled_mm) need a CUDA GPU with FP8 tensor cores (compute "
+        "capability 8.9+: Ada, Hopper, Blackwell), but the device is 'cpu'; set `fp8: false`."
+    )
+    assert not (tmp_path / "never.json").exists()
 
 
 def test_without_a_gpu_the_probe_says_so_and_exits_0() -> None:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(
-        [sys.executable, "-m", "loadtest.gpu_probe"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_python(["-m", "loadtest.gpu_probe"], {**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "gpu_probe: no CUDA GPU on this machine; nothing to probe."
+    assert done.stdout.strip() == (
+        "gpu_probe: no CUDA GPU on this machine; nothing to probe (--dry-run checks the probe on CPU)."
+    )
+
+
+def test_the_memory_fit_is_a_least_squares_line_through_the_measured_rows() -> None:
+    assert gpu_probe._line([(1, 5.0e9), (2, 8.0e9), (4, 14.0e9)]) == pytest.approx((2.0e9, 3.0e9))
+    assert gpu_probe._line([(2, 8.0e9)]) == (0.0, 4.0e9)  # one row count: through the origin
 
 
 def test_a14b_forward_flops_match_the_published_one_gpu_time_at_half_of_peak() -> None:

@@ -363,6 +363,26 @@ def test_progress_reports_can_read_the_measured_step_time_of_their_bucket_and_ti
     assert high.seconds_per_step(bucket, "final") is None  # another tier's steps are not this one's
 
 
+def test_the_step_time_is_read_after_the_device_finished_the_forward(
+    tiny: WanComponents, banks: dict[str, AdapterBank], encoder: TextEncoder, monkeypatch
+) -> None:
+    """On CUDA a forward returns once its kernels are queued: the ETA's step time must wait for them.
+    Here the forward costs no "seconds" of a fake timer and the device sync costs 3."""
+    seconds, synced = [0.0], []
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: seconds[0]))
+
+    def synchronize(device: torch.device) -> None:
+        synced.append(device)
+        seconds[0] += 3.0
+
+    monkeypatch.setattr(engine_module, "synchronize", synchronize)
+    high = engine(tiny, banks, "high")
+    item = request(tiny, encoder, "eta-sync", quality="draft")
+    run_to_end(high, [item])
+    assert synced == [high.device, high.device]  # once per iteration, on the expert's device
+    assert high.seconds_per_step(tuple(item.state.latents.shape), "draft") == 3.0
+
+
 def test_a_caching_requests_step_time_counts_the_steps_it_skipped(
     tiny: WanComponents, banks: dict[str, AdapterBank], encoder: TextEncoder, monkeypatch
 ) -> None:

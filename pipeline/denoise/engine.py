@@ -64,6 +64,7 @@ from pipeline.denoise.batching import (
 from pipeline.denoise.blocks import SplitTransformer
 from pipeline.denoise.denoiser import Expert, expert_for
 from pipeline.denoise.forward import Forward, GuidedInput, guided_forward
+from pipeline.denoise.kernels import synchronize
 from pipeline.denoise.parallel import ShardGroupError
 from pipeline.denoise.state import (
     DenoiseState,
@@ -438,6 +439,7 @@ class DenoiseEngine:
             return plan
         started = time.perf_counter()
         output = self.run(plan)
+        synchronize(self.device)  # CUDA returns once kernels are queued: the step time must include them
         seconds = time.perf_counter() - started
         with self._lock:  # before update(): its progress reports read the step time this included
             window = self._step_seconds.setdefault(

@@ -53,6 +53,15 @@ def attention_backends_of(transformer: WanTransformer3DModel) -> set[str]:
     return found
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until the work queued on `device` is done (a no-op on CPU, whose ops finish when they return).
+
+    A CUDA forward returns once its kernels are queued, so wall time read before this is the launch time,
+    not the compute time; step times (ETAs) and benchmarks read the clock after it."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
 def compile_blocks(transformer: WanTransformer3DModel) -> WanTransformer3DModel:
     """Regional compile: each repeated transformer block is compiled once and reused (diffusers'
     `compile_repeated_blocks`), far quicker to compile than the whole model."""

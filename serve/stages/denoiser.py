@@ -15,6 +15,7 @@ from ray.serve.config import RequestRouterConfig
 from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
+from pipeline.denoise.fp8 import quantize_fp8
 from pipeline.denoise.kernels import compile_blocks, warm_up
 from pipeline.denoise.parallel import ShardedForward
 from pipeline.denoise.state import tier_solvers
@@ -74,6 +75,8 @@ class DenoiserDeployment:
             adapters=bank,
             cache_curve=calibration_curve(args.model, model),
         )
+        if settings.fp8:  # after the adapters (peft wraps nn.Linear only); refused without FP8 tensor cores
+            quantize_fp8(self.engine.transformer, self.engine.device)
         if settings.compile:  # after the engine made its layers batch-invariant: compile what runs
             compile_blocks(self.engine.transformer)
         shapes = [bucket.latent_shape(model, transformer.config.in_channels) for bucket in settings.warmup]

@@ -30,6 +30,7 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.denoise.forward import Forward, GuidedInput
+from pipeline.denoise.fp8 import quantize_fp8
 from pipeline.denoise.kernels import compile_blocks, set_attention_backend
 from pipeline.denoise.parallel import ShardGroup, ShardGroupError, worker_loop
 from pipeline.determinism import make_batch_invariant
@@ -67,6 +68,8 @@ class ShardWorker:
         _, transformer = load_expert(self.args, self.expert)
         self.group = join_group(self.args, self.expert, self.rank, master_addr, master_port)
         self.transformer = make_batch_invariant(self.group.shard(transformer))  # as rank 0's engine does
+        if self.args.experts.of(self.expert).fp8:
+            quantize_fp8(self.transformer, self.group.device)
         if self.args.experts.of(self.expert).compile:
             compile_blocks(self.transformer)
 
