@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from serve.auth import Role
 from serve.config import PrevizArgs
 from serve.http.app import app
-from serve.http.deps import IngressState
+from serve.http.deps import IngressState, current_state
 from serve.jobs import JobStore
 from serve.storage import JobArtifacts
 
@@ -93,14 +93,28 @@ def local_api(tmp_path: Path, scheduler: Any = None, **overrides: Any) -> Iterat
     args = PrevizArgs(**{**fields, **overrides})
     scheduler = scheduler if scheduler is not None else RecordingScheduler()
     state = IngressState(args, args.sampling, scheduler)
-    previous, IngressState.current = IngressState.current, state
+    with serving(state):
+        try:
+            admin_key = state.store.ensure_default_project("default")
+            with TestClient(app, headers={"Authorization": f"Bearer {admin_key}"}) as client:
+                yield LocalApi(client, state.store, state, scheduler, tmp_path / "artifacts", admin_key)
+        finally:
+            state.store.close()
+
+
+@contextmanager
+def serving(state: IngressState) -> Iterator[IngressState]:
+    """The app's routes (and its body policy and page) see `state` while inside, through FastAPI's
+    `dependency_overrides` of `current_state`; what was there before comes back after."""
+    previous = app.dependency_overrides.get(current_state)
+    app.dependency_overrides[current_state] = lambda: state
     try:
-        admin_key = state.store.ensure_default_project("default")
-        with TestClient(app, headers={"Authorization": f"Bearer {admin_key}"}) as client:
-            yield LocalApi(client, state.store, state, scheduler, tmp_path / "artifacts", admin_key)
+        yield state
     finally:
-        IngressState.current = previous
-        state.store.close()
+        if previous is None:
+            app.dependency_overrides.pop(current_state, None)
+        else:
+            app.dependency_overrides[current_state] = previous
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import pytest
 
 from serve.config import PrevizArgs
 from serve.http.app import app
-from serve.http.deps import IngressState
+from serve.http.deps import IngressState, current_state
 from serve.jobs import JobStatus
 from serve.scheduling.scheduler import Scheduler
 from tests.api_app import TINY, LocalApi, finish, local_api
@@ -435,13 +435,16 @@ def test_state_bound_errors_name_the_video(api: LocalApi) -> None:
 
 
 def test_not_ready_until_the_replica_is_initialised(api: LocalApi) -> None:
-    state, IngressState.current = IngressState.current, None
+    app.dependency_overrides.pop(current_state)  # as in a replica whose constructor has not run yet
+    assert IngressState.current is None
     try:
         response = api.client.get("/v1/videos")
         assert (response.status_code, response.json()["error"]["code"]) == (503, "not_ready")
         assert api.client.get("/readyz").status_code == 503
+        created = api.client.post("/v1/videos", json={"prompt": "a storm", **TINY})
+        assert (created.status_code, created.json()["error"]["code"]) == (503, "not_ready")
     finally:
-        IngressState.current = state
+        app.dependency_overrides[current_state] = lambda: api.state
     assert api.client.get("/readyz").json() == {"status": "ready"}
     assert api.client.get("/healthz").json() == {"status": "ok"}
 
@@ -707,7 +710,7 @@ def test_cancel_frees_the_slot_and_the_next_queued_job_starts(tmp_path: Path) ->
         stages = [StuckStage()] * 6
         scheduler = Scheduler.func_or_class(args, args.sampling, *stages)
         state = IngressState(args, args.sampling, InProcessHandle(scheduler))
-        previous, IngressState.current = IngressState.current, state
+        app.dependency_overrides[current_state] = lambda: state
         transport = httpx.ASGITransport(app=app)
         key = state.store.ensure_default_project("default")
         try:
@@ -724,8 +727,8 @@ def test_cancel_frees_the_slot_and_the_next_queued_job_starts(tmp_path: Path) ->
                 assert await scheduler.in_flight() == [second]
                 assert state.store.get(first).status == JobStatus.CANCELLED
         finally:
-            IngressState.current = previous
             scheduler._loop_task.cancel()
+            app.dependency_overrides.pop(current_state)
 
     asyncio.run(scenario())
 

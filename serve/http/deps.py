@@ -52,9 +52,18 @@ class IngressState:
 
 
 def current_state() -> IngressState:
+    """The replica's state (a route's `StateDep`); tests give their own with `app.dependency_overrides`."""
     if IngressState.current is None:
         raise ApiError(503, "not_ready", "the Ingress is still starting")
     return IngressState.current
+
+
+def state_of(app: object) -> IngressState:
+    """The state the routes of `app` (the FastAPI app of a request's scope) see: `current_state`, or
+    what `app.dependency_overrides` puts in its place. For the ASGI parts that run outside routing (the
+    body policy, the static page)."""
+    overrides = getattr(app, "dependency_overrides", {})
+    return overrides.get(current_state, current_state)()
 
 
 CALLER_STATE_KEY = "previz_caller"  # scope["state"][…]: the Caller the body policy authenticated

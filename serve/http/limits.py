@@ -42,7 +42,7 @@ from serve.documents import (
     check_json_value,
     load_mapping,
 )
-from serve.http.deps import CALLER_STATE_KEY, caller_of_header, current_state
+from serve.http.deps import CALLER_STATE_KEY, caller_of_header, state_of
 from serve.http.errors import ApiError, error_response
 from serve.http.forms import check_text
 
@@ -145,9 +145,8 @@ class BodyPolicy:
             return
         await self.app(scope, _replay(body), send)
 
-    @staticmethod
-    async def _authenticated(scope: Scope, authorization: str | None) -> Scope:
-        caller = await caller_of_header(current_state(), authorization)
+    async def _authenticated(self, scope: Scope, authorization: str | None) -> Scope:
+        caller = await caller_of_header(state_of(scope.get("app", self.app)), authorization)
         return {**scope, "state": {**scope.get("state", {}), CALLER_STATE_KEY: caller}}
 
     async def _read(self, receive: Receive, max_bytes: int) -> bytes:

@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
-from serve.http.deps import IngressState
+from serve.http.deps import state_of
+from serve.http.errors import ApiError
 from serve.storage import StorageSettings
 
 WEB_ROOT = Path(__file__).resolve().parents[2] / "web"
@@ -52,9 +53,14 @@ def content_security_policy(storage: StorageSettings | None) -> str:
     )
 
 
-def security_headers() -> list[tuple[bytes, bytes]]:
-    state = IngressState.current
-    policy = content_security_policy(state.args.storage if state is not None else None)
+def security_headers(app: object = None) -> list[tuple[bytes, bytes]]:
+    """The page's headers; its media origins come from the storage settings of `app`'s state (none while
+    the Ingress starts)."""
+    try:
+        storage = state_of(app).args.storage
+    except ApiError:
+        storage = None
+    policy = content_security_policy(storage)
     return [
         (b"content-security-policy", policy.encode()),
         (b"x-content-type-options", b"nosniff"),
@@ -72,7 +78,8 @@ class StudioFiles:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *security_headers()]}
+                headers = security_headers(scope.get("app"))
+                message = {**message, "headers": [*message.get("headers", []), *headers]}
             await send(message)
 
         await self.files(scope, receive, send_with_headers)
