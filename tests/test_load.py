@@ -3,7 +3,7 @@
 Every answer is a 201 or a 429 with Retry-After; the store holds exactly the accepted jobs; every accepted
 job completes. Run with -s to see the figures:
 
-    PYTHONPATH=. python -m pytest tests/test_load.py -q -s
+    PYTHONPATH=. python -m pytest tests/test_load.py -q -s -m slow
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 
 from tests.cluster import Cluster
 
-pytestmark = pytest.mark.cluster
+# slow: draining the accepted jobs takes minutes (an hour's bound); `make test-all` runs it
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 NUM_PROJECTS = 4
 JOBS_PER_PROJECT = 50
