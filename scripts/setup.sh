@@ -25,7 +25,7 @@ case "$(uname -m)" in
   *) torch_pins=("torch==2.14.1" "torchvision==0.29.1") ;;
 esac
 echo "previz setup: 1/2 ${torch_pins[*]} (the largest download) …" >&2
-"$VENV/bin/python" -m pip install --progress-bar on "${torch_pins[@]}"
+"$VENV/bin/python" -m pip install --quiet "${torch_pins[@]}"
 echo "previz setup: 2/2 the project and its test tools …" >&2
 "$VENV/bin/python" -m pip install --quiet "${torch_pins[@]}" -e ".[dev]"
 echo "previz setup: done ($VENV)" >&2

@@ -11,13 +11,14 @@ import copy
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray import serve
 
 from serve.auth import Role
 from serve.cli import launch
@@ -133,6 +134,60 @@ def previz_cluster(workdir: Path, s3_server) -> Iterator[Cluster]:
         yield Cluster(url=url, config=config, database_url=database_url)
     finally:
         launch.shutdown()
+
+
+@dataclass(frozen=True, slots=True)
+class ExtraApp:
+    """A second Serve app beside the session's, for one test module (see `extra_app`)."""
+
+    name: str
+    url: str  # its base URL: the cluster's, under the app's route
+    config: dict[str, Any]  # its application config as deployed
+    database_url: str  # its own job store
+    client: PrevizClient  # a member of project `extra` on it
+
+
+@contextmanager
+def extra_app(
+    cluster: Cluster,
+    name: str,
+    workdir: Path,
+    configure: Callable[[dict[str, Any]], None] | None = None,
+    timeout_s: float = 600,
+) -> Iterator[ExtraApp]:
+    """Deploy the session app's config again as app `name` at route `/name` in the same Ray instance, with
+    its own SQLite store in `workdir` and its own S3 prefix, changed by `configure(app_config)` (its `args`
+    and `deployments`), and delete it afterwards. The session app is left as it is (a config change of it
+    would restart all its replicas), so a module that needs other settings (sharded experts, another
+    layout or model) costs one more app for its own duration, not a second cluster. Each of its
+    deployments asks for 0.1 CPU so it fits beside the session app."""
+    session = cluster.config
+    app = copy.deepcopy(session["applications"][0])
+    app.update(name=name, route_prefix=f"/{name}")
+    args = app["args"]
+    args["database_url"] = f"sqlite:///{workdir / f'{name}-jobs.db'}"
+    args["storage"] = {**args["storage"], "s3_uri": args["storage"]["s3_uri"] + f"-{name}"}
+    for entry in app["deployments"]:
+        entry["ray_actor_options"] = {"num_cpus": 0.1}
+    if configure is not None:
+        configure(app)
+    launch.deploy({**session, "applications": [*session["applications"], app]})
+    url = f"{cluster.url}/{name}"
+    try:
+        launch.wait_ready(url, timeout_s=timeout_s, app_name=name)
+        store = JobStore(args["database_url"])
+        try:
+            store.create_project("extra")
+            key = store.create_key("extra", "member", "test")[1]
+        finally:
+            store.close()
+        client = PrevizClient(url, api_key=key, timeout_s=60)
+        yield ExtraApp(name, url, app, args["database_url"], client)
+    finally:
+        launch.deploy(session)  # deletes the extra app, leaves the session's as it was
+        deadline = time.monotonic() + timeout_s
+        while name in serve.status().applications and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 def replica_actor_names(deployment: str) -> list[str]:

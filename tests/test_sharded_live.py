@@ -3,32 +3,27 @@ of 2 CPU bundles, rank 1 a ShardWorker actor, gloo) serves a job end to end with
 unsharded session app, and killing its worker rank mid-job replaces the replica; the job then completes
 exactly once on its next attempt.
 
-The sharded app is a second Serve app (`previz-shard`, route /shard, its own SQLite store) next to the
-session's `previz` app in the same Ray instance, deployed by this module and deleted after it, so the
-session app is left as it is (a config change would restart all its replicas, twice).
+The sharded app is a second Serve app (`previz-shard`, route /previz-shard, its own SQLite store) next to
+the session's `previz` app in the same Ray instance (tests.cluster.extra_app), deployed by this module and
+deleted after it, so the session app is left as it is (a config change would restart all its replicas).
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import ray
-from ray import serve
 
-from serve.cli import launch
 from serve.cli.client import PrevizClient
 from serve.jobs import JobStatus, JobStore
 from serve.stages.shard_worker import worker_name
-from tests.cluster import Cluster
+from tests.cluster import Cluster, ExtraApp, extra_app
 from tests.test_sharding import decoded_frames
 
 pytestmark = pytest.mark.cluster
@@ -39,52 +34,23 @@ TAKE = {"size": "96x64", "seconds": "0.5", "steps": 8, "seed": 4242}  # 72 token
 LONG = {"size": "96x64", "seconds": "0.5", "steps": 100}  # 64 high-noise steps: long enough to kill one
 
 
-@dataclass(frozen=True, slots=True)
-class ShardApp:
-    client: PrevizClient  # a member of project `shard` on the sharded app
-    database_url: str  # its job store, for the job events
-
-
-def sharded_app(session: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """The session app's config as `previz-shard` with a 2-rank HighNoiseDenoiser."""
-    app = copy.deepcopy(session)
-    app.update(name=APP, route_prefix="/shard")
-    args = app["args"]
-    args["database_url"] = f"sqlite:///{workdir / 'shard-jobs.db'}"
-    args["storage"] = {**args["storage"], "s3_uri": args["storage"]["s3_uri"] + "-shard"}
-    args["experts"] = {"high": {"parallel": {"ulysses": 2, "timeout_s": 60}}}
+def sharded(app: dict[str, Any]) -> None:
+    """The session app's config, changed to a 2-rank HighNoiseDenoiser."""
+    app["args"]["experts"] = {"high": {"parallel": {"ulysses": 2, "timeout_s": 60}}}
     for entry in app["deployments"]:
-        entry["ray_actor_options"] = {"num_cpus": 0.1}
         if entry["name"] == "HighNoiseDenoiser":
             entry["placement_group_bundles"] = [{"CPU": 0.1}, {"CPU": 0.1}]
-    return app
 
 
 @pytest.fixture(scope="module")
-def shard(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShardApp]:
-    """A client of the sharded app (a member key of project `shard`), deployed for this module."""
-    session = cluster.config
-    app = sharded_app(session["applications"][0], tmp_path_factory.mktemp("shard"))
-    both = {**session, "applications": [*session["applications"], app]}
-    launch.deploy(both)
-    try:
-        _wait_running(f"{cluster.url}/shard")
-        store = JobStore(app["args"]["database_url"])
-        try:
-            store.create_project("shard")
-            key = store.create_key("shard", "member", "test")[1]
-        finally:
-            store.close()
-        yield ShardApp(
-            PrevizClient(f"{cluster.url}/shard", api_key=key, timeout_s=60), app["args"]["database_url"]
-        )
-    finally:
-        launch.deploy(session)  # deletes previz-shard, leaves previz as it was
-        _wait_gone()
+def shard(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExtraApp]:
+    """The sharded app (`previz-shard`), deployed for this module beside the session app."""
+    with extra_app(cluster, APP, tmp_path_factory.mktemp("shard"), sharded, timeout_s=WAIT_S) as app:
+        yield app
 
 
 def test_a_2_rank_high_noise_expert_serves_a_job_with_the_unsharded_frames(
-    cluster: Cluster, shard: ShardApp, tmp_path: Path
+    cluster: Cluster, shard: ExtraApp, tmp_path: Path
 ) -> None:
     client = shard.client
     models = client.http.get("/v1/models").json()["data"][0]["experts"]
@@ -102,7 +68,7 @@ def test_a_2_rank_high_noise_expert_serves_a_job_with_the_unsharded_frames(
 
 
 def test_killing_the_worker_rank_mid_job_replaces_the_replica_and_the_job_completes_once(
-    shard: ShardApp,
+    shard: ExtraApp,
 ) -> None:
     client = shard.client
     (replica,) = _replicas("HighNoiseDenoiser")
@@ -149,25 +115,3 @@ def _wait(client: PrevizClient, job_id: str) -> dict[str, Any]:
             return job
         time.sleep(0.5)
     raise TimeoutError(f"job {job_id} not finished after {WAIT_S} s: {client.get(job_id)}")
-
-
-def _wait_running(url: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP)
-        if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"{APP} failed to deploy: {status.message}")
-        if status is not None and status.status == "RUNNING":
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{APP} was not ready after {WAIT_S} s")
-
-
-def _wait_gone() -> None:
-    deadline = time.monotonic() + WAIT_S
-    while APP in serve.status().applications and time.monotonic() < deadline:
-        time.sleep(0.5)

@@ -104,9 +104,9 @@ class DeploymentProgress:
         return f"{self.name} {self.num_running}/{max(self.num_replicas, 1)} up"
 
 
-def deployment_progress() -> list[DeploymentProgress]:
-    """Each deployment of the Previz app, in the order Serve lists them (empty before the app exists)."""
-    status = serve.status().applications.get(APP_NAME)
+def deployment_progress(app_name: str = APP_NAME) -> list[DeploymentProgress]:
+    """Each deployment of the app, in the order Serve lists them (empty before the app exists)."""
+    status = serve.status().applications.get(app_name)
     if status is None:
         return []
     return [
@@ -139,28 +139,29 @@ def wait_ready(
     *,
     timeout_s: float = 600,
     on_wait: Callable[[str, list[DeploymentProgress]], None] | None = None,
+    app_name: str = APP_NAME,
 ) -> float:
-    """Block until the app is RUNNING and /readyz answers; returns the seconds waited. `on_wait` hears the
-    app's state and every deployment's progress about twice a second."""
+    """Block until the app (`app_name`, served at `url`) is RUNNING and its /readyz answers; returns the
+    seconds waited. `on_wait` hears the app's state and every deployment's progress about twice a second."""
     started = time.monotonic()
     while True:
         waited = time.monotonic() - started
-        status = serve.status().applications.get(APP_NAME)
+        status = serve.status().applications.get(app_name)
         state = status.status if status is not None else "NOT_STARTED"
         if state == "DEPLOY_FAILED":
-            raise RuntimeError(f"the Previz app failed to deploy: {status.message}")
+            raise RuntimeError(f"the {app_name} app failed to deploy: {status.message}")
         if state == "RUNNING":
             try:
                 if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
                     if on_wait is not None:  # the last deployments became ready since the last look
-                        on_wait("RUNNING", deployment_progress())
+                        on_wait("RUNNING", deployment_progress(app_name))
                     return waited
             except httpx.HTTPError:
                 pass
         if waited > timeout_s:
-            raise TimeoutError(f"the Previz app was not ready after {timeout_s:.0f} s (state {state})")
+            raise TimeoutError(f"the {app_name} app was not ready after {timeout_s:.0f} s (state {state})")
         if on_wait is not None:
-            on_wait(str(getattr(state, "value", state)), deployment_progress())
+            on_wait(str(getattr(state, "value", state)), deployment_progress(app_name))
         time.sleep(0.5)
 
 
