@@ -410,7 +410,7 @@ def test_up_bootstrap_generates_a_studio_admin_key_once(
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     key = bootstrap_default_project(url)
     shown = capsys.readouterr().err
-    assert key is not None and key in shown and "save this key, it is not shown again" in shown
+    assert key is not None and key in shown and "Save this key, it is not shown again." in shown
     store = JobStore(url)
     caller = store.authenticate(key)
     assert (caller.project, caller.role) == ("default", "studio_admin")

@@ -181,13 +181,19 @@ def test_latency_histograms_have_the_jobs_and_every_stage(prometheus: Prometheus
     stages = prometheus.query('sum by (stage) (ray_previz_stage_seconds_count{resolution="96x64"})')
     assert {row["metric"]["stage"] for row in stages} == STAGES
     assert all(float(row["value"][1]) >= NUM_JOBS for row in stages)
-    # Buckets reach 30 minutes; a quantile over the cumulative buckets is a finite number of seconds.
+    # Buckets reach 30 minutes; a quantile over the cumulative buckets is a finite number of seconds. The
+    # end-to-end time is wall clock from creation, so a session-wide p95 can sit in the +Inf bucket when the
+    # machine's clock steps or another test's job waits long; Prometheus then answers the top bound, 1800.
     buckets = prometheus.query('max(ray_previz_stage_seconds_bucket{le="1800.0"})')
     assert value(buckets) >= NUM_JOBS
     p95 = prometheus.query(
         'histogram_quantile(0.95, sum by (le) (ray_previz_job_seconds_bucket{resolution="96x64"}))'
     )
-    assert 0 < value(p95) < 1800 and not math.isnan(value(p95))
+    assert 0 < value(p95) <= 1800 and not math.isnan(value(p95))
+    stage_p95 = prometheus.query(
+        'histogram_quantile(0.95, sum by (le) (ray_previz_stage_seconds_bucket{resolution="96x64"}))'
+    )
+    assert 0 < value(stage_p95) < 1800
     assert value(prometheus.query("sum(ray_previz_denoise_iterations_total)")) > 0
     assert value(prometheus.query("sum(ray_previz_artifact_bytes_written_total)")) > 0
 

@@ -142,9 +142,10 @@ def bootstrap_default_project(database_url: str) -> str | None:
     if generated is not None:
         console.print(
             Panel(
-                f"[bold]{generated}[/]\n\nStudio admin key (role studio_admin: every project, its keys and "
-                "quotas), made with project [bold]default[/]: save it, it is not shown again.\nUse it as "
-                "`export PREVIZ_API_KEY=...` or `Authorization: Bearer ...`.",
+                f"[bold]{generated}[/]\n\nSave this key, it is not shown again.\n"
+                "It is the studio admin key (role studio_admin: every project, its keys and quotas), "
+                "made with project [bold]default[/].\n"
+                "Use it as `export PREVIZ_API_KEY=...` or `Authorization: Bearer ...`.",
                 title="Previz API key",
             )
         )
