@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from pipeline.denoise import Denoiser, initial_state
 from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
-from pipeline.denoise.denoiser import expert_step_indices
+from pipeline.denoise.experts import expert_step_indices
 from pipeline.denoise.forward import Forward
 from pipeline.denoise.parallel import (
     DEFAULT_TIMEOUT_S,
