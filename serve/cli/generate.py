@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -21,6 +21,11 @@ from rich.progress import (
 from rich.table import Table
 
 from serve.cli.common import CliError, app, console
+
+if TYPE_CHECKING:  # imported lazily below, so `previz` starts without loading torch
+    from pipeline.local import FinishOptions
+    from pipeline.lut import Lut
+    from pipeline.safety import FrameCheck
 
 STAGE_LABELS = {
     "encode": "text encoder",
@@ -169,7 +174,7 @@ def generate(
     )
 
 
-def _read_lut(path: Path):
+def _read_lut(path: Path) -> Lut:
     """The LUT of a .cube file; ValueError says what is wrong with it."""
     from pipeline.finish import lut_from_cube
 
@@ -185,10 +190,10 @@ def _run_generate(
     request,
     model: str,
     output: Path,
-    finish,
+    finish: FinishOptions,
     *,
     sr_weights: Path | None,
-    frame_check,
+    frame_check: FrameCheck | None,
     device: str | None,
     degree,
     draft_lora: str | None = None,
@@ -248,7 +253,7 @@ def _run_generate(
     _print_result(result)
 
 
-def _run_stages(pipeline, request, output: Path, finish):
+def _run_stages(pipeline, request, output: Path, finish: FinishOptions):
     from pipeline.local import STAGES
 
     steps = pipeline.steps_per_expert(request)
