@@ -34,9 +34,9 @@ import simpy
 
 from loadtest.cost_model import A14B, SIZES, CostModel, from_probe
 from pipeline.denoise.parallel import ParallelDegree
+from pipeline.priority import Priority
 
 Policy = Literal["previz", "fcfs"]
-Klass = Literal["interactive", "batch"]
 STAGES = ("text", "high", "low", "decode", "finish")
 GPU_STAGES = ("text", "high", "low", "decode")
 
@@ -61,7 +61,7 @@ class Shot:
 
     id: int
     project: str
-    klass: Klass
+    klass: Priority
     tier: str
     size: str
     arrival_s: float
@@ -382,7 +382,7 @@ def studio_mix(
         t += rng.expovariate(rate_per_hour / 3600)
         if t > end:
             return shots
-        klass: Klass = "interactive" if rng.random() < interactive_share else "batch"
+        klass: Priority = "interactive" if rng.random() < interactive_share else "batch"
         tier = "draft" if klass == "interactive" and rng.random() < draft_share_interactive else "final"
         shots.append(Shot(len(shots), f"p{rng.randrange(projects)}", klass, tier, rng.choice(sizes), t))
 

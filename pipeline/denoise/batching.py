@@ -15,10 +15,8 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
 
-Priority = Literal["interactive", "batch"]
-PRIORITY_RANK: dict[str, int] = {"interactive": 0, "batch": 1}  # priority -> rank, lower runs first
+from pipeline.priority import PRIORITY_RANK, Priority
 
 # Latent shape (channels, frames, height, width): requests batch together only when it matches.
 Bucket = tuple[int, ...]

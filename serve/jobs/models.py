@@ -15,16 +15,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from pipeline.priority import PRIORITIES as PRIORITIES
+from pipeline.priority import Priority as Priority
+
 if TYPE_CHECKING:
     from serve.jobs.request import JobRequest
 
-Priority = Literal["interactive", "batch"]
 ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 EventKind = Literal[
     "created", "claimed", "stage", "progress", "succeeded", "failed", "cancelled", "requeued",
     "checkpoint", "resumed", "retry", "deleted",
 ]  # fmt: skip
-PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 
 
 class JobStatus(enum.IntEnum):
