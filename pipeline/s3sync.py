@@ -47,10 +47,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.client import BaseClient
-from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
@@ -59,6 +57,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
     ResponseStreamingError,
 )
+
+from pipeline.s3 import make_s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +139,6 @@ def mirror_dir(cache_dir: Path, location: S3Location) -> Path:
     root = Path(cache_dir) / location.bucket
     prefix = location.folder_prefix.rstrip("/")
     return _safe_join(root, prefix, location.uri) if prefix else root
-
-
-def make_client(endpoint_url: str | None = None, region: str | None = None) -> BaseClient:
-    """A boto3 S3 client; what is not given comes from boto3's environment/config/role chain."""
-    config = Config(retries={"mode": "standard", "max_attempts": 5})
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 def _safe_join(root: Path, rel_path: str, what: str) -> Path:
@@ -493,7 +487,7 @@ def sync_s3_prefix(
     are no longer on S3 are deleted.
     """
     location = S3Location.from_uri(uri)
-    client = client if client is not None else make_client(endpoint_url)
+    client = client if client is not None else make_s3_client(endpoint_url)
     objects = list_objects(client, location)
     if not objects:
         raise FileNotFoundError(f"no objects under s3://{location.bucket}/{location.folder_prefix}")
@@ -737,7 +731,7 @@ def upload_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"cannot upload {folder}: not a directory")
-    client = client if client is not None else make_client()
+    client = client if client is not None else make_s3_client()
     files = sorted(path for path in folder.rglob("*") if path.is_file() and not _is_bookkeeping(path))
     for path in files:
         key = location.folder_prefix + path.relative_to(folder).as_posix()
