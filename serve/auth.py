@@ -29,6 +29,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
 
+from pipeline.stages import accelerator_seconds
 from serve.numbers import whole_number
 
 Role = Literal["member", "admin", "studio_admin"]
@@ -39,8 +40,6 @@ ADMIN_ROLES: tuple[Role, ...] = ("admin", "studio_admin")
 PROJECT_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # a project's name: a lower-case slug, everywhere
 PROJECT_NAME = re.compile(PROJECT_PATTERN)
 KEY_FORM = re.compile(r"^pvz_([0-9a-f]{12})_([A-Za-z0-9_-]{16,})$")
-# Timings of the stages that run on an accelerator: their sum is a job's `gpu_seconds` (GPU quotas).
-GPU_TIMINGS: tuple[str, ...] = ("denoise_high", "denoise_low", "decode", "upscale")
 
 
 class ProjectSettings(BaseModel):
@@ -147,7 +146,7 @@ def keys_match(key: str, key_hash: str) -> bool:
 
 def gpu_seconds(timings: dict[str, float]) -> float:
     """Accelerator seconds of one job's run, from its stage timings."""
-    return float(sum(timings.get(stage, 0.0) for stage in GPU_TIMINGS))
+    return accelerator_seconds(timings)
 
 
 def seconds_to_utc_midnight(now: datetime | None = None) -> int:

@@ -20,18 +20,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from pipeline.stages import STEP_LABELS
 from serve.cli.common import CliError, app, console
 
-STAGE_LABELS = {
-    "encode": "text encoder",
-    "denoise_high": "denoise (high-noise expert)",
-    "denoise_low": "denoise (low-noise expert)",
-    "decode": "VAE decode",
-    "upscale": "upscale",
-    "conform": "frame-rate conform",
-    "grade": "grade",
-    "encode_video": "mp4 encode",
-}
+STAGE_LABELS = STEP_LABELS  # step -> what its progress bar shows, from the stage table
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pipeline.grade import Grader
 from pipeline.interpolate import FlowInterpolator, Interpolator, ModelInterpolator, conform
 from pipeline.lut import Lut, read_cube
 from pipeline.safety import ContentBlocked, FrameCheck
+from pipeline.stages import deployment_name, stage
 from pipeline.video import VideoWriter, poster_frame_jpeg
 from pipeline.weights import pick_device
 from serve.config import PrevizArgs
@@ -28,7 +29,7 @@ from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
 from serve.storage import JobArtifacts, StorageError, StoredArtifact, make_store
 
 logger = logging.getLogger("ray.serve")
-NAME = "Finisher"
+NAME = deployment_name(stage("finish"))  # from the stage table
 MAX_CACHED_LUTS = 32  # a 65³ LUT is ~7 MB as floats
 
 
