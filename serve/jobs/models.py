@@ -216,6 +216,17 @@ class JobRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """What the claim loop reads of one queued job (JobStore.queued_candidates): the fair-share inputs."""
+
+    id: str
+    project: str
+    priority: Priority
+    created_at: datetime
+    deadline: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class StoryboardRecord:
     """One storyboard as stored: what was asked for; its videos are the jobs with its `storyboard_id`."""
 

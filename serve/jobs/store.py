@@ -31,6 +31,7 @@ from serve.jobs.models import (
     JobRecord,
     JobStatus,
     Priority,
+    QueuedJob,
     QueueFull,
     StoryboardRecord,
     new_job_id,
@@ -232,6 +233,15 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
         query = select(jobs).where(jobs.c.status == JobStatus.QUEUED).order_by(jobs.c.id).limit(limit)
         with self._read() as conn:
             return [_record(row) for row in conn.execute(query)]
+
+    def queued_candidates(self, limit: int = 500) -> builtins.list[QueuedJob]:
+        """The claim loop's view of the queue, oldest first: only the columns the fair-share policy reads
+        (no request JSON is loaded or validated)."""
+        _check_limit(limit)
+        columns = jobs.c.id, jobs.c.project, jobs.c.priority, jobs.c.created_at, jobs.c.deadline
+        query = select(*columns).where(jobs.c.status == JobStatus.QUEUED).order_by(jobs.c.id).limit(limit)
+        with self._read() as conn:
+            return [QueuedJob(*row) for row in conn.execute(query)]
 
     def count_by_status(self, project: str | None = None) -> dict[JobStatus, int]:
         """Number of jobs in each status (every status present, zeros included), for metrics and quotas."""
