@@ -23,13 +23,16 @@ from serve.jobs import (
     JobStatus,
     JobStore,
     QueueFull,
+    StoryboardRequest,
 )
+from serve.jobs.storyboard import BoardShot
 from tests.job_requests import job_request
 from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 
 T = TypeVar("T")
 REQUEST = job_request("a lighthouse in a storm, slow push-in", resolution="832x480", duration=5.0, steps=None)
 BUCKET = "832x480x81"
+BOARD = StoryboardRequest(title="act 1", shots=[BoardShot(name="1A", prompt="a lighthouse")])
 NUM_THREADS = 8
 
 
@@ -266,7 +269,7 @@ def test_gpu_quota_refuses_new_jobs_of_that_project_but_answers_retries(store: J
         store.create("dune", "batch", REQUEST, gpu_seconds_per_day=5)
     again, created = store.create("dune", "batch", REQUEST, idempotency_key="shot-1", gpu_seconds_per_day=5)
     with pytest.raises(GpuQuotaExceeded):
-        store.create_storyboard("sb_1", "dune", None, {}, [("batch", REQUEST, {})], gpu_seconds_per_day=5)
+        store.create_storyboard("sb_1", "dune", None, BOARD, [("batch", REQUEST, {})], gpu_seconds_per_day=5)
     make_job(store, "arrival", gpu_seconds_per_day=5)
 
     assert str(refused.value).startswith("project 'dune' used 6.0 of its 5 GPU seconds today")

@@ -154,7 +154,7 @@ storyboards = Table(
     Column("created_at", UTCDateTime, nullable=False),
     # The editor's choices: {"order": [shot index, ...] | null, "takes": {"<shot index>": video id}}.
     Column("edit", JSONDoc),
-    # The last cut rendered from them (serve.editorial.cut.CutRecord as JSON): its mp4, clips and rate.
+    # The last cut rendered from them (serve.jobs.storyboard.CutRecord as JSON): its mp4, clips and rate.
     Column("cut", JSONDoc),
     UniqueConstraint("project", "idempotency_key", name="uq_storyboards_project_idempotency_key"),
 )

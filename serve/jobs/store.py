@@ -32,7 +32,6 @@ from serve.jobs.models import (
     JobStatus,
     Priority,
     QueueFull,
-    StoryboardRecord,
     new_job_id,
     utcnow,
 )
@@ -56,6 +55,7 @@ from serve.jobs.schema import (
     metadata,
     storyboards,
 )
+from serve.jobs.storyboard import CutRecord, StoryboardEdit, StoryboardRecord, StoryboardRequest
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
         storyboard_id: str,
         project: str,
         title: str | None,
-        request: dict[str, Any],
+        request: StoryboardRequest,
         videos: builtins.list[tuple[Priority, JobRequest, dict[str, Any]]],
         *,
         idempotency_key: str | None = None,
@@ -297,7 +297,7 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
             "id": storyboard_id,
             "project": project,
             "title": title,
-            "request": request,
+            "request": request.to_stored(),
             "num_jobs": len(videos),
             "idempotency_key": idempotency_key,
             "created_at": now,
@@ -311,8 +311,8 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
                 self._check_room(
                     conn, project, len(videos), now, max_queued, max_queued_per_project, gpu_seconds_per_day
                 )
-                record = StoryboardRecord(
-                    **conn.execute(insert(storyboards).values(board).returning(storyboards)).one()._asdict()
+                record = StoryboardRecord.from_row(
+                    conn.execute(insert(storyboards).values(board).returning(storyboards)).one()._asdict()
                 )
                 for priority, job_request, labels in videos:
                     row = _new_job_row(project, priority, job_request, labels, now)
@@ -340,7 +340,7 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
             query = query.where(storyboards.c.id < after)
         query = query.order_by(storyboards.c.id.desc()).limit(limit)
         with self._read() as conn:
-            return [StoryboardRecord(**row._asdict()) for row in conn.execute(query)]
+            return [StoryboardRecord.from_row(row._asdict()) for row in conn.execute(query)]
 
     def create_promotions(
         self,
@@ -381,20 +381,24 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
     def get_storyboard(self, storyboard_id: str) -> StoryboardRecord | None:
         with self._read() as conn:
             row = conn.execute(select(storyboards).where(storyboards.c.id == storyboard_id)).one_or_none()
-        return None if row is None else StoryboardRecord(**row._asdict())
+        return None if row is None else StoryboardRecord.from_row(row._asdict())
 
     def update_storyboard(
-        self, storyboard_id: str, *, edit: dict[str, Any] | None = None, cut: dict[str, Any] | None = None
+        self, storyboard_id: str, *, edit: StoryboardEdit | None = None, cut: CutRecord | None = None
     ) -> StoryboardRecord | None:
         """Store the board's edit (selected takes, shot order) and/or its latest cut; None if no board."""
-        changes = {name: value for name, value in (("edit", edit), ("cut", cut)) if value is not None}
+        changes = {
+            name: value.model_dump(mode="json")
+            for name, value in (("edit", edit), ("cut", cut))
+            if value is not None
+        }
         with self._write() as conn:
             if changes:
                 conn.execute(update(storyboards).where(storyboards.c.id == storyboard_id).values(changes))
             row = conn.execute(select(storyboards).where(storyboards.c.id == storyboard_id)).one_or_none()
-        return None if row is None else StoryboardRecord(**row._asdict())
+        return None if row is None else StoryboardRecord.from_row(row._asdict())
 
-    def save_cut(self, storyboard_id: str, cut: dict[str, Any], video_ids: Iterable[str]) -> bool:
+    def save_cut(self, storyboard_id: str, cut: CutRecord, video_ids: Iterable[str]) -> bool:
         """Store a freshly rendered cut of the takes `video_ids` as the board's cut, unless one of those
         takes was deleted meanwhile (or the board was): then False and nothing changes. The takes' rows are
         share-locked, so a delete of one commits either before (this refuses) or after (it finds the cut)."""
@@ -408,11 +412,13 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
             if len(alive) != len(ids):
                 return False
             done = conn.execute(
-                update(storyboards).where(storyboards.c.id == storyboard_id).values(cut=cut)
+                update(storyboards)
+                .where(storyboards.c.id == storyboard_id)
+                .values(cut=cut.model_dump(mode="json"))
             ).rowcount
         return bool(done)
 
-    def replace_cut(self, storyboard_id: str, cut_id: str, cut: dict[str, Any] | None) -> bool:
+    def replace_cut(self, storyboard_id: str, cut_id: str, cut: CutRecord | None) -> bool:
         """Replace the board's cut `cut_id` by `cut` (None: the board has no cut any more): marking it
         stale, or deleting it. False, nothing changed, when the board's cut is not `cut_id` any more."""
         with self._write() as conn:
@@ -421,7 +427,8 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
             ).one_or_none()
             if current is None or current.cut is None or current.cut.get("id") != cut_id:
                 return False
-            conn.execute(update(storyboards).where(storyboards.c.id == storyboard_id).values(cut=cut))
+            stored = None if cut is None else cut.model_dump(mode="json")
+            conn.execute(update(storyboards).where(storyboards.c.id == storyboard_id).values(cut=stored))
         return True
 
     def delete_storyboard(self, storyboard_id: str, *, project: str) -> StoryboardRecord | None:
@@ -437,7 +444,7 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
                 return None
             conn.execute(update(jobs).where(jobs.c.storyboard_id == storyboard_id).values(storyboard_id=None))
             conn.execute(storyboards.delete().where(storyboards.c.id == storyboard_id))
-        return StoryboardRecord(**row._asdict())
+        return StoryboardRecord.from_row(row._asdict())
 
     def artifact_owners(self, ids: Iterable[str]) -> tuple[dict[str, JobRecord], dict[str, StoryboardRecord]]:
         """The jobs (deleted ones included) and boards among `ids`: who owns the files the orphan sweep
@@ -448,7 +455,7 @@ class JobStore(ProjectStoreMixin, LutStoreMixin):
                 row.id: _record(row) for row in conn.execute(select(jobs).where(jobs.c.id.in_(ids)))
             }
             boards = {
-                row.id: StoryboardRecord(**row._asdict())
+                row.id: StoryboardRecord.from_row(row._asdict())
                 for row in conn.execute(select(storyboards).where(storyboards.c.id.in_(ids)))
             }
         return found_jobs, boards
@@ -932,7 +939,7 @@ def _count_board_job(conn: Connection, storyboard_id: str) -> None:
 def _storyboard_by_idempotency_key(conn: Connection, project: str, key: str) -> StoryboardRecord | None:
     query = select(storyboards).where(storyboards.c.project == project, storyboards.c.idempotency_key == key)
     row = conn.execute(query).one_or_none()
-    return None if row is None else StoryboardRecord(**row._asdict())
+    return None if row is None else StoryboardRecord.from_row(row._asdict())
 
 
 def _create_engine(url: str, busy_timeout_s: float) -> Engine:
