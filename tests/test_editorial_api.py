@@ -16,6 +16,7 @@ from pipeline.frames import Frames
 from pipeline.interpolate import conform_frame_count
 from pipeline.video import VideoWriter, read_video_info
 from serve.storage import JobArtifacts
+from serve.webhooks import open_job_store
 from tests.api_app import TINY, LocalApi, http_server, local_api
 from tests.cli_run import previz
 
@@ -302,11 +303,11 @@ def test_the_cli_selects_takes_renders_the_cut_and_fetches_it_with_clips_and_tim
 def test_a_store_of_an_earlier_version_gains_the_storyboard_edit_and_cut_columns(tmp_path: Path) -> None:
     from sqlalchemy import create_engine, inspect, text
 
-    from serve.jobs import JobStore, StoryboardEdit
+    from serve.jobs import StoryboardEdit
     from serve.jobs.schema import ADDED_STORYBOARD_COLUMNS
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    JobStore(url).create_schema()
+    open_job_store(url).create_schema()
     engine = create_engine(url)
     with engine.begin() as conn:  # the previous version's table
         for name in ADDED_STORYBOARD_COLUMNS:
@@ -317,7 +318,7 @@ def test_a_store_of_an_earlier_version_gains_the_storyboard_edit_and_cut_columns
                 "VALUES ('sb_old', 'default', 'old', '{\"shots\": [{}]}', 0, '2026-01-01 00:00:00')"
             )
         )
-    store = JobStore(url)
+    store = open_job_store(url)
     store.create_schema()
     assert {"edit", "cut"} <= {column["name"] for column in inspect(engine).get_columns("storyboards")}
     engine.dispose()

@@ -26,6 +26,7 @@ from serve.jobs import (
     StoryboardRequest,
 )
 from serve.jobs.storyboard import BoardShot
+from serve.webhooks import open_job_store
 from tests.job_requests import job_request
 from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 
@@ -102,7 +103,7 @@ def test_status_order_finished_states_and_api_states() -> None:
 
 def test_in_memory_sqlite_is_refused_because_processes_could_not_share_it() -> None:
     with pytest.raises(ValueError, match="needs a SQLite file shared by all processes"):
-        JobStore("sqlite://")
+        open_job_store("sqlite://")
 
 
 # --- create, get, list ----------------------------------------------------------------------------------
@@ -691,7 +692,7 @@ def test_counts_by_status_and_running_jobs_per_project(store: JobStore) -> None:
 
 
 def test_create_schema_is_idempotent_even_when_processes_race(store_url: str) -> None:
-    stores = [JobStore(store_url) for _ in range(4)]
+    stores = [open_job_store(store_url) for _ in range(4)]
     try:
         in_threads(lambda index: stores[index].create_schema(), num_threads=4)
         job = make_job(stores[0])
@@ -703,7 +704,7 @@ def test_create_schema_is_idempotent_even_when_processes_race(store_url: str) ->
 
 
 def test_two_stores_on_one_database_see_each_others_changes(store: JobStore, store_url: str) -> None:
-    scheduler = JobStore(store_url)  # as in another process: its own engine and connections
+    scheduler = open_job_store(store_url)  # as in another process: its own engine and connections
     try:
         job = make_job(store)
         claimed = scheduler.claim(job.id, "scheduler-0")

@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, insert, select
 from serve.http.views import storyboard_view, video_view
 from serve.jobs import JobStatus, JobStore
 from serve.jobs.schema import metadata
+from serve.webhooks import open_job_store
 from tests.fake_stages import FakeStages, run_until_finished, scheduler_args
 
 FORMAT_2_DB = Path(__file__).parent / "data" / "jobs-format2.db"
@@ -29,7 +30,7 @@ def copied_store(tmp_path: Path) -> tuple[JobStore, str]:
     path = tmp_path / "format2.db"
     shutil.copy(FORMAT_2_DB, path)
     url = f"sqlite:///{path}"
-    store = JobStore(url)
+    store = open_job_store(url)
     store.create_schema()
     return store, url
 
@@ -37,7 +38,7 @@ def copied_store(tmp_path: Path) -> tuple[JobStore, str]:
 def postgres_copy(postgres_server, postgres_database) -> tuple[JobStore, str]:  # noqa: ANN001
     """The old database's rows in a fresh PostgreSQL schema (every table, typed by today's columns)."""
     url = postgres_server.create_schema(postgres_database)
-    store = JobStore(url)
+    store = open_job_store(url)
     store.create_schema()
     old = create_engine(f"sqlite:///{FORMAT_2_DB}")
     target = create_engine(url)

@@ -37,7 +37,6 @@ from pipeline.spec import (
 )
 from pipeline.upscale import upscale_target_size
 from pipeline.video import DRAFT_LABEL
-from serve.auth import ProjectSettings
 from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import PrevizArgs
 from serve.http.deps import IngressState, jobs_on_board
@@ -53,6 +52,7 @@ from serve.jobs import (
     StoryboardRequest,
 )
 from serve.jobs.models import Priority
+from serve.jobs.projects import ProjectSettings
 from serve.jobs.request import (
     SERVED_MODEL,
     FinishSettings,

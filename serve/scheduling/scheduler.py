@@ -32,7 +32,7 @@ from pipeline.safety import ContentBlocked
 from pipeline.spec import ModelSpec
 from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
-from serve.jobs import RUNNING_STATUSES, JobRecord, JobStatus, JobStore
+from serve.jobs import RUNNING_STATUSES, JobRecord, JobStatus
 from serve.jobs.retention import RetentionSweeper
 from serve.metrics import (
     REPORT_INTERVAL_S,
@@ -56,7 +56,7 @@ from serve.stages.payloads import (
 )
 from serve.stages.transfer import PackedState, pack_state
 from serve.storage import JobArtifacts, StorageError, make_store
-from serve.webhooks import WebhookDispatcher
+from serve.webhooks import WebhookDispatcher, open_job_store
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -147,7 +147,7 @@ class Scheduler:
         self.args = args
         self.model = model
         self.stages = StageHandles(text_encoder, high, low, vae, upscaler, finisher)
-        self.store = JobStore(args.database_url)
+        self.store = open_job_store(args.database_url)
         self.store.create_schema()
         self.artifacts = make_store(args.storage)  # denoise checkpoints live beside the clips
         self.scheduler_id = f"scheduler-{uuid.uuid4().hex[:12]}"
