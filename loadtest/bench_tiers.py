@@ -32,7 +32,7 @@ import torch
 from pipeline.denoise import DenoiseEngine, EngineRequest, initial_state
 from pipeline.denoise.adapters import load_bank
 from pipeline.denoise.calibration import WAN22_T2V_A14B_CURVE, calibration_curve
-from pipeline.denoise.denoiser import expert_step_indices
+from pipeline.denoise.experts import expert_step_indices
 from pipeline.denoise.state import tier_solvers
 from pipeline.denoise.stepcache import MagnitudeCurve, RequestCache
 from pipeline.lora import BUILTIN, distill_folder

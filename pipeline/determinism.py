@@ -2,8 +2,8 @@
 
 Two different things have to hold, and each has its own switch here.
 
-Batch invariance (`make_batch_invariant`, applied by the Denoiser, the DenoiseEngine and the TextEncoder
-to their networks). A kernel's result for one row can depend on how many rows it is given. On CPU
+Batch invariance (`make_batch_invariant`, applied by the DenoiseEngine, which the Denoiser drives, and the
+TextEncoder to their networks). A kernel's result for one row can depend on how many rows it is given. On CPU
 (MKL/oneDNN, fp32, measured here): the DiT's time-embedding linears run with M = batch rows, and M = 2 (a
 request alone: cond + uncond) and M = 6 (three requests) pick different GEMM kernels, up to 2e-5 apart;
 and SiLU/GELU hand the tail of a tensor to a scalar exp/tanh, so a row that straddles a vector boundary
@@ -18,7 +18,7 @@ with 1,440 tokens per row (small preset, 16 rows), 1.25x at 72 tokens, nothing v
 Measured on the tiny preset (CPU, 8 steps, one seed alone vs in a batch of three with other prompts,
 seeds and step counts, high + low expert, then the VAE): before, latents up to 1.9e-6 and uint8 frames
 1/255 apart (the H.264 encoder turned that into pixels 10/255 apart, mean 0.06); now equal bit for bit,
-and tests/test_determinism.py asserts it. The engine equals the single-request Denoiser exactly too.
+and tests/test_determinism.py asserts it. A request batched equals it alone in the engine exactly too.
 
 Run-to-run determinism (`use_deterministic_kernels`, process-wide, called by every stage replica and by
 `previz generate` before a model loads): torch's deterministic algorithms (warn-only: an op without one

@@ -1,5 +1,6 @@
 """One-process run of the whole chain: TextEncoder → high Denoiser → low Denoiser → VAEDecoder →
-Upscaler → Grader → VideoWriter. The same stage classes run inside Serve replicas unchanged.
+Upscaler → Finisher (conform, grade, frame check, label, encode). The same stage classes run inside
+Serve replicas unchanged, so a clip made here equals the cluster's for the same shot, seed and finish.
 
 `sharded_pipeline` runs the same chain with both experts sharded over U x C processes on this machine
 (gloo on CPU, NCCL with one GPU per rank): this process is rank 0 and runs every stage; the spawned
@@ -22,7 +23,7 @@ import torch.multiprocessing as mp
 from pipeline.denoise import Denoiser, initial_state
 from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
-from pipeline.denoise.denoiser import expert_step_indices
+from pipeline.denoise.experts import expert_step_indices
 from pipeline.denoise.forward import Forward
 from pipeline.denoise.parallel import (
     DEFAULT_TIMEOUT_S,
@@ -33,18 +34,22 @@ from pipeline.denoise.parallel import (
     worker_loop,
 )
 from pipeline.denoise.state import tier_solvers
+from pipeline.finish import ClipFinish, Finisher
 from pipeline.frames import Frames
-from pipeline.grade import Grader
-from pipeline.interpolate import CONFORM_RATES, conform
+from pipeline.interpolate import Interpolator
 from pipeline.lora import BUILTIN, distill_folder
+from pipeline.lut import Lut
+from pipeline.safety import FrameCheck
 from pipeline.spec import DISTILL_ADAPTER, RequestSpec, ResolvedRequest, resolve
+from pipeline.stages import job_plan
 from pipeline.text import TextEncoder
 from pipeline.upscale import Upscaler, resize_frames, upscale_target_size
 from pipeline.vae import VAEDecoder
-from pipeline.video import DRAFT_LABEL, VideoWriter
+from pipeline.video import DRAFT_LABEL
 from pipeline.weights import DEFAULT_CACHE_DIR, PRESETS, WanComponents, load_components
 
-STAGES = ("encode", "denoise_high", "denoise_low", "decode", "upscale", "conform", "grade", "encode_video")
+# the progress steps of a one-process run, from the stage table (finishing reports its finer steps)
+STAGES = tuple(step for row in job_plan() for step in row.steps)
 
 # (stage, units done, units total) -> None; units are steps, latent frames or frames per stage.
 ProgressCallback = Callable[[str, int, int], None]
@@ -55,9 +60,10 @@ class FinishOptions:
     """What happens to the clip after decoding."""
 
     upscale: str = "none"  # none | 720p | 1080p
-    look: str = "none"  # none | film
+    look: str = "none"  # none | film, or the name of `lut`'s look
     label: str | None = DRAFT_LABEL  # burned-in text; None leaves frames unmarked (metadata still marks)
     fps: int | None = None  # delivered rate (16, 24, 25): conformed after upscaling; None keeps the model's
+    lut: Lut | None = None  # a .cube look (pipeline.finish.lut_from_cube); `look` is then its name
 
 
 @dataclass(slots=True)
@@ -84,10 +90,14 @@ class LocalPipeline:
         degree: ParallelDegree | None = None,
         draft_lora: str | None = None,
         cache_dir: Path = DEFAULT_CACHE_DIR,
+        frame_check: FrameCheck | None = None,
+        interpolator: Interpolator | None = None,
     ) -> None:
         """`forwards` (expert -> Forward) replaces the experts' own forward, e.g. by a ShardedForward over
         a group of `degree`; `sharded_pipeline` builds both. `draft_lora`: the distill LoRA of the `draft`
-        tier (folder, s3://, or `builtin`, the presets' default); None for a real model: no draft tier."""
+        tier (folder, s3://, or `builtin`, the presets' default); None for a real model: no draft tier.
+        `frame_check` and `interpolator` are the Finisher's (pipeline.finish), as a cluster configures
+        them (`safety.frame_check`, `interpolation_weights`)."""
         self.components = components
         self.degree = degree or ParallelDegree()
         forwards = forwards or {}
@@ -122,6 +132,7 @@ class LocalPipeline:
         }
         self.vae_decoder = VAEDecoder(components.vae)
         self.upscaler = upscaler if upscaler is not None else default_upscaler(components.source)
+        self.finisher = Finisher(frame_check, interpolator)
 
     def generate(
         self,
@@ -140,13 +151,17 @@ class LocalPipeline:
                 "unsharded only; use `quality` final."
             )
         finish = finish or FinishOptions()
-        if finish.fps is not None and finish.fps not in CONFORM_RATES:
-            raise ValueError(f"`fps` must be one of 16, 24, 25 but is {finish.fps}.")
-        grader = Grader(finish.look)
         target_size = upscale_target_size(finish.upscale, *request.size)
-        writer = VideoWriter(label=finish.label)
         model = self.components.model
         resolved = resolve(request, model)
+        how = ClipFinish(  # refuses a bad look or rate before any stage runs
+            seed=resolved.seed,
+            look=finish.look,
+            lut=finish.lut,
+            fps=finish.fps,
+            label=finish.label,
+            metadata=_clip_metadata(resolved, self.components.source),
+        )
         timings: dict[str, float] = {}
         report = progress or (lambda _stage, _done, _total: None)
 
@@ -180,20 +195,14 @@ class LocalPipeline:
             )
         with _timed(timings, "upscale"):
             frames = self._upscale(frames, target_size, stage_progress("upscale"))
-        with _timed(timings, "conform"):
-            frames = conform(frames, finish.fps or frames.fps)
-            report("conform", 1, 1)
-        with _timed(timings, "grade"):
-            frames = grader.grade(frames, seed=resolved.seed)
-        with _timed(timings, "encode_video"):
-            path = writer.write(frames, output, metadata=_clip_metadata(resolved, self.components.source))
-            report("encode_video", 1, 1)
+        finished = self.finisher.finish(frames, how, output, progress=report)  # ContentBlocked: nothing
+        timings.update(finished.part_seconds)
         return GenerationResult(
-            path=path,
+            path=finished.clip,
             request=resolved,
-            width=frames.width,
-            height=frames.height,
-            num_frames=frames.num_frames,
+            width=finished.width,
+            height=finished.height,
+            num_frames=finished.num_frames,
             stage_seconds=timings,
         )
 
@@ -243,6 +252,7 @@ def sharded_pipeline(
     upscaler: Upscaler | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     draft_lora: str | None = None,
+    frame_check: FrameCheck | None = None,
 ) -> Iterator[LocalPipeline]:
     """A LocalPipeline whose experts run over `degree.world_size` processes on this machine.
 
@@ -250,7 +260,7 @@ def sharded_pipeline(
     from `components.source` onto their own device (cuda:rank on GPUs, else cpu) and serve forwards
     until the context exits. A worker that fails makes the next forward raise ShardGroupError."""
     if not degree.is_sharded:
-        yield LocalPipeline(components, upscaler=upscaler, draft_lora=draft_lora)
+        yield LocalPipeline(components, upscaler=upscaler, draft_lora=draft_lora, frame_check=frame_check)
         return
     device = next(components.transformer.parameters()).device
     if device.type == "cuda" and torch.cuda.device_count() < degree.world_size:
@@ -287,7 +297,9 @@ def sharded_pipeline(
             for expert, transformer in (("high", components.transformer), ("low", components.transformer_2))
         }
         group.start_keepalive()
-        yield LocalPipeline(components, upscaler=upscaler, forwards=forwards, degree=degree)
+        yield LocalPipeline(
+            components, upscaler=upscaler, forwards=forwards, degree=degree, frame_check=frame_check
+        )
     finally:
         if group is not None:
             group.close()  # tells the workers to stop

@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from pipeline.video import read_video_info
+from pipeline.video import read_frames, read_video_info
 from serve.cli import main
+from tests import cli_run
+from tests.safety_hooks import BLOCKED_WIDTH
 
 PREVIZ = [sys.executable, "-c", "from serve.cli import main; main()"]
 
@@ -77,6 +80,9 @@ def test_generate_from_a_shot_file(tmp_path: Path) -> None:
         (["x", "--upscale", "4k"], "`upscale` must be one of none, 720p, 1080p but is '4k'."),
         (["x", "--look", "noir"], "`look` must be one of none, film but is 'noir'."),
         (["x", "--fps", "30"], "`--fps` must be one of 16, 24, 25 but is 30."),
+        (["x", "--lut", "/no/such/look.cube"], "`--lut` '/no/such/look.cube' is not a file."),
+        (["x", "--look", "film", "--lut", "/no/such/look.cube"], "give `--look` or `--lut`, not both."),
+        (["x", "--frame-check", "no_such_module:check"], "`safety.frame_check` 'no_such_module:check'"),
         (["x", "-o", "clip.mov"], "`--output` must end in .mp4"),
         (["x", "--model", "/no/such/model"], "is not a folder"),
         (["x", "--model", "s3://"], "s3://bucket/prefix"),
@@ -101,3 +107,54 @@ def test_unknown_field_in_shot_file_is_a_one_line_error(
     code, stderr = previz_in_process(["generate", "--shot", str(shot)], monkeypatch, capsys)
     assert code == 2
     assert "unknown field `lighting`" in stderr
+
+
+# -- the one finisher: a LUT look, a delivered rate and the frame check, as a cluster finishes --------------
+
+
+def grey_cube(level: float = 0.25) -> str:
+    """A 2³ .cube in the real format that maps every colour to one grey."""
+    rows = "\n".join(f"{level} {level} {level}" for _ in range(8))
+    return f'TITLE "grey"\nLUT_3D_SIZE 2\n{rows}\n'
+
+
+def test_generate_grades_with_a_cube_lut_after_conforming_to_24_fps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "grey.cube").write_text(grey_cube())
+    out = tmp_path / "grey.mp4"
+    code, _out, stderr = cli_run.previz(
+        ["generate", "a lighthouse in fog", "--resolution", "96x64", "--duration", "0.5", "--steps", "2",
+         "--lut", str(tmp_path / "grey.cube"), "--fps", "24", "--no-label", "-o", str(out)],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 0, stderr
+    frames = read_frames(out)
+    assert (frames.num_frames, frames.fps) == (14, 24)  # 9 frames at 16 fps, conformed
+    assert np.abs(frames.pixels.astype(np.int16) - 64).max() <= 1  # 0.25 grey everywhere, after H.264
+
+
+def test_generate_stops_a_clip_the_frame_check_blocks_writes_nothing_and_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "blocked.mp4"
+    code, _out, stderr = cli_run.previz(
+        ["generate", "a lighthouse in fog", "--resolution", f"{BLOCKED_WIDTH}x64", "--duration", "0.25",
+         "--steps", "2", "--frame-check", "tests.safety_hooks:block_test_width", "-o", str(out)],
+        monkeypatch, capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == (
+        "previz: error: the generated clip was blocked by the content policy (category `violence_graphic`)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_malformed_cube_is_refused_naming_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.cube").write_text(grey_cube().replace("0.25 0.25 0.25", "0.25 0.25", 1))
+    args = ["generate", "x", "--lut", str(tmp_path / "bad.cube")]
+    code, stderr = previz_in_process(args, monkeypatch, capsys)
+    assert code == 2
+    assert "is not a 3D .cube LUT: line 3:" in stderr

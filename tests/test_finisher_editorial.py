@@ -62,7 +62,7 @@ def test_the_finisher_grades_with_the_jobs_lut_as_colour_science_applies_it(tmp_
     call = FinishCall(
         project="p", job_id="vid_2", attempt=1, seed=0, look="warm", label=None, metadata={}, lut=ref
     )
-    graded = stage._grade(Frames(pixels=pixels, fps=16), call)
+    graded = stage.finisher.grade(Frames(pixels=pixels, fps=16), stage.how_to_finish(call))
     (tmp_path / "warm.cube").write_text(warm_cube())
     reference = colour.read_LUT(str(tmp_path / "warm.cube")).apply(
         pixels / 255.0, interpolator=table_interpolation_tetrahedral

@@ -23,7 +23,7 @@ from pipeline.denoise.calibration import (
     calibration_curve,
     calibration_request,
 )
-from pipeline.denoise.denoiser import expert_step_indices
+from pipeline.denoise.experts import expert_step_indices
 from pipeline.denoise.forward import GuidedInput, Rows, guided_forward, predict_rows
 from pipeline.denoise.stepcache import MagnitudeCurve, RequestCache, cached_guided_forward
 from pipeline.local import LocalPipeline
@@ -301,11 +301,12 @@ def test_requests_caching_at_different_steps_in_one_engine_equal_each_alone(
     assert engine.stats().num_cached_steps + low_engine.stats().num_cached_steps > 0
 
 
-def test_one_request_denoiser_with_cache_equals_the_engine_with_cache(
+def test_one_request_denoiser_skips_the_steps_magcaches_rule_picks_and_hands_over_to_the_low_expert(
     tiny: WanComponents, encoder: TextEncoder, curve: MagnitudeCurve
 ) -> None:
     case = make_case(tiny, encoder, "solo", seed=21)
-    state, num_cached = case.state, 0
+    state, plain_state = case.state, case.state
+    steps = {"high": list(range(6)), "low": [6, 7]}  # the tiny preset's 8 steps split 6 / 2
     for expert, transformer, guidance in (
         ("high", tiny.transformer, case.guidance_high),
         ("low", tiny.transformer_2, case.guidance_low),
@@ -317,14 +318,14 @@ def test_one_request_denoiser_with_cache_equals_the_engine_with_cache(
             boundary_ratio=tiny.model.boundary_ratio,
             cache_curve=curve,
         )
-        expected = denoiser.run(state, case.prompt, case.negative, guidance, cache=CACHING)
-        got, engine = run_alone(tiny, curve, case, CACHING, expert, state)
-        assert max_diff(got.latents, expected.latents) <= MAX_ABS_DIFF, expert
-        assert denoiser.num_forwards == engine.num_forwards
-        assert denoiser.num_cached_steps == engine.stats().num_cached_steps
-        num_cached += denoiser.num_cached_steps
-        state = got
-    assert num_cached > 0
+        state = denoiser.run(state, case.prompt, case.negative, guidance, cache=CACHING)
+        plain_state = denoiser.run(plain_state, case.prompt, case.negative, guidance)
+        skips = expected_skips(curve, CACHING, steps[expert], 8)
+        assert denoiser.num_cached_steps == sum(skips), expert
+        assert denoiser.num_forwards == 2 * len(steps[expert]) - sum(skips), expert
+        assert state.step_index == plain_state.step_index == steps[expert][-1] + 1
+    assert state.is_done and sum(expected_skips(curve, CACHING, steps["high"], 8)) > 0
+    assert bool(torch.isfinite(state.latents).all()) and max_diff(state.latents, plain_state.latents) > 0
 
 
 def test_each_cache_holds_one_residual_and_is_freed_when_its_request_leaves(

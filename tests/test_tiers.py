@@ -20,7 +20,7 @@ from pipeline.denoise import DenoiseEngine, Denoiser, EngineRequest, initial_sta
 from pipeline.denoise import engine as engine_module
 from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
-from pipeline.denoise.denoiser import expert_step_indices
+from pipeline.denoise.experts import expert_step_indices
 from pipeline.denoise.state import tier_solvers
 from pipeline.denoise.stepcache import MagnitudeCurve
 from pipeline.determinism import RowwiseLinear

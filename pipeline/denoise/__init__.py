@@ -1,8 +1,8 @@
-"""Denoising: per-request solver state, the single-request Denoiser, the batching engine and the
-sharded forward over a rank group (parallel)."""
+"""Denoising: per-request solver state, the batching engine, the single-request Denoiser that drives it,
+and the sharded forward over a rank group (parallel)."""
 
 from pipeline.denoise.batching import RequestStatus, ScheduledRequest, StepBatch, StepScheduler
-from pipeline.denoise.denoiser import Denoiser, expert_for
+from pipeline.denoise.denoiser import Denoiser
 from pipeline.denoise.engine import (
     DenoiseEngine,
     EngineError,
@@ -12,6 +12,7 @@ from pipeline.denoise.engine import (
     RequestCancelled,
     RequestFailed,
 )
+from pipeline.denoise.experts import expert_for
 from pipeline.denoise.parallel import (
     ParallelDegree,
     ShardedForward,

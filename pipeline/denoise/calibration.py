@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.denoise.blocks import SplitTransformer
-from pipeline.denoise.denoiser import expert_for
+from pipeline.denoise.experts import expert_for
 from pipeline.denoise.forward import GuidedInput
 from pipeline.denoise.state import initial_state, new_solver
 from pipeline.denoise.stepcache import MagnitudeCurve, cached_guided_forward

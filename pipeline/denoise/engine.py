@@ -17,8 +17,9 @@ an asyncio future on the caller's loop (resolved through `loop.call_soon_threads
 ShardedForward (pipeline.denoise.parallel): the engine stays the single planner on rank 0 and a failed
 rank group (ShardGroupError) propagates out of the iteration instead of being retried request by request.
 
-A request whose next step this expert does not own is resolved at once with its state unchanged, as
-`Denoiser.run` does, so a caller can hand every request to both experts in order.
+A request whose next step this expert does not own is resolved at once with its state unchanged, so a
+caller can hand every request to both experts in order. The one-request Denoiser
+(pipeline/denoise/denoiser.py) drives this engine on its caller's thread.
 
 Tiers and LoRA: a request names its quality tier (which solver template continues its state: `solvers`)
 and its adapter set; a plan only holds requests of one (latent shape, tier, adapter set), and `run`
@@ -62,7 +63,7 @@ from pipeline.denoise.batching import (
     StepScheduler,
 )
 from pipeline.denoise.blocks import SplitTransformer
-from pipeline.denoise.denoiser import Expert, expert_for
+from pipeline.denoise.experts import Expert, expert_for
 from pipeline.denoise.forward import Forward, GuidedInput, guided_forward
 from pipeline.denoise.kernels import synchronize
 from pipeline.denoise.parallel import ShardGroupError
@@ -681,7 +682,7 @@ class DenoiseEngine:
         return (frames // pt) * (height // ph) * (width // pw)
 
     def _owned_timesteps(self, state: DenoiseState, quality: str) -> list[int]:
-        """The contiguous run of this expert's timesteps from where `state` stands (as Denoiser.run)."""
+        """The contiguous run of this expert's timesteps from where `state` stands."""
         schedule = self._schedules.get((quality, state.num_steps))
         if schedule is None:
             template = solver_for(self.solvers, quality)

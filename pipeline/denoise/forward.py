@@ -1,8 +1,9 @@
 """One guided transformer forward over several requests at once.
 
 Cond and uncond of every request go through ONE forward with per-sample timesteps (shape (B,)); each
-request then gets `uncond + g * (cond - uncond)` with its own guidance scale. The single-request
-Denoiser and the batching engine both call this, so batched and unbatched runs share the math.
+request then gets `uncond + g * (cond - uncond)` with its own guidance scale. The batching engine calls
+this for one request or many (the single-request Denoiser drives the engine), so batched and unbatched
+runs share the math.
 
 The forward is three steps so that a sharded forward (pipeline.denoise.parallel) can run the middle one
 over a rank group: `stack_rows` lays the rows out (every request's cond row first, then the uncond rows
@@ -43,7 +44,7 @@ class Rows:
         return self.hidden_states.shape[0]
 
 
-# The forward the engine and the Denoiser call: inputs -> one guided noise prediction per input.
+# The forward the engine calls: inputs -> one guided noise prediction per input.
 Forward = Callable[[Sequence[GuidedInput]], list[torch.Tensor]]
 
 

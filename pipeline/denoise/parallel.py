@@ -1,7 +1,7 @@
 """Sharded expert forwards: one guided forward over a group of U x C processes (Ulysses x CFG parallel).
 
 Layout: rank = cfg_rank * U + ulysses_rank on a (cfg, ring=1, ulysses) device mesh. Rank 0 is the
-planner: the engine (or the Denoiser) on rank 0 calls a `ShardedForward` exactly where it would call
+planner: the engine (the Denoiser's too) on rank 0 calls a `ShardedForward` exactly where it would call
 `guided_forward`. It broadcasts the iteration's rows (a fixed int64 header, then three tensors) to the
 group, and every rank runs its share:
 - CFG parallel (written here; diffusers 0.42 has none): the rows, laid out conds first then unconds

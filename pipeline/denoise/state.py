@@ -7,7 +7,7 @@ tensors, so it can also be checkpointed or sent through Ray's object store.
 
 A tier's recipe names its solver (`tier_solvers`): UniPC for `final`, flow-matching Euler for `draft` (what
 the distill LoRAs were distilled with; its only history is the step index). Both experts of a request
-must use the same tier's solver; the engine and the Denoiser pick it by the request's quality.
+must use the same tier's solver; the engine picks it by the request's quality.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class CacheDecision:
 
 @dataclass(slots=True)
 class RequestCache:
-    """One request's step cache in one expert's engine (or one Denoiser run)."""
+    """One request's step cache in one expert's engine (the Denoiser's too)."""
 
     settings: StepCacheSettings
     ratios: list[float]  # step index of the request's schedule -> magnitude ratio it decides with

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import ValidationError
@@ -20,18 +20,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from pipeline.stages import STEP_LABELS
 from serve.cli.common import CliError, app, console
 
-STAGE_LABELS = {
-    "encode": "text encoder",
-    "denoise_high": "denoise (high-noise expert)",
-    "denoise_low": "denoise (low-noise expert)",
-    "decode": "VAE decode",
-    "upscale": "upscale",
-    "conform": "frame-rate conform",
-    "grade": "grade",
-    "encode_video": "mp4 encode",
-}
+if TYPE_CHECKING:  # imported lazily below, so `previz` starts without loading torch
+    from pipeline.local import FinishOptions
+    from pipeline.lut import Lut
+    from pipeline.safety import FrameCheck
+
+STAGE_LABELS = STEP_LABELS  # step -> what its progress bar shows, from the stage table
 
 
 @app.command()
@@ -66,6 +63,10 @@ def generate(
     ] = "tiny",
     upscale: Annotated[str, typer.Option(help="none | 720p | 1080p.")] = "none",
     look: Annotated[str, typer.Option(help="none | film.")] = "none",
+    lut: Annotated[
+        Path | None,
+        typer.Option(help="A .cube 3D LUT file to grade with instead of --look (tetrahedral, as a cluster)."),
+    ] = None,
     fps: Annotated[
         int | None, typer.Option(help="Delivered frame rate: 16, 24 or 25 (motion-interpolated from 16).")
     ] = None,
@@ -73,6 +74,13 @@ def generate(
         Path | None, typer.Option(help="Real-ESRGAN-family weights file for upscaling.")
     ] = None,
     label: Annotated[bool, typer.Option(help="Burn the 'AI-generated draft' label into frames.")] = True,
+    frame_check: Annotated[
+        str | None,
+        typer.Option(
+            help="`module:callable` called with the finished frames, as a cluster's `safety.frame_check`: "
+            "a clip it blocks is not written (exit 2)."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     ulysses: Annotated[
         int, typer.Option(help="Shard each expert forward over N processes (sequence parallel).")
@@ -84,13 +92,15 @@ def generate(
 ) -> None:
     """Generate one clip in this process and write it as an mp4."""
     from pipeline.denoise.parallel import ParallelDegree
-    from pipeline.grade import Grader
+    from pipeline.finish import ClipFinish
     from pipeline.interpolate import CONFORM_RATES
+    from pipeline.local import FinishOptions
     from pipeline.prompt import ShotSpecError, compose_prompt, load_shot_file
     from pipeline.s3sync import parse_s3_uri
-    from pipeline.safety import ContentBlocked, PromptPolicy, SafetySettings
+    from pipeline.safety import ContentBlocked, FrameCheck, PromptPolicy, SafetySettings
     from pipeline.spec import DEFAULT_FINAL_CACHE, RequestSpec, describe_validation_error
     from pipeline.upscale import upscale_target_size
+    from pipeline.video import DRAFT_LABEL
 
     try:
         shot_spec = load_shot_file(shot) if shot is not None else None
@@ -117,9 +127,18 @@ def generate(
             fields["cache"] = {**DEFAULT_FINAL_CACHE.model_dump(), "threshold": cache_threshold}
         request = RequestSpec(**fields)
         upscale_target_size(upscale, *request.size)
-        Grader(look)
+        grade_lut = None
+        if lut is not None:
+            if look != "none":
+                raise ValueError("give `--look` or `--lut`, not both.")
+            look, grade_lut = lut.name, _read_lut(lut)  # a built-in look's name never ends in .cube
         if fps is not None and fps not in CONFORM_RATES:
             raise ValueError(f"`--fps` must be one of 16, 24, 25 but is {fps}.")
+        ClipFinish(seed=0, look=look, lut=grade_lut)
+        finish = FinishOptions(
+            upscale=upscale, look=look, lut=grade_lut, label=DRAFT_LABEL if label else None, fps=fps
+        )
+        check = FrameCheck.from_settings(SafetySettings(frame_check=frame_check))
         if model.startswith("s3://"):
             parse_s3_uri(model)
         if ulysses < 1:
@@ -138,27 +157,35 @@ def generate(
         request,
         model,
         output,
-        upscale=upscale,
-        look=look,
-        fps=fps,
+        finish,
         sr_weights=sr_weights,
-        label=label,
+        frame_check=check,
         device=device,
         degree=degree,
         draft_lora=draft_lora,
     )
 
 
+def _read_lut(path: Path) -> Lut:
+    """The LUT of a .cube file; ValueError says what is wrong with it."""
+    from pipeline.finish import lut_from_cube
+
+    if not path.is_file():
+        raise ValueError(f"`--lut` {str(path)!r} is not a file.")
+    try:
+        return lut_from_cube(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"`--lut` {str(path)!r} is not a 3D .cube LUT: {error}") from None
+
+
 def _run_generate(
     request,
     model: str,
     output: Path,
+    finish: FinishOptions,
     *,
-    upscale: str,
-    look: str,
-    fps: int | None,
     sr_weights: Path | None,
-    label: bool,
+    frame_check: FrameCheck | None,
     device: str | None,
     degree,
     draft_lora: str | None = None,
@@ -169,6 +196,7 @@ def _run_generate(
     from pipeline.determinism import use_deterministic_kernels
     from pipeline.local import request_shape_problem, sharded_pipeline
     from pipeline.s3sync import S3SyncError
+    from pipeline.safety import ContentBlocked, SafetyCheckError
     from pipeline.upscale import Upscaler
     from pipeline.weights import load_components
 
@@ -200,20 +228,25 @@ def _run_generate(
         try:
             with console.status(f"starting {degree.world_size} ranks …", spinner="dots"):
                 pipeline = stack.enter_context(
-                    sharded_pipeline(components, degree, upscaler=upscaler, draft_lora=draft_lora)
+                    sharded_pipeline(
+                        components,
+                        degree,
+                        upscaler=upscaler,
+                        draft_lora=draft_lora,
+                        frame_check=frame_check,
+                    )
                 )
         except (ValueError, FileNotFoundError, ShardGroupError) as error:
             raise CliError(str(error)) from None
         try:
-            result = _run_stages(pipeline, request, output, upscale=upscale, look=look, fps=fps, label=label)
-        except ShardGroupError as error:
-            raise CliError(str(error)) from None
+            result = _run_stages(pipeline, request, output, finish)
+        except (ShardGroupError, ContentBlocked, SafetyCheckError) as error:
+            raise CliError(str(error)) from None  # a blocked clip is not written
     _print_result(result)
 
 
-def _run_stages(pipeline, request, output: Path, *, upscale: str, look: str, fps: int | None, label: bool):
-    from pipeline.local import STAGES, FinishOptions
-    from pipeline.video import DRAFT_LABEL
+def _run_stages(pipeline, request, output: Path, finish: FinishOptions):
+    from pipeline.local import STAGES
 
     steps = pipeline.steps_per_expert(request)
     progress = Progress(
@@ -233,7 +266,7 @@ def _run_stages(pipeline, request, output: Path, *, upscale: str, look: str, fps
         result = pipeline.generate(
             request,
             output,
-            finish=FinishOptions(upscale=upscale, look=look, label=DRAFT_LABEL if label else None, fps=fps),
+            finish=finish,
             progress=on_progress,
         )
         for stage in STAGES:  # stages with nothing to do (no upscale, zero low steps) still show as done

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from pipeline.stages import accelerator_seconds
 from serve.auth import (
     ADMIN_ROLES,
     ROLES,
@@ -34,8 +35,6 @@ from serve.numbers import whole_number
 
 # a number > 0 (each member carries the bound, so the JSON schema states it as exclusiveMinimum)
 PositiveSeconds = Annotated[StrictFloat, Field(gt=0)] | whole_number(gt=0)
-# Timings of the stages that run on an accelerator: their sum is a job's `gpu_seconds` (GPU quotas).
-GPU_TIMINGS: tuple[str, ...] = ("denoise_high", "denoise_low", "decode", "upscale")
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # `last_used_at` is written at most this often per key
 
 
@@ -337,7 +336,7 @@ def _key(row: dict[str, Any]) -> ApiKeyRecord:
 
 def gpu_seconds(timings: dict[str, float]) -> float:
     """Accelerator seconds of one job's run, from its stage timings."""
-    return float(sum(timings.get(stage, 0.0) for stage in GPU_TIMINGS))
+    return accelerator_seconds(timings)
 
 
 def seconds_to_utc_midnight(now: datetime | None = None) -> int:

@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from pipeline.denoise.state import initial_state
 from pipeline.safety import ContentBlocked
 from pipeline.spec import ModelSpec
+from pipeline.stages import overall_progress
 from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
 from serve.jobs import RUNNING_STATUSES, JobRecord, JobStatus
@@ -60,17 +61,6 @@ from serve.webhooks import WebhookDispatcher, open_job_store
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
-
-# Share of overall progress (0–100) each stage accounts for.
-STAGE_WEIGHTS: dict[JobStatus, float] = {
-    JobStatus.ENCODING: 2,
-    JobStatus.DENOISING_HIGH: 50,
-    JobStatus.DENOISING_LOW: 30,
-    JobStatus.DECODING: 8,
-    JobStatus.UPSCALING: 5,
-    JobStatus.FINISHING: 5,
-}
-
 
 @dataclass(frozen=True, slots=True)
 class StageHandles:
@@ -122,13 +112,6 @@ class StageClock:
     def open_seconds(self) -> float:
         """Seconds the current stage has run so far; 0 between stages."""
         return 0.0 if self._began is None else time.perf_counter() - self._began
-
-
-def overall_progress(status: JobStatus, stage_fraction: float) -> int:
-    """0–100 across the whole pipeline for a job in `status`, `stage_fraction` of the way through it."""
-    done = sum(weight for stage, weight in STAGE_WEIGHTS.items() if stage < status)
-    total = sum(STAGE_WEIGHTS.values())
-    return int(100 * (done + STAGE_WEIGHTS.get(status, 0) * stage_fraction) / total)
 
 
 @serve.deployment(name="Scheduler", num_replicas=1, max_ongoing_requests=1000, health_check_period_s=10)
@@ -491,7 +474,7 @@ class Scheduler:
             job.attempt,
             status,
             stage_progress=fraction,
-            progress=overall_progress(status, fraction),
+            progress=overall_progress(status.stage_row.name, fraction),
             timing=last,
             engine_queue_position=engine_queue_position,
             eta_at=eta_at,

@@ -1,5 +1,6 @@
-"""The Finisher deployment: conform the frame rate, grade, frame check, label, mp4 encode and store the
-clip with its poster."""
+"""The Finisher deployment: the one finisher (pipeline.finish: conform, grade, frame check, label, mp4
+encode, poster) in a replica, plus what only a served clip needs: the job's LUT read from the store and
+the clip and poster stored under the job's keys."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from typing import Any
 
 from ray import serve
 
+from pipeline.finish import ClipFinish, Finisher, lut_from_cube
 from pipeline.frames import Frames
-from pipeline.grade import Grader
-from pipeline.interpolate import FlowInterpolator, Interpolator, ModelInterpolator, conform
-from pipeline.lut import Lut, read_cube
+from pipeline.interpolate import FlowInterpolator, Interpolator, ModelInterpolator
+from pipeline.lut import Lut
 from pipeline.safety import ContentBlocked, FrameCheck
-from pipeline.video import VideoWriter, poster_frame_jpeg
+from pipeline.stages import deployment_name, stage
 from pipeline.weights import pick_device
 from serve.config import PrevizArgs
 from serve.jobs.request import LutRef
@@ -28,7 +29,7 @@ from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
 from serve.storage import JobArtifacts, StorageError, StoredArtifact, make_store
 
 logger = logging.getLogger("ray.serve")
-NAME = "Finisher"
+NAME = deployment_name(stage("finish"))  # from the stage table
 MAX_CACHED_LUTS = 32  # a 65³ LUT is ~7 MB as floats
 
 
@@ -38,15 +39,13 @@ def default_options(args: PrevizArgs) -> dict[str, Any]:
 
 @serve.deployment(name="Finisher", max_ongoing_requests=8, **STAGE_OPTIONS)
 class FinisherDeployment:
-    """Conform to the requested frame rate, grade, check the frames against the content policy, mark as an
-    AI-generated draft, encode the mp4 and store it with a poster frame. A blocked clip raises
-    ContentBlocked and nothing is stored."""
+    """Finish the frames with the one finisher (pipeline.finish) and store the clip with its poster frame.
+    A blocked clip raises ContentBlocked and nothing is stored."""
 
     def __init__(self, args: PrevizArgs) -> None:
         self.store = make_store(args.storage)
         self._backend = args.storage.kind
-        self.frame_check = FrameCheck.from_settings(args.safety)
-        self.interpolator = make_interpolator(args)
+        self.finisher = Finisher(FrameCheck.from_settings(args.safety), make_interpolator(args))
         self._luts: dict[str, Lut] = {}  # LUT key -> parsed LUT, oldest first
 
     async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
@@ -74,37 +73,40 @@ class FinisherDeployment:
 
     def _finish(self, frames: Frames, call: FinishCall) -> FinishedClip:
         started = time.perf_counter()
-        graded = self._grade(frames, call)
-        verdict = self.frame_check.check(graded.pixels) if self.frame_check is not None else None
-        if verdict is not None:
-            record_safety_block("frames", verdict.category)
-            raise ContentBlocked.of(verdict)
+        how = self.how_to_finish(call)
         with tempfile.TemporaryDirectory(prefix="previz-finish-") as scratch:
-            clip = VideoWriter(label=call.label).write(
-                graded, Path(scratch) / "clip.mp4", metadata=call.metadata
-            )
-            poster = Path(scratch) / "poster.jpg"
-            poster.write_bytes(poster_frame_jpeg(clip))
+            try:
+                done = self.finisher.finish(
+                    frames, how, Path(scratch) / "clip.mp4", poster=Path(scratch) / "poster.jpg"
+                )
+            except ContentBlocked as blocked:
+                record_safety_block("frames", blocked.category)
+                raise
             keys = JobArtifacts(call.project, call.job_id)
             key, poster_key = keys.clip(call.attempt), keys.poster(call.attempt)
-            stored = self._put(key, clip, "video/mp4", kind="clip")
-            self._put(poster_key, poster, "image/jpeg", kind="poster")
+            stored = self._put(key, done.clip, "video/mp4", kind="clip")
+            self._put(poster_key, done.poster, "image/jpeg", kind="poster")
         return FinishedClip(
             uri=stored.uri,
             key=key,
             size_bytes=stored.size_bytes,
             poster_key=poster_key,
-            num_frames=graded.num_frames,
-            width=graded.width,
-            height=graded.height,
+            num_frames=done.num_frames,
+            width=done.width,
+            height=done.height,
             seconds=time.perf_counter() - started,
         )
 
-    def _grade(self, frames: Frames, call: FinishCall) -> Frames:
-        # conformed before grading: the film look's grain is drawn per delivered frame, never interpolated
-        conformed = conform(frames, call.fps, self.interpolator)
-        lut = self._lut(call.lut) if call.lut is not None else None
-        return Grader(call.look, lut=lut).grade(conformed, seed=call.seed)
+    def how_to_finish(self, call: FinishCall) -> ClipFinish:
+        """The call's finishing choices, its LUT read from the store."""
+        return ClipFinish(
+            seed=call.seed,
+            look=call.look,
+            lut=self._lut(call.lut) if call.lut is not None else None,
+            fps=call.fps,
+            label=call.label,
+            metadata=call.metadata,
+        )
 
     def _lut(self, ref: LutRef) -> Lut:
         """The LUT file of `ref`, read once per replica (its key names one version)."""
@@ -113,7 +115,7 @@ class FinisherDeployment:
             data = self.store.read_bytes(ref.key)
             if hashlib.sha256(data).hexdigest() != ref.sha256:
                 raise ValueError(f"the LUT file {ref.key!r} is not the one the job was admitted with")
-            lut = Lut(read_cube(data.decode("utf-8")), ref.interpolation)
+            lut = lut_from_cube(data.decode("utf-8"), ref.interpolation)
             if len(self._luts) >= MAX_CACHED_LUTS:
                 self._luts.pop(next(iter(self._luts)))
             self._luts[ref.key] = lut
