@@ -26,6 +26,7 @@ from serve.stages.payloads import (
     FrameBatch,
 )
 from serve.storage import JobArtifacts
+from serve.webhooks import open_job_store
 
 
 def serialized_bytes(value: Any) -> int:
@@ -235,7 +236,7 @@ def stop(scheduler: Scheduler) -> None:
 
 def empty_store(args: PrevizArgs) -> JobStore:
     """The job store of `args`, its tables created."""
-    store = JobStore(args.database_url)
+    store = open_job_store(args.database_url)
     store.create_schema()
     return store
 
