@@ -35,10 +35,19 @@ import simpy
 from loadtest.cost_model import A14B, SIZES, CostModel, from_probe
 from pipeline.denoise.parallel import ParallelDegree
 from pipeline.priority import Priority
+from pipeline.stages import STAGES as TABLE
 
 Policy = Literal["previz", "fcfs"]
-STAGES = ("text", "high", "low", "decode", "finish")
-GPU_STAGES = ("text", "high", "low", "decode")
+# stage table row -> the simulator's resource (it models no upscaler)
+SIMULATED: dict[str, str] = {
+    "encode": "text",
+    "denoise_high": "high",
+    "denoise_low": "low",
+    "decode": "decode",
+    "finish": "finish",
+}
+STAGES = tuple(SIMULATED[row.name] for row in TABLE if row.name in SIMULATED)
+GPU_STAGES = tuple(SIMULATED[row.name] for row in TABLE if row.name in SIMULATED and row.accelerator)
 
 
 @dataclass(frozen=True)

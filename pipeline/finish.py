@@ -20,12 +20,13 @@ from pipeline.grade import Grader
 from pipeline.interpolate import CONFORM_RATES, FlowInterpolator, Interpolator, conform
 from pipeline.lut import Lut, read_cube
 from pipeline.safety import ContentBlocked, FrameCheck
+from pipeline.stages import stage
 from pipeline.video import DRAFT_LABEL, VideoWriter, poster_frame_jpeg
 
 # (part, units done, units total) -> None; parts are FINISH_PARTS
 ProgressCallback = Callable[[str, int, int], None]
 # What `finish` reports and times, in order; "grade" includes the frame check that follows it.
-FINISH_PARTS = ("conform", "grade", "encode_video")
+FINISH_PARTS = stage("finish").local_steps  # ("conform", "grade", "encode_video"), from the stage table
 
 
 @dataclass(frozen=True, slots=True)

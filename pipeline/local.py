@@ -41,13 +41,15 @@ from pipeline.lora import BUILTIN, distill_folder
 from pipeline.lut import Lut
 from pipeline.safety import FrameCheck
 from pipeline.spec import DISTILL_ADAPTER, RequestSpec, ResolvedRequest, resolve
+from pipeline.stages import job_plan
 from pipeline.text import TextEncoder
 from pipeline.upscale import Upscaler, resize_frames, upscale_target_size
 from pipeline.vae import VAEDecoder
 from pipeline.video import DRAFT_LABEL
 from pipeline.weights import DEFAULT_CACHE_DIR, PRESETS, WanComponents, load_components
 
-STAGES = ("encode", "denoise_high", "denoise_low", "decode", "upscale", "conform", "grade", "encode_video")
+# the progress steps of a one-process run, from the stage table (finishing reports its finer steps)
+STAGES = tuple(step for row in job_plan() for step in row.steps)
 
 # (stage, units done, units total) -> None; units are steps, latent frames or frames per stage.
 ProgressCallback = Callable[[str, int, int], None]

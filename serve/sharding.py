@@ -25,12 +25,16 @@ from pipeline.denoise.parallel import (
     shape_problem,
 )
 from pipeline.spec import ModelSpec, RequestSpec
+from pipeline.stages import deployment_name, expert_stage
 from pipeline.weights import PRESETS
 
 logger = logging.getLogger("ray.serve")
 
 Expert = Literal["high", "low"]
-DEPLOYMENT_NAMES: dict[Expert, str] = {"high": "HighNoiseDenoiser", "low": "LowNoiseDenoiser"}
+# expert -> its deployment in the split layout (the stage table derives it)
+DEPLOYMENT_NAMES: dict[Expert, str] = {
+    expert: deployment_name(expert_stage(expert)) for expert in ("high", "low")
+}
 EXPERT_FOLDERS: dict[Expert, str] = {"high": "transformer", "low": "transformer_2"}  # in a Diffusers dir
 A14B_NUM_HEADS = 40  # Wan2.2-T2V-A14B: dim 5120 = 40 heads x 128
 

@@ -4,6 +4,7 @@ deployment (the typed payloads of serve.stages.payloads) and records what it was
 from __future__ import annotations
 
 import asyncio
+import pickle
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -25,23 +26,50 @@ from serve.stages.payloads import (
     FrameBatch,
 )
 from serve.storage import JobArtifacts
+from serve.webhooks import open_job_store
+
+
+def serialized_bytes(value: Any) -> int:
+    """Bytes `value` takes on the wire between processes: its pickle plus its out-of-band buffers (numpy
+    arrays travel as protocol-5 buffers through Ray's object store)."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    return len(data) + sum(buffer.raw().nbytes for buffer in buffers)
+
+
+@dataclass
+class Wire:
+    """What crossed between the Scheduler and the stages: stage -> bytes the Scheduler sent / received,
+    and every object the Scheduler received (a call's result, each streamed message)."""
+
+    sent: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+    received_objects: list[Any] = field(default_factory=list)
+
+    def count(self, ledger: dict[str, int], stage: str, value: Any) -> None:
+        ledger[stage] = ledger.get(stage, 0) + serialized_bytes(value)
+
+    def arrived(self, stage: str, value: Any) -> Any:
+        self.count(self.received, stage, value)
+        self.received_objects.append(value)
+        return value
 
 
 class Response:
     """A DeploymentResponse (awaitable) or DeploymentResponseGenerator (async iterable) of a local call,
     with `cancel()` recording that the Scheduler cancelled it on its replica."""
 
-    def __init__(self, call: Any, name: str, cancelled: list[str]) -> None:
-        self._call, self._name, self._cancelled = call, name, cancelled
+    def __init__(self, call: Any, name: str, cancelled: list[str], wire: Wire) -> None:
+        self._call, self._name, self._cancelled, self._wire = call, name, cancelled, wire
 
     def __await__(self) -> Any:
-        return self._call.__await__()
+        return self._wire.arrived(self._name, (yield from self._call.__await__()))
 
     def __aiter__(self) -> Response:
         return self
 
     async def __anext__(self) -> Any:
-        return await self._call.__anext__()
+        return self._wire.arrived(self._name, await self._call.__anext__())
 
     def cancel(self) -> None:
         self._cancelled.append(self._name)
@@ -51,11 +79,12 @@ class Method:
     """`handle.<method>.remote(...)` and `handle.options(stream=True).<method>.remote(...)` of a Serve
     handle, answered by a local function (a coroutine, or an async generator for streams)."""
 
-    def __init__(self, function: Callable[..., Any], name: str, cancelled: list[str]) -> None:
-        self.function, self.name, self.cancelled = function, name, cancelled
+    def __init__(self, function: Callable[..., Any], name: str, cancelled: list[str], wire: Wire) -> None:
+        self.function, self.name, self.cancelled, self.wire = function, name, cancelled, wire
 
     def remote(self, *args: Any, **kwargs: Any) -> Response:
-        return Response(self.function(*args, **kwargs), self.name, self.cancelled)
+        self.wire.count(self.wire.sent, self.name, (args, kwargs))
+        return Response(self.function(*args, **kwargs), self.name, self.cancelled, self.wire)
 
 
 @dataclass
@@ -72,10 +101,13 @@ class FakeStages:
     cancelled: list[str] = field(default_factory=list)  # stages whose call the Scheduler cancelled
     seconds_per_step: float | None = None  # the step time the denoisers report with each step (ETA)
     denoise_calls: list[DenoiseCall] = field(default_factory=list)  # every expert's calls, in order
+    embeds_shape: tuple[int, ...] = (4, 8)  # (tokens, text_dim) of the embeddings; umT5: (512, 4096)
+    solver_order: int = 0  # model outputs the denoisers keep in the state's history; UniPC at order 2: 2
+    wire: Wire = field(default_factory=Wire)  # what crossed between the Scheduler and the stages
 
     def handles(self) -> list[Any]:
         def method(function: Callable[..., Any], name: str) -> Method:
-            return Method(function, name, self.cancelled)
+            return Method(function, name, self.cancelled, self.wire)
 
         return [
             Handle(encode=method(self.encode, "encode")),
@@ -86,6 +118,17 @@ class FakeStages:
             Handle(finish=method(self.finish, "finish")),
         ]
 
+    def housekeeping(self) -> Handle:
+        """The Housekeeping handle: counts the Scheduler's webhook nudges."""
+
+        def wake_webhooks() -> asyncio.Future[None]:  # a nudge nobody awaits: answered at once
+            self.calls.setdefault("wake_webhooks", []).append(None)
+            answered = asyncio.get_running_loop().create_future()
+            answered.set_result(None)
+            return answered
+
+        return Handle(wake_webhooks=Method(wake_webhooks, "housekeeping", self.cancelled, self.wire))
+
     def record(self, stage: str, value: Any) -> None:
         self.calls.setdefault(stage, []).append(value)
         if stage in self.fail:
@@ -94,7 +137,7 @@ class FakeStages:
 
     async def encode(self, text: str) -> np.ndarray:
         self.record("encode", text)
-        return np.full((4, 8), float(len(text)), dtype=np.float32)
+        return np.full(self.embeds_shape, float(len(text)), dtype=np.float32)
 
     def denoiser(self, expert: str) -> Callable[..., AsyncIterator[Any]]:
         async def denoise(call: DenoiseCall, bucket: str) -> AsyncIterator[Any]:
@@ -112,9 +155,11 @@ class FakeStages:
             for done in range(1, steps + 1):
                 yield DenoiseProgress(done=done, total=steps, seconds_per_step=self.seconds_per_step)
             latents = state.latents + (1.0 if expert == "high" else 10.0)
-            yield DenoiseDone(
-                state=replace(state, latents=latents, step_index=state.step_index + steps), seconds=0.01
-            )
+            history = tuple(latents.copy() for _ in range(self.solver_order))  # as UniPC keeps them
+            done_state = replace(state, latents=latents, step_index=state.step_index + steps)
+            if history:
+                done_state = replace(done_state, model_outputs=history, last_sample=latents.copy())
+            yield DenoiseDone(state=done_state, seconds=0.01)
 
         return denoise
 
@@ -182,22 +227,16 @@ def run(scenario: Callable[[], Any]) -> None:
 
 
 def start(args: PrevizArgs, stages: FakeStages) -> Scheduler:
-    return Scheduler.func_or_class(args, args.sampling, *stages.handles())
+    return Scheduler.func_or_class(args, args.sampling, stages.housekeeping(), *stages.handles())
 
 
 def stop(scheduler: Scheduler) -> None:
-    for task in (
-        scheduler._loop_task,
-        scheduler._metrics_task,
-        scheduler._webhooks_task,
-        scheduler._retention_task,
-    ):
-        task.cancel()
+    scheduler._loop_task.cancel()
 
 
 def empty_store(args: PrevizArgs) -> JobStore:
     """The job store of `args`, its tables created."""
-    store = JobStore(args.database_url)
+    store = open_job_store(args.database_url)
     store.create_schema()
     return store
 

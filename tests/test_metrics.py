@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.stages import job_plan
 from serve._compat import ray_session_dir
 from serve.cli.monitoring import PROMETHEUS_DIR, PrometheusServer, prometheus_config
 from serve.metrics import FIRST_EVENT_METRICS, GPU_ONLY_METRICS, exported_name
@@ -26,7 +27,7 @@ DASHBOARDS = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 SMALL = {"resolution": "96x64", "duration": 0.5, "steps": 4}
 NUM_JOBS = 3
-STAGES = {"encode", "denoise_high", "denoise_low", "decode", "upscale", "finish"}
+STAGES = {row.name for row in job_plan()}  # every stage a text-to-video job runs
 # Grafana template variables -> what they stand for when evaluated outside Grafana.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$project": ".*"}
 METRIC_NAME = re.compile(r"\b((?:ray|previz)_[a-zA-Z0-9_:]+)")

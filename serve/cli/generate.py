@@ -20,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from pipeline.stages import STEP_LABELS
 from serve.cli.common import CliError, app, console
 
 if TYPE_CHECKING:  # imported lazily below, so `previz` starts without loading torch
@@ -27,16 +28,7 @@ if TYPE_CHECKING:  # imported lazily below, so `previz` starts without loading t
     from pipeline.lut import Lut
     from pipeline.safety import FrameCheck
 
-STAGE_LABELS = {
-    "encode": "text encoder",
-    "denoise_high": "denoise (high-noise expert)",
-    "denoise_low": "denoise (low-noise expert)",
-    "decode": "VAE decode",
-    "upscale": "upscale",
-    "conform": "frame-rate conform",
-    "grade": "grade",
-    "encode_video": "mp4 encode",
-}
+STAGE_LABELS = STEP_LABELS  # step -> what its progress bar shows, from the stage table
 
 
 @app.command()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.priority import PRIORITIES as PRIORITIES
 from pipeline.priority import Priority as Priority
+from pipeline.stages import STAGES, Stage, progress_bands, stage, status_row
 
 if TYPE_CHECKING:
     from serve.jobs.request import JobRequest
@@ -36,12 +37,13 @@ class JobStatus(enum.IntEnum):
     """
 
     QUEUED = 0
-    ENCODING = 10
-    DENOISING_HIGH = 20
-    DENOISING_LOW = 30
-    DECODING = 40
-    UPSCALING = 50
-    FINISHING = 60
+    # the running statuses: one per row of the stage table (pipeline.stages), its name and stored value
+    ENCODING = stage("encode").status_value
+    DENOISING_HIGH = stage("denoise_high").status_value
+    DENOISING_LOW = stage("denoise_low").status_value
+    DECODING = stage("decode").status_value
+    UPSCALING = stage("upscale").status_value
+    FINISHING = stage("finish").status_value
     SUCCEEDED = 70
     CANCELLED = 80
     FAILED = 90
@@ -54,6 +56,11 @@ class JobStatus(enum.IntEnum):
     def is_running(self) -> bool:
         """Claimed by a scheduler and inside the pipeline."""
         return JobStatus.ENCODING <= self < JobStatus.SUCCEEDED
+
+    @property
+    def stage_row(self) -> Stage | None:
+        """The stage table's row of a job in this status; None while queued or once finished."""
+        return status_row(self.name)
 
     @property
     def api_state(self) -> ApiState:
@@ -72,14 +79,10 @@ class JobStatus(enum.IntEnum):
 RUNNING_STATUSES = tuple(status for status in JobStatus if status.is_running)
 
 # status -> (overall progress when the stage starts, when it ends): what advance() reports when the
-# caller gives only `stage_progress`. Denoising dominates wall time (26 high-noise + 14 low-noise steps).
-PROGRESS_BANDS: dict[JobStatus, tuple[int, int]] = {
-    JobStatus.ENCODING: (0, 5),
-    JobStatus.DENOISING_HIGH: (5, 60),
-    JobStatus.DENOISING_LOW: (60, 85),
-    JobStatus.DECODING: (85, 92),
-    JobStatus.UPSCALING: (92, 97),
-    JobStatus.FINISHING: (97, 99),  # 100 only once the clip is stored (succeed)
+# caller gives only `stage_progress`; from the stage table's weights. 100 only once the clip is stored.
+PROGRESS_BANDS: dict[JobStatus, tuple[float, float]] = {
+    JobStatus[row.status_name]: (start, min(end, 99))
+    for row, (start, end) in zip(STAGES, progress_bands(STAGES).values(), strict=True)
 }
 
 
@@ -213,18 +216,14 @@ class JobRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class StoryboardRecord:
-    """One storyboard as stored: what was asked for; its videos are the jobs with its `storyboard_id`."""
+class QueuedJob:
+    """What the claim loop reads of one queued job (JobStore.queued_candidates): the fair-share inputs."""
 
-    id: str  # "sb_" + 24 hex; sorts by creation time
+    id: str
     project: str
-    title: str | None
-    request: dict[str, Any]  # the validated storyboard request, as JSON
-    num_jobs: int  # videos created with it
-    idempotency_key: str | None  # unique per project when set
+    priority: Priority
     created_at: datetime
-    edit: dict[str, Any] | None = None  # {"order": [shot index] | None, "takes": {"<shot>": video id}}
-    cut: dict[str, Any] | None = None  # the last cut rendered (serve.editorial.cut.CutRecord as JSON)
+    deadline: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections import deque
 from datetime import UTC, datetime, timedelta
 
-AFTER_DENOISE = ("decode", "upscale", "finish")  # the stages timed after the denoiser, in order
+from pipeline.stages import after
+
+AFTER_DENOISE = tuple(row.name for row in after("denoise_low"))  # the stages timed after the denoiser
 WINDOW = 16  # finished stages each mean looks back over
 
 # (width x height x frames bucket, quality, upscale): what a job's later stages cost

@@ -10,13 +10,14 @@ import numpy as np
 import ray
 from ray import serve
 
+from pipeline.stages import deployment_name, stage
 from pipeline.vae import VAEDecoder
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
 from serve.stages.payloads import FrameBatch
 
-NAME = "VAEDecoder"
+NAME = deployment_name(stage("decode"))  # from the stage table
 
 
 def default_options(args: PrevizArgs) -> dict[str, Any]:

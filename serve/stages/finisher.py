@@ -19,6 +19,7 @@ from pipeline.frames import Frames
 from pipeline.interpolate import FlowInterpolator, Interpolator, ModelInterpolator
 from pipeline.lut import Lut
 from pipeline.safety import ContentBlocked, FrameCheck
+from pipeline.stages import deployment_name, stage
 from pipeline.weights import pick_device
 from serve.config import PrevizArgs
 from serve.jobs.request import LutRef
@@ -28,7 +29,7 @@ from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
 from serve.storage import JobArtifacts, StorageError, StoredArtifact, make_store
 
 logger = logging.getLogger("ray.serve")
-NAME = "Finisher"
+NAME = deployment_name(stage("finish"))  # from the stage table
 MAX_CACHED_LUTS = 32  # a 65³ LUT is ~7 MB as floats
 
 

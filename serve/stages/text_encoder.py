@@ -8,13 +8,14 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from pipeline.stages import deployment_name, stage
 from pipeline.text import TextEncoder
 from serve.config import PrevizArgs
 from serve.metrics import CacheReporter, ReplicaReporter
 from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
 from serve.stages.transfer import pack_embeds
 
-NAME = "TextEncoder"
+NAME = deployment_name(stage("encode"))  # from the stage table
 
 
 def default_options(args: PrevizArgs) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from ray import serve
 
 from pipeline.frames import Frames
 from pipeline.local import default_upscaler
+from pipeline.stages import deployment_name, stage
 from pipeline.upscale import Upscaler, resize_frames
 from pipeline.weights import pick_device
 from serve.config import PrevizArgs
@@ -18,7 +19,7 @@ from serve.metrics import ReplicaReporter
 from serve.stages.common import STAGE_OPTIONS, gpu_options
 from serve.stages.payloads import FrameBatch
 
-NAME = "Upscaler"
+NAME = deployment_name(stage("upscale"))  # from the stage table
 
 
 def default_options(args: PrevizArgs) -> dict[str, Any]:
