@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.lut import Interpolation
 from pipeline.prompt import ShotSpec
 from pipeline.spec import ModelSpec, RequestSpec, ResolvedRequest, resolve
 from pipeline.video import DRAFT_LABEL
@@ -29,9 +30,6 @@ FrameRate = Literal[
 ]  # a clip's delivered rate: Wan2.2's 16, or conformed to 24 / 25 (pipeline.interpolate)
 
 
-LOOK_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # a look's name: `none`, `film` or a project's LUT
-
-
 class LutRef(BaseModel):
     """The version of a project's LUT look a job was admitted with."""
 
@@ -39,7 +37,7 @@ class LutRef(BaseModel):
 
     key: str = Field(description="The .cube file in the artifact store.")
     sha256: str = Field(description="Of the file's bytes: the Finisher checks what it reads.")
-    interpolation: Literal["tetrahedral", "trilinear"]
+    interpolation: Interpolation
 
 
 class FinishSettings(BaseModel):
