@@ -9,6 +9,7 @@ from pipeline.frames import Frames
 from pipeline.lut import Lut
 
 LOOKS = ("none", "film")
+LOOK_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # a look's name: `none`, `film` or a project's LUT
 _CHUNK_FRAMES = 8  # frames graded per float32 pass: bounds memory to ~8 x 4 bytes x pixels x 3
 
 # film look parameters, in [0, 1] display values

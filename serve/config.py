@@ -9,13 +9,25 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.denoise.adapters import DEFAULT_MAX_ADAPTERS
 from pipeline.denoise.fp8 import fp8_problem
+from pipeline.grade import LOOK_PATTERN
 from pipeline.lora import BUILTIN
+from pipeline.lut import Interpolation
 from pipeline.safety import SafetySettings
 from pipeline.spec import ADAPTER_NAME_PATTERN, DISTILL_ADAPTER, ModelSpec, SizeEnvelope
 from pipeline.weights import PRESETS
-from serve.luts import LutSource
 from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
+
+
+class LutSource(BaseModel):
+    """A LUT the deployment registers for a project when the Ingress starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(description="The project that may use it (created when missing).")
+    name: str = Field(pattern=LOOK_PATTERN, description="The look's name in requests (`look`).")
+    source: str = Field(description="A .cube file: a local path or `s3://bucket/key`.")
+    interpolation: Interpolation = Field("tetrahedral", description="How the 3D table is interpolated.")
 
 
 class EngineSettings(BaseModel):

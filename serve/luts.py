@@ -9,13 +9,11 @@ import logging
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from pipeline.grade import LOOKS
+from pipeline.grade import LOOK_PATTERN, LOOKS
 from pipeline.lut import Interpolation, check_cube
+from serve.config import LutSource
 from serve.jobs import JobStore
 from serve.jobs.luts import LutRecord
-from serve.jobs.request import LOOK_PATTERN
 from serve.storage import ArtifactStore, StorageSettings, artifact_key, make_s3_client
 
 logger = logging.getLogger("ray.serve")
@@ -24,17 +22,6 @@ LUT_FOLDER = "luts"  # <project>/luts/<name>-<sha12>.cube
 
 class ReservedLookName(ValueError):
     """`none` and `film` are built-in looks."""
-
-
-class LutSource(BaseModel):
-    """A LUT the deployment registers for a project when the Ingress starts."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    project: str = Field(description="The project that may use it (created when missing).")
-    name: str = Field(pattern=LOOK_PATTERN, description="The look's name in requests (`look`).")
-    source: str = Field(description="A .cube file: a local path or `s3://bucket/key`.")
-    interpolation: Interpolation = Field("tetrahedral", description="How the 3D table is interpolated.")
 
 
 def register_lut(

@@ -32,6 +32,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from pipeline.grade import LOOK_PATTERN
 from pipeline.prompt import ShotSpec
 from pipeline.spec import (
     ADAPTER_NAME_PATTERN,
@@ -47,7 +48,7 @@ from pipeline.spec import (
 from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
-from serve.jobs.request import LOOK_PATTERN, SERVED_MODEL, FrameRate, Upscale
+from serve.jobs.request import SERVED_MODEL, FrameRate, Upscale
 from serve.numbers import WholeNumber, integral, whole_number
 
 # lower-cased names a client may send for the served model

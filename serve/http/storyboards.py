@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from pipeline.grade import LOOK_PATTERN
 from pipeline.prompt import MAX_FIELD_CHARS, ShotSpec
 from pipeline.spec import MAX_SEED, Quality
 from serve.http.schemas import (
@@ -38,7 +39,7 @@ from serve.http.schemas import (
     VideoState,
 )
 from serve.jobs.models import Priority
-from serve.jobs.request import LOOK_PATTERN, FrameRate
+from serve.jobs.request import FrameRate
 from serve.numbers import WholeNumber
 
 MAX_SHOTS = 100

@@ -62,6 +62,7 @@ from serve.webhooks import WebhookDispatcher, open_job_store
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
+
 @dataclass(frozen=True, slots=True)
 class StageHandles:
     text_encoder: DeploymentHandle

@@ -15,13 +15,13 @@ from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.grade import LOOK_PATTERN
 from pipeline.lut import MAX_SIZE, CubeError, Interpolation
 from serve.http.deps import StateDep
 from serve.http.errors import ApiError
 from serve.http.routes.admin import Admin, managed_project
 from serve.jobs.luts import LutRecord
 from serve.jobs.models import unix
-from serve.jobs.request import LOOK_PATTERN
 from serve.luts import ReservedLookName, register_lut
 
 router = APIRouter(prefix="/v1/admin/projects/{name}/luts", tags=["admin"])
