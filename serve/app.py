@@ -18,13 +18,14 @@ from ray.serve import Application
 
 from serve.config import PrevizArgs, with_environment
 from serve.http.ingress import Ingress
+from serve.scheduling.housekeeping import Housekeeping
 from serve.scheduling.scheduler import Scheduler
 from serve.sharding import check_degrees
 from serve.stages import decoder, denoiser, finisher, text_encoder, upscaler
 
 
 def build_app(args: PrevizArgs | dict[str, Any]) -> Application:
-    """Validate the args, then bind every stage, the Scheduler and the Ingress."""
+    """Validate the args, then bind every stage, Housekeeping, the Scheduler and the Ingress."""
     args = with_environment(PrevizArgs.model_validate(args), os.environ)
     check_degrees(args.experts, args.model, args.model_cache_dir, args.sampling)
     encoder = text_encoder.TextEncoderDeployment.options(**text_encoder.default_options(args)).bind(args)
@@ -33,5 +34,6 @@ def build_app(args: PrevizArgs | dict[str, Any]) -> Application:
     vae = decoder.VAEDecoderDeployment.options(**decoder.default_options(args)).bind(args)
     sr = upscaler.UpscalerDeployment.options(**upscaler.default_options(args)).bind(args)
     finish = finisher.FinisherDeployment.options(**finisher.default_options(args)).bind(args)
-    scheduler = Scheduler.bind(args, args.sampling, encoder, high, low, vae, sr, finish)
+    housekeeping = Housekeeping.bind(args)  # webhooks, retention and gauges: one replica beside the Scheduler
+    scheduler = Scheduler.bind(args, args.sampling, housekeeping, encoder, high, low, vae, sr, finish)
     return Ingress.bind(args, args.sampling, scheduler)

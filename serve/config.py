@@ -169,8 +169,14 @@ class PrevizArgs(BaseModel):
         1.0, ge=0, description="Wait before the 2nd Finisher call; doubled before each later one."
     )
     poll_interval_s: float = Field(0.5, gt=0, description="How often the Scheduler looks for queued jobs.")
+    progress_write_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="Most often a denoising job's step progress is written to the job store (stage changes, "
+        "the first and the last step are always written).",
+    )
     retention_sweep_s: float = Field(
-        300.0, gt=0, description="How often the Scheduler deletes the videos past their project's retention."
+        300.0, gt=0, description="How often Housekeeping deletes the videos past their project's retention."
     )
     artifact_url_ttl_s: int = Field(
         3600,

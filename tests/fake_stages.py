@@ -118,6 +118,17 @@ class FakeStages:
             Handle(finish=method(self.finish, "finish")),
         ]
 
+    def housekeeping(self) -> Handle:
+        """The Housekeeping handle: counts the Scheduler's webhook nudges."""
+
+        def wake_webhooks() -> asyncio.Future[None]:  # a nudge nobody awaits: answered at once
+            self.calls.setdefault("wake_webhooks", []).append(None)
+            answered = asyncio.get_running_loop().create_future()
+            answered.set_result(None)
+            return answered
+
+        return Handle(wake_webhooks=Method(wake_webhooks, "housekeeping", self.cancelled, self.wire))
+
     def record(self, stage: str, value: Any) -> None:
         self.calls.setdefault(stage, []).append(value)
         if stage in self.fail:
@@ -216,17 +227,11 @@ def run(scenario: Callable[[], Any]) -> None:
 
 
 def start(args: PrevizArgs, stages: FakeStages) -> Scheduler:
-    return Scheduler.func_or_class(args, args.sampling, *stages.handles())
+    return Scheduler.func_or_class(args, args.sampling, stages.housekeeping(), *stages.handles())
 
 
 def stop(scheduler: Scheduler) -> None:
-    for task in (
-        scheduler._loop_task,
-        scheduler._metrics_task,
-        scheduler._webhooks_task,
-        scheduler._retention_task,
-    ):
-        task.cancel()
+    scheduler._loop_task.cancel()
 
 
 def empty_store(args: PrevizArgs) -> JobStore:

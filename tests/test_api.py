@@ -707,7 +707,7 @@ def test_cancel_frees_the_slot_and_the_next_queued_job_starts(tmp_path: Path) ->
             max_jobs_in_flight=1,
             poll_interval_s=0.05,
         )
-        stages = [StuckStage()] * 6
+        stages = [StuckStage()] * 7  # Housekeeping and the six stages
         scheduler = Scheduler.func_or_class(args, args.sampling, *stages)
         state = IngressState(args, args.sampling, InProcessHandle(scheduler))
         app.dependency_overrides[current_state] = lambda: state

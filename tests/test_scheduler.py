@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ray.exceptions import ActorDiedError
 
 from pipeline.spec import StepCacheSettings
 from serve.http.views import video_view
-from serve.jobs import JobStatus
+from serve.jobs import JobStatus, JobStore
 from serve.scheduling.eta import EtaModel
+from serve.scheduling.housekeeping import Housekeeping
 from serve.storage import JobArtifacts, StorageError
 from tests.fake_stages import (
     FakeStages,
@@ -306,3 +308,62 @@ def test_eta_is_the_steps_left_at_the_measured_step_time_then_the_measured_later
     model.observe(key, "finish", 1.0)
     model.observe(("832x480x81", "final", "none"), "decode", 100.0)  # another tier's: not this one's
     assert model.predict(key, steps_left=0, seconds_per_step=1.5, now=now) == now + timedelta(seconds=4.0)
+
+
+@pytest.mark.parametrize(("interval_s", "num_writes"), [(0.0, 8), (3600.0, 4)])
+def test_denoise_progress_is_written_at_a_bounded_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interval_s: float, num_writes: int
+) -> None:
+    """Every step when the interval is 0; else each expert's first and last step only (3 + 5 steps)."""
+    writes: list[tuple[JobStatus, float]] = []
+    advance = JobStore.advance
+
+    def counted(store: JobStore, job_id: str, attempt: int, status: JobStatus, **fields: Any) -> bool:
+        if fields.get("stage_progress", 0.0) > 0:
+            writes.append((status, fields["stage_progress"]))
+        return advance(store, job_id, attempt, status, **fields)
+
+    monkeypatch.setattr(JobStore, "advance", counted)
+    args = scheduler_args(tmp_path, progress_write_interval_s=interval_s)
+    stages = FakeStages()
+    store = empty_store(args)
+    job, _ = store.create("dune", "batch", job_request(steps=8))
+
+    done = run_until_finished(args, stages, store, job.id)
+    assert done.status == JobStatus.SUCCEEDED
+    assert len(writes) == num_writes
+    high, low = JobStatus.DENOISING_HIGH, JobStatus.DENOISING_LOW
+    assert {(high, 1 / 3), (high, 1.0), (low, 1 / 5), (low, 1.0)} <= set(writes)
+
+
+def test_the_claim_loop_reads_only_the_fair_share_columns_of_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_records(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("the claim loop loaded full job records")
+
+    args = scheduler_args(tmp_path)
+    store = empty_store(args)
+    job, _ = store.create("dune", "interactive", job_request(steps=8))
+    (queued,) = store.queued_candidates()
+    assert (queued.id, queued.project, queued.priority) == (job.id, "dune", "interactive")
+    monkeypatch.setattr(JobStore, "queued", full_records)
+    stages = FakeStages()
+    assert run_until_finished(args, stages, store, job.id).status == JobStatus.SUCCEEDED
+    assert stages.calls["wake_webhooks"]  # its outcome may have queued a webhook: Housekeeping is nudged
+
+
+def test_housekeeping_runs_its_three_loops_and_a_stopped_loop_fails_its_health_check(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        housekeeping = Housekeeping.func_or_class(scheduler_args(tmp_path))
+        try:
+            housekeeping.check_health()
+            await housekeeping.wake_webhooks()
+            housekeeping._tasks["retention"].cancel()
+            await asyncio.sleep(0)
+            with pytest.raises(RuntimeError, match="the retention loop stopped"):
+                housekeeping.check_health()
+        finally:
+            housekeeping.stop()
+
+    run(scenario)

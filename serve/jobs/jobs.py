@@ -22,6 +22,7 @@ from serve.jobs.models import (
     JobRecord,
     JobStatus,
     Priority,
+    QueuedJob,
     utcnow,
 )
 from serve.jobs.request import JobRequest
@@ -166,6 +167,15 @@ class JobRepository:
         query = select(jobs).where(jobs.c.status == JobStatus.QUEUED).order_by(jobs.c.id).limit(limit)
         with self._db.read() as conn:
             return [job_record(row) for row in conn.execute(query)]
+
+    def queued_candidates(self, limit: int = 500) -> builtins.list[QueuedJob]:
+        """The claim loop's view of the queue, oldest first: only the columns the fair-share policy reads
+        (no request JSON is loaded or validated)."""
+        check_limit(limit)
+        columns = jobs.c.id, jobs.c.project, jobs.c.priority, jobs.c.created_at, jobs.c.deadline
+        query = select(*columns).where(jobs.c.status == JobStatus.QUEUED).order_by(jobs.c.id).limit(limit)
+        with self._db.read() as conn:
+            return [QueuedJob(*row) for row in conn.execute(query)]
 
     def count_by_status(self, project: str | None = None) -> dict[JobStatus, int]:
         """Number of jobs in each status (every status present, zeros included), for metrics and quotas."""

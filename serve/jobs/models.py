@@ -189,6 +189,17 @@ class JobRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """What the claim loop reads of one queued job (JobStore.queued_candidates): the fair-share inputs."""
+
+    id: str
+    project: str
+    priority: Priority
+    created_at: datetime
+    deadline: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class JobEvent:
     """One entry of a job's event log; ids increase in commit order per job (the streaming cursor)."""
 

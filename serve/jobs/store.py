@@ -97,6 +97,7 @@ class JobStore:
     list = _forward(JobRepository.list, _jobs)
     queue_position = _forward(JobRepository.queue_position, _jobs)
     queued = _forward(JobRepository.queued, _jobs)
+    queued_candidates = _forward(JobRepository.queued_candidates, _jobs)
     count_by_status = _forward(JobRepository.count_by_status, _jobs)
     running_by_project = _forward(JobRepository.running_by_project, _jobs)
     events = _forward(JobRepository.events, _jobs)

@@ -4,7 +4,9 @@ It pulls queued jobs (priority class, project fair share, deadline, age), keeps 
 `max_jobs_in_flight` inside the pipeline, and writes every transition to the job store. Nothing lives
 only in its memory: on (re)start it requeues the jobs a previous incarnation had claimed, and the store's
 attempt fence makes any stale work of that incarnation unable to record a result. A finished job is never
-run again.
+run again. Each attempt's bookkeeping (status, progress, timings, clock, ETA) is an AttemptRun
+(serve.scheduling.run), so `_pipeline` reads as the list of stages; webhook delivery, retention and the
+queue gauges run in the one-replica Housekeeping deployment beside it (serve.scheduling.housekeeping).
 
 Faults: a job that loses a replica goes back to the queue; the denoise state saved at the expert boundary
 (serve.scheduling.checkpoints) lets its next attempt skip the high-noise expert and give the same clip.
@@ -21,7 +23,6 @@ import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 
 from ray import serve
@@ -30,22 +31,16 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from pipeline.denoise.state import initial_state
 from pipeline.safety import ContentBlocked
 from pipeline.spec import ModelSpec
-from pipeline.stages import overall_progress
+from pipeline.stages import expert_stage
 from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
-from serve.jobs import RUNNING_STATUSES, JobRecord, JobStatus
-from serve.jobs.retention import RetentionSweeper
-from serve.metrics import (
-    REPORT_INTERVAL_S,
-    QueueReporter,
-    record_job_claimed,
-    record_job_finished,
-    record_scheduler_pass,
-)
+from serve.jobs import JobRecord, JobStatus
+from serve.metrics import record_job_claimed, record_job_finished, record_scheduler_pass
 from serve.scheduling.checkpoints import CheckpointError, read_checkpoint, write_checkpoint
 from serve.scheduling.eta import EtaModel
 from serve.scheduling.fair_share import Candidate, pick_next
 from serve.scheduling.faults import REPLICA_LOST, StageFailed, Superseded, describe, finish_with_retries
+from serve.scheduling.run import AttemptRun
 from serve.stages.payloads import (
     DenoiseCall,
     DenoiseDone,
@@ -57,7 +52,7 @@ from serve.stages.payloads import (
 )
 from serve.stages.transfer import PackedState, pack_state
 from serve.storage import JobArtifacts, StorageError, make_store
-from serve.webhooks import WebhookDispatcher, open_job_store
+from serve.webhooks import open_job_store
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -97,30 +92,13 @@ async def settled(work: Awaitable[T]) -> T:
         raise
 
 
-class StageClock:
-    """When the accelerator stage that a job's attempt is in began, so a cancel can count the part that ran
-    (a finished stage's seconds come from its replica)."""
-
-    def __init__(self) -> None:
-        self._began: float | None = None
-
-    def begin(self) -> None:
-        self._began = time.perf_counter()
-
-    def end(self) -> None:
-        self._began = None
-
-    def open_seconds(self) -> float:
-        """Seconds the current stage has run so far; 0 between stages."""
-        return 0.0 if self._began is None else time.perf_counter() - self._began
-
-
 @serve.deployment(name="Scheduler", num_replicas=1, max_ongoing_requests=1000, health_check_period_s=10)
 class Scheduler:
     def __init__(
         self,
         args: PrevizArgs,
         model: ModelSpec,
+        housekeeping: DeploymentHandle,
         text_encoder: DeploymentHandle,
         high: DeploymentHandle,
         low: DeploymentHandle,
@@ -130,6 +108,7 @@ class Scheduler:
     ) -> None:
         self.args = args
         self.model = model
+        self.housekeeping = housekeeping  # webhooks, retention and gauges: nudged when a job leaves
         self.stages = StageHandles(text_encoder, high, low, vae, upscaler, finisher)
         self.store = open_job_store(args.database_url)
         self.store.create_schema()
@@ -142,13 +121,6 @@ class Scheduler:
         self._eta = EtaModel()  # stage times measured here: the later stages of a job's ETA
         self._wake = asyncio.Event()
         self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
-        self._queue_reporter = QueueReporter()
-        self._metrics_task = asyncio.get_running_loop().create_task(self._report_forever())
-        # callback_url POSTs from the outbox
-        self._webhooks = WebhookDispatcher(self.store, args.webhooks, public_url=args.public_url)
-        self._webhooks_task = asyncio.get_running_loop().create_task(self._webhooks.run_forever())
-        self._retention = RetentionSweeper(self.store, self.artifacts, args.retention_sweep_s)
-        self._retention_task = asyncio.get_running_loop().create_task(self._retention.run_forever())
 
     async def wake(self) -> None:
         """A job was queued or cancelled: look at the queue now instead of at the next poll."""
@@ -191,15 +163,13 @@ class Scheduler:
         free = self.args.max_jobs_in_flight - len(self._running)
         if free <= 0:
             return
-        queued = await asyncio.to_thread(self.store.queued, 500)
+        queued = await asyncio.to_thread(self.store.queued_candidates, 500)
         if not queued:
             return
         running: dict[str, int] = {}
         for project, _task in self._running.values():
             running[project] = running.get(project, 0) + 1
-        candidates = [
-            Candidate(job.id, job.project, job.priority, job.created_at, job.deadline) for job in queued
-        ]
+        candidates = [Candidate(q.id, q.project, q.priority, q.created_at, q.deadline) for q in queued]
         for candidate in pick_next(candidates, running, free):
             job = await asyncio.to_thread(self.store.claim, candidate.job_id, self.scheduler_id)
             if job is None:  # cancelled meanwhile
@@ -212,7 +182,7 @@ class Scheduler:
     def _job_left(self, job_id: str) -> None:
         self._running.pop(job_id, None)
         self._wake.set()
-        self._webhooks.wake()  # its outcome may have queued a webhook
+        self.housekeeping.wake_webhooks.remote()  # its outcome may have queued a webhook
 
     async def _run_job(self, job: JobRecord) -> None:
         try:
@@ -221,9 +191,9 @@ class Scheduler:
             await asyncio.to_thread(self._clean_up, job.id, job.attempt)
 
     async def _run_attempt(self, job: JobRecord) -> None:
-        clock = StageClock()
+        run = AttemptRun(job, self.store, self._eta, progress_interval_s=self.args.progress_write_interval_s)
         try:
-            await self._pipeline(job, clock)
+            await self._pipeline(run)
         except Superseded as superseded:  # cancelled, or a newer run owns the job: record nothing
             logger.info("job %s: %s; this run stops", job.id, superseded)
         except asyncio.CancelledError:
@@ -233,7 +203,7 @@ class Scheduler:
                 record_job_finished(job, "cancelled")
                 # The GPU time of the stage it was in counts against the project's quota (a stopping
                 # scheduler's jobs are requeued, not finished: add_gpu_seconds leaves those alone).
-                await asyncio.to_thread(self.store.add_gpu_seconds, job.id, clock.open_seconds())
+                await asyncio.to_thread(self.store.add_gpu_seconds, job.id, run.clock.open_seconds())
                 return
             # Raised inside: a stage call was cancelled under it (a replica shutting down); never fail the
             # job for that.
@@ -263,122 +233,92 @@ class Scheduler:
         if status == JobStatus.FAILED:
             record_job_finished(job, "failed")
 
-    async def _pipeline(self, job: JobRecord, clock: StageClock) -> None:
+    async def _pipeline(self, run: AttemptRun) -> None:
+        """The job's stage plan, in order; `run` keeps the books (status, progress, timings, clock, ETA)."""
+        job, stages = run.job, self.stages
         resolved, finish = job.request.resolved, job.request.finish
-        stages = self.stages
-        timings: dict[str, float] = {}
 
-        await self._advance(job, JobStatus.ENCODING, 0.0)
+        # 1. Encode the prompt and the negative prompt (one batched encoder forward).
+        await run.enter("encode")
         started = time.perf_counter()
         prompt, negative = await asyncio.gather(
             stage_call(stages.text_encoder.encode.remote(resolved.prompt)),
             stage_call(stages.text_encoder.encode.remote(resolved.negative_prompt)),
         )
-        timings["encode"] = time.perf_counter() - started
+        run.record("encode", time.perf_counter() - started, observe=False)
 
-        state = pack_state(initial_state(resolved, self.model))
-        bucket = str(job.request.bucket)
-        eta_key = (bucket, resolved.quality, finish.upscale)
-        adapters = resolved.adapters(self.model)
-        experts = [
-            (JobStatus.DENOISING_HIGH, stages.high, resolved.guidance_high, "denoise_high"),
-            (JobStatus.DENOISING_LOW, stages.low, resolved.guidance_low, "denoise_low"),
-        ]
-        resumed = await self._resume(job, resolved.steps)
-        if resumed is not None:  # an earlier attempt got past the high-noise expert
-            state, experts = resumed, experts[1:]
-        for status, handle, guidance, name in experts:
-            await self._advance(job, status, 0.0, timings)
-            call = DenoiseCall(
-                request_id=f"{job.id}:{job.attempt}",
-                state=state,
-                prompt=prompt,
-                negative_prompt=negative,
-                guidance=guidance,
-                priority=job.priority,
-                deadline=job.deadline,
-                quality=resolved.quality,
-                adapters=adapters,
-                cache=resolved.cache,
-            )
-            start_index = state.step_index
-            stream = handle.options(stream=True).denoise.remote(call, bucket=bucket)
-            try:
-                async for event in stream:
-                    match event:
-                        case DenoiseWaiting(num_ahead=num_ahead):  # queued in the engine, not stalled
-                            await self._advance(job, status, 0.0, engine_queue_position=num_ahead)
-                        case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
-                            if done == 1:  # stepping began (before, the request waited in the engine)
-                                clock.begin()
-                            eta_at = None
-                            if seconds is not None:
-                                steps_left = resolved.steps - (start_index + done)
-                                eta_at = self._eta.predict(
-                                    eta_key, steps_left=steps_left, seconds_per_step=seconds
-                                )
-                            await self._advance(job, status, done / max(total, 1), eta_at=eta_at)
-                        case DenoiseDone():
-                            state, timings[name] = event.state, event.seconds
-                            clock.end()
-            except BaseException:
-                # Cancelled, superseded or failed before the expert's last step: take the request out of
-                # the replica's engine now. Leaving the stream does not cancel it: the engine would keep
-                # stepping an orphan (Ray Serve 2.60 cancels a call only through `cancel()`).
-                stream.cancel()
-                raise
-            if status == JobStatus.DENOISING_HIGH:
-                await self._checkpoint(job, state)
+        # 2. Denoise: the high-noise expert, then the low-noise one; an earlier attempt's checkpoint at the
+        #    expert boundary skips the high-noise expert.
+        state = await self._resume(job, resolved.steps)
+        experts = ("low",) if state is not None else ("high", "low")
+        state = state or pack_state(initial_state(resolved, self.model))
+        for expert in experts:
+            state = await self._denoise(run, expert, state, prompt, negative)
 
-        await self._advance(job, JobStatus.DECODING, 0.0, timings)
-        clock.begin()
-        frames = await stage_call(stages.vae.decode.remote(state.latents, resolved.fps))
-        timings["decode"] = frames.seconds
-        self._eta.observe(eta_key, "decode", frames.seconds)
-        clock.end()
+        # 3. Decode the latents to frames.
+        await run.enter("decode")
+        async with run.clocked():
+            frames = await stage_call(stages.vae.decode.remote(state.latents, resolved.fps))
+        run.record("decode", frames.seconds)
 
-        await self._advance(job, JobStatus.UPSCALING, 0.0, timings)
+        # 4. Upscale (a no-op call when the job asks for none).
+        await run.enter("upscale")
         width, height = upscale_target_size(finish.upscale, resolved.width, resolved.height)
-        clock.begin()
-        frames = await stage_call(stages.upscaler.upscale.remote(frames, width, height))
-        timings["upscale"] = frames.seconds
-        self._eta.observe(eta_key, "upscale", frames.seconds)
-        clock.end()
+        async with run.clocked():
+            frames = await stage_call(stages.upscaler.upscale.remote(frames, width, height))
+        run.record("upscale", frames.seconds)
 
-        await self._advance(job, JobStatus.FINISHING, 0.0, timings)
-        clip = await self._finish(
-            job,
-            frames,
-            FinishCall(
-                project=job.project,
-                job_id=job.id,
-                attempt=job.attempt,
-                seed=resolved.seed,
-                look=finish.look,
-                label=finish.label,
-                fps=finish.fps,
-                lut=finish.lut,
-                metadata={
-                    "title": resolved.prompt[:200],
-                    "previz_job": job.id,
-                    "previz_seed": str(resolved.seed),
-                },
-            ),
+        # 5. Finish: conform, grade, check, label, encode and store the clip and its poster.
+        await run.enter("finish")
+        clip = await self._finish(job, frames, finish_call(job))
+        run.record("finish", clip.seconds)
+        if await run.succeed(clip):
+            record_job_finished(job, "succeeded", run.timings)
+
+    async def _denoise(
+        self, run: AttemptRun, expert: str, state: PackedState, prompt: Any, negative: Any
+    ) -> PackedState:
+        """One expert's share of the steps; the state after its last step. The high-noise expert's state is
+        checkpointed so that a rerun can skip it."""
+        job, resolved = run.job, run.job.request.resolved
+        row = expert_stage(expert)
+        await run.enter(row.name)
+        call = DenoiseCall(
+            request_id=f"{job.id}:{job.attempt}",
+            state=state,
+            prompt=prompt,
+            negative_prompt=negative,
+            guidance=resolved.guidance_high if expert == "high" else resolved.guidance_low,
+            priority=job.priority,
+            deadline=job.deadline,
+            quality=resolved.quality,
+            adapters=resolved.adapters(self.model),
+            cache=resolved.cache,
         )
-        timings["finish"] = clip.seconds
-        self._eta.observe(eta_key, "finish", clip.seconds)
-        succeeded = await asyncio.to_thread(
-            self.store.succeed,
-            job.id,
-            job.attempt,
-            artifact_uri=clip.key,
-            artifact_bytes=clip.size_bytes,
-            poster_uri=clip.poster_key,
-            seed=resolved.seed,
-            timings=timings,
-        )
-        if succeeded:
-            record_job_finished(job, "succeeded", timings)
+        start_index = state.step_index
+        handle = self.stages.high if expert == "high" else self.stages.low
+        stream = handle.options(stream=True).denoise.remote(call, bucket=str(job.request.bucket))
+        try:
+            async for event in stream:
+                match event:
+                    case DenoiseWaiting(num_ahead=num_ahead):  # queued in the engine, not stalled
+                        await run.waiting(num_ahead)
+                    case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
+                        steps_left = resolved.steps - (start_index + done)
+                        await run.stepped(done, total, steps_left=steps_left, seconds_per_step=seconds)
+                    case DenoiseDone():
+                        state = event.state
+                        run.record(row.name, event.seconds, observe=False)
+                        run.clock.end()
+        except BaseException:
+            # Cancelled, superseded or failed before the expert's last step: take the request out of
+            # the replica's engine now. Leaving the stream does not cancel it: the engine would keep
+            # stepping an orphan (Ray Serve 2.60 cancels a call only through `cancel()`).
+            stream.cancel()
+            raise
+        if expert == "high":
+            await self._checkpoint(job, state)
+        return state
 
     async def _finish(self, job: JobRecord, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         """The Finisher's clip, retried with backoff; after `finish_attempts` tries the job fails."""
@@ -442,43 +382,11 @@ class Scheduler:
         except Exception:
             logger.warning("job %s: deleting the files its run left failed", job_id, exc_info=True)
 
-    async def _report_forever(self) -> None:
-        """Refresh the jobs and queue gauges from the store (the store, not memory, is the truth)."""
-        while True:
-            await asyncio.sleep(REPORT_INTERVAL_S)
-            try:
-                counts, unfinished = await asyncio.to_thread(self._snapshot)
-                self._queue_reporter.publish(counts, unfinished)
-            except Exception:
-                logger.warning("refreshing queue metrics failed", exc_info=True)
 
-    def _snapshot(self) -> tuple[dict[JobStatus, int], list[JobRecord]]:
-        unfinished = self.store.queued(1000) + self.store.list(statuses=RUNNING_STATUSES, limit=1000)
-        return self.store.count_by_status(), unfinished
-
-    async def _advance(
-        self,
-        job: JobRecord,
-        status: JobStatus,
-        fraction: float,
-        timings: dict[str, float] | None = None,
-        *,
-        engine_queue_position: int | None = None,
-        eta_at: datetime | None = None,
-    ) -> None:
-        """Move the job on. Entering a stage with `timings` stores the last one (the stage just done), so the
-        GPU seconds of a running job's finished stages count against its project's quota at once."""
-        last = next(reversed(timings.items())) if timings else None
-        ok = await asyncio.to_thread(
-            self.store.advance,
-            job.id,
-            job.attempt,
-            status,
-            stage_progress=fraction,
-            progress=overall_progress(status.stage_row.name, fraction),
-            timing=last,
-            engine_queue_position=engine_queue_position,
-            eta_at=eta_at,
-        )
-        if not ok:  # cancelled, or this run was superseded: stop spending compute on it
-            raise Superseded(job.id, job.attempt)
+def finish_call(job: JobRecord) -> FinishCall:
+    """How the Finisher finishes `job`'s clip and where it goes."""
+    resolved, finish = job.request.resolved, job.request.finish
+    metadata = {"title": resolved.prompt[:200], "previz_job": job.id, "previz_seed": str(resolved.seed)}
+    keys = (job.project, job.id, job.attempt)  # FinishCall's leading fields: where the clip goes
+    look = (resolved.seed, finish.look, finish.label)
+    return FinishCall(*keys, *look, metadata, fps=finish.fps, lut=finish.lut)

@@ -1,0 +1,138 @@
+"""One attempt of one job through its stage plan: the bookkeeping the Scheduler's pipeline would drown in.
+
+An `AttemptRun` moves the job from stage to stage in the store (status, overall progress from the stage
+table, the timing of the stage just done so its GPU seconds count at once), clocks the accelerator stage
+the attempt is in (a cancel bills the part that ran), keeps the stage timings and feeds the ETA model.
+Denoise progress is written at a bounded rate: the first step (it clears the engine queue position), the
+last one, and otherwise at most once per `progress_interval_s`.
+
+Every store update is fenced by the attempt: one the store refuses (the job was cancelled, or a newer
+run owns it) raises `Superseded`, and the run stops spending compute on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from pipeline.stages import Stage, overall_progress, stage
+from serve.jobs import JobRecord, JobStatus, JobStore
+from serve.scheduling.eta import EtaModel
+from serve.scheduling.faults import Superseded
+from serve.stages.payloads import FinishedClip
+
+
+class StageClock:
+    """When the accelerator stage that a job's attempt is in began, so a cancel can count the part that ran
+    (a finished stage's seconds come from its replica)."""
+
+    def __init__(self) -> None:
+        self._began: float | None = None
+
+    def begin(self) -> None:
+        self._began = time.perf_counter()
+
+    def end(self) -> None:
+        self._began = None
+
+    def open_seconds(self) -> float:
+        """Seconds the current stage has run so far; 0 between stages."""
+        return 0.0 if self._began is None else time.perf_counter() - self._began
+
+
+class AttemptRun:
+    """The bookkeeping of one attempt: enter a stage, report its progress, record its timing, succeed."""
+
+    def __init__(self, job: JobRecord, store: JobStore, eta: EtaModel, *, progress_interval_s: float) -> None:
+        self.job = job
+        self.store = store
+        self.eta = eta
+        self.progress_interval_s = progress_interval_s
+        self.clock = StageClock()
+        self.timings: dict[str, float] = {}  # stage name -> seconds its replica reports, in run order
+        request = job.request
+        self.eta_key = (str(request.bucket), request.resolved.quality, request.finish.upscale)
+        self._stage: Stage | None = None
+        self._last_progress_write = -float("inf")  # time.monotonic() of the last step progress stored
+        self.num_progress_writes = 0  # step progress updates stored (bounded by progress_interval_s)
+
+    async def enter(self, name: str) -> None:
+        """Move the job into stage `name`; the timing of the stage just done is stored with it."""
+        self._stage = stage(name)
+        self.clock.end()
+        await self._advance(0.0, timing=next(reversed(self.timings.items()), None))
+
+    @contextlib.asynccontextmanager
+    async def clocked(self) -> AsyncIterator[None]:
+        """The accelerator is working for this attempt inside the block. A block left by an exception (a
+        cancel) leaves the clock open, so that the cancel can bill the part that ran."""
+        self.clock.begin()
+        yield
+        self.clock.end()
+
+    def record(self, name: str, seconds: float, *, observe: bool = True) -> None:
+        """Stage `name` took `seconds` (as its replica measured); `observe` feeds the ETA of later jobs."""
+        self.timings[name] = seconds
+        if observe:
+            self.eta.observe(self.eta_key, name, seconds)
+
+    async def waiting(self, num_ahead: int) -> None:
+        """The request waits in a denoiser engine with `num_ahead` more urgent requests before it."""
+        await self._advance(0.0, engine_queue_position=num_ahead)
+
+    async def stepped(
+        self, done: int, total: int, *, steps_left: int, seconds_per_step: float | None
+    ) -> None:
+        """A denoiser finished step `done` of `total` of this call; `steps_left` in the whole job."""
+        if done == 1:  # stepping began (before, the request waited in the engine)
+            self.clock.begin()
+        now = time.monotonic()
+        due = done in (1, total) or now - self._last_progress_write >= self.progress_interval_s
+        if not due:
+            return
+        self._last_progress_write = now
+        self.num_progress_writes += 1
+        eta_at = None
+        if seconds_per_step is not None:
+            eta_at = self.eta.predict(self.eta_key, steps_left=steps_left, seconds_per_step=seconds_per_step)
+        await self._advance(done / max(total, 1), eta_at=eta_at)
+
+    async def succeed(self, clip: FinishedClip) -> bool:
+        """Record the stored clip as the job's result; False if the store refused (cancelled meanwhile)."""
+        return await asyncio.to_thread(
+            self.store.succeed,
+            self.job.id,
+            self.job.attempt,
+            artifact_uri=clip.key,
+            artifact_bytes=clip.size_bytes,
+            poster_uri=clip.poster_key,
+            seed=self.job.request.resolved.seed,
+            timings=self.timings,
+        )
+
+    async def _advance(
+        self,
+        fraction: float,
+        *,
+        timing: tuple[str, float] | None = None,
+        engine_queue_position: int | None = None,
+        eta_at: datetime | None = None,
+    ) -> None:
+        if self._stage is None:
+            raise RuntimeError("AttemptRun.enter() names the stage before any progress is reported.")
+        ok = await asyncio.to_thread(
+            self.store.advance,
+            self.job.id,
+            self.job.attempt,
+            JobStatus[self._stage.status_name],
+            stage_progress=fraction,
+            progress=overall_progress(self._stage.name, fraction),
+            timing=timing,
+            engine_queue_position=engine_queue_position,
+            eta_at=eta_at,
+        )
+        if not ok:  # cancelled, or this run was superseded: stop spending compute on it
+            raise Superseded(self.job.id, self.job.attempt)
