@@ -3,7 +3,7 @@
     python -m loadtest.capacity --calibrate                      # the cost model vs the published timings
     python -m loadtest.capacity --rate 200 --backlog 500         # one mix on the default replica set
     python -m loadtest.capacity --rate 200 --backlog 500 --recommend --target-p95 60 --plot out/
-    python -m loadtest.capacity --measured run.json              # predict a studio_load run, compare
+    python -m loadtest.predict_run run.json                      # predict a studio_load run, compare
     python -m loadtest.capacity --from-probe loadtest/results/h100.json --rate 200   # this GPU's throughputs
 
 What is simulated, per job: the Scheduler's queue (Previz policy: interactive before batch, then the
@@ -536,7 +536,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--target-p95", type=float, default=60.0, help="interactive p95 target (s)")
     parser.add_argument("--plot", type=Path, help="write PNG charts into this folder")
-    parser.add_argument("--measured", type=Path, help="a loadtest.studio_load JSON: predict it and compare")
     parser.add_argument("--json", type=Path, help="write the report(s) here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -550,11 +549,6 @@ def main(argv: list[str] | None = None) -> None:
         model = from_probe(json.loads(args.from_probe.read_text()), model)
     if args.calibrate:
         print(calibration_table(model))
-        return
-    if args.measured is not None:
-        from loadtest.studio_load import predict_measured
-
-        print(predict_measured(json.loads(args.measured.read_text())))
         return
     cluster = Cluster(
         high_replicas=args.high,

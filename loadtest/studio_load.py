@@ -2,7 +2,7 @@
 
     python -m loadtest.studio_load --url http://127.0.0.1:8000 --admin-key pvz_… \\
         --projects 4 --rate 120 --max-shots 40 --max-seconds 600 --json run.json
-    python -m loadtest.capacity --measured run.json        # what the simulator predicts for that run
+    python -m loadtest.predict_run run.json                 # what the simulator predicts for that run
 
 A bounded asyncio client (httpx) rather than locust: the arrivals must be one exact Poisson trace for a
 seed (the simulator replays the same trace), every video is followed on its own server-sent event stream
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import random
 import statistics
 import time
@@ -33,11 +32,8 @@ from typing import Any
 
 import httpx
 
-from loadtest.capacity import Cluster, Shot, Tier, percentile, simulate, summary
-from loadtest.cost_model import ONE_GPU, CostModel
-from pipeline.denoise.parallel import ParallelDegree
+from loadtest.capacity import summary
 
-HIGH_SHARE = 26 / 40  # of a run's steps in the high-noise expert (Wan2.2's boundary at 40 steps)
 PROMPTS = (
     "a man in a black trench coat leaps from a tower, flips twice, lands; explosion behind",
     "two fencers cross blades on a rooftop at dusk, slow motion",
@@ -259,69 +255,6 @@ def jain(values: list[float]) -> float:
     if not values:
         return 1.0
     return sum(values) ** 2 / (len(values) * sum(value * value for value in values))
-
-
-class MeasuredCosts(CostModel):
-    """A cost model whose step and serial times are those a run measured (per step and row, alone)."""
-
-    def __init__(self, step_s_per_row: float, serial_s: float) -> None:
-        super().__init__()
-        object.__setattr__(self, "_step", step_s_per_row)
-        object.__setattr__(self, "_serial", serial_s)
-
-    def forward_s(self, num_tokens: int, num_rows: int, degree: ParallelDegree = ONE_GPU) -> float:
-        return self._step * num_rows
-
-    def serial_s(self, width: int, height: int, num_frames: int) -> float:
-        return self._serial
-
-
-def predict_measured(run: dict[str, Any]) -> str:
-    """The simulator fed the stage times a studio_load run measured (medians of its videos' timings),
-    replaying the run's arrivals on the local cluster's replica set; predicted vs measured p50/p95."""
-    plan = LoadPlan(**run["plan"])
-    records = [VideoRecord(**record) for record in run["records"] if record["done_s"] is not None]
-    steps = {"draft": plan.draft_steps, "final": plan.final_steps}
-    rows = {"draft": 2, "final": 2}  # tiny runs CFG on both tiers when tiers are step counts
-    per_row = [
-        (r.timings.get("denoise_high", 0) + r.timings.get("denoise_low", 0)) / (steps[r.tier] * rows[r.tier])
-        for r in records
-        if r.timings
-    ]
-    serial = statistics.median(r.timings.get("decode", 0) + r.timings.get("upscale", 0) for r in records)
-    model = MeasuredCosts(statistics.median(per_row), serial)
-    shots = [
-        Shot(i, r.project, r.klass, r.tier, plan.size, r.arrival_s, num_frames=round(plan.seconds * 16) + 1)
-        for i, r in enumerate(records)
-    ]
-    cluster = Cluster(
-        high_replicas=1,
-        low_replicas=1,
-        high_degree=ParallelDegree(),
-        low_degree=ParallelDegree(),
-        decode_replicas=1,
-        max_jobs_in_flight=8,
-        max_batch_size=16,
-        max_num_tokens=262_144,
-        text_s=statistics.median(r.timings.get("encode", 0) for r in records),
-        finish_s=statistics.median(r.timings.get("finish", 0) for r in records),
-    )
-    tiers = {
-        name: Tier(name, math.ceil(count * HIGH_SHARE), count - math.ceil(count * HIGH_SHARE), True)
-        for name, count in steps.items()
-    }
-    report = simulate(shots, cluster, model, "previz", tiers)
-    lines = ["class                 measured p50   model p50   measured p95   model p95"]
-    for name, predicted in report.latency_s.items():
-        measured = [r.done_s - r.arrival_s for r in records if f"{r.klass}/{r.tier}" == name]
-        m50, m95 = percentile(measured, 50), percentile(measured, 95)
-        error50 = 100 * (predicted["p50"] - m50) / m50
-        error95 = 100 * (predicted["p95"] - m95) / m95
-        lines.append(
-            f"{name:20} {m50:12.2f}  {predicted['p50']:10.2f}  {m95:13.2f}  {predicted['p95']:10.2f}"
-            f"   ({error50:+.0f} % / {error95:+.0f} %)"
-        )
-    return "\n".join(lines)
 
 
 def table(result: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from pipeline.priority import PRIORITIES
-from serve.jobs.models import Bucket
+from serve.jobs.request import Bucket
 
 logger = logging.getLogger("ray.serve")
 

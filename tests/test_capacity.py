@@ -12,7 +12,8 @@ import pytest
 
 from loadtest.capacity import Cluster, Shot, calibration_table, main, recommend, simulate, studio_mix
 from loadtest.cost_model import A14B, CostModel, fit, worst_error
-from loadtest.studio_load import LoadPlan, StudioLoad, arrivals, jain, predict_measured, table
+from loadtest.predict_run import predict_measured
+from loadtest.studio_load import LoadPlan, StudioLoad, arrivals, jain, table
 from pipeline.denoise.parallel import ParallelDegree
 from tests.cluster import Cluster as LiveCluster
 

@@ -16,8 +16,7 @@ from sqlalchemy import create_engine, insert, select, text
 from pipeline.spec import ModelSpec
 from serve.http.views import video_view
 from serve.jobs import JobStatus, JobStore
-from serve.jobs.models import Bucket
-from serve.jobs.request import JobRequest
+from serve.jobs.request import Bucket, JobRequest
 from serve.jobs.schema import ADDED_JOB_COLUMNS, jobs
 from serve.webhooks import open_job_store
 from tests.fake_stages import FakeStages, run, run_until_finished, scheduler_args, start, stop, wait_for

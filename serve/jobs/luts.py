@@ -9,6 +9,7 @@ from datetime import datetime
 
 from sqlalchemy import delete, insert, select, update
 
+from pipeline.lut import Interpolation
 from serve.jobs.database import Database
 from serve.jobs.models import utcnow
 from serve.jobs.schema import luts
@@ -23,7 +24,7 @@ class LutRecord:
     key: str  # the .cube file in the artifact store
     sha256: str  # of the file's bytes
     size: int  # LUT_3D_SIZE
-    interpolation: str  # tetrahedral | trilinear
+    interpolation: Interpolation
     created_at: datetime
 
 
@@ -34,7 +35,7 @@ class LutRepository:
         self._db = db
 
     def put(
-        self, project: str, name: str, *, key: str, sha256: str, size: int, interpolation: str
+        self, project: str, name: str, *, key: str, sha256: str, size: int, interpolation: Interpolation
     ) -> tuple[LutRecord, bool]:
         """Register (or replace) `project`'s look `name`: `(record, created)`, created False on a
         replacement. The previous file is the caller's to delete once no job needs it."""

@@ -86,33 +86,6 @@ PROGRESS_BANDS: dict[JobStatus, tuple[float, float]] = {
 }
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Bucket:
-    """The latent shape key: jobs of one bucket can share a denoiser batch, and the bucket-affinity router
-    sends them to the same replica. Stored with every job as `"WxHxF"` (`str(bucket)`)."""
-
-    width: int
-    height: int
-    num_frames: int
-
-    def __str__(self) -> str:
-        return f"{self.width}x{self.height}x{self.num_frames}"
-
-    @classmethod
-    def parse(cls, text: str) -> Bucket:
-        """`"832x480x81"` -> Bucket(832, 480, 81); ValueError naming the text otherwise."""
-        parts = text.split("x")
-        if len(parts) != 3 or not all(part.isascii() and part.isdigit() for part in parts):
-            raise ValueError(f"a bucket is WIDTHxHEIGHTxFRAMES such as '832x480x81', not {text!r}")
-        width, height, num_frames = (int(part) for part in parts)
-        return cls(width, height, num_frames)
-
-    @property
-    def size(self) -> str:
-        """`"WxH"`: the clip's size before upscaling (the dashboards' resolution label)."""
-        return f"{self.width}x{self.height}"
-
-
 class CancelResult(enum.StrEnum):
     """What cancel() did; the Ingress maps it to 200 / 409 / 404."""
 

@@ -12,6 +12,7 @@ seed was always fixed at create time, so the resolved request is the one the old
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +21,6 @@ from pipeline.lut import Interpolation
 from pipeline.prompt import ShotSpec
 from pipeline.spec import ModelSpec, RequestSpec, ResolvedRequest, resolve
 from pipeline.video import DRAFT_LABEL
-from serve.jobs.models import Bucket
 
 SERVED_MODEL = "wan2.2-t2v-a14b"  # the name the API serves the model under
 JOB_REQUEST_FORMAT = 2  # 1: the untyped dict of earlier versions (upgraded on read)
@@ -28,6 +28,33 @@ Upscale = Literal["none", "720p", "1080p"]
 FrameRate = Literal[
     16, 24, 25
 ]  # a clip's delivered rate: Wan2.2's 16, or conformed to 24 / 25 (pipeline.interpolate)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Bucket:
+    """The latent shape key: jobs of one bucket can share a denoiser batch, and the bucket-affinity router
+    sends them to the same replica. Stored with every job as `"WxHxF"` (`str(bucket)`)."""
+
+    width: int
+    height: int
+    num_frames: int
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}x{self.num_frames}"
+
+    @classmethod
+    def parse(cls, text: str) -> Bucket:
+        """`"832x480x81"` -> Bucket(832, 480, 81); ValueError naming the text otherwise."""
+        parts = text.split("x")
+        if len(parts) != 3 or not all(part.isascii() and part.isdigit() for part in parts):
+            raise ValueError(f"a bucket is WIDTHxHEIGHTxFRAMES such as '832x480x81', not {text!r}")
+        width, height, num_frames = (int(part) for part in parts)
+        return cls(width, height, num_frames)
+
+    @property
+    def size(self) -> str:
+        """`"WxH"`: the clip's size before upscaling (the dashboards' resolution label)."""
+        return f"{self.width}x{self.height}"
 
 
 class LutRef(BaseModel):
