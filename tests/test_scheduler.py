@@ -44,11 +44,13 @@ def test_a_job_runs_through_every_stage_and_records_its_clip_and_poster(tmp_path
         scheduler = start(args, stages)
         try:
             done = await wait_for(store, job.id, lambda j: j.is_finished)
-            # a finished job's checkpoint is dropped once its run has left the pipeline
-            await wait_for(store, job.id, lambda j: j.checkpoint_uri is None)
+            await wait_for(store, job.id, lambda _j: job.id not in scheduler._running)
         finally:
             stop(scheduler)
         keys = JobArtifacts("dune", job.id)
+        # the boundary checkpoint, stored by the high-noise replica off the critical path, is dropped with
+        # the finished run (whether it was recorded before or after the job succeeded)
+        assert store.get(job.id).checkpoint_uri is None and not stages.artifacts.exists(keys.checkpoint)
         assert done.status == JobStatus.SUCCEEDED and done.progress == 100 and done.attempt == 1
         assert (done.artifact_uri, done.poster_uri) == (keys.clip(1), keys.poster(1))
         assert set(done.timings) == {"encode", "denoise_high", "denoise_low", "decode", "upscale", "finish"}
@@ -59,7 +61,7 @@ def test_a_job_runs_through_every_stage_and_records_its_clip_and_poster(tmp_path
         (call,) = stages.calls["finish"]
         assert (call.label, call.look, call.seed) == ("AI-generated draft", "none", 7)
         kinds = [event.kind for event in store.events(job.id)]
-        assert kinds[:2] == ["created", "claimed"] and kinds[-1] == "succeeded" and "checkpoint" in kinds
+        assert kinds[:2] == ["created", "claimed"] and "succeeded" in kinds
 
     run(scenario)
 

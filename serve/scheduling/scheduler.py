@@ -21,9 +21,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -59,7 +59,6 @@ from serve.stages.transfer import PackedState
 from serve.storage import JobArtifacts, make_store
 
 logger = logging.getLogger("ray.serve")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,20 +78,6 @@ async def stage_call(response: DeploymentResponse) -> Any:
         return await response
     except asyncio.CancelledError:
         response.cancel()
-        raise
-
-
-async def settled(work: Awaitable[T]) -> T:
-    """Await `work` (a worker thread's call) to its end even when the task is cancelled meanwhile, then
-    re-raise the cancel: a thread cannot be stopped, so a file it is writing lands before the run's
-    clean-up looks for it, never after."""
-    future = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        await asyncio.wait([future])
-        if not future.cancelled() and future.exception() is not None:
-            logger.debug("a call settled after its task was cancelled: %r", future.exception())
         raise
 
 
