@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import simpy
 
-from loadtest.cost_model import SIZES, CostModel, from_probe, video_tokens
+from loadtest.cost_model import A14B, SIZES, CostModel, from_probe
 from pipeline.denoise.parallel import ParallelDegree
 from pipeline.stages import STAGES as TABLE
 
@@ -283,7 +283,7 @@ class Simulation:
         outcome = self.outcomes[shot.id]
         tier = self.tiers[shot.tier]
         width, height = dimensions(shot.size)
-        tokens = video_tokens(width, height, shot.num_frames)
+        tokens = A14B.num_video_tokens(width, height, shot.num_frames)
         rows = 2 if tier.cfg else 1
         skip = self.model.cache_skip if shot.tier == "final" else 0.0
         yield from self._serve(self.text, "text", self.cluster.text_s)

@@ -48,14 +48,16 @@ import numpy as np
 from loadtest.probe_report import FORMAT as PROBE_FORMAT
 from pipeline.denoise.flops import wan_forward_flops
 from pipeline.denoise.parallel import ParallelDegree, ulysses_bytes_per_forward
+from pipeline.spec import ModelSpec
 
 # Wan2.2-T2V-A14B, one expert: dim 5120 = 40 heads x 128, 40 layers, FFN 13824 (its config.json)
 DIM, FFN_DIM, NUM_LAYERS, TEXT_TOKENS = 5120, 13824, 40, 512
 H100_BF16_DENSE = 989e12
 ONE_GPU = ParallelDegree()
 BF16_BYTES = 2
-PATCH = (1, 2, 2)  # latent frames, height, width per video token
-VAE_STRIDE = (4, 8, 8)  # the Wan2.1 VAE that A14B uses: 4x in time, 8x in space (Wan2.2's 5B VAE is 16x)
+# Its sampling facts: the Wan2.1 VAE that A14B uses (4x in time, 8x in space; Wan2.2's 5B VAE is 16x)
+# and 1x2x2 patches, so a clip's video tokens are A14B.num_video_tokens(width, height, num_frames).
+A14B = ModelSpec()
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}
 # (size, GPUs) -> seconds for 81 frames, 40 steps with CFG: the Wan2.2 README's efficiency table, H100
 PUBLISHED_H100_S = {
@@ -66,13 +68,6 @@ PUBLISHED_H100_S = {
     ("480p", 4): 91.7,
     ("480p", 8): 51.5,
 }
-
-
-def video_tokens(width: int, height: int, num_frames: int) -> int:
-    """Transformer tokens of a clip: latent frames x latent rows x latent columns, after 1x2x2 patches.
-    The A14B's VAE compresses 4x in time and 8x in space; patches halve each spatial side again."""
-    latent_frames = (num_frames - 1) // VAE_STRIDE[0] + 1
-    return latent_frames * (height // (VAE_STRIDE[1] * PATCH[1])) * (width // (VAE_STRIDE[2] * PATCH[2]))
 
 
 def attention_flops(
@@ -139,7 +134,7 @@ class CostModel:
     ) -> float:
         """A whole clip alone on one group of GPUs (both experts on the same group, as the official
         scripts run them): every step's guided forward, plus the serial part."""
-        tokens = video_tokens(width, height, num_frames)
+        tokens = A14B.num_video_tokens(width, height, num_frames)
         return steps * self.forward_s(tokens, 2 if cfg else 1, degree) + self.serial_s(
             width, height, num_frames
         )
@@ -216,7 +211,7 @@ def from_probe(report: dict[str, Any], base: CostModel | None = None) -> CostMod
         raise ValueError(f"the probe measured {sorted(points)} only; refitting needs both 480p and 720p.")
     rows_of_flops, seconds_peak = [], []
     for (size, rows), seconds in sorted(points.items()):
-        rows_of_flops.append(list(split_flops(video_tokens(*SIZES[size], 81), rows)))
+        rows_of_flops.append(list(split_flops(A14B.num_video_tokens(*SIZES[size], 81), rows)))
         seconds_peak.append(seconds * peak)
     (inverse_matmul, inverse_attention), *_ = np.linalg.lstsq(
         np.array(rows_of_flops), np.array(seconds_peak), rcond=None
@@ -246,7 +241,7 @@ def probe_table(report: dict[str, Any], model: CostModel) -> str:
         "size  rows  measured s  model s",
     ]
     for (size, rows), seconds in sorted(probe_points(report).items()):
-        predicted = model.forward_s(video_tokens(*SIZES[size], 81), rows)
+        predicted = model.forward_s(A14B.num_video_tokens(*SIZES[size], 81), rows)
         lines.append(f"{size:<5} {rows:>4}  {seconds:10.3f}  {predicted:7.3f}")
     for size in SIZES:
         published = PUBLISHED_H100_S[size, 1]

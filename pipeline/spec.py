@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -140,6 +141,14 @@ DRAFT_RECIPE = TierRecipe(
 )
 
 
+def num_video_tokens(latent_shape: Sequence[int], patch_size: Sequence[int]) -> int:
+    """Transformer tokens of one row of latents shaped (channels, frames, height, width): one per patch.
+    The one home of this count; the engine, the split transformer, admission and the cost model read it."""
+    pt, ph, pw = patch_size
+    _, frames, height, width = latent_shape
+    return (frames // pt) * (height // ph) * (width // pw)
+
+
 class ModelSpec(BaseModel):
     """Sampling facts of Wan2.2-T2V-A14B; the defaults are the official ones."""
 
@@ -169,6 +178,22 @@ class ModelSpec(BaseModel):
         description="Step caching of a `final` request that names none (MagCache's Wan2.2 setting); None: "
         "every step runs.",
     )
+
+    def latent_shape(
+        self, width: int, height: int, num_frames: int, channels: int = 16
+    ) -> tuple[int, int, int, int]:
+        """(channels, latent_frames, latent_height, latent_width) of a clip of this size."""
+        return (
+            channels,
+            (num_frames - 1) // self.vae_scale_temporal + 1,
+            height // self.vae_scale_spatial,
+            width // self.vae_scale_spatial,
+        )
+
+    def num_video_tokens(self, width: int, height: int, num_frames: int) -> int:
+        """Transformer tokens in one row of a clip of this size (before CFG doubling): 75,600 at 720p and
+        32,760 at 480p for 81 frames."""
+        return num_video_tokens(self.latent_shape(width, height, num_frames), self.patch_size)
 
     def recipe(self, quality: Quality) -> TierRecipe:
         """The sampling recipe of a quality tier; `final` is the official one this spec holds."""
@@ -406,18 +431,11 @@ class ResolvedRequest(BaseModel):
 
     def latent_shape(self, model: ModelSpec, channels: int = 16) -> tuple[int, int, int, int]:
         """(channels, latent_frames, latent_height, latent_width) of this request's latents."""
-        return (
-            channels,
-            (self.num_frames - 1) // model.vae_scale_temporal + 1,
-            self.height // model.vae_scale_spatial,
-            self.width // model.vae_scale_spatial,
-        )
+        return model.latent_shape(self.width, self.height, self.num_frames, channels)
 
     def num_tokens(self, model: ModelSpec) -> int:
         """Transformer tokens in one forward of one sample (before CFG doubling)."""
-        _, frames, height, width = self.latent_shape(model)
-        pt, ph, pw = model.patch_size
-        return (frames // pt) * (height // ph) * (width // pw)
+        return model.num_video_tokens(self.width, self.height, self.num_frames)
 
 
 def resolve(request: RequestSpec, model: ModelSpec) -> ResolvedRequest:

@@ -24,58 +24,15 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
-
-from pipeline.stages import accelerator_seconds
-from serve.numbers import whole_number
+from datetime import datetime
+from typing import Literal
 
 Role = Literal["member", "admin", "studio_admin"]
-# a number > 0 (each member carries the bound, so the JSON schema states it as exclusiveMinimum)
-PositiveSeconds = Annotated[StrictFloat, Field(gt=0)] | whole_number(gt=0)
 ROLES: tuple[Role, ...] = ("member", "admin", "studio_admin")
 ADMIN_ROLES: tuple[Role, ...] = ("admin", "studio_admin")
 PROJECT_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # a project's name: a lower-case slug, everywhere
 PROJECT_NAME = re.compile(PROJECT_PATTERN)
 KEY_FORM = re.compile(r"^pvz_([0-9a-f]{12})_([A-Za-z0-9_-]{16,})$")
-
-
-class ProjectSettings(BaseModel):
-    """A project's quotas and policy (`PATCH /v1/admin/projects/{name}` changes them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_queued_jobs: whole_number(ge=1) | None = Field(
-        None,
-        description="Most queued videos of the project at once; beyond it 429 `project_queue_full`.",
-    )
-    gpu_seconds_per_day: PositiveSeconds | None = Field(
-        None,
-        description="Accelerator seconds the project's videos may use per UTC day; beyond it 429 "
-        "`gpu_quota_exceeded` until midnight UTC.",
-    )
-    retention_days: whole_number(ge=1, le=3650) | None = Field(
-        None,
-        description="Finished videos are deleted (clip, poster and record) this many days after they "
-        "finish; their `expires_at` says when. Unset: kept until deleted.",
-    )
-    burn_label: StrictBool = Field(
-        True,
-        description="Burn 'AI-generated draft' into every clip; while true, `label: false` is refused "
-        "(400 `label_required`).",
-    )
-    default_quality: Literal["draft", "final"] | None = Field(
-        None,
-        description="The tier of a video that names no `quality`; unset: `draft` for `interactive` and "
-        "`final` for `batch` priority.",
-    )
-    default_fps: Literal[16, 24, 25] | None = Field(
-        None,
-        description="Frame rate of the project's clips when a request names none (the edit's rate, e.g. "
-        "24); unset: 16, the model's own.",
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +54,6 @@ class Caller:
     def manages(self, project: str) -> bool:
         """Whether this caller administers `project` (its own project, or any as a studio admin)."""
         return self.is_studio_admin or (self.is_admin and project == self.project)
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectRecord:
-    name: str
-    created_at: datetime
-    settings: ProjectSettings
-    webhook_secret: str  # HMAC-SHA256 key of the project's webhooks
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,14 +91,3 @@ def hash_key(key: str) -> str:
 
 def keys_match(key: str, key_hash: str) -> bool:
     return hmac.compare_digest(hash_key(key), key_hash)
-
-
-def gpu_seconds(timings: dict[str, float]) -> float:
-    """Accelerator seconds of one job's run, from its stage timings."""
-    return accelerator_seconds(timings)
-
-
-def seconds_to_utc_midnight(now: datetime | None = None) -> int:
-    now = now or datetime.now(UTC)
-    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-    return max(1, int((midnight - now).total_seconds() + 0.999))

@@ -82,9 +82,8 @@ class WarmupBucket(BaseModel):
 
     def latent_shape(self, model: ModelSpec, channels: int) -> tuple[int, int, int, int]:
         spec = self.spec()
-        (width, height), spatial = spec.size, model.vae_scale_spatial
-        latent_frames = (spec.num_frames(model) - 1) // model.vae_scale_temporal + 1
-        return (channels, latent_frames, height // spatial, width // spatial)
+        width, height = spec.size
+        return model.latent_shape(width, height, spec.num_frames(model), channels)
 
 
 class ExpertSettings(BaseModel):

@@ -34,6 +34,7 @@ import httpx
 
 from serve.callbacks import CallbackPolicy, CallbackRefused, CallbackUnresolved
 from serve.config import WebhookSettings
+from serve.http.views import video_payload
 from serve.jobs import JobStore
 from serve.jobs.models import utcnow
 from serve.jobs.outbox import WebhookDelivery
@@ -58,6 +59,12 @@ LINK_FIELDS = ("content_url", "thumbnail_url")  # the video's links a receiver f
 class WebhookSignatureError(ValueError):
     """verify_signature() refused a request: missing or malformed headers, a stale timestamp, or a
     signature that does not match the body."""
+
+
+def open_job_store(url: str) -> JobStore:
+    """The job store as the serve layer opens it: a finished job's webhook carries the API's own video
+    object, so a webhook and `GET /v1/videos/{id}` never disagree."""
+    return JobStore(url, webhook_body=video_payload)
 
 
 def encode_payload(payload: dict[str, Any]) -> bytes:

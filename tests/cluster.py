@@ -25,6 +25,7 @@ from serve.cli import launch
 from serve.cli.client import PrevizClient
 from serve.jobs import JobStore
 from serve.jobs.projects import ProjectExists
+from serve.webhooks import open_job_store
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_CONFIG = REPO / "deploy" / "local.yaml"
@@ -56,7 +57,7 @@ class Cluster:
             store.close()
 
     def store(self) -> JobStore:
-        return JobStore(self.database_url)
+        return open_job_store(self.database_url)
 
     def redeploy(self, config: dict[str, Any]) -> None:
         launch.deploy(config)
@@ -175,7 +176,7 @@ def extra_app(
     url = f"{cluster.url}/{name}"
     try:
         launch.wait_ready(url, timeout_s=timeout_s, app_name=name)
-        store = JobStore(args["database_url"])
+        store = open_job_store(args["database_url"])
         try:
             store.create_project("extra")
             key = store.create_key("extra", "member", "test")[1]

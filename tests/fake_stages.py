@@ -33,6 +33,7 @@ from serve.stages.payloads import (
 )
 from serve.stages.transfer import PackedState, pack_state, state_nbytes
 from serve.storage import ArtifactStore, JobArtifacts, make_store
+from serve.webhooks import open_job_store
 
 
 def serialized_bytes(value: Any) -> int:
@@ -293,7 +294,7 @@ def stop(scheduler: Scheduler) -> None:
 
 def empty_store(args: PrevizArgs) -> JobStore:
     """The job store of `args`, its tables created."""
-    store = JobStore(args.database_url)
+    store = open_job_store(args.database_url)
     store.create_schema()
     return store
 

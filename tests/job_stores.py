@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from serve.jobs import JobStore
+from serve.webhooks import open_job_store
 from tests.servers.postgres import PostgresServer
 
 
@@ -32,7 +33,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def store(store_url: str) -> Iterator[JobStore]:
     """An empty job store at `store_url`, its tables created."""
-    store = JobStore(store_url)
+    store = open_job_store(store_url)
     store.create_schema()
     yield store
     store.close()

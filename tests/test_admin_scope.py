@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from serve.jobs import JobStore
 from serve.jobs.projects import LastAdminKey
+from serve.webhooks import open_job_store
 from tests.api_app import TINY, LocalApi, http_server, local_api
 from tests.cli_run import previz
 from tests.servers.postgres import PostgresServer
@@ -200,7 +201,7 @@ def test_a_database_of_the_earlier_version_gets_the_studio_admin_role(tmp_path: 
             db.execute(
                 "INSERT INTO api_keys VALUES ('c3', 'heist', 'studio_admin', 'h', NULL, '2026', NULL, NULL)"
             )
-    store = JobStore(f"sqlite:///{path}")
+    store = open_job_store(f"sqlite:///{path}")
     store.create_schema()
     store.create_schema()  # idempotent
     assert store.ensure_default_project("default") is None  # the promoted bootstrap key is the studio's
@@ -208,7 +209,7 @@ def test_a_database_of_the_earlier_version_gets_the_studio_admin_role(tmp_path: 
         store.get_key("b00000000001").role == "studio_admin" and store.get_key("a00000000002").role == "admin"
     )
     store.create_key("heist", "studio_admin")
-    with pytest.raises(IntegrityError), store._write() as conn:
+    with pytest.raises(IntegrityError), store.db.write() as conn:
         conn.execute(text("UPDATE api_keys SET role = 'root' WHERE id = 'a00000000002'"))
     store.close()
     with sqlite3.connect(path) as db:
@@ -218,9 +219,9 @@ def test_a_database_of_the_earlier_version_gets_the_studio_admin_role(tmp_path: 
 def test_postgres_role_check_of_the_earlier_version_is_replaced(
     postgres_server: PostgresServer, postgres_database: str
 ) -> None:
-    store = JobStore(postgres_server.create_schema(postgres_database))
+    store = open_job_store(postgres_server.create_schema(postgres_database))
     store.create_schema()
-    with store._write() as conn:
+    with store.db.write() as conn:
         conn.execute(text("ALTER TABLE api_keys DROP CONSTRAINT ck_api_keys_role"))
         conn.execute(
             text("ALTER TABLE api_keys ADD CONSTRAINT ck_api_keys_role CHECK (role IN ('member', 'admin'))")
@@ -230,6 +231,6 @@ def test_postgres_role_check_of_the_earlier_version_is_replaced(
         store.create_key("heist", "studio_admin")
     store.create_schema()
     assert store.authenticate(store.create_key("heist", "studio_admin")[1]).role == "studio_admin"
-    with pytest.raises(IntegrityError), store._write() as conn:
+    with pytest.raises(IntegrityError), store.db.write() as conn:
         conn.execute(text("UPDATE api_keys SET role = 'root'"))
     store.close()

@@ -15,14 +15,14 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from sqlalchemy import update
 
-from serve.auth import ProjectSettings, seconds_to_utc_midnight
 from serve.cli import bootstrap_default_project
 from serve.cli.client import PrevizClient
 from serve.http.deps import IngressState
 from serve.jobs import JobStatus, JobStore
-from serve.jobs.projects import ProjectExists
+from serve.jobs.projects import ProjectExists, ProjectSettings, seconds_to_utc_midnight
 from serve.jobs.schema import api_keys, jobs
 from serve.storage import ArtifactSigner
+from serve.webhooks import open_job_store
 from tests.api_app import TINY, LocalApi, finish, http_server, local_api
 from tests.cli_run import previz
 from tests.job_requests import job_request
@@ -111,7 +111,7 @@ def test_every_v1_route_needs_a_valid_unrevoked_key(api: LocalApi) -> None:
 def test_keys_are_stored_as_sha256_only_and_name_their_project_and_role(api: LocalApi) -> None:
     record, key = api.store.create_key("default", "member", "an artist")
     assert key.startswith(f"pvz_{record.id}_") and len(record.id) == 12 and len(key.split("_", 2)[2]) >= 43
-    with api.store._read() as conn:
+    with api.store.db.read() as conn:
         row = conn.execute(api_keys.select().where(api_keys.c.id == record.id)).one()
     assert row.key_hash == hashlib.sha256(key.encode()).hexdigest()
     assert key not in [str(value) for value in row]
@@ -257,7 +257,7 @@ def test_gpu_quota_counts_todays_finished_jobs_and_resets_at_utc_midnight(api: L
     assert api.client.post("/v1/videos", json=GOOD).status_code == 201  # other projects are not held
     # Jobs that finished yesterday do not count.
     yesterday = datetime.now(UTC) - timedelta(days=1)
-    with api.store._write() as conn:
+    with api.store.db.write() as conn:
         conn.execute(update(jobs).where(jobs.c.project == "heist").values(finished_at=yesterday))
     assert heist.post("/v1/videos", json=GOOD).status_code == 201
 
@@ -411,13 +411,13 @@ def test_up_bootstrap_generates_a_studio_admin_key_once(
     key = bootstrap_default_project(url)
     shown = capsys.readouterr().err
     assert key is not None and key in shown and "Save this key, it is not shown again." in shown
-    store = JobStore(url)
+    store = open_job_store(url)
     caller = store.authenticate(key)
     assert (caller.project, caller.role) == ("default", "studio_admin")
     assert bootstrap_default_project(url) is None and capsys.readouterr().err == ""
     assert len(store.list_keys("default")) == 1
     # The API never revokes the last studio_admin key; an operator who did it in SQL gets a new one.
-    with store._write() as conn:
+    with store.db.write() as conn:
         conn.execute(
             update(api_keys).where(api_keys.c.id == caller.key_id).values(revoked_at=datetime.now(UTC))
         )
@@ -433,7 +433,7 @@ def test_up_bootstrap_honours_previz_api_key(
     assert bootstrap_default_project(url) == "studio-chosen-secret-key"
     assert bootstrap_default_project(url) == "studio-chosen-secret-key"
     assert capsys.readouterr().err == ""
-    store = JobStore(url)
+    store = open_job_store(url)
     caller = store.authenticate("studio-chosen-secret-key")
     assert (caller.project, caller.role) == ("default", "studio_admin")
     assert len(store.list_keys("default")) == 1

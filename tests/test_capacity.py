@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.capacity import Cluster, Shot, calibration_table, main, recommend, simulate, studio_mix
-from loadtest.cost_model import CostModel, fit, video_tokens, worst_error
+from loadtest.cost_model import A14B, CostModel, fit, worst_error
 from loadtest.studio_load import LoadPlan, StudioLoad, arrivals, jain, predict_measured, table
 from pipeline.denoise.parallel import ParallelDegree
 from tests.cluster import Cluster as LiveCluster
@@ -40,7 +40,7 @@ def test_the_fit_finds_one_parameter_set_for_all_six_points() -> None:
 
 
 def test_the_cost_model_counts_tokens_sharding_and_rows_as_the_engine_does() -> None:
-    assert video_tokens(1280, 720, 81) == 75_600 and video_tokens(832, 480, 81) == 32_760
+    assert A14B.num_video_tokens(1280, 720, 81) == 75_600 and A14B.num_video_tokens(832, 480, 81) == 32_760
     one = MODEL.forward_s(75_600, 2)
     assert MODEL.forward_s(75_600, 2, ParallelDegree(cfg=2)) < one / 1.9  # each half runs one row
     assert one / 8 < MODEL.forward_s(75_600, 2, ParallelDegree(ulysses=8)) < one / 4  # all-to-alls cost

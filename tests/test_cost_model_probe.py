@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loadtest import cost_model
-from loadtest.cost_model import SIZES, VAE_STRIDE, CostModel, from_probe, video_tokens
+from loadtest.cost_model import A14B, SIZES, CostModel, from_probe
 
 
 def probe_report(truth: CostModel | None, vae_s: float | None = None) -> dict:
@@ -17,7 +17,8 @@ def probe_report(truth: CostModel | None, vae_s: float | None = None) -> dict:
     forwards = []
     for size in ("480p", "720p"):
         for rows in (1, 2):
-            seconds = None if truth is None else truth.forward_s(video_tokens(*SIZES[size], 81), rows)
+            tokens = A14B.num_video_tokens(*SIZES[size], 81)
+            seconds = None if truth is None else truth.forward_s(tokens, rows)
             forwards.append(
                 {"mode": "eager", "backend": "native", "size": size, "rows": rows, "seconds": seconds}
             )
@@ -71,5 +72,5 @@ def test_the_cli_prints_the_refit_and_exits_2_on_a_dry_run(tmp_path: Path, capsy
 
 
 def test_the_vae_stride_is_the_a14b_vaes_and_gives_the_published_token_counts() -> None:
-    assert VAE_STRIDE == (4, 8, 8)
-    assert video_tokens(1280, 720, 81) == 75_600 and video_tokens(832, 480, 81) == 32_760
+    assert (A14B.vae_scale_temporal, A14B.vae_scale_spatial, A14B.patch_size) == (4, 8, (1, 2, 2))
+    assert A14B.num_video_tokens(1280, 720, 81) == 75_600 and A14B.num_video_tokens(832, 480, 81) == 32_760

@@ -17,10 +17,10 @@ import pytest
 
 from pipeline.frames import Frames
 from serve.config import PrevizArgs
-from serve.editorial.cut import CutRecord
 from serve.jobs import JobStatus, JobStore
 from serve.jobs.models import utcnow
 from serve.jobs.retention import OrphanSweeper, RetentionSweeper
+from serve.jobs.storyboard import BoardShot, CutClip, CutRecord, StoryboardRequest
 from serve.stages.finisher import FinisherDeployment
 from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
 from serve.storage import JobArtifacts, LocalArtifactStore, StorageSettings
@@ -51,7 +51,7 @@ def stored_keys(api: LocalApi, prefix: str = "") -> set[str]:
 
 
 def cut_keys(api: LocalApi, board_id: str) -> set[str]:
-    cut = CutRecord.model_validate(api.store.get_storyboard(board_id).cut)
+    cut = api.store.get_storyboard(board_id).cut
     return {cut.key, *(clip.key for clip in cut.clips)}
 
 
@@ -333,7 +333,7 @@ def test_the_store_refuses_a_cut_of_a_deleted_take_and_replaces_cuts_only_by_id(
         "sb_0001",
         "dune",
         "act 1",
-        {"shots": []},
+        StoryboardRequest(shots=[BoardShot(name="1A"), BoardShot(name="1B")]),
         [("batch", job_request(), {}), ("batch", job_request(), {})],
     )
     first, second = (job.id for job in store.list(project="dune", storyboard_id=board.id, order="asc"))
@@ -342,19 +342,32 @@ def test_the_store_refuses_a_cut_of_a_deleted_take_and_replaces_cuts_only_by_id(
         assert store.succeed(
             video_id, claimed.attempt, artifact_uri=f"dune/{video_id}/clip-a1.mp4", artifact_bytes=1
         )
-    cut = {"id": "cut_1", "clips": [{"video_id": first}, {"video_id": second}]}
+    cut = a_cut("cut_1", [first, second])
     assert store.save_cut(board.id, cut, [first, second])
     assert not store.replace_cut(board.id, "cut_0", None)  # not the board's cut any more: untouched
     assert store.mark_deleted(first, project="dune") is not None
-    assert not store.save_cut(board.id, {"id": "cut_2"}, [first, second])  # a render of a deleted take
+    assert not store.save_cut(
+        board.id, a_cut("cut_2", [first, second]), [first, second]
+    )  # a render of a deleted take
     assert store.get_storyboard(board.id).cut == cut
-    assert store.replace_cut(board.id, "cut_1", {**cut, "stale": "its take was deleted"})
+    assert store.replace_cut(board.id, "cut_1", cut.model_copy(update={"stale": "its take was deleted"}))
     jobs, boards = store.artifact_owners([first, second, board.id, "vid_unknown"])
     assert set(jobs) == {first, second} and jobs[first].deleted_at is not None and set(boards) == {board.id}
     assert store.delete_storyboard(board.id, project="other") is None  # another project's board
     assert store.delete_storyboard(board.id, project="dune") is not None
     assert store.get_storyboard(board.id) is None and store.get(second).storyboard_id is None
     assert not store.save_cut(board.id, cut, [second])  # the board is gone
+
+
+def a_cut(cut_id: str, video_ids: list[str]) -> CutRecord:
+    """A cut record of one frame per take (what the store keeps; no files behind it)."""
+    clips = [
+        CutClip(shot=shot, name=f"shot {shot + 1}", video_id=video_id, take=1, key=f"{cut_id}-{shot}.mp4",
+                start_frame=shot, num_frames=1, slate_frames=0)
+        for shot, video_id in enumerate(video_ids)
+    ]  # fmt: skip
+    return CutRecord(id=cut_id, key=f"{cut_id}.mp4", fps=16, width=96, height=64,
+                     num_frames=len(clips), slates=False, created_at=0.0, clips=clips)  # fmt: skip
 
 
 def test_a_cut_whose_take_is_deleted_while_it_renders_is_refused_and_leaves_no_files(

@@ -15,8 +15,8 @@ import pytest
 from pipeline.frames import Frames
 from pipeline.interpolate import conform_frame_count
 from pipeline.video import VideoWriter, read_video_info
-from serve.editorial.cut import CutRecord
 from serve.storage import JobArtifacts
+from serve.webhooks import open_job_store
 from tests.api_app import TINY, LocalApi, http_server, local_api
 from tests.cli_run import previz
 
@@ -198,7 +198,7 @@ def test_the_cut_is_the_selected_takes_in_order_and_its_timeline_reads_back(
         take(board, 0, 0),
         take(board, 1, 1),
     ]
-    record = CutRecord.model_validate(api.store.get_storyboard(board["id"]).cut)
+    record = api.store.get_storyboard(board["id"]).cut
     info = read_video_info(api.state.artifacts.local_path(record.key))
     assert (info.num_frames, info.fps, info.width) == (cut["num_frames"], 24.0, 96)
 
@@ -243,7 +243,7 @@ def test_slates_lengthen_every_clip_and_the_cut_by_their_frames(api: LocalApi, b
     ).json()
     assert [clip["slate_frames"] for clip in cut["clips"]] == [12, 12, 12]
     assert cut["num_frames"] == 3 * (12 + conform_frame_count(9, 16, 24))
-    record = CutRecord.model_validate(api.store.get_storyboard(board["id"]).cut)
+    record = api.store.get_storyboard(board["id"]).cut
     assert read_video_info(api.state.artifacts.local_path(record.key)).num_frames == cut["num_frames"]
 
 
@@ -303,11 +303,11 @@ def test_the_cli_selects_takes_renders_the_cut_and_fetches_it_with_clips_and_tim
 def test_a_store_of_an_earlier_version_gains_the_storyboard_edit_and_cut_columns(tmp_path: Path) -> None:
     from sqlalchemy import create_engine, inspect, text
 
-    from serve.jobs import JobStore
+    from serve.jobs import StoryboardEdit
     from serve.jobs.schema import ADDED_STORYBOARD_COLUMNS
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    JobStore(url).create_schema()
+    open_job_store(url).create_schema()
     engine = create_engine(url)
     with engine.begin() as conn:  # the previous version's table
         for name in ADDED_STORYBOARD_COLUMNS:
@@ -318,13 +318,15 @@ def test_a_store_of_an_earlier_version_gains_the_storyboard_edit_and_cut_columns
                 "VALUES ('sb_old', 'default', 'old', '{\"shots\": [{}]}', 0, '2026-01-01 00:00:00')"
             )
         )
-    store = JobStore(url)
+    store = open_job_store(url)
     store.create_schema()
     assert {"edit", "cut"} <= {column["name"] for column in inspect(engine).get_columns("storyboards")}
     engine.dispose()
     assert store.get_storyboard("sb_old").edit is None
-    updated = store.update_storyboard("sb_old", edit={"order": [0], "takes": {}})
-    assert updated.edit == {"order": [0], "takes": {}} and updated.cut is None
+    old = store.get_storyboard("sb_old")  # a format-1 request of one unnamed shot
+    assert [shot.name for shot in old.request.shots] == [None] and old.request.shot_name(0) == "shot 1"
+    updated = store.update_storyboard("sb_old", edit=StoryboardEdit(order=[0]))
+    assert updated.edit == StoryboardEdit(order=[0], takes={}) and updated.cut is None
     store.close()
 
 

@@ -45,6 +45,7 @@ from serve.stages.finisher import FinisherDeployment
 from serve.stages.payloads import FinishCall, FinishedClip
 from serve.stages.transfer import pack_state, unpack_state
 from serve.storage import JobArtifacts, LocalArtifactStore, S3ArtifactStore, StorageSettings, make_store
+from serve.webhooks import open_job_store
 from tests.cluster import Cluster, free_port, replica_actor_names
 from tests.job_requests import job_request
 from tests.servers.seaweedfs import S3Server
@@ -329,7 +330,7 @@ def test_shutting_down_with_work_in_flight_and_starting_again_loses_no_accepted_
 
 
 def _running_job(tmp_path: Path) -> tuple[JobStore, JobRecord]:
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store = open_job_store(f"sqlite:///{tmp_path / 'jobs.db'}")
     store.create_schema()
     job, _ = store.create("dune", "batch", job_request("a dune"))
     return store, store.claim(job.id, "scheduler-a")

@@ -14,6 +14,7 @@ from serve.jobs.request import LutRef
 from serve.stages.finisher import FinisherDeployment, make_interpolator
 from serve.stages.payloads import FinishCall
 from serve.storage import StorageSettings
+from serve.webhooks import open_job_store
 
 
 def finisher(tmp_path: Path, **fields: object):
@@ -48,12 +49,11 @@ def test_the_interpolator_is_the_network_when_weights_are_configured(tmp_path: P
 
 def test_the_finisher_grades_with_the_jobs_lut_as_colour_science_applies_it(tmp_path: Path) -> None:
     from pipeline.colour_science import colour, table_interpolation_tetrahedral
-    from serve.jobs import JobStore
     from serve.luts import register_lut
     from tests.test_editorial_api import warm_cube
 
     stage = finisher(tmp_path)
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store = open_job_store(f"sqlite:///{tmp_path / 'jobs.db'}")
     store.create_schema()
     store.create_project("p")
     record, _ = register_lut(store, stage.store, "p", "warm", warm_cube())

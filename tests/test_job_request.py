@@ -19,6 +19,7 @@ from serve.jobs import JobStatus, JobStore
 from serve.jobs.models import Bucket
 from serve.jobs.request import JobRequest
 from serve.jobs.schema import ADDED_JOB_COLUMNS, jobs
+from serve.webhooks import open_job_store
 from tests.fake_stages import FakeStages, run, run_until_finished, scheduler_args, start, stop, wait_for
 from tests.job_requests import job_request
 
@@ -106,7 +107,7 @@ def test_a_format_1_row_in_postgresql_loads_and_runs(
     postgres_server, postgres_database, tmp_path: Path
 ) -> None:
     url = postgres_server.create_schema(postgres_database)
-    store = JobStore(url)
+    store = open_job_store(url)
     store.create_schema()
     old_columns = [column for column in jobs.c if column.name not in ADDED_JOB_COLUMNS]
     old = create_engine(f"sqlite:///{FORMAT_1_DB}")
@@ -136,6 +137,6 @@ def old_database(tmp_path: Path) -> tuple[JobStore, str]:
     path = tmp_path / "old-jobs.db"
     shutil.copy(FORMAT_1_DB, path)
     url = f"sqlite:///{path}"
-    store = JobStore(url)
+    store = open_job_store(url)
     store.create_schema()
     return store, url

@@ -23,13 +23,17 @@ from serve.jobs import (
     JobStatus,
     JobStore,
     QueueFull,
+    StoryboardRequest,
 )
+from serve.jobs.storyboard import BoardShot
+from serve.webhooks import open_job_store
 from tests.job_requests import job_request
 from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 
 T = TypeVar("T")
 REQUEST = job_request("a lighthouse in a storm, slow push-in", resolution="832x480", duration=5.0, steps=None)
 BUCKET = "832x480x81"
+BOARD = StoryboardRequest(title="act 1", shots=[BoardShot(name="1A", prompt="a lighthouse")])
 NUM_THREADS = 8
 
 
@@ -99,7 +103,7 @@ def test_status_order_finished_states_and_api_states() -> None:
 
 def test_in_memory_sqlite_is_refused_because_processes_could_not_share_it() -> None:
     with pytest.raises(ValueError, match="needs a SQLite file shared by all processes"):
-        JobStore("sqlite://")
+        open_job_store("sqlite://")
 
 
 # --- create, get, list ----------------------------------------------------------------------------------
@@ -266,7 +270,7 @@ def test_gpu_quota_refuses_new_jobs_of_that_project_but_answers_retries(store: J
         store.create("dune", "batch", REQUEST, gpu_seconds_per_day=5)
     again, created = store.create("dune", "batch", REQUEST, idempotency_key="shot-1", gpu_seconds_per_day=5)
     with pytest.raises(GpuQuotaExceeded):
-        store.create_storyboard("sb_1", "dune", None, {}, [("batch", REQUEST, {})], gpu_seconds_per_day=5)
+        store.create_storyboard("sb_1", "dune", None, BOARD, [("batch", REQUEST, {})], gpu_seconds_per_day=5)
     make_job(store, "arrival", gpu_seconds_per_day=5)
 
     assert str(refused.value).startswith("project 'dune' used 6.0 of its 5 GPU seconds today")
@@ -689,7 +693,7 @@ def test_counts_by_status_and_running_jobs_per_project(store: JobStore) -> None:
 
 
 def test_create_schema_is_idempotent_even_when_processes_race(store_url: str) -> None:
-    stores = [JobStore(store_url) for _ in range(4)]
+    stores = [open_job_store(store_url) for _ in range(4)]
     try:
         in_threads(lambda index: stores[index].create_schema(), num_threads=4)
         job = make_job(stores[0])
@@ -701,7 +705,7 @@ def test_create_schema_is_idempotent_even_when_processes_race(store_url: str) ->
 
 
 def test_two_stores_on_one_database_see_each_others_changes(store: JobStore, store_url: str) -> None:
-    scheduler = JobStore(store_url)  # as in another process: its own engine and connections
+    scheduler = open_job_store(store_url)  # as in another process: its own engine and connections
     try:
         job = make_job(store)
         claimed = scheduler.claim(job.id, "scheduler-0")

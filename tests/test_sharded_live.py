@@ -23,6 +23,7 @@ import ray
 from serve.cli.client import PrevizClient
 from serve.jobs import JobStatus, JobStore
 from serve.stages.shard_worker import worker_name
+from serve.webhooks import open_job_store
 from tests.cluster import Cluster, ExtraApp, extra_app
 from tests.test_sharding import decoded_frames
 
@@ -74,7 +75,7 @@ def test_killing_the_worker_rank_mid_job_replaces_the_replica_and_the_job_comple
     (replica,) = _replicas("HighNoiseDenoiser")
     worker = ray.get_actor(worker_name(replica, 1), namespace="serve")
     job_id = client.create({"prompt": "a crane move over rooftops", "seed": 77, **LONG})["id"]
-    store = JobStore(shard.database_url)
+    store = open_job_store(shard.database_url)
     try:
         deadline = time.monotonic() + WAIT_S
         while not _streaming_high_steps(store, job_id):

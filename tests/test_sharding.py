@@ -28,7 +28,6 @@ from pipeline.denoise.parallel import (
     ShardGroup,
     ShardGroupError,
     allowed_sizes,
-    num_video_tokens,
     shape_problem,
     worker_loop,
 )
@@ -224,9 +223,9 @@ def test_cfg_parallel_alone_keeps_every_token_on_each_rank(sharded) -> None:
 
 def test_video_tokens_of_the_presets_match_the_model_facts() -> None:
     model = ModelSpec()
-    assert num_video_tokens(1280, 720, 81, model) == 75_600
-    assert num_video_tokens(832, 480, 81, model) == 32_760
-    assert num_video_tokens(96, 64, 9, model) == NUM_TOKENS
+    assert model.num_video_tokens(1280, 720, 81) == 75_600
+    assert model.num_video_tokens(832, 480, 81) == 32_760
+    assert model.num_video_tokens(96, 64, 9) == NUM_TOKENS
 
 
 def test_presets_at_81_frames_run_at_every_degree_that_divides_the_40_heads() -> None:

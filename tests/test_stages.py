@@ -21,8 +21,8 @@ from pipeline.stages import (
     progress_bands,
     stage,
 )
-from serve.auth import gpu_seconds
 from serve.jobs import PROGRESS_BANDS, RUNNING_STATUSES, JobStatus
+from serve.jobs.projects import gpu_seconds
 from serve.scheduling.eta import AFTER_DENOISE
 from serve.sharding import DEPLOYMENT_NAMES
 

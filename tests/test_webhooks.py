@@ -31,6 +31,7 @@ from serve.webhooks import (
     WebhookDispatcher,
     WebhookSignatureError,
     encode_payload,
+    open_job_store,
     retry_delay_s,
     signature_headers,
     verify_signature,
@@ -358,7 +359,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def sqlite_store(tmp_path: Path) -> Iterator[JobStore]:
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store = open_job_store(f"sqlite:///{tmp_path / 'jobs.db'}")
     store.create_schema()
     ensure_project(f"sqlite:///{tmp_path / 'jobs.db'}", "dune")
     yield store

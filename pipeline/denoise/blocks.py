@@ -22,6 +22,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from pipeline.denoise.forward import Rows
+from pipeline.spec import num_video_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +65,7 @@ class SplitTransformer:
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:
         """Video tokens of one row of latents shaped (channels, frames, height, width)."""
-        pt, ph, pw = self.transformer.config.patch_size
-        _, frames, height, width = latent_shape
-        return (frames // pt) * (height // ph) * (width // pw)
+        return num_video_tokens(latent_shape, self.transformer.config.patch_size)
 
     def embed(self, rows: Rows) -> Embedded:
         model = self.transformer

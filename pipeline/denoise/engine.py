@@ -83,7 +83,7 @@ from pipeline.denoise.stepcache import (
     new_request_cache,
 )
 from pipeline.determinism import make_batch_invariant
-from pipeline.spec import StepCacheSettings
+from pipeline.spec import StepCacheSettings, num_video_tokens
 from pipeline.text import PromptEmbeds, pad_embeds
 
 logger = logging.getLogger(__name__)
@@ -677,9 +677,7 @@ class DenoiseEngine:
 
     def _num_tokens(self, bucket: Bucket) -> int:
         """Transformer tokens of one sample of this latent shape (before CFG doubling)."""
-        pt, ph, pw = self.transformer.config.patch_size
-        _, frames, height, width = bucket
-        return (frames // pt) * (height // ph) * (width // pw)
+        return num_video_tokens(bucket, self.transformer.config.patch_size)
 
     def _owned_timesteps(self, state: DenoiseState, quality: str) -> list[int]:
         """The contiguous run of this expert's timesteps from where `state` stands."""

@@ -97,14 +97,6 @@ class ParallelDegree:
 # ---- shape rules (admission asks these; no process group needed) -------------------------------------------
 
 
-def num_video_tokens(width: int, height: int, num_frames: int, model: ModelSpec) -> int:
-    """Transformer tokens of one row: latent frames x (height / 16) x (width / 16) for Wan2.2."""
-    pt, ph, pw = model.patch_size
-    latent_frames = (num_frames - 1) // model.vae_scale_temporal + 1
-    spatial = model.vae_scale_spatial
-    return (latent_frames // pt) * (height // spatial // ph) * (width // spatial // pw)
-
-
 def heads_problem(num_heads: int, degree: ParallelDegree) -> str | None:
     """Why no size at all can run at `degree` on a model with `num_heads` heads, or None."""
     if num_heads % degree.ulysses:
@@ -123,7 +115,7 @@ def shape_problem(
     problem = heads_problem(num_heads, degree)
     if problem is not None:
         return problem
-    tokens = num_video_tokens(width, height, num_frames, model)
+    tokens = model.num_video_tokens(width, height, num_frames)
     if tokens % degree.ulysses == 0:
         return None
     allowed = allowed_sizes(num_frames, degree, model=model, num_heads=num_heads)
@@ -154,7 +146,7 @@ def allowed_sizes(
     return [
         (w, h)
         for w, h in (preset_sizes() if candidates is None else candidates)
-        if num_video_tokens(w, h, num_frames, model) % degree.ulysses == 0
+        if model.num_video_tokens(w, h, num_frames) % degree.ulysses == 0
     ]
 
 

@@ -130,10 +130,10 @@ def bootstrap_default_project(database_url: str) -> str | None:
 
     from rich.panel import Panel
 
-    from serve.jobs import JobStore
+    from serve.webhooks import open_job_store
 
     env_key = os.environ.get("PREVIZ_API_KEY") or None
-    store = JobStore(database_url)
+    store = open_job_store(database_url)
     try:
         store.create_schema()
         generated = store.ensure_default_project("default", env_key)
@@ -154,9 +154,9 @@ def bootstrap_default_project(database_url: str) -> str | None:
 
 def _demo_key(database_url: str) -> str:
     """A member key of project `default` for the demo shot, when no key is at hand."""
-    from serve.jobs import JobStore
+    from serve.webhooks import open_job_store
 
-    store = JobStore(database_url)
+    store = open_job_store(database_url)
     try:
         return store.create_key("default", "member", "previz up --demo")[1]
     finally:
@@ -165,9 +165,9 @@ def _demo_key(database_url: str) -> str:
 
 def _revoke_demo_key(database_url: str, key: str) -> None:
     from serve.auth import key_id_of
-    from serve.jobs import JobStore
+    from serve.webhooks import open_job_store
 
-    store = JobStore(database_url)
+    store = open_job_store(database_url)
     try:
         store.revoke_key(key_id_of(key))
     finally:

@@ -16,61 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.interpolate import Interpolator, conform
 from pipeline.slate import slate_frames
 from pipeline.upscale import resize_frames
 from pipeline.video import VideoWriter, read_frames
-from serve.jobs import JobRecord, JobStatus, StoryboardRecord
+from serve.jobs import JobRecord, JobStatus
+from serve.jobs.storyboard import CutClip, CutRecord, StoryboardRecord
 from serve.storage import ArtifactStore, CutArtifacts
-
-
-class StoryboardEdit(BaseModel):
-    """The editor's choices on a board (the `edit` column)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    order: list[int] | None = Field(None, description="Shot indices in cut order; None: the board's order.")
-    takes: dict[str, str] = Field(default_factory=dict, description="Shot index -> its selected video.")
-
-
-class CutClip(BaseModel):
-    """One shot of a cut."""
-
-    shot: int  # index in the board's shots
-    name: str  # the shot's name on the board, or "shot N" (1-based) without one
-    video_id: str  # the take
-    take: int  # the take's variant, 1-based, as editors count takes
-    key: str  # its conformed clip (slate included) in the artifact store
-    start_frame: int  # where it starts in the cut
-    num_frames: int  # its length in the cut, slate included
-    slate_frames: int  # of which the slate
-
-
-class CutRecord(BaseModel):
-    """A rendered cut (the `cut` column): its mp4 and what is in it, at its rate."""
-
-    format: Literal[1] = 1
-    id: str  # "cut_" + 16 hex; a new one per render
-    key: str  # the assembled mp4 in the artifact store
-    fps: int
-    width: int
-    height: int
-    num_frames: int  # the sum of its clips' frames
-    slates: bool
-    created_at: float  # Unix seconds
-    clips: list[CutClip]
-    # Why the cut is no longer served (a take in it was deleted; its files are deleted with it); None while
-    # it is the board's current cut. A stale cut is rendered again by POST /v1/storyboards/{id}/cut.
-    stale: str | None = None
-
-    @property
-    def keys(self) -> list[str]:
-        """Every file of the cut: the assembled mp4 and each shot's clip."""
-        return [self.key, *(clip.key for clip in self.clips)]
 
 
 class CutNotReady(Exception):
@@ -84,29 +37,24 @@ class TakeChoice:
     job: JobRecord
 
 
-def shot_name(record: StoryboardRecord, shot: int) -> str:
-    return record.request["shots"][shot].get("name") or f"shot {shot + 1}"
-
-
 def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[TakeChoice]:
     """The take of every shot of the cut, in cut order; CutNotReady names a shot without one."""
-    edit = StoryboardEdit.model_validate(record.edit or {})
-    order = edit.order if edit.order is not None else list(range(len(record.request["shots"])))
+    selected_takes = record.edit.takes if record.edit is not None else {}
     by_shot: dict[int, list[JobRecord]] = {}
     for job in jobs:
         if job.request.storyboard is not None:
             by_shot.setdefault(job.request.storyboard.shot, []).append(job)
     choices = []
-    for shot in order:
+    for shot in record.shot_order:
         takes = sorted(by_shot.get(shot, []), key=lambda job: job.request.storyboard.variant)
-        selected = edit.takes.get(str(shot))
+        selected = selected_takes.get(str(shot))
         if selected is not None:
             takes = [job for job in takes if job.id == selected]
         completed = [job for job in takes if job.status == JobStatus.SUCCEEDED and job.artifact_uri]
         if not completed:
             which = f"its selected take {selected}" if selected else "none of its takes"
-            raise CutNotReady(f"shot {shot} ({shot_name(record, shot)}): {which} is completed")
-        choices.append(TakeChoice(shot, shot_name(record, shot), completed[0]))
+            raise CutNotReady(f"shot {shot} ({record.request.shot_name(shot)}): {which} is completed")
+        choices.append(TakeChoice(shot, record.request.shot_name(shot), completed[0]))
     return choices
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 import opentimelineio as otio
 
-from serve.editorial.cut import CutClip, CutRecord
+from serve.jobs.storyboard import CutClip, CutRecord
 from serve.storage import ArtifactStore
 
 TimelineFormat = Literal["otio", "edl", "fcpxml"]

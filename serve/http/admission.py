@@ -37,14 +37,22 @@ from pipeline.spec import (
 )
 from pipeline.upscale import upscale_target_size
 from pipeline.video import DRAFT_LABEL
-from serve.auth import ProjectSettings
 from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import PrevizArgs
 from serve.http.deps import IngressState, jobs_on_board
 from serve.http.errors import ApiError
 from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings, LoraUse, StepCache
-from serve.jobs import AlreadyPromoted, GpuQuotaExceeded, JobRecord, JobStore, QueueFull, StoryboardRecord
+from serve.jobs import (
+    AlreadyPromoted,
+    GpuQuotaExceeded,
+    JobRecord,
+    JobStore,
+    QueueFull,
+    StoryboardRecord,
+    StoryboardRequest,
+)
 from serve.jobs.models import Priority
+from serve.jobs.projects import ProjectSettings
 from serve.jobs.request import (
     SERVED_MODEL,
     FinishSettings,
@@ -81,7 +89,7 @@ class BoardDraft:
 
     id: str
     title: str | None
-    request: dict[str, Any]  # the validated board, as JSON
+    request: StoryboardRequest  # the validated board (its `body_sha256` is set at admission)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,13 +188,13 @@ async def admit(
                 board.id,
                 project,
                 board.title,
-                {**board.request, "body_sha256": body_sha256},
+                board.request.model_copy(update={"body_sha256": body_sha256}),
                 videos,
                 idempotency_key=idempotency_key,
                 **bounds,
             )
             if not created:
-                check_replay("storyboard", idempotency_key, record.request.get("body_sha256"), body_sha256)
+                check_replay("storyboard", idempotency_key, record.request.body_sha256, body_sha256)
             admitted = Admitted(created, storyboard=record)
     except (QueueFull, GpuQuotaExceeded) as refused:
         raise refusal_error(refused) from None

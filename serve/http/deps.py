@@ -17,11 +17,11 @@ from pipeline.spec import ModelSpec
 from serve.auth import Caller
 from serve.config import PrevizArgs
 from serve.http.errors import ApiError
-from serve.jobs import JobRecord, JobStore, StoryboardRecord
+from serve.jobs import JobRecord, StoryboardRecord
 from serve.luts import register_configured
 from serve.sharding import ShapeRules
 from serve.storage import ArtifactSigner, ArtifactStore, LocalArtifactStore, StorageError, make_store
-from serve.webhooks import callback_policy
+from serve.webhooks import callback_policy, open_job_store
 
 T = TypeVar("T")
 
@@ -39,7 +39,7 @@ class IngressState:
         self.args = args
         self.model = model
         self.scheduler = scheduler
-        self.store = JobStore(args.database_url)
+        self.store = open_job_store(args.database_url)
         self.store.create_schema()
         self.artifacts: ArtifactStore = make_store(args.storage)
         # Local artifacts are handed out as signed, expiring links to /v1/artifacts (S3 presigns its own).

@@ -14,7 +14,8 @@ from typing import Any
 from pipeline.interpolate import conform_frame_count
 from serve.http.schemas import LoraUse, StepCache, Video, VideoError
 from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVideo, board_status
-from serve.jobs.models import JobRecord, JobStatus, StoryboardRecord, unix
+from serve.jobs.models import JobRecord, JobStatus, unix
+from serve.jobs.storyboard import StoryboardRecord
 
 
 def video_view(
@@ -86,8 +87,8 @@ def expiry(job: JobRecord, retention_days: int | None) -> datetime | None:
 def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboard:
     """The board as the API shows it: its jobs grouped by shot, in creation order."""
     shots = [
-        StoryboardShotState(index=index, name=shot.get("name"), prompt="", videos=[])
-        for index, shot in enumerate(record.request["shots"])
+        StoryboardShotState(index=index, name=shot.name, prompt="", videos=[])
+        for index, shot in enumerate(record.request.shots)
     ]
     counts: dict[str, int] = {}
     progress = 0
@@ -115,8 +116,8 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
                 promoted_to=video.promoted_to,
             )
         )
-    edit = record.edit or {}
-    for key, video_id in (edit.get("takes") or {}).items():
+    takes = record.edit.takes if record.edit is not None else {}
+    for key, video_id in takes.items():
         shots[int(key)].selected_video_id = video_id
     states = [video.status for shot in shots for video in shot.videos]
     return Storyboard(
@@ -129,7 +130,7 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
         num_videos=len(jobs),
         counts=counts,
         shots=shots,
-        order=edit.get("order") if edit.get("order") is not None else list(range(len(shots))),
+        order=record.shot_order,
         # a stale cut (a take of it was deleted) is not served: the board shows none until rendered again
-        cut_url=f"/v1/storyboards/{record.id}/cut" if record.cut and not record.cut.get("stale") else None,
+        cut_url=f"/v1/storyboards/{record.id}/cut" if record.served_cut is not None else None,
     )

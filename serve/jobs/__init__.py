@@ -34,12 +34,12 @@ from serve.jobs.models import (
     JobStatus,
     Priority,
     QueueFull,
-    StoryboardRecord,
     new_job_id,
     new_storyboard_id,
 )
 from serve.jobs.request import JobRequest
 from serve.jobs.store import DEFAULT_URL, JobStore
+from serve.jobs.storyboard import CutRecord, StoryboardEdit, StoryboardRecord, StoryboardRequest
 
 __all__ = [
     "AlreadyPromoted",
@@ -48,6 +48,7 @@ __all__ = [
     "RUNNING_STATUSES",
     "ApiState",
     "CancelResult",
+    "CutRecord",
     "EventKind",
     "GpuQuotaExceeded",
     "JobEvent",
@@ -57,7 +58,9 @@ __all__ = [
     "JobStore",
     "Priority",
     "QueueFull",
+    "StoryboardEdit",
     "StoryboardRecord",
+    "StoryboardRequest",
     "new_job_id",
     "new_storyboard_id",
 ]

@@ -23,9 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from serve.editorial.cut import CutRecord
-from serve.jobs.models import CancelResult, JobRecord, StoryboardRecord
+from serve.jobs.models import CancelResult, JobRecord
 from serve.jobs.store import MAX_PAGE, JobStore
+from serve.jobs.storyboard import CutRecord, StoryboardRecord
 from serve.storage import ArtifactStore, JobArtifacts, StorageError
 
 logger = logging.getLogger(__name__)
@@ -52,11 +52,11 @@ def stale_cut_holding(store: JobStore, artifacts: ArtifactStore, storyboard_id: 
     board = store.get_storyboard(storyboard_id)
     if board is None or board.cut is None:
         return
-    cut = CutRecord.model_validate(board.cut)
+    cut = board.cut
     if cut.stale is not None or video_id not in {clip.video_id for clip in cut.clips}:
         return
     stale = cut.model_copy(update={"stale": f"its take {video_id} was deleted"})
-    if store.replace_cut(board.id, cut.id, stale.model_dump(mode="json")):
+    if store.replace_cut(board.id, cut.id, stale):
         delete_keys_or_leave_to_sweep(artifacts, cut.keys, f"stale cut {cut.id} of {board.id}")
 
 
@@ -65,7 +65,7 @@ def delete_cut(store: JobStore, artifacts: ArtifactStore, board: StoryboardRecor
     no cut (any more). StorageError, with the cut still recorded, when its files cannot be deleted."""
     if board.cut is None:
         return None
-    cut = CutRecord.model_validate(board.cut)
+    cut = board.cut
     delete_keys(artifacts, cut.keys)
     return cut if store.replace_cut(board.id, cut.id, None) else None
 
@@ -99,7 +99,7 @@ def delete_storyboard(
                 outcome.deleted_videos.append(job.id)
     current = store.get_storyboard(board.id)
     if current is not None and current.cut is not None:
-        delete_keys(artifacts, CutRecord.model_validate(current.cut).keys)
+        delete_keys(artifacts, current.cut.keys)
     return outcome if store.delete_storyboard(board.id, project=board.project) is not None else None
 
 

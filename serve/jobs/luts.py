@@ -1,15 +1,15 @@
-"""The job store's LUT looks (a mixin of JobStore): each project's named .cube LUTs, one row each; the
-file itself is in the artifact store."""
+"""The job store's LUT looks: each project's named .cube LUTs, one row each (the file itself is in the
+artifact store)."""
 
 from __future__ import annotations
 
 import builtins
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 
+from serve.jobs.database import Database
 from serve.jobs.models import utcnow
 from serve.jobs.schema import luts
 
@@ -27,11 +27,13 @@ class LutRecord:
     created_at: datetime
 
 
-class LutStoreMixin:
-    _read: Any  # provided by JobStore
-    _write: Any
+class LutRepository:
+    """A project's registered LUT looks, by name."""
 
-    def put_lut(
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def put(
         self, project: str, name: str, *, key: str, sha256: str, size: int, interpolation: str
     ) -> tuple[LutRecord, bool]:
         """Register (or replace) `project`'s look `name`: `(record, created)`, created False on a
@@ -44,7 +46,7 @@ class LutStoreMixin:
             "created_at": utcnow(),
         }
         where = (luts.c.project == project, luts.c.name == name)
-        with self._write() as conn:
+        with self._db.write() as conn:
             exists = conn.execute(select(luts.c.name).where(*where).with_for_update()).first() is not None
             if exists:
                 conn.execute(update(luts).where(*where).values(row))
@@ -52,22 +54,22 @@ class LutStoreMixin:
                 conn.execute(insert(luts).values({"project": project, "name": name, **row}))
         return LutRecord(project=project, name=name, **row), not exists
 
-    def get_lut(self, project: str, name: str) -> LutRecord | None:
-        with self._read() as conn:
+    def get(self, project: str, name: str) -> LutRecord | None:
+        with self._db.read() as conn:
             row = conn.execute(
                 select(luts).where(luts.c.project == project, luts.c.name == name)
             ).one_or_none()
         return None if row is None else LutRecord(**row._asdict())
 
-    def list_luts(self, project: str) -> builtins.list[LutRecord]:
+    def list(self, project: str) -> builtins.list[LutRecord]:
         query = select(luts).where(luts.c.project == project).order_by(luts.c.name)
-        with self._read() as conn:
+        with self._db.read() as conn:
             return [LutRecord(**row._asdict()) for row in conn.execute(query)]
 
-    def delete_lut(self, project: str, name: str) -> LutRecord | None:
+    def delete(self, project: str, name: str) -> LutRecord | None:
         """Unregister a look (None if there was none); its file stays for the jobs admitted with it."""
-        record = self.get_lut(project, name)
+        record = self.get(project, name)
         if record is not None:
-            with self._write() as conn:
+            with self._db.write() as conn:
                 conn.execute(delete(luts).where(luts.c.project == project, luts.c.name == name))
         return record

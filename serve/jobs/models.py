@@ -227,21 +227,6 @@ class QueuedJob:
 
 
 @dataclass(frozen=True, slots=True)
-class StoryboardRecord:
-    """One storyboard as stored: what was asked for; its videos are the jobs with its `storyboard_id`."""
-
-    id: str  # "sb_" + 24 hex; sorts by creation time
-    project: str
-    title: str | None
-    request: dict[str, Any]  # the validated storyboard request, as JSON
-    num_jobs: int  # videos created with it
-    idempotency_key: str | None  # unique per project when set
-    created_at: datetime
-    edit: dict[str, Any] | None = None  # {"order": [shot index] | None, "takes": {"<shot>": video id}}
-    cut: dict[str, Any] | None = None  # the last cut rendered (serve.editorial.cut.CutRecord as JSON)
-
-
-@dataclass(frozen=True, slots=True)
 class JobEvent:
     """One entry of a job's event log; ids increase in commit order per job (the streaming cursor)."""
 

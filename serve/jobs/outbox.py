@@ -3,25 +3,35 @@
 The row is written in the same transaction as the job's final transition (succeed, fail, cancel), so a
 job outcome is announced exactly once: the attempt fence lets only one transition happen. Dispatchers
 (serve/webhooks.py) lease due rows, POST them and record each attempt here; the rows are the truth, so
-deliveries survive restarts (an unfinished lease simply expires). The payload's `data` is the API's own
-video object (serve.http.views), so a webhook and `GET /v1/videos/{id}` never disagree.
+deliveries survive restarts (an unfinished lease simply expires).
 
-    store.due_webhooks(limit=32, lease_s=40)        # claim pending rows whose next attempt is due
-    store.record_webhook_attempt(delivery.id, ok=False, status_code=500, error="HTTP 500", seconds=0.02,
-                                 next_attempt_at=utcnow() + timedelta(seconds=4))
+The payload's `data` is rendered by the `WebhookBody` function the outbox is given: the serve layer gives
+the API's own video object (serve.http.views.video_payload), so a webhook and `GET /v1/videos/{id}` never
+disagree, and this package never imports the HTTP layer.
+
+    outbox.due(limit=32, lease_s=40)        # claim pending rows whose next attempt is due
+    outbox.record_attempt(delivery.id, ok=False, status_code=500, error="HTTP 500", seconds=0.02,
+                          next_attempt_at=utcnow() + timedelta(seconds=4))
 """
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import Connection, insert, select, update
 
-from serve.jobs.models import JobRecord, JobStatus, new_job_id, unix
+from serve.jobs.database import Database
+from serve.jobs.models import JobRecord, JobStatus, new_job_id, unix, utcnow
+from serve.jobs.projects import retention_of
+from serve.jobs.rows import check_limit
 from serve.jobs.schema import jobs, projects, webhook_deliveries
 
+# (a finished job, its project's retention_days) -> the webhook's `data`: the API's view of the job
+WebhookBody = Callable[[JobRecord, int | None], dict[str, Any]]
 WebhookEvent = Literal["video.completed", "video.failed", "video.cancelled"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
 # final job status -> the event announcing it
@@ -56,42 +66,93 @@ def new_delivery_id() -> str:
     return "whd_" + new_job_id().removeprefix("vid_")
 
 
-def enqueue_webhook(conn: Connection, job: JobRecord, now: datetime) -> None:
-    """Inside the transaction that just finished `job`: queue its webhook, if it asked for one."""
-    url = job.request.callback_url
-    if not url:
-        return
-    # Imported here: the view imports the API schemas, which import this package's vocabulary.
-    from serve.http.views import video_payload
-    from serve.jobs.projects import retention_of
+class Outbox:
+    """The webhook deliveries of finished jobs: queued inside the finishing transaction, then leased,
+    attempted and recorded by the dispatchers."""
 
-    delivery_id = new_delivery_id()
-    event = EVENTS[job.status]
-    payload = {
-        "id": delivery_id,
-        "type": event,
-        "created_at": unix(now),
-        "data": video_payload(job, retention_of(conn, job.project)),
-    }
-    conn.execute(
-        insert(webhook_deliveries).values(
-            id=delivery_id,
-            job_id=job.id,
-            event=event,
-            url=url,
-            payload=payload,
-            status="pending",
-            attempts=0,
-            next_attempt_at=now,
-            leased_until=None,
-            log=[],
-            created_at=now,
-            delivered_at=None,
+    def __init__(self, db: Database, webhook_body: WebhookBody) -> None:
+        self._db = db
+        self._webhook_body = webhook_body
+
+    def enqueue(self, conn: Connection, job: JobRecord, now: datetime) -> None:
+        """Inside the transaction that just finished `job`: queue its webhook, if it asked for one."""
+        url = job.request.callback_url
+        if not url:
+            return
+        delivery_id = new_delivery_id()
+        event = EVENTS[job.status]
+        payload = {
+            "id": delivery_id,
+            "type": event,
+            "created_at": unix(now),
+            "data": self._webhook_body(job, retention_of(conn, job.project)),
+        }
+        conn.execute(
+            insert(webhook_deliveries).values(
+                id=delivery_id,
+                job_id=job.id,
+                event=event,
+                url=url,
+                payload=payload,
+                status="pending",
+                attempts=0,
+                next_attempt_at=now,
+                leased_until=None,
+                log=[],
+                created_at=now,
+                delivered_at=None,
+            )
         )
-    )
+
+    def due(self, limit: int = 32, lease_s: float = 60.0) -> builtins.list[WebhookDelivery]:
+        """Claim up to `limit` pending deliveries whose next attempt is due, leased for `lease_s`: no other
+        caller gets them until the lease ends or record_attempt() is called."""
+        check_limit(limit)
+        if lease_s <= 0:
+            raise ValueError(f"`lease_s` must be > 0 but is {lease_s}.")
+        with self._db.write() as conn:
+            return _claim_due(conn, utcnow(), limit, lease_s)
+
+    def record_attempt(
+        self,
+        delivery_id: str,
+        *,
+        ok: bool,
+        status_code: int | None,
+        error: str | None,
+        seconds: float,
+        next_attempt_at: datetime | None,
+    ) -> WebhookDelivery | None:
+        """Log one attempt: `ok` -> delivered; else pending again at `next_attempt_at`, or failed for good
+        when it is None. Returns the updated delivery, or None if it was not pending (nothing changed)."""
+        if next_attempt_at is not None and next_attempt_at.tzinfo is None:
+            raise ValueError(
+                f"`next_attempt_at` must be timezone-aware but is {next_attempt_at.isoformat()}."
+            )
+        with self._db.write() as conn:
+            return _record_attempt(
+                conn,
+                delivery_id,
+                utcnow(),
+                ok=ok,
+                status_code=status_code,
+                error=error,
+                seconds=seconds,
+                next_attempt_at=next_attempt_at,
+            )
+
+    def deliveries(self, job_id: str) -> builtins.list[WebhookDelivery]:
+        """The job's webhook deliveries, oldest first (none if it asked for no callback)."""
+        with self._db.read() as conn:
+            return _deliveries_of(conn, job_id)
+
+    def secret(self, project: str) -> str | None:
+        """The project's webhook signing secret, or None when the project has no row."""
+        with self._db.read() as conn:
+            return _secret_of(conn, project)
 
 
-def claim_due(conn: Connection, now: datetime, limit: int, lease_s: float) -> list[WebhookDelivery]:
+def _claim_due(conn: Connection, now: datetime, limit: int, lease_s: float) -> list[WebhookDelivery]:
     """Lease up to `limit` pending deliveries due at `now` (oldest due first) until now + `lease_s`.
 
     The caller's transaction serialises claims: BEGIN IMMEDIATE on SQLite; on PostgreSQL the rows are
@@ -118,7 +179,7 @@ def claim_due(conn: Connection, now: datetime, limit: int, lease_s: float) -> li
     return _deliveries(conn, webhook_deliveries.c.id.in_(ids))
 
 
-def record_attempt(
+def _record_attempt(
     conn: Connection,
     delivery_id: str,
     now: datetime,
@@ -155,12 +216,12 @@ def record_attempt(
     return _deliveries(conn, webhook_deliveries.c.id == delivery_id)[0]
 
 
-def deliveries_of(conn: Connection, job_id: str) -> list[WebhookDelivery]:
+def _deliveries_of(conn: Connection, job_id: str) -> list[WebhookDelivery]:
     """A job's deliveries, oldest first."""
     return _deliveries(conn, webhook_deliveries.c.job_id == job_id)
 
 
-def secret_of(conn: Connection, project: str) -> str | None:
+def _secret_of(conn: Connection, project: str) -> str | None:
     return conn.scalar(select(projects.c.webhook_secret).where(projects.c.name == project))
 
 

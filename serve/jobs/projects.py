@@ -1,38 +1,88 @@
-"""The job store's projects and API keys (a mixin of JobStore: the same engine, one transaction each)."""
+"""Projects: their settings (quotas and policy), their API keys, and the quota math that admission and the
+store read (GPU seconds of a job and of a project's day). The repository runs one transaction each on the
+shared Database."""
 
 from __future__ import annotations
 
 import builtins
 import contextlib
 import secrets
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from sqlalchemy import Connection, func, insert, inspect, select, text, update
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from pipeline.stages import accelerator_seconds
 from serve.auth import (
     ADMIN_ROLES,
     ROLES,
     ApiKeyRecord,
     AuthFailure,
     Caller,
-    ProjectRecord,
-    ProjectSettings,
     Role,
-    gpu_seconds,
     hash_key,
     key_id_of,
     keys_match,
     new_api_key,
 )
+from serve.jobs.database import Database
 from serve.jobs.models import RUNNING_STATUSES, JobStatus, utcnow
-from serve.jobs.schema import ROLE_CHECK, api_keys, jobs, projects
+from serve.jobs.schema import api_keys, jobs, projects
+from serve.numbers import whole_number
 
+# a number > 0 (each member carries the bound, so the JSON schema states it as exclusiveMinimum)
+PositiveSeconds = Annotated[StrictFloat, Field(gt=0)] | whole_number(gt=0)
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # `last_used_at` is written at most this often per key
 
 
 BOOTSTRAP_KEY_NAMES = ("bootstrap", "bootstrap (PREVIZ_API_KEY)")
+
+
+class ProjectSettings(BaseModel):
+    """A project's quotas and policy (`PATCH /v1/admin/projects/{name}` changes them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_queued_jobs: whole_number(ge=1) | None = Field(
+        None,
+        description="Most queued videos of the project at once; beyond it 429 `project_queue_full`.",
+    )
+    gpu_seconds_per_day: PositiveSeconds | None = Field(
+        None,
+        description="Accelerator seconds the project's videos may use per UTC day; beyond it 429 "
+        "`gpu_quota_exceeded` until midnight UTC.",
+    )
+    retention_days: whole_number(ge=1, le=3650) | None = Field(
+        None,
+        description="Finished videos are deleted (clip, poster and record) this many days after they "
+        "finish; their `expires_at` says when. Unset: kept until deleted.",
+    )
+    burn_label: StrictBool = Field(
+        True,
+        description="Burn 'AI-generated draft' into every clip; while true, `label: false` is refused "
+        "(400 `label_required`).",
+    )
+    default_quality: Literal["draft", "final"] | None = Field(
+        None,
+        description="The tier of a video that names no `quality`; unset: `draft` for `interactive` and "
+        "`final` for `batch` priority.",
+    )
+    default_fps: Literal[16, 24, 25] | None = Field(
+        None,
+        description="Frame rate of the project's clips when a request names none (the edit's rate, e.g. "
+        "24); unset: 16, the model's own.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectRecord:
+    name: str
+    created_at: datetime
+    settings: ProjectSettings
+    webhook_secret: str  # HMAC-SHA256 key of the project's webhooks
 
 
 class ProjectExists(Exception):
@@ -49,11 +99,11 @@ class LastAdminKey(Exception):
         self.scope = scope  # what would be left without one, for people: "project 'x'" or "the studio"
 
 
-class ProjectStoreMixin:
+class ProjectRepository:
     """Projects, API keys, and the per-project usage that quotas read."""
 
-    _read: Any  # provided by JobStore: context managers yielding one transaction's Connection
-    _write: Any
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     def create_project(self, name: str, settings: ProjectSettings | None = None) -> ProjectRecord:
         """A new project with a fresh webhook secret; ProjectExists if `name` is taken."""
@@ -64,7 +114,7 @@ class ProjectStoreMixin:
             "webhook_secret": secrets.token_hex(32),
         }
         try:
-            with self._write() as conn:
+            with self._db.write() as conn:
                 if conn.execute(select(projects.c.name).where(projects.c.name == name)).first():
                     raise ProjectExists(name)
                 conn.execute(insert(projects).values(row))
@@ -73,19 +123,19 @@ class ProjectStoreMixin:
         return _project(row)
 
     def get_project(self, name: str) -> ProjectRecord | None:
-        with self._read() as conn:
+        with self._db.read() as conn:
             row = conn.execute(select(projects).where(projects.c.name == name)).one_or_none()
         return None if row is None else _project(row._asdict())
 
     def list_projects(self) -> builtins.list[ProjectRecord]:
-        with self._read() as conn:
+        with self._db.read() as conn:
             return [
                 _project(row._asdict()) for row in conn.execute(select(projects).order_by(projects.c.name))
             ]
 
     def update_project(self, name: str, changes: dict[str, Any]) -> ProjectRecord | None:
         """Merge `changes` (ProjectSettings fields) into the settings; None if no such project."""
-        with self._write() as conn:
+        with self._db.write() as conn:
             row = conn.execute(
                 select(projects).where(projects.c.name == name).with_for_update()
             ).one_or_none()
@@ -116,17 +166,17 @@ class ProjectStoreMixin:
             "revoked_at": None,
             "last_used_at": None,
         }
-        with self._write() as conn:
+        with self._db.write() as conn:
             conn.execute(insert(api_keys).values(row))
         return _key(row), key
 
     def list_keys(self, project: str) -> builtins.list[ApiKeyRecord]:
         query = select(api_keys).where(api_keys.c.project == project).order_by(api_keys.c.created_at)
-        with self._read() as conn:
+        with self._db.read() as conn:
             return [_key(row._asdict()) for row in conn.execute(query)]
 
     def get_key(self, key_id: str) -> ApiKeyRecord | None:
-        with self._read() as conn:
+        with self._db.read() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one_or_none()
         return None if row is None else _key(row._asdict())
 
@@ -134,7 +184,7 @@ class ProjectStoreMixin:
         """Revoke a key for good (idempotent: the first revocation time stays); None if no such key.
         LastAdminKey if it is the last usable admin key of its project or studio_admin key of the studio."""
         now = utcnow()
-        with self._write() as conn:
+        with self._db.write() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one_or_none()
             if row is None:
                 return None
@@ -152,7 +202,7 @@ class ProjectStoreMixin:
         """Replace a usable key by a new one of the same project, role and name, and revoke the old one, in
         one transaction: `(new record, new key)`; None if no usable key has that id."""
         now = utcnow()
-        with self._write() as conn:
+        with self._db.write() as conn:
             row = conn.execute(
                 select(api_keys)
                 .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
@@ -178,7 +228,7 @@ class ProjectStoreMixin:
     def authenticate(self, key: str) -> Caller | AuthFailure:
         """The caller a key stands for, or why not: "unknown" (no such key) or "revoked"."""
         key_id = key_id_of(key)
-        with self._read() as conn:
+        with self._db.read() as conn:
             row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).one_or_none()
         if row is None or not keys_match(key, row.key_hash):
             return "unknown"
@@ -186,7 +236,7 @@ class ProjectStoreMixin:
             return "revoked"
         now = utcnow()
         if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
-            with self._write() as conn:
+            with self._db.write() as conn:
                 conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(last_used_at=now))
         return Caller(project=row.project, role=row.role, key_id=row.id)
 
@@ -202,7 +252,7 @@ class ProjectStoreMixin:
         if self.get_project(name) is None:
             with contextlib.suppress(ProjectExists):  # another process bootstrapped it meanwhile
                 self.create_project(name)
-        with self._write() as conn:
+        with self._db.write() as conn:
             if not _studio_admin_keys(conn):
                 conn.execute(
                     update(api_keys)
@@ -219,14 +269,14 @@ class ProjectStoreMixin:
             if stored is None:
                 self.create_key(name, "studio_admin", BOOTSTRAP_KEY_NAMES[1], key=key)
             return None
-        with self._read() as conn:
+        with self._db.read() as conn:
             if _studio_admin_keys(conn):
                 return None
         return self.create_key(name, "studio_admin", BOOTSTRAP_KEY_NAMES[0])[1]
 
     def gpu_seconds_today(self, project: str, *, now: datetime | None = None) -> float:
         """Accelerator seconds of the project's jobs that finished since 00:00 UTC today."""
-        with self._read() as conn:
+        with self._db.read() as conn:
             return gpu_seconds_today(conn, project, now or datetime.now(UTC))
 
 
@@ -249,24 +299,6 @@ def retention_of(conn: Connection, project: str) -> int | None:
     """The project's `retention_days` (None: keep finished videos until deleted)."""
     settings = conn.scalar(select(projects.c.settings).where(projects.c.name == project))
     return ProjectSettings.model_validate(settings or {}).retention_days
-
-
-def widen_role_check(conn: Connection) -> None:
-    """Replace the role check of an earlier version's `api_keys` (member, admin) by ROLE_CHECK. SQLite
-    cannot alter a constraint, so there the table is copied into one made by today's schema."""
-    checks = inspect(conn).get_check_constraints("api_keys")
-    if any("studio_admin" in check["sqltext"] for check in checks):
-        return
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("ALTER TABLE api_keys DROP CONSTRAINT IF EXISTS ck_api_keys_role"))
-        conn.execute(text(f"ALTER TABLE api_keys ADD CONSTRAINT ck_api_keys_role CHECK ({ROLE_CHECK})"))
-        return
-    columns = ", ".join(column.name for column in api_keys.columns)
-    conn.execute(text("ALTER TABLE api_keys RENAME TO api_keys_before_roles"))
-    conn.execute(text("DROP INDEX IF EXISTS ix_api_keys_project"))
-    api_keys.create(conn)
-    conn.execute(text(f"INSERT INTO api_keys ({columns}) SELECT {columns} FROM api_keys_before_roles"))
-    conn.execute(text("DROP TABLE api_keys_before_roles"))
 
 
 def _studio_admin_keys(conn: Connection) -> builtins.list[str]:
@@ -300,3 +332,14 @@ def _project(row: dict[str, Any]) -> ProjectRecord:
 
 def _key(row: dict[str, Any]) -> ApiKeyRecord:
     return ApiKeyRecord(**{field: row[field] for field in ApiKeyRecord.__slots__})
+
+
+def gpu_seconds(timings: dict[str, float]) -> float:
+    """Accelerator seconds of one job's run, from its stage timings."""
+    return accelerator_seconds(timings)
+
+
+def seconds_to_utc_midnight(now: datetime | None = None) -> int:
+    now = now or datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return max(1, int((midnight - now).total_seconds() + 0.999))

@@ -24,10 +24,10 @@ import logging
 import time
 from datetime import datetime, timedelta
 
-from serve.editorial.cut import CutRecord
 from serve.jobs.deletion import delete_video
-from serve.jobs.models import JobRecord, StoryboardRecord, utcnow
+from serve.jobs.models import JobRecord, utcnow
 from serve.jobs.store import JobStore
+from serve.jobs.storyboard import StoryboardRecord
 from serve.storage import ArtifactStore, ListedArtifact, StorageError, key_owner
 
 logger = logging.getLogger(__name__)
@@ -157,5 +157,5 @@ def is_orphan(key: str, jobs: dict[str, JobRecord], boards: dict[str, Storyboard
     board = boards.get(owner_id)
     if board is None or board.project != project or board.cut is None:
         return True
-    cut = CutRecord.model_validate(board.cut)
+    cut = board.cut
     return cut.stale is not None or key not in cut.keys

@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
+    Connection,
     DateTime,
     Float,
     ForeignKey,
@@ -26,6 +27,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    inspect,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -154,7 +157,7 @@ storyboards = Table(
     Column("created_at", UTCDateTime, nullable=False),
     # The editor's choices: {"order": [shot index, ...] | null, "takes": {"<shot index>": video id}}.
     Column("edit", JSONDoc),
-    # The last cut rendered from them (serve.editorial.cut.CutRecord as JSON): its mp4, clips and rate.
+    # The last cut rendered from them (serve.jobs.storyboard.CutRecord as JSON): its mp4, clips and rate.
     Column("cut", JSONDoc),
     UniqueConstraint("project", "idempotency_key", name="uq_storyboards_project_idempotency_key"),
 )
@@ -229,3 +232,21 @@ webhook_deliveries = Table(
 # Keys of PostgreSQL transaction-level advisory locks (any int64; these spell ASCII tags).
 SCHEMA_LOCK_KEY = int.from_bytes(b"pvz-schm")
 QUEUE_LOCK_KEY = int.from_bytes(b"pvz-queu")
+
+
+def widen_role_check(conn: Connection) -> None:
+    """Replace the role check of an earlier version's `api_keys` (member, admin) by ROLE_CHECK. SQLite
+    cannot alter a constraint, so there the table is copied into one made by today's schema."""
+    checks = inspect(conn).get_check_constraints("api_keys")
+    if any("studio_admin" in check["sqltext"] for check in checks):
+        return
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("ALTER TABLE api_keys DROP CONSTRAINT IF EXISTS ck_api_keys_role"))
+        conn.execute(text(f"ALTER TABLE api_keys ADD CONSTRAINT ck_api_keys_role CHECK ({ROLE_CHECK})"))
+        return
+    columns = ", ".join(column.name for column in api_keys.columns)
+    conn.execute(text("ALTER TABLE api_keys RENAME TO api_keys_before_roles"))
+    conn.execute(text("DROP INDEX IF EXISTS ix_api_keys_project"))
+    api_keys.create(conn)
+    conn.execute(text(f"INSERT INTO api_keys ({columns}) SELECT {columns} FROM api_keys_before_roles"))
+    conn.execute(text("DROP TABLE api_keys_before_roles"))

@@ -15,11 +15,11 @@ import logging
 from ray import serve
 
 from serve.config import PrevizArgs
-from serve.jobs import RUNNING_STATUSES, JobRecord, JobStatus, JobStore
+from serve.jobs import RUNNING_STATUSES, JobRecord, JobStatus
 from serve.jobs.retention import RetentionSweeper
 from serve.metrics import REPORT_INTERVAL_S, QueueReporter
 from serve.storage import make_store
-from serve.webhooks import WebhookDispatcher
+from serve.webhooks import WebhookDispatcher, open_job_store
 
 logger = logging.getLogger("ray.serve")
 NAME = "Housekeeping"
@@ -28,7 +28,7 @@ NAME = "Housekeeping"
 @serve.deployment(name=NAME, num_replicas=1, max_ongoing_requests=100, health_check_period_s=10)
 class Housekeeping:
     def __init__(self, args: PrevizArgs) -> None:
-        self.store = JobStore(args.database_url)
+        self.store = open_job_store(args.database_url)
         self.store.create_schema()
         loop = asyncio.get_running_loop()
         self._webhooks = WebhookDispatcher(self.store, args.webhooks, public_url=args.public_url)

@@ -33,7 +33,7 @@ from pipeline.spec import ModelSpec
 from pipeline.stages import expert_stage
 from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
-from serve.jobs import JobRecord, JobStatus, JobStore
+from serve.jobs import JobRecord, JobStatus
 from serve.metrics import record_job_claimed, record_job_finished, record_scheduler_pass
 from serve.scheduling.checkpoints import CheckpointError, read_checkpoint
 from serve.scheduling.eta import EtaModel
@@ -57,6 +57,7 @@ from serve.stages.payloads import (
 )
 from serve.stages.transfer import PackedState
 from serve.storage import JobArtifacts, make_store
+from serve.webhooks import open_job_store
 
 logger = logging.getLogger("ray.serve")
 
@@ -99,7 +100,7 @@ class Scheduler:
         self.model = model
         self.housekeeping = housekeeping  # webhooks, retention and gauges: nudged when a job leaves
         self.stages = StageHandles(text_encoder, high, low, vae, upscaler, finisher)
-        self.store = JobStore(args.database_url)
+        self.store = open_job_store(args.database_url)
         self.store.create_schema()
         self.artifacts = make_store(args.storage)  # denoise checkpoints live beside the clips
         self.scheduler_id = f"scheduler-{uuid.uuid4().hex[:12]}"

@@ -21,21 +21,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from serve.auth import (
-    ADMIN_ROLES,
-    PROJECT_NAME,
-    ApiKeyRecord,
-    Caller,
-    PositiveSeconds,
-    ProjectRecord,
-    ProjectSettings,
-    Role,
-)
+from serve.auth import ADMIN_ROLES, PROJECT_NAME, ApiKeyRecord, Caller, Role
 from serve.http.deps import StateDep, authenticated_caller
 from serve.http.errors import ApiError
 from serve.jobs import JobStore
 from serve.jobs.models import unix
-from serve.jobs.projects import LastAdminKey, ProjectExists
+from serve.jobs.projects import LastAdminKey, PositiveSeconds, ProjectExists, ProjectRecord, ProjectSettings
 from serve.jobs.request import FrameRate
 from serve.numbers import whole_number
 

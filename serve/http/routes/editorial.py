@@ -26,7 +26,7 @@ from starlette.background import BackgroundTask
 
 from pipeline.interpolate import FlowInterpolator
 from serve.auth import Caller
-from serve.editorial.cut import CutNotReady, CutRecord, StoryboardEdit, choose_takes, render_cut
+from serve.editorial.cut import CutNotReady, choose_takes, render_cut
 from serve.editorial.timeline import WRITERS as TIMELINE_WRITERS
 from serve.editorial.timeline import (
     RateNotInTimecode,
@@ -42,7 +42,7 @@ from serve.http.errors import ApiError
 from serve.http.routes.storyboards import board_and_jobs, storyboard_of
 from serve.http.storyboards import Storyboard
 from serve.jobs import deletion
-from serve.jobs.models import StoryboardRecord
+from serve.jobs.storyboard import CutRecord, StoryboardEdit, StoryboardRecord
 from serve.storage import StorageError
 
 router = APIRouter(prefix="/v1/storyboards", tags=["storyboards"])
@@ -63,8 +63,8 @@ async def update_storyboard(
 ) -> Storyboard:
     """Set each shot's selected take (a video of that shot) and the order of shots in the cut."""
     record, jobs = await board_and_jobs(storyboard_id, state, caller)
-    num_shots = len(record.request["shots"])
-    edit = StoryboardEdit.model_validate(record.edit or {})
+    num_shots = len(record.request.shots)
+    edit = record.edit.model_copy() if record.edit is not None else StoryboardEdit()
     if "order" in body.model_fields_set:
         outside = [shot for shot in body.order or [] if shot >= num_shots]
         if outside:
@@ -95,7 +95,7 @@ async def update_storyboard(
             )
         takes[key] = video_id
     edit.takes = takes
-    await asyncio.to_thread(state.store.update_storyboard, storyboard_id, edit=edit.model_dump(mode="json"))
+    await asyncio.to_thread(state.store.update_storyboard, storyboard_id, edit=edit)
     return await storyboard_of(storyboard_id, state, caller)
 
 
@@ -117,7 +117,7 @@ async def create_cut(
     if not choices:
         raise ApiError(409, "cut_not_ready", "the board's order has no shots", "storyboard_id")
     settings = await project_settings(state.store, record.project)
-    fps = body.fps or record.request.get("fps") or settings.default_fps or DEFAULT_CUT_FPS
+    fps = body.fps or record.request.fps or settings.default_fps or DEFAULT_CUT_FPS
     size = None
     if body.size is not None:
         first = choices[0].job.request.resolved
@@ -137,7 +137,7 @@ async def create_cut(
         except StorageError:
             raise ApiError(503, "storage_unavailable", "the artifact store failed; try again") from None
     takes = [choice.job.id for choice in choices]
-    saved = await asyncio.to_thread(state.store.save_cut, storyboard_id, cut.model_dump(mode="json"), takes)
+    saved = await asyncio.to_thread(state.store.save_cut, storyboard_id, cut, takes)
     if not saved:  # a take (or the board) was deleted while it rendered: its copy must not be served
         await asyncio.to_thread(deletion.delete_keys_or_leave_to_sweep, state.artifacts, cut.keys, cut.id)
         await board_and_jobs(storyboard_id, state, caller, with_jobs=False)  # 404 once the board is gone
@@ -145,7 +145,7 @@ async def create_cut(
             409, "take_deleted", "a take of the cut was deleted while it rendered; render it again"
         )
     if record.cut is not None:  # the cut it replaces is served no more: its files go (no stale copies)
-        old = CutRecord.model_validate(record.cut).keys
+        old = record.cut.keys
         await asyncio.to_thread(
             deletion.delete_keys_or_leave_to_sweep, state.artifacts, old, "a replaced cut"
         )
@@ -248,7 +248,7 @@ async def _board_cut(
             "no_cut",
             f"storyboard {storyboard_id} has no cut yet; POST /v1/storyboards/{storyboard_id}/cut",
         )
-    cut = CutRecord.model_validate(record.cut)
+    cut = record.cut
     if cut.stale is not None:
         raise ApiError(
             409,

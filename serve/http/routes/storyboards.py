@@ -34,8 +34,9 @@ from serve.http.storyboards import (
     expand,
 )
 from serve.http.views import storyboard_view, video_view
-from serve.jobs import JobRecord, StoryboardRecord, deletion, new_storyboard_id
+from serve.jobs import JobRecord, StoryboardRecord, StoryboardRequest, deletion, new_storyboard_id
 from serve.jobs.request import StoryboardPlace
+from serve.jobs.storyboard import BoardShot
 
 router = APIRouter(prefix="/v1/storyboards", tags=["storyboards"])
 
@@ -71,7 +72,13 @@ async def create_storyboard(
         planned = expand(body)
     except ValidationError as error:
         raise invalid(list(error.errors()), "variants.grid.") from None
-    board = BoardDraft(id=new_storyboard_id(), title=body.title, request=body.model_dump(mode="json"))
+    stored = StoryboardRequest(
+        title=body.title,
+        shots=[BoardShot(name=shot.name, prompt=shot.prompt) for shot in body.shots],
+        fps=body.fps,
+        body=body.model_dump(mode="json"),
+    )
+    board = BoardDraft(id=new_storyboard_id(), title=body.title, request=stored)
     callback_url = str(body.callback_url) if body.callback_url else None
     drafts = []
     for video in planned:
@@ -93,7 +100,7 @@ async def create_storyboard(
             )
         )
     admitted = await admit(
-        state, project, drafts, body=board.request, idempotency_key=idempotency_key, board=board
+        state, project, drafts, body=board.request.body, idempotency_key=idempotency_key, board=board
     )
     view = await storyboard_of(admitted.storyboard.id, state, caller)
     headers = {} if admitted.created else {"Idempotent-Replayed": "true"}

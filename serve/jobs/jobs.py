@@ -1,0 +1,304 @@
+"""The job store's jobs as rows to create and read: a create (bounded by the queues and quotas, idempotent
+by key, linked to the draft it promotes), pages and counts for the API and the Scheduler, the event log.
+How a running job moves from stage to stage is serve/jobs/transitions.py."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from serve.jobs.bounds import check_room
+from serve.jobs.database import Database
+from serve.jobs.models import (
+    PRIORITIES,
+    RUNNING_STATUSES,
+    AlreadyPromoted,
+    JobEvent,
+    JobRecord,
+    JobStatus,
+    Priority,
+    QueuedJob,
+    utcnow,
+)
+from serve.jobs.request import JobRequest
+from serve.jobs.rows import MAX_PAGE, check_limit, count_board_job, job_record, log_event, new_job_row
+from serve.jobs.schema import job_events, jobs, storyboards
+from serve.jobs.storyboard import StoryboardRecord
+
+
+class JobRepository:
+    """Creating and reading jobs (one transaction each)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def create(
+        self,
+        project: str,
+        priority: Priority,
+        request: JobRequest,
+        *,
+        idempotency_key: str | None = None,
+        labels: dict[str, Any] | None = None,
+        deadline: datetime | None = None,
+        storyboard_id: str | None = None,
+        max_queued: int | None = None,
+        max_queued_per_project: int | None = None,
+        gpu_seconds_per_day: float | None = None,
+        promotes: str | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Queue a new job and return `(job, True)`. With `promotes` (a draft's id), the draft's
+        `promoted_to` is set to the new job in the same transaction; AlreadyPromoted, and nothing written,
+        when it was set already (two promotes of one take cannot both win).
+
+        With an `idempotency_key` already used by this project, return `(existing job, False)` instead
+        and write nothing (whatever the bounds say: a retried request is not a new job). Concurrent
+        creates with the same key make one job: the unique (project, idempotency_key) constraint decides.
+
+        `max_queued` bounds the QUEUED jobs of all projects, `max_queued_per_project` those of `project`;
+        a create that would exceed either raises QueueFull and writes nothing. A bound holds against
+        concurrent bounded creates (their count and insert are serialised); creates that pass no bound
+        are not held back and can push the queue past it.
+        """
+        if priority not in PRIORITIES:
+            raise ValueError(f"`priority` must be 'interactive' or 'batch' but is {priority!r}.")
+        if not project:
+            raise ValueError("`project` must be a non-empty string.")
+        if deadline is not None and deadline.tzinfo is None:
+            raise ValueError(f"`deadline` must be timezone-aware but is naive ({deadline.isoformat()}).")
+        for name, bound in (("max_queued", max_queued), ("max_queued_per_project", max_queued_per_project)):
+            if bound is not None and bound < 0:
+                raise ValueError(f"`{name}` must be >= 0 but is {bound}.")
+        now = utcnow()
+        row = new_job_row(project, priority, request, dict(labels or {}), now) | {
+            "idempotency_key": idempotency_key,
+            "deadline": deadline,
+            "storyboard_id": storyboard_id,
+        }
+        try:
+            with self._db.write() as conn:
+                if idempotency_key is not None:
+                    existing = _by_idempotency_key(conn, project, idempotency_key)
+                    if existing is not None:
+                        return existing, False
+                check_room(
+                    self._db, conn, project, 1, now, max_queued, max_queued_per_project, gpu_seconds_per_day
+                )
+                job = job_record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
+                if storyboard_id is not None:  # a take added to a board later (a remix or a promote)
+                    count_board_job(conn, storyboard_id)
+                log_event(conn, job.id, "created", {"priority": priority, "bucket": job.bucket}, now)
+                if promotes is not None:
+                    _link_promotion(conn, promotes, job.id)
+        except IntegrityError:
+            # Lost a race on (project, idempotency_key): the winner's job is committed by now.
+            if idempotency_key is None:
+                raise
+            with self._db.read() as conn:
+                existing = _by_idempotency_key(conn, project, idempotency_key)
+            if existing is None:
+                raise
+            return existing, False
+        return job, True
+
+    def get(
+        self, job_id: str, *, project: str | None = None, include_deleted: bool = False
+    ) -> JobRecord | None:
+        """The job, or None; with `project`, a job of another project is None too (no existence leak).
+        A deleted job is None, unless `include_deleted` (what cleans up after it needs its row)."""
+        query = select(jobs).where(jobs.c.id == job_id)
+        if not include_deleted:
+            query = query.where(jobs.c.deleted_at.is_(None))
+        if project is not None:
+            query = query.where(jobs.c.project == project)
+        with self._db.read() as conn:
+            row = conn.execute(query).one_or_none()
+        return None if row is None else job_record(row)
+
+    def list(
+        self,
+        *,
+        project: str | None = None,
+        statuses: Iterable[JobStatus] | None = None,
+        storyboard_id: str | None = None,
+        after: str | None = None,
+        limit: int = 50,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> builtins.list[JobRecord]:
+        """One page of jobs ordered by id (= creation time), newest first by default.
+
+        `after` is the cursor: the last id of the previous page; the next page holds the ids after it
+        in `order`. Filters combine with AND; `statuses` is any collection of JobStatus.
+        """
+        if order not in ("asc", "desc"):
+            raise ValueError(f"`order` must be 'asc' or 'desc' but is {order!r}.")
+        check_limit(limit)
+        query = select(jobs).where(jobs.c.deleted_at.is_(None))
+        if project is not None:
+            query = query.where(jobs.c.project == project)
+        if statuses is not None:
+            query = query.where(jobs.c.status.in_([JobStatus(status) for status in statuses]))
+        if storyboard_id is not None:
+            query = query.where(jobs.c.storyboard_id == storyboard_id)
+        if after is not None:
+            query = query.where(jobs.c.id < after if order == "desc" else jobs.c.id > after)
+        query = query.order_by(jobs.c.id.desc() if order == "desc" else jobs.c.id.asc()).limit(limit)
+        with self._db.read() as conn:
+            return [job_record(row) for row in conn.execute(query)]
+
+    def queue_position(self, job: JobRecord) -> int:
+        """How many queued jobs are ahead of a queued `job`: every queued interactive job before a batch
+        one, and the older ones of its own priority (what the Scheduler's pick looks at first)."""
+        ahead = (jobs.c.priority == job.priority) & (jobs.c.id < job.id)
+        if job.priority == "batch":
+            ahead = ahead | (jobs.c.priority == "interactive")
+        query = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED, ahead)
+        with self._db.read() as conn:
+            return int(conn.scalar(query) or 0)
+
+    def queued(self, limit: int = 200) -> builtins.list[JobRecord]:
+        """Queued jobs, oldest first: the scheduler's candidates (it applies priority and fair share)."""
+        check_limit(limit)
+        query = select(jobs).where(jobs.c.status == JobStatus.QUEUED).order_by(jobs.c.id).limit(limit)
+        with self._db.read() as conn:
+            return [job_record(row) for row in conn.execute(query)]
+
+    def queued_candidates(self, limit: int = 500) -> builtins.list[QueuedJob]:
+        """The claim loop's view of the queue, oldest first: only the columns the fair-share policy reads
+        (no request JSON is loaded or validated)."""
+        check_limit(limit)
+        columns = jobs.c.id, jobs.c.project, jobs.c.priority, jobs.c.created_at, jobs.c.deadline
+        query = select(*columns).where(jobs.c.status == JobStatus.QUEUED).order_by(jobs.c.id).limit(limit)
+        with self._db.read() as conn:
+            return [QueuedJob(*row) for row in conn.execute(query)]
+
+    def count_by_status(self, project: str | None = None) -> dict[JobStatus, int]:
+        """Number of jobs in each status (every status present, zeros included), for metrics and quotas."""
+        query = select(jobs.c.status, func.count()).group_by(jobs.c.status)
+        if project is not None:
+            query = query.where(jobs.c.project == project)
+        counts = dict.fromkeys(JobStatus, 0)
+        with self._db.read() as conn:
+            counts.update({status: count for status, count in conn.execute(query)})
+        return counts
+
+    def running_by_project(self) -> dict[str, int]:
+        """project -> number of jobs claimed and not finished (the fair-share input); idle projects absent."""
+        query = (
+            select(jobs.c.project, func.count())
+            .where(jobs.c.status.in_(RUNNING_STATUSES))
+            .group_by(jobs.c.project)
+        )
+        with self._db.read() as conn:
+            return {project: count for project, count in conn.execute(query)}
+
+    def events(self, job_id: str, *, after_id: int = 0, limit: int = MAX_PAGE) -> builtins.list[JobEvent]:
+        """The job's events with id > `after_id`, oldest first (poll with the last id seen to stream)."""
+        check_limit(limit)
+        query = (
+            select(job_events)
+            .where(job_events.c.job_id == job_id, job_events.c.id > after_id)
+            .order_by(job_events.c.id)
+            .limit(limit)
+        )
+        with self._db.read() as conn:
+            return [JobEvent(**row._asdict()) for row in conn.execute(query)]
+
+    def create_promotions(
+        self,
+        project: str,
+        promotions: builtins.list[tuple[str, Priority, JobRequest, dict[str, Any]]],
+        *,
+        max_queued: int | None = None,
+        max_queued_per_project: int | None = None,
+        gpu_seconds_per_day: float | None = None,
+    ) -> builtins.list[JobRecord]:
+        """Queue one final-tier job per (draft id, priority, request, labels) in ONE transaction, each
+        linked to its draft (`promoted_to`): all or nothing (QueueFull, GpuQuotaExceeded, AlreadyPromoted)."""
+        if not promotions:
+            raise ValueError("`promotions` must name at least one draft.")
+        now = utcnow()
+        created = []
+        with self._db.write() as conn:
+            check_room(
+                self._db,
+                conn,
+                project,
+                len(promotions),
+                now,
+                max_queued,
+                max_queued_per_project,
+                gpu_seconds_per_day,
+            )
+            for source_id, priority, job_request, labels in promotions:
+                if priority not in PRIORITIES:
+                    raise ValueError(f"`priority` must be 'interactive' or 'batch' but is {priority!r}.")
+                row = new_job_row(project, priority, job_request, labels, now)
+                board_id = job_request.storyboard.id if job_request.storyboard is not None else None
+                job = job_record(
+                    conn.execute(
+                        insert(jobs).values({**row, "storyboard_id": board_id}).returning(jobs)
+                    ).one()
+                )
+                if board_id is not None:  # the final take joins its draft's shot on the board
+                    count_board_job(conn, board_id)
+                log_event(conn, job.id, "created", {"priority": priority, "bucket": job.bucket}, now)
+                _link_promotion(conn, source_id, job.id)
+                created.append(job)
+        return created
+
+    def expired(self, project: str, finished_before: datetime, limit: int = 100) -> builtins.list[JobRecord]:
+        """The project's finished, not yet deleted jobs that finished before `finished_before` (oldest
+        first): what its retention deletes."""
+        check_limit(limit)
+        query = (
+            select(jobs)
+            .where(
+                jobs.c.project == project,
+                jobs.c.deleted_at.is_(None),
+                jobs.c.status >= JobStatus.SUCCEEDED,
+                jobs.c.finished_at < finished_before,
+            )
+            .order_by(jobs.c.finished_at)
+            .limit(limit)
+        )
+        with self._db.read() as conn:
+            return [job_record(row) for row in conn.execute(query)]
+
+    def artifact_owners(self, ids: Iterable[str]) -> tuple[dict[str, JobRecord], dict[str, StoryboardRecord]]:
+        """The jobs (deleted ones included) and boards among `ids`: who owns the files the orphan sweep
+        finds (`<project>/<id>/...`). An id that is neither is in neither map."""
+        ids = sorted(set(ids))
+        with self._db.read() as conn:
+            found_jobs = {
+                row.id: job_record(row) for row in conn.execute(select(jobs).where(jobs.c.id.in_(ids)))
+            }
+            boards = {
+                row.id: StoryboardRecord.from_row(row._asdict())
+                for row in conn.execute(select(storyboards).where(storyboards.c.id.in_(ids)))
+            }
+        return found_jobs, boards
+
+
+def _link_promotion(conn: Connection, source_id: str, job_id: str) -> None:
+    """Point the draft `source_id` at its promoted job; AlreadyPromoted (rolling the create back) when it
+    points somewhere already or is gone."""
+    linked = conn.execute(
+        update(jobs)
+        .where(jobs.c.id == source_id, jobs.c.promoted_to.is_(None), jobs.c.deleted_at.is_(None))
+        .values(promoted_to=job_id)
+    )
+    if linked.rowcount != 1:
+        current = conn.scalar(select(jobs.c.promoted_to).where(jobs.c.id == source_id))
+        raise AlreadyPromoted(source_id, current)
+
+
+def _by_idempotency_key(conn: Connection, project: str, key: str) -> JobRecord | None:
+    query = select(jobs).where(jobs.c.project == project, jobs.c.idempotency_key == key)
+    row = conn.execute(query).one_or_none()
+    return None if row is None else job_record(row)
