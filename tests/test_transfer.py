@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 
 import numpy as np
@@ -33,3 +34,19 @@ def test_packed_handover_gives_the_same_latents_as_a_direct_one() -> None:
     assert isinstance(shipped.latents, np.ndarray)
     assert torch.equal(direct.latents, via_numpy.latents)
     assert via_numpy.is_done
+
+
+def test_a_streamed_ref_is_kept_by_its_maker_for_the_hold_then_let_go() -> None:
+    from serve.stages.payloads import RefHold
+
+    async def scenario() -> tuple[int, int, list[object]]:
+        hold = RefHold(seconds=0.05)
+        ref = [object()]
+        kept = hold.keep(ref)
+        held_now = len(hold)
+        await asyncio.sleep(0.3)
+        return held_now, len(hold), kept
+
+    held_now, held_later, kept = asyncio.run(scenario())
+    assert (held_now, held_later) == (1, 0)
+    assert len(kept) == 1

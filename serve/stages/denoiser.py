@@ -36,6 +36,7 @@ from serve.stages.payloads import (
     DenoiseProgress,
     DenoiseWaiting,
     InitialNoise,
+    RefHold,
     StateRef,
 )
 from serve.stages.shard_worker import RankGroup, load_expert
@@ -97,6 +98,7 @@ class DenoiserDeployment:
         self.engine.start()
         self._metrics = ReplicaReporter(self.engine).start()
         self.artifacts = make_store(args.storage)  # the expert-boundary checkpoints a call asks for
+        self._streamed = RefHold()  # the states this replica streamed out, until the Scheduler borrows them
 
     async def denoise(self, call: DenoiseCall, bucket: str) -> AsyncIterator[DenoiseEvent]:
         """Streams a DenoiseWaiting while the request queues for its first step (each time its place
@@ -148,7 +150,11 @@ class DenoiserDeployment:
                 else:
                     waiter.cancel()
             packed = pack_state(result.result())
-            ref = StateRef(ref=[ray.put(packed)], step_index=packed.step_index, nbytes=state_nbytes(packed))
+            ref = StateRef(
+                ref=self._streamed.keep([ray.put(packed)]),
+                step_index=packed.step_index,
+                nbytes=state_nbytes(packed),
+            )
             yield DenoiseDone(state=ref, seconds=time.perf_counter() - started)
         finally:
             if not result.done():  # the caller went away (cancel, scheduler restart): free the slot

@@ -8,10 +8,17 @@ one-element list, so Serve passes it through instead of resolving it as an argum
 the replica that `ray.put` it: if that replica is lost, the stage that needs the ref fails with an
 ObjectLostError, which the Scheduler treats like a lost replica (serve.scheduling.faults.REPLICA_LOST):
 the job is requeued once the expert-boundary checkpoint in flight has landed, and its rerun resumes from
-that checkpoint (or starts over without one)."""
+that checkpoint (or starts over without one).
+
+A ref yielded by a streaming call (the denoisers' DenoiseDone) is also kept by its maker for REF_HOLD_S
+(RefHold): a unary return keeps a nested ref alive until the caller has borrowed it, a Serve stream does
+not, and a low-noise call that ended right after its yield lost its state to Ray's reference counting
+before the Scheduler had borrowed it (ReferenceCountingAssertionError in the VAEDecoder, about 1 job in 6)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,6 +28,27 @@ from pipeline.spec import StepCacheSettings
 from serve.jobs.models import Priority
 from serve.jobs.request import LutRef
 from serve.stages.transfer import PackedState
+
+REF_HOLD_S = 60.0  # how long a streamed ref's maker keeps it: the Scheduler borrows it within milliseconds
+
+
+class RefHold:
+    """Refs a replica made and streamed out, kept alive for `seconds` so the receiver can borrow them."""
+
+    def __init__(self, seconds: float = REF_HOLD_S) -> None:
+        self.seconds = seconds
+        self._held: dict[int, list[ray.ObjectRef]] = {}
+        self._keys = itertools.count()
+
+    def keep(self, ref: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """`ref`, held until `seconds` from now (call from the replica's event loop)."""
+        key = next(self._keys)
+        self._held[key] = ref
+        asyncio.get_running_loop().call_later(self.seconds, self._held.pop, key, None)
+        return ref
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 @dataclass(frozen=True, slots=True)
