@@ -34,10 +34,11 @@ import simpy
 
 from loadtest.cost_model import A14B, SIZES, CostModel, from_probe
 from pipeline.denoise.parallel import ParallelDegree
+from pipeline.spec import Priority
 from pipeline.stages import STAGES as TABLE
 
 Policy = Literal["previz", "fcfs"]
-Klass = Literal["interactive", "batch"]
+Klass = Priority  # a shot's class in the simulator is its priority
 # stage table row -> the simulator's resource (it models no upscaler)
 SIMULATED: dict[str, str] = {
     "encode": "text",

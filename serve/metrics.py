@@ -22,6 +22,7 @@ from typing import Any
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from pipeline.spec import PRIORITIES
 from serve.jobs.request import Bucket
 
 logger = logging.getLogger("ray.serve")
@@ -32,7 +33,6 @@ LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 
 BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 REPORT_INTERVAL_S = 2.0  # replica-side sampling of engine and GPU state
 # Only recorded where a GPU exists: absent from a CPU-only cluster's Prometheus, by design.
-PRIORITIES = ("interactive", "batch")  # serve.jobs.PRIORITIES (not imported: this module stays light)
 RUNNING_STATUS_NAMES = ("encoding", "denoising_high", "denoising_low", "decoding", "upscaling", "finishing")
 GPU_ONLY_METRICS = ("previz_gpu_utilization_ratio", "previz_gpu_memory_used_bytes")
 # Counters that exist only after their first event (a webhook sent, a prompt or clip refused).

@@ -15,10 +15,10 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
 
-Priority = Literal["interactive", "batch"]
-PRIORITY_RANK: dict[str, int] = {"interactive": 0, "batch": 1}  # priority -> rank, lower runs first
+from pipeline.spec import Priority
+
+PRIORITY_RANK: dict[Priority, int] = {"interactive": 0, "batch": 1}  # priority -> rank, lower runs first
 
 # Latent shape (channels, frames, height, width): requests batch together only when it matches.
 Bucket = tuple[int, ...]

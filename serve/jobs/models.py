@@ -18,15 +18,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from pipeline.stages import STAGES, Stage, progress_bands, stage, status_row
 
 if TYPE_CHECKING:
-    from serve.jobs.request import JobRequest
+    from pipeline.spec import Priority
+from serve.jobs.request import JobRequest
 
-Priority = Literal["interactive", "batch"]
 ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 EventKind = Literal[
     "created", "claimed", "stage", "progress", "succeeded", "failed", "cancelled", "requeued",
     "checkpoint", "resumed", "retry", "deleted",
 ]  # fmt: skip
-PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 
 
 class JobStatus(enum.IntEnum):

@@ -10,8 +10,7 @@ from datetime import datetime
 import numpy as np
 import ray
 
-from pipeline.spec import StepCacheSettings
-from serve.jobs.models import Priority
+from pipeline.spec import Priority, StepCacheSettings
 from serve.jobs.request import LutRef
 from serve.stages.transfer import PackedState
 
