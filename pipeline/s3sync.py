@@ -77,6 +77,10 @@ COMMON_PART_SIZES = (8 * MiB, 5 * MiB, 16 * MiB, 64 * MiB)
 
 ProgressFn = Callable[[int, int], None]  # (bytes_done, bytes_total) over the whole prefix
 
+S3_MAX_ATTEMPTS = 5  # total tries of one S3 request (first one included) before it fails
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 60.0
+
 _URI_FORM = "s3://bucket/prefix"
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
 _MD5_HEX_RE = re.compile(r"[0-9a-f]{32}")
@@ -141,9 +145,26 @@ def mirror_dir(cache_dir: Path, location: S3Location) -> Path:
     return _safe_join(root, prefix, location.uri) if prefix else root
 
 
-def make_client(endpoint_url: str | None = None, region: str | None = None) -> BaseClient:
-    """A boto3 S3 client; what is not given comes from boto3's environment/config/role chain."""
-    config = Config(retries={"mode": "standard", "max_attempts": 5})
+def make_client(
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    *,
+    max_attempts: int = S3_MAX_ATTEMPTS,
+    connect_timeout_s: float = S3_CONNECT_TIMEOUT_S,
+    read_timeout_s: float = S3_READ_TIMEOUT_S,
+) -> BaseClient:
+    """Previz's one boto3 S3 client (weight and LoRA sync here, the artifact store in serve/storage.py):
+    SigV4, standard retries, path-style addressing for a custom endpoint. What is not given comes from
+    boto3's environment/config/role chain. `max_attempts` counts every try of a request, the first
+    included."""
+    config = Config(
+        signature_version="s3v4",  # presigned URLs carry X-Amz-Expires, which servers enforce
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
+        connect_timeout=connect_timeout_s,
+        read_timeout=read_timeout_s,
+        # SeaweedFS/MinIO endpoints rarely have per-bucket DNS names
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
+    )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 

@@ -39,15 +39,20 @@ from types import TracebackType
 from typing import Any, BinaryIO, Literal, Self
 from urllib.parse import quote
 
-import boto3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.client import BaseClient
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.s3sync import S3Location, parse_s3_uri
+from pipeline.s3sync import (
+    S3_CONNECT_TIMEOUT_S,
+    S3_MAX_ATTEMPTS,
+    S3_READ_TIMEOUT_S,
+    S3Location,
+    make_client,
+    parse_s3_uri,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +61,6 @@ CHUNK_BYTES = 1 * MiB  # read/hash/stream granularity: memory per open artifact 
 LOCAL_URL_PREFIX = "/v1/artifacts"  # the Ingress route that serves a LocalArtifactStore's signed links
 DEFAULT_LINK_TTL_S = 3600  # lifetime of a local link when the caller names none
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer than 7 days
-S3_MAX_ATTEMPTS = 5  # total tries of one S3 request (first one included) before StorageError
-S3_CONNECT_TIMEOUT_S = 5.0
-S3_READ_TIMEOUT_S = 60.0
 SHA256_METADATA_KEY = "sha256"  # sent as the `x-amz-meta-sha256` header
 # Multipart above 8 MiB in 8 MiB parts, 4 at a time: a 300 MB clip goes up as 36 parts, and one
 # failed part is retried alone.
@@ -605,20 +607,13 @@ def make_s3_client(
     connect_timeout_s: float = S3_CONNECT_TIMEOUT_S,
     read_timeout_s: float = S3_READ_TIMEOUT_S,
 ) -> BaseClient:
-    """The boto3 client an S3ArtifactStore uses: SigV4, standard retries, path-style for custom endpoints.
-
-    `max_attempts` counts every try of a request, the first included.
-    """
-    config = Config(
-        signature_version="s3v4",  # presigned URLs carry X-Amz-Expires, which servers enforce
-        retries={"mode": "standard", "total_max_attempts": max_attempts},
-        connect_timeout=connect_timeout_s,
-        read_timeout=read_timeout_s,
-        # SeaweedFS/MinIO endpoints rarely have per-bucket DNS names
-        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
-    )
-    return boto3.session.Session().client(
-        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region, config=config
+    """The S3 client (pipeline.s3sync.make_client) for the artifact store's settings."""
+    return make_client(
+        settings.s3_endpoint_url,
+        settings.s3_region,
+        max_attempts=max_attempts,
+        connect_timeout_s=connect_timeout_s,
+        read_timeout_s=read_timeout_s,
     )
 
 

@@ -20,9 +20,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from pipeline.s3sync import S3_MAX_ATTEMPTS
 from serve.storage import (
     LOCAL_URL_PREFIX,
-    S3_MAX_ATTEMPTS,
     ArtifactNotFoundError,
     ArtifactStore,
     JobArtifacts,
