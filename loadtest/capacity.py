@@ -34,11 +34,10 @@ import simpy
 
 from loadtest.cost_model import A14B, SIZES, CostModel, from_probe
 from pipeline.denoise.parallel import ParallelDegree
-from pipeline.spec import Priority
+from pipeline.priority import Priority
 from pipeline.stages import STAGES as TABLE
 
 Policy = Literal["previz", "fcfs"]
-Klass = Priority  # a shot's class in the simulator is its priority
 # stage table row -> the simulator's resource (it models no upscaler)
 SIMULATED: dict[str, str] = {
     "encode": "text",
@@ -71,7 +70,7 @@ class Shot:
 
     id: int
     project: str
-    klass: Klass
+    klass: Priority
     tier: str
     size: str
     arrival_s: float
@@ -392,7 +391,7 @@ def studio_mix(
         t += rng.expovariate(rate_per_hour / 3600)
         if t > end:
             return shots
-        klass: Klass = "interactive" if rng.random() < interactive_share else "batch"
+        klass: Priority = "interactive" if rng.random() < interactive_share else "batch"
         tier = "draft" if klass == "interactive" and rng.random() < draft_share_interactive else "final"
         shots.append(Shot(len(shots), f"p{rng.randrange(projects)}", klass, tier, rng.choice(sizes), t))
 

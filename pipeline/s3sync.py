@@ -47,10 +47,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.client import BaseClient
-from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
@@ -59,6 +57,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
     ResponseStreamingError,
 )
+
+from pipeline.s3 import make_s3_client
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,6 @@ DEFAULT_MAX_WORKERS = 4  # files downloaded at once (Wan2.2 experts are sharded 
 COMMON_PART_SIZES = (8 * MiB, 5 * MiB, 16 * MiB, 64 * MiB)
 
 ProgressFn = Callable[[int, int], None]  # (bytes_done, bytes_total) over the whole prefix
-
-S3_MAX_ATTEMPTS = 5  # total tries of one S3 request (first one included) before it fails
-S3_CONNECT_TIMEOUT_S = 5.0
-S3_READ_TIMEOUT_S = 60.0
 
 _URI_FORM = "s3://bucket/prefix"
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
@@ -143,29 +139,6 @@ def mirror_dir(cache_dir: Path, location: S3Location) -> Path:
     root = Path(cache_dir) / location.bucket
     prefix = location.folder_prefix.rstrip("/")
     return _safe_join(root, prefix, location.uri) if prefix else root
-
-
-def make_client(
-    endpoint_url: str | None = None,
-    region: str | None = None,
-    *,
-    max_attempts: int = S3_MAX_ATTEMPTS,
-    connect_timeout_s: float = S3_CONNECT_TIMEOUT_S,
-    read_timeout_s: float = S3_READ_TIMEOUT_S,
-) -> BaseClient:
-    """Previz's one boto3 S3 client (weight and LoRA sync here, the artifact store in serve/storage.py):
-    SigV4, standard retries, path-style addressing for a custom endpoint. What is not given comes from
-    boto3's environment/config/role chain. `max_attempts` counts every try of a request, the first
-    included."""
-    config = Config(
-        signature_version="s3v4",  # presigned URLs carry X-Amz-Expires, which servers enforce
-        retries={"mode": "standard", "total_max_attempts": max_attempts},
-        connect_timeout=connect_timeout_s,
-        read_timeout=read_timeout_s,
-        # SeaweedFS/MinIO endpoints rarely have per-bucket DNS names
-        s3={"addressing_style": "path" if endpoint_url else "auto"},
-    )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 def _safe_join(root: Path, rel_path: str, what: str) -> Path:
@@ -514,7 +487,7 @@ def sync_s3_prefix(
     are no longer on S3 are deleted.
     """
     location = S3Location.from_uri(uri)
-    client = client if client is not None else make_client(endpoint_url)
+    client = client if client is not None else make_s3_client(endpoint_url)
     objects = list_objects(client, location)
     if not objects:
         raise FileNotFoundError(f"no objects under s3://{location.bucket}/{location.folder_prefix}")
@@ -758,7 +731,7 @@ def upload_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"cannot upload {folder}: not a directory")
-    client = client if client is not None else make_client()
+    client = client if client is not None else make_s3_client()
     files = sorted(path for path in folder.rglob("*") if path.is_file() and not _is_bookkeeping(path))
     for path in files:
         key = location.folder_prefix + path.relative_to(folder).as_posix()

@@ -35,9 +35,6 @@ ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 
 # `draft`: few-step distilled experts (a LoRA per expert), for quick takes; `final`: the official recipe.
 Quality = Literal["draft", "final"]
-# A job's priority class: interactive shots overtake batch work (in the queue and in the engines).
-Priority = Literal["interactive", "batch"]
-PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 QUALITIES: tuple[Quality, ...] = ("draft", "final")
 DISTILL_ADAPTER = "distill"  # the adapter name a tier's distill LoRA is loaded under in each expert
 # (adapter name, weight) pairs sorted by name: what one request runs its experts with; part of the bucket key

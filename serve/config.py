@@ -19,17 +19,6 @@ from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
 
 
-class LutSource(BaseModel):
-    """A LUT the deployment registers for a project when the Ingress starts."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    project: str = Field(description="The project that may use it (created when missing).")
-    name: str = Field(pattern=LOOK_PATTERN, description="The look's name in requests (`look`).")
-    source: str = Field(description="A .cube file: a local path or `s3://bucket/key`.")
-    interpolation: Interpolation = Field("tetrahedral", description="How the 3D table is interpolated.")
-
-
 class EngineSettings(BaseModel):
     """Step-level batching inside each denoiser replica."""
 
@@ -53,6 +42,17 @@ class LoraSettings(BaseModel):
     )
     project: str | None = Field(None, description="The one project that may use it; None: every project.")
     description: str | None = Field(None, max_length=200, description="What it does, for `GET /v1/models`.")
+
+
+class LutSource(BaseModel):
+    """A LUT the deployment registers for a project when the Ingress starts (serve.luts reads it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(description="The project that may use it (created when missing).")
+    name: str = Field(pattern=LOOK_PATTERN, description="The look's name in requests (`look`).")
+    source: str = Field(description="A .cube file: a local path or `s3://bucket/key`.")
+    interpolation: Interpolation = Field("tetrahedral", description="How the 3D table is interpolated.")
 
 
 class AdapterSettings(BaseModel):

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from pipeline.grade import LOOK_PATTERN, LOOKS
 from pipeline.lut import Interpolation, check_cube
+from pipeline.s3 import make_s3_client
 from serve.config import LutSource
 from serve.jobs import JobStore
 from serve.jobs.luts import LutRecord
-from serve.storage import ArtifactStore, StorageSettings, artifact_key, make_s3_client
+from serve.storage import ArtifactStore, StorageSettings, artifact_key
 
 logger = logging.getLogger("ray.serve")
 LUT_FOLDER = "luts"  # <project>/luts/<name>-<sha12>.cube
@@ -50,7 +51,8 @@ def read_source(source: str, storage: StorageSettings) -> str:
     """The text of a configured LUT: a local path, or `s3://bucket/key` read with the store's S3 settings."""
     if source.startswith("s3://"):
         bucket, _, key = source.removeprefix("s3://").partition("/")
-        body = make_s3_client(storage).get_object(Bucket=bucket, Key=key)["Body"]
+        client = make_s3_client(storage.s3_endpoint_url, storage.s3_region)
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
         return body.read().decode("utf-8")
     return Path(source).read_text(encoding="utf-8")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from pipeline.spec import PRIORITIES
+from pipeline.priority import PRIORITIES
 from serve.jobs.request import Bucket
 
 logger = logging.getLogger("ray.serve")

@@ -45,14 +45,8 @@ from botocore.client import BaseClient
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.s3sync import (
-    S3_CONNECT_TIMEOUT_S,
-    S3_MAX_ATTEMPTS,
-    S3_READ_TIMEOUT_S,
-    S3Location,
-    make_client,
-    parse_s3_uri,
-)
+from pipeline.s3 import make_s3_client
+from pipeline.s3sync import S3Location, parse_s3_uri
 
 logger = logging.getLogger(__name__)
 
@@ -600,23 +594,6 @@ def _fsync_dir(folder: Path) -> None:
 # --- S3 -----------------------------------------------------------------------------------------
 
 
-def make_s3_client(
-    settings: StorageSettings,
-    *,
-    max_attempts: int = S3_MAX_ATTEMPTS,
-    connect_timeout_s: float = S3_CONNECT_TIMEOUT_S,
-    read_timeout_s: float = S3_READ_TIMEOUT_S,
-) -> BaseClient:
-    """The S3 client (pipeline.s3sync.make_client) for the artifact store's settings."""
-    return make_client(
-        settings.s3_endpoint_url,
-        settings.s3_region,
-        max_attempts=max_attempts,
-        connect_timeout_s=connect_timeout_s,
-        read_timeout_s=read_timeout_s,
-    )
-
-
 class S3ArtifactStore(ArtifactStore):
     """Objects under `settings.s3_uri`: key `k` is `s3://<bucket>/<prefix>/k`."""
 
@@ -631,7 +608,9 @@ class S3ArtifactStore(ArtifactStore):
             raise ValueError("S3ArtifactStore needs settings with `s3_uri` (s3://bucket/prefix)")
         self.settings = settings
         self.location = S3Location.from_uri(settings.s3_uri)
-        self.client = client if client is not None else make_s3_client(settings)
+        self.client = (
+            client if client is not None else make_s3_client(settings.s3_endpoint_url, settings.s3_region)
+        )
         self.transfer_config = transfer_config
 
     def object_key(self, key: str) -> str:

@@ -12,20 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray.exceptions import OwnerDiedError
 
+from pipeline.denoise.state import initial_noise
 from serve.config import PrevizArgs
 from serve.jobs import JobRecord, JobStore
 from serve.scheduling.scheduler import Scheduler
+from serve.stages.denoiser import save_checkpoint
 from serve.stages.payloads import (
     DenoiseCall,
     DenoiseDone,
     DenoiseProgress,
     DenoiseWaiting,
+    EmbedsRef,
     FinishCall,
     FinishedClip,
     FrameBatch,
+    InitialNoise,
+    StateRef,
 )
-from serve.storage import JobArtifacts
+from serve.stages.transfer import PackedState, pack_state, state_nbytes
+from serve.storage import ArtifactStore, JobArtifacts, make_store
 from serve.webhooks import open_job_store
 
 
@@ -53,6 +60,34 @@ class Wire:
         self.count(self.received, stage, value)
         self.received_objects.append(value)
         return value
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRef:
+    """An object-store ref of the stand-in stages: a number, owned by the stage that put the value."""
+
+    id: int
+    owner: str  # the stage whose replica holds the value
+
+
+@dataclass
+class LocalObjects:
+    """The stand-in object store: values live with the stage that put them; a value whose owner is in
+    `lost_owners` is gone, as when its replica died (OwnerDiedError on fetch)."""
+
+    values: dict[int, Any] = field(default_factory=dict)
+    lost_owners: set[str] = field(default_factory=set)
+
+    def put(self, value: Any, owner: str) -> list[Any]:
+        ref = LocalRef(len(self.values), owner)
+        self.values[ref.id] = value
+        return [ref]
+
+    def get(self, ref: list[Any]) -> Any:
+        (local,) = ref
+        if local.owner in self.lost_owners:
+            raise OwnerDiedError(f"{local.id:028x}", None, f"put by the {local.owner} stage")
+        return self.values[local.id]
 
 
 class Response:
@@ -104,6 +139,9 @@ class FakeStages:
     embeds_shape: tuple[int, ...] = (4, 8)  # (tokens, text_dim) of the embeddings; umT5: (512, 4096)
     solver_order: int = 0  # model outputs the denoisers keep in the state's history; UniPC at order 2: 2
     wire: Wire = field(default_factory=Wire)  # what crossed between the Scheduler and the stages
+    objects: LocalObjects = field(default_factory=LocalObjects)  # what the stages put in the object store
+    artifacts: ArtifactStore | None = None  # where the high expert stores its checkpoint (set by `start`)
+    artifacts_gate: asyncio.Event | None = None  # the high expert's checkpoint write waits for this
 
     def handles(self) -> list[Any]:
         def method(function: Callable[..., Any], name: str) -> Method:
@@ -135,14 +173,17 @@ class FakeStages:
             error = self.fail.pop(stage) if stage in self.fail_once else self.fail[stage]
             raise error
 
-    async def encode(self, text: str) -> np.ndarray:
+    async def encode(self, text: str) -> EmbedsRef:
         self.record("encode", text)
-        return np.full(self.embeds_shape, float(len(text)), dtype=np.float32)
+        embeds = np.full(self.embeds_shape, float(len(text)), dtype=np.float32)
+        return EmbedsRef(ref=self.objects.put(embeds, "encode"), nbytes=embeds.nbytes)
 
     def denoiser(self, expert: str) -> Callable[..., AsyncIterator[Any]]:
         async def denoise(call: DenoiseCall, bucket: str) -> AsyncIterator[Any]:
             self.denoise_calls.append(call)
             self.record(expert, (call.request_id, bucket, call.state.step_index))
+            state = self.start_state(call.state)
+            self.objects.get(call.prompt.ref), self.objects.get(call.negative_prompt.ref)
             if expert == "low" and self.hold_low is not None:
                 await self.hold_low.wait()
             if expert == "high":
@@ -150,7 +191,6 @@ class FakeStages:
                     yield DenoiseWaiting(num_ahead=num_ahead)
                 if self.hold_high is not None:
                     await self.hold_high.wait()
-            state = call.state
             steps = 3 if expert == "high" else state.num_steps - state.step_index
             for done in range(1, steps + 1):
                 yield DenoiseProgress(done=done, total=steps, seconds_per_step=self.seconds_per_step)
@@ -159,15 +199,32 @@ class FakeStages:
             done_state = replace(state, latents=latents, step_index=state.step_index + steps)
             if history:
                 done_state = replace(done_state, model_outputs=history, last_sample=latents.copy())
-            yield DenoiseDone(state=done_state, seconds=0.01)
+            ref = self.objects.put(done_state, expert)
+            done = StateRef(ref=ref, step_index=done_state.step_index, nbytes=state_nbytes(done_state))
+            yield DenoiseDone(state=done, seconds=0.01)
+            if call.checkpoint_key is not None:
+                assert self.artifacts is not None, "start() gives the stages the artifact store"
+                if self.artifacts_gate is not None:
+                    await self.artifacts_gate.wait()
+                yield await save_checkpoint(self.artifacts, call.checkpoint_key, done_state)
 
         return denoise
 
-    async def decode(self, latents: np.ndarray, fps: int) -> FrameBatch:
-        self.record("decode", float(latents.mean()))
+    def start_state(self, state: InitialNoise | StateRef | PackedState) -> PackedState:
+        match state:
+            case InitialNoise(seed=seed, shape=shape, num_steps=num_steps):
+                return pack_state(initial_noise(seed, shape, num_steps))
+            case StateRef(ref=ref):
+                return self.objects.get(ref)
+            case PackedState():
+                return state
+
+    async def decode(self, state: StateRef, fps: int) -> FrameBatch:
+        self.record("decode", float(self.objects.get(state.ref).latents.mean()))
         if self.hold_decode is not None:
             await self.hold_decode.wait()
-        return FrameBatch(ref=[np.zeros((9, 64, 96, 3), np.uint8)], fps=fps, seconds=0.01)
+        frames = self.objects.put(np.zeros((9, 64, 96, 3), np.uint8), "decode")
+        return FrameBatch(ref=frames, fps=fps, seconds=0.01)
 
     async def upscale(self, frames: FrameBatch, width: int, height: int) -> FrameBatch:
         self.record("upscale", (width, height))
@@ -227,6 +284,7 @@ def run(scenario: Callable[[], Any]) -> None:
 
 
 def start(args: PrevizArgs, stages: FakeStages) -> Scheduler:
+    stages.artifacts = make_store(args.storage)
     return Scheduler.func_or_class(args, args.sampling, stages.housekeeping(), *stages.handles())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +84,15 @@ def test_luts_named_in_the_config_are_registered_when_the_ingress_starts(tmp_pat
     with local_api(tmp_path, luts=[source]) as api:
         record = api.store.get_lut("dune", "warm")
         assert record is not None and record.size == 3
+
+
+def test_the_app_config_with_its_lut_sources_loads_without_the_job_store() -> None:
+    """config.py holds the LUT source type itself, so reading a config imports no store (no config ->
+    luts -> store chain)."""
+    code = (
+        "import sys; from serve.config import LutSource, PrevizArgs; "
+        "PrevizArgs(luts=[LutSource(project='dune', name='warm', source='warm.cube')]); "
+        "print(sorted(name for name in sys.modules if name.startswith(('serve.jobs', 'serve.luts'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -20,14 +20,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from serve import k8s
+from serve.cli import k8s_render
 from serve.config import PrevizArgs, with_environment
 from tests.cli_run import previz
 from tests.servers.seaweedfs import S3Server
 
 KUBERNETES_VERSION = "1.32"  # the oldest Kubernetes the manifests are meant for (KubeRay 1.x supports it)
 # the CRDs the manifests are written against, as published (k8s/crds/README.md says which versions)
-CRDS = k8s.K8S / "crds"
+CRDS = k8s_render.K8S / "crds"
 CRD_FILES = {
     "RayService": "ray.io_rayservices.yaml",
     "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
@@ -43,7 +43,7 @@ needs_kubectl = pytest.mark.skipif(
 def built(overlay: str) -> tuple[dict[str, Any], ...]:
     """The objects `kubectl kustomize k8s/overlays/OVERLAY` builds."""
     out = subprocess.run(
-        [KUBECTL, "kustomize", str(k8s.K8S / "overlays" / overlay)],
+        [KUBECTL, "kustomize", str(k8s_render.K8S / "overlays" / overlay)],
         capture_output=True,
         text=True,
         check=True,
@@ -80,8 +80,8 @@ def crd_validator(kind: str, api_version: str) -> jsonschema.Draft7Validator:
 
 
 def test_the_generated_files_are_what_deploy_says() -> None:
-    for overlay in k8s.OVERLAYS:
-        assert k8s.stale(overlay) == [], f"run `previz k8s render {overlay}`"
+    for overlay in k8s_render.OVERLAYS:
+        assert k8s_render.stale(overlay) == [], f"run `previz k8s render {overlay}`"
 
 
 def test_render_check_reports_a_stale_file(
@@ -91,16 +91,16 @@ def test_render_check_reports_a_stale_file(
     code, _out, err = previz(["k8s", "render", "nowhere"], monkeypatch, capsys)
     assert code == 2 and "no overlay 'nowhere'" in err
     shadow = tmp_path / "k8s"
-    shutil.copytree(k8s.K8S, shadow)
-    monkeypatch.setattr(k8s, "K8S", shadow)
+    shutil.copytree(k8s_render.K8S, shadow)
+    monkeypatch.setattr(k8s_render, "K8S", shadow)
     rendered = shadow / "overlays" / "dev" / "generated" / "rayservice.yaml"
     rendered.write_text(rendered.read_text().replace("maxReplicas: 1", "maxReplicas: 5"))
-    assert k8s.stale("dev") == [rendered]
-    assert k8s.write("dev") == [rendered] and k8s.stale("dev") == []
+    assert k8s_render.stale("dev") == [rendered]
+    assert k8s_render.write("dev") == [rendered] and k8s_render.stale("dev") == []
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+@pytest.mark.parametrize("overlay", k8s_render.OVERLAYS)
 def test_every_object_an_overlay_builds_validates(overlay: str) -> None:
     objects = built(overlay)
     kinds = {item["kind"] for item in objects}
@@ -129,12 +129,12 @@ def test_an_unknown_field_is_refused_where_the_crd_schema_refuses_it() -> None:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+@pytest.mark.parametrize("overlay", k8s_render.OVERLAYS)
 def test_the_serve_config_is_the_deploy_file_with_the_overlays_stated_overrides(overlay: str) -> None:
-    settings = k8s.load_overlay(overlay)
+    settings = k8s_render.load_overlay(overlay)
     embedded = yaml.safe_load(one(built(overlay), "RayService")["spec"]["serveConfigV2"])
-    source = yaml.safe_load((k8s.ROOT / settings.source).read_text())
-    assert embedded == k8s.merged(source, settings.serve_overrides)
+    source = yaml.safe_load((k8s_render.ROOT / settings.source).read_text())
+    assert embedded == k8s_render.merged(source, settings.serve_overrides)
     app, source_app = embedded["applications"][0], source["applications"][0]
     overridden = next(iter(settings.serve_overrides.get("applications", [])), {}).get("args", {})
     for key, value in source_app["args"].items():  # every other setting is the deploy file's
@@ -148,7 +148,7 @@ def test_the_serve_config_is_the_deploy_file_with_the_overlays_stated_overrides(
 def test_merging_overrides_by_key_and_by_name() -> None:
     base = {"a": {"b": 1, "c": [1, 2]}, "apps": [{"name": "x", "v": 1, "w": 2}, {"name": "y", "v": 3}]}
     overrides = {"a": {"c": [3]}, "apps": [{"name": "y", "v": 4}, {"name": "z"}]}
-    assert k8s.merged(base, overrides) == {
+    assert k8s_render.merged(base, overrides) == {
         "a": {"b": 1, "c": [3]},
         "apps": [{"name": "x", "v": 1, "w": 2}, {"name": "y", "v": 4}, {"name": "z"}],
     }
@@ -158,9 +158,9 @@ def test_merging_overrides_by_key_and_by_name() -> None:
 @needs_kubectl
 def test_the_alerts_and_dashboards_are_deploys() -> None:
     objects = built("studio")
-    alerts = yaml.safe_load(k8s.ALERTS.read_text())
+    alerts = yaml.safe_load(k8s_render.ALERTS.read_text())
     assert one(objects, "PrometheusRule")["spec"]["groups"] == alerts["groups"]
-    dashboards = {path.name: path.read_text() for path in k8s.DASHBOARDS.glob("*.json")}
+    dashboards = {path.name: path.read_text() for path in k8s_render.DASHBOARDS.glob("*.json")}
     maps = [
         item
         for item in objects
@@ -196,7 +196,7 @@ def gpus_asked(config: dict[str, Any]) -> tuple[dict[str, float], list[dict[str,
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+@pytest.mark.parametrize("overlay", k8s_render.OVERLAYS)
 def test_the_worker_pools_hold_the_gpus_the_serve_config_asks_for(overlay: str) -> None:
     cluster = one(built(overlay), "RayService")["spec"]["rayClusterConfig"]
     config = yaml.safe_load(one(built(overlay), "RayService")["spec"]["serveConfigV2"])
@@ -226,7 +226,7 @@ def test_the_worker_pools_hold_the_gpus_the_serve_config_asks_for(overlay: str) 
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+@pytest.mark.parametrize("overlay", k8s_render.OVERLAYS)
 def test_pods_run_hardened(overlay: str) -> None:
     objects = built(overlay)
     cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
@@ -241,7 +241,7 @@ def test_pods_run_hardened(overlay: str) -> None:
             names = {item["name"] for item in container["env"]}
             assert "PREVIZ_DATABASE_URL" in names
         (ray,) = template["spec"]["containers"]
-        assert ray["readinessProbe"]["httpGet"]["port"] == k8s.SERVE_PORT and "livenessProbe" in ray
+        assert ray["readinessProbe"]["httpGet"]["port"] == k8s_render.SERVE_PORT and "livenessProbe" in ray
     policy = one(objects, "NetworkPolicy")
     serve_rules = [
         rule for rule in policy["spec"]["ingress"] if any(p["port"] == 8000 for p in rule.get("ports", []))
@@ -255,7 +255,7 @@ def test_pods_run_hardened(overlay: str) -> None:
 
 @needs_kubectl
 def test_gpu_pods_pull_the_weights_into_the_node_cache_first() -> None:
-    settings = k8s.load_overlay("gpu-node")
+    settings = k8s_render.load_overlay("gpu-node")
     cluster = one(built("gpu-node"), "RayService")["spec"]["rayClusterConfig"]
     (gpu,) = [group for group in cluster["workerGroupSpecs"] if group["groupName"] == "gpu"]
     (pull,) = gpu["template"]["spec"]["initContainers"]

@@ -20,7 +20,8 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from pipeline.s3sync import S3_MAX_ATTEMPTS
+from pipeline.s3 import S3_MAX_ATTEMPTS, make_s3_client
+from serve.luts import read_source
 from serve.storage import (
     LOCAL_URL_PREFIX,
     ArtifactNotFoundError,
@@ -31,7 +32,6 @@ from serve.storage import (
     StorageError,
     StorageSettings,
     artifact_key,
-    make_s3_client,
     make_store,
 )
 from tests.servers.seaweedfs import S3Server
@@ -311,6 +311,14 @@ def test_s3_client_retries_in_standard_mode_five_times(s3: S3ArtifactStore) -> N
     assert S3_MAX_ATTEMPTS == 5
 
 
+def test_a_configured_lut_is_read_from_s3_with_the_stores_endpoint_and_region(
+    s3: S3ArtifactStore, s3_settings: StorageSettings, bucket: str
+) -> None:
+    cube = "LUT_3D_SIZE 2\n" + "0 0 0\n1 0 0\n0 1 0\n1 1 0\n0 0 1\n1 0 1\n0 1 1\n1 1 1\n"
+    s3.client.put_object(Bucket=bucket, Key="looks/noir.cube", Body=cube.encode("utf-8"))
+    assert read_source(f"s3://{bucket}/looks/noir.cube", s3_settings) == cube
+
+
 def test_s3_big_clip_goes_up_in_parts_and_streams_back_equal(
     s3: S3ArtifactStore, s3_server: S3Server, bucket: str, tmp_path: Path, big_clip: bytes
 ) -> None:
@@ -432,7 +440,9 @@ def test_unreachable_endpoint_is_retried_then_raised_naming_the_key(
         s3_endpoint_url=f"http://127.0.0.1:{_unused_loopback_port()}",
         s3_region="us-east-1",
     )
-    client = make_s3_client(settings, max_attempts=2, connect_timeout_s=0.5)
+    client = make_s3_client(
+        settings.s3_endpoint_url, settings.s3_region, max_attempts=2, connect_timeout_s=0.5
+    )
     attempts: list[str] = []
     client.meta.events.register("before-send.s3", lambda **kwargs: attempts.append(kwargs["request"].url))
     store = S3ArtifactStore(settings, client=client)

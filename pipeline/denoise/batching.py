@@ -16,9 +16,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.spec import Priority
-
-PRIORITY_RANK: dict[Priority, int] = {"interactive": 0, "batch": 1}  # priority -> rank, lower runs first
+from pipeline.priority import PRIORITY_RANK, Priority
 
 # Latent shape (channels, frames, height, width): requests batch together only when it matches.
 Bucket = tuple[int, ...]

@@ -53,10 +53,8 @@ from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 
 from pipeline.denoise.adapters import AdapterBank, adapter_label
 from pipeline.denoise.batching import (
-    PRIORITY_RANK,
     AdapterSet,
     Bucket,
-    Priority,
     RequestStatus,
     ScheduledRequest,
     StepBatch,
@@ -83,6 +81,7 @@ from pipeline.denoise.stepcache import (
     new_request_cache,
 )
 from pipeline.determinism import make_batch_invariant
+from pipeline.priority import PRIORITY_RANK, Priority
 from pipeline.spec import StepCacheSettings, num_video_tokens
 from pipeline.text import PromptEmbeds, pad_embeds
 

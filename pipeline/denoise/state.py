@@ -59,10 +59,14 @@ class DenoiseState:
 
 def initial_state(request: ResolvedRequest, model: ModelSpec, channels: int = 16) -> DenoiseState:
     """Gaussian noise from the request's seed, drawn exactly as WanPipeline.prepare_latents draws it."""
-    generator = torch.Generator("cpu").manual_seed(request.seed)
-    shape = (1, *request.latent_shape(model, channels))
-    latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
-    return DenoiseState(latents=latents[0], num_steps=request.steps)
+    return initial_noise(request.seed, request.latent_shape(model, channels), request.steps)
+
+
+def initial_noise(seed: int, shape: tuple[int, ...], num_steps: int) -> DenoiseState:
+    """The state of a request of `num_steps` steps before its first: noise of latent `shape` from `seed`."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = randn_tensor((1, *shape), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+    return DenoiseState(latents=latents[0], num_steps=num_steps)
 
 
 def tier_solver(recipe: TierRecipe, unipc: UniPCMultistepScheduler) -> Solver:

@@ -1,4 +1,4 @@
-"""`previz k8s render OVERLAY`: the generated parts of k8s/ from deploy/ (serve/k8s.py);
+"""`previz k8s render OVERLAY`: the generated parts of k8s/ from deploy/ (k8s_render.py);
 `previz weights pull`: mirror s3:// prefixes into a local weights cache (the GPU pods' init container)."""
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ def render(
     ] = False,
 ) -> None:
     """Write k8s/overlays/OVERLAY/generated/ and k8s/base/generated/ from deploy/."""
-    from serve import k8s
+    from serve.cli import k8s_render
 
     try:
-        paths = k8s.stale(overlay) if check else k8s.write(overlay)
+        paths = k8s_render.stale(overlay) if check else k8s_render.write(overlay)
     except (FileNotFoundError, ValueError) as error:
         raise CliError(str(error)) from None
     for path in paths:
-        console.print(f"{'stale' if check else 'wrote'} {path.relative_to(k8s.ROOT)}", highlight=False)
+        console.print(f"{'stale' if check else 'wrote'} {path.relative_to(k8s_render.ROOT)}", highlight=False)
     if check and paths:
         raise typer.Exit(1)
     if not paths:

@@ -30,7 +30,6 @@ from pipeline.spec import (
     DRAFT_CACHE_PROBLEM,
     LoraRef,
     ModelSpec,
-    Priority,
     Quality,
     RequestSpec,
     SizeEnvelope,
@@ -52,6 +51,7 @@ from serve.jobs import (
     StoryboardRecord,
     StoryboardRequest,
 )
+from serve.jobs.models import Priority
 from serve.jobs.projects import ProjectSettings
 from serve.jobs.request import (
     SERVED_MODEL,

@@ -43,11 +43,11 @@ from pipeline.spec import (
     MAX_PROMPT_CHARS,
     MAX_STEPS,
     MIN_DURATION_S,
-    Priority,
     Quality,
 )
 from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
+from serve.jobs.models import Priority
 from serve.jobs.request import SERVED_MODEL, FrameRate, Upscale
 from serve.numbers import WholeNumber, integral, whole_number
 

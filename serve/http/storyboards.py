@@ -22,7 +22,7 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, StrictBool, field
 
 from pipeline.grade import LOOK_PATTERN
 from pipeline.prompt import MAX_FIELD_CHARS, ShotSpec
-from pipeline.spec import MAX_SEED, Priority, Quality
+from pipeline.spec import MAX_SEED, Quality
 from serve.http.schemas import (
     MAX_LABELS,
     SERVED_MODEL,
@@ -38,6 +38,7 @@ from serve.http.schemas import (
     Video,
     VideoState,
 )
+from serve.jobs.models import Priority
 from serve.jobs.request import FrameRate
 from serve.numbers import WholeNumber
 

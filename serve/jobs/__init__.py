@@ -21,7 +21,6 @@ others wait up to `busy_timeout_s`); on PostgreSQL (READ COMMITTED) rows are loc
 SELECT ... FOR UPDATE and bounded creates serialise on a transaction-level advisory lock.
 """
 
-from pipeline.spec import Priority
 from serve.jobs.models import (
     PROGRESS_BANDS,
     RUNNING_STATUSES,
@@ -33,6 +32,7 @@ from serve.jobs.models import (
     JobEvent,
     JobRecord,
     JobStatus,
+    Priority,
     QueueFull,
     new_job_id,
     new_storyboard_id,

@@ -12,15 +12,16 @@ from typing import Any, Literal
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from pipeline.spec import PRIORITIES, Priority
 from serve.jobs.bounds import check_room
 from serve.jobs.database import Database
 from serve.jobs.models import (
+    PRIORITIES,
     RUNNING_STATUSES,
     AlreadyPromoted,
     JobEvent,
     JobRecord,
     JobStatus,
+    Priority,
     QueuedJob,
     utcnow,
 )

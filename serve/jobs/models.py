@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from pipeline.priority import PRIORITIES as PRIORITIES
+from pipeline.priority import Priority as Priority
 from pipeline.stages import STAGES, Stage, progress_bands, stage, status_row
 
 if TYPE_CHECKING:
-    from pipeline.spec import Priority
-from serve.jobs.request import JobRequest
+    from serve.jobs.request import JobRequest
 
 ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 EventKind = Literal[

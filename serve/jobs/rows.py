@@ -8,8 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, update
 
-from pipeline.spec import Priority
-from serve.jobs.models import RUNNING_STATUSES, EventKind, JobRecord, JobStatus, new_job_id
+from serve.jobs.models import RUNNING_STATUSES, EventKind, JobRecord, JobStatus, Priority, new_job_id
 from serve.jobs.request import JobRequest
 from serve.jobs.schema import job_events, jobs, storyboards
 

@@ -10,10 +10,9 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from pipeline.spec import PRIORITIES, Priority
 from serve.jobs.bounds import check_room
 from serve.jobs.database import Database
-from serve.jobs.models import utcnow
+from serve.jobs.models import PRIORITIES, Priority, utcnow
 from serve.jobs.request import JobRequest
 from serve.jobs.rows import check_limit, log_event, new_job_row
 from serve.jobs.schema import jobs, storyboards

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-PRIORITY_RANK = {"interactive": 0, "batch": 1}  # lower runs first
+from pipeline.priority import PRIORITY_RANK
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """What can go wrong with a job's run, and what the Scheduler does about it.
 
-- A replica lost under the job (REPLICA_LOST): the job goes back to the queue and a later run resumes from
-  its expert-boundary checkpoint.
+- A replica lost under the job (REPLICA_LOST), or one lost after it made a ref the job still needs: the
+  job goes back to the queue (once the checkpoint in flight has landed) and a later run resumes from its
+  expert-boundary checkpoint.
 - `Superseded`: the store no longer accepts this run's updates (the job was cancelled, or requeued and
   claimed again by a newer run): stop spending compute on it and record nothing.
 - The Finisher failing: retried with backoff (`finish_with_retries`), then the job fails for good with
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, ObjectLostError, RayActorError, RayTaskError
 from ray.serve.exceptions import ReplicaUnavailableError
 
 from pipeline.safety import ContentBlocked
@@ -26,8 +27,15 @@ logger = logging.getLogger("ray.serve")
 
 # Errors that mean a replica died under the job: run it again rather than fail it. A replica killed during
 # a (streaming) call raises ActorDiedError (a RayActorError) from the call; a replica gone between being
-# picked and being sent the call raises ReplicaUnavailableError.
-REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
+# picked and being sent the call raises ReplicaUnavailableError. A stage fetching a ref (embeddings, a
+# denoise state) whose owning replica died raises ObjectLostError (OwnerDiedError): the same loss, seen later.
+REPLICA_LOST = (
+    ActorDiedError,
+    ActorUnavailableError,
+    RayActorError,
+    ReplicaUnavailableError,
+    ObjectLostError,
+)
 T = TypeVar("T")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -23,6 +24,8 @@ from serve.jobs import JobRecord, JobStatus, JobStore
 from serve.scheduling.eta import EtaModel
 from serve.scheduling.faults import Superseded
 from serve.stages.payloads import FinishedClip
+
+logger = logging.getLogger("ray.serve")
 
 
 class StageClock:
@@ -58,6 +61,7 @@ class AttemptRun:
         self._stage: Stage | None = None
         self._last_progress_write = -float("inf")  # time.monotonic() of the last step progress stored
         self.num_progress_writes = 0  # step progress updates stored (bounded by progress_interval_s)
+        self.checkpoint: asyncio.Task[None] | None = None  # recording the expert-boundary checkpoint
 
     async def enter(self, name: str) -> None:
         """Move the job into stage `name`; the timing of the stage just done is stored with it."""
@@ -99,6 +103,22 @@ class AttemptRun:
         if seconds_per_step is not None:
             eta_at = self.eta.predict(self.eta_key, steps_left=steps_left, seconds_per_step=seconds_per_step)
         await self._advance(done / max(total, 1), eta_at=eta_at)
+
+    async def settle_checkpoint(self, timeout_s: float = 60.0) -> None:
+        """Wait (up to `timeout_s`) for the checkpoint in flight to be recorded: a requeue must find it, and
+        the run's clean-up must come after its file. Its failure only costs a rerun the shortcut."""
+        task = self.checkpoint
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            task.cancel()
+            logger.warning(
+                "job %s: its checkpoint took over %.0f s; a rerun starts over", self.job.id, timeout_s
+            )
+        except Exception:
+            logger.warning("job %s: recording its checkpoint failed", self.job.id, exc_info=True)
 
     async def succeed(self, clip: FinishedClip) -> bool:
         """Record the stored clip as the job's result; False if the store refused (cancelled meanwhile)."""

@@ -21,14 +21,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from pipeline.denoise.state import initial_state
 from pipeline.safety import ContentBlocked
 from pipeline.spec import ModelSpec
 from pipeline.stages import expert_stage
@@ -36,26 +35,31 @@ from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
 from serve.jobs import JobRecord, JobStatus
 from serve.metrics import record_job_claimed, record_job_finished, record_scheduler_pass
-from serve.scheduling.checkpoints import CheckpointError, read_checkpoint, write_checkpoint
+from serve.scheduling.checkpoints import CheckpointError, read_checkpoint
 from serve.scheduling.eta import EtaModel
 from serve.scheduling.fair_share import Candidate, pick_next
 from serve.scheduling.faults import REPLICA_LOST, StageFailed, Superseded, describe, finish_with_retries
 from serve.scheduling.run import AttemptRun
 from serve.stages.payloads import (
+    CheckpointFailed,
+    CheckpointSaved,
     DenoiseCall,
     DenoiseDone,
+    DenoiseEvent,
     DenoiseProgress,
     DenoiseWaiting,
+    EmbedsRef,
     FinishCall,
     FinishedClip,
     FrameBatch,
+    InitialNoise,
+    StateRef,
 )
-from serve.stages.transfer import PackedState, pack_state
-from serve.storage import JobArtifacts, StorageError, make_store
+from serve.stages.transfer import PackedState
+from serve.storage import JobArtifacts, make_store
 from serve.webhooks import open_job_store
 
 logger = logging.getLogger("ray.serve")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,20 +79,6 @@ async def stage_call(response: DeploymentResponse) -> Any:
         return await response
     except asyncio.CancelledError:
         response.cancel()
-        raise
-
-
-async def settled(work: Awaitable[T]) -> T:
-    """Await `work` (a worker thread's call) to its end even when the task is cancelled meanwhile, then
-    re-raise the cancel: a thread cannot be stopped, so a file it is writing lands before the run's
-    clean-up looks for it, never after."""
-    future = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        await asyncio.wait([future])
-        if not future.cancelled() and future.exception() is not None:
-            logger.debug("a call settled after its task was cancelled: %r", future.exception())
         raise
 
 
@@ -185,13 +175,15 @@ class Scheduler:
         self.housekeeping.wake_webhooks.remote()  # its outcome may have queued a webhook
 
     async def _run_job(self, job: JobRecord) -> None:
+        run = AttemptRun(job, self.store, self._eta, progress_interval_s=self.args.progress_write_interval_s)
         try:
-            await self._run_attempt(job)
-        finally:  # however the run ended (stored, failed, refused, cancelled, deleted): drop what it left
+            await self._run_attempt(run)
+        finally:  # however the run ended (stored, failed, refused, cancelled, deleted): drop what it left,
+            await run.settle_checkpoint()  # once a checkpoint in flight has landed
             await asyncio.to_thread(self._clean_up, job.id, job.attempt)
 
-    async def _run_attempt(self, job: JobRecord) -> None:
-        run = AttemptRun(job, self.store, self._eta, progress_interval_s=self.args.progress_write_interval_s)
+    async def _run_attempt(self, run: AttemptRun) -> None:
+        job = run.job
         try:
             await self._pipeline(run)
         except Superseded as superseded:  # cancelled, or a newer run owns the job: record nothing
@@ -207,14 +199,14 @@ class Scheduler:
                 return
             # Raised inside: a stage call was cancelled under it (a replica shutting down); never fail the
             # job for that.
-            await self._requeue(job, "a stage call was cancelled")
+            await self._requeue(run, "a stage call was cancelled")
         except ContentBlocked as error:  # the Finisher refused the clip: final, never retried
             blocked = getattr(error, "cause", error)  # Ray wraps the replica's exception
             logger.info("job %s: clip blocked by the content policy (%s)", job.id, blocked.category)
             if await asyncio.to_thread(self.store.fail, job.id, job.attempt, "content_blocked", str(blocked)):
                 record_job_finished(job, "failed")
         except REPLICA_LOST as error:
-            await self._requeue(job, f"lost a replica ({error})")
+            await self._requeue(run, f"lost a replica ({error})")
         except StageFailed:
             record_job_finished(job, "failed")  # the store has the code and the message already
         except Exception as error:
@@ -225,8 +217,12 @@ class Scheduler:
             if failed:
                 record_job_finished(job, "failed")
 
-    async def _requeue(self, job: JobRecord, why: str) -> None:
+    async def _requeue(self, run: AttemptRun, why: str) -> None:
+        """Back to the queue; the expert-boundary checkpoint in flight lands first, so the rerun resumes
+        from it (this is how a job whose state ref died with its replica falls back to the checkpoint)."""
+        job = run.job
         logger.warning("job %s %s; it goes back to the queue", job.id, why)
+        await run.settle_checkpoint()
         status = await asyncio.to_thread(
             self.store.requeue, job.id, job.attempt, max_attempts=self.args.max_attempts
         )
@@ -247,18 +243,22 @@ class Scheduler:
         )
         run.record("encode", time.perf_counter() - started, observe=False)
 
-        # 2. Denoise: the high-noise expert, then the low-noise one; an earlier attempt's checkpoint at the
-        #    expert boundary skips the high-noise expert.
-        state = await self._resume(job, resolved.steps)
-        experts = ("low",) if state is not None else ("high", "low")
-        state = state or pack_state(initial_state(resolved, self.model))
+        # 2. Denoise: the high-noise expert from the seed's noise, then the low-noise one; an earlier
+        #    attempt's checkpoint at the expert boundary skips the high-noise expert.
+        resumed = await self._resume(job, resolved.steps)
+        state: InitialNoise | StateRef | PackedState
+        if resumed is None:
+            shape = resolved.latent_shape(self.model)
+            state, experts = InitialNoise(resolved.seed, shape, resolved.steps), ("high", "low")
+        else:
+            state, experts = resumed, ("low",)
         for expert in experts:
             state = await self._denoise(run, expert, state, prompt, negative)
 
         # 3. Decode the latents to frames.
         await run.enter("decode")
         async with run.clocked():
-            frames = await stage_call(stages.vae.decode.remote(state.latents, resolved.fps))
+            frames = await stage_call(stages.vae.decode.remote(state, resolved.fps))
         run.record("decode", frames.seconds)
 
         # 4. Upscale (a no-op call when the job asks for none).
@@ -276,10 +276,16 @@ class Scheduler:
             record_job_finished(job, "succeeded", run.timings)
 
     async def _denoise(
-        self, run: AttemptRun, expert: str, state: PackedState, prompt: Any, negative: Any
-    ) -> PackedState:
-        """One expert's share of the steps; the state after its last step. The high-noise expert's state is
-        checkpointed so that a rerun can skip it."""
+        self,
+        run: AttemptRun,
+        expert: str,
+        state: InitialNoise | StateRef | PackedState,
+        prompt: EmbedsRef,
+        negative: EmbedsRef,
+    ) -> StateRef:
+        """One expert's share of the steps; a ref to the state after its last step. The high-noise replica
+        also checkpoints its state, so that a rerun can skip it: it streams the outcome after the state,
+        and the run records it in the background (`run.checkpoint`) while the low-noise expert starts."""
         job, resolved = run.job, run.job.request.resolved
         row = expert_stage(expert)
         await run.enter(row.name)
@@ -294,6 +300,7 @@ class Scheduler:
             quality=resolved.quality,
             adapters=resolved.adapters(self.model),
             cache=resolved.cache,
+            checkpoint_key=JobArtifacts(job.project, job.id).checkpoint if expert == "high" else None,
         )
         start_index = state.step_index
         handle = self.stages.high if expert == "high" else self.stages.low
@@ -306,19 +313,35 @@ class Scheduler:
                     case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
                         steps_left = resolved.steps - (start_index + done)
                         await run.stepped(done, total, steps_left=steps_left, seconds_per_step=seconds)
-                    case DenoiseDone():
-                        state = event.state
-                        run.record(row.name, event.seconds, observe=False)
+                    case DenoiseDone(state=done_state, seconds=seconds):
+                        run.record(row.name, seconds, observe=False)
                         run.clock.end()
+                        if call.checkpoint_key is not None:
+                            run.checkpoint = asyncio.create_task(self._record_checkpoint(job, stream))
+                        return done_state
         except BaseException:
             # Cancelled, superseded or failed before the expert's last step: take the request out of
             # the replica's engine now. Leaving the stream does not cancel it: the engine would keep
             # stepping an orphan (Ray Serve 2.60 cancels a call only through `cancel()`).
             stream.cancel()
             raise
-        if expert == "high":
-            await self._checkpoint(job, state)
-        return state
+        raise RuntimeError(f"the {row.name} call of job {job.id} ended without its state")
+
+    async def _record_checkpoint(self, job: JobRecord, stream: AsyncIterator[DenoiseEvent]) -> None:
+        """Record the checkpoint the high-noise replica stores after its state (the rest of its stream)."""
+        try:
+            async for event in stream:
+                match event:
+                    case CheckpointSaved(key=key, step_index=step_index):
+                        await asyncio.to_thread(
+                            self.store.save_checkpoint, job.id, job.attempt, key, step_index=step_index
+                        )
+                    case CheckpointFailed(reason=reason):
+                        logger.warning(
+                            "job %s: no checkpoint saved, a rerun starts from scratch: %s", job.id, reason
+                        )
+        except REPLICA_LOST as error:
+            logger.warning("job %s: its checkpoint was lost with the high-noise replica: %s", job.id, error)
 
     async def _finish(self, job: JobRecord, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         """The Finisher's clip, retried with backoff; after `finish_attempts` tries the job fails."""
@@ -347,19 +370,6 @@ class Scheduler:
         await asyncio.to_thread(self.store.log_event, job.id, job.attempt, "resumed", data)
         logger.info("job %s attempt %d resumed from checkpoint %s", job.id, job.attempt, job.checkpoint_uri)
         return state
-
-    async def _checkpoint(self, job: JobRecord, state: PackedState) -> None:
-        """Save the state at the expert boundary, so that a rerun skips the high-noise expert (best effort:
-        without it a rerun starts from scratch)."""
-        key = JobArtifacts(job.project, job.id).checkpoint
-        try:
-            await settled(asyncio.to_thread(write_checkpoint, self.artifacts, key, state))
-        except StorageError as error:
-            logger.warning("job %s: no checkpoint saved, a rerun starts from scratch: %s", job.id, error)
-            return
-        await asyncio.to_thread(
-            self.store.save_checkpoint, job.id, job.attempt, key, step_index=state.step_index
-        )
 
     def _clean_up(self, job_id: str, attempt: int | None = None) -> None:
         """Delete what nothing will read: a finished (or deleted) job's checkpoint, and the clip and poster

@@ -6,7 +6,6 @@ import asyncio
 import time
 from typing import Any
 
-import numpy as np
 import ray
 from ray import serve
 
@@ -15,7 +14,7 @@ from pipeline.vae import VAEDecoder
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
-from serve.stages.payloads import FrameBatch
+from serve.stages.payloads import FrameBatch, StateRef
 
 NAME = deployment_name(stage("decode"))  # from the stage table
 
@@ -31,9 +30,11 @@ class VAEDecoderDeployment:
         self._metrics = ReplicaReporter().start()
         self._lock = asyncio.Lock()  # one decode at a time per replica: it is memory-bound
 
-    async def decode(self, latents: np.ndarray, fps: int) -> FrameBatch:
+    async def decode(self, state: StateRef, fps: int) -> FrameBatch:
+        """The frames of the low-noise expert's final state (fetched from its replica's object store)."""
         import torch
 
+        latents = (await state.ref[0]).latents
         async with self._lock:
             started = time.perf_counter()
             frames = await asyncio.to_thread(self.decoder.decode, torch.from_numpy(latents.copy()), fps=fps)

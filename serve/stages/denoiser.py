@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -18,16 +19,28 @@ from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
 from pipeline.denoise.fp8 import quantize_fp8
 from pipeline.denoise.kernels import compile_blocks, warm_up
 from pipeline.denoise.parallel import ShardedForward
-from pipeline.denoise.state import tier_solvers
+from pipeline.denoise.state import DenoiseState, initial_noise, tier_solvers
 from pipeline.lora import distill_folder, resolve_lora_folder
 from pipeline.spec import DISTILL_ADAPTER
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
+from serve.scheduling.checkpoints import write_checkpoint
 from serve.sharding import DEPLOYMENT_NAMES, Expert, placement_options
 from serve.stages.common import STAGE_OPTIONS, gpu_options
-from serve.stages.payloads import DenoiseCall, DenoiseDone, DenoiseEvent, DenoiseProgress, DenoiseWaiting
+from serve.stages.payloads import (
+    CheckpointFailed,
+    CheckpointSaved,
+    DenoiseCall,
+    DenoiseDone,
+    DenoiseEvent,
+    DenoiseProgress,
+    DenoiseWaiting,
+    InitialNoise,
+    StateRef,
+)
 from serve.stages.shard_worker import RankGroup, load_expert
-from serve.stages.transfer import pack_state, unpack_embeds, unpack_state
+from serve.stages.transfer import PackedState, pack_state, state_nbytes, unpack_embeds, unpack_state
+from serve.storage import ArtifactStore, StorageError, make_store
 
 BUCKET_ROUTER = RequestRouterConfig(request_router_class="serve.stages.router:BucketAffinityRouter")
 
@@ -83,11 +96,16 @@ class DenoiserDeployment:
         warm_up(self.engine.forward, self.engine.transformer, shapes, model.max_sequence_length)  # every rank
         self.engine.start()
         self._metrics = ReplicaReporter(self.engine).start()
+        self.artifacts = make_store(args.storage)  # the expert-boundary checkpoints a call asks for
 
     async def denoise(self, call: DenoiseCall, bucket: str) -> AsyncIterator[DenoiseEvent]:
         """Streams a DenoiseWaiting while the request queues for its first step (each time its place
-        changes), a DenoiseProgress per step, then one DenoiseDone with the state.
+        changes), a DenoiseProgress per step, then one DenoiseDone with a ref to the state (owned by this
+        replica); with a `checkpoint_key`, it then stores the state there and ends with CheckpointSaved or
+        CheckpointFailed, so the next expert starts without waiting for the write.
 
+        The embeddings and a StateRef are fetched from the replicas that made them; one whose replica is
+        gone raises ObjectLostError (the Scheduler requeues the job).
         `bucket` is read by the BucketAffinityRouter so same-shape calls meet on one replica.
         """
         loop = asyncio.get_running_loop()
@@ -97,7 +115,10 @@ class DenoiserDeployment:
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
         started = time.perf_counter()
-        engine, bucket_shape = self.engine, tuple(call.state.latents.shape)
+        start, prompt, negative = await asyncio.gather(
+            start_state(call.state), call.prompt.ref[0], call.negative_prompt.ref[0]
+        )
+        engine, bucket_shape = self.engine, tuple(start.latents.shape)
 
         def progress(done: int, total: int) -> None:
             seconds = engine.seconds_per_step(bucket_shape, call.quality, call.request_id)
@@ -105,9 +126,9 @@ class DenoiserDeployment:
 
         request = EngineRequest(
             request_id=call.request_id,
-            state=unpack_state(call.state),
-            prompt=unpack_embeds(call.prompt),
-            negative_prompt=unpack_embeds(call.negative_prompt),
+            state=start,
+            prompt=unpack_embeds(prompt),
+            negative_prompt=unpack_embeds(negative),
             guidance=call.guidance,
             priority=call.priority,
             deadline=_engine_deadline(call.deadline, self.engine.clock),
@@ -126,11 +147,14 @@ class DenoiserDeployment:
                     yield waiter.result()
                 else:
                     waiter.cancel()
-            state = result.result()
-            yield DenoiseDone(state=pack_state(state), seconds=time.perf_counter() - started)
+            packed = pack_state(result.result())
+            ref = StateRef(ref=[ray.put(packed)], step_index=packed.step_index, nbytes=state_nbytes(packed))
+            yield DenoiseDone(state=ref, seconds=time.perf_counter() - started)
         finally:
             if not result.done():  # the caller went away (cancel, scheduler restart): free the slot
                 self.engine.cancel(call.request_id)
+        if call.checkpoint_key is not None:
+            yield await save_checkpoint(self.artifacts, call.checkpoint_key, packed)
 
     def stats(self, bucket: str | None = None) -> tuple[str, EngineStats]:
         """(replica id, engine stats). Given a `bucket`, the router sends this to that bucket's replica."""
@@ -165,6 +189,27 @@ def expert_adapters(args: PrevizArgs, expert: Expert, transformer) -> AdapterBan
     if not folders:
         return None
     return load_bank(transformer, expert, folders, max_adapters=settings.max_adapters)
+
+
+async def start_state(state: InitialNoise | StateRef | PackedState) -> DenoiseState:
+    """The state a call starts from: fresh noise drawn here, another replica's state fetched from the
+    object store, or a checkpoint's state the Scheduler read back."""
+    match state:
+        case InitialNoise(seed=seed, shape=shape, num_steps=num_steps):
+            return initial_noise(seed, shape, num_steps)
+        case StateRef(ref=ref):
+            return unpack_state(await ref[0])
+        case PackedState():
+            return unpack_state(state)
+
+
+async def save_checkpoint(artifacts: ArtifactStore, key: str, state: PackedState) -> DenoiseEvent:
+    """Store the expert-boundary checkpoint (best effort: without it a rerun starts from scratch)."""
+    try:
+        await asyncio.to_thread(write_checkpoint, artifacts, key, state)
+    except StorageError as error:
+        return CheckpointFailed(key=key, reason=str(error))
+    return CheckpointSaved(key=key, step_index=state.step_index)
 
 
 def _engine_deadline(deadline: datetime | None, clock: Callable[[], float]) -> float | None:

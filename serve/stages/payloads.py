@@ -1,18 +1,53 @@
-"""The typed messages between the Scheduler and the stage deployments (CPU numpy, or object refs for
-frames). Every call and every streamed message is one of these dataclasses, never a dict told apart by
-its keys."""
+"""The typed messages between the Scheduler and the stage deployments. Every call and every streamed
+message is one of these dataclasses, never a dict told apart by its keys.
+
+Tensors travel as object refs from the stage that made them to the stage that needs them (embeddings:
+TextEncoder -> both experts; denoise state: high-noise -> low-noise expert -> VAEDecoder; frames: decoder
+-> upscaler -> Finisher); the Scheduler passes the refs on and sees only their sizes. A ref is held in a
+one-element list, so Serve passes it through instead of resolving it as an argument. A ref lives as long as
+the replica that `ray.put` it: if that replica is lost, the stage that needs the ref fails with an
+ObjectLostError, which the Scheduler treats like a lost replica (serve.scheduling.faults.REPLICA_LOST):
+the job is requeued once the expert-boundary checkpoint in flight has landed, and its rerun resumes from
+that checkpoint (or starts over without one)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
 
-import numpy as np
 import ray
 
-from pipeline.spec import Priority, StepCacheSettings
+from pipeline.spec import StepCacheSettings
+from serve.jobs.models import Priority
 from serve.jobs.request import LutRef
 from serve.stages.transfer import PackedState
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedsRef:
+    """Prompt embeddings in the object store, owned by the TextEncoder replica that made them."""
+
+    ref: list[ray.ObjectRef]  # one ref to the (tokens, text_dim) float32 array
+    nbytes: int  # its size, for the Scheduler's books
+
+
+@dataclass(frozen=True, slots=True)
+class StateRef:
+    """A denoise state (PackedState) in the object store, owned by the denoiser replica that made it."""
+
+    ref: list[ray.ObjectRef]  # one ref to the PackedState
+    step_index: int  # steps of the request done in it
+    nbytes: int  # the arrays' size, for the Scheduler's books
+
+
+@dataclass(frozen=True, slots=True)
+class InitialNoise:
+    """Where a request's denoising starts: the noise its seed draws, made by the replica that runs it."""
+
+    seed: int
+    shape: tuple[int, int, int, int]  # (channels, latent_frames, latent_height, latent_width)
+    num_steps: int
+    step_index: int = 0  # a request starting from noise has done no steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,15 +55,16 @@ class DenoiseCall:
     """One job's share of an expert."""
 
     request_id: str  # job id + attempt: unique per run of a job
-    state: PackedState
-    prompt: np.ndarray  # (tokens, text_dim) prompt embeddings
-    negative_prompt: np.ndarray
+    state: InitialNoise | StateRef | PackedState  # PackedState: read back from a checkpoint
+    prompt: EmbedsRef
+    negative_prompt: EmbedsRef
     guidance: float
     priority: Priority
     deadline: datetime | None
     quality: str = "final"  # the tier: which solver continues the state
     adapters: tuple[tuple[str, float], ...] = ()  # sorted (name, weight) LoRA adapters of the request
     cache: StepCacheSettings | None = None  # step caching; None: every step runs
+    checkpoint_key: str | None = None  # where to save the state after the last step (the expert boundary)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +96,29 @@ class DenoiseProgress:
 
 @dataclass(frozen=True, slots=True)
 class DenoiseDone:
-    """The last message of `denoise`: the state after the expert's last step."""
+    """Streamed by `denoise` after the expert's last step: the state, for the next stage to fetch."""
 
-    state: PackedState
+    state: StateRef
     seconds: float  # wall time of the call inside the replica (queueing in the engine included)
 
 
-DenoiseEvent = DenoiseWaiting | DenoiseProgress | DenoiseDone
+@dataclass(frozen=True, slots=True)
+class CheckpointSaved:
+    """The last message of a call with a `checkpoint_key`, after DenoiseDone: the state is stored there."""
+
+    key: str
+    step_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointFailed:
+    """The last message of a call whose checkpoint could not be stored (a rerun then starts over)."""
+
+    key: str
+    reason: str
+
+
+DenoiseEvent = DenoiseWaiting | DenoiseProgress | DenoiseDone | CheckpointSaved | CheckpointFailed
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,12 @@ def unpack_state(packed: PackedState) -> DenoiseState:
     )
 
 
+def state_nbytes(state: PackedState) -> int:
+    """Bytes of the arrays in `state` (what moving it costs)."""
+    arrays = [state.latents, state.last_sample, *state.model_outputs]
+    return sum(array.nbytes for array in arrays if array is not None)
+
+
 def pack_embeds(embeds: PromptEmbeds) -> np.ndarray:
     return _array(embeds.embeds)
 
