@@ -27,7 +27,8 @@ def modules() -> dict[str, Path]:
 
 
 def imported_names(path: Path, module: str) -> set[str]:
-    """Every dotted name `module` imports, anywhere in its file."""
+    """Every dotted name `module` imports, anywhere in its file (`from a import b` gives `a` and `a.b`, or
+    only `a.b` when that is a module)."""
     is_package = path.name == "__init__.py"
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -39,8 +40,10 @@ def imported_names(path: Path, module: str) -> set[str]:
                 package = module.split(".") if is_package else module.split(".")[:-1]
                 package = package[: len(package) - (node.level - 1)]
                 base = ".".join([*package, *([base] if base else [])])
-            # `from a import b` names `a.b`: the module `a.b` when there is one, else (an attribute) `a`
-            names.update(base if alias.name == "*" else f"{base}.{alias.name}" for alias in node.names)
+            imported = {f"{base}.{alias.name}" for alias in node.names}
+            if not imported <= modules().keys():  # `from package import submodule` is an arrow to it alone
+                names.add(base)
+            names.update(imported)
     return names
 
 
