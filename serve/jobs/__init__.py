@@ -5,12 +5,16 @@ SQLite (one file, WAL) by default, PostgreSQL by URL. Several processes open the
 transaction whose UPDATE is conditional on the state it expects (`status = QUEUED`, `attempt = :attempt`)
 and writes its event row in that same transaction. Methods return frozen records, never live rows.
 
-    store = JobStore("sqlite:///previz-jobs.db")
+    store = open_job_store("sqlite:///previz-jobs.db")   # serve.webhooks: JobStore(url, webhook_body=...)
     store.create_schema()
     job, created = store.create("dune", "interactive", request, idempotency_key="shot-12")  # a JobRequest
     job = store.claim(job.id, "scheduler-0")                   # QUEUED -> ENCODING, attempt 1
     store.advance(job.id, job.attempt, JobStatus.DENOISING_HIGH, stage_progress=0.5)
     store.succeed(job.id, job.attempt, artifact_uri="s3://clips/vid_....mp4", artifact_bytes=812_331)
+
+The store is a Database (database.py) shared by small repositories (jobs, transitions, storyboards,
+projects, luts, outbox) under the JobStore façade (store.py), whose methods are theirs. Stored JSON is
+typed and versioned (JobRequest, StoryboardRecord): rows of earlier formats are upgraded on read.
 
 Fencing: `attempt` counts claims. A pipeline task carries the attempt it was started under; once its job
 is requeued (scheduler restart) or claimed again, the task's updates no longer match and are ignored

@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import Connection, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
 from serve.jobs.bounds import check_room
 from serve.jobs.database import Database
@@ -26,7 +25,15 @@ from serve.jobs.models import (
     utcnow,
 )
 from serve.jobs.request import JobRequest
-from serve.jobs.rows import MAX_PAGE, check_limit, count_board_job, job_record, log_event, new_job_row
+from serve.jobs.rows import (
+    MAX_PAGE,
+    check_limit,
+    count_board_job,
+    create_once,
+    job_record,
+    log_event,
+    new_job_row,
+)
 from serve.jobs.schema import job_events, jobs, storyboards
 from serve.jobs.storyboard import StoryboardRecord
 
@@ -80,31 +87,20 @@ class JobRepository:
             "deadline": deadline,
             "storyboard_id": storyboard_id,
         }
-        try:
-            with self._db.write() as conn:
-                if idempotency_key is not None:
-                    existing = _by_idempotency_key(conn, project, idempotency_key)
-                    if existing is not None:
-                        return existing, False
-                check_room(
-                    self._db, conn, project, 1, now, max_queued, max_queued_per_project, gpu_seconds_per_day
-                )
-                job = job_record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
-                if storyboard_id is not None:  # a take added to a board later (a remix or a promote)
-                    count_board_job(conn, storyboard_id)
-                log_event(conn, job.id, "created", {"priority": priority, "bucket": job.bucket}, now)
-                if promotes is not None:
-                    _link_promotion(conn, promotes, job.id)
-        except IntegrityError:
-            # Lost a race on (project, idempotency_key): the winner's job is committed by now.
-            if idempotency_key is None:
-                raise
-            with self._db.read() as conn:
-                existing = _by_idempotency_key(conn, project, idempotency_key)
-            if existing is None:
-                raise
-            return existing, False
-        return job, True
+
+        def write(conn: Connection) -> JobRecord:
+            check_room(
+                self._db, conn, project, 1, now, max_queued, max_queued_per_project, gpu_seconds_per_day
+            )
+            job = job_record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
+            if storyboard_id is not None:  # a take added to a board later (a remix or a promote)
+                count_board_job(conn, storyboard_id)
+            log_event(conn, job.id, "created", {"priority": priority, "bucket": job.bucket}, now)
+            if promotes is not None:
+                _link_promotion(conn, promotes, job.id)
+            return job
+
+        return create_once(self._db, project, idempotency_key, _by_idempotency_key, write)
 
     def get(
         self, job_id: str, *, project: str | None = None, include_deleted: bool = False

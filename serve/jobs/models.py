@@ -1,5 +1,5 @@
-"""The job store's vocabulary: job status (an ordered state machine), priorities, the bucket key, records
-and errors, job ids and the time helpers (timezone-aware UTC; Unix seconds for the API).
+"""The job store's vocabulary: job status (an ordered state machine), the job record, errors, job ids and
+the time helpers (timezone-aware UTC; Unix seconds for the API).
 
 Plain Python, no database: the Scheduler, the Ingress and their tests use these without a store.
 """

@@ -3,15 +3,19 @@ new row, the event log, the attempt fence."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, insert, update
+from sqlalchemy.exc import IntegrityError
 
+from serve.jobs.database import Database
 from serve.jobs.models import RUNNING_STATUSES, EventKind, JobRecord, JobStatus, Priority, new_job_id
 from serve.jobs.request import JobRequest
 from serve.jobs.schema import job_events, jobs, storyboards
 
+Record = TypeVar("Record")
 MAX_PAGE = 1000  # most rows one list()/queued()/events() call returns
 
 
@@ -89,3 +93,31 @@ def status_name(status: JobStatus) -> str:
 def check_limit(limit: int) -> None:
     if not 1 <= limit <= MAX_PAGE:
         raise ValueError(f"`limit` must be within 1..{MAX_PAGE} but is {limit}.")
+
+
+def create_once(
+    db: Database,
+    project: str,
+    idempotency_key: str | None,
+    find: Callable[[Connection, str, str], Record | None],
+    write: Callable[[Connection], Record],
+) -> tuple[Record, bool]:
+    """`(write(conn), True)` in one writing transaction, unless `idempotency_key` already names a record
+    of `project` (`find` looks it up): then `(that record, False)` and nothing written. Concurrent creates
+    with one key make one record: the unique (project, idempotency_key) constraint decides, and the loser
+    returns the winner's, committed by then."""
+    try:
+        with db.write() as conn:
+            if idempotency_key is not None:
+                existing = find(conn, project, idempotency_key)
+                if existing is not None:
+                    return existing, False
+            return write(conn), True
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        with db.read() as conn:
+            existing = find(conn, project, idempotency_key)
+        if existing is None:
+            raise
+        return existing, False

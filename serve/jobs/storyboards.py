@@ -8,13 +8,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
 from serve.jobs.bounds import check_room
 from serve.jobs.database import Database
 from serve.jobs.models import PRIORITIES, Priority, utcnow
 from serve.jobs.request import JobRequest
-from serve.jobs.rows import check_limit, log_event, new_job_row
+from serve.jobs.rows import check_limit, create_once, log_event, new_job_row
 from serve.jobs.schema import jobs, storyboards
 from serve.jobs.storyboard import CutRecord, StoryboardEdit, StoryboardRecord, StoryboardRequest
 
@@ -60,40 +59,20 @@ class StoryboardRepository:
             "idempotency_key": idempotency_key,
             "created_at": now,
         }
-        try:
-            with self._db.write() as conn:
-                if idempotency_key is not None:
-                    existing = _by_idempotency_key(conn, project, idempotency_key)
-                    if existing is not None:
-                        return existing, False
-                check_room(
-                    self._db,
-                    conn,
-                    project,
-                    len(videos),
-                    now,
-                    max_queued,
-                    max_queued_per_project,
-                    gpu_seconds_per_day,
-                )
-                record = StoryboardRecord.from_row(
-                    conn.execute(insert(storyboards).values(board).returning(storyboards)).one()._asdict()
-                )
-                for priority, job_request, labels in videos:
-                    row = new_job_row(project, priority, job_request, labels, now)
-                    conn.execute(insert(jobs).values({**row, "storyboard_id": storyboard_id}))
-                    log_event(
-                        conn, row["id"], "created", {"priority": priority, "bucket": row["bucket"]}, now
-                    )
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            with self._db.read() as conn:
-                existing = _by_idempotency_key(conn, project, idempotency_key)
-            if existing is None:
-                raise
-            return existing, False
-        return record, True
+
+        def write(conn: Connection) -> StoryboardRecord:
+            bounds = (max_queued, max_queued_per_project, gpu_seconds_per_day)
+            check_room(self._db, conn, project, len(videos), now, *bounds)
+            record = StoryboardRecord.from_row(
+                conn.execute(insert(storyboards).values(board).returning(storyboards)).one()._asdict()
+            )
+            for priority, job_request, labels in videos:
+                row = new_job_row(project, priority, job_request, labels, now)
+                conn.execute(insert(jobs).values({**row, "storyboard_id": storyboard_id}))
+                log_event(conn, row["id"], "created", {"priority": priority, "bucket": row["bucket"]}, now)
+            return record
+
+        return create_once(self._db, project, idempotency_key, _by_idempotency_key, write)
 
     def list(
         self, project: str, *, after: str | None = None, limit: int = 50
