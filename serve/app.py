@@ -18,8 +18,8 @@ from ray.serve import Application
 
 from serve.config import PrevizArgs, with_environment
 from serve.http.ingress import Ingress
-from serve.scheduling.housekeeping import Housekeeping
-from serve.scheduling.scheduler import Scheduler
+from serve.scheduling.housekeeping import HousekeepingDeployment
+from serve.scheduling.scheduler import SchedulerDeployment
 from serve.sharding import check_degrees
 from serve.stages import decoder, denoiser, finisher, text_encoder, upscaler
 
@@ -34,6 +34,8 @@ def build_app(args: PrevizArgs | dict[str, Any]) -> Application:
     vae = decoder.VAEDecoderDeployment.options(**decoder.default_options(args)).bind(args)
     sr = upscaler.UpscalerDeployment.options(**upscaler.default_options(args)).bind(args)
     finish = finisher.FinisherDeployment.options(**finisher.default_options(args)).bind(args)
-    housekeeping = Housekeeping.bind(args)  # webhooks, retention and gauges: one replica beside the Scheduler
-    scheduler = Scheduler.bind(args, args.sampling, housekeeping, encoder, high, low, vae, sr, finish)
+    housekeeping = HousekeepingDeployment.bind(args)  # webhooks, retention, gauges: one replica
+    scheduler = SchedulerDeployment.bind(
+        args, args.sampling, housekeeping, encoder, high, low, vae, sr, finish
+    )
     return Ingress.bind(args, args.sampling, scheduler)

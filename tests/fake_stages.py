@@ -285,7 +285,7 @@ def run(scenario: Callable[[], Any]) -> None:
 
 def start(args: PrevizArgs, stages: FakeStages) -> Scheduler:
     stages.artifacts = make_store(args.storage)
-    return Scheduler.func_or_class(args, args.sampling, stages.housekeeping(), *stages.handles())
+    return Scheduler(args, args.sampling, stages.housekeeping(), *stages.handles())
 
 
 def stop(scheduler: Scheduler) -> None:

@@ -708,7 +708,7 @@ def test_cancel_frees_the_slot_and_the_next_queued_job_starts(tmp_path: Path) ->
             poll_interval_s=0.05,
         )
         stages = [StuckStage()] * 7  # Housekeeping and the six stages
-        scheduler = Scheduler.func_or_class(args, args.sampling, *stages)
+        scheduler = Scheduler(args, args.sampling, *stages)
         state = IngressState(args, args.sampling, InProcessHandle(scheduler))
         app.dependency_overrides[current_state] = lambda: state
         transport = httpx.ASGITransport(app=app)

@@ -21,7 +21,7 @@ from serve.jobs import JobStatus, JobStore
 from serve.jobs.models import utcnow
 from serve.jobs.retention import OrphanSweeper, RetentionSweeper
 from serve.jobs.storyboard import BoardShot, CutClip, CutRecord, StoryboardRequest
-from serve.stages.finisher import FinisherDeployment
+from serve.stages.finisher import FinisherStage
 from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
 from serve.storage import JobArtifacts, LocalArtifactStore, StorageSettings
 from tests.api_app import LocalApi, http_server, local_api
@@ -297,7 +297,7 @@ def test_a_cancelled_finisher_call_publishes_nothing_though_its_thread_stores_th
     tmp_path: Path,
 ) -> None:
     """A Serve cancel cannot stop the encode thread: the call waits for it, then deletes what it stored."""
-    finisher = FinisherDeployment.func_or_class(PrevizArgs(storage=StorageSettings(local_root=tmp_path)))
+    finisher = FinisherStage(PrevizArgs(storage=StorageSettings(local_root=tmp_path)))
     encode = finisher._finish
     started, release, ended = threading.Event(), threading.Event(), threading.Event()
 

@@ -41,7 +41,7 @@ from serve.scheduling.checkpoints import (
     write_checkpoint,
 )
 from serve.scheduling.faults import StageFailed, finish_with_retries
-from serve.stages.finisher import FinisherDeployment
+from serve.stages.finisher import FinisherStage
 from serve.stages.payloads import FinishCall, FinishedClip
 from serve.stages.transfer import pack_state, unpack_state
 from serve.storage import JobArtifacts, LocalArtifactStore, S3ArtifactStore, StorageSettings, make_store
@@ -190,7 +190,7 @@ def test_a_finisher_whose_s3_endpoint_is_down_fails_the_job_with_storage_failed_
 def test_a_storage_outage_shorter_than_the_retries_still_stores_the_clip(tmp_path: Path) -> None:
     store, job = _running_job(tmp_path)
     root = tmp_path / "artifacts"
-    finisher = FinisherDeployment.func_or_class(PrevizArgs(storage=StorageSettings(local_root=root)))
+    finisher = FinisherStage(PrevizArgs(storage=StorageSettings(local_root=root)))
     (root / job.project).write_text("not a folder")  # the project's folder cannot be made: OSError
 
     def storage_back(number: int) -> None:  # the outage ends after the first failed try
@@ -209,7 +209,7 @@ def test_a_storage_outage_shorter_than_the_retries_still_stores_the_clip(tmp_pat
 
 def test_a_finisher_that_keeps_raising_fails_the_job_with_finish_failed(tmp_path: Path) -> None:
     store, job = _running_job(tmp_path)
-    finisher = FinisherDeployment.func_or_class(PrevizArgs(storage=StorageSettings(local_root=tmp_path)))
+    finisher = FinisherStage(PrevizArgs(storage=StorageSettings(local_root=tmp_path)))
     calls: list[int] = []
     finish = _finish_call(finisher, job, calls, look="sepia")  # a look the grader does not know
 
@@ -230,7 +230,7 @@ def test_a_clip_refused_by_the_frame_check_is_not_retried(tmp_path: Path) -> Non
         storage=StorageSettings(local_root=tmp_path),
         safety={"frame_check": "tests.safety_hooks:block_bright_frames"},
     )
-    finisher = FinisherDeployment.func_or_class(args)
+    finisher = FinisherStage(args)
     calls: list[int] = []
     finish = _finish_call(finisher, job, calls, bright=True)
 
@@ -364,7 +364,7 @@ def _credentials(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
 def _finisher(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, bucket: str) -> Any:
     """An instance of the Finisher deployment's own class, in this process, storing into `bucket`."""
     _credentials(s3_server, monkeypatch)
-    return FinisherDeployment.func_or_class(PrevizArgs(storage=_settings(s3_server, bucket)))
+    return FinisherStage(PrevizArgs(storage=_settings(s3_server, bucket)))
 
 
 def _finish_call(

@@ -13,7 +13,7 @@ from pipeline.interpolate import FlowInterpolator, ModelInterpolator
 from pipeline.video import read_video_info
 from serve.config import PrevizArgs
 from serve.jobs.request import LutRef
-from serve.stages.finisher import FinisherDeployment, make_interpolator
+from serve.stages.finisher import FinisherStage, make_interpolator
 from serve.stages.payloads import FinishCall
 from serve.storage import StorageSettings
 from serve.webhooks import open_job_store
@@ -21,7 +21,7 @@ from serve.webhooks import open_job_store
 
 def finisher(tmp_path: Path, **fields: object):
     args = PrevizArgs(storage=StorageSettings(local_root=tmp_path / "artifacts"), **fields)
-    return FinisherDeployment.func_or_class(args)
+    return FinisherStage(args)
 
 
 def test_a_16_fps_clip_asked_at_24_is_stored_with_24_frames_a_second(tmp_path: Path) -> None:

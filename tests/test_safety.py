@@ -29,7 +29,7 @@ from pipeline.safety import (
 from pipeline.video import AI_MARKER, read_video_info
 from serve.cli import main
 from serve.config import PrevizArgs
-from serve.stages.finisher import FinisherDeployment
+from serve.stages.finisher import FinisherStage
 from serve.stages.payloads import FinishCall
 from serve.storage import artifact_key
 from tests.api_app import TINY, LocalApi, local_api
@@ -496,7 +496,7 @@ def _frames(level: int, num_frames: int = 9, width: int = 64, height: int = 48) 
 
 def _finisher(tmp_path: Path, **safety: Any) -> Any:
     args = PrevizArgs(storage={"kind": "local", "local_root": str(tmp_path / "artifacts")}, safety=safety)
-    return FinisherDeployment.func_or_class(args)
+    return FinisherStage(args)
 
 
 def _call(job_id: str, label: str | None = None) -> FinishCall:

@@ -359,7 +359,7 @@ def test_the_claim_loop_reads_only_the_fair_share_columns_of_the_queue(
 
 def test_housekeeping_runs_its_three_loops_and_a_stopped_loop_fails_its_health_check(tmp_path: Path) -> None:
     async def scenario() -> None:
-        housekeeping = Housekeeping.func_or_class(scheduler_args(tmp_path))
+        housekeeping = Housekeeping(scheduler_args(tmp_path))
         try:
             housekeeping.check_health()
             await housekeeping.wake_webhooks()

@@ -25,7 +25,6 @@ logger = logging.getLogger("ray.serve")
 NAME = "Housekeeping"
 
 
-@serve.deployment(name=NAME, num_replicas=1, max_ongoing_requests=100, health_check_period_s=10)
 class Housekeeping:
     def __init__(self, args: PrevizArgs) -> None:
         self.store = open_job_store(args.database_url)
@@ -68,3 +67,9 @@ class Housekeeping:
     def _snapshot(self) -> tuple[dict[JobStatus, int], list[JobRecord]]:
         unfinished = self.store.queued(1000) + self.store.list(statuses=RUNNING_STATUSES, limit=1000)
         return self.store.count_by_status(), unfinished
+
+
+# The deployment; the plain class above is what tests construct.
+HousekeepingDeployment = serve.deployment(
+    Housekeeping, name=NAME, num_replicas=1, max_ongoing_requests=100, health_check_period_s=10
+)

@@ -82,7 +82,6 @@ async def stage_call(response: DeploymentResponse) -> Any:
         raise
 
 
-@serve.deployment(name="Scheduler", num_replicas=1, max_ongoing_requests=1000, health_check_period_s=10)
 class Scheduler:
     def __init__(
         self,
@@ -400,3 +399,9 @@ def finish_call(job: JobRecord) -> FinishCall:
     keys = (job.project, job.id, job.attempt)  # FinishCall's leading fields: where the clip goes
     look = (resolved.seed, finish.look, finish.label)
     return FinishCall(*keys, *look, metadata, fps=finish.fps, lut=finish.lut)
+
+
+# The deployment; the plain class above is what tests and a one-process run construct.
+SchedulerDeployment = serve.deployment(
+    Scheduler, name="Scheduler", num_replicas=1, max_ongoing_requests=1000, health_check_period_s=10
+)

@@ -37,8 +37,7 @@ def default_options(args: PrevizArgs) -> dict[str, Any]:
     return {"name": NAME}  # CPU work: encoding and uploads
 
 
-@serve.deployment(name="Finisher", max_ongoing_requests=8, **STAGE_OPTIONS)
-class FinisherDeployment:
+class FinisherStage:
     """Finish the frames with the one finisher (pipeline.finish) and store the clip with its poster frame.
     A blocked clip raises ContentBlocked and nothing is stored."""
 
@@ -136,3 +135,7 @@ def make_interpolator(args: PrevizArgs) -> Interpolator:
     if args.interpolation_weights is not None:
         return ModelInterpolator.from_file(args.interpolation_weights, device=pick_device(args.device))
     return FlowInterpolator()
+
+
+# The deployment; the plain class above is what tests construct.
+FinisherDeployment = serve.deployment(FinisherStage, name="Finisher", max_ongoing_requests=8, **STAGE_OPTIONS)
