@@ -4,10 +4,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import Cluster, previz_cluster
-from tests.job_stores import postgres_database, store, store_url
-from tests.servers.fixtures import s3_server
-from tests.servers.postgres import postgres_server
+from tests.support.cluster import Cluster, previz_cluster
+from tests.support.job_stores import postgres_database, store, store_url
+from tests.support.servers.fixtures import s3_server
+from tests.support.servers.postgres import postgres_server
 
 __all__ = ["cluster", "postgres_database", "postgres_server", "s3_server", "store", "store_url"]
 

@@ -15,9 +15,9 @@ from sqlalchemy.exc import IntegrityError
 from serve.jobs import JobStore
 from serve.jobs.projects import LastAdminKey
 from serve.webhooks import open_job_store
-from tests.api_app import TINY, LocalApi, http_server, local_api
-from tests.cli_run import previz
-from tests.servers.postgres import PostgresServer
+from tests.support.api_app import TINY, LocalApi, http_server, local_api
+from tests.support.cli_run import previz
+from tests.support.servers.postgres import PostgresServer
 
 FORMAT_1_DB = Path(__file__).parent / "data" / "jobs-format1.db"
 GOOD = {"prompt": "a lighthouse in a storm", **TINY}

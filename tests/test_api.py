@@ -20,7 +20,7 @@ from serve.http.app import app
 from serve.http.deps import IngressState, current_state
 from serve.jobs import JobStatus
 from serve.scheduling.scheduler import Scheduler
-from tests.api_app import TINY, LocalApi, finish, local_api
+from tests.support.api_app import TINY, LocalApi, finish, local_api
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from pipeline.video import read_video_info
-from tests.cluster import Cluster
+from tests.support.cluster import Cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
 

@@ -18,7 +18,7 @@ from serve.http.app import app
 from serve.http.errors import RULES_BEYOND_SCHEMA
 from serve.http.openapi import SECONDS_TEXT_PATTERN, SIZE_PATTERN
 from serve.http.schemas import SECONDS_TEXT
-from tests.api_app import local_api
+from tests.support.api_app import local_api
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 ACCEPTED = range(200, 400)

@@ -23,10 +23,10 @@ from serve.jobs.projects import ProjectExists, ProjectSettings, seconds_to_utc_m
 from serve.jobs.schema import api_keys, jobs
 from serve.storage import ArtifactSigner
 from serve.webhooks import open_job_store
-from tests.api_app import TINY, LocalApi, finish, http_server, local_api
-from tests.cli_run import previz
-from tests.job_requests import job_request
-from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
+from tests.support.api_app import TINY, LocalApi, finish, http_server, local_api
+from tests.support.cli_run import previz
+from tests.support.job_requests import job_request
+from tests.support.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 
 GOOD = {"prompt": "a lighthouse in a storm", **TINY}
 

@@ -17,8 +17,8 @@ import pytest
 from serve.documents import DocumentLimits, DocumentTooDeep, DocumentTooLarge, load_mapping
 from serve.http.app import app
 from serve.http.limits import BodyPolicy, body_limit
-from tests.api_app import TINY, LocalApi, http_server, local_api, send_raw
-from tests.cli_run import previz
+from tests.support.api_app import TINY, LocalApi, http_server, local_api, send_raw
+from tests.support.cli_run import previz
 
 # 363 bytes that a YAML reader without limits expands to 9**9 (387 million) strings
 ALIAS_BOMB = """\

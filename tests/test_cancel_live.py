@@ -10,7 +10,7 @@ import pytest
 from ray import serve
 
 from serve.jobs import JobStatus
-from tests.cluster import Cluster
+from tests.support.cluster import Cluster
 
 LONG = {"resolution": "96x64", "duration": 0.5, "steps": 100}  # 64 high-noise steps: minutes of orphans
 WAIT_S = 600  # bound of every wait (a loaded 2-core CI box); no timing is asserted

@@ -15,7 +15,7 @@ from loadtest.cost_model import A14B, CostModel, fit, worst_error
 from loadtest.predict_run import predict_measured
 from loadtest.studio_load import LoadPlan, StudioLoad, arrivals, jain, table
 from pipeline.denoise.parallel import ParallelDegree
-from tests.cluster import Cluster as LiveCluster
+from tests.support.cluster import Cluster as LiveCluster
 
 MODEL = CostModel()
 SMALL = Cluster(high_replicas=1, low_replicas=1, decode_replicas=1, max_jobs_in_flight=8)

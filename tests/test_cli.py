@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.video import read_frames, read_video_info
 from serve.cli import main
-from tests import cli_run
-from tests.safety_hooks import BLOCKED_WIDTH
+from tests.support import cli_run
+from tests.support.safety_hooks import BLOCKED_WIDTH
 
 PREVIZ = [sys.executable, "-c", "from serve.cli import main; main()"]
 
@@ -140,7 +140,7 @@ def test_generate_stops_a_clip_the_frame_check_blocks_writes_nothing_and_exits_2
     out = tmp_path / "blocked.mp4"
     code, _out, stderr = cli_run.previz(
         ["generate", "a lighthouse in fog", "--resolution", f"{BLOCKED_WIDTH}x64", "--duration", "0.25",
-         "--steps", "2", "--frame-check", "tests.safety_hooks:block_test_width", "-o", str(out)],
+         "--steps", "2", "--frame-check", "tests.support.safety_hooks:block_test_width", "-o", str(out)],
         monkeypatch, capsys,
     )  # fmt: skip
     assert code == 2

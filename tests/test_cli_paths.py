@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from serve.cli.common import CliError, file_name, target_in
-from tests.api_app import TINY, LocalApi, finish, http_server, local_api
-from tests.cli_run import previz
+from tests.support.api_app import TINY, LocalApi, finish, http_server, local_api
+from tests.support.cli_run import previz
 from tests.test_editorial_api import finish_with_clip
 
 

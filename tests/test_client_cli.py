@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pipeline.video import read_video_info
-from tests.cli_run import previz
-from tests.cluster import Cluster
+from tests.support.cli_run import previz
+from tests.support.cluster import Cluster
 
 pytestmark = pytest.mark.cluster
 TINY = ["--size", "96x64", "--seconds", "0.5", "--steps", "4"]

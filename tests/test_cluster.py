@@ -14,7 +14,7 @@ from ray import serve
 from pipeline.spec import DEFAULT_FINAL_CACHE
 from pipeline.video import read_video_info
 from serve.jobs import JobStatus
-from tests.cluster import Cluster, replica_actor_names, with_replicas
+from tests.support.cluster import Cluster, replica_actor_names, with_replicas
 
 pytestmark = pytest.mark.cluster
 

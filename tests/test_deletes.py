@@ -24,10 +24,10 @@ from serve.jobs.storyboard import BoardShot, CutClip, CutRecord, StoryboardReque
 from serve.stages.finisher import FinisherStage
 from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
 from serve.storage import JobArtifacts, LocalArtifactStore, StorageSettings
-from tests.api_app import LocalApi, http_server, local_api
-from tests.cli_run import previz
-from tests.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
-from tests.job_requests import job_request
+from tests.support.api_app import LocalApi, http_server, local_api
+from tests.support.cli_run import previz
+from tests.support.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
+from tests.support.job_requests import job_request
 from tests.test_editorial_api import BOARD, finish_with_clip, take
 from tests.test_editorial_api import board as board  # a fixture: 3 shots × 2 finished takes
 

@@ -17,8 +17,8 @@ from pipeline.interpolate import conform_frame_count
 from pipeline.video import VideoWriter, read_video_info
 from serve.storage import JobArtifacts
 from serve.webhooks import open_job_store
-from tests.api_app import TINY, LocalApi, http_server, local_api
-from tests.cli_run import previz
+from tests.support.api_app import TINY, LocalApi, http_server, local_api
+from tests.support.cli_run import previz
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import opentimelineio as otio
 import pytest
 
 from pipeline.video import read_video_info
-from tests.cluster import Cluster
+from tests.support.cluster import Cluster
 from tests.test_editorial_api import warm_cube
 
 pytestmark = pytest.mark.cluster

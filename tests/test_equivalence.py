@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.spec import ModelSpec
 from pipeline.weights import WanComponents, build_preset
-from tests.wan_reference import MAX_ABS_DIFF, run_diffusers, run_staged, tiny_request
+from tests.support.wan_reference import MAX_ABS_DIFF, run_diffusers, run_staged, tiny_request
 
 
 @pytest.fixture(scope="module")

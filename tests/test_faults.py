@@ -46,10 +46,10 @@ from serve.stages.payloads import FinishCall, FinishedClip
 from serve.stages.transfer import pack_state, unpack_state
 from serve.storage import JobArtifacts, LocalArtifactStore, S3ArtifactStore, StorageSettings, make_store
 from serve.webhooks import open_job_store
-from tests.cluster import Cluster, free_port, replica_actor_names
-from tests.job_requests import job_request
-from tests.servers.seaweedfs import S3Server
-from tests.wan_reference import tiny_request
+from tests.support.cluster import Cluster, free_port, replica_actor_names
+from tests.support.job_requests import job_request
+from tests.support.servers.seaweedfs import S3Server
+from tests.support.wan_reference import tiny_request
 
 CHAOS = {"resolution": "96x64", "duration": 0.5, "steps": 100}  # 64 high-noise + 36 low-noise steps
 WAIT_S = 600  # bound of the cluster tests' waits (a loaded 2-core CI box); no timing is asserted
@@ -228,7 +228,7 @@ def test_a_clip_refused_by_the_frame_check_is_not_retried(tmp_path: Path) -> Non
     store, job = _running_job(tmp_path)
     args = PrevizArgs(
         storage=StorageSettings(local_root=tmp_path),
-        safety={"frame_check": "tests.safety_hooks:block_bright_frames"},
+        safety={"frame_check": "tests.support.safety_hooks:block_bright_frames"},
     )
     finisher = FinisherStage(args)
     calls: list[int] = []

@@ -17,8 +17,8 @@ from pipeline.safety import ContentBlocked, FrameCheck
 from pipeline.video import read_frames, read_video_info
 from pipeline.weights import build_preset
 from serve.cli.client import PrevizClient
-from tests.cluster import Cluster
-from tests.safety_hooks import BLOCKED_WIDTH, block_test_width
+from tests.support.cluster import Cluster
+from tests.support.safety_hooks import BLOCKED_WIDTH, block_test_width
 from tests.test_editorial_api import warm_cube
 
 pytestmark = pytest.mark.cluster

@@ -76,7 +76,7 @@ def test_the_finisher_grades_with_the_jobs_lut_as_colour_science_applies_it(tmp_
 
 
 def test_luts_named_in_the_config_are_registered_when_the_ingress_starts(tmp_path: Path) -> None:
-    from tests.api_app import local_api
+    from tests.support.api_app import local_api
     from tests.test_editorial_api import warm_cube
 
     (tmp_path / "warm.cube").write_text(warm_cube())

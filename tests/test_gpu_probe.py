@@ -15,7 +15,7 @@ import pytest
 
 from loadtest import gpu_probe, probe_report
 from pipeline.denoise.flops import wan_forward_flops
-from tests.gpu_machine import SITECUSTOMIZE
+from tests.support.gpu_machine import SITECUSTOMIZE
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_WHEEL_BYTES = 64 * 2**20
@@ -39,7 +39,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def gpu_machine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment of a subprocess that sees only torch, transformers, peft, triton and their
-    requirements of this interpreter's packages (tests/gpu_machine.py)."""
+    requirements of this interpreter's packages (tests/support/gpu_machine.py)."""
     folder = tmp_path_factory.mktemp("gpu-machine")
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
     return {**os.environ, "PYTHONPATH": str(folder), "CUDA_VISIBLE_DEVICES": ""}

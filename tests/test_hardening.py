@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from serve.http.limits import MAX_BODY_BYTES
-from tests.api_app import TINY, LocalApi, finish, http_server, local_api
+from tests.support.api_app import TINY, LocalApi, finish, http_server, local_api
 
 GOOD = {"prompt": "a lighthouse in a storm", **TINY}
 

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serve.cli.client import PrevizApiError
-from tests.api_app import TINY, LocalApi, finish, local_api
-from tests.cluster import Cluster
+from tests.support.api_app import TINY, LocalApi, finish, local_api
+from tests.support.cluster import Cluster
 
 GOOD = {"prompt": "a lighthouse in a storm", **TINY}
 UNKNOWN_VIDEO = "vid_000000000000000000000000"

@@ -19,8 +19,16 @@ from serve.jobs import JobStatus, JobStore
 from serve.jobs.request import Bucket, JobRequest
 from serve.jobs.schema import ADDED_JOB_COLUMNS, jobs
 from serve.webhooks import open_job_store
-from tests.fake_stages import FakeStages, run, run_until_finished, scheduler_args, start, stop, wait_for
-from tests.job_requests import job_request
+from tests.support.fake_stages import (
+    FakeStages,
+    run,
+    run_until_finished,
+    scheduler_args,
+    start,
+    stop,
+    wait_for,
+)
+from tests.support.job_requests import job_request
 
 FORMAT_1_DB = Path(__file__).parent / "data" / "jobs-format1.db"
 OLD_VIDEO = "vid_01a233cc087037635e3d4912"  # the video

@@ -27,8 +27,8 @@ from serve.jobs import (
 )
 from serve.jobs.storyboard import BoardShot
 from serve.webhooks import open_job_store
-from tests.job_requests import job_request
-from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
+from tests.support.job_requests import job_request
+from tests.support.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 
 T = TypeVar("T")
 REQUEST = job_request("a lighthouse in a storm, slow push-in", resolution="832x480", duration=5.0, steps=None)

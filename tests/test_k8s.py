@@ -22,8 +22,8 @@ import yaml
 
 from serve.cli import k8s_render
 from serve.config import PrevizArgs, with_environment
-from tests.cli_run import previz
-from tests.servers.seaweedfs import S3Server
+from tests.support.cli_run import previz
+from tests.support.servers.seaweedfs import S3Server
 
 KUBERNETES_VERSION = "1.32"  # the oldest Kubernetes the manifests are meant for (KubeRay 1.x supports it)
 # the CRDs the manifests are written against, as published (k8s/crds/README.md says which versions)

@@ -15,7 +15,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.cluster import Cluster
+from tests.support.cluster import Cluster
 
 # slow: draining the accepted jobs takes minutes (an hour's bound); `make test-all` runs it
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

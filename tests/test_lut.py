@@ -11,7 +11,7 @@ from pipeline.colour_science import colour, table_interpolation_tetrahedral, tab
 from pipeline.frames import Frames
 from pipeline.grade import Grader
 from pipeline.lut import CubeError, Lut, check_cube, read_cube
-from tests.api_app import local_api
+from tests.support.api_app import local_api
 
 
 def cube_text(table: np.ndarray, title: str = "test look") -> str:

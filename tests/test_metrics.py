@@ -18,8 +18,8 @@ from pipeline.stages import job_plan
 from serve._compat import ray_session_dir
 from serve.cli.monitoring import PROMETHEUS_DIR, PrometheusServer, prometheus_config
 from serve.metrics import FIRST_EVENT_METRICS, GPU_ONLY_METRICS, exported_name
-from tests.cluster import Cluster
-from tests.servers.prometheus import prometheus_server, promtool
+from tests.support.cluster import Cluster
+from tests.support.servers.prometheus import prometheus_server, promtool
 
 REPO = Path(__file__).resolve().parents[1]
 GRAFANA_DIR = REPO / "deploy" / "grafana"

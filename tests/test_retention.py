@@ -12,8 +12,8 @@ import pytest
 from serve.jobs.models import utcnow
 from serve.jobs.retention import RetentionSweeper
 from serve.storage import StorageError
-from tests.api_app import TINY, LocalApi, finish, http_server, local_api
-from tests.cli_run import previz
+from tests.support.api_app import TINY, LocalApi, finish, http_server, local_api
+from tests.support.cli_run import previz
 
 GOOD = {"prompt": "a lighthouse in a storm", **TINY}
 DAY = 86400

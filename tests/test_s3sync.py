@@ -30,7 +30,7 @@ from pipeline.s3sync import (
     sync_s3_prefix,
     upload_folder,
 )
-from tests.servers.seaweedfs import S3Server
+from tests.support.servers.seaweedfs import S3Server
 
 MiB = 1024 * 1024
 PREFIX = "models/wan22"

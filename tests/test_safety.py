@@ -32,9 +32,9 @@ from serve.config import PrevizArgs
 from serve.stages.finisher import FinisherStage
 from serve.stages.payloads import FinishCall
 from serve.storage import artifact_key
-from tests.api_app import TINY, LocalApi, local_api
-from tests.cluster import ARTIFACT_BUCKET, Cluster
-from tests.safety_hooks import BLOCKED_WIDTH
+from tests.support.api_app import TINY, LocalApi, local_api
+from tests.support.cluster import ARTIFACT_BUCKET, Cluster
+from tests.support.safety_hooks import BLOCKED_WIDTH
 
 CATEGORIES = {
     "sexual_minors",
@@ -44,7 +44,7 @@ CATEGORIES = {
     "self_harm",
     "real_person_likeness",
 }
-HOOKS = "tests.safety_hooks"
+HOOKS = "tests.support.safety_hooks"
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +292,10 @@ def test_the_classifier_hook_decides_after_the_term_lists() -> None:
 @pytest.mark.parametrize(
     ("hook", "message"),
     [
-        ("broken_classifier", r"`tests.safety_hooks:broken_classifier` failed: RuntimeError: the classifier"),
+        (
+            "broken_classifier",
+            r"`tests.support.safety_hooks:broken_classifier` failed: RuntimeError: the classifier",
+        ),
         ("confused_classifier", r"answered 0.93; it must return None or a category name"),
     ],
 )
@@ -304,9 +307,9 @@ def test_a_failing_classifier_fails_closed(hook: str, message: str) -> None:
 
 def test_hook_paths_are_checked() -> None:
     with pytest.raises(ValidationError, match="String should match pattern"):
-        SafetySettings(classifier="tests.safety_hooks.classify_likeness")  # no `:`
+        SafetySettings(classifier="tests.support.safety_hooks.classify_likeness")  # no `:`
     with pytest.raises(
-        ValueError, match=r"`safety.classifier` 'tests.safety_hooks:missing' cannot be imported"
+        ValueError, match=r"`safety.classifier` 'tests.support.safety_hooks:missing' cannot be imported"
     ):
         PromptPolicy.from_settings(SafetySettings(classifier=f"{HOOKS}:missing"))
     with pytest.raises(ValueError, match=r"`safety.frame_check` .* is a str, not a callable"):
@@ -528,7 +531,7 @@ def test_the_finisher_refuses_frames_the_check_blocks_and_stores_nothing(tmp_pat
 def test_a_failing_frame_check_fails_closed(tmp_path: Path) -> None:
     finisher = _finisher(tmp_path, frame_check=f"{HOOKS}:broken_classifier")
     with pytest.raises(
-        SafetyCheckError, match="the frame check `tests.safety_hooks:broken_classifier` failed"
+        SafetyCheckError, match="the frame check `tests.support.safety_hooks:broken_classifier` failed"
     ):
         finisher._finish(_frames(90), _call("vid_any"))
     assert _stored(tmp_path) == []

@@ -21,7 +21,7 @@ from serve.scheduling.housekeeping import Housekeeping
 from serve.stages.payloads import StateRef
 from serve.stages.transfer import PackedState
 from serve.storage import JobArtifacts, StorageError
-from tests.fake_stages import (
+from tests.support.fake_stages import (
     FakeStages,
     empty_store,
     run,
@@ -31,7 +31,7 @@ from tests.fake_stages import (
     stop,
     wait_for,
 )
-from tests.job_requests import job_request
+from tests.support.job_requests import job_request
 
 
 def test_a_job_runs_through_every_stage_and_records_its_clip_and_poster(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ import numpy as np
 
 from serve.jobs import JobStatus
 from serve.stages.payloads import DenoiseDone, EmbedsRef
-from tests.fake_stages import FakeStages, Wire, empty_store, run_until_finished, scheduler_args
-from tests.job_requests import job_request
+from tests.support.fake_stages import FakeStages, Wire, empty_store, run_until_finished, scheduler_args
+from tests.support.job_requests import job_request
 
 UMT5_EMBEDS = (512, 4096)
 

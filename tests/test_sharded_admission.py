@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from serve.app import build_app
 from serve.sharding import ExpertsSettings, ParallelSettings, ShapeRules, model_num_heads, placement_options
-from tests.api_app import TINY, local_api
+from tests.support.api_app import TINY, local_api
 
 ODD = {"prompt": "a crane move over rooftops", "size": "80x80", "seconds": "0.5", "steps": 4}  # 75 tokens
 PRESETS_81F = ["832x480", "480x832", "1280x720", "720x1280"]  # 21 x 30 x 52 = 32,760 tokens: even

@@ -4,8 +4,8 @@ unsharded session app, and killing its worker rank mid-job replaces the replica;
 exactly once on its next attempt.
 
 The sharded app is a second Serve app (`previz-shard`, route /previz-shard, its own SQLite store) next to
-the session's `previz` app in the same Ray instance (tests.cluster.extra_app), deployed by this module and
-deleted after it, so the session app is left as it is (a config change would restart all its replicas).
+the session's `previz` app in the same Ray instance (tests.support.cluster.extra_app), deployed by this module
+and deleted after it, so the session app is left as it is (a config change would restart all its replicas).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from serve.cli.client import PrevizClient
 from serve.jobs import JobStatus, JobStore
 from serve.stages.shard_worker import worker_name
 from serve.webhooks import open_job_store
-from tests.cluster import Cluster, ExtraApp, extra_app
+from tests.support.cluster import Cluster, ExtraApp, extra_app
 from tests.test_sharding import decoded_frames
 
 pytestmark = pytest.mark.cluster

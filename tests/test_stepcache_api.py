@@ -20,7 +20,7 @@ from pipeline.spec import (
     describe_validation_error,
 )
 from serve.http.app import app
-from tests.api_app import TINY, LocalApi, local_api
+from tests.support.api_app import TINY, LocalApi, local_api
 
 CACHE = {"threshold": 0.06, "max_skip": 2, "warmup_steps": 10}
 

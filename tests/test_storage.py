@@ -34,7 +34,7 @@ from serve.storage import (
     artifact_key,
     make_store,
 )
-from tests.servers.seaweedfs import S3Server
+from tests.support.servers.seaweedfs import S3Server
 
 MiB = 1024 * 1024
 CLIP_KEY = "shot-library/job-0001/clip.mp4"

@@ -17,7 +17,7 @@ from serve.http.views import storyboard_view, video_view
 from serve.jobs import JobStatus, JobStore
 from serve.jobs.schema import metadata
 from serve.webhooks import open_job_store
-from tests.fake_stages import FakeStages, run_until_finished, scheduler_args
+from tests.support.fake_stages import FakeStages, run_until_finished, scheduler_args
 
 FORMAT_2_DB = Path(__file__).parent / "data" / "jobs-format2.db"
 QUEUED = "vid_01a25049ce8f5db9445bbca9"  # studio-a, interactive, seed 1234, `warm` LUT, 24 fps, callback

@@ -10,7 +10,7 @@ import pytest
 
 from serve.cli.common import read_mapping
 from serve.http.storyboards import StoryboardCreate, expand
-from tests.api_app import LocalApi, local_api
+from tests.support.api_app import LocalApi, local_api
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "storyboard.yaml"
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.prompt import ShotSpec, compose_prompt
-from tests.api_app import TINY, LocalApi, finish, local_api
+from tests.support.api_app import TINY, LocalApi, finish, local_api
 
 
 @pytest.fixture

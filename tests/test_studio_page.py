@@ -17,7 +17,7 @@ import pytest
 from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.cluster import REPO, Cluster
+from tests.support.cluster import REPO, Cluster
 
 TINY = {"resolution": "96x64", "duration": 0.5, "steps": 4}
 

@@ -12,8 +12,8 @@ import pytest
 from pipeline.spec import DEFAULT_FINAL_CACHE
 from serve.http.app import app
 from serve.jobs import JobStatus
-from tests.api_app import TINY, LocalApi, http_server, local_api
-from tests.cli_run import previz
+from tests.support.api_app import TINY, LocalApi, http_server, local_api
+from tests.support.cli_run import previz
 
 ADAPTERS = {
     "loras": [

@@ -13,7 +13,7 @@ from pipeline.spec import resolve
 from pipeline.text import TextEncoder
 from pipeline.weights import build_preset
 from serve.stages.transfer import pack_embeds, pack_state, unpack_embeds, unpack_state
-from tests.wan_reference import tiny_request
+from tests.support.wan_reference import tiny_request
 
 
 def test_packed_handover_gives_the_same_latents_as_a_direct_one() -> None:

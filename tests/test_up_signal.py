@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import free_port
+from tests.support.cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,10 +36,10 @@ from serve.webhooks import (
     signature_headers,
     verify_signature,
 )
-from tests.api_app import TINY, local_api
-from tests.cluster import Cluster
-from tests.job_requests import job_request
-from tests.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
+from tests.support.api_app import TINY, local_api
+from tests.support.cluster import Cluster
+from tests.support.job_requests import job_request
+from tests.support.servers.postgres import PostgresServer, postgres_server  # noqa: F401  (session fixture)
 
 SECRET = "whsec_test_0123456789abcdef"
 # the receivers of these tests listen on loopback: an internal receiver the deployment allows explicitly

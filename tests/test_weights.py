@@ -18,7 +18,7 @@ from pipeline.weights import (
     save_components,
     wan_scheduler,
 )
-from tests.wan_reference import MAX_ABS_DIFF, run_diffusers, run_staged, tiny_request
+from tests.support.wan_reference import MAX_ABS_DIFF, run_diffusers, run_staged, tiny_request
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.api_app import TINY, finish, local_api
+from tests.support.api_app import TINY, finish, local_api
 from tests.test_editorial_api import finish_with_clip, warm_cube
 
 TARGET = Path(__file__).parent / "jobs-format2.db"

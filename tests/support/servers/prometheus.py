@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from serve.cli.monitoring import INSTALL_SCRIPT, PrometheusServer, start_prometheus
-from tests.cluster import free_port
+from tests.support.cluster import free_port
 
 TARGETS_TIMEOUT_S = 60.0
 

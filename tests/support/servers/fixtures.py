@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers.seaweedfs import S3Server, find_weed, seaweedfs_s3
+from tests.support.servers.seaweedfs import S3Server, find_weed, seaweedfs_s3
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from serve.jobs import JobStore
 from serve.jobs.projects import ProjectExists
 from serve.webhooks import open_job_store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = REPO / "deploy" / "local.yaml"
 ARTIFACT_BUCKET = "previz-test-artifacts"
 
@@ -125,8 +125,8 @@ def previz_cluster(workdir: Path, s3_server) -> Iterator[Cluster]:
             "envelope": {"min_pixels": 64 * 64},  # the tests' clips are tiny (96x64)
             # test_webhooks' receiver listens on loopback: an internal receiver allowed explicitly
             "webhooks": {"allow_http": True, "allowed_hosts": ["127.0.0.1/32"]},
-            # refuses only clips tests.safety_hooks.BLOCKED_WIDTH wide (test_safety): no redeploy needed
-            "safety": {"frame_check": "tests.safety_hooks:block_test_width"},
+            # refuses only clips safety_hooks.BLOCKED_WIDTH wide (test_safety): no redeploy needed
+            "safety": {"frame_check": "tests.support.safety_hooks:block_test_width"},
         },
     )
     url = launch.deploy(config)

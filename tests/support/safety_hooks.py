@@ -1,5 +1,5 @@
-"""Content-policy hooks the tests configure by import path (`tests.safety_hooks:...`); Ray workers import
-them too, so they are real module-level functions."""
+"""Content-policy hooks the tests configure by import path (`tests.support.safety_hooks:...`); Ray workers
+import them too, so they are real module-level functions."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import pytest
 
 from serve.jobs import JobStore
 from serve.webhooks import open_job_store
-from tests.servers.postgres import PostgresServer
+from tests.support.servers.postgres import PostgresServer
 
 
 @pytest.fixture(scope="module")
