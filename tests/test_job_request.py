@@ -7,7 +7,6 @@ callback, a film look and labels, and a one-shot storyboard, created through its
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from tests.support.fake_stages import (
     wait_for,
 )
 from tests.support.job_requests import job_request
+from tests.support.job_stores import copy_of_database
 
 FORMAT_1_DB = Path(__file__).parent / "data" / "jobs-format1.db"
 OLD_VIDEO = "vid_01a233cc087037635e3d4912"  # the video
@@ -141,9 +141,4 @@ def test_a_format_1_row_in_postgresql_loads_and_runs(
 
 def old_database(tmp_path: Path) -> tuple[JobStore, str]:
     """A copy of the previous version's database, opened (and upgraded) by today's store, and its URL."""
-    path = tmp_path / "old-jobs.db"
-    shutil.copy(FORMAT_1_DB, path)
-    url = f"sqlite:///{path}"
-    store = open_job_store(url)
-    store.create_schema()
-    return store, url
+    return copy_of_database(FORMAT_1_DB, tmp_path)

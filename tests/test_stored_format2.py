@@ -8,7 +8,6 @@ code's HTTP API (the docstring there lists what it holds).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from sqlalchemy import create_engine, insert, select
@@ -18,6 +17,7 @@ from serve.jobs import JobStatus, JobStore
 from serve.jobs.schema import metadata
 from serve.webhooks import open_job_store
 from tests.support.fake_stages import FakeStages, run_until_finished, scheduler_args
+from tests.support.job_stores import copy_of_database
 
 FORMAT_2_DB = Path(__file__).parent / "data" / "jobs-format2.db"
 QUEUED = "vid_01a25049ce8f5db9445bbca9"  # studio-a, interactive, seed 1234, `warm` LUT, 24 fps, callback
@@ -27,12 +27,7 @@ BOARD = "sb_01a25049cec56fdef17bcf86"  # 2 shots x 1 take, both completed; order
 
 def copied_store(tmp_path: Path) -> tuple[JobStore, str]:
     """A copy of the old database, opened (and upgraded) by today's store, and its URL."""
-    path = tmp_path / "format2.db"
-    shutil.copy(FORMAT_2_DB, path)
-    url = f"sqlite:///{path}"
-    store = open_job_store(url)
-    store.create_schema()
-    return store, url
+    return copy_of_database(FORMAT_2_DB, tmp_path)
 
 
 def postgres_copy(postgres_server, postgres_database) -> tuple[JobStore, str]:  # noqa: ANN001

@@ -5,6 +5,7 @@ tests/conftest.py exports these fixtures to every test module; a module may defi
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,3 +38,14 @@ def store(store_url: str) -> Iterator[JobStore]:
     store.create_schema()
     yield store
     store.close()
+
+
+def copy_of_database(database_file: Path, tmp_path: Path) -> tuple[JobStore, str]:
+    """A copy of a committed SQLite database (an earlier version's), opened and upgraded by today's store,
+    and its URL; the committed file stays as it is."""
+    path = tmp_path / database_file.name
+    shutil.copy(database_file, path)
+    url = f"sqlite:///{path}"
+    store = open_job_store(url)
+    store.create_schema()
+    return store, url
