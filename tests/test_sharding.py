@@ -391,11 +391,12 @@ def test_a_dead_worker_makes_rank_0s_next_forward_raise(tmp_path: Path) -> None:
 
 def test_a_worker_whose_rank_0_went_silent_leaves_within_the_timeout(tmp_path: Path) -> None:
     seen = run_fault("leader silent", tmp_path)
-    outcome, seconds = seen[1].splitlines()
+    outcome, _seconds = seen[1].splitlines()
+    # The timeout, not rank 0's late command (it wakes after 6 s), ended the wait: no wall-clock bound,
+    # which a loaded machine could break.
     assert outcome.startswith(
         "ShardGroupError: rank 1 of 2: could not wait for a command from rank 0 within 3 s"
     )
-    assert float(seconds) < 6
 
 
 def test_keepalive_keeps_an_idle_group_alive_past_the_timeout(tmp_path: Path) -> None:
