@@ -128,7 +128,10 @@ def test_content_redirects_to_a_presigned_s3_url_that_serves_the_mp4(
 
 
 def test_scaling_the_upscaler_to_two_replicas_changes_nothing_else(cluster: Cluster) -> None:
-    others = ["TextEncoder", "HighNoiseDenoiser", "LowNoiseDenoiser", "VAEDecoder", "Finisher", "Scheduler"]
+    others = [
+        "TextEncoder", "HighNoiseDenoiser", "LowNoiseDenoiser", "VAEDecoder", "Finisher",
+        "Scheduler", "Housekeeping",
+    ]  # fmt: skip
     before = {name: replica_actor_names(name) for name in others}
     cluster.redeploy(with_replicas(cluster.config, "Upscaler", 2))
     assert len(replica_actor_names("Upscaler")) == 2
