@@ -20,6 +20,7 @@ from pathlib import Path
 from serve.cli import launch
 from serve.cli.client import PrevizClient
 from serve.jobs import JobStore
+from serve.webhooks import open_job_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,7 @@ def main() -> None:
     url = launch.deploy(config)
     try:
         launch.wait_ready(url, timeout_s=900)
-        store = JobStore(database_url)
+        store = open_job_store(database_url)
         store.create_project("bench")
         client = PrevizClient(url, api_key=store.create_key("bench")[1], timeout_s=60)
         body = {

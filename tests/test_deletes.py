@@ -233,10 +233,16 @@ def test_two_concurrent_deletes_of_a_running_job_leave_no_checkpoint(tmp_path: P
     async def scenario() -> None:
         scheduler = start(args, stages)
         try:
+            # the high-noise stage writes the boundary checkpoint while the low-noise expert already runs
             await wait_for(
-                store, job.id, lambda j: j.status == JobStatus.DENOISING_LOW and "low" in stages.calls
+                store,
+                job.id,
+                lambda j: (
+                    j.status == JobStatus.DENOISING_LOW
+                    and "low" in stages.calls
+                    and artifacts.exists(checkpoint)
+                ),
             )
-            assert artifacts.exists(checkpoint)
             # the first DELETE cancels; the second finds it cancelled and deletes it, both before the
             # Scheduler's cancel reaches the run
             assert store.cancel(job.id, project="dune") == "cancelled"

@@ -187,6 +187,24 @@ def test_a_finisher_whose_s3_endpoint_is_down_fails_the_job_with_storage_failed_
     assert [event.kind for event in store.events(job.id)][-1] == "failed"
 
 
+def test_frames_whose_owner_is_gone_are_not_retried_but_handed_on_as_a_lost_replica(tmp_path: Path) -> None:
+    from ray.exceptions import ObjectLostError
+
+    from serve.scheduling.faults import REPLICA_LOST
+
+    store, job = _running_job(tmp_path)
+    calls = []
+
+    async def finish() -> None:
+        calls.append(1)
+        raise ObjectLostError("00" * 28, None, "the upscaler replica that owned the frames")
+
+    with pytest.raises(REPLICA_LOST):  # the Scheduler requeues the job, which resumes from its checkpoint
+        asyncio.run(finish_with_retries(finish, store, job, attempts=3, base_s=0.01))
+    assert len(calls) == 1
+    assert store.get(job.id).status == JobStatus.ENCODING and store.events(job.id)[-1].kind != "retry"
+
+
 def test_a_storage_outage_shorter_than_the_retries_still_stores_the_clip(tmp_path: Path) -> None:
     store, job = _running_job(tmp_path)
     root = tmp_path / "artifacts"

@@ -231,8 +231,9 @@ def job_request(
     duration = settings.duration if settings.duration is not None else 5.0
     if settings.seconds is not None:
         duration = float(settings.seconds)
+    given_size = next((value for value in (settings.size, settings.resolution) if value is not None), "480p")
     fields: dict[str, Any] = {
-        "resolution": settings.size or settings.resolution or "480p",
+        "resolution": given_size,  # an empty one is refused by the spec, not read as the default
         "aspect": settings.aspect,
         "duration": duration,
         "steps": settings.steps,

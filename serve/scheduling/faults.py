@@ -68,6 +68,8 @@ async def finish_with_retries(
             return await finish()
         except ContentBlocked:
             raise  # the frame check refused the clip: trying again gives the same answer
+        except ObjectLostError:
+            raise  # the frames' owner (decoder or upscaler replica) is gone: requeued like a lost replica
         except Exception as error:  # CancelledError (job cancelled, scheduler stopping) is not retried
             cause = describe(cause_of(error))
             if number == attempts:

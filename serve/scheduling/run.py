@@ -107,11 +107,15 @@ class AttemptRun:
     async def settle_checkpoint(self, timeout_s: float = 60.0) -> None:
         """Wait (up to `timeout_s`) for the checkpoint in flight to be recorded: a requeue must find it, and
         the run's clean-up must come after its file. Its failure only costs a rerun the shortcut."""
-        task = self.checkpoint
-        if task is None:
+        task, self.checkpoint = self.checkpoint, None  # settled once: a second call returns at once
+        if task is None or task.cancelled():
             return
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except asyncio.CancelledError:
+            if not task.done():  # the run was cancelled while waiting, not the recording: settle it later
+                self.checkpoint = task
+            raise
         except TimeoutError:
             task.cancel()
             logger.warning(

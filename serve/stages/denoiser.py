@@ -149,6 +149,8 @@ class DenoiserDeployment:
                     yield waiter.result()
                 else:
                     waiter.cancel()
+            while not updates.empty():  # the last steps' updates, the final one included
+                yield updates.get_nowait()
             packed = pack_state(result.result())
             ref = StateRef(
                 ref=self._streamed.keep([ray.put(packed)]),
