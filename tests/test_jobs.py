@@ -734,3 +734,20 @@ def test_a_draft_is_promoted_once_and_a_refused_promotion_writes_nothing(store: 
     assert store.get(other.id).promoted_to is None and len(store.list()) == 3
     (promoted,) = store.create_promotions("dune", [(other.id, "interactive", REQUEST, {"take": 2})])
     assert store.get(other.id).promoted_to == promoted.id and promoted.labels == {"take": 2}
+
+
+def test_the_claim_loops_view_puts_interactive_jobs_first_then_takes_projects_in_turns(
+    store: JobStore,
+) -> None:
+    backlog = [make_job(store, "dune").id for _ in range(4)]  # a deep batch backlog of one project
+    other = make_job(store, "heat").id
+    urgent = make_job(store, "heat", priority="interactive").id
+    seen = [job.id for job in store.queued_candidates(3)]
+    assert seen == [urgent, backlog[0], other]  # oldest-first would have been the backlog's first three
+    assert [job.id for job in store.queued_candidates(10)] == [urgent, backlog[0], other, *backlog[1:]]
+    first = store.queued_candidates(1)[0]
+    assert (first.project, first.priority, first.created_at.utcoffset()) == (
+        "heat",
+        "interactive",
+        timedelta(0),
+    )

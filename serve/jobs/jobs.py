@@ -9,8 +9,9 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, case, func, insert, select, update
 
+from pipeline.priority import PRIORITY_RANK
 from serve.jobs.bounds import check_room
 from serve.jobs.database import Database
 from serve.jobs.models import (
@@ -165,11 +166,27 @@ class JobRepository:
             return [job_record(row) for row in conn.execute(query)]
 
     def queued_candidates(self, limit: int = 500) -> builtins.list[QueuedJob]:
-        """The claim loop's view of the queue, oldest first: only the columns the fair-share policy reads
-        (no request JSON is loaded or validated)."""
+        """The claim loop's view of the queue: only the columns the fair-share policy reads (no request JSON
+        is loaded or validated). The `limit` rows are taken by priority class first, then in turns across
+        projects (each project's first job, then each one's second, ...; within a project by deadline, then
+        age), so neither an interactive job nor a small project hides behind a deep batch backlog."""
         check_limit(limit)
+        rank = case(PRIORITY_RANK, value=jobs.c.priority, else_=len(PRIORITY_RANK)).label("rank")
+        turn = (
+            func.row_number()
+            .over(
+                partition_by=(jobs.c.project, jobs.c.priority),
+                order_by=(jobs.c.deadline.is_(None), jobs.c.deadline, jobs.c.id),
+            )
+            .label("turn")
+        )
         columns = jobs.c.id, jobs.c.project, jobs.c.priority, jobs.c.created_at, jobs.c.deadline
-        query = select(*columns).where(jobs.c.status == JobStatus.QUEUED).order_by(jobs.c.id).limit(limit)
+        queue = select(*columns, rank, turn).where(jobs.c.status == JobStatus.QUEUED).subquery()
+        query = (
+            select(queue.c.id, queue.c.project, queue.c.priority, queue.c.created_at, queue.c.deadline)
+            .order_by(queue.c.rank, queue.c.turn, queue.c.id)
+            .limit(limit)
+        )
         with self._db.read() as conn:
             return [QueuedJob(*row) for row in conn.execute(query)]
 
