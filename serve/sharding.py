@@ -133,11 +133,6 @@ class ExpertsSettings(BaseModel):
     def of(self, expert: Expert) -> ExpertSettings:
         return self.high if expert == "high" else self.low
 
-    @property
-    def any_sharded(self) -> bool:
-        """Whether an expert runs over a rank group (its ranks hold no LoRA adapters: base weights only)."""
-        return self.high.parallel.degree.is_sharded or self.low.parallel.degree.is_sharded
-
 
 def model_num_heads(model: str, expert: Expert, cache_dir: Path) -> int:
     """Attention heads of one expert of the deployed model, read from its config (no weights loaded).
