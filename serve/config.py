@@ -150,7 +150,8 @@ class PrevizArgs(BaseModel):
     )
     experts: ExpertsSettings = Field(
         default_factory=ExpertsSettings,
-        description="Per expert deployment: its rank group (`parallel: {ulysses, cfg}`; default 1x1).",
+        description="The experts' layout (`split`: a deployment each; `colocated`: one `Denoiser` holding "
+        "both) and per expert its rank group (`parallel: {ulysses, cfg}`; default 1x1) and kernels.",
     )
     max_jobs_in_flight: int = Field(
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."

@@ -345,6 +345,18 @@ class DenoiseEngine:
             raise RuntimeError("step() drives an engine without its thread; this one was start()ed.")
         return self._iterate()
 
+    def boundary(self) -> None:
+        """Apply cancellations and admit arrivals now, without a forward: a driver that steps several
+        engines on one thread (pipeline.denoise.colocated) calls it on the engines it does not step."""
+        if self._thread is not None:
+            raise RuntimeError("boundary() is for an engine without its thread; this one was start()ed.")
+        self._boundary()
+
+    def fail_live(self, error: BaseException) -> None:
+        """Fail every admitted request after an iteration crashed (a bug, not one request's fault)."""
+        for request_id in list(self._live):
+            self._fail(request_id, f"the engine iteration crashed: {error!r}", error)
+
     def stats(self) -> EngineStats:
         with self._lock:
             queued = Counter(self._published_queue)
@@ -468,8 +480,7 @@ class DenoiseEngine:
                 self._iterate()
             except Exception as error:  # a bug, not one request's fault: fail what is live, keep serving
                 logger.exception("%s engine iteration crashed", self.expert)
-                for request_id in list(self._live):
-                    self._fail(request_id, f"the engine iteration crashed: {error!r}", error)
+                self.fail_live(error)
         self._fail_unfinished()
 
     def _fail_unfinished(self) -> None:
