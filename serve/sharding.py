@@ -169,11 +169,6 @@ class ExpertsSettings(BaseModel):
         """The denoiser deployments of this layout, in the stage table's order."""
         return tuple(dict.fromkeys(self.deployment(expert) for expert in ("high", "low")))
 
-    @property
-    def any_sharded(self) -> bool:
-        """Whether an expert runs over a rank group (its ranks hold no LoRA adapters: base weights only)."""
-        return self.high.parallel.degree.is_sharded or self.low.parallel.degree.is_sharded
-
 
 def _degree_text(settings: ParallelSettings) -> str:
     return f"ulysses {settings.ulysses}, cfg {settings.cfg}, timeout_s {settings.timeout_s:g}"

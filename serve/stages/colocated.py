@@ -18,27 +18,25 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+from diffusers import WanTransformer3DModel
 from ray import serve
 
+from pipeline.denoise.adapters import AdapterBank
 from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.colocated import ColocatedEngine, ColocatedRequest
 from pipeline.denoise.engine import DenoiseEngine, EngineStats
 from pipeline.denoise.experts import Expert
 from pipeline.denoise.fp8 import quantize_fp8
 from pipeline.denoise.kernels import compile_blocks, warm_up
+from pipeline.denoise.runner import StepRunner, plain_forward
 from pipeline.denoise.state import DenoiseState, tier_solvers
 from pipeline.stages import COLOCATED_DEPLOYMENT
+from pipeline.weights import WanComponents
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.sharding import placement_options
 from serve.stages.common import STAGE_OPTIONS, gpu_options
-from serve.stages.denoiser import (
-    BUCKET_ROUTER,
-    _engine_deadline,
-    expert_adapters,
-    save_checkpoint,
-    start_state,
-)
+from serve.stages.denoiser import BUCKET_ROUTER, _engine_deadline, save_checkpoint, start_state
 from serve.stages.payloads import (
     DenoiseBoundary,
     DenoiseCall,
@@ -49,7 +47,7 @@ from serve.stages.payloads import (
     RefHold,
     StateRef,
 )
-from serve.stages.shard_worker import load_expert
+from serve.stages.shard_worker import RankGroup, expert_adapters, load_expert
 from serve.stages.transfer import pack_state, state_nbytes, unpack_embeds
 from serve.storage import make_store
 
@@ -72,11 +70,25 @@ class ColocatedDenoiserDeployment:
     """Both experts with one engine thread; bound once, as `Denoiser`."""
 
     def __init__(self, args: PrevizArgs) -> None:
-        if args.experts.high.parallel.degree.is_sharded:
-            raise NotImplementedError(
-                "a sharded colocated Denoiser needs the rank group that holds both experts on every rank."
+        loaded = {expert: load_expert(args, expert) for expert in EXPERTS}
+        banks = {expert: expert_adapters(args, expert, loaded[expert][1]) for expert in EXPERTS}  # pre-shard
+        # A sharded replica is rank 0 of ONE rank group holding both experts on every rank (the plan each
+        # engine sends names its expert); its engines plan here, every rank runs each step.
+        self.ranks = (
+            RankGroup(
+                args,
+                EXPERTS,
+                {expert: transformer for expert, (_, transformer) in loaded.items()},
+                banks,
+                name=serve.get_replica_context().replica_id.to_full_id_str(),
             )
-        engines = {expert: expert_engine(args, expert) for expert in EXPERTS}
+            if args.experts.high.parallel.degree.is_sharded
+            else None
+        )
+        runner = self.ranks.runner if self.ranks is not None else None  # None: each engine's LocalRunner
+        engines = {
+            expert: expert_engine(args, expert, *loaded[expert], banks[expert], runner) for expert in EXPERTS
+        }
         self.engine = ColocatedEngine(engines["high"], engines["low"])
         self.engine.start()
         self._metrics = [ReplicaReporter(engine).start() for engine in engines.values()]  # one per expert
@@ -176,6 +188,8 @@ class ColocatedDenoiserDeployment:
     def check_health(self) -> None:
         if not self.engine.is_alive():
             raise RuntimeError("the colocated engine thread has stopped")
+        if self.ranks is not None:
+            self.ranks.check()
 
     def __del__(self) -> None:
         for reporter in getattr(self, "_metrics", []):
@@ -183,6 +197,9 @@ class ColocatedDenoiserDeployment:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(timeout=5)
+        ranks = getattr(self, "ranks", None)
+        if ranks is not None:
+            ranks.close()
 
 
 class _Crossed:
@@ -195,9 +212,16 @@ class _Crossed:
         self.at = at  # time.perf_counter() when it crossed
 
 
-def expert_engine(args: PrevizArgs, expert: Expert) -> DenoiseEngine:
-    """One expert's engine on this process, with its adapters, kernels and warm-up (as a split replica)."""
-    parts, transformer = load_expert(args, expert)
+def expert_engine(
+    args: PrevizArgs,
+    expert: Expert,
+    parts: WanComponents,
+    transformer: WanTransformer3DModel,
+    bank: AdapterBank | None,
+    runner: StepRunner | None,
+) -> DenoiseEngine:
+    """One expert's engine, with its kernels and warm-up, as a split replica builds it (`runner`: the rank
+    group's, shared by both experts; None: its own on this device)."""
     model, settings = parts.model, args.experts.of(expert)
     engine = DenoiseEngine(
         transformer,
@@ -207,14 +231,15 @@ def expert_engine(args: PrevizArgs, expert: Expert) -> DenoiseEngine:
         max_sequence_length=model.max_sequence_length,
         max_num_tokens=args.engine.max_num_tokens,
         max_batch_size=args.engine.max_batch_size,
+        runner=runner,
         solvers=tier_solvers(model, parts.scheduler),
-        adapters=expert_adapters(args, expert, transformer),
+        adapters=bank,
         cache_curve=calibration_curve(args.model, model),
     )
-    if settings.fp8:  # after the adapters (peft wraps nn.Linear only)
+    if settings.fp8:  # after the adapters (peft wraps nn.Linear only); refused without FP8 tensor cores
         quantize_fp8(engine.transformer, engine.device)
-    if settings.compile:
+    if settings.compile:  # after the engine made its layers batch-invariant: compile what runs
         compile_blocks(engine.transformer)
     shapes = [bucket.latent_shape(model, transformer.config.in_channels) for bucket in settings.warmup]
-    warm_up(engine.forward, engine.transformer, shapes, model.max_sequence_length)
+    warm_up(plain_forward(engine.runner, expert), engine.transformer, shapes, model.max_sequence_length)
     return engine

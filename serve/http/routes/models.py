@@ -35,6 +35,17 @@ class ExpertParallel(BaseModel):
     accepted_sizes: list[str] = Field(
         description=f"The preset sizes (`WxH`, either aspect) accepted for a {DEFAULT_SECONDS:g} s clip."
     )
+    tiers: list[str] = Field(
+        description="The quality tiers it runs, at this degree: every rank holds the draft tier's distill "
+        "LoRA, so a sharded replica serves `draft` as an unsharded one does."
+    )
+    loras: bool = Field(
+        description="Whether it runs the style LoRAs listed in `adapters` (loaded on every rank)."
+    )
+    step_cache: bool = Field(
+        description="Whether requests' step caching (`cache`) runs on it: each rank keeps its own shard of "
+        "a request's cached residual."
+    )
 
 
 class Adapter(BaseModel):
@@ -75,6 +86,7 @@ class ModelList(BaseModel):
 @router.get("/v1/models", response_model=ModelList, summary="List the served models")
 async def list_models(state: StateDep, caller: CallerDep) -> ModelList:
     presets = {name: f"{width}x{height}" for name, (width, height) in RESOLUTION_PRESETS.items()}
+    tiers = ["draft", "final"] if state.args.serves_draft else ["final"]
     served = ServedModel(
         id=SERVED_MODEL,
         presets=presets,
@@ -82,12 +94,10 @@ async def list_models(state: StateDep, caller: CallerDep) -> ModelList:
         default_steps=state.model.num_steps,
         fps=state.model.fps,
         layout=state.args.experts.layout,
-        experts={expert: expert_parallel(state.shapes, expert, state.model) for expert in ("high", "low")},
-        tiers={
-            quality: state.model.recipe(quality)
-            for quality in ("draft", "final")
-            if quality == "final" or state.args.serves_draft
+        experts={
+            expert: expert_parallel(state.shapes, expert, state.model, tiers) for expert in ("high", "low")
         },
+        tiers={quality: state.model.recipe(quality) for quality in tiers},
         adapters=[
             Adapter(name=lora.name, shared=lora.project is None, description=lora.description)
             for lora in state.args.adapters.loras
@@ -97,7 +107,7 @@ async def list_models(state: StateDep, caller: CallerDep) -> ModelList:
     return ModelList(data=[served])
 
 
-def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec) -> ExpertParallel:
+def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec, tiers: list[str]) -> ExpertParallel:
     degree = shapes.degrees[expert]
     num_frames = RequestSpec(prompt="-", duration=DEFAULT_SECONDS).num_frames(model)
     return ExpertParallel(
@@ -107,4 +117,7 @@ def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec) -> Exp
         gpus_per_replica=degree.world_size,
         token_multiple=degree.ulysses,
         accepted_sizes=shapes.accepted_sizes(expert, num_frames),
+        tiers=tiers,  # the same engine at any degree: a rank group serves every tier
+        loras=True,
+        step_cache=True,
     )
