@@ -227,13 +227,12 @@ class PrevizArgs(BaseModel):
 
     @property
     def serves_draft(self) -> bool:
-        """Whether the `draft` tier is served (it needs the distill LoRA, and unsharded experts)."""
-        return self.adapters.draft_lora is not None and not self.experts.any_sharded
+        """Whether the `draft` tier is served (it needs the distill LoRA; every rank of a sharded replica
+        holds it, so any degree serves it)."""
+        return self.adapters.draft_lora is not None
 
     def lora(self, name: str) -> LoraSettings | None:
-        """A style LoRA the replicas load (none on sharded experts: their ranks run base weights only)."""
-        if self.experts.any_sharded:
-            return None
+        """A style LoRA the replicas load (on every rank of a sharded replica too); None: not configured."""
         return next((lora for lora in self.adapters.loras if lora.name == name), None)
 
 

@@ -169,11 +169,6 @@ class ExpertsSettings(BaseModel):
         """The denoiser deployments of this layout, in the stage table's order."""
         return tuple(dict.fromkeys(self.deployment(expert) for expert in ("high", "low")))
 
-    @property
-    def any_sharded(self) -> bool:
-        """Whether an expert runs over a rank group (its ranks hold no LoRA adapters: base weights only)."""
-        return self.high.parallel.degree.is_sharded or self.low.parallel.degree.is_sharded
-
 
 def _degree_text(settings: ParallelSettings) -> str:
     return f"ulysses {settings.ulysses}, cfg {settings.cfg}, timeout_s {settings.timeout_s:g}"
@@ -242,6 +237,7 @@ class ShapeRules:
 
     def __init__(self, experts: ExpertsSettings, model: str, sampling: ModelSpec, cache_dir: Path) -> None:
         self.sampling = sampling
+        self.deployments: dict[Expert, str] = {e: experts.deployment(e) for e in ("high", "low")}
         self.degrees: dict[Expert, ParallelDegree] = {
             e: experts.of(e).parallel.degree for e in ("high", "low")
         }

@@ -333,8 +333,7 @@ def choose_quality(args: PrevizArgs, draft: VideoDraft, settings: ProjectSetting
         raise ApiError(
             400,
             "tier_unavailable",
-            "this deployment serves no `draft` tier (it has no distill LoRA, or its experts are sharded); "
-            "use `quality: final`",
+            "this deployment serves no `draft` tier (it has no distill LoRA); use `quality: final`",
             f"{draft.prefix}quality",
         )
     if asked is not None:
