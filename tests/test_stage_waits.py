@@ -80,7 +80,8 @@ def test_a_job_waiting_for_the_decoder_shows_its_place_and_an_eta_with_the_wait(
         )
         assert waiting.status == JobStatus.DECODING
         assert holding.status == JobStatus.DECODING and video_view(holding).waiting_for is None
-        assert video.eta_seconds == pytest.approx(60.0, abs=5.0)  # one decode ahead, then its own
+        predicted = (waiting.eta_at - waiting.updated_at).total_seconds()
+        assert predicted == pytest.approx(60.0, abs=1.0)  # one decode ahead, then its own
         assert turn.status >= JobStatus.DECODING and video_view(turn).waiting_for is None
         assert done.status == JobStatus.SUCCEEDED and video_view(done).queue_position is None
 
