@@ -2,7 +2,7 @@
 
 import { api, describe } from "./api.js";
 import { count, h, show, toast } from "./dom.js";
-import { linksOf, stageName } from "./media.js";
+import { linksOf, player, stageName } from "./media.js";
 
 export async function renderHome(view, who, signal) {
   const boards = h("ul", { class: "boards", "aria-label": "Storyboards" });
@@ -46,10 +46,13 @@ function boardItem(board) {
 }
 
 function videoItem(video) {
+  // any completed clip of the project plays and downloads here, wherever it was made (page, SDK, CLI)
   const poster = h("div", { class: "poster" });
+  const download = h("p", { class: "actions" });
   if (video.status === "completed") {
     linksOf(video.id).then((links) => {
-      if (links.thumbnail) poster.replaceChildren(h("img", { src: links.thumbnail, alt: `Poster of ${video.id}`, loading: "lazy" }));
+      poster.replaceChildren(player(links, `Clip ${video.id}`));
+      download.replaceChildren(h("a", { class: "button quiet", href: links.video, download: `${video.id}.mp4`, text: "Download mp4" }));
     }).catch(() => {});
   }
   return h(
@@ -57,7 +60,8 @@ function videoItem(video) {
     { class: "card" },
     poster,
     h("p", { class: "prompt", text: video.prompt }),
-    h("p", { class: "meta", text: `${stageName(video.stage, video.status)} · ${video.progress} % · ${video.size} · ${video.seconds} s` }),
+    h("p", { class: "meta", text: `${stageName(video.stage, video.status, video)} · ${video.progress} % · ${video.size} · ${video.seconds} s` }),
+    download,
     video.storyboard_id ? h("a", { href: `#/boards/${video.storyboard_id}`, text: "Open its storyboard" }) : null,
   );
 }
