@@ -6,13 +6,29 @@ so it has this module of its own beside `serve/_compat.py`.
   (`diffusers.pipelines.wan.pipeline_wan`, not exported); the text encoder must match it exactly.
 - `unpatchify`: the Wan VAE's output unpatching (`diffusers.models.autoencoders.autoencoder_kl_wan`),
   used by the frame-by-frame decoder. Checked with diffusers 0.42.1.
+- `token_shard`: this rank's share of a sequence under a model's context-parallel (Ulysses) plan, cut
+  exactly as the plan's split hooks cut it (`diffusers.hooks.context_parallel.EquipartitionSharder` on
+  `ContextParallelConfig._flattened_mesh`, read from `ModelMixin._parallel_config`); the step cache keeps
+  the blocks' residual per rank with it. Checked with diffusers 0.42.1.
 """
 
 from __future__ import annotations
 
+import torch
+from diffusers.hooks.context_parallel import EquipartitionSharder
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 CHECKED_VERSIONS: dict[str, str] = {"diffusers": "0.42.1"}
 
-__all__ = ["CHECKED_VERSIONS", "prompt_clean", "unpatchify"]
+__all__ = ["CHECKED_VERSIONS", "prompt_clean", "token_shard", "unpatchify"]
+
+
+def token_shard(model: torch.nn.Module, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """This rank's chunk of `tensor` along `dim` as the model's context-parallel split hooks cut it; the
+    whole tensor when the model has no context-parallel plan applied."""
+    config = getattr(model, "_parallel_config", None)
+    context = None if config is None else config.context_parallel_config
+    if context is None or context._flattened_mesh is None:
+        return tensor
+    return EquipartitionSharder.shard(tensor, dim, context._flattened_mesh)

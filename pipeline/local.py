@@ -4,7 +4,8 @@ Serve replicas unchanged, so a clip made here equals the cluster's for the same 
 
 `sharded_pipeline` runs the same chain with both experts sharded over U x C processes on this machine
 (gloo on CPU, NCCL with one GPU per rank): this process is rank 0 and runs every stage; the spawned
-ranks hold only the experts and serve their share of each forward (pipeline.denoise.parallel).
+ranks hold only the experts, each with the same adapters (the draft tier's distill LoRA), and serve their
+share of each step, cached steps included (pipeline.denoise.parallel).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +25,17 @@ from pipeline.denoise import Denoiser, initial_state
 from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.experts import expert_step_indices
-from pipeline.denoise.forward import Forward
 from pipeline.denoise.parallel import (
     DEFAULT_TIMEOUT_S,
+    GroupRunner,
     ParallelDegree,
-    ShardedForward,
     ShardGroup,
     shape_problem,
     worker_loop,
 )
+from pipeline.denoise.runner import Holding, StepRunner
 from pipeline.denoise.state import tier_solvers
+from pipeline.determinism import make_batch_invariant
 from pipeline.finish import ClipFinish, Finisher
 from pipeline.frames import Frames
 from pipeline.interpolate import Interpolator
@@ -86,34 +88,30 @@ class LocalPipeline:
         components: WanComponents,
         *,
         upscaler: Upscaler | None = None,
-        forwards: Mapping[str, Forward] | None = None,
+        runner: StepRunner | None = None,
         degree: ParallelDegree | None = None,
         draft_lora: str | None = None,
         cache_dir: Path = DEFAULT_CACHE_DIR,
         frame_check: FrameCheck | None = None,
         interpolator: Interpolator | None = None,
     ) -> None:
-        """`forwards` (expert -> Forward) replaces the experts' own forward, e.g. by a ShardedForward over
-        a group of `degree`; `sharded_pipeline` builds both. `draft_lora`: the distill LoRA of the `draft`
-        tier (folder, s3://, or `builtin`, the presets' default); None for a real model: no draft tier.
+        """`runner` runs both experts' steps instead of this device, e.g. a GroupRunner over a group of
+        `degree` holding both (`sharded_pipeline` builds it, with the adapters of `draft_lora` loaded on
+        every rank); its holdings' banks are the experts' adapters. `draft_lora`: the distill LoRA of the
+        `draft` tier (folder, s3://, or `builtin`, the presets' default); None for a real model: no draft.
         `frame_check` and `interpolator` are the Finisher's (pipeline.finish), as a cluster configures
         them (`safety.frame_check`, `interpolation_weights`)."""
         self.components = components
         self.degree = degree or ParallelDegree()
-        forwards = forwards or {}
         model = components.model
-        if draft_lora is None and components.source in PRESETS:
-            draft_lora = BUILTIN
-        # the sharded ranks hold the experts without adapters: the draft tier runs unsharded only
-        self.draft_lora = draft_lora if not forwards else None
-        folders = {}
-        if self.draft_lora is not None:
-            folders[DISTILL_ADAPTER] = distill_folder(self.draft_lora, components.source, cache_dir=cache_dir)
+        self.draft_lora = default_draft_lora(components.source, draft_lora)
         self.solvers = tier_solvers(model, components.scheduler)
-        banks: dict[str, AdapterBank | None] = {
-            expert: load_bank(transformer, expert, folders) if folders else None
-            for expert, transformer in (("high", components.transformer), ("low", components.transformer_2))
-        }
+        experts = (("high", components.transformer), ("low", components.transformer_2))
+        banks: dict[str, AdapterBank | None] = (
+            {expert: runner.holding(expert).bank for expert, _ in experts}
+            if runner is not None
+            else expert_banks(components, self.draft_lora, cache_dir)
+        )
         self.text_encoder = TextEncoder(
             components.tokenizer, components.text_encoder, max_sequence_length=model.max_sequence_length
         )
@@ -124,7 +122,7 @@ class LocalPipeline:
                 expert=expert,
                 boundary_ratio=model.boundary_ratio,
                 max_sequence_length=model.max_sequence_length,
-                forward=forwards.get(expert),
+                runner=runner,
                 solvers=self.solvers,
                 adapters=banks[expert],
             )
@@ -147,8 +145,8 @@ class LocalPipeline:
             raise ValueError(problem)
         if request.quality == "draft" and self.draft_lora is None:
             raise ValueError(
-                "`quality` draft needs the distill LoRA (`draft_lora`: a folder or s3:// prefix), and runs "
-                "unsharded only; use `quality` final."
+                "`quality` draft needs the distill LoRA (`draft_lora`: a folder or s3:// prefix); use "
+                "`quality` final."
             )
         finish = finish or FinishOptions()
         target_size = upscale_target_size(finish.upscale, *request.size)
@@ -229,6 +227,27 @@ class LocalPipeline:
         return self.upscaler.upscale(frames, width, height, progress=progress)
 
 
+def default_draft_lora(source: str, draft_lora: str | None) -> str | None:
+    """The draft tier's distill LoRA: the one given, else `builtin` for a preset, else none."""
+    if draft_lora is None and source in PRESETS:
+        return BUILTIN
+    return draft_lora
+
+
+def expert_banks(
+    components: WanComponents, draft_lora: str | None, cache_dir: Path = DEFAULT_CACHE_DIR
+) -> dict[str, AdapterBank | None]:
+    """expert -> its adapters (the draft tier's distill LoRA), or None without one; loaded into
+    `components`' experts. Every rank of a sharded run calls this before sharding them."""
+    if draft_lora is None:
+        return {"high": None, "low": None}
+    folders = {DISTILL_ADAPTER: distill_folder(draft_lora, components.source, cache_dir=cache_dir)}
+    return {
+        "high": load_bank(components.transformer, "high", folders),
+        "low": load_bank(components.transformer_2, "low", folders),
+    }
+
+
 def request_shape_problem(
     components: WanComponents, request: RequestSpec, degree: ParallelDegree
 ) -> str | None:
@@ -253,12 +272,14 @@ def sharded_pipeline(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     draft_lora: str | None = None,
     frame_check: FrameCheck | None = None,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
 ) -> Iterator[LocalPipeline]:
     """A LocalPipeline whose experts run over `degree.world_size` processes on this machine.
 
     This process is rank 0 (it already holds `components`); ranks 1.. are spawned, load the two experts
-    from `components.source` onto their own device (cuda:rank on GPUs, else cpu) and serve forwards
-    until the context exits. A worker that fails makes the next forward raise ShardGroupError."""
+    from `components.source` onto their own device (cuda:rank on GPUs, else cpu) with the same adapters
+    (the draft tier's distill LoRA, loaded before sharding), and serve steps until the context exits. A
+    worker that fails makes the next forward raise ShardGroupError."""
     if not degree.is_sharded:
         yield LocalPipeline(components, upscaler=upscaler, draft_lora=draft_lora, frame_check=frame_check)
         return
@@ -268,11 +289,13 @@ def sharded_pipeline(
             f"{degree.world_size} ranks need as many GPUs but this machine has {torch.cuda.device_count()}."
         )
     world_size, port = degree.world_size, _free_port()
+    draft_lora = default_draft_lora(components.source, draft_lora)
+    banks = expert_banks(components, draft_lora, cache_dir)  # before any worker reads the LoRA files
     context = mp.get_context("spawn")
     workers = [
         context.Process(
             target=_local_worker,
-            args=(rank, degree, port, components.source, device.type, timeout_s),
+            args=(rank, degree, port, components.source, device.type, timeout_s, draft_lora, cache_dir),
             name=f"previz-rank{rank}",
             daemon=True,
         )
@@ -292,13 +315,19 @@ def sharded_pipeline(
             timeout_s=timeout_s,
             device=device,
         )
-        forwards = {
-            expert: ShardedForward(group, group.shard(transformer), expert)
+        holdings = {
+            expert: Holding(group.shard(transformer), banks[expert])
             for expert, transformer in (("high", components.transformer), ("low", components.transformer_2))
         }
         group.start_keepalive()
         yield LocalPipeline(
-            components, upscaler=upscaler, forwards=forwards, degree=degree, frame_check=frame_check
+            components,
+            upscaler=upscaler,
+            runner=GroupRunner(group, holdings),
+            degree=degree,
+            draft_lora=draft_lora,
+            cache_dir=cache_dir,
+            frame_check=frame_check,
         )
     finally:
         if group is not None:
@@ -310,9 +339,17 @@ def sharded_pipeline(
 
 
 def _local_worker(
-    rank: int, degree: ParallelDegree, port: int, source: str, device_type: str, timeout_s: float
+    rank: int,
+    degree: ParallelDegree,
+    port: int,
+    source: str,
+    device_type: str,
+    timeout_s: float,
+    draft_lora: str | None,
+    cache_dir: Path,
 ) -> None:
-    """A spawned rank of `sharded_pipeline`: the two experts, serving forwards until rank 0 says stop."""
+    """A spawned rank of `sharded_pipeline`: the two experts with rank 0's adapters, serving steps until
+    rank 0 says stop."""
     device = f"cuda:{rank}" if device_type == "cuda" else "cpu"
     if device_type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // degree.world_size))
@@ -328,10 +365,12 @@ def _local_worker(
     )
     try:
         components = load_components(source, device=device, parts=("transformer", "transformer_2"))
-        worker_loop(
-            group,
-            {"high": group.shard(components.transformer), "low": group.shard(components.transformer_2)},
-        )
+        banks = expert_banks(components, draft_lora, cache_dir)  # before `shard`: hooks go on the wrappers
+        holdings = {
+            "high": Holding(make_batch_invariant(group.shard(components.transformer)), banks["high"]),
+            "low": Holding(make_batch_invariant(group.shard(components.transformer_2)), banks["low"]),
+        }
+        worker_loop(group, holdings)
     finally:
         group.close()
 

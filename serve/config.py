@@ -150,7 +150,8 @@ class PrevizArgs(BaseModel):
     )
     experts: ExpertsSettings = Field(
         default_factory=ExpertsSettings,
-        description="Per expert deployment: its rank group (`parallel: {ulysses, cfg}`; default 1x1).",
+        description="The experts' layout (`split`: a deployment each; `colocated`: one `Denoiser` holding "
+        "both) and per expert its rank group (`parallel: {ulysses, cfg}`; default 1x1) and kernels.",
     )
     max_jobs_in_flight: int = Field(
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."
@@ -226,13 +227,12 @@ class PrevizArgs(BaseModel):
 
     @property
     def serves_draft(self) -> bool:
-        """Whether the `draft` tier is served (it needs the distill LoRA, and unsharded experts)."""
-        return self.adapters.draft_lora is not None and not self.experts.any_sharded
+        """Whether the `draft` tier is served (it needs the distill LoRA; every rank of a sharded replica
+        holds it, so any degree serves it)."""
+        return self.adapters.draft_lora is not None
 
     def lora(self, name: str) -> LoraSettings | None:
-        """A style LoRA the replicas load (none on sharded experts: their ranks run base weights only)."""
-        if self.experts.any_sharded:
-            return None
+        """A style LoRA the replicas load (on every rank of a sharded replica too); None: not configured."""
         return next((lora for lora in self.adapters.loras if lora.name == name), None)
 
 

@@ -1,7 +1,8 @@
-"""How each expert deployment runs (`experts: {high: {parallel: {ulysses, cfg}, attention_backend, compile,
-fp8, warmup}}` in the app args): its split over GPUs and the shape rules that follow from it: which sizes a
-deployed degree accepts (admission asks
-`size_problem`; `GET /v1/models` shows `accepted_sizes`), and the placement group a sharded replica reserves.
+"""How the experts are deployed (`experts: {layout, high: {parallel: {ulysses, cfg}, attention_backend,
+compile, fp8, warmup}, low: ...}` in the app args): the layout (a deployment per expert, or one `Denoiser`
+holding both on every rank), each expert's split over GPUs and the shape rules that follow from it: which
+sizes a deployed degree accepts (admission asks `size_problem`; `GET /v1/models` shows `accepted_sizes`),
+and the placement group a sharded replica reserves.
 
 The rules themselves are pipeline.denoise.parallel's (`shape_problem`, `allowed_sizes`); this module only
 knows where the numbers come from: the degree from the config, the heads from the deployed model.
@@ -25,7 +26,7 @@ from pipeline.denoise.parallel import (
     shape_problem,
 )
 from pipeline.spec import ModelSpec, RequestSpec
-from pipeline.stages import deployment_name, expert_stage
+from pipeline.stages import COLOCATED_DEPLOYMENT, EXPERT_DEPLOYMENTS, Layout, deployment_name, expert_stage
 from pipeline.weights import PRESETS
 
 logger = logging.getLogger("ray.serve")
@@ -87,12 +88,15 @@ class WarmupBucket(BaseModel):
 
 
 class ExpertSettings(BaseModel):
-    """How one expert deployment (HighNoiseDenoiser or LowNoiseDenoiser) runs its transformer."""
+    """How one expert runs its transformer: in its own deployment (HighNoiseDenoiser or LowNoiseDenoiser,
+    the `split` layout) or beside the other expert on every rank of a `Denoiser` (`colocated`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     parallel: ParallelSettings = Field(
-        default_factory=ParallelSettings, description="The rank group of each replica (default 1x1: one GPU)."
+        default_factory=ParallelSettings,
+        description="The rank group of each replica (default 1x1: one GPU). In the `colocated` layout both "
+        "experts share one group, so `high.parallel` and `low.parallel` must be equal.",
     )
     attention_backend: str | None = Field(
         None,
@@ -123,20 +127,66 @@ class ExpertSettings(BaseModel):
 
 
 class ExpertsSettings(BaseModel):
-    """Per-expert settings: the high-noise expert runs 26 of 40 steps, the low-noise one 14."""
+    """Per-expert settings (the high-noise expert runs 26 of 40 steps, the low-noise one 14) and the layout
+    that places them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    high: ExpertSettings = Field(default_factory=ExpertSettings, description="HighNoiseDenoiser.")
-    low: ExpertSettings = Field(default_factory=ExpertSettings, description="LowNoiseDenoiser.")
+    layout: Layout = Field(
+        "split",
+        description="`split`: a deployment per expert (HighNoiseDenoiser, LowNoiseDenoiser), scaled "
+        "separately, the state handed from one to the other at the boundary. `colocated`: one deployment, "
+        "`Denoiser`, holds both experts on every rank of its group (2 x 28.6 GB bf16 on an 80 GB GPU) and "
+        "runs a request's high-noise steps then its low-noise ones with no hop. The config YAML's "
+        "`deployments:` names the layout's deployments.",
+    )
+    high: ExpertSettings = Field(
+        default_factory=ExpertSettings, description="The high-noise expert (HighNoiseDenoiser when split)."
+    )
+    low: ExpertSettings = Field(
+        default_factory=ExpertSettings, description="The low-noise expert (LowNoiseDenoiser when split)."
+    )
+
+    @model_validator(mode="after")
+    def _one_group_when_colocated(self) -> ExpertsSettings:
+        if self.layout == "colocated" and self.high.parallel != self.low.parallel:
+            raise ValueError(
+                "`experts.layout: colocated` holds both experts on one rank group, so "
+                f"`experts.high.parallel` ({_degree_text(self.high.parallel)}) and `experts.low.parallel` "
+                f"({_degree_text(self.low.parallel)}) must be equal."
+            )
+        return self
 
     def of(self, expert: Expert) -> ExpertSettings:
         return self.high if expert == "high" else self.low
 
+    def deployment(self, expert: Expert) -> str:
+        """The Serve deployment that runs `expert` in this layout."""
+        return deployment_name(expert_stage(expert), layout=self.layout)
+
     @property
-    def any_sharded(self) -> bool:
-        """Whether an expert runs over a rank group (its ranks hold no LoRA adapters: base weights only)."""
-        return self.high.parallel.degree.is_sharded or self.low.parallel.degree.is_sharded
+    def deployment_names(self) -> tuple[str, ...]:
+        """The denoiser deployments of this layout, in the stage table's order."""
+        return tuple(dict.fromkeys(self.deployment(expert) for expert in ("high", "low")))
+
+
+def _degree_text(settings: ParallelSettings) -> str:
+    return f"ulysses {settings.ulysses}, cfg {settings.cfg}, timeout_s {settings.timeout_s:g}"
+
+
+def deployments_problem(experts: ExpertsSettings, names: list[str]) -> str | None:
+    """Why a Serve config's `deployments:` entries (their names) do not fit the experts' layout: one names
+    a denoiser deployment the layout does not bind (Serve would refuse it with a less helpful message)."""
+    every = {*EXPERT_DEPLOYMENTS.values(), COLOCATED_DEPLOYMENT}
+    served = set(experts.deployment_names)
+    stray = [name for name in names if name in every and name not in served]
+    if not stray:
+        return None
+    return (
+        f"`deployments` names {', '.join(stray)}, but `experts.layout: {experts.layout}` deploys the "
+        f"denoiser{'s' if len(served) > 1 else ''} as {', '.join(experts.deployment_names)}: rename the "
+        "entry or change the layout."
+    )
 
 
 def model_num_heads(model: str, expert: Expert, cache_dir: Path) -> int:
@@ -187,6 +237,7 @@ class ShapeRules:
 
     def __init__(self, experts: ExpertsSettings, model: str, sampling: ModelSpec, cache_dir: Path) -> None:
         self.sampling = sampling
+        self.deployments: dict[Expert, str] = {e: experts.deployment(e) for e in ("high", "low")}
         self.degrees: dict[Expert, ParallelDegree] = {
             e: experts.of(e).parallel.degree for e in ("high", "low")
         }

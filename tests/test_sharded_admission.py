@@ -132,6 +132,9 @@ def test_models_list_shows_each_experts_degree_and_accepted_sizes(tmp_path: Path
             "gpus_per_replica": 4,
             "token_multiple": 2,
             "accepted_sizes": PRESETS_81F,
+            "tiers": ["draft", "final"],  # a rank group serves the draft tier, LoRAs and caching too
+            "loras": True,
+            "step_cache": True,
         }
         assert experts["low"]["gpus_per_replica"] == 1 and experts["low"]["accepted_sizes"] == PRESETS_81F
         schema = api.client.get("/openapi.json").json()["components"]["schemas"]

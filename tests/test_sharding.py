@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from pipeline.denoise import DenoiseEngine, Denoiser, DenoiseState, EngineRequest, initial_state
 from pipeline.denoise.forward import GuidedInput
 from pipeline.denoise.parallel import (
+    GroupRunner,
     ParallelDegree,
     ShardedForward,
     ShardGroup,
@@ -31,6 +32,7 @@ from pipeline.denoise.parallel import (
     shape_problem,
     worker_loop,
 )
+from pipeline.denoise.runner import Holding, LocalRunner
 from pipeline.spec import ModelSpec, RequestSpec, resolve
 from pipeline.text import TextEncoder
 from pipeline.weights import WanComponents, build_preset
@@ -106,17 +108,19 @@ def engine_rank(rank: int, world_size: int, port: int, degree: ParallelDegree, o
     )
     tiny = build_preset("tiny")
     transformers = {"high": group.shard(tiny.transformer), "low": group.shard(tiny.transformer_2)}
+    holdings = {expert: Holding(transformer) for expert, transformer in transformers.items()}
     seen: list[int] = []  # sequence length of every self-attention input on this rank
     for transformer in transformers.values():
         transformer.blocks[0].attn1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
     if rank != 0:
-        num_forwards = worker_loop(group, transformers)
+        num_forwards = worker_loop(group, holdings)
         torch.save({"seen": seen, "num_forwards": num_forwards}, out / f"rank{rank}.pt")
         group.close()
         return
     cases = request_states(tiny)
     states = {name: case[0] for name, case in cases.items()}
     results = {}
+    runner = GroupRunner(group, holdings)
     for expert, transformer in transformers.items():
         engine = DenoiseEngine(
             transformer,
@@ -125,7 +129,7 @@ def engine_rank(rank: int, world_size: int, port: int, degree: ParallelDegree, o
             boundary_ratio=tiny.model.boundary_ratio,
             max_sequence_length=tiny.model.max_sequence_length,
             clock=functools.partial(next, map(float, itertools.count())),
-            forward=ShardedForward(group, transformer, expert),
+            runner=runner,
         )
         joins = {
             iteration: [
@@ -410,9 +414,10 @@ def test_a_broken_group_fails_the_iteration_instead_of_retrying_each_request() -
     cases = request_states(tiny)
     calls = []
 
-    def broken(inputs):
-        calls.append(len(inputs))
-        raise ShardGroupError("rank 1 of 2: could not receive the rows")
+    class BrokenGroup(LocalRunner):  # where a GroupRunner stands when a rank of its group died
+        def run(self, plan, inputs):
+            calls.append(len(inputs))
+            raise ShardGroupError("rank 1 of 2: could not receive the rows")
 
     engine = DenoiseEngine(
         tiny.transformer,
@@ -420,7 +425,7 @@ def test_a_broken_group_fails_the_iteration_instead_of_retrying_each_request() -
         expert="high",
         boundary_ratio=tiny.model.boundary_ratio,
         max_sequence_length=tiny.model.max_sequence_length,
-        forward=broken,
+        runner=BrokenGroup({"high": Holding(tiny.transformer)}),
     )
     for name in ("a", "b"):
         state, prompt, negative, high, _ = cases[name]

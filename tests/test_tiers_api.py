@@ -217,12 +217,23 @@ def test_cli_submits_a_draft_with_a_lora_promotes_it_and_sets_the_projects_defau
         assert api.store.get_project("default").settings.default_quality == "final"
 
 
-def test_sharded_experts_serve_final_only_and_no_style_loras(tmp_path: Path) -> None:
+def test_sharded_experts_serve_drafts_style_loras_and_caching_as_unsharded_ones(tmp_path: Path) -> None:
     with local_api(tmp_path, experts={"high": {"parallel": {"ulysses": 2}}}, adapters=ADAPTERS) as api:
-        assert not api.state.args.serves_draft
-        assert created(post(api, priority="interactive", size="128x64"))["quality"] == "final"
-        response = post(api, size="128x64", loras=[{"name": "noir"}])
-        assert (response.status_code, response.json()["error"]["code"]) == (400, "unknown_adapter")
+        assert api.state.args.serves_draft
+        assert created(post(api, priority="interactive", size="128x64"))["quality"] == "draft"
+        styled = created(post(api, size="128x64", quality="final", loras=[{"name": "noir"}]))
+        assert styled["quality"] == "final" and styled["loras"] == [{"name": "noir", "weight": 1.0}]
+        served = api.client.get("/v1/models").json()["data"][0]
+        assert list(served["tiers"]) == ["draft", "final"] and "noir" in {
+            a["name"] for a in served["adapters"]
+        }
+        high = served["experts"]["high"]
+        assert (high["ulysses"], high["tiers"], high["loras"], high["step_cache"]) == (
+            2,
+            ["draft", "final"],
+            True,
+            True,
+        )
 
 
 def test_a_form_sends_loras_as_one_json_part_as_the_schema_declares_or_a_part_per_item(api: LocalApi) -> None:

@@ -9,19 +9,24 @@ time embedding, `proj_out`, and the unpatchify. For text-to-video only: one time
 (tests/test_stepcache.py); the blocks run whatever rows they are given, so a row's result does not depend
 on which other rows computed (the layers are row-wise: pipeline.determinism).
 
-Not covered: diffusers' context-parallel hooks (a sharded model splits at `blocks.0` and gathers at
-`proj_out`, collectives every rank must join), and the per-call LoRA `attention_kwargs` scale of
-`forward`; step caching therefore runs on an unsharded engine only.
+Sharded (Ulysses) models: the calls go through the same submodules, so diffusers' context-parallel hooks
+fire as in `forward`: `rope`'s output and `blocks.0`'s hidden states are cut over the Ulysses ranks and
+`proj_out` gathers them, so on each rank `blocks` returns the rank's token shard and `head` the whole
+prediction. `cached` keeps residuals per rank: the blocks' output shard minus the same shard of their
+input (`pipeline._compat.token_shard`, cut as the hooks cut). Not covered: the per-call LoRA
+`attention_kwargs` scale of `forward` (adapters are switched on the model: pipeline.denoise.adapters).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from diffusers import WanTransformer3DModel
 
-from pipeline.denoise.forward import Rows
+from pipeline._compat import token_shard
+from pipeline.denoise.forward import Rows, predict_rows
 from pipeline.spec import num_video_tokens
 
 
@@ -112,6 +117,34 @@ class SplitTransformer:
         patches = hidden.reshape(hidden.shape[0], frames, height, width, pt, ph, pw, -1)
         # (rows, f, h, w, pt, ph, pw, c) -> (rows, c, f * pt, h * ph, w * pw)
         return patches.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def cached(
+        self, rows: Rows, reuse: Sequence[torch.Tensor | None], keep: Sequence[bool]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """(prediction of every row, row -> its new residual or None): row i with `reuse[i]` skips the
+        blocks (its block input + that residual), row i with `keep[i]` that computed hands back its new
+        residual (blocks output - input). Residuals are this rank's token shard, (tokens / U, inner_dim).
+        With no row reusing or keeping it is the model's own forward (`predict_rows`)."""
+        num_rows = rows.num_rows
+        computed = [row for row in range(num_rows) if reuse[row] is None]
+        if len(computed) == num_rows and not any(keep):
+            return predict_rows(self.transformer, rows), [None] * num_rows
+        embedded = self.embed(rows)
+        inputs = token_shard(self.transformer, embedded.hidden_states)  # the shard `blocks` returns
+        if len(computed) == num_rows:
+            hidden = self.blocks(embedded)
+        else:
+            hidden = inputs.clone()
+            if computed:
+                index = torch.tensor(computed, device=hidden.device)
+                hidden[index] = self.blocks(embedded.select(index))
+            for row, residual in enumerate(reuse):
+                if residual is not None:
+                    hidden[row] = inputs[row] + residual
+        residuals = [
+            hidden[row] - inputs[row] if keep[row] and reuse[row] is None else None for row in range(num_rows)
+        ]
+        return self.head(embedded, hidden), residuals
 
     def __call__(self, rows: Rows) -> torch.Tensor:
         """The whole forward, as `predict_rows` gives it."""

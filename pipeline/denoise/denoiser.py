@@ -20,7 +20,7 @@ from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 from pipeline.denoise.adapters import AdapterBank
 from pipeline.denoise.engine import DenoiseEngine, EngineRequest
 from pipeline.denoise.experts import Expert
-from pipeline.denoise.forward import Forward
+from pipeline.denoise.runner import StepRunner
 from pipeline.denoise.state import DenoiseState, Solver
 from pipeline.denoise.stepcache import MagnitudeCurve
 from pipeline.spec import AdapterSet, StepCacheSettings
@@ -41,13 +41,14 @@ class Denoiser:
         expert: Expert,
         boundary_ratio: float,
         max_sequence_length: int = 512,
-        forward: Forward | None = None,
+        runner: StepRunner | None = None,
         solvers: Mapping[str, Solver] | None = None,
         adapters: AdapterBank | None = None,
         cache_curve: MagnitudeCurve | None = None,
     ) -> None:
         """The engine's arguments (`solvers`: quality -> solver template of the other tiers; `adapters`:
-        the expert's loaded LoRA adapters, None: a request with adapters is refused)."""
+        the expert's loaded LoRA adapters, None: a request with adapters is refused; `runner`: a rank
+        group's GroupRunner, None: this device)."""
         self.engine = DenoiseEngine(
             transformer,
             scheduler,
@@ -55,7 +56,7 @@ class Denoiser:
             boundary_ratio=boundary_ratio,
             max_sequence_length=max_sequence_length,
             max_batch_size=1,
-            forward=forward,
+            runner=runner,
             solvers=solvers,
             adapters=adapters,
             cache_curve=cache_curve,

@@ -13,9 +13,12 @@ threads only touch the inbox, the cancel set and the published stats, under `_lo
 engine with `step()` instead, for deterministic join times. `submit` returns a concurrent Future, `add`
 an asyncio future on the caller's loop (resolved through `loop.call_soon_threadsafe`).
 
-`forward` (default: guided_forward on the transformer) is where a sharded replica plugs in a
-ShardedForward (pipeline.denoise.parallel): the engine stays the single planner on rank 0 and a failed
-rank group (ShardGroupError) propagates out of the iteration instead of being retried request by request.
+`run` hands each plan to a step runner (pipeline.denoise.runner): a LocalRunner on this device by
+default, or a sharded replica's GroupRunner (pipeline.denoise.parallel), which runs the same plan on every
+rank of its group. The engine is the same at any degree: it stays the single planner on rank 0, every
+rank holds the same adapters and its own shard of each caching request's residual, and a failed rank
+group (ShardGroupError) propagates out of the iteration instead of being retried request by request. One
+runner may hold several experts (a colocated replica's group): each engine names its own in its plans.
 
 A request whose next step this expert does not own is resolved at once with its state unchanged, so a
 caller can hand every request to both experts in order. The one-request Denoiser
@@ -23,21 +26,20 @@ caller can hand every request to both experts in order. The one-request Denoiser
 
 Tiers and LoRA: a request names its quality tier (which solver template continues its state: `solvers`)
 and its adapter set; a plan only holds requests of one (latent shape, tier, adapter set), and `run`
-switches the expert's AdapterBank to the plan's set before the forward (set_adapters / disable_lora,
-never fuse). Each iteration's wall time is kept per (bucket, tier) and per member, so progress reports
-can carry a step time measured on this replica (`seconds_per_step`) for an ETA.
+has every rank switch the expert's AdapterBank to the plan's set before the forward (set_adapters /
+disable_lora, never fuse). Each iteration's wall time is kept per (bucket, tier) and per member, so
+progress reports can carry a step time measured on this replica (`seconds_per_step`) for an ETA.
 
 Step caching (pipeline.denoise.stepcache, MagCache per request): before each plan every caching request
 decides whether its next step reuses its residual; the planner gives such a member no tokens, and `run`
 sends only the computing members' rows through the blocks (the cheap embedding and head run for all).
-Each request's residual lives in its `_Live` and goes with it. It needs the engine's own forward: with a
-custom `forward` (a ShardedForward) caching requests run every step, as uncached ones.
+The decisions live in the request's `_Live`; the residual tensors in the runner's store on every rank,
+released from every rank when the request leaves (finished, cancelled or failed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import threading
@@ -62,9 +64,10 @@ from pipeline.denoise.batching import (
 )
 from pipeline.denoise.blocks import SplitTransformer
 from pipeline.denoise.experts import Expert, expert_for
-from pipeline.denoise.forward import Forward, GuidedInput, guided_forward
+from pipeline.denoise.forward import GuidedInput
 from pipeline.denoise.kernels import synchronize
 from pipeline.denoise.parallel import ShardGroupError
+from pipeline.denoise.runner import Holding, LocalRunner, PlannedRequest, StepPlan, StepRunner
 from pipeline.denoise.state import (
     DenoiseState,
     Solver,
@@ -77,7 +80,6 @@ from pipeline.denoise.stepcache import (
     CacheDecision,
     MagnitudeCurve,
     RequestCache,
-    cached_guided_forward,
     new_request_cache,
 )
 from pipeline.determinism import make_batch_invariant
@@ -144,7 +146,6 @@ class StepOutput:
 
     noise: dict[str, torch.Tensor] = field(default_factory=dict)  # req_id -> guided noise prediction
     errors: dict[str, Exception] = field(default_factory=dict)  # req_id -> why its forward failed
-    residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # req_id -> new residual (caching)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,7 @@ class EngineStats:
     num_forwards: int  # transformer calls, one-by-one retries after a failed batch included
     num_rows: int  # rows those calls sent through the blocks (cond + uncond; skipped steps send none)
     num_cached_steps: int  # request steps served from a step cache instead of the blocks
-    num_cache_bytes: int  # residuals the live requests' step caches hold now
+    num_cache_bytes: int  # residuals the live requests' step caches hold now (rank 0's shares on a group)
     max_cache_bytes: int  # their bound: one residual of its rows per live caching request
     num_finished: int
     num_cancelled: int
@@ -213,22 +214,30 @@ class DenoiseEngine:
         max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         clock: Callable[[], float] = time.monotonic,
-        forward: Forward | None = None,
+        runner: StepRunner | None = None,
         solvers: Mapping[str, Solver] | None = None,
         adapters: AdapterBank | None = None,
         cache_curve: MagnitudeCurve | None = None,
     ) -> None:
         """`solvers`: quality -> solver template of the other tiers (`final` is `solver_template`);
-        `adapters`: the expert's loaded LoRA adapters (None: requests with adapters are refused)."""
+        `adapters`: the expert's loaded LoRA adapters (None: requests with adapters are refused);
+        `runner`: what runs the plans (default: a LocalRunner of `transformer` and `adapters`); given, its
+        holding of `expert` must be `transformer`, and its bank is the engine's adapters."""
         self.transformer = make_batch_invariant(transformer)  # a request's rows: same bits in any batch
-        # inputs -> guided noise; a ShardedForward runs it over a rank group (pipeline.denoise.parallel)
-        self.forward: Forward = forward or functools.partial(guided_forward, self.transformer)
-        # embed -> blocks -> head for step caching; None with a custom forward (caching needs the blocks)
-        self.split = SplitTransformer(self.transformer) if forward is None else None
+        if runner is None:
+            runner = LocalRunner({expert: Holding(self.transformer, adapters)})
+        holding = runner.holding(expert)
+        if holding.transformer is not transformer or (adapters is not None and holding.bank is not adapters):
+            raise ValueError(
+                f"the runner's {expert} expert must hold this engine's `transformer` and `adapters`."
+            )
+        self.runner: StepRunner = runner  # runs each plan: this device, or every rank of a group
+        self.store = holding.store  # this process's residuals of the caching requests (a shard on a group)
+        self.split = SplitTransformer(self.transformer)  # sizes of the step caches' residuals
         self.cache_curve = cache_curve  # magnitude ratios the caching requests decide with
         self.solver_template = solver_template
         self.solvers: dict[str, Solver] = {**(solvers or {}), "final": solver_template}
-        self.adapters = adapters
+        self.adapters = holding.bank
         self.expert: Expert = expert
         self.boundary_timestep = boundary_ratio * solver_template.config.num_train_timesteps
         self.max_sequence_length = max_sequence_length
@@ -336,6 +345,18 @@ class DenoiseEngine:
             raise RuntimeError("step() drives an engine without its thread; this one was start()ed.")
         return self._iterate()
 
+    def boundary(self) -> None:
+        """Apply cancellations and admit arrivals now, without a forward: a driver that steps several
+        engines on one thread (pipeline.denoise.colocated) calls it on the engines it does not step."""
+        if self._thread is not None:
+            raise RuntimeError("boundary() is for an engine without its thread; this one was start()ed.")
+        self._boundary()
+
+    def fail_live(self, error: BaseException) -> None:
+        """Fail every admitted request after an iteration crashed (a bug, not one request's fault)."""
+        for request_id in list(self._live):
+            self._fail(request_id, f"the engine iteration crashed: {error!r}", error)
+
     def stats(self) -> EngineStats:
         with self._lock:
             queued = Counter(self._published_queue)
@@ -386,11 +407,9 @@ class DenoiseEngine:
     def run(self, plan: StepBatch) -> StepOutput:
         """ONE forward for the whole plan; if it raises, members are retried alone to find the culprit."""
         inputs = [self._guided_input(request_id) for request_id in plan.request_ids]
-        if self.adapters is not None:
-            self.adapters.activate(plan.adapters)  # the plan holds one set: switch between iterations
         label = adapter_label(plan.adapters)
         try:
-            return self._forward_members(plan.request_ids, inputs, label)
+            return self._forward_members(plan, plan.request_ids, inputs, label)
         except ShardGroupError:
             raise  # the rank group is broken, not one request: retrying would wait out more timeouts
         except Exception as error:
@@ -405,9 +424,8 @@ class DenoiseEngine:
         output = StepOutput()
         for request_id, item in zip(plan.request_ids, inputs, strict=True):
             try:
-                alone = self._forward_members([request_id], [item], label)
+                alone = self._forward_members(plan, [request_id], [item], label)
                 output.noise.update(alone.noise)
-                output.residuals.update(alone.residuals)
             except ShardGroupError:
                 raise
             except Exception as error:
@@ -423,10 +441,9 @@ class DenoiseEngine:
                 self._fail(request_id, f"its forward raised {type(error).__name__}: {error}", error)
                 continue
             try:
-                self._advance(request_id, output.noise[request_id], output.residuals.get(request_id))
+                self._advance(request_id, output.noise[request_id])
             except Exception as error:
                 self._fail(request_id, f"{type(error).__name__}: {error}", error)
-        output.residuals.clear()  # they live in the caches now; a failure's traceback holds this frame
 
     # ---- iteration internals -----------------------------------------------------------------------
 
@@ -463,8 +480,7 @@ class DenoiseEngine:
                 self._iterate()
             except Exception as error:  # a bug, not one request's fault: fail what is live, keep serving
                 logger.exception("%s engine iteration crashed", self.expert)
-                for request_id in list(self._live):
-                    self._fail(request_id, f"the engine iteration crashed: {error!r}", error)
+                self.fail_live(error)
         self._fail_unfinished()
 
     def _fail_unfinished(self) -> None:
@@ -519,19 +535,13 @@ class DenoiseEngine:
             uncond=uncond if use_cfg else None,
             index=request.state.step_index,
         )
-        if request.cache is not None and self.split is not None:
+        if request.cache is not None:
             live.cache = new_request_cache(
                 request.cache,
                 self.cache_curve,
                 self.split,
                 self._guided_input_of(live),
                 request.state.num_steps,
-            )
-        elif request.cache is not None:
-            logger.info(
-                "%s engine: request %r runs every step (caching needs the engine's own forward)",
-                self.expert,
-                request.request_id,
             )
         self.scheduler.add(
             ScheduledRequest(
@@ -581,36 +591,32 @@ class DenoiseEngine:
             guidance=live.request.guidance,
         )
 
-    def _forward_members(self, request_ids: list[str], inputs: list[GuidedInput], label: str) -> StepOutput:
-        """One forward for these members: the plain one, or the cached one when any of them caches.
-        `label` names the adapter set it runs with (forwards per adapter set)."""
-        lives = [self._live[request_id] for request_id in request_ids]
-        if all(live.cache is None for live in lives):
-            return StepOutput(noise=dict(zip(request_ids, self._forward(inputs, label), strict=True)))
-        reuse = [live.cache.residual if live.decision and live.decision.skip else None for live in lives]
-        out = cached_guided_forward(self.split, inputs, reuse, [live.cache is not None for live in lives])
+    def _forward_members(
+        self, plan: StepBatch, request_ids: list[str], inputs: list[GuidedInput], label: str
+    ) -> StepOutput:
+        """One forward for these members of `plan` through the runner; `label` names the adapter set it
+        runs with (forwards per adapter set)."""
+        members = []
+        for request_id, item in zip(request_ids, inputs, strict=True):
+            live = self._live[request_id]
+            reuse = live.cache is not None and live.decision is not None and live.decision.skip
+            keep = live.cache is not None and not reuse
+            members.append(PlannedRequest(request_id, item.uncond is not None, reuse=reuse, keep=keep))
+        step = StepPlan(expert=self.expert, adapters=plan.adapters, members=tuple(members))
         with self._lock:
-            self._counts["forwards"] += out.num_rows > 0
-            self._counts["rows"] += out.num_rows
-            self._forwards_by_adapters[label] += out.num_rows > 0
-        residuals = {rid: res for rid, res in zip(request_ids, out.residuals, strict=True) if res is not None}
-        return StepOutput(noise=dict(zip(request_ids, out.noise, strict=True)), residuals=residuals)
+            self._counts["forwards"] += step.num_computed_rows > 0
+            self._counts["rows"] += step.num_computed_rows
+            self._forwards_by_adapters[label] += step.num_computed_rows > 0
+        return StepOutput(noise=dict(zip(request_ids, self.runner.run(step, inputs), strict=True)))
 
-    def _forward(self, inputs: list[GuidedInput], label: str) -> list[torch.Tensor]:
-        with self._lock:
-            self._counts["forwards"] += 1
-            self._counts["rows"] += sum(1 + (item.uncond is not None) for item in inputs)
-            self._forwards_by_adapters[label] += 1
-        return self.forward(inputs)
-
-    def _advance(self, request_id: str, noise: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+    def _advance(self, request_id: str, noise: torch.Tensor) -> None:
         live = self._live[request_id]
         t = live.solver.timesteps[live.index]
         latents = live.solver.step(noise[None], t, live.latents[None], return_dict=False)[0][0]
         if not bool(torch.isfinite(latents).all()):
             raise FloatingPointError(f"latents are not finite after the step at t={int(t)}")
         if live.cache is not None:
-            live.cache.commit(live.decision, residual)
+            live.cache.commit(live.decision)
             if live.decision.skip:
                 with self._lock:
                     self._counts["cached_steps"] += 1
@@ -638,7 +644,9 @@ class DenoiseEngine:
     def _finish(self, request_id: str, status: RequestStatus, outcome: DenoiseState | BaseException) -> None:
         """Drop the request's tensors and planner entry, then resolve its future."""
         live = self._live.pop(request_id)
-        live.cache = None  # a failure's traceback keeps `live` alive in its frames: free the residual now
+        if live.cache is not None:  # every rank drops its residual shares now, whatever happens next
+            live.cache = None
+            self.runner.release([request_id], self.expert)
         if request_id in self.scheduler:
             self.scheduler.remove(request_id).status = status
         self._resolve(request_id, live.future, outcome, status.name.lower())
@@ -659,7 +667,7 @@ class DenoiseEngine:
         queue = self.scheduler.num_requests_by_bucket()
         running = sum(request.status == RequestStatus.RUNNING for request in self.scheduler.requests.values())
         caches = [live.cache for live in self._live.values() if live.cache is not None]
-        held, bound = sum(cache.nbytes for cache in caches), sum(cache.max_bytes for cache in caches)
+        held, bound = self.store.nbytes, sum(cache.max_bytes for cache in caches)
         if held > bound:  # one residual per caching request, dropped with it: anything more is a leak
             raise RuntimeError(f"the {self.expert} engine's step caches hold {held} bytes, over {bound}.")
         with self._lock:

@@ -1,18 +1,28 @@
 """Sharded expert forwards: one guided forward over a group of U x C processes (Ulysses x CFG parallel).
 
 Layout: rank = cfg_rank * U + ulysses_rank on a (cfg, ring=1, ulysses) device mesh. Rank 0 is the
-planner: the engine (the Denoiser's too) on rank 0 calls a `ShardedForward` exactly where it would call
-`guided_forward`. It broadcasts the iteration's rows (a fixed int64 header, then three tensors) to the
-group, and every rank runs its share:
-- CFG parallel (written here; diffusers 0.42 has none): the rows, laid out conds first then unconds
-  (forward.stack_rows), are cut into C equal contiguous chunks, the last padded by repeating its last
-  row; cfg half c runs chunk c; the ulysses-rank-0 member of each half all-gathers the chunks over
-  its cfg group, so rank 0 holds every row's prediction before guidance.
+planner: the engine on rank 0 runs each iteration through a `GroupRunner` (pipeline.denoise.runner's
+StepRunner). It broadcasts the iteration's step plan (a one-int header with the op, then the plan and the
+rows' shapes as one pickled object, `dist.broadcast_object_list`: a plan is a few hundred bytes of ids
+and flags of any length, which a fixed int header cannot carry) and then the rows' three tensors, and
+every rank runs the same step function (`runner.run_share`) on its share:
+- CFG parallel (written here; diffusers 0.42 has none): each row of the plan goes to one cfg half. A
+  caching request's rows are sticky (cond on half 0, uncond on half 1; an unguided one on the half with
+  fewer sticky rows), because their residuals live on the half that computed them; the other rows fill
+  the half with fewer computed rows. The ulysses-rank-0 member of each half all-gathers the halves'
+  predictions (padded to the larger half) over its cfg group, so rank 0 holds every row's prediction
+  before guidance.
 - Ulysses (diffusers' own context-parallel plan for Wan via `enable_parallelism`): inside a half,
   the video tokens are split at `blocks.0` and at the RoPE output, self-attention does an all-to-all
   (each rank then holds all tokens and H/U heads), and `proj_out` gathers the tokens again, so every
-  rank of the half ends with the full prediction of its rows.
-Ranks > 0 run `worker_loop`, which serves broadcast forwards until rank 0 sends STOP.
+  rank of the half ends with the full prediction of its rows; each rank keeps its token shard of the
+  caching rows' residuals.
+- Adapters: every rank holds the same AdapterBank per expert, loaded BEFORE `shard` (the context-parallel
+  hooks are registered by module name, so peft's wrappers must be in place first) and switched to the
+  plan's set before each forward.
+- Residuals leave with their request: `GroupRunner.release` broadcasts a RELEASE at once (a residual is
+  hundreds of MB per rank; waiting for the next forward could keep it for minutes on an idle replica).
+Ranks > 0 run `worker_loop`, which serves rank 0's commands until it sends STOP.
 
 Written here because diffusers lacks it: CFG parallel; the device on CPU (its `_resolve_parallel_config`
 divides by `torch.accelerator.device_count()`, 0 without an accelerator, so `shard` resolves the config
@@ -31,12 +41,14 @@ Serve replica) turns either into an unhealthy replica (`is_healthy`).
 How a replica with a rank group uses this (one process per rank, one group per process; a Ray actor
 per rank > 0, MASTER_ADDR = rank 0's node IP, a free port on it; every rank calls `init` at once):
     group = ShardGroup.init(rank, U * C, master_addr, master_port, ulysses=U, cfg=C, timeout_s=300)
-    transformer = group.shard(load_components(source, parts=("transformer",)).transformer)
-    rank 0:  engine = DenoiseEngine(transformer, ..., forward=ShardedForward(group, transformer, "high"))
+    transformer = load_components(source, parts=("transformer",)).transformer
+    bank = load_bank(transformer, "high", folders)            # before shard, the same on every rank
+    holdings = {"high": Holding(group.shard(transformer), bank)}   # ("high", "low") when colocated
+    rank 0:  engine = DenoiseEngine(transformer, ..., runner=GroupRunner(group, holdings))
              group.start_keepalive(); engine.start(); health check: engine.is_alive() and group.is_healthy
              on shutdown: engine.shutdown(); group.close()  (tells the workers to stop)
-    rank > 0: worker_loop(group, {"high": transformer})  (returns on STOP, raises ShardGroupError on a
-             dead or silent peer: let the actor die), then group.close()
+    rank > 0: worker_loop(group, holdings)  (returns on STOP, raises ShardGroupError on a dead or silent
+             peer: let the actor die), then group.close()
 """
 
 from __future__ import annotations
@@ -46,7 +58,8 @@ import math
 import threading
 import time
 import types
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -56,7 +69,17 @@ from diffusers import WanTransformer3DModel
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from pipeline.denoise.forward import GuidedInput, Rows, apply_guidance, predict_rows, stack_rows
+from pipeline.denoise.forward import GuidedInput, Rows, apply_guidance, stack_rows
+from pipeline.denoise.runner import (
+    Holding,
+    PlannedRequest,
+    RowKey,
+    StepPlan,
+    check_inputs,
+    experts_named,
+    holding_of,
+    run_share,
+)
 from pipeline.spec import RESOLUTION_PRESETS, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -64,8 +87,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 300.0  # one 720p forward of a 14B expert is ~30 s on one H100; ten of them is a hang
 EXPERTS = ("high", "low")  # expert name <-> its code in the header
 MESH_DIMS = ("cfg", "ring", "ulysses")
-_STOP, _FORWARD, _PING = 0, 1, 2  # header ops
-_HEADER_LEN = 9  # op, expert, rows, channels, frames, height, width, text tokens, text dim
+_STOP, _FORWARD, _PING, _RELEASE = 0, 1, 2, 3  # header ops (the header is this one int)
 
 
 class ShardGroupError(RuntimeError):
@@ -276,18 +298,51 @@ class ShardGroup:
 
     # ---- rank 0 ---------------------------------------------------------------------------------------
 
-    def run_rows(self, expert: str, transformer: WanTransformer3DModel, rows: Rows) -> torch.Tensor:
-        """Rank 0: broadcast one forward's rows, run rank 0's share, return every row's prediction."""
-        self._require_leader("run_rows")
-        c, f, h, w = rows.hidden_states.shape[1:]
-        _, tokens, text_dim = rows.encoder_hidden_states.shape
-        header = [_FORWARD, EXPERTS.index(expert), rows.num_rows, c, f, h, w, tokens, text_dim]
+    def run_plan(
+        self, holdings: Mapping[str, Holding], plan: StepPlan, halves: Sequence[int], rows: Rows
+    ) -> torch.Tensor:
+        """Rank 0: broadcast one step (plan, row halves, rows), run rank 0's share, return every row's
+        prediction in the plan's row order."""
+        self._require_leader("run_plan")
+        command = _Command(
+            plan=plan,
+            halves=tuple(halves),
+            shape=tuple(rows.hidden_states.shape),
+            text_shape=tuple(rows.encoder_hidden_states.shape),
+            timestep_dtype=str(rows.timestep.dtype).removeprefix("torch."),
+        )
         with self._lock:
-            self._collective("broadcast the forward", self._send_header, header)
+            self._collective("broadcast the forward", self._send_header, _FORWARD)
+            self._collective("broadcast the step plan", self._broadcast_object, command)
             self._collective("broadcast the rows", self._broadcast_rows, rows)
-            prediction = self._predict(transformer, rows)
+            prediction = self._execute(holding_of(holdings, plan.expert), command, rows)
             self._last_command = time.monotonic()
         return prediction
+
+    def run_rows(self, expert: str, transformer: WanTransformer3DModel, rows: Rows) -> torch.Tensor:
+        """Rank 0: one plain forward of `rows` (each an unguided, uncached member, base weights) on a
+        group whose workers hold `expert`; every row's prediction (benchmarks and probes)."""
+        inputs = range(rows.num_rows)
+        plan = StepPlan(
+            expert=expert, adapters=(), members=tuple(PlannedRequest(f"row{i}", guided=False) for i in inputs)
+        )
+        halves = [index * self.degree.cfg // rows.num_rows for index in inputs]  # contiguous chunks
+        return self.run_plan({expert: Holding(transformer)}, plan, halves, rows)
+
+    def release(
+        self, holdings: Mapping[str, Holding], request_ids: Collection[str], expert: str | None
+    ) -> None:
+        """Rank 0: every rank drops these requests' residuals of `expert` (None: every expert). Rank 0
+        drops its own first, so a broken group (nothing reaches the workers) frees rank 0 still."""
+        self._require_leader("release")
+        ids = sorted(request_ids)
+        _release(holdings, ids, expert)
+        with self._lock:
+            if self._stopped.is_set() or not self.is_healthy:
+                return  # the workers are gone or going: they free everything with their process
+            self._collective("broadcast RELEASE", self._send_header, _RELEASE)
+            self._collective("broadcast the released ids", self._broadcast_object, (ids, expert))
+            self._last_command = time.monotonic()
 
     def stop_workers(self) -> None:
         """Rank 0: tell every worker to leave `worker_loop` (idempotent)."""
@@ -296,7 +351,7 @@ class ShardGroup:
             if self._stopped.is_set():
                 return
             self._stopped.set()
-            self._collective("broadcast STOP", self._send_header, [_STOP] + [0] * (_HEADER_LEN - 1))
+            self._collective("broadcast STOP", self._send_header, _STOP)
 
     def start_keepalive(self, interval_s: float | None = None) -> None:
         """Rank 0: ping the group while idle, so waiting workers do not time out between jobs."""
@@ -313,7 +368,7 @@ class ShardGroup:
                     if self._stopped.is_set() or time.monotonic() - self._last_command < interval:
                         continue
                     try:
-                        self._send_header([_PING] + [0] * (_HEADER_LEN - 1))
+                        self._send_header(_PING)
                     except Exception:  # the next forward reports it, naming the collective
                         logger.exception("shard group keepalive failed")
                         return
@@ -338,53 +393,88 @@ class ShardGroup:
 
     # ---- every rank -------------------------------------------------------------------------------------
 
-    def serve_one(self, transformers: Mapping[str, WanTransformer3DModel]) -> bool:
-        """Ranks > 0: wait for one command and run it; False on STOP."""
-        header = self._collective("wait for a command from rank 0", self._receive_header)
-        op, expert, num_rows, c, f, h, w, tokens, text_dim = header
+    def serve_one(self, holdings: Mapping[str, Holding]) -> bool:
+        """Ranks > 0: wait for one command from rank 0 and run it; False on STOP."""
+        op = self._collective("wait for a command from rank 0", self._receive_header)
         if op == _STOP:
             return False
-        if op == _PING:
+        if op == _RELEASE:
+            ids, expert = self._collective("receive the released ids", self._broadcast_object, None)
+            _release(holdings, ids, expert)
             return True
-        dtype = next(iter(transformers.values())).dtype
+        if op != _FORWARD:
+            return True  # PING
+        command: _Command = self._collective("receive the step plan", self._broadcast_object, None)
+        holding = holdings.get(command.plan.expert)
+        dtype = (
+            next(iter(holdings.values())).transformer.dtype if holding is None else holding.transformer.dtype
+        )
         rows = Rows(
-            hidden_states=torch.empty((num_rows, c, f, h, w), dtype=dtype, device=self.device),
-            timestep=torch.empty((num_rows,), dtype=torch.int64, device=self.device),
-            encoder_hidden_states=torch.empty((num_rows, tokens, text_dim), dtype=dtype, device=self.device),
+            hidden_states=torch.empty(command.shape, dtype=dtype, device=self.device),
+            timestep=torch.empty(
+                command.shape[:1], dtype=getattr(torch, command.timestep_dtype), device=self.device
+            ),
+            encoder_hidden_states=torch.empty(command.text_shape, dtype=dtype, device=self.device),
         )
         self._collective("receive the rows", self._broadcast_rows, rows)
-        name = EXPERTS[expert]
-        if name not in transformers:
-            held = ", ".join(transformers)
-            raise ShardGroupError(f"rank {self.rank} holds no {name} expert (it holds {held}).")
-        self._predict(transformers[name], rows)
+        if holding is None:
+            held = ", ".join(holdings)
+            raise ShardGroupError(
+                f"rank {self.rank} holds no {command.plan.expert} expert (it holds {held})."
+            )
+        self._execute(holding, command, rows)
         return True
 
-    def _predict(self, transformer: WanTransformer3DModel, rows: Rows) -> torch.Tensor | None:
-        """This rank's share of the forward; rank 0 gets every row's prediction, others may get None."""
+    def _execute(self, holding: Holding, command: _Command, rows: Rows) -> torch.Tensor | None:
+        """This rank's share of a step (every rank, the same code); rank 0 gets every row's prediction in
+        the plan's row order, the others may get None."""
         self.num_forwards += 1
+        plan, num_rows = command.plan, rows.num_rows
         if self.degree.cfg == 1:
-            return self._collective("run the sharded forward", predict_rows, transformer, rows)
-        num_rows, halves = rows.num_rows, self.degree.cfg
-        per_half = math.ceil(num_rows / halves)
-        start = self.cfg_rank * per_half
-        index = torch.arange(start, start + per_half, device=self.device).clamp(max=num_rows - 1)  # pad
-        mine = Rows(rows.hidden_states[index], rows.timestep[index], rows.encoder_hidden_states[index])
-        out = self._collective("run the sharded forward", predict_rows, transformer, mine).contiguous()
+            return self._collective(
+                "run the sharded forward", run_share, holding, plan, rows, range(num_rows)
+            )
+        halves = command.halves
+        mine = [row for row, half in enumerate(halves) if half == self.cfg_rank]
+        out = None
+        if mine:  # every rank of a half runs the same rows (the Ulysses collectives need it)
+            index = torch.tensor(mine, device=self.device)
+            share = Rows(rows.hidden_states[index], rows.timestep[index], rows.encoder_hidden_states[index])
+            out = self._collective("run the sharded forward", run_share, holding, plan, share, mine)
         if self.ulysses_rank != 0:  # its half's ulysses rank 0 holds the same prediction and gathers it
             return None
-        gathered = [torch.empty_like(out) for _ in range(halves)]
+        per_half = max(Counter(halves).values())
+        channels = holding.transformer.config.out_channels
+        padded = torch.zeros(
+            (per_half, channels, *rows.hidden_states.shape[2:]),
+            dtype=holding.transformer.dtype,
+            device=self.device,
+        )
+        if out is not None:
+            padded[: len(mine)] = out
+        gathered = [torch.empty_like(padded) for _ in range(self.degree.cfg)]
         cfg_group = self.mesh.get_group("cfg")
-        self._collective("gather the cfg halves", dist.all_gather, gathered, out, group=cfg_group)
-        return torch.cat(gathered)[:num_rows]
+        self._collective("gather the cfg halves", dist.all_gather, gathered, padded, group=cfg_group)
+        prediction = torch.empty((num_rows, *padded.shape[1:]), dtype=padded.dtype, device=self.device)
+        for half, part in enumerate(gathered):
+            rows_of_half = [row for row, owner in enumerate(halves) if owner == half]
+            if rows_of_half:
+                prediction[torch.tensor(rows_of_half, device=self.device)] = part[: len(rows_of_half)]
+        return prediction
 
-    def _send_header(self, header: list[int]) -> None:
-        dist.broadcast(torch.tensor(header, dtype=torch.int64, device=self.device), src=0)
+    def _send_header(self, op: int) -> None:
+        dist.broadcast(torch.tensor([op], dtype=torch.int64, device=self.device), src=0)
 
-    def _receive_header(self) -> list[int]:
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+    def _receive_header(self) -> int:
+        header = torch.empty(1, dtype=torch.int64, device=self.device)
         dist.broadcast(header, src=0)
-        return header.tolist()
+        return int(header.item())
+
+    def _broadcast_object(self, value):
+        """Rank 0 sends `value` (pickled); the others receive and return it."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
 
     def _broadcast_rows(self, rows: Rows) -> None:
         for tensor in (rows.hidden_states, rows.timestep, rows.encoder_hidden_states):
@@ -408,30 +498,127 @@ class ShardGroup:
             raise RuntimeError(f"`{what}` runs on rank 0 only; this is rank {self.rank}.")
 
 
+@dataclass(frozen=True, slots=True)
+class _Command:
+    """What a FORWARD broadcasts after its header: the plan and how to receive its rows."""
+
+    plan: StepPlan
+    halves: tuple[int, ...]  # row -> the cfg half that runs it (empty without CFG parallel)
+    shape: tuple[int, ...]  # rows' hidden states: (rows, channels, frames, height, width)
+    text_shape: tuple[int, ...]  # rows' prompt embeddings: (rows, text tokens, text dim)
+    timestep_dtype: str  # int64 for UniPC, float32 for the draft tier's Euler
+
+
+def _release(holdings: Mapping[str, Holding], request_ids: Collection[str], expert: str | None) -> None:
+    ids = set(request_ids)
+    for name in experts_named(holdings, expert):
+        holdings[name].store.release(ids)
+
+
+class GroupRunner:
+    """Rank 0's StepRunner over a ShardGroup: any expert of `holdings` (the workers hold the same ones)."""
+
+    def __init__(
+        self,
+        group: ShardGroup,
+        holdings: Mapping[str, Holding],
+        *,
+        on_failure: Callable[[ShardGroupError], None] | None = None,
+    ) -> None:
+        """`on_failure` is called with the error when a step fails on the group (a replica exits there, so
+        that Serve replaces it with its whole group), before the error propagates."""
+        group._require_leader("GroupRunner")
+        unknown = set(holdings) - set(EXPERTS)
+        if unknown or not holdings:
+            raise ValueError(f"`holdings` must map some of {', '.join(EXPERTS)} but maps {sorted(holdings)}.")
+        self.group = group
+        self.holdings = dict(holdings)  # expert -> rank 0's holding (sharded by `group.shard`)
+        self._halves: dict[tuple[str, RowKey], int] = {}  # (expert, caching row) -> its sticky cfg half
+        self.on_failure = on_failure
+
+    def holding(self, expert: str) -> Holding:
+        return holding_of(self.holdings, expert)
+
+    def run(self, plan: StepPlan, inputs: Sequence[GuidedInput]) -> list[torch.Tensor]:
+        holding = self.holding(plan.expert)
+        check_inputs(plan, inputs)
+        rows = stack_rows(inputs, holding.transformer.dtype)
+        halves = self._assign_halves(plan)
+        try:
+            prediction = self.group.run_plan(self.holdings, plan, halves, rows)
+        except ShardGroupError as error:
+            if self.on_failure is not None:
+                self.on_failure(error)
+            raise
+        return apply_guidance(inputs, prediction)
+
+    def release(self, request_ids: Collection[str], expert: str | None = None) -> None:
+        ids = set(request_ids)
+        self._halves = {
+            key: half
+            for key, half in self._halves.items()
+            if key[1][0] not in ids or (expert is not None and key[0] != expert)
+        }
+        try:
+            self.group.release(self.holdings, ids, expert)
+        except ShardGroupError:  # rank 0's shares are gone; the next step fails the broken group
+            logger.warning("could not tell the workers to release %s", sorted(ids), exc_info=True)
+
+    def _assign_halves(self, plan: StepPlan) -> list[int]:
+        """row -> cfg half: a caching row on its sticky half (where its residual lives), then every
+        other row on the half with fewer rows through the blocks."""
+        if self.group.degree.cfg == 1:
+            return []
+        rows = plan.rows()
+        halves: list[int | None] = [None] * len(rows)
+        load = [0, 0]  # rows through the blocks per half
+        sticky = Counter(half for (expert, _), half in self._halves.items() if expert == plan.expert)
+        for index, row in enumerate(rows):
+            if not (row.reuse or row.keep):
+                continue
+            key = (plan.expert, row.key)
+            half = self._halves.get(key)
+            if half is None:
+                if row.reuse:
+                    raise ValueError(f"request {row.key[0]!r} reuses a residual no cfg half computed.")
+                guided = any(m.request_id == row.key[0] and m.guided for m in plan.members)
+                half = (0 if row.key[1] == "cond" else 1) if guided else min((0, 1), key=lambda h: sticky[h])
+                self._halves[key] = half
+                sticky[half] += 1
+            halves[index] = half
+            load[half] += not row.reuse
+        for index, half in enumerate(halves):
+            if half is None:
+                halves[index] = half = 0 if load[0] <= load[1] else 1
+                load[half] += 1
+        return halves  # type: ignore[return-value]
+
+
 class ShardedForward:
-    """Rank 0's forward over the group, with the same interface as `guided_forward` (a `Forward`)."""
+    """Rank 0's plain forward over the group (base weights, no caching), with the same interface as
+    `guided_forward` (a `Forward`): for benchmarks and probes; the engine uses a GroupRunner."""
 
     def __init__(self, group: ShardGroup, transformer: WanTransformer3DModel, expert: str) -> None:
         if expert not in EXPERTS:
             raise ValueError(f"`expert` must be one of {', '.join(EXPERTS)} but is {expert!r}.")
-        group._require_leader("ShardedForward")
-        self.group = group
+        self.runner = GroupRunner(group, {expert: Holding(transformer)})
         self.transformer = transformer  # rank 0's sharded copy (`group.shard` was called on it)
         self.expert = expert
 
     def __call__(self, inputs: Sequence[GuidedInput]) -> list[torch.Tensor]:
-        rows = stack_rows(inputs, self.transformer.dtype)
-        return apply_guidance(inputs, self.group.run_rows(self.expert, self.transformer, rows))
+        return self.runner.run(StepPlan.plain(self.expert, inputs), inputs)
 
 
 @torch.inference_mode()
-def worker_loop(group: ShardGroup, transformers: Mapping[str, WanTransformer3DModel]) -> int:
-    """Ranks > 0: serve rank 0's forwards until STOP; returns the forwards served.
+def worker_loop(group: ShardGroup, holdings: Mapping[str, Holding | WanTransformer3DModel]) -> int:
+    """Ranks > 0: serve rank 0's commands until STOP; returns the forwards served.
 
-    `transformers` maps expert name ("high", "low") to this rank's sharded copy; raises ShardGroupError
-    when rank 0 or a peer died or went silent for `timeout_s`."""
+    `holdings` maps expert name ("high", "low") to this rank's Holding (its sharded copy, the same adapter
+    bank as rank 0's, its residual store), or to the bare sharded copy (base weights only); raises
+    ShardGroupError when rank 0 or a peer died or went silent for `timeout_s`."""
     if group.is_leader:
-        raise RuntimeError("worker_loop runs on ranks > 0; rank 0 drives the group with ShardedForward.")
-    while group.serve_one(transformers):
+        raise RuntimeError("worker_loop runs on ranks > 0; rank 0 drives the group with a GroupRunner.")
+    held = {expert: held if isinstance(held, Holding) else Holding(held) for expert, held in holdings.items()}
+    while group.serve_one(held):
         pass
     return group.num_forwards

@@ -9,10 +9,13 @@ this very step: every request would keep its row in block 0 of every forward, an
 come in the middle of a batched forward.
 
 What is cached (as MagCache and diffusers' MagCacheConfig): the residual of the 40 blocks, output minus
-input, of the request's last computed step, one tensor (rows, video tokens, inner_dim) per request in
-each expert's engine, in the model's dtype; its cond and uncond rows share one decision. A skipped step
-still runs the cheap ends of the transformer for its rows (patch + condition embedding, then the output
-norm and projection; pipeline.denoise.blocks): its prediction is head(block input + cached residual).
+input, of the request's last computed step, one tensor (video tokens, inner_dim) per row of the request
+in each expert, in the model's dtype; its cond and uncond rows share one decision. The engine on rank 0
+keeps the decisions (`RequestCache`); the residuals live in the step runner's store on every rank
+(pipeline.denoise.runner), each rank holding its Ulysses token shard of the rows its CFG half runs. A
+skipped step still runs the cheap ends of the transformer for its rows (patch + condition embedding, then
+the output norm and projection; pipeline.denoise.blocks): its prediction is head(block input + cached
+residual).
 
 The decision for step t (MagCache's, `RequestCache.decide`): never within the request's first
 `warmup_steps` steps, nor without a residual (an expert's first step); else accumulated ratio *= ratio[t],
@@ -26,7 +29,8 @@ real weights; a preset's are measured by `calibrate` on the preset itself. A cur
 is resampled to a request's step count by nearest index, as MagCache's `nearest_interp`.
 
 Memory: at most one residual per request and expert (`RequestCache.max_bytes`, asserted in the engine's
-stats); it is dropped with the request when it leaves the engine (finished, cancelled or failed). At 480p
+stats against rank 0's store); every rank drops it when the request leaves the engine (finished,
+cancelled or failed: the engine releases it from the runner). At 480p
 x 81 frames in bf16 that is 32,760 tokens x 5,120 x 2 bytes = 335 MB a row, 671 MB for a request with CFG.
 """
 
@@ -111,25 +115,22 @@ class CacheDecision:
 
 @dataclass(slots=True)
 class RequestCache:
-    """One request's step cache in one expert's engine (the Denoiser's too)."""
+    """One request's step-cache decisions in one expert's engine (the Denoiser's too). The residual itself
+    lives in the step runner's store on every rank (pipeline.denoise.runner), each rank its own shard."""
 
     settings: StepCacheSettings
     ratios: list[float]  # step index of the request's schedule -> magnitude ratio it decides with
     max_bytes: int  # the bound: one residual of the request's rows
-    residual: torch.Tensor | None = None  # (rows, tokens, inner_dim) of the last computed step
+    has_residual: bool = False  # a step computed and stored its residual (the runner's store holds it)
     accumulated_ratio: float = 1.0
     accumulated_error: float = 0.0
     num_in_row: int = 0
     num_skipped: int = 0  # steps served from the residual so far
 
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.residual is None else self.residual.numel() * self.residual.element_size()
-
     def decide(self, index: int) -> CacheDecision:
         """MagCache's decision for step `index` of the request's schedule; changes nothing (`commit` does)."""
         settings = self.settings
-        if index < settings.warmup_steps or self.residual is None:
+        if index < settings.warmup_steps or not self.has_residual:
             return CacheDecision(False, 1.0, 0.0, 0)
         ratio = self.accumulated_ratio * self.ratios[index]
         error = self.accumulated_error + abs(1.0 - ratio)
@@ -138,19 +139,15 @@ class RequestCache:
             return CacheDecision(True, ratio, error, num_in_row)
         return CacheDecision(False, 1.0, 0.0, 0)
 
-    def commit(self, decision: CacheDecision, residual: torch.Tensor | None) -> None:
-        """Record a step that ran as `decision` said; a computed step hands over its new residual."""
-        if decision.skip == (residual is not None):
-            raise ValueError("a skipped step reuses the residual; a computed step must hand over its own.")
+    def commit(self, decision: CacheDecision) -> None:
+        """Record a step that ran as `decision` said (a computed step stored its new residual)."""
         self.accumulated_ratio = decision.accumulated_ratio
         self.accumulated_error = decision.accumulated_error
         self.num_in_row = decision.num_in_row
         if decision.skip:
             self.num_skipped += 1
         else:
-            self.residual = residual
-        if self.nbytes > self.max_bytes:
-            raise RuntimeError(f"a step cache holds {self.nbytes} bytes, over its bound of {self.max_bytes}.")
+            self.has_residual = True
 
 
 def new_request_cache(
@@ -186,28 +183,24 @@ def cached_guided_forward(
     reuse: Sequence[torch.Tensor | None],
     keep: Sequence[bool],
 ) -> CachedOutput:
-    """`guided_forward` where input i with `reuse[i]` skips the blocks (block input + that residual) and
-    input i with `keep[i]` (computed) returns its new residual. Rows as `stack_rows` lays them out."""
+    """`guided_forward` where input i with `reuse[i]` (rows, tokens, inner_dim) skips the blocks (block
+    input + that residual) and input i with `keep[i]` (computed) returns its new residual. Rows as
+    `stack_rows` lays them out; the math is `SplitTransformer.cached`, which the engine's runner calls."""
     rows = stack_rows(inputs, split.transformer.dtype)
     row_ids, next_uncond = [], len(inputs)  # input -> its rows: cond, then uncond with CFG
     for index, item in enumerate(inputs):
         row_ids.append([index] if item.uncond is None else [index, next_uncond])
         next_uncond += item.uncond is not None
-    embedded = split.embed(rows)
-    computed = sorted(row for index, ids in enumerate(row_ids) if reuse[index] is None for row in ids)
-    if len(computed) == rows.num_rows:
-        hidden = split.blocks(embedded)
-    else:
-        hidden = embedded.hidden_states.clone()
-        if computed:
-            index = torch.tensor(computed, device=hidden.device)
-            hidden[index] = split.blocks(embedded.select(index))
-        for ids, residual in zip(row_ids, reuse, strict=True):
-            if residual is not None:
-                hidden[ids] = embedded.hidden_states[ids] + residual
+    row_reuse: list[torch.Tensor | None] = [None] * rows.num_rows
+    row_keep = [False] * rows.num_rows
+    for index, ids in enumerate(row_ids):
+        for position, row in enumerate(ids):
+            row_reuse[row] = None if reuse[index] is None else reuse[index][position]
+            row_keep[row] = keep[index]
+    prediction, row_residuals = split.cached(rows, row_reuse, row_keep)
     residuals = [
-        hidden[ids] - embedded.hidden_states[ids] if keep[index] and reuse[index] is None else None
+        torch.stack([row_residuals[row] for row in ids]) if keep[index] and reuse[index] is None else None
         for index, ids in enumerate(row_ids)
     ]
-    noise = apply_guidance(inputs, split.head(embedded, hidden))
-    return CachedOutput(noise=noise, residuals=residuals, num_rows=len(computed))
+    num_rows = sum(residual is None for residual in row_reuse)
+    return CachedOutput(noise=apply_guidance(inputs, prediction), residuals=residuals, num_rows=num_rows)

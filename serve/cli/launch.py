@@ -43,8 +43,19 @@ def load_config(path: Path, *, port: int | None = None, args_overrides: dict[str
         for key, value in (args_overrides or {}).items():
             args[key] = value
         _absolutize(args)
+        check_layout(app)
     ServeDeploySchema.model_validate(config)
     return config
+
+
+def check_layout(app: dict[str, Any]) -> None:
+    """Refuse an app whose `deployments:` name denoiser deployments its `experts.layout` does not bind."""
+    from serve.sharding import ExpertsSettings, deployments_problem  # torch: only when a config is read
+
+    experts = ExpertsSettings.model_validate(app.get("args", {}).get("experts", {}))
+    problem = deployments_problem(experts, [entry.get("name", "") for entry in app.get("deployments", [])])
+    if problem is not None:
+        raise ValueError(f"application {app.get('name', APP_NAME)!r}: {problem}")
 
 
 def _absolutize(args: dict[str, Any]) -> None:

@@ -336,6 +336,12 @@ class Video(BaseModel):
     look: str
     labels: dict[str, LabelValue]
     storyboard_id: str | None = None
+    take: int | None = Field(
+        None,
+        description="Its take number within its board's shot: 1, 2, ... in creation order (a promoted "
+        "final is a new take); null for a video of no board. The page, the CLI's file names, the slates "
+        "and the timelines use it.",
+    )
     callback_url: str | None = None
     attempt: int = Field(description="How many times the job was started (restarts re-run it).")
     started_at: int | None = Field(None, description="Unix seconds of the first start.")

@@ -160,6 +160,7 @@ class JobRecord:
     engine_queue_position: int | None  # requests ahead of it while it waits in a denoiser engine's queue
     promoted_to: str | None  # the final-tier job promoted from this draft
     eta_at: datetime | None  # predicted finish of a running job (re-predicted after each denoise step)
+    take: int | None  # number within its board's shot, in creation order (None: a video of no board)
 
     @property
     def is_finished(self) -> bool:

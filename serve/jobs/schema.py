@@ -115,6 +115,9 @@ jobs = Table(
     # When the running job is predicted to finish, re-predicted after each denoising step from the step
     # times measured for its bucket and tier (the API shows `eta_seconds`).
     Column("eta_at", UTCDateTime),
+    # The take's number within its board's shot, 1, 2, ... in creation order (a promoted final is a new
+    # take); set in the transaction that creates the job, never reused. None: a video of no board.
+    Column("take", Integer),
     UniqueConstraint("project", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     Index("ix_jobs_status_id", "status", "id"),  # queued(), counts, requeue
     Index("ix_jobs_project_id", "project", "id"),  # list(project=...) pages
@@ -130,6 +133,7 @@ ADDED_JOB_COLUMNS: tuple[str, ...] = (
     "engine_queue_position",
     "promoted_to",
     "eta_at",
+    "take",
 )
 
 job_events = Table(

@@ -13,15 +13,12 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.engine import DenoiseEngine, EngineRequest, EngineStats
 from pipeline.denoise.fp8 import quantize_fp8
 from pipeline.denoise.kernels import compile_blocks, warm_up
-from pipeline.denoise.parallel import ShardedForward
+from pipeline.denoise.runner import plain_forward
 from pipeline.denoise.state import DenoiseState, initial_noise, tier_solvers
-from pipeline.lora import distill_folder, resolve_lora_folder
-from pipeline.spec import DISTILL_ADAPTER
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.scheduling.checkpoints import write_checkpoint
@@ -39,7 +36,7 @@ from serve.stages.payloads import (
     RefHold,
     StateRef,
 )
-from serve.stages.shard_worker import RankGroup, load_expert
+from serve.stages.shard_worker import RankGroup, expert_adapters, load_expert
 from serve.stages.transfer import PackedState, pack_state, state_nbytes, unpack_embeds, unpack_state
 from serve.storage import ArtifactStore, StorageError, make_store
 
@@ -63,19 +60,20 @@ class DenoiserDeployment:
     def __init__(self, args: PrevizArgs, expert: Expert) -> None:
         parts, transformer = load_expert(args, expert)
         model, settings = parts.model, args.experts.of(expert)
-        # A sharded replica is rank 0 of a rank group: the engine plans on it, every rank runs each forward.
+        bank = expert_adapters(args, expert, transformer)  # before a rank group shards the model
+        # A sharded replica is rank 0 of a rank group: the engine plans on it, every rank runs each step
+        # with the same adapters and its own shard of the step caches.
         self.ranks = (
-            RankGroup(args, expert, transformer, name=serve.get_replica_context().replica_id.to_full_id_str())
+            RankGroup(
+                args,
+                (expert,),
+                {expert: transformer},
+                {expert: bank},
+                name=serve.get_replica_context().replica_id.to_full_id_str(),
+            )
             if settings.parallel.degree.is_sharded
             else None
         )
-        forward = None
-        bank = None
-        if self.ranks is not None:  # the ranks hold base weights only: no draft tier, no style LoRAs
-            transformer = self.ranks.transformer
-            forward = self.ranks.forward(ShardedForward(self.ranks.group, transformer, expert))
-        else:
-            bank = expert_adapters(args, expert, transformer)
         self.engine = DenoiseEngine(
             transformer,
             parts.scheduler,
@@ -84,7 +82,7 @@ class DenoiserDeployment:
             max_sequence_length=model.max_sequence_length,
             max_num_tokens=args.engine.max_num_tokens,
             max_batch_size=args.engine.max_batch_size,
-            forward=forward,
+            runner=self.ranks.runner if self.ranks is not None else None,
             solvers=tier_solvers(model, parts.scheduler),
             adapters=bank,
             cache_curve=calibration_curve(args.model, model),
@@ -94,7 +92,8 @@ class DenoiserDeployment:
         if settings.compile:  # after the engine made its layers batch-invariant: compile what runs
             compile_blocks(self.engine.transformer)
         shapes = [bucket.latent_shape(model, transformer.config.in_channels) for bucket in settings.warmup]
-        warm_up(self.engine.forward, self.engine.transformer, shapes, model.max_sequence_length)  # every rank
+        forward = plain_forward(self.engine.runner, expert)  # every rank
+        warm_up(forward, self.engine.transformer, shapes, model.max_sequence_length)
         self.engine.start()
         self._metrics = ReplicaReporter(self.engine).start()
         self.artifacts = make_store(args.storage)  # the expert-boundary checkpoints a call asks for
@@ -184,19 +183,6 @@ class DenoiserDeployment:
         ranks = getattr(self, "ranks", None)
         if ranks is not None:
             ranks.close()
-
-
-def expert_adapters(args: PrevizArgs, expert: Expert, transformer) -> AdapterBank | None:
-    """The expert's adapters, loaded once: the draft tier's distill LoRA and the configured style LoRAs."""
-    settings, cache = args.adapters, args.model_cache_dir
-    folders = {}
-    if settings.draft_lora is not None:
-        folders[DISTILL_ADAPTER] = distill_folder(settings.draft_lora, args.model, cache_dir=cache)
-    for lora in settings.loras:
-        folders[lora.name] = resolve_lora_folder(lora.source, cache_dir=cache)
-    if not folders:
-        return None
-    return load_bank(transformer, expert, folders, max_adapters=settings.max_adapters)
 
 
 async def start_state(state: InitialNoise | StateRef | PackedState) -> DenoiseState:

@@ -2,6 +2,10 @@
 it starts in its own placement group (bundle r holds rank r), all joined in one torch.distributed group
 (pipeline.denoise.parallel: NCCL on CUDA, gloo on CPU, every collective bounded by `timeout_s`).
 
+Every rank holds the same experts (one in the split layout, both when colocated) with the same adapters
+(`expert_adapters`: the draft tier's distill LoRA and the style LoRAs, loaded before the model is
+sharded), so the replica's engine serves drafts, LoRAs and step caching at any degree.
+
 Faults: a rank that dies or hangs breaks every collective of the group, so the group is replaced whole.
 A forward that fails on the group (ShardGroupError, within `timeout_s`) makes rank 0 exit its process on
 purpose (`exit_on_group_failure`): Serve then sees the replica's actor die, replaces it (new placement
@@ -20,7 +24,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping
 from concurrent.futures import Future
 
 import ray
@@ -29,13 +33,16 @@ from diffusers import WanTransformer3DModel
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pipeline.denoise.forward import Forward, GuidedInput
+from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.fp8 import quantize_fp8
 from pipeline.denoise.kernels import compile_blocks, set_attention_backend
-from pipeline.denoise.parallel import ShardGroup, ShardGroupError, worker_loop
+from pipeline.denoise.parallel import GroupRunner, ShardGroup, ShardGroupError, worker_loop
+from pipeline.denoise.runner import Holding
 from pipeline.determinism import make_batch_invariant
+from pipeline.lora import distill_folder, resolve_lora_folder
+from pipeline.spec import DISTILL_ADAPTER
 from serve.config import PrevizArgs
-from serve.sharding import DEPLOYMENT_NAMES, Expert
+from serve.sharding import Expert
 from serve.stages.common import stage_components
 
 logger = logging.getLogger("ray.serve")
@@ -54,36 +61,74 @@ def load_expert(args: PrevizArgs, expert: Expert):
     return parts, transformer
 
 
+def expert_adapters(args: PrevizArgs, expert: Expert, transformer) -> AdapterBank | None:
+    """The expert's adapters, loaded once per rank: the draft tier's distill LoRA and the configured style
+    LoRAs (None when there are none). Every rank of a group loads the same, before `shard`."""
+    settings, cache = args.adapters, args.model_cache_dir
+    folders = {}
+    if settings.draft_lora is not None:
+        folders[DISTILL_ADAPTER] = distill_folder(settings.draft_lora, args.model, cache_dir=cache)
+    for lora in settings.loras:
+        folders[lora.name] = resolve_lora_folder(lora.source, cache_dir=cache)
+    if not folders:
+        return None
+    return load_bank(transformer, expert, folders, max_adapters=settings.max_adapters)
+
+
 @ray.remote(max_concurrency=2)  # `serve` holds one thread in worker_loop for the actor's whole life
 class ShardWorker:
-    """Rank `rank` > 0 of one replica's group: holds a sharded copy of the expert, runs rank 0's forwards."""
+    """Rank `rank` > 0 of one replica's group: holds sharded copies of the replica's experts (with the
+    same adapters as rank 0) and runs rank 0's steps."""
 
-    def __init__(self, args: PrevizArgs, expert: Expert, rank: int) -> None:
-        self.args, self.expert, self.rank = args, expert, rank
+    def __init__(self, args: PrevizArgs, experts: tuple[Expert, ...], rank: int) -> None:
+        self.args, self.experts, self.rank = args, experts, rank
         self.group: ShardGroup | None = None
-        self.transformer: WanTransformer3DModel | None = None
+        self.holdings: dict[Expert, Holding] = {}
 
     def join(self, master_addr: str, master_port: int) -> None:
-        """Load the expert, join the group (blocks until every rank joined) and shard the model."""
-        _, transformer = load_expert(self.args, self.expert)
-        self.group = join_group(self.args, self.expert, self.rank, master_addr, master_port)
-        self.transformer = make_batch_invariant(self.group.shard(transformer))  # as rank 0's engine does
-        if self.args.experts.of(self.expert).fp8:
-            quantize_fp8(self.transformer, self.group.device)
-        if self.args.experts.of(self.expert).compile:
-            compile_blocks(self.transformer)
+        """Load the experts and their adapters, join the group (blocks until every rank joined) and shard
+        the models."""
+        loaded = {}
+        for expert in self.experts:
+            _, transformer = load_expert(self.args, expert)
+            loaded[expert] = (transformer, expert_adapters(self.args, expert, transformer))  # before shard
+        self.group = join_group(self.args, self.experts, self.rank, master_addr, master_port)
+        for expert, (transformer, bank) in loaded.items():
+            sharded = make_batch_invariant(self.group.shard(transformer))  # as rank 0's engine does
+            if self.args.experts.of(expert).fp8:
+                quantize_fp8(sharded, self.group.device)
+            if self.args.experts.of(expert).compile:
+                compile_blocks(sharded)
+            self.holdings[expert] = Holding(sharded, bank)
 
     def serve(self) -> int:
-        """Serve rank 0's forwards until it sends STOP; raises ShardGroupError when a peer died or hung."""
-        if self.group is None or self.transformer is None:
+        """Serve rank 0's steps until it sends STOP; raises ShardGroupError when a peer died or hung."""
+        if self.group is None or not self.holdings:
             raise RuntimeError(f"rank {self.rank}: `join` must succeed before `serve`.")
-        num_forwards = worker_loop(self.group, {self.expert: self.transformer})
+        num_forwards = worker_loop(self.group, self.holdings)
         self.group.close()
         return num_forwards
 
 
-def join_group(args: PrevizArgs, expert: Expert, rank: int, master_addr: str, master_port: int) -> ShardGroup:
-    settings = args.experts.of(expert).parallel
+def group_settings(args: PrevizArgs, experts: tuple[Expert, ...]):
+    """The parallel settings the experts of one rank group share; ValueError when they differ."""
+    if not experts:
+        raise ValueError("a rank group needs at least one expert.")
+    settings = args.experts.of(experts[0]).parallel
+    for expert in experts[1:]:
+        other = args.experts.of(expert).parallel
+        if other.degree != settings.degree:
+            raise ValueError(
+                f"the experts of one rank group must share a degree, but {experts[0]} is "
+                f"{settings.ulysses}x{settings.cfg} and {expert} is {other.ulysses}x{other.cfg}."
+            )
+    return settings
+
+
+def join_group(
+    args: PrevizArgs, experts: tuple[Expert, ...], rank: int, master_addr: str, master_port: int
+) -> ShardGroup:
+    settings = group_settings(args, experts)
     if args.device != "cuda":
         torch.set_num_threads(
             max(1, (os.cpu_count() or 1) // settings.degree.world_size)
@@ -103,17 +148,26 @@ class RankGroup:
     """Rank 0's side: the worker actors, the group, and whether every rank is still there."""
 
     def __init__(
-        self, args: PrevizArgs, expert: Expert, transformer: WanTransformer3DModel, *, name: str
+        self,
+        args: PrevizArgs,
+        experts: tuple[Expert, ...],
+        transformers: Mapping[Expert, WanTransformer3DModel],
+        banks: Mapping[Expert, AdapterBank | None],
+        *,
+        name: str,
     ) -> None:
         """Start the workers in this replica's placement group and form the group with them; returns once
-        every rank joined and sharded its copy (`self.transformer` is rank 0's). Worker r is the actor
-        `worker_name(name, r)` (ops and tests find a rank by it)."""
-        self.expert = expert
-        degree = args.experts.of(expert).parallel.degree
+        every rank joined and sharded its copies. `transformers` and `banks` are rank 0's, the banks
+        already loaded (before sharding); `self.holdings` are rank 0's holdings and `self.runner` the
+        engine's GroupRunner over them. Worker r is the actor `worker_name(name, r)` (ops and tests find a
+        rank by it)."""
+        self.experts = experts
+        self.label = " + ".join(dict.fromkeys(args.experts.deployment(expert) for expert in experts))
+        degree = group_settings(args, experts).degree
         placement = ray.util.get_current_placement_group()
         if placement is None or len(placement.bundle_specs) < degree.world_size:
             raise RuntimeError(
-                f"{DEPLOYMENT_NAMES[expert]} is sharded {degree.ulysses}x{degree.cfg} and needs a placement "
+                f"{self.label} is sharded {degree.ulysses}x{degree.cfg} and needs a placement "
                 f"group of {degree.world_size} bundles, but has "
                 f"{'none' if placement is None else len(placement.bundle_specs)}; do not override "
                 "`placement_group_bundles` with fewer bundles than ranks."
@@ -130,7 +184,7 @@ class RankGroup:
                     placement_group_bundle_index=rank,
                     placement_group_capture_child_tasks=True,
                 ),
-            ).remote(args, expert, rank)
+            ).remote(args, experts, rank)
             for rank in range(1, degree.world_size)
         ]
         joins = [worker.join.remote(master_addr, master_port) for worker in self.workers]
@@ -138,8 +192,11 @@ class RankGroup:
 
         def join_as_rank_0() -> None:  # concurrently with the workers: init blocks until all joined
             try:
-                group = join_group(args, expert, 0, master_addr, master_port)
-                self.transformer = group.shard(transformer)
+                group = join_group(args, experts, 0, master_addr, master_port)
+                self.holdings = {
+                    expert: Holding(group.shard(transformers[expert]), banks.get(expert))
+                    for expert in experts
+                }
                 leader.set_result(group)
             except BaseException as error:
                 leader.set_exception(error)
@@ -148,8 +205,9 @@ class RankGroup:
         self._wait_for_joins(joins, leader)
         self.group = leader.result()
         self.serving = [worker.serve.remote() for worker in self.workers]  # rank r+1 -> its loop
+        self.runner = GroupRunner(self.group, self.holdings, on_failure=self._exit)
         self.group.start_keepalive()
-        logger.info("%s: rank group of %d formed", DEPLOYMENT_NAMES[expert], degree.world_size)
+        logger.info("%s: rank group of %d formed", self.label, degree.world_size)
 
     def _wait_for_joins(self, joins: list[ray.ObjectRef], leader: Future) -> None:
         """Until every rank joined; a worker that failed first (no weights, a bad port) fails the replica
@@ -163,16 +221,9 @@ class RankGroup:
                 raise leader.exception()
         leader.result()  # rank 0's own init (bounded by the group's timeout)
 
-    def forward(self, forward: Forward) -> Forward:
-        """`forward` that exits this process when the group fails under it (see the module docstring)."""
-
-        def guarded(inputs: Sequence[GuidedInput]) -> list[torch.Tensor]:
-            try:
-                return forward(inputs)
-            except ShardGroupError as error:
-                exit_on_group_failure(f"{DEPLOYMENT_NAMES[self.expert]}: {error}")
-
-        return guarded
+    def _exit(self, error: ShardGroupError) -> None:
+        """A step failed on the group: exit this process (see the module docstring)."""
+        exit_on_group_failure(f"{self.label}: {error}")
 
     def check(self) -> None:
         """Raise, naming the rank, when the group failed or a worker left its loop (died, or raised)."""

@@ -9,9 +9,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from pipeline.spec import RESOLUTION_PRESETS, ModelSpec, RequestSpec, SizeEnvelope, TierRecipe
+from pipeline.stages import Layout
 from serve.http.deps import CallerDep, StateDep
 from serve.jobs.request import SERVED_MODEL
-from serve.sharding import DEPLOYMENT_NAMES, Expert, ShapeRules
+from serve.sharding import Expert, ShapeRules
 
 router = APIRouter(tags=["models"])
 DEFAULT_SECONDS = 5.0  # the API's default duration (81 frames at 16 fps)
@@ -20,7 +21,10 @@ DEFAULT_SECONDS = 5.0  # the API's default duration (81 frames at 16 fps)
 class ExpertParallel(BaseModel):
     """How one expert deployment splits each forward, and which sizes that lets it run."""
 
-    deployment: str = Field(description="The Serve deployment: `HighNoiseDenoiser` or `LowNoiseDenoiser`.")
+    deployment: str = Field(
+        description="The Serve deployment that runs it: `HighNoiseDenoiser` or `LowNoiseDenoiser` (layout "
+        "`split`), or `Denoiser`, which holds both experts on every rank (layout `colocated`)."
+    )
     ulysses: int = Field(description="Ranks sharing each row's video tokens (1: not sequence-parallel).")
     cfg: int = Field(description="2: cond and uncond rows run on different halves of the group.")
     gpus_per_replica: int = Field(description="Ranks (one GPU each on CUDA) of one replica: ulysses x cfg.")
@@ -30,6 +34,17 @@ class ExpertParallel(BaseModel):
     )
     accepted_sizes: list[str] = Field(
         description=f"The preset sizes (`WxH`, either aspect) accepted for a {DEFAULT_SECONDS:g} s clip."
+    )
+    tiers: list[str] = Field(
+        description="The quality tiers it runs, at this degree: every rank holds the draft tier's distill "
+        "LoRA, so a sharded replica serves `draft` as an unsharded one does."
+    )
+    loras: bool = Field(
+        description="Whether it runs the style LoRAs listed in `adapters` (loaded on every rank)."
+    )
+    step_cache: bool = Field(
+        description="Whether requests' step caching (`cache`) runs on it: each rank keeps its own shard of "
+        "a request's cached residual."
     )
 
 
@@ -50,6 +65,10 @@ class ServedModel(BaseModel):
     envelope: SizeEnvelope = Field(description="The sizes this deployment serves.")
     default_steps: int
     fps: int
+    layout: Layout = Field(
+        description="How the experts are deployed: `split` (a deployment each, the state handed between them "
+        "at the boundary) or `colocated` (one deployment holding both, no hop at the boundary)."
+    )
     experts: dict[str, ExpertParallel] = Field(
         description="`high` / `low` -> the expert deployment's parallel degree and the sizes it accepts."
     )
@@ -67,18 +86,18 @@ class ModelList(BaseModel):
 @router.get("/v1/models", response_model=ModelList, summary="List the served models")
 async def list_models(state: StateDep, caller: CallerDep) -> ModelList:
     presets = {name: f"{width}x{height}" for name, (width, height) in RESOLUTION_PRESETS.items()}
+    tiers = ["draft", "final"] if state.args.serves_draft else ["final"]
     served = ServedModel(
         id=SERVED_MODEL,
         presets=presets,
         envelope=state.args.envelope,
         default_steps=state.model.num_steps,
         fps=state.model.fps,
-        experts={expert: expert_parallel(state.shapes, expert, state.model) for expert in ("high", "low")},
-        tiers={
-            quality: state.model.recipe(quality)
-            for quality in ("draft", "final")
-            if quality == "final" or state.args.serves_draft
+        layout=state.args.experts.layout,
+        experts={
+            expert: expert_parallel(state.shapes, expert, state.model, tiers) for expert in ("high", "low")
         },
+        tiers={quality: state.model.recipe(quality) for quality in tiers},
         adapters=[
             Adapter(name=lora.name, shared=lora.project is None, description=lora.description)
             for lora in state.args.adapters.loras
@@ -88,14 +107,17 @@ async def list_models(state: StateDep, caller: CallerDep) -> ModelList:
     return ModelList(data=[served])
 
 
-def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec) -> ExpertParallel:
+def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec, tiers: list[str]) -> ExpertParallel:
     degree = shapes.degrees[expert]
     num_frames = RequestSpec(prompt="-", duration=DEFAULT_SECONDS).num_frames(model)
     return ExpertParallel(
-        deployment=DEPLOYMENT_NAMES[expert],
+        deployment=shapes.deployments[expert],
         ulysses=degree.ulysses,
         cfg=degree.cfg,
         gpus_per_replica=degree.world_size,
         token_multiple=degree.ulysses,
         accepted_sizes=shapes.accepted_sizes(expert, num_frames),
+        tiers=tiers,  # the same engine at any degree: a rank group serves every tier
+        loras=True,
+        step_cache=True,
     )

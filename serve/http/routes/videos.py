@@ -377,6 +377,7 @@ def promotion_draft(source: JobRecord, body: VideoPromote, burn_label: bool, pre
         # a take of a board joins its shot; one whose board was deleted is a video of no board
         storyboard=source.request.storyboard if source.storyboard_id is not None else None,
         promoted_from=source.id,
+        repeats=source.request,  # the draft's text as it ran, whatever compiler version made it
     )
 
 
