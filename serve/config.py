@@ -14,6 +14,7 @@ from pipeline.lora import BUILTIN
 from pipeline.lut import Interpolation
 from pipeline.safety import SafetySettings
 from pipeline.spec import ADAPTER_NAME_PATTERN, DISTILL_ADAPTER, ModelSpec, SizeEnvelope
+from pipeline.vae import DecodeDtype
 from pipeline.weights import PRESETS
 from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
@@ -28,6 +29,18 @@ class EngineSettings(BaseModel):
         262_144, ge=1, description="Token budget of one batched forward (CFG doubles a request's tokens)."
     )
     max_batch_size: int = Field(16, ge=1, description="Most requests in one batched forward.")
+
+
+class DecoderSettings(BaseModel):
+    """The VAEDecoder replicas: the dtype they decode in."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: DecodeDtype = Field(
+        "auto",
+        description="The VAE's compute dtype: `auto` is bfloat16 on a GPU and float32 on CPU; `float32` "
+        "decodes as the reference does (about twice the time and memory of bf16 on a GPU).",
+    )
 
 
 class LoraSettings(BaseModel):
@@ -152,6 +165,9 @@ class PrevizArgs(BaseModel):
         default_factory=ExpertsSettings,
         description="The experts' layout (`split`: a deployment each; `colocated`: one `Denoiser` holding "
         "both) and per expert its rank group (`parallel: {ulysses, cfg}`; default 1x1) and kernels.",
+    )
+    decoder: DecoderSettings = Field(
+        default_factory=DecoderSettings, description="The VAE decode stage (dtype)."
     )
     max_jobs_in_flight: int = Field(
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."

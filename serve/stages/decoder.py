@@ -10,7 +10,7 @@ import ray
 from ray import serve
 
 from pipeline.stages import deployment_name, stage
-from pipeline.vae import VAEDecoder
+from pipeline.vae import VAEDecoder, decode_dtype
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
@@ -26,7 +26,8 @@ def default_options(args: PrevizArgs) -> dict[str, Any]:
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=8, **STAGE_OPTIONS)
 class VAEDecoderDeployment:
     def __init__(self, args: PrevizArgs) -> None:
-        self.decoder = VAEDecoder(stage_components(args, "vae").vae)
+        vae = stage_components(args, "vae").vae
+        self.decoder = VAEDecoder(vae, dtype=decode_dtype(args.decoder.dtype, next(vae.parameters()).device))
         self._metrics = ReplicaReporter().start()
         self._lock = asyncio.Lock()  # one decode at a time per replica: it is memory-bound
 
