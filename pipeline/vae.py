@@ -1,4 +1,5 @@
-"""VAEDecoder stage: latents → 8-bit RGB frames, one latent frame (4 video frames) at a time.
+"""VAEDecoder stage: latents → 8-bit RGB frames, one latent frame (4 video frames) at a time, or in
+spatial tiles when full frames would not fit the device's free memory (pipeline.vae_memory).
 
 AutoencoderKLWan is causal in time and decodes latent frame by latent frame with a feature cache; this
 stage runs the same loop but converts each chunk to uint8 on the device as it comes, into one uint8 clip
@@ -8,6 +9,7 @@ video, and the clip crosses to the host in one copy.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -17,6 +19,9 @@ from diffusers import AutoencoderKLWan
 
 from pipeline._compat import unpatchify
 from pipeline.frames import Frames
+from pipeline.vae_memory import DecodePlan, free_device_bytes, plan_decode
+
+logger = logging.getLogger(__name__)
 
 # The decoder's compute dtype: `auto` is bfloat16 on CUDA (the official VAE decodes 480p/81 frames in bf16
 # in about 5.5 s on an H100) and float32 elsewhere (bf16 convolutions on CPU are slow and inexact).
@@ -41,18 +46,45 @@ class VAEDecoder:
     """Decode one request's latents to frames.
 
     The decoder owns its VAE's dtype: it casts the VAE to `dtype` once (None: `decode_dtype("auto")` for
-    the VAE's device), so a replica that shares its VAE with nothing else decodes in bf16 on a GPU.
+    the VAE's device), so a replica that shares its VAE with nothing else decodes in bf16 on a GPU. Each
+    `decode` plans full frames or tiles for the memory free at that moment (`plan`), bounded further by
+    `memory_bound_bytes` when given; `spatial_tiling` always tiles.
     """
 
     def __init__(
-        self, vae: AutoencoderKLWan, *, spatial_tiling: bool = False, dtype: torch.dtype | None = None
+        self,
+        vae: AutoencoderKLWan,
+        *,
+        spatial_tiling: bool = False,
+        dtype: torch.dtype | None = None,
+        memory_bound_bytes: int | None = None,
     ) -> None:
         self.vae = vae
         self.dtype = dtype if dtype is not None else decode_dtype("auto", self.device)
         if vae.dtype != self.dtype:
             vae.to(dtype=self.dtype)
-        if spatial_tiling:
-            vae.enable_tiling()
+        self.spatial_tiling = spatial_tiling
+        self.memory_bound_bytes = memory_bound_bytes
+
+    def plan(self, latent_shape: tuple[int, ...]) -> DecodePlan:
+        """How latents of `latent_shape` (channels, frames, height, width) are decoded now: full frames if
+        they fit the smaller of the device's free memory and the configured bound, else tiles."""
+        bounds = [b for b in (free_device_bytes(self.device), self.memory_bound_bytes) if b is not None]
+        return plan_decode(
+            self.vae.config,
+            tuple(latent_shape),
+            self.dtype,
+            min(bounds) if bounds else None,
+            force_tiling=self.spatial_tiling,
+        )
+
+    def apply(self, plan: DecodePlan) -> None:
+        """Switch the VAE to `plan`'s way of decoding (diffusers' tiling, with the plan's tile)."""
+        if plan.tile is None:
+            self.vae.disable_tiling()
+            return
+        side, stride = plan.tile
+        self.vae.enable_tiling(side, side, stride, stride)
 
     @property
     def device(self) -> torch.device:
@@ -97,9 +129,20 @@ class VAEDecoder:
 
     @torch.inference_mode()
     def decode(
-        self, latents: torch.Tensor, *, fps: int, progress: Callable[[int, int], None] | None = None
+        self,
+        latents: torch.Tensor,
+        *,
+        fps: int,
+        progress: Callable[[int, int], None] | None = None,
+        plan: DecodePlan | None = None,
     ) -> Frames:
-        """The whole clip as uint8 frames, made on the device and copied to the host once."""
+        """The whole clip as uint8 frames, made on the device and copied to the host once, the way `plan`
+        says (None: `self.plan(latents.shape)`)."""
+        plan = plan if plan is not None else self.plan(latents.shape)
+        if plan.tile is not None:
+            log = logger.info if plan.fits else logger.warning
+            log("VAE decode of latents %s in %s", tuple(latents.shape), plan.describe())
+        self.apply(plan)
         _, num_latent_frames, latent_height, latent_width = latents.shape
         scale = self.vae.spatial_compression_ratio
         clip = torch.empty(

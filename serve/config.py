@@ -32,7 +32,7 @@ class EngineSettings(BaseModel):
 
 
 class DecoderSettings(BaseModel):
-    """The VAEDecoder replicas: the dtype they decode in."""
+    """The VAEDecoder replicas: the dtype they decode in and the memory a decode may take."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +41,17 @@ class DecoderSettings(BaseModel):
         description="The VAE's compute dtype: `auto` is bfloat16 on a GPU and float32 on CPU; `float32` "
         "decodes as the reference does (about twice the time and memory of bf16 on a GPU).",
     )
+    max_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Most device memory one decode may plan for; a clip whose full frames would need more "
+        "is decoded in spatial tiles (smaller ones as needed). None: the GPU's free memory at the time of "
+        "the decode (what a denoiser beside the decoder left); on CPU no bound.",
+    )
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory_gib is None else int(self.max_memory_gib * 2**30)
 
 
 class LoraSettings(BaseModel):
@@ -167,7 +178,7 @@ class PrevizArgs(BaseModel):
         "both) and per expert its rank group (`parallel: {ulysses, cfg}`; default 1x1) and kernels.",
     )
     decoder: DecoderSettings = Field(
-        default_factory=DecoderSettings, description="The VAE decode stage (dtype)."
+        default_factory=DecoderSettings, description="The VAE decode stage (dtype, memory bound)."
     )
     max_jobs_in_flight: int = Field(
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."

@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from pipeline.vae import VAEDecoder, decode_dtype, num_video_frames
+from pipeline.vae_memory import MEMORY_MARGIN, TILES, estimate_bytes
 from pipeline.weights import PRESETS
 
 
@@ -47,14 +48,37 @@ def test_device_uint8_frames_equal_numpy_path_bit_for_bit(shape: tuple[int, int,
     assert steps == [(done, shape[1]) for done in range(1, shape[1] + 1)]
 
 
-def test_tiled_decode_fills_the_whole_clip() -> None:
-    decoder = VAEDecoder(preset_vae("tiny"), spatial_tiling=True)
-    decoder.vae.tile_sample_min_height = decoder.vae.tile_sample_min_width = 32
-    decoder.vae.tile_sample_stride_height = decoder.vae.tile_sample_stride_width = 24
-    z = latents((16, 2, 6, 6))
-    frames = decoder.decode(z, fps=16)
-    assert frames.num_frames == 5 and (frames.height, frames.width) == (48, 48)
-    np.testing.assert_array_equal(frames.pixels, numpy_path(decoder, z))
+def test_a_size_over_the_memory_bound_is_decoded_in_tiles_not_failed() -> None:
+    vae = preset_vae("tiny")
+    shape = (16, 2, 12, 12)  # 96 x 96 pixels: two 64-pixel tiles a side
+    full = estimate_bytes(vae.config, shape, torch.float32)
+    tiled = estimate_bytes(vae.config, shape, torch.float32, TILES[-1])
+    assert tiled < full
+    bound = int(tiled / MEMORY_MARGIN) + 1
+    decoder = VAEDecoder(vae, memory_bound_bytes=bound)
+    plan = decoder.plan(shape)
+    assert (plan.mode, plan.tile, plan.fits, plan.budget_bytes) == ("tiled", TILES[-1], True, bound)
+    z = latents(shape)
+    frames = decoder.decode(z, fps=16, plan=plan)
+    assert frames.pixels.shape == (5, 96, 96, 3)
+    # exactly diffusers' own tiled decode with that tile
+    vae.enable_tiling(64, 64, 48, 48)
+    with torch.inference_mode():
+        video = vae.decode(decoder.denormalize(z[None]), return_dict=False)[0]
+    reference = ((video[0].permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(frames.pixels, reference)
+
+
+def test_full_frames_when_they_fit_and_smallest_tile_when_nothing_does() -> None:
+    vae = preset_vae("tiny")
+    shape = (16, 2, 12, 12)
+    assert VAEDecoder(vae).plan(shape).mode == "full"  # CPU: no free-memory reading, no bound
+    roomy = VAEDecoder(vae, memory_bound_bytes=2 * estimate_bytes(vae.config, shape, torch.float32))
+    assert roomy.plan(shape).mode == "full"
+    cramped = VAEDecoder(vae, memory_bound_bytes=1024).plan(shape)
+    assert (cramped.mode, cramped.tile, cramped.fits) == ("tiled", TILES[-1], False)
+    assert "64-pixel tiles" in cramped.describe()
+    assert VAEDecoder(vae, spatial_tiling=True).plan(shape).tile == TILES[0]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

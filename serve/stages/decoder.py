@@ -12,7 +12,7 @@ from ray import serve
 from pipeline.stages import deployment_name, stage
 from pipeline.vae import VAEDecoder, decode_dtype
 from serve.config import PrevizArgs
-from serve.metrics import ReplicaReporter
+from serve.metrics import ReplicaReporter, record_decode_plan
 from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
 from serve.stages.payloads import FrameBatch, StateRef
 
@@ -27,7 +27,11 @@ def default_options(args: PrevizArgs) -> dict[str, Any]:
 class VAEDecoderDeployment:
     def __init__(self, args: PrevizArgs) -> None:
         vae = stage_components(args, "vae").vae
-        self.decoder = VAEDecoder(vae, dtype=decode_dtype(args.decoder.dtype, next(vae.parameters()).device))
+        self.decoder = VAEDecoder(
+            vae,
+            dtype=decode_dtype(args.decoder.dtype, next(vae.parameters()).device),
+            memory_bound_bytes=args.decoder.max_memory_bytes,
+        )
         self._metrics = ReplicaReporter().start()
         self._lock = asyncio.Lock()  # one decode at a time per replica: it is memory-bound
 
@@ -38,5 +42,10 @@ class VAEDecoderDeployment:
         latents = (await state.ref[0]).latents
         async with self._lock:
             started = time.perf_counter()
-            frames = await asyncio.to_thread(self.decoder.decode, torch.from_numpy(latents.copy()), fps=fps)
+            plan = self.decoder.plan(latents.shape)  # full frames or tiles, for the memory free now
+            dtype = str(self.decoder.dtype).removeprefix("torch.")
+            record_decode_plan(plan.mode, dtype, "vae", plan.estimate_bytes, plan.budget_bytes)
+            frames = await asyncio.to_thread(
+                self.decoder.decode, torch.from_numpy(latents.copy()), fps=fps, plan=plan
+            )
             return FrameBatch(ref=[ray.put(frames.pixels)], fps=fps, seconds=time.perf_counter() - started)
