@@ -62,3 +62,25 @@ def test_every_key_a_screen_asks_for_is_in_the_catalogue() -> None:
         "board.state": ("queued", "in_progress", "completed", "failed"),
     }.items():
         assert {f"{prefix}.{value}" for value in values} <= words.keys(), prefix
+
+
+def english_chunks() -> list[str]:
+    """The literal parts of the English catalogue (its text between placeholders) that would give an
+    untranslated string away on a Chinese page: those with a word of three letters or more, less the
+    words that stay the same in both."""
+    words = catalogues()
+    chunks = set()
+    for key, english in words["en"].items():
+        if english == words["zh"][key]:
+            continue
+        for part in re.split(r"\{\w+\}", english):
+            part = part.strip(" ·.,:()…")
+            if re.search(r"[A-Za-z]{3,}", SAME_IN_BOTH.sub("", part)):
+                chunks.add(part)
+    return sorted(chunks)
+
+
+def test_the_english_chunks_a_chinese_page_is_checked_for_are_real_words() -> None:
+    chunks = english_chunks()
+    assert "Waiting for the decoder" in chunks and "take" in chunks and "Download mp4" in chunks
+    assert not [chunk for chunk in chunks if not chunk.strip()]

@@ -79,17 +79,23 @@ export async function renderBoard(view, boardId, signal) {
     latest.shots.flatMap((shot) =>
       shot.videos.filter((video) => video.video_id === shot.selected_video_id && video.quality === "draft" && !video.promoted_to && cards.get(video.video_id)?.state().status === "completed"),
     );
+  // The cut is decided once each shot has its take: its selected take, completed; or, with none selected,
+  // its first completed take once none of its takes is still rendering (an earlier one could still win).
   const paintToolbar = () => {
-    const running = [...cards.values()].filter((card) => card.isConnected && !FINISHED.has(card.state().status)).length;
-    const missing = latest.shots.filter((shot) => {
-      const usable = shot.videos.filter((video) => cards.get(video.video_id)?.state().status === "completed");
-      const chosen = shot.selected_video_id ? usable.filter((video) => video.video_id === shot.selected_video_id) : usable;
-      return chosen.length === 0;
-    });
+    const statusOf = (video) => cards.get(video.video_id)?.state().status ?? video.status;
+    const undecided = [];
+    const missing = [];
+    for (const shot of latest.shots) {
+      const selected = shot.videos.find((video) => video.video_id === shot.selected_video_id);
+      if (selected) {
+        if (statusOf(selected) !== "completed") (FINISHED.has(statusOf(selected)) ? missing : undecided).push(shot);
+      } else if (shot.videos.some((video) => !FINISHED.has(statusOf(video)))) undecided.push(shot);
+      else if (!shot.videos.some((video) => statusOf(video) === "completed")) missing.push(shot);
+    }
     const reasons = [];
-    if (running) reasons.push(t("toolbar.cutRunning", { n: running }));
-    else if (missing.length) reasons.push(t("toolbar.cutMissing", { names: missing.map(shotLabel).join(", ") }));
-    cutButton.disabled = Boolean(running || missing.length) || Boolean(cutBox.dataset.busy);
+    if (missing.length) reasons.push(t("toolbar.cutMissing", { names: missing.map(shotLabel).join(", ") }));
+    else if (undecided.length) reasons.push(t("toolbar.cutRunning", { names: undecided.map(shotLabel).join(", ") }));
+    cutButton.disabled = Boolean(missing.length || undecided.length || cutBox.dataset.busy);
     promoteButton.disabled = promotable().length === 0;
     if (promoteButton.disabled) reasons.push(t("toolbar.promoteWhy"));
     reason.textContent = reasons.join(" ");
