@@ -15,6 +15,9 @@ const SHOT_FIELDS = [
 const GRID_FIELDS = ["camera", "action", "character", "environment", "style", "look"];
 
 export function renderComposer(view) {
+  // the looks a shot may name: none, film and the project's LUTs
+  const looks = h("datalist", { id: "looks" }, h("option", { value: "none" }), h("option", { value: "film" }));
+  api("/v1/looks").then((list) => looks.replaceChildren(...list.data.map((look) => h("option", { value: look.name, label: look.kind === "lut" ? `${look.name} (project LUT)` : look.name })))).catch(() => {});
   const shots = h("ol", { class: "shots" });
   const formError = h("p", { class: "error", role: "alert", id: "compose-error" });
   const common = {
@@ -82,7 +85,7 @@ export function renderComposer(view) {
       ),
     ),
     h("datalist", { id: "resolutions" }, h("option", { value: "480p" }), h("option", { value: "720p" })),
-    h("datalist", { id: "looks" }, h("option", { value: "none" }), h("option", { value: "film" })),
+    looks,
     formError,
     submit,
   );
@@ -93,7 +96,16 @@ function shotEditor(index) {
   const prefix = `shots.${index}`;
   const name = h("input", { type: "text", name: "name", maxlength: 64, placeholder: `${index + 1}A` });
   const prompt = h("textarea", { name: "prompt", rows: 2 });
-  const inputs = Object.fromEntries(SHOT_FIELDS.map(([key, , , example]) => [key, h("input", { type: "text", name: key, placeholder: example })]));
+  // multi-line: a Chinese description runs long, and a single line hides most of it
+  const inputs = Object.fromEntries(SHOT_FIELDS.map(([key, , , example]) => [key, h("textarea", { name: key, rows: 2, placeholder: example })]));
+  // this shot's own settings; empty: the board's (the "Every shot" fields)
+  const own = {
+    resolution: h("input", { type: "text", name: "resolution", list: "resolutions", placeholder: "the board's", pattern: "^(480p|720p|[0-9]+x[0-9]+)$" }),
+    seconds: h("input", { type: "number", name: "seconds", min: 0.25, max: 10, step: 0.25, placeholder: "the board's" }),
+    quality: h("select", { name: "quality" }, h("option", { value: "", text: "the board's" }), h("option", { value: "draft", text: "draft" }), h("option", { value: "final", text: "final" })),
+    look: h("input", { type: "text", name: "look", list: "looks", placeholder: "the board's" }),
+    seed: h("input", { type: "number", name: "seed", min: 0, step: 1, placeholder: "the board's" }),
+  };
   const preview = h("output", { class: "preview", "aria-live": "polite", text: "" });
   const item = h(
     "li",
@@ -102,6 +114,18 @@ function shotEditor(index) {
     field("Shot name", name, { param: `${prefix}.name` }),
     h("div", { class: "grid" }, ...SHOT_FIELDS.map(([key, label, english]) => field(`${english} · ${label}`, inputs[key], { param: `${prefix}.shot.${key}` }))),
     field("Free prompt", prompt, { param: `${prefix}.prompt` }),
+    h(
+      "details",
+      { class: "own-settings" },
+      h("summary", { text: "Settings of this shot" }),
+      h("div", { class: "grid" },
+        field("Size of this shot", own.resolution, { param: `${prefix}.resolution`, hint: "480p, 720p or WxH" }),
+        field("Length of this shot (s)", own.seconds, { param: `${prefix}.seconds` }),
+        field("Draft or final (this shot)", own.quality, { param: `${prefix}.quality` }),
+        field("Look of this shot", own.look, { param: `${prefix}.look` }),
+        field("Seed of this shot", own.seed, { param: `${prefix}.seed` }),
+      ),
+    ),
     h("p", { class: "preview-line" }, h("span", { class: "hint", text: "Prompt sent to the model: " }), preview),
   );
   item.shotValue = () => {
@@ -111,6 +135,10 @@ function shotEditor(index) {
     if (name.value.trim()) value.name = name.value.trim();
     if (prompt.value.trim()) value.prompt = prompt.value;
     if (Object.keys(shot).length) value.shot = shot;
+    for (const [key, control] of Object.entries(own)) {
+      const text = control.value.trim();
+      if (text) value[key] = key === "seconds" || key === "seed" ? Number(text) : text;
+    }
     return value;
   };
   let timer;
@@ -143,8 +171,10 @@ function boardBody(shots, common) {
   if (common.quality.value) every.quality = common.quality.value;
   if (text("steps")) every.steps = Number(text("steps"));
   if (text("look")) every.look = text("look");
-  if (text("seed")) every.seed = Number(text("seed"));
-  const body = { shots: [...shots.children].map((item) => ({ ...item.shotValue(), ...every })) };
+  // the board's settings go at the board's level (each shot takes what it does not give itself), so a
+  // refusal names the field that was given; a seed has no board-level field: each shot without one gets it
+  const seed = text("seed") ? Number(text("seed")) : undefined;
+  const body = { ...every, shots: [...shots.children].map((item) => ({ seed, ...item.shotValue() })) };
   if (text("title")) body.title = text("title");
   const variants = { seeds: Number(text("takes") || 1) };
   const values = common.values.value.split("\n").map((line) => line.trim()).filter(Boolean);
@@ -166,13 +196,13 @@ async function send(form, formError, submit, request) {
     const board = await api("/v1/storyboards", { method: "POST", ...request() });
     location.hash = `#/boards/${board.id}`;
   } catch (error) {
-    const control = error.param ? controlFor(form, error.param) : null;
-    if (control) {
-      const box = document.getElementById(`${control.id}-error`);
+    const controls = error.param ? controlsFor(form, error.param) : [];
+    if (controls.length) {
+      const box = document.getElementById(`${controls[0].id}-error`);
       box.textContent = describe(error);
       box.hidden = false;
-      control.setAttribute("aria-invalid", "true");
-      control.focus();
+      for (const control of controls) control.setAttribute("aria-invalid", "true");
+      controls[0].focus();
     } else {
       formError.textContent = describe(error);
     }
@@ -181,13 +211,23 @@ async function send(form, formError, submit, request) {
   }
 }
 
-function controlFor(form, param) {
-  const candidates = [param, param.replace(/^shots\.\d+\./, ""), param.replace(/\.\d+$/, ""), param.split(".").slice(0, 2).join(".")];
+// The controls a refusal's `param` names: the shot's own field when it was given, else the board's; a
+// refused shot (`shots.N.shot`: the content policy names the shot, not a field) marks its filled fields.
+function controlsFor(form, param) {
+  const shot = param.match(/^shots\.(\d+)\.shot$/);
+  if (shot) {
+    const fields = [...form.querySelectorAll(`[data-param^="shots.${shot[1]}.shot."]`)];
+    const filled = fields.filter((control) => control.value.trim());
+    return filled.length ? filled : fields.slice(0, 1);
+  }
+  const own = form.querySelector(`[data-param="${CSS.escape(param)}"]`);
+  if (own && (own.value.trim() || !/^shots\.\d+\./.test(param))) return [own];
+  const candidates = [param.replace(/^shots\.\d+\./, ""), param.replace(/\.\d+$/, ""), param.split(".").slice(0, 2).join(".")];
   for (const name of candidates) {
     const control = form.querySelector(`[data-param="${CSS.escape(name)}"]`);
-    if (control) return control;
+    if (control) return [control];
   }
-  return null;
+  return own ? [own] : [];
 }
 
 function dropZone(formError) {
