@@ -4,21 +4,27 @@ A shot spec has five optional text fields, each also accepted under its Chinese 
 
     character / 人物    action / 动作    environment / 环境    camera / 镜头    style / 风格
 
-`ShotSpec.to_prompt()` compiles them, in this fixed order, into
+`ShotSpec.to_prompt()` compiles them, in this fixed order, in the language of the fields' text:
 
-    "<character> <action>, in <environment>. Camera: <camera>. Style: <style>."
+    English: "<character> <action>, in <environment>. Camera: <camera>. Style: <style>."
+    Chinese: "<人物><动作>，在<环境>。镜头：<镜头>。风格：<风格>。"
 
-Missing fields drop out with their glue (see `ShotSpec.to_prompt`). The spec is a plain pydantic
-model so the HTTP API can embed it in its request schema; `parse_shot` and `load_shot_file` are for
-the CLI and turn validation errors into one `ShotSpecError` a director can act on.
+Missing fields drop out with their glue (see `ShotSpec.to_prompt`). The compiler is versioned, because its
+output is what a shot sends to the model: version 1 glued English words into every shot, version 2
+(PROMPT_COMPILER_VERSION) speaks the shot's language. A job stores the text it was compiled to and the
+version, and a promote repeats that stored text rather than compiling the shot again.
+
+The spec is a plain pydantic model so the HTTP API can embed it in its request schema; `parse_shot` and
+`load_shot_file` are for the CLI and turn validation errors into one `ShotSpecError` a director can act on.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -33,6 +39,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 MAX_FIELD_CHARS = 2_000  # per field, as sent; the whole prompt still goes through the tokenizer
+# 1: English glue for every shot ("in", "Camera:", "Style:"); 2: the glue of the fields' language.
+PROMPT_COMPILER_VERSION = 2
+COMPILER_VERSIONS = (1, 2)
 
 # English field name -> Chinese label; the order is the order the prompt is compiled in.
 FIELD_LABELS: dict[str, str] = {
@@ -126,22 +135,40 @@ class ShotSpec(BaseModel):
             )
         return self
 
-    def to_prompt(self) -> str:
-        """Compile the fields into one prompt, deterministically.
+    @property
+    def language(self) -> Literal["en", "zh"]:
+        """`zh` when the fields' text is Chinese (at least as many Han characters as Latin words: one
+        character says about as much as one word), else `en`."""
+        text = " ".join(
+            part for part in (self.character, self.action, self.environment, self.camera, self.style) if part
+        )
+        han = len(_HAN.findall(text))
+        return "zh" if han and han >= len(_LATIN_WORD.findall(text)) else "en"
 
-        Template, with each present field's whitespace collapsed and its text otherwise verbatim:
+    def to_prompt(self, version: int = PROMPT_COMPILER_VERSION) -> str:
+        """Compile the fields into one prompt, deterministically, with compiler `version`.
+
+        Templates, with each present field's whitespace collapsed and its text otherwise verbatim; version
+        1 always uses the English one, version 2 the one of the fields' `language`:
 
             "<character> <action>, in <environment>. Camera: <camera>. Style: <style>."
+            "<人物><动作>，在<环境>。镜头：<镜头>。风格：<风格>。"
 
-        - character and action join with a space; with neither, the environment opens the sentence as
-          "In <environment>."
-        - "Camera: ..." and "Style: ..." are separate sentences, left out when their field is missing.
+        - character and action join with a space (in Chinese: directly, a space only between two Latin
+          letters or digits); with neither, the environment opens the sentence as "In <environment>."
+          ("在<环境>。"; no second 在 when the field starts with 在 or 于).
+        - "Camera: ..." and "Style: ..." ("镜头：", "风格：") are separate sentences, left out when their
+          field is missing.
         - A sentence whose field already ends in . ! ? 。 ！ ？ or … gets no extra full stop.
         """
+        if version not in COMPILER_VERSIONS:
+            raise ValueError(f"`version` must be one of {COMPILER_VERSIONS} but is {version}.")
         character, action, environment, camera, style = (
             _collapse(text)
             for text in (self.character, self.action, self.environment, self.camera, self.style)
         )
+        if version >= 2 and self.language == "zh":
+            return _chinese_prompt(character, action, environment, camera, style)
         sentences: list[str] = []
         subject = " ".join(part for part in (character, action) if part)
         if subject and environment:
@@ -155,6 +182,37 @@ class ShotSpec(BaseModel):
         if style:
             sentences.append(f"Style: {style}")
         return " ".join(_end_sentence(sentence) for sentence in sentences)
+
+
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_WORD = re.compile(r"[A-Za-z]+")
+_CHINESE_ENDS = ("。", "！", "？", "…", ".", "!", "?")
+
+
+def _chinese_prompt(character: str, action: str, environment: str, camera: str, style: str) -> str:
+    sentences: list[str] = []
+    subject = _join_chinese(character, action)
+    place = environment if environment.startswith(("在", "于")) else f"在{environment}"
+    if subject and environment:
+        sentences.append(f"{subject}，{place}")
+    elif subject:
+        sentences.append(subject)
+    elif environment:
+        sentences.append(place)
+    if camera:
+        sentences.append(f"镜头：{camera}")
+    if style:
+        sentences.append(f"风格：{style}")
+    return "".join(
+        sentence if sentence.endswith(_CHINESE_ENDS) else f"{sentence}。" for sentence in sentences
+    )
+
+
+def _join_chinese(first: str, second: str) -> str:
+    if not (first and second):
+        return first or second
+    latin_seam = first[-1].isascii() and first[-1].isalnum() and second[0].isascii() and second[0].isalnum()
+    return f"{first} {second}" if latin_seam else f"{first}{second}"
 
 
 def _collapse(text: str | None) -> str:
@@ -207,9 +265,10 @@ def load_shot_file(path: Path) -> ShotSpec:
     return _parse_shot(data, where=f"shot file {path}")
 
 
-def compose_prompt(prompt: str | None, shot: ShotSpec | None) -> str:
-    """The text sent to the encoder: the shot's compiled prompt, then the free prompt, space-separated."""
-    parts = (shot.to_prompt() if shot is not None else "", prompt or "")
+def compose_prompt(prompt: str | None, shot: ShotSpec | None, version: int = PROMPT_COMPILER_VERSION) -> str:
+    """The text sent to the encoder: the shot's compiled prompt (compiler `version`), then the free
+    prompt, space-separated."""
+    parts = (shot.to_prompt(version) if shot is not None else "", prompt or "")
     text = " ".join(part.strip() for part in parts if part.strip())
     if not text:
         raise ValueError("`prompt` must not be empty: give a prompt or a shot spec.")

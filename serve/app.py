@@ -21,7 +21,7 @@ from serve.http.ingress import Ingress
 from serve.scheduling.housekeeping import HousekeepingDeployment
 from serve.scheduling.scheduler import SchedulerDeployment
 from serve.sharding import check_degrees
-from serve.stages import decoder, denoiser, finisher, text_encoder, upscaler
+from serve.stages import colocated, decoder, denoiser, finisher, text_encoder, upscaler
 
 
 def build_app(args: PrevizArgs | dict[str, Any]) -> Application:
@@ -29,8 +29,15 @@ def build_app(args: PrevizArgs | dict[str, Any]) -> Application:
     args = with_environment(PrevizArgs.model_validate(args), os.environ)
     check_degrees(args.experts, args.model, args.model_cache_dir, args.sampling)
     encoder = text_encoder.TextEncoderDeployment.options(**text_encoder.default_options(args)).bind(args)
-    high = denoiser.DenoiserDeployment.options(**denoiser.default_options(args, "high")).bind(args, "high")
-    low = denoiser.DenoiserDeployment.options(**denoiser.default_options(args, "low")).bind(args, "low")
+    if args.experts.layout == "colocated":  # one Denoiser holds both experts: the Scheduler calls it once
+        high = low = colocated.ColocatedDenoiserDeployment.options(**colocated.default_options(args)).bind(
+            args
+        )
+    else:
+        high = denoiser.DenoiserDeployment.options(**denoiser.default_options(args, "high")).bind(
+            args, "high"
+        )
+        low = denoiser.DenoiserDeployment.options(**denoiser.default_options(args, "low")).bind(args, "low")
     vae = decoder.VAEDecoderDeployment.options(**decoder.default_options(args)).bind(args)
     sr = upscaler.UpscalerDeployment.options(**upscaler.default_options(args)).bind(args)
     finish = finisher.FinisherDeployment.options(**finisher.default_options(args)).bind(args)

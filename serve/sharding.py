@@ -237,6 +237,7 @@ class ShapeRules:
 
     def __init__(self, experts: ExpertsSettings, model: str, sampling: ModelSpec, cache_dir: Path) -> None:
         self.sampling = sampling
+        self.deployments: dict[Expert, str] = {e: experts.deployment(e) for e in ("high", "low")}
         self.degrees: dict[Expert, ParallelDegree] = {
             e: experts.of(e).parallel.degree for e in ("high", "low")
         }

@@ -86,9 +86,9 @@ def test_submit_storyboard_writes_every_clip_inside_the_output_folder_whatever_t
     assert out.strip() == created["id"]
     written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.mp4"))
     assert [name for name in written if not name.startswith("artifacts/")] == [
-        "work/out/clips/01-x_.._.._.._escaped-v0.mp4",  # `01-x/../../../escaped-v0.mp4` was work/escaped…
-        "work/out/clips/02-a_b-v0.mp4",  # was a folder `02-a` with `b-v0.mp4` in it
-        "work/out/clips/03-shot-v0.mp4",
+        "work/out/clips/01-x_.._.._.._escaped-take1.mp4",  # `01-x/../../../escaped-take1.mp4` was work/…
+        "work/out/clips/02-a_b-take1.mp4",  # was a folder `02-a` with `b-take1.mp4` in it
+        "work/out/clips/03-shot-take1.mp4",
     ]
     assert files_under(tmp_path / "work") == [name.removeprefix("work/") for name in written[-3:]]
 

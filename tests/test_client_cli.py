@@ -75,7 +75,7 @@ def test_submit_a_storyboard_and_download_every_clip(
     assert code == 0, err
     assert out.split()[0].startswith("sb_")
     assert sorted(path.name for path in (tmp_path / "board").iterdir()) == [
-        "01-1A-v0.mp4", "01-1A-v1.mp4", "02-1B-v0.mp4", "02-1B-v1.mp4",
+        "01-1A-take1.mp4", "01-1A-take2.mp4", "02-1B-take1.mp4", "02-1B-take2.mp4",
     ]  # fmt: skip
     code, out, err = previz(["status", out.split()[0], "--server", cluster.url], monkeypatch, capsys)
     assert code == 0 and "completed" in out, err

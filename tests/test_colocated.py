@@ -38,22 +38,34 @@ def tiny() -> WanComponents:
     return build_preset("tiny")  # this module's own: loading adapters wraps its layers
 
 
-@pytest.fixture(scope="module")
-def banks(tiny: WanComponents, tmp_path_factory: pytest.TempPathFactory) -> dict[str, AdapterBank]:
-    cache = tmp_path_factory.mktemp("loras")
+def lora_folders(cache: Path) -> dict[str, Path]:
+    """The built-in distill LoRA and a `noir` style LoRA for both experts, written under `cache`."""
     config = PRESETS["tiny"].transformer
     style = {
         expert: random_lora_state_dict(config, seed=7 + index, rank=2)
         for index, expert in enumerate(("high", "low"))
     }
-    folders: dict[str, Path] = {
+    return {
         DISTILL_ADAPTER: distill_folder("builtin", "tiny", cache_dir=cache),
         STYLE: save_lora_folder(cache / STYLE, style),
     }
+
+
+def load_banks(tiny: WanComponents, folders: dict[str, Path]) -> dict[str, AdapterBank]:
     return {
         "high": load_bank(tiny.transformer, "high", folders),
         "low": load_bank(tiny.transformer_2, "low", folders),
     }
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return lora_folders(tmp_path_factory.mktemp("loras"))
+
+
+@pytest.fixture(scope="module")
+def banks(tiny: WanComponents, folders: dict[str, Path]) -> dict[str, AdapterBank]:
+    return load_banks(tiny, folders)
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +78,14 @@ def curve(tiny: WanComponents) -> MagnitudeCurve:
     return calibration_curve("tiny", tiny.model)
 
 
-def engines(tiny, banks, curve, clock=None) -> dict[str, DenoiseEngine]:
+def engines(tiny, banks, curve, clock=None, runner=None, transformers=None) -> dict[str, DenoiseEngine]:
+    """A high- and a low-noise engine on one clock (`runner`, `transformers`: a rank group's)."""
     ticks = itertools.count()
     clock = clock or (lambda: float(next(ticks)))
+    transformers = transformers or {"high": tiny.transformer, "low": tiny.transformer_2}
     return {
         expert: DenoiseEngine(
-            tiny.transformer if expert == "high" else tiny.transformer_2,
+            transformers[expert],
             tiny.scheduler,
             expert=expert,
             boundary_ratio=tiny.model.boundary_ratio,
@@ -80,6 +94,7 @@ def engines(tiny, banks, curve, clock=None) -> dict[str, DenoiseEngine]:
             solvers=tier_solvers(tiny.model, tiny.scheduler),
             adapters=banks[expert],
             cache_curve=curve,
+            runner=runner,
         )
         for expert in ("high", "low")
     }

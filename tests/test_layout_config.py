@@ -10,9 +10,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve.cli import launch
+from serve.cli import k8s_render, launch
 from serve.config import PrevizArgs
 from serve.sharding import ExpertsSettings, deployments_problem
+from tests.support.api_app import local_api
 
 
 def test_split_is_the_default_layout_with_a_deployment_per_expert() -> None:
@@ -84,3 +85,39 @@ def test_a_serve_config_naming_the_other_layouts_deployments_is_refused_on_load(
         ValueError, match="`deployments` names HighNoiseDenoiser, but `experts.layout: colocated`"
     ):
         launch.load_config(path)
+
+
+def test_models_list_names_the_layout_and_the_colocated_denoiser_for_both_experts(tmp_path: Path) -> None:
+    with local_api(tmp_path, experts={"layout": "colocated"}) as api:
+        response = api.client.get("/v1/models")
+        assert response.status_code == 200, response.text
+        (model,) = response.json()["data"]
+        assert model["layout"] == "colocated"
+        assert {model["experts"][expert]["deployment"] for expert in ("high", "low")} == {"Denoiser"}
+    with local_api(tmp_path / "split") as api:
+        (model,) = api.client.get("/v1/models").json()["data"]
+        assert model["layout"] == "split"
+        assert [model["experts"][expert]["deployment"] for expert in ("high", "low")] == [
+            "HighNoiseDenoiser",
+            "LowNoiseDenoiser",
+        ]
+
+
+COLOCATED_U2_C2 = {
+    "layout": "colocated",
+    "low": {"parallel": {"ulysses": 2, "cfg": 2}},
+}  # high's in cluster.yaml
+
+
+def test_a_k8s_overlay_naming_the_other_layouts_deployments_is_refused_when_rendered() -> None:
+    settings = k8s_render.load_overlay("studio")
+    colocated = settings.model_copy(
+        update={
+            "serve_overrides": k8s_render.merged(
+                settings.serve_overrides,
+                {"applications": [{"name": "previz", "args": {"experts": COLOCATED_U2_C2}}]},
+            )
+        }
+    )
+    with pytest.raises(ValueError, match="`deployments` names HighNoiseDenoiser, LowNoiseDenoiser, but"):
+        k8s_render.serve_config(colocated)

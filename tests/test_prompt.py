@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,15 @@ FULL_ZH = {
     "风格": "黑色电影，高对比度",
 }
 FULL_ZH_PROMPT = (
+    "一位穿着湿风衣的侦探慢慢走向霓虹灯招牌，在雨夜的上海街头。"
+    "镜头：低角度缓慢推进。风格：黑色电影，高对比度。"
+)
+# what compiler version 1 made of it (English glue in a Chinese brief): stored jobs of that time keep it
+FULL_ZH_PROMPT_V1 = (
     "一位穿着湿风衣的侦探 慢慢走向霓虹灯招牌, in 雨夜的上海街头. "
     "Camera: 低角度缓慢推进. Style: 黑色电影，高对比度."
 )
+ENGLISH_GLUE = re.compile(r"\b(in|In|Camera|Style)\b|[,.:]")
 
 
 # --- field names -------------------------------------------------------------------------------------
@@ -95,8 +102,43 @@ def test_full_english_spec_compiles_to_the_template():
     assert parse_shot(FULL_EN).to_prompt() == FULL_EN_PROMPT
 
 
-def test_full_chinese_spec_keeps_its_text_verbatim():
-    assert parse_shot(FULL_ZH).to_prompt() == FULL_ZH_PROMPT
+def test_full_chinese_spec_keeps_its_text_verbatim_with_chinese_connectives():
+    prompt = parse_shot(FULL_ZH).to_prompt()
+    assert prompt == FULL_ZH_PROMPT
+    assert not ENGLISH_GLUE.search(prompt), prompt  # no "in", "Camera:", "Style:", no ASCII punctuation
+
+
+def test_compiler_version_1_still_compiles_as_it_did():
+    assert parse_shot(FULL_ZH).to_prompt(version=1) == FULL_ZH_PROMPT_V1
+    assert parse_shot(FULL_EN).to_prompt(version=1) == FULL_EN_PROMPT
+    assert compose_prompt("雨", parse_shot(FULL_ZH), version=1) == f"{FULL_ZH_PROMPT_V1} 雨"
+    with pytest.raises(ValueError, match="`version` must be one of"):
+        parse_shot(FULL_EN).to_prompt(version=3)
+
+
+def test_the_language_is_the_fields_text_not_their_names():
+    assert parse_shot(FULL_ZH).language == "zh" and parse_shot(FULL_EN).language == "en"
+    english_text = dict(zip(FULL_ZH, FULL_EN.values(), strict=True))  # Chinese names, English text
+    assert parse_shot(english_text).language == "en"
+    # a Chinese brief naming a lens or a brand in Latin letters is still Chinese
+    assert parse_shot({"人物": "一个拿着 AK-47 的男人", "镜头": "35mm 推镜"}).language == "zh"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"人物": "一只猫"}, "一只猫。"),
+        ({"人物": "一只猫", "动作": "跳过篱笆"}, "一只猫跳过篱笆。"),
+        ({"环境": "雾气弥漫的森林"}, "在雾气弥漫的森林。"),
+        ({"环境": "在沙漠里", "风格": "墨比斯"}, "在沙漠里。风格：墨比斯。"),
+        ({"人物": "一只猫", "环境": "于雾中"}, "一只猫，于雾中。"),
+        ({"镜头": "航拍！"}, "镜头：航拍！"),
+        ({"人物": "穿 Prada 的女人", "动作": "Vogue 式走步"}, "穿 Prada 的女人Vogue 式走步。"),
+        ({"人物": "穿风衣的 Neo", "动作": "Matrix 式闪避"}, "穿风衣的 Neo Matrix 式闪避。"),
+    ],
+)
+def test_partial_chinese_specs_compile_with_chinese_glue(fields, expected):
+    assert parse_shot(fields).to_prompt() == expected
 
 
 @pytest.mark.parametrize(
@@ -127,8 +169,11 @@ def test_whitespace_inside_fields_is_collapsed():
 
 
 def test_fields_already_ending_a_sentence_get_no_second_full_stop():
-    shot = parse_shot({"action": "Run!", "camera": "低角度缓慢推进。", "style": "noir."})
-    assert shot.to_prompt() == "Run! Camera: 低角度缓慢推进。 Style: noir."
+    shot = parse_shot({"action": "Run!", "camera": "low-angle dolly-in…", "style": "noir."})
+    assert shot.to_prompt() == "Run! Camera: low-angle dolly-in… Style: noir."
+    assert (
+        parse_shot({"动作": "跑！", "镜头": "低角度缓慢推进。"}).to_prompt() == "跑！镜头：低角度缓慢推进。"
+    )
 
 
 def test_compiled_prompt_is_deterministic_and_independent_of_key_order():

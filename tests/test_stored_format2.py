@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import create_engine, insert, select
+from sqlalchemy import create_engine, insert, inspect, select
 
 from serve.http.views import storyboard_view, video_view
 from serve.jobs import JobStatus, JobStore
@@ -41,13 +41,16 @@ def postgres_copy(postgres_server, postgres_database) -> tuple[JobStore, str]:  
         for table in metadata.sorted_tables:
             if table.name == "api_keys":  # the bootstrap key of `default` is there already
                 continue
-            rows = [dict(row) for row in source.execute(select(table)).mappings()]
+            present = {column["name"] for column in inspect(source).get_columns(table.name)}
+            columns = [column for column in table.columns if column.name in present]  # its columns then
+            rows = [dict(row) for row in source.execute(select(*columns)).mappings()]
             if table.name == "projects":
                 conn.execute(table.delete())
             if rows:
                 conn.execute(insert(table), rows)
     old.dispose()
     target.dispose()
+    store.create_schema()  # numbers the copied takes, as opening the old file does
     return store, url
 
 
@@ -78,6 +81,7 @@ def check_the_storyboard(store: JobStore) -> None:
     assert board.request.body_sha256 and board.edit.order == [1, 0]
     takes = store.list(project="default", storyboard_id=BOARD)
     assert board.edit.takes == {"0": next(job.id for job in takes if job.request.storyboard.shot == 0)}
+    assert [job.take for job in takes] == [1, 1]  # numbered when opened: the first take of each shot
     cut = board.cut
     assert (cut.fps, cut.num_frames, cut.stale) == (24, 28, None)
     assert [clip.name for clip in cut.clips] == ["2B", "2A"]

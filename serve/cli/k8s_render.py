@@ -114,8 +114,14 @@ def _named(item: Any) -> bool:
 
 
 def serve_config(overlay: Overlay) -> dict[str, Any]:
-    """The Serve config the RayService runs: the deploy file with the overlay's overrides."""
-    return merged(yaml.safe_load((ROOT / overlay.source).read_text()), overlay.serve_overrides)
+    """The Serve config the RayService runs: the deploy file with the overlay's overrides (refused when
+    they name denoiser deployments of the other `experts.layout`: Serve would fail it in the cluster)."""
+    from serve.cli.launch import check_layout  # Ray and torch: only when a config is rendered
+
+    config = merged(yaml.safe_load((ROOT / overlay.source).read_text()), overlay.serve_overrides)
+    for app in config.get("applications", []):
+        check_layout(app)
+    return config
 
 
 def _env(overlay: Overlay) -> list[dict[str, Any]]:

@@ -207,7 +207,7 @@ def _follow_storyboard(client, storyboard_id: str, output: Path | None) -> None:
             for shot in board["shots"]:
                 for video in shot["videos"]:
                     shot_name = shot["name"] or f"shot {shot['index'] + 1}"
-                    name = f"{shot_name} v{video['variant']}"
+                    name = f"{shot_name} take {video['take']}"
                     if video["video_id"] not in tasks:
                         tasks[video["video_id"]] = progress.add_task(name, total=100)
                     progress.update(
@@ -224,7 +224,7 @@ def _follow_storyboard(client, storyboard_id: str, output: Path | None) -> None:
             for video in shot["videos"]:
                 if video["status"] == "completed":
                     shot_name = file_name(shot["name"] or "", "shot")  # a name may say `../` or `a/b`
-                    name = f"{shot['index'] + 1:02d}-{shot_name}-v{video['variant']}.mp4"
+                    name = f"{shot['index'] + 1:02d}-{shot_name}-take{video['take']}.mp4"
                     api_call(client.download, video["video_id"], target_in(output, name))
         console.print(f"saved {board['counts'].get('completed', 0)} clips in {output}", highlight=False)
     if board["status"] != "completed":
@@ -243,12 +243,12 @@ def status(
     if video_id.startswith("sb_"):
         board = api_call(client.get_storyboard, video_id)
         out.print(f"{board['id']} {board['status']} {board['progress']}% {board['counts']}", highlight=False)
-        table = Table("shot", "variant", "video", "status", "progress", "content")
+        table = Table("shot", "take", "video", "status", "progress", "content")
         for shot in board["shots"]:
             for video in shot["videos"]:
                 table.add_row(
                     shot["name"] or str(shot["index"] + 1),
-                    str(video["variant"]),
+                    str(video["take"]),
                     video["video_id"],
                     video["status"],
                     f"{video['progress']}%",

@@ -23,6 +23,7 @@ from pipeline.upscale import resize_frames
 from pipeline.video import VideoWriter, read_frames
 from serve.jobs import JobRecord, JobStatus
 from serve.jobs.storyboard import CutClip, CutRecord, StoryboardRecord
+from serve.jobs.takes import take_number
 from serve.storage import ArtifactStore, CutArtifacts
 
 
@@ -46,7 +47,7 @@ def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[TakeCh
             by_shot.setdefault(job.request.storyboard.shot, []).append(job)
     choices = []
     for shot in record.shot_order:
-        takes = sorted(by_shot.get(shot, []), key=lambda job: job.request.storyboard.variant)
+        takes = sorted(by_shot.get(shot, []), key=take_number)
         selected = selected_takes.get(str(shot))
         if selected is not None:
             takes = [job for job in takes if job.id == selected]
@@ -84,7 +85,7 @@ def render_cut(
             for index, choice in enumerate(choices):
                 frames = first if index == 0 else _take_frames(artifacts, choice.job, folder)
                 frames = conform(resize_frames(frames, width, height), fps, interpolator)
-                take = choice.job.request.storyboard.variant + 1
+                take = take_number(choice.job)
                 num_slate = round(slate_seconds * fps) if slate_seconds else 0
                 clip_key = keys.clip(cut_id, index, choice.shot)
                 path = folder / f"clip-{index}.mp4"

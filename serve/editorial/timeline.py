@@ -2,7 +2,8 @@
 CMX 3600 EDL (`otio-cmx3600-adapter`) and FCP 7 XML (`otio-fcp-adapter`, the xmeml that Premiere, Resolve
 and Avid import).
 
-One video track; one clip per shot of the cut, named "<shot> take <n>", its media the shot's conformed
+One video track; one clip per shot of the cut, named "<shot> take <n>" and carrying its stable take id (the
+video id: OTIO metadata, an EDL locator comment, an FCP XML clip comment), its media the shot's conformed
 clip (slate included) at the cut's rate: a signed link, or a relative path inside the package zip beside
 the cut and the timeline. EDL and FCP XML write SMPTE timecode, which has no 16 fps: those need a cut at
 24 or 25 fps.
@@ -63,21 +64,55 @@ def build_timeline(
             otio.opentime.RationalTime(0, rate), otio.opentime.RationalTime(clip.num_frames, rate)
         )
         media = otio.schema.ExternalReference(target_url=media_url(clip, index), available_range=whole)
-        track.append(
-            otio.schema.Clip(
-                name=f"{clip.name} take {clip.take}",
-                media_reference=media,
-                source_range=whole,
-                metadata={
-                    "previz": {
-                        "shot": clip.shot,
-                        "video_id": clip.video_id,
-                        "slate_frames": clip.slate_frames,
-                    }
+        item = otio.schema.Clip(
+            name=f"{clip.name} take {clip.take}",
+            media_reference=media,
+            source_range=whole,
+            metadata={
+                "previz": {
+                    "shot": clip.shot,
+                    "take": clip.take,
+                    "take_id": clip.video_id,
+                    "video_id": clip.video_id,
+                    "slate_frames": clip.slate_frames,
                 },
+                # FCP 7 XML: a clip comment (its `id` attribute is the adapter's own `clipitem-N`)
+                "fcp_xml": {"comments": {"clipcommenta": take_tag(clip.video_id)}},
+            },
+        )
+        # EDL: a locator on the clip's first frame is the one comment line the writer emits per clip
+        item.markers.append(
+            otio.schema.Marker(
+                name=take_tag(clip.video_id),
+                marked_range=otio.opentime.TimeRange(
+                    otio.opentime.RationalTime(0, rate), otio.opentime.RationalTime(0, rate)
+                ),
+                color=otio.schema.MarkerColor.WHITE,
             )
         )
+        track.append(item)
     return timeline
+
+
+def take_tag(video_id: str) -> str:
+    """The stable take id as every timeline format carries it (OTIO metadata, EDL locator comment, FCP XML
+    clip comment), so an edited timeline that comes back is matched to its takes: `PREVIZ TAKE vid_…`."""
+    return f"PREVIZ TAKE {video_id}"
+
+
+def take_ids(timeline: otio.schema.Timeline) -> list[str | None]:
+    """The take id of each clip of a timeline read back from any of the formats (None: not a Previz take)."""
+    found = []
+    for clip in timeline.find_clips():
+        video_id = dict(clip.metadata.get("previz", {})).get("take_id")
+        comments = dict(dict(clip.metadata.get("fcp_xml", {})).get("comments", {}))
+        texts = [marker.name for marker in clip.markers] + [str(text) for text in comments.values()]
+        for text in texts if video_id is None else []:
+            if text.upper().startswith("PREVIZ TAKE "):
+                video_id = text.split()[-1].lower()  # the EDL writer upper-cases locators
+                break
+        found.append(video_id)
+    return found
 
 
 def write_timeline(timeline: otio.schema.Timeline, fmt: TimelineFormat, rate: int) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipeline.grade import LOOKS
-from pipeline.prompt import ShotSpec, compose_prompt
+from pipeline.prompt import PROMPT_COMPILER_VERSION, ShotSpec, compose_prompt
 from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
 from pipeline.spec import (
     DISTILL_ADAPTER,
@@ -81,6 +81,10 @@ class VideoDraft:
     storyboard: StoryboardPlace | None = None
     remixed_from: str | None = None
     promoted_from: str | None = None  # the draft this final take promotes (its `promoted_to` is set)
+    # The take whose prompt this one repeats (a promote): its stored compiled prompt and compiler version
+    # are used as they are, so a shot compiled by an older compiler version sends the same text again
+    # instead of being compiled anew. (A remix always brings its own new prompt or shot.)
+    repeats: JobRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,10 +228,14 @@ def job_request(
         raise ApiError(400, "invalid_value", "give `seconds` or `duration`, not both", f"{prefix}seconds")
     if settings.size is not None and settings.resolution is not None:
         raise ApiError(400, "invalid_value", "give `size` or `resolution`, not both", f"{prefix}size")
-    try:
-        prompt = compose_prompt(settings.prompt, settings.shot)
-    except ValueError as error:
-        raise ApiError(400, "missing_field", str(error), f"{prefix}prompt") from None
+    compiler = PROMPT_COMPILER_VERSION
+    if draft.repeats is not None:
+        prompt, compiler = draft.repeats.spec.prompt, draft.repeats.source.compiler
+    else:
+        try:
+            prompt = compose_prompt(settings.prompt, settings.shot)
+        except ValueError as error:
+            raise ApiError(400, "missing_field", str(error), f"{prefix}prompt") from None
     duration = settings.duration if settings.duration is not None else 5.0
     if settings.seconds is not None:
         duration = float(settings.seconds)
@@ -276,7 +284,7 @@ def job_request(
             fps=settings.fps or default_fps or model.fps,
             lut=lut,
         ),
-        source=RequestSource(prompt=settings.prompt, shot=settings.shot),
+        source=RequestSource(prompt=settings.prompt, shot=settings.shot, compiler=compiler),
         callback_url=draft.callback_url,
         storyboard=draft.storyboard,
         remixed_from=draft.remixed_from,

@@ -67,7 +67,7 @@ class CutClipView(BaseModel):
     shot: int = Field(description="Index of the shot in the board's `shots`.")
     name: str = Field(description="The shot's name (or `shot N`).")
     video_id: str = Field(description="The take used.")
-    take: int = Field(description="Its variant, counted from 1.")
+    take: int = Field(description="Its take number within the shot (1, 2, ... in creation order).")
     start_frame: int = Field(description="Where it starts in the cut, in frames at the cut's rate.")
     num_frames: int = Field(description="Its length in the cut, slate included.")
     slate_frames: int

@@ -314,9 +314,15 @@ class Video(BaseModel):
     stage: str = Field(description="Pipeline stage: queued, encoding, denoising_high, … succeeded.")
     queue_position: int | None = Field(
         None,
-        description="How many videos are ahead of it while it waits: in the job queue (status queued, "
-        "`GET /v1/videos/{id}`) or, with `stage: queued` while in progress, in an expert's engine before "
-        "its first step. Null once it runs.",
+        description="How many videos are ahead of it while it waits: in the job queue (status queued) or, "
+        "with `stage: queued` while in progress, in the replica of the stage it waits for (`waiting_for`: "
+        "an expert's engine before its first step, the decoder's or the upscaler's line). Null once it "
+        "runs.",
+    )
+    waiting_for: str | None = Field(
+        None,
+        description="While in progress but waiting in a stage's queue: that stage (`denoising_high`, "
+        "`denoising_low`, `decoding`, `upscaling`), counted where the work waits; null otherwise.",
     )
     seed: int
     steps: int
@@ -336,6 +342,12 @@ class Video(BaseModel):
     look: str
     labels: dict[str, LabelValue]
     storyboard_id: str | None = None
+    take: int | None = Field(
+        None,
+        description="Its take number within its board's shot: 1, 2, ... in creation order (a promoted "
+        "final is a new take); null for a video of no board. The page, the CLI's file names, the slates "
+        "and the timelines use it.",
+    )
     callback_url: str | None = None
     attempt: int = Field(description="How many times the job was started (restarts re-run it).")
     started_at: int | None = Field(None, description="Unix seconds of the first start.")

@@ -274,6 +274,10 @@ class StoryboardVideo(BaseModel):
 
     video_id: str
     variant: int = Field(description="Index among the shot's variants.")
+    take: int = Field(
+        description="Its take number within the shot, 1, 2, ... in creation order (a promoted final is a "
+        "new take); the same number as in the slates, the timelines and the CLI's file names."
+    )
     seed: int
     grid: dict[str, str] = Field(description="Grid field -> value of this variant.")
     status: VideoState
@@ -285,6 +289,10 @@ class StoryboardVideo(BaseModel):
     error: dict[str, Any] | None = None
     quality: Quality = Field(description="`draft` or `final`.")
     promoted_to: str | None = Field(None, description="The final take promoted from this draft.")
+    promoted_from: str | None = Field(None, description="The draft this final take was promoted from.")
+    promoted_from_take: int | None = Field(
+        None, description="That draft's take number (`1A take 3 · final from take 2`)."
+    )
 
 
 class StoryboardPromote(BaseModel):

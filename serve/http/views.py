@@ -16,6 +16,7 @@ from serve.http.schemas import LoraUse, StepCache, Video, VideoError
 from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVideo, board_status
 from serve.jobs.models import JobRecord, JobStatus, unix
 from serve.jobs.storyboard import StoryboardRecord
+from serve.jobs.takes import take_number
 
 
 def video_view(
@@ -48,6 +49,7 @@ def video_view(
         priority=job.priority,
         stage=job.stage,
         queue_position=queue_position if job.status == JobStatus.QUEUED else job.num_ahead_in_engine,
+        waiting_for=job.waiting_for,
         seed=job.seed if job.seed is not None else resolved.seed,
         steps=resolved.steps,
         quality=resolved.quality,
@@ -62,6 +64,7 @@ def video_view(
         look=request.finish.look,
         labels=job.labels,
         storyboard_id=job.storyboard_id,
+        take=job.take,
         callback_url=request.callback_url,
         attempt=job.attempt,
         started_at=unix(job.started_at),
@@ -92,6 +95,7 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
     ]
     counts: dict[str, int] = {}
     progress = 0
+    take_of = {job.id: job.take for job in jobs}
     for job in jobs:
         video = video_view(job)
         place = job.request.storyboard
@@ -103,6 +107,7 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
             StoryboardVideo(
                 video_id=job.id,
                 variant=place.variant if place is not None else 0,
+                take=take_number(job),
                 seed=video.seed,
                 grid=place.grid if place is not None else {},
                 status=video.status,
@@ -114,6 +119,8 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
                 error=video.error.model_dump() if video.error else None,
                 quality=video.quality,
                 promoted_to=video.promoted_to,
+                promoted_from=video.promoted_from,
+                promoted_from_take=take_of.get(video.promoted_from) if video.promoted_from else None,
             )
         )
     takes = record.edit.takes if record.edit is not None else {}

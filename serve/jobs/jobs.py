@@ -37,6 +37,7 @@ from serve.jobs.rows import (
 )
 from serve.jobs.schema import job_events, jobs, storyboards
 from serve.jobs.storyboard import StoryboardRecord
+from serve.jobs.takes import next_takes, shot_of
 
 
 class JobRepository:
@@ -93,9 +94,11 @@ class JobRepository:
             check_room(
                 self._db, conn, project, 1, now, max_queued, max_queued_per_project, gpu_seconds_per_day
             )
-            job = job_record(conn.execute(insert(jobs).values(row).returning(jobs)).one())
+            take = None
             if storyboard_id is not None:  # a take added to a board later (a remix or a promote)
-                count_board_job(conn, storyboard_id)
+                count_board_job(conn, storyboard_id)  # first: it locks the board row for next_takes
+                (take,) = next_takes(conn, storyboard_id, [shot_of(request)])
+            job = job_record(conn.execute(insert(jobs).values({**row, "take": take}).returning(jobs)).one())
             log_event(conn, job.id, "created", {"priority": priority, "bucket": job.bucket}, now)
             if promotes is not None:
                 _link_promotion(conn, promotes, job.id)
@@ -253,13 +256,12 @@ class JobRepository:
                     raise ValueError(f"`priority` must be 'interactive' or 'batch' but is {priority!r}.")
                 row = new_job_row(project, priority, job_request, labels, now)
                 board_id = job_request.storyboard.id if job_request.storyboard is not None else None
-                job = job_record(
-                    conn.execute(
-                        insert(jobs).values({**row, "storyboard_id": board_id}).returning(jobs)
-                    ).one()
-                )
-                if board_id is not None:  # the final take joins its draft's shot on the board
-                    count_board_job(conn, board_id)
+                take = None
+                if board_id is not None:  # the final take is a new take of its draft's shot
+                    count_board_job(conn, board_id)  # first: it locks the board row for next_takes
+                    (take,) = next_takes(conn, board_id, [shot_of(job_request)])
+                values = {**row, "storyboard_id": board_id, "take": take}
+                job = job_record(conn.execute(insert(jobs).values(values).returning(jobs)).one())
                 log_event(conn, job.id, "created", {"priority": priority, "bucket": job.bucket}, now)
                 _link_promotion(conn, source_id, job.id)
                 created.append(job)

@@ -88,6 +88,11 @@ class RequestSource(BaseModel):
 
     prompt: str | None = None
     shot: ShotSpec | None = None
+    compiler: int = Field(
+        1,
+        description="The prompt compiler version (pipeline.prompt) that compiled `shot` into the spec's "
+        "prompt; rows written before it was stored read as 1. A promote repeats the stored prompt.",
+    )
 
 
 class StoryboardPlace(BaseModel):

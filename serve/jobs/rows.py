@@ -64,6 +64,7 @@ def new_job_row(
         "deleted_at": None,
         "promoted_to": None,
         "eta_at": None,
+        "take": None,
     }
 
 

@@ -106,8 +106,9 @@ jobs = Table(
     Column("poster_uri", Text),
     # Set when a finished job is deleted (DELETE /v1/videos/{id}): the row stays for quotas and audit.
     Column("deleted_at", UTCDateTime),
-    # While a running job waits in a denoiser engine's queue for its first step there: how many requests
-    # are ahead of it (the API shows it as `queued` with this queue position). Every advance() rewrites it.
+    # While a running job waits in its stage replica's queue (a denoiser engine before its first step, the
+    # decoder's or upscaler's line): how many requests are ahead of it (the API shows it as `queued` with
+    # this queue position and `waiting_for` its stage). Every advance() rewrites it.
     Column("engine_queue_position", Integer),
     # The final-tier job promoted from this draft (POST /v1/videos/{id}/promote); set once, in the
     # transaction that creates it (the promoted job's request names its draft: `promoted_from`).
@@ -115,6 +116,9 @@ jobs = Table(
     # When the running job is predicted to finish, re-predicted after each denoising step from the step
     # times measured for its bucket and tier (the API shows `eta_seconds`).
     Column("eta_at", UTCDateTime),
+    # The take's number within its board's shot, 1, 2, ... in creation order (a promoted final is a new
+    # take); set in the transaction that creates the job, never reused. None: a video of no board.
+    Column("take", Integer),
     UniqueConstraint("project", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     Index("ix_jobs_status_id", "status", "id"),  # queued(), counts, requeue
     Index("ix_jobs_project_id", "project", "id"),  # list(project=...) pages
@@ -130,6 +134,7 @@ ADDED_JOB_COLUMNS: tuple[str, ...] = (
     "engine_queue_position",
     "promoted_to",
     "eta_at",
+    "take",
 )
 
 job_events = Table(

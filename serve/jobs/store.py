@@ -27,7 +27,9 @@ from serve.jobs.luts import LutRepository
 from serve.jobs.outbox import Outbox, WebhookBody
 from serve.jobs.projects import ProjectRepository
 from serve.jobs.rows import MAX_PAGE
+from serve.jobs.schema import SCHEMA_LOCK_KEY
 from serve.jobs.storyboards import StoryboardRepository
+from serve.jobs.takes import number_old_takes
 from serve.jobs.transitions import JobTransitions
 
 __all__ = ["DEFAULT_URL", "MAX_PAGE", "JobStore"]
@@ -84,8 +86,12 @@ class JobStore:
         return self.db.backend
 
     def create_schema(self) -> None:
-        """Create what is missing and upgrade a database of an earlier version (see Database)."""
+        """Create what is missing and upgrade a database of an earlier version (see Database), then
+        number the takes of its boards (serve.jobs.takes)."""
         self.db.create_schema()
+        with self.db.write() as conn:
+            self.db.serialise(conn, SCHEMA_LOCK_KEY)
+            number_old_takes(conn)
 
     def close(self) -> None:
         """Close the pooled connections (the store can still be used afterwards: it reconnects)."""

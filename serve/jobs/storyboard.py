@@ -81,7 +81,7 @@ class CutClip(BaseModel):
     shot: int  # index in the board's shots
     name: str  # the shot's name on the board, or "shot N" (1-based) without one
     video_id: str  # the take
-    take: int  # the take's variant, 1-based, as editors count takes
+    take: int  # the take's number within its shot (serve.jobs.takes), as editors count takes
     key: str  # its conformed clip (slate included) in the artifact store
     start_frame: int  # where it starts in the cut
     num_frames: int  # its length in the cut, slate included

@@ -16,6 +16,7 @@ from serve.jobs.request import JobRequest
 from serve.jobs.rows import check_limit, create_once, log_event, new_job_row
 from serve.jobs.schema import jobs, storyboards
 from serve.jobs.storyboard import CutRecord, StoryboardEdit, StoryboardRecord, StoryboardRequest
+from serve.jobs.takes import next_takes, shot_of
 
 
 class StoryboardRepository:
@@ -66,9 +67,10 @@ class StoryboardRepository:
             record = StoryboardRecord.from_row(
                 conn.execute(insert(storyboards).values(board).returning(storyboards)).one()._asdict()
             )
-            for priority, job_request, labels in videos:
+            takes = next_takes(conn, storyboard_id, [shot_of(job_request) for _, job_request, _ in videos])
+            for (priority, job_request, labels), take in zip(videos, takes, strict=True):
                 row = new_job_row(project, priority, job_request, labels, now)
-                conn.execute(insert(jobs).values({**row, "storyboard_id": storyboard_id}))
+                conn.execute(insert(jobs).values({**row, "storyboard_id": storyboard_id, "take": take}))
                 log_event(conn, row["id"], "created", {"priority": priority, "bucket": row["bucket"]}, now)
             return record
 

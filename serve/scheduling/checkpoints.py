@@ -8,6 +8,17 @@ expert exactly what an uninterrupted run would have handed it, and the clip is t
     key = JobArtifacts(job.project, job.id).checkpoint
     write_checkpoint(store, key, state)          # after the high-noise expert
     state = read_checkpoint(store, key, steps)   # on a later attempt; CheckpointError if unusable
+
+Which runs write one (`writes_checkpoint`), the same in both layouts (the split pair's high-noise replica,
+the colocated Denoiser as a request crosses the boundary): finals do, drafts do not. What a checkpoint
+saves is the rerun of the high-noise steps after a lost replica; what it costs is paid by every run.
+By loadtest/cost_model.py (H100, 81 frames), a final's 26 guided high-noise steps are 670 s at 720p on one
+GPU, 174 s on Ulysses 4, 88 s on Ulysses 8 (480p: 206 / 55 / 28 s): worth a 77 MB write. A draft's 2
+unguided high-noise steps are 25.8 s at 720p on one GPU, 6.7 s on Ulysses 4, 3.4 s on Ulysses 8 (480p:
+7.9 / 2.1 / 1.1 s), and its rerun happens only when a replica is lost mid-draft (rare), while the write (its
+Euler state is the latents alone: 19 MB at 720p, 8 MB at 480p), a job-store row and the clean-up's delete
+would be paid by each of the ten-variant batches a director fires: the expected saving is well under the
+cost. A lost draft reruns from its seed instead and gives the same clip.
 """
 
 from __future__ import annotations
@@ -21,6 +32,12 @@ from serve.stages.transfer import PackedState
 from serve.storage import ArtifactStore, StorageError
 
 CHECKPOINT_FORMAT = 1  # bump when the layout changes; other versions are not read
+CHECKPOINTED_TIERS = frozenset({"final"})  # the tiers whose runs write one (see the module docstring)
+
+
+def writes_checkpoint(quality: str) -> bool:
+    """Whether a run of this tier stores its state at the expert boundary (drafts rerun instead)."""
+    return quality in CHECKPOINTED_TIERS
 
 
 class CheckpointError(RuntimeError):

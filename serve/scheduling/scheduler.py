@@ -8,8 +8,12 @@ run again. Each attempt's bookkeeping (status, progress, timings, clock, ETA) is
 (serve.scheduling.run), so `_pipeline` reads as the list of stages; webhook delivery, retention and the
 queue gauges run in the one-replica Housekeeping deployment beside it (serve.scheduling.housekeeping).
 
+Layouts: the split pair is called once per expert, the state handed from one to the other as a ref; the
+colocated Denoiser once per job for both experts, streaming the boundary (`experts.layout`).
+
 Faults: a job that loses a replica goes back to the queue; the denoise state saved at the expert boundary
-(serve.scheduling.checkpoints) lets its next attempt skip the high-noise expert and give the same clip.
+(serve.scheduling.checkpoints; finals only) lets its next attempt skip the high-noise expert and give the
+same clip.
 The Finisher is retried with backoff (`finish_attempts`), then the job fails with `storage_failed` or
 `finish_failed`; a run whose update the store refuses is `Superseded` and stops (serve.scheduling.faults).
 """
@@ -35,7 +39,7 @@ from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
 from serve.jobs import JobRecord, JobStatus
 from serve.metrics import record_job_claimed, record_job_finished, record_scheduler_pass
-from serve.scheduling.checkpoints import CheckpointError, read_checkpoint
+from serve.scheduling.checkpoints import CheckpointError, read_checkpoint, writes_checkpoint
 from serve.scheduling.eta import EtaModel
 from serve.scheduling.fair_share import Candidate, pick_next
 from serve.scheduling.faults import REPLICA_LOST, StageFailed, Superseded, describe, finish_with_retries
@@ -43,6 +47,7 @@ from serve.scheduling.run import AttemptRun
 from serve.stages.payloads import (
     CheckpointFailed,
     CheckpointSaved,
+    DenoiseBoundary,
     DenoiseCall,
     DenoiseDone,
     DenoiseEvent,
@@ -65,8 +70,8 @@ logger = logging.getLogger("ray.serve")
 @dataclass(frozen=True, slots=True)
 class StageHandles:
     text_encoder: DeploymentHandle
-    high: DeploymentHandle
-    low: DeploymentHandle
+    high: DeploymentHandle  # HighNoiseDenoiser; the Denoiser in the colocated layout
+    low: DeploymentHandle  # LowNoiseDenoiser; the Denoiser too in the colocated layout (never called)
     vae: DeploymentHandle
     upscaler: DeploymentHandle
     finisher: DeploymentHandle
@@ -242,8 +247,9 @@ class Scheduler:
         )
         run.record("encode", time.perf_counter() - started, observe=False)
 
-        # 2. Denoise: the high-noise expert from the seed's noise, then the low-noise one; an earlier
-        #    attempt's checkpoint at the expert boundary skips the high-noise expert.
+        # 2. Denoise: the high-noise expert from the seed's noise, then the low-noise one (two deployments
+        #    when split, one call to the Denoiser when colocated); an earlier attempt's checkpoint at the
+        #    expert boundary skips the high-noise expert.
         resumed = await self._resume(job, resolved.steps)
         state: InitialNoise | StateRef | PackedState
         if resumed is None:
@@ -251,20 +257,27 @@ class Scheduler:
             state, experts = InitialNoise(resolved.seed, shape, resolved.steps), ("high", "low")
         else:
             state, experts = resumed, ("low",)
-        for expert in experts:
-            state = await self._denoise(run, expert, state, prompt, negative)
+        if self.args.experts.layout == "colocated":
+            state = await self._denoise_colocated(run, experts[0], state, prompt, negative)
+        else:
+            for expert in experts:
+                state = await self._denoise(run, expert, state, prompt, negative)
 
         # 3. Decode the latents to frames.
         await run.enter("decode")
         async with run.clocked():
-            frames = await stage_call(stages.vae.decode.remote(state, resolved.fps))
+            frames = await run.stage_result(
+                stages.vae.options(stream=True).decode.remote(state, resolved.fps)
+            )
         run.record("decode", frames.seconds)
 
         # 4. Upscale (a no-op call when the job asks for none).
         await run.enter("upscale")
         width, height = upscale_target_size(finish.upscale, resolved.width, resolved.height)
         async with run.clocked():
-            frames = await stage_call(stages.upscaler.upscale.remote(frames, width, height))
+            frames = await run.stage_result(
+                stages.upscaler.options(stream=True).upscale.remote(frames, width, height)
+            )
         run.record("upscale", frames.seconds)
 
         # 5. Finish: conform, grade, check, label, encode and store the clip and its poster.
@@ -288,19 +301,7 @@ class Scheduler:
         job, resolved = run.job, run.job.request.resolved
         row = expert_stage(expert)
         await run.enter(row.name)
-        call = DenoiseCall(
-            request_id=f"{job.id}:{job.attempt}",
-            state=state,
-            prompt=prompt,
-            negative_prompt=negative,
-            guidance=resolved.guidance_high if expert == "high" else resolved.guidance_low,
-            priority=job.priority,
-            deadline=job.deadline,
-            quality=resolved.quality,
-            adapters=resolved.adapters(self.model),
-            cache=resolved.cache,
-            checkpoint_key=JobArtifacts(job.project, job.id).checkpoint if expert == "high" else None,
-        )
+        call = self._denoise_call(run, expert, state, prompt, negative)
         start_index = state.step_index
         handle = self.stages.high if expert == "high" else self.stages.low
         stream = handle.options(stream=True).denoise.remote(call, bucket=str(job.request.bucket))
@@ -326,21 +327,93 @@ class Scheduler:
             raise
         raise RuntimeError(f"the {row.name} call of job {job.id} ended without its state")
 
+    async def _denoise_colocated(
+        self,
+        run: AttemptRun,
+        first: str,
+        state: InitialNoise | StateRef | PackedState,
+        prompt: EmbedsRef,
+        negative: EmbedsRef,
+    ) -> StateRef:
+        """Both experts' steps in ONE call to the colocated Denoiser (from `first`: "low" when resumed from
+        the boundary checkpoint); a ref to the state after the last step. The status moves to the low-noise
+        stage when the replica streams the boundary; the checkpoint it writes from there in the background
+        is recorded when its outcome arrives (during the low-noise steps, or after the state)."""
+        job, resolved = run.job, run.job.request.resolved
+        row = expert_stage(first)
+        await run.enter(row.name)
+        call = self._denoise_call(run, None, state, prompt, negative)
+        start_index = state.step_index
+        handle = self.stages.high  # the Denoiser (both handles are it when colocated)
+        stream = handle.options(stream=True).denoise.remote(call, bucket=str(job.request.bucket))
+        try:
+            async for event in stream:
+                match event:
+                    case DenoiseWaiting(num_ahead=num_ahead):
+                        await run.waiting(num_ahead)
+                    case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
+                        steps_left = resolved.steps - (start_index + done)
+                        await run.stepped(done, total, steps_left=steps_left, seconds_per_step=seconds)
+                    case DenoiseBoundary(step_index=step_index, seconds=seconds):
+                        run.record(row.name, seconds, observe=False)
+                        row, start_index = expert_stage("low"), step_index
+                        await run.enter(row.name)
+                    case CheckpointSaved() | CheckpointFailed():
+                        await self._record_checkpoint_event(job, event)
+                    case DenoiseDone(state=done_state, seconds=seconds):
+                        run.record(row.name, seconds, observe=False)
+                        run.clock.end()
+                        if call.checkpoint_key is not None:  # its outcome, if still to come, ends the stream
+                            run.checkpoint = asyncio.create_task(self._record_checkpoint(job, stream))
+                        return done_state
+        except BaseException:
+            stream.cancel()  # out of the replica's engine now (see `_denoise`)
+            raise
+        raise RuntimeError(f"the Denoiser call of job {job.id} ended without its state")
+
+    def _denoise_call(
+        self,
+        run: AttemptRun,
+        expert: str | None,
+        state: InitialNoise | StateRef | PackedState,
+        prompt: EmbedsRef,
+        negative: EmbedsRef,
+    ) -> DenoiseCall:
+        """The call of one expert's deployment, or (`expert` None) of the colocated Denoiser for both. A
+        tier that checkpoints (`writes_checkpoint`) stores its state where the high-noise steps end."""
+        job, resolved = run.job, run.job.request.resolved
+        crosses = expert in ("high", None) and writes_checkpoint(resolved.quality)
+        return DenoiseCall(
+            request_id=f"{job.id}:{job.attempt}",
+            state=state,
+            prompt=prompt,
+            negative_prompt=negative,
+            guidance=resolved.guidance_low if expert == "low" else resolved.guidance_high,
+            priority=job.priority,
+            deadline=job.deadline,
+            quality=resolved.quality,
+            adapters=resolved.adapters(self.model),
+            cache=resolved.cache,
+            checkpoint_key=JobArtifacts(job.project, job.id).checkpoint if crosses else None,
+            guidance_low=resolved.guidance_low if expert is None else None,
+        )
+
     async def _record_checkpoint(self, job: JobRecord, stream: AsyncIterator[DenoiseEvent]) -> None:
         """Record the checkpoint the high-noise replica stores after its state (the rest of its stream)."""
         try:
             async for event in stream:
-                match event:
-                    case CheckpointSaved(key=key, step_index=step_index):
-                        await asyncio.to_thread(
-                            self.store.save_checkpoint, job.id, job.attempt, key, step_index=step_index
-                        )
-                    case CheckpointFailed(reason=reason):
-                        logger.warning(
-                            "job %s: no checkpoint saved, a rerun starts from scratch: %s", job.id, reason
-                        )
+                await self._record_checkpoint_event(job, event)
         except REPLICA_LOST as error:
             logger.warning("job %s: its checkpoint was lost with the high-noise replica: %s", job.id, error)
+
+    async def _record_checkpoint_event(self, job: JobRecord, event: DenoiseEvent) -> None:
+        match event:
+            case CheckpointSaved(key=key, step_index=step_index):
+                await asyncio.to_thread(
+                    self.store.save_checkpoint, job.id, job.attempt, key, step_index=step_index
+                )
+            case CheckpointFailed(reason=reason):
+                logger.warning("job %s: no checkpoint saved, a rerun starts from scratch: %s", job.id, reason)
 
     async def _finish(self, job: JobRecord, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         """The Finisher's clip, retried with backoff; after `finish_attempts` tries the job fails."""

@@ -1,5 +1,6 @@
 """The stage deployments a job passes through, one Serve deployment per stage so each scales on its own:
-text_encoder → denoiser (high, then low) → decoder → upscaler → finisher. Each wraps a `pipeline` stage
+text_encoder → denoiser (high, then low; or `colocated`, one deployment for both experts) → decoder →
+upscaler → finisher. Each wraps a `pipeline` stage
 class unchanged and declares its own default Serve options (`default_options`); their calls and streamed
 messages are the dataclasses of `payloads`; `router` keeps same-shape denoise calls on one replica.
 

@@ -2,13 +2,14 @@
 message is one of these dataclasses, never a dict told apart by its keys.
 
 Tensors travel as object refs from the stage that made them to the stage that needs them (embeddings:
-TextEncoder -> both experts; denoise state: high-noise -> low-noise expert -> VAEDecoder; frames: decoder
--> upscaler -> Finisher); the Scheduler passes the refs on and sees only their sizes. A ref is held in a
-one-element list, so Serve passes it through instead of resolving it as an argument. A ref lives as long as
-the replica that `ray.put` it: if that replica is lost, the stage that needs the ref fails with an
-ObjectLostError, which the Scheduler treats like a lost replica (serve.scheduling.faults.REPLICA_LOST):
-the job is requeued once the expert-boundary checkpoint in flight has landed, and its rerun resumes from
-that checkpoint (or starts over without one).
+TextEncoder -> both experts; denoise state: high-noise -> low-noise expert -> VAEDecoder, where the
+colocated Denoiser keeps it in memory at the boundary; frames: decoder -> upscaler -> Finisher); the
+Scheduler passes the refs on and sees only their sizes. A ref is held in a one-element list, so Serve
+passes it through instead of resolving it as an argument. A ref lives as long as the replica that
+`ray.put` it: if that replica is lost, the stage that needs the ref fails with an ObjectLostError, which
+the Scheduler treats like a lost replica (serve.scheduling.faults.REPLICA_LOST): the job is requeued once
+the expert-boundary checkpoint in flight has landed, and its rerun resumes from that checkpoint (or starts
+over without one).
 
 A ref yielded by a streaming call (the denoisers' DenoiseDone) is also kept by its maker for REF_HOLD_S
 (RefHold): a unary return keeps a nested ref alive until the caller has borrowed it, a Serve stream does
@@ -92,7 +93,10 @@ class DenoiseCall:
     quality: str = "final"  # the tier: which solver continues the state
     adapters: tuple[tuple[str, float], ...] = ()  # sorted (name, weight) LoRA adapters of the request
     cache: StepCacheSettings | None = None  # step caching; None: every step runs
-    checkpoint_key: str | None = None  # where to save the state after the last step (the expert boundary)
+    checkpoint_key: str | None = None  # where to save the state at the expert boundary (none for drafts)
+    # The colocated Denoiser runs both experts in one call: `guidance` is then the high-noise expert's CFG
+    # scale and this the low-noise one's. None: a call to one expert's deployment (the split layout).
+    guidance_low: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +127,28 @@ class DenoiseProgress:
 
 
 @dataclass(frozen=True, slots=True)
+class DenoiseBoundary:
+    """Streamed by the colocated Denoiser when the request's high-noise steps are done: its low-noise
+    steps follow in the same call, on the same replica (no state leaves it). The DenoiseProgress after it
+    count the low-noise expert's steps."""
+
+    step_index: int  # steps of the request done at the boundary (where a resumed run starts)
+    seconds: float  # wall time of the call's high-noise part inside the replica (queueing included)
+
+
+@dataclass(frozen=True, slots=True)
 class DenoiseDone:
     """Streamed by `denoise` after the expert's last step: the state, for the next stage to fetch."""
 
     state: StateRef
-    seconds: float  # wall time of the call inside the replica (queueing in the engine included)
+    seconds: float  # wall time of the call inside the replica (queueing in the engine included); for the
+    # colocated Denoiser, of its low-noise part (from DenoiseBoundary on)
 
 
 @dataclass(frozen=True, slots=True)
 class CheckpointSaved:
-    """The last message of a call with a `checkpoint_key`, after DenoiseDone: the state is stored there."""
+    """The last message of a call with a `checkpoint_key`, after DenoiseDone: the state is stored there.
+    (The colocated Denoiser streams it as soon as the write lands: between its low-noise steps, or last.)"""
 
     key: str
     step_index: int
@@ -146,7 +162,9 @@ class CheckpointFailed:
     reason: str
 
 
-DenoiseEvent = DenoiseWaiting | DenoiseProgress | DenoiseDone | CheckpointSaved | CheckpointFailed
+DenoiseEvent = (
+    DenoiseWaiting | DenoiseProgress | DenoiseBoundary | DenoiseDone | CheckpointSaved | CheckpointFailed
+)
 
 
 @dataclass(frozen=True, slots=True)

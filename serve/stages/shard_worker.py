@@ -42,7 +42,7 @@ from pipeline.determinism import make_batch_invariant
 from pipeline.lora import distill_folder, resolve_lora_folder
 from pipeline.spec import DISTILL_ADAPTER
 from serve.config import PrevizArgs
-from serve.sharding import DEPLOYMENT_NAMES, Expert
+from serve.sharding import Expert
 from serve.stages.common import stage_components
 
 logger = logging.getLogger("ray.serve")
@@ -162,7 +162,7 @@ class RankGroup:
         engine's GroupRunner over them. Worker r is the actor `worker_name(name, r)` (ops and tests find a
         rank by it)."""
         self.experts = experts
-        self.label = " + ".join(DEPLOYMENT_NAMES[expert] for expert in experts)
+        self.label = " + ".join(dict.fromkeys(args.experts.deployment(expert) for expert in experts))
         degree = group_settings(args, experts).degree
         placement = ray.util.get_current_placement_group()
         if placement is None or len(placement.bundle_specs) < degree.world_size:

@@ -20,6 +20,7 @@ from serve.jobs import JobRecord, JobStore
 from serve.scheduling.scheduler import Scheduler
 from serve.stages.denoiser import save_checkpoint
 from serve.stages.payloads import (
+    DenoiseBoundary,
     DenoiseCall,
     DenoiseDone,
     DenoiseProgress,
@@ -32,6 +33,7 @@ from serve.stages.payloads import (
     StateRef,
 )
 from serve.stages.transfer import PackedState, pack_state, state_nbytes
+from serve.stages.turns import StageWaiting, Turns
 from serve.storage import ArtifactStore, JobArtifacts, make_store
 from serve.webhooks import open_job_store
 
@@ -133,6 +135,7 @@ class FakeStages:
     waiting_high: tuple[int, ...] = ()  # queue places the high expert's engine reports before its first step
     hold_high: asyncio.Event | None = None  # after those reports, the high expert waits for this
     hold_decode: asyncio.Event | None = None  # the decoder waits for this before it answers
+    decode_turns: Turns = field(default_factory=Turns)  # the decoder's line: one decode at a time
     cancelled: list[str] = field(default_factory=list)  # stages whose call the Scheduler cancelled
     seconds_per_step: float | None = None  # the step time the denoisers report with each step (ETA)
     denoise_calls: list[DenoiseCall] = field(default_factory=list)  # every expert's calls, in order
@@ -142,15 +145,23 @@ class FakeStages:
     objects: LocalObjects = field(default_factory=LocalObjects)  # what the stages put in the object store
     artifacts: ArtifactStore | None = None  # where the high expert stores its checkpoint (set by `start`)
     artifacts_gate: asyncio.Event | None = None  # the high expert's checkpoint write waits for this
+    colocated: bool = False  # one Denoiser ("denoiser") for both experts instead of the split pair
+    lose_after_boundary: BaseException | None = None  # the Denoiser raises it once, after its checkpoint
 
     def handles(self) -> list[Any]:
         def method(function: Callable[..., Any], name: str) -> Method:
             return Method(function, name, self.cancelled, self.wire)
 
+        if self.colocated:
+            denoiser = Handle(denoise=method(self.colocated_denoiser, "denoiser"))
+            high, low = denoiser, denoiser
+        else:
+            high = Handle(denoise=method(self.denoiser("high"), "high"))
+            low = Handle(denoise=method(self.denoiser("low"), "low"))
         return [
             Handle(encode=method(self.encode, "encode")),
-            Handle(denoise=method(self.denoiser("high"), "high")),
-            Handle(denoise=method(self.denoiser("low"), "low")),
+            high,
+            low,
             Handle(decode=method(self.decode, "decode")),
             Handle(upscale=method(self.upscale, "upscale")),
             Handle(finish=method(self.finish, "finish")),
@@ -194,11 +205,7 @@ class FakeStages:
             steps = 3 if expert == "high" else state.num_steps - state.step_index
             for done in range(1, steps + 1):
                 yield DenoiseProgress(done=done, total=steps, seconds_per_step=self.seconds_per_step)
-            latents = state.latents + (1.0 if expert == "high" else 10.0)
-            history = tuple(latents.copy() for _ in range(self.solver_order))  # as UniPC keeps them
-            done_state = replace(state, latents=latents, step_index=state.step_index + steps)
-            if history:
-                done_state = replace(done_state, model_outputs=history, last_sample=latents.copy())
+            done_state = self.stepped(state, expert, steps)
             ref = self.objects.put(done_state, expert)
             done = StateRef(ref=ref, step_index=done_state.step_index, nbytes=state_nbytes(done_state))
             yield DenoiseDone(state=done, seconds=0.01)
@@ -210,6 +217,69 @@ class FakeStages:
 
         return denoise
 
+    def stepped(self, state: PackedState, expert: str, steps: int) -> PackedState:
+        """`state` after `steps` steps of `expert` (+1 from the high-noise expert, +10 from the low-noise)."""
+        latents = state.latents + (1.0 if expert == "high" else 10.0)
+        history = tuple(latents.copy() for _ in range(self.solver_order))  # as UniPC keeps them
+        done_state = replace(state, latents=latents, step_index=state.step_index + steps)
+        if history:
+            done_state = replace(done_state, model_outputs=history, last_sample=latents.copy())
+        return done_state
+
+    async def colocated_denoiser(self, call: DenoiseCall, bucket: str) -> AsyncIterator[Any]:
+        """The colocated Denoiser: 3 high-noise steps (from noise only), the boundary with its checkpoint
+        written in the background, the low-noise steps, the state; the checkpoint's outcome when it lands."""
+        self.denoise_calls.append(call)
+        self.record("denoiser", (call.request_id, bucket, call.state.step_index))
+        assert call.guidance_low is not None, "a call to the colocated Denoiser carries both CFG scales"
+        state = self.start_state(call.state)
+        self.objects.get(call.prompt.ref), self.objects.get(call.negative_prompt.ref)
+        checkpoint: asyncio.Task[Any] | None = None
+        if state.step_index == 0:
+            for num_ahead in self.waiting_high:
+                yield DenoiseWaiting(num_ahead=num_ahead)
+            if self.hold_high is not None:
+                await self.hold_high.wait()
+            for done in range(1, 4):
+                yield DenoiseProgress(done=done, total=3, seconds_per_step=self.seconds_per_step)
+            state = self.stepped(state, "high", 3)
+            if call.checkpoint_key is not None:
+                checkpoint = asyncio.create_task(self.write_checkpoint(call.checkpoint_key, state))
+            yield DenoiseBoundary(step_index=state.step_index, seconds=0.01)
+        if self.lose_after_boundary is not None:
+            if checkpoint is not None:
+                yield await checkpoint  # it landed before the replica was lost
+            error, self.lose_after_boundary = self.lose_after_boundary, None
+            raise error
+        if self.hold_low is not None:  # the checkpoint's outcome is streamed as soon as it lands
+            hold = asyncio.ensure_future(self.hold_low.wait())
+            while not hold.done():
+                await asyncio.wait(
+                    {hold} | ({checkpoint} if checkpoint else set()), return_when="FIRST_COMPLETED"
+                )
+                if checkpoint is not None and checkpoint.done():
+                    yield checkpoint.result()
+                    checkpoint = None
+        steps = state.num_steps - state.step_index
+        for done in range(1, steps + 1):
+            yield DenoiseProgress(done=done, total=steps, seconds_per_step=self.seconds_per_step)
+            if checkpoint is not None and checkpoint.done():
+                yield checkpoint.result()
+                checkpoint = None
+        state = self.stepped(state, "low", steps)
+        ref = self.objects.put(state, "denoiser")
+        yield DenoiseDone(
+            state=StateRef(ref=ref, step_index=state.step_index, nbytes=state_nbytes(state)), seconds=0.01
+        )
+        if checkpoint is not None:
+            yield await checkpoint
+
+    async def write_checkpoint(self, key: str, state: PackedState) -> Any:
+        assert self.artifacts is not None, "start() gives the stages the artifact store"
+        if self.artifacts_gate is not None:
+            await self.artifacts_gate.wait()
+        return await save_checkpoint(self.artifacts, key, state)
+
     def start_state(self, state: InitialNoise | StateRef | PackedState) -> PackedState:
         match state:
             case InitialNoise(seed=seed, shape=shape, num_steps=num_steps):
@@ -219,16 +289,22 @@ class FakeStages:
             case PackedState():
                 return state
 
-    async def decode(self, state: StateRef, fps: int) -> FrameBatch:
+    async def decode(self, state: StateRef, fps: int) -> AsyncIterator[StageWaiting | FrameBatch]:
+        """One decode at a time in the real decoder's line (serve.stages.turns), streaming its place."""
         self.record("decode", float(self.objects.get(state.ref).latents.mean()))
-        if self.hold_decode is not None:
-            await self.hold_decode.wait()
-        frames = self.objects.put(np.zeros((9, 64, 96, 3), np.uint8), "decode")
-        return FrameBatch(ref=frames, fps=fps, seconds=0.01)
+        async for waiting in self.decode_turns.wait():
+            yield waiting
+        try:
+            if self.hold_decode is not None:
+                await self.hold_decode.wait()
+            frames = self.objects.put(np.zeros((9, 64, 96, 3), np.uint8), "decode")
+            yield FrameBatch(ref=frames, fps=fps, seconds=0.01)
+        finally:
+            self.decode_turns.leave()
 
-    async def upscale(self, frames: FrameBatch, width: int, height: int) -> FrameBatch:
+    async def upscale(self, frames: FrameBatch, width: int, height: int) -> AsyncIterator[FrameBatch]:
         self.record("upscale", (width, height))
-        return frames
+        yield frames
 
     async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         self.record("finish", call)

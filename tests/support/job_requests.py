@@ -15,8 +15,15 @@ def job_request(
     seed: int = 7,
     callback_url: str | None = None,
     cache: StepCacheSettings | None = None,
+    quality: str = "final",
 ) -> JobRequest:
     spec = RequestSpec(
-        prompt=prompt, resolution=resolution, duration=duration, steps=steps, seed=seed, cache=cache
+        prompt=prompt,
+        resolution=resolution,
+        duration=duration,
+        steps=steps,
+        seed=seed,
+        cache=cache,
+        quality=quality,
     )
     return JobRequest.of(spec, ModelSpec(), callback_url=callback_url)

@@ -9,9 +9,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from pipeline.spec import RESOLUTION_PRESETS, ModelSpec, RequestSpec, SizeEnvelope, TierRecipe
+from pipeline.stages import Layout
 from serve.http.deps import CallerDep, StateDep
 from serve.jobs.request import SERVED_MODEL
-from serve.sharding import DEPLOYMENT_NAMES, Expert, ShapeRules
+from serve.sharding import Expert, ShapeRules
 
 router = APIRouter(tags=["models"])
 DEFAULT_SECONDS = 5.0  # the API's default duration (81 frames at 16 fps)
@@ -20,7 +21,10 @@ DEFAULT_SECONDS = 5.0  # the API's default duration (81 frames at 16 fps)
 class ExpertParallel(BaseModel):
     """How one expert deployment splits each forward, and which sizes that lets it run."""
 
-    deployment: str = Field(description="The Serve deployment: `HighNoiseDenoiser` or `LowNoiseDenoiser`.")
+    deployment: str = Field(
+        description="The Serve deployment that runs it: `HighNoiseDenoiser` or `LowNoiseDenoiser` (layout "
+        "`split`), or `Denoiser`, which holds both experts on every rank (layout `colocated`)."
+    )
     ulysses: int = Field(description="Ranks sharing each row's video tokens (1: not sequence-parallel).")
     cfg: int = Field(description="2: cond and uncond rows run on different halves of the group.")
     gpus_per_replica: int = Field(description="Ranks (one GPU each on CUDA) of one replica: ulysses x cfg.")
@@ -61,6 +65,10 @@ class ServedModel(BaseModel):
     envelope: SizeEnvelope = Field(description="The sizes this deployment serves.")
     default_steps: int
     fps: int
+    layout: Layout = Field(
+        description="How the experts are deployed: `split` (a deployment each, the state handed between them "
+        "at the boundary) or `colocated` (one deployment holding both, no hop at the boundary)."
+    )
     experts: dict[str, ExpertParallel] = Field(
         description="`high` / `low` -> the expert deployment's parallel degree and the sizes it accepts."
     )
@@ -85,6 +93,7 @@ async def list_models(state: StateDep, caller: CallerDep) -> ModelList:
         envelope=state.args.envelope,
         default_steps=state.model.num_steps,
         fps=state.model.fps,
+        layout=state.args.experts.layout,
         experts={
             expert: expert_parallel(state.shapes, expert, state.model, tiers) for expert in ("high", "low")
         },
@@ -102,7 +111,7 @@ def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec, tiers:
     degree = shapes.degrees[expert]
     num_frames = RequestSpec(prompt="-", duration=DEFAULT_SECONDS).num_frames(model)
     return ExpertParallel(
-        deployment=DEPLOYMENT_NAMES[expert],
+        deployment=shapes.deployments[expert],
         ulysses=degree.ulysses,
         cfg=degree.cfg,
         gpus_per_replica=degree.world_size,
