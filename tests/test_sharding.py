@@ -1,7 +1,8 @@
 """Sharded experts: Ulysses x CFG-parallel engines on gloo give the one-process Denoiser's latents.
 
 Every group runs in spawned processes on this CPU (gloo); rank 0 drives a DenoiseEngine per expert
-through a ShardedForward, the other ranks serve `worker_loop`. The reference runs here, unsharded.
+through one GroupRunner, the other ranks serve `worker_loop`. The reference runs here, unsharded.
+Drafts, LoRAs and cached steps on a group: tests/test_sharded_engine.py.
 """
 
 from __future__ import annotations
