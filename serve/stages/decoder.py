@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -15,6 +16,7 @@ from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
 from serve.stages.payloads import FrameBatch, StateRef
+from serve.stages.turns import StageWaiting, Turns
 
 NAME = deployment_name(stage("decode"))  # from the stage table
 
@@ -28,14 +30,19 @@ class VAEDecoderDeployment:
     def __init__(self, args: PrevizArgs) -> None:
         self.decoder = VAEDecoder(stage_components(args, "vae").vae)
         self._metrics = ReplicaReporter().start()
-        self._lock = asyncio.Lock()  # one decode at a time per replica: it is memory-bound
+        self._turns = Turns()  # one decode at a time per replica: it is memory-bound
 
-    async def decode(self, state: StateRef, fps: int) -> FrameBatch:
-        """The frames of the low-noise expert's final state (fetched from its replica's object store)."""
+    async def decode(self, state: StateRef, fps: int) -> AsyncIterator[StageWaiting | FrameBatch]:
+        """The frames of the low-noise expert's final state (fetched from its replica's object store),
+        streamed after the call's place in the replica's line while it waits (a streaming call)."""
         import torch
 
         latents = (await state.ref[0]).latents
-        async with self._lock:
+        async for waiting in self._turns.wait():
+            yield waiting
+        try:
             started = time.perf_counter()
             frames = await asyncio.to_thread(self.decoder.decode, torch.from_numpy(latents.copy()), fps=fps)
-            return FrameBatch(ref=[ray.put(frames.pixels)], fps=fps, seconds=time.perf_counter() - started)
+            yield FrameBatch(ref=[ray.put(frames.pixels)], fps=fps, seconds=time.perf_counter() - started)
+        finally:
+            self._turns.leave()
