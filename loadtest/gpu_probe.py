@@ -510,7 +510,7 @@ def probe_vae(probe: Probe) -> VaeRecord:
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**probe.shape.vae).to(probe.device, dtype).eval()
     latents = torch.randn(16, *probe.shape.shapes["720p"])
-    decoder = VAEDecoder(vae)
+    decoder = VAEDecoder(vae, dtype=dtype)
     with Memory(probe.device) as memory:
         seconds = _time_call(lambda: decoder.decode(latents, fps=16), probe)
     probe.checks["vae decode s"] = seconds

@@ -91,7 +91,7 @@ class VaeRecord:
 
     size: str  # 720p: latents (16, 21, 90, 160)
     num_frames: int  # 81 video frames
-    dtype: str  # the VAE's weights and compute (the product runs float32 today)
+    dtype: str  # the VAE's weights and compute (the product decodes in bf16 on a GPU by default)
     status: str  # ok, dry run, skipped: why
     seconds: float | None = None  # latents on CPU in, uint8 frames on CPU out
     peak_memory_bytes: int | None = None

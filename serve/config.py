@@ -14,6 +14,7 @@ from pipeline.lora import BUILTIN
 from pipeline.lut import Interpolation
 from pipeline.safety import SafetySettings
 from pipeline.spec import ADAPTER_NAME_PATTERN, DISTILL_ADAPTER, ModelSpec, SizeEnvelope
+from pipeline.vae import DecodeDtype
 from pipeline.weights import PRESETS
 from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
@@ -28,6 +29,29 @@ class EngineSettings(BaseModel):
         262_144, ge=1, description="Token budget of one batched forward (CFG doubles a request's tokens)."
     )
     max_batch_size: int = Field(16, ge=1, description="Most requests in one batched forward.")
+
+
+class DecoderSettings(BaseModel):
+    """The VAEDecoder replicas: the dtype they decode in and the memory a decode may take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: DecodeDtype = Field(
+        "auto",
+        description="The VAE's compute dtype: `auto` is bfloat16 on a GPU and float32 on CPU; `float32` "
+        "decodes as the reference does (about twice the time and memory of bf16 on a GPU).",
+    )
+    max_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Most device memory one decode may plan for; a clip whose full frames would need more "
+        "is decoded in spatial tiles (smaller ones as needed). None: the GPU's free memory at the time of "
+        "the decode (what a denoiser beside the decoder left); on CPU no bound.",
+    )
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory_gib is None else int(self.max_memory_gib * 2**30)
 
 
 class LoraSettings(BaseModel):
@@ -152,6 +176,9 @@ class PrevizArgs(BaseModel):
         default_factory=ExpertsSettings,
         description="The experts' layout (`split`: a deployment each; `colocated`: one `Denoiser` holding "
         "both) and per expert its rank group (`parallel: {ulysses, cfg}`; default 1x1) and kernels.",
+    )
+    decoder: DecoderSettings = Field(
+        default_factory=DecoderSettings, description="The VAE decode stage (dtype, memory bound)."
     )
     max_jobs_in_flight: int = Field(
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."

@@ -77,6 +77,8 @@ class PrevizMetrics:
     artifact_store_operations_total: Counter  # by outcome ok | error: disk or S3 trouble shows here
     webhook_deliveries_total: Counter  # per attempt, by outcome delivered | failed (retried) | gave_up
     safety_blocks_total: Counter  # content refused, by stage (prompt | frames) and policy category
+    decode_plans_total: Counter  # decodes by how they ran: mode full | tiled, dtype, decoder vae | fast
+    decode_memory_bytes: Gauge  # the last decode's kind=estimate (planned peak) and kind=budget (free/bound)
     gpu_utilization_ratio: Gauge  # per replica, only where a GPU exists
     gpu_memory_used_bytes: Gauge
 
@@ -220,6 +222,16 @@ def metrics() -> PrevizMetrics:
             "previz_safety_blocks_total",
             "Prompts (stage=prompt) and finished clips (stage=frames) refused by the content policy.",
             tag_keys=("stage", "category"),
+        ),
+        decode_plans_total=Counter(
+            "previz_decode_plans_total",
+            "VAE decodes by how they ran: full frames or spatial tiles (memory bound), dtype and decoder.",
+            tag_keys=("mode", "dtype", "decoder", *replica),
+        ),
+        decode_memory_bytes=Gauge(
+            "previz_decode_memory_bytes",
+            "The last decode's planned peak device memory (kind=estimate) and what it had (kind=budget).",
+            tag_keys=("kind", *replica),
         ),
         gpu_utilization_ratio=Gauge(
             "previz_gpu_utilization_ratio",
@@ -397,6 +409,18 @@ def record_artifact_write(backend: str, kind: str, size_bytes: int | None, ok: b
 def record_webhook_delivery(outcome: str) -> None:
     """One webhook attempt: `outcome` is delivered (2xx), failed (to be retried) or gave_up (the last one)."""
     metrics().webhook_deliveries_total.inc(1, tags={"outcome": outcome})
+
+
+@_safely
+def record_decode_plan(
+    mode: str, dtype: str, decoder: str, estimate_bytes: int, budget_bytes: int | None
+) -> None:
+    """One decode in a VAEDecoder replica: how it ran (pipeline.vae_memory.DecodePlan) and its memory."""
+    m, tags = metrics(), replica_tags()
+    m.decode_plans_total.inc(1, tags={"mode": mode, "dtype": dtype, "decoder": decoder, **tags})
+    m.decode_memory_bytes.set(estimate_bytes, tags={"kind": "estimate", **tags})
+    if budget_bytes is not None:
+        m.decode_memory_bytes.set(budget_bytes, tags={"kind": "budget", **tags})
 
 
 @_safely
