@@ -200,3 +200,20 @@ class FastDecoder:
         )
         pixels = fill_clip(clip, self.decode_chunks(latents), num_latent_frames, progress)
         return Frames(pixels=pixels, fps=fps)
+
+
+def fast_decoder_network(weights: str, source: str, device: torch.device | str = "cpu") -> TAEHVDecoder:
+    """The draft decoder a deployment configures: `builtin` gives a preset's seeded random weights (the
+    presets have no published TAEHV), anything else is a local `.pth`/`.safetensors` file (taew2_1)."""
+    from pipeline.lora import BUILTIN
+    from pipeline.weights import PRESETS
+
+    if weights == BUILTIN:
+        if source not in PRESETS:
+            raise ValueError(
+                f"`decoder.fast_weights: {BUILTIN}` exists for the presets ({', '.join(PRESETS)}) only; "
+                f"model {source!r} needs TAEHV's published taew2_1.pth."
+            )
+        preset = PRESETS[source]
+        return random_taehv(preset.seed + 1, preset.fast_decoder_widths).to(device)
+    return load_taehv(Path(weights), device)

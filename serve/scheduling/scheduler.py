@@ -266,7 +266,7 @@ class Scheduler:
         # 3. Decode the latents to frames.
         await run.enter("decode")
         async with run.clocked():
-            frames = await stage_call(stages.vae.decode.remote(state, resolved.fps))
+            frames = await stage_call(stages.vae.decode.remote(state, resolved.fps, resolved.quality))
         run.record("decode", frames.seconds)
 
         # 4. Upscale (a no-op call when the job asks for none).

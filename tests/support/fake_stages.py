@@ -287,7 +287,7 @@ class FakeStages:
             case PackedState():
                 return state
 
-    async def decode(self, state: StateRef, fps: int) -> FrameBatch:
+    async def decode(self, state: StateRef, fps: int, quality: str = "final") -> FrameBatch:
         self.record("decode", float(self.objects.get(state.ref).latents.mean()))
         if self.hold_decode is not None:
             await self.hold_decode.wait()
