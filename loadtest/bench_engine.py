@@ -1,7 +1,8 @@
 """Throughput of the denoise engine against one-request-at-a-time baselines, measured in one process.
 
     python -m loadtest.bench_engine                      # small preset, 8 requests, 2 buckets, CPU
-    python -m loadtest.bench_engine --sizes 160x96,96x160 --repeats 5
+    python -m loadtest.bench_engine --sizes 160x96,96x160 --rounds 7
+    python -m loadtest.bench_engine --threads 1           # one torch thread: steadier on a busy machine
 
 Both experts run (high then low, the full Wan2.2 schedule). Compared on the same requests:
   (a)  engine: a DenoiseEngine per expert, each on its own thread, fed through the asyncio `add` API;
@@ -12,9 +13,18 @@ Both experts run (high then low, the full Wan2.2 schedule). Compared on the same
   (c)  diffusers' WanPipeline called once per request (prompt embeddings given, output_type="latent",
        so no path pays for the text encoder or the VAE).
 Throughput is samples x steps per second of wall time: for (a) from the first arrival to the last result,
-for (b) and (c) the sum of the back-to-back runs. Rounds interleave the methods (`--repeats`), and the
-median and best round are shown because a shared CPU is noisy. Baseline latencies are simulated for the
-same arrivals (one first-come-first-served server) from their measured run times.
+for (b) and (c) the sum of the back-to-back runs. Rounds interleave the methods (`--rounds`, default 5),
+so background load hits them alike; each method's median wall time is shown with its spread (min-max and the
+interquartile range), and the ratios a/b and a/c are taken within each round, then summarised the same way
+(a ratio of medians hides how far the rounds disagree). Baseline latencies are simulated for the same
+arrivals (one first-come-first-served server) from their measured run times.
+
+Every method computes off the main thread (the script runs `main` on a worker thread; the engine has its
+own). On this shared 2-core machine, with other processes busy (load average 7-15), the same torch ops ran
+10-60x slower called from the main thread than from a worker thread (a loop of 64x256 GEMMs + GELU:
+11-83 s against 0.9-1.7 s; 1.2-1.3 s on either with OMP_NUM_THREADS=1), and the baselines used to run on the
+main thread while the engine did not: one reason the engine/diffusers ratio swung between runs. The spread
+over rounds is the figure to read first on a shared machine; the load average is printed beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -72,11 +83,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=0.5, help="seconds of video: 0.5 -> 9 frames")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--arrival-span", type=float, default=0.5, help="x (requests x one request's time)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of all methods; medians are shown")
+    parser.add_argument(
+        "--rounds",
+        "--repeats",
+        type=int,
+        default=5,
+        help="rounds of all methods (at least 5 for a spread worth reading); medians and spread are shown",
+    )
     parser.add_argument("--max-num-tokens", type=int, default=65_536)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"`--rounds` must be at least 1 but is {args.rounds}.")
+    return args
 
 
 def make_jobs(components: WanComponents, args: argparse.Namespace, prefix: str = "") -> list[Job]:
@@ -198,6 +218,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile (the inclusive method: defined for any number of rounds >= 1)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def spread_text(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
+def iqr_text(values: list[float]) -> str:
+    q1, q3 = quartiles(values)
+    return f"{q1:.2f}-{q3:.2f}"
+
+
 def warm_up(components: WanComponents, args: argparse.Namespace) -> None:
     """One short pass of every path so one-time kernel setup is not timed."""
     small = argparse.Namespace(**{**vars(args), "requests": len(args.sizes.split(",")), "steps": 2})
@@ -228,7 +265,8 @@ def main() -> None:
     runs: dict[str, list[Result]] = {name: [] for name in METHODS}
     arrivals = spread(args.arrival_span * len(jobs) * service_time(components, jobs), len(jobs))
     stats: dict[str, dict[str, EngineStats]] = {}
-    for _ in range(args.repeats):  # rounds interleave the methods, so background load hits them alike
+    load_before = os.getloadavg()[0]
+    for _ in range(args.rounds):  # rounds interleave the methods, so background load hits them alike
         durations, latents = run_denoiser(components, jobs)
         runs["denoiser"].append(Result(sum(durations), durations, latents))
         durations, latents = run_diffusers(components, jobs)
@@ -242,7 +280,7 @@ def main() -> None:
     ):  # their latency: one FCFS server, same arrivals, measured run times
         for result in runs[name]:
             result.latencies = serial_latencies(result.latencies, arrivals)
-    print_report(args, components, jobs, arrivals, runs, stats)
+    print_report(args, components, jobs, arrivals, runs, stats, (load_before, os.getloadavg()[0]))
 
 
 def print_report(
@@ -252,6 +290,7 @@ def print_report(
     arrivals: list[float],
     runs: dict[str, list[Result]],
     stats: dict[str, dict[str, EngineStats]],
+    load: tuple[float, float],
 ) -> None:
     model = components.model
     work = len(jobs) * args.steps  # samples x steps
@@ -261,35 +300,36 @@ def print_report(
     print(
         f"preset={args.preset} torch_threads={torch.get_num_threads()} cpus={os.cpu_count()} "
         f"requests={len(jobs)} sizes={args.sizes} frames={jobs[0].resolved.num_frames} steps={args.steps} "
-        f"(both experts) repeats={args.repeats} (median shown)"
+        f"(both experts) rounds={args.rounds} (median and spread shown)"
     )
+    print(f"load average (1 min) before the rounds {load[0]:.2f}, after {load[1]:.2f}")
     print(f"buckets (latent C,F,H,W)={buckets}  tokens/sample={tokens} (x2 with CFG)")
     print(
         f"arrivals (a): evenly over {arrivals[-1]:.2f} s = {args.arrival_span} x (requests x the Denoiser's "
         "best time for one request)"
     )
     print(
-        f"{'method':<32} {'median wall s':>13} {'samples*steps/s':>15} {'best wall s':>11} {'best rate':>9} "
+        f"{'method':<32} {'median wall s':>13} {'min-max':>11} {'IQR':>11} {'samples*steps/s':>15} "
         f"{'p50 s':>6} {'p95 s':>6}  runs (wall s)"
     )
-    rates: dict[str, tuple[float, float]] = {}  # method -> (median rate, best rate)
     for name, label in METHODS.items():
         walls = [result.seconds for result in runs[name]]
         latencies = [latency for result in runs[name] for latency in result.latencies]
-        rates[name] = (work / statistics.median(walls), work / min(walls))
         print(
-            f"{label:<32} {statistics.median(walls):>13.2f} {rates[name][0]:>15.2f} {min(walls):>11.2f} "
-            f"{rates[name][1]:>9.2f} {percentile(latencies, 50):>6.2f} {percentile(latencies, 95):>6.2f}  "
-            + " ".join(f"{wall:.2f}" for wall in walls)
+            f"{label:<32} {statistics.median(walls):>13.2f} {spread_text(walls):>11} {iqr_text(walls):>11} "
+            f"{work / statistics.median(walls):>15.2f} {percentile(latencies, 50):>6.2f} "
+            f"{percentile(latencies, 95):>6.2f}  " + " ".join(f"{wall:.2f}" for wall in walls)
         )
+    print("throughput ratios, taken within each round (median, min-max, IQR over the rounds):")
     for name in ("engine", "engine-burst"):
-        (a_med, a_best), (b_med, b_best), (c_med, c_best) = (
-            rates[key] for key in (name, "denoiser", "diffusers")
-        )
-        print(
-            f"{name}: median a/b = {a_med / b_med:.2f}  a/c = {a_med / c_med:.2f}   "
-            f"best a/b = {a_best / b_best:.2f}  a/c = {a_best / c_best:.2f}"
-        )
+        for baseline in ("denoiser", "diffusers"):
+            ratios = [
+                base.seconds / own.seconds for own, base in zip(runs[name], runs[baseline], strict=True)
+            ]
+            print(
+                f"  {name} / {baseline:<9} {statistics.median(ratios):.2f}x  min-max {spread_text(ratios)}  "
+                f"IQR {iqr_text(ratios)}  rounds: " + " ".join(f"{ratio:.2f}" for ratio in ratios)
+            )
         for expert, snapshot in stats[name].items():  # the last round's engines
             print(
                 f"  {expert} (last round): iterations={snapshot.num_iterations} "
@@ -304,4 +344,6 @@ def print_report(
 
 
 if __name__ == "__main__":
-    main()
+    # Every method computes off the main thread, as the engine's own threads do (see the docstring).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench") as pool:
+        pool.submit(main).result()

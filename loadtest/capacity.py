@@ -16,6 +16,12 @@ leave at step boundaries. An iteration lasts `CostModel.forward_s` on the replic
 `final` (40 steps, CFG, 26 high + 14 low; a step cache skips `cache_skip` of them) and `draft` (the
 distill recipe: 4 steps, no CFG, 2 + 2). Replica counts, degrees, tiers, the cache skip ratio and the
 cost model's throughputs are parameters: what ops would change before buying GPUs.
+
+Layouts (`--layout`, as `experts.layout`): `split` simulates the two expert deployments, each with its
+replicas and degree; `colocated` simulates `--high` Denoiser replicas of the high degree, each holding both
+experts: a job's high-noise then low-noise steps run on the replica that took it (no hop), and each
+iteration runs one expert's bucket (the most urgent request's), so requests at different experts batch in
+different iterations. Its GPUs and utilisation are reported as the stage `denoiser`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from loadtest.cost_model import A14B, SIZES, CostModel, from_probe
 from pipeline.denoise.parallel import ParallelDegree
 from pipeline.priority import Priority
 from pipeline.stages import STAGES as TABLE
+from pipeline.stages import Layout
 
 Policy = Literal["previz", "fcfs"]
 # stage table row -> the simulator's resource (it models no upscaler)
@@ -48,6 +55,7 @@ SIMULATED: dict[str, str] = {
 }
 STAGES = tuple(SIMULATED[row.name] for row in TABLE if row.name in SIMULATED)
 GPU_STAGES = tuple(SIMULATED[row.name] for row in TABLE if row.name in SIMULATED and row.accelerator)
+COLOCATED = "denoiser"  # the stage name of the colocated layout's replicas (both experts)
 
 
 @dataclass(frozen=True)
@@ -79,8 +87,10 @@ class Shot:
 
 @dataclass(frozen=True)
 class Cluster:
-    """The replica set: counts per stage, the experts' degrees, and the engine's bounds."""
+    """The replica set: counts per stage, the experts' degrees, and the engine's bounds. In the colocated
+    layout `high_replicas` and `high_degree` are the Denoiser's (both experts per replica); `low_*` unused."""
 
+    layout: Layout = "split"
     high_replicas: int = 2
     low_replicas: int = 2
     high_degree: ParallelDegree = ParallelDegree(ulysses=2, cfg=2)
@@ -96,13 +106,21 @@ class Cluster:
     finish_s: float = 2.0  # grade, label, mp4, upload of one clip (CPU)
 
     @property
+    def gpu_stages(self) -> tuple[str, ...]:
+        """The simulated stages that hold GPUs: the experts' (or the Denoiser's) between text and decode."""
+        if self.layout == "split":
+            return GPU_STAGES
+        return tuple(COLOCATED if stage == "high" else stage for stage in GPU_STAGES if stage != "low")
+
+    @property
     def gpus(self) -> dict[str, float]:
-        return {
-            "text": self.text_replicas * 0.5,
+        denoisers = {
             "high": self.high_replicas * self.high_degree.world_size,
             "low": self.low_replicas * self.low_degree.world_size,
-            "decode": self.decode_replicas * 1.0,
         }
+        if self.layout == "colocated":
+            denoisers = {COLOCATED: self.high_replicas * self.high_degree.world_size}
+        return {"text": self.text_replicas * 0.5, **denoisers, "decode": self.decode_replicas * 1.0}
 
     @property
     def total_gpus(self) -> float:
@@ -130,7 +148,7 @@ class _Request:
     rows: int
     steps_left: int
     done: simpy.Event
-    bucket: tuple[int, int]
+    bucket: tuple[int, int, str]  # (width, height, expert): a forward runs one expert on one shape
 
 
 class ExpertReplica:
@@ -217,6 +235,8 @@ class Simulation:
         self.low = [
             ExpertReplica(self.env, model, cluster, cluster.low_degree) for _ in range(cluster.low_replicas)
         ]
+        if cluster.layout == "colocated":  # one set of replicas holds both experts
+            self.low = self.high
         self.text = simpy.Resource(self.env, cluster.text_replicas)
         self.decode = simpy.Resource(self.env, cluster.decode_replicas)
         self.finish = simpy.Resource(self.env, cluster.finish_replicas)
@@ -266,7 +286,7 @@ class Simulation:
             yield self.env.timeout(seconds)
             self.busy_s[stage] += seconds
 
-    def _expert(self, replicas: list[ExpertReplica], request: _Request) -> simpy.Event:
+    def _place(self, replicas: list[ExpertReplica], request: _Request) -> ExpertReplica:
         """Bucket affinity as serve/stages/router.py does it: a bucket's calls go to the replica that
         has it (else the least loaded), spilling to the others only once it holds
         `max_ongoing_requests` calls (Serve's bound of a replica)."""
@@ -276,8 +296,7 @@ class Simulation:
         replica = min(same_bucket or replicas, key=ExpertReplica.load)
         if len(replica.active) >= self.cluster.max_ongoing_requests and len(replicas) > 1:
             replica = min((other for other in replicas if other is not replica), key=ExpertReplica.load)
-        replica.submit(request)
-        return request.done
+        return replica
 
     def _job(self, shot: Shot) -> Iterator[simpy.Event]:
         outcome = self.outcomes[shot.id]
@@ -287,10 +306,17 @@ class Simulation:
         rows = 2 if tier.cfg else 1
         skip = self.model.cache_skip if shot.tier == "final" else 0.0
         yield from self._serve(self.text, "text", self.cluster.text_s)
-        for replicas, steps in ((self.high, tier.high_steps), (self.low, tier.low_steps)):
+        replica = None
+        for expert, replicas, steps in (
+            ("high", self.high, tier.high_steps),
+            ("low", self.low, tier.low_steps),
+        ):
             steps = max(1, round(steps * (1.0 - skip)))
-            done = self.env.event()
-            yield self._expert(replicas, _Request(outcome, tokens, rows, steps, done, (width, height)))
+            request = _Request(outcome, tokens, rows, steps, self.env.event(), (width, height, expert))
+            if replica is None or self.cluster.layout == "split":  # colocated: the low steps stay put
+                replica = self._place(replicas, request)
+            replica.submit(request)
+            yield request.done
         yield from self._serve(self.decode, "decode", self.model.serial_s(width, height, shot.num_frames))
         yield from self._serve(self.finish, "finish", self.cluster.finish_s)
         outcome.done_s = self.env.now
@@ -308,8 +334,11 @@ class Simulation:
             horizon += 600.0
             self.env.run(until=horizon)
         end = max(outcome.done_s for outcome in self.outcomes.values() if outcome.done_s is not None)
-        self.busy_s["high"] = sum(replica.busy_s for replica in self.high)
-        self.busy_s["low"] = sum(replica.busy_s for replica in self.low)
+        if self.cluster.layout == "colocated":
+            self.busy_s[COLOCATED] = sum(replica.busy_s for replica in self.high)
+        else:
+            self.busy_s["high"] = sum(replica.busy_s for replica in self.high)
+            self.busy_s["low"] = sum(replica.busy_s for replica in self.low)
         return Report.of(self, end)
 
 
@@ -335,18 +364,18 @@ class Report:
             "text": sim.cluster.gpus["text"] / max(sim.cluster.text_replicas, 1),
             "high": sim.cluster.high_degree.world_size,
             "low": sim.cluster.low_degree.world_size,
+            COLOCATED: sim.cluster.high_degree.world_size,
             "decode": 1.0,
         }
-        busy = {stage: sim.busy_s[stage] * per_gpu[stage] for stage in GPU_STAGES}
-        provisioned = {stage: sim.cluster.gpus[stage] * end for stage in GPU_STAGES}
+        stages = sim.cluster.gpu_stages
+        busy = {stage: sim.busy_s[stage] * per_gpu[stage] for stage in stages}
+        provisioned = {stage: sim.cluster.gpus[stage] * end for stage in stages}
         shots = len(sim.shots)
         return Report(
             policy=sim.policy,
             makespan_s=end,
             latency_s=latency,
-            utilisation={
-                stage: busy[stage] / provisioned[stage] for stage in GPU_STAGES if provisioned[stage]
-            },
+            utilisation={stage: busy[stage] / provisioned[stage] for stage in stages if provisioned[stage]},
             gpu_busy_s=busy,
             gpu_hours_per_1000_shots=sim.cluster.total_gpus * end / 3600 / shots * 1000,
             busy_gpu_hours_per_1000_shots=sum(busy.values()) / 3600 / shots * 1000,
@@ -418,10 +447,12 @@ def recommend(
     shots: list[Shot], model: CostModel, target_p95_s: float, base: Cluster, max_replicas: int = 16
 ) -> tuple[Cluster, Report] | None:
     """The cheapest replica mix (fewest GPUs) whose p95 interactive latency meets the target and whose
-    batch shots all finish. Searches expert replica counts (at the base's degrees) and decode replicas."""
+    batch shots all finish. Searches expert replica counts (at the base's degrees; colocated: Denoiser
+    replicas) and decode replicas."""
     candidates = []
+    lows = range(1, max_replicas + 1) if base.layout == "split" else (base.low_replicas,)
     for high in range(1, max_replicas + 1):
-        for low in range(1, max_replicas + 1):
+        for low in lows:
             for decode in (1, 2, 4, 8):
                 cluster = replace(base, high_replicas=high, low_replicas=low, decode_replicas=decode)
                 candidates.append(cluster)
@@ -517,6 +548,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-skip", type=float, default=0.0, help="share of final-tier steps skipped")
     parser.add_argument("--high", type=int, default=Cluster.high_replicas)
     parser.add_argument("--low", type=int, default=Cluster.low_replicas)
+    parser.add_argument(
+        "--layout",
+        choices=("split", "colocated"),
+        default="split",
+        help="colocated: --high Denoiser replicas at the high degree, both experts each",
+    )
     parser.add_argument("--high-ulysses", type=int, default=2)
     parser.add_argument("--high-cfg", type=int, default=2)
     parser.add_argument("--low-ulysses", type=int, default=1)
@@ -551,6 +588,7 @@ def main(argv: list[str] | None = None) -> None:
         print(calibration_table(model))
         return
     cluster = Cluster(
+        layout=args.layout,
         high_replicas=args.high,
         low_replicas=args.low,
         high_degree=ParallelDegree(ulysses=args.high_ulysses, cfg=args.high_cfg),
@@ -578,10 +616,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"no mix up to 16 + 16 expert replicas meets p95 <= {args.target_p95:g} s")
         else:
             best, report = found
-            print(
-                f"recommended: {best.total_gpus:g} GPUs = "
+            experts = (
                 f"high {best.high_replicas} x {best.high_degree.world_size}, "
-                f"low {best.low_replicas} x {best.low_degree.world_size}, decode {best.decode_replicas}, "
+                f"low {best.low_replicas} x {best.low_degree.world_size}"
+                if best.layout == "split"
+                else f"denoiser {best.high_replicas} x {best.high_degree.world_size}"
+            )
+            print(
+                f"recommended: {best.total_gpus:g} GPUs = {experts}, decode {best.decode_replicas}, "
                 f"text {best.gpus['text']:g}"
             )
             print(report_table(report))

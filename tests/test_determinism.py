@@ -139,6 +139,22 @@ def test_rowwise_layers_compute_each_row_as_if_it_were_alone_and_keep_their_weig
             assert torch.equal(together[index : index + 1], model(rows[index : index + 1]))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_rowwise_linear_on_token_rows_equals_each_row_alone_and_the_plain_layer_per_row(bias: bool) -> None:
+    torch.manual_seed(0)
+    plain = nn.Linear(96, 40, bias=bias)
+    rowwise = make_batch_invariant(nn.Linear(96, 40, bias=bias))
+    rowwise.load_state_dict(plain.state_dict())
+    tokens = torch.randn(5, 33, 96)  # (rows, tokens, features): the DiT's layout, written in place per row
+    strided = torch.randn(33, 5, 96).transpose(0, 1)  # not contiguous: the per-row copy path
+    with torch.inference_mode():
+        for rows in (tokens, strided):
+            together = rowwise(rows)
+            for index in range(5):
+                assert torch.equal(together[index : index + 1], plain(rows[index : index + 1]))
+                assert torch.equal(together[index : index + 1], rowwise(rows[index : index + 1]))
+
+
 def test_a_misaligned_weight_gets_an_aligned_copy_of_the_same_values() -> None:
     layer = nn.Linear(24, 24, bias=False)
     values = torch.randn(24, 24)

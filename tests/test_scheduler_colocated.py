@@ -41,7 +41,16 @@ def test_a_job_is_denoised_by_one_call_to_the_colocated_denoiser_and_nothing_cro
     store = empty_store(args)
     job, _ = store.create("dune", "interactive", job_request(steps=8))
 
-    done = run_until_finished(args, stages, store, job.id)
+    async def scenario():
+        scheduler = start(args, stages)
+        try:
+            done = await wait_for(store, job.id, lambda j: j.is_finished)
+            await wait_for(store, job.id, lambda _j: job.id not in scheduler._running)  # cleaned up
+        finally:
+            stop(scheduler)
+        return done
+
+    done = asyncio.run(scenario())
     assert done.status == JobStatus.SUCCEEDED and done.attempt == 1
     assert stages.calls["denoiser"] == [(f"{job.id}:1", "96x64x9", 0)]  # one call for both experts
     assert "high" not in stages.calls and "low" not in stages.calls  # no split deployment exists or ran
@@ -56,7 +65,8 @@ def test_a_job_is_denoised_by_one_call_to_the_colocated_denoiser_and_nothing_cro
     assert stages.calls["decode"] == [pytest.approx(11.0, abs=5)]  # both experts' changes reached it
     assert {"denoise_high", "denoise_low"} <= set(done.timings)
     keys = JobArtifacts("dune", job.id)
-    assert done.checkpoint_uri is None and not stages.artifacts.exists(keys.checkpoint)  # dropped at the end
+    checkpoint_uri = store.get(job.id).checkpoint_uri
+    assert checkpoint_uri is None and not stages.artifacts.exists(keys.checkpoint)  # dropped at the end
 
 
 def test_the_status_moves_to_the_low_noise_stage_when_the_boundary_is_streamed(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from serve.jobs import JobEvent, JobRecord, JobStore
+from serve.jobs import JobEvent, JobRecord, JobStatus, JobStore
 
 EVENTS_POLL_S = 0.25  # how often an event stream looks at the job store
 EVENTS_KEEPALIVE_S = 15.0
@@ -44,7 +44,11 @@ async def event_stream(
         for event in events:
             after_id = event.id
             yield _sse(event.kind, _event_data(event), event.id)
-        status = (job.status, job.progress, round(job.stage_progress, 3), job.num_ahead_in_engine, job.eta_at)
+        # while queued: its place in the job queue (counted in the store); while running: in its stage's
+        position = job.num_ahead_in_engine
+        if job.status == JobStatus.QUEUED:
+            position = await asyncio.to_thread(store.queue_position, job)
+        status = (job.status, job.progress, round(job.stage_progress, 3), position, job.eta_at)
         if status != last_status:
             last_status = status
             yield _sse(
@@ -52,7 +56,8 @@ async def event_stream(
                 {
                     "status": job.status.api_state,
                     "stage": job.stage,
-                    "queue_position": job.num_ahead_in_engine,
+                    "waiting_for": job.waiting_for,
+                    "queue_position": position,
                     "progress": job.progress,
                     "stage_progress": job.stage_progress,
                     "eta_seconds": job.eta_seconds,

@@ -314,9 +314,15 @@ class Video(BaseModel):
     stage: str = Field(description="Pipeline stage: queued, encoding, denoising_high, … succeeded.")
     queue_position: int | None = Field(
         None,
-        description="How many videos are ahead of it while it waits: in the job queue (status queued, "
-        "`GET /v1/videos/{id}`) or, with `stage: queued` while in progress, in an expert's engine before "
-        "its first step. Null once it runs.",
+        description="How many videos are ahead of it while it waits: in the job queue (status queued) or, "
+        "with `stage: queued` while in progress, in the replica of the stage it waits for (`waiting_for`: "
+        "an expert's engine before its first step, the decoder's or the upscaler's line). Null once it "
+        "runs.",
+    )
+    waiting_for: str | None = Field(
+        None,
+        description="While in progress but waiting in a stage's queue: that stage (`denoising_high`, "
+        "`denoising_low`, `decoding`, `upscaling`), counted where the work waits; null otherwise.",
     )
     seed: int
     steps: int

@@ -49,6 +49,7 @@ def video_view(
         priority=job.priority,
         stage=job.stage,
         queue_position=queue_position if job.status == JobStatus.QUEUED else job.num_ahead_in_engine,
+        waiting_for=job.waiting_for,
         seed=job.seed if job.seed is not None else resolved.seed,
         steps=resolved.steps,
         quality=resolved.quality,

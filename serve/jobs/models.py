@@ -157,7 +157,7 @@ class JobRecord:
     checkpoint_uri: str | None  # denoise state saved at the expert boundary; a rerun resumes from it
     poster_uri: str | None  # key of the clip's JPEG poster frame, stored beside `artifact_uri`
     deleted_at: datetime | None  # a finished job deleted by its owner: hidden, its artifacts removed
-    engine_queue_position: int | None  # requests ahead of it while it waits in a denoiser engine's queue
+    engine_queue_position: int | None  # requests ahead of it while it waits in a stage replica's queue
     promoted_to: str | None  # the final-tier job promoted from this draft
     eta_at: datetime | None  # predicted finish of a running job (re-predicted after each denoise step)
     take: int | None  # number within its board's shot, in creation order (None: a video of no board)
@@ -175,13 +175,20 @@ class JobRecord:
 
     @property
     def num_ahead_in_engine(self) -> int | None:
-        """While running but waiting in a denoiser engine's queue for its first step there: how many
-        requests are ahead of it; None otherwise (a stale value of an ended run is never shown)."""
+        """While running but waiting in a stage replica's queue (a denoiser engine before its first step,
+        the decoder's or upscaler's line): how many requests are ahead of it; None otherwise (a stale
+        value of an ended run is never shown)."""
         return self.engine_queue_position if self.status.is_running else None
 
     @property
+    def waiting_for(self) -> str | None:
+        """While running but waiting in a stage replica's queue (a denoiser engine, the decoder's or the
+        upscaler's line): that stage (`decoding`, ...); None otherwise."""
+        return self.status.name.lower() if self.num_ahead_in_engine is not None else None
+
+    @property
     def stage(self) -> str:
-        """The stage the API shows: `queued` while it waits in a denoiser engine, else its status."""
+        """The stage the API shows: `queued` while it waits in a stage replica's queue, else its status."""
         return "queued" if self.num_ahead_in_engine is not None else self.status.name.lower()
 
     @property

@@ -106,8 +106,9 @@ jobs = Table(
     Column("poster_uri", Text),
     # Set when a finished job is deleted (DELETE /v1/videos/{id}): the row stays for quotas and audit.
     Column("deleted_at", UTCDateTime),
-    # While a running job waits in a denoiser engine's queue for its first step there: how many requests
-    # are ahead of it (the API shows it as `queued` with this queue position). Every advance() rewrites it.
+    # While a running job waits in its stage replica's queue (a denoiser engine before its first step, the
+    # decoder's or upscaler's line): how many requests are ahead of it (the API shows it as `queued` with
+    # this queue position and `waiting_for` its stage). Every advance() rewrites it.
     Column("engine_queue_position", Integer),
     # The final-tier job promoted from this draft (POST /v1/videos/{id}/promote); set once, in the
     # transaction that creates it (the promoted job's request names its draft: `promoted_from`).

@@ -41,6 +41,20 @@ class EtaModel:
                 total += sum(recent) / len(recent)
         return total
 
+    def predict_from(
+        self, key: StageKey, stage: str, *, num_ahead: int, now: datetime | None = None
+    ) -> datetime:
+        """When a job that waits for stage `stage` (after the denoiser) with `num_ahead` calls before it
+        finishes: those calls and its own at the stage's mean, then the stages after it (unmeasured: 0)."""
+        now = now or datetime.now(UTC)
+        later = AFTER_DENOISE[AFTER_DENOISE.index(stage) :]
+        seconds = sum(self._mean(key, name) for name in later) + num_ahead * self._mean(key, stage)
+        return now + timedelta(seconds=seconds)
+
+    def _mean(self, key: StageKey, stage: str) -> float:
+        recent = self._seconds.get((key, stage))
+        return sum(recent) / len(recent) if recent else 0.0
+
     def predict(
         self,
         key: StageKey,

@@ -18,12 +18,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any
 
 from pipeline.stages import Stage, overall_progress, stage
 from serve.jobs import JobRecord, JobStatus, JobStore
-from serve.scheduling.eta import EtaModel
+from serve.scheduling.eta import AFTER_DENOISE, EtaModel
 from serve.scheduling.faults import Superseded
 from serve.stages.payloads import FinishedClip
+from serve.stages.turns import StageWaiting
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,8 +86,31 @@ class AttemptRun:
             self.eta.observe(self.eta_key, name, seconds)
 
     async def waiting(self, num_ahead: int) -> None:
-        """The request waits in a denoiser engine with `num_ahead` more urgent requests before it."""
-        await self._advance(0.0, engine_queue_position=num_ahead)
+        """The request waits in its stage's replica (a denoiser engine, the decoder's or the upscaler's
+        line) with `num_ahead` requests before it; 0: its turn came. A wait after the denoiser re-predicts
+        the ETA with the wait in it: the calls ahead and this one at the stage's measured time, then the
+        stages after it."""
+        eta_at = None
+        if self._stage is not None and self._stage.name in AFTER_DENOISE:
+            eta_at = self.eta.predict_from(self.eta_key, self._stage.name, num_ahead=num_ahead)
+        await self._advance(0.0, engine_queue_position=num_ahead or None, eta_at=eta_at)
+
+    async def stage_result(self, stream: Any) -> Any:
+        """The result of a streamed one-at-a-time stage call (decode, upscale), storing the call's place in
+        its replica's line as it streams it (serve.stages.turns). When the job's task is cancelled, or the
+        stream fails, the call is cancelled on its replica too."""
+        try:
+            async for event in stream:
+                if isinstance(event, StageWaiting):
+                    await self.waiting(event.num_ahead)
+                else:
+                    return event
+        except BaseException:
+            stream.cancel()
+            raise
+        raise RuntimeError(
+            f"the {self._stage.name if self._stage else ''} call of job {self.job.id} ended without a result"
+        )
 
     async def stepped(
         self, done: int, total: int, *, steps_left: int, seconds_per_step: float | None

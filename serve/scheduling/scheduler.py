@@ -266,14 +266,18 @@ class Scheduler:
         # 3. Decode the latents to frames.
         await run.enter("decode")
         async with run.clocked():
-            frames = await stage_call(stages.vae.decode.remote(state, resolved.fps, resolved.quality))
+            frames = await run.stage_result(
+                stages.vae.options(stream=True).decode.remote(state, resolved.fps, resolved.quality)
+            )
         run.record("decode", frames.seconds)
 
         # 4. Upscale (a no-op call when the job asks for none).
         await run.enter("upscale")
         width, height = upscale_target_size(finish.upscale, resolved.width, resolved.height)
         async with run.clocked():
-            frames = await stage_call(stages.upscaler.upscale.remote(frames, width, height))
+            frames = await run.stage_result(
+                stages.upscaler.options(stream=True).upscale.remote(frames, width, height)
+            )
         run.record("upscale", frames.seconds)
 
         # 5. Finish: conform, grade, check, label, encode and store the clip and its poster.

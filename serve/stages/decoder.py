@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -17,6 +18,7 @@ from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter, record_decode_plan
 from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
 from serve.stages.payloads import FrameBatch, StateRef
+from serve.stages.turns import StageWaiting, Turns
 
 NAME = deployment_name(stage("decode"))  # from the stage table
 
@@ -45,28 +47,34 @@ class VAEDecoderDeployment:
         )
         self.num_decodes: Counter[str] = Counter()  # decoder (vae | fast) -> decodes by this replica
         self._metrics = ReplicaReporter().start()
-        self._lock = asyncio.Lock()  # one decode at a time per replica: it is memory-bound
+        self._turns = Turns()  # one decode at a time per replica: it is memory-bound
 
-    async def decode(self, state: StateRef, fps: int, quality: str = "final") -> FrameBatch:
-        """The frames of the low-noise expert's final state (fetched from its replica's object store), by
-        the fast decoder for a draft when one is configured, else by the full VAE."""
+    async def decode(
+        self, state: StateRef, fps: int, quality: str = "final"
+    ) -> AsyncIterator[StageWaiting | FrameBatch]:
+        """The frames of the low-noise expert's final state (fetched from its replica's object store),
+        streamed after the call's place in the replica's line while it waits (a streaming call); by the
+        fast decoder for a draft when one is configured, else by the full VAE."""
         import torch
 
         latents = torch.from_numpy((await state.ref[0]).latents.copy())
         dtype = str(self.decoder.dtype).removeprefix("torch.")
-        async with self._lock:
+        async for waiting in self._turns.wait():
+            yield waiting
+        try:
             started = time.perf_counter()
             if quality == "draft" and self.fast is not None:
                 self.num_decodes["fast"] += 1
-                fast = self.fast
                 record_decode_plan("full", dtype, "fast", 0, None)
-                frames = await asyncio.to_thread(fast.decode, latents, fps=fps)
+                frames = await asyncio.to_thread(self.fast.decode, latents, fps=fps)
             else:
                 self.num_decodes["vae"] += 1
                 plan = self.decoder.plan(latents.shape)  # full frames or tiles, for the memory free now
                 record_decode_plan(plan.mode, dtype, "vae", plan.estimate_bytes, plan.budget_bytes)
                 frames = await asyncio.to_thread(self.decoder.decode, latents, fps=fps, plan=plan)
-            return FrameBatch(ref=[ray.put(frames.pixels)], fps=fps, seconds=time.perf_counter() - started)
+            yield FrameBatch(ref=[ray.put(frames.pixels)], fps=fps, seconds=time.perf_counter() - started)
+        finally:
+            self._turns.leave()
 
     async def stats(self) -> dict[str, int]:
         """Decodes by this replica per decoder (`vae`, `fast`): which tier took which decoder."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -18,6 +19,7 @@ from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.stages.common import STAGE_OPTIONS, gpu_options
 from serve.stages.payloads import FrameBatch
+from serve.stages.turns import StageWaiting, Turns
 
 NAME = deployment_name(stage("upscale"))  # from the stage table
 
@@ -36,19 +38,28 @@ class UpscalerDeployment:
             self.upscaler = default_upscaler(args.model)
             if self.upscaler is not None:
                 self.upscaler.descriptor.to(device)
-        self._lock = asyncio.Lock()
+        self._turns = Turns()  # one upscale at a time per replica
         self._metrics = ReplicaReporter().start()
 
-    async def upscale(self, frames: FrameBatch, width: int, height: int) -> FrameBatch:
+    async def upscale(
+        self, frames: FrameBatch, width: int, height: int
+    ) -> AsyncIterator[StageWaiting | FrameBatch]:
+        """The frames at `width` x `height`, streamed after the call's place in the replica's line while
+        it waits (a streaming call)."""
         pixels = await frames.ref[0]
         source = Frames(pixels=pixels, fps=frames.fps)
-        async with self._lock:
+        async for waiting in self._turns.wait():
+            yield waiting
+        try:
             started = time.perf_counter()
             if self.upscaler is None:
                 result = await asyncio.to_thread(resize_frames, source, width, height)
             else:
                 result = await asyncio.to_thread(self.upscaler.upscale, source, width, height)
             seconds = time.perf_counter() - started
+        finally:
+            self._turns.leave()
         if result is source:
-            return FrameBatch(ref=frames.ref, fps=frames.fps, seconds=seconds)
-        return FrameBatch(ref=[ray.put(result.pixels)], fps=frames.fps, seconds=seconds)
+            yield FrameBatch(ref=frames.ref, fps=frames.fps, seconds=seconds)
+        else:
+            yield FrameBatch(ref=[ray.put(result.pixels)], fps=frames.fps, seconds=seconds)

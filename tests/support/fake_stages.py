@@ -33,6 +33,7 @@ from serve.stages.payloads import (
     StateRef,
 )
 from serve.stages.transfer import PackedState, pack_state, state_nbytes
+from serve.stages.turns import StageWaiting, Turns
 from serve.storage import ArtifactStore, JobArtifacts, make_store
 from serve.webhooks import open_job_store
 
@@ -134,6 +135,7 @@ class FakeStages:
     waiting_high: tuple[int, ...] = ()  # queue places the high expert's engine reports before its first step
     hold_high: asyncio.Event | None = None  # after those reports, the high expert waits for this
     hold_decode: asyncio.Event | None = None  # the decoder waits for this before it answers
+    decode_turns: Turns = field(default_factory=Turns)  # the decoder's line: one decode at a time
     cancelled: list[str] = field(default_factory=list)  # stages whose call the Scheduler cancelled
     seconds_per_step: float | None = None  # the step time the denoisers report with each step (ETA)
     denoise_calls: list[DenoiseCall] = field(default_factory=list)  # every expert's calls, in order
@@ -287,16 +289,24 @@ class FakeStages:
             case PackedState():
                 return state
 
-    async def decode(self, state: StateRef, fps: int, quality: str = "final") -> FrameBatch:
+    async def decode(
+        self, state: StateRef, fps: int, quality: str = "final"
+    ) -> AsyncIterator[StageWaiting | FrameBatch]:
+        """One decode at a time in the real decoder's line (serve.stages.turns), streaming its place."""
         self.record("decode", float(self.objects.get(state.ref).latents.mean()))
-        if self.hold_decode is not None:
-            await self.hold_decode.wait()
-        frames = self.objects.put(np.zeros((9, 64, 96, 3), np.uint8), "decode")
-        return FrameBatch(ref=frames, fps=fps, seconds=0.01)
+        async for waiting in self.decode_turns.wait():
+            yield waiting
+        try:
+            if self.hold_decode is not None:
+                await self.hold_decode.wait()
+            frames = self.objects.put(np.zeros((9, 64, 96, 3), np.uint8), "decode")
+            yield FrameBatch(ref=frames, fps=fps, seconds=0.01)
+        finally:
+            self.decode_turns.leave()
 
-    async def upscale(self, frames: FrameBatch, width: int, height: int) -> FrameBatch:
+    async def upscale(self, frames: FrameBatch, width: int, height: int) -> AsyncIterator[FrameBatch]:
         self.record("upscale", (width, height))
-        return frames
+        yield frames
 
     async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         self.record("finish", call)

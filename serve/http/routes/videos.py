@@ -398,8 +398,10 @@ async def video_events(
     """Server-sent events until the video finishes. `event:` is the kind: the job's log (`created`,
     `claimed`, `stage`, `progress`, `checkpoint`, `requeued`, `resumed`, `retry`, `succeeded`, `failed`,
     `cancelled`, each with an `id:` to resume from), `status` whenever its stage or step progress moves
-    (`{"status", "stage", "queue_position", "progress", "stage_progress", "eta_seconds"}`; the ETA is
-    re-predicted after each denoising step from the step times measured for the video's size and tier),
+    (`{"status", "stage", "waiting_for", "queue_position", "progress", "stage_progress", "eta_seconds"}`;
+    `queue_position` counts the videos ahead of it in the job queue while queued, and in the replica of
+    the stage it is `waiting_for` while it waits there; the ETA is re-predicted after each denoising step
+    from the step times measured for the video's size and tier, and while it waits after the denoiser),
     and a last `done` carrying the video object."""
     job = await job_or_404(video_id, state, caller)
     retention_days = (await project_settings(state.store, job.project)).retention_days

@@ -1,0 +1,98 @@
+"""A stage call that waits says so (issue 28): the decoder and the upscaler run one call at a time, keep
+the others in a line (serve.stages.turns) and stream each waiting call's place; the Scheduler stores it, so
+the API shows `waiting_for: decoding` with the number ahead (counted in the replica's line, not guessed)
+and an ETA with the wait in it, instead of a stage frozen at its last progress."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from serve.http.views import video_view
+from serve.jobs import JobStatus
+from serve.scheduling.eta import EtaModel
+from serve.stages.turns import Turns
+from tests.support.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
+from tests.support.job_requests import job_request
+
+
+async def collect(turns: Turns, log: list[tuple[str, int]], name: str, hold: asyncio.Event) -> None:
+    async for waiting in turns.wait():
+        log.append((name, waiting.num_ahead))
+    log.append((name, -1))  # its turn
+    try:
+        await hold.wait()
+    finally:
+        turns.leave()
+
+
+def test_turns_serve_first_come_first_and_each_waiter_hears_its_place_as_the_line_moves() -> None:
+    async def scenario() -> None:
+        turns, log = Turns(), []
+        holds = {name: asyncio.Event() for name in "abc"}
+        tasks = {name: asyncio.create_task(collect(turns, log, name, holds[name])) for name in "abc"}
+        await asyncio.sleep(0.01)
+        assert log == [("a", -1), ("b", 1), ("c", 2)] and len(turns) == 3
+        holds["a"].set()
+        await asyncio.sleep(0.01)
+        assert log[3:] == [("b", 0), ("b", -1), ("c", 1)]
+        tasks["c"].cancel()  # a cancelled waiter leaves the line
+        await asyncio.sleep(0.01)
+        assert len(turns) == 1
+        holds["b"].set()
+        await asyncio.gather(tasks["a"], tasks["b"])
+        assert len(turns) == 0
+        await collect(turns, log, "d", holds["a"])  # an empty line: no place to report, the turn at once
+        assert log[-1] == ("d", -1)
+
+    asyncio.run(scenario())
+
+
+def test_a_job_waiting_for_the_decoder_shows_its_place_and_an_eta_with_the_wait(tmp_path: Path) -> None:
+    args = scheduler_args(tmp_path, max_jobs_in_flight=2)
+    stages = FakeStages(hold_decode=asyncio.Event())
+    store = empty_store(args)
+    first, _ = store.create("dune", "batch", job_request(steps=8))
+    second, _ = store.create("dune", "batch", job_request(steps=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        request = second.request
+        # decodes of this size took 30 s here before (the ETA's measurement of the stage)
+        scheduler._eta.observe((str(request.bucket), request.resolved.quality, "none"), "decode", 30.0)
+        try:
+            waiting = await wait_for(store, second.id, lambda j: j.engine_queue_position == 1)
+            holding = store.get(first.id)
+            stages.hold_decode.set()
+            turn = await wait_for(store, second.id, lambda j: j.engine_queue_position is None)
+            done = await wait_for(store, second.id, lambda j: j.is_finished)
+        finally:
+            stop(scheduler)
+        video = video_view(waiting)
+        assert (video.status, video.stage, video.waiting_for, video.queue_position) == (
+            "in_progress",
+            "queued",
+            "decoding",
+            1,
+        )
+        assert waiting.status == JobStatus.DECODING
+        assert holding.status == JobStatus.DECODING and video_view(holding).waiting_for is None
+        predicted = (waiting.eta_at - waiting.updated_at).total_seconds()
+        assert predicted == pytest.approx(60.0, abs=1.0)  # one decode ahead, then its own
+        assert turn.status >= JobStatus.DECODING and video_view(turn).waiting_for is None
+        assert done.status == JobStatus.SUCCEEDED and video_view(done).queue_position is None
+
+    run(scenario)
+
+
+def test_the_eta_of_a_wait_after_the_denoiser_counts_the_calls_ahead_and_the_stages_after() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    model, key = EtaModel(), ("832x480x81", "draft", "none")
+    model.observe(key, "decode", 10.0)
+    model.observe(key, "upscale", 4.0)
+    model.observe(key, "finish", 1.0)
+    assert model.predict_from(key, "decode", num_ahead=3, now=now) == now + timedelta(seconds=45.0)
+    assert model.predict_from(key, "upscale", num_ahead=0, now=now) == now + timedelta(seconds=5.0)
