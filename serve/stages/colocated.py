@@ -36,7 +36,7 @@ from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.sharding import placement_options
 from serve.stages.common import STAGE_OPTIONS, gpu_options
-from serve.stages.denoiser import BUCKET_ROUTER, _engine_deadline, save_checkpoint, start_state
+from serve.stages.denoiser import BUCKET_ROUTER, engine_deadline, save_checkpoint, start_state
 from serve.stages.payloads import (
     DenoiseBoundary,
     DenoiseCall,
@@ -134,7 +134,7 @@ class ColocatedDenoiserDeployment:
             guidance_high=call.guidance,
             guidance_low=call.guidance_low,
             priority=call.priority,
-            deadline=_engine_deadline(call.deadline, engine.clock),
+            deadline=engine_deadline(call.deadline, engine.clock),
             quality=call.quality,
             adapters=tuple(call.adapters),
             cache=call.cache,

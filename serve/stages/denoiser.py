@@ -132,7 +132,7 @@ class DenoiserDeployment:
             negative_prompt=unpack_embeds(negative),
             guidance=call.guidance,
             priority=call.priority,
-            deadline=_engine_deadline(call.deadline, self.engine.clock),
+            deadline=engine_deadline(call.deadline, self.engine.clock),
             quality=call.quality,
             adapters=tuple(call.adapters),
             on_progress=progress,
@@ -206,7 +206,8 @@ async def save_checkpoint(artifacts: ArtifactStore, key: str, state: PackedState
     return CheckpointSaved(key=key, step_index=state.step_index)
 
 
-def _engine_deadline(deadline: datetime | None, clock: Callable[[], float]) -> float | None:
+def engine_deadline(deadline: datetime | None, clock: Callable[[], float]) -> float | None:
+    """A call's wall-clock deadline on the engine's clock (monotonic by default); None: no deadline."""
     if deadline is None:
         return None
     return clock() + (deadline.timestamp() - time.time())

@@ -357,6 +357,21 @@ async def wait_for(
         await asyncio.sleep(0.02)
 
 
+async def wait_for_any(
+    store: JobStore, job_ids: tuple[str, ...], done: Callable[[JobRecord], bool], timeout_s: float = 20
+) -> JobRecord:
+    """The first of `job_ids` (polled in turn) for which `done` holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for job_id in job_ids:
+            job = store.get(job_id)
+            if done(job):
+                return job
+        statuses = ", ".join(store.get(job_id).status.name for job_id in job_ids)
+        assert time.monotonic() < deadline, f"timed out; jobs are {statuses}"
+        await asyncio.sleep(0.02)
+
+
 def run(scenario: Callable[[], Any]) -> None:
     asyncio.run(scenario())
 
