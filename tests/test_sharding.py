@@ -1,7 +1,8 @@
 """Sharded experts: Ulysses x CFG-parallel engines on gloo give the one-process Denoiser's latents.
 
 Every group runs in spawned processes on this CPU (gloo); rank 0 drives a DenoiseEngine per expert
-through a ShardedForward, the other ranks serve `worker_loop`. The reference runs here, unsharded.
+through one GroupRunner, the other ranks serve `worker_loop`. The reference runs here, unsharded.
+Drafts, LoRAs and cached steps on a group: tests/test_sharded_engine.py.
 """
 
 from __future__ import annotations
@@ -295,19 +296,49 @@ def decoded_frames(path: Path) -> np.ndarray:
         )
 
 
-@pytest.mark.parametrize("flags", [["--ulysses", "2"], ["--cfg-parallel"]], ids=["ulysses2", "cfg2"])
-def test_generate_sharded_writes_the_same_frames_as_one_process(tmp_path: Path, flags: list[str]) -> None:
+def generate_both_ways(tmp_path: Path, args: list[str], flags: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(frames written in one process, frames written with `flags` sharding the experts)."""
     from tests.test_cli import previz  # here, so that spawned ranks do not import the CLI
 
-    args = ["generate", "a man leaps from a tower", "--resolution", "96x64", "--duration", "0.5"]
-    args += ["--steps", "4", "--seed", "3"]
     one, sharded = tmp_path / "one.mp4", tmp_path / "sharded.mp4"
     for out, extra in ((one, []), (sharded, flags)):
         result = previz(*args, *extra, "-o", str(out))
         assert result.returncode == 0, result.stderr
-    reference = decoded_frames(one)
+    return decoded_frames(one), decoded_frames(sharded)
+
+
+GENERATE = [
+    "generate",
+    "a man leaps from a tower",
+    "--resolution",
+    "96x64",
+    "--duration",
+    "0.5",
+    "--seed",
+    "3",
+]
+
+
+@pytest.mark.parametrize("flags", [["--ulysses", "2"], ["--cfg-parallel"]], ids=["ulysses2", "cfg2"])
+def test_generate_sharded_writes_the_same_frames_as_one_process(tmp_path: Path, flags: list[str]) -> None:
+    reference, sharded = generate_both_ways(tmp_path, [*GENERATE, "--steps", "4"], flags)
     assert reference.shape == (9, 64, 96, 3)
-    assert np.array_equal(decoded_frames(sharded), reference)
+    assert np.array_equal(sharded, reference)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    # the draft tier: the built-in distill LoRA on every rank; a cached final: at 12 steps and 0.06 the
+    # tiny preset skips 2 of its 2 + 10 steps' low-noise blocks (warm-up 10), each rank its own shard
+    [["--quality", "draft"], ["--steps", "12", "--cache-threshold", "0.06"]],
+    ids=["draft", "cached"],
+)
+def test_generate_a_draft_or_a_cached_final_over_ulysses_2_writes_the_same_frames(
+    tmp_path: Path, extra: list[str]
+) -> None:
+    reference, sharded = generate_both_ways(tmp_path, [*GENERATE, *extra], ["--ulysses", "2"])
+    assert reference.shape == (9, 64, 96, 3)
+    assert np.array_equal(sharded, reference)
 
 
 def test_generate_refuses_a_size_whose_tokens_do_not_divide_before_starting_ranks(

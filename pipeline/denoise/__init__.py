@@ -1,5 +1,5 @@
 """Denoising: per-request solver state, the batching engine, the single-request Denoiser that drives it,
-and the sharded forward over a rank group (parallel)."""
+the step runners that run its plans on one device or a rank group (runner, parallel)."""
 
 from pipeline.denoise.batching import RequestStatus, ScheduledRequest, StepBatch, StepScheduler
 from pipeline.denoise.denoiser import Denoiser
@@ -14,6 +14,7 @@ from pipeline.denoise.engine import (
 )
 from pipeline.denoise.experts import expert_for
 from pipeline.denoise.parallel import (
+    GroupRunner,
     ParallelDegree,
     ShardedForward,
     ShardGroup,
@@ -22,6 +23,7 @@ from pipeline.denoise.parallel import (
     shape_problem,
     worker_loop,
 )
+from pipeline.denoise.runner import Holding, LocalRunner, StepPlan, StepRunner
 from pipeline.denoise.state import DenoiseState, initial_state
 
 __all__ = [
@@ -32,6 +34,9 @@ __all__ = [
     "EngineRequest",
     "EngineShutdown",
     "EngineStats",
+    "GroupRunner",
+    "Holding",
+    "LocalRunner",
     "ParallelDegree",
     "RequestCancelled",
     "RequestFailed",
@@ -41,6 +46,8 @@ __all__ = [
     "ShardGroupError",
     "ShardedForward",
     "StepBatch",
+    "StepPlan",
+    "StepRunner",
     "StepScheduler",
     "allowed_sizes",
     "expert_for",

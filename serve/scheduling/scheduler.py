@@ -267,7 +267,7 @@ class Scheduler:
         await run.enter("decode")
         async with run.clocked():
             frames = await run.stage_result(
-                stages.vae.options(stream=True).decode.remote(state, resolved.fps)
+                stages.vae.options(stream=True).decode.remote(state, resolved.fps, resolved.quality)
             )
         run.record("decode", frames.seconds)
 

@@ -289,7 +289,9 @@ class FakeStages:
             case PackedState():
                 return state
 
-    async def decode(self, state: StateRef, fps: int) -> AsyncIterator[StageWaiting | FrameBatch]:
+    async def decode(
+        self, state: StateRef, fps: int, quality: str = "final"
+    ) -> AsyncIterator[StageWaiting | FrameBatch]:
         """One decode at a time in the real decoder's line (serve.stages.turns), streaming its place."""
         self.record("decode", float(self.objects.get(state.ref).latents.mean()))
         async for waiting in self.decode_turns.wait():
