@@ -32,6 +32,20 @@ class EngineSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Most requests in one batched forward.")
 
 
+class RoutingSettings(BaseModel):
+    """The denoisers' load-aware bucket router (serve/stages/router.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        description="A bucket keeps its preferred replica while that replica's queued work is within this "
+        "factor of the replicas' mean (plus the call's own work); past it the least-loaded replica takes "
+        "the call. 1.0: strict balance; higher: more same-shape batching, less spread.",
+    )
+
+
 class DecoderSettings(BaseModel):
     """The VAEDecoder replicas: the dtype they decode in, the memory a decode may take, and which decoder
     each tier uses (a fast TAEHV decoder for drafts; finals always the full VAE)."""
@@ -193,6 +207,9 @@ class PrevizArgs(BaseModel):
     )
     storage: StorageSettings = Field(default_factory=StorageSettings, description="Where finished clips go.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Denoiser batching.")
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings, description="The denoisers' load-aware router (its load bound)."
+    )
     adapters: AdapterSettings = Field(
         default_factory=AdapterSettings, description="LoRA adapters: the draft tier's, and style LoRAs."
     )
