@@ -33,6 +33,7 @@ class PresetConfig:
     text_encoder: dict[str, Any]  # UMT5Config kwargs
     upscaler: dict[str, Any]  # Upscaler.compact_random kwargs
     seed: int  # every weight tensor derives from this
+    fast_decoder_widths: tuple[int, int, int, int] = (256, 128, 64, 64)  # TAEHV draft decoder, per level
 
 
 PRESETS: dict[str, PresetConfig] = {
@@ -60,6 +61,7 @@ PRESETS: dict[str, PresetConfig] = {
         ),
         upscaler=dict(scale=2, num_feat=8, num_conv=2),
         seed=20250728,
+        fast_decoder_widths=(16, 8, 8, 8),
     ),
     "small": PresetConfig(
         transformer=dict(
@@ -85,6 +87,7 @@ PRESETS: dict[str, PresetConfig] = {
         ),
         upscaler=dict(scale=2, num_feat=16, num_conv=4),
         seed=20250729,
+        fast_decoder_widths=(32, 16, 16, 16),
     ),
 }
 

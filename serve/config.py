@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.denoise.adapters import DEFAULT_MAX_ADAPTERS
 from pipeline.denoise.fp8 import fp8_problem
@@ -31,8 +32,23 @@ class EngineSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Most requests in one batched forward.")
 
 
+class RoutingSettings(BaseModel):
+    """The denoisers' load-aware bucket router (serve/stages/router.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        description="A bucket keeps its preferred replica while that replica's queued work is within this "
+        "factor of the replicas' mean (plus the call's own work); past it the least-loaded replica takes "
+        "the call. 1.0: strict balance; higher: more same-shape batching, less spread.",
+    )
+
+
 class DecoderSettings(BaseModel):
-    """The VAEDecoder replicas: the dtype they decode in and the memory a decode may take."""
+    """The VAEDecoder replicas: the dtype they decode in, the memory a decode may take, and which decoder
+    each tier uses (a fast TAEHV decoder for drafts; finals always the full VAE)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +64,28 @@ class DecoderSettings(BaseModel):
         "is decoded in spatial tiles (smaller ones as needed). None: the GPU's free memory at the time of "
         "the decode (what a denoiser beside the decoder left); on CPU no bound.",
     )
+
+    draft: Literal["vae", "fast"] = Field(
+        "vae",
+        description="The `draft` tier's decoder: `vae` (the full Wan VAE) or `fast` (TAEHV's tiny decoder "
+        "for the Wan2.1 latent space: several times faster, softer detail).",
+    )
+    final: Literal["vae"] = Field("vae", description="The `final` tier's decoder: always the full VAE.")
+    fast_weights: str = Field(
+        BUILTIN,
+        description="The fast decoder's weights: TAEHV's published `taew2_1.pth` (or its .safetensors) as a "
+        f"local path; `{BUILTIN}`: the presets' seeded random ones.",
+    )
+
+    @field_validator("final", mode="before")
+    @classmethod
+    def _finals_use_the_full_vae(cls, value: str) -> str:
+        if value != "vae":
+            raise ValueError(
+                f"`decoder.final` must be `vae` but is {value!r}: finals always decode with the full VAE "
+                "(the fast decoder is for drafts: `decoder.draft: fast`)."
+            )
+        return value
 
     @property
     def max_memory_bytes(self) -> int | None:
@@ -169,6 +207,9 @@ class PrevizArgs(BaseModel):
     )
     storage: StorageSettings = Field(default_factory=StorageSettings, description="Where finished clips go.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Denoiser batching.")
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings, description="The denoisers' load-aware router (its load bound)."
+    )
     adapters: AdapterSettings = Field(
         default_factory=AdapterSettings, description="LoRA adapters: the draft tier's, and style LoRAs."
     )
@@ -178,7 +219,8 @@ class PrevizArgs(BaseModel):
         "both) and per expert its rank group (`parallel: {ulysses, cfg}`; default 1x1) and kernels.",
     )
     decoder: DecoderSettings = Field(
-        default_factory=DecoderSettings, description="The VAE decode stage (dtype, memory bound)."
+        default_factory=DecoderSettings,
+        description="The VAE decode stage (dtype, memory bound, the draft tier's fast decoder).",
     )
     max_jobs_in_flight: int = Field(
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."
@@ -240,6 +282,20 @@ class PrevizArgs(BaseModel):
             raise ValueError(
                 f"`adapters.draft_lora: {BUILTIN}` exists for the presets ({', '.join(PRESETS)}) only; model "
                 f"{self.model!r} needs the distill LoRA's folder or s3:// prefix, or null (no draft tier)."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _builtin_fast_decoder_for_presets_only(self) -> PrevizArgs:
+        if (
+            self.decoder.draft == "fast"
+            and self.decoder.fast_weights == BUILTIN
+            and self.model not in PRESETS
+        ):
+            raise ValueError(
+                f"`decoder.fast_weights: {BUILTIN}` exists for the presets ({', '.join(PRESETS)}) only; "
+                f"model {self.model!r} needs TAEHV's published taew2_1.pth (a local path), or "
+                "`decoder.draft: vae`."
             )
         return self
 

@@ -75,11 +75,15 @@ def test_a_draft_and_its_promoted_final_take_run_on_the_replicas_with_their_adap
     cluster: Cluster,
 ) -> None:
     high = serve.get_deployment_handle("HighNoiseDenoiser", app_name="previz")
+    decoder = serve.get_deployment_handle("VAEDecoder", app_name="previz")  # one replica
     _, before = high.stats.remote().result()
+    decodes_before = Counter(decoder.stats.remote().result())
     fields = {"resolution": "96x64", "duration": 0.5}  # no steps: each tier's own
     draft = cluster.client("tiers").create({"prompt": "a rooftop chase", "priority": "interactive", **fields})
     assert draft["quality"] == "draft" and draft["steps"] == 4
     assert cluster.wait_for([draft["id"]])[draft["id"]]["status"] == "completed"
+    # the session config's `decoder.draft: fast`: the draft went through the TAEHV decoder
+    assert Counter(decoder.stats.remote().result()) - decodes_before == Counter(fast=1)
     final = cluster.client("tiers").promote(draft["id"], priority="interactive")
     done = cluster.wait_for([final["id"]])[final["id"]]
     assert (done["status"], done["quality"], done["steps"], done["seed"]) == (
@@ -95,6 +99,7 @@ def test_a_draft_and_its_promoted_final_take_run_on_the_replicas_with_their_adap
     skipped = after.num_cached_steps - before.num_cached_steps
     # the draft's 2 high steps; the final's 26, less those its cache skipped
     assert forwards["distill"] >= 2 and forwards["base"] + skipped >= 26
+    assert Counter(decoder.stats.remote().result()) - decodes_before == Counter(fast=1, vae=1)  # a final: VAE
 
 
 def test_a_job_asking_for_step_caching_skips_steps_in_both_experts_engines(cluster: Cluster) -> None:

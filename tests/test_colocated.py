@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from pipeline.denoise import DenoiseEngine, EngineRequest, RequestCancelled, initial_state
+from pipeline.denoise import engine as engine_module
 from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.colocated import ColocatedEngine, ColocatedRequest
@@ -297,3 +299,26 @@ def test_engines_of_the_wrong_experts_are_refused(tiny, banks, curve) -> None:
     pair = engines(tiny, banks, curve)
     with pytest.raises(ValueError, match="must be the high- and low-noise engines but run 'low' and 'high'"):
         ColocatedEngine(pair["low"], pair["high"])
+
+
+def test_either_experts_step_time_is_read_after_the_device_finished_the_forward(
+    tiny, banks, encoder, curve, monkeypatch
+) -> None:
+    """The ETA's step time at the colocated layout: a fake timer where the forward costs nothing and the
+    device sync 3 "seconds", so a clock read before the sync would give 0."""
+    seconds, synced = [0.0], []
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: seconds[0]))
+
+    def synchronize(device: torch.device) -> None:
+        synced.append(device)
+        seconds[0] += 3.0
+
+    monkeypatch.setattr(engine_module, "synchronize", synchronize)
+    engine = colocated(tiny, banks, curve)
+    item = request(tiny, encoder, "final", steps=4)
+    _, plans = run_colocated(engine, [item])
+    ran = [plan for plan in plans if not plan.is_empty]
+    assert {plan.expert for plan in ran} == {"high", "low"}
+    assert synced == [engine.device] * len(ran)  # once per forward, on the group's device
+    bucket = tuple(item.state.latents.shape)
+    assert engine.seconds_per_step("high", bucket) == engine.seconds_per_step("low", bucket) == 3.0

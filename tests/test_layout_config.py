@@ -103,21 +103,18 @@ def test_models_list_names_the_layout_and_the_colocated_denoiser_for_both_expert
         ]
 
 
-COLOCATED_U2_C2 = {
-    "layout": "colocated",
-    "low": {"parallel": {"ulysses": 2, "cfg": 2}},
-}  # high's in cluster.yaml
+SPLIT = {"layout": "split"}  # the studio overlay's cluster.yaml is colocated, Ulysses 4 for both experts
 
 
 def test_a_k8s_overlay_naming_the_other_layouts_deployments_is_refused_when_rendered() -> None:
     settings = k8s_render.load_overlay("studio")
-    colocated = settings.model_copy(
+    split = settings.model_copy(
         update={
             "serve_overrides": k8s_render.merged(
                 settings.serve_overrides,
-                {"applications": [{"name": "previz", "args": {"experts": COLOCATED_U2_C2}}]},
+                {"applications": [{"name": "previz", "args": {"experts": SPLIT}}]},
             )
         }
     )
-    with pytest.raises(ValueError, match="`deployments` names HighNoiseDenoiser, LowNoiseDenoiser, but"):
-        k8s_render.serve_config(colocated)
+    with pytest.raises(ValueError, match="`deployments` names Denoiser, but `experts.layout: split`"):
+        k8s_render.serve_config(split)

@@ -15,7 +15,16 @@ from serve.http.views import video_view
 from serve.jobs import JobStatus
 from serve.scheduling.eta import EtaModel
 from serve.stages.turns import Turns
-from tests.support.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
+from tests.support.fake_stages import (
+    FakeStages,
+    empty_store,
+    run,
+    scheduler_args,
+    start,
+    stop,
+    wait_for,
+    wait_for_any,
+)
 from tests.support.job_requests import job_request
 
 
@@ -60,15 +69,16 @@ def test_a_job_waiting_for_the_decoder_shows_its_place_and_an_eta_with_the_wait(
 
     async def scenario() -> None:
         scheduler = start(args, stages)
-        request = second.request
+        request = second.request  # both jobs have the same request, so the same bucket
         # decodes of this size took 30 s here before (the ETA's measurement of the stage)
         scheduler._eta.observe((str(request.bucket), request.resolved.quality, "none"), "decode", 30.0)
         try:
-            waiting = await wait_for(store, second.id, lambda j: j.engine_queue_position == 1)
-            holding = store.get(first.id)
+            # either job may reach the decoder first: the other one waits behind it
+            waiting = await wait_for_any(store, (first.id, second.id), lambda j: j.engine_queue_position == 1)
+            holding = store.get(first.id if waiting.id == second.id else second.id)
             stages.hold_decode.set()
-            turn = await wait_for(store, second.id, lambda j: j.engine_queue_position is None)
-            done = await wait_for(store, second.id, lambda j: j.is_finished)
+            turn = await wait_for(store, waiting.id, lambda j: j.engine_queue_position is None)
+            done = await wait_for(store, waiting.id, lambda j: j.is_finished)
         finally:
             stop(scheduler)
         video = video_view(waiting)

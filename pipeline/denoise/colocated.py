@@ -82,7 +82,8 @@ class ColocatedRequest:
 
 
 class ColocatedEngine:
-    """Runs a high-noise and a low-noise DenoiseEngine on one thread; the same surface as DenoiseEngine."""
+    """Runs a high-noise and a low-noise DenoiseEngine on one thread; DenoiseEngine's surface (submit, add,
+    cancel, start, shutdown, is_alive, step), with `stats` per expert and `seconds_per_step` of one."""
 
     def __init__(self, high: DenoiseEngine, low: DenoiseEngine) -> None:
         if (high.expert, low.expert) != EXPERTS:
@@ -102,10 +103,6 @@ class ColocatedEngine:
         self.num_boundary_handovers = 0  # requests handed from the high- to the low-noise engine
 
     # ---- public API (DenoiseEngine's) --------------------------------------------------------------
-
-    @property
-    def device(self):
-        return self.engines["high"].device
 
     def submit(self, request: ColocatedRequest) -> Future[DenoiseState]:
         """Queue `request` at the expert its state is at; the Future resolves to the state after its last
@@ -275,9 +272,8 @@ class ColocatedEngine:
         except BaseException as submit_error:
             self._resolve(request_id, outer, submit_error)
             return
-        if crossed:
-            self.num_boundary_handovers += 1
         with self._lock:
+            self.num_boundary_handovers += crossed
             self._lock.notify_all()
         inner.add_done_callback(lambda low: self._after_low(request_id, low, outer))
 

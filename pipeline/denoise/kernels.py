@@ -57,7 +57,11 @@ def synchronize(device: torch.device) -> None:
     """Wait until the work queued on `device` is done (a no-op on CPU, whose ops finish when they return).
 
     A CUDA forward returns once its kernels are queued, so wall time read before this is the launch time,
-    not the compute time; step times (ETAs) and benchmarks read the clock after it."""
+    not the compute time; step times (ETAs) and benchmarks read the clock after it. A full sync, not CUDA
+    events: the engine's update right after reads every latent on the host anyway (its finite check), so
+    the sync costs no extra wait, and an ETA needs wall time, host-side launch and Python time included,
+    which events between two points of the stream leave out. The same sync covers a sharded forward (rank
+    0's result exists only once its gather over the group finished) and both experts of a colocated one."""
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
 

@@ -19,6 +19,7 @@ a prompt the content policy refuses gets 422 `content_blocked` with the policy's
     GET    /v1/artifacts/{key}          a signed, expiring link to a stored clip (no key needed)
     GET    /v1/session                  the key's project and role (a page's sign-in)
     POST   /v1/prompts/compile          the prompt a create would encode, from a prompt and/or a shot
+    GET    /v1/looks                    the looks a video may name: none, film and the project's LUTs
     GET    /studio/                     the studio web page (serve/web/, same origin, no CDN)
     ...    /v1/admin/...                projects, their quotas and keys (admin keys)
 
@@ -55,6 +56,7 @@ from serve.http.routes import (
     artifacts,
     editorial,
     health,
+    looks,
     luts,
     models,
     prompts,
@@ -116,7 +118,20 @@ async def _internal_error(_request: Request, error: Exception) -> JSONResponse:
     return error_response(500, "internal_error", f"internal error: {type(error).__name__}")
 
 
-for module in (health, models, session, prompts, videos, artifacts, storyboards, editorial, admin, luts, web):
+for module in (
+    health,
+    models,
+    session,
+    prompts,
+    looks,
+    videos,
+    artifacts,
+    storyboards,
+    editorial,
+    admin,
+    luts,
+    web,
+):
     app.include_router(module.router)
 app.mount("/studio", web.StudioFiles(), name="studio")
 app.add_middleware(BodyPolicy)

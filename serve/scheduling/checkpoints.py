@@ -1,9 +1,11 @@
 """Denoise checkpoints at the expert boundary: the high-noise expert's packed state, kept in the artifact
 store so that a rerun of the job (replica or scheduler lost) skips the high-noise expert.
 
-The state is the PackedState the high-noise replica streamed back (latents + UniPC history), stored as an
-uncompressed `.npz` (arrays bit for bit, plus the scalars as JSON), so a resumed run hands the low-noise
-expert exactly what an uninterrupted run would have handed it, and the clip is the same.
+The state is the PackedState after the last high-noise step (latents + UniPC history), written by the
+replica that ran those steps (the split pair's high-noise replica, or the colocated Denoiser as the request
+crosses the boundary, in the background either way), stored as an uncompressed `.npz` (arrays bit for
+bit, plus the scalars as JSON), so a resumed run hands the low-noise expert exactly what an uninterrupted
+run would have handed it, and the clip is the same.
 
     key = JobArtifacts(job.project, job.id).checkpoint
     write_checkpoint(store, key, state)          # after the high-noise expert

@@ -267,7 +267,7 @@ class Scheduler:
         await run.enter("decode")
         async with run.clocked():
             frames = await run.stage_result(
-                stages.vae.options(stream=True).decode.remote(state, resolved.fps)
+                stages.vae.options(stream=True).decode.remote(state, resolved.fps, resolved.quality)
             )
         run.record("decode", frames.seconds)
 
@@ -382,7 +382,7 @@ class Scheduler:
         """The call of one expert's deployment, or (`expert` None) of the colocated Denoiser for both. A
         tier that checkpoints (`writes_checkpoint`) stores its state where the high-noise steps end."""
         job, resolved = run.job, run.job.request.resolved
-        crosses = expert in ("high", None) and writes_checkpoint(resolved.quality)
+        crosses = expert in ("high", None) and state.step_index == 0 and writes_checkpoint(resolved.quality)
         return DenoiseCall(
             request_id=f"{job.id}:{job.attempt}",
             state=state,

@@ -123,6 +123,7 @@ def previz_cluster(workdir: Path, s3_server) -> Iterator[Cluster]:
             "max_queued_jobs": 50,  # test_load's burst must meet the bound; other tests queue far fewer
             "poll_interval_s": 0.2,
             "envelope": {"min_pixels": 64 * 64},  # the tests' clips are tiny (96x64)
+            "decoder": {"draft": "fast"},  # drafts decode with TAEHV (random preset weights), finals the VAE
             # test_webhooks' receiver listens on loopback: an internal receiver allowed explicitly
             "webhooks": {"allow_http": True, "allowed_hosts": ["127.0.0.1/32"]},
             # refuses only clips safety_hooks.BLOCKED_WIDTH wide (test_safety): no redeploy needed

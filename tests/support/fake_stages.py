@@ -289,7 +289,9 @@ class FakeStages:
             case PackedState():
                 return state
 
-    async def decode(self, state: StateRef, fps: int) -> AsyncIterator[StageWaiting | FrameBatch]:
+    async def decode(
+        self, state: StateRef, fps: int, quality: str = "final"
+    ) -> AsyncIterator[StageWaiting | FrameBatch]:
         """One decode at a time in the real decoder's line (serve.stages.turns), streaming its place."""
         self.record("decode", float(self.objects.get(state.ref).latents.mean()))
         async for waiting in self.decode_turns.wait():
@@ -352,6 +354,21 @@ async def wait_for(
         if done(job):
             return job
         assert time.monotonic() < deadline, f"timed out; job is {job.status.name}"
+        await asyncio.sleep(0.02)
+
+
+async def wait_for_any(
+    store: JobStore, job_ids: tuple[str, ...], done: Callable[[JobRecord], bool], timeout_s: float = 20
+) -> JobRecord:
+    """The first of `job_ids` (polled in turn) for which `done` holds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for job_id in job_ids:
+            job = store.get(job_id)
+            if done(job):
+                return job
+        statuses = ", ".join(store.get(job_id).status.name for job_id in job_ids)
+        assert time.monotonic() < deadline, f"timed out; jobs are {statuses}"
         await asyncio.sleep(0.02)
 
 

@@ -41,8 +41,8 @@ export async function api(path, { method = "GET", body, yaml, key = session.key(
 // An API error in words a director can act on.
 export function describe(error) {
   if (!(error instanceof ApiError)) return `Could not reach the server (${error.message}).`;
-  if (error.code === "content_blocked") {
-    return `Blocked by the content policy (${(error.category || "unknown").replaceAll("_", " ")}): ${error.message}. Nothing was created.`;
+  if (error.code === "content_blocked") {  // said once: the category, not the server's sentence again
+    return `Blocked by the content policy (${(error.category || "unknown").replaceAll("_", " ")}). Nothing was created.`;
   }
   if (error.status === 429) {
     const wait = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : "";

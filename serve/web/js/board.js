@@ -1,88 +1,135 @@
-// Storyboard contact sheet: shots as rows, takes as columns. Each take shows live progress and ETA from
-// its server-sent events, then its poster and an inline player; per take: remix, cancel, download and
-// "selected take". Every take carries the AI-generated draft mark.
+// Storyboard contact sheet: shots as rows (name and a short description; the compiled prompt on demand),
+// takes as cards named by their stored take number. Each take says where it is in words (its wait, counted
+// where the work waits, or its stage) with an ETA that includes the wait, then shows its poster and a
+// player with controls on hover/focus; per take: remix, cancel, select, promote, download. The board line
+// is computed from the takes as they are shown. Every take carries the AI-generated draft mark.
 
 import { api, apiBlob, describe } from "./api.js";
-import { count, duration, h, show, toast } from "./dom.js";
+import { h, show, toast } from "./dom.js";
 import { followVideo } from "./events.js";
-import { linksOf, stageName } from "./media.js";
+import { duration, t, whereItIs } from "./i18n.js";
+import { linksOf, player } from "./media.js";
 
 const FINISHED = new Set(["completed", "failed", "cancelled"]);
 
 export async function renderBoard(view, boardId, signal) {
-  const rows = h("div", { class: "sheet", role: "list", "aria-label": "Shots" });
-  const heading = h("h1", { text: "Storyboard" });
-  const summary = h("p", { class: "meta", "aria-live": "polite" });
+  const rows = h("div", { class: "sheet", role: "list", "aria-label": t("board.shots") });
+  const heading = h("h1", { text: t("board.title") });
+  const summary = h("p", { class: "meta summary", "aria-live": "polite" });
   const toolbar = h("div", { class: "actions toolbar" });
-  const cutBox = h("section", { class: "cut", "aria-label": "First cut" });
-  show(view, heading, summary, toolbar, cutBox, rows);
+  const reason = h("p", { class: "hint reason", id: "toolbar-reason", "aria-live": "polite" });
+  const cutBox = h("section", { class: "cut", "aria-label": t("cut.region") });
+  show(view, heading, summary, toolbar, reason, cutBox, rows);
   let latest = null; // the board as last loaded
+  let shownCut = null; // the id of the cut on screen
   const cards = new Map(); // video id -> take card (kept across refreshes: its stream and player stay)
+  const paintSummary = () => {
+    if (!latest) return;
+    const states = [...cards.values()].filter((card) => card.isConnected).map((card) => card.state());
+    const progress = states.length ? Math.round(states.reduce((sum, state) => sum + state.progress, 0) / states.length) : 0;
+    const state = boardState(states.map((item) => item.status));
+    const values = { shots: latest.shots.length, takes: states.length, state: t(`board.state.${state}`), progress };
+    summary.textContent = state === "completed" ? t("board.summary", values) : t("board.summaryProgress", values);
+    paintToolbar();
+  };
   const load = async () => {
     const board = await api(`/v1/storyboards/${encodeURIComponent(boardId)}`);
     heading.textContent = board.title || board.id;
-    summary.textContent = `${count(board.shots.length, "shot")} · ${count(board.num_videos, "take")} · ${board.status} · ${board.progress} %`;
     latest = board;
-    paintToolbar();
     rows.replaceChildren(
       ...board.order.map((index) => {
         const shot = board.shots[index];
+        const label = shotLabel(shot);
         const takes = shot.videos.map((take) => {
           let card = cards.get(take.video_id);
           if (!card) {
-            card = takeCard(board, shot, take, signal, load);
+            card = takeCard(board, shot, take, signal, load, paintSummary);
             cards.set(take.video_id, card);
           }
+          card.update(take);
           card.setSelected(shot.selected_video_id === take.video_id);
           return card;
         });
         return h(
           "section",
-          { class: "shot-row", role: "listitem", "aria-label": `Shot ${shot.name || index + 1}` },
-          h("h2", {}, shot.name ? `${shot.name} · ` : `Shot ${index + 1} · `, h("span", { class: "prompt", text: shot.prompt })),
-          h("div", { class: "takes", role: "list", "aria-label": `Takes of shot ${shot.name || index + 1}` }, ...takes),
+          { class: "shot-row", role: "listitem", "aria-label": label },
+          h("h2", {}, h("span", { class: "shot-name", text: label }), " ", h("span", { class: "description", text: shortDescription(shot.prompt) })),
+          h("details", { class: "compiled" }, h("summary", { text: t("board.promptShown") }), h("p", { class: "prompt", text: shot.prompt })),
+          h("div", { class: "takes", role: "list", "aria-label": t("board.takesOf", { shot: label }) }, ...takes),
         );
       }),
     );
+    paintSummary();
+    if (board.cut_url && !cutBox.dataset.busy) {
+      const cut = await api(board.cut_url);
+      if (cut.id !== shownCut) {
+        shownCut = cut.id;
+        cutBox.replaceChildren(...cutView(boardId, cut, board));
+      }
+    } else if (!board.cut_url && shownCut && !cutBox.dataset.busy) {
+      shownCut = null;
+      cutBox.replaceChildren();
+    }
     return board;
   };
-  // the board's own actions: promote the selected drafts at once, render the first cut of the selected takes
-  const promoteButton = h("button", { type: "button", class: "quiet", text: "Promote selected takes" });
-  const cutButton = h("button", { type: "button", text: "Render first cut", title: "The selected takes, else each shot's first completed take, in order" });
-  const selectedTakes = () =>
-    latest.shots.flatMap((shot) => shot.videos.filter((video) => video.video_id === shot.selected_video_id));
+  // the board's own actions, enabled only when they can act; the reason is shown when not
+  const promoteButton = h("button", { type: "button", class: "quiet", text: t("toolbar.promote"), "aria-describedby": "toolbar-reason" });
+  const cutButton = h("button", { type: "button", text: t("toolbar.cut"), "aria-describedby": "toolbar-reason" });
+  const promotable = () =>
+    latest.shots.flatMap((shot) =>
+      shot.videos.filter((video) => video.video_id === shot.selected_video_id && video.quality === "draft" && !video.promoted_to && cards.get(video.video_id)?.state().status === "completed"),
+    );
+  // The cut is decided once each shot has its take: its selected take, completed; or, with none selected,
+  // its first completed take once none of its takes is still rendering (an earlier one could still win).
   const paintToolbar = () => {
-    const selected = selectedTakes();
-    promoteButton.disabled = !selected.some((video) => video.quality === "draft" && !video.promoted_to && video.status === "completed");
-    cutButton.disabled = !latest.shots.some((shot) => shot.videos.some((video) => video.status === "completed"));
-    toolbar.replaceChildren(promoteButton, cutButton);
+    const statusOf = (video) => cards.get(video.video_id)?.state().status ?? video.status;
+    const undecided = [];
+    const missing = [];
+    for (const shot of latest.shots) {
+      const selected = shot.videos.find((video) => video.video_id === shot.selected_video_id);
+      if (selected) {
+        if (statusOf(selected) !== "completed") (FINISHED.has(statusOf(selected)) ? missing : undecided).push(shot);
+      } else if (shot.videos.some((video) => !FINISHED.has(statusOf(video)))) undecided.push(shot);
+      else if (!shot.videos.some((video) => statusOf(video) === "completed")) missing.push(shot);
+    }
+    const reasons = [];
+    if (missing.length) reasons.push(t("toolbar.cutMissing", { names: missing.map(shotLabel).join(", ") }));
+    else if (undecided.length) reasons.push(t("toolbar.cutRunning", { names: undecided.map(shotLabel).join(", ") }));
+    cutButton.disabled = Boolean(missing.length || undecided.length || cutBox.dataset.busy);
+    promoteButton.disabled = promotable().length === 0;
+    if (promoteButton.disabled) reasons.push(t("toolbar.promoteWhy"));
+    reason.textContent = reasons.join(" ");
+    if (!toolbar.children.length) toolbar.replaceChildren(promoteButton, cutButton);
   };
   promoteButton.addEventListener("click", async () => {
-    const drafts = selectedTakes().filter((video) => video.quality === "draft" && !video.promoted_to && video.status === "completed");
     try {
-      const promoted = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/promote`, { method: "POST", body: { video_ids: drafts.map((video) => video.video_id) } });
-      toast(`${count(promoted.data.length, "final take")} queued.`);
+      const ids = promotable().map((video) => video.video_id);
+      const promoted = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/promote`, { method: "POST", body: { video_ids: ids } });
+      toast(t("toolbar.promoted", { n: promoted.data.length }));
       await load();
     } catch (error) {
       toast(describe(error));
     }
   });
   cutButton.addEventListener("click", async () => {
+    cutBox.dataset.busy = "true";
     cutButton.disabled = true;
-    cutBox.replaceChildren(h("p", { role: "status", text: "Rendering the first cut of the selected takes…" }));
+    cutBox.replaceChildren(h("p", { role: "status", text: t("cut.rendering") }));
     try {
       const cut = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/cut`, { method: "POST", body: {} });
-      cutBox.replaceChildren(...cutView(boardId, cut));
+      shownCut = cut.id;
+      cutBox.replaceChildren(...cutView(boardId, cut, latest));
     } catch (error) {
       cutBox.replaceChildren(h("p", { class: "error", role: "alert", text: describe(error) }));
     } finally {
-      cutButton.disabled = false;
+      delete cutBox.dataset.busy;
+      paintToolbar();
     }
   });
   try {
     await load();
   } catch (error) {
-    if (!signal.aborted) show(view, h("h1", { text: "Storyboard" }), h("p", { class: "error", role: "alert", text: describe(error) }));
+    if (!signal.aborted) show(view, h("h1", { text: t("board.title") }), h("p", { class: "error", role: "alert", text: describe(error) }));
     return;
   }
   // takes added by a remix elsewhere (another tab, the CLI) appear within a few seconds
@@ -94,13 +141,41 @@ export async function renderBoard(view, boardId, signal) {
   })();
 }
 
-function cutView(boardId, cut) {
+// queued while none started, completed once all are, failed once all finished and some did not complete
+function boardState(states) {
+  if (!states.length || states.every((state) => state === "queued")) return "queued";
+  if (states.every((state) => state === "completed")) return "completed";
+  if (states.every((state) => FINISHED.has(state))) return "failed";
+  return "in_progress";
+}
+
+function shotLabel(shot) {
+  return shot.name || t("board.shot", { n: shot.index + 1 });
+}
+
+// The first clause of the compiled prompt, at most 80 characters: a row header, not the whole brief.
+function shortDescription(prompt) {
+  const first = (prompt || "").split(/(?<=[.!?。！？])\s*/)[0].replace(/[.。]$/, "");
+  return first.length > 80 ? `${first.slice(0, 79)}…` : first;
+}
+
+function takeName(shot, take) {
+  return t("take.name", { shot: shotLabel(shot), n: take.take });
+}
+
+// The same name as the CLI gives the file: 01-1A-take3.mp4 (shot order, shot name, take number).
+function fileName(shot, take) {
+  const name = (shot.name || "").replace(/[^\p{L}\p{N}._-]+/gu, "_").replace(/^[._]+|[._]+$/g, "") || "shot";
+  return `${String(shot.index + 1).padStart(2, "0")}-${name}-take${take.take}.mp4`;
+}
+
+function cutView(boardId, cut, board) {
   const error = h("p", { class: "error", role: "alert" });
-  const timeline = (format, label) =>
+  const timeline = (format) =>
     h("button", {
       type: "button",
       class: "quiet",
-      text: label,
+      text: t(`cut.${format}`),
       onclick: async () => {
         error.textContent = "";
         try {
@@ -113,57 +188,77 @@ function cutView(boardId, cut) {
         }
       },
     });
+  const shots = new Map((board?.shots || []).map((shot) => [shot.index, shot]));
+  const used = cut.clips.map((clip) =>
+    h("li", { dataset: { video: clip.video_id } }, t("take.name", { shot: shots.get(clip.shot) ? shotLabel(shots.get(clip.shot)) : clip.name, n: clip.take })),
+  );
   return [
-    h("h2", { text: `First cut · ${cut.clips.length} clips · ${cut.seconds.toFixed(1)} s at ${cut.fps} fps` }),
-    h("video", { controls: true, preload: "metadata", src: cut.content_url, "aria-label": "The first cut" }),
-    h("div", { class: "actions" }, timeline("otio", "Download OTIO package"), timeline("edl", "Download EDL package"), timeline("fcpxml", "Download FCP XML package")),
+    h("h2", { text: t("cut.heading", { n: cut.clips.length, seconds: cut.seconds.toFixed(1), fps: cut.fps }) }),
+    h("video", { controls: true, preload: "metadata", src: cut.content_url, "aria-label": t("cut.player") }),
+    h("h3", { id: "cut-takes", text: t("cut.takes") }),
+    h("ol", { class: "cut-takes", "aria-labelledby": "cut-takes" }, ...used),
+    h(
+      "div",
+      { class: "actions" },
+      h("a", { class: "button", href: cut.content_url, download: `${boardId}-cut.mp4`, text: t("cut.mp4") }),
+      timeline("otio"),
+      timeline("edl"),
+      timeline("fcpxml"),
+    ),
     error,
   ];
 }
 
-function takeCard(board, shot, take, signal, reload) {
+function takeCard(board, shot, take, signal, reload, changed) {
+  const name = takeName(shot, take);
   const status = h("p", { class: "status", "aria-live": "polite" });
-  const bar = h("progress", { max: 100, value: take.progress, "aria-label": `Progress of take ${take.video_id}` });
+  const bar = h("progress", { max: 100, value: take.progress, "aria-label": t("take.progress", { take: name }) });
   const media = h("div", { class: "media" }, bar);
   const actions = h("div", { class: "actions" });
   const remixBox = h("div", { class: "remix" });
-  const select = h("button", { type: "button", class: "quiet", "aria-pressed": "false", text: "Select take" });
+  const select = h("button", { type: "button", class: "quiet", "aria-pressed": "false", text: t("take.select") });
+  const title = h("h3", { class: "take-name" }, name, take.promoted_from_take ? ` · ${t("take.finalFrom", { n: take.promoted_from_take })}` : "");
   const card = h(
     "article",
-    { class: "take card", role: "listitem", dataset: { video: take.video_id }, "aria-label": `Take ${take.variant + 1}, seed ${take.seed}` },
-    h("p", { class: "marks" }, h("span", { class: "mark", text: "AI-generated draft" }), " ", h("span", { class: `tier ${take.quality}`, text: take.quality })),
+    { class: "take card", role: "listitem", dataset: { video: take.video_id, take: take.take }, "aria-label": name },
+    title,
+    h("p", { class: "marks" }, h("span", { class: "mark", text: t("take.mark") }), " ", h("span", { class: `tier ${take.quality}`, text: t(`take.tier.${take.quality}`) })),
     media,
-    h("p", { class: "meta", text: `seed ${take.seed}${Object.keys(take.grid).length ? ` · ${Object.entries(take.grid).map(([k, v]) => `${k}: ${v}`).join(", ")}` : ""}` }),
+    h("p", { class: "meta", text: [t("take.seed", { seed: take.seed }), ...Object.entries(take.grid).map(([k, v]) => `${k}: ${v}`)].join(" · ") }),
     status,
     actions,
     remixBox,
   );
-  let state = { status: take.status, stage: take.stage, progress: take.progress, eta: null };
+  let state = { status: take.status, stage: take.stage, progress: take.progress, eta: null, waiting_for: null, queue_position: null };
   let download = null; // the mp4's signed link, once the take completed
   const paint = () => {
     bar.value = state.progress;
-    const eta = state.eta !== null && state.eta !== undefined ? ` · about ${duration(state.eta)} left` : "";
+    const eta = state.eta !== null && state.eta !== undefined ? ` · ${t("eta.left", { time: duration(state.eta) })}` : "";
+    const where = whereItIs(state);
+    const waiting = state.status === "queued" || Boolean(state.waiting_for);
     status.textContent = state.status === "failed" && take.error
-      ? `Failed: ${take.error.message}`
-      : `${stageName(state.stage, state.status)} · ${state.progress} %${FINISHED.has(state.status) ? "" : eta}`;
+      ? t("take.failed", { message: take.error.message })
+      : FINISHED.has(state.status) ? where : waiting ? `${where}${eta}` : `${where} · ${state.progress} %${eta}`;
     card.dataset.status = state.status;
+    card.dataset.waiting = state.waiting_for || (state.status === "queued" ? "queue" : "");
     const buttons = [
-      h("button", { type: "button", class: "quiet", text: "Remix", onclick: () => openRemix() }),
-      FINISHED.has(state.status) ? null : h("button", { type: "button", class: "quiet", text: "Cancel", onclick: cancel }),
+      h("button", { type: "button", class: "quiet", text: t("take.remix"), onclick: () => openRemix() }),
+      FINISHED.has(state.status) ? null : h("button", { type: "button", class: "quiet", text: t("take.cancel"), onclick: cancel }),
       state.status === "completed" ? select : null,
       take.quality === "draft" && state.status === "completed"
-        ? h("button", { type: "button", class: "quiet", text: take.promoted_to ? "Promoted" : "Promote", disabled: Boolean(take.promoted_to), onclick: promote })
+        ? h("button", { type: "button", class: "quiet", text: take.promoted_to ? t("take.promoted") : t("take.promote"), disabled: Boolean(take.promoted_to), onclick: promote })
         : null,
       download,
     ];
     actions.replaceChildren(...buttons.filter(Boolean));
+    changed();
   };
   const showPlayer = async () => {
     try {
       const links = await linksOf(take.video_id);
-      const video = h("video", { controls: true, preload: "metadata", src: links.video, poster: links.thumbnail || undefined, "aria-label": `Take ${take.variant + 1} of ${shot.name || "the shot"}` });
+      const video = player(links, t("take.player", { take: name }));
       media.replaceChildren(video);
-      download = h("a", { class: "button quiet", href: links.video, download: `${take.video_id}.mp4`, text: "Download" });
+      download = h("a", { class: "button quiet", href: links.video, download: fileName(shot, take), text: t("take.download") });
       paint();
     } catch (error) {
       status.textContent = describe(error);
@@ -188,7 +283,7 @@ function takeCard(board, shot, take, signal, reload) {
     }
   };
   const openRemix = () => {
-    const prompt = h("textarea", { rows: 3, "aria-label": "Prompt of the remix", value: shot.prompt });
+    const prompt = h("textarea", { rows: 3, "aria-label": t("remix.prompt"), value: shot.prompt });
     const error = h("p", { class: "error", role: "alert" });
     remixBox.replaceChildren(
       h(
@@ -207,8 +302,8 @@ function takeCard(board, shot, take, signal, reload) {
           },
         },
         prompt,
-        h("button", { type: "submit", text: "Make the remix" }),
-        h("button", { type: "button", class: "quiet", text: "Close", onclick: () => remixBox.replaceChildren() }),
+        h("button", { type: "submit", text: t("remix.make") }),
+        h("button", { type: "button", class: "quiet", text: t("remix.close"), onclick: () => remixBox.replaceChildren() }),
         error,
       ),
     );
@@ -224,20 +319,29 @@ function takeCard(board, shot, take, signal, reload) {
   });
   card.setSelected = (selected) => {
     select.setAttribute("aria-pressed", String(selected));
-    select.textContent = selected ? "Selected take" : "Select take";
+    select.textContent = selected ? t("take.selected") : t("take.select");
     card.classList.toggle("selected", selected);
+  };
+  card.state = () => state;
+  // the board's view of the take (a reload): only what the live stream does not say (promotion)
+  card.update = (fresh) => {
+    if (fresh.promoted_to !== take.promoted_to) {
+      take.promoted_to = fresh.promoted_to;
+      paint();
+    }
   };
   paint();
   if (state.status === "completed") showPlayer();
   else if (!FINISHED.has(state.status)) {
     followVideo(take.video_id, (kind, data) => {
-      if (kind === "status") state = { ...state, status: data.status, stage: data.stage, progress: data.progress, eta: data.eta_seconds ?? null };
-      else if (kind === "done") {
-        state = { ...state, status: data.status, stage: data.stage, progress: data.progress, eta: null };
+      if (kind === "status") {
+        state = { ...state, status: data.status, stage: data.stage, progress: data.progress, eta: data.eta_seconds ?? null, waiting_for: data.waiting_for ?? null, queue_position: data.queue_position ?? null };
+      } else if (kind === "done") {
+        state = { ...state, status: data.status, stage: data.stage, progress: data.progress, eta: null, waiting_for: null, queue_position: null };
         take.error = data.error;
         paint();
         if (data.status === "completed") showPlayer();
-        reload().catch(() => {}); // the board's own state and progress move with it
+        reload().catch(() => {}); // the board's own state moves with it
         return;
       } else return;
       paint();

@@ -4,42 +4,40 @@
 
 import { api, describe } from "./api.js";
 import { field, h, show } from "./dom.js";
+import { t } from "./i18n.js";
 
-const SHOT_FIELDS = [
-  ["character", "人物", "Character", "a man in a black trench coat"],
-  ["action", "动作", "Action", "leaps from a tower, flips twice, lands"],
-  ["environment", "环境", "Environment", "a burning refinery at night"],
-  ["camera", "镜头", "Camera", "low-angle slow motion tracking shot"],
-  ["style", "风格", "Style", "gritty action film, anamorphic"],
-];
+const SHOT_FIELDS = ["character", "action", "environment", "camera", "style"]; // labels and examples: i18n.js
 const GRID_FIELDS = ["camera", "action", "character", "environment", "style", "look"];
 
 export function renderComposer(view) {
+  // the looks a shot may name: none, film and the project's LUTs
+  const looks = h("datalist", { id: "looks" }, h("option", { value: "none" }), h("option", { value: "film" }));
+  api("/v1/looks").then((list) => looks.replaceChildren(...list.data.map((look) => h("option", { value: look.name, label: look.kind === "lut" ? t("compose.lutLook", { name: look.name }) : look.name })))).catch(() => {});
   const shots = h("ol", { class: "shots" });
   const formError = h("p", { class: "error", role: "alert", id: "compose-error" });
   const common = {
     title: h("input", { type: "text", name: "title", maxlength: 200 }),
     negative_prompt: h("textarea", { name: "negative_prompt", rows: 2 }),
     resolution: h("input", { type: "text", name: "resolution", list: "resolutions", placeholder: "480p", pattern: "^(480p|720p|[0-9]+x[0-9]+)$" }),
-    aspect: h("select", { name: "aspect" }, h("option", { value: "", text: "16:9 (landscape)" }), h("option", { value: "9:16", text: "9:16 (portrait)" })),
+    aspect: h("select", { name: "aspect" }, h("option", { value: "", text: t("compose.landscape") }), h("option", { value: "9:16", text: t("compose.portrait") })),
     seconds: h("input", { type: "number", name: "seconds", min: 0.25, max: 10, step: 0.25, placeholder: "5" }),
     quality: h(
       "select",
       { name: "quality" },
-      h("option", { value: "", text: "project default" }),
-      h("option", { value: "draft", text: "draft: 4 distilled steps, quick takes" }),
-      h("option", { value: "final", text: "final: the full 40-step recipe" }),
+      h("option", { value: "", text: t("compose.projectDefault") }),
+      h("option", { value: "draft", text: t("compose.draftOption") }),
+      h("option", { value: "final", text: t("compose.finalOption") }),
     ),
-    steps: h("input", { type: "number", name: "steps", min: 1, max: 100, step: 1, placeholder: "the tier's" }),
-    look: h("input", { type: "text", name: "look", list: "looks", placeholder: "none" }),
-    seed: h("input", { type: "number", name: "seed", min: 0, step: 1, placeholder: "random" }),
+    steps: h("input", { type: "number", name: "steps", min: 1, max: 100, step: 1, placeholder: t("compose.tiersRecipe") }),
+    look: h("input", { type: "text", name: "look", list: "looks", placeholder: t("compose.noLook") }),
+    seed: h("input", { type: "number", name: "seed", min: 0, step: 1, placeholder: t("compose.random") }),
     takes: h("input", { type: "number", name: "takes", min: 1, max: 16, step: 1, value: 1 }),
-    vary: h("select", { name: "vary" }, h("option", { value: "", text: "nothing" }), ...GRID_FIELDS.map((name) => h("option", { value: name, text: name }))),
-    values: h("textarea", { name: "values", rows: 3, placeholder: "one value per line" }),
+    vary: h("select", { name: "vary" }, h("option", { value: "", text: t("compose.nothing") }), ...GRID_FIELDS.map((name) => h("option", { value: name, text: name === "look" ? t("compose.look") : t(`compose.field.${name}`) }))),
+    values: h("textarea", { name: "values", rows: 3, placeholder: t("compose.perLine") }),
   };
   const addShot = () => shots.append(shotEditor(shots.children.length));
   addShot();
-  const submit = h("button", { type: "submit", text: "Create storyboard" });
+  const submit = h("button", { type: "submit", text: t("compose.create") });
   const form = h(
     "form",
     {
@@ -51,38 +49,38 @@ export function renderComposer(view) {
         await send(form, formError, submit, () => ({ body: boardBody(shots, common) }));
       },
     },
-    h("h1", { id: "compose-title", text: "New storyboard" }),
-    field("Title", common.title, { param: "title" }),
-    h("h2", { text: "Shots" }),
+    h("h1", { id: "compose-title", text: t("nav.compose") }),
+    field(t("compose.title"), common.title, { param: "title" }),
+    h("h2", { text: t("board.shots") }),
     shots,
-    h("button", { type: "button", class: "quiet", text: "Add a shot", onclick: addShot }),
+    h("button", { type: "button", class: "quiet", text: t("compose.addShot"), onclick: addShot }),
     h(
       "fieldset",
       {},
-      h("legend", { text: "Every shot" }),
+      h("legend", { text: t("compose.everyShot") }),
       h("div", { class: "grid" },
-        field("Resolution", common.resolution, { param: "resolution", hint: "480p, 720p or WxH" }),
-        field("Aspect", common.aspect, { param: "aspect" }),
-        field("Duration (s)", common.seconds, { param: "seconds" }),
-        field("Quality", common.quality, { param: "quality" }),
-        field("Steps", common.steps, { param: "steps", hint: "leave empty for the tier's recipe" }),
-        field("Look", common.look, { param: "look", hint: "none, film or a project LUT" }),
-        field("Seed", common.seed, { param: "seed" }),
+        field(t("compose.resolution"), common.resolution, { param: "resolution", hint: t("compose.sizeHint") }),
+        field(t("compose.aspect"), common.aspect, { param: "aspect" }),
+        field(t("compose.duration"), common.seconds, { param: "seconds" }),
+        field(t("compose.quality"), common.quality, { param: "quality" }),
+        field(t("compose.steps"), common.steps, { param: "steps", hint: t("compose.stepsHint") }),
+        field(t("compose.look"), common.look, { param: "look", hint: t("compose.lookHint") }),
+        field(t("compose.seed"), common.seed, { param: "seed" }),
       ),
-      field("Negative prompt", common.negative_prompt, { param: "negative_prompt" }),
+      field(t("compose.negative"), common.negative_prompt, { param: "negative_prompt" }),
     ),
     h(
       "fieldset",
       {},
-      h("legend", { text: "Takes" }),
+      h("legend", { text: t("compose.takes") }),
       h("div", { class: "grid" },
-        field("Takes per shot (seeds)", common.takes, { param: "variants.seeds" }),
-        field("Also vary", common.vary, { param: "variants.grid" }),
-        field("Values to try", common.values, { param: "variants.grid.values" }),
+        field(t("compose.seeds"), common.takes, { param: "variants.seeds" }),
+        field(t("compose.vary"), common.vary, { param: "variants.grid" }),
+        field(t("compose.values"), common.values, { param: "variants.grid.values" }),
       ),
     ),
     h("datalist", { id: "resolutions" }, h("option", { value: "480p" }), h("option", { value: "720p" })),
-    h("datalist", { id: "looks" }, h("option", { value: "none" }), h("option", { value: "film" })),
+    looks,
     formError,
     submit,
   );
@@ -93,24 +91,49 @@ function shotEditor(index) {
   const prefix = `shots.${index}`;
   const name = h("input", { type: "text", name: "name", maxlength: 64, placeholder: `${index + 1}A` });
   const prompt = h("textarea", { name: "prompt", rows: 2 });
-  const inputs = Object.fromEntries(SHOT_FIELDS.map(([key, , , example]) => [key, h("input", { type: "text", name: key, placeholder: example })]));
+  // multi-line: a Chinese description runs long, and a single line hides most of it
+  const inputs = Object.fromEntries(SHOT_FIELDS.map((key) => [key, h("textarea", { name: key, rows: 2, placeholder: t(`compose.example.${key}`) })]));
+  // this shot's own settings; empty: the board's (the "Every shot" fields)
+  const own = {
+    resolution: h("input", { type: "text", name: "resolution", list: "resolutions", placeholder: t("compose.boards"), pattern: "^(480p|720p|[0-9]+x[0-9]+)$" }),
+    seconds: h("input", { type: "number", name: "seconds", min: 0.25, max: 10, step: 0.25, placeholder: t("compose.boards") }),
+    quality: h("select", { name: "quality" }, h("option", { value: "", text: t("compose.boards") }), h("option", { value: "draft", text: t("compose.draft") }), h("option", { value: "final", text: t("compose.final") })),
+    look: h("input", { type: "text", name: "look", list: "looks", placeholder: t("compose.boards") }),
+    seed: h("input", { type: "number", name: "seed", min: 0, step: 1, placeholder: t("compose.boards") }),
+  };
   const preview = h("output", { class: "preview", "aria-live": "polite", text: "" });
   const item = h(
     "li",
     { class: "card shot", dataset: { index } },
-    h("h3", { text: `Shot ${index + 1}` }),
-    field("Shot name", name, { param: `${prefix}.name` }),
-    h("div", { class: "grid" }, ...SHOT_FIELDS.map(([key, label, english]) => field(`${english} · ${label}`, inputs[key], { param: `${prefix}.shot.${key}` }))),
-    field("Free prompt", prompt, { param: `${prefix}.prompt` }),
-    h("p", { class: "preview-line" }, h("span", { class: "hint", text: "Prompt sent to the model: " }), preview),
+    h("h3", { text: t("board.shot", { n: index + 1 }) }),
+    field(t("compose.shotName"), name, { param: `${prefix}.name` }),
+    h("div", { class: "grid" }, ...SHOT_FIELDS.map((key) => field(t(`compose.field.${key}`), inputs[key], { param: `${prefix}.shot.${key}` }))),
+    field(t("compose.freePrompt"), prompt, { param: `${prefix}.prompt` }),
+    h(
+      "details",
+      { class: "own-settings" },
+      h("summary", { text: t("compose.ownSettings") }),
+      h("div", { class: "grid" },
+        field(t("compose.ownSize"), own.resolution, { param: `${prefix}.resolution`, hint: t("compose.sizeHint") }),
+        field(t("compose.ownLength"), own.seconds, { param: `${prefix}.seconds` }),
+        field(t("compose.ownQuality"), own.quality, { param: `${prefix}.quality` }),
+        field(t("compose.ownLook"), own.look, { param: `${prefix}.look` }),
+        field(t("compose.ownSeed"), own.seed, { param: `${prefix}.seed` }),
+      ),
+    ),
+    h("p", { class: "preview-line" }, h("span", { class: "hint", text: `${t("board.promptShown")}: ` }), preview),
   );
   item.shotValue = () => {
     const shot = {};
-    for (const [key] of SHOT_FIELDS) if (inputs[key].value.trim()) shot[key] = inputs[key].value;
+    for (const key of SHOT_FIELDS) if (inputs[key].value.trim()) shot[key] = inputs[key].value;
     const value = {};
     if (name.value.trim()) value.name = name.value.trim();
     if (prompt.value.trim()) value.prompt = prompt.value;
     if (Object.keys(shot).length) value.shot = shot;
+    for (const [key, control] of Object.entries(own)) {
+      const text = control.value.trim();
+      if (text) value[key] = key === "seconds" || key === "seed" ? Number(text) : text;
+    }
     return value;
   };
   let timer;
@@ -143,8 +166,10 @@ function boardBody(shots, common) {
   if (common.quality.value) every.quality = common.quality.value;
   if (text("steps")) every.steps = Number(text("steps"));
   if (text("look")) every.look = text("look");
-  if (text("seed")) every.seed = Number(text("seed"));
-  const body = { shots: [...shots.children].map((item) => ({ ...item.shotValue(), ...every })) };
+  // the board's settings go at the board's level (each shot takes what it does not give itself), so a
+  // refusal names the field that was given; a seed has no board-level field: each shot without one gets it
+  const seed = text("seed") ? Number(text("seed")) : undefined;
+  const body = { ...every, shots: [...shots.children].map((item) => ({ seed, ...item.shotValue() })) };
   if (text("title")) body.title = text("title");
   const variants = { seeds: Number(text("takes") || 1) };
   const values = common.values.value.split("\n").map((line) => line.trim()).filter(Boolean);
@@ -166,13 +191,13 @@ async function send(form, formError, submit, request) {
     const board = await api("/v1/storyboards", { method: "POST", ...request() });
     location.hash = `#/boards/${board.id}`;
   } catch (error) {
-    const control = error.param ? controlFor(form, error.param) : null;
-    if (control) {
-      const box = document.getElementById(`${control.id}-error`);
+    const controls = error.param ? controlsFor(form, error.param) : [];
+    if (controls.length) {
+      const box = document.getElementById(`${controls[0].id}-error`);
       box.textContent = describe(error);
       box.hidden = false;
-      control.setAttribute("aria-invalid", "true");
-      control.focus();
+      for (const control of controls) control.setAttribute("aria-invalid", "true");
+      controls[0].focus();
     } else {
       formError.textContent = describe(error);
     }
@@ -181,13 +206,23 @@ async function send(form, formError, submit, request) {
   }
 }
 
-function controlFor(form, param) {
-  const candidates = [param, param.replace(/^shots\.\d+\./, ""), param.replace(/\.\d+$/, ""), param.split(".").slice(0, 2).join(".")];
+// The controls a refusal's `param` names: the shot's own field when it was given, else the board's; a
+// refused shot (`shots.N.shot`: the content policy names the shot, not a field) marks its filled fields.
+function controlsFor(form, param) {
+  const shot = param.match(/^shots\.(\d+)\.shot$/);
+  if (shot) {
+    const fields = [...form.querySelectorAll(`[data-param^="shots.${shot[1]}.shot."]`)];
+    const filled = fields.filter((control) => control.value.trim());
+    return filled.length ? filled : fields.slice(0, 1);
+  }
+  const own = form.querySelector(`[data-param="${CSS.escape(param)}"]`);
+  if (own && (own.value.trim() || !/^shots\.\d+\./.test(param))) return [own];
+  const candidates = [param.replace(/^shots\.\d+\./, ""), param.replace(/\.\d+$/, ""), param.split(".").slice(0, 2).join(".")];
   for (const name of candidates) {
     const control = form.querySelector(`[data-param="${CSS.escape(name)}"]`);
-    if (control) return control;
+    if (control) return [control];
   }
-  return null;
+  return own ? [own] : [];
 }
 
 function dropZone(formError) {
@@ -201,7 +236,7 @@ function dropZone(formError) {
       const board = await api("/v1/storyboards", { method: "POST", ...request });
       location.hash = `#/boards/${board.id}`;
     } catch (error) {
-      status.textContent = `${file.name}: ${error instanceof SyntaxError ? `not valid JSON (${error.message})` : describe(error)}`;
+      status.textContent = `${file.name}: ${error instanceof SyntaxError ? t("compose.notJson", { message: error.message }) : describe(error)}`;
     }
   };
   input.addEventListener("change", () => input.files[0] && upload(input.files[0]));
@@ -219,9 +254,9 @@ function dropZone(formError) {
         if (file) upload(file);
       },
     },
-    h("h2", { id: "drop-title", text: "Or drop a storyboard file" }),
-    h("p", { class: "hint", text: "YAML or JSON, the same file as `previz submit --storyboard`." }),
-    field("Storyboard file", input),
+    h("h2", { id: "drop-title", text: t("compose.drop") }),
+    h("p", { class: "hint", text: t("compose.dropHint") }),
+    field(t("compose.file"), input),
     status,
   );
   return zone;

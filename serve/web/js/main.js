@@ -4,6 +4,7 @@ import { api, session } from "./api.js";
 import { renderBoard } from "./board.js";
 import { renderComposer } from "./composer.js";
 import { renderHome } from "./home.js";
+import { applyLanguage } from "./i18n.js";
 import { renderSignIn } from "./signin.js";
 
 const view = document.getElementById("view");
@@ -55,5 +56,6 @@ document.getElementById("sign-out").addEventListener("click", () => {
   who = null;
   go("#/");
 });
+applyLanguage(document);
 window.addEventListener("hashchange", route);
 route();

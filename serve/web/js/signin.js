@@ -1,10 +1,11 @@
 import { api, describe, session } from "./api.js";
 import { field, h, show } from "./dom.js";
+import { t } from "./i18n.js";
 
 export function renderSignIn(view, signedIn, previousError) {
   const key = h("input", { type: "password", name: "key", autocomplete: "off", required: true, spellcheck: "false" });
   const error = h("p", { class: "error", id: "sign-in-error", role: "alert", text: previousError ? describe(previousError) : "" });
-  const submit = h("button", { type: "submit", text: "Sign in" });
+  const submit = h("button", { type: "submit", text: t("signin.submit") });
   const form = h(
     "form",
     {
@@ -26,8 +27,8 @@ export function renderSignIn(view, signedIn, previousError) {
         }
       },
     },
-    h("h1", { id: "sign-in-title", text: "Sign in to Previz" }),
-    field("API key", key, { hint: "Your project's key (pvz_…). It stays in this tab only." }),
+    h("h1", { id: "sign-in-title", text: t("signin.title") }),
+    field(t("signin.key"), key, { hint: t("signin.hint") }),
     error,
     submit,
   );
