@@ -60,6 +60,8 @@ def test_every_key_a_screen_asks_for_is_in_the_catalogue() -> None:
         "wait": ("denoising_high", "denoising_low", "decoding", "upscaling"),
         "take.tier": ("draft", "final"),
         "board.state": ("queued", "in_progress", "completed", "failed"),
+        "compose.field": ("character", "action", "environment", "camera", "style"),
+        "compose.example": ("character", "action", "environment", "camera", "style"),
     }.items():
         assert {f"{prefix}.{value}" for value in values} <= words.keys(), prefix
 

@@ -192,7 +192,7 @@ def test_a_storyboard_is_composed_rendered_played_remixed_and_selected(page: Pag
 
     page.get_by_role("button", name="Render first cut").click()
     cut = page.get_by_role("region", name="First cut")
-    expect(cut.get_by_role("heading")).to_contain_text("First cut · 2 clips", timeout=120_000)
+    expect(cut.get_by_role("heading", level=2)).to_contain_text("First cut · 2 clips", timeout=120_000)
     assert cut.locator("video").evaluate("(video) => new URL(video.src).pathname").endswith(".mp4")
     with page.expect_download() as download:
         cut.get_by_role("button", name="Download OTIO package").click()

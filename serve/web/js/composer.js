@@ -6,13 +6,7 @@ import { api, describe } from "./api.js";
 import { field, h, show } from "./dom.js";
 import { t } from "./i18n.js";
 
-const SHOT_FIELDS = [
-  ["character", "人物", "Character", "a man in a black trench coat"],
-  ["action", "动作", "Action", "leaps from a tower, flips twice, lands"],
-  ["environment", "环境", "Environment", "a burning refinery at night"],
-  ["camera", "镜头", "Camera", "low-angle slow motion tracking shot"],
-  ["style", "风格", "Style", "gritty action film, anamorphic"],
-];
+const SHOT_FIELDS = ["character", "action", "environment", "camera", "style"]; // labels and examples: i18n.js
 const GRID_FIELDS = ["camera", "action", "character", "environment", "style", "look"];
 
 export function renderComposer(view) {
@@ -38,7 +32,7 @@ export function renderComposer(view) {
     look: h("input", { type: "text", name: "look", list: "looks", placeholder: t("compose.noLook") }),
     seed: h("input", { type: "number", name: "seed", min: 0, step: 1, placeholder: t("compose.random") }),
     takes: h("input", { type: "number", name: "takes", min: 1, max: 16, step: 1, value: 1 }),
-    vary: h("select", { name: "vary" }, h("option", { value: "", text: t("compose.nothing") }), ...GRID_FIELDS.map((name) => h("option", { value: name, text: name }))),
+    vary: h("select", { name: "vary" }, h("option", { value: "", text: t("compose.nothing") }), ...GRID_FIELDS.map((name) => h("option", { value: name, text: name === "look" ? t("compose.look") : t(`compose.field.${name}`) }))),
     values: h("textarea", { name: "values", rows: 3, placeholder: t("compose.perLine") }),
   };
   const addShot = () => shots.append(shotEditor(shots.children.length));
@@ -98,7 +92,7 @@ function shotEditor(index) {
   const name = h("input", { type: "text", name: "name", maxlength: 64, placeholder: `${index + 1}A` });
   const prompt = h("textarea", { name: "prompt", rows: 2 });
   // multi-line: a Chinese description runs long, and a single line hides most of it
-  const inputs = Object.fromEntries(SHOT_FIELDS.map(([key, , , example]) => [key, h("textarea", { name: key, rows: 2, placeholder: example })]));
+  const inputs = Object.fromEntries(SHOT_FIELDS.map((key) => [key, h("textarea", { name: key, rows: 2, placeholder: t(`compose.example.${key}`) })]));
   // this shot's own settings; empty: the board's (the "Every shot" fields)
   const own = {
     resolution: h("input", { type: "text", name: "resolution", list: "resolutions", placeholder: t("compose.boards"), pattern: "^(480p|720p|[0-9]+x[0-9]+)$" }),
@@ -113,7 +107,7 @@ function shotEditor(index) {
     { class: "card shot", dataset: { index } },
     h("h3", { text: t("board.shot", { n: index + 1 }) }),
     field(t("compose.shotName"), name, { param: `${prefix}.name` }),
-    h("div", { class: "grid" }, ...SHOT_FIELDS.map(([key, label, english]) => field(t(`compose.field.${key}`), inputs[key], { param: `${prefix}.shot.${key}` }))),
+    h("div", { class: "grid" }, ...SHOT_FIELDS.map((key) => field(t(`compose.field.${key}`), inputs[key], { param: `${prefix}.shot.${key}` }))),
     field(t("compose.freePrompt"), prompt, { param: `${prefix}.prompt` }),
     h(
       "details",
@@ -131,7 +125,7 @@ function shotEditor(index) {
   );
   item.shotValue = () => {
     const shot = {};
-    for (const [key] of SHOT_FIELDS) if (inputs[key].value.trim()) shot[key] = inputs[key].value;
+    for (const key of SHOT_FIELDS) if (inputs[key].value.trim()) shot[key] = inputs[key].value;
     const value = {};
     if (name.value.trim()) value.name = name.value.trim();
     if (prompt.value.trim()) value.prompt = prompt.value;

@@ -1,0 +1,207 @@
+"""Every screen of the studio page in English and in Chinese (issue 28), in Debian's Chromium driven by
+Playwright, against the app on loopback with takes finished by hand with real clips (no Ray: the browser
+tests of the live path are test_studio_page.py and test_studio_director.py).
+
+The page in `zh-CN` shows no string of the English catalogue on any screen; the board names takes by their
+stored number, keeps its cut after a reload and lists the takes it used, with a plain mp4 download; home
+plays and downloads a clip made through the API. Screenshots at 1280×800 and 390 px of every screen go to
+test-artifacts/studio/ as screens-<screen>-<language>-<width>.png."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from axe_playwright_python.sync_playwright import Axe
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.support.api_app import TINY, LocalApi, http_server, local_api
+from tests.test_editorial_api import finish_with_clip
+from tests.test_studio_i18n import english_chunks
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "studio"
+WIDTHS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+BOARD = {
+    "title": "Rooftops",
+    "priority": "interactive",
+    "quality": "draft",
+    "shots": [
+        {
+            "name": "1A",
+            "shot": {"人物": "穿黑色风衣的男人", "动作": "从塔顶跃下", "镜头": "低角度慢动作"},
+            **TINY,
+        },
+        {"name": "1B", "shot": {"人物": "她", "动作": "落在隔壁的屋顶上，翻滚起身"}, **TINY},
+    ],
+    "variants": {"seeds": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/install_chromium.sh installs Debian's chromium")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[LocalApi, str, dict]]:
+    """The app on loopback with a board: 1A takes 1–2 completed, 1B take 1 completed, 1B take 2 queued;
+    1A take 2 selected; a cut; and a clip made through the API alone."""
+    with tempfile.TemporaryDirectory() as scratch, local_api(Path(scratch)) as api, http_server() as url:
+        board = api.client.post("/v1/storyboards", json=BOARD).json()
+        ids = [[video["video_id"] for video in shot["videos"]] for shot in board["shots"]]
+        for shade, video_id in enumerate([*ids[0], ids[1][0]]):
+            finish_with_clip(api, video_id, 40 + 20 * shade)
+        api.client.patch(f"/v1/storyboards/{board['id']}", json={"takes": {"0": ids[0][1], "1": ids[1][0]}})
+        assert api.client.post(f"/v1/storyboards/{board['id']}/cut", json={"fps": 24}).status_code == 201
+        loose = api.client.post("/v1/videos", json={"prompt": "a harbour at dawn", **TINY}).json()
+        finish_with_clip(api, loose["id"], 120)
+        yield api, url, {"board": board, "ids": ids, "loose": loose["id"]}
+
+
+def open_page(browser: Browser, url: str, api: LocalApi, locale: str) -> Page:
+    context = browser.new_context(viewport=WIDTHS["desktop"], locale=locale)
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    page.goto(f"{url}/studio/")
+    return page
+
+
+def sign_in(page: Page, api: LocalApi, label: str, button: str) -> None:
+    page.get_by_label(label).fill(api.admin_key)
+    page.get_by_role("button", name=button, exact=True).click()
+
+
+def shoot(page: Page, screen: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for width, size in WIDTHS.items():
+        page.set_viewport_size(size)
+        page.screenshot(path=ARTIFACTS / f"screens-{screen}-{width}.png", full_page=True)
+        overflow = page.evaluate("document.documentElement.scrollWidth")
+        assert overflow <= size["width"], f"{screen} is {overflow} px wide at {size['width']} px"
+    page.set_viewport_size(WIDTHS["desktop"])
+
+
+def assert_accessible(page: Page, screen: str) -> None:
+    violations = Axe().run(page).response["violations"]
+    bad = [
+        f"{v['id']} ({v['impact']}): {v['help']}"
+        for v in violations
+        if v["impact"] in {"critical", "serious"}
+    ]
+    assert not bad, f"{screen}: {bad}"
+
+
+def english_left(page: Page) -> list[str]:
+    """The English catalogue's strings that the page shows (text, aria-labels, titles, placeholders)."""
+    shown = page.evaluate(
+        """() => [document.body.innerText,
+            ...[...document.querySelectorAll('[aria-label]')].map((e) => e.getAttribute('aria-label')),
+            ...[...document.querySelectorAll('[title]')].map((e) => e.getAttribute('title')),
+            ...[...document.querySelectorAll('[placeholder]')].map((e) => e.getAttribute('placeholder')),
+            ...[...document.querySelectorAll('option')].map((e) => e.textContent)].join('\\n')"""
+    )
+    shown = shown.replace("a harbour at dawn", "")  # a clip's own English prompt is the director's text
+    return [chunk for chunk in english_chunks() if re.search(rf"\b{re.escape(chunk)}\b", shown)]
+
+
+def test_every_screen_in_chinese_has_no_untranslated_string(browser: Browser, served) -> None:  # noqa: ANN001
+    api, url, made = served
+    page = open_page(browser, url, api, "zh-CN")
+    try:
+        assert page.evaluate("document.documentElement.lang") == "zh-CN"
+        expect(page.get_by_role("heading", name="登录 Previz")).to_be_visible()
+        assert english_left(page) == []
+        shoot(page, "sign-in-zh")
+        sign_in(page, api, "API 密钥", "登录")
+        expect(page.get_by_role("heading", name="项目 default")).to_be_visible()
+        expect(page.get_by_role("list", name="最近的视频").locator("video").first).to_be_visible()
+        assert english_left(page) == [], "home"
+        assert_accessible(page, "home in Chinese")
+        shoot(page, "home-zh")
+        page.get_by_role("link", name="新建故事板").first.click()
+        expect(page.get_by_role("heading", name="新建故事板")).to_be_visible()
+        page.locator("details.own-settings").first.evaluate("(details) => { details.open = true; }")
+        assert english_left(page) == [], "composer"
+        assert_accessible(page, "composer in Chinese")
+        shoot(page, "composer-zh")
+        page.goto(f"{url}/studio/#/boards/{made['board']['id']}")
+        expect(page.locator("article.take")).to_have_count(4)
+        expect(page.locator("article.take .take-name").first).to_have_text("1A 第 1 条")
+        expect(page.get_by_role("region", name="初剪").get_by_role("heading", level=2)).to_contain_text(
+            "初剪"
+        )
+        assert english_left(page) == [], "board"
+        assert_accessible(page, "board in Chinese")
+        shoot(page, "board-zh")
+    finally:
+        page.context.close()
+
+
+def test_the_board_names_takes_keeps_its_cut_and_home_plays_any_clip(browser: Browser, served) -> None:  # noqa: ANN001
+    api, url, made = served
+    page = open_page(browser, url, api, "en-US")
+    try:
+        shoot(page, "sign-in-en")
+        sign_in(page, api, "API key", "Sign in")
+        home = page.get_by_role("list", name="Recent videos").get_by_role("listitem")
+        loose = home.filter(has_text="a harbour at dawn")
+        expect(loose.locator("video")).to_have_attribute("src", re.compile(r"^/v1/artifacts/.*\.mp4\?"))
+        expect(loose.get_by_role("link", name="Download mp4")).to_have_attribute(
+            "download", f"{made['loose']}.mp4"
+        )
+        assert loose.locator("video").get_attribute("controls") is None  # controls only on hover/focus
+        loose.locator("video").hover()
+        expect(loose.locator("video")).to_have_attribute("controls", "")
+        shoot(page, "home-en")
+        page.get_by_role("link", name="New storyboard").first.click()
+        shoot(page, "composer-en")
+
+        page.goto(f"{url}/studio/#/boards/{made['board']['id']}")
+        rows = page.locator("section.shot-row")
+        expect(rows.first.locator(".take-name")).to_have_text(["1A take 1", "1A take 2"])
+        expect(rows.first.locator("h2")).to_have_text(
+            "1A 穿黑色风衣的男人从塔顶跃下"
+        )  # name and a short description
+        expect(rows.nth(1).locator("article.take").nth(1).locator(".status")).to_have_text(
+            "Next in the studio queue"
+        )
+        expect(page.locator(".summary")).to_have_text("2 shots · 4 takes · rendering · 75 %")
+        # both shots have a selected completed take: the cut can be rendered; 1A take 2 can be promoted
+        expect(page.get_by_role("button", name="Render first cut")).to_be_enabled()
+        expect(page.get_by_role("button", name="Promote selected takes")).to_be_enabled()
+        download = rows.first.locator("article.take").nth(1).get_by_role("link", name="Download mp4")
+        expect(download).to_have_attribute("download", "01-1A-take2.mp4")  # as the CLI names the file
+
+        cut = page.get_by_role("region", name="First cut")
+        expect(cut.get_by_role("heading", level=2)).to_contain_text("First cut · 2 clips")
+        used = cut.get_by_role("list", name="Takes in this cut").get_by_role("listitem")
+        expect(used).to_have_text(["1A take 2", "1B take 1"])
+        expect(cut.get_by_role("link", name="Download mp4")).to_have_attribute(
+            "download", re.compile(r"\.mp4$")
+        )
+        assert_accessible(page, "board")
+        shoot(page, "board-en")
+        page.reload()
+        expect(cut.get_by_role("list", name="Takes in this cut").get_by_role("listitem")).to_have_text(
+            ["1A take 2", "1B take 1"]
+        )
+        # deselect 1B: its second take still renders, so the cut waits for it, and says so
+        api.client.patch(f"/v1/storyboards/{made['board']['id']}", json={"takes": {"1": None}})
+        page.reload()
+        expect(page.get_by_role("button", name="Render first cut")).to_be_disabled()
+        expect(page.locator("#toolbar-reason")).to_contain_text("The first cut waits for 1B")
+        api.client.patch(f"/v1/storyboards/{made['board']['id']}", json={"takes": {"1": made["ids"][1][0]}})
+    finally:
+        page.context.close()
