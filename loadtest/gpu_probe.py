@@ -18,7 +18,8 @@ reason once `--budget-s` would be overrun:
 5. the engine's real path: one DenoiseEngine iteration (batch-invariant layers, a LoRA adapter set, one
    request's row served from its step cache, another computing with CFG) beside the bare forward of the
    same computing rows on the same weights;
-6. a 720p 81-frame VAE decode (Wan2.1 VAE, random weights, the product's VAEDecoder, `--vae-dtype`);
+6. a 720p 81-frame VAE decode (Wan2.1 VAE, random weights, the product's VAEDecoder, `--vae-dtype`): full
+   frames, 256-pixel tiles, and the fast draft decoder (TAEHV, random weights);
 7. with two or more GPUs, Ulysses and CFG scaling over a rank group (the GPU machines have one).
 The expert is WanTransformer3DModel at A14B's shape (dim 5120 = 40 heads x 128, FFN 13824, text 4096) with
 random bf16 weights; only `--layers` of its 40 blocks are built, and seconds are scaled by 40 / layers
@@ -497,27 +498,50 @@ def probe_engine(probe: Probe) -> EngineRecord:
 
 
 def probe_vae(probe: Probe) -> VaeRecord:
-    """A 720p 81-frame decode (21 latent frames of 90 x 160) through the product's VAEDecoder."""
+    """A 720p 81-frame decode (21 latent frames of 90 x 160) through the product's VAEDecoder in full frames
+    and in 256-pixel tiles, and through the draft tier's TAEHV decoder."""
     from diffusers import AutoencoderKLWan
 
+    from pipeline.taehv import WIDTHS, FastDecoder, random_taehv
     from pipeline.vae import VAEDecoder
+    from pipeline.vae_memory import TILES, DecodePlan, estimate_bytes
 
     dtype = getattr(torch, probe.args.vae_dtype)
     record = VaeRecord("720p", 81, probe.args.vae_dtype, "ok")
-    if not probe.affordable(60):
+    if not probe.affordable(120):
         record.status = "skipped: time budget spent"
         return record
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**probe.shape.vae).to(probe.device, dtype).eval()
     latents = torch.randn(16, *probe.shape.shapes["720p"])
     decoder = VAEDecoder(vae, dtype=dtype)
+    shape = tuple(latents.shape)
+    plans = {
+        tile: DecodePlan(mode, tile, estimate_bytes(vae.config, shape, dtype, tile), None, True)
+        for mode, tile in (("full", None), ("tiled", TILES[0]))
+    }
+    record.estimate_bytes = probe.figure(plans[None].estimate_bytes)
     with Memory(probe.device) as memory:
-        seconds = _time_call(lambda: decoder.decode(latents, fps=16), probe)
+        seconds = _time_call(lambda: decoder.decode(latents, fps=16, plan=plans[None]), probe)
     probe.checks["vae decode s"] = seconds
     record.seconds, record.peak_memory_bytes = probe.figure(seconds), memory.peak
+    with Memory(probe.device) as memory:
+        seconds = _time_call(lambda: decoder.decode(latents, fps=16, plan=plans[TILES[0]]), probe)
+    probe.checks["vae tiled decode s"] = seconds
+    record.tiled_seconds, record.tiled_peak_memory_bytes = probe.figure(seconds), memory.peak
+    widths = WIDTHS if probe.device.type == "cuda" and not probe.dry else (16, 8, 8, 8)
+    fast = FastDecoder(random_taehv(0, widths).to(probe.device), dtype=dtype)
+    with Memory(probe.device) as memory:
+        seconds = _time_call(lambda: fast.decode(latents, fps=16), probe)
+    probe.checks["vae fast decode s"] = seconds
+    record.fast_seconds, record.fast_peak_memory_bytes = probe.figure(seconds), memory.peak
     record.status = "dry run" if probe.dry else "ok"
     if not probe.dry:
-        print(f"vae      {probe.args.vae_dtype:<14} 720p 81 frames: {seconds:8.3f} s", flush=True)
+        print(
+            f"vae      {probe.args.vae_dtype:<14} 720p 81 frames: full {record.seconds:8.3f} s, tiled "
+            f"{record.tiled_seconds:8.3f} s, fast {record.fast_seconds:8.3f} s",
+            flush=True,
+        )
     return record
 
 

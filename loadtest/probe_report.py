@@ -87,7 +87,8 @@ class Fp8Record:
 
 @dataclass(slots=True)
 class VaeRecord:
-    """One clip decoded by the product's VAEDecoder (latent frame by latent frame, uint8 out)."""
+    """One clip decoded by the product's VAEDecoder (latent frame by latent frame, uint8 out), then tiled,
+    then by the fast draft decoder."""
 
     size: str  # 720p: latents (16, 21, 90, 160)
     num_frames: int  # 81 video frames
@@ -95,6 +96,11 @@ class VaeRecord:
     status: str  # ok, dry run, skipped: why
     seconds: float | None = None  # latents on CPU in, uint8 frames on CPU out
     peak_memory_bytes: int | None = None
+    estimate_bytes: int | None = None  # pipeline.vae_memory's estimate of the full decode's peak
+    tiled_seconds: float | None = None  # the same clip in diffusers' 256-pixel tiles (the plan's first)
+    tiled_peak_memory_bytes: int | None = None
+    fast_seconds: float | None = None  # the draft tier's TAEHV decoder (Wan2.1 widths, random weights)
+    fast_peak_memory_bytes: int | None = None
 
 
 @dataclass(slots=True)

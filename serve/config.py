@@ -13,10 +13,12 @@ from pipeline.denoise.fp8 import fp8_problem
 from pipeline.grade import LOOK_PATTERN
 from pipeline.lora import BUILTIN
 from pipeline.lut import Interpolation
+from pipeline.priority import Priority
 from pipeline.safety import SafetySettings
 from pipeline.spec import ADAPTER_NAME_PATTERN, DISTILL_ADAPTER, ModelSpec, SizeEnvelope
 from pipeline.vae import DecodeDtype
 from pipeline.weights import PRESETS
+from serve.scheduling.lanes import default_reserved
 from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
 
@@ -30,6 +32,20 @@ class EngineSettings(BaseModel):
         262_144, ge=1, description="Token budget of one batched forward (CFG doubles a request's tokens)."
     )
     max_batch_size: int = Field(16, ge=1, description="Most requests in one batched forward.")
+
+
+class RoutingSettings(BaseModel):
+    """The denoisers' load-aware bucket router (serve/stages/router.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        description="A bucket keeps its preferred replica while that replica's queued work is within this "
+        "factor of the replicas' mean (plus the call's own work); past it the least-loaded replica takes "
+        "the call. 1.0: strict balance; higher: more same-shape batching, less spread.",
+    )
 
 
 class DecoderSettings(BaseModel):
@@ -193,6 +209,9 @@ class PrevizArgs(BaseModel):
     )
     storage: StorageSettings = Field(default_factory=StorageSettings, description="Where finished clips go.")
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Denoiser batching.")
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings, description="The denoisers' load-aware router (its load bound)."
+    )
     adapters: AdapterSettings = Field(
         default_factory=AdapterSettings, description="LoRA adapters: the draft tier's, and style LoRAs."
     )
@@ -207,6 +226,12 @@ class PrevizArgs(BaseModel):
     )
     max_jobs_in_flight: int = Field(
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."
+    )
+    lanes: dict[Priority, int] | None = Field(
+        None,
+        description="Slots of `max_jobs_in_flight` reserved per priority class (lanes): a lane takes its own "
+        "reserve or the unreserved slots, never another lane's reserve, so interactive shots never wait "
+        "behind a batch backlog for a slot. None: a quarter of the slots for `interactive`.",
     )
     max_queued_jobs: int = Field(1000, ge=1, description="Bound of the queue; beyond it new jobs get 429.")
     max_queued_jobs_per_project: int | None = Field(
@@ -255,6 +280,21 @@ class PrevizArgs(BaseModel):
         description="LUT looks registered for projects when the Ingress starts (path or s3:// each); "
         "admins also upload them through /v1/admin/projects/{name}/luts.",
     )
+
+    @property
+    def reserved_slots(self) -> dict[str, int]:
+        """priority -> slots reserved for it (the configured lanes, or the default)."""
+        return dict(self.lanes) if self.lanes is not None else default_reserved(self.max_jobs_in_flight)
+
+    @model_validator(mode="after")
+    def _lanes_fit(self) -> PrevizArgs:
+        reserved = self.reserved_slots
+        if sum(reserved.values()) > self.max_jobs_in_flight or min(reserved.values(), default=0) < 0:
+            raise ValueError(
+                f"`lanes` reserve {reserved} slots: each must be >= 0 and together at most "
+                f"`max_jobs_in_flight` ({self.max_jobs_in_flight})."
+            )
+        return self
 
     @model_validator(mode="after")
     def _builtin_lora_for_presets_only(self) -> PrevizArgs:

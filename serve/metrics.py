@@ -71,6 +71,10 @@ class PrevizMetrics:
     denoise_rows_total: Counter  # rows through the transformer blocks (cached steps send none)
     denoise_cached_steps_total: Counter  # request steps served from a step cache
     step_cache_bytes: Gauge  # held | bound: the live requests' step-cache residuals and their bound
+    engine_queued_work: Gauge  # unit token_steps | seconds: the load the router and autoscaler read
+    routing_decisions_total: Counter  # denoiser calls by affinity kept | given_up (bounded-load router)
+    # ---- lanes (Scheduler) ----
+    lane_jobs: Gauge  # per lane: state in_flight | reserved | free (admission waits: queue_wait_seconds)
     text_embedding_cache_hits_total: Counter
     text_embedding_cache_misses_total: Counter
     artifact_bytes_written_total: Counter
@@ -163,6 +167,21 @@ def metrics() -> PrevizMetrics:
             "previz_engine_queue_requests",
             "Unfinished requests per bucket inside one engine.",
             tag_keys=("expert", "bucket", *replica),
+        ),
+        engine_queued_work=Gauge(
+            "previz_engine_queued_work",
+            "Queued work in one engine: unit=token_steps (tokens x steps left) or seconds (at its rate).",
+            tag_keys=("expert", "unit", *replica),
+        ),
+        routing_decisions_total=Counter(
+            "previz_routing_decisions_total",
+            "Denoiser calls routed: affinity=kept (the bucket's replica) or given_up (over the load bound).",
+            tag_keys=("affinity",),
+        ),
+        lane_jobs=Gauge(
+            "previz_lane_jobs",
+            "Lanes (priority classes): state=in_flight jobs, reserved slots, free slots it can take.",
+            tag_keys=("lane", "state"),
         ),
         engine_requests_finished_total=Counter(
             "previz_engine_requests_finished_total",
@@ -297,6 +316,19 @@ def record_job_finished(job: Any, status: str, timings: dict[str, float] | None 
 
 
 @_safely
+@_safely
+def record_routing_decision(kept: bool) -> None:
+    metrics().routing_decisions_total.inc(tags={"affinity": "kept" if kept else "given_up"})
+
+
+@_safely
+def record_lanes(in_flight: dict[str, int], reserved: dict[str, int], free: dict[str, int]) -> None:
+    """Per lane (every priority, so an idle lane reads 0): jobs in flight, reserved slots, free slots."""
+    for lane in PRIORITIES:
+        for state, values in (("in_flight", in_flight), ("reserved", reserved), ("free", free)):
+            metrics().lane_jobs.set(values.get(lane, 0), tags={"lane": lane, "state": state})
+
+
 def record_scheduler_pass(ok: bool) -> None:
     metrics().scheduler_passes_total.inc(1, tags={"outcome": "ok" if ok else "error"})
 
@@ -501,6 +533,8 @@ class ReplicaReporter:
                 self._last_counts[name] = total
         m.step_cache_bytes.set(stats.num_cache_bytes, tags={**tags, "state": "held"})
         m.step_cache_bytes.set(stats.max_cache_bytes, tags={**tags, "state": "bound"})
+        m.engine_queued_work.set(stats.num_queued_token_steps, tags={**tags, "unit": "token_steps"})
+        m.engine_queued_work.set(stats.queued_work_seconds, tags={**tags, "unit": "seconds"})
         m.denoise_tokens_per_iteration.set(stats.mean_num_tokens, tags=tags)
         m.denoise_iterations_per_second.set(stats.iterations_per_second, tags=tags)
         occupancy = stats.mean_num_tokens / stats.max_num_tokens if stats.max_num_tokens else 0.0

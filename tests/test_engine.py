@@ -436,6 +436,11 @@ def test_stats_report_queues_batches_and_tokens(tiny: WanComponents, encoder: Te
     assert (after.num_running, after.num_waiting, after.num_iterations, after.num_forwards) == (3, 1, 1, 1)
     assert after.batch_size_histogram == {3: 1} and after.mean_batch_size == 3.0
     assert after.mean_num_tokens == 3 * TOKENS_WITH_CFG and after.iterations_per_second > 0
+    # queued work (what the router reads): tokens x steps left; the three stepped requests lost one step each
+    num_steps = before.num_queued_token_steps / (4 * TOKENS_WITH_CFG)
+    assert num_steps == int(num_steps) >= 2 and before.queued_work_seconds == 0.0  # no rate measured yet
+    assert after.num_queued_token_steps == before.num_queued_token_steps - 3 * TOKENS_WITH_CFG
+    assert after.queued_work_seconds > 0
 
 
 def test_malformed_requests_are_rejected_at_submit(tiny: WanComponents, encoder: TextEncoder) -> None:

@@ -172,6 +172,16 @@ class EngineStats:
     iterations_per_second: float  # over time spent iterating (idle time excluded)
     num_adapter_switches: int = 0  # adapter-set changes between forwards (each is set_adapters/disable)
     forwards_by_adapters: dict[str, int] = field(default_factory=dict)  # adapter_label -> forwards
+    # The load the router and autoscaler read: Σ over unfinished requests of tokens per forward (CFG rows
+    # included) x steps left in this expert. A forward at these shapes is compute-bound, so its time grows
+    # with its tokens: token-steps compare replicas of one deployment without any measurement.
+    num_queued_token_steps: int = 0
+    seconds_per_token: float = 0.0  # measured over the recent window (0.0 before the first iteration)
+
+    @property
+    def queued_work_seconds(self) -> float:
+        """The queued token-steps at the recently measured rate (0.0 until an iteration ran)."""
+        return self.num_queued_token_steps * self.seconds_per_token
 
 
 @dataclass(slots=True)
@@ -255,6 +265,7 @@ class DenoiseEngine:
         self._published_queue: dict[Bucket, int] = {}  # bucket -> admitted unfinished requests
         self._published_running = 0
         self._published_cache = (0, 0)  # (bytes held, their bound) of the live step caches
+        self._published_token_steps = 0  # admitted requests' tokens x steps left (EngineStats)
         self._counts: Counter[str] = Counter()  # iterations, forwards, rows, cached steps, outcomes
         self._histogram: Counter[int] = Counter()  # batch size -> iterations
         self._recent: deque[tuple[float, int, int]] = deque(maxlen=STATS_WINDOW)  # (secs, size, tokens)
@@ -361,8 +372,15 @@ class DenoiseEngine:
         with self._lock:
             queued = Counter(self._published_queue)
             queued.update(item.bucket for item in self._inbox.values())
+            token_steps = self._published_token_steps + sum(
+                self._num_tokens(item.bucket)
+                * (2 if item.request.guidance > 1.0 else 1)
+                * len(item.timesteps)
+                for item in self._inbox.values()
+            )
             recent = list(self._recent)
             busy = sum(seconds for seconds, _, _ in recent)
+            num_tokens = sum(tokens for _, _, tokens in recent)
             return EngineStats(
                 expert=self.expert,
                 num_queued_by_bucket=dict(queued),
@@ -384,6 +402,8 @@ class DenoiseEngine:
                 iterations_per_second=len(recent) / busy if busy > 0 else 0.0,
                 num_adapter_switches=self.adapters.num_switches if self.adapters is not None else 0,
                 forwards_by_adapters=dict(self._forwards_by_adapters),
+                num_queued_token_steps=token_steps,
+                seconds_per_token=busy / num_tokens if num_tokens > 0 else 0.0,
             )
 
     def seconds_per_step(
@@ -670,9 +690,13 @@ class DenoiseEngine:
         held, bound = self.store.nbytes, sum(cache.max_bytes for cache in caches)
         if held > bound:  # one residual per caching request, dropped with it: anything more is a leak
             raise RuntimeError(f"the {self.expert} engine's step caches hold {held} bytes, over {bound}.")
+        token_steps = sum(
+            request.num_tokens * len(request.timesteps) for request in self.scheduler.requests.values()
+        )
         with self._lock:
             self._published_queue, self._published_running = queue, running
             self._published_cache = (held, bound)
+            self._published_token_steps = token_steps
 
     # ---- helpers ---------------------------------------------------------------------------------------
 

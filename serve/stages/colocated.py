@@ -36,7 +36,7 @@ from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.sharding import placement_options
 from serve.stages.common import STAGE_OPTIONS, gpu_options
-from serve.stages.denoiser import BUCKET_ROUTER, engine_deadline, save_checkpoint, start_state
+from serve.stages.denoiser import bucket_router, engine_deadline, save_checkpoint, start_state
 from serve.stages.payloads import (
     DenoiseBoundary,
     DenoiseCall,
@@ -47,6 +47,7 @@ from serve.stages.payloads import (
     RefHold,
     StateRef,
 )
+from serve.stages.router import replica_routing_stats
 from serve.stages.shard_worker import RankGroup, expert_adapters, load_expert
 from serve.stages.transfer import pack_state, state_nbytes, unpack_embeds
 from serve.storage import make_store
@@ -59,7 +60,7 @@ def default_options(args: PrevizArgs) -> dict[str, Any]:
     placement = placement_options(args.experts.high.parallel, args.device)  # == low's (the config checks)
     return {
         "name": COLOCATED_DEPLOYMENT,
-        "request_router_config": BUCKET_ROUTER,
+        "request_router_config": bucket_router(args),
         **gpu_options(args),
         **placement,
     }
@@ -184,6 +185,10 @@ class ColocatedDenoiserDeployment:
     def stats(self, bucket: str | None = None) -> tuple[str, dict[Expert, EngineStats]]:
         """(replica id, expert -> its engine's stats). Given a `bucket`, the router picks its replica."""
         return serve.get_replica_context().replica_id.unique_id, self.engine.stats()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's routing-stats hook: queued work over both experts, read by the BucketAffinityRouter."""
+        return replica_routing_stats(list(self.engine.stats().values())).as_dict()
 
     def check_health(self) -> None:
         if not self.engine.is_alive():

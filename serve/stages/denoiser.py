@@ -36,18 +36,29 @@ from serve.stages.payloads import (
     RefHold,
     StateRef,
 )
+from serve.stages.router import replica_routing_stats
 from serve.stages.shard_worker import RankGroup, expert_adapters, load_expert
 from serve.stages.transfer import PackedState, pack_state, state_nbytes, unpack_embeds, unpack_state
 from serve.storage import ArtifactStore, StorageError, make_store
 
-BUCKET_ROUTER = RequestRouterConfig(request_router_class="serve.stages.router:BucketAffinityRouter")
+ROUTING_STATS_PERIOD_S = 1.0  # how stale a replica's queued work may be at the router (Serve's default: 10)
+
+
+def bucket_router(args: PrevizArgs) -> RequestRouterConfig:
+    """The load-aware bucket router with this deployment's load bound (`routing.load_factor`)."""
+    return RequestRouterConfig(
+        request_router_class="serve.stages.router:BucketAffinityRouter",
+        request_router_kwargs={"load_factor": args.routing.load_factor},
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+        request_routing_stats_timeout_s=5 * ROUTING_STATS_PERIOD_S,
+    )
 
 
 def default_options(args: PrevizArgs, expert: Expert) -> dict[str, Any]:
     placement = placement_options(args.experts.of(expert).parallel, args.device)
     return {
         "name": DEPLOYMENT_NAMES[expert],
-        "request_router_config": BUCKET_ROUTER,
+        "request_router_config": bucket_router(args),
         **gpu_options(args),
         **placement,
     }
@@ -166,6 +177,10 @@ class DenoiserDeployment:
     def stats(self, bucket: str | None = None) -> tuple[str, EngineStats]:
         """(replica id, engine stats). Given a `bucket`, the router sends this to that bucket's replica."""
         return serve.get_replica_context().replica_id.unique_id, self.engine.stats()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's routing-stats hook: this replica's queued work, read by the BucketAffinityRouter."""
+        return replica_routing_stats([self.engine.stats()]).as_dict()
 
     def check_health(self) -> None:
         if not self.engine.is_alive():
