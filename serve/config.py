@@ -13,10 +13,12 @@ from pipeline.denoise.fp8 import fp8_problem
 from pipeline.grade import LOOK_PATTERN
 from pipeline.lora import BUILTIN
 from pipeline.lut import Interpolation
+from pipeline.priority import Priority
 from pipeline.safety import SafetySettings
 from pipeline.spec import ADAPTER_NAME_PATTERN, DISTILL_ADAPTER, ModelSpec, SizeEnvelope
 from pipeline.vae import DecodeDtype
 from pipeline.weights import PRESETS
+from serve.scheduling.lanes import default_reserved
 from serve.sharding import ExpertsSettings
 from serve.storage import StorageSettings
 
@@ -225,6 +227,12 @@ class PrevizArgs(BaseModel):
     max_jobs_in_flight: int = Field(
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."
     )
+    lanes: dict[Priority, int] | None = Field(
+        None,
+        description="Slots of `max_jobs_in_flight` reserved per priority class (lanes): a lane takes its own "
+        "reserve or the unreserved slots, never another lane's reserve, so interactive shots never wait "
+        "behind a batch backlog for a slot. None: a quarter of the slots for `interactive`.",
+    )
     max_queued_jobs: int = Field(1000, ge=1, description="Bound of the queue; beyond it new jobs get 429.")
     max_queued_jobs_per_project: int | None = Field(
         None, ge=1, description="Bound of one project's queued jobs (none by default); beyond it 429."
@@ -272,6 +280,21 @@ class PrevizArgs(BaseModel):
         description="LUT looks registered for projects when the Ingress starts (path or s3:// each); "
         "admins also upload them through /v1/admin/projects/{name}/luts.",
     )
+
+    @property
+    def reserved_slots(self) -> dict[str, int]:
+        """priority -> slots reserved for it (the configured lanes, or the default)."""
+        return dict(self.lanes) if self.lanes is not None else default_reserved(self.max_jobs_in_flight)
+
+    @model_validator(mode="after")
+    def _lanes_fit(self) -> PrevizArgs:
+        reserved = self.reserved_slots
+        if sum(reserved.values()) > self.max_jobs_in_flight or min(reserved.values(), default=0) < 0:
+            raise ValueError(
+                f"`lanes` reserve {reserved} slots: each must be >= 0 and together at most "
+                f"`max_jobs_in_flight` ({self.max_jobs_in_flight})."
+            )
+        return self
 
     @model_validator(mode="after")
     def _builtin_lora_for_presets_only(self) -> PrevizArgs:

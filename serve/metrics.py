@@ -74,8 +74,7 @@ class PrevizMetrics:
     engine_queued_work: Gauge  # unit token_steps | seconds: the load the router and autoscaler read
     routing_decisions_total: Counter  # denoiser calls by affinity kept | given_up (bounded-load router)
     # ---- lanes (Scheduler) ----
-    lane_jobs: Gauge  # per lane: state in_flight | slots (its reserved share of max_jobs_in_flight)
-    lane_admission_wait_seconds: Histogram  # created -> claimed, by lane
+    lane_jobs: Gauge  # per lane: state in_flight | reserved | free (admission waits: queue_wait_seconds)
     text_embedding_cache_hits_total: Counter
     text_embedding_cache_misses_total: Counter
     artifact_bytes_written_total: Counter
@@ -181,14 +180,8 @@ def metrics() -> PrevizMetrics:
         ),
         lane_jobs=Gauge(
             "previz_lane_jobs",
-            "Scheduler lanes: state=in_flight jobs or state=slots reserved, per priority lane.",
+            "Lanes (priority classes): state=in_flight jobs, reserved slots, free slots it can take.",
             tag_keys=("lane", "state"),
-        ),
-        lane_admission_wait_seconds=Histogram(
-            "previz_lane_admission_wait_seconds",
-            "Created -> claimed into a lane's slot.",
-            boundaries=LATENCY_BUCKETS_S,
-            tag_keys=("lane",),
         ),
         engine_requests_finished_total=Counter(
             "previz_engine_requests_finished_total",
@@ -329,16 +322,11 @@ def record_routing_decision(kept: bool) -> None:
 
 
 @_safely
-def record_lanes(in_flight: dict[str, int], slots: dict[str, int]) -> None:
-    """lane -> jobs in flight, lane -> reserved slots (every lane, so an empty one reads 0)."""
-    for lane, num_slots in slots.items():
-        metrics().lane_jobs.set(in_flight.get(lane, 0), tags={"lane": lane, "state": "in_flight"})
-        metrics().lane_jobs.set(num_slots, tags={"lane": lane, "state": "slots"})
-
-
-@_safely
-def record_lane_admission(lane: str, wait_seconds: float) -> None:
-    metrics().lane_admission_wait_seconds.observe(max(wait_seconds, 0.0), tags={"lane": lane})
+def record_lanes(in_flight: dict[str, int], reserved: dict[str, int], free: dict[str, int]) -> None:
+    """Per lane (every priority, so an idle lane reads 0): jobs in flight, reserved slots, free slots."""
+    for lane in PRIORITIES:
+        for state, values in (("in_flight", in_flight), ("reserved", reserved), ("free", free)):
+            metrics().lane_jobs.set(values.get(lane, 0), tags={"lane": lane, "state": state})
 
 
 def record_scheduler_pass(ok: bool) -> None:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +39,12 @@ from pipeline.stages import expert_stage
 from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
 from serve.jobs import JobRecord, JobStatus
-from serve.metrics import record_job_claimed, record_job_finished, record_scheduler_pass
+from serve.metrics import record_job_claimed, record_job_finished, record_lanes, record_scheduler_pass
 from serve.scheduling.checkpoints import CheckpointError, read_checkpoint, writes_checkpoint
 from serve.scheduling.eta import EtaModel
-from serve.scheduling.fair_share import Candidate, pick_next
+from serve.scheduling.fair_share import Candidate
 from serve.scheduling.faults import REPLICA_LOST, StageFailed, Superseded, describe, finish_with_retries
+from serve.scheduling.lanes import Lanes
 from serve.scheduling.run import AttemptRun
 from serve.stages.payloads import (
     CheckpointFailed,
@@ -111,7 +113,8 @@ class Scheduler:
         requeued = self.store.requeue_in_flight(max_attempts=args.max_attempts)
         if requeued:
             logger.info("requeued %d jobs left in flight by a previous scheduler", len(requeued))
-        self._running: dict[str, tuple[str, asyncio.Task]] = {}  # job_id -> (project, task)
+        self._running: dict[str, tuple[str, str, asyncio.Task]] = {}  # job_id -> (project, priority, task)
+        self._lanes = Lanes(args.max_jobs_in_flight, args.reserved_slots)
         self._eta = EtaModel()  # stage times measured here: the later stages of a job's ETA
         self._wake = asyncio.Event()
         self._loop_task = asyncio.get_running_loop().create_task(self._serve_forever())
@@ -131,7 +134,7 @@ class Scheduler:
                 record_job_finished(job, "cancelled")
             await asyncio.to_thread(self._clean_up, job_id)
             return False
-        entry[1].cancel()
+        entry[2].cancel()
         return True
 
     async def in_flight(self) -> list[str]:
@@ -154,23 +157,23 @@ class Scheduler:
             self._wake.clear()
 
     async def _start_jobs(self) -> None:
-        free = self.args.max_jobs_in_flight - len(self._running)
-        if free <= 0:
+        in_flight = Counter(priority for _project, priority, _task in self._running.values())
+        free = self._lanes.free_slots(in_flight)
+        record_lanes(dict(in_flight), dict(self._lanes.reserved), free)
+        if not any(free.values()):
             return
         queued = await asyncio.to_thread(self.store.queued_candidates, 500)
         if not queued:
             return
-        running: dict[str, int] = {}
-        for project, _task in self._running.values():
-            running[project] = running.get(project, 0) + 1
+        running = Counter(project for project, _priority, _task in self._running.values())
         candidates = [Candidate(q.id, q.project, q.priority, q.created_at, q.deadline) for q in queued]
-        for candidate in pick_next(candidates, running, free):
+        for candidate in self._lanes.pick(candidates, in_flight, running):
             job = await asyncio.to_thread(self.store.claim, candidate.job_id, self.scheduler_id)
             if job is None:  # cancelled meanwhile
                 continue
             record_job_claimed(job)
             task = asyncio.get_running_loop().create_task(self._run_job(job))
-            self._running[job.id] = (job.project, task)
+            self._running[job.id] = (job.project, str(job.priority), task)
             task.add_done_callback(lambda _t, job_id=job.id: self._job_left(job_id))
 
     def _job_left(self, job_id: str) -> None:
