@@ -4,6 +4,7 @@ and the serial part that produced the report's seconds, and refuses a dry run's 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def probe_report(truth: CostModel | None, vae_s: float | None = None) -> dict:
         },
         "matmul": {"bf16_flops_per_s": None if truth is None else 0.8 * peak},
         "forwards": forwards,
-        "vae": {"size": "720p", "num_frames": 81, "seconds": vae_s},
+        "vae": {"size": "720p", "num_frames": 81, "dtype": "bfloat16", "seconds": vae_s},
     }
 
 
@@ -45,10 +46,10 @@ def test_the_refit_recovers_the_throughputs_and_serial_part_behind_a_probe_repor
     fitted = from_probe(probe_report(truth, vae_s=9.0))
     assert fitted.matmul_mfu == pytest.approx(0.42, rel=1e-6)
     assert fitted.attention_mfu == pytest.approx(0.63, rel=1e-6)
-    assert fitted.serial_s_per_gigapixel == pytest.approx(9.0 / (1280 * 720 * 81 / 1e9))
+    assert fitted.vae_decode_s_per_gigapixel == pytest.approx(9.0 / (1280 * 720 * 81 / 1e9))
     assert fitted.link_bandwidth == CostModel().link_bandwidth  # one GPU measures no collectives
     assert fitted.clip_s(1280, 720) == pytest.approx(
-        truth.clip_s(1280, 720) - truth.serial_s(1280, 720, 81) + 9.0
+        truth.clip_s(1280, 720) - truth.decode_s(1280, 720, 81) + 9.0
     )
 
 
@@ -74,3 +75,19 @@ def test_the_cli_prints_the_refit_and_exits_2_on_a_dry_run(tmp_path: Path, capsy
 def test_the_vae_stride_is_the_a14b_vaes_and_gives_the_published_token_counts() -> None:
     assert (A14B.vae_scale_temporal, A14B.vae_scale_spatial, A14B.patch_size) == (4, 8, (1, 2, 2))
     assert A14B.num_video_tokens(1280, 720, 81) == 75_600 and A14B.num_video_tokens(832, 480, 81) == 32_760
+
+
+def test_the_serial_part_splits_into_decode_text_and_rest_and_only_decode_follows_the_choices() -> None:
+    model, size = CostModel(), (1280, 720, 81)
+    gigapixels = 1280 * 720 * 81 / 1e9
+    # the split keeps the fitted total of 242.6 s per 1e9 pixel-frames, plus text encoding's FLOPs
+    assert model.serial_s(*size) == pytest.approx(242.6 * gigapixels + model.text_encode_s())
+    assert 0.01 < model.text_encode_s() < 0.1
+    decode = model.decode_s(*size)
+    assert decode == pytest.approx(170.0 * gigapixels)  # 12.5 s: bf16 on one GPU
+    eight = replace(model, decode_ranks=8)
+    assert decode / eight.decode_s(*size) == pytest.approx(2.72 / 0.83, rel=0.01)  # TensorRT-LLM's ratio
+    assert replace(model, decode_dtype="float32").decode_s(*size) == pytest.approx(2 * decode)
+    assert replace(model, decode_decoder="fast").decode_s(*size) == pytest.approx(decode * 0.25 / 5.5)
+    rest = model.serial_s(*size) - decode
+    assert eight.serial_s(*size) - eight.decode_s(*size) == pytest.approx(rest)

@@ -187,9 +187,17 @@ def engine_rank(
     for expert, transformer in (("high", tiny.transformer), ("low", tiny.transformer_2)):
         bank = load_bank(transformer, expert, folders)  # before `shard`: the hooks go on peft's wrappers
         holdings[expert] = Holding(group.shard(transformer), bank)
-    proj_out_hooked = all(
-        getattr(holding.transformer.proj_out, "_diffusers_hook", None) is not None
+    # diffusers registers its context-parallel hooks by module name: with the adapters loaded first, they
+    # sit on the modules the plan names (peft's wrappers, where it wrapped one), none on a wrapped base layer
+    plan_hooked = all(
+        getattr(holding.transformer.get_submodule(name), "_diffusers_hook", None) is not None
+        and not any(
+            getattr(module, "_diffusers_hook", None) is not None
+            for path, module in holding.transformer.named_modules()
+            if path.endswith(".base_layer")
+        )
         for holding in holdings.values()
+        for name in ("rope", "blocks.0", "proj_out")
     )
     watch = ResidualWatch(holdings)
     if rank != 0:
@@ -204,7 +212,7 @@ def engine_rank(
                 "alive": watch.alive(),
                 "stored": set(watch.refs),
             }
-            | {"proj_out_hooked": proj_out_hooked},
+            | {"plan_hooked": plan_hooked},
             out / f"rank{rank}.pt",
         )
         group.close()
@@ -243,7 +251,7 @@ def engine_rank(
     torch.save(
         results
         | {"counts": counts, "plan_rows": plan_rows, "violations": watch.violations, "alive": watch.alive()}
-        | {"stored": set(watch.refs), "proj_out_hooked": proj_out_hooked},
+        | {"stored": set(watch.refs), "plan_hooked": plan_hooked},
         out / "rank0.pt",
     )
 
@@ -391,7 +399,7 @@ def test_no_rank_holds_a_residual_of_a_finished_cancelled_or_failed_request(
 
 
 @pytest.mark.parametrize("degree", DEGREES[:1], ids=IDS[:1])
-def test_adapters_loaded_before_sharding_leave_the_gather_hook_on_proj_out(
+def test_adapters_loaded_before_sharding_leave_the_context_parallel_hooks_on_the_plans_modules(
     degree: ParallelDegree, sharded
 ) -> None:
-    assert all(saved["proj_out_hooked"] for saved in sharded(degree).values())
+    assert all(saved["plan_hooked"] for saved in sharded(degree).values())
