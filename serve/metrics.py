@@ -40,6 +40,7 @@ FIRST_EVENT_METRICS = (
     "previz_webhook_deliveries_total",
     "previz_safety_blocks_total",
     "previz_engine_adapter_switches_total",  # none before two adapter sets met in one engine
+    "previz_routing_decisions_total",  # none before a bucketed call met two denoiser replicas
 )
 
 
