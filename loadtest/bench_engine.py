@@ -20,11 +20,13 @@ interquartile range), and the ratios a/b and a/c are taken within each round, th
 arrivals (one first-come-first-served server) from their measured run times.
 
 Every method computes off the main thread (the script runs `main` on a worker thread; the engine has its
-own). On this shared 2-core machine, with other processes busy (load average 7-15), the same torch ops ran
-10-60x slower called from the main thread than from a worker thread (a loop of 64x256 GEMMs + GELU:
-11-83 s against 0.9-1.7 s; 1.2-1.3 s on either with OMP_NUM_THREADS=1), and the baselines used to run on the
-main thread while the engine did not: one reason the engine/diffusers ratio swung between runs. The spread
-over rounds is the figure to read first on a shared machine; the load average is printed beside it.
+own). Read the spread first on a shared machine, beside the printed load average: on this 2-core box with
+other agents busy (load average 7-26), the one-at-a-time methods (b) and (c) ran 10-60x slower in some
+rounds while the engine's threads slowed 2-3x (a synthetic loop of 64x256 GEMMs + GELU: 11-83 s on the
+main thread against 0.9-1.7 s on a fresh thread; 1.2-1.3 s on either with OMP_NUM_THREADS=1). Moving the
+baselines off the main thread did not remove it, so the cause is the thread that ran torch first, or
+torch's 2 intra-op threads waiting for each other on a descheduled core, not yet pinned down; `--threads 1`
+avoids those waits. A ratio from a round whose time collapsed says nothing about the engine.
 """
 
 from __future__ import annotations
