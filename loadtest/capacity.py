@@ -22,6 +22,12 @@ replicas and degree; `colocated` simulates `--high` Denoiser replicas of the hig
 experts: a job's high-noise then low-noise steps run on the replica that took it (no hop), and each
 iteration runs one expert's bucket (the most urgent request's), so requests at different experts batch in
 different iterations. Its GPUs and utilisation are reported as the stage `denoiser`.
+
+Routers (`--router`): `load_aware` (today's product: serve/stages/router.py's bounded-load rendezvous on
+each replica's queued token-steps, the same `choose` function, `--load-factor`) or `affinity` (the
+router before issue 26: a bucket stays on the replica that has it until Serve's `max_ongoing_requests`).
+Lanes follow the product too: `max_jobs_in_flight` with `--interactive-slots` reserved for interactive
+shots (serve/scheduling/lanes.py's `Lanes`; default a quarter, as `PrevizArgs.lanes`).
 """
 
 from __future__ import annotations
@@ -43,8 +49,11 @@ from pipeline.denoise.parallel import ParallelDegree
 from pipeline.priority import Priority
 from pipeline.stages import STAGES as TABLE
 from pipeline.stages import Layout
+from serve.scheduling.lanes import Lanes, default_reserved
+from serve.stages.router import DEFAULT_LOAD_FACTOR, choose
 
 Policy = Literal["previz", "fcfs"]
+Router = Literal["load_aware", "affinity"]
 # stage table row -> the simulator's resource (it models no upscaler)
 SIMULATED: dict[str, str] = {
     "encode": "text",
@@ -101,6 +110,9 @@ class Cluster:
     max_jobs_in_flight: int = 96
     max_batch_size: int = 4
     max_ongoing_requests: int = 256  # a denoiser replica's Serve bound (serve/stages/denoiser.py)
+    router: Router = "load_aware"  # the denoisers' request router (see the module docstring)
+    load_factor: float = DEFAULT_LOAD_FACTOR  # the load-aware router's bound (`routing.load_factor`)
+    interactive_slots: int | None = None  # lanes: slots reserved for interactive; None: the product's quarter
     max_num_tokens: int = 131_072
     text_s: float = 0.3  # umT5 of one prompt
     finish_s: float = 2.0  # grade, label, mp4, upload of one clip (CPU)
@@ -125,6 +137,15 @@ class Cluster:
     @property
     def total_gpus(self) -> float:
         return sum(self.gpus.values())
+
+    @property
+    def lanes(self) -> Lanes:
+        reserved = (
+            default_reserved(self.max_jobs_in_flight)
+            if self.interactive_slots is None
+            else {"interactive": self.interactive_slots}
+        )
+        return Lanes(self.max_jobs_in_flight, reserved)
 
 
 @dataclass
@@ -168,7 +189,8 @@ class ExpertReplica:
             self.wakeup.succeed()
 
     def load(self) -> int:
-        return sum(request.steps_left * request.rows for request in self.active)
+        """Queued token-steps, as the engine reports them (EngineStats.num_queued_token_steps)."""
+        return sum(request.steps_left * request.rows * request.tokens for request in self.active)
 
     def _batch(self) -> list[_Request]:
         lead = min(
@@ -226,8 +248,10 @@ class Simulation:
         self.env = simpy.Environment()
         self.outcomes = {shot.id: Outcome(shot) for shot in shots}
         self.queue: list[Shot] = []
-        self.in_flight: dict[str, int] = defaultdict(int)
-        self.slots = cluster.max_jobs_in_flight
+        self.in_flight: dict[str, int] = defaultdict(int)  # project -> jobs in flight
+        self.lanes = cluster.lanes if policy == "previz" else Lanes(cluster.max_jobs_in_flight, {})
+        self.in_lane: dict[str, int] = defaultdict(int)  # priority -> jobs in flight
+        self.affinity: dict[bool, int] = {True: 0, False: 0}  # load-aware router: kept -> calls
         self.admit_event = self.env.event()
         self.high = [
             ExpertReplica(self.env, model, cluster, cluster.high_degree) for _ in range(cluster.high_replicas)
@@ -263,10 +287,14 @@ class Simulation:
 
     def _scheduler(self) -> Iterator[simpy.Event]:
         while True:
-            while self.queue and self.slots > 0:
-                shot = min(self.queue, key=self._order)
+            while self.queue:
+                free = self.lanes.free_slots(self.in_lane)
+                eligible = [shot for shot in self.queue if free[shot.klass] > 0]
+                if not eligible:
+                    break
+                shot = min(eligible, key=self._order)
                 self.queue.remove(shot)
-                self.slots -= 1
+                self.in_lane[shot.klass] += 1
                 self.in_flight[shot.project] += 1
                 self.outcomes[shot.id].admitted_s = self.env.now
                 self.env.process(self._job(shot))
@@ -286,10 +314,19 @@ class Simulation:
             yield self.env.timeout(seconds)
             self.busy_s[stage] += seconds
 
-    def _place(self, replicas: list[ExpertReplica], request: _Request) -> ExpertReplica:
-        """Bucket affinity as serve/stages/router.py does it: a bucket's calls go to the replica that
-        has it (else the least loaded), spilling to the others only once it holds
-        `max_ongoing_requests` calls (Serve's bound of a replica)."""
+    def _place(self, replicas: list[ExpertReplica], request: _Request, work: float) -> ExpertReplica:
+        if self.cluster.router == "affinity":
+            return self._place_by_affinity(replicas, request)
+        loads = {str(index): float(replica.load()) for index, replica in enumerate(replicas)}
+        width, height, expert = request.bucket
+        bucket = f"{width}x{height}" if self.cluster.layout == "colocated" else f"{width}x{height}:{expert}"
+        choice = choose(bucket, loads, work, self.cluster.load_factor)
+        self.affinity[choice.kept_affinity] += 1
+        return replicas[int(choice.tiers[0][0])]
+
+    def _place_by_affinity(self, replicas: list[ExpertReplica], request: _Request) -> ExpertReplica:
+        """The router before issue 26: a bucket's calls go to the replica that has it (else the least
+        loaded), spilling to the others only once it holds `max_ongoing_requests` calls (Serve's bound)."""
         same_bucket = [
             replica for replica in replicas if any(r.bucket == request.bucket for r in replica.active)
         ]
@@ -307,21 +344,19 @@ class Simulation:
         skip = self.model.cache_skip if shot.tier == "final" else 0.0
         yield from self._serve(self.text, "text", self.cluster.text_s)
         replica = None
-        for expert, replicas, steps in (
-            ("high", self.high, tier.high_steps),
-            ("low", self.low, tier.low_steps),
-        ):
-            steps = max(1, round(steps * (1.0 - skip)))
+        high_steps, low_steps = (max(1, round(n * (1.0 - skip))) for n in (tier.high_steps, tier.low_steps))
+        for expert, replicas, steps in (("high", self.high, high_steps), ("low", self.low, low_steps)):
             request = _Request(outcome, tokens, rows, steps, self.env.event(), (width, height, expert))
             if replica is None or self.cluster.layout == "split":  # colocated: the low steps stay put
-                replica = self._place(replicas, request)
+                call_steps = steps if self.cluster.layout == "split" else high_steps + low_steps
+                replica = self._place(replicas, request, float(tokens * rows * call_steps))
             replica.submit(request)
             yield request.done
         yield from self._serve(self.decode, "decode", self.model.serial_s(width, height, shot.num_frames))
         yield from self._serve(self.finish, "finish", self.cluster.finish_s)
         outcome.done_s = self.env.now
         outcome.ended += 1
-        self.slots += 1
+        self.in_lane[shot.klass] -= 1
         self.in_flight[shot.project] -= 1
         self._nudge()
 
@@ -464,6 +499,76 @@ def recommend(
     return None
 
 
+# One 8-GPU node as the scale-out table lays it out: 3 + 3 single-GPU expert replicas, one decoder, the text
+# encoder on half a GPU (7.5 GPUs used).
+NODE = Cluster(
+    high_replicas=3,
+    low_replicas=3,
+    high_degree=ParallelDegree(),
+    low_degree=ParallelDegree(),
+    decode_replicas=1,
+    max_jobs_in_flight=24,  # deploy/gpu-node.yaml
+)
+
+
+def one_size_load(num_shots: int, size: str, tier: str) -> list[Shot]:
+    """`num_shots` shots of one size and tier queued at t=0 (a storyboard's worth): drafts interactive,
+    finals batch, spread over 4 projects."""
+    klass: Priority = "interactive" if tier == "draft" else "batch"
+    return [Shot(i, f"p{i % 4}", klass, tier, size, 0.0) for i in range(num_shots)]
+
+
+def shots_per_hour(shots: list[Shot], cluster: Cluster, model: CostModel) -> float:
+    report = simulate(shots, cluster, model)
+    return len(shots) / report.makespan_s * 3600
+
+
+def scale_out_rows(
+    model: CostModel, sizes: tuple[str, ...] = ("480p", "720p"), num_shots: int = 96
+) -> list[dict[str, Any]]:
+    """Per (size, tier, router): shots per hour on one node (NODE) and with its expert replicas doubled
+    (decode and slots doubled with them, as a second node would bring)."""
+    rows = []
+    for size in sizes:
+        for tier in ("draft", "final"):
+            shots = one_size_load(num_shots, size, tier)
+            for router in ("affinity", "load_aware"):
+                one = replace(NODE, router=router)
+                two = replace(
+                    one,
+                    high_replicas=2 * one.high_replicas,
+                    low_replicas=2 * one.low_replicas,
+                    decode_replicas=2 * one.decode_replicas,
+                    max_jobs_in_flight=2 * one.max_jobs_in_flight,
+                )
+                per_node, doubled = shots_per_hour(shots, one, model), shots_per_hour(shots, two, model)
+                rows.append(
+                    {
+                        "size": size,
+                        "tier": tier,
+                        "router": router,
+                        "shots_per_hour_per_node": per_node,
+                        "shots_per_hour_doubled": doubled,
+                        "speedup": doubled / per_node,
+                    }
+                )
+    return rows
+
+
+def scale_out_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"one 8-GPU node = {NODE.high_replicas} + {NODE.low_replicas} expert replicas x 1 GPU, "
+        f"{NODE.decode_replicas} decoder, text on 0.5 GPU; one-size loads queued at t=0",
+        "size  tier   router       shots/h/node  shots/h x2 replicas  speedup",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['size']:5} {row['tier']:6} {row['router']:11}  {row['shots_per_hour_per_node']:12.1f}  "
+            f"{row['shots_per_hour_doubled']:19.1f}  {row['speedup']:6.2f}x"
+        )
+    return "\n".join(lines)
+
+
 def calibration_table(model: CostModel) -> str:
     lines = ["size   GPUs   published s   model s    error"]
     for (size, gpus), (published, predicted) in model.published_errors().items():
@@ -565,6 +670,21 @@ def main(argv: list[str] | None = None) -> None:
         default=Cluster.max_ongoing_requests,
         help="calls a denoiser replica takes before bucket affinity spills to the next",
     )
+    parser.add_argument(
+        "--router",
+        choices=("load_aware", "affinity"),
+        default="load_aware",
+        help="the denoisers' router: load_aware (bounded-load rendezvous) or affinity (before issue 26)",
+    )
+    parser.add_argument("--load-factor", type=float, default=DEFAULT_LOAD_FACTOR, help="load_aware's bound")
+    parser.add_argument(
+        "--interactive-slots", type=int, help="lanes: slots reserved for interactive (default: a quarter)"
+    )
+    parser.add_argument(
+        "--scale-out",
+        action="store_true",
+        help="shots/h per 8-GPU node and with replicas doubled, per router, for one-size loads",
+    )
     parser.add_argument("--matmul-mfu", type=float, default=CostModel.matmul_mfu)
     parser.add_argument("--attention-mfu", type=float, default=CostModel.attention_mfu)
     parser.add_argument("--policy", choices=("previz", "fcfs", "both"), default="both")
@@ -587,6 +707,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.calibrate:
         print(calibration_table(model))
         return
+    if args.scale_out:
+        print(scale_out_table(scale_out_rows(model)))
+        return
     cluster = Cluster(
         layout=args.layout,
         high_replicas=args.high,
@@ -595,6 +718,9 @@ def main(argv: list[str] | None = None) -> None:
         low_degree=ParallelDegree(ulysses=args.low_ulysses, cfg=args.low_cfg),
         decode_replicas=args.decode,
         max_ongoing_requests=args.max_ongoing,
+        router=args.router,
+        load_factor=args.load_factor,
+        interactive_slots=args.interactive_slots,
     )
     shots = studio_mix(
         seed=args.seed,

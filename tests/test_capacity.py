@@ -73,11 +73,17 @@ def test_a_step_cache_and_more_replicas_shorten_the_batch() -> None:
     shots = mix(backlog=30)
     base = simulate(shots, SMALL, MODEL).makespan_s
     assert simulate(shots, SMALL, replace(MODEL, cache_skip=0.4)).makespan_s < base
-    # one bucket stays on one replica (bucket affinity) until that replica is full
-    doubled = replace(SMALL, high_replicas=2, low_replicas=2, decode_replicas=2)
-    assert simulate(shots, doubled, MODEL).makespan_s == pytest.approx(base, rel=0.05)
+    # the router before issue 26: one bucket stays on one replica until that replica is full
+    affinity = replace(SMALL, router="affinity")
+    doubled = replace(affinity, high_replicas=2, low_replicas=2, decode_replicas=2)
+    assert simulate(shots, doubled, MODEL).makespan_s == pytest.approx(
+        simulate(shots, affinity, MODEL).makespan_s, rel=0.05
+    )
     spilling = replace(doubled, max_ongoing_requests=2)
     assert simulate(shots, spilling, MODEL).makespan_s < 0.8 * base
+    # the load-aware router feeds the second replicas (within the 8 slots of this small cluster)
+    load_aware = replace(doubled, router="load_aware")
+    assert simulate(shots, load_aware, MODEL).makespan_s < 0.95 * base
 
 
 def test_recommend_finds_the_cheapest_mix_that_meets_the_target() -> None:

@@ -35,6 +35,7 @@ from pipeline.weights import WanComponents
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.sharding import placement_options
+from serve.stages.autoscaling import QUEUED_WORK_METRIC
 from serve.stages.common import STAGE_OPTIONS, gpu_options
 from serve.stages.denoiser import bucket_router, engine_deadline, save_checkpoint, start_state
 from serve.stages.payloads import (
@@ -185,6 +186,12 @@ class ColocatedDenoiserDeployment:
     def stats(self, bucket: str | None = None) -> tuple[str, dict[Expert, EngineStats]]:
         """(replica id, expert -> its engine's stats). Given a `bucket`, the router picks its replica."""
         return serve.get_replica_context().replica_id.unique_id, self.engine.stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-metrics hook: the queued work that QueuedWorkPolicy scales on."""
+        return {
+            QUEUED_WORK_METRIC: replica_routing_stats(list(self.engine.stats().values())).queued_work_seconds
+        }
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's routing-stats hook: queued work over both experts, read by the BucketAffinityRouter."""

@@ -23,6 +23,7 @@ from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
 from serve.scheduling.checkpoints import write_checkpoint
 from serve.sharding import DEPLOYMENT_NAMES, Expert, placement_options
+from serve.stages.autoscaling import QUEUED_WORK_METRIC
 from serve.stages.common import STAGE_OPTIONS, gpu_options
 from serve.stages.payloads import (
     CheckpointFailed,
@@ -177,6 +178,10 @@ class DenoiserDeployment:
     def stats(self, bucket: str | None = None) -> tuple[str, EngineStats]:
         """(replica id, engine stats). Given a `bucket`, the router sends this to that bucket's replica."""
         return serve.get_replica_context().replica_id.unique_id, self.engine.stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom-metrics hook: the queued work that QueuedWorkPolicy scales on."""
+        return {QUEUED_WORK_METRIC: replica_routing_stats([self.engine.stats()]).queued_work_seconds}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's routing-stats hook: this replica's queued work, read by the BucketAffinityRouter."""
