@@ -44,6 +44,7 @@ from pipeline.lut import Lut
 from pipeline.safety import FrameCheck
 from pipeline.spec import DISTILL_ADAPTER, RequestSpec, ResolvedRequest, resolve
 from pipeline.stages import job_plan
+from pipeline.taehv import FastDecoder
 from pipeline.text import TextEncoder
 from pipeline.upscale import Upscaler, resize_frames, upscale_target_size
 from pipeline.vae import VAEDecoder
@@ -94,13 +95,16 @@ class LocalPipeline:
         cache_dir: Path = DEFAULT_CACHE_DIR,
         frame_check: FrameCheck | None = None,
         interpolator: Interpolator | None = None,
+        draft_decoder: FastDecoder | None = None,
     ) -> None:
         """`runner` runs both experts' steps instead of this device, e.g. a GroupRunner over a group of
         `degree` holding both (`sharded_pipeline` builds it, with the adapters of `draft_lora` loaded on
         every rank); its holdings' banks are the experts' adapters. `draft_lora`: the distill LoRA of the
         `draft` tier (folder, s3://, or `builtin`, the presets' default); None for a real model: no draft.
         `frame_check` and `interpolator` are the Finisher's (pipeline.finish), as a cluster configures
-        them (`safety.frame_check`, `interpolation_weights`)."""
+        them (`safety.frame_check`, `interpolation_weights`). `draft_decoder`: the `draft` tier's fast
+        decoder (pipeline.taehv, as a cluster's `decoder.draft: fast`); None: drafts decode with the VAE,
+        and finals always do."""
         self.components = components
         self.degree = degree or ParallelDegree()
         model = components.model
@@ -129,6 +133,7 @@ class LocalPipeline:
             for expert, transformer in (("high", components.transformer), ("low", components.transformer_2))
         }
         self.vae_decoder = VAEDecoder(components.vae)
+        self.draft_decoder = draft_decoder
         self.upscaler = upscaler if upscaler is not None else default_upscaler(components.source)
         self.finisher = Finisher(frame_check, interpolator)
 
@@ -188,7 +193,8 @@ class LocalPipeline:
                     cache=resolved.cache,
                 )
         with _timed(timings, "decode"):
-            frames = self.vae_decoder.decode(
+            fast = self.draft_decoder if resolved.quality == "draft" else None
+            frames = (fast or self.vae_decoder).decode(
                 state.latents, fps=resolved.fps, progress=stage_progress("decode")
             )
         with _timed(timings, "upscale"):

@@ -187,7 +187,7 @@ class FastDecoder:
     ) -> Frames:
         """The whole clip as uint8 frames."""
         _, num_latent_frames, latent_height, latent_width = latents.shape
-        scale = 8  # three x2 upsamples
+        scale = 8 * self.net.patch_size  # three x2 upsamples, then the pixel shuffle
         clip = torch.empty(
             (
                 num_video_frames(num_latent_frames, self.net.temporal_stride),

@@ -446,12 +446,14 @@ def record_webhook_delivery(outcome: str) -> None:
 
 @_safely
 def record_decode_plan(
-    mode: str, dtype: str, decoder: str, estimate_bytes: int, budget_bytes: int | None
+    mode: str, dtype: str, decoder: str, estimate_bytes: int | None, budget_bytes: int | None
 ) -> None:
-    """One decode in a VAEDecoder replica: how it ran (pipeline.vae_memory.DecodePlan) and its memory."""
+    """One decode in a VAEDecoder replica: how it ran (pipeline.vae_memory.DecodePlan) and its memory
+    (None: not planned, as for the fast decoder, whose memory is small)."""
     m, tags = metrics(), replica_tags()
     m.decode_plans_total.inc(1, tags={"mode": mode, "dtype": dtype, "decoder": decoder, **tags})
-    m.decode_memory_bytes.set(estimate_bytes, tags={"kind": "estimate", **tags})
+    if estimate_bytes is not None:
+        m.decode_memory_bytes.set(estimate_bytes, tags={"kind": "estimate", **tags})
     if budget_bytes is not None:
         m.decode_memory_bytes.set(budget_bytes, tags={"kind": "budget", **tags})
 

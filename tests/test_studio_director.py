@@ -62,9 +62,10 @@ def test_the_board_tells_the_truth_names_takes_and_keeps_its_cut(
     loose = client.create({"prompt": "a harbour at dawn", "size": "96x64", "seconds": "0.5", "steps": 4})
     board = client.create_storyboard(BOARD)
     sign_in(page, cluster, cluster.keys[PROJECT])
+    expect(page.get_by_role("heading", name=f"Project {PROJECT}")).to_be_visible(timeout=30_000)
     page.goto(f"{cluster.url}/studio/#/boards/{board['id']}")
     takes = page.locator("article.take")
-    expect(takes).to_have_count(10)
+    expect(takes).to_have_count(10, timeout=30_000)
     assert [
         name.inner_text() for name in page.locator("section.shot-row").first.locator(".take-name").all()
     ] == [f"1A take {n}" for n in range(1, 6)]
@@ -167,9 +168,10 @@ def test_the_board_in_chinese_has_no_untranslated_string(browser: Browser, clust
         expect(page.get_by_role("heading", name="登录 Previz")).to_be_visible()
         page.get_by_label("API 密钥").fill(cluster.keys[PROJECT])
         page.get_by_role("button", name="登录").click()
+        expect(page.get_by_role("heading", name=f"项目 {PROJECT}")).to_be_visible(timeout=30_000)
         page.goto(f"{cluster.url}/studio/#/boards/{board['id']}")
         takes = page.locator("article.take")
-        expect(takes).to_have_count(2)
+        expect(takes).to_have_count(2, timeout=30_000)
         expect(takes.first.locator(".take-name")).to_have_text("1A 第 1 条")
         for index in range(2):
             expect(takes.nth(index)).to_have_attribute("data-status", "completed", timeout=TAKE_TIMEOUT_MS)

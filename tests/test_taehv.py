@@ -73,3 +73,26 @@ def test_a_file_that_is_not_taehv_is_refused(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="is not a TAEHV state dict"):
         load_taehv(tmp_path / "other.pth")
+
+
+def test_one_process_drafts_take_the_fast_decoder_and_finals_the_vae(tmp_path: Path) -> None:
+    from pipeline.local import LocalPipeline
+    from pipeline.spec import RequestSpec
+    from pipeline.taehv import fast_decoder_network
+    from pipeline.weights import build_preset
+
+    fast = FastDecoder(fast_decoder_network("builtin", "tiny"))
+    calls: list[int] = []
+    decode = fast.decode
+    fast.decode = lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs)  # counts, then decodes
+    pipeline = LocalPipeline(build_preset("tiny"), draft_decoder=fast)
+    spec = RequestSpec(
+        prompt="a crane over rooftops", resolution="96x64", duration=0.5, seed=3, quality="draft"
+    )
+    draft = pipeline.generate(spec, tmp_path / "draft.mp4")
+    assert calls == [1]
+    final = pipeline.generate(
+        spec.model_copy(update={"quality": "final", "steps": 2, "cache": None}), tmp_path / "final.mp4"
+    )
+    assert calls == [1]  # a final never takes the fast decoder
+    assert draft.num_frames == final.num_frames == 9

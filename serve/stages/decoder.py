@@ -65,7 +65,7 @@ class VAEDecoderDeployment:
             started = time.perf_counter()
             if quality == "draft" and self.fast is not None:
                 self.num_decodes["fast"] += 1
-                record_decode_plan("full", dtype, "fast", 0, None)
+                record_decode_plan("full", dtype, "fast", None, None)
                 frames = await asyncio.to_thread(self.fast.decode, latents, fps=fps)
             else:
                 self.num_decodes["vae"] += 1
