@@ -2,7 +2,7 @@
 
     python -m loadtest.capacity --calibrate      # this model against the published official timings
     python -m loadtest.cost_model --from-probe loadtest/results/h100.json   # refit from a GPU probe run
-    python -m loadtest.cost_model --plan          # layouts of an 8-GPU node (loadtest/layout_plan.py)
+    python -m loadtest.layout_plan                # layouts of an 8-GPU node (loadtest/layout_plan.py)
 
 One expert forward of `rows` rows of N video tokens on a rank group of U (Ulysses) x C (CFG) GPUs:
     compute   = (matmul FLOPs / matmul throughput + attention FLOPs / attention throughput) / U,
@@ -291,18 +291,8 @@ def probe_table(report: dict[str, Any], model: CostModel) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--from-probe", type=Path, help="a loadtest.gpu_probe JSON report")
-    action.add_argument(
-        "--plan", action="store_true", help="modelled latency and clips/h of every layout for a node"
-    )
-    parser.add_argument("--gpus", type=int, default=8, help="the node's GPUs (with --plan)")
+    parser.add_argument("--from-probe", type=Path, required=True, help="a loadtest.gpu_probe JSON report")
     args = parser.parse_args(argv)
-    if args.plan:
-        from loadtest.layout_plan import plan_table  # it imports this module
-
-        print(plan_table(CostModel(), args.gpus))
-        return 0
     report = json.loads(args.from_probe.read_text())
     try:
         model = from_probe(report)

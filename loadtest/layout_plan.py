@@ -1,7 +1,7 @@
 """Which expert layout and degrees a GPU node should run: modelled draft and final latency, clips per hour.
 
-    python -m loadtest.cost_model --plan              # an 8-GPU H100 node, every layout that fills it
-    python -m loadtest.cost_model --plan --gpus 4
+    python -m loadtest.layout_plan              # an 8-GPU H100 node, every layout that fills it
+    python -m loadtest.layout_plan --gpus 4
 
 Every figure is modelled (loadtest/cost_model.py, the fit to the official H100 timings), not measured. Per
 layout, for one request alone on its rank group:
@@ -22,7 +22,9 @@ is not modelled: well under a second, off the path once the checkpoint is writte
 
 from __future__ import annotations
 
+import argparse
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -166,3 +168,15 @@ def plan_table(model: CostModel, gpus: int = 8) -> str:
         marker = "  <- gpu-node.yaml before issue 25 (no drafts served)" if plan == TODAY_GPU_NODE else ""
         lines.append(f"{plan.label:<34} {plan.gpus:>4}  {latencies}  {rates}{marker}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, default=8, help="the node's GPUs")
+    args = parser.parse_args(argv)
+    print(plan_table(CostModel(), args.gpus))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

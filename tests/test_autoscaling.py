@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from ray.serve.config import AutoscalingContext, AutoscalingPolicy
+import yaml
+from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
 from serve.stages.autoscaling import QUEUED_WORK_METRIC, QueuedWorkPolicy, replicas_for_work
 
@@ -33,3 +36,11 @@ def test_serve_accepts_the_policy_by_import_path_with_its_kwargs() -> None:
         policy_kwargs={"target_queued_seconds": 60},
     )
     assert policy.policy_kwargs == {"target_queued_seconds": 60}
+
+
+def test_the_cluster_configs_denoiser_scales_on_queued_work() -> None:
+    config = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "cluster.yaml").read_text())
+    (denoiser,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Denoiser"]
+    autoscaling = AutoscalingConfig(**denoiser["autoscaling_config"])
+    assert autoscaling.policy.policy_function == "serve.stages.autoscaling:QueuedWorkPolicy"
+    assert QueuedWorkPolicy(**autoscaling.policy.policy_kwargs).target_queued_seconds > 0

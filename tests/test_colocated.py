@@ -319,6 +319,6 @@ def test_either_experts_step_time_is_read_after_the_device_finished_the_forward(
     _, plans = run_colocated(engine, [item])
     ran = [plan for plan in plans if not plan.is_empty]
     assert {plan.expert for plan in ran} == {"high", "low"}
-    assert synced == [engine.device] * len(ran)  # once per forward, on the group's device
+    assert synced == [engine.engines["high"].device] * len(ran)  # once per forward, on the device
     bucket = tuple(item.state.latents.shape)
     assert engine.seconds_per_step("high", bucket) == engine.seconds_per_step("low", bucket) == 3.0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.cost_model import CostModel, main
-from loadtest.layout_plan import TODAY_GPU_NODE, NodePlan, cached_final_steps, candidates
+from loadtest.cost_model import CostModel
+from loadtest.layout_plan import TODAY_GPU_NODE, NodePlan, cached_final_steps, candidates, main
 from pipeline.denoise.parallel import ParallelDegree
 
 MODEL = CostModel()
@@ -58,6 +58,6 @@ def test_every_candidate_fits_the_node(gpus: int) -> None:
 
 
 def test_the_plan_table_is_labelled_modelled(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--plan", "--gpus", "8"]) == 0
+    assert main(["--gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("modelled (loadtest/cost_model.py") and "colocated 1 x U8" in out

@@ -88,7 +88,9 @@ def test_the_board_tells_the_truth_names_takes_and_keeps_its_cut(
     expect(row_header).to_have_text("1A 穿黑色风衣的男人从塔顶跃下")  # name and a short description
     assert (
         "镜头：低角度慢动作"
-        in page.locator("section.shot-row").first.locator("details.compiled").inner_text()
+        in page.locator("section.shot-row")
+        .first.locator("details.compiled")
+        .text_content()  # closed: on demand
     )
     assert_accessible(page, "director board")
     shoot(page, "director-board")

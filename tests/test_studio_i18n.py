@@ -9,7 +9,9 @@ from pathlib import Path
 WEB = Path(__file__).resolve().parents[1] / "serve" / "web"
 ENTRY = re.compile(r'^\s*"([\w.]+)":\s*"((?:[^"\\]|\\.)*)",\s*$')
 # words that stay as they are in Chinese: file formats and product names
-SAME_IN_BOTH = re.compile(r"mp4|OTIO|EDL|FCP XML|Previz|pvz_|API|AI|GPU|LUT|JSON|YAML|previz submit --storyboard")
+SAME_IN_BOTH = re.compile(
+    r"mp4|OTIO|EDL|FCP XML|Previz|pvz_|API|AI|GPU|LUT|JSON|YAML|previz submit --storyboard"
+)
 
 
 def catalogues() -> dict[str, dict[str, str]]:

@@ -169,7 +169,11 @@ class BucketAffinityRouter(RequestRouter):
         return [[by_id[rid] for rid in tier] for tier in choice.tiers if tier]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        if pending_request.kwargs.get(BUCKET_KWARG) is not None:
+        # a denoise call adds work until the replica's next report; a `stats(bucket)` call adds none
+        if (
+            pending_request.kwargs.get(BUCKET_KWARG) is not None
+            and pending_request.metadata.call_method == "denoise"
+        ):
             self.view.record(replica_id.unique_id)
 
 
