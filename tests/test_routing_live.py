@@ -20,7 +20,7 @@ from serve.cli.monitoring import PrometheusServer
 from tests.support.cluster import Cluster, ExtraApp, extra_app
 from tests.support.servers.prometheus import prometheus_server
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1500)]  # the session cluster and the app start first
 
 APP = "previz-route"
 WAIT_S = 600  # bound of the waits on a loaded 2-core box; no timing is asserted
