@@ -5,7 +5,8 @@ never takes another lane's reserve. So a batch backlog that fills every shared s
 interactive reserve free: an interactive create is claimed at the next pass instead of waiting for a
 batch job to finish. Inside a lane the fair-share order (`fair_share.pick_next`) stays.
 
-Pure (no Ray, no database), like fair_share.
+Pure (no Ray, no database), like fair_share. Written by hand: the slot arithmetic is a few lines and no
+scheduling library the project uses (Ray Serve, SQLAlchemy) has reserved admission slots.
 """
 
 from __future__ import annotations

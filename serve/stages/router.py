@@ -96,7 +96,9 @@ def choose(bucket: str, loads: Mapping[str, float], call_work: float, load_facto
     """Bounded-load rendezvous over `loads` (replica id -> queued work, any unit shared by all).
 
     The preferred replica keeps the call while its load <= load_factor x mean + call_work; otherwise the
-    least-loaded replica (ties: rendezvous order) is tried first, then the rest by load."""
+    least-loaded replica (ties: rendezvous order) is tried first, then the rest by load. Written by hand:
+    Ray Serve ships PowerOfTwoChoices and a prefix-aware router, no bounded-load consistent hashing
+    (Mirrokni et al. 2018); Serve only supplies the hook this plugs into."""
     if not loads:
         raise ValueError("no replicas to route to")
     if load_factor < 1.0:
