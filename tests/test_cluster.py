@@ -149,6 +149,10 @@ def test_scaling_the_upscaler_to_two_replicas_changes_nothing_else(cluster: Clus
     assert all(job["status"] == "completed" for job in finished.values())
 
 
+# Out of the default run until rewritten: its premise (every same-bucket call on one replica) is the old
+# affinity router's; the bounded-load router gives affinity up under load (8 of 9 met on CI, session of
+# 2026-12-07). tests/test_routing_live.py checks same-shape calls still meet under light load.
+@pytest.mark.slow
 def test_same_bucket_calls_go_to_the_same_denoiser_replica(cluster: Cluster) -> None:
     cluster.redeploy(with_replicas(cluster.config, "HighNoiseDenoiser", 2))
     assert len(replica_actor_names("HighNoiseDenoiser")) == 2
