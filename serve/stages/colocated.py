@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import ray
 from diffusers import WanTransformer3DModel
 from ray import serve
 
@@ -37,7 +36,13 @@ from serve.metrics import ReplicaReporter
 from serve.sharding import placement_options
 from serve.stages.autoscaling import QUEUED_WORK_METRIC
 from serve.stages.common import STAGE_OPTIONS, gpu_options
-from serve.stages.denoiser import bucket_router, engine_deadline, save_checkpoint, start_state
+from serve.stages.denoiser import (
+    bucket_router,
+    engine_deadline,
+    save_checkpoint,
+    start_state,
+    stream_state,
+)
 from serve.stages.payloads import (
     DenoiseBoundary,
     DenoiseCall,
@@ -46,11 +51,10 @@ from serve.stages.payloads import (
     DenoiseProgress,
     DenoiseWaiting,
     RefHold,
-    StateRef,
 )
 from serve.stages.router import replica_routing_stats
 from serve.stages.shard_worker import RankGroup, expert_adapters, load_expert
-from serve.stages.transfer import pack_state, state_nbytes, unpack_embeds
+from serve.stages.transfer import pack_state, unpack_embeds
 from serve.storage import make_store
 
 EXPERTS: tuple[Expert, Expert] = ("high", "low")
@@ -170,13 +174,8 @@ class ColocatedDenoiserDeployment:
                     yield update
             while not updates.empty():  # the last steps' updates, the final one included
                 yield updates.get_nowait()
-            packed = pack_state(result.result())
-            ref = StateRef(
-                ref=self._streamed.keep([ray.put(packed)]),
-                step_index=packed.step_index,
-                nbytes=state_nbytes(packed),
-            )
-            yield DenoiseDone(state=ref, seconds=time.perf_counter() - started)
+            state = stream_state(self._streamed, pack_state(result.result()))
+            yield DenoiseDone(state=state, seconds=time.perf_counter() - started)
         finally:
             if not result.done():  # the caller went away (cancel, scheduler restart): free the slot
                 engine.cancel(call.request_id)

@@ -163,12 +163,8 @@ class DenoiserDeployment:
             while not updates.empty():  # the last steps' updates, the final one included
                 yield updates.get_nowait()
             packed = pack_state(result.result())
-            ref = StateRef(
-                ref=self._streamed.keep([ray.put(packed)]),
-                step_index=packed.step_index,
-                nbytes=state_nbytes(packed),
-            )
-            yield DenoiseDone(state=ref, seconds=time.perf_counter() - started)
+            state = stream_state(self._streamed, packed)
+            yield DenoiseDone(state=state, seconds=time.perf_counter() - started)
         finally:
             if not result.done():  # the caller went away (cancel, scheduler restart): free the slot
                 self.engine.cancel(call.request_id)
@@ -203,6 +199,13 @@ class DenoiserDeployment:
         ranks = getattr(self, "ranks", None)
         if ranks is not None:
             ranks.close()
+
+
+def stream_state(streamed: RefHold, packed: PackedState) -> StateRef:
+    """A ref to `packed` in this replica's object store, held until the Scheduler borrows it."""
+    return StateRef(
+        ref=streamed.keep([ray.put(packed)]), step_index=packed.step_index, nbytes=state_nbytes(packed)
+    )
 
 
 async def start_state(state: InitialNoise | StateRef | PackedState) -> DenoiseState:
