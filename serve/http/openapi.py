@@ -109,7 +109,12 @@ FIELD_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "steps": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_STEPS}, {"type": "null"}]},
     "seed": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_SEED}, {"type": "null"}]},
-    "input_reference": {"enum": ["", None]},
+    "input_reference": {
+        "anyOf": [
+            {"$ref": "#/components/schemas/ImageReference"},
+            {"enum": ["", None]},
+        ]
+    },
 }
 SETTINGS_COMPONENTS = ("VideoCreate", "StoryboardShot", "GenerationSettings")
 BOARD_DEFAULTS_COMPONENT = "StoryboardCreate"  # the same fields as every shot's defaults (no prompt)

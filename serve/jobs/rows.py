@@ -31,10 +31,12 @@ def new_job_row(
     request: JobRequest,
     labels: dict[str, Any],
     now: datetime,
+    job_id: str | None = None,
 ) -> dict[str, Any]:
-    """A fresh QUEUED job row; create() adds its idempotency key, deadline and storyboard."""
+    """A fresh QUEUED job row; create() adds its idempotency key, deadline and storyboard. `job_id`: an id
+    drawn beforehand (`new_job_id`), for a job whose keyframes are stored before its row exists."""
     return {
-        "id": new_job_id(),
+        "id": job_id or new_job_id(),
         "project": project,
         "priority": priority,
         "request": request.to_stored(),

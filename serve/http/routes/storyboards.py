@@ -21,6 +21,7 @@ from serve.http.deps import (
     project_of,
 )
 from serve.http.errors import BLOCKED, ApiError, invalid
+from serve.http.keyframes import stored_keyframe_inputs
 from serve.http.routes.videos import check_promotable, promotion_draft
 from serve.http.schemas import VideoPromote
 from serve.http.storyboards import (
@@ -166,7 +167,10 @@ async def promote_takes(
         if source is None or video_id not in on_board:
             raise ApiError(404, "not_found", f"storyboard {storyboard_id} has no video {video_id!r}", param)
         check_promotable(source, param)
-        drafts.append(promotion_draft(source, options, settings.burn_label, prefix=f"{param}."))
+        keyframes = await asyncio.to_thread(stored_keyframe_inputs, state.artifacts, source)
+        drafts.append(
+            promotion_draft(source, options, settings.burn_label, prefix=f"{param}.", keyframes=keyframes)
+        )
     admitted = await admit(
         state,
         caller.project,

@@ -4,9 +4,10 @@ route reads its input, calls the one admission path or the store, and renders wi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from functools import partial
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -32,7 +33,8 @@ from serve.http.deps import (
 )
 from serve.http.errors import BLOCKED, ApiError, invalid
 from serve.http.events import event_stream
-from serve.http.forms import read_fields
+from serve.http.forms import UploadedFile, read_fields
+from serve.http.keyframes import KeyframeInputs, input_reference, keyframe_inputs, stored_keyframe_inputs
 from serve.http.schemas import (
     Video,
     VideoCreate,
@@ -61,7 +63,12 @@ REPLAYED = {200: {"model": Video, "description": "A replay of an Idempotency-Key
 # The create body is read by hand (JSON or form); its schema is added to the OpenAPI page by serve.http.app.
 # A form's structured fields are JSON parts, each holding the whole value (`loras`: the list, not a part per
 # item), as serve.http.forms reads them; declared, so a client does not guess an array's encoding.
-FORM_JSON_PARTS = {name: {"contentType": "application/json"} for name in ("shot", "labels", "cache", "loras")}
+FORM_JSON_PARTS = {
+    name: {"contentType": "application/json"} for name in ("shot", "labels", "cache", "loras", "keyframes")
+} | {
+    # a file part (the openai package's upload), or the ImageReference object as a JSON part
+    "input_reference": {"contentType": "image/png, image/jpeg, image/webp, application/json"}
+}
 CREATE_BODY = {
     "required": True,
     "content": {
@@ -72,6 +79,13 @@ CREATE_BODY = {
         },
     },
 }
+
+
+def reference_fingerprint(reference: Any) -> Any:
+    """What a create's fingerprint holds of its `input_reference`: an upload's SHA-256, else the value."""
+    if isinstance(reference, UploadedFile):
+        return {"sha256": hashlib.sha256(reference.data).hexdigest()}
+    return reference
 
 
 def video_response(
@@ -108,30 +122,26 @@ async def create_video(
     """Queue one clip. JSON or multipart form (what `openai.videos.create` sends); extra studio fields
     are listed in the VideoCreate schema. 201 when created, 200 for a replayed Idempotency-Key."""
     fields = await read_fields(request)
-    if fields.get("input_reference") not in (None, ""):
-        raise ApiError(
-            400,
-            "unsupported",
-            "`input_reference` is not supported: Previz is text-to-video",
-            "input_reference",
-        )
-    fields.pop("input_reference", None)
+    reference = fields.pop("input_reference", None)
     try:
         body = VideoCreate.model_validate(fields)
     except ValidationError as error:
         raise invalid(list(error.errors())) from None
-    check_model(body.model)
+    model = check_model(body.model) if "model" in body.model_fields_set else None
+    keyframes = await asyncio.to_thread(lambda: keyframe_inputs(body.keyframes, input_reference(reference)))
     draft = VideoDraft(
         settings=body,
         priority=body.priority,
         labels=body.labels,
         callback_url=str(body.callback_url) if body.callback_url else None,
+        model=model,
+        keyframes=keyframes,
     )
     admitted = await admit(
         state,
         project_of(caller, body.project),
         [draft],
-        body=body.model_dump(mode="json"),
+        body={**body.model_dump(mode="json"), "input_reference": reference_fingerprint(reference)},
         idempotency_key=idempotency_key,
     )
     return admitted_response(admitted.job, admitted.created)
@@ -300,6 +310,8 @@ async def remix_video(
         callback_url=source.request.callback_url,
         storyboard=await remix_place(state, source),
         remixed_from=source.id,
+        model=source.request.model,
+        keyframes=await asyncio.to_thread(stored_keyframe_inputs, state.artifacts, source),
     )
     admitted = await admit(
         state,
@@ -333,7 +345,8 @@ async def promote_video(
     source = await job_or_404(video_id, state, caller)
     check_promotable(source)
     settings = await project_settings(state.store, source.project)
-    draft = promotion_draft(source, body, settings.burn_label)
+    keyframes = await asyncio.to_thread(stored_keyframe_inputs, state.artifacts, source)
+    draft = promotion_draft(source, body, settings.burn_label, keyframes=keyframes)
     admitted = await admit(
         state,
         source.project,
@@ -359,8 +372,15 @@ def check_promotable(source: JobRecord, param: str = "video_id") -> None:
         )
 
 
-def promotion_draft(source: JobRecord, body: VideoPromote, burn_label: bool, prefix: str = "") -> VideoDraft:
-    """The final take of `source` as a draft for the admission path."""
+def promotion_draft(
+    source: JobRecord,
+    body: VideoPromote,
+    burn_label: bool,
+    prefix: str = "",
+    keyframes: KeyframeInputs | None = None,
+) -> VideoDraft:
+    """The final take of `source` as a draft for the admission path; `keyframes`: the source's stored ones
+    (serve.http.keyframes.stored_keyframe_inputs), so the final starts from the draft's image."""
     return VideoDraft(
         settings=promote_settings(
             source.request,
@@ -378,6 +398,8 @@ def promotion_draft(source: JobRecord, body: VideoPromote, burn_label: bool, pre
         storyboard=source.request.storyboard if source.storyboard_id is not None else None,
         promoted_from=source.id,
         repeats=source.request,  # the draft's text as it ran, whatever compiler version made it
+        model=source.request.model,
+        keyframes=keyframes,
     )
 
 
