@@ -27,7 +27,7 @@ from serve.webhooks import open_job_store
 from tests.support.cluster import Cluster, ExtraApp, extra_app, wait_for_replicas
 from tests.test_sharding import decoded_frames
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1500)]  # the session cluster and the app start first
 
 APP = "previz-shard"
 WAIT_S = 600  # bound of the waits on a loaded 2-core box; no timing is asserted
