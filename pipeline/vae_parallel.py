@@ -241,6 +241,24 @@ class ParallelVAEDecoder(VAEDecoder):
         """Full frames always: the grid is the split (tiles would cut it again)."""
         return plan_decode(self.vae.config, tuple(latent_shape), self.dtype, None)
 
+    def block_plan(self, latent_shape: tuple[int, ...], budget_bytes: int | None) -> DecodePlan | None:
+        """The plan of the largest block of a decode of `latent_shape` over this group (the memory one rank
+        needs), when it fits `budget_bytes` in full frames; None when the latents cannot be split over the
+        ranks or the block would not fit: then one device decodes the clip, tiled as its own plan says."""
+        channels, num_frames, height, width = latent_shape
+        try:
+            rows, cols = grid_shape(height, width, self.grid.world_size)
+        except ValueError:
+            return None
+        block = (channels, num_frames, -(-height // rows), -(-width // cols))
+        plan = plan_decode(self.vae.config, block, self.dtype, budget_bytes)
+        return plan if plan.mode == "full" else None
+
+    def take_part(self, latents: torch.Tensor) -> int:
+        """A rank's share of a decode whose clip another rank keeps (rank 0 calls `decode` with the same
+        latents at the same time): the same collectives, the frames dropped; returns their number."""
+        return sum(chunk.shape[0] for chunk in self.decode_chunks(latents))
+
     def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         """The whole frames, chunk by chunk: this rank's block decoded, every block gathered."""
         row_start, row_stop, col_start, col_stop = self.grid.layout(*latents.shape[2:])
