@@ -222,6 +222,22 @@ def shard_decoder(vae: AutoencoderKLWan, grid: Grid) -> AutoencoderKLWan:
     return vae
 
 
+def block_plan(
+    vae_config, latent_shape: tuple[int, ...], dtype: torch.dtype, world_size: int, budget_bytes: int | None
+) -> DecodePlan | None:
+    """The plan of the largest block of a decode of `latent_shape` over `world_size` ranks (the memory one
+    rank needs), when it fits `budget_bytes` in full frames; None when the latents cannot be split over the
+    ranks or the block would not fit: then one device decodes the clip, tiled as its own plan says."""
+    channels, num_frames, height, width = latent_shape
+    try:
+        rows, cols = grid_shape(height, width, world_size)
+    except ValueError:
+        return None
+    block = (channels, num_frames, -(-height // rows), -(-width // cols))
+    plan = plan_decode(vae_config, block, dtype, budget_bytes)
+    return plan if plan.mode == "full" else None
+
+
 class ParallelVAEDecoder(VAEDecoder):
     """A VAEDecoder over the ranks of `group`: every rank calls `decode` (or `decode_chunks`) with the same
     latents, decodes its block of every frame and gets the whole clip. Equal to the one-device decode
@@ -242,17 +258,8 @@ class ParallelVAEDecoder(VAEDecoder):
         return plan_decode(self.vae.config, tuple(latent_shape), self.dtype, None)
 
     def block_plan(self, latent_shape: tuple[int, ...], budget_bytes: int | None) -> DecodePlan | None:
-        """The plan of the largest block of a decode of `latent_shape` over this group (the memory one rank
-        needs), when it fits `budget_bytes` in full frames; None when the latents cannot be split over the
-        ranks or the block would not fit: then one device decodes the clip, tiled as its own plan says."""
-        channels, num_frames, height, width = latent_shape
-        try:
-            rows, cols = grid_shape(height, width, self.grid.world_size)
-        except ValueError:
-            return None
-        block = (channels, num_frames, -(-height // rows), -(-width // cols))
-        plan = plan_decode(self.vae.config, block, self.dtype, budget_bytes)
-        return plan if plan.mode == "full" else None
+        """`block_plan` for this group's ranks and this decoder's VAE and dtype."""
+        return block_plan(self.vae.config, latent_shape, self.dtype, self.grid.world_size, budget_bytes)
 
     def take_part(self, latents: torch.Tensor) -> int:
         """A rank's share of a decode whose clip another rank keeps (rank 0 calls `decode` with the same
