@@ -10,6 +10,8 @@ record the outcome in the job store, fenced by the cut's attempt like a video's 
 - Cancel (`cancel`): the render call is cancelled on its replica (it stops at its next shot) and the
   files the run stored are deleted. A scheduler that stops leaves its cuts running in the store; the next
   one requeues them (`requeue_cuts_in_flight`).
+- Failure: `take_deleted` when a take's clip is gone (its video was deleted after the cut was asked for),
+  else `cut_failed`; what the run stored is deleted.
 - Success: the cut becomes the board's in the transaction that finishes the job; the cut it replaced is
   deleted (serve.jobs.deletion, or the orphan sweep when the store fails).
 """
@@ -28,7 +30,7 @@ from serve.jobs.deletion import delete_keys_or_leave_to_sweep
 from serve.jobs.models import utcnow
 from serve.scheduling.faults import REPLICA_LOST, Superseded, describe
 from serve.stages.payloads import CutCall, CutProgress, CutRendered
-from serve.storage import ArtifactStore
+from serve.storage import ArtifactNotFoundError, ArtifactStore
 
 logger = logging.getLogger("ray.serve")
 
@@ -109,6 +111,10 @@ class CutRunner:
             )
             if status == "failed":
                 await self._drop_files_unless_served(cut)
+        except ArtifactNotFoundError as error:  # a take's clip went with its video before it was read
+            message = f"a take of the cut was deleted before it rendered: {error}"
+            await asyncio.to_thread(self.store.fail_cut, cut.id, cut.attempt, "take_deleted", message)
+            await self._drop_files_unless_served(cut)
         except Exception as error:
             logger.exception("cut %s failed", cut.id)
             await asyncio.to_thread(self.store.fail_cut, cut.id, cut.attempt, "cut_failed", describe(error))
