@@ -26,9 +26,9 @@ from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
 from serve.storage import JobArtifacts, LocalArtifactStore, StorageSettings
 from tests.support.api_app import LocalApi, http_server, local_api
 from tests.support.cli_run import previz
+from tests.support.cuts import run_cuts
 from tests.support.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
 from tests.support.job_requests import job_request
-from tests.support.cuts import run_cuts
 from tests.test_editorial_api import BOARD, cut_of, finish_with_clip, take
 from tests.test_editorial_api import board as board  # a fixture: 3 shots × 2 finished takes
 
