@@ -387,5 +387,3 @@ def test_a_cut_whose_take_is_deleted_while_it_renders_is_refused_and_leaves_no_f
     assert (cut["status"], cut["error"]["code"]) == ("failed", "take_deleted")
     assert api.store.get_storyboard(board["id"]).cut is None
     assert stored_keys(api, f"default/{board['id']}/") == set()
-
-
