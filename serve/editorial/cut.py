@@ -62,6 +62,7 @@ def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[CutTak
 def render_cut(
     artifacts: ArtifactStore,
     cut_id: str,
+    attempt: int,
     project: str,
     storyboard_id: str,
     request: CutRequest,
@@ -70,10 +71,10 @@ def render_cut(
     clip_done: ClipDone | None = None,
 ) -> CutRecord:
     """Assemble the request's takes into one mp4 at its rate and size (None: the first take's), each shot
-    also stored alone, under the keys of `cut_id` (a rerun overwrites them); a slate before each shot when
-    asked. `clip_done` hears of each shot rendered, and may raise to stop. Returns the stored cut."""
+    also stored alone, under the keys of `cut_id`'s `attempt`; a slate before each shot when asked.
+    `clip_done` hears of each shot rendered, and may raise to stop. Returns the stored cut."""
     keys = CutArtifacts(project, storyboard_id)
-    key = keys.cut(cut_id)
+    key = keys.cut(cut_id, attempt)
     fps, takes, slate_seconds = request.fps, request.takes, request.slate_seconds
     writer = VideoWriter(label=None)  # the takes carry their label already; the marker stays in metadata
     metadata = {"title": request.title[:200], "previz_storyboard": storyboard_id}
@@ -87,7 +88,7 @@ def render_cut(
                 frames = first if index == 0 else _take_frames(artifacts, choice.key, folder)
                 frames = conform(resize_frames(frames, width, height), fps, interpolator)
                 num_slate = round(slate_seconds * fps) if slate_seconds else 0
-                clip_key = keys.clip(cut_id, index, choice.shot)
+                clip_key = keys.clip(cut_id, index, choice.shot, attempt)
                 path = folder / f"clip-{index}.mp4"
                 with writer.stream(path, width, height, fps, metadata=metadata) as clip:
                     if num_slate:

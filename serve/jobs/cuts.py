@@ -6,10 +6,10 @@
     store.succeed_cut(cut.id, cut.attempt, record)                       # the board's cut, same transaction
 
 The takes are chosen when the cut is asked for (what the editor saw), so every attempt renders the same
-cut; its files' keys are the cut id's (serve.storage.CutArtifacts), so a rerun after a lost replica
-overwrites what the lost one stored and one cut remains. Like jobs, every update is fenced by `attempt`
-and by the status: a run that was cancelled, or requeued and claimed again, can change nothing. A board
-has at most one unfinished cut at a time.
+cut; its files' keys name the cut and the attempt (serve.storage.CutArtifacts), so the files of a lost or
+stale attempt are deleted without touching the attempt that runs now, and one cut remains. Like jobs,
+every update is fenced by `attempt` and by the status: a run that was cancelled, or requeued and claimed
+again, can change nothing. A board has at most one unfinished cut at a time.
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ class CutRequest(BaseModel):
     size: tuple[int, int] | None = Field(None, description="(width, height); None: the first take's.")
     slate_seconds: float | None = Field(None, description="A slate this long before each shot; None: none.")
 
-    def keys(self, project: str, storyboard_id: str, cut_id: str) -> list[str]:
-        """Every file a render of this request stores: the cut's mp4 and each shot's clip."""
+    def keys(self, project: str, storyboard_id: str, cut_id: str, attempt: int) -> list[str]:
+        """Every file attempt `attempt` of this cut stores: the cut's mp4 and each shot's clip."""
         artifacts = CutArtifacts(project, storyboard_id)
-        clips = [artifacts.clip(cut_id, index, take.shot) for index, take in enumerate(self.takes)]
-        return [artifacts.cut(cut_id), *clips]
+        clips = [artifacts.clip(cut_id, index, take.shot, attempt) for index, take in enumerate(self.takes)]
+        return [artifacts.cut(cut_id, attempt), *clips]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +98,8 @@ class CutJob:
 
     @property
     def keys(self) -> list[str]:
-        return self.request.keys(self.project, self.storyboard_id, self.id)
+        """The files of this record's attempt."""
+        return self.request.keys(self.project, self.storyboard_id, self.id, self.attempt)
 
     @classmethod
     def from_row(cls, row: Any) -> CutJob:

@@ -4,12 +4,13 @@ record the outcome in the job store, fenced by the cut's attempt like a video's 
 - Progress: after each shot the replica stores, the cut's progress and ETA (the mean shot time so far
   times the shots left) are written; a write the store refuses (cancelled, or a newer run owns the cut)
   stops the run, which records nothing.
-- A lost Finisher replica (REPLICA_LOST): the cut goes back to the queue and a later run renders it again
-  under the same keys, overwriting what the lost run stored, so one cut remains; after `max_attempts`
-  claims it fails with `too_many_attempts`.
+- A lost Finisher replica (REPLICA_LOST): the lost attempt's files are deleted and the cut goes back to
+  the queue, a later attempt renders it again, so one cut remains; after `max_attempts` claims it fails
+  with `too_many_attempts`.
 - Cancel (`cancel`): the render call is cancelled on its replica (it stops at its next shot) and the
   files the run stored are deleted. A scheduler that stops leaves its cuts running in the store; the next
-  one requeues them (`requeue_cuts_in_flight`).
+  one requeues them (`requeue_cuts_in_flight`), and what their old attempts stored is left to the orphan
+  sweep (serve.jobs.retention: a board's files other than its current cut's).
 - Failure: `take_deleted` when a take's clip is gone (its video was deleted after the cut was asked for),
   else `cut_failed`; what the run stored is deleted.
 - Success: the cut becomes the board's in the transaction that finishes the job; the cut it replaced is
@@ -106,11 +107,10 @@ class CutRunner:
             raise  # the scheduler is stopping: its successor requeues the cut
         except REPLICA_LOST as error:
             logger.warning("cut %s lost its Finisher replica (%s); it goes back to the queue", cut.id, error)
-            status = await asyncio.to_thread(
+            await asyncio.to_thread(
                 self.store.requeue_cut, cut.id, cut.attempt, max_attempts=self.max_attempts
             )
-            if status == "failed":
-                await self._drop_files_unless_served(cut)
+            await self._drop_files_unless_served(cut)
         except ArtifactNotFoundError as error:  # a take's clip went with its video before it was read
             message = f"a take of the cut was deleted before it rendered: {error}"
             await asyncio.to_thread(self.store.fail_cut, cut.id, cut.attempt, "take_deleted", message)

@@ -26,6 +26,7 @@ from pipeline.stages import deployment_name, stage
 from pipeline.weights import pick_device
 from serve.config import PrevizArgs
 from serve.editorial.cut import render_cut
+from serve.jobs.deletion import delete_keys_or_leave_to_sweep
 from serve.jobs.request import LutRef
 from serve.metrics import record_artifact_write, record_safety_block
 from serve.stages.common import STAGE_OPTIONS
@@ -85,8 +86,9 @@ class FinisherStage:
 
     async def render_cut(self, call: CutCall) -> AsyncIterator[CutEvent]:
         """Render the cut (serve.editorial.cut.render_cut) in a worker thread: a CutProgress after each shot
-        stored, then CutRendered. A call cancelled meanwhile stops the render at its next shot; what it
-        stored stays under the cut's keys, for the Scheduler (or the next attempt) to delete or overwrite."""
+        stored, then CutRendered. A call cancelled meanwhile stops the render after the shot in hand (the
+        thread cannot be stopped in the middle) and deletes what it stored. A replica lost mid-render leaves
+        its attempt's files for the Scheduler to delete."""
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue[CutProgress] = asyncio.Queue()
         stop = threading.Event()
@@ -103,6 +105,7 @@ class FinisherStage:
                 render_cut,
                 self.store,
                 call.cut_id,
+                call.attempt,
                 call.project,
                 call.storyboard_id,
                 call.request,
@@ -121,6 +124,12 @@ class FinisherStage:
             while not progress.empty():  # the thread's last events land before its result
                 yield progress.get_nowait()
             yield CutRendered(work.result(), time.perf_counter() - started)
+        except asyncio.CancelledError:
+            stop.set()  # the shot in hand is stored, then the render stops; its files go after it
+            await asyncio.wait([work])
+            keys = call.request.keys(call.project, call.storyboard_id, call.cut_id, call.attempt)
+            await asyncio.to_thread(delete_keys_or_leave_to_sweep, self.store, keys, f"cut {call.cut_id}")
+            raise
         finally:
             stop.set()
 

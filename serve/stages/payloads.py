@@ -203,7 +203,7 @@ class CutCall:
     """Render one cut job (the Finisher's `render_cut`): which cut, where its files go, what is in it."""
 
     cut_id: str
-    attempt: int  # the cut job's attempt: only for logs (the Scheduler fences what it records)
+    attempt: int  # the cut job's attempt: part of its files' names (the Scheduler fences what it records)
     project: str
     storyboard_id: str
     request: CutRequest
