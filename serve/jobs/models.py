@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.priority import PRIORITIES as PRIORITIES
 from pipeline.priority import Priority as Priority
-from pipeline.stages import STAGES, Stage, job_plan, progress_bands, stage, status_row
+from pipeline.stages import Stage, job_plan, progress_bands, stage, status_row
 
 if TYPE_CHECKING:
     from serve.jobs.request import JobRequest
