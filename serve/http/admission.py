@@ -37,6 +37,7 @@ from pipeline.spec import (
     RequestSpec,
     SizeEnvelope,
     describe_validation_error,
+    model_spec,
 )
 from pipeline.upscale import upscale_target_size
 from pipeline.video import DRAFT_LABEL
@@ -163,12 +164,17 @@ def choose_model(draft: VideoDraft, model_param: str = "model") -> str:
     return draft.model
 
 
+def model_of(state: IngressState, served: str) -> ModelSpec:
+    """The sampling facts a request for the served model `served` is resolved with: the deployment's for
+    T2V, Wan2.2-I2V-A14B's official recipe for I2V."""
+    return model_spec("i2v") if served == I2V_MODEL else state.model
+
+
 async def with_keyframes(
-    state: IngressState, project: str, draft: VideoDraft, request: JobRequest
+    state: IngressState, project: str, draft: VideoDraft, request: JobRequest, served: str
 ) -> tuple[JobRequest, CheckedKeyframes | None]:
-    """`request` on the draft's model, with its keyframes checked and fitted to the request's size."""
-    model_param = "model" if draft.prefix.startswith("shots.") else f"{draft.prefix}model"
-    request = request.model_copy(update={"model": choose_model(draft, model_param)})
+    """`request` on the model `served`, with its keyframes checked and fitted to the request's size."""
+    request = request.model_copy(update={"model": served})
     if draft.keyframes is None or not draft.keyframes.items():
         return request, None
     checked = await check_keyframes(
@@ -241,9 +247,10 @@ async def admit(
         )
         quality = choose_quality(state.args, draft, settings)
         check_adapters(state.args, project, draft.settings.loras, draft.prefix)
+        served = choose_model(draft)
         request = job_request(
             draft,
-            state.model,
+            model_of(state, served),
             body_sha256 if board is None else None,
             state.args.envelope,
             state.shapes,
@@ -251,7 +258,7 @@ async def admit(
             default_fps=settings.default_fps,
             lut=looks.get(draft.settings.look),
         )
-        request, keyframes = await with_keyframes(state, project, draft, request)
+        request, keyframes = await with_keyframes(state, project, draft, request, served)
         await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
         requests.append(request)
         checked.append(keyframes)
