@@ -291,7 +291,9 @@ class Scheduler:
         await run.enter("decode")
         async with run.clocked():
             frames = await run.stage_result(
-                stages.vae.options(stream=True).decode.remote(state, resolved.fps, resolved.quality)
+                stages.vae.options(stream=True).decode.remote(
+                    state, resolved.fps, resolved.quality, JobArtifacts(job.project, job.id).last_frame
+                )
             )
         run.record("decode", frames.seconds)
 
