@@ -260,6 +260,12 @@ class PrevizArgs(BaseModel):
         "reserve or the unreserved slots, never another lane's reserve, so interactive shots never wait "
         "behind a batch backlog for a slot. None: a quarter of the slots for `interactive`.",
     )
+    max_cuts_in_flight: int = Field(
+        2,
+        ge=1,
+        description="Storyboard cuts the Scheduler has the Finisher's replicas render at once (each uses a "
+        "core for minutes on a long board; the rest wait queued).",
+    )
     max_queued_jobs: int = Field(1000, ge=1, description="Bound of the queue; beyond it new jobs get 429.")
     max_queued_jobs_per_project: int | None = Field(
         None, ge=1, description="Bound of one project's queued jobs (none by default); beyond it 429."
