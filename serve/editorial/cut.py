@@ -3,6 +3,8 @@ optional slates, written as one mp4 plus one mp4 per shot (what the timeline's c
 
 Which take a shot uses: the one the editor selected (`StoryboardEdit.takes`), else the shot's first
 completed variant. Which shots, in which order: `StoryboardEdit.order`, else every shot as on the board.
+Which part of the take: all of it, or its trim (`StoryboardEdit.trims`, set by an edited timeline read
+back), converted to the cut's rate and kept inside the take.
 Rendering is CPU work on finished clips (decode, resize, interpolate, encode); the Ingress runs it in a
 worker thread, never on its event loop (serve/http/routes/storyboards.py says why not a job).
 """
@@ -17,12 +19,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.frames import Frames
 from pipeline.interpolate import Interpolator, conform
 from pipeline.slate import slate_frames
 from pipeline.upscale import resize_frames
 from pipeline.video import VideoWriter, read_frames
 from serve.jobs import JobRecord, JobStatus
-from serve.jobs.storyboard import CutClip, CutRecord, StoryboardRecord
+from serve.jobs.storyboard import CutClip, CutRecord, ShotTrim, StoryboardRecord
 from serve.jobs.takes import take_number
 from serve.storage import ArtifactStore, CutArtifacts
 
@@ -85,6 +88,8 @@ def render_cut(
             for index, choice in enumerate(choices):
                 frames = first if index == 0 else _take_frames(artifacts, choice.job, folder)
                 frames = conform(resize_frames(frames, width, height), fps, interpolator)
+                trim = record.edit.trims.get(str(choice.shot)) if record.edit is not None else None
+                frames, content_start = trim_frames(frames, trim)
                 take = take_number(choice.job)
                 num_slate = round(slate_seconds * fps) if slate_seconds else 0
                 clip_key = keys.clip(cut_id, index, choice.shot)
@@ -107,6 +112,8 @@ def render_cut(
                         start_frame=cut.num_frames - num_slate - frames.num_frames,
                         num_frames=num_slate + frames.num_frames,
                         slate_frames=num_slate,
+                        content_start=content_start,
+                        trimmed=trim is not None,
                     )
                 )
             num_frames = cut.num_frames
@@ -122,6 +129,16 @@ def render_cut(
         created_at=time.time(),
         clips=clips,
     )
+
+
+def trim_frames(frames: Frames, trim: ShotTrim | None) -> tuple[Frames, int]:
+    """The part of a conformed take that `trim` keeps (all of it without one), and where it starts; a trim
+    reaching past the take's end keeps what there is, at least its last frame."""
+    if trim is None:
+        return frames, 0
+    start, num_frames = trim.at(frames.fps)
+    start = min(start, frames.num_frames - 1)
+    return Frames(pixels=frames.pixels[start : start + num_frames], fps=frames.fps), start
 
 
 def _take_frames(artifacts: ArtifactStore, job: JobRecord, folder: Path):

@@ -63,6 +63,7 @@ from serve.http.routes import (
     review,
     session,
     storyboards,
+    timeline,
     videos,
     web,
 )
@@ -130,6 +131,7 @@ for module in (
     artifacts,
     storyboards,
     editorial,
+    timeline,
     admin,
     luts,
     web,
