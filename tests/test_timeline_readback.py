@@ -13,7 +13,7 @@ import pytest
 from pipeline.interpolate import conform_frame_count
 from serve.editorial.timeline import take_id
 from tests.support.api_app import TINY, LocalApi, local_api
-from tests.test_editorial_api import finish_with_clip
+from tests.test_editorial_api import cut_of, finish_with_clip
 
 READERS = {"otio": "otio_json", "edl": "cmx_3600", "fcpxml": "fcp_xml"}
 PER_SHOT = conform_frame_count(9, 16, 24)  # each take: 0.5 s, 9 frames at 16 fps -> 14 at 24
@@ -108,7 +108,7 @@ def test_an_edited_timeline_read_back_sets_order_takes_and_trims_and_the_next_cu
     api: LocalApi, board: dict, fmt: str
 ) -> None:
     url = f"/v1/storyboards/{board['id']}"
-    assert api.client.post(f"{url}/cut", json={"fps": 24}).status_code == 201
+    cut_of(api, board["id"], {"fps": 24})
     edited = edit(export(api, board, fmt), board)
     answer = put(api, board, fmt, write(edited, fmt))
     assert answer.status_code == 200, answer.text
@@ -124,7 +124,7 @@ def test_an_edited_timeline_read_back_sets_order_takes_and_trims_and_the_next_cu
         take(board, 1, 1),
         take(board, 2, 0),
     ]
-    cut = api.client.post(f"{url}/cut", json={"fps": 24}).json()
+    cut = cut_of(api, board["id"], {"fps": 24})
     used = [take(board, 2, 0), take(board, 0, 0), take(board, 1, 1)]
     assert [clip["video_id"] for clip in cut["clips"]] == used
     assert [clip["num_frames"] for clip in cut["clips"]] == [PER_SHOT, PER_SHOT - 8, PER_SHOT]
