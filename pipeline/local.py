@@ -332,15 +332,23 @@ def sharded_pipeline(
     draft_lora: str | None = None,
     frame_check: FrameCheck | None = None,
     cache_dir: Path = DEFAULT_CACHE_DIR,
+    draft_decoder: FastDecoder | None = None,
 ) -> Iterator[LocalPipeline]:
     """A LocalPipeline whose experts run over `degree.world_size` processes on this machine.
 
     This process is rank 0 (it already holds `components`); ranks 1.. are spawned, load the two experts
     from `components.source` onto their own device (cuda:rank on GPUs, else cpu) with the same adapters
     (the draft tier's distill LoRA, loaded before sharding), and serve steps until the context exits. A
-    worker that fails makes the next forward raise ShardGroupError."""
+    worker that fails makes the next forward raise ShardGroupError. `draft_decoder`: LocalPipeline's (rank
+    0 decodes)."""
     if not degree.is_sharded:
-        yield LocalPipeline(components, upscaler=upscaler, draft_lora=draft_lora, frame_check=frame_check)
+        yield LocalPipeline(
+            components,
+            upscaler=upscaler,
+            draft_lora=draft_lora,
+            frame_check=frame_check,
+            draft_decoder=draft_decoder,
+        )
         return
     device = next(components.transformer.parameters()).device
     if device.type == "cuda" and torch.cuda.device_count() < degree.world_size:
@@ -387,6 +395,7 @@ def sharded_pipeline(
             draft_lora=draft_lora,
             cache_dir=cache_dir,
             frame_check=frame_check,
+            draft_decoder=draft_decoder,
         )
     finally:
         if group is not None:
