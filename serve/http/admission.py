@@ -71,6 +71,8 @@ from serve.jobs.request import (
     SERVED_MODEL,
     FinishSettings,
     JobRequest,
+    Keyframes,
+    KeyframeSource,
     LutRef,
     RequestSource,
     StoryboardPlace,
@@ -102,6 +104,7 @@ class VideoDraft:
     repeats: JobRequest | None = None
     model: str | None = None  # the model the client named (canonical name); None: chosen by the keyframes
     keyframes: KeyframeInputs | None = None  # the images (or takes) it starts and may end from
+    continues: int | None = None  # a chained board shot: the shot whose take's last frame it starts from
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,17 +144,17 @@ def check_model(model: str, param: str = "model") -> str:
 def choose_model(draft: VideoDraft, model_param: str = "model") -> str:
     """The model a draft runs on: the one named, else I2V with keyframes and T2V without. Keyframes on the
     text-to-video model are 400 `keyframes_not_supported`; the I2V model without one `keyframe_required`."""
-    has_keyframes = draft.keyframes is not None and bool(draft.keyframes.items())
+    given = draft.keyframes.items() if draft.keyframes is not None else []
+    has_keyframes = bool(given) or draft.continues is not None
     if draft.model is None:
         return I2V_MODEL if has_keyframes else SERVED_MODEL
     if draft.model == SERVED_MODEL and has_keyframes:
-        assert draft.keyframes is not None
         raise ApiError(
             400,
             "keyframes_not_supported",
             f"{SERVED_MODEL} makes video from text only and cannot start from an image; omit `model` (an "
             f"image selects {I2V_MODEL}) or name {I2V_MODEL!r}",
-            draft.keyframes.items()[0][1].param,
+            given[0][1].param if given else f"{draft.prefix}continue",
         )
     if draft.model == I2V_MODEL and not has_keyframes:
         raise ApiError(
@@ -176,7 +179,10 @@ async def with_keyframes(
     """`request` on the model `served`, with its keyframes checked and fitted to the request's size."""
     request = request.model_copy(update={"model": served})
     if draft.keyframes is None or not draft.keyframes.items():
-        return request, None
+        if draft.continues is None:
+            return request, None
+        waiting = Keyframes(first=KeyframeSource(kind="continue", shot=draft.continues))
+        return request.model_copy(update={"keyframes": waiting}), None
     checked = await check_keyframes(
         draft.keyframes,
         project=project,
@@ -185,7 +191,12 @@ async def with_keyframes(
         artifacts=state.artifacts,
         frame_check=state.frame_check,
     )
-    return request.model_copy(update={"keyframes": checked.keyframes}), checked
+    keyframes = checked.keyframes
+    if draft.continues is not None:  # the first frame comes from the shot it continues, once it has one
+        keyframes = keyframes.model_copy(
+            update={"first": KeyframeSource(kind="continue", shot=draft.continues)}
+        )
+    return request.model_copy(update={"keyframes": keyframes}), checked
 
 
 async def store_keyframes(

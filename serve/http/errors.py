@@ -111,6 +111,8 @@ RULES_BEYOND_SCHEMA: dict[str, str] = {
     "keyframe_required": "`model` wan2.2-i2v-a14b without an image to start from",
     "invalid_take_reference": "a keyframe's `video` (or `file_id`) names no video of the project",
     "take_not_finished": "a keyframe's `video` names a take that has not completed (or kept no last frame)",
+    "invalid_continue": "a shot's `continue` on the first shot, naming no earlier shot, or with "
+    "`keyframes.first`",
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

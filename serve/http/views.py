@@ -94,7 +94,7 @@ def expiry(job: JobRecord, retention_days: int | None) -> datetime | None:
 def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboard:
     """The board as the API shows it: its jobs grouped by shot, in creation order."""
     shots = [
-        StoryboardShotState(index=index, name=shot.name, prompt="", videos=[])
+        StoryboardShotState(index=index, name=shot.name, prompt="", videos=[], continues=shot.continues)
         for index, shot in enumerate(record.request.shots)
     ]
     counts: dict[str, int] = {}

@@ -190,7 +190,8 @@ class JobRepository:
             .label("turn")
         )
         columns = jobs.c.id, jobs.c.project, jobs.c.priority, jobs.c.created_at, jobs.c.deadline
-        queue = select(*columns, rank, turn).where(jobs.c.status == JobStatus.QUEUED).subquery()
+        ready = (jobs.c.status == JobStatus.QUEUED) & jobs.c.continues_shot.is_(None)  # not a waiting chain
+        queue = select(*columns, rank, turn).where(ready).subquery()
         query = (
             select(queue.c.id, queue.c.project, queue.c.priority, queue.c.created_at, queue.c.deadline)
             .order_by(queue.c.rank, queue.c.turn, queue.c.id)
@@ -230,6 +231,37 @@ class JobRepository:
         )
         with self._db.read() as conn:
             return [JobEvent(**row._asdict()) for row in conn.execute(query)]
+
+    def waiting_chained(self, limit: int = 100) -> builtins.list[JobRecord]:
+        """Queued chained takes that still wait for their predecessor shot's take, oldest first."""
+        check_limit(limit)
+        query = (
+            select(jobs)
+            .where(jobs.c.status == JobStatus.QUEUED, jobs.c.continues_shot.is_not(None))
+            .order_by(jobs.c.id)
+            .limit(limit)
+        )
+        with self._db.read() as conn:
+            return [job_record(row) for row in conn.execute(query)]
+
+    def release_chained(self, job_id: str, request: JobRequest) -> bool:
+        """A waiting chained take may run now: its request (first keyframe stored) replaces the old and it
+        joins the claimable queue. False when it is no longer a queued, waiting take (cancelled meanwhile)."""
+        now = utcnow()
+        with self._db.write() as conn:
+            released = conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.status == JobStatus.QUEUED,
+                    jobs.c.continues_shot.is_not(None),
+                )
+                .values(request=request.to_stored(), continues_shot=None, updated_at=now)
+            ).rowcount
+            if released:
+                first = request.keyframes.first if request.keyframes is not None else None
+                log_event(conn, job_id, "chained", {"from": first.video if first else None}, now)
+        return bool(released)
 
     def create_promotions(
         self,

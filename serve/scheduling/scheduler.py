@@ -44,6 +44,7 @@ from serve.config import PrevizArgs
 from serve.jobs import JobRecord, JobStatus
 from serve.metrics import record_job_claimed, record_job_finished, record_lanes, record_scheduler_pass
 from serve.scheduling.checkpoints import CheckpointError, read_checkpoint, writes_checkpoint
+from serve.scheduling.continuity import release_chained
 from serve.scheduling.cuts import CutRunner
 from serve.scheduling.eta import EtaModel
 from serve.scheduling.fair_share import Candidate
@@ -178,6 +179,7 @@ class Scheduler:
             self._wake.clear()
 
     async def _start_jobs(self) -> None:
+        await release_chained(self.store, self.artifacts, self.scheduler_id)  # chained shots now ready
         in_flight = Counter(priority for _project, priority, _task in self._running.values())
         free = self._lanes.free_slots(in_flight)
         record_lanes(dict(in_flight), dict(self._lanes.reserved), free)
