@@ -5,6 +5,7 @@ leaves the job count and the artifact store as they were."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,3 +299,17 @@ def test_the_api_docs_state_the_rules(api: LocalApi) -> None:
         assert code in bad_input
     reference = document["components"]["schemas"]["VideoCreate"]["properties"]["input_reference"]
     assert "http(s) URL is refused" in reference["description"]
+
+
+def test_the_keyframes_route_links_the_stored_panel_in_any_state(api: LocalApi) -> None:
+    body = {"prompt": "p", **TINY, "input_reference": {"image_url": data_url(panel())}}
+    video = api.client.post("/v1/videos", json=body).json()
+    links = api.client.get(f"/v1/videos/{video['id']}/keyframes")
+    assert links.status_code == 200, links.text
+    assert links.json()["last"] is None and links.json()["first_from"] is None
+    png = api.client.get(links.json()["first"])
+    assert png.status_code == 200
+    stored = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+    np.testing.assert_array_equal(stored, first_keyframe(api, video["id"]))
+    text_only = api.client.post("/v1/videos", json={"prompt": "p", **TINY}).json()
+    assert api.client.get(f"/v1/videos/{text_only['id']}/keyframes").json()["first"] is None

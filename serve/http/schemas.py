@@ -440,6 +440,20 @@ class VideoLinks(BaseModel):
     expires_at: int = Field(description="Unix seconds after which the links are refused.")
 
 
+class VideoKeyframes(BaseModel):
+    """Signed, expiring links to the keyframe images a video starts (and ends) from, as stored: fitted to
+    the video's size. Null where it has none, or while a chained shot's take still waits for its frame."""
+
+    id: str
+    object: Literal["video.keyframes"] = "video.keyframes"
+    first: str | None = Field(description="The first frame's PNG.")
+    last: str | None = Field(description="The last frame's PNG (experimental first-and-last shots).")
+    first_from: str | None = Field(
+        description="The take whose last frame is the first keyframe (a `file_id`, `{video}` or `continue`)."
+    )
+    expires_at: int = Field(description="Unix seconds after which the links are refused.")
+
+
 class VideoDeleted(BaseModel):
     """`DELETE /v1/videos/{id}`: a queued or running video is cancelled (`status: cancelled`, the record
     stays); a finished one is deleted (its clip, poster and checkpoint removed, a cut holding it marked

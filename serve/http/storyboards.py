@@ -305,6 +305,11 @@ class StoryboardVideo(BaseModel):
     )
     review: ReviewStatus = Field("pending", description="The take's review status.")
     review_by: str | None = Field(None, description="Who set it last (the API key's name).")
+    keyframe: Literal["image", "take", "continue"] | None = Field(
+        None,
+        description="Where its first frame comes from: a panel `image`, a `take`'s last frame, or the shot "
+        "it `continue`s; null: text only. Links: `GET /v1/videos/{id}/keyframes`.",
+    )
 
 
 class StoryboardPromote(BaseModel):

@@ -91,6 +91,11 @@ def expiry(job: JobRecord, retention_days: int | None) -> datetime | None:
     return job.finished_at + timedelta(days=retention_days)
 
 
+def keyframe_kind(job: JobRecord) -> str | None:
+    keyframes = job.request.keyframes
+    return keyframes.first.kind if keyframes is not None and keyframes.first is not None else None
+
+
 def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboard:
     """The board as the API shows it: its jobs grouped by shot, in creation order."""
     shots = [
@@ -127,6 +132,7 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
                 promoted_from_take=take_of.get(video.promoted_from) if video.promoted_from else None,
                 review=video.review,
                 review_by=video.review_by,
+                keyframe=keyframe_kind(job),
             )
         )
     takes = record.edit.takes if record.edit is not None else {}

@@ -39,6 +39,7 @@ from serve.http.schemas import (
     Video,
     VideoCreate,
     VideoDeleted,
+    VideoKeyframes,
     VideoLinks,
     VideoList,
     VideoPromote,
@@ -51,7 +52,9 @@ from serve.http.schemas import (
 from serve.http.views import video_payload, video_view
 from serve.jobs import CancelResult, JobRecord, JobStatus, deletion
 from serve.jobs.models import unix
+from serve.jobs.request import KeyframeSource
 from serve.jobs.reviews import ReviewStatus
+from serve.storage import JobArtifacts
 
 router = APIRouter(prefix="/v1/videos", tags=["videos"])
 
@@ -270,6 +273,36 @@ async def get_video_links(video_id: str, state: StateDep, caller: CallerDep) -> 
     video = await signed_link(job, "video", state)
     thumbnail = await signed_link(job, "thumbnail", state) if job.poster_uri is not None else None
     return VideoLinks(id=job.id, video=video, thumbnail=thumbnail, expires_at=expires_at)
+
+
+@router.get(
+    "/{video_id}/keyframes", response_model=VideoKeyframes, summary="Signed links to a video's keyframes"
+)
+async def get_video_keyframes(video_id: str, state: StateDep, caller: CallerDep) -> VideoKeyframes:
+    """The images the video starts (and ends) from, in any state: the panel beside its takes."""
+    job = await job_or_404(video_id, state, caller)
+    ttl = state.args.artifact_url_ttl_s
+    keys = JobArtifacts(job.project, job.id)
+    recorded = job.request.keyframes
+
+    first = recorded.first if recorded is not None else None
+    last = recorded.last if recorded is not None else None
+
+    async def link(which: Literal["first", "last"], source: KeyframeSource | None) -> str | None:
+        key = keys.keyframe(which)
+        if source is None or source.sha256 is None:  # none, or a chained take still waiting for its frame
+            return None
+        if not await asyncio.to_thread(state.artifacts.exists, key):
+            return None
+        return await asyncio.to_thread(state.artifacts.url, key, expires_in_s=ttl)
+
+    return VideoKeyframes(
+        id=job.id,
+        first=await link("first", first),
+        last=await link("last", last),
+        first_from=first.video if first is not None else None,
+        expires_at=int(time.time()) + ttl,
+    )
 
 
 async def signed_link(job: JobRecord, variant: Literal["video", "thumbnail"], state: IngressState) -> str:
