@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.priority import PRIORITIES as PRIORITIES
 from pipeline.priority import Priority as Priority
-from pipeline.stages import STAGES, Stage, progress_bands, stage, status_row
+from pipeline.stages import Stage, job_plan, progress_bands, stage, status_row
 
 if TYPE_CHECKING:
     from serve.jobs.request import JobRequest
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 EventKind = Literal[
     "created", "claimed", "stage", "progress", "succeeded", "failed", "cancelled", "requeued",
-    "checkpoint", "resumed", "retry", "deleted",
+    "checkpoint", "resumed", "retry", "deleted", "review",
 ]  # fmt: skip
 
 
@@ -39,6 +39,7 @@ class JobStatus(enum.IntEnum):
     QUEUED = 0
     # the running statuses: one per row of the stage table (pipeline.stages), its name and stored value
     ENCODING = stage("encode").status_value
+    ENCODING_IMAGE = stage("encode_image").status_value
     DENOISING_HIGH = stage("denoise_high").status_value
     DENOISING_LOW = stage("denoise_low").status_value
     DECODING = stage("decode").status_value
@@ -79,10 +80,13 @@ class JobStatus(enum.IntEnum):
 RUNNING_STATUSES = tuple(status for status in JobStatus if status.is_running)
 
 # status -> (overall progress when the stage starts, when it ends): what advance() reports when the
-# caller gives only `stage_progress`; from the stage table's weights. 100 only once the clip is stored.
+# caller gives only `stage_progress`; from the stage table's weights over the plan of a job that runs the
+# row (a keyframe encode's band is an I2V job's). 100 only once the clip is stored. The Scheduler gives
+# each job's progress over its own plan.
 PROGRESS_BANDS: dict[JobStatus, tuple[float, float]] = {
     JobStatus[row.status_name]: (start, min(end, 99))
-    for row, (start, end) in zip(STAGES, progress_bands(STAGES).values(), strict=True)
+    for plan in (job_plan(has=frozenset({"keyframes"})), job_plan())
+    for row, (start, end) in zip(plan, progress_bands(plan).values(), strict=True)
 }
 
 
@@ -161,6 +165,9 @@ class JobRecord:
     promoted_to: str | None  # the final-tier job promoted from this draft
     eta_at: datetime | None  # predicted finish of a running job (re-predicted after each denoise step)
     take: int | None  # number within its board's shot, in creation order (None: a video of no board)
+    review: str | None  # approved | rejected | needs-changes; None: pending (serve.jobs.reviews)
+    review_by: str | None  # who set the review last (the API key's name)
+    review_at: datetime | None  # when
 
     @property
     def is_finished(self) -> bool:

@@ -6,8 +6,10 @@ the shared Database:
     jobs         serve/jobs/jobs.py          create and read jobs, counts, the event log
     transitions  serve/jobs/transitions.py   claim, advance, finish, requeue, delete (fenced by attempt)
     storyboards  serve/jobs/storyboards.py   boards with their videos, the edit, the cut
+    cuts         serve/jobs/cuts.py          a board's cut as a durable job (fenced like jobs)
     projects     serve/jobs/projects.py      projects, settings, API keys, quota usage
     luts         serve/jobs/luts.py          a project's LUT looks
+    reviews      serve/jobs/reviews.py       notes and review statuses of takes
     outbox       serve/jobs/outbox.py        webhook deliveries, queued when a job finishes
 
 The serve layer gives the store the function that renders a webhook's body (`webhook_body`: the API's
@@ -21,11 +23,13 @@ import operator
 from collections.abc import Callable
 from typing import Concatenate, Literal, ParamSpec, TypeVar
 
+from serve.jobs.cuts import CutRepository
 from serve.jobs.database import DEFAULT_URL, Database
 from serve.jobs.jobs import JobRepository
 from serve.jobs.luts import LutRepository
 from serve.jobs.outbox import Outbox, WebhookBody
 from serve.jobs.projects import ProjectRepository
+from serve.jobs.reviews import ReviewRepository
 from serve.jobs.rows import MAX_PAGE
 from serve.jobs.schema import SCHEMA_LOCK_KEY
 from serve.jobs.storyboards import StoryboardRepository
@@ -55,13 +59,15 @@ def _forward(
 _jobs: Callable[[JobStore], JobRepository] = operator.attrgetter("jobs")
 _transitions: Callable[[JobStore], JobTransitions] = operator.attrgetter("transitions")
 _storyboards: Callable[[JobStore], StoryboardRepository] = operator.attrgetter("storyboards")
+_cuts: Callable[[JobStore], CutRepository] = operator.attrgetter("cuts")
 _projects: Callable[[JobStore], ProjectRepository] = operator.attrgetter("projects")
 _luts: Callable[[JobStore], LutRepository] = operator.attrgetter("luts")
 _outbox: Callable[[JobStore], Outbox] = operator.attrgetter("outbox")
+_reviews: Callable[[JobStore], ReviewRepository] = operator.attrgetter("reviews")
 
 
 class JobStore:
-    """All reads and state changes of jobs, storyboards, projects, LUTs and webhooks. Thread-safe and
+    """All reads and state changes of jobs, storyboards, projects, LUTs, reviews and webhooks. Thread-safe and
     multi-process-safe; holds only an engine."""
 
     def __init__(
@@ -78,8 +84,10 @@ class JobStore:
         self.jobs = JobRepository(self.db)
         self.transitions = JobTransitions(self.db, self.outbox)
         self.storyboards = StoryboardRepository(self.db)
+        self.cuts = CutRepository(self.db)
         self.projects = ProjectRepository(self.db)
         self.luts = LutRepository(self.db)
+        self.reviews = ReviewRepository(self.db, self.outbox)
 
     @property
     def backend(self) -> Literal["sqlite", "postgresql"]:
@@ -134,6 +142,19 @@ class JobStore:
     replace_cut = _forward(StoryboardRepository.replace_cut, _storyboards)
     delete_storyboard = _forward(StoryboardRepository.delete, _storyboards)
 
+    # CutRepository
+    create_cut = _forward(CutRepository.create, _cuts)
+    get_cut = _forward(CutRepository.get, _cuts)
+    latest_cut = _forward(CutRepository.latest, _cuts)
+    queued_cuts = _forward(CutRepository.queued, _cuts)
+    claim_cut = _forward(CutRepository.claim, _cuts)
+    advance_cut = _forward(CutRepository.advance, _cuts)
+    succeed_cut = _forward(CutRepository.succeed, _cuts)
+    fail_cut = _forward(CutRepository.fail, _cuts)
+    requeue_cut = _forward(CutRepository.requeue, _cuts)
+    requeue_cuts_in_flight = _forward(CutRepository.requeue_in_flight, _cuts)
+    cancel_cut = _forward(CutRepository.cancel, _cuts)
+
     # ProjectRepository
     create_project = _forward(ProjectRepository.create_project, _projects)
     get_project = _forward(ProjectRepository.get_project, _projects)
@@ -153,6 +174,11 @@ class JobStore:
     get_lut = _forward(LutRepository.get, _luts)
     list_luts = _forward(LutRepository.list, _luts)
     delete_lut = _forward(LutRepository.delete, _luts)
+
+    # ReviewRepository
+    add_note = _forward(ReviewRepository.add_note, _reviews)
+    take_notes = _forward(ReviewRepository.notes, _reviews)
+    set_review = _forward(ReviewRepository.set_review, _reviews)
 
     # Outbox
     due_webhooks = _forward(Outbox.due, _outbox)
