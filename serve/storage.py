@@ -307,6 +307,17 @@ class JobArtifacts:
     def checkpoint(self) -> str:
         return artifact_key(self.project, self.job_id, "checkpoint-boundary.npz")
 
+    def keyframe(self, which: Literal["first", "last"]) -> str:
+        """A keyframe the job was admitted with (PNG, already fitted to the job's size); shared by every
+        attempt, so a retry conditions on the same image."""
+        return artifact_key(self.project, self.job_id, f"keyframe-{which}.png")
+
+    @property
+    def last_frame(self) -> str:
+        """The last decoded frame of the job's clip (PNG), written before label, LUT and conform: what a
+        chained shot starts from."""
+        return artifact_key(self.project, self.job_id, "last-frame.png")
+
     @property
     def folder(self) -> str:
         """The prefix of every file of the job (every attempt's clip and poster, its checkpoint)."""

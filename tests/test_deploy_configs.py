@@ -14,6 +14,8 @@ from pipeline.spec import ModelSpec
 from serve.cli import launch
 from serve.config import PrevizArgs
 from serve.sharding import A14B_NUM_HEADS
+from serve.stages.colocated import ColocatedDenoiserDeployment
+from serve.stages.denoiser import DenoiserDeployment
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 GPUS_PER_NODE = 8
@@ -55,3 +57,18 @@ def test_gpu_node_spreads_its_denoiser_ranks_over_all_eight_gpus_and_asks_for_no
         if name in args.experts.deployment_names:
             ranks += entry.get("num_replicas", 1) * len(bundles)
     assert ranks == GPUS_PER_NODE and total <= GPUS_PER_NODE
+
+
+@pytest.mark.parametrize("name", ["gpu-node.yaml", "cluster.yaml"])
+def test_the_denoisers_queue_work_in_their_engines_and_drafts_have_a_lane(name: str) -> None:
+    """Priority acts in the engines only if Serve's FIFO queue never holds the backlog: one denoiser replica
+    must take every job the Scheduler keeps in flight (the load-aware router may send them all to one). The
+    config states its lanes and the router's bound, and keeps slots for interactive shots."""
+    args, deployments = app_of(name)
+    deployment_class = {"split": DenoiserDeployment, "colocated": ColocatedDenoiserDeployment}
+    default_limit = deployment_class[args.experts.layout].max_ongoing_requests
+    for deployment in args.experts.deployment_names:
+        limit = deployments[deployment].get("max_ongoing_requests", default_limit)
+        assert limit >= args.max_jobs_in_flight, (deployment, limit, args.max_jobs_in_flight)
+    assert args.lanes is not None and args.reserved_slots["interactive"] > 0
+    assert "load_factor" in args.routing.model_fields_set and args.routing.load_factor >= 1.0

@@ -1,6 +1,8 @@
-"""The load-aware router on the live cluster with 2 replicas of each expert: a one-size board of 8 jobs runs
-on both replicas' engines (rows per replica from Prometheus), and 2 same-shape jobs created together under
-light load still share forwards (one engine, fewer iterations than steps run).
+"""The load-aware router on the live cluster with 2 replicas of each expert: a one-size storyboard of 8
+shots (POST /v1/storyboards, as the studio page's composer sends it; all 8 videos are created in one
+transaction and the Scheduler claims them together) runs on both replicas' engines (rows per replica from
+Prometheus), and 2 same-shape takes created together (one shot x 2 seeds) under light load still share
+forwards (one engine, fewer iterations than steps run).
 
 The 2-replica app is a second Serve app (`previz-route`) beside the session's
 (tests.support.cluster.extra_app), deployed by this module and deleted after it.
@@ -48,32 +50,34 @@ def prometheus(cluster: Cluster) -> Iterator[PrometheusServer]:
         yield server
 
 
-def test_a_one_size_board_runs_on_both_replicas_of_each_expert(
+def test_a_one_size_storyboard_of_8_shots_runs_on_both_replicas_of_each_expert(
     routed: ExtraApp, prometheus: PrometheusServer
 ) -> None:
-    ids = [routed.client.create({"prompt": f"board shot {i}", "seed": i, **SHOT})["id"] for i in range(8)]
-    for job_id in ids:
-        assert _wait(routed, job_id)["status"] == "completed"
+    shots = [{"prompt": f"board shot {i}", "seed": i} for i in range(8)]
+    board = routed.client.create_storyboard({"title": "one-size board", **SHOT, "shots": shots})
+    assert board["num_videos"] == 8
+    assert _wait_board(routed, board["id"])["counts"] == {"completed": 8}
     for deployment in ("HighNoiseDenoiser", "LowNoiseDenoiser"):
         rows = _rows_per_replica(prometheus, deployment, lambda rows: min(rows.values(), default=0) > 0)
         print(f"\n{deployment} rows per replica: {rows}")
         assert len(rows) == 2 and all(count > 0 for count in rows.values()), rows
 
 
-def test_two_same_shape_jobs_created_together_under_light_load_share_forwards(
+def test_two_same_shape_takes_created_together_under_light_load_share_forwards(
     routed: ExtraApp, prometheus: PrometheusServer
 ) -> None:
     before = _iterations(prometheus, "HighNoiseDenoiser")
     rows_before = _rows_per_replica(prometheus, "HighNoiseDenoiser", lambda _rows: True)
-    ids = [routed.client.create({"prompt": f"pair {i}", "seed": 100 + i, **SHOT})["id"] for i in range(2)]
-    jobs = [_wait(routed, job_id) for job_id in ids]
-    assert all(job["status"] == "completed" for job in jobs)
+    board = routed.client.create_storyboard(
+        {**SHOT, "shots": [{"prompt": "a pair of takes"}], "variants": {"seeds": [100, 101]}}
+    )
+    assert _wait_board(routed, board["id"])["counts"] == {"completed": 2}
     grew = lambda rows: sum(rows.values()) > sum(rows_before.values())  # noqa: E731
     rows_after = _rows_per_replica(prometheus, "HighNoiseDenoiser", grew)
     changed = [replica for replica in rows_after if rows_after[replica] != rows_before.get(replica, 0)]
-    assert len(changed) == 1, (rows_before, rows_after)  # both jobs met on one replica
+    assert len(changed) == 1, (rows_before, rows_after)  # both takes met on one replica
     iterations = _iterations(prometheus, "HighNoiseDenoiser") - before
-    high_steps = (sum(rows_after.values()) - sum(rows_before.values())) / 2 / 2  # rows: 2 jobs x CFG
+    high_steps = (sum(rows_after.values()) - sum(rows_before.values())) / 2 / 2  # rows: 2 takes x CFG
     assert 0 < iterations < 2 * high_steps, (iterations, high_steps)  # some forwards carried both
 
 
@@ -102,11 +106,12 @@ def _iterations(prometheus: PrometheusServer, deployment: str) -> float:
     return float(result[0]["value"][1]) if result else 0.0
 
 
-def _wait(app: ExtraApp, job_id: str) -> dict[str, Any]:
+def _wait_board(app: ExtraApp, board_id: str) -> dict[str, Any]:
+    """The storyboard once every video on it finished, as the board page polls it."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        job = app.client.get(job_id)
-        if job["status"] in ("completed", "failed", "cancelled"):
-            return job
+        board = app.client.get_storyboard(board_id)
+        if board["status"] in ("completed", "failed"):
+            return board
         time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish in {WAIT_S} s")
+    raise AssertionError(f"storyboard {board_id} did not finish in {WAIT_S} s: {board['counts']}")

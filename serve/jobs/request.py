@@ -23,6 +23,7 @@ from pipeline.spec import ModelSpec, RequestSpec, ResolvedRequest, resolve
 from pipeline.video import DRAFT_LABEL
 
 SERVED_MODEL = "wan2.2-t2v-a14b"  # the name the API serves the model under
+I2V_MODEL = "wan2.2-i2v-a14b"  # the image-to-video model: jobs with keyframes run on it
 JOB_REQUEST_FORMAT = 2  # 1: the untyped dict of earlier versions (upgraded on read)
 Upscale = Literal["none", "720p", "1080p"]
 FrameRate = Literal[
@@ -107,6 +108,32 @@ class StoryboardPlace(BaseModel):
     grid: dict[str, str] = Field(default_factory=dict, description="Grid field -> value of this variant.")
 
 
+class KeyframeSource(BaseModel):
+    """Where one keyframe of a job came from. The pixels are the job's `JobArtifacts.keyframe` PNG
+    (serve.jobs.keyframes), fitted to the job's size when it was admitted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["image", "take", "continue"] = Field(
+        description="`image`: an uploaded image (a storyboard panel); `take`: the last frame of the finished "
+        "take `video`; `continue`: the last frame of the previous shot's take, filled in when it finishes."
+    )
+    video: str | None = Field(None, description="The take whose last frame this is (`take`, `continue`).")
+    sha256: str | None = Field(
+        None, description="Of the stored PNG; None while a `continue` keyframe waits for its take."
+    )
+
+
+class Keyframes(BaseModel):
+    """The keyframes of an image-to-video job: `first` conditions the first frame, `last` (experimental:
+    Wan2.2 I2V was not trained for it) its last."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    first: KeyframeSource | None = None
+    last: KeyframeSource | None = None
+
+
 class JobRequest(BaseModel):
     """One job's request as stored (the `request` JSON column)."""
 
@@ -123,6 +150,9 @@ class JobRequest(BaseModel):
     remixed_from: str | None = Field(None, description="The source video of a remix.")
     promoted_from: str | None = Field(None, description="The draft this final-tier job was promoted from.")
     body_sha256: str | None = Field(None, description="Fingerprint of the body, to tell replays apart.")
+    keyframes: Keyframes | None = Field(
+        None, description="The images an I2V job starts (and may end) from; None for text-to-video."
+    )
 
     @classmethod
     def of(cls, spec: RequestSpec, model: ModelSpec, **fields: Any) -> JobRequest:

@@ -65,6 +65,21 @@ class Cluster:
         time.sleep(1)  # let the controller pick up the new config before polling its status
         launch.wait_ready(self.url, timeout_s=600)
 
+    @contextmanager
+    def scaled(self, deployment: str, num_replicas: int) -> Iterator[None]:
+        """The session app with `num_replicas` of `deployment` inside the block, as it was after it, also
+        when the block fails: every later test, and every extra app (it copies `config`), sees the
+        session's own replicas again, not those of a test that failed half-way."""
+        before = self.config
+        (entry,) = [d for d in before["applications"][0]["deployments"] if d["name"] == deployment]
+        self.redeploy(with_replicas(before, deployment, num_replicas))
+        wait_for_replicas(deployment, num_replicas)
+        try:
+            yield
+        finally:
+            self.redeploy(before)
+            wait_for_replicas(deployment, entry["num_replicas"])
+
     def wait_for(self, job_ids: list[str], timeout_s: float = 600) -> dict[str, dict]:
         store = self.store()
         try:
@@ -192,9 +207,24 @@ def extra_app(
             time.sleep(0.5)
 
 
-def replica_actor_names(deployment: str) -> list[str]:
+def replica_actor_names(deployment: str, app: str = "previz") -> list[str]:
+    """The named actors of `app`'s `deployment` replicas: starting, running and still stopping ones (a
+    replacement or a scale-down lists both for a while)."""
     return sorted(
         actor["name"]
         for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["name"].startswith(f"SERVE_REPLICA::previz#{deployment}#")
+        if actor["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")
     )
+
+
+def wait_for_replicas(
+    deployment: str, num_replicas: int, app: str = "previz", timeout_s: float = 120
+) -> list[str]:
+    """The replica actor names of `app`'s `deployment` once there are `num_replicas` of them (a replica
+    Serve stopped leaves the list only when its actor is gone, some seconds after the app is RUNNING)."""
+    deadline = time.monotonic() + timeout_s
+    while len(names := replica_actor_names(deployment, app)) != num_replicas:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{app}#{deployment} lists {names} after {timeout_s} s, not {num_replicas}")
+        time.sleep(0.5)
+    return names
