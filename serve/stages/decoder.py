@@ -16,7 +16,7 @@ from pipeline.taehv import FastDecoder, fast_decoder_network
 from pipeline.vae import VAEDecoder, decode_dtype
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter, record_decode_plan
-from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
+from serve.stages.common import STAGE_OPTIONS, all_calls_options, gpu_options, stage_components
 from serve.stages.payloads import FrameBatch, StateRef
 from serve.stages.turns import StageWaiting, Turns
 
@@ -24,7 +24,7 @@ NAME = deployment_name(stage("decode"))  # from the stage table
 
 
 def default_options(args: PrevizArgs) -> dict[str, Any]:
-    return {"name": NAME, **gpu_options(args)}
+    return {"name": NAME, **gpu_options(args), **all_calls_options(args)}
 
 
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=8, **STAGE_OPTIONS)
