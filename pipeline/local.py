@@ -1,6 +1,7 @@
-"""One-process run of the whole chain: TextEncoder → high Denoiser → low Denoiser → VAEDecoder →
-Upscaler → Finisher (conform, grade, frame check, label, encode). The same stage classes run inside
-Serve replicas unchanged, so a clip made here equals the cluster's for the same shot, seed and finish.
+"""One-process run of the whole chain: TextEncoder → (VAEEncoder, for an I2V model's keyframes) → high
+Denoiser → low Denoiser → VAEDecoder → Upscaler → Finisher (conform, grade, frame check, label, encode).
+The same stage classes run inside Serve replicas unchanged, so a clip made here equals the cluster's for
+the same shot, seed and finish.
 
 `sharded_pipeline` runs the same chain with both experts sharded over U x C processes on this machine
 (gloo on CPU, NCCL with one GPU per rank): this process is rank 0 and runs every stage; the spawned
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from pipeline.denoise import Denoiser, initial_state
+from pipeline.denoise import Denoiser, DenoiseState, initial_state
 from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
 from pipeline.denoise.experts import expert_step_indices
@@ -48,6 +49,7 @@ from pipeline.taehv import FastDecoder
 from pipeline.text import TextEncoder
 from pipeline.upscale import Upscaler, resize_frames, upscale_target_size
 from pipeline.vae import VAEDecoder
+from pipeline.vae_encode import Keyframes, VAEEncoder
 from pipeline.video import DRAFT_LABEL
 from pipeline.weights import DEFAULT_CACHE_DIR, PRESETS, WanComponents, load_components
 
@@ -133,6 +135,7 @@ class LocalPipeline:
             for expert, transformer in (("high", components.transformer), ("low", components.transformer_2))
         }
         self.vae_decoder = VAEDecoder(components.vae)
+        self.vae_encoder = VAEEncoder(components.vae) if components.task == "i2v" else None
         self.draft_decoder = draft_decoder
         self.upscaler = upscaler if upscaler is not None else default_upscaler(components.source)
         self.finisher = Finisher(frame_check, interpolator)
@@ -144,15 +147,10 @@ class LocalPipeline:
         *,
         finish: FinishOptions | None = None,
         progress: ProgressCallback | None = None,
+        keyframes: Keyframes | None = None,
     ) -> GenerationResult:
-        problem = self.shape_problem(request)
-        if problem is not None:
-            raise ValueError(problem)
-        if request.quality == "draft" and self.draft_lora is None:
-            raise ValueError(
-                "`quality` draft needs the distill LoRA (`draft_lora`: a folder or s3:// prefix); use "
-                "`quality` final."
-            )
+        """Make one clip; an I2V model needs `keyframes` (at the request's size), a T2V model takes none."""
+        self._check(request, keyframes)
         finish = finish or FinishOptions()
         target_size = upscale_target_size(finish.upscale, *request.size)
         model = self.components.model
@@ -171,27 +169,7 @@ class LocalPipeline:
         def stage_progress(stage: str) -> Callable[[int, int], None]:
             return lambda done, total: report(stage, done, total)
 
-        with _timed(timings, "encode"):
-            prompt, negative = self.text_encoder.encode([resolved.prompt, resolved.negative_prompt])
-            report("encode", 1, 1)
-        state = initial_state(resolved, model, channels=self.components.transformer.config.in_channels)
-        if resolved.cache is not None:  # calibrated on first use only: a preset measures its own curve
-            curve = calibration_curve(self.components.source, model)
-            for denoiser in self.denoisers.values():
-                denoiser.cache_curve = curve
-        for expert, guidance in (("high", resolved.guidance_high), ("low", resolved.guidance_low)):
-            stage = f"denoise_{expert}"
-            with _timed(timings, stage):
-                state = self.denoisers[expert].run(
-                    state,
-                    prompt,
-                    negative,
-                    guidance,
-                    on_step=stage_progress(stage),
-                    quality=resolved.quality,
-                    adapters=resolved.adapters(model),
-                    cache=resolved.cache,
-                )
+        state = self._denoise(resolved, keyframes, timings, report)
         with _timed(timings, "decode"):
             fast = self.draft_decoder if resolved.quality == "draft" else None
             frames = (fast or self.vae_decoder).decode(
@@ -210,9 +188,84 @@ class LocalPipeline:
             stage_seconds=timings,
         )
 
+    def latents(self, request: RequestSpec, keyframes: Keyframes | None = None) -> torch.Tensor:
+        """The request's denoised latents (channels, frames, height, width), float32 on CPU: what
+        `generate` decodes (the equality tests compare these)."""
+        self._check(request, keyframes)
+        resolved = resolve(request, self.components.model)
+        return self._denoise(resolved, keyframes, {}, lambda _stage, _done, _total: None).latents.cpu()
+
+    def _check(self, request: RequestSpec, keyframes: Keyframes | None) -> None:
+        problem = self.shape_problem(request) or self.keyframes_problem(request, keyframes)
+        if problem is not None:
+            raise ValueError(problem)
+        if request.quality == "draft" and self.draft_lora is None:
+            raise ValueError(
+                "`quality` draft needs the distill LoRA (`draft_lora`: a folder or s3:// prefix); use "
+                "`quality` final."
+            )
+
+    def _denoise(
+        self,
+        resolved: ResolvedRequest,
+        keyframes: Keyframes | None,
+        timings: dict[str, float],
+        report: ProgressCallback,
+    ) -> DenoiseState:
+        """Encode the prompts (and an I2V request's keyframes), then both experts' steps."""
+        model = self.components.model
+
+        def stage_progress(stage: str) -> Callable[[int, int], None]:
+            return lambda done, total: report(stage, done, total)
+
+        with _timed(timings, "encode"):
+            prompt, negative = self.text_encoder.encode([resolved.prompt, resolved.negative_prompt])
+            report("encode", 1, 1)
+        condition = None
+        if keyframes is not None and self.vae_encoder is not None:
+            with _timed(timings, "encode_image"):
+                condition = self.vae_encoder.encode(keyframes, resolved.num_frames)
+                report("encode_image", 1, 1)
+        state = initial_state(resolved, model, channels=self.components.transformer.config.out_channels)
+        if resolved.cache is not None:  # calibrated on first use only: a preset measures its own curve
+            curve = calibration_curve(self.components.source, model)
+            for denoiser in self.denoisers.values():
+                denoiser.cache_curve = curve
+        for expert, guidance in (("high", resolved.guidance_high), ("low", resolved.guidance_low)):
+            stage = f"denoise_{expert}"
+            with _timed(timings, stage):
+                state = self.denoisers[expert].run(
+                    state,
+                    prompt,
+                    negative,
+                    guidance,
+                    on_step=stage_progress(stage),
+                    quality=resolved.quality,
+                    adapters=resolved.adapters(model),
+                    cache=resolved.cache,
+                    condition=condition,
+                )
+        return state
+
     def shape_problem(self, request: RequestSpec) -> str | None:
         """Why this pipeline's parallel degree cannot run the request's size, or None."""
         return request_shape_problem(self.components, request, self.degree)
+
+    def keyframes_problem(self, request: RequestSpec, keyframes: Keyframes | None) -> str | None:
+        """Why `keyframes` do not fit this model and request (I2V needs them at its size), or None."""
+        if self.vae_encoder is None:
+            if keyframes is not None:
+                return "keyframes need the image-to-video model (a `-i2v` preset or a Wan2.2 I2V folder)."
+            return None
+        if keyframes is None:
+            return "the image-to-video model needs `keyframes` (at least the first frame)."
+        height, width = keyframes.first.shape[:2]
+        if (width, height) != request.size:
+            return (
+                f"keyframes are {width}x{height} but the clip is {request.width}x{request.height}: resize "
+                "and crop them to the clip's size first."
+            )
+        return None
 
     def steps_per_expert(self, request: RequestSpec) -> dict[str, int]:
         """How many of the request's steps each expert runs (for progress bars)."""
@@ -279,15 +332,23 @@ def sharded_pipeline(
     draft_lora: str | None = None,
     frame_check: FrameCheck | None = None,
     cache_dir: Path = DEFAULT_CACHE_DIR,
+    draft_decoder: FastDecoder | None = None,
 ) -> Iterator[LocalPipeline]:
     """A LocalPipeline whose experts run over `degree.world_size` processes on this machine.
 
     This process is rank 0 (it already holds `components`); ranks 1.. are spawned, load the two experts
     from `components.source` onto their own device (cuda:rank on GPUs, else cpu) with the same adapters
     (the draft tier's distill LoRA, loaded before sharding), and serve steps until the context exits. A
-    worker that fails makes the next forward raise ShardGroupError."""
+    worker that fails makes the next forward raise ShardGroupError. `draft_decoder`: LocalPipeline's (rank
+    0 decodes)."""
     if not degree.is_sharded:
-        yield LocalPipeline(components, upscaler=upscaler, draft_lora=draft_lora, frame_check=frame_check)
+        yield LocalPipeline(
+            components,
+            upscaler=upscaler,
+            draft_lora=draft_lora,
+            frame_check=frame_check,
+            draft_decoder=draft_decoder,
+        )
         return
     device = next(components.transformer.parameters()).device
     if device.type == "cuda" and torch.cuda.device_count() < degree.world_size:
@@ -334,6 +395,7 @@ def sharded_pipeline(
             draft_lora=draft_lora,
             cache_dir=cache_dir,
             frame_check=frame_check,
+            draft_decoder=draft_decoder,
         )
     finally:
         if group is not None:

@@ -149,8 +149,13 @@ def num_video_tokens(latent_shape: Sequence[int], patch_size: Sequence[int]) -> 
     return (frames // pt) * (height // ph) * (width // pw)
 
 
+Task = Literal["t2v", "i2v"]  # text-to-video (Wan2.2-T2V-A14B) or image-to-video (Wan2.2-I2V-A14B)
+TASKS: tuple[Task, ...] = ("t2v", "i2v")
+
+
 class ModelSpec(BaseModel):
-    """Sampling facts of Wan2.2-T2V-A14B; the defaults are the official ones."""
+    """Sampling facts of a Wan2.2 A14B model; the defaults are T2V's official ones (`model_spec("i2v")`
+    gives I2V's)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -172,6 +177,12 @@ class ModelSpec(BaseModel):
     patch_size: tuple[int, int, int] = Field((1, 2, 2), description="DiT patch size (t, h, w).")
     # `final` is the official recipe of the fields above (Wan2.2 repo, wan/configs/wan_t2v_A14B.py: 40
     # steps, shift 12, guide_scale (3.0, 4.0) low/high, UniPC); the boundary gives 26 high + 14 low steps.
+    final_num_high_steps: int | None = Field(
+        26,
+        ge=0,
+        description="High-noise steps of the official recipe when `num_steps` is 40 (T2V: 26 of 40; I2V: "
+        "15 of 40), checked by the tests against the boundary; None: not fixed.",
+    )
     draft: TierRecipe = Field(DRAFT_RECIPE, description="The `draft` tier: few-step distilled experts.")
     final_cache: StepCacheSettings | None = Field(
         DEFAULT_FINAL_CACHE,
@@ -201,7 +212,7 @@ class ModelSpec(BaseModel):
             return self.draft
         return TierRecipe(
             steps=self.num_steps,
-            num_high_steps=26 if self.num_steps == 40 else None,
+            num_high_steps=self.final_num_high_steps if self.num_steps == 40 else None,
             solver="unipc",
             flow_shift=self.flow_shift,
             guidance_high=self.guidance_high,
@@ -209,6 +220,26 @@ class ModelSpec(BaseModel):
             adapter=None,
             cache=self.final_cache,
         )
+
+
+# Wan2.2-I2V-A14B's official recipe (Wan-Video/Wan2.2 wan/configs/wan_i2v_A14B.py: sample_steps 40,
+# sample_shift 5.0, boundary 0.900, sample_guide_scale (3.5, 3.5) low/high, UniPC): the boundary gives 15
+# high + 25 low steps. Its draft tier is T2V's recipe (Wan2.2-Lightning's I2V 4-step LoRAs: shift 5.0, no
+# CFG, Euler); shifted, the four timesteps 1000, 937.5, 833.3, 625 split 2 + 2 at 900 as at 875. No step
+# cache by default: MagCache's published ratios here are T2V's (a preset calibrates its own curve).
+I2V_MODEL = ModelSpec(
+    boundary_ratio=0.9,
+    flow_shift=5.0,
+    guidance_high=3.5,
+    guidance_low=3.5,
+    final_num_high_steps=15,
+    final_cache=None,
+)
+
+
+def model_spec(task: Task) -> ModelSpec:
+    """The official sampling facts of the Wan2.2 A14B model of `task`."""
+    return I2V_MODEL if task == "i2v" else ModelSpec()
 
 
 class SizeEnvelope(BaseModel):

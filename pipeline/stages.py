@@ -5,6 +5,7 @@ pipeline and the Serve graph all read it; a new stage is one row here (plus, for
 deployment class that serves it).
 
     for stage in job_plan():              # encode, denoise_high, denoise_low, decode, upscale, finish
+        ...                                   # (encode_image after encode: job_plan(has={"keyframes"}))
         ...
     deployment_name(stage("denoise_high"), layout="colocated")   # -> "Denoiser"
 
@@ -50,6 +51,18 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     # Not billed: the encoder batches and caches across jobs, so its wall time is not one job's work.
     Stage("encode", "ENCODING", 10, "text encoder", 2, True, False, "text_encoder"),
+    # I2V only: the keyframes' condition latents (a clip-length VAE encode, about as costly as a decode)
+    Stage(
+        "encode_image",
+        "ENCODING_IMAGE",
+        15,
+        "VAE encode (keyframes)",
+        6,
+        True,
+        True,
+        "image_encoder",
+        needs="keyframes",
+    ),
     Stage(
         "denoise_high",
         "DENOISING_HIGH",
@@ -125,8 +138,10 @@ def job_plan(
     return tuple(row for row in table if row.needs is None or row.needs in has)
 
 
-def progress_bands(plan: tuple[Stage, ...] = STAGES) -> dict[str, tuple[float, float]]:
-    """stage name -> (overall progress 0..100 when it starts, when it ends), over the rows of `plan`."""
+def progress_bands(plan: tuple[Stage, ...] | None = None) -> dict[str, tuple[float, float]]:
+    """stage name -> (overall progress 0..100 when it starts, when it ends), over the rows of `plan`
+    (None: a text-to-video job's, `job_plan()`)."""
+    plan = job_plan() if plan is None else plan
     total = sum(row.weight for row in plan)
     bands, done = {}, 0.0
     for row in plan:
@@ -135,8 +150,8 @@ def progress_bands(plan: tuple[Stage, ...] = STAGES) -> dict[str, tuple[float, f
     return bands
 
 
-def overall_progress(name: str, fraction: float, plan: tuple[Stage, ...] = STAGES) -> int:
-    """0..100 across `plan` for a job `fraction` of the way through stage `name`."""
+def overall_progress(name: str, fraction: float, plan: tuple[Stage, ...] | None = None) -> int:
+    """0..100 across `plan` (None: `job_plan()`) for a job `fraction` of the way through stage `name`."""
     start, end = progress_bands(plan)[name]
     return int(start + (end - start) * min(max(fraction, 0.0), 1.0))
 
@@ -165,9 +180,11 @@ def deployment_name(row: Stage, *, layout: Layout = "split", model: str | None =
 
 
 def deployments(
-    plan: tuple[Stage, ...] = STAGES, *, layout: Layout = "split", model: str | None = None
+    plan: tuple[Stage, ...] | None = None, *, layout: Layout = "split", model: str | None = None
 ) -> dict[str, str]:
-    """stage name -> deployment name for every row of `plan` (several rows may share one deployment)."""
+    """stage name -> deployment name for every row of `plan` (None: `job_plan()`; several rows may share
+    one deployment)."""
+    plan = job_plan() if plan is None else plan
     return {row.name: deployment_name(row, layout=layout, model=model) for row in plan}
 
 

@@ -69,14 +69,19 @@ class VAEDecoder:
     def plan(self, latent_shape: tuple[int, ...]) -> DecodePlan:
         """How latents of `latent_shape` (channels, frames, height, width) are decoded now: full frames if
         they fit the smaller of the device's free memory and the configured bound, else tiles."""
-        bounds = [b for b in (free_device_bytes(self.device), self.memory_bound_bytes) if b is not None]
         return plan_decode(
             self.vae.config,
             tuple(latent_shape),
             self.dtype,
-            min(bounds) if bounds else None,
+            self.budget_bytes(),
             force_tiling=self.spatial_tiling,
         )
+
+    def budget_bytes(self) -> int | None:
+        """The memory a decode may plan for now: the smaller of the device's free memory and the configured
+        bound (None: neither is known, as on CPU without a bound)."""
+        bounds = [b for b in (free_device_bytes(self.device), self.memory_bound_bytes) if b is not None]
+        return min(bounds) if bounds else None
 
     def apply(self, plan: DecodePlan) -> None:
         """Switch the VAE to `plan`'s way of decoding (diffusers' tiling, with the plan's tile)."""

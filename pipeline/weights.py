@@ -1,6 +1,11 @@
 """Where the model comes from: a Diffusers-format Wan2.2 folder, an s3:// copy of one, or a built-in
 random-weight preset made from the real diffusers/transformers classes.
 
+Two models share this code: Wan2.2-T2V-A14B (`WanPipeline`) and Wan2.2-I2V-A14B
+(`WanImageToVideoPipeline`: the same two experts with 36 input channels, the noise latents plus the
+condition of `pipeline.vae_encode`, and no image encoder). A folder says which by its model_index.json's
+`_class_name`; a preset by its `task` (`tiny-i2v`, `small-i2v`).
+
 Presets are data (`PRESETS`) and are seeded, so `tiny` is bit-identical on every machine with the same
 torch build. `save_components` writes the Diffusers layout that `load_components` reads back.
 """
@@ -14,14 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
-from pipeline.spec import ModelSpec
+from pipeline.spec import ModelSpec, Task, model_spec
 
 DIFFUSERS_SUBFOLDERS = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "scheduler")
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "previz" / "models"
 NETWORKS = ("transformer", "transformer_2", "vae", "text_encoder")  # what load_components(parts=...) names
+# model_index.json `_class_name` -> the task of the model it describes
+PIPELINE_TASKS: dict[str, Task] = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
+I2V_CONDITION_CHANNELS = 20  # 4 mask channels (one per frame of a latent frame) + the VAE's z_dim 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +48,22 @@ class PresetConfig:
     upscaler: dict[str, Any]  # Upscaler.compact_random kwargs
     seed: int  # every weight tensor derives from this
     fast_decoder_widths: tuple[int, int, int, int] = (256, 128, 64, 64)  # TAEHV draft decoder, per level
+    task: Task = "t2v"  # i2v: experts take the condition channels too (in_channels 36)
+
+
+def _i2v(preset: PresetConfig, seed: int) -> PresetConfig:
+    """The I2V twin of a T2V preset: the same sizes, experts with the 20 condition channels as input
+    (Wan2.2-I2V-A14B's in_channels 36), its own seed."""
+    transformer = {**preset.transformer, "in_channels": 16 + I2V_CONDITION_CHANNELS}
+    return PresetConfig(
+        transformer=transformer,
+        vae=preset.vae,
+        text_encoder=preset.text_encoder,
+        upscaler=preset.upscaler,
+        seed=seed,
+        fast_decoder_widths=preset.fast_decoder_widths,
+        task="i2v",
+    )
 
 
 PRESETS: dict[str, PresetConfig] = {
@@ -90,11 +120,13 @@ PRESETS: dict[str, PresetConfig] = {
         fast_decoder_widths=(32, 16, 16, 16),
     ),
 }
+PRESETS["tiny-i2v"] = _i2v(PRESETS["tiny"], seed=20250801)
+PRESETS["small-i2v"] = _i2v(PRESETS["small"], seed=20250802)
 
 
 @dataclass(slots=True)
 class WanComponents:
-    """Everything one Wan2.2 T2V model consists of, on one device. A serving stage loads only its own
+    """Everything one Wan2.2 model (T2V or I2V) consists of, on one device. A serving stage loads only its own
     networks (`load_components(..., parts=...)`: real experts are 28.6 GB each); the others are None."""
 
     tokenizer: PreTrainedTokenizerBase | None
@@ -105,6 +137,7 @@ class WanComponents:
     transformer_2: WanTransformer3DModel | None  # low-noise expert, t < boundary
     model: ModelSpec  # boundary, flow shift, defaults actually in force
     source: str  # "tiny", a folder path or an s3:// URI, for logs and job records
+    task: Task = "t2v"  # i2v: the experts also take the condition channels (pipeline.vae_encode)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -134,7 +167,7 @@ def build_preset(name: str, model: ModelSpec | None = None) -> WanComponents:
     if name not in PRESETS:
         raise ValueError(f"`model` preset must be one of {', '.join(PRESETS)} but is {name!r}.")
     preset = PRESETS[name]
-    model = model or ModelSpec()
+    model = model or model_spec(preset.task)
     tokenizer = ByT5Tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
@@ -160,12 +193,15 @@ def build_preset(name: str, model: ModelSpec | None = None) -> WanComponents:
         transformer_2=transformer_2,
         model=model,
         source=name,
+        task=preset.task,
     )
 
 
-def wan_pipeline(components: WanComponents) -> WanPipeline:
-    """diffusers' own WanPipeline over `components`, with a fresh solver (the reference and the saver)."""
-    return WanPipeline(
+def wan_pipeline(components: WanComponents) -> WanPipeline | WanImageToVideoPipeline:
+    """diffusers' own pipeline over `components` (WanPipeline, or WanImageToVideoPipeline without an image
+    encoder for I2V, as Wan2.2 ships it), with a fresh solver (the reference and the saver)."""
+    pipeline_class = WanImageToVideoPipeline if components.task == "i2v" else WanPipeline
+    return pipeline_class(
         tokenizer=components.tokenizer,
         text_encoder=components.text_encoder,
         vae=components.vae,
@@ -195,8 +231,9 @@ def load_components(
     """Load from a preset name, a Diffusers folder or `s3://bucket/prefix`, placed on `device`; only the
     networks named in `parts` (of NETWORKS; `text_encoder` brings its tokenizer) are loaded.
 
-    The Diffusers Wan2.2 repo ships `flow_shift=3.0`; T2V samples with `model.flow_shift` (12.0), which
-    replaces it unless `keep_shipped_flow_shift`.
+    The Diffusers Wan2.2 repo ships `flow_shift=3.0`; T2V samples with `model.flow_shift` (12.0), I2V with
+    5.0 (`model`: the folder's task's official spec when None), which replaces it unless
+    `keep_shipped_flow_shift`.
     """
     unknown = set(parts) - set(NETWORKS)
     if unknown:
@@ -210,7 +247,10 @@ def load_components(
             preset.tokenizer = None
         return place(preset, target)
     folder = resolve_folder(source, cache_dir=cache_dir, progress=progress)
-    model, scheduler = load_sampling(folder, model=model, keep_shipped_flow_shift=keep_shipped_flow_shift)
+    task = folder_task(folder)
+    model, scheduler = load_sampling(
+        folder, model=model or model_spec(task), keep_shipped_flow_shift=keep_shipped_flow_shift
+    )
     tokenizer, text_encoder = load_text_encoder(folder, target) if "text_encoder" in parts else (None, None)
     components = WanComponents(
         tokenizer=tokenizer,
@@ -221,6 +261,7 @@ def load_components(
         transformer_2=load_transformer(folder, "transformer_2", target) if "transformer_2" in parts else None,
         model=model,
         source=source,
+        task=task,
     )
     return place(components, target)
 
@@ -237,6 +278,24 @@ def resolve_folder(
         folder = Path(source).expanduser()
     check_diffusers_folder(folder)
     return folder
+
+
+def source_task(source: str, *, cache_dir: Path = DEFAULT_CACHE_DIR) -> Task:
+    """The task of a model source (a preset, a Diffusers folder or an s3:// URI, mirrored first)."""
+    if source in PRESETS:
+        return PRESETS[source].task
+    return folder_task(resolve_folder(source, cache_dir=cache_dir))
+
+
+def folder_task(folder: Path) -> Task:
+    """t2v or i2v, from the pipeline class a Diffusers folder's model_index.json names."""
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    if name not in PIPELINE_TASKS:
+        raise ValueError(
+            f"{folder}/model_index.json names pipeline {name!r}; Previz serves "
+            f"{' and '.join(PIPELINE_TASKS)} (Wan2.2 T2V and I2V)."
+        )
+    return PIPELINE_TASKS[name]
 
 
 def load_sampling(
@@ -281,9 +340,7 @@ def check_diffusers_folder(folder: Path) -> None:
         )
     missing = [name for name in ("model_index.json", *DIFFUSERS_SUBFOLDERS) if not (folder / name).exists()]
     if missing:
-        raise FileNotFoundError(
-            f"{folder} is not a Diffusers Wan2.2 T2V folder: missing {', '.join(missing)}."
-        )
+        raise FileNotFoundError(f"{folder} is not a Diffusers Wan2.2 folder: missing {', '.join(missing)}.")
 
 
 def place(components: WanComponents, device: torch.device) -> WanComponents:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.denoise.adapters import DEFAULT_MAX_ADAPTERS
 from pipeline.denoise.fp8 import fp8_problem
+from pipeline.denoise.parallel import DEFAULT_TIMEOUT_S
 from pipeline.grade import LOOK_PATTERN
 from pipeline.lora import BUILTIN
 from pipeline.lut import Interpolation
@@ -48,6 +49,9 @@ class RoutingSettings(BaseModel):
     )
 
 
+MAX_DECODE_RANKS = 8  # GPUs of one node: a rank group is STRICT_PACK
+
+
 class DecoderSettings(BaseModel):
     """The VAEDecoder replicas: the dtype they decode in, the memory a decode may take, and which decoder
     each tier uses (a fast TAEHV decoder for drafts; finals always the full VAE)."""
@@ -67,6 +71,19 @@ class DecoderSettings(BaseModel):
         "the decode (what a denoiser beside the decoder left); on CPU no bound.",
     )
 
+    parallel: int = Field(
+        1,
+        description="Ranks (a GPU each) every full-VAE decode of a replica is split over: each rank decodes "
+        "one block of every frame, halos swapped at every convolution (pipeline.vae_parallel). Above 1 "
+        "the replica reserves a placement group of that many bundles on one node (STRICT_PACK), as a "
+        "sharded expert does; ranks 1.. are actors in it. 1 to 8.",
+    )
+    timeout_s: float = Field(
+        DEFAULT_TIMEOUT_S,
+        gt=0,
+        description="With `parallel` above 1: every collective of the decoder's rank group gives up after "
+        "this long; the replica then exits and Serve replaces it with a new group.",
+    )
     draft: Literal["vae", "fast"] = Field(
         "vae",
         description="The `draft` tier's decoder: `vae` (the full Wan VAE) or `fast` (TAEHV's tiny decoder "
@@ -86,6 +103,16 @@ class DecoderSettings(BaseModel):
             raise ValueError(
                 f"`decoder.final` must be `vae` but is {value!r}: finals always decode with the full VAE "
                 "(the fast decoder is for drafts: `decoder.draft: fast`)."
+            )
+        return value
+
+    @field_validator("parallel")
+    @classmethod
+    def _ranks_on_one_node(cls, value: int) -> int:
+        if not 1 <= value <= MAX_DECODE_RANKS:
+            raise ValueError(
+                f"`decoder.parallel` must be 1 to {MAX_DECODE_RANKS} but is {value}: a decoder's rank group "
+                f"sits on one node (STRICT_PACK), a GPU per rank."
             )
         return value
 
@@ -232,6 +259,12 @@ class PrevizArgs(BaseModel):
         description="Slots of `max_jobs_in_flight` reserved per priority class (lanes): a lane takes its own "
         "reserve or the unreserved slots, never another lane's reserve, so interactive shots never wait "
         "behind a batch backlog for a slot. None: a quarter of the slots for `interactive`.",
+    )
+    max_cuts_in_flight: int = Field(
+        2,
+        ge=1,
+        description="Storyboard cuts the Scheduler has the Finisher's replicas render at once (each uses a "
+        "core for minutes on a long board; the rest wait queued).",
     )
     max_queued_jobs: int = Field(1000, ge=1, description="Bound of the queue; beyond it new jobs get 429.")
     max_queued_jobs_per_project: int | None = Field(

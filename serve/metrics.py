@@ -82,7 +82,10 @@ class PrevizMetrics:
     artifact_store_operations_total: Counter  # by outcome ok | error: disk or S3 trouble shows here
     webhook_deliveries_total: Counter  # per attempt, by outcome delivered | failed (retried) | gave_up
     safety_blocks_total: Counter  # content refused, by stage (prompt | frames) and policy category
-    decode_plans_total: Counter  # decodes by how they ran: mode full | tiled, dtype, decoder vae | fast
+    decode_plans_total: (
+        Counter  # decodes by how they ran: mode full | tiled, dtype, decoder vae | fast, ranks
+    )
+    decode_seconds: Histogram  # one decode's wall time, latents in, uint8 frames on the host out
     decode_memory_bytes: Gauge  # the last decode's kind=estimate (planned peak) and kind=budget (free/bound)
     gpu_utilization_ratio: Gauge  # per replica, only where a GPU exists
     gpu_memory_used_bytes: Gauge
@@ -246,7 +249,13 @@ def metrics() -> PrevizMetrics:
         decode_plans_total=Counter(
             "previz_decode_plans_total",
             "VAE decodes by how they ran: full frames or spatial tiles (memory bound), dtype and decoder.",
-            tag_keys=("mode", "dtype", "decoder", *replica),
+            tag_keys=("mode", "dtype", "decoder", "ranks", *replica),
+        ),
+        decode_seconds=Histogram(
+            "previz_decode_seconds",
+            "Seconds of one VAE decode (latents in, uint8 frames on the host out) by decoder, mode, ranks.",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=("decoder", "mode", "ranks", *replica),
         ),
         decode_memory_bytes=Gauge(
             "previz_decode_memory_bytes",
@@ -445,13 +454,23 @@ def record_webhook_delivery(outcome: str) -> None:
 
 
 @_safely
-def record_decode_plan(
-    mode: str, dtype: str, decoder: str, estimate_bytes: int | None, budget_bytes: int | None
+def record_decode(
+    mode: str,
+    dtype: str,
+    decoder: str,
+    ranks: int,
+    seconds: float,
+    estimate_bytes: int | None,
+    budget_bytes: int | None,
 ) -> None:
-    """One decode in a VAEDecoder replica: how it ran (pipeline.vae_memory.DecodePlan) and its memory
-    (None: not planned, as for the fast decoder, whose memory is small)."""
+    """One decode in a VAEDecoder replica: how it ran (pipeline.vae_memory.DecodePlan; `ranks` 1, or the
+    rank group it was split over), how long it took, and its memory (None: not planned, as for the fast
+    decoder, whose memory is small)."""
     m, tags = metrics(), replica_tags()
-    m.decode_plans_total.inc(1, tags={"mode": mode, "dtype": dtype, "decoder": decoder, **tags})
+    m.decode_plans_total.inc(
+        1, tags={"mode": mode, "dtype": dtype, "decoder": decoder, "ranks": str(ranks), **tags}
+    )
+    m.decode_seconds.observe(seconds, tags={"decoder": decoder, "mode": mode, "ranks": str(ranks), **tags})
     if estimate_bytes is not None:
         m.decode_memory_bytes.set(estimate_bytes, tags={"kind": "estimate", **tags})
     if budget_bytes is not None:

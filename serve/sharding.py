@@ -271,10 +271,16 @@ def placement_options(settings: ParallelSettings, device: str | None) -> dict[st
 
     Bundle 0 holds the replica (rank 0: one GPU, Serve's default one CPU), bundles 1.. its worker actors;
     STRICT_PACK keeps the group on one node, where NCCL runs over NVLink."""
-    if not settings.degree.is_sharded:
+    return rank_group_options(settings.degree.world_size, device)
+
+
+def rank_group_options(world_size: int, device: str | None) -> dict[str, Any]:
+    """The Serve options of a replica that owns `world_size` ranks ({} for one): a bundle per rank, one GPU
+    each on CUDA, STRICT_PACK on one node. Sharded experts and parallel VAE decoders reserve alike."""
+    if world_size <= 1:
         return {}
     bundle = {"GPU": 1, "CPU": 1} if device == "cuda" else {"CPU": 1}
     return {
-        "placement_group_bundles": [dict(bundle) for _ in range(settings.degree.world_size)],
+        "placement_group_bundles": [dict(bundle) for _ in range(world_size)],
         "placement_group_strategy": "STRICT_PACK",
     }

@@ -326,21 +326,29 @@ class JobArtifacts:
 
 @dataclass(frozen=True, slots=True)
 class CutArtifacts:
-    """Where a storyboard's cuts live: `<project>/<storyboard_id>/<cut_id>.mp4` and one clip per shot,
-    `<cut_id>-<index>-shot<shot>.mp4`; a new cut id per render, so a render never overwrites a served cut."""
+    """Where a storyboard's cuts live: `<project>/<storyboard_id>/<cut_id>-a<attempt>.mp4` and one clip per
+    shot, `<cut_id>-a<attempt>-<index>-shot<shot>.mp4` (cuts rendered before cuts were jobs have no
+    `-a<attempt>`). A new cut id per cut and a new name per attempt of its job, so a render never
+    overwrites a served cut, and a stale or lost attempt's files can be deleted without touching the
+    attempt that runs now."""
 
     project: str
     storyboard_id: str
 
-    def cut(self, cut_id: str) -> str:
-        return artifact_key(self.project, self.storyboard_id, f"{cut_id}.mp4")
+    def cut(self, cut_id: str, attempt: int | None = None) -> str:
+        return artifact_key(self.project, self.storyboard_id, f"{_cut_name(cut_id, attempt)}.mp4")
 
-    def clip(self, cut_id: str, index: int, shot: int) -> str:
-        return artifact_key(self.project, self.storyboard_id, f"{cut_id}-{index:03d}-shot{shot}.mp4")
+    def clip(self, cut_id: str, index: int, shot: int, attempt: int | None = None) -> str:
+        name = f"{_cut_name(cut_id, attempt)}-{index:03d}-shot{shot}.mp4"
+        return artifact_key(self.project, self.storyboard_id, name)
 
     @property
     def folder(self) -> str:
         return artifact_key(self.project, self.storyboard_id, "x")[:-1]
+
+
+def _cut_name(cut_id: str, attempt: int | None) -> str:
+    return cut_id if attempt is None else f"{cut_id}-a{attempt}"
 
 
 def key_owner(key: str) -> tuple[str, str] | None:

@@ -87,6 +87,12 @@ def test_generate_from_a_shot_file(tmp_path: Path) -> None:
         (["x", "--model", "/no/such/model"], "is not a folder"),
         (["x", "--model", "s3://"], "s3://bucket/prefix"),
         (["x", "--no-such-flag"], "No such option: --no-such-flag"),
+        (["x", "--draft-decoder", "taehv"], "`--draft-decoder` must be vae or fast but is 'taehv'."),
+        (["x", "--draft-decoder", "fast"], "`--draft-decoder fast` is for `--quality draft`: a final always"),
+        (
+            ["x", "--quality", "draft", "--draft-decoder", "fast", "--fast-weights", "/no/such/taew2_1.pth"],
+            "`--fast-weights`: ",
+        ),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(
@@ -97,6 +103,32 @@ def test_bad_input_exits_non_zero_with_one_line(
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     assert lines[0].startswith("previz: error: ") and message in lines[0]
+
+
+def test_generate_a_draft_with_the_fast_decoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.taehv import FastDecoder
+
+    calls: list[int] = []
+    decode = FastDecoder.decode
+    monkeypatch.setattr(
+        FastDecoder, "decode", lambda self, *a, **kw: calls.append(1) or decode(self, *a, **kw)
+    )
+    out = tmp_path / "draft.mp4"
+    args = [
+        "x",
+        "--quality",
+        "draft",
+        "--draft-decoder",
+        "fast",
+        "--resolution",
+        "64x64",
+        "--duration",
+        "0.25",
+    ]
+    monkeypatch.setattr(sys, "argv", ["previz", "generate", *args, "-o", str(out)])
+    main()  # returns on success (exits only on errors)
+    assert calls == [1]  # TAEHV (the preset's random weights) decoded the draft
+    assert read_video_info(out).num_frames == 5  # the full VAE's frame count
 
 
 def test_unknown_field_in_shot_file_is_a_one_line_error(

@@ -26,9 +26,10 @@ from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
 from serve.storage import JobArtifacts, LocalArtifactStore, StorageSettings
 from tests.support.api_app import LocalApi, http_server, local_api
 from tests.support.cli_run import previz
+from tests.support.cuts import run_cuts
 from tests.support.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
 from tests.support.job_requests import job_request
-from tests.test_editorial_api import BOARD, finish_with_clip, take
+from tests.test_editorial_api import BOARD, cut_of, finish_with_clip, take
 from tests.test_editorial_api import board as board  # a fixture: 3 shots × 2 finished takes
 
 
@@ -42,7 +43,7 @@ def api(tmp_path: Path) -> Iterator[LocalApi]:
 def cut_board(api: LocalApi, request: pytest.FixtureRequest) -> dict:
     """The editorial tests' board of 3 shots × 2 finished takes, with its cut rendered at 24 fps."""
     board = request.getfixturevalue("board")
-    assert api.client.post(f"/v1/storyboards/{board['id']}/cut", json={"fps": 24}).status_code == 201
+    cut_of(api, board["id"], {"fps": 24})
     return board
 
 
@@ -81,10 +82,8 @@ def test_a_take_deleted_after_it_went_into_the_cut_stales_the_cut_and_removes_ev
         assert in_cut in error.json()["error"]["message"]
     assert api.client.get(url).json()["cut_url"] is None
     # rendering again uses what is left: the shot's other take
-    again = api.client.post(f"{url}/cut", json={"fps": 24})
-    assert again.status_code == 201 and take(cut_board, 0, 1) in [
-        c["video_id"] for c in again.json()["clips"]
-    ]
+    again = cut_of(api, cut_board["id"], {"fps": 24})
+    assert take(cut_board, 0, 1) in [c["video_id"] for c in again["clips"]]
 
 
 def test_retention_expiring_a_take_in_the_cut_stales_the_cut_too(api: LocalApi, cut_board: dict) -> None:
@@ -377,20 +376,14 @@ def a_cut(cut_id: str, video_ids: list[str]) -> CutRecord:
 
 
 def test_a_cut_whose_take_is_deleted_while_it_renders_is_refused_and_leaves_no_files(
-    api: LocalApi, board: dict, monkeypatch: pytest.MonkeyPatch
+    api: LocalApi, board: dict
 ) -> None:
-    from serve.http.routes import editorial
-
-    render = editorial.render_cut
     victim = take(board, 2, 0)
-
-    def render_then_delete(*args: Any, **kwargs: Any) -> CutRecord:
-        cut = render(*args, **kwargs)
-        assert api.client.delete(f"/v1/videos/{victim}").status_code == 200  # lands before the cut is saved
-        return cut
-
-    monkeypatch.setattr(editorial, "render_cut", render_then_delete)
-    answer = api.client.post(f"/v1/storyboards/{board['id']}/cut", json={"fps": 24})
-    assert (answer.status_code, answer.json()["error"]["code"]) == (409, "take_deleted")
+    queued = api.client.post(f"/v1/storyboards/{board['id']}/cut", json={"fps": 24})
+    assert queued.status_code == 202, queued.text
+    assert api.client.delete(f"/v1/videos/{victim}").status_code == 200  # lands before the cut is recorded
+    run_cuts(api)
+    cut = api.client.get(f"/v1/storyboards/{board['id']}/cut").json()
+    assert (cut["status"], cut["error"]["code"]) == ("failed", "take_deleted")
     assert api.store.get_storyboard(board["id"]).cut is None
     assert stored_keys(api, f"default/{board['id']}/") == set()

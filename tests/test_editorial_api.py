@@ -19,6 +19,7 @@ from serve.storage import JobArtifacts
 from serve.webhooks import open_job_store
 from tests.support.api_app import TINY, LocalApi, http_server, local_api
 from tests.support.cli_run import previz
+from tests.support.cuts import rendering_cuts, run_cuts
 
 
 @pytest.fixture
@@ -163,6 +164,17 @@ def board(api: LocalApi) -> dict:
     return api.client.get(f"/v1/storyboards/{created['id']}").json()
 
 
+def cut_of(api: LocalApi, board_id: str, body: dict) -> dict:
+    """Ask for the board's cut (202, queued), render it as the Scheduler would, and read it back."""
+    answer = api.client.post(f"/v1/storyboards/{board_id}/cut", json=body)
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["status"] == "queued"
+    run_cuts(api)
+    cut = api.client.get(f"/v1/storyboards/{board_id}/cut").json()
+    assert (cut["id"], cut["status"], cut["progress"]) == (answer.json()["id"], "completed", 100), cut
+    return cut
+
+
 def take(board: dict, shot: int, variant: int) -> str:
     return next(v["video_id"] for v in board["shots"][shot]["videos"] if v["variant"] == variant)
 
@@ -189,8 +201,15 @@ def test_the_cut_is_the_selected_takes_in_order_and_its_timeline_reads_back(
     url = f"/v1/storyboards/{board['id']}"
     api.client.patch(url, json={"order": [2, 0, 1], "takes": {"1": take(board, 1, 1)}})
     answer = api.client.post(f"{url}/cut", json={"fps": 24})
-    assert answer.status_code == 201, answer.text
-    cut = answer.json()
+    assert answer.status_code == 202, answer.text
+    queued = answer.json()
+    assert (queued["status"], queued["progress"], queued["num_clips"]) == ("queued", 0, 3)
+    assert (queued["content_url"], queued["num_frames"], queued["clips"]) == (None, None, [])
+    assert api.client.get(f"{url}/cut").json()["status"] == "queued"
+    assert api.client.get(f"{url}/timeline").json()["error"]["code"] == "no_cut"  # nothing rendered yet
+    run_cuts(api)
+    cut = api.client.get(f"{url}/cut").json()
+    assert (cut["id"], cut["status"], cut["progress"]) == (queued["id"], "completed", 100)
     per_shot = conform_frame_count(9, 16, 24)  # each take: 0.5 s, 9 frames at 16 fps
     assert (cut["fps"], cut["size"], cut["num_frames"]) == (24, "96x64", 3 * per_shot)
     assert [clip["video_id"] for clip in cut["clips"]] == [
@@ -224,7 +243,7 @@ def test_the_package_zip_holds_the_cut_the_clips_and_a_timeline_of_relative_path
     api: LocalApi, board: dict
 ) -> None:
     url = f"/v1/storyboards/{board['id']}"
-    api.client.post(f"{url}/cut", json={"fps": 25})
+    cut_of(api, board["id"], {"fps": 25})
     answer = api.client.get(f"{url}/timeline", params={"format": "otio", "package": "true"})
     assert answer.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
@@ -238,9 +257,7 @@ def test_the_package_zip_holds_the_cut_the_clips_and_a_timeline_of_relative_path
 
 
 def test_slates_lengthen_every_clip_and_the_cut_by_their_frames(api: LocalApi, board: dict) -> None:
-    cut = api.client.post(
-        f"/v1/storyboards/{board['id']}/cut", json={"fps": 24, "slates": True, "slate_seconds": 0.5}
-    ).json()
+    cut = cut_of(api, board["id"], {"fps": 24, "slates": True, "slate_seconds": 0.5})
     assert [clip["slate_frames"] for clip in cut["clips"]] == [12, 12, 12]
     assert cut["num_frames"] == 3 * (12 + conform_frame_count(9, 16, 24))
     record = api.store.get_storyboard(board["id"]).cut
@@ -249,7 +266,7 @@ def test_slates_lengthen_every_clip_and_the_cut_by_their_frames(api: LocalApi, b
 
 def test_a_16_fps_cut_has_an_otio_timeline_but_no_edl(api: LocalApi, board: dict) -> None:
     url = f"/v1/storyboards/{board['id']}"
-    assert api.client.post(f"{url}/cut", json={"fps": 16}).json()["num_frames"] == 27
+    assert cut_of(api, board["id"], {"fps": 16})["num_frames"] == 27
     assert api.client.get(f"{url}/timeline").status_code == 200
     refused = api.client.get(f"{url}/timeline", params={"format": "edl"})
     assert (refused.status_code, refused.json()["error"]["code"]) == (409, "timeline_rate_unsupported")
@@ -282,7 +299,8 @@ def test_the_cli_selects_takes_renders_the_cut_and_fetches_it_with_clips_and_tim
         )
         assert code == 0, err
         assert out.splitlines()[2].split() == ["1", "1B", take(board, 1, 1)]
-        code, out, err = previz(["cut", board["id"], "--fps", "24", "--slates"], monkeypatch, capsys)
+        with rendering_cuts(api):
+            code, out, err = previz(["cut", board["id"], "--fps", "24", "--slates"], monkeypatch, capsys)
         assert code == 0 and " 24 fps 96x64 " in out, err
         code, out, err = previz(
             ["fetch", "--storyboard", board["id"], "-o", str(tmp_path / "sb")], monkeypatch, capsys

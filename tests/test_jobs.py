@@ -73,6 +73,7 @@ def test_status_order_finished_states_and_api_states() -> None:
     assert [status.name for status in JobStatus] == [
         "QUEUED",
         "ENCODING",
+        "ENCODING_IMAGE",
         "DENOISING_HIGH",
         "DENOISING_LOW",
         "DECODING",
@@ -90,6 +91,7 @@ def test_status_order_finished_states_and_api_states() -> None:
     assert {status: status.api_state for status in JobStatus} == {
         JobStatus.QUEUED: "queued",
         JobStatus.ENCODING: "in_progress",
+        JobStatus.ENCODING_IMAGE: "in_progress",
         JobStatus.DENOISING_HIGH: "in_progress",
         JobStatus.DENOISING_LOW: "in_progress",
         JobStatus.DECODING: "in_progress",

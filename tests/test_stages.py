@@ -12,7 +12,6 @@ from pipeline import local
 from pipeline.stages import (
     STAGES,
     STEP_LABELS,
-    Stage,
     accelerator_seconds,
     deployment_name,
     deployments,
@@ -26,9 +25,7 @@ from serve.jobs.projects import gpu_seconds
 from serve.scheduling.eta import AFTER_DENOISE
 from serve.sharding import DEPLOYMENT_NAMES
 
-IMAGE_ENCODE = Stage(
-    "encode_image", "ENCODING_IMAGE", 15, "VAE encode", 4, True, True, "image_encoder", needs="keyframes"
-)
+IMAGE_ENCODE = stage("encode_image")
 
 
 def test_every_running_job_status_is_a_row_of_the_table_in_its_order() -> None:
@@ -45,12 +42,12 @@ def test_progress_bands_follow_the_weights_and_end_below_100_until_the_clip_is_s
 
 
 def test_an_optional_stage_runs_only_for_jobs_that_need_it_and_progress_spreads_over_the_plan() -> None:
-    table = (STAGES[0], IMAGE_ENCODE, *STAGES[1:])
-    assert IMAGE_ENCODE not in job_plan(table=table)
-    with_keyframes = job_plan(has=frozenset({"keyframes"}), table=table)
+    assert IMAGE_ENCODE in STAGES and IMAGE_ENCODE not in job_plan()
+    with_keyframes = job_plan(has=frozenset({"keyframes"}))
     assert [row.name for row in with_keyframes][:3] == ["encode", "encode_image", "denoise_high"]
-    assert progress_bands(with_keyframes)["encode_image"] == pytest.approx((2 / 1.04, 6 / 1.04))
-    assert progress_bands(job_plan(table=table)) == progress_bands()
+    assert progress_bands(with_keyframes)["encode_image"] == pytest.approx((2 / 1.06, 8 / 1.06))
+    assert progress_bands(job_plan()) == progress_bands()
+    assert PROGRESS_BANDS[JobStatus.ENCODING_IMAGE] == pytest.approx((2 / 1.06, 8 / 1.06))
 
 
 def test_a_cut_job_runs_the_finisher_only_and_its_progress_spans_it() -> None:

@@ -103,6 +103,7 @@ def error_codes() -> set[str]:
         for first, second in re.findall(r'\bcode = "([a-z_]+)"(?: if [^\n]* else "([a-z_]+)")?', source):
             found |= {first, second} - {""}
         found |= set(re.findall(r'fail, job\.id, job\.attempt, "([a-z_]+)"', source))
+        found |= set(re.findall(r'fail_cut, cut\.id, cut\.attempt, "([a-z_]+)"', source))
         found |= set(re.findall(r'error_code="([a-z_]+)"', source))
     return found
 
@@ -112,7 +113,14 @@ def test_every_error_the_server_can_send_has_words_in_both_languages() -> None:
     words = catalogues()["en"]
     codes = error_codes()
     assert {"queue_full", "content_blocked", "invalid_value", "pipeline_error", "too_many_attempts"} <= codes
-    failures = {"content_blocked", "pipeline_error", "storage_failed", "finish_failed", "too_many_attempts"}
+    failures = {
+        "content_blocked",
+        "pipeline_error",
+        "storage_failed",
+        "finish_failed",
+        "too_many_attempts",
+        "cut_failed",
+    }
     missing = sorted(
         code
         for code in codes

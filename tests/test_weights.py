@@ -52,7 +52,9 @@ def test_preset_build_leaves_the_global_rng_alone() -> None:
 
 
 def test_unknown_preset_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"`model` preset must be one of tiny, small but is 'huge'\."):
+    with pytest.raises(
+        ValueError, match=r"`model` preset must be one of tiny, small, tiny-i2v, small-i2v but is 'huge'\."
+    ):
         build_preset("huge")
 
 

@@ -100,9 +100,11 @@ class Denoiser:
         quality: str = "final",
         adapters: AdapterSet = (),
         cache: StepCacheSettings | None = None,
+        condition: torch.Tensor | None = None,
     ) -> DenoiseState:
         """Continue `state` through every step this expert owns, with `quality`'s solver and the LoRA
-        `adapters` (sorted (name, weight) pairs); returns the state to hand over (`state` itself when the
+        `adapters` (sorted (name, weight) pairs), an I2V request with its `condition`
+        (pipeline.vae_encode); returns the state to hand over (`state` itself when the
         next step is the other expert's). Bad input raises ValueError; a failed step RequestFailed."""
         request_id = f"{self.expert}-{next(self._request_ids)}"
         future = self.engine.submit(
@@ -116,6 +118,7 @@ class Denoiser:
                 adapters=adapters,
                 on_progress=on_step,
                 cache=cache,
+                condition=condition,
             )
         )
         try:

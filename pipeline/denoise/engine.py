@@ -30,6 +30,12 @@ has every rank switch the expert's AdapterBank to the plan's set before the forw
 disable_lora, never fuse). Each iteration's wall time is kept per (bucket, tier) and per member, so
 progress reports can carry a step time measured on this replica (`seconds_per_step`) for an ETA.
 
+Image-to-video (Wan2.2-I2V-A14B): an engine whose expert takes more input channels than it predicts
+serves requests that carry a `condition` (pipeline.vae_encode), kept on the device for the request's
+life and concatenated to its latents in every row of every forward (forward.GuidedInput). Such an engine
+only ever holds conditioned requests (a T2V request is refused at submit, and the other way round), so
+I2V requests batch with each other and never with T2V rows.
+
 Step caching (pipeline.denoise.stepcache, MagCache per request): before each plan every caching request
 decides whether its next step reuses its residual; the planner gives such a member no tokens, and `run`
 sends only the computing members' rows through the blocks (the cheap embedding and head run for all).
@@ -138,6 +144,8 @@ class EngineRequest:
     on_progress: ProgressCallback | None = None
     on_waiting: WaitingCallback | None = None
     cache: StepCacheSettings | None = None  # step caching; None: every step runs
+    # I2V: (20, frames, height, width) float32 CPU, mask + keyframe latents (pipeline.vae_encode); T2V: None
+    condition: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -205,6 +213,7 @@ class _Live:
     cond: torch.Tensor  # (max_sequence_length, text_dim) on device
     uncond: torch.Tensor | None  # None without CFG
     index: int  # index into the request's full schedule of its next step
+    condition: torch.Tensor | None = None  # I2V: its condition on device, the same for every step
     num_ahead: int | None = None  # the queue place last reported to `on_waiting`; None: none reported
     cache: RequestCache | None = None  # its step cache in this expert; None: every step runs
     decision: CacheDecision | None = None  # the cache's decision for step `index`, made before the plan
@@ -554,6 +563,7 @@ class DenoiseEngine:
             cond=cond,
             uncond=uncond if use_cfg else None,
             index=request.state.step_index,
+            condition=None if request.condition is None else request.condition.to(self.device),
         )
         if request.cache is not None:
             live.cache = new_request_cache(
@@ -609,6 +619,7 @@ class DenoiseEngine:
             cond=live.cond,
             uncond=live.uncond,
             guidance=live.request.guidance,
+            condition=live.condition,
         )
 
     def _forward_members(
@@ -728,15 +739,16 @@ class DenoiseEngine:
         pt, ph, pw = config.patch_size
         if (
             len(shape) != 4
-            or shape[0] != config.in_channels
+            or shape[0] != config.out_channels
             or shape[1] % pt
             or shape[2] % ph
             or shape[3] % pw
         ):
             raise ValueError(
-                f"{name}: `state.latents` must be (channels={config.in_channels}, frames, height, width), "
+                f"{name}: `state.latents` must be (channels={config.out_channels}, frames, height, width), "
                 f"frames/height/width divisible by the patch size {tuple(config.patch_size)}, but is {shape}."
             )
+        self._validate_condition(request, name, shape)
         for field_name, prompt in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
             rows, dim = prompt.embeds.shape if prompt.embeds.ndim == 2 else (-1, -1)
             if dim != config.text_dim or not 0 < rows <= self.max_sequence_length:
@@ -759,6 +771,30 @@ class DenoiseEngine:
         if request.priority not in PRIORITY_RANK:
             raise ValueError(
                 f"{name}: `priority` must be 'interactive' or 'batch' but is {request.priority!r}."
+            )
+
+    def _validate_condition(self, request: EngineRequest, name: str, shape: tuple[int, ...]) -> None:
+        """An I2V expert (more input than output channels) needs each request's condition, shaped like its
+        latents with the extra channels; a T2V expert takes none."""
+        config = self.transformer.config
+        extra = config.in_channels - config.out_channels
+        condition = request.condition
+        if extra == 0:
+            if condition is not None:
+                raise ValueError(
+                    f"{name}: the {self.expert} expert is text-to-video and takes no `condition` (keyframes "
+                    "need the image-to-video model)."
+                )
+            return
+        expected = (extra, *shape[1:])
+        if condition is None:
+            raise ValueError(
+                f"{name}: the {self.expert} expert is image-to-video and needs a `condition` {expected} "
+                "(the keyframes' latents and mask: pipeline.vae_encode)."
+            )
+        if tuple(condition.shape) != expected:
+            raise ValueError(
+                f"{name}: `condition` must be {expected} for latents {shape} but is {tuple(condition.shape)}."
             )
 
     def _effective_adapters(self, request: EngineRequest) -> AdapterSet:

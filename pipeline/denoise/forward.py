@@ -9,6 +9,11 @@ The forward is three steps so that a sharded forward (pipeline.denoise.parallel)
 over a rank group: `stack_rows` lays the rows out (every request's cond row first, then the uncond rows
 of the requests with CFG, so that CFG parallel puts cond and uncond on different halves), the
 transformer predicts noise for every row, `apply_guidance` combines each request's rows.
+
+An image-to-video request (Wan2.2-I2V-A14B) carries its condition (pipeline.vae_encode: mask + keyframe
+latents, fixed for every step); each of its rows, cond and uncond alike, is its latents and its condition
+concatenated on the channel axis, as WanImageToVideoPipeline's `torch.cat([latents, condition], dim=1)`.
+The prediction has the latents' channels only (the experts' out_channels).
 """
 
 from __future__ import annotations
@@ -29,13 +34,21 @@ class GuidedInput:
     cond: torch.Tensor  # (max_sequence_length, text_dim) prompt embeddings on device
     uncond: torch.Tensor | None  # same for the negative prompt; None when guidance <= 1 (no CFG)
     guidance: float  # CFG scale applied when `uncond` is given
+    condition: torch.Tensor | None = None  # I2V: (20, frames, height, width) float32 on device; T2V: None
+
+    @property
+    def model_input(self) -> torch.Tensor:
+        """What the transformer takes for this request's rows: the latents, then the condition's channels."""
+        if self.condition is None:
+            return self.latents
+        return torch.cat([self.latents, self.condition], dim=0)
 
 
 @dataclass(frozen=True, slots=True)
 class Rows:
     """The transformer's inputs for one forward: one row per cond or uncond prediction."""
 
-    hidden_states: torch.Tensor  # (rows, channels, frames, height, width) in the model's dtype
+    hidden_states: torch.Tensor  # (rows, in_channels, frames, height, width) in the model's dtype
     timestep: torch.Tensor  # (rows,) int64
     encoder_hidden_states: torch.Tensor  # (rows, max_sequence_length, text_dim) in the model's dtype
 
@@ -51,8 +64,10 @@ Forward = Callable[[Sequence[GuidedInput]], list[torch.Tensor]]
 def stack_rows(inputs: Sequence[GuidedInput], dtype: torch.dtype) -> Rows:
     """Rows in forward order: every input's cond row, then the uncond rows of the inputs with CFG."""
     guided = [item for item in inputs if item.uncond is not None]
+    model_inputs = [item.model_input for item in inputs]
+    model_inputs += [item.model_input for item in guided]
     return Rows(
-        hidden_states=torch.stack([item.latents for item in [*inputs, *guided]]).to(dtype),
+        hidden_states=torch.stack(model_inputs).to(dtype),
         timestep=torch.stack([item.timestep for item in [*inputs, *guided]]),
         encoder_hidden_states=torch.stack(
             [item.cond for item in inputs] + [item.uncond for item in guided]
@@ -61,7 +76,7 @@ def stack_rows(inputs: Sequence[GuidedInput], dtype: torch.dtype) -> Rows:
 
 
 def predict_rows(transformer: WanTransformer3DModel, rows: Rows) -> torch.Tensor:
-    """Noise prediction for every row, shaped like `rows.hidden_states`."""
+    """Noise prediction for every row: `rows.hidden_states`' shape with the model's out_channels."""
     return transformer(
         hidden_states=rows.hidden_states,
         timestep=rows.timestep,

@@ -189,6 +189,38 @@ def ulysses_bytes_per_forward(
 # ---- the group ---------------------------------------------------------------------------------------------
 
 
+def init_process_group(
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    device: str | torch.device | None = None,
+) -> torch.device:
+    """Join the default process group of `world_size` ranks (blocks until all joined): NCCL on CUDA, gloo
+    on CPU, every collective bounded by `timeout_s`; returns this rank's device. `device` defaults to
+    cuda:(rank % visible GPUs) when CUDA is available (one GPU per Ray actor gives cuda:0), else cpu.
+    The rank groups of sharded experts (`ShardGroup.init`) and of parallel VAE decoders join with it."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"`rank` must be in 0..{world_size - 1} but is {rank}.")
+    if dist.is_initialized():
+        raise RuntimeError("this process already belongs to a torch.distributed group; close it first.")
+    if device is None:
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return device
+
+
 class ShardGroup:
     """This process's membership of one rank group; `init` on every rank with the same arguments."""
 
@@ -227,25 +259,9 @@ class ShardGroup:
         degree = ParallelDegree(ulysses=ulysses, cfg=cfg)
         if world_size != degree.world_size:
             raise ValueError(f"`world_size` must be ulysses x cfg = {degree.world_size} but is {world_size}.")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"`rank` must be in 0..{world_size - 1} but is {rank}.")
-        if dist.is_initialized():
-            raise RuntimeError("this process already belongs to a torch.distributed group; close it first.")
-        if device is None:
-            cuda = torch.cuda.is_available()
-            device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-        device = torch.device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        device = init_process_group(rank, world_size, master_addr, master_port, timeout_s, device)
+        backend = dist.get_backend()
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timeout,
-        )
         options = dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
         options._timeout = timeout  # subgroups otherwise get torch's default (10 or 30 minutes)
         mesh = init_device_mesh(

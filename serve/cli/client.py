@@ -3,6 +3,8 @@ knows the studio extensions: storyboards, listing filters, the thumbnail variant
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,12 +119,39 @@ class PrevizClient:
         return self._json(self.http.delete(f"/v1/storyboards/{storyboard_id}", params=params))
 
     def create_cut(self, storyboard_id: str, **fields: Any) -> dict[str, Any]:
-        """Render the board's cut (fields: fps, size, slates, slate_seconds); waits for the render."""
+        """Queue the board's cut (fields: fps, size, slates, slate_seconds): the cut, `queued` (202);
+        `wait_for_cut` follows it."""
         body = {key: value for key, value in fields.items() if value is not None}
-        return self._json(self.http.post(f"/v1/storyboards/{storyboard_id}/cut", json=body, timeout=None))
+        return self._json(self.http.post(f"/v1/storyboards/{storyboard_id}/cut", json=body))
 
     def get_cut(self, storyboard_id: str) -> dict[str, Any]:
+        """The board's newest cut: its status, progress and ETA, and once completed its files."""
         return self._json(self.http.get(f"/v1/storyboards/{storyboard_id}/cut"))
+
+    def cancel_cut(self, storyboard_id: str) -> dict[str, Any]:
+        return self._json(self.http.post(f"/v1/storyboards/{storyboard_id}/cut/cancel"))
+
+    def wait_for_cut(
+        self,
+        storyboard_id: str,
+        *,
+        timeout_s: float = 3600.0,
+        poll_s: float = 0.5,
+        on_poll: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll the board's cut until it is completed, failed or cancelled (`on_poll` sees each answer);
+        TimeoutError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            cut = self.get_cut(storyboard_id)
+            if on_poll is not None:
+                on_poll(cut)
+            if cut["status"] in ("completed", "failed", "cancelled"):
+                return cut
+            if time.monotonic() > deadline:
+                still = cut["status"]
+                raise TimeoutError(f"the cut of {storyboard_id} is still {still} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
 
     def download_package(self, storyboard_id: str, path: Path, *, format: str = "otio") -> Path:
         """The zip of the last cut, its clips and its timeline (media as relative paths)."""

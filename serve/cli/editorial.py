@@ -8,8 +8,18 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from serve.cli.common import DEFAULT_SERVER, ApiKeyOption, CliError, ServerOption, api_call, app, client_for
+from serve.cli.common import (
+    DEFAULT_SERVER,
+    ApiKeyOption,
+    CliError,
+    ServerOption,
+    api_call,
+    app,
+    client_for,
+    console,
+)
 
 
 @app.command()
@@ -62,15 +72,41 @@ def cut(
     server: ServerOption = DEFAULT_SERVER,
     api_key: ApiKeyOption = None,
 ) -> None:
-    """Render the storyboard's first cut (waits for it); prints its id, rate, size and length."""
-    answer = api_call(
-        client_for(server, api_key).create_cut,
+    """Render the storyboard's first cut: a job of the cluster, followed with a progress bar until it is done;
+    prints its id, rate, size and length."""
+    client = client_for(server, api_key)
+    queued = api_call(
+        client.create_cut,
         storyboard_id,
         fps=fps,
         size=size,
         slates=slates,
         slate_seconds=slate_seconds if slates else None,
     )
+    progress = Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"),
+        console=console,
+    )
+    with progress:
+        bar = progress.add_task(f"{queued['id']} queued", total=100, eta="")
+
+        def show(cut: dict) -> None:
+            eta = cut.get("eta_seconds")
+            progress.update(
+                bar,
+                completed=cut["progress"],
+                description=f"{cut['id']} {cut['status']}",
+                eta=f"about {eta:.0f} s left" if eta is not None else "",
+            )
+
+        answer = api_call(client.wait_for_cut, storyboard_id, on_poll=show)
+    if answer["status"] != "completed":
+        why = f": {answer['error']['message']}" if answer.get("error") else ""
+        raise CliError(f"the cut {answer['id']} is {answer['status']}{why}")
     Console().print(
         f"{answer['id']} {answer['fps']} fps {answer['size']} {answer['num_frames']} frames "
         f"({answer['seconds']:.2f} s), {len(answer['clips'])} shots",

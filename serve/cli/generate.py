@@ -49,6 +49,20 @@ def generate(
         str | None,
         typer.Option(help="Distill LoRA folder or s3:// prefix of the draft tier (presets: built in)."),
     ] = None,
+    draft_decoder: Annotated[
+        str,
+        typer.Option(
+            help="The draft tier's decoder: vae (the full Wan VAE) or fast (TAEHV's tiny decoder, as a "
+            "cluster's `decoder.draft: fast`; several times faster, softer). Finals always use the VAE."
+        ),
+    ] = "vae",
+    fast_weights: Annotated[
+        str,
+        typer.Option(
+            help="The fast decoder's weights: TAEHV's published taew2_1.pth (or .safetensors), or builtin "
+            "(the presets' seeded random ones)."
+        ),
+    ] = "builtin",
     seed: Annotated[int | None, typer.Option(help="Noise seed (random when omitted).")] = None,
     cache_threshold: Annotated[
         float | None,
@@ -144,6 +158,12 @@ def generate(
         if ulysses < 1:
             raise ValueError(f"`--ulysses` must be >= 1 but is {ulysses}.")
         degree = ParallelDegree(ulysses=ulysses, cfg=2 if cfg_parallel else 1)
+        if draft_decoder not in ("vae", "fast"):
+            raise ValueError(f"`--draft-decoder` must be vae or fast but is {draft_decoder!r}.")
+        if draft_decoder == "fast" and request.quality != "draft":
+            raise ValueError(
+                "`--draft-decoder fast` is for `--quality draft`: a final always decodes with the full VAE."
+            )
     except ValidationError as error:
         raise CliError(describe_validation_error(error)) from None
     except (ShotSpecError, ValueError) as error:
@@ -163,6 +183,7 @@ def generate(
         device=device,
         degree=degree,
         draft_lora=draft_lora,
+        fast_weights=fast_weights if draft_decoder == "fast" else None,
     )
 
 
@@ -189,6 +210,7 @@ def _run_generate(
     device: str | None,
     degree,
     draft_lora: str | None = None,
+    fast_weights: str | None = None,
 ) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -197,6 +219,7 @@ def _run_generate(
     from pipeline.local import request_shape_problem, sharded_pipeline
     from pipeline.s3sync import S3SyncError
     from pipeline.safety import ContentBlocked, SafetyCheckError
+    from pipeline.taehv import FastDecoder, fast_decoder_network
     from pipeline.upscale import Upscaler
     from pipeline.weights import load_components
 
@@ -221,6 +244,12 @@ def _run_generate(
         except (BotoCoreError, ClientError) as error:
             raise CliError(f"cannot read {model}: {error}") from None
         upscaler = Upscaler.from_file(sr_weights) if sr_weights is not None else None
+        fast = None
+        if fast_weights is not None:  # the draft tier's TAEHV, beside the VAE, as a cluster's decoder
+            try:
+                fast = FastDecoder(fast_decoder_network(fast_weights, model, components.vae.device))
+            except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+                raise CliError(f"`--fast-weights`: {error}") from None
     problem = request_shape_problem(components, request, degree)
     if problem is not None:  # before any rank starts
         raise CliError(problem)
@@ -234,6 +263,7 @@ def _run_generate(
                         upscaler=upscaler,
                         draft_lora=draft_lora,
                         frame_check=frame_check,
+                        draft_decoder=fast,
                     )
                 )
         except (ValueError, FileNotFoundError, ShardGroupError) as error:

@@ -3,8 +3,9 @@ optional slates, written as one mp4 plus one mp4 per shot (what the timeline's c
 
 Which take a shot uses: the one the editor selected (`StoryboardEdit.takes`), else the shot's first
 completed variant. Which shots, in which order: `StoryboardEdit.order`, else every shot as on the board.
-Rendering is CPU work on finished clips (decode, resize, interpolate, encode); the Ingress runs it in a
-worker thread, never on its event loop (serve/http/routes/storyboards.py says why not a job).
+`choose_takes` decides that when the cut is asked for (the Ingress), and the cut job stores it
+(serve.jobs.cuts.CutRequest); `render_cut` is the CPU work on finished clips (decode, resize, interpolate,
+encode) that the Finisher's replicas run for the Scheduler, about 8 s per 5 s shot on one core.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from __future__ import annotations
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.interpolate import Interpolator, conform
@@ -22,23 +22,19 @@ from pipeline.slate import slate_frames
 from pipeline.upscale import resize_frames
 from pipeline.video import VideoWriter, read_frames
 from serve.jobs import JobRecord, JobStatus
+from serve.jobs.cuts import CutRequest, CutTake
 from serve.jobs.storyboard import CutClip, CutRecord, StoryboardRecord
 from serve.jobs.takes import take_number
 from serve.storage import ArtifactStore, CutArtifacts
+
+ClipDone = Callable[[int, int], None]  # (clips rendered, clips in the cut); raising stops the render
 
 
 class CutNotReady(Exception):
     """A shot of the cut has no completed take to use (HTTP 409)."""
 
 
-@dataclass(frozen=True, slots=True)
-class TakeChoice:
-    shot: int
-    name: str
-    job: JobRecord
-
-
-def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[TakeChoice]:
+def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[CutTake]:
     """The take of every shot of the cut, in cut order; CutNotReady names a shot without one."""
     selected_takes = record.edit.takes if record.edit is not None else {}
     by_shot: dict[int, list[JobRecord]] = {}
@@ -55,43 +51,48 @@ def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[TakeCh
         if not completed:
             which = f"its selected take {selected}" if selected else "none of its takes"
             raise CutNotReady(f"shot {shot} ({record.request.shot_name(shot)}): {which} is completed")
-        choices.append(TakeChoice(shot, record.request.shot_name(shot), completed[0]))
+        job = completed[0]
+        name = record.request.shot_name(shot)
+        choices.append(
+            CutTake(shot=shot, name=name, video_id=job.id, take=take_number(job), key=job.artifact_uri)
+        )
     return choices
 
 
 def render_cut(
     artifacts: ArtifactStore,
-    record: StoryboardRecord,
-    choices: list[TakeChoice],
+    cut_id: str,
+    attempt: int,
+    project: str,
+    storyboard_id: str,
+    request: CutRequest,
     *,
-    fps: int,
-    size: tuple[int, int] | None,
-    slate_seconds: float | None,
     interpolator: Interpolator | None = None,
+    clip_done: ClipDone | None = None,
 ) -> CutRecord:
-    """Assemble `choices` into one mp4 at `fps` and `size` (None: the first take's), each shot also
-    stored alone; `slate_seconds` puts a slate before each shot. Returns the stored cut."""
-    cut_id = f"cut_{secrets.token_hex(8)}"
-    keys = CutArtifacts(record.project, record.id)
-    key = keys.cut(cut_id)
+    """Assemble the request's takes into one mp4 at its rate and size (None: the first take's), each shot
+    also stored alone, under the keys of `cut_id`'s `attempt`; a slate before each shot when asked.
+    `clip_done` hears of each shot rendered, and may raise to stop. Returns the stored cut."""
+    keys = CutArtifacts(project, storyboard_id)
+    key = keys.cut(cut_id, attempt)
+    fps, takes, slate_seconds = request.fps, request.takes, request.slate_seconds
     writer = VideoWriter(label=None)  # the takes carry their label already; the marker stays in metadata
-    metadata = {"title": (record.title or record.id)[:200], "previz_storyboard": record.id}
+    metadata = {"title": request.title[:200], "previz_storyboard": storyboard_id}
     clips: list[CutClip] = []
     with tempfile.TemporaryDirectory(prefix="previz-cut-") as scratch:
         folder = Path(scratch)
-        first = _take_frames(artifacts, choices[0].job, folder)
-        width, height = size or (first.width, first.height)
+        first = _take_frames(artifacts, takes[0].key, folder)
+        width, height = request.size or (first.width, first.height)
         with writer.stream(folder / "cut.mp4", width, height, fps, metadata=metadata) as cut:
-            for index, choice in enumerate(choices):
-                frames = first if index == 0 else _take_frames(artifacts, choice.job, folder)
+            for index, choice in enumerate(takes):
+                frames = first if index == 0 else _take_frames(artifacts, choice.key, folder)
                 frames = conform(resize_frames(frames, width, height), fps, interpolator)
-                take = take_number(choice.job)
                 num_slate = round(slate_seconds * fps) if slate_seconds else 0
-                clip_key = keys.clip(cut_id, index, choice.shot)
+                clip_key = keys.clip(cut_id, index, choice.shot, attempt)
                 path = folder / f"clip-{index}.mp4"
                 with writer.stream(path, width, height, fps, metadata=metadata) as clip:
                     if num_slate:
-                        slate = slate_frames([choice.name, f"take {take}"], width, height, num_slate)
+                        slate = slate_frames([choice.name, f"take {choice.take}"], width, height, num_slate)
                         clip.add(slate)
                         cut.add(slate)
                     clip.add(frames.pixels)
@@ -101,14 +102,16 @@ def render_cut(
                     CutClip(
                         shot=choice.shot,
                         name=choice.name,
-                        video_id=choice.job.id,
-                        take=take,
+                        video_id=choice.video_id,
+                        take=choice.take,
                         key=clip_key,
                         start_frame=cut.num_frames - num_slate - frames.num_frames,
                         num_frames=num_slate + frames.num_frames,
                         slate_frames=num_slate,
                     )
                 )
+                if clip_done is not None:
+                    clip_done(index + 1, len(takes))
             num_frames = cut.num_frames
         artifacts.put_file(key, folder / "cut.mp4", "video/mp4")
     return CutRecord(
@@ -124,8 +127,8 @@ def render_cut(
     )
 
 
-def _take_frames(artifacts: ArtifactStore, job: JobRecord, folder: Path):
-    with _local_copy(artifacts, job.artifact_uri, folder) as path:
+def _take_frames(artifacts: ArtifactStore, key: str, folder: Path):
+    with _local_copy(artifacts, key, folder) as path:
         return read_frames(path)
 
 

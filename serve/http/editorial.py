@@ -6,7 +6,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StringConstraints, field_validator
 
+from serve.http.schemas import VideoError
 from serve.http.storyboards import MAX_SHOTS
+from serve.jobs.models import ApiState
 from serve.jobs.request import FrameRate
 from serve.numbers import whole_number
 
@@ -74,21 +76,48 @@ class CutClipView(BaseModel):
     content_url: str = Field(description="A signed link to the shot's conformed clip (slate included).")
 
 
-class Cut(BaseModel):
-    """A storyboard's rendered cut."""
+class CutState(BaseModel):
+    """Where a cut job is; `completed` once its files are stored and it is the board's cut."""
+
+    status: ApiState = Field(description="queued | in_progress | completed | failed | cancelled.")
+    progress: int = Field(ge=0, le=100, description="Percent of the cut's shots rendered and stored.")
+    eta_seconds: float | None = Field(
+        None, description="While rendering: seconds until it is predicted done (from its shots so far)."
+    )
+    error: VideoError | None = Field(None, description="Why it failed (`status` failed).")
+
+
+class Cut(CutState):
+    """A storyboard's cut: a job of the Scheduler while it renders (status, progress, ETA), then the rendered
+    cut (its mp4, clips and timeline)."""
 
     id: str
     object: Literal["storyboard.cut"] = "storyboard.cut"
     storyboard_id: str
     fps: int
-    size: str = Field(description="`WxH` of every frame.")
-    num_frames: int
-    seconds: float
+    size: str | None = Field(description="`WxH` of every frame (null until rendered: the first take's).")
+    num_frames: int | None = Field(description="Null until rendered.")
+    seconds: float | None = Field(description="Null until rendered.")
     slates: bool
+    num_clips: int = Field(description="Shots in the cut.")
     created_at: int = Field(description="Unix seconds.")
-    content_url: str = Field(description="A signed link to the cut's mp4.")
-    timeline_url: str = Field(description="Its timeline (`?format=otio|edl|fcpxml`, `&package=true`).")
-    clips: list[CutClipView]
+    content_url: str | None = Field(description="A signed link to the cut's mp4, once completed.")
+    timeline_url: str | None = Field(
+        description="Its timeline (`?format=otio|edl|fcpxml`, `&package=true`), once completed."
+    )
+    events_url: str = Field(
+        description="Server-sent events of the board's cut: `status` changes, then `done`."
+    )
+    clips: list[CutClipView] = Field(description="Its shots, once completed (empty before).")
+
+
+class CutCancelled(BaseModel):
+    """`POST /v1/storyboards/{id}/cut/cancel`: the cut stopped; the board keeps its earlier cut, if any."""
+
+    id: str = Field(description="The cancelled cut.")
+    object: Literal["storyboard.cut"] = "storyboard.cut"
+    storyboard_id: str
+    status: Literal["cancelled"] = "cancelled"
 
 
 class CutDeleted(BaseModel):

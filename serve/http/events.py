@@ -1,14 +1,17 @@
 """The `/v1/videos/{id}/events` stream: a job's event log and status changes as server-sent events, read
-from the job store (so any Ingress replica can serve any stream, and a restart loses no event)."""
+from the job store (so any Ingress replica can serve any stream, and a restart loses no event); and the
+same for a board's cut job (`/v1/storyboards/{id}/cut/events`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from serve.jobs import JobEvent, JobRecord, JobStatus, JobStore
+from serve.jobs.cuts import CutJob
+from serve.jobs.models import utcnow
 from serve.scheduling.lanes import Lanes
 from serve.scheduling.queue_wait import queue_wait
 
@@ -83,6 +86,40 @@ async def event_stream(
         if events:
             quiet_since = loop.time()
         elif loop.time() - quiet_since > EVENTS_KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            quiet_since = loop.time()
+        await asyncio.sleep(EVENTS_POLL_S)
+
+
+async def cut_event_stream(
+    store: JobStore, cut_id: str, final: Callable[[CutJob], Awaitable[dict[str, Any]]]
+) -> AsyncIterator[str]:
+    """Server-sent events of one cut job, read from the store: `status` on each change of its status,
+    progress or ETA, and `done` with `await final(cut)` once it is finished."""
+    last: tuple[Any, ...] | None = None
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    yield "retry: 1000\n\n"
+    while True:
+        cut = await asyncio.to_thread(store.get_cut, cut_id)
+        if cut is None:
+            return
+        now = (cut.status, round(cut.progress, 3), cut.eta_at)
+        if now != last:
+            last = now
+            eta = None if cut.eta_at is None else max(0.0, (cut.eta_at - utcnow()).total_seconds())
+            data = {
+                "id": cut.id,
+                "status": cut.status,
+                "progress": round(cut.progress * 100),
+                "eta_seconds": eta,
+            }
+            yield _sse("status", data)
+            quiet_since = loop.time()
+        if cut.is_finished:
+            yield _sse("done", await final(cut))
+            return
+        if loop.time() - quiet_since > EVENTS_KEEPALIVE_S:
             yield ": keep-alive\n\n"
             quiet_since = loop.time()
         await asyncio.sleep(EVENTS_POLL_S)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.priority import PRIORITIES as PRIORITIES
 from pipeline.priority import Priority as Priority
-from pipeline.stages import STAGES, Stage, progress_bands, stage, status_row
+from pipeline.stages import Stage, job_plan, progress_bands, stage, status_row
 
 if TYPE_CHECKING:
     from serve.jobs.request import JobRequest
@@ -39,6 +39,7 @@ class JobStatus(enum.IntEnum):
     QUEUED = 0
     # the running statuses: one per row of the stage table (pipeline.stages), its name and stored value
     ENCODING = stage("encode").status_value
+    ENCODING_IMAGE = stage("encode_image").status_value
     DENOISING_HIGH = stage("denoise_high").status_value
     DENOISING_LOW = stage("denoise_low").status_value
     DECODING = stage("decode").status_value
@@ -79,10 +80,13 @@ class JobStatus(enum.IntEnum):
 RUNNING_STATUSES = tuple(status for status in JobStatus if status.is_running)
 
 # status -> (overall progress when the stage starts, when it ends): what advance() reports when the
-# caller gives only `stage_progress`; from the stage table's weights. 100 only once the clip is stored.
+# caller gives only `stage_progress`; from the stage table's weights over the plan of a job that runs the
+# row (a keyframe encode's band is an I2V job's). 100 only once the clip is stored. The Scheduler gives
+# each job's progress over its own plan.
 PROGRESS_BANDS: dict[JobStatus, tuple[float, float]] = {
     JobStatus[row.status_name]: (start, min(end, 99))
-    for row, (start, end) in zip(STAGES, progress_bands(STAGES).values(), strict=True)
+    for plan in (job_plan(has=frozenset({"keyframes"})), job_plan())
+    for row, (start, end) in zip(plan, progress_bands(plan).values(), strict=True)
 }
 
 

@@ -170,6 +170,33 @@ storyboards = Table(
 # Nullable columns added to `storyboards` after its first release (added by create_schema like the jobs').
 ADDED_STORYBOARD_COLUMNS: tuple[str, ...] = ("edit", "cut")
 
+cut_jobs = Table(
+    "cut_jobs",
+    metadata,
+    # A storyboard's cut as a durable job (serve.jobs.cuts): the Scheduler claims it and the Finisher renders
+    # it; on success its CutRecord becomes the board's `cut` in the same transaction.
+    Column("id", String(40), primary_key=True),  # "cut_" + 16 hex: also the id of the cut it renders
+    Column("storyboard_id", String(40), nullable=False),
+    Column("project", String(200), nullable=False),
+    Column("status", String(16), nullable=False),  # queued | running | succeeded | failed | cancelled
+    Column("progress", Float, nullable=False),  # 0..1: clips rendered / clips
+    Column("attempt", Integer, nullable=False),  # claims so far: the fence of every update
+    Column("claimed_by", String(200)),
+    Column("request", JSONDoc, nullable=False),  # serve.jobs.cuts.CutRequest: the takes, rate, size, slates
+    Column("error_code", String(64)),
+    Column("error_message", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("eta_at", UTCDateTime),  # predicted end while running, from the clips done so far
+    Index("ix_cut_jobs_storyboard_id", "storyboard_id", "id"),
+    Index("ix_cut_jobs_status_id", "status", "id"),
+    CheckConstraint(
+        "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="ck_cut_jobs_status"
+    ),
+)
+
 projects = Table(
     "projects",
     metadata,

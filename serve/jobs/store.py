@@ -6,6 +6,7 @@ the shared Database:
     jobs         serve/jobs/jobs.py          create and read jobs, counts, the event log
     transitions  serve/jobs/transitions.py   claim, advance, finish, requeue, delete (fenced by attempt)
     storyboards  serve/jobs/storyboards.py   boards with their videos, the edit, the cut
+    cuts         serve/jobs/cuts.py          a board's cut as a durable job (fenced like jobs)
     projects     serve/jobs/projects.py      projects, settings, API keys, quota usage
     luts         serve/jobs/luts.py          a project's LUT looks
     outbox       serve/jobs/outbox.py        webhook deliveries, queued when a job finishes
@@ -21,6 +22,7 @@ import operator
 from collections.abc import Callable
 from typing import Concatenate, Literal, ParamSpec, TypeVar
 
+from serve.jobs.cuts import CutRepository
 from serve.jobs.database import DEFAULT_URL, Database
 from serve.jobs.jobs import JobRepository
 from serve.jobs.luts import LutRepository
@@ -55,6 +57,7 @@ def _forward(
 _jobs: Callable[[JobStore], JobRepository] = operator.attrgetter("jobs")
 _transitions: Callable[[JobStore], JobTransitions] = operator.attrgetter("transitions")
 _storyboards: Callable[[JobStore], StoryboardRepository] = operator.attrgetter("storyboards")
+_cuts: Callable[[JobStore], CutRepository] = operator.attrgetter("cuts")
 _projects: Callable[[JobStore], ProjectRepository] = operator.attrgetter("projects")
 _luts: Callable[[JobStore], LutRepository] = operator.attrgetter("luts")
 _outbox: Callable[[JobStore], Outbox] = operator.attrgetter("outbox")
@@ -78,6 +81,7 @@ class JobStore:
         self.jobs = JobRepository(self.db)
         self.transitions = JobTransitions(self.db, self.outbox)
         self.storyboards = StoryboardRepository(self.db)
+        self.cuts = CutRepository(self.db)
         self.projects = ProjectRepository(self.db)
         self.luts = LutRepository(self.db)
 
@@ -134,6 +138,19 @@ class JobStore:
     save_cut = _forward(StoryboardRepository.save_cut, _storyboards)
     replace_cut = _forward(StoryboardRepository.replace_cut, _storyboards)
     delete_storyboard = _forward(StoryboardRepository.delete, _storyboards)
+
+    # CutRepository
+    create_cut = _forward(CutRepository.create, _cuts)
+    get_cut = _forward(CutRepository.get, _cuts)
+    latest_cut = _forward(CutRepository.latest, _cuts)
+    queued_cuts = _forward(CutRepository.queued, _cuts)
+    claim_cut = _forward(CutRepository.claim, _cuts)
+    advance_cut = _forward(CutRepository.advance, _cuts)
+    succeed_cut = _forward(CutRepository.succeed, _cuts)
+    fail_cut = _forward(CutRepository.fail, _cuts)
+    requeue_cut = _forward(CutRepository.requeue, _cuts)
+    requeue_cuts_in_flight = _forward(CutRepository.requeue_in_flight, _cuts)
+    cancel_cut = _forward(CutRepository.cancel, _cuts)
 
     # ProjectRepository
     create_project = _forward(ProjectRepository.create_project, _projects)

@@ -14,6 +14,9 @@ colocated Denoiser once per job for both experts, streaming the boundary (`exper
 Faults: a job that loses a replica goes back to the queue; the denoise state saved at the expert boundary
 (serve.scheduling.checkpoints; finals only) lets its next attempt skip the high-noise expert and give the
 same clip.
+A storyboard's cut is a job too: a CutRunner (serve.scheduling.cuts) claims queued cuts in the same
+passes and has the Finisher's replicas render them, fenced, requeued after a lost replica, cancellable.
+
 The Finisher is retried with backoff (`finish_attempts`), then the job fails with `storage_failed` or
 `finish_failed`; a run whose update the store refuses is `Superseded` and stops (serve.scheduling.faults).
 """
@@ -41,6 +44,7 @@ from serve.config import PrevizArgs
 from serve.jobs import JobRecord, JobStatus
 from serve.metrics import record_job_claimed, record_job_finished, record_lanes, record_scheduler_pass
 from serve.scheduling.checkpoints import CheckpointError, read_checkpoint, writes_checkpoint
+from serve.scheduling.cuts import CutRunner
 from serve.scheduling.eta import EtaModel
 from serve.scheduling.fair_share import Candidate
 from serve.scheduling.faults import REPLICA_LOST, StageFailed, Superseded, describe, finish_with_retries
@@ -113,6 +117,17 @@ class Scheduler:
         requeued = self.store.requeue_in_flight(max_attempts=args.max_attempts)
         if requeued:
             logger.info("requeued %d jobs left in flight by a previous scheduler", len(requeued))
+        self.cuts = CutRunner(
+            self.store,
+            self.artifacts,
+            finisher,
+            self.scheduler_id,
+            max_in_flight=args.max_cuts_in_flight,
+            max_attempts=args.max_attempts,
+        )
+        requeued_cuts = self.cuts.requeue_in_flight()
+        if requeued_cuts:
+            logger.info("requeued %d cuts left in flight by a previous scheduler", len(requeued_cuts))
         self._running: dict[str, tuple[str, str, asyncio.Task]] = {}  # job_id -> (project, priority, task)
         self._lanes = Lanes(args.max_jobs_in_flight, args.reserved_slots)
         self._eta = EtaModel()  # stage times measured here: the later stages of a job's ETA
@@ -137,8 +152,13 @@ class Scheduler:
         entry[2].cancel()
         return True
 
+    async def cancel_cut(self, cut_id: str) -> bool:
+        """Stop a rendering cut (the store marks it cancelled already); False when none renders here."""
+        return self.cuts.cancel(cut_id)
+
     async def in_flight(self) -> list[str]:
-        return list(self._running)
+        """Ids of the jobs and cuts running now."""
+        return [*self._running, *self.cuts.in_flight]
 
     def check_health(self) -> None:
         if self._loop_task.done():
@@ -148,6 +168,7 @@ class Scheduler:
         while True:
             try:
                 await self._start_jobs()
+                await self.cuts.start()
                 record_scheduler_pass(ok=True)
             except Exception:
                 logger.exception("scheduling pass failed; retrying")

@@ -1,4 +1,8 @@
-"""The VAEDecoder deployment: latents to uint8 frames, which stay in the object store as a ref."""
+"""The VAEDecoder deployment: latents to uint8 frames, which stay in the object store as a ref.
+
+With `decoder.parallel: N` a replica owns a rank group of N (serve.stages.decode_group) and splits each
+full-VAE decode over it, unless the clip cannot be split or one rank's block would not fit the memory
+budget: then rank 0 decodes it alone, in tiles if need be. The fast draft decoder always runs on rank 0."""
 
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ from pipeline.stages import deployment_name, stage
 from pipeline.taehv import FastDecoder, fast_decoder_network
 from pipeline.vae import VAEDecoder, decode_dtype
 from serve.config import PrevizArgs
-from serve.metrics import ReplicaReporter, record_decode_plan
+from serve.metrics import ReplicaReporter, record_decode
+from serve.sharding import rank_group_options
 from serve.stages.common import STAGE_OPTIONS, all_calls_options, gpu_options, stage_components
+from serve.stages.decode_group import DecodeGroup
 from serve.stages.payloads import FrameBatch, StateRef
 from serve.stages.turns import StageWaiting, Turns
 
@@ -24,7 +30,12 @@ NAME = deployment_name(stage("decode"))  # from the stage table
 
 
 def default_options(args: PrevizArgs) -> dict[str, Any]:
-    return {"name": NAME, **gpu_options(args), **all_calls_options(args)}
+    return {
+        "name": NAME,
+        **gpu_options(args),
+        **rank_group_options(args.decoder.parallel, args.device),
+        **all_calls_options(args),
+    }
 
 
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=8, **STAGE_OPTIONS)
@@ -45,7 +56,12 @@ class VAEDecoderDeployment:
             if args.decoder.draft == "fast"
             else None
         )
-        self.num_decodes: Counter[str] = Counter()  # decoder (vae | fast) -> decodes by this replica
+        self.ranks = (
+            DecodeGroup(args, vae, name=serve.get_replica_context().replica_id.to_full_id_str())
+            if args.decoder.parallel > 1
+            else None
+        )
+        self.num_decodes: Counter[str] = Counter()  # vae | fast | split -> decodes by this replica
         self._metrics = ReplicaReporter().start()
         self._turns = Turns()  # one decode at a time per replica: it is memory-bound
 
@@ -65,17 +81,39 @@ class VAEDecoderDeployment:
             started = time.perf_counter()
             if quality == "draft" and self.fast is not None:
                 self.num_decodes["fast"] += 1
-                record_decode_plan("full", dtype, "fast", None, None)
                 frames = await asyncio.to_thread(self.fast.decode, latents, fps=fps)
+                how = ("full", "fast", 1, None, None)
             else:
                 self.num_decodes["vae"] += 1
-                plan = self.decoder.plan(latents.shape)  # full frames or tiles, for the memory free now
-                record_decode_plan(plan.mode, dtype, "vae", plan.estimate_bytes, plan.budget_bytes)
-                frames = await asyncio.to_thread(self.decoder.decode, latents, fps=fps, plan=plan)
-            yield FrameBatch(ref=[ray.put(frames.pixels)], fps=fps, seconds=time.perf_counter() - started)
+                budget = self.decoder.budget_bytes()
+                block = (
+                    self.ranks.decoder.block_plan(latents.shape, budget) if self.ranks is not None else None
+                )
+                if block is not None:  # split over the group, each rank's block in full frames
+                    self.num_decodes["split"] += 1
+                    frames = await asyncio.to_thread(self.ranks.decode, latents, fps)
+                    how = ("full", "vae", self.ranks.world_size, block.estimate_bytes, budget)
+                else:  # full frames or tiles on this device, for the memory free now
+                    plan = self.decoder.plan(latents.shape)
+                    frames = await asyncio.to_thread(self.decoder.decode, latents, fps=fps, plan=plan)
+                    how = (plan.mode, "vae", 1, plan.estimate_bytes, plan.budget_bytes)
+            seconds = time.perf_counter() - started
+            mode, decoder, ranks, estimate, budget = how
+            record_decode(mode, dtype, decoder, ranks, seconds, estimate, budget)
+            yield FrameBatch(ref=[ray.put(frames.pixels)], fps=fps, seconds=seconds)
         finally:
             self._turns.leave()
 
     async def stats(self) -> dict[str, int]:
-        """Decodes by this replica per decoder (`vae`, `fast`): which tier took which decoder."""
+        """Decodes by this replica per decoder (`vae`, `fast`): which tier took which decoder; `split`: the
+        full-VAE decodes split over its rank group."""
         return dict(self.num_decodes)
+
+    def check_health(self) -> None:
+        if self.ranks is not None:
+            self.ranks.check()
+
+    def __del__(self) -> None:
+        ranks = getattr(self, "ranks", None)
+        if ranks is not None:
+            ranks.close()

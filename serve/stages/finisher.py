@@ -1,6 +1,7 @@
 """The Finisher deployment: the one finisher (pipeline.finish: conform, grade, frame check, label, mp4
 encode, poster) in a replica, plus what only a served clip needs: the job's LUT read from the store and
-the clip and poster stored under the job's keys."""
+the clip and poster stored under the job's keys. It also renders a storyboard's cut for the Scheduler
+(`render_cut`, serve.editorial.cut), streaming its progress shot by shot."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import asyncio
 import hashlib
 import logging
 import tempfile
+import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,10 +26,20 @@ from pipeline.safety import ContentBlocked, FrameCheck
 from pipeline.stages import deployment_name, stage
 from pipeline.weights import pick_device
 from serve.config import PrevizArgs
+from serve.editorial.cut import render_cut
+from serve.jobs.deletion import delete_keys_or_leave_to_sweep
 from serve.jobs.request import LutRef
 from serve.metrics import record_artifact_write, record_safety_block
 from serve.stages.common import STAGE_OPTIONS, all_calls_options
-from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
+from serve.stages.payloads import (
+    CutCall,
+    CutEvent,
+    CutProgress,
+    CutRendered,
+    FinishCall,
+    FinishedClip,
+    FrameBatch,
+)
 from serve.storage import JobArtifacts, StorageError, StoredArtifact, make_store
 
 logger = logging.getLogger("ray.serve")
@@ -45,7 +58,8 @@ class FinisherStage:
     def __init__(self, args: PrevizArgs) -> None:
         self.store = make_store(args.storage)
         self._backend = args.storage.kind
-        self.finisher = Finisher(FrameCheck.from_settings(args.safety), make_interpolator(args))
+        self.interpolator = make_interpolator(args)
+        self.finisher = Finisher(FrameCheck.from_settings(args.safety), self.interpolator)
         self._luts: dict[str, Lut] = {}  # LUT key -> parsed LUT, oldest first
         # a thread for every call the replica takes (all_calls_options): a finish never waits for a thread
         # uncounted; the calls share the replica's CPUs instead, each slower while many run
@@ -74,6 +88,55 @@ class FinisherStage:
                     "job %s: a cancelled clip could not be deleted; the orphan sweep will", call.job_id
                 )
             raise
+
+    async def render_cut(self, call: CutCall) -> AsyncIterator[CutEvent]:
+        """Render the cut (serve.editorial.cut.render_cut) in a worker thread: a CutProgress after each shot
+        stored, then CutRendered. A call cancelled meanwhile stops the render after the shot in hand (the
+        thread cannot be stopped in the middle) and deletes what it stored. A replica lost mid-render leaves
+        its attempt's files for the Scheduler to delete."""
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue[CutProgress] = asyncio.Queue()
+        stop = threading.Event()
+        started = time.perf_counter()
+
+        def clip_done(done: int, total: int) -> None:
+            if stop.is_set():
+                raise CutStopped(f"cut {call.cut_id} attempt {call.attempt} was cancelled")
+            event = CutProgress(done, total, time.perf_counter() - started)
+            loop.call_soon_threadsafe(progress.put_nowait, event)
+
+        work = asyncio.ensure_future(
+            asyncio.to_thread(
+                render_cut,
+                self.store,
+                call.cut_id,
+                call.attempt,
+                call.project,
+                call.storyboard_id,
+                call.request,
+                interpolator=self.interpolator,
+                clip_done=clip_done,
+            )
+        )
+        try:
+            while True:
+                next_event = asyncio.ensure_future(progress.get())
+                await asyncio.wait({next_event, work}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_event.done():
+                    next_event.cancel()
+                    break
+                yield next_event.result()
+            while not progress.empty():  # the thread's last events land before its result
+                yield progress.get_nowait()
+            yield CutRendered(work.result(), time.perf_counter() - started)
+        except asyncio.CancelledError:
+            stop.set()  # the shot in hand is stored, then the render stops; its files go after it
+            await asyncio.wait([work])
+            keys = call.request.keys(call.project, call.storyboard_id, call.cut_id, call.attempt)
+            await asyncio.to_thread(delete_keys_or_leave_to_sweep, self.store, keys, f"cut {call.cut_id}")
+            raise
+        finally:
+            stop.set()
 
     def _finish(self, frames: Frames, call: FinishCall) -> FinishedClip:
         started = time.perf_counter()
@@ -133,6 +196,10 @@ class FinisherStage:
             raise
         record_artifact_write(self._backend, kind, stored.size_bytes, ok=True)
         return stored
+
+
+class CutStopped(Exception):
+    """The cut's render call was cancelled: the render stops at the next shot."""
 
 
 def make_interpolator(args: PrevizArgs) -> Interpolator:

@@ -26,8 +26,10 @@ from datetime import datetime
 import ray
 
 from pipeline.spec import StepCacheSettings
+from serve.jobs.cuts import CutRequest
 from serve.jobs.models import Priority
 from serve.jobs.request import LutRef
+from serve.jobs.storyboard import CutRecord
 from serve.stages.transfer import PackedState
 
 REF_HOLD_S = 60.0  # how long a streamed ref's maker keeps it: the Scheduler borrows it within milliseconds
@@ -194,3 +196,34 @@ class FinishedClip:
     width: int
     height: int
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CutCall:
+    """Render one cut job (the Finisher's `render_cut`): which cut, where its files go, what is in it."""
+
+    cut_id: str
+    attempt: int  # the cut job's attempt: part of its files' names (the Scheduler fences what it records)
+    project: str
+    storyboard_id: str
+    request: CutRequest
+
+
+@dataclass(frozen=True, slots=True)
+class CutProgress:
+    """`done` of `total` shots of the cut are rendered and stored; `seconds` since the render began."""
+
+    done: int
+    total: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CutRendered:
+    """The cut is stored (every file under its keys): what the board records."""
+
+    cut: CutRecord
+    seconds: float
+
+
+CutEvent = CutProgress | CutRendered

@@ -87,3 +87,42 @@ def tiny_request(**overrides) -> RequestSpec:
         seed=1234,
     )
     return RequestSpec(**(fields | overrides))
+
+
+def panel(width: int, height: int, seed: int) -> np.ndarray:
+    """A drawn-looking storyboard panel: smooth colour ramps plus a seeded block, uint8 (height, width, 3)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 255
+    top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+    image[top : top + height // 3, left : left + width // 3] = rng.integers(0, 256, 3)
+    return image.astype(np.uint8)
+
+
+def run_diffusers_i2v_latents(
+    components: WanComponents, request: RequestSpec, first: np.ndarray, last: np.ndarray | None = None
+) -> torch.Tensor:
+    """The final latents (channels, frames, height, width) of diffusers' WanImageToVideoPipeline on
+    `components` (an I2V preset), conditioned on `first` (and `last`) given as PIL images."""
+    from PIL import Image
+
+    model = components.model
+    resolved = resolve(request, model)
+    pipe = wan_pipeline(components)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(
+        image=Image.fromarray(first),
+        last_image=None if last is None else Image.fromarray(last),
+        prompt=resolved.prompt,
+        negative_prompt=resolved.negative_prompt,
+        height=resolved.height,
+        width=resolved.width,
+        num_frames=resolved.num_frames,
+        num_inference_steps=resolved.steps,
+        guidance_scale=resolved.guidance_high,
+        guidance_scale_2=resolved.guidance_low,
+        generator=torch.Generator("cpu").manual_seed(resolved.seed),
+        output_type="latent",
+        max_sequence_length=model.max_sequence_length,
+    ).frames
+    return latents[0].float()

@@ -1,15 +1,10 @@
 """A storyboard's edit: selected takes and shot order (`PATCH /v1/storyboards/{id}`), its first cut and
 the cut as a timeline.
 
-The cut is rendered in the Ingress, in a worker thread, while the POST waits: it only decodes, resizes,
-interpolates and encodes clips that are finished already (no accelerator, no model). Measured on one core
-of the 2-core dev box: a 5 s 832x480 take costs 0.3 s to decode, 4.1 s to conform 16 -> 24 fps with DIS
-flow and 1.8 s to encode, and the cut encodes each shot twice (its clip and the cut), so about 8 s a shot:
-a 10-shot board is about a minute, a 100-shot board over ten. The event loop never runs it, and at most
-MAX_CONCURRENT_CUTS render at once per replica (others wait their turn), so a render never starves the
-API. What long cuts need — a job kind the Scheduler hands to the Finisher, durable across restarts and
-polled like a video — needs a second kind of job in the store (not built); until then a render that an
-Ingress restart interrupts is asked for again.
+The cut is a durable job: the POST chooses the takes, queues the cut (serve.jobs.cuts) and answers 202;
+the Scheduler has a Finisher replica render it (serve.scheduling.cuts), so no Ingress thread renders
+(about 8 s per 5 s shot on one core), a restart loses nothing and progress is polled (`GET .../cut`) or
+streamed (`GET .../cut/events`) like a video's.
 """
 
 from __future__ import annotations
@@ -21,12 +16,11 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from pipeline.interpolate import FlowInterpolator
 from serve.auth import Caller
-from serve.editorial.cut import CutNotReady, choose_takes, render_cut
+from serve.editorial.cut import CutNotReady, choose_takes
 from serve.editorial.timeline import WRITERS as TIMELINE_WRITERS
 from serve.editorial.timeline import (
     RateNotInTimecode,
@@ -39,16 +33,25 @@ from serve.http.admission import project_settings
 from serve.http.deps import CallerDep, IngressState, StateDep, deleting
 from serve.http.editorial import CUT_SIZES, Cut, CutClipView, CutCreate, CutDeleted, StoryboardUpdate
 from serve.http.errors import ApiError
+from serve.http.events import cut_event_stream
 from serve.http.routes.storyboards import board_and_jobs, storyboard_of
+from serve.http.schemas import VideoError
 from serve.http.storyboards import Storyboard
 from serve.jobs import deletion
+from serve.jobs.cuts import CutJob, CutRequest, CutRunning, CutStatus, new_cut_id
+from serve.jobs.models import ApiState, utcnow
 from serve.jobs.storyboard import CutRecord, StoryboardEdit, StoryboardRecord
 from serve.storage import StorageError
 
 router = APIRouter(prefix="/v1/storyboards", tags=["storyboards"])
-MAX_CONCURRENT_CUTS = 1  # renders at once per Ingress replica (each uses a core)
 DEFAULT_CUT_FPS = 24  # editors' rate, when neither the request, the board nor the project names one
-_renders = asyncio.Semaphore(MAX_CONCURRENT_CUTS)
+CUT_STATES: dict[CutStatus, ApiState] = {
+    "queued": "queued",
+    "running": "in_progress",
+    "succeeded": "completed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
 TIMELINE_CONTENT = {
     "application/json": {},
     "text/plain": {},
@@ -99,57 +102,108 @@ async def update_storyboard(
     return await storyboard_of(storyboard_id, state, caller)
 
 
-@router.post("/{storyboard_id}/cut", status_code=201, response_model=Cut, summary="Render the first cut")
+@router.post(
+    "/{storyboard_id}/cut",
+    status_code=202,
+    response_model=Cut,
+    responses={202: {"description": "The cut is queued: poll it, or stream its events."}},
+    summary="Render the first cut",
+)
 async def create_cut(
     storyboard_id: str, request: Request, state: StateDep, caller: CallerDep, body: CutCreate | None = None
 ) -> Cut:
-    """Assemble the selected takes (else each shot's first completed take) in the board's order, conformed
-    to one rate and size, with optional slates, into one mp4 (and one per shot for the timeline). 409
-    `cut_not_ready` while a shot of the cut has no completed take."""
+    """Queue the cut of the selected takes (else each shot's first completed take) in the board's order,
+    conformed to one rate and size, with optional slates, into one mp4 (and one per shot for the
+    timeline); the takes are chosen now. Answers 202 with the cut `queued`: `GET .../cut` (or its
+    `events_url`) follows it to `completed`. 409 `cut_not_ready` while a shot of the cut has no completed
+    take; 409 `cut_running` while the board's previous cut is still rendering."""
     body = body or CutCreate()
     record, jobs = await board_and_jobs(storyboard_id, state, caller)
     try:
-        choices = choose_takes(record, jobs)
+        takes = choose_takes(record, jobs)
     except CutNotReady as error:
         raise ApiError(
             409, "cut_not_ready", f"the cut cannot be made yet: {error}", "storyboard_id"
         ) from None
-    if not choices:
+    if not takes:
         raise ApiError(409, "cut_not_ready", "the board's order has no shots", "storyboard_id")
     settings = await project_settings(state.store, record.project)
     fps = body.fps or record.request.fps or settings.default_fps or DEFAULT_CUT_FPS
     size = None
     if body.size is not None:
-        first = choices[0].job.request.resolved
+        first = next(job for job in jobs if job.id == takes[0].video_id).request.resolved
         size = _short_side(first.width, first.height, CUT_SIZES[body.size])
-    async with _renders:
-        try:
-            cut = await asyncio.to_thread(
-                render_cut,
-                state.artifacts,
-                record,
-                choices,
-                fps=fps,
-                size=size,
-                slate_seconds=float(body.slate_seconds) if body.slates else None,
-                interpolator=FlowInterpolator(),
-            )
-        except StorageError:
-            raise ApiError(503, "storage_unavailable", "the artifact store failed; try again") from None
-    takes = [choice.job.id for choice in choices]
-    saved = await asyncio.to_thread(state.store.save_cut, storyboard_id, cut, takes)
-    if not saved:  # a take (or the board) was deleted while it rendered: its copy must not be served
-        await asyncio.to_thread(deletion.delete_keys_or_leave_to_sweep, state.artifacts, cut.keys, cut.id)
-        await board_and_jobs(storyboard_id, state, caller, with_jobs=False)  # 404 once the board is gone
+    cut_request = CutRequest(
+        title=record.title or record.id,
+        takes=takes,
+        fps=fps,
+        size=size,
+        slate_seconds=float(body.slate_seconds) if body.slates else None,
+    )
+    try:
+        cut = await asyncio.to_thread(
+            state.store.create_cut, new_cut_id(), record.id, record.project, cut_request
+        )
+    except CutRunning as running:
         raise ApiError(
-            409, "take_deleted", "a take of the cut was deleted while it rendered; render it again"
+            409,
+            "cut_running",
+            f"{running}; wait for it, or POST /v1/storyboards/{storyboard_id}/cut/cancel",
+            "storyboard_id",
+        ) from None
+    except LookupError:  # the board was deleted meanwhile
+        await board_and_jobs(storyboard_id, state, caller, with_jobs=False)
+        raise
+    state.scheduler.wake.remote()
+    return await _cut_view(record, cut, None, state, request)
+
+
+@router.post("/{storyboard_id}/cut/cancel", response_model=Cut, summary="Cancel the rendering cut")
+async def cancel_cut(storyboard_id: str, request: Request, state: StateDep, caller: CallerDep) -> Cut:
+    """Stop the board's queued or rendering cut: its files are deleted and the board keeps the cut it had
+    before. 409 `no_cut_running` when none is queued or rendering."""
+    record, _jobs = await board_and_jobs(storyboard_id, state, caller, with_jobs=False)
+    cut = await asyncio.to_thread(state.store.cancel_cut, record.id)
+    if cut is None:
+        raise ApiError(
+            409,
+            "no_cut_running",
+            f"storyboard {storyboard_id} has no cut queued or rendering",
+            "storyboard_id",
         )
-    if record.cut is not None:  # the cut it replaces is served no more: its files go (no stale copies)
-        old = record.cut.keys
-        await asyncio.to_thread(
-            deletion.delete_keys_or_leave_to_sweep, state.artifacts, old, "a replaced cut"
+    state.scheduler.cancel_cut.remote(cut.id)
+    return await _cut_view(record, cut, None, state, request)
+
+
+@router.get(
+    "/{storyboard_id}/cut/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events."}},
+    summary="Stream the cut's progress",
+)
+async def cut_events(
+    storyboard_id: str, request: Request, state: StateDep, caller: CallerDep
+) -> StreamingResponse:
+    """Server-sent events of the board's newest cut: `status` whenever its status, progress or ETA moves
+    (`{"id", "status", "progress", "eta_seconds"}`), then `done` with the cut object once it is finished.
+    409 `no_cut` when the board never had a cut job."""
+    record, _jobs = await board_and_jobs(storyboard_id, state, caller, with_jobs=False)
+    cut = await asyncio.to_thread(state.store.latest_cut, record.id)
+    if cut is None:
+        raise ApiError(409, "no_cut", f"storyboard {storyboard_id} has no cut yet", "storyboard_id")
+
+    async def final(job: CutJob) -> dict:
+        board = await asyncio.to_thread(state.store.get_storyboard, record.id) or record
+        rendered = (
+            board.served_cut if board.served_cut is not None and board.served_cut.id == job.id else None
         )
-    return await _cut_view(record, cut, state, request)
+        return (await _cut_view(board, job, rendered, state, request)).model_dump(mode="json")
+
+    return StreamingResponse(
+        cut_event_stream(state.store, cut.id, final),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.delete("/{storyboard_id}/cut", response_model=CutDeleted, summary="Delete the last cut")
@@ -164,10 +218,16 @@ async def delete_cut(storyboard_id: str, state: StateDep, caller: CallerDep) -> 
     return CutDeleted(id=cut.id, storyboard_id=record.id)
 
 
-@router.get("/{storyboard_id}/cut", response_model=Cut, summary="Retrieve the last cut")
+@router.get("/{storyboard_id}/cut", response_model=Cut, summary="Retrieve the cut")
 async def get_cut(storyboard_id: str, request: Request, state: StateDep, caller: CallerDep) -> Cut:
+    """The board's newest cut: while queued or rendering its progress and ETA, if it failed or was cancelled
+    why, once completed its mp4, clips and timeline. 409 `no_cut` / `cut_stale` when it has none to serve."""
+    record, _jobs = await board_and_jobs(storyboard_id, state, caller, with_jobs=False)
+    job = await asyncio.to_thread(state.store.latest_cut, record.id)
+    if job is not None and job.status != "succeeded":
+        return await _cut_view(record, job, None, state, request)
     record, cut = await _board_cut(storyboard_id, state, caller)
-    return await _cut_view(record, cut, state, request)
+    return await _cut_view(record, job if job is not None and job.id == cut.id else None, cut, state, request)
 
 
 @router.get(
@@ -267,24 +327,56 @@ async def _link(key: str, state: IngressState, request: Request) -> str:
     return link
 
 
-async def _cut_view(record: StoryboardRecord, cut: CutRecord, state: IngressState, request: Request) -> Cut:
-    clips = [
-        CutClipView(**clip.model_dump(exclude={"key"}), content_url=await _link(clip.key, state, request))
-        for clip in cut.clips
-    ]
+async def _cut_view(
+    record: StoryboardRecord, job: CutJob | None, cut: CutRecord | None, state: IngressState, request: Request
+) -> Cut:
+    """The API's cut: `job`'s state (None: a cut rendered before cuts were jobs), and once `cut` is
+    rendered and served, its files."""
+    if job is None and cut is None:
+        raise ValueError("a cut view needs the cut job or the rendered cut")
+    links = {"content_url": None, "timeline_url": None}
+    clips: list[CutClipView] = []
+    if cut is not None:
+        clips = [
+            CutClipView(**clip.model_dump(exclude={"key"}), content_url=await _link(clip.key, state, request))
+            for clip in cut.clips
+        ]
+        links = {
+            "content_url": await _link(cut.key, state, request),
+            "timeline_url": f"/v1/storyboards/{record.id}/timeline",
+        }
+        status, progress, eta_seconds, error = "completed", 100, None, None
+    else:
+        assert job is not None
+        status = CUT_STATES[job.status]
+        progress = round(job.progress * 100)
+        eta_seconds = None
+        if job.status == "running" and job.eta_at is not None:
+            eta_seconds = max(0.0, round((job.eta_at - utcnow()).total_seconds(), 1))
+        error = VideoError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    asked = job.request if job is not None else None
     return Cut(
-        id=cut.id,
+        id=cut.id if cut is not None else job.id,
         storyboard_id=record.id,
-        fps=cut.fps,
-        size=f"{cut.width}x{cut.height}",
-        num_frames=cut.num_frames,
-        seconds=cut.num_frames / cut.fps,
-        slates=cut.slates,
-        created_at=int(cut.created_at),
-        content_url=await _link(cut.key, state, request),
-        timeline_url=f"/v1/storyboards/{record.id}/timeline",
+        status=status,
+        progress=progress,
+        eta_seconds=eta_seconds,
+        error=error,
+        fps=cut.fps if cut is not None else asked.fps,
+        size=f"{cut.width}x{cut.height}" if cut is not None else _size_text(asked.size),
+        num_frames=cut.num_frames if cut is not None else None,
+        seconds=cut.num_frames / cut.fps if cut is not None else None,
+        slates=cut.slates if cut is not None else asked.slate_seconds is not None,
+        num_clips=len(cut.clips) if cut is not None else len(asked.takes),
+        created_at=int(cut.created_at if cut is not None else job.created_at.timestamp()),
+        events_url=f"/v1/storyboards/{record.id}/cut/events",
         clips=clips,
+        **links,
     )
+
+
+def _size_text(size: tuple[int, int] | None) -> str | None:
+    return None if size is None else f"{size[0]}x{size[1]}"
 
 
 def _short_side(width: int, height: int, short: int) -> tuple[int, int]:

@@ -1,0 +1,91 @@
+"""Run a local API's queued cut jobs in this process: the Scheduler's CutRunner and the real Finisher
+class, with the Finisher's DeploymentHandle replaced by a call of its method in this event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from serve.scheduling.cuts import CutRunner
+from serve.stages.finisher import FinisherStage
+from tests.support.api_app import LocalApi
+
+
+class _Stream:
+    """What `handle.options(stream=True).render_cut.remote(call)` returns: an async iterator with cancel()."""
+
+    def __init__(self, events: AsyncIterator[Any]) -> None:
+        self._events = events
+        self._task: asyncio.Task[Any] | None = None
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        self._task = asyncio.ensure_future(anext(self._events))
+        return await self._task
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class InProcessFinisher:
+    """Stands in for the Finisher's DeploymentHandle (only what CutRunner calls)."""
+
+    def __init__(self, stage: FinisherStage) -> None:
+        self.stage = stage
+        self.render_cut = self
+
+    def options(self, **_options: Any) -> InProcessFinisher:
+        return self
+
+    def remote(self, call: Any) -> _Stream:
+        return _Stream(self.stage.render_cut(call))
+
+
+def cut_runner(api: LocalApi) -> CutRunner:
+    finisher = InProcessFinisher(FinisherStage(api.state.args))
+    return CutRunner(
+        api.store,
+        api.state.artifacts,
+        finisher,
+        "test-scheduler",
+        max_in_flight=1,
+        max_attempts=3,  # type: ignore[arg-type]
+    )
+
+
+def run_cuts(api: LocalApi) -> None:
+    """Render every queued cut to its end, as the Scheduler would."""
+
+    async def run() -> None:
+        runner = cut_runner(api)
+        await runner.start()
+        while runner.in_flight:
+            await runner.settle()
+            await runner.start()
+
+    asyncio.run(run())
+
+
+@contextmanager
+def rendering_cuts(api: LocalApi, poll_s: float = 0.05) -> Iterator[None]:
+    """Inside: a thread renders each cut queued (a Scheduler's part for a client that waits on a cut)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            run_cuts(api)
+            stop.wait(poll_s)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
