@@ -29,6 +29,7 @@ from serve.http.deps import (
     deleting,
     job_or_404,
     project_of,
+    queue_waits,
 )
 from serve.http.errors import BLOCKED, ApiError, invalid
 from serve.http.events import event_stream
@@ -169,7 +170,8 @@ async def list_videos(
         order=order,
     )
     retention_days = (await project_settings(state.store, project)).retention_days
-    page = [video_view(job, retention_days=retention_days) for job in jobs[:limit]]
+    waits = await queue_waits(state, jobs[:limit])  # a queued video's place and ETA, as on its own page
+    page = [video_view(job, waits.get(job.id), retention_days=retention_days) for job in jobs[:limit]]
     return VideoList(
         data=page,
         first_id=page[0].id if page else None,

@@ -511,7 +511,10 @@ export function duration(seconds) {
 
 // Words for where a take is: its wait (where the work waits, with the number ahead), else its stage.
 export function whereItIs({ status, stage, waiting_for: waitingFor, queue_position: ahead }) {
-  if (status === "queued") return ahead ? t("wait.queued", { n: ahead }) : t("wait.queuedFirst");
+  if (status === "queued") {
+    if (ahead === null || ahead === undefined) return t("state.queued"); // not counted: no place claimed
+    return ahead ? t("wait.queued", { n: ahead }) : t("wait.queuedFirst");
+  }
   if (status !== "in_progress") return t(`state.${status}`);
   if (waitingFor && CATALOGUE.en[`wait.${waitingFor}`]) return t(`wait.${waitingFor}`, { n: ahead ?? 0 });
   const key = `stage.${(stage || "").toLowerCase()}`;
