@@ -249,3 +249,11 @@ def test_a_render_through_the_finisher_equals_the_plain_render(api: LocalApi, bo
     ]
     frames = [read_frames(api.state.artifacts.local_path(cut.key)).pixels for cut in (rendered, plain)]
     assert frames[0].shape == (3 * 14, 64, 96, 3) and np.array_equal(*frames)
+
+
+def test_deleting_a_board_cancels_its_queued_cut(api: LocalApi, board: dict) -> None:
+    queued = api.client.post(f"/v1/storyboards/{board['id']}/cut", json={"fps": 24}).json()
+    assert api.client.delete(f"/v1/storyboards/{board['id']}").status_code == 200
+    assert api.store.get_cut(queued["id"]).status == "cancelled"
+    run_cuts(api)  # never claimed: nothing renders for a board that is gone
+    assert stored_keys(api, f"default/{board['id']}/") == set()
