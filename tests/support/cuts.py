@@ -14,14 +14,14 @@ from serve.stages.finisher import FinisherStage
 from tests.support.api_app import LocalApi
 
 
-class _Stream:
+class Stream:
     """What `handle.options(stream=True).render_cut.remote(call)` returns: an async iterator with cancel()."""
 
     def __init__(self, events: AsyncIterator[Any]) -> None:
         self._events = events
         self._task: asyncio.Task[Any] | None = None
 
-    def __aiter__(self) -> _Stream:
+    def __aiter__(self) -> Stream:
         return self
 
     async def __anext__(self) -> Any:
@@ -43,8 +43,8 @@ class InProcessFinisher:
     def options(self, **_options: Any) -> InProcessFinisher:
         return self
 
-    def remote(self, call: Any) -> _Stream:
-        return _Stream(self.stage.render_cut(call))
+    def remote(self, call: Any) -> Stream:
+        return Stream(self.stage.render_cut(call))
 
 
 def cut_runner(api: LocalApi) -> CutRunner:
