@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -69,7 +70,8 @@ def run_cuts(api: LocalApi) -> None:
             await runner.settle()
             await runner.start()
 
-    asyncio.run(run())
+    with ThreadPoolExecutor(1) as thread:  # its own event loop, also beside a running one (Playwright's)
+        thread.submit(lambda: asyncio.run(run())).result()
 
 
 @contextmanager
