@@ -48,10 +48,15 @@ TIMELINE_CONTENT = {
     "application/octet-stream": {},
     "application/zip": {},
 }
+# Declared as text (what a file upload is); OTIO may come as application/json too, whose strings then pass
+# the one text policy like every JSON body.
 EDITED_TIMELINE_BODY = {
     "required": True,
     "description": "The edited timeline file as it is (OTIO JSON, CMX 3600 EDL or FCP 7 XML).",
-    "content": {media: {"schema": {"type": "string"}} for media in TIMELINE_CONTENT if "zip" not in media},
+    "content": {
+        media: {"schema": {"type": "string"}}
+        for media in ("text/plain", "application/xml", "application/octet-stream")
+    },
 }
 
 
