@@ -10,7 +10,8 @@ on spawned gloo processes on this machine (on one CPU, two ranks share its cores
 exchange's cost, not a speed-up). `tiled` forces the smallest tiles the memory plan has (64 pixels, stride
 48), which blend differently at the seams. `fast` is TAEHV with the preset's random weights: a different
 network, so its difference measures nothing but its frame count and speed carry over. bf16 runs where
-the device has bf16 kernels worth timing (CUDA). Wall times are the median of `--repeats` decodes.
+the device has bf16 in hardware (CUDA, or a CPU with AVX512-BF16 or AMX). Wall times are the median of
+`--repeats` decodes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from pipeline._compat import cpu_has_bf16
 from pipeline.taehv import FastDecoder, fast_decoder_network
 from pipeline.vae import VAEDecoder
 from pipeline.vae_memory import TILES, DecodePlan, estimate_bytes
@@ -46,6 +48,11 @@ class Variant:
     dtype: str  # float32 | bfloat16
     seconds: float  # median wall time of one decode, latents in, uint8 frames on the host out
     max_abs_diff: float  # of float frames in [0, 1], against the one-device float32 full decode
+
+
+def has_bf16(device: torch.device) -> bool:
+    """The device runs bf16 in hardware: CUDA, or a CPU with AVX512-BF16 or AMX."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
 
 
 def latents_for(preset: str, width: int, height: int, frames: int) -> torch.Tensor:
@@ -136,7 +143,7 @@ def run(preset: str, width: int, height: int, num_frames: int, repeats: int, ran
     row("tiled", tiled, 1, "vae", torch.float32, plan)
     fast = FastDecoder(fast_decoder_network("builtin", preset, device), dtype=torch.float32)
     row("fast", fast, 1, "fast", torch.float32)
-    if device.type == "cuda":
+    if has_bf16(device):
         row("bf16", full_vae(torch.bfloat16), 1, "vae", torch.bfloat16)
     return rows
 

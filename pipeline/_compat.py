@@ -10,6 +10,9 @@ so it has this module of its own beside `serve/_compat.py`.
   exactly as the plan's split hooks cut it (`diffusers.hooks.context_parallel.EquipartitionSharder` on
   `ContextParallelConfig._flattened_mesh`, read from `ModelMixin._parallel_config`); the step cache keeps
   the blocks' residual per rank with it. Checked with diffusers 0.42.1.
+- `cpu_has_bf16`: whether this CPU has bf16 instructions (AVX512-BF16 or AMX), read from torch's private
+  `torch.cpu._is_avx512_bf16_supported` / `_is_amx_tile_supported`: a bf16 decode on CPU is worth timing
+  only there. Checked with torch 2.14.1.
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ from diffusers.hooks.context_parallel import EquipartitionSharder
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-CHECKED_VERSIONS: dict[str, str] = {"diffusers": "0.42.1"}
+CHECKED_VERSIONS: dict[str, str] = {"diffusers": "0.42.1", "torch": "2.14.1"}
 
-__all__ = ["CHECKED_VERSIONS", "prompt_clean", "token_shard", "unpatchify"]
+__all__ = ["CHECKED_VERSIONS", "cpu_has_bf16", "prompt_clean", "token_shard", "unpatchify"]
+
+
+def cpu_has_bf16() -> bool:
+    """This CPU runs bf16 in hardware (AVX512-BF16 or AMX tiles)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def token_shard(model: torch.nn.Module, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -15,11 +15,15 @@ so they need nothing; the mid-block's attention, which attends over the whole fr
 input (cheap at latent resolution), attends on every rank and keeps its block. The frames are
 all-gathered at the end of each chunk.
 
-Written by hand on diffusers' `AutoencoderKLWan` (0.42): diffusers only tiles this VAE. xDiT's DistVAE
-(PyPI `distvae` 0.1.0, github.com/xdit-project/DistVAE) has a `WanDecoderAdapter` that rebuilds the
-decoder from sharded convolutions (height bands, halos by all-gather); it is not a dependency of this
-project, so this module patches the few layers that need it (WanCausalConv3d, the upsamplers' Conv2d,
-WanAttentionBlock) on a copy of the VAE instead, keeping diffusers' own decode loop and feature cache.
+Written by hand on diffusers' `AutoencoderKLWan` (0.42): diffusers only tiles this VAE. Checked first:
+xDiT's `xfuser` parallelises image VAEs (`AutoencoderKL`) through DistVAE's `DecoderAdapter`, not the Wan
+VAE; DistVAE itself (PyPI `distvae` 0.1.0, github.com/xdit-project/DistVAE) rebuilds decoders from patch
+convolutions that split ONE dimension into bands (`Patchify`, height by default) and swap halos by
+all-gather; LightX2V's own Wan VAE has a parallel decode with a 2-D split option (`use_2d_split`), the
+idea followed here. None is a dependency of this project (nor built on diffusers' Wan classes), so this
+module patches the few layers that need it (WanCausalConv3d, the upsamplers' Conv2d, WanAttentionBlock)
+on a copy of the VAE, keeping diffusers' own decode loop and feature cache; the grid choice and the
+point-to-point halo swap are this module's own.
 """
 
 from __future__ import annotations

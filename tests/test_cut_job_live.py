@@ -18,8 +18,8 @@ from tests.support.cluster import ARTIFACT_BUCKET, Cluster, replica_actor_names,
 
 pytestmark = pytest.mark.cluster
 TINY = {"size": "96x64", "seconds": "0.5", "steps": 4}
-# 720p with 1 s slates: about a second or two a shot on this box, long enough to kill or cancel mid-cut
-CUT = {"fps": 24, "size": "720p", "slates": True, "slate_seconds": 1}
+# 480p with 1 s slates: a second or more a shot on this box, long enough to kill or cancel mid-cut
+CUT = {"fps": 24, "size": "480p", "slates": True, "slate_seconds": 1}
 WAIT_S = 600  # bound of every wait (a loaded 2-core box); no timing is asserted
 
 
@@ -108,7 +108,7 @@ def test_a_six_shot_cut_is_a_job_that_survives_its_finisher_and_can_be_cancelled
     path = tmp_path / "cut.mp4"
     path.write_bytes(httpx.get(cut["content_url"], timeout=60).content)
     info = read_video_info(path)
-    assert (info.num_frames, info.height, info.fps) == (cut["num_frames"], 720, 24.0)
+    assert (info.num_frames, info.height, info.fps) == (cut["num_frames"], 480, 24.0)
     assert cut["num_frames"] == 6 * (24 + 14)  # a 1 s slate and 9 frames at 16 fps conformed to 24
 
     # 3. A cancel stops the next cut: nothing of it stays, the board keeps the cut it had.

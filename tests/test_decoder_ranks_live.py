@@ -1,6 +1,7 @@
 """A VAEDecoder replica that owns a rank group (`decoder.parallel: 2`: a placement group of 2 CPU bundles,
 rank 1 a DecodeWorker actor, gloo) decodes a final's latents to the frames of the session app's one-rank
-VAEDecoder, split over both ranks.
+VAEDecoder, split over both ranks; when its worker dies, the health check fails and Serve replaces the
+whole group, which then decodes again.
 
 The 2-rank decoder is a small Serve app of its own (`previz-decode2`, no route: only handle calls), beside
 the session's `previz` app in the same Ray instance and deleted after the module, so the session app is
@@ -10,6 +11,7 @@ left as it is; it holds one deployment, so it costs a replica and a worker, not 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.cluster
 APP = "previz-decode2"
 # 9 x 13 latents (104x72 pixels) go 1 x 2 over 2 ranks (grid_shape): columns 7 + 6, an uneven split
 LATENTS = (16, 3, 9, 13)
+WAIT_S = 600  # bound of the wait for a new group on a loaded 2-core box; no timing is asserted
 MAX_FLIPPED = 1e-3  # of uint8 values may round the other way (float sums in another order: ~1e-7 apart)
 
 
@@ -72,23 +75,52 @@ def decode(handle: serve.handle.DeploymentHandle, latents: np.ndarray) -> np.nda
     return ray.get(frames.ref[0])
 
 
-def test_a_2_rank_decoder_makes_the_frames_of_the_1_rank_decoder(
-    cluster: Cluster, two_ranks: serve.handle.DeploymentHandle
-) -> None:
-    latents = np.random.default_rng(27).standard_normal(LATENTS).astype(np.float32)
-    one_rank = serve.get_deployment_handle(decoder.NAME, app_name="previz")
-    reference = decode(one_rank, latents)
-    split = decode(two_ranks, latents)
+def assert_same_frames(split: np.ndarray, reference: np.ndarray) -> None:
     assert split.shape == reference.shape == (9, 72, 104, 3)
     differ = split != reference
     print(f"2 ranks vs 1: {int(differ.sum())} of {differ.size} uint8 values one level apart")
     assert np.abs(split.astype(int) - reference.astype(int)).max() <= 1
     assert differ.mean() <= MAX_FLIPPED
-    assert two_ranks.stats.remote().result() == {"vae": 1, "split": 1}  # the group decoded it
-    (replica,) = [
+
+
+def replicas() -> list[str]:
+    return [
         actor["name"]
         for actor in ray.util.list_named_actors(all_namespaces=True)
         if actor["name"].startswith(f"SERVE_REPLICA::{APP}#{decoder.NAME}#")
     ]
+
+
+def test_a_2_rank_decoder_makes_the_frames_of_the_1_rank_decoder(
+    cluster: Cluster, two_ranks: serve.handle.DeploymentHandle
+) -> None:
+    latents = np.random.default_rng(27).standard_normal(LATENTS).astype(np.float32)
+    one_rank = serve.get_deployment_handle(decoder.NAME, app_name="previz")
+    assert_same_frames(decode(two_ranks, latents), decode(one_rank, latents))
+    assert two_ranks.stats.remote().result() == {"vae": 1, "split": 1}  # the group decoded it
+    (replica,) = replicas()
     worker = ray.get_actor(decode_worker_name(replica, 1), namespace="serve")  # rank 1 in its own actor
     assert ray.get(worker.ping.remote()) == 1
+
+
+def test_a_dead_worker_fails_the_health_check_and_serve_replaces_the_whole_group(
+    cluster: Cluster, two_ranks: serve.handle.DeploymentHandle
+) -> None:
+    (replica,) = replicas()
+    ray.kill(ray.get_actor(decode_worker_name(replica, 1), namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        assert time.monotonic() < deadline, replicas()
+        names = replicas()
+        if len(names) == 1 and names[0] != replica:
+            try:
+                worker = ray.get_actor(decode_worker_name(names[0], 1), namespace="serve")
+                if ray.get(worker.ping.remote(), timeout=5) == 1:
+                    break
+            except (ValueError, ray.exceptions.RayError):
+                pass  # the new group is still forming
+        time.sleep(1)
+    latents = np.random.default_rng(28).standard_normal(LATENTS).astype(np.float32)
+    one_rank = serve.get_deployment_handle(decoder.NAME, app_name="previz")
+    assert_same_frames(decode(two_ranks, latents), decode(one_rank, latents))
+    assert two_ranks.stats.remote().result() == {"vae": 1, "split": 1}  # the new replica's first decode

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from loadtest.cost_model import CostModel
-from loadtest.layout_plan import TODAY_GPU_NODE, NodePlan, cached_final_steps, candidates, main
+from loadtest.layout_plan import TODAY_GPU_NODE, DecodeChoice, NodePlan, cached_final_steps, candidates, main
 from pipeline.denoise.parallel import ParallelDegree
 
 MODEL = CostModel()
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
 def colocated(ulysses: int = 1, cfg: int = 1, groups: int = 1) -> NodePlan:
@@ -61,3 +64,33 @@ def test_the_plan_table_is_labelled_modelled(capsys: pytest.CaptureFixture[str])
     assert main(["--gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("modelled (loadtest/cost_model.py") and "colocated 1 x U8" in out
+
+
+def test_each_tier_takes_its_decoder_fast_drafts_and_finals_split_over_the_decoders_ranks() -> None:
+    plan = colocated(ulysses=8)
+    fast = DecodeChoice(draft="fast")
+    # the fast decoder takes 0.25 / 5.5 of the full VAE's decode: 12.8 s instead of 24.9 s a 720p draft
+    assert plan.latency_s(MODEL, "720p", "draft", fast) == pytest.approx(12.8, abs=0.1)
+    assert plan.latency_s(MODEL, "720p", "final", fast) == plan.latency_s(MODEL, "720p", "final")  # VAE
+    split = DecodeChoice(ranks=4)
+    assert plan.latency_s(MODEL, "720p", "final", split) < plan.latency_s(MODEL, "720p", "final")
+    assert plan.latency_s(MODEL, "720p", "draft", DecodeChoice(ranks=4, draft="fast")) == pytest.approx(
+        plan.latency_s(MODEL, "720p", "draft", fast)  # the fast decoder runs on one GPU
+    )
+    assert plan.latency_s(MODEL, "720p", "final", DecodeChoice(dtype="float32")) > plan.latency_s(
+        MODEL, "720p", "final"
+    )
+
+
+def test_the_decode_choices_come_from_a_deploy_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert DecodeChoice.from_config(DEPLOY / "gpu-node.yaml") == DecodeChoice()  # auto on a GPU: bf16
+    config = tmp_path / "node.yaml"
+    decoder = "{parallel: 2, draft: fast, dtype: float32}"
+    config.write_text(f"applications:\n  - name: previz\n    args:\n      decoder: {decoder}\n")
+    assert DecodeChoice.from_config(config) == DecodeChoice(ranks=2, dtype="float32", draft="fast")
+    assert main(["--config", str(config), "--decode-ranks", "4"]) == 0
+    assert "decode: drafts by the fast TAEHV decoder, finals by the full VAE in float32 on 4 GPUs" in (
+        capsys.readouterr().out
+    )

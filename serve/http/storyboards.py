@@ -40,6 +40,7 @@ from serve.http.schemas import (
 )
 from serve.jobs.models import Priority
 from serve.jobs.request import FrameRate
+from serve.jobs.reviews import ReviewStatus
 from serve.numbers import WholeNumber
 
 MAX_SHOTS = 100
@@ -293,6 +294,8 @@ class StoryboardVideo(BaseModel):
     promoted_from_take: int | None = Field(
         None, description="That draft's take number (`1A take 3 · final from take 2`)."
     )
+    review: ReviewStatus = Field("pending", description="The take's review status.")
+    review_by: str | None = Field(None, description="Who set it last (the API key's name).")
 
 
 class StoryboardPromote(BaseModel):

@@ -15,6 +15,7 @@ from pipeline.interpolate import conform_frame_count
 from serve.http.schemas import LoraUse, StepCache, Video, VideoError
 from serve.http.storyboards import Storyboard, StoryboardShotState, StoryboardVideo, board_status
 from serve.jobs.models import JobRecord, JobStatus, unix
+from serve.jobs.reviews import review_status
 from serve.jobs.storyboard import StoryboardRecord
 from serve.jobs.takes import take_number
 
@@ -65,6 +66,9 @@ def video_view(
         labels=job.labels,
         storyboard_id=job.storyboard_id,
         take=job.take,
+        review=review_status(job),
+        review_by=job.review_by,
+        reviewed_at=unix(job.review_at),
         callback_url=request.callback_url,
         attempt=job.attempt,
         started_at=unix(job.started_at),
@@ -121,6 +125,8 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
                 promoted_to=video.promoted_to,
                 promoted_from=video.promoted_from,
                 promoted_from_take=take_of.get(video.promoted_from) if video.promoted_from else None,
+                review=video.review,
+                review_by=video.review_by,
             )
         )
     takes = record.edit.takes if record.edit is not None else {}

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, case, insert, select, update
 from serve.jobs.database import Database
 from serve.jobs.models import utcnow
 from serve.jobs.schema import cut_jobs, jobs, storyboards
-from serve.jobs.storyboard import CutRecord
+from serve.jobs.storyboard import CutRecord, ShotTrim
 from serve.storage import CutArtifacts
 
 CutStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -51,6 +51,9 @@ class CutTake(BaseModel):
     video_id: str = Field(description="The take.")
     take: int = Field(description="Its take number within the shot.")
     key: str = Field(description="The take's finished clip in the artifact store.")
+    trim: ShotTrim | None = Field(
+        None, description="The part of the take used (the board's trim); None: all."
+    )
 
 
 class CutRequest(BaseModel):

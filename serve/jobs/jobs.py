@@ -126,6 +126,7 @@ class JobRepository:
         project: str | None = None,
         statuses: Iterable[JobStatus] | None = None,
         storyboard_id: str | None = None,
+        review: str | None = None,
         after: str | None = None,
         limit: int = 50,
         order: Literal["asc", "desc"] = "desc",
@@ -133,7 +134,8 @@ class JobRepository:
         """One page of jobs ordered by id (= creation time), newest first by default.
 
         `after` is the cursor: the last id of the previous page; the next page holds the ids after it
-        in `order`. Filters combine with AND; `statuses` is any collection of JobStatus.
+        in `order`. Filters combine with AND; `statuses` is any collection of JobStatus; `review` is a
+        review status (serve.jobs.reviews; `pending` is a take whose review was never set).
         """
         if order not in ("asc", "desc"):
             raise ValueError(f"`order` must be 'asc' or 'desc' but is {order!r}.")
@@ -145,6 +147,8 @@ class JobRepository:
             query = query.where(jobs.c.status.in_([JobStatus(status) for status in statuses]))
         if storyboard_id is not None:
             query = query.where(jobs.c.storyboard_id == storyboard_id)
+        if review is not None:
+            query = query.where(jobs.c.review.is_(None) if review == "pending" else jobs.c.review == review)
         if after is not None:
             query = query.where(jobs.c.id < after if order == "desc" else jobs.c.id > after)
         query = query.order_by(jobs.c.id.desc() if order == "desc" else jobs.c.id.asc()).limit(limit)

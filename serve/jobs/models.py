@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 EventKind = Literal[
     "created", "claimed", "stage", "progress", "succeeded", "failed", "cancelled", "requeued",
-    "checkpoint", "resumed", "retry", "deleted",
+    "checkpoint", "resumed", "retry", "deleted", "review",
 ]  # fmt: skip
 
 
@@ -165,6 +165,9 @@ class JobRecord:
     promoted_to: str | None  # the final-tier job promoted from this draft
     eta_at: datetime | None  # predicted finish of a running job (re-predicted after each denoise step)
     take: int | None  # number within its board's shot, in creation order (None: a video of no board)
+    review: str | None  # approved | rejected | needs-changes; None: pending (serve.jobs.reviews)
+    review_by: str | None  # who set the review last (the API key's name)
+    review_at: datetime | None  # when
 
     @property
     def is_finished(self) -> bool:

@@ -49,6 +49,7 @@ from serve.http.schemas import (
 from serve.http.views import video_payload, video_view
 from serve.jobs import CancelResult, JobRecord, JobStatus, deletion
 from serve.jobs.models import unix
+from serve.jobs.reviews import ReviewStatus
 
 router = APIRouter(prefix="/v1/videos", tags=["videos"])
 
@@ -149,6 +150,9 @@ async def list_videos(
     project: Annotated[str | None, Query(max_length=64, description="Only this project's videos.")] = None,
     status: Annotated[VideoState | None, Query(description="Only videos in this state.")] = None,
     storyboard_id: Annotated[str | None, Query(max_length=64, description="Only this storyboard's.")] = None,
+    review: Annotated[
+        ReviewStatus | None, Query(description="Only takes of this review status (`?review=approved`).")
+    ] = None,
 ) -> VideoList:
     project = project_of(caller, project)
     if after is not None and await asyncio.to_thread(state.store.get, after, project=project) is None:
@@ -163,6 +167,7 @@ async def list_videos(
         project=project,
         statuses=API_STATE_STATUSES[status] if status else None,
         storyboard_id=storyboard_id,
+        review=review,
         after=after,
         limit=limit + 1,
         order=order,

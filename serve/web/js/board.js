@@ -62,7 +62,8 @@ export async function renderBoard(view, boardId, signal) {
     paintSummary();
     if (board.cut_url && !cutBox.dataset.busy) {
       const cut = await api(board.cut_url);
-      if (cut.id !== shownCut) {
+      if (!FINISHED.has(cut.status)) followCut(cut); // a cut asked for elsewhere (another tab, the CLI)
+      else if (cut.id !== shownCut && cut.status === "completed") {
         shownCut = cut.id;
         cutBox.replaceChildren(...cutView(boardId, cut, board));
       }
@@ -111,18 +112,52 @@ export async function renderBoard(view, boardId, signal) {
       toast(describe(error));
     }
   });
-  cutButton.addEventListener("click", async () => {
+  // The cut is a job of the cluster: the POST answers at once (202) and the cut is followed until it is done.
+  const followCut = async (cut) => {
     cutBox.dataset.busy = "true";
     cutButton.disabled = true;
-    cutBox.replaceChildren(h("p", { role: "status", text: t("cut.rendering") }));
+    const bar = h("progress", { max: 100, value: cut.progress, "aria-label": t("cut.progress") });
+    const line = h("p", { role: "status", "aria-live": "polite" });
+    const cancel = h("button", { type: "button", class: "quiet", text: t("cut.cancel") });
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      try {
+        await api(`/v1/storyboards/${encodeURIComponent(boardId)}/cut/cancel`, { method: "POST" });
+      } catch (error) {
+        toast(describe(error));
+      }
+    });
+    cutBox.replaceChildren(line, bar, h("div", { class: "actions" }, cancel));
     try {
-      const cut = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/cut`, { method: "POST", body: {} });
-      shownCut = cut.id;
-      cutBox.replaceChildren(...cutView(boardId, cut, latest));
+      while (!signal.aborted) {
+        const eta = cut.eta_seconds != null ? t("cut.eta", { eta: duration(cut.eta_seconds) }) : "";
+        line.textContent = cut.status === "queued" ? t("cut.queued") : t("cut.renderingProgress", { progress: cut.progress, eta });
+        bar.value = cut.progress;
+        if (FINISHED.has(cut.status)) break;
+        await new Promise((resolve) => setTimeout(resolve, 1000));
+        cut = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/cut`);
+      }
+      if (cut.status === "completed") {
+        shownCut = cut.id;
+        cutBox.replaceChildren(...cutView(boardId, cut, latest));
+      } else if (!signal.aborted) {
+        const why = cut.error ? cut.error.message : t(`cut.${cut.status}`);
+        cutBox.replaceChildren(h("p", { class: "error", role: "alert", text: why }));
+      }
     } catch (error) {
       cutBox.replaceChildren(h("p", { class: "error", role: "alert", text: describe(error) }));
     } finally {
       delete cutBox.dataset.busy;
+      paintToolbar();
+    }
+  };
+  cutButton.addEventListener("click", async () => {
+    cutButton.disabled = true;
+    try {
+      const cut = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/cut`, { method: "POST", body: {} });
+      await followCut(cut);
+    } catch (error) {
+      cutBox.replaceChildren(h("p", { class: "error", role: "alert", text: describe(error) }));
       paintToolbar();
     }
   });
