@@ -23,7 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[LocalApi]:
-    with local_api(tmp_path) as running:  # the same database and artifact folder as scheduler_args
+    # the same database and artifact folder as scheduler_args
+    with local_api(tmp_path, i2v={"model": "tiny-i2v"}) as running:
         yield running
 
 
@@ -52,7 +53,7 @@ def test_a_three_shot_chain_runs_in_order_and_each_starts_from_its_predecessors_
     assert [queued[shot].request.model for shot in range(3)] == [SERVED_MODEL, I2V_MODEL, I2V_MODEL]
     assert [queued[shot].continues_shot for shot in range(3)] == [None, 0, 1]
     assert [job.id for job in api.store.queued_candidates()] == [queued[0].id]  # the chained ones wait
-    args, stages = scheduler_args(tmp_path), FakeStages()
+    args, stages = scheduler_args(tmp_path, i2v={"model": "tiny-i2v"}), FakeStages()
 
     async def scenario() -> None:
         scheduler = start(args, stages)

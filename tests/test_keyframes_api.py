@@ -28,7 +28,7 @@ WIDTH, HEIGHT = 96, 64  # TINY's size
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[LocalApi]:
     frame_check = {"frame_check": "tests.support.safety_hooks:block_bright_frames"}
-    with local_api(tmp_path, safety=frame_check) as running:
+    with local_api(tmp_path, safety=frame_check, i2v={"model": "tiny-i2v"}) as running:
         yield running
 
 
@@ -313,3 +313,11 @@ def test_the_keyframes_route_links_the_stored_panel_in_any_state(api: LocalApi) 
     np.testing.assert_array_equal(stored, first_keyframe(api, video["id"]))
     text_only = api.client.post("/v1/videos", json={"prompt": "p", **TINY}).json()
     assert api.client.get(f"/v1/videos/{text_only['id']}/keyframes").json()["first"] is None
+
+
+def test_an_image_on_a_deployment_without_the_i2v_model_is_a_400(tmp_path: Path) -> None:
+    with local_api(tmp_path) as text_only:
+        body = {"prompt": "p", **TINY, "input_reference": {"image_url": data_url(panel())}}
+        response = text_only.client.post("/v1/videos", json=body)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_served"
+        assert num_jobs(text_only) == 0 and stored_files(text_only) == []

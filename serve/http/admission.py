@@ -37,7 +37,6 @@ from pipeline.spec import (
     RequestSpec,
     SizeEnvelope,
     describe_validation_error,
-    model_spec,
 )
 from pipeline.upscale import upscale_target_size
 from pipeline.video import DRAFT_LABEL
@@ -167,10 +166,20 @@ def choose_model(draft: VideoDraft, model_param: str = "model") -> str:
     return draft.model
 
 
-def model_of(state: IngressState, served: str) -> ModelSpec:
-    """The sampling facts a request for the served model `served` is resolved with: the deployment's for
-    T2V, Wan2.2-I2V-A14B's official recipe for I2V."""
-    return model_spec("i2v") if served == I2V_MODEL else state.model
+def model_of(state: IngressState, served: str, param: str = "model") -> ModelSpec:
+    """The sampling facts a request for the served model `served` is resolved with (the deployment's
+    `sampling`, or its `i2v.sampling`); 400 `model_not_served` for I2V on a deployment without it."""
+    if served != I2V_MODEL:
+        return state.model
+    if state.args.i2v is None:
+        raise ApiError(
+            400,
+            "model_not_served",
+            f"this deployment serves {SERVED_MODEL} only (no `i2v` in its config), so a shot cannot start "
+            "from an image here; send text alone",
+            param,
+        )
+    return state.args.i2v.sampling
 
 
 async def with_keyframes(
@@ -261,7 +270,7 @@ async def admit(
         served = choose_model(draft)
         request = job_request(
             draft,
-            model_of(state, served),
+            model_of(state, served, "model" if board or not draft.prefix else f"{draft.prefix}model"),
             body_sha256 if board is None else None,
             state.args.envelope,
             state.shapes,

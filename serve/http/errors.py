@@ -109,6 +109,7 @@ RULES_BEYOND_SCHEMA: dict[str, str] = {
     "image_url_not_allowed": "an image given as an http(s) URL: Previz never fetches URLs; send the image",
     "keyframes_not_supported": "keyframes or `input_reference` with `model` wan2.2-t2v-a14b (text only)",
     "keyframe_required": "`model` wan2.2-i2v-a14b without an image to start from",
+    "model_not_served": "an image or `continue` on a deployment that serves no I2V model (`i2v` unset)",
     "invalid_take_reference": "a keyframe's `video` (or `file_id`) names no video of the project",
     "take_not_finished": "a keyframe's `video` names a take that has not completed (or kept no last frame)",
     "invalid_continue": "a shot's `continue` on the first shot, naming no earlier shot, or with "
