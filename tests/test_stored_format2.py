@@ -41,6 +41,8 @@ def postgres_copy(postgres_server, postgres_database) -> tuple[JobStore, str]:  
         for table in metadata.sorted_tables:
             if table.name == "api_keys":  # the bootstrap key of `default` is there already
                 continue
+            if not inspect(source).has_table(table.name):  # a table added since (e.g. take_notes)
+                continue
             present = {column["name"] for column in inspect(source).get_columns(table.name)}
             columns = [column for column in table.columns if column.name in present]  # its columns then
             rows = [dict(row) for row in source.execute(select(*columns)).mappings()]

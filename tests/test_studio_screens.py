@@ -20,7 +20,8 @@ from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.support.api_app import TINY, LocalApi, http_server, local_api
-from tests.test_editorial_api import finish_with_clip
+from tests.support.cuts import run_cuts
+from tests.test_editorial_api import cut_of, finish_with_clip
 from tests.test_studio_i18n import english_chunks
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -64,7 +65,7 @@ def served() -> Iterator[tuple[LocalApi, str, dict]]:
         for shade, video_id in enumerate([*ids[0], ids[1][0]]):
             finish_with_clip(api, video_id, 40 + 20 * shade)
         api.client.patch(f"/v1/storyboards/{board['id']}", json={"takes": {"0": ids[0][1], "1": ids[1][0]}})
-        assert api.client.post(f"/v1/storyboards/{board['id']}/cut", json={"fps": 24}).status_code == 201
+        cut_of(api, board["id"], {"fps": 24})
         loose = api.client.post("/v1/videos", json={"prompt": "a harbour at dawn", **TINY}).json()
         finish_with_clip(api, loose["id"], 120)
         yield api, url, {"board": board, "ids": ids, "loose": loose["id"]}
@@ -174,8 +175,9 @@ def test_the_board_names_takes_keeps_its_cut_and_home_plays_any_clip(browser: Br
         expect(rows.first.locator("h2")).to_have_text(
             "1A 穿黑色风衣的男人从塔顶跃下"
         )  # name and a short description
+        # queued: its place, and an ETA priced with the run times of the takes finished before it
         expect(rows.nth(1).locator("article.take").nth(1).locator(".status")).to_have_text(
-            "Next in the studio queue"
+            re.compile(r"^Next in the studio queue · about \d+ s left$")
         )
         expect(page.locator(".summary")).to_have_text("2 shots · 4 takes · rendering · 75 %")
         # both shots have a selected completed take: the cut can be rendered; 1A take 2 can be promoted
@@ -203,5 +205,41 @@ def test_the_board_names_takes_keeps_its_cut_and_home_plays_any_clip(browser: Br
         expect(page.get_by_role("button", name="Render first cut")).to_be_disabled()
         expect(page.locator("#toolbar-reason")).to_contain_text("The first cut waits for 1B")
         api.client.patch(f"/v1/storyboards/{made['board']['id']}", json={"takes": {"1": made["ids"][1][0]}})
+    finally:
+        page.context.close()
+
+
+def test_the_board_follows_a_cut_as_it_renders_and_can_cancel_it(browser: Browser, served) -> None:  # noqa: ANN001
+    """The page asks for the cut (202), shows it queued, then its progress as the store records it, and
+    its cancel; a cut asked for again renders to the player."""
+    api, url, made = served
+    board_id = made["board"]["id"]
+    page = open_page(browser, url, api, "en-US")
+    try:
+        sign_in(page, api, "API key", "Sign in")
+        page.goto(f"{url}/studio/#/boards/{board_id}")
+        region = page.get_by_role("region", name="First cut")
+        expect(region.get_by_role("heading", level=2)).to_contain_text("First cut · 2 clips")
+        page.get_by_role("button", name="Render first cut").click()
+        expect(region.get_by_role("status")).to_have_text("The first cut is queued…")
+        expect(page.get_by_role("button", name="Render first cut")).to_be_disabled()
+        queued = api.store.latest_cut(board_id)
+        running = api.store.claim_cut(queued.id, "test-scheduler")  # as the Scheduler would, half-way
+        assert api.store.advance_cut(queued.id, running.attempt, progress=0.5, eta_at=None)
+        expect(region.get_by_role("status")).to_contain_text(
+            "Rendering the first cut of the selected takes · 50 %"
+        )
+        expect(region.get_by_role("progressbar", name="Progress of the first cut")).to_have_attribute(
+            "value", "50"
+        )
+        region.get_by_role("button", name="Cancel the cut").click()
+        expect(region.get_by_role("alert")).to_have_text("The cut was cancelled.")
+        assert api.store.get_cut(queued.id).status == "cancelled"
+
+        page.get_by_role("button", name="Render first cut").click()
+        expect(region.get_by_role("status")).to_contain_text("The first cut is queued…")
+        run_cuts(api)
+        expect(region.get_by_role("heading", level=2)).to_contain_text("First cut · 2 clips")
+        expect(region.locator("video")).to_have_attribute("src", re.compile(r"/v1/artifacts/.*\.mp4"))
     finally:
         page.context.close()

@@ -3,6 +3,8 @@ optional slates, written as one mp4 plus one mp4 per shot (what the timeline's c
 
 Which take a shot uses: the one the editor selected (`StoryboardEdit.takes`), else the shot's first
 completed variant. Which shots, in which order: `StoryboardEdit.order`, else every shot as on the board.
+Which part of the take: all of it, or its trim (`StoryboardEdit.trims`, set by an edited timeline read
+back), converted to the cut's rate and kept inside the take.
 `choose_takes` decides that when the cut is asked for (the Ingress), and the cut job stores it
 (serve.jobs.cuts.CutRequest); `render_cut` is the CPU work on finished clips (decode, resize, interpolate,
 encode) that the Finisher's replicas run for the Scheduler, about 8 s per 5 s shot on one core.
@@ -17,13 +19,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.frames import Frames
 from pipeline.interpolate import Interpolator, conform
 from pipeline.slate import slate_frames
 from pipeline.upscale import resize_frames
 from pipeline.video import VideoWriter, read_frames
 from serve.jobs import JobRecord, JobStatus
 from serve.jobs.cuts import CutRequest, CutTake
-from serve.jobs.storyboard import CutClip, CutRecord, StoryboardRecord
+from serve.jobs.storyboard import CutClip, CutRecord, ShotTrim, StoryboardRecord
 from serve.jobs.takes import take_number
 from serve.storage import ArtifactStore, CutArtifacts
 
@@ -37,6 +40,7 @@ class CutNotReady(Exception):
 def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[CutTake]:
     """The take of every shot of the cut, in cut order; CutNotReady names a shot without one."""
     selected_takes = record.edit.takes if record.edit is not None else {}
+    trims = record.edit.trims if record.edit is not None else {}
     by_shot: dict[int, list[JobRecord]] = {}
     for job in jobs:
         if job.request.storyboard is not None:
@@ -54,7 +58,14 @@ def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[CutTak
         job = completed[0]
         name = record.request.shot_name(shot)
         choices.append(
-            CutTake(shot=shot, name=name, video_id=job.id, take=take_number(job), key=job.artifact_uri)
+            CutTake(
+                shot=shot,
+                name=name,
+                video_id=job.id,
+                take=take_number(job),
+                key=job.artifact_uri,
+                trim=trims.get(str(shot)),
+            )
         )
     return choices
 
@@ -87,6 +98,7 @@ def render_cut(
             for index, choice in enumerate(takes):
                 frames = first if index == 0 else _take_frames(artifacts, choice.key, folder)
                 frames = conform(resize_frames(frames, width, height), fps, interpolator)
+                frames, content_start = trim_frames(frames, choice.trim)
                 num_slate = round(slate_seconds * fps) if slate_seconds else 0
                 clip_key = keys.clip(cut_id, index, choice.shot, attempt)
                 path = folder / f"clip-{index}.mp4"
@@ -108,6 +120,8 @@ def render_cut(
                         start_frame=cut.num_frames - num_slate - frames.num_frames,
                         num_frames=num_slate + frames.num_frames,
                         slate_frames=num_slate,
+                        content_start=content_start,
+                        trimmed=choice.trim is not None,
                     )
                 )
                 if clip_done is not None:
@@ -125,6 +139,16 @@ def render_cut(
         created_at=time.time(),
         clips=clips,
     )
+
+
+def trim_frames(frames: Frames, trim: ShotTrim | None) -> tuple[Frames, int]:
+    """The part of a conformed take that `trim` keeps (all of it without one), and where it starts; a trim
+    reaching past the take's end keeps what there is, at least its last frame."""
+    if trim is None:
+        return frames, 0
+    start, num_frames = trim.at(frames.fps)
+    start = min(start, frames.num_frames - 1)
+    return Frames(pixels=frames.pixels[start : start + num_frames], fps=frames.fps), start
 
 
 def _take_frames(artifacts: ArtifactStore, key: str, folder: Path):

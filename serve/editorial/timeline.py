@@ -1,29 +1,36 @@
 """A cut as an editorial timeline, built with OpenTimelineIO and written by its adapters: OTIO JSON (core),
-CMX 3600 EDL (`otio-cmx3600-adapter`) and FCP 7 XML (`otio-fcp-adapter`, the xmeml that Premiere, Resolve
-and Avid import).
+CMX 3600 EDL (`otio-cmx3600-adapter`), FCP 7 XML (`otio-fcp-adapter`, the xmeml that Premiere, Resolve
+and Avid import) and AAF (`otio-aaf-adapter` on pyaaf2, what Avid Media Composer takes).
 
 One video track; one clip per shot of the cut, named "<shot> take <n>" and carrying its stable take id (the
-video id: OTIO metadata, an EDL locator comment, an FCP XML clip comment), its media the shot's conformed
-clip (slate included) at the cut's rate: a signed link, or a relative path inside the package zip beside
-the cut and the timeline. EDL and FCP XML write SMPTE timecode, which has no 16 fps: those need a cut at
-24 or 25 fps.
+video id: OTIO metadata, an EDL locator comment, an FCP XML clip comment, an AAF master mob comment), its
+media the shot's conformed clip (slate included): a signed link, or a relative path inside the package zip
+beside the cut and the timeline. Each clip also carries the take's review (status, notes): OTIO metadata,
+EDL comment lines, an FCP XML clip comment and markers at the notes' frames, AAF mob comments.
+
+The timeline's rate is the cut's, or `rate` (24 or 25): each clip's length and position are then conformed
+to it (rounded as the cut's conform rounds), the media still being the cut's clips, which an NLE plays at
+their own rate in a timeline of another. EDL, FCP XML and AAF count SMPTE timecode, which has no 16 fps: a
+16 fps cut exports to them at `rate` 24 or 25.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import opentimelineio as otio
 
+from serve.jobs.reviews import TakeNote
 from serve.jobs.storyboard import CutClip, CutRecord
 from serve.storage import ArtifactStore
 
-TimelineFormat = Literal["otio", "edl", "fcpxml"]
+TimelineFormat = Literal["otio", "edl", "fcpxml", "aaf"]
 SMPTE_RATES = (24, 25)  # of the rates a cut may have, those SMPTE timecode counts in
 
 
@@ -38,7 +45,18 @@ WRITERS: dict[str, Writer] = {
     "otio": Writer("otio_json", "application/json", "otio"),
     "edl": Writer("cmx_3600", "text/plain", "edl"),
     "fcpxml": Writer("fcp_xml", "application/xml", "xml"),
+    "aaf": Writer("AAF", "application/octet-stream", "aaf"),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class ClipReview:
+    """A take's review as its clip carries it."""
+
+    status: str  # pending | approved | rejected | needs-changes
+    by: str | None  # who set it last
+    fps: int  # the take's own delivered rate: its notes' frames count at it
+    notes: list[TakeNote] = field(default_factory=list)
 
 
 class RateNotInTimecode(ValueError):
@@ -51,47 +69,105 @@ def clip_file_name(clip: CutClip, index: int) -> str:
     return f"clips/{index + 1:03d}_{shot}_take{clip.take}.mp4"
 
 
+def at_rate(num_frames: int, from_fps: int, to_fps: int) -> int:
+    """Frames at `from_fps` counted at `to_fps`, rounded as the cut's conform rounds."""
+    return num_frames if from_fps == to_fps else round(num_frames * to_fps / from_fps)
+
+
 def build_timeline(
-    cut: CutRecord, title: str, media_url: Callable[[CutClip, int], str]
+    cut: CutRecord,
+    title: str,
+    media_url: Callable[[CutClip, int], str],
+    *,
+    rate: int | None = None,
+    reviews: Mapping[str, ClipReview] | None = None,
+    note_markers: bool = True,
 ) -> otio.schema.Timeline:
-    """The cut's timeline; `media_url(clip, index)` says where each clip's media is."""
-    rate = cut.fps
-    timeline = otio.schema.Timeline(name=title, global_start_time=otio.opentime.RationalTime(0, rate))
+    """The cut's timeline at `rate` (default the cut's); `media_url(clip, index)` says where each clip's
+    media is; `reviews` (video id -> its review) go on the clips; `note_markers`: a marker per note with a
+    frame (EDL writes markers as locators: its notes are comment lines already)."""
+    rate = rate or cut.fps
+    reviews = reviews or {}
+
+    def time(frames: int) -> otio.opentime.RationalTime:
+        return otio.opentime.RationalTime(frames, rate)
+
+    timeline = otio.schema.Timeline(name=title, global_start_time=time(0))
+    timeline.metadata["previz"] = {"cut_id": cut.id, "cut_fps": cut.fps, "rate": rate}
     track = otio.schema.Track(name="V1", kind=otio.schema.TrackKind.Video)
     timeline.tracks.append(track)
     for index, clip in enumerate(cut.clips):
-        whole = otio.opentime.TimeRange(
-            otio.opentime.RationalTime(0, rate), otio.opentime.RationalTime(clip.num_frames, rate)
-        )
+        whole = otio.opentime.TimeRange(time(0), time(max(1, at_rate(clip.num_frames, cut.fps, rate))))
         media = otio.schema.ExternalReference(target_url=media_url(clip, index), available_range=whole)
+        review = reviews.get(clip.video_id)
         item = otio.schema.Clip(
             name=f"{clip.name} take {clip.take}",
             media_reference=media,
             source_range=whole,
-            metadata={
-                "previz": {
-                    "shot": clip.shot,
-                    "take": clip.take,
-                    "take_id": clip.video_id,
-                    "video_id": clip.video_id,
-                    "slate_frames": clip.slate_frames,
-                },
-                # FCP 7 XML: a clip comment (its `id` attribute is the adapter's own `clipitem-N`)
-                "fcp_xml": {"comments": {"clipcommenta": take_tag(clip.video_id)}},
-            },
+            metadata=clip_metadata(clip, review),
         )
-        # EDL: a locator on the clip's first frame is the one comment line the writer emits per clip
+        # EDL: a locator on the clip's first frame carries the take id (the EDL reader keeps locators)
         item.markers.append(
             otio.schema.Marker(
                 name=take_tag(clip.video_id),
-                marked_range=otio.opentime.TimeRange(
-                    otio.opentime.RationalTime(0, rate), otio.opentime.RationalTime(0, rate)
-                ),
+                marked_range=otio.opentime.TimeRange(time(0), time(0)),
                 color=otio.schema.MarkerColor.WHITE,
             )
         )
+        for note in review.notes if review is not None and note_markers else []:
+            if note.frame is None:
+                continue
+            # the note's frame is the take's; in the clip it comes after the slate, conformed and trimmed
+            in_cut = at_rate(note.frame, review.fps, cut.fps) - clip.content_start
+            if 0 <= in_cut < clip.num_frames - clip.slate_frames:
+                at = at_rate(clip.slate_frames + in_cut, cut.fps, rate)
+                item.markers.append(
+                    otio.schema.Marker(
+                        name=f"{note.author}: {note.text}"[:200],
+                        marked_range=otio.opentime.TimeRange(time(at), time(0)),
+                        color=otio.schema.MarkerColor.YELLOW,
+                        metadata={"previz": {"note_id": note.id}},
+                    )
+                )
         track.append(item)
     return timeline
+
+
+def clip_metadata(clip: CutClip, review: ClipReview | None) -> dict:
+    """What a clip carries of its take in each format: OTIO `previz`, FCP XML clip comments (its `id`
+    attribute is the adapter's own `clipitem-N`), EDL comment lines, AAF master mob comments."""
+    status = review.status if review is not None else "pending"
+    notes = review.notes if review is not None else []
+    review_line = f"PREVIZ REVIEW {status.upper()}" + (f" BY {review.by}" if review and review.by else "")
+    note_lines = [
+        f"PREVIZ NOTE{'' if note.frame is None else f' F{note.frame}'} {note.author}: {note.text}"
+        for note in notes
+    ]
+    return {
+        "previz": {
+            "shot": clip.shot,
+            "take": clip.take,
+            "take_id": clip.video_id,
+            "video_id": clip.video_id,
+            "slate_frames": clip.slate_frames,
+            "content_start": clip.content_start,
+            "review": status,
+            "review_by": review.by if review is not None else None,
+            "notes": [
+                {
+                    "id": note.id,
+                    "author": note.author,
+                    "text": note.text,
+                    "frame": note.frame,
+                    "created_at": int(note.created_at.timestamp()),
+                }
+                for note in notes
+            ],
+        },
+        "fcp_xml": {"comments": {"clipcommenta": take_tag(clip.video_id), "clipcommentb": review_line}},
+        "cmx_3600": {"comments": [review_line, *(" ".join(line.split()) for line in note_lines)]},
+        "AAF": {"UserComments": {"Previz Take": clip.video_id, "Previz Review": status}},
+    }
 
 
 def take_tag(video_id: str) -> str:
@@ -102,35 +178,55 @@ def take_tag(video_id: str) -> str:
 
 def take_ids(timeline: otio.schema.Timeline) -> list[str | None]:
     """The take id of each clip of a timeline read back from any of the formats (None: not a Previz take)."""
-    found = []
-    for clip in timeline.find_clips():
-        video_id = dict(clip.metadata.get("previz", {})).get("take_id")
-        comments = dict(dict(clip.metadata.get("fcp_xml", {})).get("comments", {}))
-        texts = [marker.name for marker in clip.markers] + [str(text) for text in comments.values()]
-        for text in texts if video_id is None else []:
-            if text.upper().startswith("PREVIZ TAKE "):
-                video_id = text.split()[-1].lower()  # the EDL writer upper-cases locators
-                break
-        found.append(video_id)
-    return found
+    return [take_id(clip) for clip in timeline.find_clips()]
 
 
-def write_timeline(timeline: otio.schema.Timeline, fmt: TimelineFormat, rate: int) -> str:
-    """The timeline as text in `fmt`; RateNotInTimecode for EDL / FCP XML of a rate SMPTE lacks."""
+def take_id(clip: otio.schema.Clip) -> str | None:
+    """The take id a clip carries: its OTIO metadata, else an EDL locator or FCP XML clip comment."""
+    video_id = dict(clip.metadata.get("previz", {})).get("take_id")
+    if video_id is not None:
+        return str(video_id)
+    comments = dict(dict(clip.metadata.get("fcp_xml", {})).get("comments", {}))
+    for text in [marker.name for marker in clip.markers] + [str(text) for text in comments.values()]:
+        if text.upper().startswith("PREVIZ TAKE "):
+            return text.split()[-1].lower()  # the EDL writer upper-cases locators
+    return None
+
+
+def write_timeline(timeline: otio.schema.Timeline, fmt: TimelineFormat, rate: int) -> bytes:
+    """The timeline in `fmt` (UTF-8 text, or an AAF file's bytes); RateNotInTimecode for EDL, FCP XML and
+    AAF of a rate SMPTE timecode lacks."""
     if fmt != "otio" and rate not in SMPTE_RATES:
         raise RateNotInTimecode(
-            f"{fmt} needs SMPTE timecode, which has no {rate} fps; render the cut at 24 or 25 fps "
-            "(`fps` of POST /v1/storyboards/{id}/cut), or take the otio timeline"
+            f"{fmt} needs SMPTE timecode, which has no {rate} fps; export at `rate` 24 or 25 (the clips are "
+            "conformed to it), render the cut at 24 or 25 fps, or take the otio timeline"
         )
-    return otio.adapters.write_to_string(timeline, adapter_name=WRITERS[fmt].adapter)
+    if fmt != "aaf":
+        return otio.adapters.write_to_string(timeline, adapter_name=WRITERS[fmt].adapter).encode()
+    with tempfile.TemporaryDirectory(prefix="previz-aaf-") as scratch:  # pyaaf2 writes files only
+        path = Path(scratch) / "timeline.aaf"
+        # no source files to take MobIDs from: the adapter makes a fresh one per clip
+        otio.adapters.write_to_file(timeline, str(path), adapter_name="AAF", use_empty_mob_ids=True)
+        return path.read_bytes()
 
 
 def package(
-    artifacts: ArtifactStore, cut: CutRecord, title: str, fmt: TimelineFormat, name: str, path: Path
+    artifacts: ArtifactStore,
+    cut: CutRecord,
+    title: str,
+    fmt: TimelineFormat,
+    name: str,
+    path: Path,
+    *,
+    rate: int | None = None,
+    reviews: Mapping[str, ClipReview] | None = None,
 ) -> Path:
     """Write to `path` a zip of `<name>/cut.mp4`, `<name>/clips/…` and `<name>/timeline.<suffix>` whose
     media references are the clips' relative paths; the mp4s are streamed in, never held whole."""
-    text = write_timeline(build_timeline(cut, title, clip_file_name), fmt, cut.fps)
+    timeline = build_timeline(
+        cut, title, clip_file_name, rate=rate, reviews=reviews, note_markers=fmt != "edl"
+    )
+    text = write_timeline(timeline, fmt, rate or cut.fps)
     # mp4s do not compress: stored, so the zip costs no CPU beyond the copy
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(f"{name}/timeline.{WRITERS[fmt].suffix}", text)

@@ -73,6 +73,12 @@ class CutClipView(BaseModel):
     start_frame: int = Field(description="Where it starts in the cut, in frames at the cut's rate.")
     num_frames: int = Field(description="Its length in the cut, slate included.")
     slate_frames: int
+    content_start: int = Field(
+        0, description="Where its content starts in the take (at the cut's rate): its head trim."
+    )
+    trimmed: bool = Field(
+        False, description="Whether the board's edit trims the shot (a timeline read back)."
+    )
     content_url: str = Field(description="A signed link to the shot's conformed clip (slate included).")
 
 
@@ -127,3 +133,22 @@ class CutDeleted(BaseModel):
     object: Literal["storyboard.cut.deleted"] = "storyboard.cut.deleted"
     storyboard_id: str
     deleted: bool = True
+
+
+class ShotTrimView(BaseModel):
+    fps: int = Field(description="The rate it counts at.")
+    start: int = Field(description="First frame of the take used (slate excluded).")
+    num_frames: int
+
+
+class TimelineApplied(BaseModel):
+    """What an edited timeline changed on its board."""
+
+    storyboard_id: str
+    format: Literal["otio", "edl", "fcpxml"]
+    rate: int = Field(description="The rate the timeline's clips counted at.")
+    order: list[int] = Field(description="The board's shot order now (the timeline's clips, in order).")
+    takes: dict[str, str] = Field(description="Shot index -> its selected take now.")
+    trims: dict[str, ShotTrimView] = Field(description="Shot index -> its trim now (untrimmed shots absent).")
+    dropped: list[int] = Field(description="Shots of the board's previous order that the timeline left out.")
+    num_frames: int = Field(description="The timeline's length in frames at `rate`: the next cut's at it.")

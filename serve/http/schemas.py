@@ -49,6 +49,7 @@ from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
 from serve.jobs.request import SERVED_MODEL, FrameRate, Upscale
+from serve.jobs.reviews import ReviewStatus
 from serve.numbers import WholeNumber, integral, whole_number
 
 # lower-cased names a client may send for the served model
@@ -348,6 +349,13 @@ class Video(BaseModel):
         "final is a new take); null for a video of no board. The page, the CLI's file names, the slates "
         "and the timelines use it.",
     )
+    review: ReviewStatus = Field(
+        "pending",
+        description="The take's review status (PUT /v1/videos/{id}/review): pending, approved, rejected or "
+        "needs-changes.",
+    )
+    review_by: str | None = Field(None, description="Who set the review status last (the API key's name).")
+    reviewed_at: int | None = Field(None, description="Unix seconds of the last review status change.")
     callback_url: str | None = None
     attempt: int = Field(description="How many times the job was started (restarts re-run it).")
     started_at: int | None = Field(None, description="Unix seconds of the first start.")

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, case, insert, select, update
 from serve.jobs.database import Database
 from serve.jobs.models import utcnow
 from serve.jobs.schema import cut_jobs, jobs, storyboards
-from serve.jobs.storyboard import CutRecord
+from serve.jobs.storyboard import CutRecord, ShotTrim
 from serve.storage import CutArtifacts
 
 CutStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -51,6 +51,9 @@ class CutTake(BaseModel):
     video_id: str = Field(description="The take.")
     take: int = Field(description="Its take number within the shot.")
     key: str = Field(description="The take's finished clip in the artifact store.")
+    trim: ShotTrim | None = Field(
+        None, description="The part of the take used (the board's trim); None: all."
+    )
 
 
 class CutRequest(BaseModel):
@@ -295,15 +298,19 @@ class CutRepository:
 
     def cancel(self, storyboard_id: str) -> CutJob | None:
         """Cancel the board's unfinished cut; the cut as it is now, or None when it had none unfinished."""
-        now = utcnow()
         with self._db.write() as conn:
-            row = conn.execute(
-                update(cut_jobs)
-                .where(cut_jobs.c.storyboard_id == storyboard_id, cut_jobs.c.status.in_(UNFINISHED))
-                .values(_finished("cancelled", now))
-                .returning(cut_jobs)
-            ).first()
-        return None if row is None else CutJob.from_row(row)
+            return cancel_unfinished_cuts(conn, storyboard_id, now=utcnow())
+
+
+def cancel_unfinished_cuts(conn: Connection, storyboard_id: str, *, now: datetime) -> CutJob | None:
+    """In the caller's transaction: cancel the board's queued or rendering cut; it, or None."""
+    row = conn.execute(
+        update(cut_jobs)
+        .where(cut_jobs.c.storyboard_id == storyboard_id, cut_jobs.c.status.in_(UNFINISHED))
+        .values(_finished("cancelled", now))
+        .returning(cut_jobs)
+    ).first()
+    return None if row is None else CutJob.from_row(row)
 
 
 def _current(cut_id: str, attempt: int) -> tuple[Any, ...]:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 EventKind = Literal[
     "created", "claimed", "stage", "progress", "succeeded", "failed", "cancelled", "requeued",
-    "checkpoint", "resumed", "retry", "deleted",
+    "checkpoint", "resumed", "retry", "deleted", "review",
 ]  # fmt: skip
 
 
@@ -165,6 +165,9 @@ class JobRecord:
     promoted_to: str | None  # the final-tier job promoted from this draft
     eta_at: datetime | None  # predicted finish of a running job (re-predicted after each denoise step)
     take: int | None  # number within its board's shot, in creation order (None: a video of no board)
+    review: str | None  # approved | rejected | needs-changes; None: pending (serve.jobs.reviews)
+    review_by: str | None  # who set the review last (the API key's name)
+    review_at: datetime | None  # when
 
     @property
     def is_finished(self) -> bool:
@@ -198,6 +201,26 @@ class JobRecord:
     @property
     def api_state(self) -> ApiState:
         return self.status.api_state
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """One job holding a Scheduler slot, as the queue-wait prediction reads it (JobStore.queue_view)."""
+
+    priority: Priority  # its lane
+    bucket: str  # what its run costs (the measured run times are per bucket)
+    started_at: datetime | None  # its claim
+    eta_at: datetime | None  # the Scheduler's prediction of its finish (None: not predicted yet)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """What the job store counts for a job still in the job queue: the inputs of its wait, nothing guessed."""
+
+    num_ahead: int  # queued jobs the Scheduler picks before it (JobStore.queue_position)
+    ahead_buckets: tuple[str, ...]  # the bucket of each of those jobs, oldest first
+    in_flight: tuple[InFlight, ...]  # every job holding a slot now
+    run_seconds: dict[str, float]  # bucket -> mean claim-to-finish seconds of its recent succeeded jobs
 
 
 @dataclass(frozen=True, slots=True)

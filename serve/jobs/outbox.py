@@ -32,7 +32,7 @@ from serve.jobs.schema import jobs, projects, webhook_deliveries
 
 # (a finished job, its project's retention_days) -> the webhook's `data`: the API's view of the job
 WebhookBody = Callable[[JobRecord, int | None], dict[str, Any]]
-WebhookEvent = Literal["video.completed", "video.failed", "video.cancelled"]
+WebhookEvent = Literal["video.completed", "video.failed", "video.cancelled", "video.review_changed"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
 # final job status -> the event announcing it
 EVENTS: dict[JobStatus, WebhookEvent] = {
@@ -74,13 +74,16 @@ class Outbox:
         self._db = db
         self._webhook_body = webhook_body
 
-    def enqueue(self, conn: Connection, job: JobRecord, now: datetime) -> None:
-        """Inside the transaction that just finished `job`: queue its webhook, if it asked for one."""
+    def enqueue(
+        self, conn: Connection, job: JobRecord, now: datetime, event: WebhookEvent | None = None
+    ) -> None:
+        """Inside the transaction that just finished `job` (or changed its review: `event`
+        `video.review_changed`): queue its webhook, if it asked for one."""
         url = job.request.callback_url
         if not url:
             return
         delivery_id = new_delivery_id()
-        event = EVENTS[job.status]
+        event = event or EVENTS[job.status]
         payload = {
             "id": delivery_id,
             "type": event,

@@ -119,6 +119,11 @@ jobs = Table(
     # The take's number within its board's shot, 1, 2, ... in creation order (a promoted final is a new
     # take); set in the transaction that creates the job, never reused. None: a video of no board.
     Column("take", Integer),
+    # The take's review (serve.jobs.reviews): approved | rejected | needs-changes; None: pending. Who set it
+    # last (the API key's name, else its id) and when; each change is also in the job's event log.
+    Column("review", String(16)),
+    Column("review_by", String(200)),
+    Column("review_at", UTCDateTime),
     UniqueConstraint("project", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     Index("ix_jobs_status_id", "status", "id"),  # queued(), counts, requeue
     Index("ix_jobs_project_id", "project", "id"),  # list(project=...) pages
@@ -135,6 +140,9 @@ ADDED_JOB_COLUMNS: tuple[str, ...] = (
     "promoted_to",
     "eta_at",
     "take",
+    "review",
+    "review_by",
+    "review_at",
 )
 
 job_events = Table(
@@ -169,6 +177,20 @@ storyboards = Table(
 
 # Nullable columns added to `storyboards` after its first release (added by create_schema like the jobs').
 ADDED_STORYBOARD_COLUMNS: tuple[str, ...] = ("edit", "cut")
+
+take_notes = Table(
+    "take_notes",
+    metadata,
+    # Review notes on a take (POST /v1/videos/{id}/notes), oldest first; they go with the take's row.
+    Column("id", String(40), primary_key=True),  # "note_" + 24 hex; sorts by creation time
+    Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("author", String(200), nullable=False),  # the API key's name (its id when it has none)
+    Column("key_id", String(40), nullable=False),  # the key that wrote it (audit)
+    Column("text", Text, nullable=False),
+    Column("frame", Integer),  # at the take's own delivered rate, 0-based; None: the whole take
+    Column("created_at", UTCDateTime, nullable=False),
+    Index("ix_take_notes_job_id_id", "job_id", "id"),
+)
 
 cut_jobs = Table(
     "cut_jobs",

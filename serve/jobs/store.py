@@ -9,6 +9,7 @@ the shared Database:
     cuts         serve/jobs/cuts.py          a board's cut as a durable job (fenced like jobs)
     projects     serve/jobs/projects.py      projects, settings, API keys, quota usage
     luts         serve/jobs/luts.py          a project's LUT looks
+    reviews      serve/jobs/reviews.py       notes and review statuses of takes
     outbox       serve/jobs/outbox.py        webhook deliveries, queued when a job finishes
 
 The serve layer gives the store the function that renders a webhook's body (`webhook_body`: the API's
@@ -28,6 +29,7 @@ from serve.jobs.jobs import JobRepository
 from serve.jobs.luts import LutRepository
 from serve.jobs.outbox import Outbox, WebhookBody
 from serve.jobs.projects import ProjectRepository
+from serve.jobs.reviews import ReviewRepository
 from serve.jobs.rows import MAX_PAGE
 from serve.jobs.schema import SCHEMA_LOCK_KEY
 from serve.jobs.storyboards import StoryboardRepository
@@ -61,10 +63,11 @@ _cuts: Callable[[JobStore], CutRepository] = operator.attrgetter("cuts")
 _projects: Callable[[JobStore], ProjectRepository] = operator.attrgetter("projects")
 _luts: Callable[[JobStore], LutRepository] = operator.attrgetter("luts")
 _outbox: Callable[[JobStore], Outbox] = operator.attrgetter("outbox")
+_reviews: Callable[[JobStore], ReviewRepository] = operator.attrgetter("reviews")
 
 
 class JobStore:
-    """All reads and state changes of jobs, storyboards, projects, LUTs and webhooks. Thread-safe and
+    """All reads and state changes of jobs, storyboards, projects, LUTs, reviews and webhooks. Thread-safe and
     multi-process-safe; holds only an engine."""
 
     def __init__(
@@ -84,6 +87,7 @@ class JobStore:
         self.cuts = CutRepository(self.db)
         self.projects = ProjectRepository(self.db)
         self.luts = LutRepository(self.db)
+        self.reviews = ReviewRepository(self.db, self.outbox)
 
     @property
     def backend(self) -> Literal["sqlite", "postgresql"]:
@@ -106,6 +110,7 @@ class JobStore:
     get = _forward(JobRepository.get, _jobs)
     list = _forward(JobRepository.list, _jobs)
     queue_position = _forward(JobRepository.queue_position, _jobs)
+    queue_view = _forward(JobRepository.queue_view, _jobs)
     queued = _forward(JobRepository.queued, _jobs)
     queued_candidates = _forward(JobRepository.queued_candidates, _jobs)
     count_by_status = _forward(JobRepository.count_by_status, _jobs)
@@ -170,6 +175,12 @@ class JobStore:
     get_lut = _forward(LutRepository.get, _luts)
     list_luts = _forward(LutRepository.list, _luts)
     delete_lut = _forward(LutRepository.delete, _luts)
+    lut_keys_in_use = _forward(LutRepository.keys_in_use, _luts)
+
+    # ReviewRepository
+    add_note = _forward(ReviewRepository.add_note, _reviews)
+    take_notes = _forward(ReviewRepository.notes, _reviews)
+    set_review = _forward(ReviewRepository.set_review, _reviews)
 
     # Outbox
     due_webhooks = _forward(Outbox.due, _outbox)

@@ -65,6 +65,23 @@ class StoryboardRequest(BaseModel):
         )
 
 
+class ShotTrim(BaseModel):
+    """The part of a shot's take the cut uses: `num_frames` from `start`, counted at `fps` from the take's
+    first frame (slate excluded). The cut converts it to its own rate and keeps it inside the take."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fps: int = Field(gt=0, description="The rate the trim counts at (the edited timeline's).")
+    start: int = Field(ge=0, description="First frame of the take used.")
+    num_frames: int = Field(gt=0, description="How many frames from there.")
+
+    def at(self, fps: int) -> tuple[int, int]:
+        """(start, num_frames) at `fps`, rounded as the cut's conform rounds; at least one frame."""
+        if fps == self.fps:
+            return self.start, self.num_frames
+        return round(self.start * fps / self.fps), max(1, round(self.num_frames * fps / self.fps))
+
+
 class StoryboardEdit(BaseModel):
     """The editor's choices on a board (the `edit` column)."""
 
@@ -73,6 +90,9 @@ class StoryboardEdit(BaseModel):
     format: Literal[1] = 1
     order: list[int] | None = Field(None, description="Shot indices in cut order; None: the board's order.")
     takes: dict[str, str] = Field(default_factory=dict, description="Shot index -> its selected video.")
+    # Shot index -> the part of its take the cut uses (an edited timeline read back sets them); rows
+    # written before trims existed have none.
+    trims: dict[str, ShotTrim] = Field(default_factory=dict, description="Shot index -> its trim.")
 
 
 class CutClip(BaseModel):
@@ -86,6 +106,10 @@ class CutClip(BaseModel):
     start_frame: int  # where it starts in the cut
     num_frames: int  # its length in the cut, slate included
     slate_frames: int  # of which the slate
+    # Where its content starts in the take conformed to the cut's rate (a head trim), and whether the edit
+    # trimmed it (StoryboardEdit.trims): a timeline read back counts its trims from here.
+    content_start: int = 0
+    trimmed: bool = False
 
 
 class CutRecord(BaseModel):

@@ -1,5 +1,5 @@
-"""A storyboard's edit: selected takes and shot order (`PATCH /v1/storyboards/{id}`), its first cut and
-the cut as a timeline.
+"""A storyboard's edit: selected takes and shot order (`PATCH /v1/storyboards/{id}`) and its first cut
+(the cut as a timeline, out and back: serve/http/routes/timeline.py).
 
 The cut is a durable job: the POST chooses the takes, queues the cut (serve.jobs.cuts) and answers 202;
 the Scheduler has a Finisher replica render it (serve.scheduling.cuts), so no Ingress thread renders
@@ -10,25 +10,12 @@ streamed (`GET .../cut/events`) like a video's.
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
-from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi import APIRouter, Request
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from serve.auth import Caller
 from serve.editorial.cut import CutNotReady, choose_takes
-from serve.editorial.timeline import WRITERS as TIMELINE_WRITERS
-from serve.editorial.timeline import (
-    RateNotInTimecode,
-    TimelineFormat,
-    build_timeline,
-    package,
-    write_timeline,
-)
 from serve.http.admission import project_settings
 from serve.http.deps import CallerDep, IngressState, StateDep, deleting
 from serve.http.editorial import CUT_SIZES, Cut, CutClipView, CutCreate, CutDeleted, StoryboardUpdate
@@ -41,7 +28,6 @@ from serve.jobs import deletion
 from serve.jobs.cuts import CutJob, CutRequest, CutRunning, CutStatus, new_cut_id
 from serve.jobs.models import ApiState, utcnow
 from serve.jobs.storyboard import CutRecord, StoryboardEdit, StoryboardRecord
-from serve.storage import StorageError
 
 router = APIRouter(prefix="/v1/storyboards", tags=["storyboards"])
 DEFAULT_CUT_FPS = 24  # editors' rate, when neither the request, the board nor the project names one
@@ -51,12 +37,6 @@ CUT_STATES: dict[CutStatus, ApiState] = {
     "succeeded": "completed",
     "failed": "failed",
     "cancelled": "cancelled",
-}
-TIMELINE_CONTENT = {
-    "application/json": {},
-    "text/plain": {},
-    "application/xml": {},
-    "application/zip": {},
 }
 
 
@@ -226,7 +206,7 @@ async def get_cut(storyboard_id: str, request: Request, state: StateDep, caller:
     job = await asyncio.to_thread(state.store.latest_cut, record.id)
     if job is not None and job.status != "succeeded":
         return await _cut_view(record, job, None, state, request)
-    record, cut = await _board_cut(storyboard_id, state, caller)
+    record, cut = await board_cut(storyboard_id, state, caller)
     return await _cut_view(record, job if job is not None and job.id == cut.id else None, cut, state, request)
 
 
@@ -240,65 +220,11 @@ async def get_cut(storyboard_id: str, request: Request, state: StateDep, caller:
 async def get_cut_content(
     storyboard_id: str, request: Request, state: StateDep, caller: CallerDep
 ) -> Response:
-    _record, cut = await _board_cut(storyboard_id, state, caller)
-    return RedirectResponse(await _link(cut.key, state, request), status_code=307)
+    _record, cut = await board_cut(storyboard_id, state, caller)
+    return RedirectResponse(await artifact_link(cut.key, state, request), status_code=307)
 
 
-@router.get(
-    "/{storyboard_id}/timeline",
-    response_class=Response,
-    responses={200: {"content": TIMELINE_CONTENT, "description": "The timeline, or the package zip."}},
-    summary="Export the last cut as a timeline",
-)
-async def get_timeline(
-    storyboard_id: str,
-    request: Request,
-    state: StateDep,
-    caller: CallerDep,
-    format: Annotated[
-        TimelineFormat, Query(description="otio (JSON), edl (CMX 3600) or fcpxml (FCP 7 XML).")
-    ] = "otio",
-    package_zip: Annotated[
-        bool,
-        Query(
-            alias="package",
-            description="A zip with the cut, the shots' clips and the timeline, its media as relative paths "
-            "(else the timeline alone, its media as signed links).",
-        ),
-    ] = False,
-) -> Response:
-    """The last cut as a timeline: one clip per shot, named "<shot> take <n>", at the cut's rate. EDL and
-    FCP XML need a 24 or 25 fps cut (409 `timeline_rate_unsupported`: SMPTE timecode has no 16)."""
-    record, cut = await _board_cut(storyboard_id, state, caller)
-    title = record.title or record.id
-    try:
-        if package_zip:
-            fd, name = tempfile.mkstemp(prefix="previz-package-", suffix=".zip")
-            os.close(fd)
-            try:
-                path = await asyncio.to_thread(
-                    package, state.artifacts, cut, title, format, record.id, Path(name)
-                )
-            except BaseException:
-                Path(name).unlink(missing_ok=True)
-                raise
-            return FileResponse(
-                path,
-                media_type="application/zip",
-                filename=f"{record.id}.zip",
-                background=BackgroundTask(path.unlink, missing_ok=True),
-            )
-        links = [await _link(clip.key, state, request) for clip in cut.clips]
-        timeline = build_timeline(cut, title, lambda _clip, index: links[index])
-        text = write_timeline(timeline, format, cut.fps)
-    except RateNotInTimecode as error:
-        raise ApiError(409, "timeline_rate_unsupported", str(error), "format") from None
-    except StorageError:
-        raise ApiError(503, "storage_unavailable", "the artifact store failed; try again") from None
-    return Response(text, media_type=TIMELINE_WRITERS[format].media_type)
-
-
-async def _board_cut(
+async def board_cut(
     storyboard_id: str, state: IngressState, caller: Caller
 ) -> tuple[StoryboardRecord, CutRecord]:
     record, _jobs = await board_and_jobs(storyboard_id, state, caller, with_jobs=False)
@@ -319,7 +245,7 @@ async def _board_cut(
     return record, cut
 
 
-async def _link(key: str, state: IngressState, request: Request) -> str:
+async def artifact_link(key: str, state: IngressState, request: Request) -> str:
     link = await asyncio.to_thread(state.artifacts.url, key, expires_in_s=state.args.artifact_url_ttl_s)
     if link.startswith("/"):  # the local store's links are paths on this API
         base = state.args.public_url or str(request.base_url)
@@ -338,16 +264,17 @@ async def _cut_view(
     clips: list[CutClipView] = []
     if cut is not None:
         clips = [
-            CutClipView(**clip.model_dump(exclude={"key"}), content_url=await _link(clip.key, state, request))
+            CutClipView(
+                **clip.model_dump(exclude={"key"}), content_url=await artifact_link(clip.key, state, request)
+            )
             for clip in cut.clips
         ]
         links = {
-            "content_url": await _link(cut.key, state, request),
+            "content_url": await artifact_link(cut.key, state, request),
             "timeline_url": f"/v1/storyboards/{record.id}/timeline",
         }
         status, progress, eta_seconds, error = "completed", 100, None, None
-    else:
-        assert job is not None
+    elif job is not None:
         status = CUT_STATES[job.status]
         progress = round(job.progress * 100)
         eta_seconds = None

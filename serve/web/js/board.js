@@ -4,7 +4,7 @@
 // player with controls on hover/focus; per take: remix, cancel, select, promote, download. The board line
 // is computed from the takes as they are shown. Every take carries the AI-generated draft mark.
 
-import { api, apiBlob, describe } from "./api.js";
+import { api, apiBlob, describe, describeFailure } from "./api.js";
 import { h, show, toast } from "./dom.js";
 import { followVideo } from "./events.js";
 import { duration, t, whereItIs } from "./i18n.js";
@@ -62,7 +62,8 @@ export async function renderBoard(view, boardId, signal) {
     paintSummary();
     if (board.cut_url && !cutBox.dataset.busy) {
       const cut = await api(board.cut_url);
-      if (cut.id !== shownCut) {
+      if (!FINISHED.has(cut.status)) followCut(cut); // a cut asked for elsewhere (another tab, the CLI)
+      else if (cut.id !== shownCut && cut.status === "completed") {
         shownCut = cut.id;
         cutBox.replaceChildren(...cutView(boardId, cut, board));
       }
@@ -111,18 +112,52 @@ export async function renderBoard(view, boardId, signal) {
       toast(describe(error));
     }
   });
-  cutButton.addEventListener("click", async () => {
+  // The cut is a job of the cluster: the POST answers at once (202) and the cut is followed until it is done.
+  const followCut = async (cut) => {
     cutBox.dataset.busy = "true";
     cutButton.disabled = true;
-    cutBox.replaceChildren(h("p", { role: "status", text: t("cut.rendering") }));
+    const bar = h("progress", { max: 100, value: cut.progress, "aria-label": t("cut.progress") });
+    const line = h("p", { role: "status", "aria-live": "polite" });
+    const cancel = h("button", { type: "button", class: "quiet", text: t("cut.cancel") });
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      try {
+        await api(`/v1/storyboards/${encodeURIComponent(boardId)}/cut/cancel`, { method: "POST" });
+      } catch (error) {
+        toast(describe(error));
+      }
+    });
+    cutBox.replaceChildren(line, bar, h("div", { class: "actions" }, cancel));
     try {
-      const cut = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/cut`, { method: "POST", body: {} });
-      shownCut = cut.id;
-      cutBox.replaceChildren(...cutView(boardId, cut, latest));
+      while (!signal.aborted) {
+        const eta = cut.eta_seconds != null ? t("cut.eta", { eta: duration(cut.eta_seconds) }) : "";
+        line.textContent = cut.status === "queued" ? t("cut.queued") : t("cut.renderingProgress", { progress: cut.progress, eta });
+        bar.value = cut.progress;
+        if (FINISHED.has(cut.status)) break;
+        await new Promise((resolve) => setTimeout(resolve, 1000));
+        cut = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/cut`);
+      }
+      if (cut.status === "completed") {
+        shownCut = cut.id;
+        cutBox.replaceChildren(...cutView(boardId, cut, latest));
+      } else if (!signal.aborted) {
+        const why = cut.error ? describeFailure(cut.error) : t(`cut.${cut.status}`);
+        cutBox.replaceChildren(h("p", { class: "error", role: "alert", text: why }));
+      }
     } catch (error) {
       cutBox.replaceChildren(h("p", { class: "error", role: "alert", text: describe(error) }));
     } finally {
       delete cutBox.dataset.busy;
+      paintToolbar();
+    }
+  };
+  cutButton.addEventListener("click", async () => {
+    cutButton.disabled = true;
+    try {
+      const cut = await api(`/v1/storyboards/${encodeURIComponent(boardId)}/cut`, { method: "POST", body: {} });
+      await followCut(cut);
+    } catch (error) {
+      cutBox.replaceChildren(h("p", { class: "error", role: "alert", text: describe(error) }));
       paintToolbar();
     }
   });
@@ -229,7 +264,10 @@ function takeCard(board, shot, take, signal, reload, changed) {
     actions,
     remixBox,
   );
-  let state = { status: take.status, stage: take.stage, progress: take.progress, eta: null, waiting_for: null, queue_position: null };
+  let state = stateOf(take);
+  let live = false; // its stream has spoken: from then on the stream, not the board's view, moves it
+  const following = new AbortController(); // its stream, stopped with the page or once it finished
+  signal.addEventListener("abort", () => following.abort(), { once: true });
   let download = null; // the mp4's signed link, once the take completed
   const paint = () => {
     bar.value = state.progress;
@@ -237,7 +275,7 @@ function takeCard(board, shot, take, signal, reload, changed) {
     const where = whereItIs(state);
     const waiting = state.status === "queued" || Boolean(state.waiting_for);
     status.textContent = state.status === "failed" && take.error
-      ? t("take.failed", { message: take.error.message })
+      ? t("take.failed", { message: describeFailure(take.error) })
       : FINISHED.has(state.status) ? where : waiting ? `${where}${eta}` : `${where} · ${state.progress} %${eta}`;
     card.dataset.status = state.status;
     card.dataset.waiting = state.waiting_for || (state.status === "queued" ? "queue" : "");
@@ -323,10 +361,23 @@ function takeCard(board, shot, take, signal, reload, changed) {
     card.classList.toggle("selected", selected);
   };
   card.state = () => state;
-  // the board's view of the take (a reload): only what the live stream does not say (promotion)
+  const finished = (video) => {
+    if (FINISHED.has(state.status)) return; // told twice (the stream and the board's view): once is enough
+    state = { ...stateOf(video), eta: null, waiting_for: null, queue_position: null };
+    take.error = video.error;
+    following.abort();
+    paint();
+    if (video.status === "completed") showPlayer();
+  };
+  // the board's view of the take (every refresh): its promotion, and its state until its stream speaks
   card.update = (fresh) => {
     if (fresh.promoted_to !== take.promoted_to) {
       take.promoted_to = fresh.promoted_to;
+      paint();
+    }
+    if (FINISHED.has(fresh.status)) finished(fresh);
+    else if (!live && !FINISHED.has(state.status)) {
+      state = stateOf(fresh);
       paint();
     }
   };
@@ -335,17 +386,26 @@ function takeCard(board, shot, take, signal, reload, changed) {
   else if (!FINISHED.has(state.status)) {
     followVideo(take.video_id, (kind, data) => {
       if (kind === "status") {
-        state = { ...state, status: data.status, stage: data.stage, progress: data.progress, eta: data.eta_seconds ?? null, waiting_for: data.waiting_for ?? null, queue_position: data.queue_position ?? null };
-      } else if (kind === "done") {
-        state = { ...state, status: data.status, stage: data.stage, progress: data.progress, eta: null, waiting_for: null, queue_position: null };
-        take.error = data.error;
+        live = true;
+        state = stateOf(data);
         paint();
-        if (data.status === "completed") showPlayer();
+      } else if (kind === "done") {
+        finished(data);
         reload().catch(() => {}); // the board's own state moves with it
-        return;
-      } else return;
-      paint();
-    }, signal);
+      }
+    }, following.signal);
   }
   return card;
+}
+
+// A take's state as the page shows it, from the board's view of it, a `status` event or the video itself.
+function stateOf(video) {
+  return {
+    status: video.status,
+    stage: video.stage,
+    progress: video.progress,
+    eta: video.eta_seconds ?? null,
+    waiting_for: video.waiting_for ?? null,
+    queue_position: video.queue_position ?? null,
+  };
 }
