@@ -110,6 +110,8 @@ def test_a_status_change_queues_a_review_webhook_and_a_same_status_none(api: Loc
     assert [delivery.event for delivery in deliveries] == ["video.review_changed"] * 2
     assert [delivery.payload["data"]["review"] for delivery in deliveries] == ["rejected", "pending"]
     assert deliveries[0].url == "https://hooks.example.com/previz"
+    listed = api.client.get(f"/v1/videos/{take['id']}/webhooks").json()["data"]
+    assert [item["event"] for item in listed] == ["video.review_changed"] * 2
 
 
 def test_the_board_lists_each_takes_review(api: LocalApi) -> None:
