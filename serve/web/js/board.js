@@ -4,7 +4,7 @@
 // player with controls on hover/focus; per take: remix, cancel, select, promote, download. The board line
 // is computed from the takes as they are shown. Every take carries the AI-generated draft mark.
 
-import { api, apiBlob, describe } from "./api.js";
+import { api, apiBlob, describe, describeFailure } from "./api.js";
 import { h, show, toast } from "./dom.js";
 import { followVideo } from "./events.js";
 import { duration, t, whereItIs } from "./i18n.js";
@@ -141,7 +141,7 @@ export async function renderBoard(view, boardId, signal) {
         shownCut = cut.id;
         cutBox.replaceChildren(...cutView(boardId, cut, latest));
       } else if (!signal.aborted) {
-        const why = cut.error ? cut.error.message : t(`cut.${cut.status}`);
+        const why = cut.error ? describeFailure(cut.error) : t(`cut.${cut.status}`);
         cutBox.replaceChildren(h("p", { class: "error", role: "alert", text: why }));
       }
     } catch (error) {
@@ -264,7 +264,10 @@ function takeCard(board, shot, take, signal, reload, changed) {
     actions,
     remixBox,
   );
-  let state = { status: take.status, stage: take.stage, progress: take.progress, eta: null, waiting_for: null, queue_position: null };
+  let state = stateOf(take);
+  let live = false; // its stream has spoken: from then on the stream, not the board's view, moves it
+  const following = new AbortController(); // its stream, stopped with the page or once it finished
+  signal.addEventListener("abort", () => following.abort(), { once: true });
   let download = null; // the mp4's signed link, once the take completed
   const paint = () => {
     bar.value = state.progress;
@@ -272,7 +275,7 @@ function takeCard(board, shot, take, signal, reload, changed) {
     const where = whereItIs(state);
     const waiting = state.status === "queued" || Boolean(state.waiting_for);
     status.textContent = state.status === "failed" && take.error
-      ? t("take.failed", { message: take.error.message })
+      ? t("take.failed", { message: describeFailure(take.error) })
       : FINISHED.has(state.status) ? where : waiting ? `${where}${eta}` : `${where} · ${state.progress} %${eta}`;
     card.dataset.status = state.status;
     card.dataset.waiting = state.waiting_for || (state.status === "queued" ? "queue" : "");
@@ -358,10 +361,23 @@ function takeCard(board, shot, take, signal, reload, changed) {
     card.classList.toggle("selected", selected);
   };
   card.state = () => state;
-  // the board's view of the take (a reload): only what the live stream does not say (promotion)
+  const finished = (video) => {
+    if (FINISHED.has(state.status)) return; // told twice (the stream and the board's view): once is enough
+    state = { ...stateOf(video), eta: null, waiting_for: null, queue_position: null };
+    take.error = video.error;
+    following.abort();
+    paint();
+    if (video.status === "completed") showPlayer();
+  };
+  // the board's view of the take (every refresh): its promotion, and its state until its stream speaks
   card.update = (fresh) => {
     if (fresh.promoted_to !== take.promoted_to) {
       take.promoted_to = fresh.promoted_to;
+      paint();
+    }
+    if (FINISHED.has(fresh.status)) finished(fresh);
+    else if (!live && !FINISHED.has(state.status)) {
+      state = stateOf(fresh);
       paint();
     }
   };
@@ -370,17 +386,26 @@ function takeCard(board, shot, take, signal, reload, changed) {
   else if (!FINISHED.has(state.status)) {
     followVideo(take.video_id, (kind, data) => {
       if (kind === "status") {
-        state = { ...state, status: data.status, stage: data.stage, progress: data.progress, eta: data.eta_seconds ?? null, waiting_for: data.waiting_for ?? null, queue_position: data.queue_position ?? null };
-      } else if (kind === "done") {
-        state = { ...state, status: data.status, stage: data.stage, progress: data.progress, eta: null, waiting_for: null, queue_position: null };
-        take.error = data.error;
+        live = true;
+        state = stateOf(data);
         paint();
-        if (data.status === "completed") showPlayer();
+      } else if (kind === "done") {
+        finished(data);
         reload().catch(() => {}); // the board's own state moves with it
-        return;
-      } else return;
-      paint();
-    }, signal);
+      }
+    }, following.signal);
   }
   return card;
+}
+
+// A take's state as the page shows it, from the board's view of it, a `status` event or the video itself.
+function stateOf(video) {
+  return {
+    status: video.status,
+    stage: video.stage,
+    progress: video.progress,
+    eta: video.eta_seconds ?? null,
+    waiting_for: video.waiting_for ?? null,
+    queue_position: video.queue_position ?? null,
+  };
 }
