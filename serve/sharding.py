@@ -232,12 +232,20 @@ def check_degrees(experts: ExpertsSettings, model: str, cache_dir: Path, samplin
                 raise ValueError(f"`experts.{expert}.warmup.{index}`: {problem}.")
 
 
-class ShapeRules:
-    """Which (size, frames) each expert's deployed degree accepts; built once per Ingress replica."""
+I2V_PREFIX = (
+    "I2V"  # the I2V model's expert deployments: I2VHighNoiseDenoiser, I2VLowNoiseDenoiser, I2VDenoiser
+)
 
-    def __init__(self, experts: ExpertsSettings, model: str, sampling: ModelSpec, cache_dir: Path) -> None:
+
+class ShapeRules:
+    """Which (size, frames) each expert's deployed degree accepts; built once per Ingress replica (per
+    served model: `prefix` names a second model's deployments, I2V_PREFIX)."""
+
+    def __init__(
+        self, experts: ExpertsSettings, model: str, sampling: ModelSpec, cache_dir: Path, prefix: str = ""
+    ) -> None:
         self.sampling = sampling
-        self.deployments: dict[Expert, str] = {e: experts.deployment(e) for e in ("high", "low")}
+        self.deployments: dict[Expert, str] = {e: prefix + experts.deployment(e) for e in ("high", "low")}
         self.degrees: dict[Expert, ParallelDegree] = {
             e: experts.of(e).parallel.degree for e in ("high", "low")
         }
