@@ -175,6 +175,7 @@ class JobStore:
     get_lut = _forward(LutRepository.get, _luts)
     list_luts = _forward(LutRepository.list, _luts)
     delete_lut = _forward(LutRepository.delete, _luts)
+    lut_keys_in_use = _forward(LutRepository.keys_in_use, _luts)
 
     # ReviewRepository
     add_note = _forward(ReviewRepository.add_note, _reviews)

@@ -274,8 +274,7 @@ async def _cut_view(
             "timeline_url": f"/v1/storyboards/{record.id}/timeline",
         }
         status, progress, eta_seconds, error = "completed", 100, None, None
-    else:
-        assert job is not None
+    elif job is not None:
         status = CUT_STATES[job.status]
         progress = round(job.progress * 100)
         eta_seconds = None
