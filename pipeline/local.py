@@ -228,7 +228,7 @@ class LocalPipeline:
                 report("encode_image", 1, 1)
         state = initial_state(resolved, model, channels=self.components.transformer.config.out_channels)
         if resolved.cache is not None:  # calibrated on first use only: a preset measures its own curve
-            curve = calibration_curve(self.components.source, model)
+            curve = calibration_curve(self.components.source, model, self.components.task)
             for denoiser in self.denoisers.values():
                 denoiser.cache_curve = curve
         for expert, guidance in (("high", resolved.guidance_high), ("low", resolved.guidance_low)):

@@ -280,3 +280,13 @@ def test_an_i2v_engine_refuses_t2v_requests_and_a_t2v_engine_refuses_conditions(
     t2v_case = i2v_case(t2v, "b", 12)
     with pytest.raises(ValueError, match="text-to-video and takes no `condition`"):
         engine(t2v, "high").submit(engine_request("i2v-row", t2v_case, "high", t2v_case["state"]))
+
+
+def test_an_i2v_preset_shares_its_twins_text_encoder_and_vae_as_wan22_does() -> None:
+    i2v, t2v = build_preset("tiny-i2v"), build_preset("tiny")
+    for name in ("vae", "text_encoder"):
+        mine, twin = getattr(i2v, name).state_dict(), getattr(t2v, name).state_dict()
+        assert all(torch.equal(mine[key], twin[key]) for key in twin), name
+    assert not torch.equal(
+        i2v.transformer.blocks[0].ffn.net[2].weight, t2v.transformer.blocks[0].ffn.net[2].weight
+    )

@@ -28,6 +28,10 @@ APP = "previz-route"
 WAIT_S = 600  # bound of the waits on a loaded 2-core box; no timing is asserted
 EXPORT_S = 90.0  # Ray's agents export every few seconds, then Prometheus scrapes
 SHOT = {"resolution": "96x64", "duration": 0.5, "steps": 8}  # one bucket for every job
+# The board's shots denoise long enough (about 30 high-noise steps) that the Scheduler's 8 claims pile up at
+# the high expert: with 8 steps a tiny job left its engine before the next one's text was encoded, the
+# queued work stayed inside the bound and affinity rightly kept all 8 on one replica.
+BOARD_SHOT = {**SHOT, "steps": 48}
 
 
 def two_of_each_expert(app: dict[str, Any]) -> None:
@@ -54,9 +58,13 @@ def test_a_one_size_storyboard_of_8_shots_runs_on_both_replicas_of_each_expert(
     routed: ExtraApp, prometheus: PrometheusServer
 ) -> None:
     shots = [{"prompt": f"board shot {i}", "seed": i} for i in range(8)]
-    board = routed.client.create_storyboard({"title": "one-size board", **SHOT, "shots": shots})
+    board = routed.client.create_storyboard({"title": "one-size board", **BOARD_SHOT, "shots": shots})
     assert board["num_videos"] == 8
     assert _wait_board(routed, board["id"])["counts"] == {"completed": 8}
+    timings = [routed.client.get(video["video_id"])["timings"] for video in board["shots"][0]["videos"]]
+    print(f"\nfirst shot's stage seconds: {timings}")
+    decisions = prometheus.query("sum by (affinity) (ray_previz_routing_decisions_total)")
+    print(f"routing decisions (both apps): {[(r['metric'], r['value'][1]) for r in decisions]}")
     for deployment in ("HighNoiseDenoiser", "LowNoiseDenoiser"):
         rows = _rows_per_replica(prometheus, deployment, lambda rows: min(rows.values(), default=0) > 0)
         print(f"\n{deployment} rows per replica: {rows}")

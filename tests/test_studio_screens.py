@@ -175,8 +175,9 @@ def test_the_board_names_takes_keeps_its_cut_and_home_plays_any_clip(browser: Br
         expect(rows.first.locator("h2")).to_have_text(
             "1A 穿黑色风衣的男人从塔顶跃下"
         )  # name and a short description
+        # queued: its place, and an ETA priced with the run times of the takes finished before it
         expect(rows.nth(1).locator("article.take").nth(1).locator(".status")).to_have_text(
-            "Next in the studio queue"
+            re.compile(r"^Next in the studio queue · about \d+ s left$")
         )
         expect(page.locator(".summary")).to_have_text("2 shots · 4 takes · rendering · 75 %")
         # both shots have a selected completed take: the cut can be rendered; 1A take 2 can be promoted

@@ -32,7 +32,6 @@ from serve.storage import ArtifactStore
 
 TimelineFormat = Literal["otio", "edl", "fcpxml", "aaf"]
 SMPTE_RATES = (24, 25)  # of the rates a cut may have, those SMPTE timecode counts in
-ExportRate = Literal[24, 25]
 
 
 @dataclass(frozen=True, slots=True)

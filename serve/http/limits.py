@@ -85,7 +85,10 @@ BODY_LIMITS = (
     BodyLimit(
         "PUT",
         "/v1/storyboards/{storyboard_id}/timeline",
-        {JSON_MEDIA: DOCUMENT_BYTES, "text/plain": DOCUMENT_BYTES, "application/xml": DOCUMENT_BYTES},
+        {
+            JSON_MEDIA: DOCUMENT_BYTES,
+            **dict.fromkeys(("text/plain", "application/xml", "application/octet-stream"), DOCUMENT_BYTES),
+        },
     ),
 )
 MAX_BODY_BYTES = max(size for limit in BODY_LIMITS for size in limit.max_bytes.values())

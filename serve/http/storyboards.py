@@ -284,6 +284,19 @@ class StoryboardVideo(BaseModel):
     status: VideoState
     stage: str
     progress: int
+    waiting_for: str | None = Field(
+        None, description="While in progress but waiting in a stage's queue: that stage (as on the video)."
+    )
+    queue_position: int | None = Field(
+        None,
+        description="How many videos are ahead of it while it waits: in the job queue (status queued) or in "
+        "the replica of the stage it is `waiting_for`; null once it runs.",
+    )
+    eta_seconds: float | None = Field(
+        None,
+        description="Seconds until it is predicted to complete, its wait included (as on the video); null "
+        "when finished or not predicted yet.",
+    )
     url: str = Field(description="The video object.")
     content_url: str | None = Field(None, description="The mp4, once completed.")
     thumbnail_url: str | None = Field(None, description="A JPEG poster frame, once completed.")

@@ -110,6 +110,7 @@ class JobStore:
     get = _forward(JobRepository.get, _jobs)
     list = _forward(JobRepository.list, _jobs)
     queue_position = _forward(JobRepository.queue_position, _jobs)
+    queue_view = _forward(JobRepository.queue_view, _jobs)
     queued = _forward(JobRepository.queued, _jobs)
     queued_candidates = _forward(JobRepository.queued_candidates, _jobs)
     count_by_status = _forward(JobRepository.count_by_status, _jobs)
