@@ -124,6 +124,7 @@ def test_an_edited_timeline_read_back_sets_order_takes_and_trims_and_the_next_cu
         take(board, 1, 1),
         take(board, 2, 0),
     ]
+    assert [shot["trim"] for shot in shown["shots"]] == [applied["trims"]["0"], None, None, None]
     cut = cut_of(api, board["id"], {"fps": 24})
     used = [take(board, 2, 0), take(board, 0, 0), take(board, 1, 1)]
     assert [clip["video_id"] for clip in cut["clips"]] == used
@@ -138,6 +139,8 @@ def test_an_edited_timeline_read_back_sets_order_takes_and_trims_and_the_next_cu
     # the trimmed cut read back as it is keeps its trim (counted from the take's first frame)
     unchanged = put(api, board, "otio", write(again, "otio")).json()
     assert unchanged["trims"] == applied["trims"] and unchanged["order"] == [2, 0, 1]
+    cleared = api.client.patch(url, json={"trims": {"0": None}}).json()
+    assert cleared["shots"][0]["trim"] is None and cleared["order"] == [2, 0, 1]
 
 
 def stored_edit(api: LocalApi, board: dict) -> object:

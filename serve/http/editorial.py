@@ -38,6 +38,14 @@ class StoryboardUpdate(BaseModel):
         "the choice (the cut then uses the shot's first completed take).",
     )
 
+    trims: dict[ShotKey, None] = Field(
+        default_factory=dict,
+        max_length=MAX_SHOTS,
+        json_schema_extra={"additionalProperties": False},
+        description='Shot index -> null clears its trim ({"2": null}): the cut then uses the whole take '
+        "(trims are set by PUT /v1/storyboards/{id}/timeline).",
+    )
+
     @field_validator("order")
     @classmethod
     def _each_shot_once(cls, order: list[int] | None) -> list[int] | None:
