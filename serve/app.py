@@ -24,10 +24,8 @@ from serve.config import PrevizArgs, with_environment
 from serve.http.ingress import Ingress
 from serve.scheduling.housekeeping import HousekeepingDeployment
 from serve.scheduling.scheduler import SchedulerDeployment
-from serve.sharding import check_degrees
+from serve.sharding import I2V_PREFIX, check_degrees
 from serve.stages import colocated, decoder, denoiser, encoder, finisher, text_encoder, upscaler
-
-I2V_PREFIX = "I2V"  # its experts' deployments: I2VHighNoiseDenoiser, I2VLowNoiseDenoiser, I2VDenoiser
 
 
 def build_app(args: PrevizArgs | dict[str, Any]) -> Application:

@@ -21,7 +21,7 @@ from serve.jobs import JobRecord, JobStatus, StoryboardRecord
 from serve.luts import register_configured
 from serve.scheduling.lanes import Lanes
 from serve.scheduling.queue_wait import QueueWait, queue_wait
-from serve.sharding import ShapeRules
+from serve.sharding import I2V_PREFIX, ShapeRules
 from serve.storage import ArtifactSigner, ArtifactStore, LocalArtifactStore, StorageError, make_store
 from serve.webhooks import callback_policy, open_job_store
 
@@ -50,6 +50,19 @@ class IngressState:
         self.safety = PromptPolicy.from_settings(args.safety)
         self.callbacks = callback_policy(args.webhooks)
         self.shapes = ShapeRules(args.experts, args.model, model, args.model_cache_dir)
+        # the image-to-video model's args (PrevizArgs.for_i2v) and shape rules; None: T2V only
+        self.i2v_args = args.for_i2v() if args.i2v is not None else None
+        self.i2v_shapes = (
+            ShapeRules(
+                self.i2v_args.experts,
+                self.i2v_args.model,
+                self.i2v_args.sampling,
+                args.model_cache_dir,
+                prefix=I2V_PREFIX,
+            )
+            if self.i2v_args is not None
+            else None
+        )
         register_configured(self.store, self.artifacts, args.luts, args.storage)
         self.lanes = Lanes(args.max_jobs_in_flight, args.reserved_slots)  # what a queued job waits for
 
