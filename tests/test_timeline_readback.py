@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.interpolate import conform_frame_count
 from serve.editorial.timeline import take_id
-from tests.support.api_app import TINY, LocalApi, local_api
+from tests.support.api_app import TINY, LocalApi, http_server, local_api
+from tests.support.cli_run import previz
 from tests.test_editorial_api import cut_of, finish_with_clip
 
 READERS = {"otio": "otio_json", "edl": "cmx_3600", "fcpxml": "fcp_xml"}
@@ -270,3 +271,36 @@ def test_the_aaf_of_a_3_shot_board_reads_back_through_the_adapter_with_the_same_
         f"/v1/storyboards/{sixteen['id']}/timeline", params={"format": "aaf", "rate": 24}
     )
     assert conformed.status_code == 200, conformed.text
+
+
+def test_the_cli_reads_an_edited_edl_back_and_reviews_a_take(
+    api: LocalApi,
+    board: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cut_of(api, board["id"], {"fps": 24})
+    path = tmp_path / "edited.edl"
+    path.write_text(write(edit(export(api, board, "edl"), board), "edl"))
+    with http_server() as url:
+        monkeypatch.setenv("PREVIZ_SERVER", url)
+        monkeypatch.setenv("PREVIZ_API_KEY", api.admin_key)
+        code, out, err = previz(["timeline", board["id"], str(path)], monkeypatch, capsys)
+        assert code == 0, err
+        lines = out.splitlines()
+        assert [line.split()[0] for line in lines[:3]] == ["2", "0", "1"]
+        assert lines[1].endswith(f"frames 4+{PER_SHOT - 8} at 24 fps") and lines[3] == "dropped shots: 3"
+        code, _out, err = previz(["timeline", board["id"], str(tmp_path / "cut.mov")], monkeypatch, capsys)
+        assert code == 2 and ".otio, .edl or .xml" in err
+        first = take(board, 0, 0)
+        code, out, err = previz(
+            ["review", first, "--status", "approved", "--note", "keep this one", "--frame", "3"],
+            monkeypatch,
+            capsys,
+        )
+        assert code == 0, err
+        assert out.splitlines()[0].startswith(f"{first} approved by ") and "@3: keep this one" in out
+        code, _out, err = previz(["review", first, "--status", "maybe"], monkeypatch, capsys)
+        assert code == 2 and "needs-changes" in err
+    assert api.client.get(f"/v1/storyboards/{board['id']}").json()["order"] == [2, 0, 1]
