@@ -61,6 +61,8 @@ def swap_take(clip: otio.schema.Clip, video_id: str) -> None:
     locator, the FCP XML clip comment) names the other take."""
     if "previz" in clip.metadata:
         clip.metadata["previz"]["take_id"] = video_id
+    if "UserComments" in clip.metadata.get("AAF", {}):
+        clip.metadata["AAF"]["UserComments"]["Previz Take"] = video_id
     for marker in clip.markers:
         if marker.name.upper().startswith("PREVIZ TAKE"):
             marker.name = f"PREVIZ TAKE {video_id}"
@@ -265,6 +267,7 @@ def test_the_aaf_of_a_3_shot_board_reads_back_through_the_adapter_with_the_same_
     assert [clip.duration() for clip in clips] == [
         otio.opentime.RationalTime(clip["num_frames"], 25) for clip in cut["clips"]
     ]
+    assert [take_id(clip) for clip in clips] == [clip["video_id"] for clip in cut["clips"]]
     sixteen = make_board(api, {**BOARD, "shots": BOARD["shots"][:3], "fps": 16})
     cut_of(api, sixteen["id"], {})
     conformed = api.client.get(
@@ -292,7 +295,7 @@ def test_the_cli_reads_an_edited_edl_back_and_reviews_a_take(
         assert [line.split()[0] for line in lines[:3]] == ["2", "0", "1"]
         assert lines[1].endswith(f"frames 4+{PER_SHOT - 8} at 24 fps") and lines[3] == "dropped shots: 3"
         code, _out, err = previz(["timeline", board["id"], str(tmp_path / "cut.mov")], monkeypatch, capsys)
-        assert code == 2 and ".otio, .edl or .xml" in err
+        assert code == 2 and ".otio, .edl, .xml (FCP 7) or .aaf" in err
         first = take(board, 0, 0)
         code, out, err = previz(
             ["review", first, "--status", "approved", "--note", "keep this one", "--frame", "3"],
@@ -304,3 +307,27 @@ def test_the_cli_reads_an_edited_edl_back_and_reviews_a_take(
         code, _out, err = previz(["review", first, "--status", "maybe"], monkeypatch, capsys)
         assert code == 2 and "needs-changes" in err
     assert api.client.get(f"/v1/storyboards/{board['id']}").json()["order"] == [2, 0, 1]
+
+
+def test_an_edited_aaf_reads_back_like_the_other_formats(api: LocalApi, tmp_path: Path) -> None:
+    pytest.importorskip("otio_aaf_adapter", reason="otio-aaf-adapter (a dependency) is not installed here")
+    board = make_board(api)
+    cut_of(api, board["id"], {"fps": 24})
+    exported = tmp_path / "cut.aaf"
+    exported.write_bytes(
+        api.client.get(f"/v1/storyboards/{board['id']}/timeline", params={"format": "aaf"}).content
+    )
+    timeline = edit(otio.adapters.read_from_file(str(exported), adapter_name="AAF"), board)
+    edited = tmp_path / "edited.aaf"
+    otio.adapters.write_to_file(timeline, str(edited), adapter_name="AAF")
+    answer = api.client.put(
+        f"/v1/storyboards/{board['id']}/timeline",
+        params={"format": "aaf"},
+        content=edited.read_bytes(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert answer.status_code == 200, answer.text
+    applied = answer.json()
+    assert (applied["order"], applied["dropped"]) == ([2, 0, 1], [3])
+    assert applied["trims"] == {"0": {"fps": 24, "start": 4, "num_frames": PER_SHOT - 8}}
+    assert applied["takes"]["1"] == take(board, 1, 1)

@@ -98,9 +98,10 @@ class PrevizClient:
     def put_timeline(
         self, storyboard_id: str, data: bytes, fmt: str, *, rate: int | None = None
     ) -> dict[str, Any]:
-        """Read an edited timeline (OTIO, EDL or FCP XML as exported, then edited) back onto its board."""
+        """Read an edited timeline (OTIO, EDL, FCP XML or AAF: exported, then edited) back onto its board."""
         params: dict[str, Any] = {"format": fmt, **({"rate": rate} if rate is not None else {})}
-        headers = {"Content-Type": "application/xml" if fmt == "fcpxml" else "text/plain"}
+        media = {"fcpxml": "application/xml", "aaf": "application/octet-stream"}
+        headers = {"Content-Type": media.get(fmt, "text/plain")}
         return self._json(
             self.http.put(
                 f"/v1/storyboards/{storyboard_id}/timeline", params=params, content=data, headers=headers

@@ -115,14 +115,14 @@ def cut(
     )
 
 
-TIMELINE_SUFFIXES = {".otio": "otio", ".edl": "edl", ".xml": "fcpxml"}
+TIMELINE_SUFFIXES = {".otio": "otio", ".edl": "edl", ".xml": "fcpxml", ".aaf": "aaf"}
 REVIEW_STATUSES = ("pending", "approved", "rejected", "needs-changes")
 
 
 @app.command()
 def timeline(
     storyboard_id: Annotated[str, typer.Argument(help="The storyboard (`sb_…`).")],
-    path: Annotated[Path, typer.Argument(help="The edited timeline: .otio, .edl or .xml (FCP 7).")],
+    path: Annotated[Path, typer.Argument(help="The edited timeline: .otio, .edl, .xml (FCP 7) or .aaf.")],
     rate: Annotated[int | None, typer.Option(help="The rate an EDL counts at (default: the cut's).")] = None,
     server: ServerOption = DEFAULT_SERVER,
     api_key: ApiKeyOption = None,
@@ -131,7 +131,7 @@ def timeline(
     the board's (all or nothing); prints the new order with each shot's take and trim."""
     fmt = TIMELINE_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        raise CliError(f"{path.name}: a timeline is a .otio, .edl or .xml (FCP 7) file")
+        raise CliError(f"{path.name}: a timeline is a .otio, .edl, .xml (FCP 7) or .aaf file")
     try:
         data = path.read_bytes()
     except OSError as error:

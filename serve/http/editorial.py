@@ -153,7 +153,7 @@ class TimelineApplied(BaseModel):
     """What an edited timeline changed on its board."""
 
     storyboard_id: str
-    format: Literal["otio", "edl", "fcpxml"]
+    format: Literal["otio", "edl", "fcpxml", "aaf"]
     rate: int = Field(description="The rate the timeline's clips counted at.")
     order: list[int] = Field(description="The board's shot order now (the timeline's clips, in order).")
     takes: dict[str, str] = Field(description="Shot index -> its selected take now.")
