@@ -292,3 +292,22 @@ def rank_group_options(world_size: int, device: str | None) -> dict[str, Any]:
         "placement_group_bundles": [dict(bundle) for _ in range(world_size)],
         "placement_group_strategy": "STRICT_PACK",
     }
+
+
+def bundles_problem(deployment: str, setting: str, world_size: int, entry: dict[str, Any]) -> str | None:
+    """Why a config's `deployments:` entry of a deployment whose replicas own `world_size` ranks (from
+    `setting`) does not state them: its `placement_group_bundles` must list a bundle per rank, so that the
+    file (and the k8s pools rendered and checked from it) counts the GPUs the replicas take."""
+    bundles = entry.get("placement_group_bundles")
+    if world_size > 1 and bundles is None:
+        return (
+            f"`{setting}: {world_size}` gives each {deployment} replica {world_size} ranks, a GPU each, but "
+            "its `deployments` entry has no `placement_group_bundles`: list one bundle per rank (e.g. "
+            f"[{{GPU: 1, CPU: 1}}] x {world_size}, STRICT_PACK) so that the file counts its GPUs."
+        )
+    if bundles is not None and len(bundles) != world_size:
+        return (
+            f"the {deployment} entry of `deployments` lists {len(bundles)} `placement_group_bundles` but "
+            f"`{setting}` gives its replicas {world_size}: one bundle per rank."
+        )
+    return None

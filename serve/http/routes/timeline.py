@@ -179,10 +179,18 @@ async def put_timeline(
     except UnreadableTimeline as error:
         raise ApiError(400, "invalid_timeline", str(error), "format") from None
     except TimelineRefused as error:
-        status = 409 if error.code == "foreign_timeline" else 422
-        what = "is from another board" if error.code == "foreign_timeline" else "has clips it cannot use"
+        if error.code == "foreign_timeline":
+            raise ApiError(
+                409,
+                "foreign_timeline",
+                f"the timeline is from another board; nothing was changed: {error}",
+                "body",
+            ) from None
         raise ApiError(
-            status, error.code, f"the timeline {what}; nothing was changed: {error}", "body"
+            422,
+            "unmatched_clips",
+            f"the timeline has clips it cannot use; nothing was changed: {error}",
+            "body",
         ) from None
     await asyncio.to_thread(state.store.update_storyboard, storyboard_id, edit=edit)
     previous = record.shot_order
