@@ -179,7 +179,7 @@ def engine(components: WanComponents, expert: str, banks: dict | None = None) ->
 def i2v_case(components: WanComponents, name: str, seed: int, **fields) -> dict:
     spec = RequestSpec(
         **{"prompt": f"{name}: the hero leaps out of the fireball", "negative_prompt": "blurry"}
-        | {"resolution": f"{WIDTH}x{HEIGHT}", "duration": 0.5, "steps": 6, "seed": seed, "cache": None}
+        | {"resolution": f"{WIDTH}x{HEIGHT}", "duration": 0.5, "steps": 4, "seed": seed, "cache": None}
         | fields
     )
     resolved = resolve(spec, components.model)
