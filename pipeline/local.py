@@ -55,6 +55,7 @@ from pipeline.weights import DEFAULT_CACHE_DIR, PRESETS, WanComponents, load_com
 
 # the progress steps of a one-process run, from the stage table (finishing reports its finer steps)
 STAGES = tuple(step for row in job_plan() for step in row.steps)
+I2V_STAGES = tuple(step for row in job_plan(has=frozenset({"keyframes"})) for step in row.steps)
 
 # (stage, units done, units total) -> None; units are steps, latent frames or frames per stage.
 ProgressCallback = Callable[[str, int, int], None]
@@ -228,7 +229,7 @@ class LocalPipeline:
                 report("encode_image", 1, 1)
         state = initial_state(resolved, model, channels=self.components.transformer.config.out_channels)
         if resolved.cache is not None:  # calibrated on first use only: a preset measures its own curve
-            curve = calibration_curve(self.components.source, model)
+            curve = calibration_curve(self.components.source, model, self.components.task)
             for denoiser in self.denoisers.values():
                 denoiser.cache_curve = curve
         for expert, guidance in (("high", resolved.guidance_high), ("low", resolved.guidance_low)):

@@ -49,11 +49,14 @@ class PresetConfig:
     seed: int  # every weight tensor derives from this
     fast_decoder_widths: tuple[int, int, int, int] = (256, 128, 64, 64)  # TAEHV draft decoder, per level
     task: Task = "t2v"  # i2v: experts take the condition channels too (in_channels 36)
+    # the preset whose text encoder and VAE this one uses, weights and all (Wan2.2 I2V and T2V ship the
+    # same umT5 and Wan2.1 VAE, so one TextEncoder and one VAEDecoder deployment serve both); None: its own
+    shares: str | None = None
 
 
-def _i2v(preset: PresetConfig, seed: int) -> PresetConfig:
-    """The I2V twin of a T2V preset: the same sizes, experts with the 20 condition channels as input
-    (Wan2.2-I2V-A14B's in_channels 36), its own seed."""
+def _i2v(preset: PresetConfig, seed: int, shares: str) -> PresetConfig:
+    """The I2V twin of T2V preset `shares`: the same sizes, experts with the 20 condition channels as
+    input (Wan2.2-I2V-A14B's in_channels 36) seeded from `seed`, the twin's text encoder and VAE."""
     transformer = {**preset.transformer, "in_channels": 16 + I2V_CONDITION_CHANNELS}
     return PresetConfig(
         transformer=transformer,
@@ -63,6 +66,7 @@ def _i2v(preset: PresetConfig, seed: int) -> PresetConfig:
         seed=seed,
         fast_decoder_widths=preset.fast_decoder_widths,
         task="i2v",
+        shares=shares,
     )
 
 
@@ -120,8 +124,8 @@ PRESETS: dict[str, PresetConfig] = {
         fast_decoder_widths=(32, 16, 16, 16),
     ),
 }
-PRESETS["tiny-i2v"] = _i2v(PRESETS["tiny"], seed=20250801)
-PRESETS["small-i2v"] = _i2v(PRESETS["small"], seed=20250802)
+PRESETS["tiny-i2v"] = _i2v(PRESETS["tiny"], seed=20250801, shares="tiny")
+PRESETS["small-i2v"] = _i2v(PRESETS["small"], seed=20250802, shares="small")
 
 
 @dataclass(slots=True)
@@ -182,6 +186,9 @@ def build_preset(name: str, model: ModelSpec | None = None) -> WanComponents:
             **preset.text_encoder,
         )
         text_encoder = UMT5EncoderModel(text_config)
+    if preset.shares is not None:
+        shared = build_preset(preset.shares)
+        vae, text_encoder = shared.vae, shared.text_encoder
     for module in (transformer, transformer_2, vae, text_encoder):
         module.eval().requires_grad_(False)
     return WanComponents(

@@ -11,6 +11,9 @@ against (pyproject pins them: ray[serve]==2.60.*, typer>=0.29,<0.30). An upgrade
   (`ray._private.worker.listen_error_messages` → `print_to_stdstream`) prints "(raylet) Task
   ServeController.graceful_shutdown failed … will be retried" on every clean stop. That one line is
   dropped; every other line passes. Checked with ray 2.60.0.
+- `bound_deployment_names`: Serve lists an application's deployments only once it is deployed; before,
+  `ray.serve._private.build_app.build_app(app, name=...)` walks the bound graph as `serve run` does (what
+  the config tests read, without a cluster). Checked with ray 2.60.0.
 - `click_exceptions`: typer >= 0.29 vendors click as `typer._click`; its UsageError is what a bad flag
   raises. Checked with typer 0.29.2.
 """
@@ -26,12 +29,20 @@ CHECKED_VERSIONS: dict[str, str] = {"ray": "2.60.0", "typer": "0.29.2"}
 
 __all__ = [
     "CHECKED_VERSIONS",
+    "bound_deployment_names",
     "click_exceptions",
     "drop_serve_shutdown_notice",
     "ray_session_dir",
     "serve_start",
 ]
 SERVE_SHUTDOWN_NOTICE = "ServeController.graceful_shutdown failed"
+
+
+def bound_deployment_names(app: Any, name: str = "previz") -> list[str]:
+    """The deployments a bound (not yet deployed) Serve application `app` consists of, sorted."""
+    from ray.serve._private.build_app import build_app
+
+    return sorted(deployment.name for deployment in build_app(app, name=name).deployments)
 
 
 def ray_session_dir() -> Path:

@@ -16,7 +16,7 @@ from pipeline.lora import BUILTIN
 from pipeline.lut import Interpolation
 from pipeline.priority import Priority
 from pipeline.safety import SafetySettings
-from pipeline.spec import ADAPTER_NAME_PATTERN, DISTILL_ADAPTER, ModelSpec, SizeEnvelope
+from pipeline.spec import ADAPTER_NAME_PATTERN, DISTILL_ADAPTER, ModelSpec, SizeEnvelope, model_spec
 from pipeline.vae import DecodeDtype
 from pipeline.weights import PRESETS
 from serve.scheduling.lanes import default_reserved
@@ -179,6 +179,36 @@ class AdapterSettings(BaseModel):
         return self
 
 
+class ImageToVideoSettings(BaseModel):
+    """The image-to-video model (Wan2.2-I2V-A14B) served beside the text-to-video one: its own expert
+    deployments (named with the `I2V` prefix: `I2VHighNoiseDenoiser`, `I2VLowNoiseDenoiser`, or
+    `I2VDenoiser` when colocated), laid out, sharded, tiered, LoRA'd and cached exactly as T2V's (the same
+    deployment classes and engine, built from these fields), plus a `VAEEncoder` deployment that makes the
+    keyframes' condition latents. The text encoder, the VAE decoder, the upscaler and the finisher are
+    shared: both Wan2.2 A14B models use the same umT5 and Wan2.1 VAE."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "tiny-i2v",
+        description="`tiny-i2v`, `small-i2v`, a Diffusers Wan2.2-I2V-A14B folder or `s3://bucket/prefix`.",
+    )
+    sampling: ModelSpec = Field(
+        default_factory=lambda: model_spec("i2v"),
+        description="Its sampling settings; default the official I2V recipe (40 steps, shift 5.0, CFG "
+        "3.5/3.5, boundary 0.900).",
+    )
+    experts: ExpertsSettings = Field(
+        default_factory=ExpertsSettings,
+        description="Its experts' layout and per-expert rank groups, as the top-level `experts`.",
+    )
+    adapters: AdapterSettings = Field(
+        default_factory=AdapterSettings,
+        description="Its LoRAs: the draft tier's distill LoRA (Wan2.2-Lightning I2V 4-step files) and style "
+        "LoRAs trained for the I2V experts, as the top-level `adapters`.",
+    )
+
+
 PUBLIC_URL_PATTERN = r"^https?://[^\s/?#@]+(/[^\s?#]*)?$"  # scheme and host, maybe a path; no query
 
 
@@ -250,6 +280,11 @@ class PrevizArgs(BaseModel):
     decoder: DecoderSettings = Field(
         default_factory=DecoderSettings,
         description="The VAE decode stage (dtype, memory bound, the draft tier's fast decoder).",
+    )
+    i2v: ImageToVideoSettings | None = Field(
+        None,
+        description="Also serve Wan2.2-I2V-A14B (`wan2.2-i2v-a14b`, shots from keyframes) with its expert "
+        "deployments and a VAEEncoder; None: text-to-video only.",
     )
     max_jobs_in_flight: int = Field(
         8, ge=1, description="Jobs the Scheduler keeps inside the pipeline at once (the rest wait queued)."
@@ -364,11 +399,34 @@ class PrevizArgs(BaseModel):
                 raise ValueError(f"`experts.{expert}.fp8`: {fp8_problem(self.device)}")
         return self
 
+    @model_validator(mode="after")
+    def _i2v_args_valid(self) -> PrevizArgs:
+        if self.i2v is not None:
+            self.for_i2v()  # its own rules (LoRAs, fp8, decoder) hold for the I2V model's args too
+        return self
+
     @property
     def serves_draft(self) -> bool:
         """Whether the `draft` tier is served (it needs the distill LoRA; every rank of a sharded replica
         holds it, so any degree serves it)."""
         return self.adapters.draft_lora is not None
+
+    def for_i2v(self) -> PrevizArgs:
+        """These args with the I2V model's source, sampling, experts and adapters in the top-level fields:
+        what its deployments (the T2V classes, unchanged) and its admission rules are built from.
+        ValueError when no I2V model is configured."""
+        if self.i2v is None:
+            raise ValueError("this deployment serves no image-to-video model (`i2v` is not configured).")
+        i2v = self.i2v
+        fields = {
+            **self.model_dump(exclude={"i2v"}),
+            "model": i2v.model,
+            "sampling": i2v.sampling.model_dump(),
+            "experts": i2v.experts.model_dump(),
+            # unset fields stay unset: a real model's unset `draft_lora` means no draft tier, as for T2V
+            "adapters": i2v.adapters.model_dump(exclude_unset=True),
+        }
+        return PrevizArgs.model_validate(fields)
 
     def lora(self, name: str) -> LoraSettings | None:
         """A style LoRA the replicas load (on every rank of a sharded replica too); None: not configured."""

@@ -232,12 +232,20 @@ def check_degrees(experts: ExpertsSettings, model: str, cache_dir: Path, samplin
                 raise ValueError(f"`experts.{expert}.warmup.{index}`: {problem}.")
 
 
-class ShapeRules:
-    """Which (size, frames) each expert's deployed degree accepts; built once per Ingress replica."""
+I2V_PREFIX = (
+    "I2V"  # the I2V model's expert deployments: I2VHighNoiseDenoiser, I2VLowNoiseDenoiser, I2VDenoiser
+)
 
-    def __init__(self, experts: ExpertsSettings, model: str, sampling: ModelSpec, cache_dir: Path) -> None:
+
+class ShapeRules:
+    """Which (size, frames) each expert's deployed degree accepts; built once per Ingress replica (per
+    served model: `prefix` names a second model's deployments, I2V_PREFIX)."""
+
+    def __init__(
+        self, experts: ExpertsSettings, model: str, sampling: ModelSpec, cache_dir: Path, prefix: str = ""
+    ) -> None:
         self.sampling = sampling
-        self.deployments: dict[Expert, str] = {e: experts.deployment(e) for e in ("high", "low")}
+        self.deployments: dict[Expert, str] = {e: prefix + experts.deployment(e) for e in ("high", "low")}
         self.degrees: dict[Expert, ParallelDegree] = {
             e: experts.of(e).parallel.degree for e in ("high", "low")
         }
@@ -284,3 +292,22 @@ def rank_group_options(world_size: int, device: str | None) -> dict[str, Any]:
         "placement_group_bundles": [dict(bundle) for _ in range(world_size)],
         "placement_group_strategy": "STRICT_PACK",
     }
+
+
+def bundles_problem(deployment: str, setting: str, world_size: int, entry: dict[str, Any]) -> str | None:
+    """Why a config's `deployments:` entry of a deployment whose replicas own `world_size` ranks (from
+    `setting`) does not state them: its `placement_group_bundles` must list a bundle per rank, so that the
+    file (and the k8s pools rendered and checked from it) counts the GPUs the replicas take."""
+    bundles = entry.get("placement_group_bundles")
+    if world_size > 1 and bundles is None:
+        return (
+            f"`{setting}: {world_size}` gives each {deployment} replica {world_size} ranks, a GPU each, but "
+            "its `deployments` entry has no `placement_group_bundles`: list one bundle per rank (e.g. "
+            f"[{{GPU: 1, CPU: 1}}] x {world_size}, STRICT_PACK) so that the file counts its GPUs."
+        )
+    if bundles is not None and len(bundles) != world_size:
+        return (
+            f"the {deployment} entry of `deployments` lists {len(bundles)} `placement_group_bundles` but "
+            f"`{setting}` gives its replicas {world_size}: one bundle per rank."
+        )
+    return None

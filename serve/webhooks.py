@@ -1,11 +1,12 @@
-"""Webhooks: a signed POST to a job's `callback_url` when it finishes, retried with exponential backoff
-(a non-2xx answer, a connection failure or a host that does not resolve; a URL a rule refuses is final).
+"""Webhooks: a signed POST to a job's `callback_url` when it finishes (or its review status changes),
+retried with exponential backoff (a non-2xx answer, a connection failure or a host that does not resolve;
+a URL a rule refuses is final).
 
 The job store's outbox (serve/jobs/outbox.py) holds one row per finished job that asked for a callback;
 the WebhookDispatcher (an asyncio task of the Scheduler replica) leases due rows, POSTs them and records
 every attempt. Each request carries, Stripe-style:
 
-    Previz-Event: video.completed            (or video.failed, video.cancelled)
+    Previz-Event: video.completed            (or video.failed, video.cancelled, video.review_changed)
     Previz-Delivery: whd_…                   (the payload's `id`; the same on every retry)
     Previz-Timestamp: 1764043200             (unix seconds of this attempt)
     Previz-Signature: t=1764043200,v1=<hex HMAC-SHA256(project webhook secret, f"{t}.{raw body}")>

@@ -7,21 +7,23 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ray.exceptions import ActorDiedError
 
 from pipeline.video import read_frames
 from serve.editorial.cut import render_cut
 from serve.jobs import JobStore
 from serve.jobs.cuts import CutRequest, CutRunning, CutTake
 from serve.jobs.storyboard import BoardShot, StoryboardRequest
+from serve.scheduling.cuts import CutRunner
 from serve.stages.finisher import FinisherStage, make_interpolator
 from serve.stages.payloads import CutCall, CutProgress, CutRendered
 from tests.support.api_app import LocalApi, local_api
-from tests.support.cuts import InProcessFinisher, cut_runner, run_cuts
+from tests.support.cuts import InProcessFinisher, Stream, cut_runner, run_cuts
 from tests.support.job_requests import job_request
 from tests.test_deletes import a_cut, stored_keys
 from tests.test_editorial_api import board as board  # a fixture: 3 shots × 2 finished takes
@@ -249,3 +251,65 @@ def test_a_render_through_the_finisher_equals_the_plain_render(api: LocalApi, bo
     ]
     frames = [read_frames(api.state.artifacts.local_path(cut.key)).pixels for cut in (rendered, plain)]
     assert frames[0].shape == (3 * 14, 64, 96, 3) and np.array_equal(*frames)
+
+
+def test_deleting_a_board_cancels_its_queued_cut(api: LocalApi, board: dict) -> None:
+    queued = api.client.post(f"/v1/storyboards/{board['id']}/cut", json={"fps": 24}).json()
+    assert api.client.delete(f"/v1/storyboards/{board['id']}").status_code == 200
+    assert api.store.get_cut(queued["id"]).status == "cancelled"
+    run_cuts(api)  # never claimed: nothing renders for a board that is gone
+    assert stored_keys(api, f"default/{board['id']}/") == set()
+
+
+class _DiesBeforeItReports(InProcessFinisher):
+    """The Finisher's render runs to its end (every file of its attempt stored), then the call fails as a
+    call to a replica that died does: the files of a lost attempt, with nobody to delete them but the
+    Scheduler."""
+
+    def remote(self, call: CutCall) -> Stream:
+        async def events() -> AsyncIterator[CutProgress]:
+            async for event in self.stage.render_cut(call):
+                if isinstance(event, CutRendered):
+                    raise ActorDiedError()
+                yield event
+
+        return Stream(events())
+
+
+def test_a_cut_whose_finisher_dies_is_requeued_its_files_deleted_and_rendered_again(
+    api: LocalApi, board: dict
+) -> None:
+    url = f"/v1/storyboards/{board['id']}"
+    queued = api.client.post(f"{url}/cut", json={"fps": 24}).json()
+    runner = CutRunner(
+        api.store,
+        api.state.artifacts,
+        _DiesBeforeItReports(FinisherStage(api.state.args)),
+        "test-scheduler",
+        max_in_flight=1,
+        max_attempts=3,
+    )
+
+    async def lose_it() -> None:
+        await runner.start()
+        await runner.settle()
+
+    asyncio.run(lose_it())
+    lost = api.store.get_cut(queued["id"])
+    assert (lost.status, lost.attempt, lost.progress) == ("queued", 1, 0.0)
+    assert stored_keys(api, f"default/{board['id']}/") == set()  # the lost attempt's 4 files are gone
+    run_cuts(api)
+    cut = api.client.get(f"{url}/cut").json()
+    assert (cut["id"], cut["status"]) == (queued["id"], "completed")
+    assert api.store.get_cut(queued["id"]).attempt == 2
+    names = sorted(key.rsplit("/", 1)[1] for key in stored_keys(api, f"default/{board['id']}/"))
+    assert [name for name in names if "-shot" not in name] == [f"{queued['id']}-a2.mp4"] and len(names) == 4
+
+
+def test_a_board_links_its_first_cut_while_it_renders(api: LocalApi, board: dict) -> None:
+    url = f"/v1/storyboards/{board['id']}"
+    assert api.client.get(url).json()["cut_url"] is None
+    api.client.post(f"{url}/cut", json={"fps": 24})
+    assert api.client.get(url).json()["cut_url"] == f"{url}/cut"  # the page follows it there
+    api.client.post(f"{url}/cut/cancel")
+    assert api.client.get(url).json()["cut_url"] is None

@@ -70,3 +70,23 @@ def test_a_rank_group_plans_for_its_largest_block_and_leaves_what_does_not_fit_t
     assert block_plan(config, shape, torch.float32, 4, int(block / MEMORY_MARGIN) + 1) is not None
     assert block_plan(config, shape, torch.float32, 4, block // 2) is None  # one device decodes, tiled
     assert block_plan(config, (16, 3, 1, 3), torch.float32, 4, None) is None  # 1 x 3 latents: no split
+
+
+def app_config(decoder: dict, entry: dict) -> dict:
+    return {"name": "previz", "args": {"decoder": decoder}, "deployments": [{"name": "VAEDecoder", **entry}]}
+
+
+def test_a_deploy_file_states_a_parallel_decoders_gpus_as_a_bundle_per_rank() -> None:
+    from serve.cli.launch import check_layout
+
+    two = [{"GPU": 1, "CPU": 2}, {"GPU": 1, "CPU": 1}]
+    check_layout(app_config({"parallel": 2}, {"placement_group_bundles": two}))
+    check_layout(app_config({}, {"ray_actor_options": {"num_gpus": 0.5}}))  # one rank: no bundles needed
+    with pytest.raises(
+        ValueError, match="`decoder.parallel: 2` gives each VAEDecoder replica 2 ranks, a GPU"
+    ):
+        check_layout(app_config({"parallel": 2}, {"ray_actor_options": {"num_gpus": 1}}))
+    with pytest.raises(
+        ValueError, match="lists 2 `placement_group_bundles` but `decoder.parallel` gives its"
+    ):
+        check_layout(app_config({"parallel": 4}, {"placement_group_bundles": two}))

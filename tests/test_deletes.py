@@ -24,7 +24,7 @@ from serve.jobs.storyboard import BoardShot, CutClip, CutRecord, StoryboardReque
 from serve.stages.finisher import FinisherStage
 from serve.stages.payloads import FinishCall, FinishedClip, FrameBatch
 from serve.storage import JobArtifacts, LocalArtifactStore, StorageSettings
-from tests.support.api_app import LocalApi, http_server, local_api
+from tests.support.api_app import TINY, LocalApi, http_server, local_api
 from tests.support.cli_run import previz
 from tests.support.cuts import run_cuts
 from tests.support.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
@@ -277,17 +277,49 @@ def test_the_orphan_sweep_removes_what_no_live_video_or_cut_owns_and_keeps_the_r
     for key in (stale_attempt, in_flight, old_cut, unknown):
         artifacts.put_bytes(key, b"x", "video/mp4")
     store.mark_deleted(deleted_job.job_id, project="default")  # a crash after the record, before the files
-    gone = {key for key in live if key.startswith(deleted_job.folder)} | {stale_attempt, old_cut, unknown}
-    lut = "default/luts/warm-0123456789ab.cube"
+    lut = "default/luts/warm-0123456789ab.cube"  # a LUT file no look names and no job needs
     artifacts.put_bytes(lut, b"LUT_3D_SIZE 2\n", "text/plain")
+    gone = {key for key in live if key.startswith(deleted_job.folder)} | {
+        stale_attempt,
+        old_cut,
+        unknown,
+        lut,
+    }
 
     sweeper = OrphanSweeper(store, artifacts, grace=timedelta(hours=1))
     assert sweeper.sweep_once() == 0  # everything is younger than the grace period
     assert sweeper.sweep_once(now=utcnow() + timedelta(hours=2)) == len(gone)
-    assert stored_keys(api) == (live - gone) | {in_flight, lut}
+    assert stored_keys(api) == (live - gone) | {in_flight}
     assert sweeper.sweep_once(now=utcnow() + timedelta(hours=2)) == 0
     assert api.client.get(f"/v1/storyboards/{cut_board['id']}/cut").status_code == 200
     assert api.client.get(f"/v1/videos/{done}/content", follow_redirects=False).status_code == 307
+
+
+def test_the_orphan_sweep_removes_a_lut_file_once_no_look_and_no_unfinished_job_needs_it(
+    api: LocalApi,
+) -> None:
+    from tests.test_editorial_api import warm_cube
+
+    url = "/v1/admin/projects/default/luts"
+    assert api.client.put(f"{url}/warm", json={"cube": warm_cube()}).status_code == 201
+    first = stored_keys(api, "default/luts/")
+    queued = api.client.post("/v1/videos", json={"prompt": "a door", **TINY, "look": "warm"}).json()
+    assert (
+        api.client.put(f"{url}/warm", json={"cube": warm_cube().replace('"warm"', '"warm 2"')}).status_code
+        == 200
+    )
+    second = stored_keys(api, "default/luts/") - first  # the look's new version; the queued job keeps the old
+    other = api.client.put("/v1/admin/projects/default/luts/cold", json={"cube": warm_cube()})
+    assert other.status_code == 201 and len(second) == 1
+    (other_key,) = stored_keys(api, "default/luts/") - first - second
+    assert api.client.delete(f"{url}/warm").status_code == 200  # unregistered: no look names `second` now
+    sweeper = OrphanSweeper(api.store, api.state.artifacts, grace=timedelta(hours=1))
+    later = utcnow() + timedelta(hours=2)
+    assert sweeper.sweep_once(now=later) == 1  # the new version: unregistered, no job was admitted with it
+    assert stored_keys(api, "default/luts/") == first | {other_key}  # the queued job's version, and `cold`
+    assert api.client.delete(f"/v1/videos/{queued['id']}", params={"cancel_only": "true"}).status_code == 200
+    assert api.client.delete(f"{url}/cold").status_code == 200
+    assert sweeper.sweep_once(now=later) == 2 and stored_keys(api, "default/luts/") == set()
 
 
 def test_the_orphan_sweep_deletes_at_most_its_batch_per_pass(api: LocalApi) -> None:

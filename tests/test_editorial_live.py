@@ -40,7 +40,9 @@ def test_a_24_fps_lut_graded_board_is_cut_and_exported(cluster: Cluster, tmp_pat
     info = read_video_info(client.download(videos[0], tmp_path / "take.mp4"))
     assert (info.num_frames, info.fps) == (14, 24.0)  # 9 frames at 16 fps, conformed
     client.update_storyboard(board["id"], takes={1: videos[3]})
-    cut = client.create_cut(board["id"])
+    queued = client.create_cut(board["id"])  # 202: a job of the Scheduler, rendered by a Finisher replica
+    cut = client.wait_for_cut(board["id"], timeout_s=600)
+    assert (cut["id"], cut["status"]) == (queued["id"], "completed"), cut
     assert (cut["fps"], cut["num_frames"]) == (24, 28)
     assert [clip["video_id"] for clip in cut["clips"]] == [videos[0], videos[3]]
     archive = client.download_package(board["id"], tmp_path / "package.zip", format="edl")

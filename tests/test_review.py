@@ -110,6 +110,8 @@ def test_a_status_change_queues_a_review_webhook_and_a_same_status_none(api: Loc
     assert [delivery.event for delivery in deliveries] == ["video.review_changed"] * 2
     assert [delivery.payload["data"]["review"] for delivery in deliveries] == ["rejected", "pending"]
     assert deliveries[0].url == "https://hooks.example.com/previz"
+    listed = api.client.get(f"/v1/videos/{take['id']}/webhooks").json()["data"]
+    assert [item["event"] for item in listed] == ["video.review_changed"] * 2
 
 
 def test_the_board_lists_each_takes_review(api: LocalApi) -> None:
@@ -141,14 +143,14 @@ def test_the_store_keeps_notes_and_statuses_per_project_on_both_backends(store: 
     assert [job.id for job in store.list(project="default", review="pending")] == [video_id]
 
 
-def test_a_store_of_an_earlier_version_gains_the_review_columns_and_the_notes_table(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+def test_a_store_of_an_earlier_version_gains_the_review_columns_and_the_notes_table(store_url: str) -> None:
+    url = store_url
     store = open_job_store(url)
     store.create_schema()
     store.create_project("default")
     video_id = queued_job(store)
     store.close()
-    engine = create_engine(url)
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
     with engine.begin() as conn:  # back to the previous version's tables
         conn.execute(text("DROP TABLE take_notes"))
         for name in ("review", "review_by", "review_at"):

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from serve.config import PrevizArgs
 from serve.http.views import video_view
 from serve.jobs import JobStatus
 from serve.scheduling.eta import EtaModel
+from serve.stages import decoder, finisher, upscaler
+from serve.stages.finisher import FinisherStage
 from serve.stages.turns import Turns
 from tests.support.fake_stages import (
     FakeStages,
@@ -106,3 +109,12 @@ def test_the_eta_of_a_wait_after_the_denoiser_counts_the_calls_ahead_and_the_sta
     model.observe(key, "finish", 1.0)
     assert model.predict_from(key, "decode", num_ahead=3, now=now) == now + timedelta(seconds=45.0)
     assert model.predict_from(key, "upscale", num_ahead=0, now=now) == now + timedelta(seconds=5.0)
+
+
+def test_no_call_after_the_denoiser_waits_uncounted_in_serves_router(tmp_path: Path) -> None:
+    # a replica of each later stage takes every call the Scheduler can have in flight: a call waits in
+    # the replica's counted line (decoder, upscaler) or runs at once (the finisher has a thread for each)
+    args = PrevizArgs(max_jobs_in_flight=32, storage={"kind": "local", "local_root": str(tmp_path)})
+    for stage in (decoder, upscaler, finisher):
+        assert stage.default_options(args)["max_ongoing_requests"] == 32
+    assert FinisherStage(args)._threads._max_workers == 32

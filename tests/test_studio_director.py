@@ -11,7 +11,10 @@ director-home-*, director-board-zh-*."""
 from __future__ import annotations
 
 import re
+import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import opentimelineio as otio
@@ -21,6 +24,7 @@ from playwright.sync_api import Browser, Page, expect
 from serve.editorial.timeline import take_ids
 from tests.support.cli_run import previz
 from tests.support.cluster import Cluster
+from tests.support.safety_hooks import BLOCKED_WIDTH, HELD_WIDTH, HOLD_FILE
 from tests.test_studio_i18n import english_chunks
 from tests.test_studio_page import ARTIFACTS, WIDTHS, assert_accessible, browser, page, shoot, sign_in
 
@@ -43,7 +47,15 @@ BOARD = {
         },
         {"name": "1B", "prompt": "she lands on the next roof and rolls", **TINY},
     ],
-    "variants": {"seeds": 5},  # ten takes: the Scheduler runs 8 at once, so the last ones wait in the queue
+    "variants": {"seeds": 5},  # ten takes, for the Scheduler's eight slots
+}
+HOLD_PROJECT = "studio-director-hold"
+HELD_JOB = {
+    "prompt": "a held slot",
+    "size": f"{HELD_WIDTH}x64",
+    "seconds": "0.5",
+    "steps": 4,
+    "priority": "interactive",
 }
 
 
@@ -51,9 +63,32 @@ def take_card(page: Page, shot: int, take: int):  # noqa: ANN201
     return page.locator("section.shot-row").nth(shot).locator(f'article.take[data-take="{take}"]')
 
 
-# Out of the default run until fixed: on CI (2026-12-07) the queued take never showed the studio-queue
-# wording this test expects; test_studio_screens.py covers the same screens without Ray.
-@pytest.mark.slow
+@contextmanager
+def slots_held(cluster: Cluster) -> Iterator[list[str]]:
+    """Every Scheduler slot held by a job of another project (its clip waits in the session cluster's
+    frame check, tests.support.safety_hooks) until the block ends: a board created inside it waits in the
+    job queue for certain, not by a race with the Scheduler."""
+    client = cluster.client(HOLD_PROJECT)
+    slots = cluster.config["applications"][0]["args"]["max_jobs_in_flight"]
+    HOLD_FILE.touch()
+    try:
+        held = [client.create(HELD_JOB)["id"] for _ in range(slots)]
+        deadline = time.monotonic() + TAKE_TIMEOUT_MS / 1000
+        while any(client.get(job_id)["status"] == "queued" for job_id in held):  # all of them claimed
+            assert time.monotonic() < deadline, "the held jobs were not all claimed"
+            time.sleep(0.5)
+        yield held
+    finally:
+        HOLD_FILE.unlink(missing_ok=True)
+
+
+def eta_seconds(status: str) -> int:
+    """The seconds of a status line's `about 1 min 5 s left` (or `about 12 s left`)."""
+    found = re.search(r"about (?:(\d+) min )?(\d+) s left$", status)
+    assert found, status
+    return int(found.group(1) or 0) * 60 + int(found.group(2))
+
+
 def test_the_board_tells_the_truth_names_takes_and_keeps_its_cut(
     page: Page,
     cluster: Cluster,
@@ -63,23 +98,38 @@ def test_the_board_tells_the_truth_names_takes_and_keeps_its_cut(
 ) -> None:
     client = cluster.client(PROJECT)
     loose = client.create({"prompt": "a harbour at dawn", "size": "96x64", "seconds": "0.5", "steps": 4})
-    board = client.create_storyboard(BOARD)
+    cluster.wait_for([loose["id"]])  # a measured run of the takes' size: their ETAs are priced with it
     sign_in(page, cluster, cluster.keys[PROJECT])
     expect(page.get_by_role("heading", name=f"Project {PROJECT}")).to_be_visible(timeout=30_000)
-    page.goto(f"{cluster.url}/studio/#/boards/{board['id']}")
     takes = page.locator("article.take")
-    expect(takes).to_have_count(10, timeout=30_000)
-    assert [
-        name.inner_text() for name in page.locator("section.shot-row").first.locator(".take-name").all()
-    ] == [f"1A take {n}" for n in range(1, 6)]
-    # a take waiting in the job queue says so (counted by the store), then shows its progress
-    waiting = page.locator('article.take[data-waiting="queue"]').last
-    expect(waiting.locator(".status")).to_have_text(
-        re.compile(r"^(Waiting in the studio queue · \d+ ahead|Next in the studio queue)")
-    )
-    waiting_id = waiting.get_attribute("data-video")
-    expect(page.locator("#toolbar-reason")).to_contain_text("The first cut waits for 1A, 1B")
-    expect(page.get_by_role("button", name="Render first cut")).to_be_disabled()
+    with slots_held(cluster):
+        board = client.create_storyboard(BOARD)
+        page.goto(f"{cluster.url}/studio/#/boards/{board['id']}")
+        expect(takes).to_have_count(10, timeout=30_000)
+        assert [
+            name.inner_text() for name in page.locator("section.shot-row").first.locator(".take-name").all()
+        ] == [f"1A take {n}" for n in range(1, 6)]
+        # every take waits in the job queue and says so: its place, counted by the store, and an ETA
+        # that includes the wait (ten takes for eight slots: the last two wait for a second round)
+        expect(page.locator('article.take[data-waiting="queue"]')).to_have_count(10)
+        statuses = page.locator("article.take .status")
+        queued = re.compile(
+            r"^(Waiting in the studio queue · \d+ ahead|Next in the studio queue) · about .+ left$"
+        )
+        for index in range(10):
+            expect(statuses.nth(index)).to_have_text(queued)
+        places = {}
+        for status in statuses.all_inner_texts():
+            ahead = re.match(r"^Waiting in the studio queue · (\d+) ahead", status)
+            places[int(ahead.group(1)) if ahead else 0] = eta_seconds(status)
+        assert sorted(places) == list(range(10))
+        assert places[9] > places[0], places  # nine ahead: a slot frees only after a first round of runs
+        expect(page.locator("#toolbar-reason")).to_contain_text("The first cut waits for 1A, 1B")
+        expect(page.get_by_role("button", name="Render first cut")).to_be_disabled()
+        assert_accessible(page, "director board, queued")
+        shoot(page, "director-board-queued")
+        waiting_id = takes.last.get_attribute("data-video")
+    # the slots free: the take that waited longest runs, and shows its progress
     waited = page.locator(f'article.take[data-video="{waiting_id}"] .status')
     expect(waited).to_have_text(re.compile(r"(· \d+ %|^Done$)"), timeout=TAKE_TIMEOUT_MS)
     summary = page.locator(".summary")
@@ -164,22 +214,29 @@ def test_the_board_tells_the_truth_names_takes_and_keeps_its_cut(
 
 def test_the_board_in_chinese_has_no_untranslated_string(browser: Browser, cluster: Cluster) -> None:
     client = cluster.client(PROJECT)
-    board = client.create_storyboard({**BOARD, "variants": {"seeds": 1}})
+    # a third shot whose clip the frame check refuses: a failure the server reports reaches the page too
+    blocked = {"name": "1C", "prompt": "a quiet courtyard", **TINY, "resolution": f"{BLOCKED_WIDTH}x64"}
+    board = client.create_storyboard({**BOARD, "shots": [*BOARD["shots"], blocked], "variants": {"seeds": 1}})
     context = browser.new_context(viewport=WIDTHS["desktop"], locale="zh-CN")
     context.set_default_timeout(30_000)
     page = context.new_page()
     try:
         page.goto(f"{cluster.url}/studio/")
         expect(page.get_by_role("heading", name="登录 Previz")).to_be_visible()
+        page.get_by_role("button", name="登录").click()  # no key: the API's refusal, in Chinese
+        expect(page.locator("#sign-in-error")).to_have_text("请输入项目的 API 密钥。")
         page.get_by_label("API 密钥").fill(cluster.keys[PROJECT])
         page.get_by_role("button", name="登录").click()
         expect(page.get_by_role("heading", name=f"项目 {PROJECT}")).to_be_visible(timeout=30_000)
         page.goto(f"{cluster.url}/studio/#/boards/{board['id']}")
         takes = page.locator("article.take")
-        expect(takes).to_have_count(2, timeout=30_000)
+        expect(takes).to_have_count(3, timeout=30_000)
         expect(takes.first.locator(".take-name")).to_have_text("1A 第 1 条")
         for index in range(2):
             expect(takes.nth(index)).to_have_attribute("data-status", "completed", timeout=TAKE_TIMEOUT_MS)
+        expect(takes.nth(2)).to_have_attribute("data-status", "failed", timeout=TAKE_TIMEOUT_MS)
+        expect(takes.nth(2).locator(".status")).to_have_text("失败：成片画面被内容策略拦截")
+        expect(page.locator("#toolbar-reason")).to_contain_text("1C 还没有")
         assert page.evaluate("document.documentElement.lang") == "zh-CN"
         shown = page.evaluate(
             """() => [document.body.innerText,
@@ -187,7 +244,8 @@ def test_the_board_in_chinese_has_no_untranslated_string(browser: Browser, clust
                 ...[...document.querySelectorAll('[title]')].map((e) => e.getAttribute('title'))]
                 .join('\\n')"""
         )
-        shown = shown.replace(BOARD["shots"][1]["prompt"], "")  # the director's own English brief
+        for brief in (BOARD["shots"][1]["prompt"], blocked["prompt"]):  # the director's own English briefs
+            shown = shown.replace(brief, "")
         left = [chunk for chunk in english_chunks() if re.search(rf"\b{re.escape(chunk)}\b", shown)]
         assert not left, f"English strings on the Chinese page: {left}"
         assert_accessible(page, "board in Chinese")

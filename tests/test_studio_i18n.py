@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
 WEB = Path(__file__).resolve().parents[1] / "serve" / "web"
 ENTRY = re.compile(r'^\s*"([\w.]+)":\s*"((?:[^"\\]|\\.)*)",\s*$')
 # words that stay as they are in Chinese: file formats and product names
@@ -88,3 +90,43 @@ def test_the_english_chunks_a_chinese_page_is_checked_for_are_real_words() -> No
     chunks = english_chunks()
     assert "Waiting for the decoder" in chunks and "take" in chunks and "Download mp4" in chunks
     assert not [chunk for chunk in chunks if not chunk.strip()]
+
+
+def error_codes() -> set[str]:
+    """Every error code the server's source can answer with (`ApiError(status, "code", ...)`, the 401s, the
+    codes chosen by condition) and every code a failed job can carry (`store.fail(..., "code", ...)`)."""
+    found: set[str] = set()
+    for path in (WEB.parent).rglob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        found |= set(re.findall(r'ApiError\(\s*\d+,\s*"([a-z_]+)"', source))
+        found |= set(re.findall(r'_unauthorized\(\s*"([a-z_]+)"', source))
+        for first, second in re.findall(r'\bcode = "([a-z_]+)"(?: if [^\n]* else "([a-z_]+)")?', source):
+            found |= {first, second} - {""}
+        found |= set(re.findall(r'fail, job\.id, job\.attempt, "([a-z_]+)"', source))
+        found |= set(re.findall(r'fail_cut, cut\.id, cut\.attempt, "([a-z_]+)"', source))
+        found |= set(re.findall(r'error_code="([a-z_]+)"', source))
+    return found
+
+
+def test_every_error_the_server_can_send_has_words_in_both_languages() -> None:
+    # a refusal or a failure reaches the page in the page's language, never as the server's English or a token
+    words = catalogues()["en"]
+    codes = error_codes()
+    assert {"queue_full", "content_blocked", "invalid_value", "pipeline_error", "too_many_attempts"} <= codes
+    failures = {
+        "content_blocked",
+        "pipeline_error",
+        "storage_failed",
+        "finish_failed",
+        "too_many_attempts",
+        "cut_failed",
+    }
+    missing = sorted(
+        code
+        for code in codes
+        if f"error.{code}" not in words and not (code in failures and f"failure.{code}" in words)
+    )
+    assert not missing, missing
+    assert {f"failure.{code}" for code in failures} <= words.keys()
+    shipped = yaml.safe_load((WEB.parents[1] / "pipeline" / "safety_terms.yaml").read_text(encoding="utf-8"))
+    assert shipped and {f"category.{category}" for category in shipped} <= words.keys()  # refusals name these

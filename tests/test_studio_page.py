@@ -219,7 +219,7 @@ def test_a_blocked_prompt_shows_its_category_and_creates_nothing(page: Page, clu
     compose(page, [{"Free prompt": "the knight is decapitated in slow motion"}], takes=1)
     page.get_by_role("button", name="Create storyboard").click()
     error = page.locator("li.shot").first.get_by_role("alert").filter(has_text="content policy")
-    expect(error).to_contain_text("violence graphic")
+    expect(error).to_have_text("Blocked by the content policy (graphic violence). Nothing was created.")
     expect(page.get_by_label("Free prompt")).to_have_attribute("aria-invalid", "true")
     assert client.list()["data"] == []
     page.get_by_label("Steps").fill("0")
@@ -240,7 +240,7 @@ def test_a_full_queue_says_when_to_try_again(page: Page, cluster: Cluster) -> No
     compose(page, [{"Free prompt": "a quiet harbour at dawn"}], takes=2)  # two takes: over the bound
     page.get_by_role("button", name="Create storyboard").click()
     expect(page.locator("#compose-error")).to_contain_text(
-        re.compile(r"The queue is full: .* Try again in \d+ s")
+        re.compile(r"^The queue is full for this project\. Try again in \d+ s\.$")
     )
     assert cluster.client(project).list()["data"] == []
 

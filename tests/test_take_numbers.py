@@ -16,7 +16,7 @@ from serve.editorial.timeline import take_ids
 from serve.jobs.schema import jobs
 from tests.support.api_app import TINY, LocalApi, http_server, local_api
 from tests.support.cli_run import previz
-from tests.test_editorial_api import finish_with_clip
+from tests.test_editorial_api import cut_of, finish_with_clip
 
 BOARD = {
     "title": "rooftops",
@@ -89,7 +89,7 @@ def test_the_page_the_cli_file_names_the_slates_and_every_timeline_say_the_same_
     url = f"/v1/storyboards/{board['id']}"
     api.client.patch(url, json={"takes": {"0": final["id"]}})
 
-    cut = api.client.post(f"{url}/cut", json={"fps": 24, "slates": True, "slate_seconds": 0.5}).json()
+    cut = cut_of(api, board["id"], {"fps": 24, "slates": True, "slate_seconds": 0.5})
     assert [(clip["name"], clip["take"]) for clip in cut["clips"]] == [("1A", 3), ("1B", 1)]
     assert api.store.get_storyboard(board["id"]).cut.clips[0].take == 3  # what the slate says
     used = [clip["video_id"] for clip in cut["clips"]]

@@ -5,6 +5,10 @@ A calibration run is MagCache's: one request, every step computed, and at each s
 tokens of |r_t| / |r_(t-1)| for the cond and the uncond row, r the blocks' residual; the residual carries
 across the expert switch, as in MagCache's own run, so a curve has the same shape as the published one
 (the ratio at the switch is never used: an expert's first step always runs).
+
+An I2V preset is calibrated the same way, its rows conditioned on a fixed panel (`calibration_panel`). Real
+Wan2.2-I2V-A14B weights have no curve here (MagCache's ratios in this repository are T2V's): such a model
+serves no step caching, and a request asking for it is refused by the engine.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.denoise.blocks import SplitTransformer
@@ -21,11 +26,18 @@ from pipeline.denoise.state import initial_state, new_solver
 from pipeline.denoise.stepcache import MagnitudeCurve, cached_guided_forward
 from pipeline.spec import ModelSpec, RequestSpec, ResolvedRequest, resolve
 from pipeline.text import TextEncoder, pad_embeds
+from pipeline.vae_encode import Keyframes, VAEEncoder
 from pipeline.weights import PRESETS, WanComponents, build_preset
 
 # MagCache's Wan2.2 T2V-A14B ratios (40 steps, both experts), with their source inside
 WAN22_T2V_A14B_CURVE = Path(__file__).with_name("magcache_wan22_t2v_a14b.json")
 CALIBRATION_PROMPT = "a lighthouse keeper climbs a spiral staircase at dusk, handheld camera"
+
+
+def calibration_panel(width: int, height: int) -> np.ndarray:
+    """The first frame an I2V preset is calibrated on: colour ramps, uint8 (height, width, 3)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    return (np.stack([x / width, y / height, 1 - x / width], axis=-1) * 255).astype(np.uint8)
 
 
 def calibration_request(model: ModelSpec, steps: int | None = None) -> ResolvedRequest:
@@ -53,6 +65,10 @@ def calibrate(components: WanComponents, request: ResolvedRequest) -> MagnitudeC
     solver = new_solver(components.scheduler, request.steps, device)
     boundary = model.boundary_ratio * components.scheduler.config.num_train_timesteps
     latents = initial_state(request, model).latents.to(device)
+    condition = None
+    if components.task == "i2v":
+        first = calibration_panel(request.width, request.height)
+        condition = VAEEncoder(components.vae).encode(Keyframes(first=first), request.num_frames).to(device)
     experts = {
         "high": (SplitTransformer(components.transformer), request.guidance_high),
         "low": (SplitTransformer(components.transformer_2), request.guidance_low),
@@ -61,7 +77,9 @@ def calibrate(components: WanComponents, request: ResolvedRequest) -> MagnitudeC
     previous: torch.Tensor | None = None
     for t in solver.timesteps:
         split, guidance = experts[expert_for(t, boundary)]
-        item = GuidedInput(latents=latents, timestep=t, cond=cond, uncond=uncond, guidance=guidance)
+        item = GuidedInput(
+            latents=latents, timestep=t, cond=cond, uncond=uncond, guidance=guidance, condition=condition
+        )
         out = cached_guided_forward(split, [item], [None], [True])
         residual = out.residuals[0]
         if previous is None:
@@ -80,9 +98,12 @@ def calibrate(components: WanComponents, request: ResolvedRequest) -> MagnitudeC
 
 
 @functools.lru_cache(maxsize=4)
-def calibration_curve(source: str, model: ModelSpec) -> MagnitudeCurve:
+def calibration_curve(source: str, model: ModelSpec, task: str | None = None) -> MagnitudeCurve | None:
     """The curve for a model source: a preset is calibrated on itself (seeded, so the same every time);
-    real Wan2.2 T2V-A14B weights use MagCache's published ratios."""
+    real Wan2.2 T2V-A14B weights use MagCache's published ratios, real I2V weights have none (None).
+    `task`: the source's (t2v or i2v); None: a preset's own, else t2v."""
     if source in PRESETS:
         return calibrate(build_preset(source, model), calibration_request(model))
+    if (task or "t2v") == "i2v":
+        return None
     return MagnitudeCurve.load(WAN22_T2V_A14B_CURVE)

@@ -33,6 +33,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import torch
+
 from pipeline.denoise.batching import AdapterSet, StepBatch
 from pipeline.denoise.engine import (
     DenoiseEngine,
@@ -79,6 +81,7 @@ class ColocatedRequest:
     on_progress: ExpertProgressCallback | None = None
     on_waiting: WaitingCallback | None = None
     on_boundary: BoundaryCallback | None = None  # not called for a request that starts past the boundary
+    condition: torch.Tensor | None = None  # I2V: its condition (pipeline.vae_encode), both experts'
 
 
 class ColocatedEngine:
@@ -312,4 +315,5 @@ class ColocatedEngine:
             on_progress=on_progress,
             on_waiting=request.on_waiting,
             cache=request.cache,
+            condition=request.condition,
         )

@@ -49,11 +49,17 @@ def load_config(path: Path, *, port: int | None = None, args_overrides: dict[str
 
 
 def check_layout(app: dict[str, Any]) -> None:
-    """Refuse an app whose `deployments:` name denoiser deployments its `experts.layout` does not bind."""
-    from serve.sharding import ExpertsSettings, deployments_problem  # torch: only when a config is read
+    """Refuse an app whose `deployments:` name denoiser deployments its `experts.layout` does not bind, or
+    list a parallel VAEDecoder without a placement bundle per rank."""
+    from serve.sharding import ExpertsSettings, bundles_problem, deployments_problem  # torch: when read
 
-    experts = ExpertsSettings.model_validate(app.get("args", {}).get("experts", {}))
-    problem = deployments_problem(experts, [entry.get("name", "") for entry in app.get("deployments", [])])
+    args = app.get("args", {})
+    experts = ExpertsSettings.model_validate(args.get("experts", {}))
+    entries = {entry.get("name", ""): entry for entry in app.get("deployments", [])}
+    problem = deployments_problem(experts, list(entries))
+    if problem is None and "VAEDecoder" in entries:
+        ranks = int(args.get("decoder", {}).get("parallel", 1))
+        problem = bundles_problem("VAEDecoder", "decoder.parallel", ranks, entries["VAEDecoder"])
     if problem is not None:
         raise ValueError(f"application {app.get('name', APP_NAME)!r}: {problem}")
 

@@ -17,9 +17,11 @@ from pipeline.spec import ModelSpec
 from serve.auth import Caller
 from serve.config import PrevizArgs
 from serve.http.errors import ApiError
-from serve.jobs import JobRecord, StoryboardRecord
+from serve.jobs import JobRecord, JobStatus, StoryboardRecord
 from serve.luts import register_configured
-from serve.sharding import ShapeRules
+from serve.scheduling.lanes import Lanes
+from serve.scheduling.queue_wait import QueueWait, queue_wait
+from serve.sharding import I2V_PREFIX, ShapeRules
 from serve.storage import ArtifactSigner, ArtifactStore, LocalArtifactStore, StorageError, make_store
 from serve.webhooks import callback_policy, open_job_store
 
@@ -48,7 +50,21 @@ class IngressState:
         self.safety = PromptPolicy.from_settings(args.safety)
         self.callbacks = callback_policy(args.webhooks)
         self.shapes = ShapeRules(args.experts, args.model, model, args.model_cache_dir)
+        # the image-to-video model's args (PrevizArgs.for_i2v) and shape rules; None: T2V only
+        self.i2v_args = args.for_i2v() if args.i2v is not None else None
+        self.i2v_shapes = (
+            ShapeRules(
+                self.i2v_args.experts,
+                self.i2v_args.model,
+                self.i2v_args.sampling,
+                args.model_cache_dir,
+                prefix=I2V_PREFIX,
+            )
+            if self.i2v_args is not None
+            else None
+        )
         register_configured(self.store, self.artifacts, args.luts, args.storage)
+        self.lanes = Lanes(args.max_jobs_in_flight, args.reserved_slots)  # what a queued job waits for
 
 
 def current_state() -> IngressState:
@@ -148,6 +164,12 @@ async def deleting(delete: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(delete, *args, **kwargs)
     except StorageError:
         raise ApiError(503, "storage_unavailable", "the artifact store failed; delete it again") from None
+
+
+async def queue_waits(state: IngressState, jobs: list[JobRecord]) -> dict[str, QueueWait]:
+    """job id -> the wait of each queued one of `jobs` (counted in the store)."""
+    queued = [job for job in jobs if job.status == JobStatus.QUEUED]
+    return {job.id: await asyncio.to_thread(queue_wait, state.store, job, state.lanes) for job in queued}
 
 
 async def jobs_on_board(state: IngressState, board: StoryboardRecord) -> list[JobRecord]:

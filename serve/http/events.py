@@ -12,9 +12,12 @@ from typing import Any
 from serve.jobs import JobEvent, JobRecord, JobStatus, JobStore
 from serve.jobs.cuts import CutJob
 from serve.jobs.models import utcnow
+from serve.scheduling.lanes import Lanes
+from serve.scheduling.queue_wait import queue_wait
 
 EVENTS_POLL_S = 0.25  # how often an event stream looks at the job store
 EVENTS_KEEPALIVE_S = 15.0
+QUEUE_RECOUNT_S = 2.0  # how often a queued video's place and ETA are counted again
 
 
 def _sse(kind: str, data: dict[str, Any], event_id: int | None = None) -> str:
@@ -30,11 +33,18 @@ def _event_data(event: JobEvent) -> dict[str, Any]:
 
 
 async def event_stream(
-    store: JobStore, video_id: str, after_id: int, final: Callable[[JobRecord], dict[str, Any]]
+    store: JobStore,
+    video_id: str,
+    after_id: int,
+    final: Callable[[JobRecord], dict[str, Any]],
+    lanes: Lanes,
 ) -> AsyncIterator[str]:
     """Server-sent events of one video: its logged events after `after_id` (ids let a client resume with
-    Last-Event-ID), a `status` event on each change, and `done` with `final(job)` once it is finished."""
+    Last-Event-ID), a `status` event on each change, and `done` with `final(job)` once it is finished.
+    While queued, its wait (`lanes`: the Scheduler's slots it waits for) is counted again every
+    QUEUE_RECOUNT_S."""
     last_status: tuple[Any, ...] | None = None
+    wait, counted_at = None, 0.0
     loop = asyncio.get_running_loop()
     quiet_since = loop.time()
     yield "retry: 1000\n\n"
@@ -48,10 +58,13 @@ async def event_stream(
             after_id = event.id
             yield _sse(event.kind, _event_data(event), event.id)
         # while queued: its place in the job queue (counted in the store); while running: in its stage's
-        position = job.num_ahead_in_engine
+        position, eta_seconds = job.num_ahead_in_engine, job.eta_seconds
         if job.status == JobStatus.QUEUED:
-            position = await asyncio.to_thread(store.queue_position, job)
-        status = (job.status, job.progress, round(job.stage_progress, 3), position, job.eta_at)
+            if wait is None or loop.time() - counted_at >= QUEUE_RECOUNT_S:
+                wait, counted_at = await asyncio.to_thread(queue_wait, store, job, lanes), loop.time()
+            position, eta_seconds = wait.num_ahead, wait.eta_seconds
+        eta_shown = round(eta_seconds) if eta_seconds is not None else None
+        status = (job.status, job.progress, round(job.stage_progress, 3), position, job.eta_at, eta_shown)
         if status != last_status:
             last_status = status
             yield _sse(
@@ -63,7 +76,7 @@ async def event_stream(
                     "queue_position": position,
                     "progress": job.progress,
                     "stage_progress": job.stage_progress,
-                    "eta_seconds": job.eta_seconds,
+                    "eta_seconds": eta_seconds,
                 },
             )
             quiet_since = loop.time()

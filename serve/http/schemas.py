@@ -48,6 +48,7 @@ from pipeline.spec import (
 from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
+from serve.jobs.outbox import WebhookEvent
 from serve.jobs.request import SERVED_MODEL, FrameRate, Upscale
 from serve.jobs.reviews import ReviewStatus
 from serve.numbers import WholeNumber, integral, whole_number
@@ -410,7 +411,9 @@ class WebhookDeliveryInfo(BaseModel):
 
     id: str = Field(description="Delivery id (`whd_…`): the payload's `id` and the Previz-Delivery header.")
     object: Literal["webhook_delivery"] = "webhook_delivery"
-    event: Literal["video.completed", "video.failed", "video.cancelled"]
+    event: WebhookEvent = Field(
+        description="What it announces: an outcome, or a change of the take's review."
+    )
     url: str = Field(description="Where it is sent.")
     status: Literal["pending", "delivered", "failed"] = Field(
         description="`pending` while attempts remain, `delivered` after a 2xx, `failed` after the last one."

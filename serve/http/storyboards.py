@@ -41,6 +41,7 @@ from serve.http.schemas import (
 from serve.jobs.models import Priority
 from serve.jobs.request import FrameRate
 from serve.jobs.reviews import ReviewStatus
+from serve.jobs.storyboard import ShotTrim
 from serve.numbers import WholeNumber
 
 MAX_SHOTS = 100
@@ -284,6 +285,19 @@ class StoryboardVideo(BaseModel):
     status: VideoState
     stage: str
     progress: int
+    waiting_for: str | None = Field(
+        None, description="While in progress but waiting in a stage's queue: that stage (as on the video)."
+    )
+    queue_position: int | None = Field(
+        None,
+        description="How many videos are ahead of it while it waits: in the job queue (status queued) or in "
+        "the replica of the stage it is `waiting_for`; null once it runs.",
+    )
+    eta_seconds: float | None = Field(
+        None,
+        description="Seconds until it is predicted to complete, its wait included (as on the video); null "
+        "when finished or not predicted yet.",
+    )
     url: str = Field(description="The video object.")
     content_url: str | None = Field(None, description="The mp4, once completed.")
     thumbnail_url: str | None = Field(None, description="A JPEG poster frame, once completed.")
@@ -343,6 +357,9 @@ class StoryboardShotState(BaseModel):
     selected_video_id: str | None = Field(
         None, description="The take the editor selected (PATCH); null: the cut uses the first completed one."
     )
+    trim: ShotTrim | None = Field(
+        None, description="The part of its take the cut uses (an edited timeline read back); null: all of it."
+    )
 
 
 class Storyboard(BaseModel):
@@ -364,8 +381,9 @@ class Storyboard(BaseModel):
     order: list[int] = Field(description="Shot indices in cut order (PATCH sets it; default the board's).")
     cut_url: str | None = Field(
         None,
-        description="The last rendered cut, once there is one; null again once a take of it was deleted "
-        "(the cut is then stale, its files gone) or the cut was deleted.",
+        description="The board's cut: once one is rendered, or while one is queued or rendering; null "
+        "again once a take of the rendered cut was deleted (the cut is then stale, its files gone) or the "
+        "cut was deleted.",
     )
 
 

@@ -18,12 +18,13 @@ from serve.jobs.models import JobRecord, JobStatus, unix
 from serve.jobs.reviews import review_status
 from serve.jobs.storyboard import StoryboardRecord
 from serve.jobs.takes import take_number
+from serve.scheduling.queue_wait import QueueWait
 
 
-def video_view(
-    job: JobRecord, queue_position: int | None = None, *, retention_days: int | None = None
-) -> Video:
-    """The video as the API shows it; `retention_days` is its project's (it sets `expires_at`)."""
+def video_view(job: JobRecord, wait: QueueWait | None = None, *, retention_days: int | None = None) -> Video:
+    """The video as the API shows it; `wait` is its place and ETA while it is in the job queue (counted
+    by serve.scheduling.queue_wait), `retention_days` its project's (it sets `expires_at`)."""
+    queued = job.status == JobStatus.QUEUED
     request = job.request
     resolved = request.resolved
     completed = job.status == JobStatus.SUCCEEDED
@@ -49,7 +50,7 @@ def video_view(
         project=job.project,
         priority=job.priority,
         stage=job.stage,
-        queue_position=queue_position if job.status == JobStatus.QUEUED else job.num_ahead_in_engine,
+        queue_position=(wait.num_ahead if wait else None) if queued else job.num_ahead_in_engine,
         waiting_for=job.waiting_for,
         seed=job.seed if job.seed is not None else resolved.seed,
         steps=resolved.steps,
@@ -57,7 +58,7 @@ def video_view(
         loras=[LoraUse(name=lora.name, weight=lora.weight) for lora in resolved.loras],
         promoted_from=request.promoted_from,
         promoted_to=job.promoted_to,
-        eta_seconds=job.eta_seconds,
+        eta_seconds=(wait.eta_seconds if wait else None) if queued else job.eta_seconds,
         cache=StepCache.model_validate(resolved.cache.model_dump()) if resolved.cache is not None else None,
         num_frames=conform_frame_count(resolved.num_frames, resolved.fps, request.finish.fps),
         fps=request.finish.fps,
@@ -91,8 +92,12 @@ def expiry(job: JobRecord, retention_days: int | None) -> datetime | None:
     return job.finished_at + timedelta(days=retention_days)
 
 
-def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboard:
-    """The board as the API shows it: its jobs grouped by shot, in creation order."""
+def storyboard_view(
+    record: StoryboardRecord, jobs: list[JobRecord], waits: dict[str, QueueWait] | None = None
+) -> Storyboard:
+    """The board as the API shows it: its jobs grouped by shot, in creation order; `waits`: job id -> the
+    wait of each of its queued jobs."""
+    waits = waits or {}
     shots = [
         StoryboardShotState(index=index, name=shot.name, prompt="", videos=[])
         for index, shot in enumerate(record.request.shots)
@@ -101,7 +106,7 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
     progress = 0
     take_of = {job.id: job.take for job in jobs}
     for job in jobs:
-        video = video_view(job)
+        video = video_view(job, waits.get(job.id))
         place = job.request.storyboard
         shot = shots[place.shot if place is not None else 0]
         shot.prompt = shot.prompt or video.prompt
@@ -117,6 +122,9 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
                 status=video.status,
                 stage=video.stage,
                 progress=video.progress,
+                waiting_for=video.waiting_for,
+                queue_position=video.queue_position,
+                eta_seconds=video.eta_seconds,
                 url=f"/v1/videos/{job.id}",
                 content_url=video.content_url,
                 thumbnail_url=video.thumbnail_url,
@@ -132,6 +140,8 @@ def storyboard_view(record: StoryboardRecord, jobs: list[JobRecord]) -> Storyboa
     takes = record.edit.takes if record.edit is not None else {}
     for key, video_id in takes.items():
         shots[int(key)].selected_video_id = video_id
+    for key, trim in (record.edit.trims if record.edit is not None else {}).items():
+        shots[int(key)].trim = trim
     states = [video.status for shot in shots for video in shot.videos]
     return Storyboard(
         id=record.id,

@@ -298,15 +298,19 @@ class CutRepository:
 
     def cancel(self, storyboard_id: str) -> CutJob | None:
         """Cancel the board's unfinished cut; the cut as it is now, or None when it had none unfinished."""
-        now = utcnow()
         with self._db.write() as conn:
-            row = conn.execute(
-                update(cut_jobs)
-                .where(cut_jobs.c.storyboard_id == storyboard_id, cut_jobs.c.status.in_(UNFINISHED))
-                .values(_finished("cancelled", now))
-                .returning(cut_jobs)
-            ).first()
-        return None if row is None else CutJob.from_row(row)
+            return cancel_unfinished_cuts(conn, storyboard_id, now=utcnow())
+
+
+def cancel_unfinished_cuts(conn: Connection, storyboard_id: str, *, now: datetime) -> CutJob | None:
+    """In the caller's transaction: cancel the board's queued or rendering cut; it, or None."""
+    row = conn.execute(
+        update(cut_jobs)
+        .where(cut_jobs.c.storyboard_id == storyboard_id, cut_jobs.c.status.in_(UNFINISHED))
+        .values(_finished("cancelled", now))
+        .returning(cut_jobs)
+    ).first()
+    return None if row is None else CutJob.from_row(row)
 
 
 def _current(cut_id: str, attempt: int) -> tuple[Any, ...]:

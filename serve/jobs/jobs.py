@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, case, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, case, func, insert, select, update
 
 from pipeline.priority import PRIORITY_RANK
 from serve.jobs.bounds import check_room
@@ -18,11 +18,13 @@ from serve.jobs.models import (
     PRIORITIES,
     RUNNING_STATUSES,
     AlreadyPromoted,
+    InFlight,
     JobEvent,
     JobRecord,
     JobStatus,
     Priority,
     QueuedJob,
+    QueueView,
     utcnow,
 )
 from serve.jobs.request import JobRequest
@@ -158,12 +160,53 @@ class JobRepository:
     def queue_position(self, job: JobRecord) -> int:
         """How many queued jobs are ahead of a queued `job`: every queued interactive job before a batch
         one, and the older ones of its own priority (what the Scheduler's pick looks at first)."""
-        ahead = (jobs.c.priority == job.priority) & (jobs.c.id < job.id)
-        if job.priority == "batch":
-            ahead = ahead | (jobs.c.priority == "interactive")
-        query = select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED, ahead)
+        query = (
+            select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED, self._ahead(job))
+        )
         with self._db.read() as conn:
             return int(conn.scalar(query) or 0)
+
+    def queue_view(self, job: JobRecord, recent: int = 16) -> QueueView:
+        """The counted inputs of a queued `job`'s wait (serve.scheduling.queue_wait): the jobs ahead of it
+        (the same ones `queue_position` counts) with their buckets, the jobs in flight with their ETAs, and
+        per bucket involved the mean claim-to-finish time of its `recent` latest first-attempt successes."""
+        ahead = self._ahead(job)
+        with self._db.read() as conn:
+            buckets = tuple(
+                conn.scalars(
+                    select(jobs.c.bucket)
+                    .where(jobs.c.status == JobStatus.QUEUED, ahead)
+                    .order_by(jobs.c.id)
+                    .limit(MAX_PAGE)
+                )
+            )
+            running = select(jobs.c.priority, jobs.c.bucket, jobs.c.started_at, jobs.c.eta_at).where(
+                jobs.c.status.in_(RUNNING_STATUSES)
+            )
+            in_flight = tuple(InFlight(*row) for row in conn.execute(running))
+            run_seconds = {}
+            for bucket in {job.bucket, *buckets, *(slot.bucket for slot in in_flight)}:
+                rows = conn.execute(
+                    select(jobs.c.started_at, jobs.c.finished_at)
+                    .where(
+                        jobs.c.bucket == bucket,
+                        jobs.c.status == JobStatus.SUCCEEDED,
+                        jobs.c.attempt == 1,
+                        jobs.c.started_at.is_not(None),
+                    )
+                    .order_by(jobs.c.id.desc())
+                    .limit(recent)
+                ).all()
+                if rows:
+                    spans = [(end - start).total_seconds() for start, end in rows]
+                    run_seconds[bucket] = sum(spans) / len(spans)
+        return QueueView(len(buckets), buckets, in_flight, run_seconds)
+
+    def _ahead(self, job: JobRecord) -> ColumnElement[bool]:
+        """Which queued jobs the Scheduler's pick looks at before `job`: every interactive job before a
+        batch one, and the older ones of its own priority."""
+        ahead = (jobs.c.priority == job.priority) & (jobs.c.id < job.id)
+        return ahead | (jobs.c.priority == "interactive") if job.priority == "batch" else ahead
 
     def queued(self, limit: int = 200) -> builtins.list[JobRecord]:
         """Queued jobs, oldest first: the scheduler's candidates (it applies priority and fair share)."""

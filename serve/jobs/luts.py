@@ -11,8 +11,9 @@ from sqlalchemy import delete, insert, select, update
 
 from pipeline.lut import Interpolation
 from serve.jobs.database import Database
-from serve.jobs.models import utcnow
-from serve.jobs.schema import luts
+from serve.jobs.models import JobStatus, utcnow
+from serve.jobs.request import JobRequest
+from serve.jobs.schema import jobs, luts
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +68,21 @@ class LutRepository:
         with self._db.read() as conn:
             return [LutRecord(**row._asdict()) for row in conn.execute(query)]
 
+    def keys_in_use(self, project: str) -> set[str]:
+        """The LUT files of `project` something still needs: its registered looks' files, and those of its
+        unfinished jobs (each keeps the version it was admitted with, also once replaced or unregistered)."""
+        with self._db.read() as conn:
+            query = select(luts.c.key).where(luts.c.project == project)
+            registered = {row.key for row in conn.execute(query)}
+            unfinished = conn.execute(
+                select(jobs.c.request).where(jobs.c.project == project, jobs.c.status < JobStatus.SUCCEEDED)
+            ).all()
+        admitted = {JobRequest.from_stored(row.request).finish.lut for row in unfinished}
+        return registered | {ref.key for ref in admitted if ref is not None}
+
     def delete(self, project: str, name: str) -> LutRecord | None:
-        """Unregister a look (None if there was none); its file stays for the jobs admitted with it."""
+        """Unregister a look (None if there was none); its file stays for the jobs admitted with it, until
+        the orphan sweep (serve.jobs.retention) finds none needs it."""
         record = self.get(project, name)
         if record is not None:
             with self._db.write() as conn:

@@ -204,6 +204,26 @@ class JobRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class InFlight:
+    """One job holding a Scheduler slot, as the queue-wait prediction reads it (JobStore.queue_view)."""
+
+    priority: Priority  # its lane
+    bucket: str  # what its run costs (the measured run times are per bucket)
+    started_at: datetime | None  # its claim
+    eta_at: datetime | None  # the Scheduler's prediction of its finish (None: not predicted yet)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """What the job store counts for a job still in the job queue: the inputs of its wait, nothing guessed."""
+
+    num_ahead: int  # queued jobs the Scheduler picks before it (JobStore.queue_position)
+    ahead_buckets: tuple[str, ...]  # the bucket of each of those jobs, oldest first
+    in_flight: tuple[InFlight, ...]  # every job holding a slot now
+    run_seconds: dict[str, float]  # bucket -> mean claim-to-finish seconds of its recent succeeded jobs
+
+
+@dataclass(frozen=True, slots=True)
 class QueuedJob:
     """What the claim loop reads of one queued job (JobStore.queued_candidates): the fair-share inputs."""
 

@@ -13,8 +13,11 @@ layout, `<project>/<vid_…|sb_…>/<name>`, and deletes those no live video or 
 video's files, a finished video's files other than its recorded clip, poster and checkpoint (a cancelled
 run's upload, an older attempt's clip), a board's files other than its current cut's. A video not finished
 yet owns every file in its folder (its run may be writing them), and any file younger than `grace` is left
-alone (a cut render stores its clips before it records the cut), so the sweep never races in-flight work.
-Other keys (LUTs under `<project>/luts/`) are never touched. A pass deletes at most `batch` files.
+alone (a cut job stores its clips before it records the cut), so the sweep never races in-flight work.
+Superseded cut files (a replaced cut whose delete failed, a lost or stopped attempt of a cut job) are such
+orphans. LUT files under `<project>/luts/` are orphans once no registered look names them and no unfinished
+job of the project was admitted with them (an unregistered or replaced look's old version). Other keys
+are never touched. A pass deletes at most `batch` files.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from serve.jobs.deletion import delete_video
 from serve.jobs.models import JobRecord, utcnow
 from serve.jobs.store import JobStore
 from serve.jobs.storyboard import StoryboardRecord
+from serve.luts import LUT_FOLDER
 from serve.storage import ArtifactStore, ListedArtifact, StorageError, key_owner
 
 logger = logging.getLogger(__name__)
@@ -115,9 +119,15 @@ class OrphanSweeper:
         cutoff = (now or utcnow()) - self.grace
         deleted = 0
         chunk: list[ListedArtifact] = []
+        luts: dict[str, list[str]] = {}  # project -> its LUT files old enough to go
         for item in self.artifacts.list():
             owner = key_owner(item.key)
-            if owner is None or not owner[1].startswith(OWNER_PREFIXES) or item.modified_at > cutoff:
+            if owner is None or item.modified_at > cutoff:
+                continue
+            if owner[1] == LUT_FOLDER:
+                luts.setdefault(owner[0], []).append(item.key)
+                continue
+            if not owner[1].startswith(OWNER_PREFIXES):
                 continue
             chunk.append(item)
             if len(chunk) == _LOOKUP_CHUNK:
@@ -127,14 +137,22 @@ class OrphanSweeper:
                     break
         if chunk and deleted < self.batch:
             deleted += self._delete_orphans(chunk, self.batch - deleted)
+        for project, keys in luts.items():
+            if deleted >= self.batch:
+                break
+            in_use = self.store.lut_keys_in_use(project)
+            deleted += self._delete_keys([key for key in keys if key not in in_use], self.batch - deleted)
         if deleted:
             logger.info("orphan sweep deleted %d files no video or cut owns", deleted)
         return deleted
 
     def _delete_orphans(self, items: list[ListedArtifact], most: int) -> int:
         jobs, boards = self.store.artifact_owners(key_owner(item.key)[1] for item in items)
+        return self._delete_keys([item.key for item in items if is_orphan(item.key, jobs, boards)], most)
+
+    def _delete_keys(self, keys: list[str], most: int) -> int:
         deleted = 0
-        for key in [item.key for item in items if is_orphan(item.key, jobs, boards)][:most]:
+        for key in keys[:most]:
             try:
                 self.artifacts.delete(key)
             except StorageError:

@@ -110,6 +110,7 @@ class JobStore:
     get = _forward(JobRepository.get, _jobs)
     list = _forward(JobRepository.list, _jobs)
     queue_position = _forward(JobRepository.queue_position, _jobs)
+    queue_view = _forward(JobRepository.queue_view, _jobs)
     queued = _forward(JobRepository.queued, _jobs)
     queued_candidates = _forward(JobRepository.queued_candidates, _jobs)
     count_by_status = _forward(JobRepository.count_by_status, _jobs)
@@ -174,6 +175,7 @@ class JobStore:
     get_lut = _forward(LutRepository.get, _luts)
     list_luts = _forward(LutRepository.list, _luts)
     delete_lut = _forward(LutRepository.delete, _luts)
+    lut_keys_in_use = _forward(LutRepository.keys_in_use, _luts)
 
     # ReviewRepository
     add_note = _forward(ReviewRepository.add_note, _reviews)

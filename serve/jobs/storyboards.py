@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, update
 
 from serve.jobs.bounds import check_room
+from serve.jobs.cuts import cancel_unfinished_cuts
 from serve.jobs.database import Database
 from serve.jobs.models import PRIORITIES, Priority, utcnow
 from serve.jobs.request import JobRequest
@@ -143,7 +144,9 @@ class StoryboardRepository:
 
     def delete(self, storyboard_id: str, *, project: str) -> StoryboardRecord | None:
         """Remove the board of `project` (its cut's files are the caller's to remove); the videos it still
-        has become videos of no board. The board as it was, or None when there is no such board."""
+        has become videos of no board, and a cut of it queued or rendering is cancelled (its run stops at
+        its next progress write and deletes what it stored). The board as it was, or None when there is no
+        such board."""
         with self._db.write() as conn:
             row = conn.execute(
                 select(storyboards)
@@ -153,6 +156,7 @@ class StoryboardRepository:
             if row is None:
                 return None
             conn.execute(update(jobs).where(jobs.c.storyboard_id == storyboard_id).values(storyboard_id=None))
+            cancel_unfinished_cuts(conn, storyboard_id, now=utcnow())
             conn.execute(storyboards.delete().where(storyboards.c.id == storyboard_id))
         return StoryboardRecord.from_row(row._asdict())
 

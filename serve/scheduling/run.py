@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from pipeline.stages import Stage, overall_progress, stage
+from pipeline.stages import Stage, job_plan, overall_progress, stage
 from serve.jobs import JobRecord, JobStatus, JobStore
 from serve.scheduling.eta import AFTER_DENOISE, EtaModel
 from serve.scheduling.faults import Superseded
@@ -61,6 +61,8 @@ class AttemptRun:
         request = job.request
         self.eta_key = (str(request.bucket), request.resolved.quality, request.finish.upscale)
         self._stage: Stage | None = None
+        # the rows this job runs (an I2V job's keyframe encode too): its overall progress spreads over them
+        self.plan = job_plan(has=frozenset({"keyframes"}) if request.keyframes is not None else frozenset())
         self._last_progress_write = -float("inf")  # time.monotonic() of the last step progress stored
         self.num_progress_writes = 0  # step progress updates stored (bounded by progress_interval_s)
         self.checkpoint: asyncio.Task[None] | None = None  # recording the expert-boundary checkpoint
@@ -178,7 +180,7 @@ class AttemptRun:
             self.job.attempt,
             JobStatus[self._stage.status_name],
             stage_progress=fraction,
-            progress=overall_progress(self._stage.name, fraction),
+            progress=overall_progress(self._stage.name, fraction, self.plan),
             timing=timing,
             engine_queue_position=engine_queue_position,
             eta_at=eta_at,

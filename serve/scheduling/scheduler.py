@@ -11,6 +11,11 @@ queue gauges run in the one-replica Housekeeping deployment beside it (serve.sch
 Layouts: the split pair is called once per expert, the state handed from one to the other as a ref; the
 colocated Denoiser once per job for both experts, streaming the boundary (`experts.layout`).
 
+Models: a job runs on the model its request names (`ModelRoute`): text-to-video, or image-to-video when
+the deployment serves it (`i2v`), whose jobs first have the VAEEncoder turn their stored keyframes into
+the condition latents (a ref both experts fetch) and then take the I2V experts' deployments; the text
+encoder, the decoder, the upscaler and the finisher serve both.
+
 Faults: a job that loses a replica goes back to the queue; the denoise state saved at the expert boundary
 (serve.scheduling.checkpoints; finals only) lets its next attempt skip the high-noise expert and give the
 same clip.
@@ -38,10 +43,11 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from pipeline.safety import ContentBlocked
 from pipeline.spec import ModelSpec
-from pipeline.stages import expert_stage
+from pipeline.stages import Layout, expert_stage
 from pipeline.upscale import upscale_target_size
 from serve.config import PrevizArgs
 from serve.jobs import JobRecord, JobStatus
+from serve.jobs.request import I2V_MODEL, SERVED_MODEL
 from serve.metrics import record_job_claimed, record_job_finished, record_lanes, record_scheduler_pass
 from serve.scheduling.checkpoints import CheckpointError, read_checkpoint, writes_checkpoint
 from serve.scheduling.cuts import CutRunner
@@ -53,6 +59,7 @@ from serve.scheduling.run import AttemptRun
 from serve.stages.payloads import (
     CheckpointFailed,
     CheckpointSaved,
+    ConditionRef,
     DenoiseBoundary,
     DenoiseCall,
     DenoiseDone,
@@ -60,6 +67,7 @@ from serve.stages.payloads import (
     DenoiseProgress,
     DenoiseWaiting,
     EmbedsRef,
+    EncodeImageCall,
     FinishCall,
     FinishedClip,
     FrameBatch,
@@ -81,6 +89,17 @@ class StageHandles:
     vae: DeploymentHandle
     upscaler: DeploymentHandle
     finisher: DeploymentHandle
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """What the jobs of one served model run on: its sampling facts and its expert deployments."""
+
+    model: ModelSpec  # latent shapes, adapters of a tier
+    layout: Layout  # its experts' layout: split (a call per expert) or colocated (one call)
+    high: DeploymentHandle  # its HighNoiseDenoiser, or its Denoiser when colocated
+    low: DeploymentHandle
+    image_encoder: DeploymentHandle | None = None  # the VAEEncoder of an I2V model's keyframes
 
 
 async def stage_call(response: DeploymentResponse) -> Any:
@@ -105,11 +124,24 @@ class Scheduler:
         vae: DeploymentHandle,
         upscaler: DeploymentHandle,
         finisher: DeploymentHandle,
+        i2v_high: DeploymentHandle | None = None,
+        i2v_low: DeploymentHandle | None = None,
+        image_encoder: DeploymentHandle | None = None,
     ) -> None:
+        """`i2v_high`, `i2v_low`, `image_encoder`: the I2V model's deployments when `args.i2v` is set."""
         self.args = args
         self.model = model
         self.housekeeping = housekeeping  # webhooks, retention and gauges: nudged when a job leaves
         self.stages = StageHandles(text_encoder, high, low, vae, upscaler, finisher)
+        # served model name -> what its jobs run on
+        self.routes = {SERVED_MODEL: ModelRoute(model, args.experts.layout, high, low)}
+        if args.i2v is not None:
+            if i2v_high is None or i2v_low is None or image_encoder is None:
+                raise ValueError("`i2v` is configured: the Scheduler needs its experts and its VAEEncoder.")
+            i2v = args.for_i2v()
+            self.routes[I2V_MODEL] = ModelRoute(
+                i2v.sampling, i2v.experts.layout, i2v_high, i2v_low, image_encoder
+            )
         self.store = open_job_store(args.database_url)
         self.store.create_schema()
         self.artifacts = make_store(args.storage)  # denoise checkpoints live beside the clips
@@ -261,6 +293,12 @@ class Scheduler:
         """The job's stage plan, in order; `run` keeps the books (status, progress, timings, clock, ETA)."""
         job, stages = run.job, self.stages
         resolved, finish = job.request.resolved, job.request.finish
+        route = self.routes.get(job.request.model)
+        if route is None:
+            served = ", ".join(self.routes)
+            message = f"this deployment does not serve model {job.request.model!r} (it serves {served})"
+            await asyncio.to_thread(self.store.fail, job.id, job.attempt, "model_not_served", message)
+            raise StageFailed("model_not_served", message)
 
         # 1. Encode the prompt and the negative prompt (one batched encoder forward).
         await run.enter("encode")
@@ -271,21 +309,24 @@ class Scheduler:
         )
         run.record("encode", time.perf_counter() - started, observe=False)
 
+        # 1b. An I2V job: its keyframes' condition latents (the VAEEncoder reads the stored images).
+        condition = await self._encode_keyframes(run, route)
+
         # 2. Denoise: the high-noise expert from the seed's noise, then the low-noise one (two deployments
         #    when split, one call to the Denoiser when colocated); an earlier attempt's checkpoint at the
         #    expert boundary skips the high-noise expert.
         resumed = await self._resume(job, resolved.steps)
         state: InitialNoise | StateRef | PackedState
         if resumed is None:
-            shape = resolved.latent_shape(self.model)
+            shape = resolved.latent_shape(route.model)
             state, experts = InitialNoise(resolved.seed, shape, resolved.steps), ("high", "low")
         else:
             state, experts = resumed, ("low",)
-        if self.args.experts.layout == "colocated":
-            state = await self._denoise_colocated(run, experts[0], state, prompt, negative)
+        if route.layout == "colocated":
+            state = await self._denoise_colocated(run, route, experts[0], state, prompt, negative, condition)
         else:
             for expert in experts:
-                state = await self._denoise(run, expert, state, prompt, negative)
+                state = await self._denoise(run, route, expert, state, prompt, negative, condition)
 
         # 3. Decode the latents to frames.
         await run.enter("decode")
@@ -311,13 +352,31 @@ class Scheduler:
         if await run.succeed(clip):
             record_job_finished(job, "succeeded", run.timings)
 
+    async def _encode_keyframes(self, run: AttemptRun, route: ModelRoute) -> ConditionRef | None:
+        """The condition latents of an I2V job's stored keyframes (None for a T2V job)."""
+        job = run.job
+        if route.image_encoder is None:
+            return None
+        if job.request.keyframes is None or job.request.keyframes.first is None:
+            message = f"job {job.id} asks for {job.request.model} but has no first keyframe to start from"
+            await asyncio.to_thread(self.store.fail, job.id, job.attempt, "keyframes_missing", message)
+            raise StageFailed("keyframes_missing", message)
+        await run.enter("encode_image")
+        call = EncodeImageCall(project=job.project, job_id=job.id, num_frames=job.request.resolved.num_frames)
+        async with run.clocked():
+            condition = await stage_call(route.image_encoder.encode.remote(call))
+        run.record("encode_image", condition.seconds)
+        return condition
+
     async def _denoise(
         self,
         run: AttemptRun,
+        route: ModelRoute,
         expert: str,
         state: InitialNoise | StateRef | PackedState,
         prompt: EmbedsRef,
         negative: EmbedsRef,
+        condition: ConditionRef | None = None,
     ) -> StateRef:
         """One expert's share of the steps; a ref to the state after its last step. The high-noise replica
         also checkpoints its state, so that a rerun can skip it: it streams the outcome after the state,
@@ -325,9 +384,9 @@ class Scheduler:
         job, resolved = run.job, run.job.request.resolved
         row = expert_stage(expert)
         await run.enter(row.name)
-        call = self._denoise_call(run, expert, state, prompt, negative)
+        call = self._denoise_call(run, route, expert, state, prompt, negative, condition)
         start_index = state.step_index
-        handle = self.stages.high if expert == "high" else self.stages.low
+        handle = route.high if expert == "high" else route.low
         stream = handle.options(stream=True).denoise.remote(call, bucket=str(job.request.bucket))
         try:
             async for event in stream:
@@ -354,10 +413,12 @@ class Scheduler:
     async def _denoise_colocated(
         self,
         run: AttemptRun,
+        route: ModelRoute,
         first: str,
         state: InitialNoise | StateRef | PackedState,
         prompt: EmbedsRef,
         negative: EmbedsRef,
+        condition: ConditionRef | None = None,
     ) -> StateRef:
         """Both experts' steps in ONE call to the colocated Denoiser (from `first`: "low" when resumed from
         the boundary checkpoint); a ref to the state after the last step. The status moves to the low-noise
@@ -366,9 +427,9 @@ class Scheduler:
         job, resolved = run.job, run.job.request.resolved
         row = expert_stage(first)
         await run.enter(row.name)
-        call = self._denoise_call(run, None, state, prompt, negative)
+        call = self._denoise_call(run, route, None, state, prompt, negative, condition)
         start_index = state.step_index
-        handle = self.stages.high  # the Denoiser (both handles are it when colocated)
+        handle = route.high  # the Denoiser (both handles are it when colocated)
         stream = handle.options(stream=True).denoise.remote(call, bucket=str(job.request.bucket))
         try:
             async for event in stream:
@@ -398,10 +459,12 @@ class Scheduler:
     def _denoise_call(
         self,
         run: AttemptRun,
+        route: ModelRoute,
         expert: str | None,
         state: InitialNoise | StateRef | PackedState,
         prompt: EmbedsRef,
         negative: EmbedsRef,
+        condition: ConditionRef | None = None,
     ) -> DenoiseCall:
         """The call of one expert's deployment, or (`expert` None) of the colocated Denoiser for both. A
         tier that checkpoints (`writes_checkpoint`) stores its state where the high-noise steps end."""
@@ -416,10 +479,11 @@ class Scheduler:
             priority=job.priority,
             deadline=job.deadline,
             quality=resolved.quality,
-            adapters=resolved.adapters(self.model),
+            adapters=resolved.adapters(route.model),
             cache=resolved.cache,
             checkpoint_key=JobArtifacts(job.project, job.id).checkpoint if crosses else None,
             guidance_low=resolved.guidance_low if expert is None else None,
+            condition=condition,
         )
 
     async def _record_checkpoint(self, job: JobRecord, stream: AsyncIterator[DenoiseEvent]) -> None:

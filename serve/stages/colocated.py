@@ -39,6 +39,7 @@ from serve.stages.common import STAGE_OPTIONS, gpu_options
 from serve.stages.denoiser import (
     bucket_router,
     engine_deadline,
+    fetch_condition,
     save_checkpoint,
     start_state,
     stream_state,
@@ -123,8 +124,8 @@ class ColocatedDenoiserDeployment:
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
         started = time.perf_counter()
-        start, prompt, negative = await asyncio.gather(
-            start_state(call.state), call.prompt.ref[0], call.negative_prompt.ref[0]
+        start, prompt, negative, condition = await asyncio.gather(
+            start_state(call.state), call.prompt.ref[0], call.negative_prompt.ref[0], fetch_condition(call)
         )
         engine, bucket_shape = self.engine, tuple(start.latents.shape)
 
@@ -147,6 +148,7 @@ class ColocatedDenoiserDeployment:
             on_progress=progress,
             on_waiting=lambda num_ahead: report(DenoiseWaiting(num_ahead=num_ahead)),
             on_boundary=lambda state: report(_Crossed(state, time.perf_counter())),
+            condition=condition,
         )
         result = engine.add(request)
         checkpoint: asyncio.Task[DenoiseEvent] | None = None
@@ -245,7 +247,7 @@ def expert_engine(
         runner=runner,
         solvers=tier_solvers(model, parts.scheduler),
         adapters=bank,
-        cache_curve=calibration_curve(args.model, model),
+        cache_curve=calibration_curve(args.model, model, parts.task),
     )
     if settings.fp8:  # after the adapters (peft wraps nn.Linear only); refused without FP8 tensor cores
         quantize_fp8(engine.transformer, engine.device)

@@ -18,6 +18,13 @@ STAGE_OPTIONS: dict[str, Any] = dict(
 )
 
 
+def all_calls_options(args: PrevizArgs) -> dict[str, Any]:
+    """The Serve options of a stage after the denoiser (decoder, upscaler, finisher): a replica takes every
+    call the Scheduler can have in flight, so no call waits unseen in Serve's router queue; it waits in the
+    replica instead, in a line that counts it (serve.stages.turns), or runs at once (the finisher)."""
+    return {"max_ongoing_requests": max(8, args.max_jobs_in_flight)}
+
+
 def gpu_options(args: PrevizArgs) -> dict[str, Any]:
     """The Serve options of a stage that runs on an accelerator: one GPU where the app runs on CUDA."""
     return {"ray_actor_options": {"num_gpus": 1}} if args.device == "cuda" else {}

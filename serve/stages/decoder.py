@@ -21,7 +21,7 @@ from pipeline.vae import VAEDecoder, decode_dtype
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter, record_decode
 from serve.sharding import rank_group_options
-from serve.stages.common import STAGE_OPTIONS, gpu_options, stage_components
+from serve.stages.common import STAGE_OPTIONS, all_calls_options, gpu_options, stage_components
 from serve.stages.decode_group import DecodeGroup
 from serve.stages.payloads import FrameBatch, StateRef
 from serve.stages.turns import StageWaiting, Turns
@@ -30,7 +30,12 @@ NAME = deployment_name(stage("decode"))  # from the stage table
 
 
 def default_options(args: PrevizArgs) -> dict[str, Any]:
-    return {"name": NAME, **gpu_options(args), **rank_group_options(args.decoder.parallel, args.device)}
+    return {
+        "name": NAME,
+        **gpu_options(args),
+        **rank_group_options(args.decoder.parallel, args.device),
+        **all_calls_options(args),
+    }
 
 
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=8, **STAGE_OPTIONS)

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import ray
+import torch
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -97,7 +98,7 @@ class DenoiserDeployment:
             runner=self.ranks.runner if self.ranks is not None else None,
             solvers=tier_solvers(model, parts.scheduler),
             adapters=bank,
-            cache_curve=calibration_curve(args.model, model),
+            cache_curve=calibration_curve(args.model, model, parts.task),
         )
         if settings.fp8:  # after the adapters (peft wraps nn.Linear only); refused without FP8 tensor cores
             quantize_fp8(self.engine.transformer, self.engine.device)
@@ -128,8 +129,8 @@ class DenoiserDeployment:
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
         started = time.perf_counter()
-        start, prompt, negative = await asyncio.gather(
-            start_state(call.state), call.prompt.ref[0], call.negative_prompt.ref[0]
+        start, prompt, negative, condition = await asyncio.gather(
+            start_state(call.state), call.prompt.ref[0], call.negative_prompt.ref[0], fetch_condition(call)
         )
         engine, bucket_shape = self.engine, tuple(start.latents.shape)
 
@@ -150,6 +151,7 @@ class DenoiserDeployment:
             on_progress=progress,
             on_waiting=lambda num_ahead: report(DenoiseWaiting(num_ahead=num_ahead)),
             cache=call.cache,
+            condition=condition,
         )
         result = self.engine.add(request)
         try:
@@ -218,6 +220,13 @@ async def start_state(state: InitialNoise | StateRef | PackedState) -> DenoiseSt
             return unpack_state(await ref[0])
         case PackedState():
             return unpack_state(state)
+
+
+async def fetch_condition(call: DenoiseCall) -> torch.Tensor | None:
+    """An I2V call's condition, fetched from the VAEEncoder replica that made it; None for T2V."""
+    if call.condition is None:
+        return None
+    return torch.from_numpy(await call.condition.ref[0])
 
 
 async def save_checkpoint(artifacts: ArtifactStore, key: str, state: PackedState) -> DenoiseEvent:

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from serve.editorial.cut import render_cut
 from serve.jobs.deletion import delete_keys_or_leave_to_sweep
 from serve.jobs.request import LutRef
 from serve.metrics import record_artifact_write, record_safety_block
-from serve.stages.common import STAGE_OPTIONS
+from serve.stages.common import STAGE_OPTIONS, all_calls_options
 from serve.stages.payloads import (
     CutCall,
     CutEvent,
@@ -47,7 +48,7 @@ MAX_CACHED_LUTS = 32  # a 65³ LUT is ~7 MB as floats
 
 
 def default_options(args: PrevizArgs) -> dict[str, Any]:
-    return {"name": NAME}  # CPU work: encoding and uploads
+    return {"name": NAME, **all_calls_options(args)}  # CPU work: encoding and uploads
 
 
 class FinisherStage:
@@ -60,13 +61,17 @@ class FinisherStage:
         self.interpolator = make_interpolator(args)
         self.finisher = Finisher(FrameCheck.from_settings(args.safety), self.interpolator)
         self._luts: dict[str, Lut] = {}  # LUT key -> parsed LUT, oldest first
+        # a thread for every call the replica takes (all_calls_options): a finish never waits for a thread
+        # uncounted; the calls share the replica's CPUs instead, each slower while many run
+        self._threads = ThreadPoolExecutor(all_calls_options(args)["max_ongoing_requests"], "finish")
 
     async def finish(self, frames: FrameBatch, call: FinishCall) -> FinishedClip:
         """The stored clip. A call cancelled meanwhile (its job was cancelled or deleted) publishes nothing:
         the encode thread cannot be stopped, so it is let finish and what it stored is deleted."""
         pixels = await frames.ref[0]
+        loop = asyncio.get_running_loop()
         work = asyncio.ensure_future(
-            asyncio.to_thread(self._finish, Frames(pixels=pixels, fps=frames.fps), call)
+            loop.run_in_executor(self._threads, self._finish, Frames(pixels=pixels, fps=frames.fps), call)
         )
         try:
             return await asyncio.shield(work)

@@ -82,6 +82,26 @@ class InitialNoise:
 
 
 @dataclass(frozen=True, slots=True)
+class EncodeImageCall:
+    """The keyframe encode of one I2V job: the VAEEncoder reads the job's stored keyframes itself
+    (serve.jobs.keyframes), so no image passes through the Scheduler."""
+
+    project: str
+    job_id: str
+    num_frames: int  # of the clip: the condition covers all of them
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionRef:
+    """An I2V job's condition (mask + keyframe latents) in the object store, owned by the VAEEncoder
+    replica that made it; both experts fetch it."""
+
+    ref: list[ray.ObjectRef]  # one ref to the (20, latent_frames, latent_height, latent_width) float32 array
+    nbytes: int  # its size, for the Scheduler's books
+    seconds: float  # the encode's compute time
+
+
+@dataclass(frozen=True, slots=True)
 class DenoiseCall:
     """One job's share of an expert."""
 
@@ -99,6 +119,7 @@ class DenoiseCall:
     # The colocated Denoiser runs both experts in one call: `guidance` is then the high-noise expert's CFG
     # scale and this the low-noise one's. None: a call to one expert's deployment (the split layout).
     guidance_low: float | None = None
+    condition: ConditionRef | None = None  # an I2V job's condition (the VAEEncoder's); None: T2V
 
 
 @dataclass(frozen=True, slots=True)

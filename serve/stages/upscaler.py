@@ -17,7 +17,7 @@ from pipeline.upscale import Upscaler, resize_frames
 from pipeline.weights import pick_device
 from serve.config import PrevizArgs
 from serve.metrics import ReplicaReporter
-from serve.stages.common import STAGE_OPTIONS, gpu_options
+from serve.stages.common import STAGE_OPTIONS, all_calls_options, gpu_options
 from serve.stages.payloads import FrameBatch
 from serve.stages.turns import StageWaiting, Turns
 
@@ -25,7 +25,7 @@ NAME = deployment_name(stage("upscale"))  # from the stage table
 
 
 def default_options(args: PrevizArgs) -> dict[str, Any]:
-    return {"name": NAME, **gpu_options(args)}
+    return {"name": NAME, **gpu_options(args), **all_calls_options(args)}
 
 
 @serve.deployment(name="Upscaler", max_ongoing_requests=8, **STAGE_OPTIONS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,14 +15,14 @@ from serve.stages.finisher import FinisherStage
 from tests.support.api_app import LocalApi
 
 
-class _Stream:
+class Stream:
     """What `handle.options(stream=True).render_cut.remote(call)` returns: an async iterator with cancel()."""
 
     def __init__(self, events: AsyncIterator[Any]) -> None:
         self._events = events
         self._task: asyncio.Task[Any] | None = None
 
-    def __aiter__(self) -> _Stream:
+    def __aiter__(self) -> Stream:
         return self
 
     async def __anext__(self) -> Any:
@@ -43,8 +44,8 @@ class InProcessFinisher:
     def options(self, **_options: Any) -> InProcessFinisher:
         return self
 
-    def remote(self, call: Any) -> _Stream:
-        return _Stream(self.stage.render_cut(call))
+    def remote(self, call: Any) -> Stream:
+        return Stream(self.stage.render_cut(call))
 
 
 def cut_runner(api: LocalApi) -> CutRunner:
@@ -69,7 +70,8 @@ def run_cuts(api: LocalApi) -> None:
             await runner.settle()
             await runner.start()
 
-    asyncio.run(run())
+    with ThreadPoolExecutor(1) as thread:  # its own event loop, also beside a running one (Playwright's)
+        thread.submit(lambda: asyncio.run(run())).result()
 
 
 @contextmanager

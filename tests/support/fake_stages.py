@@ -17,15 +17,18 @@ from ray.exceptions import OwnerDiedError
 from pipeline.denoise.state import initial_noise
 from serve.config import PrevizArgs
 from serve.jobs import JobRecord, JobStore
+from serve.jobs.keyframes import load_keyframes
 from serve.scheduling.scheduler import Scheduler
 from serve.stages.denoiser import save_checkpoint
 from serve.stages.payloads import (
+    ConditionRef,
     DenoiseBoundary,
     DenoiseCall,
     DenoiseDone,
     DenoiseProgress,
     DenoiseWaiting,
     EmbedsRef,
+    EncodeImageCall,
     FinishCall,
     FinishedClip,
     FrameBatch,
@@ -147,6 +150,8 @@ class FakeStages:
     artifacts_gate: asyncio.Event | None = None  # the high expert's checkpoint write waits for this
     colocated: bool = False  # one Denoiser ("denoiser") for both experts instead of the split pair
     lose_after_boundary: BaseException | None = None  # the Denoiser raises it once, after its checkpoint
+    # what the I2V model's stand-ins (`i2v_high`, `i2v_low`, `encode_image`) saw of each condition: shape
+    conditions: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
 
     def handles(self) -> list[Any]:
         def method(function: Callable[..., Any], name: str) -> Method:
@@ -166,6 +171,30 @@ class FakeStages:
             Handle(upscale=method(self.upscale, "upscale")),
             Handle(finish=method(self.finish, "finish")),
         ]
+
+    def i2v_handles(self) -> dict[str, Handle]:
+        """The I2V model's split experts and its VAEEncoder (the Scheduler's `i2v_*` and `image_encoder`)."""
+
+        def method(function: Callable[..., Any], name: str) -> Method:
+            return Method(function, name, self.cancelled, self.wire)
+
+        return {
+            "i2v_high": Handle(denoise=method(self.denoiser("high", "i2v_high"), "i2v_high")),
+            "i2v_low": Handle(denoise=method(self.denoiser("low", "i2v_low"), "i2v_low")),
+            "image_encoder": Handle(encode=method(self.encode_image, "encode_image")),
+        }
+
+    async def encode_image(self, call: EncodeImageCall) -> ConditionRef:
+        """The VAEEncoder: reads the job's stored keyframes; a (20, frames, h, w) condition of them."""
+        assert self.artifacts is not None, "start() gives the stages the artifact store"
+        first, last = load_keyframes(self.artifacts, call.project, call.job_id)
+        self.record("encode_image", (call.job_id, call.num_frames, first.shape, last is not None))
+        frames = (call.num_frames - 1) // 4 + 1
+        height, width = first.shape[0] // 8, first.shape[1] // 8
+        condition = np.full((20, frames, height, width), float(first.mean()), np.float32)
+        return ConditionRef(
+            ref=self.objects.put(condition, "encode_image"), nbytes=condition.nbytes, seconds=0.01
+        )
 
     def housekeeping(self) -> Handle:
         """The Housekeeping handle: counts the Scheduler's webhook nudges."""
@@ -189,12 +218,17 @@ class FakeStages:
         embeds = np.full(self.embeds_shape, float(len(text)), dtype=np.float32)
         return EmbedsRef(ref=self.objects.put(embeds, "encode"), nbytes=embeds.nbytes)
 
-    def denoiser(self, expert: str) -> Callable[..., AsyncIterator[Any]]:
+    def denoiser(self, expert: str, name: str | None = None) -> Callable[..., AsyncIterator[Any]]:
+        """The `expert` deployment's stand-in, its calls recorded under `name` (default: the expert)."""
+        name = name or expert
+
         async def denoise(call: DenoiseCall, bucket: str) -> AsyncIterator[Any]:
             self.denoise_calls.append(call)
-            self.record(expert, (call.request_id, bucket, call.state.step_index))
+            self.record(name, (call.request_id, bucket, call.state.step_index))
             state = self.start_state(call.state)
             self.objects.get(call.prompt.ref), self.objects.get(call.negative_prompt.ref)
+            if call.condition is not None:  # fetched from the VAEEncoder's replica, as the real one does
+                self.conditions.append((name, self.objects.get(call.condition.ref).shape))
             if expert == "low" and self.hold_low is not None:
                 await self.hold_low.wait()
             if expert == "high":
@@ -378,7 +412,8 @@ def run(scenario: Callable[[], Any]) -> None:
 
 def start(args: PrevizArgs, stages: FakeStages) -> Scheduler:
     stages.artifacts = make_store(args.storage)
-    return Scheduler(args, args.sampling, stages.housekeeping(), *stages.handles())
+    i2v = stages.i2v_handles() if args.i2v is not None else {}
+    return Scheduler(args, args.sampling, stages.housekeeping(), *stages.handles(), **i2v)
 
 
 def stop(scheduler: Scheduler) -> None:

@@ -78,6 +78,8 @@ async def update_storyboard(
             )
         takes[key] = video_id
     edit.takes = takes
+    for key in body.trims:  # only clearing: a trim is set by a timeline read back
+        edit.trims.pop(key, None)
     await asyncio.to_thread(state.store.update_storyboard, storyboard_id, edit=edit)
     return await storyboard_of(storyboard_id, state, caller)
 
@@ -274,8 +276,7 @@ async def _cut_view(
             "timeline_url": f"/v1/storyboards/{record.id}/timeline",
         }
         status, progress, eta_seconds, error = "completed", 100, None, None
-    else:
-        assert job is not None
+    elif job is not None:
         status = CUT_STATES[job.status]
         progress = round(job.progress * 100)
         eta_seconds = None

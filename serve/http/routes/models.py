@@ -1,5 +1,6 @@
-"""`GET /v1/models` (the OpenAI models list: the one served model, with the sizes this deployment serves)
-and `GET /`, which points people and tools at the API's documentation."""
+"""`GET /v1/models` (the OpenAI models list: the served models, text-to-video and, where configured,
+image-to-video, each with the sizes and tiers this deployment serves it with) and `GET /`, which points
+people and tools at the API's documentation."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pydantic import BaseModel, Field
 
 from pipeline.spec import RESOLUTION_PRESETS, ModelSpec, RequestSpec, SizeEnvelope, TierRecipe
 from pipeline.stages import Layout
+from serve.auth import Caller
+from serve.config import PrevizArgs
 from serve.http.deps import CallerDep, StateDep
-from serve.jobs.request import SERVED_MODEL
+from serve.jobs.request import I2V_MODEL, SERVED_MODEL
 from serve.sharding import Expert, ShapeRules
 
 router = APIRouter(tags=["models"])
@@ -58,6 +61,14 @@ class Adapter(BaseModel):
 
 class ServedModel(BaseModel):
     id: str = Field(description="The name to send as `model`.")
+    task: Literal["t2v", "i2v"] = Field(
+        description="`t2v`: text-to-video (Wan2.2-T2V-A14B); `i2v`: image-to-video (Wan2.2-I2V-A14B), a shot "
+        "starting from a keyframe (`input_reference`, a shot's `keyframes`)."
+    )
+    keyframes: list[str] = Field(
+        description="The keyframes it takes: `first` (and `last`, experimental: Wan2.2 I2V was not trained "
+        "for it) for I2V; none for T2V."
+    )
     object: Literal["model"] = "model"
     created: int = Field(0, description="Unix seconds (the model's release is not tracked: 0).")
     owned_by: str = "previz"
@@ -85,26 +96,38 @@ class ModelList(BaseModel):
 
 @router.get("/v1/models", response_model=ModelList, summary="List the served models")
 async def list_models(state: StateDep, caller: CallerDep) -> ModelList:
-    presets = {name: f"{width}x{height}" for name, (width, height) in RESOLUTION_PRESETS.items()}
-    tiers = ["draft", "final"] if state.args.serves_draft else ["final"]
-    served = ServedModel(
-        id=SERVED_MODEL,
+    served = [served_model(SERVED_MODEL, state.args, state.model, state.shapes, caller)]
+    if state.i2v_args is not None and state.i2v_shapes is not None:
+        i2v = state.i2v_args
+        served.append(served_model(I2V_MODEL, i2v, i2v.sampling, state.i2v_shapes, caller))
+    return ModelList(data=served)
+
+
+def served_model(
+    name: str, args: PrevizArgs, model: ModelSpec, shapes: ShapeRules, caller: Caller
+) -> ServedModel:
+    """One served model as the list shows it to `caller`: `args` are that model's (PrevizArgs.for_i2v for
+    the I2V model), `shapes` its experts' shape rules."""
+    presets = {preset: f"{width}x{height}" for preset, (width, height) in RESOLUTION_PRESETS.items()}
+    tiers = ["draft", "final"] if args.serves_draft else ["final"]
+    i2v = name == I2V_MODEL
+    return ServedModel(
+        id=name,
+        task="i2v" if i2v else "t2v",
+        keyframes=["first", "last"] if i2v else [],
         presets=presets,
-        envelope=state.args.envelope,
-        default_steps=state.model.num_steps,
-        fps=state.model.fps,
-        layout=state.args.experts.layout,
-        experts={
-            expert: expert_parallel(state.shapes, expert, state.model, tiers) for expert in ("high", "low")
-        },
-        tiers={quality: state.model.recipe(quality) for quality in tiers},
+        envelope=args.envelope,
+        default_steps=model.num_steps,
+        fps=model.fps,
+        layout=args.experts.layout,
+        experts={expert: expert_parallel(shapes, expert, model, tiers) for expert in ("high", "low")},
+        tiers={quality: model.recipe(quality) for quality in tiers},
         adapters=[
             Adapter(name=lora.name, shared=lora.project is None, description=lora.description)
-            for lora in state.args.adapters.loras
-            if lora.project in (None, caller.project) and state.args.lora(lora.name) is not None
+            for lora in args.adapters.loras
+            if lora.project in (None, caller.project) and args.lora(lora.name) is not None
         ],
     )
-    return ModelList(data=[served])
 
 
 def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec, tiers: list[str]) -> ExpertParallel:

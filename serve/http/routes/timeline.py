@@ -1,6 +1,6 @@
 """A board's last cut as an editorial timeline, out (`GET /v1/storyboards/{id}/timeline`: OTIO, EDL, FCP
-XML, AAF, at the cut's rate or 24/25) and back (`PUT`: an edited OTIO, EDL or FCP XML updates the board's
-order, selected takes and trims in one write, or changes nothing)."""
+XML, AAF, at the cut's rate or 24/25) and back (`PUT`: an edited OTIO, EDL, FCP XML or AAF updates the
+board's order, selected takes and trims in one write, or changes nothing)."""
 
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ from serve.editorial.readback import (
     apply_timeline,
     read_timeline,
 )
-from serve.editorial.timeline import WRITERS as TIMELINE_WRITERS
 from serve.editorial.timeline import (
+    SMPTE_RATES,
     ClipReview,
-    ExportRate,
     RateNotInTimecode,
     TimelineFormat,
     build_timeline,
     package,
     write_timeline,
 )
+from serve.editorial.timeline import WRITERS as TIMELINE_WRITERS
 from serve.http.deps import CallerDep, IngressState, StateDep, jobs_on_board
 from serve.http.editorial import ShotTrimView, TimelineApplied
 from serve.http.errors import ApiError
@@ -48,10 +48,15 @@ TIMELINE_CONTENT = {
     "application/octet-stream": {},
     "application/zip": {},
 }
+# Declared as text (what a file upload is); OTIO may come as application/json too, whose strings then pass
+# the one text policy like every JSON body.
 EDITED_TIMELINE_BODY = {
     "required": True,
-    "description": "The edited timeline file as it is (OTIO JSON, CMX 3600 EDL or FCP 7 XML).",
-    "content": {media: {"schema": {"type": "string"}} for media in TIMELINE_CONTENT if "zip" not in media},
+    "description": "The edited timeline file as it is (OTIO JSON, CMX 3600 EDL, FCP 7 XML or AAF).",
+    "content": {
+        media: {"schema": {"type": "string"}}
+        for media in ("text/plain", "application/xml", "application/octet-stream")
+    },
 }
 
 
@@ -71,10 +76,12 @@ async def get_timeline(
         Query(description="otio (JSON), edl (CMX 3600), fcpxml (FCP 7 XML) or aaf (Avid)."),
     ] = "otio",
     rate: Annotated[
-        ExportRate | None,
+        int | None,
         Query(
+            ge=min(SMPTE_RATES),
+            le=max(SMPTE_RATES),
             description="The timeline's rate, 24 or 25: the clips' lengths are conformed to it (default: "
-            "the cut's; EDL, FCP XML and AAF of a 16 fps cut need one)."
+            "the cut's; EDL, FCP XML and AAF of a 16 fps cut need one).",
         ),
     ] = None,
     package_zip: Annotated[
@@ -148,7 +155,9 @@ async def put_timeline(
     request: Request,
     state: StateDep,
     caller: CallerDep,
-    format: Annotated[ReadFormat, Query(description="otio (JSON), edl (CMX 3600) or fcpxml (FCP 7 XML).")],
+    format: Annotated[
+        ReadFormat, Query(description="otio (JSON), edl (CMX 3600), fcpxml (FCP 7 XML) or aaf (Avid).")
+    ],
     rate: Annotated[
         int | None,
         Query(
@@ -172,10 +181,18 @@ async def put_timeline(
     except UnreadableTimeline as error:
         raise ApiError(400, "invalid_timeline", str(error), "format") from None
     except TimelineRefused as error:
-        status = 409 if error.code == "foreign_timeline" else 422
-        what = "is from another board" if error.code == "foreign_timeline" else "has clips it cannot use"
+        if error.code == "foreign_timeline":
+            raise ApiError(
+                409,
+                "foreign_timeline",
+                f"the timeline is from another board; nothing was changed: {error}",
+                "body",
+            ) from None
         raise ApiError(
-            status, error.code, f"the timeline {what}; nothing was changed: {error}", "body"
+            422,
+            "unmatched_clips",
+            f"the timeline has clips it cannot use; nothing was changed: {error}",
+            "body",
         ) from None
     await asyncio.to_thread(state.store.update_storyboard, storyboard_id, edit=edit)
     previous = record.shot_order

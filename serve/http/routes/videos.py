@@ -29,6 +29,7 @@ from serve.http.deps import (
     deleting,
     job_or_404,
     project_of,
+    queue_waits,
 )
 from serve.http.errors import BLOCKED, ApiError, invalid
 from serve.http.events import event_stream
@@ -50,6 +51,7 @@ from serve.http.views import video_payload, video_view
 from serve.jobs import CancelResult, JobRecord, JobStatus, deletion
 from serve.jobs.models import unix
 from serve.jobs.reviews import ReviewStatus
+from serve.scheduling.queue_wait import QueueWait, queue_wait
 
 router = APIRouter(prefix="/v1/videos", tags=["videos"])
 
@@ -78,11 +80,11 @@ CREATE_BODY = {
 def video_response(
     job: JobRecord,
     status_code: int = 200,
-    queue_position: int | None = None,
+    wait: QueueWait | None = None,
     retention_days: int | None = None,
     **headers: str,
 ) -> JSONResponse:
-    video = video_view(job, queue_position, retention_days=retention_days)
+    video = video_view(job, wait, retention_days=retention_days)
     poll_after = POLL_AFTER_MS.get(video.status)
     if poll_after is not None:
         headers["openai-poll-after-ms"] = str(poll_after)
@@ -173,7 +175,8 @@ async def list_videos(
         order=order,
     )
     retention_days = (await project_settings(state.store, project)).retention_days
-    page = [video_view(job, retention_days=retention_days) for job in jobs[:limit]]
+    waits = await queue_waits(state, jobs[:limit])  # a queued video's place and ETA, as on its own page
+    page = [video_view(job, waits.get(job.id), retention_days=retention_days) for job in jobs[:limit]]
     return VideoList(
         data=page,
         first_id=page[0].id if page else None,
@@ -185,11 +188,13 @@ async def list_videos(
 @router.get("/{video_id}", response_model=Video, summary="Retrieve a video")
 async def get_video(video_id: str, state: StateDep, caller: CallerDep) -> JSONResponse:
     job = await job_or_404(video_id, state, caller)
-    position = (
-        await asyncio.to_thread(state.store.queue_position, job) if job.status == JobStatus.QUEUED else None
+    wait = (
+        await asyncio.to_thread(queue_wait, state.store, job, state.lanes)
+        if job.status == JobStatus.QUEUED
+        else None
     )
     retention_days = (await project_settings(state.store, job.project)).retention_days
-    return video_response(job, queue_position=position, retention_days=retention_days)
+    return video_response(job, wait=wait, retention_days=retention_days)
 
 
 @router.delete("/{video_id}", response_model=VideoDeleted, summary="Cancel or delete a video")
@@ -412,7 +417,11 @@ async def video_events(
     retention_days = (await project_settings(state.store, job.project)).retention_days
     return StreamingResponse(
         event_stream(
-            state.store, video_id, last_event_id or 0, partial(video_payload, retention_days=retention_days)
+            state.store,
+            video_id,
+            last_event_id or 0,
+            partial(video_payload, retention_days=retention_days),
+            state.lanes,
         ),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

@@ -1,5 +1,7 @@
 // The one way the page talks to the API: the key from sessionStorage as the Bearer header, errors as ApiError.
 
+import { has, LANG, t } from "./i18n.js";
+
 const KEY = "previz.apiKey";
 
 export class ApiError extends Error {
@@ -38,17 +40,29 @@ export async function api(path, { method = "GET", body, yaml, key = session.key(
   return data;
 }
 
-// An API error in words a director can act on.
+// An API error in words a director can act on, in the page's language: in English the server's own sentence
+// (it names the field and the value), in any other language the catalogue's words for its code; a content
+// refusal names its category once, a full queue says when to try again, and nothing is a raw token.
 export function describe(error) {
-  if (!(error instanceof ApiError)) return `Could not reach the server (${error.message}).`;
-  if (error.code === "content_blocked") {  // said once: the category, not the server's sentence again
-    return `Blocked by the content policy (${(error.category || "unknown").replaceAll("_", " ")}). Nothing was created.`;
-  }
+  if (!(error instanceof ApiError)) return t("error.unreachable");
+  if (error.code === "content_blocked") return t("error.blocked", { category: categoryName(error.category) });
   if (error.status === 429) {
-    const wait = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : "";
-    return `The queue is full: ${error.message}.${wait}`;
+    const words = has(`error.${error.code}`) ? t(`error.${error.code}`) : t("error.queue_full");
+    return error.retryAfter ? `${words} ${t("error.retryIn", { s: error.retryAfter })}` : words;
   }
-  return error.message;
+  if (LANG === "en" && error.message && !error.message.startsWith("HTTP ")) return error.message;
+  return has(`error.${error.code}`) ? t(`error.${error.code}`) : t("error.other");
+}
+
+// Why a take failed (its video's `error`), in the same way: the server's sentence in English, else by code.
+export function describeFailure(failure) {
+  if (LANG === "en" && failure?.message) return failure.message;
+  const code = failure?.code || "other";
+  return has(`failure.${code}`) ? t(`failure.${code}`) : t("failure.other");
+}
+
+function categoryName(category) {
+  return has(`category.${category}`) ? t(`category.${category}`) : t("category.other");
 }
 
 // A file the API serves to a key holder (a timeline, a package), as a Blob for a download link.

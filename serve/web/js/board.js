@@ -1,16 +1,18 @@
 // Storyboard contact sheet: shots as rows (name and a short description; the compiled prompt on demand),
 // takes as cards named by their stored take number. Each take says where it is in words (its wait, counted
 // where the work waits, or its stage) with an ETA that includes the wait, then shows its poster and a
-// player with controls on hover/focus; per take: remix, cancel, select, promote, download. The board line
-// is computed from the takes as they are shown. Every take carries the AI-generated draft mark.
+// player with controls on hover/focus; per take: remix, cancel, select, promote, download, and its review
+// (a status and notes, each note by the key's name, optionally at a frame). The board line is computed
+// from the takes as they are shown. Every take carries the AI-generated draft mark.
 
-import { api, apiBlob, describe } from "./api.js";
+import { api, apiBlob, describe, describeFailure } from "./api.js";
 import { h, show, toast } from "./dom.js";
 import { followVideo } from "./events.js";
 import { duration, t, whereItIs } from "./i18n.js";
 import { linksOf, player } from "./media.js";
 
 const FINISHED = new Set(["completed", "failed", "cancelled"]);
+const REVIEWS = ["pending", "approved", "rejected", "needs-changes"];
 
 export async function renderBoard(view, boardId, signal) {
   const rows = h("div", { class: "sheet", role: "list", "aria-label": t("board.shots") });
@@ -141,7 +143,7 @@ export async function renderBoard(view, boardId, signal) {
         shownCut = cut.id;
         cutBox.replaceChildren(...cutView(boardId, cut, latest));
       } else if (!signal.aborted) {
-        const why = cut.error ? cut.error.message : t(`cut.${cut.status}`);
+        const why = cut.error ? describeFailure(cut.error) : t(`cut.${cut.status}`);
         cutBox.replaceChildren(h("p", { class: "error", role: "alert", text: why }));
       }
     } catch (error) {
@@ -262,9 +264,13 @@ function takeCard(board, shot, take, signal, reload, changed) {
     h("p", { class: "meta", text: [t("take.seed", { seed: take.seed }), ...Object.entries(take.grid).map(([k, v]) => `${k}: ${v}`)].join(" · ") }),
     status,
     actions,
+    reviewBox(take),
     remixBox,
   );
-  let state = { status: take.status, stage: take.stage, progress: take.progress, eta: null, waiting_for: null, queue_position: null };
+  let state = stateOf(take);
+  let live = false; // its stream has spoken: from then on the stream, not the board's view, moves it
+  const following = new AbortController(); // its stream, stopped with the page or once it finished
+  signal.addEventListener("abort", () => following.abort(), { once: true });
   let download = null; // the mp4's signed link, once the take completed
   const paint = () => {
     bar.value = state.progress;
@@ -272,7 +278,7 @@ function takeCard(board, shot, take, signal, reload, changed) {
     const where = whereItIs(state);
     const waiting = state.status === "queued" || Boolean(state.waiting_for);
     status.textContent = state.status === "failed" && take.error
-      ? t("take.failed", { message: take.error.message })
+      ? t("take.failed", { message: describeFailure(take.error) })
       : FINISHED.has(state.status) ? where : waiting ? `${where}${eta}` : `${where} · ${state.progress} %${eta}`;
     card.dataset.status = state.status;
     card.dataset.waiting = state.waiting_for || (state.status === "queued" ? "queue" : "");
@@ -358,10 +364,31 @@ function takeCard(board, shot, take, signal, reload, changed) {
     card.classList.toggle("selected", selected);
   };
   card.state = () => state;
-  // the board's view of the take (a reload): only what the live stream does not say (promotion)
+  card.setReview = (review) => {
+    take.review = review;
+    card.dataset.review = review;
+    const choice = card.querySelector("select.review");
+    if (choice) choice.value = review;
+  };
+  card.dataset.review = take.review || "pending";
+  const finished = (video) => {
+    if (FINISHED.has(state.status)) return; // told twice (the stream and the board's view): once is enough
+    state = { ...stateOf(video), eta: null, waiting_for: null, queue_position: null };
+    take.error = video.error;
+    following.abort();
+    paint();
+    if (video.status === "completed") showPlayer();
+  };
+  // the board's view of the take (every refresh): its promotion, and its state until its stream speaks
   card.update = (fresh) => {
+    if (fresh.review !== take.review) card.setReview(fresh.review);
     if (fresh.promoted_to !== take.promoted_to) {
       take.promoted_to = fresh.promoted_to;
+      paint();
+    }
+    if (FINISHED.has(fresh.status)) finished(fresh);
+    else if (!live && !FINISHED.has(state.status)) {
+      state = stateOf(fresh);
       paint();
     }
   };
@@ -370,17 +397,100 @@ function takeCard(board, shot, take, signal, reload, changed) {
   else if (!FINISHED.has(state.status)) {
     followVideo(take.video_id, (kind, data) => {
       if (kind === "status") {
-        state = { ...state, status: data.status, stage: data.stage, progress: data.progress, eta: data.eta_seconds ?? null, waiting_for: data.waiting_for ?? null, queue_position: data.queue_position ?? null };
-      } else if (kind === "done") {
-        state = { ...state, status: data.status, stage: data.stage, progress: data.progress, eta: null, waiting_for: null, queue_position: null };
-        take.error = data.error;
+        live = true;
+        state = stateOf(data);
         paint();
-        if (data.status === "completed") showPlayer();
+      } else if (kind === "done") {
+        finished(data);
         reload().catch(() => {}); // the board's own state moves with it
-        return;
-      } else return;
-      paint();
-    }, signal);
+      }
+    }, following.signal);
   }
   return card;
+}
+
+// The take's review: its status (a change is PUT at once) and its notes, listed and added on demand.
+function reviewBox(take) {
+  const videoUrl = `/v1/videos/${encodeURIComponent(take.video_id)}`;
+  const error = h("p", { class: "error", role: "alert" });
+  const status = h(
+    "select",
+    {
+      class: "review",
+      "aria-label": t("review.status"),
+      onchange: async () => {
+        try {
+          const answer = await api(`${videoUrl}/review`, { method: "PUT", body: { status: status.value } });
+          take.review = answer.status;
+          status.closest(".take")?.setAttribute("data-review", answer.status);
+        } catch (problem) {
+          status.value = take.review || "pending";
+          error.textContent = describe(problem);
+        }
+      },
+    },
+    ...REVIEWS.map((value) => h("option", { value, text: t(`review.${value.replace("-", "_")}`) })),
+  );
+  status.value = take.review || "pending";
+  const list = h("ol", { class: "notes", "aria-label": t("review.notes") });
+  const text = h("input", { type: "text", maxlength: 4000, "aria-label": t("review.note") });
+  const frame = h("input", { type: "number", min: 0, step: 1, class: "frame", "aria-label": t("review.frame") });
+  const paintNotes = (notes) => list.replaceChildren(
+    ...notes.map((note) => h("li", { text: `${note.frame === null ? "" : `${t("review.at", { frame: note.frame })} · `}${note.author}: ${note.text}` })),
+  );
+  const form = h(
+    "form",
+    {
+      class: "inline note",
+      hidden: true,
+      onsubmit: async (event) => {
+        event.preventDefault();
+        try {
+          const body = { text: text.value };
+          if (frame.value !== "") body.frame = Number(frame.value);
+          await api(`${videoUrl}/notes`, { method: "POST", body });
+          text.value = "";
+          frame.value = "";
+          paintNotes((await api(`${videoUrl}/notes`)).data);
+          error.textContent = "";
+        } catch (problem) {
+          error.textContent = describe(problem);
+        }
+      },
+    },
+    text,
+    frame,
+    h("button", { type: "submit", text: t("review.add") }),
+  );
+  const toggle = h("button", {
+    type: "button",
+    class: "quiet",
+    "aria-expanded": "false",
+    text: t("review.showNotes"),
+    onclick: async () => {
+      const open = form.hidden;
+      form.hidden = !open;
+      list.hidden = !open;
+      toggle.setAttribute("aria-expanded", String(open));
+      if (open) {
+        try {
+          paintNotes((await api(`${videoUrl}/notes`)).data);
+        } catch (problem) {
+          error.textContent = describe(problem);
+        }
+      }
+    },
+  });
+  list.hidden = true;
+  return h("div", { class: "review-box" }, h("p", { class: "actions" }, status, toggle), list, form, error);
+// A take's state as the page shows it, from the board's view of it, a `status` event or the video itself.
+function stateOf(video) {
+  return {
+    status: video.status,
+    stage: video.stage,
+    progress: video.progress,
+    eta: video.eta_seconds ?? null,
+    waiting_for: video.waiting_for ?? null,
+    queue_position: video.queue_position ?? null,
+  };
 }

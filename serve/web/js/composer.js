@@ -236,7 +236,7 @@ function dropZone(formError) {
       const board = await api("/v1/storyboards", { method: "POST", ...request });
       location.hash = `#/boards/${board.id}`;
     } catch (error) {
-      status.textContent = `${file.name}: ${error instanceof SyntaxError ? t("compose.notJson", { message: error.message }) : describe(error)}`;
+      status.textContent = `${file.name}: ${error instanceof SyntaxError ? t("compose.notJson") : describe(error)}`;
     }
   };
   input.addEventListener("change", () => input.files[0] && upload(input.files[0]));

@@ -1,9 +1,53 @@
 // A video's server-sent events, read with fetch so the API key travels as a header (EventSource sends
 // none, and a key never goes in a URL). Resumes with Last-Event-ID when the stream drops, until `done`.
+//
+// At most MAX_STREAMS streams are open at once, the others wait for one to end: a browser opens 6 HTTP/1.1
+// connections per host, so a board of ten running takes with a stream each left none for the page's own
+// calls (its refresh, select, promote, cut) and the last takes' streams never opened. A take waiting for a
+// stream is shown from the board's view, which carries the same state (serve.http.views).
 
 import { session } from "./api.js";
 
+const MAX_STREAMS = 4;
+let numOpen = 0;
+const waiting = []; // resolvers of the follows waiting for a stream, oldest first
+
+// true once this follow holds a stream; false when `signal` aborted while it waited
+function openSlot(signal) {
+  if (numOpen < MAX_STREAMS) {
+    numOpen += 1;
+    return Promise.resolve(true);
+  }
+  return new Promise((resolve) => {
+    const handOver = () => {
+      signal.removeEventListener("abort", giveUp);
+      resolve(true);
+    };
+    const giveUp = () => {
+      waiting.splice(waiting.indexOf(handOver), 1);
+      resolve(false);
+    };
+    waiting.push(handOver);
+    signal.addEventListener("abort", giveUp, { once: true });
+  });
+}
+
+function closeSlot() {
+  const next = waiting.shift();
+  if (next) next(); // the stream passes to the oldest waiting follow
+  else numOpen -= 1;
+}
+
 export async function followVideo(videoId, onEvent, signal) {
+  if (!(await openSlot(signal))) return;
+  try {
+    await follow(videoId, onEvent, signal);
+  } finally {
+    closeSlot();
+  }
+}
+
+async function follow(videoId, onEvent, signal) {
   let lastId = null;
   for (let attempt = 0; !signal.aborted; attempt += 1) {
     const headers = { Authorization: `Bearer ${session.key()}`, Accept: "text/event-stream" };

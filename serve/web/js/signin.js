@@ -11,6 +11,7 @@ export function renderSignIn(view, signedIn, previousError) {
     {
       class: "card narrow",
       "aria-labelledby": "sign-in-title",
+      novalidate: true, // an empty key gets the API's refusal in the page's words, not the browser's bubble
       onsubmit: async (event) => {
         event.preventDefault();
         submit.disabled = true;
