@@ -41,6 +41,7 @@ from serve.http.schemas import (
 from serve.jobs.models import Priority
 from serve.jobs.request import FrameRate
 from serve.jobs.reviews import ReviewStatus
+from serve.jobs.storyboard import ShotTrim
 from serve.numbers import WholeNumber
 
 MAX_SHOTS = 100
@@ -355,6 +356,9 @@ class StoryboardShotState(BaseModel):
     videos: list[StoryboardVideo]
     selected_video_id: str | None = Field(
         None, description="The take the editor selected (PATCH); null: the cut uses the first completed one."
+    )
+    trim: ShotTrim | None = Field(
+        None, description="The part of its take the cut uses (an edited timeline read back); null: all of it."
     )
 
 
