@@ -381,8 +381,9 @@ class Storyboard(BaseModel):
     order: list[int] = Field(description="Shot indices in cut order (PATCH sets it; default the board's).")
     cut_url: str | None = Field(
         None,
-        description="The last rendered cut, once there is one; null again once a take of it was deleted "
-        "(the cut is then stale, its files gone) or the cut was deleted.",
+        description="The board's cut: once one is rendered, or while one is queued or rendering; null "
+        "again once a take of the rendered cut was deleted (the cut is then stale, its files gone) or the "
+        "cut was deleted.",
     )
 
 
