@@ -55,6 +55,7 @@ from pipeline.weights import DEFAULT_CACHE_DIR, PRESETS, WanComponents, load_com
 
 # the progress steps of a one-process run, from the stage table (finishing reports its finer steps)
 STAGES = tuple(step for row in job_plan() for step in row.steps)
+I2V_STAGES = tuple(step for row in job_plan(has=frozenset({"keyframes"})) for step in row.steps)
 
 # (stage, units done, units total) -> None; units are steps, latent frames or frames per stage.
 ProgressCallback = Callable[[str, int, int], None]

@@ -190,3 +190,24 @@ def test_a_malformed_cube_is_refused_naming_its_line(
     code, stderr = previz_in_process(args, monkeypatch, capsys)
     assert code == 2
     assert "is not a 3D .cube LUT: line 3:" in stderr
+
+
+def test_generate_a_shot_from_a_storyboard_panel_on_the_i2v_preset(tmp_path: Path) -> None:
+    from PIL import Image
+
+    panel = tmp_path / "panel.png"
+    Image.new("RGB", (200, 120), (230, 120, 40)).save(panel)  # another aspect: fitted, then cropped
+    out = tmp_path / "panel.mp4"
+    result = previz(
+        "generate", "the hero leaps out of the fireball", "--model", "tiny-i2v", "--image", str(panel),
+        "--resolution", "96x64", "--duration", "0.5", "--steps", "2", "--seed", "3", "-o", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert read_video_info(out).num_frames == 9
+    assert "VAE encode (keyframes)" in result.stdout
+    refused = previz(
+        "generate", "a man leaps", "--model", "tiny", "--image", str(panel), "--resolution", "96x64",
+        "--duration", "0.5", "--steps", "2", "-o", str(tmp_path / "no.mp4"),
+    )  # fmt: skip
+    assert refused.returncode != 0 and "needs an image-to-video model" in refused.stderr
+    assert not (tmp_path / "no.mp4").exists()

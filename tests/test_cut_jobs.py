@@ -304,3 +304,12 @@ def test_a_cut_whose_finisher_dies_is_requeued_its_files_deleted_and_rendered_ag
     assert api.store.get_cut(queued["id"]).attempt == 2
     names = sorted(key.rsplit("/", 1)[1] for key in stored_keys(api, f"default/{board['id']}/"))
     assert [name for name in names if "-shot" not in name] == [f"{queued['id']}-a2.mp4"] and len(names) == 4
+
+
+def test_a_board_links_its_first_cut_while_it_renders(api: LocalApi, board: dict) -> None:
+    url = f"/v1/storyboards/{board['id']}"
+    assert api.client.get(url).json()["cut_url"] is None
+    api.client.post(f"{url}/cut", json={"fps": 24})
+    assert api.client.get(url).json()["cut_url"] == f"{url}/cut"  # the page follows it there
+    api.client.post(f"{url}/cut/cancel")
+    assert api.client.get(url).json()["cut_url"] is None

@@ -179,7 +179,7 @@ def engine(components: WanComponents, expert: str, banks: dict | None = None) ->
 def i2v_case(components: WanComponents, name: str, seed: int, **fields) -> dict:
     spec = RequestSpec(
         **{"prompt": f"{name}: the hero leaps out of the fireball", "negative_prompt": "blurry"}
-        | {"resolution": f"{WIDTH}x{HEIGHT}", "duration": 0.5, "steps": 6, "seed": seed, "cache": None}
+        | {"resolution": f"{WIDTH}x{HEIGHT}", "duration": 0.5, "steps": 4, "seed": seed, "cache": None}
         | fields
     )
     resolved = resolve(spec, components.model)
@@ -290,3 +290,27 @@ def test_an_i2v_preset_shares_its_twins_text_encoder_and_vae_as_wan22_does() -> 
     assert not torch.equal(
         i2v.transformer.blocks[0].ffn.net[2].weight, t2v.transformer.blocks[0].ffn.net[2].weight
     )
+
+
+def test_an_i2v_model_from_s3_loads_as_i2v_and_equals_diffusers(
+    s3_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.s3sync import upload_folder
+
+    folder = save_components(build_preset("tiny-i2v"), tmp_path / "wan-i2v")
+    client = s3_server.client()
+    client.create_bucket(Bucket="previz-i2v-models")
+    assert upload_folder(folder, "s3://previz-i2v-models/wan2.2/i2v", client=client) > 0
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    source = "s3://previz-i2v-models/wan2.2/i2v"
+    loaded = load_components(source, device="cpu", cache_dir=tmp_path / "cache")
+    assert loaded.task == "i2v" and loaded.model == I2V_MODEL
+    request = tiny_request(resolution=f"{WIDTH}x{HEIGHT}", steps=4)
+    ours = LocalPipeline(loaded, draft_lora=None, cache_dir=tmp_path).latents(request, keyframes(7))
+    reference = run_diffusers_i2v_latents(
+        load_components(source, device="cpu", cache_dir=tmp_path / "cache"), request, keyframes(7).first
+    )
+    assert float((ours - reference).abs().max()) <= MAX_ABS_DIFF

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.interpolate import conform_frame_count
 from serve.editorial.timeline import take_id
-from tests.support.api_app import TINY, LocalApi, local_api
+from tests.support.api_app import TINY, LocalApi, http_server, local_api
+from tests.support.cli_run import previz
 from tests.test_editorial_api import cut_of, finish_with_clip
 
 READERS = {"otio": "otio_json", "edl": "cmx_3600", "fcpxml": "fcp_xml"}
@@ -60,6 +61,8 @@ def swap_take(clip: otio.schema.Clip, video_id: str) -> None:
     locator, the FCP XML clip comment) names the other take."""
     if "previz" in clip.metadata:
         clip.metadata["previz"]["take_id"] = video_id
+    if "UserComments" in clip.metadata.get("AAF", {}):
+        clip.metadata["AAF"]["UserComments"]["Previz Take"] = video_id
     for marker in clip.markers:
         if marker.name.upper().startswith("PREVIZ TAKE"):
             marker.name = f"PREVIZ TAKE {video_id}"
@@ -124,6 +127,7 @@ def test_an_edited_timeline_read_back_sets_order_takes_and_trims_and_the_next_cu
         take(board, 1, 1),
         take(board, 2, 0),
     ]
+    assert [shot["trim"] for shot in shown["shots"]] == [applied["trims"]["0"], None, None, None]
     cut = cut_of(api, board["id"], {"fps": 24})
     used = [take(board, 2, 0), take(board, 0, 0), take(board, 1, 1)]
     assert [clip["video_id"] for clip in cut["clips"]] == used
@@ -138,6 +142,8 @@ def test_an_edited_timeline_read_back_sets_order_takes_and_trims_and_the_next_cu
     # the trimmed cut read back as it is keeps its trim (counted from the take's first frame)
     unchanged = put(api, board, "otio", write(again, "otio")).json()
     assert unchanged["trims"] == applied["trims"] and unchanged["order"] == [2, 0, 1]
+    cleared = api.client.patch(url, json={"trims": {"0": None}}).json()
+    assert cleared["shots"][0]["trim"] is None and cleared["order"] == [2, 0, 1]
 
 
 def stored_edit(api: LocalApi, board: dict) -> object:
@@ -261,9 +267,67 @@ def test_the_aaf_of_a_3_shot_board_reads_back_through_the_adapter_with_the_same_
     assert [clip.duration() for clip in clips] == [
         otio.opentime.RationalTime(clip["num_frames"], 25) for clip in cut["clips"]
     ]
+    assert [take_id(clip) for clip in clips] == [clip["video_id"] for clip in cut["clips"]]
     sixteen = make_board(api, {**BOARD, "shots": BOARD["shots"][:3], "fps": 16})
     cut_of(api, sixteen["id"], {})
     conformed = api.client.get(
         f"/v1/storyboards/{sixteen['id']}/timeline", params={"format": "aaf", "rate": 24}
     )
     assert conformed.status_code == 200, conformed.text
+
+
+def test_the_cli_reads_an_edited_edl_back_and_reviews_a_take(
+    api: LocalApi,
+    board: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cut_of(api, board["id"], {"fps": 24})
+    path = tmp_path / "edited.edl"
+    path.write_text(write(edit(export(api, board, "edl"), board), "edl"))
+    with http_server() as url:
+        monkeypatch.setenv("PREVIZ_SERVER", url)
+        monkeypatch.setenv("PREVIZ_API_KEY", api.admin_key)
+        code, out, err = previz(["timeline", board["id"], str(path)], monkeypatch, capsys)
+        assert code == 0, err
+        lines = out.splitlines()
+        assert [line.split()[0] for line in lines[:3]] == ["2", "0", "1"]
+        assert lines[1].endswith(f"frames 4+{PER_SHOT - 8} at 24 fps") and lines[3] == "dropped shots: 3"
+        code, _out, err = previz(["timeline", board["id"], str(tmp_path / "cut.mov")], monkeypatch, capsys)
+        assert code == 2 and ".otio, .edl, .xml (FCP 7) or .aaf" in err
+        first = take(board, 0, 0)
+        code, out, err = previz(
+            ["review", first, "--status", "approved", "--note", "keep this one", "--frame", "3"],
+            monkeypatch,
+            capsys,
+        )
+        assert code == 0, err
+        assert out.splitlines()[0].startswith(f"{first} approved by ") and "@3: keep this one" in out
+        code, _out, err = previz(["review", first, "--status", "maybe"], monkeypatch, capsys)
+        assert code == 2 and "needs-changes" in err
+    assert api.client.get(f"/v1/storyboards/{board['id']}").json()["order"] == [2, 0, 1]
+
+
+def test_an_edited_aaf_reads_back_like_the_other_formats(api: LocalApi, tmp_path: Path) -> None:
+    pytest.importorskip("otio_aaf_adapter", reason="otio-aaf-adapter (a dependency) is not installed here")
+    board = make_board(api)
+    cut_of(api, board["id"], {"fps": 24})
+    exported = tmp_path / "cut.aaf"
+    exported.write_bytes(
+        api.client.get(f"/v1/storyboards/{board['id']}/timeline", params={"format": "aaf"}).content
+    )
+    timeline = edit(otio.adapters.read_from_file(str(exported), adapter_name="AAF"), board)
+    edited = tmp_path / "edited.aaf"
+    otio.adapters.write_to_file(timeline, str(edited), adapter_name="AAF")
+    answer = api.client.put(
+        f"/v1/storyboards/{board['id']}/timeline",
+        params={"format": "aaf"},
+        content=edited.read_bytes(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert answer.status_code == 200, answer.text
+    applied = answer.json()
+    assert (applied["order"], applied["dropped"]) == ([2, 0, 1], [3])
+    assert applied["trims"] == {"0": {"fps": 24, "start": 4, "num_frames": PER_SHOT - 8}}
+    assert applied["takes"]["1"] == take(board, 1, 1)

@@ -95,6 +95,32 @@ class PrevizClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._json(self.http.post("/v1/storyboards", json=body, headers=headers))
 
+    def put_timeline(
+        self, storyboard_id: str, data: bytes, fmt: str, *, rate: int | None = None
+    ) -> dict[str, Any]:
+        """Read an edited timeline (OTIO, EDL, FCP XML or AAF: exported, then edited) back onto its board."""
+        params: dict[str, Any] = {"format": fmt, **({"rate": rate} if rate is not None else {})}
+        media = {"fcpxml": "application/xml", "aaf": "application/octet-stream"}
+        headers = {"Content-Type": media.get(fmt, "text/plain")}
+        return self._json(
+            self.http.put(
+                f"/v1/storyboards/{storyboard_id}/timeline", params=params, content=data, headers=headers
+            )
+        )
+
+    def set_review(self, video_id: str, status: str) -> dict[str, Any]:
+        return self._json(self.http.put(f"/v1/videos/{video_id}/review", json={"status": status}))
+
+    def get_review(self, video_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/videos/{video_id}/review"))
+
+    def add_note(self, video_id: str, text: str, *, frame: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"text": text, **({"frame": frame} if frame is not None else {})}
+        return self._json(self.http.post(f"/v1/videos/{video_id}/notes", json=body))
+
+    def notes(self, video_id: str) -> list[dict[str, Any]]:
+        return self._json(self.http.get(f"/v1/videos/{video_id}/notes"))["data"]
+
     def get_storyboard(self, storyboard_id: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/v1/storyboards/{storyboard_id}"))
 

@@ -1,9 +1,10 @@
-"""`previz takes`, `previz cut` and `previz delete-storyboard`: a storyboard's selected takes and shot
-order, its first cut (`previz fetch --storyboard ID -o DIR` downloads the cut, its clips and its timeline),
-and deleting a board."""
+"""`previz takes`, `previz cut`, `previz timeline`, `previz review` and `previz delete-storyboard`: a
+storyboard's selected takes and shot order, its first cut (`previz fetch --storyboard ID -o DIR` downloads
+the cut, its clips and its timeline), an edited timeline read back, a take's review, and deleting a board."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -112,6 +113,67 @@ def cut(
         f"({answer['seconds']:.2f} s), {len(answer['clips'])} shots",
         highlight=False,
     )
+
+
+TIMELINE_SUFFIXES = {".otio": "otio", ".edl": "edl", ".xml": "fcpxml", ".aaf": "aaf"}
+REVIEW_STATUSES = ("pending", "approved", "rejected", "needs-changes")
+
+
+@app.command()
+def timeline(
+    storyboard_id: Annotated[str, typer.Argument(help="The storyboard (`sb_…`).")],
+    path: Annotated[Path, typer.Argument(help="The edited timeline: .otio, .edl, .xml (FCP 7) or .aaf.")],
+    rate: Annotated[int | None, typer.Option(help="The rate an EDL counts at (default: the cut's).")] = None,
+    server: ServerOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Read an edited timeline exported from the board's cut back: its clip order, takes and trims become
+    the board's (all or nothing); prints the new order with each shot's take and trim."""
+    fmt = TIMELINE_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise CliError(f"{path.name}: a timeline is a .otio, .edl, .xml (FCP 7) or .aaf file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CliError(f"cannot read {path}: {error.strerror}") from None
+    applied = api_call(client_for(server, api_key).put_timeline, storyboard_id, data, fmt, rate=rate)
+    out = Console()
+    for shot in applied["order"]:
+        trim = applied["trims"].get(str(shot))
+        kept = f"frames {trim['start']}+{trim['num_frames']} at {trim['fps']} fps" if trim else "whole take"
+        out.print(f"{shot}\t{applied['takes'].get(str(shot), '-')}\t{kept}", highlight=False)
+    if applied["dropped"]:
+        out.print(f"dropped shots: {', '.join(str(shot) for shot in applied['dropped'])}", highlight=False)
+
+
+@app.command()
+def review(
+    video_id: Annotated[str, typer.Argument(help="The take (`vid_…`).")],
+    status: Annotated[
+        str | None, typer.Option(help="Set its status: pending, approved, rejected or needs-changes.")
+    ] = None,
+    note: Annotated[str | None, typer.Option(help="Add a note (as this API key's name).")] = None,
+    frame: Annotated[int | None, typer.Option(help="The note's frame, at the take's own rate.")] = None,
+    server: ServerOption = DEFAULT_SERVER,
+    api_key: ApiKeyOption = None,
+) -> None:
+    """A take's review: set its status and/or add a note, then print its status and notes."""
+    if status is not None and status not in REVIEW_STATUSES:
+        raise CliError(f"`--status` is one of {', '.join(REVIEW_STATUSES)}, not {status!r}")
+    if frame is not None and note is None:
+        raise CliError("`--frame` goes with `--note`")
+    client = client_for(server, api_key)
+    if status is not None:
+        api_call(client.set_review, video_id, status)
+    if note is not None:
+        api_call(client.add_note, video_id, note, frame=frame)
+    current = api_call(client.get_review, video_id)
+    out = Console()
+    by = f" by {current['review_by']}" if current["review_by"] else ""
+    out.print(f"{video_id} {current['status']}{by}", highlight=False)
+    for item in api_call(client.notes, video_id):
+        at = f" @{item['frame']}" if item["frame"] is not None else ""
+        out.print(f"  {item['author']}{at}: {item['text']}", highlight=False)
 
 
 @app.command("delete-storyboard")

@@ -103,8 +103,16 @@ def generate(
         bool, typer.Option(help="Run cond and uncond rows on two halves of the processes (x2).")
     ] = False,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the mp4.")] = Path("out.mp4"),
+    image: Annotated[
+        Path | None,
+        typer.Option(help="The shot's first frame (a storyboard panel) for an I2V model (tiny-i2v, ...)."),
+    ] = None,
+    last_image: Annotated[
+        Path | None,
+        typer.Option(help="Its last frame too (experimental: Wan2.2 I2V was not trained for it)."),
+    ] = None,
 ) -> None:
-    """Generate one clip in this process and write it as an mp4."""
+    """Generate one clip in this process and write it as an mp4 (from `--image` with an I2V model)."""
     from pipeline.denoise.parallel import ParallelDegree
     from pipeline.finish import ClipFinish
     from pipeline.interpolate import CONFORM_RATES
@@ -172,6 +180,7 @@ def generate(
         raise CliError(f"`--output` must end in .mp4 but is {str(output)!r}.")
     if sr_weights is not None and not sr_weights.is_file():
         raise CliError(f"`--sr-weights` {str(sr_weights)!r} is not a file.")
+    keyframes = _read_keyframes(image, last_image, request.size)
     output.parent.mkdir(parents=True, exist_ok=True)
     _run_generate(
         request,
@@ -184,7 +193,34 @@ def generate(
         degree=degree,
         draft_lora=draft_lora,
         fast_weights=fast_weights if draft_decoder == "fast" else None,
+        keyframes=keyframes,
     )
+
+
+def _read_keyframes(first: Path | None, last: Path | None, size: tuple[int, int]):
+    """The keyframes of `--image` (and `--last-image`), fitted to the clip's size by the cluster's rule
+    (serve.jobs.keyframes.fit_to_size: cover, then centre-crop); None without `--image`."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from pipeline.vae_encode import Keyframes
+    from serve.jobs.keyframes import fit_to_size
+
+    if first is None:
+        if last is not None:
+            raise CliError("`--last-image` needs `--image` (the first frame).")
+        return None
+    images = []
+    for flag, path in (("--image", first), ("--last-image", last)):
+        if path is None:
+            images.append(None)
+            continue
+        try:
+            with Image.open(path) as opened:
+                images.append(np.asarray(fit_to_size(opened, *size)))
+        except (OSError, UnidentifiedImageError) as error:
+            raise CliError(f"`{flag}` {str(path)!r} is not an image: {error}") from None
+    return Keyframes(first=images[0], last=images[1])
 
 
 def _read_lut(path: Path) -> Lut:
@@ -211,6 +247,7 @@ def _run_generate(
     degree,
     draft_lora: str | None = None,
     fast_weights: str | None = None,
+    keyframes=None,
 ) -> None:
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -251,6 +288,12 @@ def _run_generate(
             except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
                 raise CliError(f"`--fast-weights`: {error}") from None
     problem = request_shape_problem(components, request, degree)
+    if problem is None and (keyframes is not None) != (components.task == "i2v"):
+        problem = (
+            f"model {model} is image-to-video: give `--image`"
+            if components.task == "i2v"
+            else f"`--image` needs an image-to-video model (tiny-i2v, a Wan2.2 I2V folder), not {model}"
+        )
     if problem is not None:  # before any rank starts
         raise CliError(problem)
     with ExitStack() as stack:
@@ -269,15 +312,16 @@ def _run_generate(
         except (ValueError, FileNotFoundError, ShardGroupError) as error:
             raise CliError(str(error)) from None
         try:
-            result = _run_stages(pipeline, request, output, finish)
+            result = _run_stages(pipeline, request, output, finish, keyframes)
         except (ShardGroupError, ContentBlocked, SafetyCheckError) as error:
             raise CliError(str(error)) from None  # a blocked clip is not written
     _print_result(result)
 
 
-def _run_stages(pipeline, request, output: Path, finish: FinishOptions):
-    from pipeline.local import STAGES
+def _run_stages(pipeline, request, output: Path, finish: FinishOptions, keyframes=None):
+    from pipeline.local import I2V_STAGES, STAGES
 
+    stages = I2V_STAGES if keyframes is not None else STAGES  # an I2V clip shows its keyframe encode too
     steps = pipeline.steps_per_expert(request)
     progress = Progress(
         TextColumn("{task.description:<28}"),
@@ -287,7 +331,7 @@ def _run_stages(pipeline, request, output: Path, finish: FinishOptions):
         console=console,
     )
     totals = {"denoise_high": steps["high"], "denoise_low": steps["low"]}
-    tasks = {stage: progress.add_task(STAGE_LABELS[stage], total=totals.get(stage, 1)) for stage in STAGES}
+    tasks = {stage: progress.add_task(STAGE_LABELS[stage], total=totals.get(stage, 1)) for stage in stages}
 
     def on_progress(stage: str, done: int, total: int) -> None:
         progress.update(tasks[stage], completed=done, total=total)
@@ -298,14 +342,15 @@ def _run_stages(pipeline, request, output: Path, finish: FinishOptions):
             output,
             finish=finish,
             progress=on_progress,
+            keyframes=keyframes,
         )
-        for stage in STAGES:  # stages with nothing to do (no upscale, zero low steps) still show as done
+        for stage in stages:  # stages with nothing to do (no upscale, zero low steps) still show as done
             progress.update(tasks[stage], completed=progress.tasks[tasks[stage]].total)
     return result
 
 
 def _print_result(result) -> None:
-    from pipeline.local import STAGES
+    from pipeline.local import I2V_STAGES, STAGES
 
     out = Console()
     out.print(
@@ -315,7 +360,7 @@ def _print_result(result) -> None:
     table = Table()
     table.add_column("stage")
     table.add_column("seconds", justify="right")
-    for stage in STAGES:
+    for stage in I2V_STAGES if "encode_image" in result.stage_seconds else STAGES:
         table.add_row(STAGE_LABELS[stage], f"{result.stage_seconds.get(stage, 0.0):.2f}")
     table.add_row("total", f"{sum(result.stage_seconds.values()):.2f}", style="bold")
     out.print(table)

@@ -2,8 +2,9 @@
 becomes its shot's selected take, and each clip's range becomes its shot's trim.
 
 Clips are matched by the take id every export writes (OTIO metadata, the EDL locator, the FCP XML clip
-comment: serve.editorial.timeline.take_ids), never by names an editor may change. A clip is unmatched
-when it carries no take id, or one that is no live take of this board; a shot used twice is refused too.
+comment, the AAF mob comment: serve.editorial.timeline.take_id), never by names an editor may change. A
+clip is unmatched when it carries no take id, or one that is no live take of this board; a shot used
+twice is refused too.
 `apply_timeline` is pure: it answers the new edit, or raises TimelineRefused naming every clip it could
 not use, and the caller stores the edit in one write (nothing is half-applied).
 
@@ -16,7 +17,9 @@ replaced.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import opentimelineio as otio
@@ -25,8 +28,8 @@ from serve.editorial.timeline import at_rate, take_id
 from serve.jobs import JobRecord
 from serve.jobs.storyboard import CutClip, CutRecord, ShotTrim, StoryboardEdit, StoryboardRecord
 
-ReadFormat = Literal["otio", "edl", "fcpxml"]
-READERS: dict[ReadFormat, str] = {"otio": "otio_json", "edl": "cmx_3600", "fcpxml": "fcp_xml"}
+ReadFormat = Literal["otio", "edl", "fcpxml", "aaf"]
+READERS: dict[ReadFormat, str] = {"otio": "otio_json", "edl": "cmx_3600", "fcpxml": "fcp_xml", "aaf": "AAF"}
 
 
 class UnreadableTimeline(ValueError):
@@ -77,9 +80,13 @@ def read_timeline(data: bytes, fmt: ReadFormat, rate: int) -> EditedTimeline:
     """The clips of the first video track of a timeline in `fmt` (EDL counts at `rate`; OTIO and FCP XML
     carry their own, the first clip's counts)."""
     try:
-        text = data.decode("utf-8")
-        options = {"rate": rate} if fmt == "edl" else {}
-        timeline = otio.adapters.read_from_string(text, adapter_name=READERS[fmt], **options)
+        if fmt == "aaf":
+            timeline = _read_aaf(data)
+        else:
+            options = {"rate": rate} if fmt == "edl" else {}
+            timeline = otio.adapters.read_from_string(
+                data.decode("utf-8"), adapter_name=READERS[fmt], **options
+            )
     except Exception as error:  # the adapters raise anything from ValueError to their own parse errors
         raise UnreadableTimeline(f"the body is no {fmt} timeline: {str(error)[:300]}") from None
     if not isinstance(timeline, otio.schema.Timeline):
@@ -103,6 +110,13 @@ def read_timeline(data: bytes, fmt: ReadFormat, rate: int) -> EditedTimeline:
             )
         )
     return EditedTimeline(rate=rate, clips=edited)
+
+
+def _read_aaf(data: bytes) -> otio.schema.Timeline:
+    with tempfile.TemporaryDirectory(prefix="previz-aaf-") as scratch:  # pyaaf2 reads files only
+        path = Path(scratch) / "timeline.aaf"
+        path.write_bytes(data)
+        return otio.adapters.read_from_file(str(path), adapter_name=READERS["aaf"])
 
 
 def apply_timeline(

@@ -32,6 +32,7 @@ from serve.storage import ArtifactStore
 
 TimelineFormat = Literal["otio", "edl", "fcpxml", "aaf"]
 SMPTE_RATES = (24, 25)  # of the rates a cut may have, those SMPTE timecode counts in
+AAF_TAKE = "Previz Take"  # the AAF master mob comment that holds the take id
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,7 @@ def clip_metadata(clip: CutClip, review: ClipReview | None) -> dict:
         },
         "fcp_xml": {"comments": {"clipcommenta": take_tag(clip.video_id), "clipcommentb": review_line}},
         "cmx_3600": {"comments": [review_line, *(" ".join(line.split()) for line in note_lines)]},
-        "AAF": {"UserComments": {"Previz Take": clip.video_id, "Previz Review": status}},
+        "AAF": {"UserComments": {AAF_TAKE: clip.video_id, "Previz Review": status}},
     }
 
 
@@ -182,8 +183,10 @@ def take_ids(timeline: otio.schema.Timeline) -> list[str | None]:
 
 
 def take_id(clip: otio.schema.Clip) -> str | None:
-    """The take id a clip carries: its OTIO metadata, else an EDL locator or FCP XML clip comment."""
+    """The take id a clip carries: its OTIO metadata or AAF mob comment, else an EDL locator or FCP XML clip
+    comment."""
     video_id = dict(clip.metadata.get("previz", {})).get("take_id")
+    video_id = video_id or dict(dict(clip.metadata.get("AAF", {})).get("UserComments", {})).get(AAF_TAKE)
     if video_id is not None:
         return str(video_id)
     comments = dict(dict(clip.metadata.get("fcp_xml", {})).get("comments", {}))

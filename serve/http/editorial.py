@@ -38,6 +38,14 @@ class StoryboardUpdate(BaseModel):
         "the choice (the cut then uses the shot's first completed take).",
     )
 
+    trims: dict[ShotKey, None] = Field(
+        default_factory=dict,
+        max_length=MAX_SHOTS,
+        json_schema_extra={"additionalProperties": False},
+        description='Shot index -> null clears its trim ({"2": null}): the cut then uses the whole take '
+        "(trims are set by PUT /v1/storyboards/{id}/timeline).",
+    )
+
     @field_validator("order")
     @classmethod
     def _each_shot_once(cls, order: list[int] | None) -> list[int] | None:
@@ -145,7 +153,7 @@ class TimelineApplied(BaseModel):
     """What an edited timeline changed on its board."""
 
     storyboard_id: str
-    format: Literal["otio", "edl", "fcpxml"]
+    format: Literal["otio", "edl", "fcpxml", "aaf"]
     rate: int = Field(description="The rate the timeline's clips counted at.")
     order: list[int] = Field(description="The board's shot order now (the timeline's clips, in order).")
     takes: dict[str, str] = Field(description="Shot index -> its selected take now.")

@@ -41,6 +41,7 @@ from serve.http.schemas import (
 from serve.jobs.models import Priority
 from serve.jobs.request import FrameRate
 from serve.jobs.reviews import ReviewStatus
+from serve.jobs.storyboard import ShotTrim
 from serve.numbers import WholeNumber
 
 MAX_SHOTS = 100
@@ -375,6 +376,9 @@ class StoryboardShotState(BaseModel):
         description="The index of the shot this one continues (`continue`): its takes start from that "
         "shot's take's last frame; null: a shot of its own.",
     )
+    trim: ShotTrim | None = Field(
+        None, description="The part of its take the cut uses (an edited timeline read back); null: all of it."
+    )
 
 
 class Storyboard(BaseModel):
@@ -396,8 +400,9 @@ class Storyboard(BaseModel):
     order: list[int] = Field(description="Shot indices in cut order (PATCH sets it; default the board's).")
     cut_url: str | None = Field(
         None,
-        description="The last rendered cut, once there is one; null again once a take of it was deleted "
-        "(the cut is then stale, its files gone) or the cut was deleted.",
+        description="The board's cut: once one is rendered, or while one is queued or rendering; null "
+        "again once a take of the rendered cut was deleted (the cut is then stale, its files gone) or the "
+        "cut was deleted.",
     )
 
 

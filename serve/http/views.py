@@ -146,6 +146,8 @@ def storyboard_view(
     takes = record.edit.takes if record.edit is not None else {}
     for key, video_id in takes.items():
         shots[int(key)].selected_video_id = video_id
+    for key, trim in (record.edit.trims if record.edit is not None else {}).items():
+        shots[int(key)].trim = trim
     states = [video.status for shot in shots for video in shot.videos]
     return Storyboard(
         id=record.id,

@@ -78,6 +78,8 @@ async def update_storyboard(
             )
         takes[key] = video_id
     edit.takes = takes
+    for key in body.trims:  # only clearing: a trim is set by a timeline read back
+        edit.trims.pop(key, None)
     await asyncio.to_thread(state.store.update_storyboard, storyboard_id, edit=edit)
     return await storyboard_of(storyboard_id, state, caller)
 

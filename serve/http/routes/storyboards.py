@@ -274,7 +274,12 @@ async def get_storyboard(storyboard_id: str, state: StateDep, caller: CallerDep)
 
 async def storyboard_of(storyboard_id: str, state: IngressState, caller: Caller) -> Storyboard:
     record, jobs = await board_and_jobs(storyboard_id, state, caller)
-    return storyboard_view(record, jobs, await queue_waits(state, jobs))
+    view = storyboard_view(record, jobs, await queue_waits(state, jobs))
+    if view.cut_url is None:  # a first cut queued or rendering is followed at the same link
+        latest = await asyncio.to_thread(state.store.latest_cut, storyboard_id)
+        if latest is not None and not latest.is_finished:
+            view.cut_url = f"/v1/storyboards/{storyboard_id}/cut"
+    return view
 
 
 async def board_and_jobs(

@@ -1,6 +1,6 @@
 """A board's last cut as an editorial timeline, out (`GET /v1/storyboards/{id}/timeline`: OTIO, EDL, FCP
-XML, AAF, at the cut's rate or 24/25) and back (`PUT`: an edited OTIO, EDL or FCP XML updates the board's
-order, selected takes and trims in one write, or changes nothing)."""
+XML, AAF, at the cut's rate or 24/25) and back (`PUT`: an edited OTIO, EDL, FCP XML or AAF updates the
+board's order, selected takes and trims in one write, or changes nothing)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ TIMELINE_CONTENT = {
 # the one text policy like every JSON body.
 EDITED_TIMELINE_BODY = {
     "required": True,
-    "description": "The edited timeline file as it is (OTIO JSON, CMX 3600 EDL or FCP 7 XML).",
+    "description": "The edited timeline file as it is (OTIO JSON, CMX 3600 EDL, FCP 7 XML or AAF).",
     "content": {
         media: {"schema": {"type": "string"}}
         for media in ("text/plain", "application/xml", "application/octet-stream")
@@ -155,7 +155,9 @@ async def put_timeline(
     request: Request,
     state: StateDep,
     caller: CallerDep,
-    format: Annotated[ReadFormat, Query(description="otio (JSON), edl (CMX 3600) or fcpxml (FCP 7 XML).")],
+    format: Annotated[
+        ReadFormat, Query(description="otio (JSON), edl (CMX 3600), fcpxml (FCP 7 XML) or aaf (Avid).")
+    ],
     rate: Annotated[
         int | None,
         Query(
