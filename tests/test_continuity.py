@@ -4,11 +4,13 @@ stages (tests.support.fake_stages, whose decoder stores each clip's last frame a
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from serve.editorial.cut import choose_takes
 from serve.jobs import JobRecord, JobStatus, JobStore
@@ -17,6 +19,7 @@ from serve.jobs.request import I2V_MODEL, SERVED_MODEL
 from serve.scheduling.continuity import release_chained
 from tests.support.api_app import TINY, LocalApi, finish, local_api
 from tests.support.fake_stages import FakeStages, run, scheduler_args, start, stop, wait_for
+from tests.test_images import encoded
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
@@ -150,3 +153,13 @@ def test_a_bad_chain_is_a_400_and_nothing_is_created(
     error = response.json()["error"]
     assert (response.status_code, error["code"], error["param"]) == (400, code, param)
     assert api.store.list(limit=10) == [] and api.store.list_storyboards("default") == []
+
+
+def test_a_boards_stored_body_keeps_no_panel_bytes(api: LocalApi) -> None:
+    url = "data:image/png;base64," + base64.b64encode(encoded(Image.new("RGB", (32, 32), (9, 9, 9)))).decode()
+    shots = [{"prompt": "a", **TINY, "keyframes": {"first": url}}]
+    board = api.client.post("/v1/storyboards", json={"shots": shots})
+    assert board.status_code == 201, board.text
+    stored = api.store.get_storyboard(board.json()["id"]).request.body
+    assert stored["shots"][0]["keyframes"]["first"].startswith("sha256:")
+    assert board.json()["shots"][0]["videos"][0]["keyframe"] == "image"

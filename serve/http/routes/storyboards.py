@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+import hashlib
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
@@ -84,7 +85,7 @@ async def create_storyboard(
             for shot, continues in zip(body.shots, chain, strict=True)
         ],
         fps=body.fps,
-        body=body.model_dump(mode="json"),
+        body=without_images(body.model_dump(mode="json")),
     )
     board = BoardDraft(id=new_storyboard_id(), title=body.title, request=stored)
     callback_url = str(body.callback_url) if body.callback_url else None
@@ -123,6 +124,17 @@ async def create_storyboard(
     return JSONResponse(
         view.model_dump(mode="json"), status_code=201 if admitted.created else 200, headers=headers
     )
+
+
+def without_images(body: dict[str, Any]) -> dict[str, Any]:
+    """The board's body as kept with it: each panel's data URL replaced by its SHA-256 (the images are stored
+    with the jobs; a board row must not hold megabytes of base64)."""
+    for shot in body.get("shots", []):
+        keyframes = shot.get("keyframes") or {}
+        for which, value in keyframes.items():
+            if isinstance(value, str):
+                keyframes[which] = "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+    return body
 
 
 def chain_of(body: StoryboardCreate) -> list[int | None]:
