@@ -163,3 +163,34 @@ def test_a_boards_stored_body_keeps_no_panel_bytes(api: LocalApi) -> None:
     stored = api.store.get_storyboard(board.json()["id"]).request.body
     assert stored["shots"][0]["keyframes"]["first"].startswith("sha256:")
     assert board.json()["shots"][0]["videos"][0]["keyframe"] == "image"
+
+
+def test_a_remix_with_rechain_starts_from_the_shot_it_continues_as_it_is_now(api: LocalApi) -> None:
+    shots = [{"prompt": "a", **TINY}, {"prompt": "b", **TINY, "continue": "previous"}]
+    board = api.client.post("/v1/storyboards", json={"shots": shots, "variants": {"seeds": 2}}).json()
+    first_takes = [video["video_id"] for video in board["shots"][0]["videos"]]
+    chained = board["shots"][1]["videos"][0]["video_id"]
+    frames = {}
+    for shade, take in enumerate(first_takes):
+        finish(api, take)
+        frames[take] = np.full((64, 96, 3), 30 + 40 * shade, np.uint8)
+        save_last_frame(api.state.artifacts, "default", take, frames[take])
+        if shade == 0:
+            assert run_release(api) == 2  # both chained takes start from the first completed take
+    assert api.store.get(chained).request.keyframes.first.video == first_takes[0]
+    # the editor prefers the other take now: nothing re-runs, until a remix asks to re-chain
+    api.client.patch(f"/v1/storyboards/{board['id']}", json={"takes": {"0": first_takes[1]}})
+    assert run_release(api) == 0
+    plain = api.client.post(f"/v1/videos/{chained}/remix", json={"prompt": "b again"}).json()
+    assert api.store.get(plain["id"]).request.keyframes.first.video == first_takes[0]
+    remix = api.client.post(f"/v1/videos/{chained}/remix", json={"prompt": "b, re-chained", "rechain": True})
+    assert remix.status_code == 201, remix.text
+    assert api.store.get(remix.json()["id"]).continues_shot == 0
+    assert run_release(api) == 1
+    released = api.store.get(remix.json()["id"])
+    assert released.request.keyframes.first.video == first_takes[1]
+    np.testing.assert_array_equal(
+        load_keyframes(api.state.artifacts, "default", released.id)[0], frames[first_takes[1]]
+    )
+    refused = api.client.post(f"/v1/videos/{first_takes[0]}/remix", json={"prompt": "x", "rechain": True})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_continue"

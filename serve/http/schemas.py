@@ -316,6 +316,12 @@ class VideoRemix(BaseModel):
     labels: dict[LabelKey, LabelValue] | None = Field(
         None, max_length=MAX_LABELS, description="Default: the source's labels."
     )
+    rechain: StrictBool = Field(
+        False,
+        description="A chained shot's take only (`continue`): start from the shot it continues as it is "
+        "now (its selected take, else its first completed one), waiting for it if need be, instead of "
+        "the frame the source started from. Changing a selection alone re-runs nothing.",
+    )
 
 
 class VideoPromote(BaseModel):

@@ -346,6 +346,20 @@ async def remix_video(
     a new take of the same shot on that board."""
     source = await job_or_404(video_id, state, caller)
     settings = await project_settings(state.store, source.project)
+    keyframes = await asyncio.to_thread(stored_keyframe_inputs, state.artifacts, source)
+    continues = None
+    if body.rechain:
+        first = source.request.keyframes.first if source.request.keyframes is not None else None
+        if first is None or first.kind != "continue" or source.storyboard_id is None:
+            raise ApiError(
+                400,
+                "invalid_continue",
+                f"video {source.id} does not continue another shot; `rechain` is for a chained shot's take",
+                "rechain",
+            )
+        continues = first.shot  # waits for that shot's take as it is now, like the board's first takes
+        last = keyframes.last if keyframes is not None else None
+        keyframes = KeyframeInputs(last=last) if last is not None else None
     draft = VideoDraft(
         settings=remix_settings(source.request, body.prompt, body.shot, settings.burn_label),
         priority=body.priority or source.priority,
@@ -354,7 +368,8 @@ async def remix_video(
         storyboard=await remix_place(state, source),
         remixed_from=source.id,
         model=source.request.model,
-        keyframes=await asyncio.to_thread(stored_keyframe_inputs, state.artifacts, source),
+        keyframes=keyframes,
+        continues=continues,
     )
     admitted = await admit(
         state,
