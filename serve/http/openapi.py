@@ -111,7 +111,19 @@ FIELD_SCHEMAS: dict[str, dict[str, Any]] = {
     "seed": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_SEED}, {"type": "null"}]},
     "input_reference": {
         "anyOf": [
-            {"$ref": "#/components/schemas/ImageReference"},
+            # OpenAI's ImageInputReferenceParam with exactly one of its two fields
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["image_url"],
+                "properties": {"image_url": {"type": "string", "description": "A base64 data URL."}},
+            },
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["file_id"],
+                "properties": {"file_id": {"type": "string", "description": "A video id: its last frame."}},
+            },
             {"enum": ["", None]},
         ]
     },
