@@ -19,6 +19,7 @@ from serve.jobs.request import I2V_MODEL, SERVED_MODEL
 from serve.scheduling.continuity import release_chained
 from tests.support.api_app import TINY, LocalApi, finish, local_api
 from tests.support.fake_stages import FakeStages, run, scheduler_args, start, stop, wait_for
+from tests.test_editorial_api import cut_of, finish_with_clip
 from tests.test_images import encoded
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
@@ -194,3 +195,21 @@ def test_a_remix_with_rechain_starts_from_the_shot_it_continues_as_it_is_now(api
     )
     refused = api.client.post(f"/v1/videos/{first_takes[0]}/remix", json={"prompt": "x", "rechain": True})
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_continue"
+
+
+def test_a_cut_of_a_chained_board_drops_the_repeated_first_frame(api: LocalApi) -> None:
+    shots = [
+        {"name": "1A", "prompt": "a", **TINY},
+        {"name": "1B", "prompt": "b", **TINY, "continue": "previous"},
+    ]
+    board = api.client.post("/v1/storyboards", json={"shots": shots}).json()
+    first, chained = (shot["videos"][0]["video_id"] for shot in board["shots"])
+    finish_with_clip(api, first, 40)
+    save_last_frame(api.state.artifacts, "default", first, np.full((64, 96, 3), 40, np.uint8))
+    assert run_release(api) == 1
+    finish_with_clip(api, chained, 80)
+    cut = cut_of(api, board["id"], {"fps": 16})
+    record = api.store.get_storyboard(board["id"]).cut
+    assert [clip.num_frames for clip in record.clips] == [9, 8]  # 9 frames each; the join's repeat dropped
+    assert [clip.content_start for clip in record.clips] == [0, 1]
+    assert record.num_frames == 17 and cut["status"] == "completed"
