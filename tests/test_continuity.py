@@ -57,6 +57,12 @@ def test_a_three_shot_chain_runs_in_order_and_each_starts_from_its_predecessors_
     assert [queued[shot].request.model for shot in range(3)] == [SERVED_MODEL, I2V_MODEL, I2V_MODEL]
     assert [queued[shot].continues_shot for shot in range(3)] == [None, 0, 1]
     assert [job.id for job in api.store.queued_candidates()] == [queued[0].id]  # the chained ones wait
+    waiting = api.client.get(f"/v1/videos/{queued[1].id}").json()
+    assert (waiting["status"], waiting["waiting_for"], waiting["queue_position"]) == (
+        "queued",
+        "continuity",
+        None,
+    )
     args, stages = scheduler_args(tmp_path, i2v={"model": "tiny-i2v"}), FakeStages()
 
     async def scenario() -> None:

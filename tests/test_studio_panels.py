@@ -99,6 +99,9 @@ def test_a_panel_dropped_on_a_shot_makes_an_i2v_take_shown_beside_its_takes(brow
         expect(rows.first.locator("img.shot-panel")).to_be_visible(timeout=20_000)
         expect(rows.first.locator("article.take .status").first).to_contain_text("Done", timeout=20_000)
         expect(rows.nth(1).locator("h2 .chain")).to_contain_text("continues Shot 1")
+        expect(rows.nth(1).locator("article.take .status").first).to_have_text(
+            "Waits for the shot it continues"
+        )
     finally:
         page.context.close()
 

@@ -59,7 +59,9 @@ async def event_stream(
             yield _sse(event.kind, _event_data(event), event.id)
         # while queued: its place in the job queue (counted in the store); while running: in its stage's
         position, eta_seconds = job.num_ahead_in_engine, job.eta_seconds
-        if job.status == JobStatus.QUEUED:
+        if job.continues_shot is not None:  # a chained take: no place in the queue until it is released
+            position, eta_seconds = None, None
+        elif job.status == JobStatus.QUEUED:
             if wait is None or loop.time() - counted_at >= QUEUE_RECOUNT_S:
                 wait, counted_at = await asyncio.to_thread(queue_wait, store, job, lanes), loop.time()
             position, eta_seconds = wait.num_ahead, wait.eta_seconds

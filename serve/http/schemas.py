@@ -385,7 +385,8 @@ class Video(BaseModel):
     waiting_for: str | None = Field(
         None,
         description="While in progress but waiting in a stage's queue: that stage (`denoising_high`, "
-        "`denoising_low`, `decoding`, `upscaling`), counted where the work waits; null otherwise.",
+        "`denoising_low`, `decoding`, `upscaling`), counted where the work waits; `continuity` while a "
+        "chained shot's take (queued) waits for the take of the shot it continues; null otherwise.",
     )
     seed: int
     steps: int

@@ -34,6 +34,7 @@ def video_view(job: JobRecord, wait: QueueWait | None = None, *, retention_days:
     elif job.status == JobStatus.CANCELLED:
         error = VideoError(code="cancelled", message="the video was cancelled")
     base = f"/v1/videos/{job.id}"
+    chained = job.continues_shot is not None  # a chained shot's take waits for its predecessor
     return Video(
         id=job.id,
         model=request.model,
@@ -50,7 +51,9 @@ def video_view(job: JobRecord, wait: QueueWait | None = None, *, retention_days:
         project=job.project,
         priority=job.priority,
         stage=job.stage,
-        queue_position=(wait.num_ahead if wait else None) if queued else job.num_ahead_in_engine,
+        queue_position=(
+            None if chained else (wait.num_ahead if wait else None) if queued else job.num_ahead_in_engine
+        ),
         waiting_for=job.waiting_for,
         seed=job.seed if job.seed is not None else resolved.seed,
         steps=resolved.steps,

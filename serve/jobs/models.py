@@ -193,7 +193,10 @@ class JobRecord:
     @property
     def waiting_for(self) -> str | None:
         """While running but waiting in a stage replica's queue (a denoiser engine, the decoder's or the
-        upscaler's line): that stage (`decoding`, ...); None otherwise."""
+        upscaler's line): that stage (`decoding`, ...); `continuity` while a chained shot's queued take waits
+        for the take of the shot it continues; None otherwise."""
+        if self.continues_shot is not None:
+            return "continuity"
         return self.status.name.lower() if self.num_ahead_in_engine is not None else None
 
     @property

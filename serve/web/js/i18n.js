@@ -296,6 +296,7 @@ const CATALOGUE = {
     "compose.continueHint": "Starts from the last frame of the previous shot's chosen take; waits until it is ready.",
     "board.panel": "Panel of {shot}",
     "board.continues": "continues {shot}",
+    "wait.continuity": "Waits for the shot it continues",
   },
   zh: {
     "nav.home": "首页",
@@ -590,6 +591,7 @@ const CATALOGUE = {
     "compose.continueHint": "从上一个镜头所选条目的最后一帧开始；等它完成后再生成。",
     "board.panel": "{shot} 的分镜图",
     "board.continues": "接续 {shot}",
+    "wait.continuity": "等待它所接续的镜头",
   },
 };
 
@@ -617,6 +619,7 @@ export function duration(seconds) {
 
 // Words for where a take is: its wait (where the work waits, with the number ahead), else its stage.
 export function whereItIs({ status, stage, waiting_for: waitingFor, queue_position: ahead }) {
+  if (status === "queued" && waitingFor === "continuity") return t("wait.continuity");
   if (status === "queued") {
     if (ahead === null || ahead === undefined) return t("state.queued"); // not counted: no place claimed
     return ahead ? t("wait.queued", { n: ahead }) : t("wait.queuedFirst");
