@@ -30,6 +30,8 @@ from serve.webhooks import open_job_store
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CONFIG = REPO / "deploy" / "local.yaml"
 ARTIFACT_BUCKET = "previz-test-artifacts"
+# the session app's I2V model (deploy/local.yaml): its experts' deployment and its keyframe encoder
+I2V_DEPLOYMENTS = ("I2VDenoiser", "I2VHighNoiseDenoiser", "I2VLowNoiseDenoiser", "VAEEncoder")
 
 
 @dataclass(slots=True)
@@ -177,11 +179,15 @@ def extra_app(
     and `deployments`), and delete it afterwards. The session app is left as it is (a config change of it
     would restart all its replicas), so a module that needs other settings (sharded experts, another
     layout or model) costs one more app for its own duration, not a second cluster. Each of its
-    deployments asks for 0.1 CPU so it fits beside the session app."""
+    deployments asks for 0.1 CPU so it fits beside the session app. It serves the T2V model only (the
+    session app's I2V deployments are not copied: two replicas fewer per module); `configure` may add
+    `i2v` back with its deployments."""
     session = cluster.config
     app = copy.deepcopy(session["applications"][0])
     app.update(name=name, route_prefix=f"/{name}")
     args = app["args"]
+    args.pop("i2v", None)
+    app["deployments"] = [entry for entry in app["deployments"] if entry["name"] not in I2V_DEPLOYMENTS]
     args["database_url"] = f"sqlite:///{workdir / f'{name}-jobs.db'}"
     args["storage"] = {**args["storage"], "s3_uri": args["storage"]["s3_uri"] + f"-{name}"}
     for entry in app["deployments"]:
