@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ray.serve._private.common import RequestMetadata
+from ray.serve.request_router import PendingRequest
 
 from pipeline.denoise.engine import EngineStats
-from serve.stages.router import LoadView, RoutingStats, choose, rendezvous_rank, replica_routing_stats
+from serve.stages.router import (
+    BucketAffinityRouter,
+    LoadView,
+    RoutingStats,
+    choose,
+    rendezvous_rank,
+    replica_routing_stats,
+)
 
 REPLICAS = ["r-a", "r-b", "r-c", "r-d"]
 BUCKETS = [
@@ -105,6 +118,33 @@ def test_calls_sent_since_a_report_count_until_the_next_one() -> None:
     assert view.loads(reports) == {"r-a": 1000.0, "r-b": 100.0}
     fresh = {"r-a": reports["r-a"], "r-b": RoutingStats(300, 3, 0.0, reported_at=102.0)}
     assert view.loads(fresh)["r-b"] == 300.0
+
+
+def test_a_burst_routed_before_serve_confirms_any_call_spreads_past_the_bound() -> None:
+    """Serve runs routing tasks concurrently and calls `on_request_routed` only once a replica accepted, so
+    the router counts a denoise call when it chooses it: 6 calls of one bucket chosen back to back, before
+    any replica reported, go 3 to the preferred replica, the 4th (over 1.25 x mean + a call) to the other,
+    then back while the preferred is within the bound (live, before: all 6 of a board on one replica).
+    `stats(bucket)` probes add no work."""
+
+    async def route(replicas: list[Any], method: str) -> str:
+        request = PendingRequest(
+            args=[], kwargs={"bucket": BUCKET}, metadata=RequestMetadata("r", "i", call_method=method)
+        )
+        return (await router.choose_replicas(replicas, request))[0][0].replica_id.unique_id
+
+    async def burst() -> tuple[list[str], list[str]]:
+        replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=r), routing_stats={}) for r in "ab"]
+        probes = [await route(replicas, "stats") for _ in range(4)]
+        return probes, [await route(replicas, "denoise") for _ in range(6)]
+
+    router = BucketAffinityRouter.__new__(BucketAffinityRouter)  # Serve's own state is not used here
+    router.initialize_state(load_factor=1.25)
+    probes, calls = asyncio.run(burst())
+    preferred, other = rendezvous_rank(BUCKET, ["a", "b"])
+    assert probes == [preferred] * 4
+    assert calls == [preferred, preferred, preferred, other, preferred, preferred]
+    assert router.decisions == {True: 9, False: 1}
 
 
 def test_a_replica_reports_both_experts_queued_work() -> None:

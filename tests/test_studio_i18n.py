@@ -108,6 +108,15 @@ def error_codes() -> set[str]:
     return found
 
 
+def failure_codes() -> set[str]:
+    """The codes a failed job or cut can carry (`store.fail(...)`, `store.fail_cut(...)`)."""
+    found: set[str] = set()
+    for path in (WEB.parent).rglob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        found |= set(re.findall(r'fail(?:_cut)?, (?:job|cut)\.id, (?:job|cut)\.attempt, "([a-z_]+)"', source))
+    return found
+
+
 def test_every_error_the_server_can_send_has_words_in_both_languages() -> None:
     # a refusal or a failure reaches the page in the page's language, never as the server's English or a token
     words = catalogues()["en"]
@@ -126,6 +135,7 @@ def test_every_error_the_server_can_send_has_words_in_both_languages() -> None:
         for code in codes
         if f"error.{code}" not in words and not (code in failures and f"failure.{code}" in words)
     )
+    failures |= failure_codes()
     assert not missing, missing
     assert {f"failure.{code}" for code in failures} <= words.keys()
     shipped = yaml.safe_load((WEB.parents[1] / "pipeline" / "safety_terms.yaml").read_text(encoding="utf-8"))

@@ -248,3 +248,40 @@ def test_the_board_follows_a_cut_as_it_renders_and_can_cancel_it(browser: Browse
         expect(region.locator("video")).to_have_attribute("src", re.compile(r"/v1/artifacts/.*\.mp4"))
     finally:
         page.context.close()
+
+
+def test_a_take_card_sets_its_review_and_adds_a_note_at_a_frame(browser: Browser, served) -> None:  # noqa: ANN001
+    api, url, made = served
+    page = open_page(browser, url, api, "en-US")
+    try:
+        sign_in(page, api, "API key", "Sign in")
+        expect(page.get_by_role("list", name="Recent videos")).to_be_visible()  # signed in: home shows
+        page.goto(f"{url}/studio/#/boards/{made['board']['id']}")
+        card = page.locator("section.shot-row").first.locator("article.take").first
+        status = card.get_by_label("Review status")
+        expect(status).to_have_value("pending")
+        status.select_option("needs-changes")
+        expect(card).to_have_attribute("data-review", "needs-changes")
+        video_id = made["ids"][0][0]
+        assert api.store.get(video_id).review == "needs-changes"
+        card.get_by_role("button", name="Notes").click()
+        card.get_by_label("New note").fill("the door opens too early")
+        card.get_by_label("Frame (optional)").fill("4")
+        card.get_by_role("button", name="Add note").click()
+        expect(card.get_by_role("list", name="Review notes").get_by_role("listitem")).to_have_text(
+            [re.compile(r"^frame 4 · .+: the door opens too early$")]
+        )
+        notes = api.client.get(f"/v1/videos/{video_id}/notes").json()["data"]
+        assert [(note["text"], note["frame"]) for note in notes] == [("the door opens too early", 4)]
+        card.get_by_label("Frame (optional)").fill("99")  # past the take's last frame: the server's words
+        card.get_by_label("New note").fill("too late")
+        card.get_by_role("button", name="Add note").click()
+        expect(card.locator(".review-box .error")).to_contain_text("not frame 99")  # English: its sentence
+        page.reload()
+        expect(
+            page.locator("section.shot-row").first.locator("article.take").first.get_by_label("Review status")
+        ).to_have_value("needs-changes")
+        assert_accessible(page, "board with review")
+    finally:
+        api.client.put(f"/v1/videos/{made['ids'][0][0]}/review", json={"status": "pending"})
+        page.context.close()

@@ -159,9 +159,9 @@ class CutRunner:
         raise RuntimeError(f"the render of cut {cut.id} ended without its cut")
 
     async def _drop_files_unless_served(self, cut: CutJob) -> None:
-        """Delete what the run stored, unless the cut is the board's (a late stale run never deletes a cut
-        that a newer run of the same cut recorded)."""
+        """Delete what this attempt stored, unless it is the board's cut (its files are named by attempt,
+        so a stale attempt's files go while the attempt that was recorded keeps its own)."""
         board = await asyncio.to_thread(self.store.get_storyboard, cut.storyboard_id)
-        if board is not None and board.cut is not None and board.cut.id == cut.id:
+        if board is not None and board.cut is not None and board.cut.key in cut.keys:
             return
         await asyncio.to_thread(delete_keys_or_leave_to_sweep, self.artifacts, cut.keys, f"cut {cut.id}")

@@ -11,9 +11,12 @@ so an idle deployment still gathers a bucket on one replica); otherwise the leas
 it. Priority stays in the engines: Serve's FIFO queue never holds the backlog (max_ongoing_requests is
 far above what the Scheduler keeps in flight).
 
-Reports arrive every `request_routing_stats_period_s`; calls this router sent after a replica's last
+Reports arrive every `request_routing_stats_period_s`; calls this router chose a replica for after its last
 report are added to it at the router's running estimate of a call's work, so a burst between two reports
-still spreads.
+still spreads. A call counts from the moment it is chosen, not from Serve's `on_request_routed`: Serve runs
+several routing tasks at once and calls that hook only once the replica has accepted, so a burst decided
+in between all saw the same loads (on the live cluster the 6 claims of a one-size board all met on one of
+2 replicas).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from pipeline.denoise.engine import EngineStats
 
@@ -166,17 +169,14 @@ class BucketAffinityRouter(RequestRouter):
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
         reports = {rid: RoutingStats.from_dict(replica.routing_stats or {}) for rid, replica in by_id.items()}
         choice = choose(str(bucket), self.view.loads(reports), self.view.call_work, self.load_factor)
+        # a denoise call adds work to its replica until that replica's next report, counted now (see the
+        # module docstring); a `stats(bucket)` call adds none. Serve may try a later tier when the first
+        # refuses (never below max_ongoing_requests): then this count is on the wrong replica for a second.
+        if pending_request.metadata.call_method == "denoise":
+            self.view.record(choice.tiers[0][0])
         self.decisions[choice.kept_affinity] += 1
         record_affinity(choice.kept_affinity)
         return [[by_id[rid] for rid in tier] for tier in choice.tiers if tier]
-
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        # a denoise call adds work until the replica's next report; a `stats(bucket)` call adds none
-        if (
-            pending_request.kwargs.get(BUCKET_KWARG) is not None
-            and pending_request.metadata.call_method == "denoise"
-        ):
-            self.view.record(replica_id.unique_id)
 
 
 def record_affinity(kept: bool) -> None:

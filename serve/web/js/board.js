@@ -483,6 +483,8 @@ function reviewBox(take) {
   });
   list.hidden = true;
   return h("div", { class: "review-box" }, h("p", { class: "actions" }, status, toggle), list, form, error);
+}
+
 // A take's state as the page shows it, from the board's view of it, a `status` event or the video itself.
 function stateOf(video) {
   return {
