@@ -307,7 +307,7 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str | None]] =
         "/v1/videos",
         {"data": {"prompt": "x"}, "files": {"input_reference": ("ref.png", b"png")}},
         400,
-        "unsupported",
+        "invalid_image",
         "input_reference",
     ),  # noqa: E501
     (
@@ -329,10 +329,10 @@ BAD_REQUESTS: list[tuple[str, str, str, dict[str, Any], int, str, str | None]] =
         "Idempotency-Key",
     ),  # noqa: E501
     (
-        "2 MB body",
+        "25 MB body",
         "POST",
         "/v1/videos",
-        {"json": {**GOOD, "prompt": "x" * (2 << 20)}},
+        {"json": {**GOOD, "prompt": "x" * (25 << 20)}},
         413,
         "request_too_large",
         None,

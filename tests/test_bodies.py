@@ -138,9 +138,9 @@ def test_each_route_enforces_its_own_limit_and_publishes_it(api: LocalApi) -> No
     small = api.client.post("/v1/prompts/compile", json={"prompt": padding})
     assert refusal(small) == (413, "request_too_large")
     assert "at most 262,144 bytes" in small.json()["error"]["message"]
-    create = api.client.post("/v1/videos", json={"prompt": "x" * (1100 << 10), **TINY})
+    create = api.client.post("/v1/videos", json={"prompt": "x" * (25 << 20), **TINY})
     assert refusal(create) == (413, "request_too_large")
-    assert "at most 1,048,576 bytes" in create.json()["error"]["message"]
+    assert "at most 25,165,824 bytes" in create.json()["error"]["message"]
     # 2 MiB passes the storyboard route's 4 MiB limit and is judged on its fields instead
     board = api.client.post("/v1/storyboards", json={**BOARD, "title": "x" * (2 << 20)})
     assert board.status_code == 400 and refusal(board)[1] != "request_too_large"
@@ -148,7 +148,7 @@ def test_each_route_enforces_its_own_limit_and_publishes_it(api: LocalApi) -> No
     board_body = paths["/v1/storyboards"]["post"]["requestBody"]
     assert board_body["content"]["application/yaml"]["x-max-body-bytes"] == 4 << 20
     assert paths["/v1/videos"]["post"]["requestBody"]["content"]["application/json"]["x-max-body-bytes"] == (
-        1 << 20
+        24 << 20
     )
     compile_body = paths["/v1/prompts/compile"]["post"]["requestBody"]
     assert compile_body["content"]["application/json"]["x-max-body-bytes"] == 256 << 10

@@ -12,7 +12,7 @@ WEB = Path(__file__).resolve().parents[1] / "serve" / "web"
 ENTRY = re.compile(r'^\s*"([\w.]+)":\s*"((?:[^"\\]|\\.)*)",\s*$')
 # words that stay as they are in Chinese: file formats and product names
 SAME_IN_BOTH = re.compile(
-    r"mp4|OTIO|EDL|FCP XML|Previz|pvz_|API|AI|GPU|LUT|JSON|YAML|previz submit --storyboard"
+    r"mp4|OTIO|EDL|FCP XML|Previz|pvz_|API|AI|GPU|LUT|JSON|YAML|PNG|JPEG|WebP|MB|previz submit --storyboard"
 )
 
 

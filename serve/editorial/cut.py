@@ -4,7 +4,9 @@ optional slates, written as one mp4 plus one mp4 per shot (what the timeline's c
 Which take a shot uses: the one the editor selected (`StoryboardEdit.takes`), else the shot's first
 completed variant. Which shots, in which order: `StoryboardEdit.order`, else every shot as on the board.
 Which part of the take: all of it, or its trim (`StoryboardEdit.trims`, set by an edited timeline read
-back), converted to the cut's rate and kept inside the take.
+back), converted to the cut's rate and kept inside the take. A chained shot's take (`continue`) that
+follows, in the cut, the very take it started from loses its first frame (conformed to the cut's rate),
+which repeats that take's last: the cut plays through the join without a held frame. A trim decides alone.
 `choose_takes` decides that when the cut is asked for (the Ingress), and the cut job stores it
 (serve.jobs.cuts.CutRequest); `render_cut` is the CPU work on finished clips (decode, resize, interpolate,
 encode) that the Finisher's replicas run for the Scheduler, about 8 s per 5 s shot on one core.
@@ -45,7 +47,7 @@ def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[CutTak
     for job in jobs:
         if job.request.storyboard is not None:
             by_shot.setdefault(job.request.storyboard.shot, []).append(job)
-    choices = []
+    choices: list[CutTake] = []
     for shot in record.shot_order:
         takes = sorted(by_shot.get(shot, []), key=take_number)
         selected = selected_takes.get(str(shot))
@@ -57,6 +59,13 @@ def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[CutTak
             raise CutNotReady(f"shot {shot} ({record.request.shot_name(shot)}): {which} is completed")
         job = completed[0]
         name = record.request.shot_name(shot)
+        first = job.request.keyframes.first if job.request.keyframes is not None else None
+        joins = (
+            first is not None
+            and first.kind == "continue"
+            and bool(choices)
+            and first.video == choices[-1].video_id
+        )
         choices.append(
             CutTake(
                 shot=shot,
@@ -65,6 +74,7 @@ def choose_takes(record: StoryboardRecord, jobs: list[JobRecord]) -> list[CutTak
                 take=take_number(job),
                 key=job.artifact_uri,
                 trim=trims.get(str(shot)),
+                joins_previous=joins,
             )
         )
     return choices
@@ -99,6 +109,8 @@ def render_cut(
                 frames = first if index == 0 else _take_frames(artifacts, choice.key, folder)
                 frames = conform(resize_frames(frames, width, height), fps, interpolator)
                 frames, content_start = trim_frames(frames, choice.trim)
+                if choice.joins_previous and choice.trim is None and frames.num_frames > 1:
+                    frames, content_start = Frames(pixels=frames.pixels[1:], fps=frames.fps), 1
                 num_slate = round(slate_seconds * fps) if slate_seconds else 0
                 clip_key = keys.clip(cut_id, index, choice.shot, attempt)
                 path = folder / f"clip-{index}.mp4"

@@ -4,8 +4,11 @@ rows are committed, in this order, and the one place that commits them.
     model -> project -> project settings -> label policy -> look (a project's LUT) -> quality tier (the
     project's default, else by priority), its step cache and LoRA adapters (this deployment's, the
     project's own or shared) -> typed request
-    (envelope, then the shape rules of sharded experts) -> content policy -> callback
-    -> fingerprint -> create (quotas checked inside the transaction) -> 429 on refusal -> wake -> replay
+    (envelope, then the shape rules of sharded experts) -> model by keyframes (an image without `model`
+    runs on the I2V model) -> keyframes (fitted, frame-checked) -> content policy -> callback
+    -> fingerprint -> keyframes stored under ids drawn now -> create (quotas checked inside the
+    transaction; the stored keyframes removed again if nothing was created) -> 429 on refusal -> wake
+    -> replay
 
 Each check raises the ApiError the client gets; nothing is written until every video of the create passed
 them all, so a refusal loses nothing and a storyboard is queued whole or not at all.
@@ -41,7 +44,14 @@ from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import PrevizArgs
 from serve.http.deps import IngressState, jobs_on_board
 from serve.http.errors import ApiError
-from serve.http.schemas import SERVED_MODEL_ALIASES, GenerationSettings, LoraUse, StepCache
+from serve.http.keyframes import CheckedKeyframes, KeyframeInputs, check_keyframes
+from serve.http.schemas import (
+    I2V_MODEL_ALIASES,
+    SERVED_MODEL_ALIASES,
+    GenerationSettings,
+    LoraUse,
+    StepCache,
+)
 from serve.jobs import (
     AlreadyPromoted,
     GpuQuotaExceeded,
@@ -50,19 +60,25 @@ from serve.jobs import (
     QueueFull,
     StoryboardRecord,
     StoryboardRequest,
+    new_job_id,
 )
+from serve.jobs.keyframes import PNG
 from serve.jobs.models import Priority
 from serve.jobs.projects import ProjectSettings
 from serve.jobs.request import (
+    I2V_MODEL,
     SERVED_MODEL,
     FinishSettings,
     JobRequest,
+    Keyframes,
+    KeyframeSource,
     LutRef,
     RequestSource,
     StoryboardPlace,
 )
 from serve.metrics import record_safety_block
 from serve.sharding import ShapeRules
+from serve.storage import JobArtifacts, StorageError
 
 logger = logging.getLogger("ray.serve")
 
@@ -85,6 +101,9 @@ class VideoDraft:
     # are used as they are, so a shot compiled by an older compiler version sends the same text again
     # instead of being compiled anew. (A remix always brings its own new prompt or shot.)
     repeats: JobRequest | None = None
+    model: str | None = None  # the model the client named (canonical name); None: chosen by the keyframes
+    keyframes: KeyframeInputs | None = None  # the images (or takes) it starts and may end from
+    continues: int | None = None  # a chained board shot: the shot whose take's last frame it starts from
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,15 +125,119 @@ class Admitted:
     jobs: tuple[JobRecord, ...] = ()  # a storyboard's promote: one final take per chosen draft
 
 
-def check_model(model: str) -> None:
-    if model.lower() not in SERVED_MODEL_ALIASES:
+def check_model(model: str, param: str = "model") -> str:
+    """The canonical name of a served model the client named (an alias, any case); 400 otherwise."""
+    if model.lower() in SERVED_MODEL_ALIASES:
+        return SERVED_MODEL
+    if model.lower() in I2V_MODEL_ALIASES:
+        return I2V_MODEL
+    raise ApiError(
+        400,
+        "unknown_model",
+        f"Previz serves {SERVED_MODEL} and {I2V_MODEL}; `model` must name one of them (or be omitted) "
+        f"but is {model!r}",
+        param,
+    )
+
+
+def choose_model(draft: VideoDraft, model_param: str = "model") -> str:
+    """The model a draft runs on: the one named, else I2V with keyframes and T2V without. Keyframes on the
+    text-to-video model are 400 `keyframes_not_supported`; the I2V model without one `keyframe_required`."""
+    given = draft.keyframes.items() if draft.keyframes is not None else []
+    has_keyframes = bool(given) or draft.continues is not None
+    if draft.model is None:
+        return I2V_MODEL if has_keyframes else SERVED_MODEL
+    if draft.model == SERVED_MODEL and has_keyframes:
         raise ApiError(
             400,
-            "unknown_model",
-            f"Previz serves {SERVED_MODEL} only; `model` must be {SERVED_MODEL!r} (or omitted) "
-            f"but is {model!r}",
-            "model",
+            "keyframes_not_supported",
+            f"{SERVED_MODEL} makes video from text only and cannot start from an image; omit `model` (an "
+            f"image selects {I2V_MODEL}) or name {I2V_MODEL!r}",
+            given[0][1].param if given else f"{draft.prefix}continue",
         )
+    if draft.model == I2V_MODEL and not has_keyframes:
+        raise ApiError(
+            400,
+            "keyframe_required",
+            f"{I2V_MODEL} starts from an image: give `input_reference` (or `keyframes.first`), or use "
+            f"{SERVED_MODEL} for text alone",
+            model_param,
+        )
+    return draft.model
+
+
+def model_of(state: IngressState, served: str, param: str = "model") -> ModelSpec:
+    """The sampling facts a request for the served model `served` is resolved with (the deployment's
+    `sampling`, or its `i2v.sampling`); 400 `model_not_served` for I2V on a deployment without it."""
+    if served != I2V_MODEL:
+        return state.model
+    if state.args.i2v is None:
+        raise ApiError(
+            400,
+            "model_not_served",
+            f"this deployment serves {SERVED_MODEL} only (no `i2v` in its config), so a shot cannot start "
+            "from an image here; send text alone",
+            param,
+        )
+    return state.args.i2v.sampling
+
+
+async def with_keyframes(
+    state: IngressState, project: str, draft: VideoDraft, request: JobRequest, served: str
+) -> tuple[JobRequest, CheckedKeyframes | None]:
+    """`request` on the model `served`, with its keyframes checked and fitted to the request's size."""
+    request = request.model_copy(update={"model": served})
+    if draft.keyframes is None or not draft.keyframes.items():
+        if draft.continues is None:
+            return request, None
+        waiting = Keyframes(first=KeyframeSource(kind="continue", shot=draft.continues))
+        return request.model_copy(update={"keyframes": waiting}), None
+    checked = await check_keyframes(
+        draft.keyframes,
+        project=project,
+        size=(request.resolved.width, request.resolved.height),
+        store=state.store,
+        artifacts=state.artifacts,
+        frame_check=state.frame_check,
+    )
+    keyframes = checked.keyframes
+    if draft.continues is not None:  # the first frame comes from the shot it continues, once it has one
+        keyframes = keyframes.model_copy(
+            update={"first": KeyframeSource(kind="continue", shot=draft.continues)}
+        )
+    return request.model_copy(update={"keyframes": keyframes}), checked
+
+
+async def store_keyframes(
+    state: IngressState, project: str, checked: list[CheckedKeyframes | None]
+) -> tuple[list[str | None], list[str]]:
+    """(per draft: the id drawn for its job, or None without keyframes; the keys written)."""
+    ids: list[str | None] = []
+    keys: list[str] = []
+    try:
+        for keyframes in checked:
+            if keyframes is None:
+                ids.append(None)
+                continue
+            job_id = new_job_id()
+            ids.append(job_id)
+            for which, data in keyframes.pngs.items():
+                key = JobArtifacts(project, job_id).keyframe(which)
+                await asyncio.to_thread(state.artifacts.put_bytes, key, data, PNG)
+                keys.append(key)
+    except StorageError as error:
+        await remove_keys(state, keys)
+        logger.exception("storing a create's keyframes failed")
+        raise ApiError(503, "storage_unavailable", f"the keyframes could not be stored: {error}") from None
+    return ids, keys
+
+
+async def remove_keys(state: IngressState, keys: list[str]) -> None:
+    for key in keys:
+        try:
+            await asyncio.to_thread(state.artifacts.delete, key)
+        except StorageError:
+            logger.exception("could not remove the keyframe %s of a create that was not made", key)
 
 
 async def admit(
@@ -136,6 +259,7 @@ async def admit(
     body_sha256 = fingerprint(body)
     looks = await project_looks(state.store, project, drafts)
     requests = []
+    checked: list[CheckedKeyframes | None] = []
     for draft in drafts:
         check_label(draft.settings.label, settings, f"{draft.prefix}label")
         check_callback(
@@ -143,9 +267,10 @@ async def admit(
         )
         quality = choose_quality(state.args, draft, settings)
         check_adapters(state.args, project, draft.settings.loras, draft.prefix)
+        served = choose_model(draft)
         request = job_request(
             draft,
-            state.model,
+            model_of(state, served, "model" if board or not draft.prefix else f"{draft.prefix}model"),
             body_sha256 if board is None else None,
             state.args.envelope,
             state.shapes,
@@ -153,9 +278,39 @@ async def admit(
             default_fps=settings.default_fps,
             lut=looks.get(draft.settings.look),
         )
+        request, keyframes = await with_keyframes(state, project, draft, request, served)
         await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
         requests.append(request)
+        checked.append(keyframes)
     bounds = queue_bounds(state.args, settings)
+    job_ids, keyframe_keys = await store_keyframes(state, project, checked)
+    try:
+        admitted = await create_jobs(
+            state, project, drafts, requests, job_ids, board, body_sha256, idempotency_key, bounds
+        )
+    except BaseException:
+        await remove_keys(state, keyframe_keys)
+        raise
+    if not admitted.created:  # a replay: the first create's jobs have their own keyframes
+        await remove_keys(state, keyframe_keys)
+    if admitted.created:
+        state.scheduler.wake.remote()
+    return admitted
+
+
+async def create_jobs(
+    state: IngressState,
+    project: str,
+    drafts: list[VideoDraft],
+    requests: list[JobRequest],
+    job_ids: list[str | None],
+    board: BoardDraft | None,
+    body_sha256: str,
+    idempotency_key: str | None,
+    bounds: dict[str, Any],
+) -> Admitted:
+    """The one transaction of a create (after every check passed): its job, its board and jobs, or a
+    board's promotions."""
     try:
         if board is None and len(drafts) > 1:  # a storyboard's promote: every take or none
             promotions = [
@@ -163,7 +318,7 @@ async def admit(
                 for draft, request in zip(drafts, requests, strict=True)
             ]
             created_jobs = await asyncio.to_thread(
-                state.store.create_promotions, project, promotions, **bounds
+                state.store.create_promotions, project, promotions, job_ids=job_ids, **bounds
             )
             admitted = Admitted(True, jobs=tuple(created_jobs))
         elif board is None:
@@ -177,6 +332,7 @@ async def admit(
                 labels=draft.labels,
                 storyboard_id=draft.storyboard.id if draft.storyboard is not None else None,
                 promotes=draft.promoted_from,
+                job_id=job_ids[0],
                 **bounds,
             )
             if not created:
@@ -195,6 +351,7 @@ async def admit(
                 board.request.model_copy(update={"body_sha256": body_sha256}),
                 videos,
                 idempotency_key=idempotency_key,
+                job_ids=job_ids,
                 **bounds,
             )
             if not created:
@@ -204,8 +361,6 @@ async def admit(
         raise refusal_error(refused) from None
     except AlreadyPromoted as promoted:
         raise ApiError(409, "already_promoted", f"{promoted}; promote a take once", "video_id") from None
-    if admitted.created:
-        state.scheduler.wake.remote()
     return admitted
 
 

@@ -12,7 +12,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray.serve.handle import DeploymentHandle
 
-from pipeline.safety import PromptPolicy
+from pipeline.safety import FrameCheck, PromptPolicy
 from pipeline.spec import ModelSpec
 from serve.auth import Caller
 from serve.config import PrevizArgs
@@ -48,6 +48,7 @@ class IngressState:
         local = isinstance(self.artifacts, LocalArtifactStore)
         self.signer: ArtifactSigner | None = self.artifacts.signer if local else None
         self.safety = PromptPolicy.from_settings(args.safety)
+        self.frame_check = FrameCheck.from_settings(args.safety)  # also shown every keyframe image
         self.callbacks = callback_policy(args.webhooks)
         self.shapes = ShapeRules(args.experts, args.model, model, args.model_cache_dir)
         # the image-to-video model's args (PrevizArgs.for_i2v) and shape rules; None: T2V only

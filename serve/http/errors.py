@@ -100,6 +100,20 @@ RULES_BEYOND_SCHEMA: dict[str, str] = {
     "reserved_look_name": "`none` and `film` are the built-in looks; a LUT needs another name",
     "invalid_shot": "a shot index beyond the storyboard's shots",
     "invalid_take": "a selected take that is not a video of that shot of the storyboard",
+    # keyframes (serve.http.images, serve.http.keyframes): nothing is stored when one is refused
+    "invalid_image": "a keyframe is not a PNG, JPEG or WebP image that decodes to the end",
+    "image_too_large": "a keyframe is over 8 MiB or 4096x4096 (16,777,216) pixels",
+    "decompression_bomb": "a keyframe's header declares more pixels than Pillow decodes (a bomb)",
+    "animated_image": "a keyframe has more than one frame (animated PNG or WebP); send one still image",
+    "invalid_data_url": "an image given as text is not a base64 `data:` URL",
+    "image_url_not_allowed": "an image given as an http(s) URL: Previz never fetches URLs; send the image",
+    "keyframes_not_supported": "keyframes or `input_reference` with `model` wan2.2-t2v-a14b (text only)",
+    "keyframe_required": "`model` wan2.2-i2v-a14b without an image to start from",
+    "model_not_served": "an image or `continue` on a deployment that serves no I2V model (`i2v` unset)",
+    "invalid_take_reference": "a keyframe's `video` (or `file_id`) names no video of the project",
+    "take_not_finished": "a keyframe's `video` names a take that has not completed (or kept no last frame)",
+    "invalid_continue": "a shot's `continue` on the first shot, naming no earlier shot, or with "
+    "`keyframes.first`",
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

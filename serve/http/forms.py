@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from dataclasses import dataclass
 from email import policy
 from email.parser import BytesParser
 from typing import Any
@@ -14,6 +15,19 @@ from urllib.parse import parse_qsl
 from fastapi import Request
 
 from serve.http.errors import ApiError
+
+
+@dataclass(frozen=True, slots=True)
+class UploadedFile:
+    """A multipart part that carried a file (a filename in its Content-Disposition): its bytes, for the one
+    field that takes a file (`input_reference`); the schema refuses one anywhere else."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+    def __repr__(self) -> str:  # never the bytes, in a log or an error message
+        return f"UploadedFile({self.filename!r}, {self.content_type!r}, {len(self.data)} bytes)"
 
 
 async def read_fields(request: Request) -> dict[str, Any]:
@@ -55,7 +69,7 @@ async def read_fields(request: Request) -> dict[str, Any]:
 # A form sends every value as text; these create fields are numbers or booleans (JSON must send them as such).
 FORM_INTEGERS = ("steps", "seed", "fps")
 FORM_NUMBERS = ("duration",)
-FORM_OBJECTS = ("shot", "labels", "cache")
+FORM_OBJECTS = ("shot", "labels", "cache", "keyframes")
 FORM_CACHE_INTEGERS = ("max_skip", "warmup_steps")  # `cache[max_skip]` etc. in a form
 # list fields of JSON objects: one part holding the list (the document's declared encoding), or one
 # object part per item (the field repeated)
@@ -167,7 +181,8 @@ def multipart_items(content_type: str, body: bytes) -> list[tuple[str, Any]]:
         if not isinstance(name, str) or not name:
             raise ApiError(400, "invalid_form", "a multipart part has no field name")
         if part.get_filename() is not None:
-            items.append((name, {"filename": part.get_filename()}))  # an upload: rejected by the schema
+            data = part.get_payload(decode=True) or b""
+            items.append((name, UploadedFile(part.get_filename(), part.get_content_type(), data)))
             continue
         payload = part.get_payload(decode=True) or b""
         try:

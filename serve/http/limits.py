@@ -51,7 +51,7 @@ logger = logging.getLogger("ray.serve")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 DEFAULT_BODY_BYTES = 256 << 10  # a remix, a promote, a board's edit, an admin change: a few KB each
 BODY_IDLE_TIMEOUT_S = 15.0  # no byte of the body for this long: the client stalled
-BODY_TOTAL_TIMEOUT_S = 120.0  # the largest body (4 MiB) at 0.3 Mbit/s
+BODY_TOTAL_TIMEOUT_S = 120.0  # a create with two keyframes (24 MiB) at 1.7 Mbit/s
 JSON_MEDIA = "application/json"
 FORM_MEDIA = ("multipart/form-data", "application/x-www-form-urlencoded")
 
@@ -71,14 +71,16 @@ class BodyLimit:
         return self.max_bytes.get(media_type, self.max_bytes[JSON_MEDIA])
 
 
-CREATE_BYTES = 1 << 20  # a create is a few KB; 1 MiB leaves room for long shot specs
+# a create is a few KB, plus its keyframes: two images of 8 MiB (serve.http.images) as base64 data URLs
+CREATE_BYTES = 24 << 20
 DOCUMENT_BYTES = 4 << 20  # the largest storyboard (100 shots of full fields) is under 2 MiB; a 33³ LUT ~1 MB
+BOARD_JSON_BYTES = 64 << 20  # a JSON storyboard may carry its panels as data URLs (about 20 of 2 MiB)
 BODY_LIMITS = (
     BodyLimit("POST", "/v1/videos", {JSON_MEDIA: CREATE_BYTES, **dict.fromkeys(FORM_MEDIA, CREATE_BYTES)}),
     BodyLimit(
         "POST",
         "/v1/storyboards",
-        {JSON_MEDIA: DOCUMENT_BYTES, **dict.fromkeys(YAML_MEDIA_TYPES, DOCUMENT_BYTES)},
+        {JSON_MEDIA: BOARD_JSON_BYTES, **dict.fromkeys(YAML_MEDIA_TYPES, DOCUMENT_BYTES)},
     ),
     BodyLimit("PUT", "/v1/admin/projects/{name}/luts/{look}", {JSON_MEDIA: DOCUMENT_BYTES}),
     # an edited timeline of a 100-shot board with its notes, well under 4 MiB (its AAF: 1.4 MB)

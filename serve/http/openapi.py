@@ -109,7 +109,24 @@ FIELD_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "steps": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_STEPS}, {"type": "null"}]},
     "seed": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_SEED}, {"type": "null"}]},
-    "input_reference": {"enum": ["", None]},
+    "input_reference": {
+        "anyOf": [
+            # OpenAI's ImageInputReferenceParam with exactly one of its two fields
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["image_url"],
+                "properties": {"image_url": {"type": "string", "description": "A base64 data URL."}},
+            },
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["file_id"],
+                "properties": {"file_id": {"type": "string", "description": "A video id: its last frame."}},
+            },
+            {"enum": ["", None]},
+        ]
+    },
 }
 SETTINGS_COMPONENTS = ("VideoCreate", "StoryboardShot", "GenerationSettings")
 BOARD_DEFAULTS_COMPONENT = "StoryboardCreate"  # the same fields as every shot's defaults (no prompt)

@@ -4,8 +4,11 @@ The video objects follow the OpenAI Videos API (`openai.types.Video`, `VideoCrea
 for field, so the official `openai` package works against Previz unchanged; studio extensions are extra
 fields next to them. Differences from OpenAI, on purpose:
 
-- `model` names the served model (`wan2.2-t2v-a14b`, aliases in SERVED_MODEL_ALIASES); any other name
-  (e.g. `sora-2`) is rejected with `unknown_model` rather than silently mapped.
+- `model` names a served model (`wan2.2-t2v-a14b`, aliases in SERVED_MODEL_ALIASES; `wan2.2-i2v-a14b`,
+  aliases in I2V_MODEL_ALIASES); any other name (e.g. `sora-2`) is rejected with `unknown_model` rather
+  than silently mapped. A create with an image and no `model` runs on the I2V model.
+- `input_reference` is an image (a multipart file, or `{"image_url": <data URL>}`) or `{"file_id": <video
+  id>}` (Previz has no Files API: the video's last frame); an http(s) URL is refused, never fetched.
 - `seconds` is any length from 0.25 to 10 s (string or number), default 5; `size` is any `WxH` in
   multiples of 16 (32–1920), default 832x480. Wan2.2's own sizes are 1280x720, 720x1280, 832x480, 480x832.
 - Status `cancelled` exists besides queued / in_progress / completed / failed.
@@ -49,7 +52,7 @@ from pipeline.video import DRAFT_LABEL
 from serve.auth import PROJECT_PATTERN
 from serve.jobs.models import Priority
 from serve.jobs.outbox import WebhookEvent
-from serve.jobs.request import SERVED_MODEL, FrameRate, Upscale
+from serve.jobs.request import I2V_MODEL, SERVED_MODEL, FrameRate, Upscale
 from serve.jobs.reviews import ReviewStatus
 from serve.numbers import WholeNumber, integral, whole_number
 
@@ -64,6 +67,7 @@ SERVED_MODEL_ALIASES = frozenset(
         "wan-ai/wan2.2-t2v-a14b-diffusers",
     }
 )
+I2V_MODEL_ALIASES = frozenset({I2V_MODEL, "wan-ai/wan2.2-i2v-a14b", "wan-ai/wan2.2-i2v-a14b-diffusers"})
 MAX_LABELS = 32
 # ASCII digits only (int() reads other scripts' too), no leading zeros
 _SIZE = re.compile(r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")
@@ -133,6 +137,47 @@ class StepCache(BaseModel):
     max_skip: CacheSteps = Field(2, description="Most steps skipped in a row.")
     warmup_steps: CacheSteps = Field(
         0, description="The first steps, always computed (MagCache's default keeps 10 of 40)."
+    )
+
+
+class TakeFrame(BaseModel):
+    """A keyframe taken from a take: the last decoded frame of a completed video of the project."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    video: str = Field(min_length=1, max_length=64, description="The completed video (`vid_…`).")
+
+
+KeyframeValue = Annotated[
+    StrictStr,
+    Field(description="An image as a base64 data URL (`data:image/png;base64,…`); http(s) URLs are refused."),
+]
+
+
+class KeyframesIn(BaseModel):
+    """Images the clip starts (and may end) from: each a data URL, or `{"video": id}` for that take's
+    last frame. Needs the I2V model (`wan2.2-i2v-a14b`, chosen when `model` is omitted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    first: KeyframeValue | TakeFrame | None = Field(None, description="The clip's first frame.")
+    last: KeyframeValue | TakeFrame | None = Field(
+        None,
+        description="The clip's last frame. Experimental: Wan2.2 I2V was not trained for first-and-last "
+        "frame shots.",
+    )
+
+
+class ImageReference(BaseModel):
+    """OpenAI's `input_reference` object: one of `image_url` or `file_id`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str | None = Field(
+        None, description="A base64 data URL of the image; an http(s) URL is refused (never fetched)."
+    )
+    file_id: str | None = Field(
+        None, description="A completed video of the project (Previz has no Files API): its last frame."
     )
 
 
@@ -209,6 +254,11 @@ class GenerationSettings(BaseModel):
         description="Delivered frame rate: 16 (the model's), or 24 / 25 conformed by motion interpolation "
         "after SR; default: the project's `default_fps`, else 16.",
     )
+    keyframes: KeyframesIn | None = Field(
+        None,
+        description="Images the clip starts (and may end) from, fitted to its size (scaled to cover, "
+        "centre-cropped); the I2V model only.",
+    )
 
     @field_validator("seconds")
     @classmethod
@@ -247,7 +297,12 @@ class VideoCreate(GenerationSettings):
         description="Called (a signed POST) when the video completes, fails or is cancelled; see "
         "`GET /v1/videos/{id}/webhooks`.",
     )
-    input_reference: str | None = Field(None, description="Not supported: Previz is text-to-video only.")
+    input_reference: ImageReference | None = Field(
+        None,
+        description="OpenAI's reference image: a multipart file, `{image_url: <data URL>}` or "
+        "`{file_id: <video id>}` (its last frame); the same as `keyframes.first`. PNG, JPEG or WebP, at "
+        "most 8 MiB and 4096x4096 pixels; an http(s) URL is refused (`image_url_not_allowed`).",
+    )
 
 
 class VideoRemix(BaseModel):
@@ -260,6 +315,12 @@ class VideoRemix(BaseModel):
     priority: Priority | None = Field(None, description="Default: the source's.")
     labels: dict[LabelKey, LabelValue] | None = Field(
         None, max_length=MAX_LABELS, description="Default: the source's labels."
+    )
+    rechain: StrictBool = Field(
+        False,
+        description="A chained shot's take only (`continue`): start from the shot it continues as it is "
+        "now (its selected take, else its first completed one), waiting for it if need be, instead of "
+        "the frame the source started from. Changing a selection alone re-runs nothing.",
     )
 
 
@@ -383,6 +444,20 @@ class VideoLinks(BaseModel):
     object: Literal["video.links"] = "video.links"
     video: str = Field(description="The mp4: S3 presigned, or this server's `/v1/artifacts/…` link.")
     thumbnail: str | None = Field(description="The JPEG poster frame; null when the video has none.")
+    expires_at: int = Field(description="Unix seconds after which the links are refused.")
+
+
+class VideoKeyframes(BaseModel):
+    """Signed, expiring links to the keyframe images a video starts (and ends) from, as stored: fitted to
+    the video's size. Null where it has none, or while a chained shot's take still waits for its frame."""
+
+    id: str
+    object: Literal["video.keyframes"] = "video.keyframes"
+    first: str | None = Field(description="The first frame's PNG.")
+    last: str | None = Field(description="The last frame's PNG (experimental first-and-last shots).")
+    first_from: str | None = Field(
+        description="The take whose last frame is the first keyframe (a `file_id`, `{video}` or `continue`)."
+    )
     expires_at: int = Field(description="Unix seconds after which the links are refused.")
 
 

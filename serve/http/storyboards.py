@@ -59,6 +59,15 @@ class StoryboardShot(GenerationSettings):
     labels: dict[LabelKey, LabelValue] = Field(
         default_factory=dict, max_length=MAX_LABELS, description="Labels of this shot's videos."
     )
+    continues: str | None = Field(
+        None,
+        alias="continue",
+        min_length=1,
+        max_length=64,
+        description="`previous`, or the name of an earlier shot: this shot's takes wait for that shot's "
+        "selected take (or its first completed one while none is selected) and start from its last "
+        "decoded frame, on the I2V model; a cut drops the repeated frame where they join.",
+    )
 
 
 class VariantPlan(BaseModel):
@@ -310,6 +319,11 @@ class StoryboardVideo(BaseModel):
     )
     review: ReviewStatus = Field("pending", description="The take's review status.")
     review_by: str | None = Field(None, description="Who set it last (the API key's name).")
+    keyframe: Literal["image", "take", "continue"] | None = Field(
+        None,
+        description="Where its first frame comes from: a panel `image`, a `take`'s last frame, or the shot "
+        "it `continue`s; null: text only. Links: `GET /v1/videos/{id}/keyframes`.",
+    )
 
 
 class StoryboardPromote(BaseModel):
@@ -356,6 +370,11 @@ class StoryboardShotState(BaseModel):
     videos: list[StoryboardVideo]
     selected_video_id: str | None = Field(
         None, description="The take the editor selected (PATCH); null: the cut uses the first completed one."
+    )
+    continues: int | None = Field(
+        None,
+        description="The index of the shot this one continues (`continue`): its takes start from that "
+        "shot's take's last frame; null: a shot of its own.",
     )
     trim: ShotTrim | None = Field(
         None, description="The part of its take the cut uses (an edited timeline read back); null: all of it."

@@ -92,6 +92,11 @@ def expiry(job: JobRecord, retention_days: int | None) -> datetime | None:
     return job.finished_at + timedelta(days=retention_days)
 
 
+def keyframe_kind(job: JobRecord) -> str | None:
+    keyframes = job.request.keyframes
+    return keyframes.first.kind if keyframes is not None and keyframes.first is not None else None
+
+
 def storyboard_view(
     record: StoryboardRecord, jobs: list[JobRecord], waits: dict[str, QueueWait] | None = None
 ) -> Storyboard:
@@ -99,7 +104,7 @@ def storyboard_view(
     wait of each of its queued jobs."""
     waits = waits or {}
     shots = [
-        StoryboardShotState(index=index, name=shot.name, prompt="", videos=[])
+        StoryboardShotState(index=index, name=shot.name, prompt="", videos=[], continues=shot.continues)
         for index, shot in enumerate(record.request.shots)
     ]
     counts: dict[str, int] = {}
@@ -135,6 +140,7 @@ def storyboard_view(
                 promoted_from_take=take_of.get(video.promoted_from) if video.promoted_from else None,
                 review=video.review,
                 review_by=video.review_by,
+                keyframe=keyframe_kind(job),
             )
         )
     takes = record.edit.takes if record.edit is not None else {}

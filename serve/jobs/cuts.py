@@ -54,6 +54,11 @@ class CutTake(BaseModel):
     trim: ShotTrim | None = Field(
         None, description="The part of the take used (the board's trim); None: all."
     )
+    joins_previous: bool = Field(
+        False,
+        description="The take continues the take before it in the cut (a chained shot started from its "
+        "last frame): the cut drops its first frame, which repeats that last frame.",
+    )
 
 
 class CutRequest(BaseModel):

@@ -62,10 +62,12 @@ class JobRepository:
         max_queued_per_project: int | None = None,
         gpu_seconds_per_day: float | None = None,
         promotes: str | None = None,
+        job_id: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Queue a new job and return `(job, True)`. With `promotes` (a draft's id), the draft's
         `promoted_to` is set to the new job in the same transaction; AlreadyPromoted, and nothing written,
-        when it was set already (two promotes of one take cannot both win).
+        when it was set already (two promotes of one take cannot both win). `job_id`: the id to use, drawn
+        beforehand with `new_job_id` (its keyframes are stored under it before the row exists).
 
         With an `idempotency_key` already used by this project, return `(existing job, False)` instead
         and write nothing (whatever the bounds say: a retried request is not a new job). Concurrent
@@ -86,7 +88,7 @@ class JobRepository:
             if bound is not None and bound < 0:
                 raise ValueError(f"`{name}` must be >= 0 but is {bound}.")
         now = utcnow()
-        row = new_job_row(project, priority, request, dict(labels or {}), now) | {
+        row = new_job_row(project, priority, request, dict(labels or {}), now, job_id) | {
             "idempotency_key": idempotency_key,
             "deadline": deadline,
             "storyboard_id": storyboard_id,
@@ -231,7 +233,8 @@ class JobRepository:
             .label("turn")
         )
         columns = jobs.c.id, jobs.c.project, jobs.c.priority, jobs.c.created_at, jobs.c.deadline
-        queue = select(*columns, rank, turn).where(jobs.c.status == JobStatus.QUEUED).subquery()
+        ready = (jobs.c.status == JobStatus.QUEUED) & jobs.c.continues_shot.is_(None)  # not a waiting chain
+        queue = select(*columns, rank, turn).where(ready).subquery()
         query = (
             select(queue.c.id, queue.c.project, queue.c.priority, queue.c.created_at, queue.c.deadline)
             .order_by(queue.c.rank, queue.c.turn, queue.c.id)
@@ -272,6 +275,37 @@ class JobRepository:
         with self._db.read() as conn:
             return [JobEvent(**row._asdict()) for row in conn.execute(query)]
 
+    def waiting_chained(self, limit: int = 100) -> builtins.list[JobRecord]:
+        """Queued chained takes that still wait for their predecessor shot's take, oldest first."""
+        check_limit(limit)
+        query = (
+            select(jobs)
+            .where(jobs.c.status == JobStatus.QUEUED, jobs.c.continues_shot.is_not(None))
+            .order_by(jobs.c.id)
+            .limit(limit)
+        )
+        with self._db.read() as conn:
+            return [job_record(row) for row in conn.execute(query)]
+
+    def release_chained(self, job_id: str, request: JobRequest) -> bool:
+        """A waiting chained take may run now: its request (first keyframe stored) replaces the old and it
+        joins the claimable queue. False when it is no longer a queued, waiting take (cancelled meanwhile)."""
+        now = utcnow()
+        with self._db.write() as conn:
+            released = conn.execute(
+                update(jobs)
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.status == JobStatus.QUEUED,
+                    jobs.c.continues_shot.is_not(None),
+                )
+                .values(request=request.to_stored(), continues_shot=None, updated_at=now)
+            ).rowcount
+            if released:
+                first = request.keyframes.first if request.keyframes is not None else None
+                log_event(conn, job_id, "chained", {"from": first.video if first else None}, now)
+        return bool(released)
+
     def create_promotions(
         self,
         project: str,
@@ -280,9 +314,11 @@ class JobRepository:
         max_queued: int | None = None,
         max_queued_per_project: int | None = None,
         gpu_seconds_per_day: float | None = None,
+        job_ids: builtins.list[str | None] | None = None,
     ) -> builtins.list[JobRecord]:
         """Queue one final-tier job per (draft id, priority, request, labels) in ONE transaction, each
-        linked to its draft (`promoted_to`): all or nothing (QueueFull, GpuQuotaExceeded, AlreadyPromoted)."""
+        linked to its draft (`promoted_to`): all or nothing (QueueFull, GpuQuotaExceeded, AlreadyPromoted).
+        `job_ids`: per promotion, an id drawn beforehand (its keyframes are stored under it) or None."""
         if not promotions:
             raise ValueError("`promotions` must name at least one draft.")
         now = utcnow()
@@ -298,10 +334,11 @@ class JobRepository:
                 max_queued_per_project,
                 gpu_seconds_per_day,
             )
-            for source_id, priority, job_request, labels in promotions:
+            ids = job_ids if job_ids is not None else [None] * len(promotions)
+            for (source_id, priority, job_request, labels), job_id in zip(promotions, ids, strict=True):
                 if priority not in PRIORITIES:
                     raise ValueError(f"`priority` must be 'interactive' or 'batch' but is {priority!r}.")
-                row = new_job_row(project, priority, job_request, labels, now)
+                row = new_job_row(project, priority, job_request, labels, now, job_id)
                 board_id = job_request.storyboard.id if job_request.storyboard is not None else None
                 take = None
                 if board_id is not None:  # the final take is a new take of its draft's shot

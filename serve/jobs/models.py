@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 ApiState = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 EventKind = Literal[
     "created", "claimed", "stage", "progress", "succeeded", "failed", "cancelled", "requeued",
-    "checkpoint", "resumed", "retry", "deleted", "review",
+    "checkpoint", "resumed", "retry", "deleted", "review", "chained",
 ]  # fmt: skip
 
 
@@ -168,6 +168,9 @@ class JobRecord:
     review: str | None  # approved | rejected | needs-changes; None: pending (serve.jobs.reviews)
     review_by: str | None  # who set the review last (the API key's name)
     review_at: datetime | None  # when
+    # a chained take still waiting for its predecessor shot's take: that shot's index (never claimed
+    # while set); None once its first keyframe is stored, and for every other job
+    continues_shot: int | None = None
 
     @property
     def is_finished(self) -> bool:

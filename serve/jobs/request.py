@@ -119,6 +119,9 @@ class KeyframeSource(BaseModel):
         "take `video`; `continue`: the last frame of the previous shot's take, filled in when it finishes."
     )
     video: str | None = Field(None, description="The take whose last frame this is (`take`, `continue`).")
+    shot: int | None = Field(
+        None, description="`continue`: the index of the board's shot whose take this one continues."
+    )
     sha256: str | None = Field(
         None, description="Of the stored PNG; None while a `continue` keyframe waits for its take."
     )

@@ -25,16 +25,25 @@ def job_record(row: Any) -> JobRecord:
     return JobRecord(**{**values, "request": JobRequest.from_stored(values["request"])})
 
 
+def continued_shot(request: JobRequest) -> int | None:
+    """The board shot a chained take waits for (its first keyframe is `continue` and not yet stored)."""
+    first = request.keyframes.first if request.keyframes is not None else None
+    return first.shot if first is not None and first.kind == "continue" and first.sha256 is None else None
+
+
 def new_job_row(
     project: str,
     priority: Priority,
     request: JobRequest,
     labels: dict[str, Any],
     now: datetime,
+    job_id: str | None = None,
 ) -> dict[str, Any]:
-    """A fresh QUEUED job row; create() adds its idempotency key, deadline and storyboard."""
+    """A fresh QUEUED job row; create() adds its idempotency key, deadline and storyboard. `job_id`: an id
+    drawn beforehand (`new_job_id`), for a job whose keyframes are stored before its row exists."""
     return {
-        "id": new_job_id(),
+        "id": job_id or new_job_id(),
+        "continues_shot": continued_shot(request),
         "project": project,
         "priority": priority,
         "request": request.to_stored(),

@@ -124,6 +124,10 @@ jobs = Table(
     Column("review", String(16)),
     Column("review_by", String(200)),
     Column("review_at", UTCDateTime),
+    # A chained shot's take (`continue` on a board): the index of the board's shot it continues. While set,
+    # the job waits (queued, never claimed); the Scheduler clears it once it stored the predecessor take's
+    # last frame as the job's first keyframe (serve.scheduling.continuity).
+    Column("continues_shot", Integer),
     UniqueConstraint("project", "idempotency_key", name="uq_jobs_project_idempotency_key"),
     Index("ix_jobs_status_id", "status", "id"),  # queued(), counts, requeue
     Index("ix_jobs_project_id", "project", "id"),  # list(project=...) pages
@@ -143,6 +147,7 @@ ADDED_JOB_COLUMNS: tuple[str, ...] = (
     "review",
     "review_by",
     "review_at",
+    "continues_shot",
 )
 
 job_events = Table(

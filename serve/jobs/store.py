@@ -117,6 +117,8 @@ class JobStore:
     running_by_project = _forward(JobRepository.running_by_project, _jobs)
     events = _forward(JobRepository.events, _jobs)
     create_promotions = _forward(JobRepository.create_promotions, _jobs)
+    waiting_chained = _forward(JobRepository.waiting_chained, _jobs)
+    release_chained = _forward(JobRepository.release_chained, _jobs)
     expired = _forward(JobRepository.expired, _jobs)
     artifact_owners = _forward(JobRepository.artifact_owners, _jobs)
 

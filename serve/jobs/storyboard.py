@@ -26,6 +26,7 @@ class BoardShot(BaseModel):
 
     name: str | None = Field(None, description="The shot's name on the board, e.g. `12A`.")
     prompt: str | None = Field(None, description="Its prompt as sent (None: a structured shot only).")
+    continues: int | None = Field(None, description="The earlier shot it continues (`continue`), by index.")
 
 
 class StoryboardRequest(BaseModel):

@@ -38,9 +38,11 @@ class StoryboardRepository:
         max_queued: int | None = None,
         max_queued_per_project: int | None = None,
         gpu_seconds_per_day: float | None = None,
+        job_ids: builtins.list[str | None] | None = None,
     ) -> tuple[StoryboardRecord, bool]:
         """Store a storyboard and queue all its `videos` (priority, request, labels) in ONE
         transaction, as jobs of `project` with this `storyboard_id`; return `(storyboard, True)`.
+        `job_ids`: per video, an id drawn beforehand (its keyframes are stored under it) or None.
 
         All or nothing: when the jobs would push a queue past `max_queued` / `max_queued_per_project`,
         raise QueueFull and write nothing. An `idempotency_key` already used for a storyboard of this
@@ -69,8 +71,9 @@ class StoryboardRepository:
                 conn.execute(insert(storyboards).values(board).returning(storyboards)).one()._asdict()
             )
             takes = next_takes(conn, storyboard_id, [shot_of(job_request) for _, job_request, _ in videos])
-            for (priority, job_request, labels), take in zip(videos, takes, strict=True):
-                row = new_job_row(project, priority, job_request, labels, now)
+            ids = job_ids if job_ids is not None else [None] * len(videos)
+            for (priority, job_request, labels), take, job_id in zip(videos, takes, ids, strict=True):
+                row = new_job_row(project, priority, job_request, labels, now, job_id)
                 conn.execute(insert(jobs).values({**row, "storyboard_id": storyboard_id, "take": take}))
                 log_event(conn, row["id"], "created", {"priority": priority, "bucket": row["bucket"]}, now)
             return record

@@ -50,6 +50,7 @@ from serve.jobs import JobRecord, JobStatus
 from serve.jobs.request import I2V_MODEL, SERVED_MODEL
 from serve.metrics import record_job_claimed, record_job_finished, record_lanes, record_scheduler_pass
 from serve.scheduling.checkpoints import CheckpointError, read_checkpoint, writes_checkpoint
+from serve.scheduling.continuity import release_chained
 from serve.scheduling.cuts import CutRunner
 from serve.scheduling.eta import EtaModel
 from serve.scheduling.fair_share import Candidate
@@ -210,6 +211,7 @@ class Scheduler:
             self._wake.clear()
 
     async def _start_jobs(self) -> None:
+        await release_chained(self.store, self.artifacts, self.scheduler_id)  # chained shots now ready
         in_flight = Counter(priority for _project, priority, _task in self._running.values())
         free = self._lanes.free_slots(in_flight)
         record_lanes(dict(in_flight), dict(self._lanes.reserved), free)
@@ -332,7 +334,9 @@ class Scheduler:
         await run.enter("decode")
         async with run.clocked():
             frames = await run.stage_result(
-                stages.vae.options(stream=True).decode.remote(state, resolved.fps, resolved.quality)
+                stages.vae.options(stream=True).decode.remote(
+                    state, resolved.fps, resolved.quality, JobArtifacts(job.project, job.id).last_frame
+                )
             )
         run.record("decode", frames.seconds)
 
@@ -532,7 +536,8 @@ class Scheduler:
         return state
 
     def _clean_up(self, job_id: str, attempt: int | None = None) -> None:
-        """Delete what nothing will read: a finished (or deleted) job's checkpoint, and the clip and poster
+        """Delete what nothing will read: a finished (or deleted) job's checkpoint (and, unless it succeeded,
+        its last decoded frame), and the clip and poster
         of run `attempt` unless the job recorded them as its result (the run was cancelled, superseded or
         requeued, or its job deleted, after the Finisher stored them). A requeued job keeps its checkpoint
         for its next run. Deleted jobs are read too: a DELETE that lands before the run stops must not
@@ -543,6 +548,8 @@ class Scheduler:
                 return
             keys = JobArtifacts(current.project, current.id)
             garbage = [keys.checkpoint] if current.is_finished else []
+            if current.is_finished and (current.status != JobStatus.SUCCEEDED or current.deleted_at):
+                garbage.append(keys.last_frame)  # no take to continue from: its decoded frame goes too
             if attempt is not None and current.artifact_uri != keys.clip(attempt):
                 garbage += [keys.clip(attempt), keys.poster(attempt)]
             for key in garbage:

@@ -13,18 +13,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+from PIL import Image
 from ray import serve
 
 from pipeline.stages import deployment_name, stage
 from pipeline.taehv import FastDecoder, fast_decoder_network
 from pipeline.vae import VAEDecoder, decode_dtype
 from serve.config import PrevizArgs
+from serve.jobs.keyframes import PNG, png_bytes
 from serve.metrics import ReplicaReporter, record_decode
 from serve.sharding import rank_group_options
 from serve.stages.common import STAGE_OPTIONS, all_calls_options, gpu_options, stage_components
 from serve.stages.decode_group import DecodeGroup
 from serve.stages.payloads import FrameBatch, StateRef
 from serve.stages.turns import StageWaiting, Turns
+from serve.storage import ArtifactStore, make_store
 
 NAME = deployment_name(stage("decode"))  # from the stage table
 
@@ -64,13 +67,17 @@ class VAEDecoderDeployment:
         self.num_decodes: Counter[str] = Counter()  # vae | fast | split -> decodes by this replica
         self._metrics = ReplicaReporter().start()
         self._turns = Turns()  # one decode at a time per replica: it is memory-bound
+        self._storage = args.storage
+        self._artifacts: ArtifactStore | None = None  # where the last decoded frames go
 
     async def decode(
-        self, state: StateRef, fps: int, quality: str = "final"
+        self, state: StateRef, fps: int, quality: str = "final", last_frame_key: str | None = None
     ) -> AsyncIterator[StageWaiting | FrameBatch]:
         """The frames of the low-noise expert's final state (fetched from its replica's object store),
         streamed after the call's place in the replica's line while it waits (a streaming call); by the
-        fast decoder for a draft when one is configured, else by the full VAE."""
+        fast decoder for a draft when one is configured, else by the full VAE. `last_frame_key`: where to
+        store the clip's last decoded frame as PNG, raw (before any upscale, label, look or conform): what
+        a shot that continues this one starts from (serve.jobs.keyframes)."""
         import torch
 
         latents = torch.from_numpy((await state.ref[0]).latents.copy())
@@ -100,9 +107,16 @@ class VAEDecoderDeployment:
             seconds = time.perf_counter() - started
             mode, decoder, ranks, estimate, budget = how
             record_decode(mode, dtype, decoder, ranks, seconds, estimate, budget)
+            if last_frame_key is not None:
+                await asyncio.to_thread(self._store_last_frame, last_frame_key, frames.pixels[-1])
             yield FrameBatch(ref=[ray.put(frames.pixels)], fps=fps, seconds=seconds)
         finally:
             self._turns.leave()
+
+    def _store_last_frame(self, key: str, frame: Any) -> None:
+        if self._artifacts is None:  # made on first use: a replica that never stores one needs no client
+            self._artifacts = make_store(self._storage)
+        self._artifacts.put_bytes(key, png_bytes(Image.fromarray(frame)), PNG)
 
     async def stats(self) -> dict[str, int]:
         """Decodes by this replica per decoder (`vae`, `fast`): which tier took which decoder; `split`: the

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from ray.exceptions import OwnerDiedError
 
 from pipeline.denoise.state import initial_noise
 from serve.config import PrevizArgs
 from serve.jobs import JobRecord, JobStore
-from serve.jobs.keyframes import load_keyframes
+from serve.jobs.keyframes import PNG, load_keyframes, png_bytes
 from serve.scheduling.scheduler import Scheduler
 from serve.stages.denoiser import save_checkpoint
 from serve.stages.payloads import (
@@ -324,7 +325,7 @@ class FakeStages:
                 return state
 
     async def decode(
-        self, state: StateRef, fps: int, quality: str = "final"
+        self, state: StateRef, fps: int, quality: str = "final", last_frame_key: str | None = None
     ) -> AsyncIterator[StageWaiting | FrameBatch]:
         """One decode at a time in the real decoder's line (serve.stages.turns), streaming its place."""
         self.record("decode", float(self.objects.get(state.ref).latents.mean()))
@@ -333,7 +334,14 @@ class FakeStages:
         try:
             if self.hold_decode is not None:
                 await self.hold_decode.wait()
-            frames = self.objects.put(np.zeros((9, 64, 96, 3), np.uint8), "decode")
+            latents = self.objects.get(state.ref).latents
+            # frames that differ per clip (from its latents), so a chained shot's condition can be told apart
+            noise = np.random.default_rng(abs(hash(latents.tobytes())) % (1 << 32))
+            pixels = noise.integers(0, 120, (9, 64, 96, 3), dtype=np.uint8)
+            if last_frame_key is not None:  # as the real decoder stores it (serve.stages.decoder)
+                assert self.artifacts is not None, "start() gives the stages the artifact store"
+                self.artifacts.put_bytes(last_frame_key, png_bytes(Image.fromarray(pixels[-1])), PNG)
+            frames = self.objects.put(pixels, "decode")
             yield FrameBatch(ref=frames, fps=fps, seconds=0.01)
         finally:
             self.decode_turns.leave()

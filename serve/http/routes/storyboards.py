@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+import hashlib
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
@@ -22,6 +23,7 @@ from serve.http.deps import (
     queue_waits,
 )
 from serve.http.errors import BLOCKED, ApiError, invalid
+from serve.http.keyframes import keyframe_inputs, stored_keyframe_inputs
 from serve.http.routes.videos import check_promotable, promotion_draft
 from serve.http.schemas import VideoPromote
 from serve.http.storyboards import (
@@ -53,8 +55,11 @@ async def create_storyboard(
     body: StoryboardCreate, state: StateDep, caller: CallerDep, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Every shot × variant (seeds × grid) becomes a video of the board's project, all created in one
-    transaction (a full queue refuses all of them: 429). They share the project's fair share."""
-    check_model(body.model)
+    transaction (a full queue refuses all of them: 429). They share the project's fair share. A shot with
+    `keyframes` or `continue` runs on the I2V model; a `continue` shot's takes wait for the shot they
+    continue (see the shot's `continue`)."""
+    model = check_model(body.model) if "model" in body.model_fields_set else None
+    chain = chain_of(body)
     project = project_of(caller, body.project)
     if body.num_videos > MAX_STORYBOARD_VIDEOS:
         raise ApiError(
@@ -75,12 +80,20 @@ async def create_storyboard(
         raise invalid(list(error.errors()), "variants.grid.") from None
     stored = StoryboardRequest(
         title=body.title,
-        shots=[BoardShot(name=shot.name, prompt=shot.prompt) for shot in body.shots],
+        shots=[
+            BoardShot(name=shot.name, prompt=shot.prompt, continues=continues)
+            for shot, continues in zip(body.shots, chain, strict=True)
+        ],
         fps=body.fps,
-        body=body.model_dump(mode="json"),
+        body=without_images(body.model_dump(mode="json")),
     )
     board = BoardDraft(id=new_storyboard_id(), title=body.title, request=stored)
     callback_url = str(body.callback_url) if body.callback_url else None
+    panels = await asyncio.to_thread(
+        lambda: [
+            keyframe_inputs(shot.keyframes, None, f"shots.{index}.") for index, shot in enumerate(body.shots)
+        ]
+    )
     drafts = []
     for video in planned:
         shot = body.shots[video.shot_index]
@@ -98,6 +111,9 @@ async def create_storyboard(
                 prefix=f"shots.{video.shot_index}.",
                 callback_url=callback_url,
                 storyboard=place,
+                model=model,
+                keyframes=panels[video.shot_index],
+                continues=chain[video.shot_index],
             )
         )
     admitted = await admit(
@@ -108,6 +124,54 @@ async def create_storyboard(
     return JSONResponse(
         view.model_dump(mode="json"), status_code=201 if admitted.created else 200, headers=headers
     )
+
+
+def without_images(body: dict[str, Any]) -> dict[str, Any]:
+    """The board's body as kept with it: each panel's data URL replaced by its SHA-256 (the images are stored
+    with the jobs; a board row must not hold megabytes of base64)."""
+    for shot in body.get("shots", []):
+        keyframes = shot.get("keyframes") or {}
+        for which, value in keyframes.items():
+            if isinstance(value, str):
+                keyframes[which] = "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+    return body
+
+
+def chain_of(body: StoryboardCreate) -> list[int | None]:
+    """Per shot, the index of the earlier shot it continues (`continue`: `previous` or a shot's name), or
+    None; 400 `invalid_continue` for the first shot's `previous`, a name of no earlier shot, or a shot that
+    also gives `keyframes.first` (its first frame is its predecessor's)."""
+    chain: list[int | None] = []
+    for index, shot in enumerate(body.shots):
+        param = f"shots.{index}.continue"
+        if shot.continues is None:
+            chain.append(None)
+            continue
+        if shot.keyframes is not None and shot.keyframes.first is not None:
+            raise ApiError(
+                400,
+                "invalid_continue",
+                "a shot that continues another starts from that shot's last frame; drop its "
+                "`keyframes.first` or its `continue`",
+                param,
+            )
+        if shot.continues == "previous":
+            if index == 0:
+                raise ApiError(
+                    400, "invalid_continue", "the first shot has no previous shot to continue", param
+                )
+            chain.append(index - 1)
+            continue
+        earlier = [i for i, other in enumerate(body.shots[:index]) if other.name == shot.continues]
+        if not earlier:
+            raise ApiError(
+                400,
+                "invalid_continue",
+                f"`continue` must be `previous` or the name of an earlier shot, not {shot.continues!r}",
+                param,
+            )
+        chain.append(earlier[-1])
+    return chain
 
 
 @router.get("", response_model=StoryboardList, summary="List storyboards")
@@ -167,7 +231,10 @@ async def promote_takes(
         if source is None or video_id not in on_board:
             raise ApiError(404, "not_found", f"storyboard {storyboard_id} has no video {video_id!r}", param)
         check_promotable(source, param)
-        drafts.append(promotion_draft(source, options, settings.burn_label, prefix=f"{param}."))
+        keyframes = await asyncio.to_thread(stored_keyframe_inputs, state.artifacts, source)
+        drafts.append(
+            promotion_draft(source, options, settings.burn_label, prefix=f"{param}.", keyframes=keyframes)
+        )
     admitted = await admit(
         state,
         caller.project,

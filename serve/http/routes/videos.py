@@ -4,9 +4,10 @@ route reads its input, calls the one admission path or the store, and renders wi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from functools import partial
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -33,11 +34,13 @@ from serve.http.deps import (
 )
 from serve.http.errors import BLOCKED, ApiError, invalid
 from serve.http.events import event_stream
-from serve.http.forms import read_fields
+from serve.http.forms import UploadedFile, read_fields
+from serve.http.keyframes import KeyframeInputs, input_reference, keyframe_inputs, stored_keyframe_inputs
 from serve.http.schemas import (
     Video,
     VideoCreate,
     VideoDeleted,
+    VideoKeyframes,
     VideoLinks,
     VideoList,
     VideoPromote,
@@ -50,8 +53,10 @@ from serve.http.schemas import (
 from serve.http.views import video_payload, video_view
 from serve.jobs import CancelResult, JobRecord, JobStatus, deletion
 from serve.jobs.models import unix
+from serve.jobs.request import KeyframeSource
 from serve.jobs.reviews import ReviewStatus
 from serve.scheduling.queue_wait import QueueWait, queue_wait
+from serve.storage import JobArtifacts
 
 router = APIRouter(prefix="/v1/videos", tags=["videos"])
 
@@ -64,7 +69,12 @@ REPLAYED = {200: {"model": Video, "description": "A replay of an Idempotency-Key
 # The create body is read by hand (JSON or form); its schema is added to the OpenAPI page by serve.http.app.
 # A form's structured fields are JSON parts, each holding the whole value (`loras`: the list, not a part per
 # item), as serve.http.forms reads them; declared, so a client does not guess an array's encoding.
-FORM_JSON_PARTS = {name: {"contentType": "application/json"} for name in ("shot", "labels", "cache", "loras")}
+FORM_JSON_PARTS = {
+    name: {"contentType": "application/json"} for name in ("shot", "labels", "cache", "loras", "keyframes")
+} | {
+    # a file part (the openai package's upload), or the ImageReference object as a JSON part
+    "input_reference": {"contentType": "image/png, image/jpeg, image/webp, application/json"}
+}
 CREATE_BODY = {
     "required": True,
     "content": {
@@ -75,6 +85,13 @@ CREATE_BODY = {
         },
     },
 }
+
+
+def reference_fingerprint(reference: Any) -> Any:
+    """What a create's fingerprint holds of its `input_reference`: an upload's SHA-256, else the value."""
+    if isinstance(reference, UploadedFile):
+        return {"sha256": hashlib.sha256(reference.data).hexdigest()}
+    return reference
 
 
 def video_response(
@@ -111,30 +128,26 @@ async def create_video(
     """Queue one clip. JSON or multipart form (what `openai.videos.create` sends); extra studio fields
     are listed in the VideoCreate schema. 201 when created, 200 for a replayed Idempotency-Key."""
     fields = await read_fields(request)
-    if fields.get("input_reference") not in (None, ""):
-        raise ApiError(
-            400,
-            "unsupported",
-            "`input_reference` is not supported: Previz is text-to-video",
-            "input_reference",
-        )
-    fields.pop("input_reference", None)
+    reference = fields.pop("input_reference", None)
     try:
         body = VideoCreate.model_validate(fields)
     except ValidationError as error:
         raise invalid(list(error.errors())) from None
-    check_model(body.model)
+    model = check_model(body.model) if "model" in body.model_fields_set else None
+    keyframes = await asyncio.to_thread(lambda: keyframe_inputs(body.keyframes, input_reference(reference)))
     draft = VideoDraft(
         settings=body,
         priority=body.priority,
         labels=body.labels,
         callback_url=str(body.callback_url) if body.callback_url else None,
+        model=model,
+        keyframes=keyframes,
     )
     admitted = await admit(
         state,
         project_of(caller, body.project),
         [draft],
-        body=body.model_dump(mode="json"),
+        body={**body.model_dump(mode="json"), "input_reference": reference_fingerprint(reference)},
         idempotency_key=idempotency_key,
     )
     return admitted_response(admitted.job, admitted.created)
@@ -267,6 +280,36 @@ async def get_video_links(video_id: str, state: StateDep, caller: CallerDep) -> 
     return VideoLinks(id=job.id, video=video, thumbnail=thumbnail, expires_at=expires_at)
 
 
+@router.get(
+    "/{video_id}/keyframes", response_model=VideoKeyframes, summary="Signed links to a video's keyframes"
+)
+async def get_video_keyframes(video_id: str, state: StateDep, caller: CallerDep) -> VideoKeyframes:
+    """The images the video starts (and ends) from, in any state: the panel beside its takes."""
+    job = await job_or_404(video_id, state, caller)
+    ttl = state.args.artifact_url_ttl_s
+    keys = JobArtifacts(job.project, job.id)
+    recorded = job.request.keyframes
+
+    first = recorded.first if recorded is not None else None
+    last = recorded.last if recorded is not None else None
+
+    async def link(which: Literal["first", "last"], source: KeyframeSource | None) -> str | None:
+        key = keys.keyframe(which)
+        if source is None or source.sha256 is None:  # none, or a chained take still waiting for its frame
+            return None
+        if not await asyncio.to_thread(state.artifacts.exists, key):
+            return None
+        return await asyncio.to_thread(state.artifacts.url, key, expires_in_s=ttl)
+
+    return VideoKeyframes(
+        id=job.id,
+        first=await link("first", first),
+        last=await link("last", last),
+        first_from=first.video if first is not None else None,
+        expires_at=int(time.time()) + ttl,
+    )
+
+
 async def signed_link(job: JobRecord, variant: Literal["video", "thumbnail"], state: IngressState) -> str:
     """A signed, expiring link to the job's mp4 or poster; 409 before it completed, 404 once gone."""
     if job.status != JobStatus.SUCCEEDED or job.artifact_uri is None:
@@ -303,6 +346,20 @@ async def remix_video(
     a new take of the same shot on that board."""
     source = await job_or_404(video_id, state, caller)
     settings = await project_settings(state.store, source.project)
+    keyframes = await asyncio.to_thread(stored_keyframe_inputs, state.artifacts, source)
+    continues = None
+    if body.rechain:
+        first = source.request.keyframes.first if source.request.keyframes is not None else None
+        if first is None or first.kind != "continue" or source.storyboard_id is None:
+            raise ApiError(
+                400,
+                "invalid_continue",
+                f"video {source.id} does not continue another shot; `rechain` is for a chained shot's take",
+                "rechain",
+            )
+        continues = first.shot  # waits for that shot's take as it is now, like the board's first takes
+        last = keyframes.last if keyframes is not None else None
+        keyframes = KeyframeInputs(last=last) if last is not None else None
     draft = VideoDraft(
         settings=remix_settings(source.request, body.prompt, body.shot, settings.burn_label),
         priority=body.priority or source.priority,
@@ -310,6 +367,9 @@ async def remix_video(
         callback_url=source.request.callback_url,
         storyboard=await remix_place(state, source),
         remixed_from=source.id,
+        model=source.request.model,
+        keyframes=keyframes,
+        continues=continues,
     )
     admitted = await admit(
         state,
@@ -343,7 +403,8 @@ async def promote_video(
     source = await job_or_404(video_id, state, caller)
     check_promotable(source)
     settings = await project_settings(state.store, source.project)
-    draft = promotion_draft(source, body, settings.burn_label)
+    keyframes = await asyncio.to_thread(stored_keyframe_inputs, state.artifacts, source)
+    draft = promotion_draft(source, body, settings.burn_label, keyframes=keyframes)
     admitted = await admit(
         state,
         source.project,
@@ -369,8 +430,15 @@ def check_promotable(source: JobRecord, param: str = "video_id") -> None:
         )
 
 
-def promotion_draft(source: JobRecord, body: VideoPromote, burn_label: bool, prefix: str = "") -> VideoDraft:
-    """The final take of `source` as a draft for the admission path."""
+def promotion_draft(
+    source: JobRecord,
+    body: VideoPromote,
+    burn_label: bool,
+    prefix: str = "",
+    keyframes: KeyframeInputs | None = None,
+) -> VideoDraft:
+    """The final take of `source` as a draft for the admission path; `keyframes`: the source's stored ones
+    (serve.http.keyframes.stored_keyframe_inputs), so the final starts from the draft's image."""
     return VideoDraft(
         settings=promote_settings(
             source.request,
@@ -388,6 +456,8 @@ def promotion_draft(source: JobRecord, body: VideoPromote, burn_label: bool, pre
         storyboard=source.request.storyboard if source.storyboard_id is not None else None,
         promoted_from=source.id,
         repeats=source.request,  # the draft's text as it ran, whatever compiler version made it
+        model=source.request.model,
+        keyframes=keyframes,
     )
 
 

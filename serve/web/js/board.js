@@ -34,6 +34,19 @@ export async function renderBoard(view, boardId, signal) {
     summary.textContent = state === "completed" ? t("board.summary", values) : t("board.summaryProgress", values);
     paintToolbar();
   };
+  const panels = new Map(); // video id -> the panel image shown beside its shot's takes
+  const panelOf = (shot, label) => {
+    const paneled = shot.videos.find((video) => video.keyframe === "image");
+    if (!paneled) return null;
+    if (!panels.has(paneled.video_id)) {
+      const image = h("img", { class: "shot-panel", alt: t("board.panel", { shot: label }), hidden: true });
+      api(`/v1/videos/${encodeURIComponent(paneled.video_id)}/keyframes`, { signal })
+        .then((links) => { if (links.first) { image.src = links.first; image.hidden = false; } })
+        .catch(() => {});
+      panels.set(paneled.video_id, image);
+    }
+    return panels.get(paneled.video_id);
+  };
   const load = async () => {
     const board = await api(`/v1/storyboards/${encodeURIComponent(boardId)}`);
     heading.textContent = board.title || board.id;
@@ -52,10 +65,19 @@ export async function renderBoard(view, boardId, signal) {
           card.setSelected(shot.selected_video_id === take.video_id);
           return card;
         });
+        const source = shot.continues != null ? board.shots[shot.continues] : null;
         return h(
           "section",
           { class: "shot-row", role: "listitem", "aria-label": label },
-          h("h2", {}, h("span", { class: "shot-name", text: label }), " ", h("span", { class: "description", text: shortDescription(shot.prompt) })),
+          h(
+            "h2",
+            {},
+            h("span", { class: "shot-name", text: label }),
+            " ",
+            h("span", { class: "description", text: shortDescription(shot.prompt) }),
+            source ? h("span", { class: "chain", text: ` · ${t("board.continues", { shot: shotLabel(source) })}` }) : null,
+          ),
+          panelOf(shot, label),
           h("details", { class: "compiled" }, h("summary", { text: t("board.promptShown") }), h("p", { class: "prompt", text: shot.prompt })),
           h("div", { class: "takes", role: "list", "aria-label": t("board.takesOf", { shot: label }) }, ...takes),
         );

@@ -8,6 +8,8 @@ import { t } from "./i18n.js";
 
 const SHOT_FIELDS = ["character", "action", "environment", "camera", "style"]; // labels and examples: i18n.js
 const GRID_FIELDS = ["camera", "action", "character", "environment", "style", "look"];
+const PANEL_TYPES = ["image/png", "image/jpeg", "image/webp"]; // what the server reads (serve/http/images.py)
+const PANEL_BYTES = 8 * 1024 * 1024;
 
 export function renderComposer(view) {
   // the looks a shot may name: none, film and the project's LUTs
@@ -102,6 +104,8 @@ function shotEditor(index) {
     seed: h("input", { type: "number", name: "seed", min: 0, step: 1, placeholder: t("compose.boards") }),
   };
   const preview = h("output", { class: "preview", "aria-live": "polite", text: "" });
+  const panel = panelPicker(index, prefix);
+  const chained = h("input", { type: "checkbox", name: "continue" });
   const item = h(
     "li",
     { class: "card shot", dataset: { index } },
@@ -109,6 +113,8 @@ function shotEditor(index) {
     field(t("compose.shotName"), name, { param: `${prefix}.name` }),
     h("div", { class: "grid" }, ...SHOT_FIELDS.map((key) => field(t(`compose.field.${key}`), inputs[key], { param: `${prefix}.shot.${key}` }))),
     field(t("compose.freePrompt"), prompt, { param: `${prefix}.prompt` }),
+    panel.element,
+    field(t("compose.continue"), chained, { param: `${prefix}.continue`, hint: t("compose.continueHint") }),
     h(
       "details",
       { class: "own-settings" },
@@ -134,8 +140,16 @@ function shotEditor(index) {
       const text = control.value.trim();
       if (text) value[key] = key === "seconds" || key === "seed" ? Number(text) : text;
     }
+    if (panel.value()) value.keyframes = { first: panel.value() };
+    if (chained.checked && item.previousElementSibling) value.continue = "previous";
     return value;
   };
+  // the first shot has nothing to continue; a continued shot starts from its predecessor, not a panel
+  item.addEventListener("change", () => {
+    chained.disabled = !item.previousElementSibling;
+    panel.setDisabled(chained.checked && !chained.disabled);
+  });
+  queueMicrotask(() => { chained.disabled = !item.previousElementSibling; });
   let timer;
   let asked = 0;
   const refresh = () => {
@@ -154,6 +168,67 @@ function shotEditor(index) {
   };
   item.addEventListener("input", refresh);
   return item;
+}
+
+// A storyboard panel for one shot: dropped, pasted or chosen; checked here for what the server refuses
+// anyway (type, size) so the words come at once, shown as a preview, and sent as a data URL.
+function panelPicker(index, prefix) {
+  let dataUrl = null;
+  const input = h("input", { type: "file", accept: PANEL_TYPES.join(","), class: "panel-file" });
+  const image = h("img", { class: "panel-preview", alt: t("compose.panelPreview", { n: index + 1 }), hidden: true });
+  const problem = h("p", { class: "error", role: "alert" });
+  const remove = h("button", { type: "button", class: "quiet", text: t("compose.panelRemove"), hidden: true });
+  const take = (file) => {
+    problem.textContent = "";
+    if (!file) return;
+    if (!PANEL_TYPES.includes(file.type)) { problem.textContent = t("compose.panelNotImage", { name: file.name || "?" }); return; }
+    if (file.size > PANEL_BYTES) { problem.textContent = t("compose.panelTooLarge", { name: file.name || "?" }); return; }
+    const reader = new FileReader();
+    reader.addEventListener("load", () => {
+      dataUrl = reader.result;
+      image.src = dataUrl;
+      image.hidden = false;
+      remove.hidden = false;
+      zone.dispatchEvent(new Event("input", { bubbles: true }));
+    });
+    reader.readAsDataURL(file);
+  };
+  input.addEventListener("change", () => take(input.files[0]));
+  remove.addEventListener("click", () => {
+    dataUrl = null;
+    input.value = "";
+    image.removeAttribute("src");
+    image.hidden = true;
+    remove.hidden = true;
+  });
+  const zone = h(
+    "div",
+    {
+      class: "panel drop",
+      tabindex: 0,
+      ondragover: (event) => { event.preventDefault(); zone.classList.add("over"); },
+      ondragleave: () => zone.classList.remove("over"),
+      ondrop: (event) => {
+        event.preventDefault();
+        event.stopPropagation();
+        zone.classList.remove("over");
+        take(event.dataTransfer.files[0]);
+      },
+      onpaste: (event) => {
+        const file = [...(event.clipboardData?.files || [])][0];
+        if (file) { event.preventDefault(); take(file); }
+      },
+    },
+    field(t("compose.panel"), input, { param: `${prefix}.keyframes.first`, hint: t("compose.panelHint") }),
+    image,
+    remove,
+    problem,
+  );
+  return {
+    element: zone,
+    value: () => (input.disabled ? null : dataUrl),
+    setDisabled: (disabled) => { input.disabled = disabled; zone.classList.toggle("disabled", disabled); },
+  };
 }
 
 function boardBody(shots, common) {
