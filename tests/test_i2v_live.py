@@ -35,10 +35,11 @@ def test_an_i2v_job_with_a_stored_panel_completes_on_the_shared_cluster(
     panel = np.zeros((64, 96, 3), np.uint8)
     panel[16:48, 24:72] = (220, 120, 30)  # a drawn block: the hero in the fireball
     save_keyframes(make_store(storage), PROJECT, job_id, Image.fromarray(panel), None)
-    monkeypatch.setattr(rows, "new_job_id", lambda: job_id)
     store = cluster.store()
     try:
-        job, _ = store.create(PROJECT, "interactive", request)
+        with monkeypatch.context() as patch:  # the admission path's "id drawn first", for this create only
+            patch.setattr(rows, "new_job_id", lambda: job_id)
+            job, _ = store.create(PROJECT, "interactive", request)
         t2v, _ = store.create(
             PROJECT, "interactive", JobRequest.of(spec.model_copy(update={"seed": 5}), model_spec("t2v"))
         )

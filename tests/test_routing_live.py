@@ -63,12 +63,13 @@ def test_a_one_size_storyboard_of_8_shots_runs_on_both_replicas_of_each_expert(
     assert _wait_board(routed, board["id"])["counts"] == {"completed": 8}
     timings = [routed.client.get(video["video_id"])["timings"] for video in board["shots"][0]["videos"]]
     print(f"\nfirst shot's stage seconds: {timings}")
+    both = lambda rows: len(rows) == 2 and min(rows.values()) > 0  # noqa: E731 (a series shows once exported)
+    for deployment in ("HighNoiseDenoiser", "LowNoiseDenoiser"):
+        rows = _rows_per_replica(prometheus, deployment, both)
+        print(f"{deployment} rows per replica: {rows}")
+        assert len(rows) == 2 and all(count > 0 for count in rows.values()), rows
     decisions = prometheus.query("sum by (affinity) (ray_previz_routing_decisions_total)")
     print(f"routing decisions (both apps): {[(r['metric'], r['value'][1]) for r in decisions]}")
-    for deployment in ("HighNoiseDenoiser", "LowNoiseDenoiser"):
-        rows = _rows_per_replica(prometheus, deployment, lambda rows: min(rows.values(), default=0) > 0)
-        print(f"\n{deployment} rows per replica: {rows}")
-        assert len(rows) == 2 and all(count > 0 for count in rows.values()), rows
 
 
 def test_two_same_shape_takes_created_together_under_light_load_share_forwards(

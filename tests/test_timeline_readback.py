@@ -4,6 +4,8 @@ cut and its timeline agree. Foreign and unknown timelines change nothing. AAF an
 
 from __future__ import annotations
 
+import io
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,6 +207,13 @@ def test_a_16_fps_board_exports_to_every_format_at_24_and_reads_back_there(api: 
     for fmt in ("edl", "fcpxml"):
         clips = list(export(api, board, fmt, rate=24).find_clips())
         assert [clip.duration() for clip in clips] == [otio.opentime.RationalTime(PER_SHOT, 24)] * 4, fmt
+    packaged = api.client.get(
+        f"/v1/storyboards/{board['id']}/timeline", params={"format": "edl", "rate": 24, "package": "true"}
+    )
+    with zipfile.ZipFile(io.BytesIO(packaged.content)) as archive:
+        text = archive.read(f"{board['id']}/timeline.edl").decode()
+    in_package = otio.adapters.read_from_string(text, adapter_name="cmx_3600", rate=24).find_clips()
+    assert [clip.duration().value for clip in in_package] == [PER_SHOT] * 4
     edited = edit(export(api, board, "edl", rate=24), board)
     applied = put(api, board, "edl", write(edited, "edl"), rate=24).json()
     assert applied["trims"] == {"0": {"fps": 24, "start": 4, "num_frames": PER_SHOT - 8}}
