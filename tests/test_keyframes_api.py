@@ -16,6 +16,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
+from pipeline.weights import build_preset, wan_pipeline
 from serve.jobs.keyframes import fit_to_size, load_keyframes, save_last_frame
 from serve.jobs.request import I2V_MODEL, SERVED_MODEL
 from tests.support.api_app import TINY, LocalApi, finish, local_api
@@ -321,3 +322,33 @@ def test_an_image_on_a_deployment_without_the_i2v_model_is_a_400(tmp_path: Path)
         response = text_only.client.post("/v1/videos", json=body)
         assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_served"
         assert num_jobs(text_only) == 0 and stored_files(text_only) == []
+
+
+def test_a_step_cache_on_i2v_weights_without_a_curve_is_a_400(tmp_path: Path) -> None:
+    """Real I2V weights (a Diffusers folder, here the tiny preset saved as one) have no step-cache curve:
+    `cache` is refused at admission, and the models list says the model serves no step cache."""
+    folder = tmp_path / "wan-i2v"
+    wan_pipeline(build_preset("tiny-i2v")).save_pretrained(folder, safe_serialization=True)
+    with local_api(tmp_path, i2v={"model": str(folder)}) as real:
+        body = {
+            "prompt": "p",
+            **TINY,
+            "quality": "final",
+            "input_reference": {"image_url": data_url(panel())},
+        }
+        response = real.client.post("/v1/videos", json={**body, "cache": {"threshold": 0.1}})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["param"]) == ("step_cache_not_supported", "cache")
+        assert "cache: null" in error["message"]
+        assert num_jobs(real) == 0 and stored_files(real) == []
+        assert real.client.post("/v1/videos", json={**body, "cache": None}).status_code == 201
+        models = {model["id"]: model for model in real.client.get("/v1/models").json()["data"]}
+        assert [expert["step_cache"] for expert in models[I2V_MODEL]["experts"].values()] == [False, False]
+        assert [expert["step_cache"] for expert in models[SERVED_MODEL]["experts"].values()] == [True, True]
+
+
+def test_a_step_cache_on_the_i2v_preset_is_admitted(api: LocalApi) -> None:
+    body = {"prompt": "p", **TINY, "quality": "final", "input_reference": {"image_url": data_url(panel())}}
+    response = api.client.post("/v1/videos", json={**body, "cache": {"threshold": 0.1}})
+    assert response.status_code == 201, response.text

@@ -102,8 +102,14 @@ def calibration_curve(source: str, model: ModelSpec, task: str | None = None) ->
     """The curve for a model source: a preset is calibrated on itself (seeded, so the same every time);
     real Wan2.2 T2V-A14B weights use MagCache's published ratios, real I2V weights have none (None).
     `task`: the source's (t2v or i2v); None: a preset's own, else t2v."""
+    if not has_curve(source, task):
+        return None
     if source in PRESETS:
         return calibrate(build_preset(source, model), calibration_request(model))
-    if (task or "t2v") == "i2v":
-        return None
     return MagnitudeCurve.load(WAN22_T2V_A14B_CURVE)
+
+
+def has_curve(source: str, task: str | None = None) -> bool:
+    """Whether `calibration_curve` has a curve for the source, without measuring it: what admission and
+    the models list tell a step-cache request by (real I2V weights have none)."""
+    return source in PRESETS or (task or "t2v") != "i2v"

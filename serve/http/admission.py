@@ -25,6 +25,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pipeline.denoise.calibration import has_curve
 from pipeline.grade import LOOKS
 from pipeline.prompt import PROMPT_COMPILER_VERSION, ShotSpec, compose_prompt
 from pipeline.safety import ContentBlocked, PromptPolicy, SafetyCheckError
@@ -182,6 +183,25 @@ def model_of(state: IngressState, served: str, param: str = "model") -> ModelSpe
     return state.args.i2v.sampling
 
 
+def check_step_cache(state: IngressState, served: str, request: JobRequest, draft: VideoDraft) -> None:
+    """400 `step_cache_not_supported` for a step cache (asked for, or the tier's default) on a model with
+    no magnitude curve to decide skips by (real Wan2.2-I2V-A14B weights), before the denoiser sees it."""
+    if request.resolved.cache is None:
+        return
+    i2v = state.args.i2v if served == I2V_MODEL else None
+    if has_curve(i2v.model, "i2v") if i2v is not None else has_curve(state.args.model):
+        return
+    asked = "cache" in draft.settings.model_fields_set
+    why = "`cache` asks for step caching" if asked else "the `final` tier's default step cache is on"
+    raise ApiError(
+        400,
+        "step_cache_not_supported",
+        f"{why}, but {served} has no step-cache curve here (MagCache's published ratios are for "
+        "Wan2.2-T2V-A14B only), so every step must run; send `cache: null`",
+        f"{draft.prefix}cache",
+    )
+
+
 async def with_keyframes(
     state: IngressState, project: str, draft: VideoDraft, request: JobRequest, served: str
 ) -> tuple[JobRequest, CheckedKeyframes | None]:
@@ -278,6 +298,7 @@ async def admit(
             default_fps=settings.default_fps,
             lut=looks.get(draft.settings.look),
         )
+        check_step_cache(state, served, request, draft)
         request, keyframes = await with_keyframes(state, project, draft, request, served)
         await check_content(state.safety, draft.settings.prompt, draft.settings.shot, draft.prefix)
         requests.append(request)

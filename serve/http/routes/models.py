@@ -9,6 +9,7 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from pipeline.denoise.calibration import has_curve
 from pipeline.spec import RESOLUTION_PRESETS, ModelSpec, RequestSpec, SizeEnvelope, TierRecipe
 from pipeline.stages import Layout
 from serve.auth import Caller
@@ -47,7 +48,8 @@ class ExpertParallel(BaseModel):
     )
     step_cache: bool = Field(
         description="Whether requests' step caching (`cache`) runs on it: each rank keeps its own shard of "
-        "a request's cached residual."
+        "a request's cached residual. False for real Wan2.2-I2V-A14B weights (no magnitude curve): `cache` "
+        "on that model is 400 `step_cache_not_supported`."
     )
 
 
@@ -111,6 +113,7 @@ def served_model(
     presets = {preset: f"{width}x{height}" for preset, (width, height) in RESOLUTION_PRESETS.items()}
     tiers = ["draft", "final"] if args.serves_draft else ["final"]
     i2v = name == I2V_MODEL
+    step_cache = has_curve(args.model, "i2v" if i2v else None)
     return ServedModel(
         id=name,
         task="i2v" if i2v else "t2v",
@@ -120,7 +123,9 @@ def served_model(
         default_steps=model.num_steps,
         fps=model.fps,
         layout=args.experts.layout,
-        experts={expert: expert_parallel(shapes, expert, model, tiers) for expert in ("high", "low")},
+        experts={
+            expert: expert_parallel(shapes, expert, model, tiers, step_cache) for expert in ("high", "low")
+        },
         tiers={quality: model.recipe(quality) for quality in tiers},
         adapters=[
             Adapter(name=lora.name, shared=lora.project is None, description=lora.description)
@@ -130,7 +135,9 @@ def served_model(
     )
 
 
-def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec, tiers: list[str]) -> ExpertParallel:
+def expert_parallel(
+    shapes: ShapeRules, expert: Expert, model: ModelSpec, tiers: list[str], step_cache: bool
+) -> ExpertParallel:
     degree = shapes.degrees[expert]
     num_frames = RequestSpec(prompt="-", duration=DEFAULT_SECONDS).num_frames(model)
     return ExpertParallel(
@@ -142,5 +149,5 @@ def expert_parallel(shapes: ShapeRules, expert: Expert, model: ModelSpec, tiers:
         accepted_sizes=shapes.accepted_sizes(expert, num_frames),
         tiers=tiers,  # the same engine at any degree: a rank group serves every tier
         loras=True,
-        step_cache=True,
+        step_cache=step_cache,  # real I2V weights have no magnitude curve to cache by
     )
