@@ -393,8 +393,11 @@ function takeCard(board, shot, take, signal, reload, changed) {
     if (choice) choice.value = review;
   };
   card.dataset.review = take.review || "pending";
+  // told twice (the stream and the board's view) it ends once; a `status` event may say "completed" first
+  let ended = FINISHED.has(take.status);
   const finished = (video) => {
-    if (FINISHED.has(state.status)) return; // told twice (the stream and the board's view): once is enough
+    if (ended) return;
+    ended = true;
     state = { ...stateOf(video), eta: null, waiting_for: null, queue_position: null };
     take.error = video.error;
     following.abort();
