@@ -262,7 +262,6 @@ def test_review_statuses_and_notes_ride_in_otio_metadata_edl_comments_and_fcp_xm
 def test_the_aaf_of_a_3_shot_board_reads_back_through_the_adapter_with_the_same_clips(
     api: LocalApi, tmp_path: Path
 ) -> None:
-    pytest.importorskip("otio_aaf_adapter", reason="otio-aaf-adapter (a dependency) is not installed here")
     board = make_board(api, {**BOARD, "shots": BOARD["shots"][:3]})
     cut = cut_of(api, board["id"], {"fps": 25})
     answer = api.client.get(f"/v1/storyboards/{board['id']}/timeline", params={"format": "aaf"})
@@ -319,7 +318,6 @@ def test_the_cli_reads_an_edited_edl_back_and_reviews_a_take(
 
 
 def test_an_edited_aaf_reads_back_like_the_other_formats(api: LocalApi, tmp_path: Path) -> None:
-    pytest.importorskip("otio_aaf_adapter", reason="otio-aaf-adapter (a dependency) is not installed here")
     board = make_board(api)
     cut_of(api, board["id"], {"fps": 24})
     exported = tmp_path / "cut.aaf"

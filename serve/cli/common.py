@@ -121,18 +121,24 @@ def labels_of(pairs: list[str]) -> dict[str, str]:
     return labels
 
 
-def follow(client, job_id: str) -> dict:
-    """Poll a job with a progress bar until it finishes."""
-    import time
-
-    progress = Progress(
-        TextColumn("{task.description:<28}"),
+def progress_bar(description_width: int) -> Progress:
+    """The CLI's progress bar for a job or a cut: description, bar, percent, time so far and the ETA the
+    server gave (the task field `eta`)."""
+    return Progress(
+        TextColumn(f"{{task.description:<{description_width}}}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
         TimeElapsedColumn(),
         TextColumn("{task.fields[eta]}"),
         console=console,
     )
+
+
+def follow(client, job_id: str) -> dict:
+    """Poll a job with a progress bar until it finishes."""
+    import time
+
+    progress = progress_bar(28)
     with progress:
         task = progress.add_task(job_id, total=100, eta="")
         while True:

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from serve.cli.common import (
     DEFAULT_SERVER,
@@ -19,7 +18,7 @@ from serve.cli.common import (
     api_call,
     app,
     client_for,
-    console,
+    progress_bar,
 )
 
 
@@ -84,14 +83,7 @@ def cut(
         slates=slates,
         slate_seconds=slate_seconds if slates else None,
     )
-    progress = Progress(
-        TextColumn("{task.description:<24}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[eta]}"),
-        console=console,
-    )
+    progress = progress_bar(24)
     with progress:
         bar = progress.add_task(f"{queued['id']} queued", total=100, eta="")
 

@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 from diffusers import AutoencoderKLWan
 from ray.exceptions import RayError
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.denoise.parallel import init_process_group
 from pipeline.frames import Frames
@@ -39,7 +38,13 @@ from pipeline.vae import decode_dtype
 from pipeline.vae_parallel import ParallelVAEDecoder
 from serve.config import PrevizArgs
 from serve.stages.common import stage_components
-from serve.stages.shard_worker import JOIN_POLL_S, exit_on_group_failure, free_port
+from serve.stages.shard_worker import (
+    JOIN_POLL_S,
+    exit_on_group_failure,
+    free_port,
+    rank_actor_options,
+    rank_placement,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,26 +98,14 @@ class DecodeGroup:
         every rank joined. `vae` is rank 0's (a copy of it is patched). Worker r is the actor
         `decode_worker_name(name, r)`."""
         self.world_size, self.timeout_s = args.decoder.parallel, args.decoder.timeout_s
-        placement = ray.util.get_current_placement_group()
-        if placement is None or len(placement.bundle_specs) < self.world_size:
-            raise RuntimeError(
-                f"VAEDecoder decodes over {self.world_size} ranks (`decoder.parallel`) and needs a placement "
-                f"group of {self.world_size} bundles, but has "
-                f"{'none' if placement is None else len(placement.bundle_specs)}; do not override "
-                "`placement_group_bundles` with fewer bundles than ranks."
-            )
+        placement = rank_placement(
+            f"VAEDecoder decodes over {self.world_size} ranks (`decoder.parallel`)", self.world_size
+        )
         master_addr = ray.util.get_node_ip_address()
         master_port = free_port(master_addr)
         self.workers = [
             DecodeWorker.options(
-                name=decode_worker_name(name, rank),
-                num_cpus=placement.bundle_specs[rank].get("CPU", 0),
-                num_gpus=placement.bundle_specs[rank].get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=placement,
-                    placement_group_bundle_index=rank,
-                    placement_group_capture_child_tasks=True,
-                ),
+                **rank_actor_options(placement, rank, decode_worker_name(name, rank))
             ).remote(args, rank)
             for rank in range(1, self.world_size)
         ]

@@ -26,11 +26,13 @@ import sys
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
+from typing import Any
 
 import ray
 import torch
 from diffusers import WanTransformer3DModel
 from ray.exceptions import RayActorError
+from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.denoise.adapters import AdapterBank, load_bank
@@ -164,27 +166,14 @@ class RankGroup:
         self.experts = experts
         self.label = " + ".join(dict.fromkeys(args.experts.deployment(expert) for expert in experts))
         degree = group_settings(args, experts).degree
-        placement = ray.util.get_current_placement_group()
-        if placement is None or len(placement.bundle_specs) < degree.world_size:
-            raise RuntimeError(
-                f"{self.label} is sharded {degree.ulysses}x{degree.cfg} and needs a placement "
-                f"group of {degree.world_size} bundles, but has "
-                f"{'none' if placement is None else len(placement.bundle_specs)}; do not override "
-                "`placement_group_bundles` with fewer bundles than ranks."
-            )
+        what = f"{self.label} is sharded {degree.ulysses}x{degree.cfg}"
+        placement = rank_placement(what, degree.world_size)
         master_addr = ray.util.get_node_ip_address()
         master_port = free_port(master_addr)
         self.workers = [
-            ShardWorker.options(
-                name=worker_name(name, rank),
-                num_cpus=placement.bundle_specs[rank].get("CPU", 0),
-                num_gpus=placement.bundle_specs[rank].get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=placement,
-                    placement_group_bundle_index=rank,
-                    placement_group_capture_child_tasks=True,
-                ),
-            ).remote(args, experts, rank)
+            ShardWorker.options(**rank_actor_options(placement, rank, worker_name(name, rank))).remote(
+                args, experts, rank
+            )
             for rank in range(1, degree.world_size)
         ]
         joins = [worker.join.remote(master_addr, master_port) for worker in self.workers]
@@ -261,6 +250,33 @@ def exit_on_group_failure(why: str) -> None:
         handler.flush()
     sys.stderr.flush()
     os._exit(GROUP_FAILURE_EXIT_CODE)
+
+
+def rank_placement(what: str, world_size: int) -> PlacementGroup:
+    """This replica's placement group, checked to hold a bundle per rank; `what` says in the error what
+    needs the ranks."""
+    placement = ray.util.get_current_placement_group()
+    if placement is None or len(placement.bundle_specs) < world_size:
+        raise RuntimeError(
+            f"{what} and needs a placement group of {world_size} bundles, but has "
+            f"{'none' if placement is None else len(placement.bundle_specs)}; do not override "
+            "`placement_group_bundles` with fewer bundles than ranks."
+        )
+    return placement
+
+
+def rank_actor_options(placement: PlacementGroup, rank: int, name: str) -> dict[str, Any]:
+    """Actor options that start rank `rank`'s worker, named `name`, in its own bundle of `placement`."""
+    return {
+        "name": name,
+        "num_cpus": placement.bundle_specs[rank].get("CPU", 0),
+        "num_gpus": placement.bundle_specs[rank].get("GPU", 0),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=placement,
+            placement_group_bundle_index=rank,
+            placement_group_capture_child_tasks=True,
+        ),
+    }
 
 
 def free_port(host: str) -> int:
