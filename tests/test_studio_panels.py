@@ -2,7 +2,8 @@
 against the app on loopback: a panel dropped on a shot makes an I2V take starting from it, a second shot
 continues the first, the contact sheet shows the panel beside its takes and the chain, and a refused panel
 is said in words. The take is finished by hand here (tests/test_keyframes_api.py and test_continuity.py
-cover the run); the live run of a panel on the session cluster is test_keyframes_live.py."""
+cover the run); a dropped panel's take rendered by the session cluster and shown finished on the contact
+sheet is test_studio_panels_live.py."""
 
 from __future__ import annotations
 

@@ -421,7 +421,9 @@ function takeCard(board, shot, take, signal, reload, changed) {
   if (state.status === "completed") showPlayer();
   else if (!FINISHED.has(state.status)) {
     followVideo(take.video_id, (kind, data) => {
-      if (kind === "status") {
+      if (kind === "status" && data.status === "completed") {
+        finished(data); // a status event may say it completed before `done` does: the player shows either way
+      } else if (kind === "status") {
         live = true;
         state = stateOf(data);
         paint();
