@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from serve.http.limits import MAX_BODY_BYTES
+from serve.http.limits import body_limit
 from tests.support.api_app import TINY, LocalApi, finish, http_server, local_api
 
 GOOD = {"prompt": "a lighthouse in a storm", **TINY}
@@ -108,12 +108,13 @@ def test_a_body_declared_too_large_is_refused_before_it_is_read(api: LocalApi) -
 
 
 def test_a_streamed_body_is_cut_off_at_the_limit(api: LocalApi) -> None:
+    limit = body_limit("POST", "/v1/videos", "application/json")
     sent = 0
 
     def body() -> Iterator[bytes]:
         nonlocal sent
         chunk = b" " * (256 << 10)
-        for _ in range(64):  # 16 MiB, without a Content-Length
+        for _ in range(2 * limit // len(chunk)):  # twice the route's limit, without a Content-Length
             sent += len(chunk)
             yield chunk
 
@@ -125,8 +126,7 @@ def test_a_streamed_body_is_cut_off_at_the_limit(api: LocalApi) -> None:
             response = None
     if response is not None:
         assert refusal(response) == (413, "request_too_large", None)
-    assert sent < 16 << 20 and api.store.list(limit=5) == []
-    assert MAX_BODY_BYTES < 16 << 20
+    assert sent < 2 * limit and api.store.list(limit=5) == []
 
 
 @pytest.mark.parametrize(

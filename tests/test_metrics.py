@@ -180,8 +180,10 @@ def test_prometheus_counts_the_finished_jobs_by_status_and_project(
 def test_latency_histograms_have_the_jobs_and_every_stage(prometheus: PrometheusServer, project: str) -> None:
     assert value(prometheus.query('sum(ray_previz_job_seconds_count{resolution="96x64"})')) >= NUM_JOBS
     stages = prometheus.query('sum by (stage) (ray_previz_stage_seconds_count{resolution="96x64"})')
-    assert {row["metric"]["stage"] for row in stages} == STAGES
-    assert all(float(row["value"][1]) >= NUM_JOBS for row in stages)
+    counts = {row["metric"]["stage"]: float(row["value"][1]) for row in stages}
+    # image-to-video jobs of other tests on the shared cluster (same size) add their keyframe encode
+    assert STAGES <= counts.keys() <= STAGES | {"encode_image"}
+    assert all(counts[stage] >= NUM_JOBS for stage in STAGES)
     # Buckets reach 30 minutes; a quantile over the cumulative buckets is a finite number of seconds. The
     # end-to-end time is wall clock from creation, so a session-wide p95 can sit in the +Inf bucket when the
     # machine's clock steps or another test's job waits long; Prometheus then answers the top bound, 1800.

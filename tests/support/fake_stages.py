@@ -342,9 +342,11 @@ class FakeStages:
                 assert self.artifacts is not None, "start() gives the stages the artifact store"
                 self.artifacts.put_bytes(last_frame_key, png_bytes(Image.fromarray(pixels[-1])), PNG)
             frames = self.objects.put(pixels, "decode")
-            yield FrameBatch(ref=frames, fps=fps, seconds=0.01)
         finally:
+            # the turn ends with the work, before the result goes out: the Scheduler stops reading at the
+            # result, and a generator it no longer reads would hold the line until it is collected
             self.decode_turns.leave()
+        yield FrameBatch(ref=frames, fps=fps, seconds=0.01)
 
     async def upscale(self, frames: FrameBatch, width: int, height: int) -> AsyncIterator[FrameBatch]:
         self.record("upscale", (width, height))
