@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from pipeline.denoise import Denoiser, initial_state
-from pipeline.spec import RequestSpec, resolve
+from pipeline.spec import RequestSpec, ResolvedRequest, resolve
 from pipeline.text import TextEncoder
 from pipeline.vae import VAEDecoder
 from pipeline.weights import WanComponents, wan_pipeline
@@ -44,6 +46,22 @@ def run_staged(components: WanComponents, request: RequestSpec) -> tuple[np.ndar
     return frames.numpy(), seen
 
 
+def diffusers_arguments(resolved: ResolvedRequest, max_sequence_length: int) -> dict[str, Any]:
+    """The call arguments of diffusers' Wan pipelines (text- and image-to-video) for a resolved request."""
+    return dict(
+        prompt=resolved.prompt,
+        negative_prompt=resolved.negative_prompt,
+        height=resolved.height,
+        width=resolved.width,
+        num_frames=resolved.num_frames,
+        num_inference_steps=resolved.steps,
+        guidance_scale=resolved.guidance_high,
+        guidance_scale_2=resolved.guidance_low,
+        generator=torch.Generator("cpu").manual_seed(resolved.seed),
+        max_sequence_length=max_sequence_length,
+    )
+
+
 def run_diffusers(components: WanComponents, request: RequestSpec) -> tuple[np.ndarray, dict[str, list[int]]]:
     model = components.model
     resolved = resolve(request, model)
@@ -58,19 +76,7 @@ def run_diffusers(components: WanComponents, request: RequestSpec) -> tuple[np.n
         for expert, module in (("high", components.transformer), ("low", components.transformer_2))
     ]
     try:
-        video = pipe(
-            prompt=resolved.prompt,
-            negative_prompt=resolved.negative_prompt,
-            height=resolved.height,
-            width=resolved.width,
-            num_frames=resolved.num_frames,
-            num_inference_steps=resolved.steps,
-            guidance_scale=resolved.guidance_high,
-            guidance_scale_2=resolved.guidance_low,
-            generator=torch.Generator("cpu").manual_seed(resolved.seed),
-            output_type="np",
-            max_sequence_length=model.max_sequence_length,
-        ).frames[0]
+        video = pipe(**diffusers_arguments(resolved, model.max_sequence_length), output_type="np").frames[0]
     finally:
         for hook in hooks:
             hook.remove()
@@ -113,16 +119,7 @@ def run_diffusers_i2v_latents(
     latents = pipe(
         image=Image.fromarray(first),
         last_image=None if last is None else Image.fromarray(last),
-        prompt=resolved.prompt,
-        negative_prompt=resolved.negative_prompt,
-        height=resolved.height,
-        width=resolved.width,
-        num_frames=resolved.num_frames,
-        num_inference_steps=resolved.steps,
-        guidance_scale=resolved.guidance_high,
-        guidance_scale_2=resolved.guidance_low,
-        generator=torch.Generator("cpu").manual_seed(resolved.seed),
+        **diffusers_arguments(resolved, model.max_sequence_length),
         output_type="latent",
-        max_sequence_length=model.max_sequence_length,
     ).frames
     return latents[0].float()
