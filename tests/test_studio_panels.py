@@ -8,34 +8,22 @@ sheet is test_studio_panels_live.py."""
 from __future__ import annotations
 
 import base64
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from serve.jobs.keyframes import fit_to_size, load_keyframes
 from serve.jobs.request import I2V_MODEL
 from tests.support.api_app import LocalApi, http_server, local_api
 from tests.test_editorial_api import finish_with_clip
 from tests.test_images import encoded
+from tests.test_studio_page import browser
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: scripts/install_chromium.sh installs Debian's chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        yield chromium
-        chromium.close()
+__all__ = ["browser"]  # the fixture, shared with test_studio_page
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ test-artifacts/studio/ as screens-<screen>-<language>-<width>.png."""
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,14 +17,15 @@ from pathlib import Path
 
 import pytest
 from axe_playwright_python.sync_playwright import Axe
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.support.api_app import TINY, LocalApi, http_server, local_api
 from tests.support.cuts import run_cuts
 from tests.test_editorial_api import cut_of, finish_with_clip
 from tests.test_studio_i18n import english_chunks
+from tests.test_studio_page import browser
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+__all__ = ["browser"]  # the fixture, shared with test_studio_page
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "studio"
 WIDTHS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
 BOARD = {
@@ -42,18 +42,6 @@ BOARD = {
     ],
     "variants": {"seeds": 2},
 }
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: scripts/install_chromium.sh installs Debian's chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")
