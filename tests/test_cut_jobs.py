@@ -144,9 +144,8 @@ def test_the_cut_events_stream_its_status_then_done_with_the_cut(api: LocalApi, 
     assert data[1] == cut
 
 
-def test_a_cancelled_render_call_stops_after_the_shot_in_hand_and_deletes_what_it_stored(
-    api: LocalApi, board: dict
-) -> None:
+def long_cut(api: LocalApi, board: dict) -> CutRequest:
+    """A cut of the board's first takes, ten times over: 30 shots at 360p, so a shot takes a while."""
     videos = [take(board, shot, 0) for shot in range(3)]
     takes = [
         CutTake(
@@ -154,9 +153,13 @@ def test_a_cancelled_render_call_stops_after_the_shot_in_hand_and_deletes_what_i
         )
         for shot, video_id in enumerate(videos)
     ]
-    request = CutRequest(
-        title="long", takes=takes * 10, fps=24, size=(640, 360)
-    )  # 30 shots at 360p: a shot takes a while
+    return CutRequest(title="long", takes=takes * 10, fps=24, size=(640, 360))
+
+
+def test_a_cancelled_render_call_stops_after_the_shot_in_hand_and_deletes_what_it_stored(
+    api: LocalApi, board: dict
+) -> None:
+    request = long_cut(api, board)
     finisher = InProcessFinisher(FinisherStage(api.state.args))
 
     async def scenario() -> tuple[list[CutProgress], bool]:
@@ -179,14 +182,7 @@ def test_a_cancelled_render_call_stops_after_the_shot_in_hand_and_deletes_what_i
 def test_the_cut_runner_stops_a_cut_cancelled_mid_render_and_leaves_no_files(
     api: LocalApi, board: dict
 ) -> None:
-    videos = [take(board, shot, 0) for shot in range(3)]
-    takes = [
-        CutTake(
-            shot=shot, name=f"s{shot}", video_id=video_id, take=1, key=api.store.get(video_id).artifact_uri
-        )
-        for shot, video_id in enumerate(videos)
-    ]
-    request = CutRequest(title="long", takes=takes * 10, fps=24, size=(640, 360))
+    request = long_cut(api, board)
     cut = api.store.create_cut("cut_00000000000000bb", board["id"], "default", request)
 
     async def scenario() -> None:
