@@ -44,7 +44,7 @@ from pipeline.video import DRAFT_LABEL
 from serve.callbacks import CallbackPolicy, CallbackRefused
 from serve.config import PrevizArgs
 from serve.http.deps import IngressState, jobs_on_board
-from serve.http.errors import ApiError
+from serve.http.errors import ApiError, safety_unavailable
 from serve.http.keyframes import CheckedKeyframes, KeyframeInputs, check_keyframes
 from serve.http.schemas import (
     I2V_MODEL_ALIASES,
@@ -650,12 +650,7 @@ async def check_content(
             param = f"{prefix}shot" if in_shot else param
     except SafetyCheckError:
         logger.exception("the content check failed; refusing the request")
-        raise ApiError(
-            503,
-            "safety_unavailable",
-            "the content check is unavailable, so nothing was queued; try again later",
-            param,
-        ) from None
+        raise safety_unavailable(param) from None
     if verdict is not None:
         logger.info("refused a prompt: category %s at %s", verdict.category, param)
         record_safety_block("prompt", verdict.category)

@@ -77,6 +77,12 @@ def invalid(errors: list[dict[str, Any]], prefix: str = "") -> ApiError:
     return ApiError(400, code, message, param)
 
 
+def safety_unavailable(param: str) -> ApiError:
+    """The 503 of a content check that failed to answer: the policy fails closed, and nothing was queued."""
+    message = "the content check is unavailable, so nothing was queued; try again later"
+    return ApiError(503, "safety_unavailable", message, param)
+
+
 # The documented error answers of every route (the OpenAPI page), and the content policy's 422.
 # 400s that a request the OpenAPI schema allows may still get: rules of this deployment (its size envelope,
 # callback policy, sharding degrees), of the key's project, and across fields where JSON Schema has no

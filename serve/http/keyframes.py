@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.safety import FrameCheck, SafetyCheckError
-from serve.http.errors import ApiError
+from serve.http.errors import ApiError, safety_unavailable
 from serve.http.forms import UploadedFile
 from serve.http.images import image_from_data_url, read_image
 from serve.http.schemas import KeyframesIn
@@ -206,12 +206,7 @@ async def check_frame(frame_check: FrameCheck | None, pixels: np.ndarray, param:
         verdict = await asyncio.to_thread(frame_check.check, pixels)
     except SafetyCheckError:
         logger.exception("the frame check failed on a keyframe; refusing the request")
-        raise ApiError(
-            503,
-            "safety_unavailable",
-            "the content check is unavailable, so nothing was queued; try again later",
-            param,
-        ) from None
+        raise safety_unavailable(param) from None
     if verdict is not None:
         record_safety_block("keyframe", verdict.category)
         raise ApiError(
