@@ -179,6 +179,25 @@ def test_a_cancelled_render_call_stops_after_the_shot_in_hand_and_deletes_what_i
     assert stored_keys(api, f"default/{board['id']}/") == set()
 
 
+def test_a_render_stream_closed_between_events_stops_and_deletes_what_it_stored(
+    api: LocalApi, board: dict
+) -> None:
+    """A caller cancelled while it was not waiting on the stream (it was writing the progress) closes the
+    generator at its yield: the render stops and its files go as after a cancel."""
+    request = long_cut(api, board)
+    stage = FinisherStage(api.state.args)
+
+    async def scenario() -> CutProgress:
+        events = stage.render_cut(CutCall("cut_00000000000000cc", 1, "default", board["id"], request))
+        first = await anext(events)
+        await events.aclose()
+        return first
+
+    first = asyncio.run(scenario())
+    assert isinstance(first, CutProgress) and first.done == 1
+    assert stored_keys(api, f"default/{board['id']}/") == set()
+
+
 def test_the_cut_runner_stops_a_cut_cancelled_mid_render_and_leaves_no_files(
     api: LocalApi, board: dict
 ) -> None:
@@ -196,6 +215,7 @@ def test_the_cut_runner_stops_a_cut_cancelled_mid_render_and_leaves_no_files(
         assert runner.cancel(cut.id)
         await runner.settle()
         assert runner.in_flight == []
+        await runner.finisher.settle()  # the replica's own clean-up, which Serve runs beside the Scheduler
 
     asyncio.run(scenario())
     stopped = api.store.get_cut(cut.id)

@@ -91,13 +91,15 @@ class FinisherStage:
 
     async def render_cut(self, call: CutCall) -> AsyncIterator[CutEvent]:
         """Render the cut (serve.editorial.cut.render_cut) in a worker thread: a CutProgress after each shot
-        stored, then CutRendered. A call cancelled meanwhile stops the render after the shot in hand (the
-        thread cannot be stopped in the middle) and deletes what it stored. A replica lost mid-render leaves
-        its attempt's files for the Scheduler to delete."""
+        stored, then CutRendered. A call cancelled meanwhile, or a stream closed before its CutRendered (a
+        caller cancelled while it was not waiting on the stream), stops the render after the shot in hand
+        (the thread cannot be stopped in the middle) and deletes what it stored. A replica lost mid-render
+        leaves its attempt's files for the Scheduler to delete."""
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue[CutProgress] = asyncio.Queue()
         stop = threading.Event()
         started = time.perf_counter()
+        rendered = False
 
         def clip_done(done: int, total: int) -> None:
             if stop.is_set():
@@ -128,8 +130,11 @@ class FinisherStage:
                 yield next_event.result()
             while not progress.empty():  # the thread's last events land before its result
                 yield progress.get_nowait()
+            rendered = True  # handed over: closing the stream after this keeps the cut
             yield CutRendered(work.result(), time.perf_counter() - started)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            if rendered:
+                raise
             stop.set()  # the shot in hand is stored, then the render stops; its files go after it
             await asyncio.wait([work])
             keys = call.request.keys(call.project, call.storyboard_id, call.cut_id, call.attempt)

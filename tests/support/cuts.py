@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -16,11 +16,14 @@ from tests.support.api_app import LocalApi
 
 
 class Stream:
-    """What `handle.options(stream=True).render_cut.remote(call)` returns: an async iterator with cancel()."""
+    """What `handle.options(stream=True).render_cut.remote(call)` returns: an async iterator with cancel().
+    cancel() stops the replica's generator as Serve does: the pending next event is cancelled, or when the
+    caller is not waiting on one, the generator is closed (GeneratorExit at its yield)."""
 
-    def __init__(self, events: AsyncIterator[Any]) -> None:
+    def __init__(self, events: AsyncGenerator[Any, None]) -> None:
         self._events = events
         self._task: asyncio.Task[Any] | None = None
+        self._closing: asyncio.Task[None] | None = None
 
     def __aiter__(self) -> Stream:
         return self
@@ -30,8 +33,15 @@ class Stream:
         return await self._task
 
     def cancel(self) -> None:
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
             self._task.cancel()
+        elif self._closing is None:
+            self._closing = asyncio.ensure_future(self._events.aclose())
+
+    async def settle(self) -> None:
+        """Wait until the generator's own clean-up after a cancel has ended (a replica's, in Serve)."""
+        pending = [task for task in (self._task, self._closing) if task is not None]
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 class InProcessFinisher:
@@ -40,12 +50,20 @@ class InProcessFinisher:
     def __init__(self, stage: FinisherStage) -> None:
         self.stage = stage
         self.render_cut = self
+        self.streams: list[Stream] = []
 
     def options(self, **_options: Any) -> InProcessFinisher:
         return self
 
     def remote(self, call: Any) -> Stream:
-        return Stream(self.stage.render_cut(call))
+        stream = Stream(self.stage.render_cut(call))
+        self.streams.append(stream)
+        return stream
+
+    async def settle(self) -> None:
+        """Wait until every stream's clean-up has ended, as a test must before it looks at the store."""
+        for stream in self.streams:
+            await stream.settle()
 
 
 def cut_runner(api: LocalApi) -> CutRunner:
