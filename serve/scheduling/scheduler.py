@@ -395,8 +395,8 @@ class Scheduler:
         try:
             async for event in stream:
                 match event:
-                    case DenoiseWaiting(num_ahead=num_ahead):  # queued in the engine, not stalled
-                        await run.waiting(num_ahead)
+                    case DenoiseWaiting() as waiting:  # queued in the engine, not stalled
+                        await run.waiting_to_denoise(waiting, steps_left=resolved.steps - start_index)
                     case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
                         steps_left = resolved.steps - (start_index + done)
                         await run.stepped(done, total, steps_left=steps_left, seconds_per_step=seconds)
@@ -438,8 +438,8 @@ class Scheduler:
         try:
             async for event in stream:
                 match event:
-                    case DenoiseWaiting(num_ahead=num_ahead):
-                        await run.waiting(num_ahead)
+                    case DenoiseWaiting() as waiting:
+                        await run.waiting_to_denoise(waiting, steps_left=resolved.steps - start_index)
                     case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
                         steps_left = resolved.steps - (start_index + done)
                         await run.stepped(done, total, steps_left=steps_left, seconds_per_step=seconds)

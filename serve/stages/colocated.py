@@ -149,7 +149,9 @@ class ColocatedDenoiserDeployment:
             adapters=tuple(call.adapters),
             cache=call.cache,
             on_progress=progress,
-            on_waiting=lambda num_ahead: report(DenoiseWaiting(num_ahead=num_ahead)),
+            on_waiting=lambda place: report(
+                DenoiseWaiting(place.num_ahead, place.seconds_ahead, place.seconds_per_step)
+            ),
             on_boundary=lambda state: report(_Crossed(state, time.perf_counter())),
             condition=condition,
         )

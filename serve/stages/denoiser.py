@@ -158,7 +158,9 @@ class DenoiserDeployment:
             quality=call.quality,
             adapters=tuple(call.adapters),
             on_progress=progress,
-            on_waiting=lambda num_ahead: report(DenoiseWaiting(num_ahead=num_ahead)),
+            on_waiting=lambda place: report(
+                DenoiseWaiting(place.num_ahead, place.seconds_ahead, place.seconds_per_step)
+            ),
             cache=call.cache,
             condition=condition,
         )
