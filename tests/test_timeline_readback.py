@@ -163,6 +163,10 @@ def test_a_timeline_of_another_board_or_with_unknown_clips_is_refused_with_nothi
     foreign = put(api, board, "otio", write(export(api, other, "otio"), "otio"))
     assert (foreign.status_code, foreign.json()["error"]["code"]) == (409, "foreign_timeline")
     assert "nothing was changed" in foreign.json()["error"]["message"]
+    assert [
+        (clip["position"], clip["name"], clip["video_id"], clip["reason"])
+        for clip in foreign.json()["error"]["clips"]
+    ] == [(shot + 1, f"3{'ABCD'[shot]} take 1", take(other, shot, 0), "not_this_board") for shot in range(4)]
 
     timeline = edit(export(api, board, "edl"), board)
     stranger = otio.schema.Clip(
@@ -175,27 +179,54 @@ def test_a_timeline_of_another_board_or_with_unknown_clips_is_refused_with_nothi
     unknown = put(api, board, "edl", write(timeline, "edl"))
     assert (unknown.status_code, unknown.json()["error"]["code"]) == (422, "unmatched_clips")
     assert "clip 4 'B-roll': it carries no Previz take id" in unknown.json()["error"]["message"]
+    assert unknown.json()["error"]["clips"] == [
+        {
+            "position": 4,
+            "name": "B-roll",
+            "video_id": None,
+            "reason": "no_take_id",
+            "message": "it carries no Previz take id",
+        }
+    ]
 
     mixed = export(api, board, "otio")
     swap_take(list(mixed.find_clips())[3], take(other, 3, 0))  # a take of another board among ours
     refused = put(api, board, "otio", write(mixed, "otio"))
     assert refused.json()["error"]["code"] == "unmatched_clips"
     assert f"(take {take(other, 3, 0)}): it is no take of this board" in refused.json()["error"]["message"]
+    assert [(c["position"], c["video_id"], c["reason"]) for c in refused.json()["error"]["clips"]] == [
+        (4, take(other, 3, 0), "not_this_board")
+    ]
 
     twice = export(api, board, "otio")
     swap_take(list(twice.find_clips())[1], take(board, 0, 1))  # shot 0 twice
     duplicate = put(api, board, "otio", write(twice, "otio"))
     assert duplicate.json()["error"]["code"] == "unmatched_clips"
     assert "its shot is already used by clip 1" in duplicate.json()["error"]["message"]
+    assert [(c["position"], c["reason"]) for c in duplicate.json()["error"]["clips"]] == [
+        (2, "shot_used_twice")
+    ]
 
     garbage = put(api, board, "fcpxml", "<xmeml><nothing/>")
     assert (garbage.status_code, garbage.json()["error"]["code"]) == (400, "invalid_timeline")
+    assert "clips" not in garbage.json()["error"]  # only a refused timeline's answers list clips
     elsewhere = put(
         api, board, "otio", write(export(api, board, "otio"), "otio"), client=api.client_for("other")
     )
     assert elsewhere.status_code == 404
     assert stored_edit(api, board) == before
     assert api.client.get(f"/v1/storyboards/{board['id']}").json()["order"] == [0, 1, 2, 3]
+    schema = api.client.get("/openapi.json").json()
+    assert "422" in schema["paths"]["/v1/storyboards/{storyboard_id}/timeline"]["put"]["responses"]
+    clip = schema["components"]["schemas"]["UnmatchedClip"]["properties"]
+    assert clip["reason"]["enum"] == [
+        "no_take_id",
+        "not_this_board",
+        "shot_used_twice",
+        "empty",
+        "slate_only",
+        "no_clips",
+    ]
 
 
 def test_a_16_fps_board_exports_to_every_format_at_24_and_reads_back_there(api: LocalApi) -> None:
