@@ -253,8 +253,8 @@ def test_a_16_fps_board_exports_to_every_format_at_24_and_reads_back_there(api: 
     assert again["clips"][1]["content_start"] == 3
 
 
-def test_review_statuses_and_notes_ride_in_otio_metadata_edl_comments_and_fcp_xml(
-    api: LocalApi, board: dict
+def test_review_statuses_and_notes_ride_in_otio_metadata_edl_comments_fcp_xml_and_aaf_mob_comments(
+    api: LocalApi, board: dict, tmp_path: Path
 ) -> None:
     first = take(board, 0, 0)
     reviewer = api.client_with(api.store.create_key("default", "member", "kim")[1])
@@ -285,6 +285,21 @@ def test_review_statuses_and_notes_ride_in_otio_metadata_edl_comments_and_fcp_xm
     assert "* PREVIZ REVIEW PENDING" in edl
     xml = api.client.get(f"/v1/storyboards/{board['id']}/timeline", params={"format": "fcpxml"}).text
     assert "PREVIZ REVIEW NEEDS-CHANGES BY kim" in xml and "kim: door opens too early" in xml
+    aaf = tmp_path / "cut.aaf"
+    aaf.write_bytes(
+        api.client.get(f"/v1/storyboards/{board['id']}/timeline", params={"format": "aaf"}).content
+    )
+    read = list(otio.adapters.read_from_file(str(aaf), adapter_name="AAF").find_clips())
+    assert [dict(clip.metadata["AAF"]["UserComments"]) for clip in read[:2]] == [
+        {
+            "Previz Take": first,
+            "Previz Review": "needs-changes",
+            "Previz Review By": "kim",
+            "Previz Note 1": "F4 kim: door opens too early",
+            "Previz Note 2": "kim: warmer overall",
+        },
+        {"Previz Take": take(board, 1, 0), "Previz Review": "pending"},
+    ]
     # another project sees neither the board's timeline nor the take's notes
     other = api.client_for("other")
     assert other.get(f"/v1/storyboards/{board['id']}/timeline").status_code == 404
