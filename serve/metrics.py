@@ -37,6 +37,8 @@ RUNNING_STATUS_NAMES = ("encoding", "denoising_high", "denoising_low", "decoding
 GPU_ONLY_METRICS = ("previz_gpu_utilization_ratio", "previz_gpu_memory_used_bytes")
 # Counters that exist only after their first event (a webhook sent, a prompt or clip refused).
 FIRST_EVENT_METRICS = (
+    "previz_cuts_finished_total",  # none before a cut run ended
+    "previz_cut_render_seconds",
     "previz_webhook_deliveries_total",
     "previz_safety_blocks_total",
     "previz_engine_adapter_switches_total",  # none before two adapter sets met in one engine
@@ -58,6 +60,10 @@ class PrevizMetrics:
     stage_seconds: Histogram  # per-stage compute time, from the timings the scheduler records
     job_compute_seconds_total: Counter  # summed stage seconds per project: usage and fair share
     scheduler_passes_total: Counter  # scheduling passes by outcome; errors are mostly job-store (disk) errors
+    # ---- cuts (Scheduler, Housekeeping) ----
+    cuts: Gauge  # cut jobs queued | running (refreshed from the job store)
+    cuts_finished_total: Counter  # cut runs that ended, by outcome and project
+    cut_render_seconds: Histogram  # one recorded cut's render on its Finisher replica
     # ---- stages (deployments) ----
     denoise_iterations_total: Counter
     denoise_batch_size: Histogram  # requests per engine iteration
@@ -139,6 +145,18 @@ def metrics() -> PrevizMetrics:
         ),
         scheduler_passes_total=Counter(
             "previz_scheduler_passes_total", "Scheduling passes by outcome.", tag_keys=("outcome",)
+        ),
+        cuts=Gauge("previz_cuts", "Cut jobs queued or running (status).", tag_keys=("status",)),
+        cuts_finished_total=Counter(
+            "previz_cuts_finished_total",
+            "Cut runs the Scheduler ended, by outcome: succeeded | failed | cancelled | requeued (its "
+            "Finisher replica was lost) | superseded (a newer run or a restart owns the cut).",
+            tag_keys=("outcome", "project"),
+        ),
+        cut_render_seconds=Histogram(
+            "previz_cut_render_seconds",
+            "Seconds a Finisher replica took to render a cut that became its board's cut.",
+            boundaries=LATENCY_BUCKETS_S,
         ),
         denoise_iterations_total=Counter(
             "previz_denoise_iterations_total", "Denoiser engine iterations.", tag_keys=("expert", *replica)
@@ -345,6 +363,21 @@ def record_scheduler_pass(ok: bool) -> None:
     metrics().scheduler_passes_total.inc(1, tags={"outcome": "ok" if ok else "error"})
 
 
+CUT_OUTCOMES = ("succeeded", "failed", "cancelled", "requeued", "superseded")
+CUT_STATUSES = ("queued", "running")
+
+
+@_safely
+def record_cut_finished(project: str, outcome: str, render_seconds: float | None = None) -> None:
+    """A cut run ended (`outcome`, one of CUT_OUTCOMES); a cut that succeeded also records its render."""
+    if outcome not in CUT_OUTCOMES:
+        raise ValueError(f"`outcome` must be one of {CUT_OUTCOMES} but is {outcome!r}.")
+    m = metrics()
+    m.cuts_finished_total.inc(1, tags={"outcome": outcome, "project": project})
+    if render_seconds is not None:
+        m.cut_render_seconds.observe(max(render_seconds, 0.0))
+
+
 class StaleZeroingGauge:
     """Sets a gauge for the tag sets seen now and back to 0 for those seen before but gone since (Ray keeps
     a gauge's last value per tag set forever). `baseline` tag sets are always published (0 when absent),
@@ -376,6 +409,14 @@ class QueueReporter:
         self._oldest = StaleZeroingGauge(lambda: metrics().queue_oldest_age_seconds, idle_queues)
         running = [(("status", status),) for status in RUNNING_STATUS_NAMES]
         self._stalled = StaleZeroingGauge(lambda: metrics().job_stalled_seconds, running)
+        self._cuts = StaleZeroingGauge(
+            lambda: metrics().cuts, [(("status", status),) for status in CUT_STATUSES]
+        )
+
+    @_safely
+    def publish_cuts(self, counts: dict[str, int]) -> None:
+        """`counts`: cut status -> cut jobs, of the unfinished ones (JobStore.count_unfinished_cuts())."""
+        self._cuts.publish({(("status", status),): counts.get(status, 0) for status in CUT_STATUSES})
 
     @_safely
     def publish(self, counts: dict[Any, int], unfinished: Iterable[Any], now: datetime | None = None) -> None:
