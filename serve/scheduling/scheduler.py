@@ -538,10 +538,10 @@ class Scheduler:
         return state
 
     def _clean_up(self, job_id: str, attempt: int | None = None) -> None:
-        """Delete what nothing will read: a finished (or deleted) job's checkpoint (and, unless it succeeded,
-        its last decoded frame), and the clip and poster
-        of run `attempt` unless the job recorded them as its result (the run was cancelled, superseded or
-        requeued, or its job deleted, after the Finisher stored them). A requeued job keeps its checkpoint
+        """Delete what nothing will read: a finished (or deleted) job's checkpoint and kept keyframe condition
+        (and, unless it succeeded, its last decoded frame), and the clip and poster of run `attempt` unless
+        the job recorded them as its result (the run was cancelled, superseded or requeued, or its job
+        deleted, after the Finisher stored them). A requeued job keeps its checkpoint and its condition
         for its next run. Deleted jobs are read too: a DELETE that lands before the run stops must not
         leave the run's files behind. Best effort: what fails here the orphan sweep removes later."""
         try:
@@ -549,7 +549,7 @@ class Scheduler:
             if current is None:
                 return
             keys = JobArtifacts(current.project, current.id)
-            garbage = [keys.checkpoint] if current.is_finished else []
+            garbage = [keys.checkpoint, keys.condition] if current.is_finished else []
             if current.is_finished and (current.status != JobStatus.SUCCEEDED or current.deleted_at):
                 garbage.append(keys.last_frame)  # no take to continue from: its decoded frame goes too
             if attempt is not None and current.artifact_uri != keys.clip(attempt):
