@@ -522,7 +522,8 @@ def record_decode(
 
 @_safely
 def record_safety_block(stage: str, category: str) -> None:
-    """`stage` is prompt (the Ingress refused a request) | frames (the Finisher refused a clip)."""
+    """`stage` is prompt (the Ingress refused a request) | frames (the Finisher refused a clip) | keyframe
+    (the Ingress refused a keyframe image, or the Scheduler a chained shot's frame)."""
     metrics().safety_blocks_total.inc(1, tags={"stage": stage, "category": category})
 
 
