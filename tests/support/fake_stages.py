@@ -426,6 +426,14 @@ async def wait_for_any(
         await asyncio.sleep(0.02)
 
 
+async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+    """Poll `condition` (on what the stand-in stages recorded, say) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 def run(scenario: Callable[[], Any]) -> None:
     asyncio.run(scenario())
 
