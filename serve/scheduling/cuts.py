@@ -26,9 +26,10 @@ from datetime import timedelta
 from ray.serve.handle import DeploymentHandle
 
 from serve.jobs import JobStore
-from serve.jobs.cuts import CutJob
+from serve.jobs.cuts import STALE_RUN, CutJob
 from serve.jobs.deletion import delete_keys_or_leave_to_sweep
 from serve.jobs.models import utcnow
+from serve.metrics import record_cut_finished
 from serve.scheduling.faults import REPLICA_LOST, Superseded, describe
 from serve.stages.payloads import CutCall, CutProgress, CutRendered
 from serve.storage import ArtifactNotFoundError, ArtifactStore
@@ -93,34 +94,48 @@ class CutRunner:
         return True
 
     async def _run(self, cut: CutJob) -> None:
+        """Render the cut and record how its run ended (the store, the cuts-by-outcome metric)."""
+        render_seconds = None
         try:
-            await self._render(cut)
+            outcome, render_seconds = await self._render(cut)
         except Superseded as superseded:
             logger.info("cut %s: %s; this run stops", cut.id, superseded)
             await self._drop_files_unless_served(cut)
+            now = await asyncio.to_thread(self.store.get_cut, cut.id)
+            outcome = "cancelled" if now is not None and now.status == "cancelled" else "superseded"
         except asyncio.CancelledError:
             if cut.id in self._cancelled:
                 self._cancelled.discard(cut.id)
                 logger.info("cut %s cancelled while rendering", cut.id)
                 await self._drop_files_unless_served(cut)
+                record_cut_finished(cut.project, "cancelled")
                 return
             raise  # the scheduler is stopping: its successor requeues the cut
         except REPLICA_LOST as error:
             logger.warning("cut %s lost its Finisher replica (%s); it goes back to the queue", cut.id, error)
-            await asyncio.to_thread(
+            status = await asyncio.to_thread(
                 self.store.requeue_cut, cut.id, cut.attempt, max_attempts=self.max_attempts
             )
+            outcome = {"queued": "requeued", "failed": "failed"}.get(status or "", "superseded")
             await self._drop_files_unless_served(cut)
         except ArtifactNotFoundError as error:  # a take's clip went with its video before it was read
             message = f"a take of the cut was deleted before it rendered: {error}"
-            await asyncio.to_thread(self.store.fail_cut, cut.id, cut.attempt, "take_deleted", message)
+            failed = await asyncio.to_thread(
+                self.store.fail_cut, cut.id, cut.attempt, "take_deleted", message
+            )
+            outcome = "failed" if failed else "superseded"
             await self._drop_files_unless_served(cut)
         except Exception as error:
             logger.exception("cut %s failed", cut.id)
-            await asyncio.to_thread(self.store.fail_cut, cut.id, cut.attempt, "cut_failed", describe(error))
+            failed = await asyncio.to_thread(
+                self.store.fail_cut, cut.id, cut.attempt, "cut_failed", describe(error)
+            )
+            outcome = "failed" if failed else "superseded"
             await self._drop_files_unless_served(cut)
+        record_cut_finished(cut.project, outcome, render_seconds)
 
-    async def _render(self, cut: CutJob) -> None:
+    async def _render(self, cut: CutJob) -> tuple[str, float | None]:
+        """Run the render and record its cut; (how the run ended, the render's seconds when recorded)."""
         call = CutCall(cut.id, cut.attempt, cut.project, cut.storyboard_id, cut.request)
         stream = self.finisher.options(stream=True).render_cut.remote(call)
         try:
@@ -143,7 +158,8 @@ class CutRunner:
                                 outcome.refused,
                             )
                             await self._drop_files_unless_served(cut)
-                            return
+                            # the store failed it (`take_deleted`), unless another run or a cancel ended it
+                            return ("superseded" if outcome.refused == STALE_RUN else "failed"), None
                         logger.info("cut %s rendered in %.1f s", cut.id, seconds)
                         if outcome.replaced is not None:
                             await asyncio.to_thread(
@@ -152,7 +168,7 @@ class CutRunner:
                                 outcome.replaced.keys,
                                 "a replaced cut",
                             )
-                        return
+                        return "succeeded", seconds
         except BaseException:
             stream.cancel()  # out of the replica too: the render stops at its next shot
             raise
