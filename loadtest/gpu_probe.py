@@ -46,6 +46,7 @@ Without a GPU and without `--dry-run` it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import math
@@ -331,6 +332,7 @@ class Probe:
         if not self.affordable(expected_s):
             variant.status = "skipped: time budget spent"
             return variant
+        failed = None
         try:
             with Memory(self.device) as memory:
                 sync(self.device)
@@ -339,8 +341,11 @@ class Probe:
                 sync(self.device)
                 seconds = time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 - out of memory, a missing kernel: recorded, the run goes on
-            variant.status = failure(error)
-            self.checks[f"vae {variant.name}"] = variant.status
+            failed = failure(error)
+        if failed is not None:  # out of the handler: its traceback, which held the decode's tensors, is gone
+            variant.status = failed
+            self.checks[f"vae {variant.name}"] = failed
+            gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return variant
@@ -604,7 +609,8 @@ def probe_vae(probe: Probe) -> VaeRecord:
     variants = [one_device("full float32", torch.float32, None)]
     if dtype != torch.float32:
         variants.append(one_device(f"full {dtype_name}", dtype, None))
-    variants.append(one_device(f"tiled {dtype_name}", dtype, TILES[0]))
+    # the plan's first tile (256 pixels); the dry run's frame is smaller, so its smallest tile (64)
+    variants.append(one_device(f"tiled {dtype_name}", dtype, TILES[-1] if probe.dry else TILES[0]))
     widths = WIDTHS if not probe.dry else (16, 8, 8, 8)
     fast = VaeVariant(f"fast {dtype_name}", "fast", dtype_name, 1, None, "ok")
     try:
