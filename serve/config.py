@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.denoise.adapters import DEFAULT_MAX_ADAPTERS
+from pipeline.denoise.calibration import has_curve
 from pipeline.denoise.fp8 import fp8_problem
 from pipeline.denoise.parallel import DEFAULT_TIMEOUT_S
 from pipeline.grade import LOOK_PATTERN
@@ -196,7 +197,8 @@ class ImageToVideoSettings(BaseModel):
     sampling: ModelSpec = Field(
         default_factory=lambda: model_spec("i2v"),
         description="Its sampling settings; default the official I2V recipe (40 steps, shift 5.0, CFG "
-        "3.5/3.5, boundary 0.900).",
+        "3.5/3.5, boundary 0.900, no `final_cache`). Fields not given keep the I2V recipe's values, not "
+        "T2V's.",
     )
     experts: ExpertsSettings = Field(
         default_factory=ExpertsSettings,
@@ -207,6 +209,27 @@ class ImageToVideoSettings(BaseModel):
         description="Its LoRAs: the draft tier's distill LoRA (Wan2.2-Lightning I2V 4-step files) and style "
         "LoRAs trained for the I2V experts, as the top-level `adapters`.",
     )
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _sampling_over_the_i2v_recipe(cls, value: object) -> object:
+        """A partial `sampling` changes the I2V recipe's fields it names; the rest stay I2V's (boundary
+        0.900, shift 5.0, no step cache), never ModelSpec's T2V defaults."""
+        if isinstance(value, Mapping):
+            return {**model_spec("i2v").model_dump(), **value}
+        return value
+
+    @model_validator(mode="after")
+    def _final_cache_needs_a_curve(self) -> ImageToVideoSettings:
+        if self.sampling.final_cache is not None and not has_curve(self.model, "i2v"):
+            raise ValueError(
+                "`i2v.sampling.final_cache` turns the `final` tier's step cache on, but model "
+                f"{self.model!r} (Wan2.2-I2V-A14B weights) has no step-cache curve to decide skips by "
+                "(MagCache's published ratios are for Wan2.2-T2V-A14B only; the presets calibrate their "
+                "own), so admission would refuse every final I2V request; set "
+                "`i2v.sampling.final_cache: null`."
+            )
+        return self
 
 
 PUBLIC_URL_PATTERN = r"^https?://[^\s/?#@]+(/[^\s?#]*)?$"  # scheme and host, maybe a path; no query

@@ -79,7 +79,7 @@ class PrevizMetrics:
     denoise_cached_steps_total: Counter  # request steps served from a step cache
     step_cache_bytes: Gauge  # held | bound: the live requests' step-cache residuals and their bound
     engine_queued_work: Gauge  # unit token_steps | seconds: the load the router and autoscaler read
-    routing_decisions_total: Counter  # denoiser calls by affinity kept | given_up (bounded-load router)
+    routing_decisions_total: Counter  # denoiser calls by affinity kept | given_up, application, deployment
     # ---- lanes (Scheduler) ----
     lane_jobs: Gauge  # per lane: state in_flight | reserved | free (admission waits: queue_wait_seconds)
     text_embedding_cache_hits_total: Counter
@@ -197,8 +197,9 @@ def metrics() -> PrevizMetrics:
         ),
         routing_decisions_total=Counter(
             "previz_routing_decisions_total",
-            "Denoiser calls routed: affinity=kept (the bucket's replica) or given_up (over the load bound).",
-            tag_keys=("affinity",),
+            "Denoiser calls routed: affinity=kept (the bucket's replica) or given_up (over the load bound), "
+            "by the Serve application and deployment they were routed to.",
+            tag_keys=("affinity", "application", "deployment"),
         ),
         lane_jobs=Gauge(
             "previz_lane_jobs",
@@ -344,9 +345,10 @@ def record_job_finished(job: Any, status: str, timings: dict[str, float] | None 
 
 
 @_safely
-@_safely
-def record_routing_decision(kept: bool) -> None:
-    metrics().routing_decisions_total.inc(tags={"affinity": "kept" if kept else "given_up"})
+def record_routing_decision(kept: bool, application: str, deployment: str) -> None:
+    """One denoiser call routed by the bounded-load router of a handle to `application`'s `deployment`."""
+    tags = {"affinity": "kept" if kept else "given_up", "application": application, "deployment": deployment}
+    metrics().routing_decisions_total.inc(tags=tags)
 
 
 @_safely
@@ -520,7 +522,8 @@ def record_decode(
 
 @_safely
 def record_safety_block(stage: str, category: str) -> None:
-    """`stage` is prompt (the Ingress refused a request) | frames (the Finisher refused a clip)."""
+    """`stage` is prompt (the Ingress refused a request) | frames (the Finisher refused a clip) | keyframe
+    (the Ingress refused a keyframe image, or the Scheduler a chained shot's frame)."""
     metrics().safety_blocks_total.inc(1, tags={"stage": stage, "category": category})
 
 

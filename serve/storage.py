@@ -313,6 +313,12 @@ class JobArtifacts:
         return artifact_key(self.project, self.job_id, f"keyframe-{which}.png")
 
     @property
+    def condition(self) -> str:
+        """An I2V job's condition latents (`.npz`), made from its keyframes by the first attempt's VAEEncoder
+        and read by each retry instead of encoding again (serve.jobs.keyframes); goes when the job ends."""
+        return artifact_key(self.project, self.job_id, "condition.npz")
+
+    @property
     def last_frame(self) -> str:
         """The last decoded frame of the job's clip (PNG), written before label, LUT and conform: what a
         chained shot starts from."""

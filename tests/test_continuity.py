@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.safety import FrameCheck
 from serve.editorial.cut import choose_takes
 from serve.jobs import JobRecord, JobStatus, JobStore
 from serve.jobs.keyframes import load_keyframes, load_last_frame, save_last_frame
@@ -19,6 +20,7 @@ from serve.jobs.request import I2V_MODEL, SERVED_MODEL
 from serve.scheduling.continuity import release_chained
 from tests.support.api_app import TINY, LocalApi, finish, local_api
 from tests.support.fake_stages import FakeStages, run, scheduler_args, start, stop, wait_for
+from tests.support.safety_hooks import BLOCKED_WIDTH, block_bright_frames
 from tests.test_editorial_api import cut_of, finish_with_clip
 from tests.test_images import encoded
 
@@ -120,8 +122,62 @@ def test_a_chained_shot_waits_for_the_selected_take(api: LocalApi) -> None:
         np.testing.assert_array_equal(load_keyframes(api.state.artifacts, "default", job.id)[0], frame)
 
 
-def run_release(api: LocalApi) -> int:
-    return asyncio.run(release_chained(api.store, api.state.artifacts, "test"))
+def run_release(api: LocalApi, frame_check: FrameCheck | None = None) -> int:
+    return asyncio.run(release_chained(api.store, api.state.artifacts, "test", frame_check))
+
+
+@pytest.mark.parametrize(("shade", "code"), [(40, None), (200, "content_blocked")], ids=["dark", "bright"])
+def test_a_chained_shots_frame_goes_through_the_frame_check_before_it_is_released(
+    api: LocalApi, shade: int, code: str | None
+) -> None:
+    shots = [{"prompt": "a", **TINY}, {"prompt": "b", **TINY, "continue": "previous"}]
+    board = api.client.post("/v1/storyboards", json={"shots": shots}).json()
+    first, chained = (shot["videos"][0]["video_id"] for shot in board["shots"])
+    finish(api, first)
+    save_last_frame(api.state.artifacts, "default", first, np.full((64, 96, 3), shade, np.uint8))
+    check = FrameCheck(block_bright_frames)  # frames brighter than mid-grey are `sexual_explicit`
+    assert run_release(api, check) == (1 if code is None else 0)
+    job = api.store.get(chained)
+    stored, _last = load_keyframes(api.state.artifacts, "default", chained)
+    assert api.store.waiting_chained() == []
+    if code is None:
+        assert job.status == JobStatus.QUEUED and job.request.keyframes.first.video == first
+        np.testing.assert_array_equal(stored, np.full((64, 96, 3), shade, np.uint8))
+    else:  # failed as a blocked keyframe image is refused: the content code, nothing stored
+        assert (job.status, job.error_code) == (JobStatus.FAILED, "content_blocked")
+        assert "sexual_explicit" in job.error_message and stored is None
+        assert job.request.keyframes.first.sha256 is None
+
+
+def test_the_scheduler_checks_a_chained_shots_frame_with_the_configured_frame_check(
+    api: LocalApi, tmp_path: Path
+) -> None:
+    # the second shot is 80 wide: the predecessor's frame fitted to it is what the test hook blocks
+    shots = [
+        {"prompt": "a", **TINY},
+        {"prompt": "b", **{**TINY, "size": f"{BLOCKED_WIDTH}x64"}, "continue": "previous"},
+    ]
+    board = api.client.post("/v1/storyboards", json={"shots": shots}).json()
+    first, chained = (shot["videos"][0]["video_id"] for shot in board["shots"])
+    safety = {"frame_check": "tests.support.safety_hooks:block_test_width"}
+    args = scheduler_args(tmp_path, i2v={"model": "tiny-i2v"}, safety=safety)
+    stages = FakeStages()
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            await wait_for(api.store, chained, lambda job: job.is_finished, timeout_s=60)
+        finally:
+            stop(scheduler)
+
+    run(scenario)
+    assert api.store.get(first).status == JobStatus.SUCCEEDED
+    blocked = api.store.get(chained)
+    assert (blocked.status, blocked.error_code) == (JobStatus.FAILED, "content_blocked")
+    assert "violence_graphic" in blocked.error_message
+    assert stages.denoise_calls and all(call.request_id.startswith(first) for call in stages.denoise_calls)
+    assert "encode_image" not in stages.calls  # no GPU work for the blocked take
+    assert load_keyframes(api.state.artifacts, "default", chained) == (None, None)
 
 
 def test_a_chain_whose_predecessor_has_no_completed_take_fails_with_a_code(api: LocalApi) -> None:

@@ -6,6 +6,7 @@ layout."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanTransformer3DModel
+from PIL import Image
 from transformers import UMT5EncoderModel
 
 from pipeline.denoise import DenoiseEngine, DenoiseState, EngineRequest
@@ -31,6 +33,10 @@ from pipeline.weights import (
     source_task,
     wan_pipeline,
 )
+from serve.jobs.keyframes import save_keyframes
+from serve.stages.encoder import KeyframeConditions
+from serve.stages.payloads import EncodeImageCall
+from serve.storage import JobArtifacts, LocalArtifactStore
 from tests.support.wan_reference import MAX_ABS_DIFF, panel, run_diffusers_i2v_latents, tiny_request
 
 WIDTH, HEIGHT = 96, 64
@@ -121,6 +127,39 @@ def test_vae_encoder_refuses_keyframes_it_cannot_encode(tiny_i2v: WanComponents)
         Keyframes(first=panel(WIDTH, HEIGHT, 1).astype(np.float32))
     with pytest.raises(ValueError, match="same size"):
         Keyframes(first=panel(WIDTH, HEIGHT, 1), last=panel(WIDTH + 16, HEIGHT, 2))
+
+
+def test_a_retried_i2v_job_reuses_its_kept_condition_and_does_not_encode_again(
+    tiny_i2v: WanComponents, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VAEEncoder's first attempt at a job encodes its stored keyframes and keeps the condition beside
+    them; a retry of the job (on a fresh replica: a lost one is why jobs retry) reads it back without
+    calling the encoder and gets the very same array. A clip of another length is encoded again."""
+    artifacts = LocalArtifactStore(tmp_path)
+    given = keyframes(7, last=True)
+    save_keyframes(artifacts, "p", "vid_retry", Image.fromarray(given.first), Image.fromarray(given.last))
+    encoder = VAEEncoder(tiny_i2v.vae)
+    real_encode, encoded = encoder.encode, []
+
+    def counted(frames: Keyframes, num_frames: int) -> torch.Tensor:  # the real encoder, its calls counted
+        encoded.append(num_frames)
+        return real_encode(frames, num_frames)
+
+    monkeypatch.setattr(encoder, "encode", counted)
+    call = EncodeImageCall(project="p", job_id="vid_retry", num_frames=9)
+    first_try, seconds = asyncio.run(KeyframeConditions(encoder, artifacts).condition(call))
+    assert encoded == [9] and seconds > 0 and artifacts.exists(JobArtifacts("p", "vid_retry").condition)
+    np.testing.assert_array_equal(first_try, real_encode(given, 9).numpy())  # the stored PNGs are lossless
+
+    retry = KeyframeConditions(encoder, artifacts)
+    again, seconds = asyncio.run(retry.condition(call))
+    assert encoded == [9] and (retry.num_encodes, retry.num_reused, seconds) == (0, 1, 0.0)
+    assert again.dtype == first_try.dtype and again.shape == first_try.shape
+    assert again.tobytes() == first_try.tobytes()
+
+    longer_clip = EncodeImageCall(project="p", job_id="vid_retry", num_frames=13)
+    longer, _seconds = asyncio.run(retry.condition(longer_clip))
+    assert encoded == [9, 13] and longer.shape[1] == 4  # 13 frames: 4 latent frames, not the kept 3
 
 
 # ---- equality with diffusers -------------------------------------------------------------------------------

@@ -35,6 +35,28 @@ def test_the_i2v_args_are_the_t2v_fields_with_the_i2v_models_own() -> None:
         PrevizArgs().for_i2v()
 
 
+CACHE = {"threshold": 0.06, "max_skip": 2, "warmup_steps": 10}
+
+
+def test_a_config_asking_a_final_step_cache_of_i2v_weights_without_a_curve_is_refused_at_load() -> None:
+    """Real I2V weights have no step-cache curve: a config turning the final tier's cache on for them is
+    refused when the app's args are read (`build_app`, as `serve run` and `previz up` do), not request by
+    request at admission; the presets calibrate their own curve, so theirs is taken."""
+    args = {"i2v": {"model": "/models/wan22-i2v", "sampling": {"final_cache": CACHE}}}
+    with pytest.raises(ValidationError, match=r"set `i2v.sampling.final_cache: null`") as refused:
+        build_app(args)
+    assert "'/models/wan22-i2v'" in str(refused.value) and "no step-cache curve" in str(refused.value)
+    assert PrevizArgs(i2v={"model": "tiny-i2v", "sampling": {"final_cache": CACHE}}).i2v.sampling.final_cache
+    # a partial `sampling` keeps the I2V recipe (no cache, boundary 0.900), never T2V's defaults
+    partial = PrevizArgs(i2v={"model": "/models/wan22-i2v", "sampling": {"num_steps": 30}}).i2v.sampling
+    assert (partial.num_steps, partial.final_cache, partial.boundary_ratio, partial.flow_shift) == (
+        30,
+        None,
+        0.9,
+        5.0,
+    )
+
+
 @pytest.mark.parametrize(
     ("layout", "experts"),
     [("split", ["I2VHighNoiseDenoiser", "I2VLowNoiseDenoiser"]), ("colocated", ["I2VDenoiser"])],

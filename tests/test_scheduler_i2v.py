@@ -13,9 +13,9 @@ from PIL import Image
 
 from pipeline.spec import RequestSpec, model_spec
 from serve.jobs import JobStatus
-from serve.jobs.keyframes import save_keyframes
+from serve.jobs.keyframes import save_condition, save_keyframes
 from serve.jobs.request import I2V_MODEL, JobRequest, Keyframes, KeyframeSource
-from serve.storage import make_store
+from serve.storage import JobArtifacts, make_store
 from tests.support.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
 from tests.support.job_requests import job_request
 
@@ -37,7 +37,10 @@ def test_an_i2v_job_runs_the_keyframe_encode_then_the_i2v_experts_and_a_t2v_job_
     store = empty_store(args)
     i2v_job, _ = store.create("dune", "interactive", i2v_request())
     panel = Image.fromarray(np.full((64, 96, 3), 200, np.uint8))
-    save_keyframes(make_store(args.storage), "dune", i2v_job.id, panel, None)
+    artifacts = make_store(args.storage)
+    save_keyframes(artifacts, "dune", i2v_job.id, panel, None)
+    condition = JobArtifacts("dune", i2v_job.id).condition  # as the VAEEncoder keeps it for a retry
+    save_condition(artifacts, "dune", i2v_job.id, "digest", np.zeros((20, 3, 8, 12), np.float32))
     t2v_job, _ = store.create("dune", "batch", job_request(steps=8))
 
     async def scenario() -> None:
@@ -46,6 +49,7 @@ def test_an_i2v_job_runs_the_keyframe_encode_then_the_i2v_experts_and_a_t2v_job_
             done = {
                 job.id: await wait_for(store, job.id, lambda j: j.is_finished) for job in (i2v_job, t2v_job)
             }
+            await wait_for(store, i2v_job.id, lambda _j: i2v_job.id not in scheduler._running)  # cleaned up
         finally:
             stop(scheduler)
         i2v, t2v = done[i2v_job.id], done[t2v_job.id]
@@ -54,6 +58,7 @@ def test_an_i2v_job_runs_the_keyframe_encode_then_the_i2v_experts_and_a_t2v_job_
             "encode", "encode_image", "denoise_high", "denoise_low", "decode", "upscale", "finish"
         }  # fmt: skip
         assert "encode_image" not in t2v.timings
+        assert not artifacts.exists(condition)  # kept for retries only: it goes when the job ends
         assert stages.calls["encode_image"] == [(i2v_job.id, 9, (64, 96, 3), False)]
         assert [call[0] for call in stages.calls["i2v_high"]] == [f"{i2v_job.id}:1"]
         assert [call[0] for call in stages.calls["i2v_low"]] == [f"{i2v_job.id}:1"]

@@ -9,20 +9,31 @@ Nothing is stretched; a panel of another aspect ratio loses equal margins on its
 Stored keyframes are already fitted, so `load_keyframes` hands the VAE-encode stage uint8 (H, W, 3) RGB
 arrays of the job's size, and a retried attempt conditions on the very same pixels. A remixed job gets
 its own copy (`copy_keyframes`), so deleting the source job never takes a remix's condition with it.
+
+The condition latents the VAEEncoder makes of them are kept too (`save_condition`, one per job, beside the
+keyframes): encoding is a clip-length VAE pass, about as costly as a decode, so a retried attempt reads
+the first attempt's condition back (`load_condition`) instead of encoding again. It is stored with the
+digest of what it was made from (the keyframes' pixels and the clip length): a condition that does not
+match, or cannot be read, is not used, and the keyframes are encoded again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from serve.storage import ArtifactNotFoundError, ArtifactStore, JobArtifacts
+from serve.storage import ArtifactNotFoundError, ArtifactStore, JobArtifacts, StorageError
+
+logger = logging.getLogger("ray.serve")
 
 Which = Literal["first", "last"]
 PNG = "image/png"
+CONDITION_FORMAT = 1  # bump when the stored condition's layout changes: older ones are encoded again
 
 
 def fit_to_size(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -79,6 +90,45 @@ def save_last_frame(store: ArtifactStore, project: str, job_id: str, frame: np.n
 def load_last_frame(store: ArtifactStore, project: str, job_id: str) -> np.ndarray | None:
     """The stored last decoded frame of a finished job, None if the job stored none."""
     return _load(store, JobArtifacts(project, job_id).last_frame)
+
+
+def condition_digest(first: np.ndarray, last: np.ndarray | None, num_frames: int) -> str:
+    """What a condition is made from: the keyframes' pixels (shape and bytes) and the clip's frame count."""
+    digest = hashlib.sha256(f"condition-v{CONDITION_FORMAT} frames={num_frames}".encode())
+    for image in (first, last):
+        digest.update(b" none" if image is None else f" {image.shape}".encode() + image.tobytes())
+    return digest.hexdigest()
+
+
+def save_condition(
+    store: ArtifactStore, project: str, job_id: str, digest: str, condition: np.ndarray
+) -> None:
+    """Keep job `job_id`'s condition latents (made from the keyframes of `digest`) for its retries."""
+    buffer = io.BytesIO()
+    np.savez(buffer, condition=condition, digest=np.array(digest))
+    store.put_bytes(JobArtifacts(project, job_id).condition, buffer.getvalue(), "application/octet-stream")
+
+
+def load_condition(store: ArtifactStore, project: str, job_id: str, digest: str) -> np.ndarray | None:
+    """The kept condition of job `job_id` if it was made from the keyframes of `digest`; None when there is
+    none, it is unreadable or it was made from other keyframes (the caller encodes them again)."""
+    key = JobArtifacts(project, job_id).condition
+    try:
+        data = store.read_bytes(key)
+    except ArtifactNotFoundError:
+        return None
+    except StorageError:
+        logger.warning("job %s: its kept condition %s cannot be read", job_id, key, exc_info=True)
+        return None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            if str(npz["digest"]) != digest:
+                logger.warning("job %s: its kept condition is of other keyframes; encoding again", job_id)
+                return None
+            return npz["condition"]
+    except (OSError, ValueError, KeyError) as error:  # not an npz, or fields missing
+        logger.warning("job %s: its kept condition %s is unreadable (%s); encoding again", job_id, key, error)
+        return None
 
 
 def png_bytes(image: Image.Image) -> bytes:

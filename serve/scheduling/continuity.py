@@ -7,10 +7,14 @@ claimed); each Scheduler pass releases those whose predecessor has the take to s
     cancelled falls back to the first completed take.
 
 Release = the take's stored last frame (serve.stages.decoder wrote it at decode time, before any label,
-look or conform), fitted to the waiting take's size, stored as its first keyframe, and the job let into
-the claimable queue (JobStore.release_chained). A predecessor whose takes all ended without one completing
-breaks the chain: the waiting take fails with `continuity_broken`. Changing the selection later re-runs
-nothing; a remix of the chained take starts from the frame it was released with.
+look or conform), fitted to the waiting take's size, shown to the content policy's frame check as every
+keyframe image is at admission (serve.http.keyframes), stored as its first keyframe, and the job let into
+the claimable queue (JobStore.release_chained). A frame the check blocks fails the take with
+`content_blocked`, nothing stored, as a blocked image is refused; a check that fails (SafetyCheckError)
+releases nothing: the take keeps waiting and the next pass asks again (fail closed). A predecessor whose
+takes all ended without one completing breaks the chain: the waiting take fails with `continuity_broken`.
+Changing the selection later re-runs nothing; a remix of the chained take starts from the frame it was
+released with.
 """
 
 from __future__ import annotations
@@ -19,27 +23,39 @@ import asyncio
 import hashlib
 import logging
 
+import numpy as np
 from PIL import Image
 
+from pipeline.safety import FrameCheck
 from serve.jobs import JobRecord, JobStatus, JobStore
 from serve.jobs.keyframes import PNG, fit_to_size, load_last_frame, png_bytes
+from serve.metrics import record_job_finished, record_safety_block
 from serve.storage import ArtifactStore, JobArtifacts
 
 logger = logging.getLogger("ray.serve")
 
 
-async def release_chained(store: JobStore, artifacts: ArtifactStore, scheduler_id: str) -> int:
-    """Release every waiting chained take whose predecessor's take is ready; the number released."""
+async def release_chained(
+    store: JobStore, artifacts: ArtifactStore, scheduler_id: str, frame_check: FrameCheck | None = None
+) -> int:
+    """Release every waiting chained take whose predecessor's take is ready and whose frame `frame_check`
+    (the content policy's; None: no check) passes; the number released."""
     released = 0
     for job in await asyncio.to_thread(store.waiting_chained):
         try:
-            released += await _release(store, artifacts, job, scheduler_id)
+            released += await _release(store, artifacts, job, scheduler_id, frame_check)
         except Exception:  # one board's trouble must not stop the claim loop; retried next pass
             logger.exception("could not release chained take %s", job.id)
     return released
 
 
-async def _release(store: JobStore, artifacts: ArtifactStore, job: JobRecord, scheduler_id: str) -> bool:
+async def _release(
+    store: JobStore,
+    artifacts: ArtifactStore,
+    job: JobRecord,
+    scheduler_id: str,
+    frame_check: FrameCheck | None,
+) -> bool:
     shot = job.continues_shot
     if job.storyboard_id is None or shot is None:
         return False
@@ -60,13 +76,10 @@ async def _release(store: JobStore, artifacts: ArtifactStore, job: JobRecord, sc
     source = source or (completed[0] if completed else None)
     if source is None:
         if of_shot and all(take.is_finished for take in of_shot):
-            claimed = await asyncio.to_thread(store.claim, job.id, scheduler_id)  # a queued job fails claimed
-            if claimed is None:
-                return False
-            await asyncio.to_thread(
-                store.fail,
-                claimed.id,
-                claimed.attempt,
+            await _fail(
+                store,
+                job,
+                scheduler_id,
                 "continuity_broken",
                 f"shot {shot + 1} of the board, which this take continues, has no completed take (every one "
                 "failed or was cancelled); remix one of them, then this shot",
@@ -77,6 +90,19 @@ async def _release(store: JobStore, artifacts: ArtifactStore, job: JobRecord, sc
         return False  # finished before its frame was stored: nothing to start from yet
     resolved = job.request.resolved
     fitted = await asyncio.to_thread(fit_to_size, Image.fromarray(frame), resolved.width, resolved.height)
+    if frame_check is not None:  # SafetyCheckError: nothing released, asked again next pass
+        verdict = await asyncio.to_thread(frame_check.check, np.asarray(fitted)[None])
+        if verdict is not None:
+            record_safety_block("keyframe", verdict.category)
+            await _fail(
+                store,
+                job,
+                scheduler_id,
+                "content_blocked",
+                f"the last frame of take {source.id}, which this take would start from, was blocked by the "
+                f"content policy (category `{verdict.category}`); nothing was rendered",
+            )
+            return False
     data = await asyncio.to_thread(png_bytes, fitted)
     key = JobArtifacts(job.project, job.id).keyframe("first")
     await asyncio.to_thread(artifacts.put_bytes, key, data, PNG)
@@ -86,3 +112,12 @@ async def _release(store: JobStore, artifacts: ArtifactStore, job: JobRecord, sc
     first = keyframes.first.model_copy(update={"video": source.id, "sha256": digest})
     request = job.request.model_copy(update={"keyframes": keyframes.model_copy(update={"first": first})})
     return await asyncio.to_thread(store.release_chained, job.id, request)
+
+
+async def _fail(store: JobStore, job: JobRecord, scheduler_id: str, code: str, message: str) -> None:
+    """Fail a waiting take that will never run (a queued job fails once claimed)."""
+    claimed = await asyncio.to_thread(store.claim, job.id, scheduler_id)
+    if claimed is None:
+        return  # cancelled meanwhile
+    if await asyncio.to_thread(store.fail, claimed.id, claimed.attempt, code, message):
+        record_job_finished(claimed, "failed")

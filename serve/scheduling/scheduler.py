@@ -41,7 +41,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from pipeline.safety import ContentBlocked
+from pipeline.safety import ContentBlocked, FrameCheck
 from pipeline.spec import ModelSpec
 from pipeline.stages import Layout, expert_stage
 from pipeline.upscale import upscale_target_size
@@ -146,6 +146,7 @@ class Scheduler:
         self.store = open_job_store(args.database_url)
         self.store.create_schema()
         self.artifacts = make_store(args.storage)  # denoise checkpoints live beside the clips
+        self.frame_check = FrameCheck.from_settings(args.safety)  # a chained shot's frame, before release
         self.scheduler_id = f"scheduler-{uuid.uuid4().hex[:12]}"
         requeued = self.store.requeue_in_flight(max_attempts=args.max_attempts)
         if requeued:
@@ -215,7 +216,8 @@ class Scheduler:
             self._wake.clear()
 
     async def _start_jobs(self) -> None:
-        await release_chained(self.store, self.artifacts, self.scheduler_id)  # chained shots now ready
+        # chained shots now ready (their predecessor's frame checked as a keyframe image is)
+        await release_chained(self.store, self.artifacts, self.scheduler_id, self.frame_check)
         in_flight = Counter(priority for _project, priority, _task in self._running.values())
         free = self._lanes.free_slots(in_flight)
         record_lanes(dict(in_flight), dict(self._lanes.reserved), free)
@@ -399,8 +401,8 @@ class Scheduler:
         try:
             async for event in stream:
                 match event:
-                    case DenoiseWaiting(num_ahead=num_ahead):  # queued in the engine, not stalled
-                        await run.waiting(num_ahead)
+                    case DenoiseWaiting() as waiting:  # queued in the engine, not stalled
+                        await run.waiting_to_denoise(waiting, steps_left=resolved.steps - start_index)
                     case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
                         steps_left = resolved.steps - (start_index + done)
                         await run.stepped(done, total, steps_left=steps_left, seconds_per_step=seconds)
@@ -442,8 +444,8 @@ class Scheduler:
         try:
             async for event in stream:
                 match event:
-                    case DenoiseWaiting(num_ahead=num_ahead):
-                        await run.waiting(num_ahead)
+                    case DenoiseWaiting() as waiting:
+                        await run.waiting_to_denoise(waiting, steps_left=resolved.steps - start_index)
                     case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
                         steps_left = resolved.steps - (start_index + done)
                         await run.stepped(done, total, steps_left=steps_left, seconds_per_step=seconds)
@@ -540,10 +542,10 @@ class Scheduler:
         return state
 
     def _clean_up(self, job_id: str, attempt: int | None = None) -> None:
-        """Delete what nothing will read: a finished (or deleted) job's checkpoint (and, unless it succeeded,
-        its last decoded frame), and the clip and poster
-        of run `attempt` unless the job recorded them as its result (the run was cancelled, superseded or
-        requeued, or its job deleted, after the Finisher stored them). A requeued job keeps its checkpoint
+        """Delete what nothing will read: a finished (or deleted) job's checkpoint and kept keyframe condition
+        (and, unless it succeeded, its last decoded frame), and the clip and poster of run `attempt` unless
+        the job recorded them as its result (the run was cancelled, superseded or requeued, or its job
+        deleted, after the Finisher stored them). A requeued job keeps its checkpoint and its condition
         for its next run. Deleted jobs are read too: a DELETE that lands before the run stops must not
         leave the run's files behind. Best effort: what fails here the orphan sweep removes later."""
         try:
@@ -551,7 +553,7 @@ class Scheduler:
             if current is None:
                 return
             keys = JobArtifacts(current.project, current.id)
-            garbage = [keys.checkpoint] if current.is_finished else []
+            garbage = [keys.checkpoint, keys.condition] if current.is_finished else []
             if current.is_finished and (current.status != JobStatus.SUCCEEDED or current.deleted_at):
                 garbage.append(keys.last_frame)  # no take to continue from: its decoded frame goes too
             if attempt is not None and current.artifact_uri != keys.clip(attempt):
