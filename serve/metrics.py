@@ -37,6 +37,8 @@ RUNNING_STATUS_NAMES = ("encoding", "denoising_high", "denoising_low", "decoding
 GPU_ONLY_METRICS = ("previz_gpu_utilization_ratio", "previz_gpu_memory_used_bytes")
 # Counters that exist only after their first event (a webhook sent, a prompt or clip refused).
 FIRST_EVENT_METRICS = (
+    "previz_cuts_finished_total",  # none before a cut run ended
+    "previz_cut_render_seconds",
     "previz_webhook_deliveries_total",
     "previz_safety_blocks_total",
     "previz_engine_adapter_switches_total",  # none before two adapter sets met in one engine
@@ -58,6 +60,10 @@ class PrevizMetrics:
     stage_seconds: Histogram  # per-stage compute time, from the timings the scheduler records
     job_compute_seconds_total: Counter  # summed stage seconds per project: usage and fair share
     scheduler_passes_total: Counter  # scheduling passes by outcome; errors are mostly job-store (disk) errors
+    # ---- cuts (Scheduler, Housekeeping) ----
+    cuts: Gauge  # cut jobs queued | running (refreshed from the job store)
+    cuts_finished_total: Counter  # cut runs that ended, by outcome and project
+    cut_render_seconds: Histogram  # one recorded cut's render on its Finisher replica
     # ---- stages (deployments) ----
     denoise_iterations_total: Counter
     denoise_batch_size: Histogram  # requests per engine iteration
@@ -73,7 +79,7 @@ class PrevizMetrics:
     denoise_cached_steps_total: Counter  # request steps served from a step cache
     step_cache_bytes: Gauge  # held | bound: the live requests' step-cache residuals and their bound
     engine_queued_work: Gauge  # unit token_steps | seconds: the load the router and autoscaler read
-    routing_decisions_total: Counter  # denoiser calls by affinity kept | given_up (bounded-load router)
+    routing_decisions_total: Counter  # denoiser calls by affinity kept | given_up, application, deployment
     # ---- lanes (Scheduler) ----
     lane_jobs: Gauge  # per lane: state in_flight | reserved | free (admission waits: queue_wait_seconds)
     text_embedding_cache_hits_total: Counter
@@ -140,6 +146,18 @@ def metrics() -> PrevizMetrics:
         scheduler_passes_total=Counter(
             "previz_scheduler_passes_total", "Scheduling passes by outcome.", tag_keys=("outcome",)
         ),
+        cuts=Gauge("previz_cuts", "Cut jobs queued or running (status).", tag_keys=("status",)),
+        cuts_finished_total=Counter(
+            "previz_cuts_finished_total",
+            "Cut runs the Scheduler ended, by outcome: succeeded | failed | cancelled | requeued (its "
+            "Finisher replica was lost) | superseded (a newer run or a restart owns the cut).",
+            tag_keys=("outcome", "project"),
+        ),
+        cut_render_seconds=Histogram(
+            "previz_cut_render_seconds",
+            "Seconds a Finisher replica took to render a cut that became its board's cut.",
+            boundaries=LATENCY_BUCKETS_S,
+        ),
         denoise_iterations_total=Counter(
             "previz_denoise_iterations_total", "Denoiser engine iterations.", tag_keys=("expert", *replica)
         ),
@@ -179,8 +197,9 @@ def metrics() -> PrevizMetrics:
         ),
         routing_decisions_total=Counter(
             "previz_routing_decisions_total",
-            "Denoiser calls routed: affinity=kept (the bucket's replica) or given_up (over the load bound).",
-            tag_keys=("affinity",),
+            "Denoiser calls routed: affinity=kept (the bucket's replica) or given_up (over the load bound), "
+            "by the Serve application and deployment they were routed to.",
+            tag_keys=("affinity", "application", "deployment"),
         ),
         lane_jobs=Gauge(
             "previz_lane_jobs",
@@ -326,9 +345,10 @@ def record_job_finished(job: Any, status: str, timings: dict[str, float] | None 
 
 
 @_safely
-@_safely
-def record_routing_decision(kept: bool) -> None:
-    metrics().routing_decisions_total.inc(tags={"affinity": "kept" if kept else "given_up"})
+def record_routing_decision(kept: bool, application: str, deployment: str) -> None:
+    """One denoiser call routed by the bounded-load router of a handle to `application`'s `deployment`."""
+    tags = {"affinity": "kept" if kept else "given_up", "application": application, "deployment": deployment}
+    metrics().routing_decisions_total.inc(tags=tags)
 
 
 @_safely
@@ -341,6 +361,21 @@ def record_lanes(in_flight: dict[str, int], reserved: dict[str, int], free: dict
 
 def record_scheduler_pass(ok: bool) -> None:
     metrics().scheduler_passes_total.inc(1, tags={"outcome": "ok" if ok else "error"})
+
+
+CUT_OUTCOMES = ("succeeded", "failed", "cancelled", "requeued", "superseded")
+CUT_STATUSES = ("queued", "running")
+
+
+@_safely
+def record_cut_finished(project: str, outcome: str, render_seconds: float | None = None) -> None:
+    """A cut run ended (`outcome`, one of CUT_OUTCOMES); a cut that succeeded also records its render."""
+    if outcome not in CUT_OUTCOMES:
+        raise ValueError(f"`outcome` must be one of {CUT_OUTCOMES} but is {outcome!r}.")
+    m = metrics()
+    m.cuts_finished_total.inc(1, tags={"outcome": outcome, "project": project})
+    if render_seconds is not None:
+        m.cut_render_seconds.observe(max(render_seconds, 0.0))
 
 
 class StaleZeroingGauge:
@@ -374,6 +409,14 @@ class QueueReporter:
         self._oldest = StaleZeroingGauge(lambda: metrics().queue_oldest_age_seconds, idle_queues)
         running = [(("status", status),) for status in RUNNING_STATUS_NAMES]
         self._stalled = StaleZeroingGauge(lambda: metrics().job_stalled_seconds, running)
+        self._cuts = StaleZeroingGauge(
+            lambda: metrics().cuts, [(("status", status),) for status in CUT_STATUSES]
+        )
+
+    @_safely
+    def publish_cuts(self, counts: dict[str, int]) -> None:
+        """`counts`: cut status -> cut jobs, of the unfinished ones (JobStore.count_unfinished_cuts())."""
+        self._cuts.publish({(("status", status),): counts.get(status, 0) for status in CUT_STATUSES})
 
     @_safely
     def publish(self, counts: dict[Any, int], unfinished: Iterable[Any], now: datetime | None = None) -> None:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.denoise import DenoiseEngine, EngineRequest, RequestCancelled, initial_state
+from pipeline.denoise import DenoiseEngine, EngineRequest, QueuePlace, RequestCancelled, initial_state
 from pipeline.denoise import engine as engine_module
 from pipeline.denoise.adapters import AdapterBank, load_bank
 from pipeline.denoise.calibration import calibration_curve
@@ -259,6 +259,28 @@ def test_each_iteration_runs_the_expert_of_the_most_urgent_request(tiny, banks, 
     engine.submit(urgent)
     plan = engine.step()
     assert (plan.expert, plan.request_ids) == ("high", ["urgent", "later"])  # `later` joins its batch
+
+
+def test_a_request_waiting_at_one_expert_hears_the_more_urgent_work_of_both(
+    tiny, banks, encoder, curve
+) -> None:
+    now = [0.0]
+    engine = colocated(tiny, banks, curve, clock=lambda: now[0])
+    engine.submit(request(tiny, encoder, "old", quality="draft"))
+    engine.step(), engine.step()  # both of its high-noise steps: it now waits at the low-noise expert
+    now[0] = 10.0
+    later = request(tiny, encoder, "later", quality="draft")
+    heard: list[QueuePlace] = []
+    later.on_waiting = heard.append
+    engine.submit(later)
+    assert engine.step().request_ids == ["old"]  # the low-noise expert runs the older request
+    high, low = engine.engines["high"], engine.engines["low"]
+    old = low.scheduler.requests["old"]
+    token_steps = old.num_tokens * len(old.timesteps)  # a draft runs no CFG rows: its tokens once
+    assert token_steps > 0
+    seconds_per_step = high.seconds_per_step(high.scheduler.requests["later"].bucket, "draft")
+    # nothing ahead at its own expert, `old`'s low-noise steps at the low-noise expert's measured rate
+    assert heard == [QueuePlace(1, token_steps * low.stats().seconds_per_token, seconds_per_step)]
 
 
 def test_cancel_ends_a_request_at_either_expert_and_frees_its_cache(tiny, banks, encoder, curve) -> None:

@@ -19,6 +19,7 @@ from serve.editorial.cut import render_cut
 from serve.jobs import JobStore
 from serve.jobs.cuts import CutRequest, CutRunning, CutTake
 from serve.jobs.storyboard import BoardShot, StoryboardRequest
+from serve.scheduling import cuts as cuts_module
 from serve.scheduling.cuts import CutRunner
 from serve.stages.finisher import FinisherStage, make_interpolator
 from serve.stages.payloads import CutCall, CutProgress, CutRendered
@@ -62,14 +63,17 @@ def cut_request(videos: list[str], repeat: int = 1) -> CutRequest:
 def test_a_cut_job_is_fenced_by_its_attempt_and_a_board_has_one_unfinished_cut(api: LocalApi) -> None:
     store = api.store
     board_id, videos = a_board(store)
+    assert store.count_unfinished_cuts() == {}
     first = store.create_cut("cut_0000000000000001", board_id, "dune", cut_request(videos))
     assert (first.status, first.attempt, first.progress) == ("queued", 0, 0.0)
+    assert store.count_unfinished_cuts() == {"queued": 1}  # what the previz_cuts gauge publishes
     with pytest.raises(CutRunning):
         store.create_cut("cut_0000000000000002", board_id, "dune", cut_request(videos))
     with pytest.raises(LookupError):
         store.create_cut("cut_0000000000000003", "sb_none", "dune", cut_request(videos))
     run1 = store.claim_cut(first.id, "scheduler-a")
     assert (run1.status, run1.attempt) == ("running", 1) and store.claim_cut(first.id, "scheduler-b") is None
+    assert store.count_unfinished_cuts() == {"running": 1}
     assert store.advance_cut(first.id, 1, progress=0.5, eta_at=None)
     assert store.advance_cut(
         first.id, 1, progress=0.25, eta_at=None
@@ -87,6 +91,7 @@ def test_a_cut_job_is_fenced_by_its_attempt_and_a_board_has_one_unfinished_cut(a
     assert (done.stored, done.replaced) == (True, None)
     assert store.get_storyboard(board_id).cut.id == first.id
     assert (store.get_cut(first.id).status, store.get_cut(first.id).progress) == ("succeeded", 1.0)
+    assert store.count_unfinished_cuts() == {}
     assert store.cancel_cut(board_id) is None  # nothing unfinished to cancel
 
     second = store.create_cut("cut_0000000000000002", board_id, "dune", cut_request(videos))
@@ -102,7 +107,8 @@ def test_a_cut_interrupted_on_every_attempt_fails_and_a_restart_requeues_running
     cut = store.create_cut("cut_0000000000000001", board_id, "dune", cut_request(videos))
     for attempt in (1, 2):
         assert store.claim_cut(cut.id, "scheduler-a").attempt == attempt
-        assert store.requeue_cuts_in_flight(max_attempts=3) == [cut.id]  # a new scheduler started
+        interrupted = store.requeue_cuts_in_flight(max_attempts=3)  # a new scheduler started
+        assert [(run.id, run.attempt) for run in interrupted] == [(cut.id, attempt)]
     store.claim_cut(cut.id, "scheduler-a")
     assert store.requeue_cut(cut.id, 3, max_attempts=3) == "failed"
     failed = store.get_cut(cut.id)
@@ -198,9 +204,24 @@ def test_a_render_stream_closed_between_events_stops_and_deletes_what_it_stored(
     assert stored_keys(api, f"default/{board['id']}/") == set()
 
 
+def watch_cut_outcomes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, float | None]]:
+    """What the CutRunner records to the cut metrics (project, outcome, render seconds), each call passed
+    on to serve.metrics as it is (Ray's metrics are read back only through a metrics agent: test_metrics)."""
+    ended: list[tuple[str, str, float | None]] = []
+    record = cuts_module.record_cut_finished
+
+    def recording(project: str, outcome: str, render_seconds: float | None = None) -> None:
+        ended.append((project, outcome, render_seconds))
+        record(project, outcome, render_seconds)
+
+    monkeypatch.setattr(cuts_module, "record_cut_finished", recording)
+    return ended
+
+
 def test_the_cut_runner_stops_a_cut_cancelled_mid_render_and_leaves_no_files(
-    api: LocalApi, board: dict
+    api: LocalApi, board: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    ended = watch_cut_outcomes(monkeypatch)
     request = long_cut(api, board)
     cut = api.store.create_cut("cut_00000000000000bb", board["id"], "default", request)
 
@@ -220,6 +241,7 @@ def test_the_cut_runner_stops_a_cut_cancelled_mid_render_and_leaves_no_files(
     asyncio.run(scenario())
     stopped = api.store.get_cut(cut.id)
     assert stopped.status == "cancelled" and stopped.progress < 1.0
+    assert ended == [("default", "cancelled", None)]
     assert api.store.get_storyboard(board["id"]).cut is None
     assert stored_keys(api, f"default/{board['id']}/") == set()
 
@@ -293,8 +315,9 @@ class _DiesBeforeItReports(InProcessFinisher):
 
 
 def test_a_cut_whose_finisher_dies_is_requeued_its_files_deleted_and_rendered_again(
-    api: LocalApi, board: dict
+    api: LocalApi, board: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    ended = watch_cut_outcomes(monkeypatch)
     url = f"/v1/storyboards/{board['id']}"
     queued = api.client.post(f"{url}/cut", json={"fps": 24}).json()
     runner = CutRunner(
@@ -314,7 +337,10 @@ def test_a_cut_whose_finisher_dies_is_requeued_its_files_deleted_and_rendered_ag
     lost = api.store.get_cut(queued["id"])
     assert (lost.status, lost.attempt, lost.progress) == ("queued", 1, 0.0)
     assert stored_keys(api, f"default/{board['id']}/") == set()  # the lost attempt's 4 files are gone
+    assert ended == [("default", "requeued", None)]
     run_cuts(api)
+    assert [(project, outcome) for project, outcome, _ in ended[1:]] == [("default", "succeeded")]
+    assert ended[1][2] is not None and ended[1][2] > 0  # the render's seconds, for cut_render_seconds
     cut = api.client.get(f"{url}/cut").json()
     assert (cut["id"], cut["status"]) == (queued["id"], "completed")
     assert api.store.get_cut(queued["id"]).attempt == 2
@@ -329,3 +355,34 @@ def test_a_board_links_its_first_cut_while_it_renders(api: LocalApi, board: dict
     assert api.client.get(url).json()["cut_url"] == f"{url}/cut"  # the page follows it there
     api.client.post(f"{url}/cut/cancel")
     assert api.client.get(url).json()["cut_url"] is None
+
+
+def test_a_restarted_scheduler_deletes_what_the_cut_attempt_it_interrupted_stored(
+    api: LocalApi, board: dict
+) -> None:
+    """A Scheduler stopped after its Finisher stored a cut attempt's files but before it recorded the cut:
+    the next Scheduler requeues the cut and deletes those files at once (not the orphan sweep a day later);
+    the board's cut, recorded by a later attempt, keeps its own."""
+    url = f"/v1/storyboards/{board['id']}"
+    prefix = f"default/{board['id']}/"
+    first = api.client.post(f"{url}/cut", json={"fps": 24}).json()
+    run_cuts(api)  # the board's cut now: attempt 1 of `first`
+    served = stored_keys(api, prefix)
+    queued = api.client.post(f"{url}/cut", json={"fps": 24}).json()
+    run = api.store.claim_cut(queued["id"], "scheduler-that-stops")
+    finisher = InProcessFinisher(FinisherStage(api.state.args))
+
+    async def render() -> list:
+        call = CutCall(run.id, run.attempt, "default", board["id"], run.request)
+        return [event async for event in finisher.remote(call)]
+
+    assert isinstance(asyncio.run(render())[-1], CutRendered)  # stored, never recorded
+    assert stored_keys(api, prefix) == served | set(run.keys)
+
+    assert cut_runner(api).requeue_in_flight() == [run.id]  # what a new Scheduler does first
+    assert stored_keys(api, prefix) == served
+    assert api.store.get_cut(run.id).status == "queued"
+    assert api.store.get_storyboard(board["id"]).cut.id == first["id"]
+    run_cuts(api)
+    assert api.store.get_cut(run.id).attempt == 2
+    assert stored_keys(api, prefix) == set(api.store.get_cut(run.id).keys)  # the replaced cut went too

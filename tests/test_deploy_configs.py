@@ -14,8 +14,7 @@ from pipeline.spec import ModelSpec
 from serve.cli import launch
 from serve.config import PrevizArgs
 from serve.sharding import A14B_NUM_HEADS
-from serve.stages.colocated import ColocatedDenoiserDeployment
-from serve.stages.denoiser import DenoiserDeployment
+from serve.stages import colocated, denoiser
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 GPUS_PER_NODE = 8
@@ -65,10 +64,31 @@ def test_the_denoisers_queue_work_in_their_engines_and_drafts_have_a_lane(name: 
     must take every job the Scheduler keeps in flight (the load-aware router may send them all to one). The
     config states its lanes and the router's bound, and keeps slots for interactive shots."""
     args, deployments = app_of(name)
-    deployment_class = {"split": DenoiserDeployment, "colocated": ColocatedDenoiserDeployment}
-    default_limit = deployment_class[args.experts.layout].max_ongoing_requests
+    default_limit = expert_options(args)["max_ongoing_requests"]  # what build_app binds
     for deployment in args.experts.deployment_names:
         limit = deployments[deployment].get("max_ongoing_requests", default_limit)
         assert limit >= args.max_jobs_in_flight, (deployment, limit, args.max_jobs_in_flight)
     assert args.lanes is not None and args.reserved_slots["interactive"] > 0
     assert "load_factor" in args.routing.model_fields_set and args.routing.load_factor >= 1.0
+
+
+@pytest.mark.parametrize("layout", ["split", "colocated"])
+def test_a_denoiser_replica_takes_every_job_in_flight_however_many_there_are(layout: str) -> None:
+    """256 calls a replica, or `max_jobs_in_flight` where a config keeps more jobs in flight than that."""
+    limits = {
+        jobs: expert_options(PrevizArgs(max_jobs_in_flight=jobs, experts={"layout": layout}))
+        for jobs in (8, 96, 256, 400)
+    }
+    assert {jobs: options["max_ongoing_requests"] for jobs, options in limits.items()} == {
+        8: 256,
+        96: 256,
+        256: 256,
+        400: 400,
+    }
+
+
+def expert_options(args: PrevizArgs) -> dict:
+    """The Serve options build_app binds the (first) expert deployment with."""
+    if args.experts.layout == "colocated":
+        return colocated.default_options(args)
+    return denoiser.default_options(args, "high")

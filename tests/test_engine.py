@@ -19,6 +19,7 @@ from pipeline.denoise import (
     EngineError,
     EngineRequest,
     EngineShutdown,
+    QueuePlace,
     RequestCancelled,
     RequestFailed,
     ScheduledRequest,
@@ -312,7 +313,7 @@ def test_a_request_waiting_for_its_first_step_hears_its_place_in_the_queue(
     heard: dict[str, list[int]] = {}  # req_id -> the places it was told, in order
 
     def submit(name: str, **fields) -> Future:
-        report = lambda num_ahead, name=name: heard.setdefault(name, []).append(num_ahead)  # noqa: E731
+        report = lambda place, name=name: heard.setdefault(name, []).append(place.num_ahead)  # noqa: E731
         return engine.submit(engine_request(make_case(tiny, encoder, name), on_waiting=report, **fields))
 
     futures = [submit(name) for name in ("a", "b", "c")]
@@ -325,6 +326,28 @@ def test_a_request_waiting_for_its_first_step_hears_its_place_in_the_queue(
         engine.step()
     assert heard == {"b": [1, 2, 1], "c": [2, 3, 2, 1]}  # told again only when the place changed
     assert "a" not in heard and "urgent" not in heard
+
+
+def test_a_waiting_request_hears_the_work_ahead_at_the_replicas_measured_rate_once_measured(
+    tiny: WanComponents, encoder: TextEncoder
+) -> None:
+    engine = engine_for(tiny, max_num_tokens=TOKENS_WITH_CFG)  # the budget fits one request
+    heard: list[QueuePlace] = []
+    first = engine.submit(engine_request(make_case(tiny, encoder, "a")))
+    engine.submit(engine_request(make_case(tiny, encoder, "b"), on_waiting=heard.append))
+    assert engine.step().request_ids == ["a"]
+    assert heard == [QueuePlace(1, None, None)]  # nothing measured on this replica yet: no figure
+    a = engine.scheduler.requests["a"]
+    rate, step_s = engine.stats().seconds_per_token, engine.seconds_per_step(a.bucket, "final")
+    steps_left = len(a.timesteps)
+    assert steps_left >= 2 and rate > 0 and step_s is not None
+    assert engine.step().request_ids == ["a"]
+    # a's CFG tokens x its steps left, at the seconds per token its first iteration measured
+    assert heard[1:] == [QueuePlace(1, TOKENS_WITH_CFG * steps_left * rate, step_s)]
+    assert engine.step().request_ids == ["a"]
+    assert len(heard) == 2  # the same place, both figures measured: not told again
+    while not first.done():
+        engine.step()
 
 
 def test_cancelled_request_leaves_at_next_boundary_and_frees_its_tensors(

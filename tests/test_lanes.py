@@ -14,7 +14,16 @@ from serve.config import PrevizArgs
 from serve.jobs import JobStatus
 from serve.scheduling.fair_share import Candidate
 from serve.scheduling.lanes import Lanes
-from tests.support.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
+from tests.support.fake_stages import (
+    FakeStages,
+    empty_store,
+    run,
+    scheduler_args,
+    start,
+    stop,
+    wait_for,
+    wait_until,
+)
 from tests.support.job_requests import job_request
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -51,29 +60,36 @@ def test_lanes_that_reserve_more_than_the_slots_are_refused() -> None:
 
 
 def test_with_the_batch_lane_full_an_interactive_create_is_admitted_and_runs_first(tmp_path: Path) -> None:
+    """Three batch jobs hold the shared slots (held in the high-noise expert, so none finishes and frees
+    one); the interactive shot takes the reserved slot and reaches the expert while the other two batch
+    jobs are still queued. "Runs first" is the order of the high-noise calls. The hold is released only
+    once the shot's call is in: releasing it at the shot's claim raced the shot's encode against a batch
+    job's whole pipeline (a stalled encode let the backlog's calls in first)."""
     args = scheduler_args(tmp_path, max_jobs_in_flight=4, lanes={"interactive": 1})
     stages = FakeStages(hold_high=asyncio.Event())
     store = empty_store(args)
     backlog = [store.create("board", "batch", job_request(steps=8))[0].id for _ in range(5)]
 
+    def started() -> list[str]:  # job ids in the order their high-noise calls came in
+        return [request_id.split(":")[0] for request_id, _bucket, _step in stages.calls.get("high", [])]
+
     async def scenario() -> None:
         assert stages.hold_high is not None
         scheduler = start(args, stages)
         try:
-            for job_id in backlog[:3]:  # the shared slots: the batch lane is full
-                await wait_for(store, job_id, lambda j: j.status != JobStatus.QUEUED)
+            # the shared slots: the batch lane is full, its three jobs held in the expert
+            await wait_until(lambda: len(started()) == 3, "three batch jobs in the high-noise expert")
+            assert set(started()) == set(backlog[:3])
             shot, _ = store.create("dune", "interactive", job_request(steps=8))
             await scheduler.wake()
-            await wait_for(store, shot.id, lambda j: j.status != JobStatus.QUEUED)
+            await wait_until(lambda: shot.id in started(), "the shot's high-noise call")
             assert [store.get(job_id).status for job_id in backlog[3:]] == [JobStatus.QUEUED] * 2
             stages.hold_high.set()
-            await wait_for(store, shot.id, lambda j: j.is_finished)
-            for job_id in backlog:
+            for job_id in [shot.id, *backlog]:
                 await wait_for(store, job_id, lambda j: j.is_finished)
         finally:
             stop(scheduler)
-        started = [request_id.split(":")[0] for request_id, _bucket, _step in stages.calls["high"]]
-        assert started.index(shot.id) < min(started.index(job_id) for job_id in backlog[3:])
-        assert store.get(shot.id).status == JobStatus.SUCCEEDED
+        assert started()[3] == shot.id and set(started()[4:]) == set(backlog[3:]) and len(started()) == 6
+        assert [store.get(job_id).status for job_id in [shot.id, *backlog]] == [JobStatus.SUCCEEDED] * 6
 
     run(scenario)

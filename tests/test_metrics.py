@@ -177,6 +177,29 @@ def test_prometheus_counts_the_finished_jobs_by_status_and_project(
 
 
 @pytest.mark.cluster
+def test_prometheus_counts_a_cut_by_outcome_and_has_its_render_seconds_and_the_cut_gauges(
+    cluster: Cluster, prometheus: PrometheusServer
+) -> None:
+    name = f"metrics-cut-{uuid.uuid4().hex[:8]}"
+    client = cluster.client(name)
+    tiny = {"size": "96x64", "seconds": "0.5", "steps": 4}
+    board = client.create_storyboard({"shots": [{"name": "1A", "prompt": "a monitored pier", **tiny}]})
+    videos = [video["video_id"] for shot in board["shots"] for video in shot["videos"]]
+    assert all(job["status"] == "completed" for job in cluster.wait_for(videos).values())
+    client.create_cut(board["id"])
+    assert client.wait_for_cut(board["id"], timeout_s=600)["status"] == "completed"
+    ended = f'ray_previz_cuts_finished_total{{project="{name}"}}'
+    wait_for_value(prometheus, f"sum({ended})", 1)
+    by_outcome = prometheus.query(f"sum by (outcome) ({ended})")
+    assert {row["metric"]["outcome"]: float(row["value"][1]) for row in by_outcome} == {"succeeded": 1}
+    assert value(prometheus.query("sum(ray_previz_cut_render_seconds_count)")) >= 1
+    assert value(prometheus.query('sum(ray_previz_cut_render_seconds_bucket{le="1800.0"})')) >= 1
+    # the Housekeeping replica publishes both statuses from the store, 0 when none
+    statuses = {row["metric"]["status"] for row in prometheus.query("sum by (status) (ray_previz_cuts)")}
+    assert statuses == {"queued", "running"}
+
+
+@pytest.mark.cluster
 def test_latency_histograms_have_the_jobs_and_every_stage(prometheus: PrometheusServer, project: str) -> None:
     assert value(prometheus.query('sum(ray_previz_job_seconds_count{resolution="96x64"})')) >= NUM_JOBS
     stages = prometheus.query('sum by (stage) (ray_previz_stage_seconds_count{resolution="96x64"})')

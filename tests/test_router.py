@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ray.serve._private.common import RequestMetadata
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
 from ray.serve.request_router import PendingRequest
 
 from pipeline.denoise.engine import EngineStats
@@ -138,13 +138,29 @@ def test_a_burst_routed_before_serve_confirms_any_call_spreads_past_the_bound() 
         probes = [await route(replicas, "stats") for _ in range(4)]
         return probes, [await route(replicas, "denoise") for _ in range(6)]
 
-    router = BucketAffinityRouter.__new__(BucketAffinityRouter)  # Serve's own state is not used here
-    router.initialize_state(load_factor=1.25)
+    router = serve_router(load_factor=1.25)
     probes, calls = asyncio.run(burst())
     preferred, other = rendezvous_rank(BUCKET, ["a", "b"])
     assert probes == [preferred] * 4
     assert calls == [preferred, preferred, preferred, other, preferred, preferred]
     assert router.decisions == {True: 9, False: 1}
+
+
+def test_the_decisions_are_labelled_with_the_app_and_deployment_routed_to() -> None:
+    """Two apps on one cluster (the live routing test's beside the session's) count their decisions apart."""
+    router = serve_router(load_factor=1.5)
+    assert router.metric_tags == {"application": "previz-route", "deployment": "HighNoiseDenoiser"}
+    assert router.load_factor == 1.5
+
+
+def serve_router(load_factor: float) -> BucketAffinityRouter:
+    """The router as Serve makes it for a handle to previz-route's HighNoiseDenoiser (no cluster needed)."""
+    router = BucketAffinityRouter(
+        deployment_id=DeploymentID(name="HighNoiseDenoiser", app_name="previz-route"),
+        handle_source=DeploymentHandleSource.UNKNOWN,
+    )
+    router.initialize_state(load_factor=load_factor)
+    return router
 
 
 def test_a_replica_reports_both_experts_queued_work() -> None:

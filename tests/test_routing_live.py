@@ -32,11 +32,12 @@ SHOT = {"resolution": "96x64", "duration": 0.5, "steps": 8}  # one bucket for ev
 # the high expert: with 8 steps a tiny job left its engine before the next one's text was encoded, the
 # queued work stayed inside the bound and affinity rightly kept all 8 on one replica.
 BOARD_SHOT = {**SHOT, "steps": 48}
+DENOISERS = ("HighNoiseDenoiser", "LowNoiseDenoiser")
 
 
 def two_of_each_expert(app: dict[str, Any]) -> None:
     for entry in app["deployments"]:
-        if entry["name"] in ("HighNoiseDenoiser", "LowNoiseDenoiser"):
+        if entry["name"] in DENOISERS:
             entry["num_replicas"] = 2
 
 
@@ -64,12 +65,17 @@ def test_a_one_size_storyboard_of_8_shots_runs_on_both_replicas_of_each_expert(
     timings = [routed.client.get(video["video_id"])["timings"] for video in board["shots"][0]["videos"]]
     print(f"\nfirst shot's stage seconds: {timings}")
     both = lambda rows: len(rows) == 2 and min(rows.values()) > 0  # noqa: E731 (a series shows once exported)
-    for deployment in ("HighNoiseDenoiser", "LowNoiseDenoiser"):
+    for deployment in DENOISERS:
         rows = _rows_per_replica(prometheus, deployment, both)
         print(f"{deployment} rows per replica: {rows}")
         assert len(rows) == 2 and all(count > 0 for count in rows.values()), rows
-    decisions = prometheus.query("sum by (affinity) (ray_previz_routing_decisions_total)")
-    print(f"routing decisions (both apps): {[(r['metric'], r['value'][1]) for r in decisions]}")
+    # The other replica got rows only through decisions that gave affinity up (Serve's fallback tier is
+    # never tried below max_ongoing_requests), counted under this app, apart from the session's.
+    spread = lambda found: all(found.get((name, "given_up"), 0) > 0 for name in DENOISERS)  # noqa: E731
+    decisions = _decisions(prometheus, spread)
+    print(f"routing decisions of {APP}: {decisions}")
+    for deployment in DENOISERS:
+        assert decisions.get((deployment, "kept"), 0) > 0 and decisions.get((deployment, "given_up"), 0) > 0
 
 
 def test_two_same_shape_takes_created_together_under_light_load_share_forwards(
@@ -106,6 +112,19 @@ def _rows_per_replica(prometheus: PrometheusServer, deployment: str, ready: Any)
             return rows
         time.sleep(1)
     return rows
+
+
+def _decisions(prometheus: PrometheusServer, ready: Any) -> dict[tuple[str, str], float]:
+    """(deployment, affinity) -> routing decisions of this module's app, once `ready` holds or EXPORT_S."""
+    expr = f'sum by (deployment, affinity) (ray_previz_routing_decisions_total{{application="{APP}"}})'
+    deadline, found = time.monotonic() + EXPORT_S, {}
+    while time.monotonic() < deadline:
+        rows = prometheus.query(expr)
+        found = {(r["metric"]["deployment"], r["metric"]["affinity"]): float(r["value"][1]) for r in rows}
+        if ready(found):
+            return found
+        time.sleep(1)
+    return found
 
 
 def _iterations(prometheus: PrometheusServer, deployment: str) -> float:

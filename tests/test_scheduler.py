@@ -18,7 +18,7 @@ from serve.http.views import video_view
 from serve.jobs import JobStatus, JobStore
 from serve.scheduling.eta import EtaModel
 from serve.scheduling.housekeeping import Housekeeping
-from serve.stages.payloads import StateRef
+from serve.stages.payloads import DenoiseWaiting, StateRef
 from serve.stages.transfer import PackedState
 from serve.storage import JobArtifacts, StorageError
 from tests.support.fake_stages import (
@@ -89,21 +89,30 @@ def test_a_jobs_step_cache_settings_reach_both_experts(tmp_path: Path) -> None:
     run(scenario)
 
 
-def test_a_job_waiting_in_a_denoiser_engine_shows_queued_with_its_place_not_a_frozen_stage(
+def test_a_job_waiting_in_a_denoiser_engine_shows_queued_with_its_place_and_an_eta_not_a_frozen_stage(
     tmp_path: Path,
 ) -> None:
     args = scheduler_args(tmp_path)
-    stages = FakeStages(waiting_high=(3, 2), hold_high=asyncio.Event())  # two ahead of it, then it waits
+    # three ahead with nothing measured on the replica, then two ahead whose queued work the engine measured
+    # at 40 s, its bucket's steps at 5 s each; then it waits there
+    places = (DenoiseWaiting(3), DenoiseWaiting(2, seconds_ahead=40.0, seconds_per_step=5.0))
+    stages = FakeStages(waiting_high=places, hold_high=asyncio.Event())
     store = empty_store(args)
     job, _ = store.create("dune", "batch", job_request(steps=8))
 
     async def scenario() -> None:
         scheduler = start(args, stages)
+        request = job.request
+        # decodes of this size took 30 s here before (the ETA's measurement of the later stages)
+        scheduler._eta.observe((str(request.bucket), request.resolved.quality, "none"), "decode", 30.0)
         try:
             waiting = await wait_for(store, job.id, lambda j: j.engine_queue_position == 2)
             video = video_view(waiting)
             assert (video.status, video.stage, video.queue_position) == ("in_progress", "queued", 2)
-            assert waiting.status == JobStatus.DENOISING_HIGH and video.progress == 2
+            assert (video.waiting_for, video.progress) == ("denoising_high", 2)
+            assert waiting.status == JobStatus.DENOISING_HIGH
+            predicted = (waiting.eta_at - waiting.updated_at).total_seconds()
+            assert predicted == pytest.approx(40.0 + 8 * 5.0 + 30.0, abs=1.0)  # the wait, its 8 steps, decode
             stages.hold_high.set()
             started = await wait_for(store, job.id, lambda j: j.stage_progress > 0 or j.is_finished)
             done = await wait_for(store, job.id, lambda j: j.is_finished)

@@ -13,12 +13,15 @@ import re
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Browser, Page, expect
 
+from serve.jobs import JobStatus
+from serve.jobs.models import utcnow
 from tests.support.api_app import TINY, LocalApi, http_server, local_api
 from tests.support.cuts import run_cuts
 from tests.test_editorial_api import cut_of, finish_with_clip
@@ -272,4 +275,43 @@ def test_a_take_card_sets_its_review_and_adds_a_note_at_a_frame(browser: Browser
         assert_accessible(page, "board with review")
     finally:
         api.client.put(f"/v1/videos/{made['ids'][0][0]}/review", json={"status": "pending"})
+        page.context.close()
+
+
+def test_a_take_waiting_in_a_stage_says_where_with_its_eta_then_shows_its_progress(
+    browser: Browser,
+    served,  # noqa: ANN001
+) -> None:
+    """1B take 2, run by hand as the Scheduler runs it: it waits in the composing pass's engine (two ahead),
+    first with nothing measured there (said in words), then with the ETA the engine's queued work gives;
+    then it runs and shows its progress. Last in the module: the take stays running."""
+    api, url, made = served
+    video_id = made["ids"][1][1]
+    page = open_page(browser, url, api, "en-US")
+    try:
+        sign_in(page, api, "API key", "Sign in")
+        expect(page.get_by_role("heading", name="Project default")).to_be_visible()
+        page.goto(f"{url}/studio/#/boards/{made['board']['id']}")
+        status = page.locator(f'article.take[data-video="{video_id}"] .status')
+        expect(status).to_have_text(re.compile(r"^Next in the studio queue · "))
+        job = api.store.claim(video_id, "test-scheduler")
+        assert job is not None
+        assert api.store.advance(video_id, job.attempt, JobStatus.DENOISING_HIGH, engine_queue_position=2)
+        expect(status).to_have_text(
+            "Waiting for the composing pass · 2 ahead · no estimate yet: nothing measured"
+        )
+        expect(page.locator(f'article.take[data-video="{video_id}"]')).to_have_attribute(
+            "data-waiting", "denoising_high"
+        )
+        eta_at = utcnow() + timedelta(minutes=10)
+        assert api.store.advance(
+            video_id, job.attempt, JobStatus.DENOISING_HIGH, engine_queue_position=2, eta_at=eta_at
+        )
+        expect(status).to_have_text(
+            re.compile(r"^Waiting for the composing pass · 2 ahead · about (9|10) min \d+ s left$")
+        )
+        shoot(page, "board-waiting-en")
+        assert api.store.advance(video_id, job.attempt, JobStatus.DENOISING_HIGH, stage_progress=0.5)
+        expect(status).to_have_text(re.compile(r"^Composing the shot · \d+ % · about (9|10) min \d+ s left$"))
+    finally:
         page.context.close()

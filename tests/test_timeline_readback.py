@@ -163,6 +163,10 @@ def test_a_timeline_of_another_board_or_with_unknown_clips_is_refused_with_nothi
     foreign = put(api, board, "otio", write(export(api, other, "otio"), "otio"))
     assert (foreign.status_code, foreign.json()["error"]["code"]) == (409, "foreign_timeline")
     assert "nothing was changed" in foreign.json()["error"]["message"]
+    assert [
+        (clip["position"], clip["name"], clip["video_id"], clip["reason"])
+        for clip in foreign.json()["error"]["clips"]
+    ] == [(shot + 1, f"3{'ABCD'[shot]} take 1", take(other, shot, 0), "not_this_board") for shot in range(4)]
 
     timeline = edit(export(api, board, "edl"), board)
     stranger = otio.schema.Clip(
@@ -175,27 +179,54 @@ def test_a_timeline_of_another_board_or_with_unknown_clips_is_refused_with_nothi
     unknown = put(api, board, "edl", write(timeline, "edl"))
     assert (unknown.status_code, unknown.json()["error"]["code"]) == (422, "unmatched_clips")
     assert "clip 4 'B-roll': it carries no Previz take id" in unknown.json()["error"]["message"]
+    assert unknown.json()["error"]["clips"] == [
+        {
+            "position": 4,
+            "name": "B-roll",
+            "video_id": None,
+            "reason": "no_take_id",
+            "message": "it carries no Previz take id",
+        }
+    ]
 
     mixed = export(api, board, "otio")
     swap_take(list(mixed.find_clips())[3], take(other, 3, 0))  # a take of another board among ours
     refused = put(api, board, "otio", write(mixed, "otio"))
     assert refused.json()["error"]["code"] == "unmatched_clips"
     assert f"(take {take(other, 3, 0)}): it is no take of this board" in refused.json()["error"]["message"]
+    assert [(c["position"], c["video_id"], c["reason"]) for c in refused.json()["error"]["clips"]] == [
+        (4, take(other, 3, 0), "not_this_board")
+    ]
 
     twice = export(api, board, "otio")
     swap_take(list(twice.find_clips())[1], take(board, 0, 1))  # shot 0 twice
     duplicate = put(api, board, "otio", write(twice, "otio"))
     assert duplicate.json()["error"]["code"] == "unmatched_clips"
     assert "its shot is already used by clip 1" in duplicate.json()["error"]["message"]
+    assert [(c["position"], c["reason"]) for c in duplicate.json()["error"]["clips"]] == [
+        (2, "shot_used_twice")
+    ]
 
     garbage = put(api, board, "fcpxml", "<xmeml><nothing/>")
     assert (garbage.status_code, garbage.json()["error"]["code"]) == (400, "invalid_timeline")
+    assert "clips" not in garbage.json()["error"]  # only a refused timeline's answers list clips
     elsewhere = put(
         api, board, "otio", write(export(api, board, "otio"), "otio"), client=api.client_for("other")
     )
     assert elsewhere.status_code == 404
     assert stored_edit(api, board) == before
     assert api.client.get(f"/v1/storyboards/{board['id']}").json()["order"] == [0, 1, 2, 3]
+    schema = api.client.get("/openapi.json").json()
+    assert "422" in schema["paths"]["/v1/storyboards/{storyboard_id}/timeline"]["put"]["responses"]
+    clip = schema["components"]["schemas"]["UnmatchedClip"]["properties"]
+    assert clip["reason"]["enum"] == [
+        "no_take_id",
+        "not_this_board",
+        "shot_used_twice",
+        "empty",
+        "slate_only",
+        "no_clips",
+    ]
 
 
 def test_a_16_fps_board_exports_to_every_format_at_24_and_reads_back_there(api: LocalApi) -> None:
@@ -222,8 +253,8 @@ def test_a_16_fps_board_exports_to_every_format_at_24_and_reads_back_there(api: 
     assert again["clips"][1]["content_start"] == 3
 
 
-def test_review_statuses_and_notes_ride_in_otio_metadata_edl_comments_and_fcp_xml(
-    api: LocalApi, board: dict
+def test_review_statuses_and_notes_ride_in_otio_metadata_edl_comments_fcp_xml_and_aaf_mob_comments(
+    api: LocalApi, board: dict, tmp_path: Path
 ) -> None:
     first = take(board, 0, 0)
     reviewer = api.client_with(api.store.create_key("default", "member", "kim")[1])
@@ -254,6 +285,21 @@ def test_review_statuses_and_notes_ride_in_otio_metadata_edl_comments_and_fcp_xm
     assert "* PREVIZ REVIEW PENDING" in edl
     xml = api.client.get(f"/v1/storyboards/{board['id']}/timeline", params={"format": "fcpxml"}).text
     assert "PREVIZ REVIEW NEEDS-CHANGES BY kim" in xml and "kim: door opens too early" in xml
+    aaf = tmp_path / "cut.aaf"
+    aaf.write_bytes(
+        api.client.get(f"/v1/storyboards/{board['id']}/timeline", params={"format": "aaf"}).content
+    )
+    read = list(otio.adapters.read_from_file(str(aaf), adapter_name="AAF").find_clips())
+    assert [dict(clip.metadata["AAF"]["UserComments"]) for clip in read[:2]] == [
+        {
+            "Previz Take": first,
+            "Previz Review": "needs-changes",
+            "Previz Review By": "kim",
+            "Previz Note 1": "F4 kim: door opens too early",
+            "Previz Note 2": "kim: warmer overall",
+        },
+        {"Previz Take": take(board, 1, 0), "Previz Review": "pending"},
+    ]
     # another project sees neither the board's timeline nor the take's notes
     other = api.client_for("other")
     assert other.get(f"/v1/storyboards/{board['id']}/timeline").status_code == 404

@@ -9,6 +9,7 @@ from pipeline.denoise.engine import (
     EngineRequest,
     EngineShutdown,
     EngineStats,
+    QueuePlace,
     RequestCancelled,
     RequestFailed,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "Holding",
     "LocalRunner",
     "ParallelDegree",
+    "QueuePlace",
     "RequestCancelled",
     "RequestFailed",
     "RequestStatus",

@@ -178,6 +178,13 @@ class StepScheduler:
             if request.status == RequestStatus.WAITING and request.request_id not in members
         }
 
+    def work_before(self, urgency: tuple) -> tuple[int, int]:
+        """(live requests more urgent than `urgency`, their token-steps left: tokens per forward x steps
+        left in this expert), compared on `urgency`'s length (a prefix of ScheduledRequest.urgency): the
+        work queued ahead of a waiting request. A step its cache will skip is counted as one it runs."""
+        ahead = [request for request in self.requests.values() if request.urgency[: len(urgency)] < urgency]
+        return len(ahead), sum(request.num_tokens * len(request.timesteps) for request in ahead)
+
     def num_requests_by_bucket(self) -> dict[Bucket, int]:
         """bucket -> live requests in it (the queue each bucket holds)."""
         return dict(Counter(request.bucket for request in self.requests.values()))

@@ -41,11 +41,12 @@ from pipeline.denoise.engine import (
     EngineRequest,
     EngineShutdown,
     EngineStats,
+    QueuePlace,
     RequestCancelled,
 )
 from pipeline.denoise.experts import Expert
 from pipeline.denoise.state import DenoiseState
-from pipeline.priority import Priority
+from pipeline.priority import PRIORITY_RANK, Priority
 from pipeline.spec import StepCacheSettings
 from pipeline.text import PromptEmbeds
 
@@ -55,8 +56,8 @@ EXPERTS: tuple[Expert, Expert] = ("high", "low")
 IDLE_WAIT_S = 0.005  # an iteration that found nothing to plan waits this long (or for a wake-up)
 # (expert, its steps done, the steps it runs for the request) -> None, on the engine thread after each step
 ExpertProgressCallback = Callable[[Expert, int, int], None]
-# (requests ahead of it in the queue of the expert it waits at) -> None, on the engine thread
-WaitingCallback = Callable[[int], None]
+# (its place: the requests more urgent than it at both experts and their work) -> None, on the engine thread
+WaitingCallback = Callable[[QueuePlace], None]
 # (the state after the last high-noise step) -> None, on the engine thread as the request crosses the
 # boundary; it must return quickly (the low-noise steps wait for it) and must not write the state.
 BoundaryCallback = Callable[[DenoiseState], None]
@@ -199,7 +200,11 @@ class ColocatedEngine:
         expert = self._next_expert()
         if expert is None:
             return StepBatch.make_empty("high")
-        return self.engines[expert].step()
+        plan = self.engines[expert].step()
+        for other in EXPERTS:
+            if other != expert:
+                self.engines[other].tell_waiting()  # its waiting requests waited for this iteration too
+        return plan
 
     def _next_expert(self) -> Expert | None:
         """The expert holding the most urgent admitted request (the low-noise one on a tie)."""
@@ -297,10 +302,15 @@ class ColocatedEngine:
         self, request: ColocatedRequest, expert: Expert, state: DenoiseState, arrival: float
     ) -> EngineRequest:
         """The request's share of one expert: its guidance and callbacks, the same urgency."""
-        on_progress = None
+        on_progress = on_waiting = None
         if request.on_progress is not None:
             report = request.on_progress
             on_progress = lambda done, total: report(expert, done, total)  # noqa: E731
+        if request.on_waiting is not None:  # the other expert's more urgent requests run first too
+            tell, other = request.on_waiting, self.engines["low" if expert == "high" else "high"]
+            deadline = request.deadline
+            urgency = (PRIORITY_RANK[request.priority], deadline is None, deadline or 0.0, arrival)
+            on_waiting = lambda place: tell(place.behind(*other.work_before(urgency)))  # noqa: E731
         return EngineRequest(
             request_id=request.request_id,
             state=state,
@@ -313,7 +323,7 @@ class ColocatedEngine:
             quality=request.quality,
             adapters=request.adapters,
             on_progress=on_progress,
-            on_waiting=request.on_waiting,
+            on_waiting=on_waiting,
             cache=request.cache,
             condition=request.condition,
         )

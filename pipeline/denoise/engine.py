@@ -6,7 +6,8 @@ forward (batching.StepScheduler, pure), `output = run(plan)` does ONE guided for
 UniPC solver and releases the requests whose steps for this expert are done. Requests join, leave and are
 cancelled only at these step boundaries, so a newly arrived interactive request runs in the very next
 iteration. A request the plan leaves out before its first step is told its place in the queue
-(`on_waiting`: requests more urgent than it), so its caller can show a queue position, not a stalled stage.
+(`on_waiting`: a QueuePlace, the requests more urgent than it and their queued work at this replica's
+measured rate), so its caller can show a queue position and an ETA, not a stalled stage.
 
 Threads: one engine thread (`start()`) runs iterations and owns every tensor and the planner; other
 threads only touch the inbox, the cancel set and the published stats, under `_lock`. Tests drive the
@@ -98,10 +99,9 @@ logger = logging.getLogger(__name__)
 # (steps done, steps this expert runs for the request) -> None. Called on the engine thread after each
 # step (asyncio users hop back with loop.call_soon_threadsafe); if it raises, that request fails.
 ProgressCallback = Callable[[int, int], None]
-# (requests ahead of it in this engine's queue) -> None. Called on the engine thread at each step boundary
-# where the request, not yet started, is left out of the batch and its place changed; if it raises, that
-# request fails.
-WaitingCallback = Callable[[int], None]
+# (its place in this engine's queue) -> None. Called on the engine thread at each step boundary where the
+# request, not yet started, is left out of the batch and its place changed; if it raises, that request fails.
+WaitingCallback = Callable[["QueuePlace"], None]
 
 DEFAULT_MAX_NUM_TOKENS = 65_536  # one 480p x 81-frame request with CFG (2 x 32,760), or many small drafts
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -125,6 +125,34 @@ class RequestFailed(EngineError):
 
 class EngineShutdown(EngineError):
     """The engine was shut down before the request finished."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePlace:
+    """What a request waiting for its first step hears (`on_waiting`): counted in the engine, measured on
+    this replica, never guessed (None where nothing was measured yet)."""
+
+    num_ahead: int  # live requests more urgent than it (its queue position)
+    # their queued token-steps (tokens per forward x steps left) at the replica's recently measured seconds
+    # per token: when its first step can come (a forward at these shapes is compute-bound); None: work is
+    # ahead but no iteration was measured yet
+    seconds_ahead: float | None
+    # what one step of its (bucket, tier) costs here (the mean of the last iterations of that pair; before
+    # any, its own tokens at the measured seconds per token); None: no iteration measured yet
+    seconds_per_step: float | None
+
+    def behind(self, num_ahead: int, seconds_ahead: float | None) -> QueuePlace:
+        """This place with more work before it (another engine's, on a colocated replica)."""
+        seconds = None
+        if seconds_ahead is not None and self.seconds_ahead is not None:
+            seconds = self.seconds_ahead + seconds_ahead
+        return QueuePlace(self.num_ahead + num_ahead, seconds, self.seconds_per_step)
+
+    @property
+    def told(self) -> tuple[int, bool, bool]:
+        """What changes a report: the place, and whether each figure is measured (the ETA built from
+        them is an absolute time, so a figure that only moves does not need telling again)."""
+        return self.num_ahead, self.seconds_ahead is None, self.seconds_per_step is None
 
 
 @dataclass(slots=True)
@@ -214,7 +242,7 @@ class _Live:
     uncond: torch.Tensor | None  # None without CFG
     index: int  # index into the request's full schedule of its next step
     condition: torch.Tensor | None = None  # I2V: its condition on device, the same for every step
-    num_ahead: int | None = None  # the queue place last reported to `on_waiting`; None: none reported
+    place: QueuePlace | None = None  # the queue place last reported to `on_waiting`; None: none reported
     cache: RequestCache | None = None  # its step cache in this expert; None: every step runs
     decision: CacheDecision | None = None  # the cache's decision for step `index`, made before the plan
 
@@ -372,6 +400,14 @@ class DenoiseEngine:
             raise RuntimeError("boundary() is for an engine without its thread; this one was start()ed.")
         self._boundary()
 
+    def tell_waiting(self) -> None:
+        """Tell each request waiting for its first step its place, at an iteration this engine did not run:
+        a driver that steps several engines on one thread (pipeline.denoise.colocated) calls it on the
+        engines it did not step, so their waiting requests hear the work before them too."""
+        if self._thread is not None:
+            raise RuntimeError("tell_waiting() is for an engine without its thread; this one was start()ed.")
+        self._report_waiting(StepBatch.make_empty(self.expert))
+
     def fail_live(self, error: BaseException) -> None:
         """Fail every admitted request after an iteration crashed (a bug, not one request's fault)."""
         for request_id in list(self._live):
@@ -414,6 +450,23 @@ class DenoiseEngine:
                 num_queued_token_steps=token_steps,
                 seconds_per_token=busy / num_tokens if num_tokens > 0 else 0.0,
             )
+
+    def work_before(self, urgency: tuple) -> tuple[int, float | None]:
+        """(live requests more urgent than `urgency`, seconds of their queued token-steps at this replica's
+        measured seconds per token: 0.0 when none is ahead, None when some are but nothing was measured).
+        Engine thread only (it reads the planner)."""
+        num_ahead, token_steps = self.scheduler.work_before(urgency)
+        if token_steps == 0:
+            return num_ahead, 0.0
+        rate = self._seconds_per_token()
+        return num_ahead, None if rate is None else token_steps * rate
+
+    def _seconds_per_token(self) -> float | None:
+        """Wall seconds per token over the recent iterations (None before one that sent tokens)."""
+        with self._lock:
+            busy = sum(seconds for seconds, _, _ in self._recent)
+            num_tokens = sum(tokens for _, _, tokens in self._recent)
+        return busy / num_tokens if num_tokens > 0 else None
 
     def seconds_per_step(
         self, bucket: Bucket, quality: str = "final", request_id: str | None = None
@@ -598,16 +651,30 @@ class DenoiseEngine:
                 self.scheduler.requests[request_id].skips_next = live.decision.skip
 
     def _report_waiting(self, plan: StepBatch) -> None:
-        """Tell each request left waiting before its first step its place in the queue, when it changed."""
+        """Tell each request left waiting before its first step its place in the queue (with the work
+        before it and its own step time), when the place changed or a figure became measured."""
         for request_id, num_ahead in self.scheduler.num_ahead(plan).items():
             live = self._live[request_id]
-            if live.request.on_waiting is None or live.num_ahead == num_ahead:
+            if live.request.on_waiting is None:
                 continue
-            live.num_ahead = num_ahead
+            place = self._place(request_id, num_ahead)
+            if live.place is not None and live.place.told == place.told:
+                continue
+            live.place = place
             try:
-                live.request.on_waiting(num_ahead)
+                live.request.on_waiting(place)
             except Exception as error:
                 self._fail(request_id, f"{type(error).__name__}: {error}", error)
+
+    def _place(self, request_id: str, num_ahead: int) -> QueuePlace:
+        """The queue place of waiting `request_id`: the work of the `num_ahead` requests more urgent than
+        it (StepScheduler.num_ahead's order, so the same ones) and its own step time, as measured here."""
+        scheduled = self.scheduler.requests[request_id]
+        _, seconds_ahead = self.work_before(scheduled.urgency)
+        seconds_per_step = self.seconds_per_step(scheduled.bucket, scheduled.quality)
+        if seconds_per_step is None and (rate := self._seconds_per_token()) is not None:
+            seconds_per_step = scheduled.num_tokens * rate
+        return QueuePlace(num_ahead, seconds_ahead, seconds_per_step)
 
     def _guided_input(self, request_id: str) -> GuidedInput:
         return self._guided_input_of(self._live[request_id])

@@ -60,9 +60,12 @@ class Unmatched:
     index: int
     name: str
     video_id: str | None
-    reason: str
+    code: str  # the reason, machine-readable (serve.http.schemas.UnmatchedClip.reason lists them)
+    reason: str  # the reason, for a person
 
     def __str__(self) -> str:
+        if self.index < 0:  # not one clip: the timeline as a whole
+            return self.reason
         take = f" (take {self.video_id})" if self.video_id else ""
         return f"clip {self.index + 1} {self.name!r}{take}: {self.reason}"
 
@@ -132,28 +135,31 @@ def apply_timeline(
     unmatched: list[Unmatched] = []
     seen: dict[int, EditedClip] = {}
     for clip in edited.clips:
-        reason = None
+        refusal = None  # (code, reason)
         if clip.video_id is None:
-            reason = "it carries no Previz take id"
+            refusal = ("no_take_id", "it carries no Previz take id")
         elif clip.video_id not in shot_of:
-            reason = "it is no take of this board"
+            refusal = ("not_this_board", "it is no take of this board")
         elif shot_of[clip.video_id] in seen:
-            reason = f"its shot is already used by clip {seen[shot_of[clip.video_id]].index + 1}"
+            earlier = seen[shot_of[clip.video_id]].index + 1
+            refusal = ("shot_used_twice", f"its shot is already used by clip {earlier}")
         elif clip.num_frames <= 0:
-            reason = "it is empty"
+            refusal = ("empty", "it is empty")
         else:
             seen[shot_of[clip.video_id]] = clip
             reference = in_cut.get(shot_of[clip.video_id])
             slate = _slate(cut, reference, edited.rate)
             if clip.start + clip.num_frames <= slate:
-                reason = "it is trimmed to its slate only"
-        if reason is not None:
-            unmatched.append(Unmatched(clip.index, clip.name, clip.video_id, reason))
+                refusal = ("slate_only", "it is trimmed to its slate only")
+        if refusal is not None:
+            unmatched.append(Unmatched(clip.index, clip.name, clip.video_id, *refusal))
     if unmatched:
         foreign = not any(clip.video_id in shot_of for clip in edited.clips)
         raise TimelineRefused("foreign_timeline" if foreign else "unmatched_clips", unmatched)
     if not seen:
-        raise TimelineRefused("unmatched_clips", [Unmatched(0, "", None, "the timeline has no clips")])
+        raise TimelineRefused(
+            "unmatched_clips", [Unmatched(-1, "", None, "no_clips", "the timeline has no clips")]
+        )
     edit = record.edit.model_copy(deep=True) if record.edit is not None else StoryboardEdit()
     edit.order = list(seen)
     for shot, clip in seen.items():

@@ -6,7 +6,8 @@ One video track; one clip per shot of the cut, named "<shot> take <n>" and carry
 video id: OTIO metadata, an EDL locator comment, an FCP XML clip comment, an AAF master mob comment), its
 media the shot's conformed clip (slate included): a signed link, or a relative path inside the package zip
 beside the cut and the timeline. Each clip also carries the take's review (status, notes): OTIO metadata,
-EDL comment lines, an FCP XML clip comment and markers at the notes' frames, AAF mob comments.
+EDL comment lines, an FCP XML clip comment and markers at the notes' frames, AAF master mob comments (one
+per note: the AAF adapter writes no markers).
 
 The timeline's rate is the cut's, or `rate` (24 or 25): each clip's length and position are then conformed
 to it (rounded as the cut's conform rounds), the media still being the cut's clips, which an NLE plays at
@@ -167,8 +168,21 @@ def clip_metadata(clip: CutClip, review: ClipReview | None) -> dict:
         },
         "fcp_xml": {"comments": {"clipcommenta": take_tag(clip.video_id), "clipcommentb": review_line}},
         "cmx_3600": {"comments": [review_line, *(" ".join(line.split()) for line in note_lines)]},
-        "AAF": {"UserComments": {AAF_TAKE: clip.video_id, "Previz Review": status}},
+        "AAF": {"UserComments": aaf_comments(clip, status, review)},
     }
+
+
+def aaf_comments(clip: CutClip, status: str, review: ClipReview | None) -> dict[str, str]:
+    """The clip's master mob comments (Avid shows them as bin columns): its take id, review status, who set
+    it, and one `Previz Note <n>` per note ("F<frame> author: text", the frame the take's own). The AAF
+    adapter (otio-aaf-adapter 2.0.0) writes no markers, so the notes ride as comments only."""
+    comments = {AAF_TAKE: clip.video_id, "Previz Review": status}
+    if review is not None and review.by:
+        comments["Previz Review By"] = review.by
+    for number, note in enumerate(review.notes if review is not None else [], start=1):
+        at = "" if note.frame is None else f"F{note.frame} "
+        comments[f"Previz Note {number}"] = f"{at}{note.author}: {note.text}"
+    return comments
 
 
 def take_tag(video_id: str) -> str:

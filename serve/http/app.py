@@ -86,7 +86,9 @@ app = FastAPIOffline(
 
 @app.exception_handler(ApiError)
 async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
-    return error_response(error.status, error.code, error.message, error.param, error.headers, error.category)
+    return error_response(
+        error.status, error.code, error.message, error.param, error.headers, error.category, error.clips
+    )
 
 
 @app.exception_handler(RequestValidationError)

@@ -1,5 +1,6 @@
 """The one error shape of the HTTP API: `{"error": {"code", "message", "param"}}` (plus `category` on
-`content_blocked` answers only), and how pydantic's validation errors map onto it (400 with the field
+`content_blocked` answers only, and `clips` on a refused timeline's `unmatched_clips` / `foreign_timeline`
+only), and how pydantic's validation errors map onto it (400 with the field
 named)."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from serve.http.schemas import ErrorBody, ErrorResponse
+from serve.http.schemas import ErrorBody, ErrorResponse, UnmatchedClip
 
 
 class ApiError(Exception):
@@ -22,10 +23,12 @@ class ApiError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
         category: str | None = None,
+        clips: list[UnmatchedClip] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
         self.category = category  # the content-policy category of a `content_blocked` answer
+        self.clips = clips  # the clips a refused timeline could not use
 
 
 def error_response(
@@ -35,11 +38,15 @@ def error_response(
     param: str | None = None,
     headers: dict[str, str] | None = None,
     category: str | None = None,
+    clips: list[UnmatchedClip] | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorBody(code=code, message=message, param=param, category=category))
+    body = ErrorResponse(
+        error=ErrorBody(code=code, message=message, param=param, category=category, clips=clips)
+    )
     content = body.model_dump()
-    if category is None:  # only content-policy answers carry it
-        del content["error"]["category"]
+    for extra in ("category", "clips"):  # only the answers they belong to carry them
+        if content["error"][extra] is None:
+            del content["error"][extra]
     return JSONResponse(content, status_code=status, headers=headers)
 
 
@@ -146,4 +153,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 BLOCKED: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "Refused by the content policy: `content_blocked`."}
+}
+TIMELINE_REFUSED: dict[int | str, dict[str, Any]] = {
+    422: {
+        "model": ErrorResponse,
+        "description": "`unmatched_clips`: clips of the timeline cannot be used, nothing was changed; "
+        "`clips` lists each with its `reason`.",
+    }
 }

@@ -379,14 +379,15 @@ class Video(BaseModel):
         None,
         description="How many videos are ahead of it while it waits: in the job queue (status queued) or, "
         "with `stage: queued` while in progress, in the replica of the stage it waits for (`waiting_for`: "
-        "an expert's engine before its first step, the decoder's or the upscaler's line). Null once it "
-        "runs.",
+        "the text encoder's line for a forward, an expert's engine before its first step, the decoder's or "
+        "the upscaler's line). Null once it runs.",
     )
     waiting_for: str | None = Field(
         None,
-        description="While in progress but waiting in a stage's queue: that stage (`denoising_high`, "
-        "`denoising_low`, `decoding`, `upscaling`), counted where the work waits; `continuity` while a "
-        "chained shot's take (queued) waits for the take of the shot it continues; null otherwise.",
+        description="While in progress but waiting in a stage's queue: that stage (`encoding`, "
+        "`denoising_high`, `denoising_low`, `decoding`, `upscaling`), counted where the work waits; "
+        "`continuity` while a chained shot's take (queued) waits for the take of the shot it continues; "
+        "null otherwise.",
     )
     seed: int
     steps: int
@@ -508,12 +509,36 @@ class WebhookDeliveryList(BaseModel):
     data: list[WebhookDeliveryInfo]
 
 
+class UnmatchedClip(BaseModel):
+    """A clip of an edited timeline that cannot be applied to its board, and why."""
+
+    position: int = Field(
+        description="Its place among the clips of the timeline's first video track, from 1."
+    )
+    name: str = Field(description="The clip's name in the timeline (an editor may have changed it).")
+    video_id: str | None = Field(description="The Previz take id the clip carries; null: none.")
+    reason: Literal["no_take_id", "not_this_board", "shot_used_twice", "empty", "slate_only", "no_clips"] = (
+        Field(
+            description="`no_take_id`: it carries no Previz take id (not exported by Previz); "
+            "`not_this_board`: its take is no live take of this board; `shot_used_twice`: an earlier clip "
+            "already uses its shot; `empty`: it has no frames; `slate_only`: it is trimmed to its slate; "
+            "`no_clips`: the timeline has no clips at all (`position` 0)."
+        )
+    )
+    message: str = Field(description="The reason, for a person.")
+
+
 class ErrorBody(BaseModel):
     code: str = Field(description="Machine-readable error code.")
     message: str = Field(description="What went wrong, for a person.")
     param: str | None = Field(None, description="The request field at fault, if one is.")
     category: str | None = Field(
         None, description="With `content_blocked` only: the content-policy category, e.g. `hate`."
+    )
+    clips: list[UnmatchedClip] | None = Field(
+        None,
+        description="With `unmatched_clips` and `foreign_timeline` only (`PUT /v1/storyboards/{id}/timeline`"
+        "): every clip of the timeline that cannot be applied, in timeline order.",
     )
 
 

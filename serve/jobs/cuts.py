@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, case, insert, select, update
+from sqlalchemy import Connection, case, func, insert, select, update
 
 from serve.jobs.database import Database
 from serve.jobs.models import utcnow
@@ -31,6 +31,7 @@ from serve.storage import CutArtifacts
 CutStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 UNFINISHED: tuple[CutStatus, ...] = ("queued", "running")
 CUT_REQUEST_FORMAT = 1
+STALE_RUN = "the run is no longer current"  # why `succeed` refused a run that another run or a cancel ended
 
 
 class CutRunning(Exception):
@@ -193,6 +194,16 @@ class CutRepository:
         with self._db.read() as conn:
             return [row.id for row in conn.execute(query)]
 
+    def count_unfinished(self) -> dict[str, int]:
+        """Cut jobs per unfinished status (`queued`, `running`; a status with none is absent)."""
+        query = (
+            select(cut_jobs.c.status, func.count())
+            .where(cut_jobs.c.status.in_(UNFINISHED))
+            .group_by(cut_jobs.c.status)
+        )
+        with self._db.read() as conn:
+            return {row[0]: row[1] for row in conn.execute(query)}
+
     def claim(self, cut_id: str, scheduler_id: str) -> CutJob | None:
         """queued -> running, `attempt` + 1; None when it is not queued any more."""
         now = utcnow()
@@ -240,7 +251,7 @@ class CutRepository:
                 select(cut_jobs).where(*_current(cut_id, attempt)).with_for_update()
             ).one_or_none()
             if job is None:
-                return CutOutcome(False, refused="the run is no longer current")
+                return CutOutcome(False, refused=STALE_RUN)
             video_ids = sorted({take.video_id for take in CutRequest.model_validate(job.request).takes})
             alive = conn.execute(
                 select(jobs.c.id)
@@ -288,17 +299,17 @@ class CutRepository:
             done = conn.execute(update(cut_jobs).where(*_current(cut_id, attempt)).values(values)).rowcount
         return status if done else None
 
-    def requeue_in_flight(self, *, max_attempts: int) -> list[str]:
-        """After a scheduler (re)start: every running cut is requeued (or failed, see `requeue`); the ids
-        of those requeued."""
+    def requeue_in_flight(self, *, max_attempts: int) -> list[CutJob]:
+        """After a scheduler (re)start: every running cut is requeued (or failed, see `requeue`); the runs
+        so interrupted, as they were (their `attempt` names the files they stored: the caller's to
+        delete)."""
         with self._db.read() as conn:
-            running = conn.execute(
-                select(cut_jobs.c.id, cut_jobs.c.attempt).where(cut_jobs.c.status == "running")
-            ).all()
+            running = [
+                CutJob.from_row(row)
+                for row in conn.execute(select(cut_jobs).where(cut_jobs.c.status == "running"))
+            ]
         return [
-            row.id
-            for row in running
-            if self.requeue(row.id, row.attempt, max_attempts=max_attempts) == "queued"
+            cut for cut in running if self.requeue(cut.id, cut.attempt, max_attempts=max_attempts) is not None
         ]
 
     def cancel(self, storyboard_id: str) -> CutJob | None:

@@ -150,6 +150,7 @@ class JobStore:
     get_cut = _forward(CutRepository.get, _cuts)
     latest_cut = _forward(CutRepository.latest, _cuts)
     queued_cuts = _forward(CutRepository.queued, _cuts)
+    count_unfinished_cuts = _forward(CutRepository.count_unfinished, _cuts)
     claim_cut = _forward(CutRepository.claim, _cuts)
     advance_cut = _forward(CutRepository.advance, _cuts)
     succeed_cut = _forward(CutRepository.succeed, _cuts)

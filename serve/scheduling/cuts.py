@@ -9,8 +9,8 @@ record the outcome in the job store, fenced by the cut's attempt like a video's 
   with `too_many_attempts`.
 - Cancel (`cancel`): the render call is cancelled on its replica (it stops at its next shot) and the
   files the run stored are deleted. A scheduler that stops leaves its cuts running in the store; the next
-  one requeues them (`requeue_cuts_in_flight`), and what their old attempts stored is left to the orphan
-  sweep (serve.jobs.retention: a board's files other than its current cut's).
+  one requeues them (`requeue_in_flight`) and deletes what their interrupted attempts stored (a failing
+  store leaves it to the orphan sweep, serve.jobs.retention: a board's files other than its cut's).
 - Failure: `take_deleted` when a take's clip is gone (its video was deleted after the cut was asked for),
   else `cut_failed`; what the run stored is deleted.
 - Success: the cut becomes the board's in the transaction that finishes the job; the cut it replaced is
@@ -26,9 +26,10 @@ from datetime import timedelta
 from ray.serve.handle import DeploymentHandle
 
 from serve.jobs import JobStore
-from serve.jobs.cuts import CutJob
+from serve.jobs.cuts import STALE_RUN, CutJob
 from serve.jobs.deletion import delete_keys_or_leave_to_sweep
 from serve.jobs.models import utcnow
+from serve.metrics import record_cut_finished
 from serve.scheduling.faults import REPLICA_LOST, Superseded, describe
 from serve.stages.payloads import CutCall, CutProgress, CutRendered
 from serve.storage import ArtifactNotFoundError, ArtifactStore
@@ -59,8 +60,13 @@ class CutRunner:
         self._cancelled: set[str] = set()  # cut ids whose run was cancelled by `cancel` (not by a stop)
 
     def requeue_in_flight(self) -> list[str]:
-        """At start: the cuts a previous scheduler left running go back to the queue."""
-        return self.store.requeue_cuts_in_flight(max_attempts=self.max_attempts)
+        """At start: the cuts a previous scheduler left running go back to the queue (or fail after
+        `max_attempts`), and what their interrupted attempts stored is deleted now rather than by the
+        orphan sweep a day later (unless it is its board's cut); the ids of the cuts interrupted."""
+        interrupted = self.store.requeue_cuts_in_flight(max_attempts=self.max_attempts)
+        for cut in interrupted:
+            self._drop_files(cut)
+        return [cut.id for cut in interrupted]
 
     @property
     def in_flight(self) -> list[str]:
@@ -93,34 +99,48 @@ class CutRunner:
         return True
 
     async def _run(self, cut: CutJob) -> None:
+        """Render the cut and record how its run ended (the store, the cuts-by-outcome metric)."""
+        render_seconds = None
         try:
-            await self._render(cut)
+            outcome, render_seconds = await self._render(cut)
         except Superseded as superseded:
             logger.info("cut %s: %s; this run stops", cut.id, superseded)
             await self._drop_files_unless_served(cut)
+            now = await asyncio.to_thread(self.store.get_cut, cut.id)
+            outcome = "cancelled" if now is not None and now.status == "cancelled" else "superseded"
         except asyncio.CancelledError:
             if cut.id in self._cancelled:
                 self._cancelled.discard(cut.id)
                 logger.info("cut %s cancelled while rendering", cut.id)
                 await self._drop_files_unless_served(cut)
+                record_cut_finished(cut.project, "cancelled")
                 return
             raise  # the scheduler is stopping: its successor requeues the cut
         except REPLICA_LOST as error:
             logger.warning("cut %s lost its Finisher replica (%s); it goes back to the queue", cut.id, error)
-            await asyncio.to_thread(
+            status = await asyncio.to_thread(
                 self.store.requeue_cut, cut.id, cut.attempt, max_attempts=self.max_attempts
             )
+            outcome = {"queued": "requeued", "failed": "failed"}.get(status or "", "superseded")
             await self._drop_files_unless_served(cut)
         except ArtifactNotFoundError as error:  # a take's clip went with its video before it was read
             message = f"a take of the cut was deleted before it rendered: {error}"
-            await asyncio.to_thread(self.store.fail_cut, cut.id, cut.attempt, "take_deleted", message)
+            failed = await asyncio.to_thread(
+                self.store.fail_cut, cut.id, cut.attempt, "take_deleted", message
+            )
+            outcome = "failed" if failed else "superseded"
             await self._drop_files_unless_served(cut)
         except Exception as error:
             logger.exception("cut %s failed", cut.id)
-            await asyncio.to_thread(self.store.fail_cut, cut.id, cut.attempt, "cut_failed", describe(error))
+            failed = await asyncio.to_thread(
+                self.store.fail_cut, cut.id, cut.attempt, "cut_failed", describe(error)
+            )
+            outcome = "failed" if failed else "superseded"
             await self._drop_files_unless_served(cut)
+        record_cut_finished(cut.project, outcome, render_seconds)
 
-    async def _render(self, cut: CutJob) -> None:
+    async def _render(self, cut: CutJob) -> tuple[str, float | None]:
+        """Run the render and record its cut; (how the run ended, the render's seconds when recorded)."""
         call = CutCall(cut.id, cut.attempt, cut.project, cut.storyboard_id, cut.request)
         stream = self.finisher.options(stream=True).render_cut.remote(call)
         try:
@@ -143,7 +163,8 @@ class CutRunner:
                                 outcome.refused,
                             )
                             await self._drop_files_unless_served(cut)
-                            return
+                            # the store failed it (`take_deleted`), unless another run or a cancel ended it
+                            return ("superseded" if outcome.refused == STALE_RUN else "failed"), None
                         logger.info("cut %s rendered in %.1f s", cut.id, seconds)
                         if outcome.replaced is not None:
                             await asyncio.to_thread(
@@ -152,16 +173,19 @@ class CutRunner:
                                 outcome.replaced.keys,
                                 "a replaced cut",
                             )
-                        return
+                        return "succeeded", seconds
         except BaseException:
             stream.cancel()  # out of the replica too: the render stops at its next shot
             raise
         raise RuntimeError(f"the render of cut {cut.id} ended without its cut")
 
     async def _drop_files_unless_served(self, cut: CutJob) -> None:
+        await asyncio.to_thread(self._drop_files, cut)
+
+    def _drop_files(self, cut: CutJob) -> None:
         """Delete what this attempt stored, unless it is the board's cut (its files are named by attempt,
         so a stale attempt's files go while the attempt that was recorded keeps its own)."""
-        board = await asyncio.to_thread(self.store.get_storyboard, cut.storyboard_id)
+        board = self.store.get_storyboard(cut.storyboard_id)
         if board is not None and board.cut is not None and board.cut.key in cut.keys:
             return
-        await asyncio.to_thread(delete_keys_or_leave_to_sweep, self.artifacts, cut.keys, f"cut {cut.id}")
+        delete_keys_or_leave_to_sweep(self.artifacts, cut.keys, f"cut {cut.id}")

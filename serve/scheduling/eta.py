@@ -61,9 +61,11 @@ class EtaModel:
         *,
         steps_left: int,
         seconds_per_step: float,
+        wait_s: float = 0.0,
         now: datetime | None = None,
     ) -> datetime:
-        """When the job finishes: its steps left at the measured step time, then the later stages."""
+        """When the job finishes: `wait_s` (the work queued before its next step, where it waits), its
+        steps left at the measured step time, then the later stages."""
         now = now or datetime.now(UTC)
-        seconds = max(0, steps_left) * seconds_per_step + self.after_denoise_s(key)
+        seconds = wait_s + max(0, steps_left) * seconds_per_step + self.after_denoise_s(key)
         return now + timedelta(seconds=seconds)

@@ -1,7 +1,7 @@
 """The Housekeeping deployment (one replica): the store's background work beside the Scheduler, not in it.
 
 It delivers webhooks from the outbox, deletes videos past their project's retention, and refreshes the
-jobs and queue gauges from the store. One replica, because each loop must run once in the cluster: the
+jobs, queue and cut gauges from the store. One replica, because each loop must run once in the cluster: the
 Ingress runs several replicas and would deliver every webhook several times. The Scheduler only nudges it
 (`wake_webhooks`) when a job's outcome may have queued a webhook; without the nudge the dispatcher finds it
 at its next poll.
@@ -59,14 +59,15 @@ class Housekeeping:
         while True:
             await asyncio.sleep(REPORT_INTERVAL_S)
             try:
-                counts, unfinished = await asyncio.to_thread(self._snapshot)
+                counts, unfinished, cuts = await asyncio.to_thread(self._snapshot)
                 self._queue_reporter.publish(counts, unfinished)
+                self._queue_reporter.publish_cuts(cuts)
             except Exception:
                 logger.warning("refreshing queue metrics failed", exc_info=True)
 
-    def _snapshot(self) -> tuple[dict[JobStatus, int], list[JobRecord]]:
+    def _snapshot(self) -> tuple[dict[JobStatus, int], list[JobRecord], dict[str, int]]:
         unfinished = self.store.queued(1000) + self.store.list(statuses=RUNNING_STATUSES, limit=1000)
-        return self.store.count_by_status(), unfinished
+        return self.store.count_by_status(), unfinished, self.store.count_unfinished_cuts()
 
 
 # The deployment; the plain class above is what tests construct.

@@ -24,7 +24,7 @@ from pipeline.stages import Stage, job_plan, overall_progress, stage
 from serve.jobs import JobRecord, JobStatus, JobStore
 from serve.scheduling.eta import AFTER_DENOISE, EtaModel
 from serve.scheduling.faults import Superseded
-from serve.stages.payloads import FinishedClip
+from serve.stages.payloads import DenoiseWaiting, FinishedClip
 from serve.stages.turns import StageWaiting
 
 logger = logging.getLogger("ray.serve")
@@ -88,14 +88,29 @@ class AttemptRun:
             self.eta.observe(self.eta_key, name, seconds)
 
     async def waiting(self, num_ahead: int) -> None:
-        """The request waits in its stage's replica (a denoiser engine, the decoder's or the upscaler's
-        line) with `num_ahead` requests before it; 0: its turn came. A wait after the denoiser re-predicts
-        the ETA with the wait in it: the calls ahead and this one at the stage's measured time, then the
-        stages after it."""
+        """The request waits in its stage's replica (the text encoder's, the decoder's or the upscaler's
+        line; a denoiser engine's wait is `waiting_to_denoise`) with `num_ahead` calls before it; 0: its
+        turn came. A wait after the denoiser re-predicts the ETA with the wait in it: the calls ahead and
+        this one at the stage's measured time, then the stages after it."""
         eta_at = None
         if self._stage is not None and self._stage.name in AFTER_DENOISE:
             eta_at = self.eta.predict_from(self.eta_key, self._stage.name, num_ahead=num_ahead)
         await self._advance(0.0, engine_queue_position=num_ahead or None, eta_at=eta_at)
+
+    async def waiting_to_denoise(self, waiting: DenoiseWaiting, *, steps_left: int) -> None:
+        """The request waits in a denoiser engine for its first step, `steps_left` steps of the job still to
+        run: the place is stored, and the ETA re-predicted from the engine's counts and measurements (the
+        work queued ahead of it, then its steps at the bucket's step time, then the later stages); with
+        nothing measured there yet, the last prediction stands (none: the page says nothing is measured)."""
+        eta_at = None
+        if waiting.seconds_ahead is not None and waiting.seconds_per_step is not None:
+            eta_at = self.eta.predict(
+                self.eta_key,
+                steps_left=steps_left,
+                seconds_per_step=waiting.seconds_per_step,
+                wait_s=waiting.seconds_ahead,
+            )
+        await self._advance(0.0, engine_queue_position=waiting.num_ahead or None, eta_at=eta_at)
 
     async def stage_result(self, stream: Any) -> Any:
         """The result of a streamed one-at-a-time stage call (decode, upscale), storing the call's place in

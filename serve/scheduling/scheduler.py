@@ -161,7 +161,11 @@ class Scheduler:
         )
         requeued_cuts = self.cuts.requeue_in_flight()
         if requeued_cuts:
-            logger.info("requeued %d cuts left in flight by a previous scheduler", len(requeued_cuts))
+            logger.info(
+                "requeued %d cuts left in flight by a previous scheduler (failed after max_attempts) and "
+                "deleted what their interrupted attempts stored",
+                len(requeued_cuts),
+            )
         self._running: dict[str, tuple[str, str, asyncio.Task]] = {}  # job_id -> (project, priority, task)
         self._lanes = Lanes(args.max_jobs_in_flight, args.reserved_slots)
         self._eta = EtaModel()  # stage times measured here: the later stages of a job's ETA
@@ -304,13 +308,13 @@ class Scheduler:
             await asyncio.to_thread(self.store.fail, job.id, job.attempt, "model_not_served", message)
             raise StageFailed("model_not_served", message)
 
-        # 1. Encode the prompt and the negative prompt (one batched encoder forward).
+        # 1. Encode the prompt and the negative prompt (one batched encoder forward); a call that waits
+        #    for a forward streams its place in the encoder's line.
         await run.enter("encode")
         started = time.perf_counter()
-        prompt, negative = await asyncio.gather(
-            stage_call(stages.text_encoder.encode.remote(resolved.prompt)),
-            stage_call(stages.text_encoder.encode.remote(resolved.negative_prompt)),
-        )
+        texts = [resolved.prompt, resolved.negative_prompt]
+        call = stages.text_encoder.options(stream=True).encode.remote(texts)
+        prompt, negative = await run.stage_result(call)
         run.record("encode", time.perf_counter() - started, observe=False)
 
         # 1b. An I2V job: its keyframes' condition latents (the VAEEncoder reads the stored images).
@@ -397,8 +401,8 @@ class Scheduler:
         try:
             async for event in stream:
                 match event:
-                    case DenoiseWaiting(num_ahead=num_ahead):  # queued in the engine, not stalled
-                        await run.waiting(num_ahead)
+                    case DenoiseWaiting() as waiting:  # queued in the engine, not stalled
+                        await run.waiting_to_denoise(waiting, steps_left=resolved.steps - start_index)
                     case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
                         steps_left = resolved.steps - (start_index + done)
                         await run.stepped(done, total, steps_left=steps_left, seconds_per_step=seconds)
@@ -440,8 +444,8 @@ class Scheduler:
         try:
             async for event in stream:
                 match event:
-                    case DenoiseWaiting(num_ahead=num_ahead):
-                        await run.waiting(num_ahead)
+                    case DenoiseWaiting() as waiting:
+                        await run.waiting_to_denoise(waiting, steps_left=resolved.steps - start_index)
                     case DenoiseProgress(done=done, total=total, seconds_per_step=seconds):
                         steps_left = resolved.steps - (start_index + done)
                         await run.stepped(done, total, steps_left=steps_left, seconds_per_step=seconds)

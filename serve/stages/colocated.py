@@ -37,9 +37,11 @@ from serve.sharding import placement_options
 from serve.stages.autoscaling import QUEUED_WORK_METRIC
 from serve.stages.common import STAGE_OPTIONS, gpu_options
 from serve.stages.denoiser import (
+    MAX_ONGOING_CALLS,
     bucket_router,
     engine_deadline,
     fetch_condition,
+    max_ongoing_calls,
     save_checkpoint,
     start_state,
     stream_state,
@@ -67,12 +69,13 @@ def default_options(args: PrevizArgs) -> dict[str, Any]:
     return {
         "name": COLOCATED_DEPLOYMENT,
         "request_router_config": bucket_router(args),
+        "max_ongoing_requests": max_ongoing_calls(args),
         **gpu_options(args),
         **placement,
     }
 
 
-@serve.deployment(max_ongoing_requests=256, **STAGE_OPTIONS)
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_CALLS, **STAGE_OPTIONS)
 class ColocatedDenoiserDeployment:
     """Both experts with one engine thread; bound once, as `Denoiser`."""
 
@@ -146,7 +149,9 @@ class ColocatedDenoiserDeployment:
             adapters=tuple(call.adapters),
             cache=call.cache,
             on_progress=progress,
-            on_waiting=lambda num_ahead: report(DenoiseWaiting(num_ahead=num_ahead)),
+            on_waiting=lambda place: report(
+                DenoiseWaiting(place.num_ahead, place.seconds_ahead, place.seconds_per_step)
+            ),
             on_boundary=lambda state: report(_Crossed(state, time.perf_counter())),
             condition=condition,
         )

@@ -44,6 +44,14 @@ from serve.stages.transfer import PackedState, pack_state, state_nbytes, unpack_
 from serve.storage import ArtifactStore, StorageError, make_store
 
 ROUTING_STATS_PERIOD_S = 1.0  # how stale a replica's queued work may be at the router (Serve's default: 10)
+MAX_ONGOING_CALLS = 256  # a denoiser replica's Serve limit, far above the Scheduler's usual slots (8-96)
+
+
+def max_ongoing_calls(args: PrevizArgs) -> int:
+    """A denoiser replica's `max_ongoing_requests`: every call the Scheduler can have in flight (a job has
+    one per expert at a time), since the load-aware router may send them all to one replica. Past it calls
+    would wait in Serve's FIFO queue, where an interactive shot's priority does not act."""
+    return max(MAX_ONGOING_CALLS, args.max_jobs_in_flight)
 
 
 def bucket_router(args: PrevizArgs) -> RequestRouterConfig:
@@ -61,12 +69,13 @@ def default_options(args: PrevizArgs, expert: Expert) -> dict[str, Any]:
     return {
         "name": DEPLOYMENT_NAMES[expert],
         "request_router_config": bucket_router(args),
+        "max_ongoing_requests": max_ongoing_calls(args),
         **gpu_options(args),
         **placement,
     }
 
 
-@serve.deployment(max_ongoing_requests=256, **STAGE_OPTIONS)
+@serve.deployment(max_ongoing_requests=MAX_ONGOING_CALLS, **STAGE_OPTIONS)
 class DenoiserDeployment:
     """One expert with its step-level batching engine; bound twice (HighNoiseDenoiser, LowNoiseDenoiser)."""
 
@@ -149,7 +158,9 @@ class DenoiserDeployment:
             quality=call.quality,
             adapters=tuple(call.adapters),
             on_progress=progress,
-            on_waiting=lambda num_ahead: report(DenoiseWaiting(num_ahead=num_ahead)),
+            on_waiting=lambda place: report(
+                DenoiseWaiting(place.num_ahead, place.seconds_ahead, place.seconds_per_step)
+            ),
             cache=call.cache,
             condition=condition,
         )

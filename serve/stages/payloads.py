@@ -135,9 +135,12 @@ class FrameBatch:
 
 @dataclass(frozen=True, slots=True)
 class DenoiseWaiting:
-    """Streamed by `denoise` while the request waits in the engine's queue for its first step."""
+    """Streamed by `denoise` while the request waits in the engine's queue for its first step
+    (pipeline.denoise.engine.QueuePlace, as the engine counted and measured it)."""
 
     num_ahead: int  # requests more urgent than it in the replica's engine (its queue position)
+    seconds_ahead: float | None = None  # their queued work at the replica's measured rate; None: unmeasured
+    seconds_per_step: float | None = None  # one step of its bucket here, measured; None: unmeasured
 
 
 @dataclass(frozen=True, slots=True)

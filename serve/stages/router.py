@@ -155,6 +155,12 @@ class BucketAffinityRouter(RequestRouter):
         self.load_factor = load_factor
         self.view = LoadView()
         self.decisions: dict[bool, int] = {True: 0, False: 0}  # kept affinity -> calls (metrics read it)
+        # The decisions' metric labels: the Serve app and deployment this handle routes to (Serve sets the
+        # DeploymentID before it calls initialize_state). Two apps on one cluster count apart.
+        self.metric_tags = {
+            "application": self._deployment_id.app_name,
+            "deployment": self._deployment_id.name,
+        }
 
     async def choose_replicas(
         self,
@@ -175,12 +181,12 @@ class BucketAffinityRouter(RequestRouter):
         if pending_request.metadata.call_method == "denoise":
             self.view.record(choice.tiers[0][0])
         self.decisions[choice.kept_affinity] += 1
-        record_affinity(choice.kept_affinity)
+        record_affinity(choice.kept_affinity, **self.metric_tags)
         return [[by_id[rid] for rid in tier] for tier in choice.tiers if tier]
 
 
-def record_affinity(kept: bool) -> None:
+def record_affinity(kept: bool, application: str, deployment: str) -> None:
     """Count the decision in the metrics (imported late: the router runs in every handle's process)."""
     from serve.metrics import record_routing_decision
 
-    record_routing_decision(kept)
+    record_routing_decision(kept, application, deployment)

@@ -136,7 +136,10 @@ class FakeStages:
     fail: dict[str, BaseException] = field(default_factory=dict)
     fail_once: set[str] = field(default_factory=set)  # stages whose failure is gone after one call
     hold_low: asyncio.Event | None = None  # the low-noise expert waits for this before its first step
-    waiting_high: tuple[int, ...] = ()  # queue places the high expert's engine reports before its first step
+    waiting_encode: tuple[StageWaiting, ...] = ()  # places the text encoder's line streams before a forward
+    hold_encode: asyncio.Event | None = None  # after those places, the text encoder waits for this
+    # the queue places the high expert's engine reports before its first step
+    waiting_high: tuple[DenoiseWaiting, ...] = ()
     hold_high: asyncio.Event | None = None  # after those reports, the high expert waits for this
     hold_decode: asyncio.Event | None = None  # the decoder waits for this before it answers
     decode_turns: Turns = field(default_factory=Turns)  # the decoder's line: one decode at a time
@@ -214,10 +217,17 @@ class FakeStages:
             error = self.fail.pop(stage) if stage in self.fail_once else self.fail[stage]
             raise error
 
-    async def encode(self, text: str) -> EmbedsRef:
-        self.record("encode", text)
-        embeds = np.full(self.embeds_shape, float(len(text)), dtype=np.float32)
-        return EmbedsRef(ref=self.objects.put(embeds, "encode"), nbytes=embeds.nbytes)
+    async def encode(self, texts: list[str]) -> AsyncIterator[StageWaiting | list[EmbedsRef]]:
+        """The TextEncoder: each text's embeddings, after the places `waiting_encode` streams and
+        `hold_encode` (a call waiting in its line for a forward)."""
+        for text in texts:
+            self.record("encode", text)
+        for waiting in self.waiting_encode:
+            yield waiting
+        if self.hold_encode is not None:
+            await self.hold_encode.wait()
+        arrays = [np.full(self.embeds_shape, float(len(text)), dtype=np.float32) for text in texts]
+        yield [EmbedsRef(ref=self.objects.put(embeds, "encode"), nbytes=embeds.nbytes) for embeds in arrays]
 
     def denoiser(self, expert: str, name: str | None = None) -> Callable[..., AsyncIterator[Any]]:
         """The `expert` deployment's stand-in, its calls recorded under `name` (default: the expert)."""
@@ -233,8 +243,8 @@ class FakeStages:
             if expert == "low" and self.hold_low is not None:
                 await self.hold_low.wait()
             if expert == "high":
-                for num_ahead in self.waiting_high:
-                    yield DenoiseWaiting(num_ahead=num_ahead)
+                for waiting in self.waiting_high:
+                    yield waiting
                 if self.hold_high is not None:
                     await self.hold_high.wait()
             steps = 3 if expert == "high" else state.num_steps - state.step_index
@@ -271,8 +281,8 @@ class FakeStages:
         self.objects.get(call.prompt.ref), self.objects.get(call.negative_prompt.ref)
         checkpoint: asyncio.Task[Any] | None = None
         if state.step_index == 0:
-            for num_ahead in self.waiting_high:
-                yield DenoiseWaiting(num_ahead=num_ahead)
+            for waiting in self.waiting_high:
+                yield waiting
             if self.hold_high is not None:
                 await self.hold_high.wait()
             for done in range(1, 4):
@@ -413,6 +423,14 @@ async def wait_for_any(
                 return job
         statuses = ", ".join(store.get(job_id).status.name for job_id in job_ids)
         assert time.monotonic() < deadline, f"timed out; jobs are {statuses}"
+        await asyncio.sleep(0.02)
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+    """Poll `condition` (on what the stand-in stages recorded, say) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
 
 

@@ -33,9 +33,10 @@ from serve.editorial.timeline import (
 from serve.editorial.timeline import WRITERS as TIMELINE_WRITERS
 from serve.http.deps import CallerDep, IngressState, StateDep, jobs_on_board
 from serve.http.editorial import ShotTrimView, TimelineApplied
-from serve.http.errors import ApiError
+from serve.http.errors import TIMELINE_REFUSED, ApiError
 from serve.http.routes.editorial import artifact_link, board_cut
 from serve.http.routes.storyboards import board_and_jobs
+from serve.http.schemas import UnmatchedClip
 from serve.jobs.reviews import review_status
 from serve.jobs.storyboard import CutRecord, StoryboardRecord
 from serve.storage import StorageError
@@ -147,6 +148,7 @@ async def get_timeline(
 @router.put(
     "/{storyboard_id}/timeline",
     response_model=TimelineApplied,
+    responses=TIMELINE_REFUSED,
     openapi_extra={"requestBody": EDITED_TIMELINE_BODY},
     summary="Read an edited timeline back",
 )
@@ -169,7 +171,8 @@ async def put_timeline(
     swapped for another take of the same shot) becomes the board's order, selected takes and per-shot trims,
     all in one write; the next cut honours them. Clips are matched by the take id every export carries,
     never by name. 422 `unmatched_clips` (a clip without a take id of this board, or a shot used twice) or
-    409 `foreign_timeline` (no clip is a take of this board), each naming the clips, and nothing changes;
+    409 `foreign_timeline` (no clip is a take of this board), each listing the clips in `error.clips` (its
+    place, name, take id and a `reason` code), and nothing changes;
     400 `invalid_timeline` for a body that is no timeline of `format`."""
     record, jobs = await board_and_jobs(storyboard_id, state, caller)
     _record, cut = await board_cut(storyboard_id, state, caller)
@@ -181,19 +184,21 @@ async def put_timeline(
     except UnreadableTimeline as error:
         raise ApiError(400, "invalid_timeline", str(error), "format") from None
     except TimelineRefused as error:
+        clips = [
+            UnmatchedClip(
+                position=clip.index + 1,
+                name=clip.name,
+                video_id=clip.video_id,
+                reason=clip.code,  # type: ignore[arg-type]  # readback's codes are the schema's
+                message=clip.reason,
+            )
+            for clip in error.unmatched
+        ]
         if error.code == "foreign_timeline":
-            raise ApiError(
-                409,
-                "foreign_timeline",
-                f"the timeline is from another board; nothing was changed: {error}",
-                "body",
-            ) from None
-        raise ApiError(
-            422,
-            "unmatched_clips",
-            f"the timeline has clips it cannot use; nothing was changed: {error}",
-            "body",
-        ) from None
+            message = f"the timeline is from another board; nothing was changed: {error}"
+            raise ApiError(409, "foreign_timeline", message, "body", clips=clips) from None
+        message = f"the timeline has clips it cannot use; nothing was changed: {error}"
+        raise ApiError(422, "unmatched_clips", message, "body", clips=clips) from None
     await asyncio.to_thread(state.store.update_storyboard, storyboard_id, edit=edit)
     previous = record.shot_order
     return TimelineApplied(

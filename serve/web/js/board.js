@@ -296,9 +296,12 @@ function takeCard(board, shot, take, signal, reload, changed) {
   let download = null; // the mp4's signed link, once the take completed
   const paint = () => {
     bar.value = state.progress;
-    const eta = state.eta !== null && state.eta !== undefined ? ` · ${t("eta.left", { time: duration(state.eta) })}` : "";
     const where = whereItIs(state);
     const waiting = state.status === "queued" || Boolean(state.waiting_for);
+    const counted = state.queue_position !== null && state.queue_position !== undefined; // a place, not a hold
+    const eta = state.eta !== null && state.eta !== undefined
+      ? ` · ${t("eta.left", { time: duration(state.eta) })}`
+      : waiting && counted ? ` · ${t("eta.unmeasured")}` : ""; // a counted wait with no measured time says so
     status.textContent = state.status === "failed" && take.error
       ? t("take.failed", { message: describeFailure(take.error) })
       : FINISHED.has(state.status) ? where : waiting ? `${where}${eta}` : `${where} · ${state.progress} %${eta}`;
