@@ -107,7 +107,8 @@ def test_a_cut_interrupted_on_every_attempt_fails_and_a_restart_requeues_running
     cut = store.create_cut("cut_0000000000000001", board_id, "dune", cut_request(videos))
     for attempt in (1, 2):
         assert store.claim_cut(cut.id, "scheduler-a").attempt == attempt
-        assert store.requeue_cuts_in_flight(max_attempts=3) == [cut.id]  # a new scheduler started
+        interrupted = store.requeue_cuts_in_flight(max_attempts=3)  # a new scheduler started
+        assert [(run.id, run.attempt) for run in interrupted] == [(cut.id, attempt)]
     store.claim_cut(cut.id, "scheduler-a")
     assert store.requeue_cut(cut.id, 3, max_attempts=3) == "failed"
     failed = store.get_cut(cut.id)
@@ -354,3 +355,34 @@ def test_a_board_links_its_first_cut_while_it_renders(api: LocalApi, board: dict
     assert api.client.get(url).json()["cut_url"] == f"{url}/cut"  # the page follows it there
     api.client.post(f"{url}/cut/cancel")
     assert api.client.get(url).json()["cut_url"] is None
+
+
+def test_a_restarted_scheduler_deletes_what_the_cut_attempt_it_interrupted_stored(
+    api: LocalApi, board: dict
+) -> None:
+    """A Scheduler stopped after its Finisher stored a cut attempt's files but before it recorded the cut:
+    the next Scheduler requeues the cut and deletes those files at once (not the orphan sweep a day later);
+    the board's cut, recorded by a later attempt, keeps its own."""
+    url = f"/v1/storyboards/{board['id']}"
+    prefix = f"default/{board['id']}/"
+    first = api.client.post(f"{url}/cut", json={"fps": 24}).json()
+    run_cuts(api)  # the board's cut now: attempt 1 of `first`
+    served = stored_keys(api, prefix)
+    queued = api.client.post(f"{url}/cut", json={"fps": 24}).json()
+    run = api.store.claim_cut(queued["id"], "scheduler-that-stops")
+    finisher = InProcessFinisher(FinisherStage(api.state.args))
+
+    async def render() -> list:
+        call = CutCall(run.id, run.attempt, "default", board["id"], run.request)
+        return [event async for event in finisher.remote(call)]
+
+    assert isinstance(asyncio.run(render())[-1], CutRendered)  # stored, never recorded
+    assert stored_keys(api, prefix) == served | set(run.keys)
+
+    assert cut_runner(api).requeue_in_flight() == [run.id]  # what a new Scheduler does first
+    assert stored_keys(api, prefix) == served
+    assert api.store.get_cut(run.id).status == "queued"
+    assert api.store.get_storyboard(board["id"]).cut.id == first["id"]
+    run_cuts(api)
+    assert api.store.get_cut(run.id).attempt == 2
+    assert stored_keys(api, prefix) == set(api.store.get_cut(run.id).keys)  # the replaced cut went too

@@ -299,17 +299,17 @@ class CutRepository:
             done = conn.execute(update(cut_jobs).where(*_current(cut_id, attempt)).values(values)).rowcount
         return status if done else None
 
-    def requeue_in_flight(self, *, max_attempts: int) -> list[str]:
-        """After a scheduler (re)start: every running cut is requeued (or failed, see `requeue`); the ids
-        of those requeued."""
+    def requeue_in_flight(self, *, max_attempts: int) -> list[CutJob]:
+        """After a scheduler (re)start: every running cut is requeued (or failed, see `requeue`); the runs
+        so interrupted, as they were (their `attempt` names the files they stored: the caller's to
+        delete)."""
         with self._db.read() as conn:
-            running = conn.execute(
-                select(cut_jobs.c.id, cut_jobs.c.attempt).where(cut_jobs.c.status == "running")
-            ).all()
+            running = [
+                CutJob.from_row(row)
+                for row in conn.execute(select(cut_jobs).where(cut_jobs.c.status == "running"))
+            ]
         return [
-            row.id
-            for row in running
-            if self.requeue(row.id, row.attempt, max_attempts=max_attempts) == "queued"
+            cut for cut in running if self.requeue(cut.id, cut.attempt, max_attempts=max_attempts) is not None
         ]
 
     def cancel(self, storyboard_id: str) -> CutJob | None:

@@ -9,8 +9,8 @@ record the outcome in the job store, fenced by the cut's attempt like a video's 
   with `too_many_attempts`.
 - Cancel (`cancel`): the render call is cancelled on its replica (it stops at its next shot) and the
   files the run stored are deleted. A scheduler that stops leaves its cuts running in the store; the next
-  one requeues them (`requeue_cuts_in_flight`), and what their old attempts stored is left to the orphan
-  sweep (serve.jobs.retention: a board's files other than its current cut's).
+  one requeues them (`requeue_in_flight`) and deletes what their interrupted attempts stored (a failing
+  store leaves it to the orphan sweep, serve.jobs.retention: a board's files other than its cut's).
 - Failure: `take_deleted` when a take's clip is gone (its video was deleted after the cut was asked for),
   else `cut_failed`; what the run stored is deleted.
 - Success: the cut becomes the board's in the transaction that finishes the job; the cut it replaced is
@@ -60,8 +60,13 @@ class CutRunner:
         self._cancelled: set[str] = set()  # cut ids whose run was cancelled by `cancel` (not by a stop)
 
     def requeue_in_flight(self) -> list[str]:
-        """At start: the cuts a previous scheduler left running go back to the queue."""
-        return self.store.requeue_cuts_in_flight(max_attempts=self.max_attempts)
+        """At start: the cuts a previous scheduler left running go back to the queue (or fail after
+        `max_attempts`), and what their interrupted attempts stored is deleted now rather than by the
+        orphan sweep a day later (unless it is its board's cut); the ids of the cuts interrupted."""
+        interrupted = self.store.requeue_cuts_in_flight(max_attempts=self.max_attempts)
+        for cut in interrupted:
+            self._drop_files(cut)
+        return [cut.id for cut in interrupted]
 
     @property
     def in_flight(self) -> list[str]:
@@ -175,9 +180,12 @@ class CutRunner:
         raise RuntimeError(f"the render of cut {cut.id} ended without its cut")
 
     async def _drop_files_unless_served(self, cut: CutJob) -> None:
+        await asyncio.to_thread(self._drop_files, cut)
+
+    def _drop_files(self, cut: CutJob) -> None:
         """Delete what this attempt stored, unless it is the board's cut (its files are named by attempt,
         so a stale attempt's files go while the attempt that was recorded keeps its own)."""
-        board = await asyncio.to_thread(self.store.get_storyboard, cut.storyboard_id)
+        board = self.store.get_storyboard(cut.storyboard_id)
         if board is not None and board.cut is not None and board.cut.key in cut.keys:
             return
-        await asyncio.to_thread(delete_keys_or_leave_to_sweep, self.artifacts, cut.keys, f"cut {cut.id}")
+        delete_keys_or_leave_to_sweep(self.artifacts, cut.keys, f"cut {cut.id}")

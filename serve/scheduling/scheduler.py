@@ -161,7 +161,11 @@ class Scheduler:
         )
         requeued_cuts = self.cuts.requeue_in_flight()
         if requeued_cuts:
-            logger.info("requeued %d cuts left in flight by a previous scheduler", len(requeued_cuts))
+            logger.info(
+                "requeued %d cuts left in flight by a previous scheduler (failed after max_attempts) and "
+                "deleted what their interrupted attempts stored",
+                len(requeued_cuts),
+            )
         self._running: dict[str, tuple[str, str, asyncio.Task]] = {}  # job_id -> (project, priority, task)
         self._lanes = Lanes(args.max_jobs_in_flight, args.reserved_slots)
         self._eta = EtaModel()  # stage times measured here: the later stages of a job's ETA
