@@ -220,6 +220,7 @@ def test_a_blocked_prompt_shows_its_category_and_creates_nothing(page: Page, clu
     page.get_by_role("button", name="Create storyboard").click()
     error = page.locator("li.shot").first.get_by_role("alert").filter(has_text="content policy")
     expect(error).to_have_text("Blocked by the content policy (graphic violence). Nothing was created.")
+    expect(page.get_by_role("alert").filter(has_text="content policy")).to_have_count(1)  # said once
     expect(page.get_by_label("Free prompt")).to_have_attribute("aria-invalid", "true")
     assert client.list()["data"] == []
     page.get_by_label("Steps").fill("0")

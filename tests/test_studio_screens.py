@@ -4,8 +4,10 @@ tests of the live path are test_studio_page.py and test_studio_director.py).
 
 The page in `zh-CN` shows no string of the English catalogue on any screen; the board names takes by their
 stored number, keeps its cut after a reload and lists the takes it used, with a plain mp4 download; home
-plays and downloads a clip made through the API. Screenshots at 1280×800 and 390 px of every screen go to
-test-artifacts/studio/ as screens-<screen>-<language>-<width>.png."""
+plays and downloads a clip made through the API; the composer sends each shot its own settings and offers
+the project's LUTs; a take waiting in a stage says where, with its ETA or that nothing is measured, then its
+progress. Screenshots at 1280×800 and 390 px of every screen go to test-artifacts/studio/ as
+screens-<screen>-<language>-<width>.png (board-waiting-en: a take waiting in the composing pass)."""
 
 from __future__ import annotations
 
