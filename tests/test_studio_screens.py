@@ -27,6 +27,7 @@ from serve.jobs.models import utcnow
 from tests.support.api_app import TINY, LocalApi, http_server, local_api
 from tests.support.cuts import run_cuts
 from tests.test_editorial_api import cut_of, finish_with_clip, warm_cube
+from tests.test_prompt import ENGLISH_GLUE
 from tests.test_studio_i18n import english_chunks
 from tests.test_studio_page import browser
 
@@ -167,6 +168,15 @@ def test_the_board_names_takes_keeps_its_cut_and_home_plays_any_clip(browser: Br
         page.goto(f"{url}/studio/#/boards/{made['board']['id']}")
         rows = page.locator("section.shot-row")
         expect(rows.first.locator(".take-name")).to_have_text(["1A take 1", "1A take 2"])
+        # the Chinese shot's compiled prompt, on demand: Chinese connectives, no English glue words
+        compiled = rows.first.locator("details.compiled .prompt").text_content()
+        assert compiled == "穿黑色风衣的男人从塔顶跃下。镜头：低角度慢动作。"
+        assert not ENGLISH_GLUE.search(compiled)
+        # at 1280 px the contact sheet uses the width: a shot's two takes fill its row, posters a usable size
+        sheet = rows.first.locator(".takes").bounding_box()
+        cards = [card.bounding_box() for card in rows.first.locator("article.take").all()]
+        assert sum(card["width"] for card in cards) >= 0.9 * sheet["width"], (sheet, cards)
+        assert all(card["width"] >= 300 for card in cards), cards
         expect(rows.first.locator("h2")).to_have_text(
             "1A 穿黑色风衣的男人从塔顶跃下"
         )  # name and a short description
