@@ -34,7 +34,8 @@ kernels (FlashAttention 3, compile) move the throughputs, which the CLI lets you
 `from_probe` refits the same model to one loadtest.gpu_probe JSON: the two throughputs from its measured
 forwards (the fastest of each size and row count, compiled or eager, bf16), least squares on
 seconds x peak = matmul FLOPs / matmul_mfu + attention FLOPs / attention_mfu; the peak is the datasheet's
-(else the measured matmul rate); the decode term from its 720p VAE decode (in the probe's dtype). Link
+(else the measured matmul rate); the decode term from its 720p VAE decode in full frames on one GPU (the
+bf16 variant, else the float32 one over FLOAT32_DECODE_FACTOR). Link
 bandwidth and collective latency keep the published fit: one GPU measures no collectives.
 """
 
@@ -255,9 +256,13 @@ def from_probe(report: dict[str, Any], base: CostModel | None = None) -> CostMod
         inverse_matmul = inverse_attention = sum(seconds_peak) / sum(map(sum, rows_of_flops))
     decode = base.vae_decode_s_per_gigapixel
     vae = report["vae"]
-    if vae["seconds"] is not None:  # per 1e9 pixel-frames, as bf16 on one rank
-        decode = vae["seconds"] / (SIZES[vae["size"]][0] * SIZES[vae["size"]][1] * vae["num_frames"] / 1e9)
-        decode /= FLOAT32_DECODE_FACTOR if vae.get("dtype") == "float32" else 1.0
+    measured = {variant["name"]: variant["seconds"] for variant in vae["variants"] if variant["seconds"]}
+    width, height = SIZES[vae["size"]]
+    gigapixels = width * height * vae["num_frames"] / 1e9
+    if measured.get("full bfloat16"):  # per 1e9 pixel-frames, bf16 in full frames on one rank
+        decode = measured["full bfloat16"] / gigapixels
+    elif measured.get("full float32"):
+        decode = measured["full float32"] / gigapixels / FLOAT32_DECODE_FACTOR
     return replace(
         base,
         peak_flops=peak,

@@ -18,8 +18,12 @@ reason once `--budget-s` would be overrun:
 5. the engine's real path: one DenoiseEngine iteration (batch-invariant layers, a LoRA adapter set, one
    request's row served from its step cache, another computing with CFG) beside the bare forward of the
    same computing rows on the same weights;
-6. a 720p 81-frame VAE decode (Wan2.1 VAE, random weights, the product's VAEDecoder, `--vae-dtype`): full
-   frames, 256-pixel tiles, and the fast draft decoder (TAEHV, random weights);
+6. a 720p 81-frame VAE decode (Wan2.1 VAE, random weights, the product's VAEDecoder), one row per variant:
+   full frames in float32 (the reference), then in `--vae-dtype` (default bf16, the product's on a GPU)
+   full, in 256-pixel tiles, by the fast draft decoder (TAEHV, random weights), and split over 2 ranks
+   (pipeline.vae_parallel over NCCL; "skipped: 1 GPU" on one), each with its peak memory and its
+   frames' max abs diff and PSNR against the float32 decode; a variant that fails (out of memory, say)
+   is recorded as failed and the next one runs;
 7. with two or more GPUs, Ulysses and CFG scaling over a rank group (the GPU machines have one).
 The expert is WanTransformer3DModel at A14B's shape (dim 5120 = 40 heads x 128, FFN 13824, text 4096) with
 random bf16 weights; only `--layers` of its 40 blocks are built, and seconds are scaled by 40 / layers
@@ -30,14 +34,19 @@ the measured activations, which do not grow with the layer count in inference) a
 against the datasheet's dense bf16 peak and against the measured matmul rate. Everything goes into one
 JSON file (`--out`); `python -m loadtest.cost_model --from-probe FILE` refits the capacity model from it.
 
-`--dry-run` runs every step on the CPU at a tiny shape, to prove the code and the wheel set: every field
-of the JSON is written, the ones only a GPU can fill are null, and `dry_run_checks` says what ran.
+`--steps` runs some of the steps only: `--steps matmul,vae` is the VAE check of issue 27 (four 720p decodes
+on one GPU, about 2 minutes on an H100 by the cost model's figures, float32 the slowest).
+
+`--dry-run` runs every step on the CPU at a tiny shape (the 2-rank decode on 2 gloo processes), to prove
+the code and the wheel set: every field of the JSON is written, the ones only a GPU can fill are null, and
+`dry_run_checks` says what ran.
 Without a GPU and without `--dry-run` it says so and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import math
@@ -63,6 +72,7 @@ from loadtest.probe_report import (
     MemoryFit,
     Report,
     VaeRecord,
+    VaeVariant,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +98,8 @@ TINY = {**A14B, "num_attention_heads": 2, "attention_head_dim": 16, "text_dim": 
 TINY = {**TINY, "ffn_dim": 64, "rope_max_seq_len": 32}
 TINY_SHAPES = {"480p": (2, 6, 10), "720p": (3, 8, 12)}
 TINY_VAE = dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+# the steps of one run, in order (`--steps` picks some)
+STEPS = ("matmul", "compile", "eager", "fp8", "engine", "vae", "scaling")
 # device name fragment -> dense bf16 peak, FLOP/s (datasheets, no sparsity)
 PEAKS = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "A100": 312e12}
 # what others publish for the same model (issue 24), to read the figures against
@@ -314,6 +326,53 @@ class Probe:
         )
         return record
 
+    def vae_variant(self, variant: VaeVariant, expected_s: float, call, reference: list) -> VaeVariant:
+        """Time one decode (`call` returns its Frames) unless `expected_s` would overrun the budget; a decode
+        that raises is recorded as failed (its memory freed) and the next variant runs."""
+        if not self.affordable(expected_s):
+            variant.status = "skipped: time budget spent"
+            return variant
+        failed = None
+        try:
+            with Memory(self.device) as memory:
+                sync(self.device)
+                start = time.perf_counter()
+                frames = call()
+                sync(self.device)
+                seconds = time.perf_counter() - start
+        except Exception as error:  # noqa: BLE001 - out of memory, a missing kernel: recorded, the run goes on
+            failed = failure(error)
+        if failed is not None:  # out of the handler: its traceback, which held the decode's tensors, is gone
+            variant.status = failed
+            self.checks[f"vae {variant.name}"] = failed
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return variant
+        return self.record_vae(variant, seconds, memory.peak, frames.pixels, reference)
+
+    def record_vae(self, variant: VaeVariant, seconds: float, peak: int | None, pixels, reference: list):
+        """`variant` with its measured figures (None on a dry run, whose values go to dry_run_checks); its
+        frames against the float32 full decode's (kept in `reference` when this is that decode)."""
+        self.checks[f"vae {variant.name} s"] = seconds
+        self.checks[f"vae {variant.name} frames"] = int(pixels.shape[0])
+        if variant.name == "full float32":
+            reference.append(pixels)
+        elif reference and variant.decoder == "vae":  # the fast decoder is another network: no difference
+            diff, psnr = frame_difference(pixels, reference[0])
+            self.checks[f"vae {variant.name} max abs diff"] = diff
+            variant.max_abs_diff, variant.psnr_db = self.figure(diff), self.figure(psnr)
+        variant.seconds, variant.peak_memory_bytes = self.figure(seconds), self.figure(peak)
+        variant.status = "dry run" if self.dry else "ok"
+        if not self.dry:
+            quality = "" if variant.psnr_db is None else f", {variant.psnr_db:.1f} dB vs float32"
+            print(
+                f"vae      {variant.name:<18} 720p 81 frames: {seconds:8.3f} s, peak "
+                f"{(peak or 0) / 2**30:5.1f} GiB{quality}",
+                flush=True,
+            )
+        return variant
+
     def forwards(self, model, mode: str, backend: str) -> list[ForwardRecord]:
         return [
             self.forward(model, mode, backend, size, rows)
@@ -403,7 +462,7 @@ def probe_fp8(probe: Probe, model, eager: list[ForwardRecord]) -> Fp8Record:
     mse = float((error**2).mean())
     value_range = float(reference.max() - reference.min())
     record.max_abs_diff = float(error.max())
-    record.psnr_db = 10 * math.log10(value_range**2 / mse) if mse > 0 else math.inf
+    record.psnr_db = 10 * math.log10(value_range**2 / mse) if mse > 0 else None  # JSON: no inf
     record.forwards = probe.forwards(model, "fp8", probe.args.backends[0])
     for fp8 in record.forwards:
         bf16 = next(
@@ -497,52 +556,183 @@ def probe_engine(probe: Probe) -> EngineRecord:
     return record
 
 
-def probe_vae(probe: Probe) -> VaeRecord:
-    """A 720p 81-frame decode (21 latent frames of 90 x 160) through the product's VAEDecoder in full frames
-    and in 256-pixel tiles, and through the draft tier's TAEHV decoder."""
-    from diffusers import AutoencoderKLWan
+# seconds of a 720p 81-frame full-VAE decode in bf16 on one H100 (the cost model's 170 s per 1e9
+# pixel-frames), times each variant's factor and 3 for a pessimistic budget check
+VAE_BF16_720P_S = 12.7
+VAE_FACTORS = {"float32": 2.0, "bfloat16": 1.0, "tiled": 1.3, "fast": 0.1, "ranks": 1.0}
+VAE_SPAWN_S = 60.0  # two fresh processes: imports, the VAE built, the group formed
 
+
+def probe_vae(probe: Probe) -> VaeRecord:
+    """A 720p 81-frame decode (21 latent frames of 90 x 160, random Wan2.1 VAE weights) several ways: the
+    product's VAEDecoder in full frames in float32 (the reference) and in `--vae-dtype` (bf16, the
+    product's default on a GPU), then in 256-pixel tiles, the draft tier's TAEHV decoder, and split over 2
+    ranks (pipeline.vae_parallel; NCCL on 2 GPUs, gloo on 2 CPU processes on a dry run, else skipped).
+    Each variant that raises (out of memory, a missing kernel) is recorded as failed and the next runs."""
+    record = VaeRecord("720p", 81, "ok")
+    if "vae" not in probe.args.steps:
+        record.status = "skipped: not in --steps"
+        return record
     from pipeline.taehv import WIDTHS, FastDecoder, random_taehv
     from pipeline.vae import VAEDecoder
     from pipeline.vae_memory import TILES, DecodePlan, estimate_bytes
 
-    dtype = getattr(torch, probe.args.vae_dtype)
-    record = VaeRecord("720p", 81, probe.args.vae_dtype, "ok")
-    if not probe.affordable(120):
-        record.status = "skipped: time budget spent"
-        return record
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**probe.shape.vae).to(probe.device, dtype).eval()
-    latents = torch.randn(16, *probe.shape.shapes["720p"])
-    decoder = VAEDecoder(vae, dtype=dtype)
+    latents = torch.randn((16, *probe.shape.shapes["720p"]), generator=torch.Generator().manual_seed(0))
     shape = tuple(latents.shape)
-    plans = {
-        tile: DecodePlan(mode, tile, estimate_bytes(vae.config, shape, dtype, tile), None, True)
-        for mode, tile in (("full", None), ("tiled", TILES[0]))
-    }
-    record.estimate_bytes = probe.figure(plans[None].estimate_bytes)
-    with Memory(probe.device) as memory:
-        seconds = _time_call(lambda: decoder.decode(latents, fps=16, plan=plans[None]), probe)
-    probe.checks["vae decode s"] = seconds
-    record.seconds, record.peak_memory_bytes = probe.figure(seconds), memory.peak
-    with Memory(probe.device) as memory:
-        seconds = _time_call(lambda: decoder.decode(latents, fps=16, plan=plans[TILES[0]]), probe)
-    probe.checks["vae tiled decode s"] = seconds
-    record.tiled_seconds, record.tiled_peak_memory_bytes = probe.figure(seconds), memory.peak
-    widths = WIDTHS if probe.device.type == "cuda" and not probe.dry else (16, 8, 8, 8)
-    fast = FastDecoder(random_taehv(0, widths).to(probe.device), dtype=dtype)
-    with Memory(probe.device) as memory:
-        seconds = _time_call(lambda: fast.decode(latents, fps=16), probe)
-    probe.checks["vae fast decode s"] = seconds
-    record.fast_seconds, record.fast_peak_memory_bytes = probe.figure(seconds), memory.peak
-    record.status = "dry run" if probe.dry else "ok"
-    if not probe.dry:
-        print(
-            f"vae      {probe.args.vae_dtype:<14} 720p 81 frames: full {record.seconds:8.3f} s, tiled "
-            f"{record.tiled_seconds:8.3f} s, fast {record.fast_seconds:8.3f} s",
-            flush=True,
+    dtype_name = probe.args.vae_dtype
+    dtype = getattr(torch, dtype_name)
+    try:
+        vae = build_vae(probe.shape.vae, probe.device)
+        # a small decode first, so that no variant's time holds cuDNN's set-up
+        VAEDecoder(vae, dtype=torch.float32).decode(latents[:, :2, :8, :8], fps=16)
+    except Exception as error:  # noqa: BLE001 - recorded, and the steps after this one run
+        record.status = failure(error)
+        probe.checks["vae"] = record.status
+        return record
+    reference: list = []  # the float32 full decode's frames, once made
+
+    def one_device(name: str, dtype: torch.dtype, tile: tuple[int, int] | None) -> VaeVariant:
+        variant = VaeVariant(name, "vae", str(dtype).removeprefix("torch."), 1, tile and tile[0], "ok")
+        factor = VAE_FACTORS[variant.dtype] * (VAE_FACTORS["tiled"] if tile else 1.0)
+        plan = DecodePlan(
+            "tiled" if tile else "full", tile, estimate_bytes(vae.config, shape, dtype, tile), None, True
         )
+        variant.estimate_bytes = probe.figure(plan.estimate_bytes)
+        decoder = VAEDecoder(vae, dtype=dtype)  # casts the VAE in place: float32 runs first
+        return probe.vae_variant(
+            variant,
+            3 * factor * VAE_BF16_720P_S,
+            lambda: decoder.decode(latents, fps=16, plan=plan),
+            reference,
+        )
+
+    variants = [one_device("full float32", torch.float32, None)]
+    if dtype != torch.float32:
+        variants.append(one_device(f"full {dtype_name}", dtype, None))
+    # the plan's first tile (256 pixels); the dry run's frame is smaller, so its smallest tile (64)
+    variants.append(one_device(f"tiled {dtype_name}", dtype, TILES[-1] if probe.dry else TILES[0]))
+    widths = WIDTHS if not probe.dry else (16, 8, 8, 8)
+    fast = VaeVariant(f"fast {dtype_name}", "fast", dtype_name, 1, None, "ok")
+    try:
+        decoder = FastDecoder(random_taehv(0, widths).to(probe.device), dtype=dtype)
+    except Exception as error:  # noqa: BLE001 - recorded, and the next variant runs
+        fast.status = failure(error)
+    else:
+        fast = probe.vae_variant(
+            fast,
+            3 * VAE_FACTORS["fast"] * VAE_BF16_720P_S,
+            lambda: decoder.decode(latents, fps=16),
+            reference,
+        )
+    variants.append(fast)
+    if probe.device.type == "cuda":
+        torch.cuda.empty_cache()  # GPU 0's cached blocks, for rank 0
+    variants.append(probe_vae_ranks(probe, vae.config, latents, dtype_name, reference))
+    record.variants = variants
+    record.status = "dry run" if probe.dry else "ok"
     return record
+
+
+def build_vae(config: dict, device: torch.device):
+    """The Wan2.1 VAE at `config` (empty: the real one) with seed-0 random float32 weights, built on the CPU
+    (so every process that builds it gets the same weights) and moved to `device`."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(**config).eval().requires_grad_(False).to(device)
+
+
+def failure(error: BaseException) -> str:
+    lines = str(error).strip().splitlines() or [""]
+    return f"failed: {type(error).__name__}: {lines[0][:160]}"
+
+
+def probe_vae_ranks(
+    probe: Probe, vae_config, latents: torch.Tensor, dtype_name: str, reference: list
+) -> VaeVariant:
+    """The same decode split over 2 ranks, each its block of every frame: 2 GPUs over NCCL, or on a dry run
+    2 CPU processes over gloo; skipped with one GPU."""
+    import torch.multiprocessing as mp
+
+    from pipeline.vae_parallel import block_plan
+
+    world = 2
+    variant = VaeVariant(f"{world} ranks {dtype_name}", "vae", dtype_name, world, None, "ok")
+    count = torch.cuda.device_count() if probe.device.type == "cuda" else 0
+    if not probe.dry and count < world:
+        variant.status = f"skipped: {count} GPU"
+        return variant
+    expected = VAE_SPAWN_S + 3 * VAE_FACTORS[dtype_name] * VAE_BF16_720P_S / world
+    if not probe.affordable(expected):
+        variant.status = "skipped: time budget spent"
+        return variant
+    plan = block_plan(vae_config, tuple(latents.shape), getattr(torch, dtype_name), world, None)
+    variant.estimate_bytes = probe.figure(plan.estimate_bytes if plan is not None else None)
+    out = Path(tempfile.mkdtemp(prefix="previz-vae-ranks-")) / "rank0.pt"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = (world, port, probe.shape.vae, dtype_name, latents, probe.dry, out)
+    try:
+        mp.start_processes(vae_rank, args=args, nprocs=world, join=True, start_method="spawn")
+        result = torch.load(out, weights_only=False)
+    except Exception as error:  # noqa: BLE001 - a rank's error (NCCL, memory) is recorded, the run goes on
+        variant.status = failure(error)
+        probe.checks[f"vae {variant.name}"] = variant.status
+        return variant
+    return probe.record_vae(variant, result["seconds"], result["peak"], result["pixels"], reference)
+
+
+def vae_rank(
+    rank: int,
+    world: int,
+    port: int,
+    config: dict,
+    dtype_name: str,
+    latents: torch.Tensor,
+    dry: bool,
+    out: Path,
+) -> None:
+    """One rank of the parallel decode: rank 0 times `decode` (it keeps the clip), the others take part."""
+    from pipeline.denoise.parallel import init_process_group
+    from pipeline.vae_parallel import ParallelVAEDecoder
+
+    if dry:
+        torch.set_num_threads(1)
+    device = init_process_group(rank, world, "127.0.0.1", port, 600, "cpu" if dry else f"cuda:{rank}")
+    try:
+        vae = build_vae(config, device)
+        decoder = ParallelVAEDecoder(vae, dtype=getattr(torch, dtype_name))  # every rank: a barrier
+        del vae
+        decoder.take_part(latents[:, :2, :8, :8])  # cuDNN and NCCL set up outside the timing
+        with Memory(device) as memory:
+            sync(device)
+            start = time.perf_counter()
+            if rank == 0:
+                pixels = decoder.decode(latents, fps=16).pixels
+            else:
+                decoder.take_part(latents)
+            sync(device)
+            seconds = time.perf_counter() - start
+        if rank == 0:
+            torch.save({"seconds": seconds, "peak": memory.peak, "pixels": pixels}, out)
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def frame_difference(pixels, reference) -> tuple[float, float | None]:
+    """(max abs diff / 255, PSNR in dB) of two uint8 clips, frame by frame (a 720p clip is 224 MB)."""
+    import numpy as np
+
+    worst, squares = 0, 0.0
+    for mine, theirs in zip(pixels, reference, strict=True):
+        diff = mine.astype(np.int16) - theirs.astype(np.int16)
+        worst = max(worst, int(np.abs(diff).max()))
+        squares += float(np.square(diff, dtype=np.float64).sum())
+    mse = squares / reference.size
+    return worst / 255, (10 * math.log10(255**2 / mse) if mse > 0 else None)  # None: equal (JSON has no inf)
 
 
 def _time_call(call, probe: Probe) -> float:
@@ -661,23 +851,35 @@ def run(args: argparse.Namespace, wheels: list[str], project: str) -> tuple[Repo
     peak = probe.info.datasheet_bf16_flops_per_s
     peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown"
     print(f"# {probe.info.name or device.type}: datasheet dense bf16 peak {peak_text}")
-    probe.measure_matmul()
+    steps = set(args.steps)
+    if "matmul" in steps:
+        probe.measure_matmul()
     if probe.matmul.bf16_flops_per_s:
         print(
             f"matmul   {probe.shape.matmul_size}^3 bf16: {probe.matmul.bf16_flops_per_s / 1e12:.0f} TFLOP/s"
         )
-    forwards = probe_compiled(probe)  # compile first: with the default budget it is always measured
-    eager, model = probe_eager(probe, args.backends[0])
-    forwards += eager
-    fp8 = probe_fp8(probe, model, eager)
-    del model
-    engine = probe_engine(probe)
+    # compile first: with the default budget it is always measured
+    forwards = probe_compiled(probe) if "compile" in steps else []
+    fp8 = Fp8Record(status="skipped: not in --steps", size="480p")
+    if "eager" in steps:
+        eager, model = probe_eager(probe, args.backends[0])
+        forwards += eager
+        if "fp8" in steps:
+            fp8 = probe_fp8(probe, model, eager)
+        del model
+    elif "fp8" in steps:
+        fp8.status = "skipped: FP8 is measured against the eager forwards (--steps eager)"
+    engine = (
+        probe_engine(probe)
+        if "engine" in steps
+        else EngineRecord("480p", "skipped: not in --steps", 2, None, "probe-lora@1")
+    )
     vae = probe_vae(probe)
-    for backend in args.backends[1:]:
+    for backend in args.backends[1:] if "eager" in steps else []:
         more, model = probe_eager(probe, backend)
         forwards += more
         del model
-    scaling = probe_scaling(probe)
+    scaling = probe_scaling(probe) if "scaling" in steps else []
     import diffusers
     import pydantic
 
@@ -739,7 +941,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="auto: where the GPU has FP8 tensor cores",
     )
-    parser.add_argument("--vae-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--vae-dtype",
+        choices=("float32", "bfloat16"),
+        default="bfloat16",
+        help="the VAE variants' dtype beside the float32 reference (bfloat16: the product's on a GPU)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=listed(str),
+        default=list(STEPS),
+        help=f"the steps to run, of {','.join(STEPS)} (e.g. --steps matmul,vae); the others are skipped",
+    )
     parser.add_argument("--memory-reserve-gb", type=float, default=2.0, help="kept free in the memory fit")
     parser.add_argument("--budget-s", type=float, default=420.0, help="start nothing that would end later")
     parser.add_argument("--scaling-reserve-s", type=float, default=90.0, help="time one scaling run may need")
@@ -748,6 +961,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--layers must be in 1..{NUM_LAYERS} but is {args.layers}.")
     if unknown := sorted(set(args.sizes) - set(SHAPES)):
         parser.error(f"--sizes must name {' and/or '.join(SHAPES)} but has {', '.join(unknown)}.")
+    if unknown := [step for step in args.steps if step not in STEPS]:
+        parser.error(f"--steps must name some of {', '.join(STEPS)} but has {', '.join(unknown)}.")
     if not args.rows or min(args.rows) < 1 or not args.backends:
         parser.error("--rows must be positive counts and --backends must name at least one backend.")
     return args

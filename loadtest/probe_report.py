@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-FORMAT = 1  # bump when a field changes meaning; readers check it
+FORMAT = 2  # 2: vae holds one row per decode variant; bump when a field changes meaning; readers check it
 
 
 @dataclass(slots=True)
@@ -86,21 +86,32 @@ class Fp8Record:
 
 
 @dataclass(slots=True)
+class VaeVariant:
+    """One way of decoding the clip: latents on the host in, uint8 frames on the host out."""
+
+    name: str  # "full float32", "full bfloat16", "tiled bfloat16", "fast bfloat16", "2 ranks bfloat16"
+    decoder: str  # vae (the product's VAEDecoder / ParallelVAEDecoder) | fast (TAEHV, random weights)
+    dtype: str  # the decoder's weights and compute
+    ranks: int  # processes (GPUs) one decode is split over (pipeline.vae_parallel)
+    tile: int | None  # tile side in pixels when tiled (diffusers' tiling, the memory plan's first tile)
+    status: str  # ok, dry run, failed: why, skipped: why
+    seconds: float | None = None  # one decode, the device synchronized before both clock reads
+    peak_memory_bytes: int | None = None  # torch's max allocated during it (rank 0's)
+    estimate_bytes: int | None = None  # pipeline.vae_memory's estimate of its peak (a block's on ranks)
+    max_abs_diff: float | None = None  # of the uint8 frames / 255, against "full float32"
+    psnr_db: float | None = None  # of the uint8 frames, against "full float32"
+
+
+@dataclass(slots=True)
 class VaeRecord:
-    """One clip decoded by the product's VAEDecoder (latent frame by latent frame, uint8 out), then tiled,
-    then by the fast draft decoder."""
+    """One clip decoded several ways: the product's VAEDecoder (latent frame by latent frame, uint8 out)
+    in float32 (the reference of the differences) and in the product's dtype, then tiled, then by the fast
+    draft decoder, then split over 2 GPUs when there are 2."""
 
     size: str  # 720p: latents (16, 21, 90, 160)
     num_frames: int  # 81 video frames
-    dtype: str  # the VAE's weights and compute (the product decodes in bf16 on a GPU by default)
-    status: str  # ok, dry run, skipped: why
-    seconds: float | None = None  # latents on CPU in, uint8 frames on CPU out
-    peak_memory_bytes: int | None = None
-    estimate_bytes: int | None = None  # pipeline.vae_memory's estimate of the full decode's peak
-    tiled_seconds: float | None = None  # the same clip in diffusers' 256-pixel tiles (the plan's first)
-    tiled_peak_memory_bytes: int | None = None
-    fast_seconds: float | None = None  # the draft tier's TAEHV decoder (Wan2.1 widths, random weights)
-    fast_peak_memory_bytes: int | None = None
+    status: str  # ok, dry run, skipped: why (each variant has its own)
+    variants: list[VaeVariant] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -245,7 +245,13 @@ def block_plan(
 class ParallelVAEDecoder(VAEDecoder):
     """A VAEDecoder over the ranks of `group`: every rank calls `decode` (or `decode_chunks`) with the same
     latents, decodes its block of every frame and gets the whole clip. Equal to the one-device decode
-    within float rounding (the convolutions see the same numbers; only their summation order may differ)."""
+    within float rounding (the convolutions see the same numbers; only their summation order may differ).
+    Every rank builds it at the same time (its constructor is a barrier of the group).
+
+    On NCCL (ranks on GPUs) every tensor a collective sends or receives is contiguous, on the decoder's
+    device and in its dtype (bf16 halos are fine: NCCL and gloo both carry bf16), every rank makes the same
+    all-gathers in the same order, and each halo swap is one batch of sends and receives (NCCL groups it,
+    so the order of the ops in it cannot deadlock); tests/test_vae_parallel.py checks these on gloo."""
 
     def __init__(
         self,
@@ -256,6 +262,13 @@ class ParallelVAEDecoder(VAEDecoder):
     ) -> None:
         self.grid = Grid(group)
         super().__init__(shard_decoder(vae, self.grid), dtype=dtype)
+        # Every rank's first collective together, here, where every rank builds its decoder: NCCL sets a
+        # group's communicator up on its first collective, which for a batched point-to-point swap must
+        # involve every rank, and a halo swap leaves out the ranks with no neighbour along an axis.
+        device = self.device
+        on_nccl = dist.get_backend(group) == "nccl"
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] if on_nccl else None
+        dist.barrier(group, device_ids=ids)
 
     def plan(self, latent_shape: tuple[int, ...]) -> DecodePlan:
         """Full frames always: the grid is the split (tiles would cut it again)."""
@@ -272,6 +285,8 @@ class ParallelVAEDecoder(VAEDecoder):
 
     def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         """The whole frames, chunk by chunk: this rank's block decoded, every block gathered."""
+        if self.device.type == "cuda":  # NCCL's collectives run on the calling thread's current device
+            torch.cuda.set_device(self.device)
         row_start, row_stop, col_start, col_stop = self.grid.layout(*latents.shape[2:])
         block = latents[:, :, row_start:row_stop, col_start:col_stop]
         for chunk in super().decode_chunks(block):

@@ -20,7 +20,7 @@ from serve.jobs.request import I2V_MODEL, SERVED_MODEL
 from serve.scheduling.continuity import release_chained
 from tests.support.api_app import TINY, LocalApi, finish, local_api
 from tests.support.fake_stages import FakeStages, run, scheduler_args, start, stop, wait_for
-from tests.support.safety_hooks import BLOCKED_WIDTH, block_bright_frames
+from tests.support.safety_hooks import BLOCKED_WIDTH, block_bright_frames, broken_classifier
 from tests.test_editorial_api import cut_of, finish_with_clip
 from tests.test_images import encoded
 
@@ -147,6 +147,20 @@ def test_a_chained_shots_frame_goes_through_the_frame_check_before_it_is_release
         assert (job.status, job.error_code) == (JobStatus.FAILED, "content_blocked")
         assert "sexual_explicit" in job.error_message and stored is None
         assert job.request.keyframes.first.sha256 is None
+
+
+def test_a_chained_shot_waits_while_the_frame_check_fails_and_is_released_once_it_answers(
+    api: LocalApi,
+) -> None:
+    shots = [{"prompt": "a", **TINY}, {"prompt": "b", **TINY, "continue": "previous"}]
+    board = api.client.post("/v1/storyboards", json={"shots": shots}).json()
+    first, chained = (shot["videos"][0]["video_id"] for shot in board["shots"])
+    finish(api, first)
+    save_last_frame(api.state.artifacts, "default", first, np.full((64, 96, 3), 40, np.uint8))
+    assert run_release(api, FrameCheck(broken_classifier)) == 0  # fails closed: not released, not failed
+    assert [job.id for job in api.store.waiting_chained()] == [chained]
+    assert load_keyframes(api.state.artifacts, "default", chained) == (None, None)
+    assert run_release(api, FrameCheck(block_bright_frames)) == 1  # the check is back: a dark frame passes
 
 
 def test_the_scheduler_checks_a_chained_shots_frame_with_the_configured_frame_check(

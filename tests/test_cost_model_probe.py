@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from loadtest import cost_model
-from loadtest.cost_model import A14B, SIZES, CostModel, from_probe
+from loadtest.cost_model import A14B, FLOAT32_DECODE_FACTOR, SIZES, CostModel, from_probe
+from loadtest.probe_report import FORMAT as PROBE_FORMAT
 
 
 def probe_report(truth: CostModel | None, vae_s: float | None = None) -> dict:
@@ -29,7 +30,7 @@ def probe_report(truth: CostModel | None, vae_s: float | None = None) -> dict:
             )
     peak = None if truth is None else truth.peak_flops
     return {
-        "format": 1,
+        "format": PROBE_FORMAT,
         "device": {
             "name": "NVIDIA H100 80GB HBM3" if truth else None,
             "type": "cuda" if truth else "cpu",
@@ -37,7 +38,15 @@ def probe_report(truth: CostModel | None, vae_s: float | None = None) -> dict:
         },
         "matmul": {"bf16_flops_per_s": None if truth is None else 0.8 * peak},
         "forwards": forwards,
-        "vae": {"size": "720p", "num_frames": 81, "dtype": "bfloat16", "seconds": vae_s},
+        "vae": {
+            "size": "720p",
+            "num_frames": 81,
+            "variants": [  # the float32 decode twice as slow: the bf16 one is read first
+                {"name": "full float32", "seconds": None if vae_s is None else 2.2 * vae_s},
+                {"name": "full bfloat16", "seconds": vae_s},
+                {"name": "tiled bfloat16", "seconds": None if vae_s is None else 1.3 * vae_s},
+            ],
+        },
     }
 
 
@@ -48,6 +57,12 @@ def test_the_refit_recovers_the_throughputs_and_serial_part_behind_a_probe_repor
     assert fitted.attention_mfu == pytest.approx(0.63, rel=1e-6)
     assert fitted.vae_decode_s_per_gigapixel == pytest.approx(9.0 / (1280 * 720 * 81 / 1e9))
     assert fitted.link_bandwidth == CostModel().link_bandwidth  # one GPU measures no collectives
+    # without a bf16 figure (that variant failed), the float32 one over the model's factor
+    report = probe_report(truth, vae_s=9.0)
+    report["vae"]["variants"][1]["seconds"] = None
+    assert from_probe(report).vae_decode_s_per_gigapixel == pytest.approx(
+        2.2 * 9.0 / FLOAT32_DECODE_FACTOR / (1280 * 720 * 81 / 1e9)
+    )
     assert fitted.clip_s(1280, 720) == pytest.approx(
         truth.clip_s(1280, 720) - truth.decode_s(1280, 720, 81) + 9.0
     )

@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 from loadtest import gpu_probe, probe_report
 from pipeline.denoise.flops import wan_forward_flops
@@ -116,13 +117,31 @@ def test_a_cpu_dry_run_through_the_wheels_writes_every_field_with_the_gpu_figure
     }
     assert all(fit["max_rows"] is None and fit["extrapolated"] for fit in report["memory_fit"])
     assert report["engine"]["engine_seconds"] is None and report["engine"]["bare_seconds"] is None
-    assert report["vae"]["seconds"] is None and report["fp8"]["psnr_db"] is None
+    assert report["fp8"]["psnr_db"] is None
     assert report["fp8"]["status"].startswith("unsupported: FP8 matmuls (torch._scaled_mm) need a CUDA GPU")
     # ...while the code behind them ran at the tiny shape
     checks = report["dry_run_checks"]
     assert all(checks[f"eager native {size} x{rows} s"] > 0 for size, rows in grid)
     assert checks["engine cached steps"] == 1 == report["engine"]["num_cached_steps"]  # the cached row served
-    assert checks["engine iteration s"] > 0 and checks["vae decode s"] > 0
+    assert checks["engine iteration s"] > 0
+    # the VAE: every variant ran at the tiny shape (2 ranks: on 2 gloo processes), its GPU figures null
+    variant_fields = [f.name for f in fields(probe_report.VaeVariant)]
+    variants = report["vae"]["variants"]
+    names = ["full float32", "full bfloat16", "tiled bfloat16", "fast bfloat16", "2 ranks bfloat16"]
+    assert [v["name"] for v in variants] == names and report["vae"]["status"] == "dry run"
+    assert all(list(v) == variant_fields and v["status"] == "dry run" for v in variants)
+    assert all(v["seconds"] is None and v["max_abs_diff"] is None for v in variants)
+    # tiles of 64 pixels: the tiny 96 x 64 frame is cut in tiles, as 720p is in 256-pixel ones
+    expected = [("vae", 1, None), ("vae", 1, None), ("vae", 1, 64), ("fast", 1, None), ("vae", 2, None)]
+    assert [(v["decoder"], v["ranks"], v["tile"]) for v in variants] == expected
+    three_latent_frames = 9  # the tiny 720p stand-in: every decoder gives the full VAE's frame count
+    assert all(checks[f"vae {name} s"] > 0 for name in names)
+    assert all(checks[f"vae {name} frames"] == three_latent_frames for name in names)
+    # against the float32 frames: bf16 rounding moves a few uint8 levels (4 measured), a missing halo about
+    # 88 (0.35: the 2-rank decode with Grid.with_halo padding zeros instead); tiles blend their overlaps,
+    # another computation at the seams (0.22 measured), so the tiled row is only compared
+    assert all(0 < checks[f"vae {name} max abs diff"] < 0.1 for name in ("full bfloat16", "2 ranks bfloat16"))
+    assert checks["vae tiled bfloat16 max abs diff"] > 0 and "vae fast bfloat16 max abs diff" not in checks
 
 
 def test_fp8_asked_for_on_the_cpu_is_refused_with_the_reason(tmp_path: Path) -> None:
@@ -156,3 +175,34 @@ def test_a14b_forward_flops_match_the_published_one_gpu_time_at_half_of_peak() -
     )
     # 40 guided steps (2 rows) at 50 % of an H100's 989 TFLOP/s: 1055 s against the published 1041.5 s
     assert 40 * 2 * row_720p / (0.5 * 989e12) == pytest.approx(1041.5, rel=0.02)
+
+
+def test_a_vae_variant_that_fails_is_recorded_and_the_next_one_runs() -> None:
+    probe = gpu_probe.Probe(gpu_probe.parse(["--dry-run"]), torch.device("cpu"))
+    variant = probe_report.VaeVariant("full float32", "vae", "float32", 1, None, "ok")
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 44.00 GiB")
+
+    failed = probe.vae_variant(variant, 1.0, out_of_memory, [])
+    assert failed.status == "failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 44.00 GiB"
+    assert failed.seconds is None and probe.checks["vae full float32"] == failed.status
+
+
+def test_the_two_rank_decode_says_skipped_with_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    probe = gpu_probe.Probe(gpu_probe.parse([]), torch.device("cpu"))
+    probe.device = torch.device("cuda", 0)  # what the probe runs on where a GPU is lent
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    latents = torch.zeros(16, 3, 8, 12)
+    variant = gpu_probe.probe_vae_ranks(probe, None, latents, "bfloat16", [])
+    assert (variant.name, variant.ranks, variant.status) == ("2 ranks bfloat16", 2, "skipped: 1 GPU")
+
+
+def test_steps_pick_the_probes_steps_and_an_unknown_one_is_refused(capsys) -> None:
+    assert gpu_probe.parse(["--steps", "matmul,vae"]).steps == ["matmul", "vae"]
+    assert gpu_probe.parse([]).steps == list(gpu_probe.STEPS) and gpu_probe.parse([]).vae_dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        gpu_probe.parse(["--steps", "vae,decode"])
+    assert "--steps must name some of matmul, compile, eager, fp8, engine, vae, scaling but has decode" in (
+        capsys.readouterr().err
+    )

@@ -85,6 +85,18 @@ def wait_for_value(prometheus: PrometheusServer, expr: str, expected: float) -> 
     raise AssertionError(f"{expr} never became {expected} in {EXPORT_TIMEOUT_S:.0f} s (last: {seen})")
 
 
+def wait_for_at_least(prometheus: PrometheusServer, expr: str, minimum: float) -> float:
+    """For a gauge published on a period (Housekeeping's): its value once it reaches `minimum`."""
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    seen: list[dict] = []
+    while time.monotonic() < deadline:
+        seen = prometheus.query(expr)
+        if seen and value(seen) >= minimum:
+            return value(seen)
+        time.sleep(1)
+    raise AssertionError(f"{expr} never reached {minimum} in {EXPORT_TIMEOUT_S:.0f} s (last: {seen})")
+
+
 # ---- files alone -------------------------------------------------------------------------------------
 
 
@@ -168,8 +180,8 @@ def test_prometheus_counts_the_finished_jobs_by_status_and_project(
 ) -> None:
     by_status = prometheus.query(f'sum by (status) (ray_previz_jobs_finished_total{{project="{project}"}})')
     assert {row["metric"]["status"]: float(row["value"][1]) for row in by_status} == {"succeeded": NUM_JOBS}
-    stored = value(prometheus.query('sum(ray_previz_jobs_stored{status="succeeded"})'))
-    assert stored >= NUM_JOBS
+    # a gauge Housekeeping refreshes from the store on its period: it may still lag the finished jobs
+    assert wait_for_at_least(prometheus, 'sum(ray_previz_jobs_stored{status="succeeded"})', NUM_JOBS)
     assert (
         value(prometheus.query(f'sum(ray_previz_queue_wait_seconds_count{{project="{project}"}})'))
         == NUM_JOBS
@@ -195,6 +207,7 @@ def test_prometheus_counts_a_cut_by_outcome_and_has_its_render_seconds_and_the_c
     assert value(prometheus.query("sum(ray_previz_cut_render_seconds_count)")) >= 1
     assert value(prometheus.query('sum(ray_previz_cut_render_seconds_bucket{le="1800.0"})')) >= 1
     # the Housekeeping replica publishes both statuses from the store, 0 when none
+    wait_for_value(prometheus, 'count(sum by (status) (ray_previz_cuts{status=~"queued|running"}))', 2)
     statuses = {row["metric"]["status"] for row in prometheus.query("sum by (status) (ray_previz_cuts)")}
     assert statuses == {"queued", "running"}
 

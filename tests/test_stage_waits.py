@@ -1,5 +1,6 @@
 """A stage call that waits says so (issue 28): the decoder and the upscaler run one call at a time, keep
-the others in a line (serve.stages.turns) and stream each waiting call's place; the Scheduler stores it, so
+the others in a line (serve.stages.turns), the text encoder keeps the calls waiting for a batched forward in
+a BatchLine, and each streams a waiting call's place; the Scheduler stores it, so
 the API shows `waiting_for: decoding` with the number ahead (counted in the replica's line, not guessed)
 and an ETA with the wait in it, instead of a stage frozen at its last progress."""
 
@@ -17,7 +18,7 @@ from serve.jobs import JobStatus
 from serve.scheduling.eta import EtaModel
 from serve.stages import decoder, finisher, upscaler
 from serve.stages.finisher import FinisherStage
-from serve.stages.turns import Turns
+from serve.stages.turns import BatchLine, StageWaiting, Turns
 from tests.support.fake_stages import (
     FakeStages,
     empty_store,
@@ -96,6 +97,62 @@ def test_a_job_waiting_for_the_decoder_shows_its_place_and_an_eta_with_the_wait(
         predicted = (waiting.eta_at - waiting.updated_at).total_seconds()
         assert predicted == pytest.approx(60.0, abs=1.0)  # one decode ahead, then its own
         assert turn.status >= JobStatus.DECODING and video_view(turn).waiting_for is None
+        assert done.status == JobStatus.SUCCEEDED and video_view(done).queue_position is None
+
+    run(scenario)
+
+
+def test_a_batch_line_counts_the_calls_before_a_call_until_a_forward_takes_it() -> None:
+    async def scenario() -> None:
+        line, log = BatchLine(), []
+        loop = asyncio.get_running_loop()
+        tokens = {name: line.join() for name in "abc"}
+        works = {name: loop.create_future() for name in "abc"}
+
+        async def follow(name: str) -> None:
+            async for waiting in line.wait(tokens[name], works[name]):
+                log.append((name, waiting.num_ahead))
+
+        line.started([tokens["a"]])  # a forward took a's texts at once: it never waits
+        tasks = [asyncio.create_task(follow(name)) for name in "abc"]
+        await asyncio.sleep(0.01)
+        assert log == [("b", 1), ("c", 2)]  # behind the running forward's call, a included
+        works["a"].set_result(None)
+        line.leave(tokens["a"])
+        await asyncio.sleep(0.01)
+        assert log[2:] == [("b", 0), ("c", 1)]
+        line.started([tokens["b"], tokens["c"]])  # the next forward takes both
+        await asyncio.sleep(0.01)
+        assert log[4:] == [("c", 0)] and all(task.done() for task in tasks)
+        cancelled = line.join()  # a call cancelled while it waits leaves the line
+        line.leave(cancelled)
+        assert len(line) == 2
+
+    run(scenario)
+
+
+def test_a_job_waiting_for_the_text_encoder_shows_its_place_then_runs(tmp_path: Path) -> None:
+    args = scheduler_args(tmp_path)
+    stages = FakeStages(waiting_encode=(StageWaiting(2),), hold_encode=asyncio.Event())
+    store = empty_store(args)
+    job, _ = store.create("dune", "batch", job_request(steps=8))
+
+    async def scenario() -> None:
+        scheduler = start(args, stages)
+        try:
+            waiting = await wait_for(store, job.id, lambda j: j.engine_queue_position == 2)
+            stages.hold_encode.set()
+            done = await wait_for(store, job.id, lambda j: j.is_finished)
+        finally:
+            stop(scheduler)
+        video = video_view(waiting)
+        assert (video.status, video.stage, video.waiting_for, video.queue_position) == (
+            "in_progress",
+            "queued",
+            "encoding",
+            2,
+        )
+        assert waiting.status == JobStatus.ENCODING
         assert done.status == JobStatus.SUCCEEDED and video_view(done).queue_position is None
 
     run(scenario)

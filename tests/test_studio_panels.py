@@ -91,6 +91,19 @@ def test_a_panel_dropped_on_a_shot_makes_an_i2v_take_shown_beside_its_takes(brow
         expect(rows.nth(1).locator("article.take .status").first).to_have_text(
             "Waits for the shot it continues"
         )
+        expect(rows.first.locator("h2 .chain")).to_have_count(0)  # the first shot continues nothing
+        # the same board in Chinese says the chain in Chinese
+        chinese = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN").new_page()
+        chinese.context.set_default_timeout(20_000)
+        chinese.goto(f"{url}/studio/")
+        chinese.get_by_label("API 密钥").fill(api.admin_key)
+        chinese.get_by_role("button", name="登录", exact=True).click()
+        expect(chinese.get_by_role("heading", name="项目 default")).to_be_visible()  # signed in
+        chinese.goto(f"{url}/studio/#/boards/{board_id}")
+        chained_row = chinese.locator("section.shot-row").nth(1)
+        expect(chained_row.locator("h2 .chain")).to_contain_text("接续 镜头 1")
+        expect(chained_row.locator("article.take .status").first).to_have_text("等待它所接续的镜头")
+        chinese.context.close()
     finally:
         page.context.close()
 

@@ -17,6 +17,9 @@ from pipeline.vae_parallel import band_rows, grid_shape
 from tests.test_vae import latents, preset_vae
 
 MAX_ABS_DIFF = 1e-5  # fp32: the blocks see the same numbers, convolutions may sum in another order
+# bf16: a block's convolution may sum in another order and round a value the other way, by an ulp (2^-8 in
+# [0.5, 1)), which the layers after may double; a missing halo moved the seams by 0.35 (gpu_probe's tiny VAE)
+BF16_MAX_ABS_DIFF = 2**-7
 MAX_FLIPPED = 1e-3  # of uint8 values: a value rounds the other way only next to a k + 0.5 boundary
 # case -> (preset, latent shape), each split unevenly (grid_shape picks the grid): `rows` 7 x 5 goes 2 x 1
 # over 2 ranks (rows 4+3) and 4 x 1 over 4 (2+2+2+1); `cols` 5 x 9 goes 1 x 2 (columns 5+4) and 2 x 2
@@ -119,3 +122,82 @@ def test_the_grid_has_the_shortest_block_edges_that_fit() -> None:
     assert grid_shape(3, 40, 4) == (1, 4)  # too few rows for 2 bands of 2: columns only
     with pytest.raises(ValueError, match="cannot split latents of 1 x 3"):
         grid_shape(1, 3, 4)
+
+
+def describe(tensor: torch.Tensor) -> tuple:
+    return (
+        tuple(tensor.shape),
+        str(tensor.dtype).removeprefix("torch."),
+        tensor.is_contiguous(),
+        tensor.device.type,
+    )
+
+
+def collectives_rank(rank: int, world_size: int, port: int, out: Path) -> None:
+    """A bf16 parallel decode of the 4 x 1 and 2 x 2 cases that records every tensor its collectives carry
+    (the wrappers pass each call on to gloo unchanged)."""
+    import torch.distributed as dist
+
+    from pipeline.vae_parallel import ParallelVAEDecoder
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    calls: list[tuple] = []
+    all_gather, batch_isend_irecv = dist.all_gather, dist.batch_isend_irecv
+
+    def recording_all_gather(parts, tensor, group=None, async_op=False):
+        calls.append(("all_gather", None, describe(tensor), [describe(part) for part in parts]))
+        return all_gather(parts, tensor, group=group, async_op=async_op)
+
+    def recording_batch_isend_irecv(ops):
+        calls.extend((op.op.__name__, op.peer, describe(op.tensor), None) for op in ops)
+        return batch_isend_irecv(ops)
+
+    dist.all_gather, dist.batch_isend_irecv = recording_all_gather, recording_batch_isend_irecv
+    try:
+        results = {}
+        for name in ("tiny rows", "tiny cols"):
+            preset, shape = CASES[name]
+            decoder = ParallelVAEDecoder(preset_vae(preset), dtype=torch.bfloat16)
+            calls.clear()
+            results[name] = (torch.cat(list(decoder.decode_chunks(latents(shape, seed=7)))), list(calls))
+        torch.save(results, out / f"rank{rank}.pt")
+    finally:
+        dist.all_gather, dist.batch_isend_irecv = all_gather, batch_isend_irecv
+        dist.destroy_process_group()
+
+
+def test_bf16_parallel_decode_sends_what_nccl_needs_and_matches_one_device(tmp_path: Path) -> None:
+    """What NCCL needs and gloo forgives, checked on gloo: every tensor a collective carries contiguous and
+    on the decoder's device, halos in bf16 (the decoder's dtype), the same all-gathers in the same order on
+    every rank, and each rank's sends to a peer matching that peer's receives, in order and shape (a
+    mismatch hangs NCCL). The bf16 frames equal the one-device bf16 decode's within BF16_MAX_ABS_DIFF
+    (equal here: measured 0 on this CPU)."""
+    world_size = 4
+    mp.start_processes(
+        collectives_rank, args=(world_size, free_port(), tmp_path), nprocs=world_size, start_method="spawn"
+    )
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+    for name in ("tiny rows", "tiny cols"):
+        preset, shape = CASES[name]
+        reference = torch.cat(
+            list(VAEDecoder(preset_vae(preset), dtype=torch.bfloat16).decode_chunks(latents(shape, seed=7)))
+        )
+        calls = [rank[name][1] for rank in ranks]
+        for rank, frames in enumerate(rank[name][0] for rank in ranks):
+            diff = (frames - reference).abs().max().item()
+            print(f"{name}: rank {rank}'s bf16 frames against one device's: max abs diff {diff:.2e}")
+            assert diff <= BF16_MAX_ABS_DIFF, (name, rank, diff)
+        tensors = [call[2] for rank_calls in calls for call in rank_calls]
+        assert all(contiguous and device == "cpu" for _, _, contiguous, device in tensors)
+        halos = [call[2] for rank_calls in calls for call in rank_calls if call[0] in ("isend", "irecv")]
+        assert halos and all(dtype == "bfloat16" for _, dtype, _, _ in halos)
+        gathers = [[call[2] for call in rank_calls if call[0] == "all_gather"] for rank_calls in calls]
+        assert all(rank_gathers == gathers[0] for rank_gathers in gathers)
+        assert {dtype for _, dtype, _, _ in gathers[0]} == {"bfloat16", "float32"}  # mid-block, frames
+        for sender in range(world_size):
+            for receiver in range(world_size):
+                sent = [call[2] for call in calls[sender] if call[:2] == ("isend", receiver)]
+                received = [call[2] for call in calls[receiver] if call[:2] == ("irecv", sender)]
+                assert sent == received, (name, sender, receiver)

@@ -379,14 +379,15 @@ class Video(BaseModel):
         None,
         description="How many videos are ahead of it while it waits: in the job queue (status queued) or, "
         "with `stage: queued` while in progress, in the replica of the stage it waits for (`waiting_for`: "
-        "an expert's engine before its first step, the decoder's or the upscaler's line). Null once it "
-        "runs.",
+        "the text encoder's line for a forward, an expert's engine before its first step, the decoder's or "
+        "the upscaler's line). Null once it runs.",
     )
     waiting_for: str | None = Field(
         None,
-        description="While in progress but waiting in a stage's queue: that stage (`denoising_high`, "
-        "`denoising_low`, `decoding`, `upscaling`), counted where the work waits; `continuity` while a "
-        "chained shot's take (queued) waits for the take of the shot it continues; null otherwise.",
+        description="While in progress but waiting in a stage's queue: that stage (`encoding`, "
+        "`denoising_high`, `denoising_low`, `decoding`, `upscaling`), counted where the work waits; "
+        "`continuity` while a chained shot's take (queued) waits for the take of the shot it continues; "
+        "null otherwise.",
     )
     seed: int
     steps: int

@@ -185,16 +185,16 @@ class JobRecord:
 
     @property
     def num_ahead_in_engine(self) -> int | None:
-        """While running but waiting in a stage replica's queue (a denoiser engine before its first step,
-        the decoder's or upscaler's line): how many requests are ahead of it; None otherwise (a stale
-        value of an ended run is never shown)."""
+        """While running but waiting in a stage replica's queue (the text encoder's line, a denoiser engine
+        before its first step, the decoder's or upscaler's line): how many requests are ahead of it; None
+        otherwise (a stale value of an ended run is never shown)."""
         return self.engine_queue_position if self.status.is_running else None
 
     @property
     def waiting_for(self) -> str | None:
-        """While running but waiting in a stage replica's queue (a denoiser engine, the decoder's or the
-        upscaler's line): that stage (`decoding`, ...); `continuity` while a chained shot's queued take waits
-        for the take of the shot it continues; None otherwise."""
+        """While running but waiting in a stage replica's queue (the text encoder's line, a denoiser engine,
+        the decoder's or the upscaler's line): that stage (`encoding`, `decoding`, ...); `continuity` while
+        a chained shot's queued take waits for the take of the shot it continues; None otherwise."""
         if self.continues_shot is not None:
             return "continuity"
         return self.status.name.lower() if self.num_ahead_in_engine is not None else None

@@ -26,7 +26,7 @@ import logging
 import numpy as np
 from PIL import Image
 
-from pipeline.safety import FrameCheck
+from pipeline.safety import FrameCheck, SafetyCheckError
 from serve.jobs import JobRecord, JobStatus, JobStore
 from serve.jobs.keyframes import PNG, fit_to_size, load_last_frame, png_bytes
 from serve.metrics import record_job_finished, record_safety_block
@@ -90,8 +90,12 @@ async def _release(
         return False  # finished before its frame was stored: nothing to start from yet
     resolved = job.request.resolved
     fitted = await asyncio.to_thread(fit_to_size, Image.fromarray(frame), resolved.width, resolved.height)
-    if frame_check is not None:  # SafetyCheckError: nothing released, asked again next pass
-        verdict = await asyncio.to_thread(frame_check.check, np.asarray(fitted)[None])
+    if frame_check is not None:
+        try:
+            verdict = await asyncio.to_thread(frame_check.check, np.asarray(fitted)[None])
+        except SafetyCheckError as error:  # fails closed: nothing released, asked again next pass
+            logger.warning("chained take %s waits: %s", job.id, error)
+            return False
         if verdict is not None:
             record_safety_block("keyframe", verdict.category)
             await _fail(

@@ -308,13 +308,13 @@ class Scheduler:
             await asyncio.to_thread(self.store.fail, job.id, job.attempt, "model_not_served", message)
             raise StageFailed("model_not_served", message)
 
-        # 1. Encode the prompt and the negative prompt (one batched encoder forward).
+        # 1. Encode the prompt and the negative prompt (one batched encoder forward); a call that waits
+        #    for a forward streams its place in the encoder's line.
         await run.enter("encode")
         started = time.perf_counter()
-        prompt, negative = await asyncio.gather(
-            stage_call(stages.text_encoder.encode.remote(resolved.prompt)),
-            stage_call(stages.text_encoder.encode.remote(resolved.negative_prompt)),
-        )
+        texts = [resolved.prompt, resolved.negative_prompt]
+        call = stages.text_encoder.options(stream=True).encode.remote(texts)
+        prompt, negative = await run.stage_result(call)
         run.record("encode", time.perf_counter() - started, observe=False)
 
         # 1b. An I2V job: its keyframes' condition latents (the VAEEncoder reads the stored images).

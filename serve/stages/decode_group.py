@@ -61,9 +61,8 @@ def join_decode_group(
     if device.type != "cuda":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share cores
     init_process_group(rank, world_size, master_addr, master_port, args.decoder.timeout_s, device)
-    # every rank's first collective together: NCCL sets its communicator up on the first one, and the
-    # halo swaps are point-to-point, where a rank with no neighbour on an axis would sit one out
-    dist.barrier()
+    # its constructor is every rank's first collective, together (a barrier): NCCL sets its communicator
+    # up on the first one, and a halo swap leaves out the ranks with no neighbour on an axis
     return ParallelVAEDecoder(vae, dtype=decode_dtype(args.decoder.dtype, device))
 
 

@@ -1,5 +1,6 @@
 """Where a stage call waits, counted where it waits: a replica that runs one call at a time (the decoder,
-the upscaler: memory-bound work) keeps its calls in a line, and a call streams its place in that line
+the upscaler: memory-bound work) keeps its calls in a line (`Turns`), one that batches calls into one
+forward at a time (the text encoder) in a `BatchLine`, and a call streams its place in that line
 (`StageWaiting`) while it waits, then its result. The Scheduler stores the place with the job, so the page
 says "waiting for the decoder · 3 ahead" instead of a stage that looks stalled at its last progress.
 
@@ -9,7 +10,7 @@ Written by hand: asyncio.Lock is first-come-first-served but does not say how ma
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 
@@ -68,5 +69,63 @@ class Turns:
     def _remove(self, token: object) -> None:
         if token in self._line:
             self._line.remove(token)
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+
+class BatchLine:
+    """The calls of a replica that batches them into one forward at a time (the text encoder: Serve's
+    `@serve.batch`, up to 32 prompts a forward): a call waits while the forward before it runs, or while
+    earlier calls fill the next one. A call joins the line (`join`), the batched function marks the calls
+    whose texts its forward took (`started`), and the call leaves when its result is in (`leave`); while it
+    waits, `wait` streams its place: the calls before it still in the line, those in the running forward
+    included. Single event loop only (a replica's).
+
+    Written by hand: `@serve.batch` keeps its queue private and says nothing of a caller's place in it."""
+
+    def __init__(self) -> None:
+        self._line: list[object] = []  # calls in arrival order, until their results are in
+        self._started: set[object] = set()  # calls whose texts a forward took
+        self._moved = asyncio.Event()  # set (and replaced) whenever a call started or left
+
+    def __len__(self) -> int:
+        return len(self._line)
+
+    def join(self) -> object:
+        """A new call at the end of the line: its token, for the batched items and `wait`."""
+        token = object()
+        self._line.append(token)
+        return token
+
+    def started(self, tokens: Iterable[object]) -> None:
+        """A forward took the texts of these calls (called by the batched function)."""
+        self._started.update(tokens)
+        self._notify()
+
+    def leave(self, token: object) -> None:
+        """The call's result is in, or it was cancelled: the calls behind it move up."""
+        if token in self._line:
+            self._line.remove(token)
+        self._started.discard(token)
+        self._notify()
+
+    async def wait(self, token: object, work: asyncio.Future[object]) -> AsyncIterator[StageWaiting]:
+        """The place of call `token` each time it changes while `work` (its batched items) waits for a
+        forward (nothing when a forward took it at once), then `StageWaiting(0)` when one took it."""
+        last = 0
+        while not work.done() and token not in self._started:
+            ahead = self._line.index(token)
+            if ahead != last:
+                last = ahead
+                yield StageWaiting(ahead)
+            moved = asyncio.ensure_future(self._moved.wait())
+            try:
+                await asyncio.wait({moved, work}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                moved.cancel()
+        if last:
+            yield StageWaiting(0)
+
+    def _notify(self) -> None:
         self._moved.set()
         self._moved = asyncio.Event()

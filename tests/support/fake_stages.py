@@ -136,6 +136,8 @@ class FakeStages:
     fail: dict[str, BaseException] = field(default_factory=dict)
     fail_once: set[str] = field(default_factory=set)  # stages whose failure is gone after one call
     hold_low: asyncio.Event | None = None  # the low-noise expert waits for this before its first step
+    waiting_encode: tuple[StageWaiting, ...] = ()  # places the text encoder's line streams before a forward
+    hold_encode: asyncio.Event | None = None  # after those places, the text encoder waits for this
     # the queue places the high expert's engine reports before its first step
     waiting_high: tuple[DenoiseWaiting, ...] = ()
     hold_high: asyncio.Event | None = None  # after those reports, the high expert waits for this
@@ -215,10 +217,17 @@ class FakeStages:
             error = self.fail.pop(stage) if stage in self.fail_once else self.fail[stage]
             raise error
 
-    async def encode(self, text: str) -> EmbedsRef:
-        self.record("encode", text)
-        embeds = np.full(self.embeds_shape, float(len(text)), dtype=np.float32)
-        return EmbedsRef(ref=self.objects.put(embeds, "encode"), nbytes=embeds.nbytes)
+    async def encode(self, texts: list[str]) -> AsyncIterator[StageWaiting | list[EmbedsRef]]:
+        """The TextEncoder: each text's embeddings, after the places `waiting_encode` streams and
+        `hold_encode` (a call waiting in its line for a forward)."""
+        for text in texts:
+            self.record("encode", text)
+        for waiting in self.waiting_encode:
+            yield waiting
+        if self.hold_encode is not None:
+            await self.hold_encode.wait()
+        arrays = [np.full(self.embeds_shape, float(len(text)), dtype=np.float32) for text in texts]
+        yield [EmbedsRef(ref=self.objects.put(embeds, "encode"), nbytes=embeds.nbytes) for embeds in arrays]
 
     def denoiser(self, expert: str, name: str | None = None) -> Callable[..., AsyncIterator[Any]]:
         """The `expert` deployment's stand-in, its calls recorded under `name` (default: the expert)."""
