@@ -751,7 +751,7 @@ def test_cancel_frees_the_slot_and_the_next_queued_job_starts(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
-async def wait_until(condition: Any, timeout_s: float = 10) -> None:
+async def wait_until(condition: Any, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "timed out"
