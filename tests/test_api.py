@@ -686,17 +686,32 @@ def test_openapi_documents_the_studio_extensions(api: LocalApi) -> None:
 class StuckStage:
     """Every stage call of this stand-in hangs until cancelled: jobs stay in flight as long as we like."""
 
+    def options(self, **_options: Any) -> StuckStage:  # `stage.options(stream=True).method.remote(...)`
+        return self
+
     def __getattr__(self, _method: str) -> Any:
         class _Call:
             @staticmethod
             def remote(*_args: Any, **_kwargs: Any) -> Any:
-                return asyncio.Event().wait()
-
-            @staticmethod
-            def options(**_options: Any) -> Any:
-                return _Call
+                return Hanging()
 
         return _Call
+
+
+class Hanging:
+    """A stage call that never answers, awaited or streamed."""
+
+    def __await__(self) -> Any:
+        return asyncio.Event().wait().__await__()
+
+    def __aiter__(self) -> Hanging:
+        return self
+
+    async def __anext__(self) -> Any:
+        await asyncio.Event().wait()
+
+    def cancel(self) -> None:
+        pass
 
 
 class InProcessHandle:
