@@ -9,16 +9,23 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
+from ray.serve import context as serve_context
+from ray.serve._private.common import DeploymentID, ReplicaID
+from ray.serve._private.config import DeploymentConfig
 
 from pipeline.stages import job_plan
+from serve import metrics as metrics_module
 from serve._compat import ray_session_dir
 from serve.cli.monitoring import PROMETHEUS_DIR, PrometheusServer, prometheus_config
-from serve.metrics import FIRST_EVENT_METRICS, GPU_ONLY_METRICS, exported_name
+from serve.metrics import FIRST_EVENT_METRICS, GPU_ONLY_METRICS, exported_name, metrics
 from tests.support.cluster import Cluster
+from tests.support.fake_stages import empty_store, scheduler_args
+from tests.support.job_requests import job_request
 from tests.support.servers.prometheus import prometheus_server, promtool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +39,26 @@ STAGES = {row.name for row in job_plan()}  # every stage a text-to-video job run
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$project": ".*"}
 METRIC_NAME = re.compile(r"\b((?:ray|previz)_[a-zA-Z0-9_:]+)")
 EXPORT_TIMEOUT_S = 90.0  # Ray's agents export every few seconds, then Prometheus scrapes every second
+SESSION_APP = "previz"  # the session cluster's Serve app (deploy/local.yaml)
+# What the Scheduler and Housekeeping publish (one of each per Serve app): labelled with their app.
+IN_APP_METRICS = {
+    "previz_jobs",
+    "previz_jobs_stored",
+    "previz_jobs_finished_total",
+    "previz_queue_jobs",
+    "previz_queue_oldest_age_seconds",
+    "previz_job_stalled_seconds",
+    "previz_queue_wait_seconds",
+    "previz_job_seconds",
+    "previz_stage_seconds",
+    "previz_job_compute_seconds_total",
+    "previz_scheduler_passes_total",
+    "previz_cuts",
+    "previz_cuts_finished_total",
+    "previz_cut_render_seconds",
+    "previz_lane_jobs",
+    "previz_webhook_deliveries_total",
+}
 
 
 def dashboard_expressions() -> list[tuple[str, str]]:
@@ -146,6 +173,65 @@ def test_dashboards_are_valid_grafana_dashboard_json() -> None:
                 assert target["datasource"]["uid"] == source["uid"] and target["expr"].strip(), where
     provider = yaml.safe_load((GRAFANA_DIR / "provisioning" / "dashboards" / "previz.yml").read_text())
     assert provider["providers"][0]["type"] == "file"
+
+
+# ---- in one process, as a Serve replica ----------------------------------------------------------------
+
+
+@pytest.fixture
+def in_app_two() -> Iterator[None]:
+    """This process as Serve makes a replica of app `previz-two`'s Scheduler (its replica context), with
+    metric objects made afresh inside it and again after it."""
+    replica = ReplicaID("r1", DeploymentID(name="Scheduler", app_name="previz-two"))
+    metrics.cache_clear()
+    serve_context._set_internal_replica_context(
+        replica_id=replica,
+        servable_object=None,
+        _deployment_config=DeploymentConfig(),
+        rank=None,
+        world_size=1,
+    )
+    try:
+        yield
+    finally:
+        serve_context._INTERNAL_REPLICA_CONTEXT = None
+        metrics.cache_clear()
+
+
+def test_the_scheduler_and_housekeeping_metrics_carry_the_serve_app_they_run_in(in_app_two: None) -> None:
+    m = metrics()
+    labelled = {
+        info["name"]: info["default_tags"]
+        for info in (getattr(m, field.name).info for field in fields(m))
+        if "application" in info["tag_keys"]
+    }
+    # the router's decisions name the app they were routed to, on each call (test_router)
+    assert labelled == {name: {"application": "previz-two"} for name in IN_APP_METRICS} | {
+        "previz_routing_decisions_total": {}
+    }
+
+
+def test_every_scheduler_and_housekeeping_record_fills_its_labels(
+    in_app_two: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ray checks a record's labels in the recording process: one missing would be logged and dropped."""
+    store = empty_store(scheduler_args(tmp_path))
+    job, _ = store.create("board", "batch", job_request())
+    reporter = metrics_module.QueueReporter()
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        reporter.publish(store.count_by_status(), [job])
+        reporter.publish_cuts({"queued": 1})
+        metrics_module.record_lanes({"batch": 1}, {"interactive": 2}, {"interactive": 2, "batch": 1})
+        metrics_module.record_job_claimed(job)
+        metrics_module.record_job_finished(job, "succeeded", {"denoise_high": 1.0})
+        metrics_module.record_scheduler_pass(ok=True)
+        metrics_module.record_cut_finished("board", "succeeded", render_seconds=2.0)
+        metrics_module.record_webhook_delivery("delivered")
+    assert caplog.messages == []
+
+
+def test_outside_a_serve_replica_the_app_label_reads_none() -> None:
+    assert metrics_module.serve_application() == "none"
 
 
 # ---- against the live cluster -----------------------------------------------------------------------
