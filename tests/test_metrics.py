@@ -142,6 +142,76 @@ def test_promtool_accepts_alert_rules_and_scrape_config(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_a_starved_lane_alerts_for_its_own_app_when_another_app_on_the_cluster_has_slots(
+    tmp_path: Path,
+) -> None:
+    """promtool's rule test on two apps: `previz` has interactive shots queued and no free interactive slot
+    and batch shots queued with none in flight, while `previz-two`'s lanes have room. Summed over the
+    cluster, `previz-two`'s free and in-flight slots hid `previz`'s starved lanes."""
+    rules = {
+        rule["alert"]: rule
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+    }
+
+    def lane(app: str, name: str, state: str, jobs: int) -> dict[str, str]:
+        labels = f'application="{app}", lane="{name}", state="{state}"'
+        return {"series": f"ray_previz_lane_jobs{{{labels}}}", "values": f"{jobs}x50"}
+
+    def queued(app: str, priority: str, jobs: int) -> dict[str, str]:
+        labels = f'application="{app}", priority="{priority}", bucket="96x64x9"'
+        return {"series": f"ray_previz_queue_jobs{{{labels}}}", "values": f"{jobs}x50"}
+
+    def fired(alert: str, summary: str) -> dict:
+        description = rules[alert]["annotations"]["description"]
+        expected = {"exp_labels": {"severity": "warning", "application": "previz"}}
+        return {**expected, "exp_annotations": {"summary": summary, "description": description}}
+
+    series = [
+        queued("previz", "interactive", 3),
+        lane("previz", "interactive", "free", 0),
+        queued("previz", "batch", 5),
+        lane("previz", "batch", "free", 0),
+        lane("previz", "batch", "in_flight", 0),
+        queued("previz-two", "interactive", 0),
+        lane("previz-two", "interactive", "free", 4),
+        queued("previz-two", "batch", 2),
+        lane("previz-two", "batch", "free", 0),
+        lane("previz-two", "batch", "in_flight", 3),
+    ]
+    interactive = (
+        "interactive shots are queued in previz and its interactive lane has had no free slot for 5 minutes"
+    )
+    batch = "batch shots are queued in previz and none has run for 30 minutes"
+    test = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {
+                        "eval_time": "10m",
+                        "alertname": "PrevizInteractiveLaneStarved",
+                        "exp_alerts": [fired("PrevizInteractiveLaneStarved", interactive)],
+                    },
+                    {"eval_time": "10m", "alertname": "PrevizBatchLaneStarved", "exp_alerts": []},
+                    {
+                        "eval_time": "40m",
+                        "alertname": "PrevizBatchLaneStarved",
+                        "exp_alerts": [fired("PrevizBatchLaneStarved", batch)],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "lanes_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    checked = subprocess.run([str(promtool()), "test", "rules", str(path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_scrape_config_discovers_targets_from_rays_service_discovery_file() -> None:
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
