@@ -18,6 +18,7 @@ from ray.serve import context as serve_context
 from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve._private.config import DeploymentConfig
 
+from pipeline.priority import PRIORITIES
 from pipeline.stages import job_plan
 from serve import metrics as metrics_module
 from serve._compat import ray_session_dir
@@ -36,7 +37,12 @@ SMALL = {"resolution": "96x64", "duration": 0.5, "steps": 4}
 NUM_JOBS = 3
 STAGES = {row.name for row in job_plan()}  # every stage a text-to-video job runs
 # Grafana template variables -> what they stand for when evaluated outside Grafana.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$project": ".*"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$application": ".*",
+    "$project": ".*",
+}
 METRIC_NAME = re.compile(r"\b((?:ray|previz)_[a-zA-Z0-9_:]+)")
 EXPORT_TIMEOUT_S = 90.0  # Ray's agents export every few seconds, then Prometheus scrapes every second
 SESSION_APP = "previz"  # the session cluster's Serve app (deploy/local.yaml)
@@ -334,14 +340,37 @@ def project(cluster: Cluster, prometheus: PrometheusServer) -> str:
 def test_prometheus_counts_the_finished_jobs_by_status_and_project(
     prometheus: PrometheusServer, project: str
 ) -> None:
-    by_status = prometheus.query(f'sum by (status) (ray_previz_jobs_finished_total{{project="{project}"}})')
-    assert {row["metric"]["status"]: float(row["value"][1]) for row in by_status} == {"succeeded": NUM_JOBS}
+    finished = f'sum by (application, status) (ray_previz_jobs_finished_total{{project="{project}"}})'
+    by_status = {
+        (row["metric"]["application"], row["metric"]["status"]): float(row["value"][1])
+        for row in prometheus.query(finished)
+    }
+    assert by_status == {(SESSION_APP, "succeeded"): NUM_JOBS}
     # a gauge Housekeeping refreshes from the store on its period: it may still lag the finished jobs
-    assert wait_for_at_least(prometheus, 'sum(ray_previz_jobs_stored{status="succeeded"})', NUM_JOBS)
+    stored = f'sum(ray_previz_jobs_stored{{application="{SESSION_APP}", status="succeeded"}})'
+    assert wait_for_at_least(prometheus, stored, NUM_JOBS)
     assert (
         value(prometheus.query(f'sum(ray_previz_queue_wait_seconds_count{{project="{project}"}})'))
         == NUM_JOBS
     )
+
+
+@pytest.mark.cluster
+def test_the_lane_and_queue_gauges_carry_the_session_app(prometheus: PrometheusServer, project: str) -> None:
+    """The Scheduler's lanes and Housekeeping's queues of the session app, apart from other apps' (the live
+    modules' extra apps on this cluster publish their own under their names)."""
+    lanes = f'sum by (lane, state) (ray_previz_lane_jobs{{application="{SESSION_APP}"}})'
+    queues = f'sum by (priority) (ray_previz_queue_jobs{{application="{SESSION_APP}"}})'
+    expected_lanes = {(lane, state) for lane in PRIORITIES for state in ("in_flight", "reserved", "free")}
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    while True:
+        found_lanes = {(row["metric"]["lane"], row["metric"]["state"]) for row in prometheus.query(lanes)}
+        found_queues = {row["metric"]["priority"] for row in prometheus.query(queues)}
+        if (found_lanes, found_queues) == (expected_lanes, set(PRIORITIES)) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert found_lanes == expected_lanes
+    assert found_queues == set(PRIORITIES)
 
 
 @pytest.mark.cluster
