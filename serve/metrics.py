@@ -48,7 +48,8 @@ FIRST_EVENT_METRICS = (
 
 @dataclass(frozen=True, slots=True)
 class PrevizMetrics:
-    # ---- jobs (Scheduler) ----
+    # ---- jobs (Scheduler, Housekeeping) ----
+    # These, the cuts, the lanes and the webhook deliveries carry `application`, the Serve app they come from.
     jobs: Gauge  # jobs not yet finished, by status and project (refreshed from the job store)
     jobs_stored: Gauge  # all jobs in the store by status, finished ones included
     jobs_finished_total: Counter  # terminal transitions seen by this scheduler
@@ -97,67 +98,91 @@ class PrevizMetrics:
     gpu_memory_used_bytes: Gauge
 
 
+def serve_application() -> str:
+    """The Serve application of the calling replica ("none" outside one, as in a test's Scheduler): the
+    `application` label of the metrics the Scheduler and Housekeeping publish."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:
+        return "none"
+
+
 @functools.cache
 def metrics() -> PrevizMetrics:
     """This process's metric objects (Ray registers them with the local metrics agent on first record)."""
     replica = ("deployment", "replica")
+    # The Scheduler's and Housekeeping's metrics (one of each per Serve app) carry the app they run in, named
+    # as in Ray Serve's own metrics, so two apps on one Ray cluster count apart.
+    app = ("application",)
+    in_app = {"application": serve_application()}
     return PrevizMetrics(
-        jobs=Gauge("previz_jobs", "Unfinished jobs by status and project.", tag_keys=("status", "project")),
-        jobs_stored=Gauge("previz_jobs_stored", "All jobs in the job store by status.", tag_keys=("status",)),
+        jobs=Gauge(
+            "previz_jobs", "Unfinished jobs by status and project.", tag_keys=("status", "project", *app)
+        ).set_default_tags(in_app),
+        jobs_stored=Gauge(
+            "previz_jobs_stored", "All jobs in the job store by status.", tag_keys=("status", *app)
+        ).set_default_tags(in_app),
         jobs_finished_total=Counter(
             "previz_jobs_finished_total",
             "Jobs that reached a terminal status.",
-            tag_keys=("status", "project", "priority", "resolution"),
-        ),
-        queue_jobs=Gauge("previz_queue_jobs", "Queued jobs.", tag_keys=("priority", "bucket")),
+            tag_keys=("status", "project", "priority", "resolution", *app),
+        ).set_default_tags(in_app),
+        queue_jobs=Gauge(
+            "previz_queue_jobs", "Queued jobs.", tag_keys=("priority", "bucket", *app)
+        ).set_default_tags(in_app),
         queue_oldest_age_seconds=Gauge(
             "previz_queue_oldest_age_seconds",
             "Age of the oldest queued job.",
-            tag_keys=("priority", "bucket"),
-        ),
+            tag_keys=("priority", "bucket", *app),
+        ).set_default_tags(in_app),
         job_stalled_seconds=Gauge(
             "previz_job_stalled_seconds",
             "Longest time a running job in this status has gone without a progress update.",
-            tag_keys=("status",),
-        ),
+            tag_keys=("status", *app),
+        ).set_default_tags(in_app),
         queue_wait_seconds=Histogram(
             "previz_queue_wait_seconds",
             "Seconds from job creation to its first claim by the scheduler.",
             boundaries=LATENCY_BUCKETS_S,
-            tag_keys=("priority", "resolution", "project"),
-        ),
+            tag_keys=("priority", "resolution", "project", *app),
+        ).set_default_tags(in_app),
         job_seconds=Histogram(
             "previz_job_seconds",
             "Seconds from job creation to success (queue wait included).",
             boundaries=LATENCY_BUCKETS_S,
-            tag_keys=("priority", "resolution"),
-        ),
+            tag_keys=("priority", "resolution", *app),
+        ).set_default_tags(in_app),
         stage_seconds=Histogram(
             "previz_stage_seconds",
             "Compute seconds of one pipeline stage for one job.",
             boundaries=LATENCY_BUCKETS_S,
-            tag_keys=("stage", "resolution"),
-        ),
+            tag_keys=("stage", "resolution", *app),
+        ).set_default_tags(in_app),
         job_compute_seconds_total=Counter(
             "previz_job_compute_seconds_total",
             "Stage seconds spent on succeeded jobs, per project.",
-            tag_keys=("project",),
-        ),
+            tag_keys=("project", *app),
+        ).set_default_tags(in_app),
         scheduler_passes_total=Counter(
-            "previz_scheduler_passes_total", "Scheduling passes by outcome.", tag_keys=("outcome",)
-        ),
-        cuts=Gauge("previz_cuts", "Cut jobs queued or running (status).", tag_keys=("status",)),
+            "previz_scheduler_passes_total", "Scheduling passes by outcome.", tag_keys=("outcome", *app)
+        ).set_default_tags(in_app),
+        cuts=Gauge(
+            "previz_cuts", "Cut jobs queued or running (status).", tag_keys=("status", *app)
+        ).set_default_tags(in_app),
         cuts_finished_total=Counter(
             "previz_cuts_finished_total",
             "Cut runs the Scheduler ended, by outcome: succeeded | failed | cancelled | requeued (its "
             "Finisher replica was lost) | superseded (a newer run or a restart owns the cut).",
-            tag_keys=("outcome", "project"),
-        ),
+            tag_keys=("outcome", "project", *app),
+        ).set_default_tags(in_app),
         cut_render_seconds=Histogram(
             "previz_cut_render_seconds",
             "Seconds a Finisher replica took to render a cut that became its board's cut.",
             boundaries=LATENCY_BUCKETS_S,
-        ),
+            tag_keys=app,
+        ).set_default_tags(in_app),
         denoise_iterations_total=Counter(
             "previz_denoise_iterations_total", "Denoiser engine iterations.", tag_keys=("expert", *replica)
         ),
@@ -204,8 +229,8 @@ def metrics() -> PrevizMetrics:
         lane_jobs=Gauge(
             "previz_lane_jobs",
             "Lanes (priority classes): state=in_flight jobs, reserved slots, free slots it can take.",
-            tag_keys=("lane", "state"),
-        ),
+            tag_keys=("lane", "state", *app),
+        ).set_default_tags(in_app),
         engine_requests_finished_total=Counter(
             "previz_engine_requests_finished_total",
             "Requests an engine released, by outcome.",
@@ -258,8 +283,8 @@ def metrics() -> PrevizMetrics:
             tag_keys=("backend", "outcome"),
         ),
         webhook_deliveries_total=Counter(
-            "previz_webhook_deliveries_total", "Webhook deliveries by outcome.", tag_keys=("outcome",)
-        ),
+            "previz_webhook_deliveries_total", "Webhook deliveries by outcome.", tag_keys=("outcome", *app)
+        ).set_default_tags(in_app),
         safety_blocks_total=Counter(
             "previz_safety_blocks_total",
             "Prompts (stage=prompt) and finished clips (stage=frames) refused by the content policy.",

@@ -9,16 +9,24 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
+from ray.serve import context as serve_context
+from ray.serve._private.common import DeploymentID, ReplicaID
+from ray.serve._private.config import DeploymentConfig
 
+from pipeline.priority import PRIORITIES
 from pipeline.stages import job_plan
+from serve import metrics as metrics_module
 from serve._compat import ray_session_dir
 from serve.cli.monitoring import PROMETHEUS_DIR, PrometheusServer, prometheus_config
-from serve.metrics import FIRST_EVENT_METRICS, GPU_ONLY_METRICS, exported_name
+from serve.metrics import FIRST_EVENT_METRICS, GPU_ONLY_METRICS, exported_name, metrics
 from tests.support.cluster import Cluster
+from tests.support.fake_stages import empty_store, scheduler_args
+from tests.support.job_requests import job_request
 from tests.support.servers.prometheus import prometheus_server, promtool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +37,34 @@ SMALL = {"resolution": "96x64", "duration": 0.5, "steps": 4}
 NUM_JOBS = 3
 STAGES = {row.name for row in job_plan()}  # every stage a text-to-video job runs
 # Grafana template variables -> what they stand for when evaluated outside Grafana.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$project": ".*"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$application": ".*",
+    "$project": ".*",
+}
 METRIC_NAME = re.compile(r"\b((?:ray|previz)_[a-zA-Z0-9_:]+)")
 EXPORT_TIMEOUT_S = 90.0  # Ray's agents export every few seconds, then Prometheus scrapes every second
+SESSION_APP = "previz"  # the session cluster's Serve app (deploy/local.yaml)
+# What the Scheduler and Housekeeping publish (one of each per Serve app): labelled with their app.
+IN_APP_METRICS = {
+    "previz_jobs",
+    "previz_jobs_stored",
+    "previz_jobs_finished_total",
+    "previz_queue_jobs",
+    "previz_queue_oldest_age_seconds",
+    "previz_job_stalled_seconds",
+    "previz_queue_wait_seconds",
+    "previz_job_seconds",
+    "previz_stage_seconds",
+    "previz_job_compute_seconds_total",
+    "previz_scheduler_passes_total",
+    "previz_cuts",
+    "previz_cuts_finished_total",
+    "previz_cut_render_seconds",
+    "previz_lane_jobs",
+    "previz_webhook_deliveries_total",
+}
 
 
 def dashboard_expressions() -> list[tuple[str, str]]:
@@ -115,6 +148,76 @@ def test_promtool_accepts_alert_rules_and_scrape_config(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_a_starved_lane_alerts_for_its_own_app_when_another_app_on_the_cluster_has_slots(
+    tmp_path: Path,
+) -> None:
+    """promtool's rule test on two apps: `previz` has interactive shots queued and no free interactive slot
+    and batch shots queued with none in flight, while `previz-two`'s lanes have room. Summed over the
+    cluster, `previz-two`'s free and in-flight slots hid `previz`'s starved lanes."""
+    rules = {
+        rule["alert"]: rule
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+    }
+
+    def lane(app: str, name: str, state: str, jobs: int) -> dict[str, str]:
+        labels = f'application="{app}", lane="{name}", state="{state}"'
+        return {"series": f"ray_previz_lane_jobs{{{labels}}}", "values": f"{jobs}x50"}
+
+    def queued(app: str, priority: str, jobs: int) -> dict[str, str]:
+        labels = f'application="{app}", priority="{priority}", bucket="96x64x9"'
+        return {"series": f"ray_previz_queue_jobs{{{labels}}}", "values": f"{jobs}x50"}
+
+    def fired(alert: str, summary: str) -> dict:
+        description = rules[alert]["annotations"]["description"]
+        expected = {"exp_labels": {"severity": "warning", "application": "previz"}}
+        return {**expected, "exp_annotations": {"summary": summary, "description": description}}
+
+    series = [
+        queued("previz", "interactive", 3),
+        lane("previz", "interactive", "free", 0),
+        queued("previz", "batch", 5),
+        lane("previz", "batch", "free", 0),
+        lane("previz", "batch", "in_flight", 0),
+        queued("previz-two", "interactive", 0),
+        lane("previz-two", "interactive", "free", 4),
+        queued("previz-two", "batch", 2),
+        lane("previz-two", "batch", "free", 0),
+        lane("previz-two", "batch", "in_flight", 3),
+    ]
+    interactive = (
+        "interactive shots are queued in previz and its interactive lane has had no free slot for 5 minutes"
+    )
+    batch = "batch shots are queued in previz and none has run for 30 minutes"
+    test = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [
+                    {
+                        "eval_time": "10m",
+                        "alertname": "PrevizInteractiveLaneStarved",
+                        "exp_alerts": [fired("PrevizInteractiveLaneStarved", interactive)],
+                    },
+                    {"eval_time": "10m", "alertname": "PrevizBatchLaneStarved", "exp_alerts": []},
+                    {
+                        "eval_time": "40m",
+                        "alertname": "PrevizBatchLaneStarved",
+                        "exp_alerts": [fired("PrevizBatchLaneStarved", batch)],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "lanes_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    checked = subprocess.run([str(promtool()), "test", "rules", str(path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_scrape_config_discovers_targets_from_rays_service_discovery_file() -> None:
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
@@ -148,6 +251,65 @@ def test_dashboards_are_valid_grafana_dashboard_json() -> None:
     assert provider["providers"][0]["type"] == "file"
 
 
+# ---- in one process, as a Serve replica ----------------------------------------------------------------
+
+
+@pytest.fixture
+def in_app_two() -> Iterator[None]:
+    """This process as Serve makes a replica of app `previz-two`'s Scheduler (its replica context), with
+    metric objects made afresh inside it and again after it."""
+    replica = ReplicaID("r1", DeploymentID(name="Scheduler", app_name="previz-two"))
+    metrics.cache_clear()
+    serve_context._set_internal_replica_context(
+        replica_id=replica,
+        servable_object=None,
+        _deployment_config=DeploymentConfig(),
+        rank=None,
+        world_size=1,
+    )
+    try:
+        yield
+    finally:
+        serve_context._INTERNAL_REPLICA_CONTEXT = None
+        metrics.cache_clear()
+
+
+def test_the_scheduler_and_housekeeping_metrics_carry_the_serve_app_they_run_in(in_app_two: None) -> None:
+    m = metrics()
+    labelled = {
+        info["name"]: info["default_tags"]
+        for info in (getattr(m, field.name).info for field in fields(m))
+        if "application" in info["tag_keys"]
+    }
+    # the router's decisions name the app they were routed to, on each call (test_router)
+    assert labelled == {name: {"application": "previz-two"} for name in IN_APP_METRICS} | {
+        "previz_routing_decisions_total": {}
+    }
+
+
+def test_every_scheduler_and_housekeeping_record_fills_its_labels(
+    in_app_two: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ray checks a record's labels in the recording process: one missing would be logged and dropped."""
+    store = empty_store(scheduler_args(tmp_path))
+    job, _ = store.create("board", "batch", job_request())
+    reporter = metrics_module.QueueReporter()
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        reporter.publish(store.count_by_status(), [job])
+        reporter.publish_cuts({"queued": 1})
+        metrics_module.record_lanes({"batch": 1}, {"interactive": 2}, {"interactive": 2, "batch": 1})
+        metrics_module.record_job_claimed(job)
+        metrics_module.record_job_finished(job, "succeeded", {"denoise_high": 1.0})
+        metrics_module.record_scheduler_pass(ok=True)
+        metrics_module.record_cut_finished("board", "succeeded", render_seconds=2.0)
+        metrics_module.record_webhook_delivery("delivered")
+    assert caplog.messages == []
+
+
+def test_outside_a_serve_replica_the_app_label_reads_none() -> None:
+    assert metrics_module.serve_application() == "none"
+
+
 # ---- against the live cluster -----------------------------------------------------------------------
 
 
@@ -178,14 +340,37 @@ def project(cluster: Cluster, prometheus: PrometheusServer) -> str:
 def test_prometheus_counts_the_finished_jobs_by_status_and_project(
     prometheus: PrometheusServer, project: str
 ) -> None:
-    by_status = prometheus.query(f'sum by (status) (ray_previz_jobs_finished_total{{project="{project}"}})')
-    assert {row["metric"]["status"]: float(row["value"][1]) for row in by_status} == {"succeeded": NUM_JOBS}
+    finished = f'sum by (application, status) (ray_previz_jobs_finished_total{{project="{project}"}})'
+    by_status = {
+        (row["metric"]["application"], row["metric"]["status"]): float(row["value"][1])
+        for row in prometheus.query(finished)
+    }
+    assert by_status == {(SESSION_APP, "succeeded"): NUM_JOBS}
     # a gauge Housekeeping refreshes from the store on its period: it may still lag the finished jobs
-    assert wait_for_at_least(prometheus, 'sum(ray_previz_jobs_stored{status="succeeded"})', NUM_JOBS)
+    stored = f'sum(ray_previz_jobs_stored{{application="{SESSION_APP}", status="succeeded"}})'
+    assert wait_for_at_least(prometheus, stored, NUM_JOBS)
     assert (
         value(prometheus.query(f'sum(ray_previz_queue_wait_seconds_count{{project="{project}"}})'))
         == NUM_JOBS
     )
+
+
+@pytest.mark.cluster
+def test_the_lane_and_queue_gauges_carry_the_session_app(prometheus: PrometheusServer, project: str) -> None:
+    """The Scheduler's lanes and Housekeeping's queues of the session app, apart from other apps' (the live
+    modules' extra apps on this cluster publish their own under their names)."""
+    lanes = f'sum by (lane, state) (ray_previz_lane_jobs{{application="{SESSION_APP}"}})'
+    queues = f'sum by (priority) (ray_previz_queue_jobs{{application="{SESSION_APP}"}})'
+    expected_lanes = {(lane, state) for lane in PRIORITIES for state in ("in_flight", "reserved", "free")}
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    while True:
+        found_lanes = {(row["metric"]["lane"], row["metric"]["state"]) for row in prometheus.query(lanes)}
+        found_queues = {row["metric"]["priority"] for row in prometheus.query(queues)}
+        if (found_lanes, found_queues) == (expected_lanes, set(PRIORITIES)) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert found_lanes == expected_lanes
+    assert found_queues == set(PRIORITIES)
 
 
 @pytest.mark.cluster
@@ -244,7 +429,11 @@ def test_every_dashboard_and_alert_expression_evaluates_on_metrics_that_exist(
     expressions = dashboard_expressions() + alert_expressions()
     assert len(expressions) > 40
     # no GPU on CI machines; no webhook or refusal need have happened before this test
-    allowed_absent = {exported_name(name) for name in GPU_ONLY_METRICS + FIRST_EVENT_METRICS}
+    allowed_absent = {
+        exported_name(name) + suffix  # a histogram's series: _bucket, _count, _sum
+        for name in GPU_ONLY_METRICS + FIRST_EVENT_METRICS
+        for suffix in ("", "_bucket", "_count", "_sum")
+    }
     wanted = set().union(*(referenced_metrics(expr) for _, expr in expressions)) - allowed_absent
     deadline = time.monotonic() + EXPORT_TIMEOUT_S
     while (missing := wanted - prometheus.metric_names()) and time.monotonic() < deadline:
