@@ -126,7 +126,9 @@ def run_release(api: LocalApi, frame_check: FrameCheck | None = None) -> int:
     return asyncio.run(release_chained(api.store, api.state.artifacts, "test", frame_check))
 
 
-@pytest.mark.parametrize(("shade", "code"), [(40, None), (200, "content_blocked")], ids=["dark", "bright"])
+@pytest.mark.parametrize(
+    ("shade", "code"), [(40, None), (200, "continuity_frame_blocked")], ids=["dark", "bright"]
+)
 def test_a_chained_shots_frame_goes_through_the_frame_check_before_it_is_released(
     api: LocalApi, shade: int, code: str | None
 ) -> None:
@@ -143,8 +145,8 @@ def test_a_chained_shots_frame_goes_through_the_frame_check_before_it_is_release
     if code is None:
         assert job.status == JobStatus.QUEUED and job.request.keyframes.first.video == first
         np.testing.assert_array_equal(stored, np.full((64, 96, 3), shade, np.uint8))
-    else:  # failed as a blocked keyframe image is refused: the content code, nothing stored
-        assert (job.status, job.error_code) == (JobStatus.FAILED, "content_blocked")
+    else:  # failed as a blocked keyframe is refused, its own code (not the finished frames'), nothing stored
+        assert (job.status, job.error_code) == (JobStatus.FAILED, code)
         assert "sexual_explicit" in job.error_message and stored is None
         assert job.request.keyframes.first.sha256 is None
 
@@ -187,7 +189,7 @@ def test_the_scheduler_checks_a_chained_shots_frame_with_the_configured_frame_ch
     run(scenario)
     assert api.store.get(first).status == JobStatus.SUCCEEDED
     blocked = api.store.get(chained)
-    assert (blocked.status, blocked.error_code) == (JobStatus.FAILED, "content_blocked")
+    assert (blocked.status, blocked.error_code) == (JobStatus.FAILED, "continuity_frame_blocked")
     assert "violence_graphic" in blocked.error_message
     assert stages.denoise_calls and all(call.request_id.startswith(first) for call in stages.denoise_calls)
     assert "encode_image" not in stages.calls  # no GPU work for the blocked take

@@ -114,6 +114,8 @@ def failure_codes() -> set[str]:
     for path in (WEB.parent).rglob("*.py"):
         source = path.read_text(encoding="utf-8")
         found |= set(re.findall(r'fail(?:_cut)?, (?:job|cut)\.id, (?:job|cut)\.attempt, "([a-z_]+)"', source))
+        # a chained take's failures (serve/scheduling/continuity.py)
+        found |= set(re.findall(r'await _fail\(\s*store,\s*job,\s*scheduler_id,\s*"([a-z_]+)"', source))
     return found
 
 

@@ -10,7 +10,8 @@ Release = the take's stored last frame (serve.stages.decoder wrote it at decode 
 look or conform), fitted to the waiting take's size, shown to the content policy's frame check as every
 keyframe image is at admission (serve.http.keyframes), stored as its first keyframe, and the job let into
 the claimable queue (JobStore.release_chained). A frame the check blocks fails the take with
-`content_blocked`, nothing stored, as a blocked image is refused; a check that fails (SafetyCheckError)
+`continuity_frame_blocked` (its own code: the page says the frame it would start from was blocked, not its
+finished frames), nothing stored, as a blocked image is refused; a check that fails (SafetyCheckError)
 releases nothing: the take keeps waiting and the next pass asks again (fail closed). A predecessor whose
 takes all ended without one completing breaks the chain: the waiting take fails with `continuity_broken`.
 Changing the selection later re-runs nothing; a remix of the chained take starts from the frame it was
@@ -102,7 +103,7 @@ async def _release(
                 store,
                 job,
                 scheduler_id,
-                "content_blocked",
+                "continuity_frame_blocked",
                 f"the last frame of take {source.id}, which this take would start from, was blocked by the "
                 f"content policy (category `{verdict.category}`); nothing was rendered",
             )
