@@ -15,7 +15,7 @@ import pytest
 from serve.config import PrevizArgs
 from serve.http.views import video_view
 from serve.jobs import JobStatus
-from serve.scheduling.eta import EtaModel
+from serve.scheduling.eta import AFTER_ENCODE, EtaModel
 from serve.stages import decoder, finisher, upscaler
 from serve.stages.finisher import FinisherStage
 from serve.stages.turns import BatchLine, StageWaiting, Turns
@@ -138,20 +138,67 @@ def test_a_batch_line_counts_the_calls_before_a_call_until_a_forward_takes_it() 
     run(scenario)
 
 
-def test_a_job_waiting_for_the_text_encoder_shows_its_place_then_runs(tmp_path: Path) -> None:
+def test_a_batch_line_counts_the_seconds_until_a_calls_result_in_measured_forwards() -> None:
+    async def scenario() -> None:
+        line = BatchLine(calls_per_forward=2)
+        tokens = [line.join() for _ in range(5)]
+        assert line.seconds_left(tokens[4]) is None  # no forward measured yet: no estimate
+        line.forward_took(3.0)
+        line.forward_took(5.0)  # a forward: 4 s on average
+        line.started([tokens[0]])  # a forward runs with the first call in it
+        # the running forward, then two more for the three calls waiting ahead and the last one itself
+        assert [line.seconds_left(token) for token in tokens[1:]] == [8.0, 8.0, 12.0, 12.0]
+        work = asyncio.get_running_loop().create_future()
+        places = []
+
+        async def follow() -> None:
+            async for waiting in line.wait(tokens[4], work):
+                places.append(waiting)
+
+        task = asyncio.create_task(follow())
+        await settle()
+        assert places == [StageWaiting(4, 12.0)]
+        work.set_result(None)
+        await task
+
+    run(scenario)
+
+
+def test_the_eta_of_a_wait_for_the_text_encoder_is_its_forwards_then_the_measured_rest_of_the_job() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    model, key = EtaModel(), ("832x480x81", "draft", "none")
+    assert model.predict_encode_wait(key, seconds_left=12.0, now=now) is None  # the rest never measured
+    model.observe(key, AFTER_ENCODE, 100.0)
+    model.observe(key, AFTER_ENCODE, 120.0)
+    assert model.predict_encode_wait(key, seconds_left=12.0, now=now) == now + timedelta(seconds=122.0)
+
+
+@pytest.mark.parametrize("measured", [False, True], ids=["unmeasured", "measured"])
+def test_a_job_waiting_for_the_text_encoder_shows_its_place_then_runs(tmp_path: Path, measured: bool) -> None:
     args = scheduler_args(tmp_path)
-    stages = FakeStages(waiting_encode=(StageWaiting(2),), hold_encode=asyncio.Event())
+    # two calls ahead; the encoder's forwards until this call's embeddings take 12 s
+    stages = FakeStages(waiting_encode=(StageWaiting(2, 12.0),), hold_encode=asyncio.Event())
     store = empty_store(args)
     job, _ = store.create("dune", "batch", job_request(steps=8))
+    key = (str(job.request.bucket), job.request.resolved.quality, "none")
 
     async def scenario() -> None:
         scheduler = start(args, stages)
+        if measured:  # jobs of this size took 100 s from their embeddings to their clip here before
+            scheduler._eta.observe(key, AFTER_ENCODE, 100.0)
         try:
             waiting = await wait_for(store, job.id, lambda j: j.engine_queue_position == 2)
             stages.hold_encode.set()
             done = await wait_for(store, job.id, lambda j: j.is_finished)
+            rest = scheduler._eta.predict_encode_wait(key, seconds_left=0.0)
         finally:
             stop(scheduler)
+        if measured:
+            predicted = (waiting.eta_at - waiting.updated_at).total_seconds()
+            assert predicted == pytest.approx(112.0, abs=1.0)  # its forwards, then the rest of the job
+        else:  # nothing measured after the encoder yet: no estimate (the page keeps its words)
+            assert waiting.eta_at is None
+        assert rest is not None  # this job's run from its embeddings to its clip was measured
         video = video_view(waiting)
         assert (video.status, video.stage, video.waiting_for, video.queue_position) == (
             "in_progress",

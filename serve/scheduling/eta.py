@@ -6,6 +6,11 @@ time of a whole batched iteration, so a busy replica predicts slower steps; a st
 counts at what that iteration cost, so a caching job predicts the mix it is getting). What follows the
 denoiser (decode, upscale, finish) is the mean of what this Scheduler measured for the same bucket, tier
 and upscale; a stage never measured yet counts 0, so an early prediction is optimistic, never padded.
+
+A job waiting for the text encoder (its first stage) is predicted from the encoder's own count: the
+seconds until its embeddings (the forwards ahead and its own at the replica's measured forward time), then
+the rest of the job as this Scheduler measured it for the same key (`AFTER_ENCODE`: from the embeddings to
+the stored clip of recent successes); with that never measured, no prediction.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pipeline.stages import after
 
 AFTER_DENOISE = tuple(row.name for row in after("denoise_low"))  # the stages timed after the denoiser
+AFTER_ENCODE = "after_encode"  # measured: a successful attempt's seconds from its embeddings to its clip
 WINDOW = 16  # finished stages each mean looks back over
 
 # (width x height x frames bucket, quality, upscale): what a job's later stages cost
@@ -50,6 +56,16 @@ class EtaModel:
         later = AFTER_DENOISE[AFTER_DENOISE.index(stage) :]
         seconds = sum(self._mean(key, name) for name in later) + num_ahead * self._mean(key, stage)
         return now + timedelta(seconds=seconds)
+
+    def predict_encode_wait(
+        self, key: StageKey, *, seconds_left: float, now: datetime | None = None
+    ) -> datetime | None:
+        """When a job waiting for the text encoder, its embeddings `seconds_left` away, finishes: then the
+        rest of the job at its measured mean (None: never measured for `key`)."""
+        if not self._seconds.get((key, AFTER_ENCODE)):
+            return None
+        now = now or datetime.now(UTC)
+        return now + timedelta(seconds=seconds_left + self._mean(key, AFTER_ENCODE))
 
     def _mean(self, key: StageKey, stage: str) -> float:
         recent = self._seconds.get((key, stage))

@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.stages import Stage, job_plan, overall_progress, stage
 from serve.jobs import JobRecord, JobStatus, JobStore
-from serve.scheduling.eta import AFTER_DENOISE, EtaModel
+from serve.scheduling.eta import AFTER_DENOISE, AFTER_ENCODE, EtaModel
 from serve.scheduling.faults import Superseded
 from serve.stages.payloads import DenoiseWaiting, FinishedClip
 from serve.stages.turns import StageWaiting
@@ -66,6 +66,7 @@ class AttemptRun:
         self._last_progress_write = -float("inf")  # time.monotonic() of the last step progress stored
         self.num_progress_writes = 0  # step progress updates stored (bounded by progress_interval_s)
         self.checkpoint: asyncio.Task[None] | None = None  # recording the expert-boundary checkpoint
+        self._encoded_at: float | None = None  # time.perf_counter() when its embeddings came
 
     async def enter(self, name: str) -> None:
         """Move the job into stage `name`; the timing of the stage just done is stored with it."""
@@ -84,17 +85,23 @@ class AttemptRun:
     def record(self, name: str, seconds: float, *, observe: bool = True) -> None:
         """Stage `name` took `seconds` (as its replica measured); `observe` feeds the ETA of later jobs."""
         self.timings[name] = seconds
+        if name == "encode":  # the rest of the job is timed from here (AFTER_ENCODE, on success)
+            self._encoded_at = time.perf_counter()
         if observe:
             self.eta.observe(self.eta_key, name, seconds)
 
-    async def waiting(self, num_ahead: int) -> None:
+    async def waiting(self, num_ahead: int, seconds_left: float | None = None) -> None:
         """The request waits in its stage's replica (the text encoder's, the decoder's or the upscaler's
         line; a denoiser engine's wait is `waiting_to_denoise`) with `num_ahead` calls before it; 0: its
         turn came. A wait after the denoiser re-predicts the ETA with the wait in it: the calls ahead and
-        this one at the stage's measured time, then the stages after it."""
+        this one at the stage's measured time, then the stages after it. A wait for the text encoder is
+        predicted from `seconds_left` (the encoder's forwards until its embeddings) and the rest of the job
+        as measured; with either not measured yet, no prediction."""
         eta_at = None
         if self._stage is not None and self._stage.name in AFTER_DENOISE:
             eta_at = self.eta.predict_from(self.eta_key, self._stage.name, num_ahead=num_ahead)
+        elif self._stage is not None and self._stage.name == "encode" and seconds_left is not None:
+            eta_at = self.eta.predict_encode_wait(self.eta_key, seconds_left=seconds_left)
         await self._advance(0.0, engine_queue_position=num_ahead or None, eta_at=eta_at)
 
     async def waiting_to_denoise(self, waiting: DenoiseWaiting, *, steps_left: int) -> None:
@@ -119,7 +126,7 @@ class AttemptRun:
         try:
             async for event in stream:
                 if isinstance(event, StageWaiting):
-                    await self.waiting(event.num_ahead)
+                    await self.waiting(event.num_ahead, event.seconds_left)
                 else:
                     return event
         except BaseException:
@@ -167,8 +174,9 @@ class AttemptRun:
             logger.warning("job %s: recording its checkpoint failed", self.job.id, exc_info=True)
 
     async def succeed(self, clip: FinishedClip) -> bool:
-        """Record the stored clip as the job's result; False if the store refused (cancelled meanwhile)."""
-        return await asyncio.to_thread(
+        """Record the stored clip as the job's result; False if the store refused (cancelled meanwhile).
+        The time from its embeddings to here feeds the ETA of jobs waiting for the text encoder."""
+        ok = await asyncio.to_thread(
             self.store.succeed,
             self.job.id,
             self.job.attempt,
@@ -178,6 +186,9 @@ class AttemptRun:
             seed=self.job.request.resolved.seed,
             timings=self.timings,
         )
+        if ok and self._encoded_at is not None:
+            self.eta.observe(self.eta_key, AFTER_ENCODE, time.perf_counter() - self._encoded_at)
+        return ok
 
     async def _advance(
         self,

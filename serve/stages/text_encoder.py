@@ -5,6 +5,7 @@ embeddings stay in the object store and travel to the experts as refs."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from serve.stages.transfer import pack_embeds
 from serve.stages.turns import BatchLine, StageWaiting
 
 NAME = deployment_name(stage("encode"))  # from the stage table
+MAX_BATCH_SIZE = 32  # texts in one forward
+TEXTS_PER_CALL = 2  # a job's prompt and its negative prompt
 
 
 def default_options(args: PrevizArgs) -> dict[str, Any]:
@@ -50,7 +53,7 @@ class TextEncoderDeployment:
         )
         self._cache_metrics = CacheReporter()
         self._metrics = ReplicaReporter().start()  # GPU gauges where there is a GPU
-        self._line = BatchLine()  # the calls waiting for a forward or in one
+        self._line = BatchLine(MAX_BATCH_SIZE // TEXTS_PER_CALL)  # the calls waiting for a forward or in one
 
     async def encode(self, texts: list[str]) -> AsyncIterator[StageWaiting | list[EmbedsRef]]:
         """A job's texts (its prompt and its negative prompt), encoded in the forwards they share with
@@ -68,11 +71,13 @@ class TextEncoderDeployment:
             self._line.leave(token)
         yield list(refs)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, items: list[_Text]) -> list[EmbedsRef]:
         """Each text's embeddings, in one forward of up to 32 texts (one forward at a time)."""
         self._line.started(item.call for item in items)
+        started = time.perf_counter()
         embeds = await asyncio.to_thread(self.encoder.encode, [item.text for item in items])
+        self._line.forward_took(time.perf_counter() - started)  # a waiting call's ETA counts forwards
         self._cache_metrics.publish(self.encoder.num_cache_hits, self.encoder.num_cache_misses)
         arrays = [pack_embeds(e) for e in embeds]
         return [EmbedsRef(ref=[ray.put(array)], nbytes=array.nbytes) for array in arrays]

@@ -10,6 +10,8 @@ Written by hand: asyncio.Lock is first-come-first-served but does not say how ma
 from __future__ import annotations
 
 import asyncio
+import math
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
@@ -17,9 +19,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class StageWaiting:
     """Streamed by a one-at-a-time stage call before its result: how many calls are ahead of it in the
-    replica's line (the one running included); 0 once its turn came (sent only after a wait)."""
+    replica's line (the one running included); 0 once its turn came (sent only after a wait). A batching
+    replica (BatchLine) adds `seconds_left`: the forwards until the call's result (the running one, those
+    the calls ahead fill, its own) at its measured forward time; None before it measured one."""
 
     num_ahead: int
+    seconds_left: float | None = None
 
 
 class Turns:
@@ -79,14 +84,18 @@ class BatchLine:
     earlier calls fill the next one. A call joins the line (`join`), the batched function marks the calls
     whose texts its forward took (`started`), and the call leaves when its result is in (`leave`); while it
     waits, `wait` streams its place: the calls before it still in the line, those in the running forward
-    included. Single event loop only (a replica's).
+    included, and the seconds until its result: the forwards that takes (`calls_per_forward` calls fill
+    one) at the mean of the recent forwards the batched function measured (`forward_took`). Single event
+    loop only (a replica's).
 
     Written by hand: `@serve.batch` keeps its queue private and says nothing of a caller's place in it."""
 
-    def __init__(self) -> None:
+    def __init__(self, calls_per_forward: int = 1) -> None:
+        self.calls_per_forward = max(1, calls_per_forward)
         self._line: list[object] = []  # calls in arrival order, until their results are in
         self._started: set[object] = set()  # calls whose texts a forward took
         self._moved = asyncio.Event()  # set (and replaced) whenever a call started or left
+        self._forward_s: deque[float] = deque(maxlen=16)  # the recent forwards' seconds
 
     def __len__(self) -> int:
         return len(self._line)
@@ -101,6 +110,21 @@ class BatchLine:
         """A forward took the texts of these calls (called by the batched function)."""
         self._started.update(tokens)
         self._notify()
+
+    def forward_took(self, seconds: float) -> None:
+        """A forward took `seconds` (measured by the batched function)."""
+        self._forward_s.append(seconds)
+
+    def seconds_left(self, token: object) -> float | None:
+        """Seconds until waiting call `token`'s result: the running forward (if a call ahead is in it),
+        then the forwards that the calls ahead not yet taken and it fill; None before any forward."""
+        if not self._forward_s:
+            return None
+        ahead = self._line[: self._line.index(token)]
+        running = any(call in self._started for call in ahead)
+        waiting = sum(call not in self._started for call in ahead)
+        forwards = running + math.ceil((waiting + 1) / self.calls_per_forward)
+        return forwards * sum(self._forward_s) / len(self._forward_s)
 
     def leave(self, token: object) -> None:
         """The call's result is in, or it was cancelled: the calls behind it move up."""
@@ -117,7 +141,7 @@ class BatchLine:
             ahead = self._line.index(token)
             if ahead != last:
                 last = ahead
-                yield StageWaiting(ahead)
+                yield StageWaiting(ahead, self.seconds_left(token))
             moved = asyncio.ensure_future(self._moved.wait())
             try:
                 await asyncio.wait({moved, work}, return_when=asyncio.FIRST_COMPLETED)
