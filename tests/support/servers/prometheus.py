@@ -18,7 +18,9 @@ from pathlib import Path
 from serve.cli.monitoring import INSTALL_SCRIPT, PrometheusServer, start_prometheus
 from tests.support.cluster import free_port
 
-TARGETS_TIMEOUT_S = 60.0
+# bounds of its start and of its first scrape: only a hang reaches them (on a loaded 2-core CI box)
+STARTUP_TIMEOUT_S = 120.0
+TARGETS_TIMEOUT_S = 120.0
 
 
 def promtool() -> Path:
@@ -34,7 +36,9 @@ def promtool() -> Path:
 @contextmanager
 def prometheus_server(ray_session_dir: Path, *, scrape_interval: str = "1s") -> Iterator[PrometheusServer]:
     """Prometheus scraping every metrics agent of the cluster; yields once at least one target is up."""
-    server = start_prometheus(ray_session_dir, free_port(), scrape_interval=scrape_interval)
+    server = start_prometheus(
+        ray_session_dir, free_port(), scrape_interval=scrape_interval, startup_timeout_s=STARTUP_TIMEOUT_S
+    )
     try:
         deadline = time.monotonic() + TARGETS_TIMEOUT_S
         while not any(target["health"] == "up" for target in server.targets()):
