@@ -10,8 +10,9 @@ A shot spec has five optional text fields, each also accepted under its Chinese 
     Chinese: "<人物><动作>，在<环境>。镜头：<镜头>。风格：<风格>。"
 
 Missing fields drop out with their glue (see `ShotSpec.to_prompt`). The compiler is versioned, because its
-output is what a shot sends to the model: version 1 glued English words into every shot, version 2
-(PROMPT_COMPILER_VERSION) speaks the shot's language. A job stores the text it was compiled to and the
+output is what a shot sends to the model: version 1 glued English words into every shot, version 2 speaks
+the shot's language, version 3 (PROMPT_COMPILER_VERSION) also joins the lines of a multi-line Chinese
+field without the space version 2 left in the Chinese text. A job stores the text it was compiled to and the
 version, and a promote repeats that stored text rather than compiling the shot again.
 
 The spec is a plain pydantic model so the HTTP API can embed it in its request schema; `parse_shot` and
@@ -20,6 +21,7 @@ The spec is a plain pydantic model so the HTTP API can embed it in its request s
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -39,9 +41,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 MAX_FIELD_CHARS = 2_000  # per field, as sent; the whole prompt still goes through the tokenizer
-# 1: English glue for every shot ("in", "Camera:", "Style:"); 2: the glue of the fields' language.
-PROMPT_COMPILER_VERSION = 2
-COMPILER_VERSIONS = (1, 2)
+# 1: English glue for every shot ("in", "Camera:", "Style:"); 2: the glue of the fields' language; 3: as 2,
+# and a Chinese field's lines join as Chinese text does (no space, but between two Latin letters or digits).
+PROMPT_COMPILER_VERSION = 3
+COMPILER_VERSIONS = (1, 2, 3)
 
 # English field name -> Chinese label; the order is the order the prompt is compiled in.
 FIELD_LABELS: dict[str, str] = {
@@ -149,7 +152,7 @@ class ShotSpec(BaseModel):
         """Compile the fields into one prompt, deterministically, with compiler `version`.
 
         Templates, with each present field's whitespace collapsed and its text otherwise verbatim; version
-        1 always uses the English one, version 2 the one of the fields' `language`:
+        1 always uses the English one, versions 2 and 3 the one of the fields' `language`:
 
             "<character> <action>, in <environment>. Camera: <camera>. Style: <style>."
             "<人物><动作>，在<环境>。镜头：<镜头>。风格：<风格>。"
@@ -160,14 +163,18 @@ class ShotSpec(BaseModel):
         - "Camera: ..." and "Style: ..." ("镜头：", "风格：") are separate sentences, left out when their
           field is missing.
         - A sentence whose field already ends in . ! ? 。 ！ ？ or … gets no extra full stop.
+        - Version 3, Chinese: a field's line breaks join its lines as character and action join (a space
+          only between two Latin letters or digits); version 2 collapsed them into a space.
         """
         if version not in COMPILER_VERSIONS:
             raise ValueError(f"`version` must be one of {COMPILER_VERSIONS} but is {version}.")
+        chinese = version >= 2 and self.language == "zh"
+        collapse = _collapse_lines if chinese and version >= 3 else _collapse
         character, action, environment, camera, style = (
-            _collapse(text)
+            collapse(text)
             for text in (self.character, self.action, self.environment, self.camera, self.style)
         )
-        if version >= 2 and self.language == "zh":
+        if chinese:
             return _chinese_prompt(character, action, environment, camera, style)
         sentences: list[str] = []
         subject = " ".join(part for part in (character, action) if part)
@@ -217,6 +224,12 @@ def _join_chinese(first: str, second: str) -> str:
 
 def _collapse(text: str | None) -> str:
     return " ".join(text.split()) if text else ""
+
+
+def _collapse_lines(text: str | None) -> str:
+    """A Chinese field: each line's whitespace collapsed, the lines joined as Chinese text joins."""
+    lines = [_collapse(line) for line in (text or "").splitlines()]
+    return functools.reduce(_join_chinese, (line for line in lines if line), "")
 
 
 def _end_sentence(text: str) -> str:

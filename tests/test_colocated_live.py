@@ -25,7 +25,7 @@ from serve.cli.client import PrevizClient
 from serve.jobs import JobStatus
 from serve.stages.shard_worker import worker_name
 from serve.webhooks import open_job_store
-from tests.support.cluster import Cluster, ExtraApp, extra_app
+from tests.support.cluster import Cluster, ExtraApp, extra_app, wait_for_replicas
 from tests.test_colocated import STYLE, lora_folders
 from tests.test_sharding import decoded_frames
 
@@ -134,7 +134,8 @@ def test_killing_the_worker_rank_in_the_low_noise_steps_replaces_the_group_and_e
         assert job.attempt == 2 and kinds.index("requeued") < kinds.index("resumed"), kinds
         resumed = next(event for event in store.events(long_id) if event.kind == "resumed")
         assert resumed.data["step_index"] == 64  # the rerun started at the low-noise steps
-        (new_replica,) = _replicas("Denoiser")
+        # the old replica's actor may still be stopping (graceful shutdown) while the new one ran the jobs
+        (new_replica,) = wait_for_replicas("Denoiser", 1, app=APP)
         assert new_replica != replica  # Serve replaced the whole group
         ray.get_actor(worker_name(new_replica, 1), namespace="serve")
     finally:

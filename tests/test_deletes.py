@@ -27,7 +27,16 @@ from serve.storage import JobArtifacts, LocalArtifactStore, StorageSettings
 from tests.support.api_app import TINY, LocalApi, http_server, local_api
 from tests.support.cli_run import previz
 from tests.support.cuts import run_cuts
-from tests.support.fake_stages import FakeStages, empty_store, run, scheduler_args, start, stop, wait_for
+from tests.support.fake_stages import (
+    WAIT_S,
+    FakeStages,
+    empty_store,
+    run,
+    scheduler_args,
+    start,
+    stop,
+    wait_for,
+)
 from tests.support.job_requests import job_request
 from tests.test_editorial_api import BOARD, cut_of, finish_with_clip, take
 from tests.test_editorial_api import board as board  # a fixture: 3 shots × 2 finished takes
@@ -208,7 +217,7 @@ def test_a_video_deleted_while_finishing_leaves_nothing_on_the_store(tmp_path: P
     async def scenario() -> None:
         scheduler = start(args, stages)
         try:
-            await asyncio.wait_for(stages.stored.wait(), 20)
+            await asyncio.wait_for(stages.stored.wait(), WAIT_S)
             if when == "during_finisher_call":
                 assert store.cancel(job.id, project="dune") == "cancelled"  # what DELETE does, then:
                 await scheduler.cancel(job.id)

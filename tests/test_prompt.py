@@ -113,7 +113,7 @@ def test_compiler_version_1_still_compiles_as_it_did():
     assert parse_shot(FULL_EN).to_prompt(version=1) == FULL_EN_PROMPT
     assert compose_prompt("雨", parse_shot(FULL_ZH), version=1) == f"{FULL_ZH_PROMPT_V1} 雨"
     with pytest.raises(ValueError, match="`version` must be one of"):
-        parse_shot(FULL_EN).to_prompt(version=3)
+        parse_shot(FULL_EN).to_prompt(version=4)
 
 
 def test_the_language_is_the_fields_text_not_their_names():
@@ -166,6 +166,15 @@ def test_partial_specs_compile_without_dangling_glue(fields, expected):
 def test_whitespace_inside_fields_is_collapsed():
     shot = parse_shot({"character": "A  cat\n\twith   stripes", "camera": "slow\npan"})
     assert shot.to_prompt() == "A cat with stripes. Camera: slow pan."
+
+
+def test_a_multi_line_chinese_field_joins_its_lines_as_chinese_text_from_version_3():
+    action = "从塔顶跃下，\n  风衣在风中展开，\n落在 GoPro\nHero 镜头前"
+    shot = parse_shot({"动作": action, "镜头": "低角度\n慢动作"})
+    assert shot.to_prompt() == "从塔顶跃下，风衣在风中展开，落在 GoPro Hero 镜头前。镜头：低角度慢动作。"
+    # version 2 (stored jobs of that time keep it) left a space where each line broke
+    v2 = "从塔顶跃下， 风衣在风中展开， 落在 GoPro Hero 镜头前。镜头：低角度 慢动作。"
+    assert shot.to_prompt(version=2) == v2
 
 
 def test_fields_already_ending_a_sentence_get_no_second_full_stop():

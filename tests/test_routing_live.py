@@ -10,15 +10,18 @@ The 2-replica app is a second Serve app (`previz-route`) beside the session's
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import ray
+from ray import serve
 
 from serve._compat import ray_session_dir
 from serve.cli.monitoring import PrometheusServer
+from serve.stages.router import rendezvous_rank
 from tests.support.cluster import Cluster, ExtraApp, extra_app
 from tests.support.servers.prometheus import prometheus_server
 
@@ -81,17 +84,15 @@ def test_a_one_size_storyboard_of_8_shots_runs_on_both_replicas_of_each_expert(
 def test_two_same_shape_takes_created_together_under_light_load_share_forwards(
     routed: ExtraApp, prometheus: PrometheusServer
 ) -> None:
-    before = _iterations(prometheus, "HighNoiseDenoiser")
-    rows_before = _rows_per_replica(prometheus, "HighNoiseDenoiser", lambda _rows: True)
+    rows_before, before = _exported_engine_counts(prometheus, "HighNoiseDenoiser")
     board = routed.client.create_storyboard(
         {**SHOT, "shots": [{"prompt": "a pair of takes"}], "variants": {"seeds": [100, 101]}}
     )
     assert _wait_board(routed, board["id"])["counts"] == {"completed": 2}
-    grew = lambda rows: sum(rows.values()) > sum(rows_before.values())  # noqa: E731
-    rows_after = _rows_per_replica(prometheus, "HighNoiseDenoiser", grew)
+    rows_after, after = _exported_engine_counts(prometheus, "HighNoiseDenoiser")
     changed = [replica for replica in rows_after if rows_after[replica] != rows_before.get(replica, 0)]
     assert len(changed) == 1, (rows_before, rows_after)  # both takes met on one replica
-    iterations = _iterations(prometheus, "HighNoiseDenoiser") - before
+    iterations = after - before
     high_steps = (sum(rows_after.values()) - sum(rows_before.values())) / 2 / 2  # rows: 2 takes x CFG
     assert 0 < iterations < 2 * high_steps, (iterations, high_steps)  # some forwards carried both
 
@@ -127,11 +128,45 @@ def _decisions(prometheus: PrometheusServer, ready: Any) -> dict[tuple[str, str]
     return found
 
 
-def _iterations(prometheus: PrometheusServer, deployment: str) -> float:
+def _exported_engine_counts(prometheus: PrometheusServer, deployment: str) -> tuple[dict[str, float], float]:
+    """(rows per replica, iterations) of `deployment`'s engines as Prometheus has them, once they equal what
+    the engines themselves count: each replica reports on a period and Ray exports on another, so a read
+    right after a board finished could miss its last rows (or the previous test's), or see part of them."""
+    engines = _engine_counts(deployment)
+    rows_wanted = {replica: float(rows) for replica, (rows, _) in engines.items() if rows > 0}
+    iterations_wanted = float(sum(iterations for _, iterations in engines.values()))
+    replicas = "|".join(engines)
+    rows_expr = f'sum by (replica) (ray_previz_denoise_rows_total{{replica=~"{replicas}"}})'
+    iterations_expr = f'sum(ray_previz_denoise_iterations_total{{replica=~"{replicas}"}})'
+    deadline, rows, iterations = time.monotonic() + EXPORT_S, {}, 0.0
+    while time.monotonic() < deadline:
+        rows = {r["metric"]["replica"]: float(r["value"][1]) for r in prometheus.query(rows_expr)}
+        result = prometheus.query(iterations_expr)
+        iterations = float(result[0]["value"][1]) if result else 0.0
+        if rows == rows_wanted and iterations == iterations_wanted:
+            return rows, iterations
+        time.sleep(1)
+    raise AssertionError(
+        f"Prometheus has {rows} rows and {iterations} iterations of {deployment}, the engines "
+        f"{rows_wanted} and {iterations_wanted} after {EXPORT_S:.0f} s"
+    )
+
+
+def _engine_counts(deployment: str) -> dict[str, tuple[int, int]]:
+    """Replica id -> (rows, iterations) its engine counts, asked of each replica of this module's app by a
+    `stats(bucket)` call with a bucket that replica is the rendezvous choice of (idle, it keeps it)."""
+    handle = serve.get_deployment_handle(deployment, app_name=APP)
     replicas = _replica_ids(deployment)
-    expr = f'sum(ray_previz_denoise_iterations_total{{replica=~"{"|".join(replicas)}"}})'
-    result = prometheus.query(expr)
-    return float(result[0]["value"][1]) if result else 0.0
+    deadline, counts = time.monotonic() + WAIT_S, {}
+    for index in itertools.count():
+        if counts.keys() == set(replicas):
+            return counts
+        assert time.monotonic() < deadline, (replicas, counts)
+        bucket = f"stats-{index}"
+        if rendezvous_rank(bucket, replicas)[0] not in counts:
+            replica, stats = handle.stats.remote(bucket=bucket).result()
+            counts[replica] = (stats.num_rows, stats.num_iterations)
+    raise AssertionError("unreachable")
 
 
 def _wait_board(app: ExtraApp, board_id: str) -> dict[str, Any]:

@@ -32,6 +32,13 @@ from tests.support.fake_stages import (
 from tests.support.job_requests import job_request
 
 
+async def settle() -> None:
+    """Let every task that can move run its course: a number of loop turns, not a time (a 10 ms sleep could
+    end before a descheduled task on a loaded box had taken its place; nothing here waits on a thread)."""
+    for _ in range(100):
+        await asyncio.sleep(0)
+
+
 async def collect(turns: Turns, log: list[tuple[str, int]], name: str, hold: asyncio.Event) -> None:
     async for waiting in turns.wait():
         log.append((name, waiting.num_ahead))
@@ -47,13 +54,13 @@ def test_turns_serve_first_come_first_and_each_waiter_hears_its_place_as_the_lin
         turns, log = Turns(), []
         holds = {name: asyncio.Event() for name in "abc"}
         tasks = {name: asyncio.create_task(collect(turns, log, name, holds[name])) for name in "abc"}
-        await asyncio.sleep(0.01)
+        await settle()
         assert log == [("a", -1), ("b", 1), ("c", 2)] and len(turns) == 3
         holds["a"].set()
-        await asyncio.sleep(0.01)
+        await settle()
         assert log[3:] == [("b", 0), ("b", -1), ("c", 1)]
         tasks["c"].cancel()  # a cancelled waiter leaves the line
-        await asyncio.sleep(0.01)
+        await settle()
         assert len(turns) == 1
         holds["b"].set()
         await asyncio.gather(tasks["a"], tasks["b"])
@@ -115,14 +122,14 @@ def test_a_batch_line_counts_the_calls_before_a_call_until_a_forward_takes_it() 
 
         line.started([tokens["a"]])  # a forward took a's texts at once: it never waits
         tasks = [asyncio.create_task(follow(name)) for name in "abc"]
-        await asyncio.sleep(0.01)
+        await settle()
         assert log == [("b", 1), ("c", 2)]  # behind the running forward's call, a included
         works["a"].set_result(None)
         line.leave(tokens["a"])
-        await asyncio.sleep(0.01)
+        await settle()
         assert log[2:] == [("b", 0), ("c", 1)]
         line.started([tokens["b"], tokens["c"]])  # the next forward takes both
-        await asyncio.sleep(0.01)
+        await settle()
         assert log[4:] == [("c", 0)] and all(task.done() for task in tasks)
         cancelled = line.join()  # a call cancelled while it waits leaves the line
         line.leave(cancelled)

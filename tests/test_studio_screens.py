@@ -4,8 +4,10 @@ tests of the live path are test_studio_page.py and test_studio_director.py).
 
 The page in `zh-CN` shows no string of the English catalogue on any screen; the board names takes by their
 stored number, keeps its cut after a reload and lists the takes it used, with a plain mp4 download; home
-plays and downloads a clip made through the API. Screenshots at 1280×800 and 390 px of every screen go to
-test-artifacts/studio/ as screens-<screen>-<language>-<width>.png."""
+plays and downloads a clip made through the API; the composer sends each shot its own settings and offers
+the project's LUTs; a take waiting in a stage says where, with its ETA or that nothing is measured, then its
+progress. Screenshots at 1280×800 and 390 px of every screen go to test-artifacts/studio/ as
+screens-<screen>-<language>-<width>.png (board-waiting-en: a take waiting in the composing pass)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from serve.jobs import JobStatus
 from serve.jobs.models import utcnow
 from tests.support.api_app import TINY, LocalApi, http_server, local_api
 from tests.support.cuts import run_cuts
-from tests.test_editorial_api import cut_of, finish_with_clip
+from tests.test_editorial_api import cut_of, finish_with_clip, warm_cube
+from tests.test_prompt import ENGLISH_GLUE
 from tests.test_studio_i18n import english_chunks
 from tests.test_studio_page import browser
 
@@ -165,6 +168,15 @@ def test_the_board_names_takes_keeps_its_cut_and_home_plays_any_clip(browser: Br
         page.goto(f"{url}/studio/#/boards/{made['board']['id']}")
         rows = page.locator("section.shot-row")
         expect(rows.first.locator(".take-name")).to_have_text(["1A take 1", "1A take 2"])
+        # the Chinese shot's compiled prompt, on demand: Chinese connectives, no English glue words
+        compiled = rows.first.locator("details.compiled .prompt").text_content()
+        assert compiled == "穿黑色风衣的男人从塔顶跃下。镜头：低角度慢动作。"
+        assert not ENGLISH_GLUE.search(compiled)
+        # at 1280 px the contact sheet uses the width: a shot's two takes fill its row, posters a usable size
+        sheet = rows.first.locator(".takes").bounding_box()
+        cards = [card.bounding_box() for card in rows.first.locator("article.take").all()]
+        assert sum(card["width"] for card in cards) >= 0.9 * sheet["width"], (sheet, cards)
+        assert all(card["width"] >= 300 for card in cards), cards
         expect(rows.first.locator("h2")).to_have_text(
             "1A 穿黑色风衣的男人从塔顶跃下"
         )  # name and a short description
@@ -275,6 +287,60 @@ def test_a_take_card_sets_its_review_and_adds_a_note_at_a_frame(browser: Browser
         assert_accessible(page, "board with review")
     finally:
         api.client.put(f"/v1/videos/{made['ids'][0][0]}/review", json={"status": "pending"})
+        page.context.close()
+
+
+def test_the_composer_sends_each_shot_its_own_settings_and_offers_the_projects_luts(
+    browser: Browser,
+    served,  # noqa: ANN001
+) -> None:
+    """Per-shot size, length, quality, look (a LUT of the project, offered in the look field) and seed;
+    the board's settings for the other shot; a long Chinese description kept whole in a multi-line field."""
+    api, url, _made = served
+    lut = api.client.put("/v1/admin/projects/default/luts/warm", json={"cube": warm_cube()})
+    assert lut.status_code == 201
+    page = open_page(browser, url, api, "en-US")
+    try:
+        sign_in(page, api, "API key", "Sign in")
+        expect(page.get_by_role("heading", name="Project default")).to_be_visible()
+        page.get_by_role("link", name="New storyboard").first.click()
+        offered = page.locator("datalist#looks option[value=warm]")  # the project's LUT, in the look field
+        expect(offered).to_have_attribute("label", re.compile("warm"))
+        page.get_by_label("Title").fill("Per-shot settings")
+        long_action = "从塔顶跃下，\n风衣在风中展开，\n落在隔壁的屋顶上翻滚起身，回头望向追来的无人机"
+        first = page.locator("li.shot").nth(0)
+        action = first.get_by_label("Action · 动作")
+        assert action.evaluate("(field) => field.tagName") == "TEXTAREA"
+        action.fill(long_action)
+        page.get_by_role("button", name="Add a shot").click()
+        second = page.locator("li.shot").nth(1)
+        second.get_by_label("Free prompt").fill("a harbour at dawn, wide")
+        second.locator("details.own-settings summary").click()
+        second.get_by_label("Size of this shot").fill("64x96")
+        second.get_by_label("Length of this shot (s)").fill("0.25")
+        second.get_by_label("Draft or final (this shot)").select_option("final")
+        second.get_by_label("Look of this shot").fill("warm")
+        second.get_by_label("Seed of this shot").fill("7")
+        page.get_by_label("Resolution").fill("96x64")
+        page.get_by_label("Duration (s)").fill("0.5")
+        page.get_by_label("Quality").select_option("draft")
+        page.get_by_label("Steps").fill("4")
+        page.get_by_role("button", name="Create storyboard").click()
+        expect(page.locator("section.shot-row")).to_have_count(2)
+        board = next(
+            b for b in api.client.get("/v1/storyboards").json()["data"] if b["title"] == "Per-shot settings"
+        )
+        shots = api.client.get(f"/v1/storyboards/{board['id']}").json()["shots"]
+        videos = [api.client.get(f"/v1/videos/{shot['videos'][0]['video_id']}").json() for shot in shots]
+        assert videos[0]["prompt"] == long_action.replace("\n", "") + "。"  # kept whole, its lines joined
+        assert [(v["size"], v["seconds"], v["quality"], v["look"]) for v in videos] == [
+            ("96x64", "0.5", "draft", "none"),
+            ("64x96", "0.25", "final", "warm"),
+        ]
+        assert videos[1]["seed"] == 7
+        for video in videos:  # not to be run by the next test's hand
+            assert api.client.delete(f"/v1/videos/{video['id']}", params={"cancel_only": True}).is_success
+    finally:
         page.context.close()
 
 

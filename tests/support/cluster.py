@@ -224,7 +224,7 @@ def replica_actor_names(deployment: str, app: str = "previz") -> list[str]:
 
 
 def wait_for_replicas(
-    deployment: str, num_replicas: int, app: str = "previz", timeout_s: float = 120
+    deployment: str, num_replicas: int, app: str = "previz", timeout_s: float = 600
 ) -> list[str]:
     """The replica actor names of `app`'s `deployment` once there are `num_replicas` of them (a replica
     Serve stopped leaves the list only when its actor is gone, some seconds after the app is RUNNING)."""

@@ -41,6 +41,9 @@ from serve.stages.turns import StageWaiting, Turns
 from serve.storage import ArtifactStore, JobArtifacts, make_store
 from serve.webhooks import open_job_store
 
+# bound of the waits below: only a hang reaches it (the suite shares 2 cores with a live Ray cluster on CI)
+WAIT_S = 120.0
+
 
 def serialized_bytes(value: Any) -> int:
     """Bytes `value` takes on the wire between processes: its pickle plus its out-of-band buffers (numpy
@@ -400,7 +403,7 @@ def scheduler_args(tmp_path: Path, **overrides: Any) -> PrevizArgs:
 
 
 async def wait_for(
-    store: JobStore, job_id: str, done: Callable[[JobRecord], bool], timeout_s: float = 20
+    store: JobStore, job_id: str, done: Callable[[JobRecord], bool], timeout_s: float = WAIT_S
 ) -> JobRecord:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -412,7 +415,7 @@ async def wait_for(
 
 
 async def wait_for_any(
-    store: JobStore, job_ids: tuple[str, ...], done: Callable[[JobRecord], bool], timeout_s: float = 20
+    store: JobStore, job_ids: tuple[str, ...], done: Callable[[JobRecord], bool], timeout_s: float = WAIT_S
 ) -> JobRecord:
     """The first of `job_ids` (polled in turn) for which `done` holds."""
     deadline = time.monotonic() + timeout_s
@@ -426,7 +429,7 @@ async def wait_for_any(
         await asyncio.sleep(0.02)
 
 
-async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
     """Poll `condition` (on what the stand-in stages recorded, say) until it holds."""
     deadline = time.monotonic() + timeout_s
     while not condition():
