@@ -427,7 +427,9 @@ class QueueReporter:
     """Turns job-store snapshots into the jobs and queue gauges (the Scheduler calls it periodically)."""
 
     def __init__(self) -> None:
-        self._jobs = StaleZeroingGauge(lambda: metrics().jobs)
+        # a baseline, so previz_jobs exists from the first refresh: tiny jobs can start and finish between two
+        # refreshes and never be seen unfinished (the Studio overview's "Running now" then read "no data")
+        self._jobs = StaleZeroingGauge(lambda: metrics().jobs, [(("status", "queued"), ("project", "none"))])
         self._stored = StaleZeroingGauge(lambda: metrics().jobs_stored)
         idle_queues = [(("priority", priority), ("bucket", "none")) for priority in PRIORITIES]
         self._depth = StaleZeroingGauge(lambda: metrics().queue_jobs, idle_queues)
