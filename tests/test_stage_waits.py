@@ -71,6 +71,38 @@ def test_turns_serve_first_come_first_and_each_waiter_hears_its_place_as_the_lin
     asyncio.run(scenario())
 
 
+def test_a_waiter_whose_turn_comes_while_its_caller_handles_its_place_still_gets_the_turn() -> None:
+    """The holder leaves while the waiter is suspended at its yield (the Scheduler storing the place): the
+    waiter must see that move, not wait for a later one that never comes (the last decode of a run hung)."""
+
+    async def scenario() -> None:
+        turns = Turns()
+        async for _ in turns.wait():  # an empty line: the turn at once
+            pass
+        waiter = turns.wait()
+        assert await anext(waiter) == StageWaiting(1)
+        turns.leave()  # while the waiter's caller still handles its place
+        assert await asyncio.wait_for(anext(waiter), 60) == StageWaiting(0)
+        with pytest.raises(StopAsyncIteration):
+            await anext(waiter)
+        assert len(turns) == 1  # it holds the turn
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_line_call_taken_while_its_caller_handles_its_place_hears_it_at_once() -> None:
+    async def scenario() -> None:
+        line = BatchLine()
+        first, second = line.join(), line.join()
+        work = asyncio.get_running_loop().create_future()  # the second call's result: never in here
+        waiter = line.wait(second, work)
+        assert (await anext(waiter)).num_ahead == 1
+        line.started([first, second])  # a forward took both while its caller handled the place
+        assert await asyncio.wait_for(anext(waiter), 60) == StageWaiting(0)
+
+    asyncio.run(scenario())
+
+
 def test_a_job_waiting_for_the_decoder_shows_its_place_and_an_eta_with_the_wait(tmp_path: Path) -> None:
     args = scheduler_args(tmp_path, max_jobs_in_flight=2)
     stages = FakeStages(hold_decode=asyncio.Event())

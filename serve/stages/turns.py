@@ -55,10 +55,12 @@ class Turns:
         last = 0
         try:
             while (ahead := self._line.index(token)) > 0:
+                # taken before the yield: a leave while the caller handles the place sets this one (taken
+                # after it, the replacement would never be set when that was the last leave)
+                moved = self._moved
                 if ahead != last:
                     last = ahead
                     yield StageWaiting(ahead)
-                moved = self._moved
                 await moved.wait()
         except BaseException:
             self._remove(token)
@@ -139,10 +141,11 @@ class BatchLine:
         last = 0
         while not work.done() and token not in self._started:
             ahead = self._line.index(token)
+            moved_event = self._moved  # before the yield, as in Turns.wait: no move is missed
             if ahead != last:
                 last = ahead
                 yield StageWaiting(ahead, self.seconds_left(token))
-            moved = asyncio.ensure_future(self._moved.wait())
+            moved = asyncio.ensure_future(moved_event.wait())
             try:
                 await asyncio.wait({moved, work}, return_when=asyncio.FIRST_COMPLETED)
             finally:
