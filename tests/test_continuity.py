@@ -20,6 +20,7 @@ from serve.jobs.request import I2V_MODEL, SERVED_MODEL
 from serve.scheduling.continuity import release_chained
 from tests.support.api_app import TINY, LocalApi, finish, local_api
 from tests.support.fake_stages import FakeStages, run, scheduler_args, start, stop, wait_for
+from tests.support.job_requests import job_request
 from tests.support.safety_hooks import BLOCKED_WIDTH, block_bright_frames, broken_classifier
 from tests.test_editorial_api import cut_of, finish_with_clip
 from tests.test_images import encoded
@@ -59,6 +60,11 @@ def test_a_three_shot_chain_runs_in_order_and_each_starts_from_its_predecessors_
     assert [queued[shot].request.model for shot in range(3)] == [SERVED_MODEL, I2V_MODEL, I2V_MODEL]
     assert [queued[shot].continues_shot for shot in range(3)] == [None, 0, 1]
     assert [job.id for job in api.store.queued_candidates()] == [queued[0].id]  # the chained ones wait
+    # nor are they ahead of a later job of the same priority: its place counts shot 1's take alone
+    later, _ = api.store.create(queued[0].project, queued[0].priority, job_request())
+    assert api.store.queue_position(later) == 1
+    assert api.store.queue_view(later).ahead_buckets == (queued[0].bucket,)
+    api.store.cancel(later.id)
     waiting = api.client.get(f"/v1/videos/{queued[1].id}").json()
     assert (waiting["status"], waiting["waiting_for"], waiting["queue_position"]) == (
         "queued",

@@ -206,9 +206,11 @@ class JobRepository:
 
     def _ahead(self, job: JobRecord) -> ColumnElement[bool]:
         """Which queued jobs the Scheduler's pick looks at before `job`: every interactive job before a
-        batch one, and the older ones of its own priority."""
+        batch one, and the older ones of its own priority; never a chained take still waiting for its
+        predecessor's take (the pick skips it, as `queued_candidates` does, until it is released)."""
         ahead = (jobs.c.priority == job.priority) & (jobs.c.id < job.id)
-        return ahead | (jobs.c.priority == "interactive") if job.priority == "batch" else ahead
+        ahead = ahead | (jobs.c.priority == "interactive") if job.priority == "batch" else ahead
+        return ahead & jobs.c.continues_shot.is_(None)
 
     def queued(self, limit: int = 200) -> builtins.list[JobRecord]:
         """Queued jobs, oldest first: the scheduler's candidates (it applies priority and fair share)."""
