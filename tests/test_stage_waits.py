@@ -28,6 +28,7 @@ from tests.support.fake_stages import (
     stop,
     wait_for,
     wait_for_any,
+    wait_until,
 )
 from tests.support.job_requests import job_request
 
@@ -222,6 +223,11 @@ def test_a_job_waiting_for_the_text_encoder_shows_its_place_then_runs(tmp_path: 
             waiting = await wait_for(store, job.id, lambda j: j.engine_queue_position == 2)
             stages.hold_encode.set()
             done = await wait_for(store, job.id, lambda j: j.is_finished)
+            # the run records its measurement as it ends, just after the store shows the job finished
+            await wait_until(
+                lambda: scheduler._eta.predict_encode_wait(key, seconds_left=0.0) is not None,
+                "the rest of the job measured",
+            )
             rest = scheduler._eta.predict_encode_wait(key, seconds_left=0.0)
         finally:
             stop(scheduler)
