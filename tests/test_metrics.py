@@ -8,7 +8,7 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 
@@ -108,26 +108,24 @@ def value(result: list[dict]) -> float:
 
 
 def wait_for_value(prometheus: PrometheusServer, expr: str, expected: float) -> float:
-    deadline = time.monotonic() + EXPORT_TIMEOUT_S
-    seen: list[dict] = []
-    while time.monotonic() < deadline:
-        seen = prometheus.query(expr)
-        if seen and value(seen) == expected:
-            return expected
-        time.sleep(1)
-    raise AssertionError(f"{expr} never became {expected} in {EXPORT_TIMEOUT_S:.0f} s (last: {seen})")
+    return _poll(prometheus, expr, lambda got: got == expected, f"became {expected}")
 
 
 def wait_for_at_least(prometheus: PrometheusServer, expr: str, minimum: float) -> float:
     """For a gauge published on a period (Housekeeping's): its value once it reaches `minimum`."""
+    return _poll(prometheus, expr, lambda got: got >= minimum, f"reached {minimum}")
+
+
+def _poll(prometheus: PrometheusServer, expr: str, accept: Callable[[float], bool], wanted: str) -> float:
+    """`expr`'s value once `accept` takes it, polled each second up to EXPORT_TIMEOUT_S."""
     deadline = time.monotonic() + EXPORT_TIMEOUT_S
     seen: list[dict] = []
     while time.monotonic() < deadline:
         seen = prometheus.query(expr)
-        if seen and value(seen) >= minimum:
+        if seen and accept(value(seen)):
             return value(seen)
         time.sleep(1)
-    raise AssertionError(f"{expr} never reached {minimum} in {EXPORT_TIMEOUT_S:.0f} s (last: {seen})")
+    raise AssertionError(f"{expr} never {wanted} in {EXPORT_TIMEOUT_S:.0f} s (last: {seen})")
 
 
 # ---- files alone -------------------------------------------------------------------------------------
